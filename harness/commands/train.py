@@ -1,0 +1,74 @@
+"""`harness train`: one tracked training run."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from .. import config
+
+
+def add_config_arguments(parser) -> None:
+    """The TrainConfig fields as flags; unset flags stay None so lower layers show through."""
+    parser.add_argument("--experiment", help="experiment name in experiments/ (default: linear_regression)")
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with config values")
+    parser.add_argument("--seed", help="torch seed for the initial weights (default: 42)")
+    parser.add_argument("--device", help="auto|cpu|cuda|mps (default: auto)")
+    parser.add_argument("--mlflow-experiment", metavar="NAME",
+                        help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else MLflow's default)")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train once with a given config and track the run in MLflow")
+    add_config_arguments(p)
+    p.add_argument("--optimizer", help="sgd|adam|adamw|rmsprop (default: the experiment's)")
+    p.add_argument("--loss", help="l1|mse|smooth_l1|huber|... (default: the experiment's)")
+    p.add_argument("--lr", help="learning rate, a positive number (default: the experiment's)")
+    p.add_argument("--epochs", help="a positive integer (default: the experiment's)")
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    cfg, experiment = config.resolve(
+        {"experiment": args.experiment, "optimizer": args.optimizer, "loss": args.loss, "lr": args.lr,
+         "epochs": args.epochs, "seed": args.seed, "device": args.device}, file=args.config)
+    # mlflow is imported only once the input is known good: bad input never touches a store.
+    from mlflow import MlflowClient
+
+    from .. import plots, tracking, training
+
+    client = MlflowClient()
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:  # under `mlflow run`: log into the run MLflow created
+        existing = client.get_run(run_id)
+        experiment_id, skip = existing.info.experiment_id, set(existing.data.params)
+    else:
+        experiment_id, skip = tracking.experiment_id(client, args.mlflow_experiment), set()
+        run_id = client.create_run(experiment_id, run_name=f"{cfg.experiment}-{cfg.optimizer}-{cfg.loss}",
+                                   tags={"harness.command": "train"}).info.run_id
+    status, started = "FAILED", time.time()
+    try:
+        result = training.train(cfg, experiment)
+        tracking.write(client, run_id, tracking.record(result), skip_params=skip)
+        tracking.log_figures(client, run_id, plots.render(experiment, result))
+        status = "FAILED" if result.diverged else "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(run_id, status)
+    print(summary(cfg, result, run_id, status, time.time() - started))
+    print(tracking.ui_hint(client, experiment_id, run_id))
+    if result.diverged:
+        print(f"harness: {result.history.stopped} (lr={cfg.lr}); run {run_id} marked FAILED", file=sys.stderr)
+        return 1
+    return 0
+
+
+def summary(cfg, result, run_id: str, status: str, seconds: float) -> str:
+    lines = [f"run {run_id} {status} in {seconds:.1f}s: {cfg.experiment}, {cfg.optimizer}+{cfg.loss}, "
+             f"lr={cfg.lr:g}, {result.history.epochs_run}/{cfg.epochs} epochs, seed {cfg.seed}, {cfg.device}"]
+    finals = result.final_metrics()
+    if finals:
+        lines.append("  " + "  ".join(f"{k} {v:.6g}" for k, v in finals.items()))
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""MLflow side of a run: what gets logged, under which names, through the client with explicit run ids.
+
+Everything goes through ``MlflowClient`` with explicit run ids (never the fluent API's per-thread
+active run), metrics in ``log_batch`` calls of at most 1000 entries.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+
+from .training import TrainResult
+
+STATE_DICT = "state_dict.pt"
+CONFIG = "config.json"
+FAIL_REASON_TAG = "harness.fail_reason"
+
+
+@dataclass
+class RunRecord:
+    """All a run logs, as plain data (picklable, so another process can write it)."""
+
+    params: dict[str, str]
+    history: dict[str, list[float]]
+    finals: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+
+
+def record(result: TrainResult, extra_params: dict | None = None, tags: dict | None = None) -> RunRecord:
+    cfg = result.config.to_dict()
+    params = {**{k: str(v) for k, v in cfg.items()}, "torch_version": torch.__version__,
+              **{k: str(v) for k, v in (extra_params or {}).items()}}
+    buffer = io.BytesIO()
+    torch.save(result.model.state_dict(), buffer)
+    config = {**cfg, "torch_version": torch.__version__}
+    tags = dict(tags or {})
+    if result.history.stopped:
+        tags.setdefault(FAIL_REASON_TAG, result.history.stopped)
+    return RunRecord(params=params, history=result.history.values, finals=result.final_metrics(),
+                     tags=tags, artifacts={STATE_DICT: buffer.getvalue(),
+                                           CONFIG: json.dumps(config, indent=2).encode()})
+
+
+def batches(params: list[Param], tags: list[RunTag], metrics: list[Metric]):
+    """Split into log_batch calls that respect MLflow's per-call limits."""
+    params, tags, metrics = list(params), list(tags), list(metrics)
+    while params or tags or metrics:
+        p, params = params[:MAX_PARAMS_TAGS_PER_BATCH], params[MAX_PARAMS_TAGS_PER_BATCH:]
+        t, tags = tags[:MAX_PARAMS_TAGS_PER_BATCH], tags[MAX_PARAMS_TAGS_PER_BATCH:]
+        room = MAX_ENTITIES_PER_BATCH - len(p) - len(t)
+        m, metrics = metrics[:room], metrics[room:]
+        yield p, t, m
+
+
+def write(client: MlflowClient, run_id: str, rec: RunRecord, skip_params: set[str] = frozenset()) -> None:
+    """Log a record into an existing run (params already on the run are left as they are)."""
+    now = int(time.time() * 1000)
+    metrics = [Metric(name, value, now, step) for name, values in rec.history.items()
+               for step, value in enumerate(values)]
+    metrics += [Metric(name, value, now, 0) for name, value in rec.finals.items()]
+    params = [Param(k, v) for k, v in rec.params.items() if k not in skip_params]
+    tags = [RunTag(k, v) for k, v in rec.tags.items()]
+    for p, t, m in batches(params, tags, metrics):
+        client.log_batch(run_id, metrics=m, params=p, tags=t)
+    if rec.artifacts:
+        with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
+            for name, content in rec.artifacts.items():
+                Path(tmp, name).write_bytes(content)
+            client.log_artifacts(run_id, tmp)
+
+
+def log_figures(client: MlflowClient, run_id: str, figures: dict) -> None:
+    for name, fig in figures.items():
+        client.log_figure(run_id, fig, name)
+
+
+def experiment_id(client: MlflowClient, name: str | None) -> str:
+    """The MLflow experiment to log to: by name (created if missing), else MLflow's own choice."""
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if not name:
+        return os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another worker created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def ui_hint(client: MlflowClient, experiment: str, run_id: str) -> str:
+    uri = client.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return (f"mlflow ui --backend-store-uri {uri}   then open "
+            f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}")
+
+
+def load_state_dict(path: str | Path) -> dict:
+    return torch.load(path, weights_only=True, map_location="cpu")

@@ -1,0 +1,53 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**extra) -> dict:
+    """The user's environment without anything that would redirect MLflow or Optuna."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OPTUNA_"))}
+    # `mlflow run` looks up `python` on PATH: make it this interpreter.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_cli(*args, cwd, timeout=300, env=None, module=True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "harness", *map(str, args)] if module else list(map(str, args))
+    return subprocess.run(cmd, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, created once: building MLflow's schema takes seconds."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path, migrated_db) -> Path:
+    """A working directory as a user has it after their first run: an empty default store."""
+    shutil.copy(migrated_db, tmp_path / "mlflow.db")
+    return tmp_path
+
+
+def client_for(workdir: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+def all_runs(workdir: Path):
+    client = client_for(workdir)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, max_results=10000)
