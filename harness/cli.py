@@ -18,9 +18,10 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> Parser:
     parser = Parser(prog="harness", description="Tracked, searchable PyTorch training runs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    from .commands import train
+    from .commands import search, train
 
     train.add_parser(sub)
+    search.add_parser(sub)
     return parser
 
 

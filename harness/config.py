@@ -70,7 +70,7 @@ def validate(cfg: TrainConfig, experiment: Experiment) -> TrainConfig:
     """Every rule a config must obey, in one place. Returns the config with types made exact."""
     lr = positive_float("lr", cfg.lr)
     epochs = positive_int("epochs", cfg.epochs)
-    seed = _int("seed", cfg.seed, minimum=0)
+    seed = nonnegative_int("seed", cfg.seed)
     one_of("optimizer", cfg.optimizer, experiment.optimizers)
     one_of("loss", cfg.loss, experiment.losses)
     one_of("device", cfg.device, devices.CHOICES)
@@ -99,6 +99,10 @@ def positive_float(name: str, value: Any) -> float:
 
 def positive_int(name: str, value: Any) -> int:
     return _int(name, value, minimum=1)
+
+
+def nonnegative_int(name: str, value: Any) -> int:
+    return _int(name, value, minimum=0)
 
 
 def _int(name: str, value: Any, minimum: int) -> int:

@@ -1,10 +1,11 @@
 """The two figures of a run. Figure objects, not pyplot: no global state, safe off the main thread."""
 from __future__ import annotations
 
+import io
+
 from matplotlib.figure import Figure
 
-from .experiment import Experiment
-from .training import TrainResult
+from .experiment import Data, Experiment
 
 
 def loss_curves(values: dict[str, list[float]]) -> Figure:
@@ -20,17 +21,27 @@ def loss_curves(values: dict[str, list[float]]) -> Figure:
     return fig
 
 
-def predictions(experiment: Experiment, result: TrainResult) -> Figure | None:
+def predictions(experiment: Experiment, data: Data, predicted) -> Figure | None:
     if experiment.plot_predictions is None:
         return None
     fig = Figure(figsize=(10, 7))
-    experiment.plot_predictions(fig.add_subplot(), result.data, result.predictions)
+    experiment.plot_predictions(fig.add_subplot(), data, predicted)
     return fig
 
 
-def render(experiment: Experiment, result: TrainResult) -> dict[str, Figure]:
-    figures = {"loss_curves.png": loss_curves(result.history.values)}
-    fig = predictions(experiment, result)
+def render(experiment: Experiment, values: dict[str, list[float]], data: Data, predicted) -> dict[str, Figure]:
+    """Both figures of a run from its curves, its data and its final test-set predictions."""
+    figures = {"loss_curves.png": loss_curves(values)}
+    fig = predictions(experiment, data, predicted)
     if fig is not None:
         figures["predictions.png"] = fig
     return figures
+
+
+def png(figures: dict[str, Figure]) -> dict[str, bytes]:
+    out = {}
+    for name, fig in figures.items():
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        out[name] = buffer.getvalue()
+    return out

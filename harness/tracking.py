@@ -1,5 +1,8 @@
 """MLflow side of a run: what gets logged, under which names, through the client with explicit run ids.
 
+Neither torch nor mlflow at import time: the search's main process builds records without mlflow
+and its writer process writes them without torch.
+
 Everything goes through ``MlflowClient`` with explicit run ids (never the fluent API's per-thread
 active run), metrics in ``log_batch`` calls of at most 1000 entries.
 """
@@ -13,13 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
-from .training import TrainResult
 
 STATE_DICT = "state_dict.pt"
 CONFIG = "config.json"
@@ -37,13 +34,16 @@ class RunRecord:
     artifacts: dict[str, bytes] = field(default_factory=dict)
 
 
-def record(result: TrainResult, extra_params: dict | None = None, tags: dict | None = None) -> RunRecord:
+def record(result, extra_params: dict | None = None, tags: dict | None = None) -> RunRecord:
+    """The record of a finished ``training.TrainResult``."""
+    import torch
+
     cfg = result.config.to_dict()
-    params = {**{k: str(v) for k, v in cfg.items()}, "torch_version": torch.__version__,
+    params = {**{k: str(v) for k, v in cfg.items()}, "torch_version": str(torch.__version__),
               **{k: str(v) for k, v in (extra_params or {}).items()}}
     buffer = io.BytesIO()
     torch.save(result.model.state_dict(), buffer)
-    config = {**cfg, "torch_version": torch.__version__}
+    config = {**cfg, "torch_version": str(torch.__version__)}
     tags = dict(tags or {})
     if result.history.stopped:
         tags.setdefault(FAIL_REASON_TAG, result.history.stopped)
@@ -52,8 +52,10 @@ def record(result: TrainResult, extra_params: dict | None = None, tags: dict | N
                                            CONFIG: json.dumps(config, indent=2).encode()})
 
 
-def batches(params: list[Param], tags: list[RunTag], metrics: list[Metric]):
+def batches(params: list, tags: list, metrics: list):
     """Split into log_batch calls that respect MLflow's per-call limits."""
+    from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+
     params, tags, metrics = list(params), list(tags), list(metrics)
     while params or tags or metrics:
         p, params = params[:MAX_PARAMS_TAGS_PER_BATCH], params[MAX_PARAMS_TAGS_PER_BATCH:]
@@ -63,14 +65,29 @@ def batches(params: list[Param], tags: list[RunTag], metrics: list[Metric]):
         yield p, t, m
 
 
-def write(client: MlflowClient, run_id: str, rec: RunRecord, skip_params: set[str] = frozenset()) -> None:
+def metric_list(values: dict[str, float], step: int = 0) -> list:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(name, value, now, step) for name, value in values.items()]
+
+
+def tag_list(tags: dict[str, str]) -> list:
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, str(v)) for k, v in tags.items()]
+
+
+def write(client, run_id: str, rec: RunRecord, skip_params: set[str] = frozenset()) -> None:
     """Log a record into an existing run (params already on the run are left as they are)."""
+    from mlflow.entities import Metric, Param
+
     now = int(time.time() * 1000)
     metrics = [Metric(name, value, now, step) for name, values in rec.history.items()
                for step, value in enumerate(values)]
-    metrics += [Metric(name, value, now, 0) for name, value in rec.finals.items()]
+    metrics += metric_list(rec.finals)
     params = [Param(k, v) for k, v in rec.params.items() if k not in skip_params]
-    tags = [RunTag(k, v) for k, v in rec.tags.items()]
+    tags = tag_list(rec.tags)
     for p, t, m in batches(params, tags, metrics):
         client.log_batch(run_id, metrics=m, params=p, tags=t)
     if rec.artifacts:
@@ -80,13 +97,15 @@ def write(client: MlflowClient, run_id: str, rec: RunRecord, skip_params: set[st
             client.log_artifacts(run_id, tmp)
 
 
-def log_figures(client: MlflowClient, run_id: str, figures: dict) -> None:
+def log_figures(client, run_id: str, figures: dict) -> None:
     for name, fig in figures.items():
         client.log_figure(run_id, fig, name)
 
 
-def experiment_id(client: MlflowClient, name: str | None) -> str:
+def experiment_id(client, name: str | None) -> str:
     """The MLflow experiment to log to: by name (created if missing), else MLflow's own choice."""
+    from mlflow.exceptions import MlflowException
+
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
     if not name:
         return os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"
@@ -99,7 +118,23 @@ def experiment_id(client: MlflowClient, name: str | None) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def ui_hint(client: MlflowClient, experiment: str, run_id: str) -> str:
+def use_wal(tracking_uri: str) -> None:
+    """Put an MLflow SQLite store in write-ahead-log mode (a lasting property of the file).
+
+    One sync per commit instead of several, and readers no longer block the writer: a search's
+    writer process then disturbs the training process far less, and workers sharing the store wait
+    less on each other.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    with sqlite3.connect(tracking_uri[len("sqlite:///"):], timeout=30) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
+    connection.close()
+
+
+def ui_hint(client, experiment: str, run_id: str) -> str:
     uri = client.tracking_uri
     if uri.startswith(("http://", "https://")):
         return f"open {uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
@@ -108,4 +143,6 @@ def ui_hint(client: MlflowClient, experiment: str, run_id: str) -> str:
 
 
 def load_state_dict(path: str | Path) -> dict:
+    import torch
+
     return torch.load(path, weights_only=True, map_location="cpu")

@@ -5,14 +5,11 @@ import os
 import sys
 import time
 
-from .. import config
-
 
 def add_config_arguments(parser) -> None:
     """The TrainConfig fields as flags; unset flags stay None so lower layers show through."""
     parser.add_argument("--experiment", help="experiment name in experiments/ (default: linear_regression)")
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with config values")
-    parser.add_argument("--seed", help="torch seed for the initial weights (default: 42)")
     parser.add_argument("--device", help="auto|cpu|cuda|mps (default: auto)")
     parser.add_argument("--mlflow-experiment", metavar="NAME",
                         help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else MLflow's default)")
@@ -22,13 +19,16 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train once with a given config and track the run in MLflow")
     add_config_arguments(p)
     p.add_argument("--optimizer", help="sgd|adam|adamw|rmsprop (default: the experiment's)")
-    p.add_argument("--loss", help="l1|mse|smooth_l1|huber|... (default: the experiment's)")
+    p.add_argument("--loss", help="l1|mse|smooth_l1|huber|bce_with_logits (default: the experiment's)")
     p.add_argument("--lr", help="learning rate, a positive number (default: the experiment's)")
     p.add_argument("--epochs", help="a positive integer (default: the experiment's)")
+    p.add_argument("--seed", help="torch seed for the initial weights (default: 42)")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
+    from .. import config
+
     cfg, experiment = config.resolve(
         {"experiment": args.experiment, "optimizer": args.optimizer, "loss": args.loss, "lr": args.lr,
          "epochs": args.epochs, "seed": args.seed, "device": args.device}, file=args.config)
@@ -50,7 +50,7 @@ def run(args) -> int:
     try:
         result = training.train(cfg, experiment)
         tracking.write(client, run_id, tracking.record(result), skip_params=skip)
-        tracking.log_figures(client, run_id, plots.render(experiment, result))
+        tracking.log_figures(client, run_id, plots.render(experiment, result.history.values, result.data, result.predictions))
         status = "FAILED" if result.diverged else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

@@ -1,0 +1,163 @@
+"""`harness search`: an Optuna study over lr, epochs and optimizer/loss pairs, every trial an MLflow run."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from .train import add_config_arguments
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("search", help="search lr, epochs and optimizer/loss pairs with Optuna")
+    add_config_arguments(p)
+    p.add_argument("--study-name", help="Optuna study; an existing one is resumed (default: <experiment>-search)")
+    p.add_argument("--n-trials", default="20", help="trials this invocation runs (default: 20)")
+    p.add_argument("--max-trials", help="cap on the study's total trials, across invocations and workers")
+    p.add_argument("--timeout", help="stop starting trials after this many seconds")
+    p.add_argument("--storage", help="Optuna storage: journal:PATH, sqlite:///PATH, postgresql://... "
+                                     "(default: journal:optuna_journal.log)")
+    p.add_argument("--sampler", default="tpe", help="tpe|random|grid (default: tpe)")
+    p.add_argument("--seed", help="the sampler's seed (default: none); the model's seed comes from the config")
+    p.add_argument("--pruner", default="median", help="median|none (default: median)")
+    p.add_argument("--direction", default="minimize", help="minimize|maximize the final test loss")
+    p.add_argument("--n-jobs", default="1", help="trials run in parallel threads (default: 1)")
+    p.add_argument("--space", metavar="FILE", help="YAML or JSON search space (keys: lr, epochs, pairs, grid_points)")
+    p.add_argument("--lr-range", nargs=2, metavar=("LOW", "HIGH"), help="log-uniform lr range")
+    p.add_argument("--epochs-range", nargs=2, metavar=("LOW", "HIGH"), help="integer epochs range")
+    p.add_argument("--pairs", nargs="+", metavar="OPT+LOSS", help="allowed optimizer+loss pairs")
+    p.add_argument("--report-every", default="1", help="report the test loss to the pruner every N epochs")
+    p.add_argument("--trial-figures", action="store_true", help="render both PNG figures for every trial")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def _options(args):
+    """Every input checked before any store is touched."""
+    from .. import config
+    from ..experiment import load
+    from ..search import space as space_module
+    from ..search import study as study_module
+
+    experiment = load(args.experiment or "linear_regression")
+    base = {"experiment": experiment.name, "device": args.device}
+    cfg, _ = config.resolve(base, file=args.config, experiment=experiment)
+    space = space_module.resolve(experiment, args.space, {"lr": args.lr_range, "epochs": args.epochs_range,
+                                                          "pairs": args.pairs})
+    config.one_of("sampler", args.sampler, study_module.SAMPLERS)
+    config.one_of("pruner", args.pruner, study_module.PRUNERS)
+    config.one_of("direction", args.direction, study_module.DIRECTIONS)
+    storage_url = args.storage or study_module.DEFAULT_STORAGE
+    study_module.storage_scheme(storage_url)
+    return {
+        "experiment": experiment, "cfg": cfg, "space": space, "storage_url": storage_url,
+        "study_name": args.study_name or f"{experiment.name}-search",  # "" from MLproject = not given
+        "n_trials": config.positive_int("--n-trials", args.n_trials),
+        "max_trials": config.positive_int("--max-trials", args.max_trials) if args.max_trials else None,
+        "timeout": config.positive_float("--timeout", args.timeout) if args.timeout else None,
+        "n_jobs": config.positive_int("--n-jobs", args.n_jobs),
+        "report_every": config.positive_int("--report-every", args.report_every),
+        "sampler_seed": config.nonnegative_int("--seed", args.seed) if args.seed not in (None, "") else None,
+    }
+
+
+def run(args) -> int:
+    from ..search.tracker import default_tracking_uri, w_prepare_store
+    from ..search.writer import Writer
+
+    # Started before anything heavy is imported here, so the writer's imports overlap with ours. It
+    # touches no store until told to: bad input still writes nothing.
+    writer = Writer(default_tracking_uri())
+    try:
+        opts = _options(args)
+    except BaseException:
+        writer.abort()
+        raise
+    import optuna
+
+    from ..search import study as study_module
+    from ..search.objective import Objective
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space, url = opts["space"], opts["storage_url"]
+    try:
+        study = study_module.open_study(
+            opts["study_name"], study_module.open_storage(url), direction=args.direction,
+            sampler=study_module.make_sampler(args.sampler, opts["sampler_seed"], space),
+            pruner=study_module.make_pruner(args.pruner), space=space, experiment=opts["experiment"].name)
+    except BaseException:
+        writer.close()  # it has not touched the MLflow store yet
+        raise
+    writer.submit(w_prepare_store, urgent=True)  # only now: a refused study leaves no MLflow store behind
+    n_trials, callbacks = opts["n_trials"], []
+    if opts["max_trials"]:
+        left = opts["max_trials"] - len(study.trials)
+        if left <= 0:
+            writer.close()
+            print(f"study {study.study_name!r} already has {len(study.trials)} trials "
+                  f"(--max-trials {opts['max_trials']}); nothing to run")
+            return 0
+        n_trials = min(n_trials, left)
+        callbacks.append(optuna.study.MaxTrialsCallback(opts["max_trials"], states=None))
+    objective = Objective(
+        opts["experiment"], space, seed=opts["cfg"].seed, device=opts["cfg"].device,
+        report_every=opts["report_every"], mlflow_experiment=args.mlflow_experiment,
+        trial_figures=args.trial_figures,
+        tracker_options={"storage_label": study_module.redact(url), "sampler": args.sampler,
+                         "pruner": args.pruner, "env_run_id": os.environ.get("MLFLOW_RUN_ID"),
+                         "writer": writer})
+    started, interrupted = time.time(), False
+    try:
+        study.optimize(objective, n_trials=n_trials, timeout=opts["timeout"], n_jobs=opts["n_jobs"],
+                       callbacks=callbacks, show_progress_bar=not args.no_progress)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        tracker = objective.tracker
+        errors = objective.close() + writer.close()
+    for error in errors:
+        print(f"harness: a tracking write failed: {error!r}", file=sys.stderr)
+    print(report(study, tracker, time.time() - started, url))
+    if interrupted:
+        print(f"harness: interrupted; resume with: {resume_command(args, study.study_name, url)}", file=sys.stderr)
+        return 130
+    return 1 if errors else 0
+
+
+def report(study, tracker, seconds: float, url: str) -> str:
+    from optuna.trial import TrialState
+
+    from ..search import study as study_module
+    from ..search.tracker import RUN_ATTR, trials_frame
+
+    counts = {s.name: sum(t.state == s for t in study.trials) for s in TrialState if s.is_finished()}
+    lines = [f"study {study.study_name!r}: {len(study.trials)} trials "
+             f"({', '.join(f'{n} {k.lower()}' for k, n in counts.items() if n)}) in storage "
+             f"{study_module.redact(url)}; this run took {seconds:.1f}s"]
+    frame = trials_frame(study)
+    done = frame[frame["state"] == "COMPLETE"]
+    if done.empty:
+        return "\n".join(lines + ["no trial completed"])
+    columns = ["number", "value", "params_lr", "params_epochs", "params_optimizer_loss", RUN_ATTR]
+    top = done.sort_values("value", ascending=study.direction.name == "MINIMIZE").head(5)[columns]
+    top.columns = ["trial", "test_loss", "lr", "epochs", "optimizer+loss", "mlflow run"]
+    lines += ["top trials:", top.to_string(index=False)]
+    best_run = study.best_trial.user_attrs.get(RUN_ATTR)
+    if tracker is not None:
+        from ..search.tracker import default_tracking_uri
+
+        lines.append(f"compare in MLflow: mlflow ui --backend-store-uri {default_tracking_uri()}  "
+                     f"(parent run {tracker.parent_run_id}, filter: tags.optuna.study_name = '{study.study_name}')")
+    if best_run:
+        lines.append("reload the best model: python -c \"from harness.reload import load_model; "
+                     f"print(load_model('{best_run}').state_dict())\"")
+    return "\n".join(lines)
+
+
+def resume_command(args, study_name: str, url: str) -> str:
+    from ..search.study import redact
+
+    parts = ["harness search", f"--study-name {study_name}", f"--storage {redact(url)}"]
+    if args.experiment:
+        parts.append(f"--experiment {args.experiment}")
+    return " ".join(parts)

@@ -1,0 +1,107 @@
+"""``Objective``: what a plain Optuna script passes to ``study.optimize``."""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import replace
+
+import optuna
+
+from .. import config, training
+from ..experiment import Experiment, load
+from ..loop import StopTraining
+from . import space as space_module
+from .space import SearchSpace
+
+
+class _Reporter:
+    """Loop observer: reports the test loss to the trial and stops the loop when the pruner says so."""
+
+    def __init__(self, trial, every: int):
+        self.trial, self.every = trial, every
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        if epoch % self.every:
+            return
+        self.trial.report(logs["test_loss"], epoch)
+        if self.trial.should_prune():
+            raise StopTraining(f"pruned at epoch {epoch}")
+
+
+class Objective:
+    """Samples a config, trains it, tracks the trial in MLflow and returns the final test loss.
+
+    The experiment's data is loaded once, here. Use it as a context manager (or call ``close``) so
+    that the study's summary is written and every trial's run is complete in the store::
+
+        with Objective("linear_regression") as objective:
+            study.optimize(objective, n_trials=20)
+
+    ``track=False`` runs the same trials with no MLflow at all. A trial whose loss turns NaN or
+    infinite returns NaN, which Optuna records as FAIL while the study carries on.
+    """
+
+    def __init__(self, experiment: str | Experiment = "linear_regression", space: SearchSpace | None = None, *,
+                 track: bool = True, mlflow_experiment: str | None = None, report_every: int = 1,
+                 trial_figures: bool = False, seed: int = 42, device: str = "auto", tracker_options=None):
+        self.experiment = experiment if isinstance(experiment, Experiment) else load(experiment)
+        self.space = space or space_module.resolve(self.experiment)
+        self.base, _ = config.resolve({"experiment": self.experiment.name, "seed": seed, "device": device},
+                                      experiment=self.experiment)
+        self.data = self.experiment.make_data().to(self.base.device)
+        self.report_every = config.positive_int("report_every", report_every)
+        self.track = track
+        self.tracker = None
+        self._tracker_options = {"mlflow_experiment": mlflow_experiment, "trial_figures": trial_figures,
+                                 **(tracker_options or {})}
+        self._lock = threading.Lock()
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        tracker = self._tracker_for(trial)
+        cfg = config.validate(replace(self.base, **space_module.sample(trial, self.space)), self.experiment)
+        pending = tracker.start_trial(trial) if tracker else None
+        try:
+            result = training.train(cfg, self.experiment, self.data, self._observers(trial))
+        except BaseException as exc:
+            if tracker:
+                interrupted = isinstance(exc, KeyboardInterrupt)
+                tracker.end_trial(trial, pending, None, "FAIL", reason="interrupted" if interrupted else repr(exc),
+                                  run_status="KILLED" if interrupted else "FAILED")
+            raise
+        history = result.history
+        state = "FAIL" if result.diverged else "PRUNED" if history.stopped else "COMPLETE"
+        if state == "FAIL":
+            trial.set_user_attr("fail_reason", history.stopped)
+        if tracker:
+            tracker.end_trial(trial, pending, result, state)
+        if state == "PRUNED":
+            raise optuna.TrialPruned(history.stopped)
+        return math.nan if state == "FAIL" else history.last("test_loss")
+
+    def _observers(self, trial) -> list:
+        study = getattr(trial, "study", None)
+        if study is None or isinstance(study.pruner, optuna.pruners.NopPruner):
+            return []  # intermediate values only feed a pruner; without one, skip the storage writes
+        return [_Reporter(trial, self.report_every)]
+
+    def _tracker_for(self, trial):
+        if not self.track or getattr(trial, "study", None) is None:
+            return None
+        with self._lock:
+            if self.tracker is None:
+                from .tracker import StudyTracker
+
+                self.tracker = StudyTracker(trial.study, self.experiment.name, **self._tracker_options)
+        return self.tracker
+
+    def close(self) -> list[BaseException]:
+        """Write the study summary and wait until every trial's run is in the store."""
+        with self._lock:
+            tracker, self.tracker = self.tracker, None
+        return tracker.close() if tracker else []
+
+    def __enter__(self) -> "Objective":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,65 @@
+"""Opening what a search wrote, and checking the tracking contract between the two stores."""
+import optuna
+import torch
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import TrialState
+
+from conftest import client_for
+
+STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+
+
+def journal_study(workdir, name="linear_regression-search"):
+    storage = JournalStorage(JournalFileBackend(str(workdir / "optuna_journal.log")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def check_contract(workdir, study, *, figures_for=None):
+    """Every point of the tracking contract, one to one between the trials and the child runs.
+
+    Returns (parent run, {trial number: child run}).
+    """
+    client = client_for(workdir)
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    tags = parent.data.tags
+    assert tags["optuna.study_name"] == study.study_name
+    assert tags["optuna.direction"] == study.direction.name
+    assert {"optuna.storage", "optuna.sampler", "optuna.pruner"} <= set(tags)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id], max_results=5000,
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_id = {r.info.run_id: r for r in children}
+    assert len(by_id) == len(study.trials)  # exactly one run per trial ...
+    runs = {}
+    for trial in study.trials:
+        run = by_id.pop(trial.user_attrs["mlflow_run_id"])  # ... and one trial per run
+        runs[trial.number] = run
+        assert run.info.run_name == f"trial-{trial.number}"
+        assert run.data.tags["optuna.study_name"] == study.study_name
+        assert run.data.tags["optuna.trial_number"] == str(trial.number)
+        assert run.data.tags["optuna.trial_state"] == trial.state.name
+        assert run.info.status == STATUS[trial.state]
+        params = run.data.params
+        assert params["trial_number"] == str(trial.number)
+        assert float(params["lr"]) == trial.params["lr"]
+        assert int(params["epochs"]) == trial.params["epochs"]
+        assert f"{params['optimizer']}+{params['loss']}" == trial.params["optimizer_loss"]
+        for key in ("train_loss", "test_loss"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert len(steps) == len(set(steps)) and sorted(steps) == list(range(len(steps)))
+            if trial.state == TrialState.COMPLETE:
+                assert len(steps) == trial.params["epochs"]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        if trial.state == TrialState.COMPLETE:
+            assert run.data.metrics["final_test_loss"] == trial.value
+            assert {"state_dict.pt", "config.json"} <= artifacts
+            state = torch.load(client.download_artifacts(run.info.run_id, "state_dict.pt", str(workdir)),
+                               weights_only=True)
+            assert set(state) == {"weights", "bias"}
+        else:
+            assert "final_test_loss" not in run.data.metrics
+        has_figures = {"loss_curves.png", "predictions.png"} <= artifacts
+        if figures_for is not None:
+            assert has_figures == (trial.number in figures_for), trial.number
+    assert not by_id
+    return parent, runs

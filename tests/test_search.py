@@ -1,0 +1,167 @@
+"""`harness search` and `harness.Objective`, checked by opening the Optuna storage and the MLflow store."""
+import csv
+import io
+import json
+import math
+import subprocess
+import sys
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from harness import Objective
+from harness.experiment import load
+from harness.search import space as space_module
+from conftest import ROOT, all_runs, cli_env, client_for, run_cli
+from search_helpers import check_contract, journal_study
+
+SMALL = ["--epochs-range", "5", "30", "--no-progress"]
+
+
+def test_search_tracks_every_trial_and_resume_continues_the_study(workdir):
+    out = run_cli("search", "--n-trials", 6, "--seed", 0, "--pruner", "none", *SMALL, cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    study = journal_study(workdir)
+    assert len(study.trials) == 6 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    parent, runs = check_contract(workdir, study, figures_for={study.best_trial.number})
+    assert parent.info.run_name == "linear_regression-search"
+    assert parent.data.tags["optuna.storage"] == "journal:optuna_journal.log"
+    assert parent.data.tags["optuna.sampler"] == "tpe" and parent.data.tags["optuna.pruner"] == "none"
+    assert parent.data.metrics["best_value"] == study.best_value
+    assert parent.data.metrics["best_trial_number"] == study.best_trial.number
+    assert parent.data.tags["best_run_id"] == study.best_trial.user_attrs["mlflow_run_id"]
+    assert json.loads(parent.data.tags["best_params"]) == study.best_params
+
+    # The summary the user sees: the top trials (best first) and how to look at them.
+    assert "top trials:" in out.stdout and study.best_trial.user_attrs["mlflow_run_id"] in out.stdout
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out.stdout
+    assert "load_model(" in out.stdout
+
+    client = client_for(workdir)
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "best_params.json", "optimization_history.png", "parallel_coordinate.png",
+            "param_importances.png"} <= names
+    rows = list(csv.DictReader(io.StringIO(open(client.download_artifacts(
+        parent.info.run_id, "trials.csv", str(workdir))).read())))
+    assert [int(r["number"]) for r in rows] == list(range(6))
+    assert [r["mlflow_run_id"] for r in rows] == [runs[n].info.run_id for n in range(6)]
+
+    # Resume: the same study, the same parent run, trials added.
+    out = run_cli("search", "--n-trials", 3, "--pruner", "none", *SMALL, cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    study = journal_study(workdir)
+    assert len(study.trials) == 9
+    again, _ = check_contract(workdir, study)
+    assert again.info.run_id == parent.info.run_id
+    assert client.get_metric_history(parent.info.run_id, "best_value")[-1].step == 9
+    assert len(all_runs(workdir)) == 1 + 9
+
+
+def test_pruned_and_diverging_trials_are_recorded_as_such(workdir, monkeypatch):
+    """A plain Optuna script: the objective maps PRUNED -> KILLED and FAIL -> FAILED, and goes on."""
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+
+    class PruneTrialTwoAtStepFour(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return trial.number == 2 and trial.last_step is not None and trial.last_step >= 4
+
+    experiment = load("linear_regression")
+    space = space_module.resolve(experiment, overrides={"lr": [1e-4, 10.0], "epochs": [5, 60]})
+    study = optuna.create_study(study_name="edge-cases", pruner=PruneTrialTwoAtStepFour(),
+                                storage=f"sqlite:///{workdir / 'optuna.db'}")
+    for params in ({"lr": 0.01, "epochs": 20, "optimizer_loss": "sgd+l1"},
+                   {"lr": 8.0, "epochs": 60, "optimizer_loss": "sgd+mse"},
+                   {"lr": 0.01, "epochs": 30, "optimizer_loss": "adam+l1"},
+                   {"lr": 0.05, "epochs": 25, "optimizer_loss": "adam+mse"}):
+        study.enqueue_trial(params)
+    with Objective(experiment, space) as objective:
+        study.optimize(objective, n_trials=4)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED, TrialState.COMPLETE]
+    assert not math.isnan(study.best_value) and study.best_trial.number in (0, 3)
+    _, runs = check_contract(workdir, study, figures_for={study.best_trial.number})
+    client = client_for(workdir)
+
+    failed = study.trials[1]
+    reason = failed.user_attrs["fail_reason"]
+    assert reason.startswith("diverged at epoch ")
+    assert runs[1].data.tags["harness.fail_reason"] == reason
+    diverged_at = int(reason.rsplit(" ", 1)[1])
+    assert len(client.get_metric_history(runs[1].info.run_id, "train_loss")) == diverged_at
+
+    pruned_run = runs[2]
+    assert [m.step for m in client.get_metric_history(pruned_run.info.run_id, "test_loss")] == [0, 1, 2, 3, 4]
+    assert pruned_run.data.tags["harness.fail_reason"] == "pruned at epoch 4"
+    assert list(study.trials[2].intermediate_values) == [0, 1, 2, 3, 4]
+
+
+def test_parallel_trials_never_share_a_run(workdir):
+    out = run_cli("search", "--n-trials", 8, "--n-jobs", 2, "--sampler", "random", "--seed", 3,
+                  "--pruner", "none", *SMALL, cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    study = journal_study(workdir)
+    assert len(study.trials) == 8
+    _, runs = check_contract(workdir, study)  # params, curve lengths and steps per run match its trial
+    assert len({r.info.run_id for r in runs.values()}) == 8
+
+
+def test_max_trials_caps_the_study_across_invocations(workdir):
+    assert run_cli("search", "--n-trials", 5, "--max-trials", 3, "--pruner", "none", *SMALL,
+                   cwd=workdir).returncode == 0
+    out = run_cli("search", "--n-trials", 5, "--max-trials", 3, *SMALL, cwd=workdir)
+    assert out.returncode == 0 and "already has 3 trials" in out.stdout
+    study = journal_study(workdir)
+    assert len(study.trials) == 3
+    check_contract(workdir, study)
+
+
+@pytest.mark.parametrize("args, bad", [
+    (["--n-trials", "0"], "'0'"), (["--n-trials", "-2"], "'-2'"),
+    (["--sampler", "cmaes"], "'cmaes'"), (["--pruner", "hyperband"], "'hyperband'"),
+    (["--storage", "redis://localhost"], "redis://localhost"),
+    (["--lr-range", "0.1", "0.01"], "low < high"), (["--pairs", "sgd+hinge"], "'hinge'"),
+    (["--pairs", "lbfgs+l1"], "'lbfgs'"), (["--experiment", "nope"], "'nope'"),
+    (["--space", "missing.yaml"], "missing.yaml"), (["--n-jobs", "0"], "'0'"),
+])
+def test_bad_search_input_is_refused_before_any_trial(tmp_path, args, bad):
+    out = run_cli("search", *args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("harness: error: ") and bad in lines[0], out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_study_with_another_direction_or_space_is_refused(workdir):
+    assert run_cli("search", "--n-trials", 1, *SMALL, cwd=workdir).returncode == 0
+    for args, message in ((["--direction", "maximize"], "exists with direction minimize, not maximize"),
+                          (["--epochs-range", "5", "31"], "incompatible with")):
+        out = run_cli("search", "--n-trials", 1, "--no-progress", *args, cwd=workdir)
+        assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert len(journal_study(workdir).trials) == 1
+    assert len(all_runs(workdir)) == 2
+
+
+def test_mlflow_run_main_entry_makes_mlflow_s_run_the_study_parent(workdir):
+    env = cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")
+    out = run_cli("mlflow", "run", str(ROOT), "--env-manager", "local", "-P", "n_trials=3", "-P", "seed=1",
+                  "-P", f"storage=journal:{workdir / 'optuna_journal.log'}", cwd=workdir, env=env, module=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = journal_study(workdir)
+    parent, _ = check_contract(workdir, study)
+    assert parent.data.params["n_trials"] == "3"  # logged by `mlflow run` itself: it created this run
+    assert len(all_runs(workdir)) == 1 + 3
+
+
+def test_study_script_in_experiments_runs_as_documented(workdir):
+    script = ROOT / "experiments" / "search_linear_regression.py"
+    assert len(script.read_text().splitlines()) < 30
+    out = subprocess.run([sys.executable, str(script), "3"], cwd=workdir, env=cli_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = optuna.load_study(study_name="linear-regression-script", storage=f"sqlite:///{workdir / 'optuna.db'}")
+    assert len(study.trials) == 3
+    parent, _ = check_contract(workdir, study)
+    assert parent.data.tags["optuna.storage"] == "sqlite:///optuna.db"
+    assert study.best_trial.user_attrs["mlflow_run_id"] in out.stdout
