@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
-from .errors import UsageError
+from .errors import HarnessError, UsageError
 
-COMMANDS = ("train", "search")
+COMMANDS = ("train", "search", "compare", "predict", "reproduce", "audit")
+
+
+NETWORK_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -18,20 +24,35 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> Parser:
     parser = Parser(prog="harness", description="Tracked, searchable PyTorch training runs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    from .commands import search, train
+    from .commands import audit, compare, predict, reproduce, search, train
 
-    train.add_parser(sub)
-    search.add_parser(sub)
+    for command in (train, search, compare, predict, reproduce, audit):
+        command.add_parser(sub)
     return parser
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    # MLflow draws a progress bar for every artifact it downloads: noise around a one-line answer.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow retries an unreachable server for minutes by default; a command line should give up in
+    # seconds and say so. Users who want patience set these themselves.
+    for name, value in NETWORK_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    # SIGTERM ends a command the way Ctrl-C does: runs are closed, nothing is left RUNNING.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args)
     except UsageError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2
+    except HarnessError as exc:
+        print(f"harness: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr)
         return 130

@@ -61,21 +61,21 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
 
 def fit(model: nn.Module, data, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
         *, metrics_fn: MetricsFn | None = None, observers: Iterable[Observer] = (),
-        sync_every: int | None = None) -> History:
+        sync_every: int | None = None, history: History | None = None) -> History:
     """Train for ``epochs`` epochs and return the history.
 
     Per-epoch values stay on the model's device and are copied to the host every ``sync_every``
     epochs (default: every epoch on the CPU, where the copy is free; once at the end elsewhere,
     so an accelerator is never made to wait). Observers and the divergence check run at each copy.
     A non-finite loss ends training: the history keeps the epochs before it and ``diverged_at``
-    names the epoch.
+    names the epoch. Pass ``history`` to keep what was recorded when training is interrupted.
     """
     device = next(model.parameters()).device
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else epochs
     observers = list(observers)
     buffers: dict[str, torch.Tensor] = {}
-    history = History()
+    history = history if history is not None else History()
 
     def record(name: str, value: torch.Tensor, epoch: int) -> None:
         buf = buffers.get(name)

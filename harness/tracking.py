@@ -34,13 +34,20 @@ class RunRecord:
     artifacts: dict[str, bytes] = field(default_factory=dict)
 
 
+def params_of(config, extra_params: dict | None = None) -> dict[str, str]:
+    """A run's params: the whole resolved config, the torch version and any extras."""
+    import torch
+
+    return {**{k: str(v) for k, v in config.to_dict().items()}, "torch_version": str(torch.__version__),
+            **{k: str(v) for k, v in (extra_params or {}).items()}}
+
+
 def record(result, extra_params: dict | None = None, tags: dict | None = None) -> RunRecord:
     """The record of a finished ``training.TrainResult``."""
     import torch
 
     cfg = result.config.to_dict()
-    params = {**{k: str(v) for k, v in cfg.items()}, "torch_version": str(torch.__version__),
-              **{k: str(v) for k, v in (extra_params or {}).items()}}
+    params = params_of(result.config, extra_params)
     buffer = io.BytesIO()
     torch.save(result.model.state_dict(), buffer)
     config = {**cfg, "torch_version": str(torch.__version__)}
@@ -116,6 +123,33 @@ def experiment_id(client, name: str | None) -> str:
         return client.create_experiment(name)
     except MlflowException:  # another worker created it first
         return client.get_experiment_by_name(name).experiment_id
+
+
+def unreachable(what: str, url: str, seconds: float, exc: BaseException):
+    """The one-line error (exit 2: the URL is the user's input) for a store that did not answer."""
+    from .errors import UsageError
+    from .search.study import redact, scrub
+
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return UsageError(f"cannot reach {what} {redact(url)} (gave up after {seconds:.0f}s): "
+                        f"{scrub(first, url)}")
+
+
+def open_client(tracking_uri: str | None = None):
+    """An MlflowClient whose store is ready: created or migrated one process at a time, since
+    MLflow's schema set-up is not safe to run from several processes at once on a new SQLite file."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from .filelock import file_lock
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+    with file_lock(path + ".lock" if path else None):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+        use_wal(uri)
+    return client
 
 
 def use_wal(tracking_uri: str) -> None:

@@ -47,12 +47,13 @@ def build_model(cfg: TrainConfig, experiment: Experiment) -> nn.Module:
 
 
 def train(cfg: TrainConfig, experiment: Experiment, data: Data | None = None,
-          observers: Iterable[Observer] = (), sync_every: int | None = None) -> TrainResult:
+          observers: Iterable[Observer] = (), sync_every: int | None = None,
+          history: History | None = None) -> TrainResult:
     data = (data if data is not None else experiment.make_data()).to(cfg.device)
     model = build_model(cfg, experiment)
     loss_fn = build_loss(cfg.loss)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     history = fit(model, data, loss_fn, optimizer, cfg.epochs, metrics_fn=experiment.metrics,
-                  observers=observers, sync_every=sync_every)
+                  observers=observers, sync_every=sync_every, history=history)
     _, predictions = evaluate(model, data.X_test, data.y_test, loss_fn)
     return TrainResult(cfg, model, data, history, predictions.cpu(), experiment.scalars(model))

@@ -5,11 +5,13 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from conftest import client_for
+from harness.experiment import load
 
 STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
 
 
 def journal_study(workdir, name="linear_regression-search"):
+    """The study a CLI search left in the default embedded storage of ``workdir``."""
     storage = JournalStorage(JournalFileBackend(str(workdir / "optuna_journal.log")))
     return optuna.load_study(study_name=name, storage=storage)
 
@@ -38,7 +40,8 @@ def check_contract(workdir, study, *, figures_for=None):
         assert run.data.tags["optuna.study_name"] == study.study_name
         assert run.data.tags["optuna.trial_number"] == str(trial.number)
         assert run.data.tags["optuna.trial_state"] == trial.state.name
-        assert run.info.status == STATUS[trial.state]
+        interrupted = trial.state == TrialState.FAIL and run.data.tags.get("harness.fail_reason") == "interrupted"
+        assert run.info.status == ("KILLED" if interrupted else STATUS[trial.state])
         params = run.data.params
         assert params["trial_number"] == str(trial.number)
         assert float(params["lr"]) == trial.params["lr"]
@@ -55,7 +58,7 @@ def check_contract(workdir, study, *, figures_for=None):
             assert {"state_dict.pt", "config.json"} <= artifacts
             state = torch.load(client.download_artifacts(run.info.run_id, "state_dict.pt", str(workdir)),
                                weights_only=True)
-            assert set(state) == {"weights", "bias"}
+            assert set(state) == set(load(params["experiment"]).make_model().state_dict())
         else:
             assert "final_test_loss" not in run.data.metrics
         has_figures = {"loss_curves.png", "predictions.png"} <= artifacts

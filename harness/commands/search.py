@@ -78,17 +78,25 @@ def run(args) -> int:
     from ..search import study as study_module
     from ..search.objective import Objective
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna would log each failed trial with a traceback (an interrupt too); the summary says what failed.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     space, url = opts["space"], opts["storage_url"]
+    study_args = dict(direction=args.direction, space=space, experiment=opts["experiment"].name,
+                      sampler=study_module.make_sampler(args.sampler, opts["sampler_seed"], space),
+                      pruner=study_module.make_pruner(args.pruner))
     try:
-        study = study_module.open_study(
-            opts["study_name"], study_module.open_storage(url), direction=args.direction,
-            sampler=study_module.make_sampler(args.sampler, opts["sampler_seed"], space),
-            pruner=study_module.make_pruner(args.pruner), space=space, experiment=opts["experiment"].name)
+        # Opening a journal creates its file: a missing one already says there is no study yet.
+        storage = None if study_module.missing_journal(url) else study_module.open_storage(url)
+        study = storage and study_module.existing_study(opts["study_name"], storage, **study_args)
+        # Only now, and before a new study is written: a refused or unreachable setup writes nothing.
+        _wait_for_store(writer, writer.submit(w_prepare_store, urgent=True), default_tracking_uri())
     except BaseException:
-        writer.close()  # it has not touched the MLflow store yet
+        writer.close()
         raise
-    writer.submit(w_prepare_store, urgent=True)  # only now: a refused study leaves no MLflow store behind
+    if study is None:
+        storage = storage or study_module.open_storage(url)
+        study = study_module.create_study(opts["study_name"], storage, **study_args)
+    _recover_stale_trials(study, storage, writer)
     n_trials, callbacks = opts["n_trials"], []
     if opts["max_trials"]:
         left = opts["max_trials"] - len(study.trials)
@@ -124,6 +132,33 @@ def run(args) -> int:
     return 1 if errors else 0
 
 
+def _wait_for_store(writer, prepared, uri: str) -> None:
+    """Fail in bounded time, before any trial, when the MLflow store cannot be reached."""
+    from ..tracking import unreachable
+
+    started = time.time()
+    try:
+        prepared.result()
+    except Exception as exc:
+        writer.close()
+        raise unreachable("the MLflow tracking store", uri, time.time() - started, exc) from None
+
+
+def _recover_stale_trials(study, storage, writer) -> None:
+    """Trials a killed worker left RUNNING: fail them, queue their configurations again, fail their runs."""
+    from ..audit import fail_and_retry, stale_trials
+    from ..search.tracker import PARENT_ATTR, w_fail_stale_runs
+
+    stale = [fail_and_retry(study, storage, trial) for trial in stale_trials(study)]
+    if not stale:
+        return
+    print(f"harness: trial(s) {', '.join(map(str, stale))} were left RUNNING by a worker that is gone: "
+          "failed them and queued their configurations again", file=sys.stderr)
+    parent = study.user_attrs.get(PARENT_ATTR)
+    if parent:
+        writer.submit(w_fail_stale_runs, parent, stale)
+
+
 def report(study, tracker, seconds: float, url: str) -> str:
     from optuna.trial import TrialState
 
@@ -149,7 +184,7 @@ def report(study, tracker, seconds: float, url: str) -> str:
         lines.append(f"compare in MLflow: mlflow ui --backend-store-uri {default_tracking_uri()}  "
                      f"(parent run {tracker.parent_run_id}, filter: tags.optuna.study_name = '{study.study_name}')")
     if best_run:
-        lines.append("reload the best model: python -c \"from harness.reload import load_model; "
+        lines.append("reload the best model: python -c \"from harness.runs import load_model; "
                      f"print(load_model('{best_run}').state_dict())\"")
     return "\n".join(lines)
 

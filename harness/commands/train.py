@@ -33,19 +33,24 @@ def run(args) -> int:
         {"experiment": args.experiment, "optimizer": args.optimizer, "loss": args.loss, "lr": args.lr,
          "epochs": args.epochs, "seed": args.seed, "device": args.device}, file=args.config)
     # mlflow is imported only once the input is known good: bad input never touches a store.
-    from mlflow import MlflowClient
+    import mlflow
 
     from .. import plots, tracking, training
 
-    client = MlflowClient()
     run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id:  # under `mlflow run`: log into the run MLflow created
-        existing = client.get_run(run_id)
-        experiment_id, skip = existing.info.experiment_id, set(existing.data.params)
-    else:
-        experiment_id, skip = tracking.experiment_id(client, args.mlflow_experiment), set()
-        run_id = client.create_run(experiment_id, run_name=f"{cfg.experiment}-{cfg.optimizer}-{cfg.loss}",
-                                   tags={"harness.command": "train"}).info.run_id
+    started = time.time()
+    try:
+        client = tracking.open_client()
+        if run_id:  # under `mlflow run`: log into the run MLflow created
+            existing = client.get_run(run_id)
+            experiment_id, skip = existing.info.experiment_id, set(existing.data.params)
+        else:
+            experiment_id, skip = tracking.experiment_id(client, args.mlflow_experiment), set()
+            run_id = client.create_run(experiment_id, run_name=f"{cfg.experiment}-{cfg.optimizer}-{cfg.loss}",
+                                       tags={"harness.command": "train"}).info.run_id
+    except Exception as exc:
+        raise tracking.unreachable("the MLflow tracking store", mlflow.get_tracking_uri(), time.time() - started,
+                                   exc) from None
     status, started = "FAILED", time.time()
     try:
         result = training.train(cfg, experiment)

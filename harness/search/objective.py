@@ -9,9 +9,11 @@ import optuna
 
 from .. import config, training
 from ..experiment import Experiment, load
-from ..loop import StopTraining
+from ..loop import History, StopTraining
 from . import space as space_module
 from .space import SearchSpace
+from .tracker import RUN_ATTR
+from .workers import WORKER_ATTR, identity
 
 
 class _Reporter:
@@ -26,6 +28,19 @@ class _Reporter:
         self.trial.report(logs["test_loss"], epoch)
         if self.trial.should_prune():
             raise StopTraining(f"pruned at epoch {epoch}")
+
+
+class _LinkRun:
+    """Loop observer: stores the trial's run id as soon as the writer has created the run, so that
+    even a trial whose worker is killed points at its run."""
+
+    def __init__(self, trial, pending):
+        self.trial, self.pending = trial, pending
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        if self.pending is not None and self.pending.done() and not self.pending.exception():
+            self.trial.set_user_attr(RUN_ATTR, self.pending.result())
+            self.pending = None
 
 
 class Objective:
@@ -55,18 +70,24 @@ class Objective:
         self._tracker_options = {"mlflow_experiment": mlflow_experiment, "trial_figures": trial_figures,
                                  **(tracker_options or {})}
         self._lock = threading.Lock()
+        self._worker = identity()
 
     def __call__(self, trial: optuna.Trial) -> float:
+        if getattr(trial, "study", None) is not None:
+            # Lets the next worker (or `harness audit --fix`) tell a crashed trial from a running one.
+            trial.set_user_attr(WORKER_ATTR, self._worker)
         tracker = self._tracker_for(trial)
         cfg = config.validate(replace(self.base, **space_module.sample(trial, self.space)), self.experiment)
-        pending = tracker.start_trial(trial) if tracker else None
+        pending = tracker.start_trial(trial, cfg) if tracker else None
+        history = History()  # filled as training goes: kept if it is interrupted
         try:
-            result = training.train(cfg, self.experiment, self.data, self._observers(trial))
+            observers = self._observers(trial) + ([_LinkRun(trial, pending)] if pending else [])
+            result = training.train(cfg, self.experiment, self.data, observers, history=history)
         except BaseException as exc:
             if tracker:
                 interrupted = isinstance(exc, KeyboardInterrupt)
-                tracker.end_trial(trial, pending, None, "FAIL", reason="interrupted" if interrupted else repr(exc),
-                                  run_status="KILLED" if interrupted else "FAILED")
+                tracker.end_interrupted_trial(trial, pending, cfg, history, reason="interrupted" if interrupted
+                                              else repr(exc), run_status="KILLED" if interrupted else "FAILED")
             raise
         history = result.history
         state = "FAIL" if result.diverged else "PRUNED" if history.stopped else "COMPLETE"

@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import tracking
 from . import writer
+from .workers import study_lock
 from .writer import Writer
 
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -26,9 +27,7 @@ RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 def w_prepare_store() -> None:
     """Create or migrate the MLflow store now, while the main process is still opening the study."""
-    c = writer.client()
-    c.search_experiments(max_results=1)
-    tracking.use_wal(c.tracking_uri)
+    writer.client()
 
 
 def w_open_study(experiment_name: str | None, study_name: str, known_parent: str | None,
@@ -58,17 +57,33 @@ def w_open_study(experiment_name: str | None, study_name: str, known_parent: str
     return parent.info.experiment_id, run_id
 
 
-def w_create_trial_run(trial_number: int, tags: dict[str, str]) -> str:
+def w_create_trial_run(trial_number: int, tags: dict[str, str], params: dict[str, str]) -> str:
+    """The trial's run, with its params from the start: a run whose worker dies still says what it ran."""
+    from mlflow.entities import Param
+
     state = writer._state
-    run = writer.client().create_run(
-        state["experiment_id"], run_name=f"trial-{trial_number}",
-        tags={"mlflow.parentRunId": state["parent"], "optuna.trial_number": str(trial_number), **tags})
+    c = writer.client()
+    run = c.create_run(state["experiment_id"], run_name=f"trial-{trial_number}",
+                       tags={"mlflow.parentRunId": state["parent"], "optuna.trial_number": str(trial_number), **tags})
+    c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     return run.info.run_id
+
+
+def w_fail_stale_runs(parent_id: str, trial_numbers: list[int]) -> None:
+    """Close the runs that the trials of a dead worker left RUNNING."""
+    c = writer.client()
+    experiment = c.get_run(parent_id).info.experiment_id
+    for number in trial_numbers:
+        for run in c.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                 f"tags.`optuna.trial_number` = '{number}' and attributes.status = 'RUNNING'"):
+            c.log_batch(run.info.run_id, tags=tracking.tag_list({
+                tracking.FAIL_REASON_TAG: "worker died", "optuna.trial_state": "FAIL"}))
+            c.set_terminated(run.info.run_id, "FAILED")
 
 
 def w_write_trial(run_id: str, rec: tracking.RunRecord, status: str, figures: tuple | None) -> None:
     c = writer.client()
-    tracking.write(c, run_id, rec)
+    tracking.write(c, run_id, rec, skip_params=set(rec.params))  # logged with the run's creation
     if figures is not None:
         w_log_figures(run_id, *figures)
     c.set_terminated(run_id, status)
@@ -147,41 +162,48 @@ class StudyTracker:
                 "optuna.pruner": pruner or type(study.pruner).__name__,
                 "optuna.direction": study.direction.name, "harness.experiment": experiment_name}
         self._study_tags = {"optuna.study_name": study.study_name}
-        self._opened = self.writer.submit(w_open_study, mlflow_experiment, study.study_name,
-                                          study.user_attrs.get(PARENT_ATTR), env_run_id, tags, urgent=True)
         self._lock = threading.Lock()
         self._best: tuple[float, int, str, dict, Any] | None = None
-        self._parent: str | None = None
+        # Workers starting together must agree on one parent run: find-or-create it under the
+        # study's lock, and publish it in the study before letting the next worker look.
+        with study_lock(tags["optuna.storage"]):
+            known = study.user_attrs.get(PARENT_ATTR)
+            _, self.parent_run_id = self.writer.submit(w_open_study, mlflow_experiment, study.study_name, known,
+                                                       env_run_id, tags, urgent=True).result()
+            if known != self.parent_run_id:
+                study.set_user_attr(PARENT_ATTR, self.parent_run_id)
 
-    @property
-    def parent_run_id(self) -> str:
-        if self._parent is None:
-            _, parent = self._opened.result()
-            if self.study.user_attrs.get(PARENT_ATTR) != parent:
-                self.study.set_user_attr(PARENT_ATTR, parent)
-            self._parent = parent
-        return self._parent
+    def start_trial(self, trial, cfg) -> Future:
+        params = tracking.params_of(cfg, {"trial_number": trial.number})
+        return self.writer.submit(w_create_trial_run, trial.number, self._study_tags, params, urgent=True)
 
-    def start_trial(self, trial) -> Future:
-        return self.writer.submit(w_create_trial_run, trial.number, self._study_tags, urgent=True)
+    def end_trial(self, trial, pending: Future, result, state: str) -> str:
+        """Hand a finished trial's record to the writer; the run ends with the status its state maps to."""
+        run_id = self._link(trial, pending)
+        rec = tracking.record(result, extra_params={"trial_number": trial.number},
+                              tags={"optuna.trial_state": state})
+        if state == "PRUNED":
+            rec.finals = {}
+        figures = self._figure_args(result) if self.trial_figures else None
+        if state == "COMPLETE":
+            self._note_best(trial.number, run_id, result)
+        self.writer.submit(w_write_trial, run_id, rec, RUN_STATUS[state], figures)
+        return run_id
 
-    def end_trial(self, trial, pending: Future, result, state: str,
-                  reason: str | None = None, run_status: str | None = None) -> str:
-        self.parent_run_id  # noqa: B018 - makes sure the study knows its parent run
+    def end_interrupted_trial(self, trial, pending: Future, cfg, history, reason: str, run_status: str) -> str:
+        """A trial that raised (or was interrupted): its params and the curves recorded so far."""
+        run_id = self._link(trial, pending)
+        rec = tracking.RunRecord(params=tracking.params_of(cfg, {"trial_number": trial.number}),
+                                 history=history.values,
+                                 tags={"optuna.trial_state": "FAIL", tracking.FAIL_REASON_TAG: reason})
+        self.writer.submit(w_write_trial, run_id, rec, run_status, None)
+        return run_id
+
+    @staticmethod
+    def _link(trial, pending: Future) -> str:
         run_id = pending.result()
-        trial.set_user_attr(RUN_ATTR, run_id)
-        tags = {"optuna.trial_state": state, **({tracking.FAIL_REASON_TAG: reason} if reason else {})}
-        if result is not None:
-            rec = tracking.record(result, extra_params={"trial_number": trial.number}, tags=tags)
-            if state == "PRUNED":
-                rec.finals = {}
-            figures = self._figure_args(result) if self.trial_figures else None
-            if state == "COMPLETE":
-                self._note_best(trial.number, run_id, result)
-        else:
-            rec = tracking.RunRecord(params={"trial_number": str(trial.number)}, history={}, tags=tags)
-            figures = None
-        self.writer.submit(w_write_trial, run_id, rec, run_status or RUN_STATUS[state], figures)
+        if trial.user_attrs.get(RUN_ATTR) != run_id:  # not yet linked during training
+            trial.set_user_attr(RUN_ATTR, run_id)
         return run_id
 
     def _figure_args(self, result) -> tuple:

@@ -102,9 +102,9 @@ class Writer:
 def client():
     """The writer's MlflowClient, made on first use: the store is not touched before a call needs it."""
     if "client" not in _state:
-        from mlflow import MlflowClient
+        from ..tracking import open_client
 
-        _state["client"] = MlflowClient(_state["tracking_uri"])
+        _state["client"] = open_client(_state["tracking_uri"])
     return _state["client"]
 
 

@@ -1,0 +1,26 @@
+"""`harness reproduce RUN_ID`: re-run a logged run and compare bit for bit."""
+from __future__ import annotations
+
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("reproduce", help="re-run a logged run from its config and seed; exit 1 if anything differs")
+    p.add_argument("run_id")
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from mlflow import MlflowClient
+
+    from ..reproduce import reproduce
+
+    new_run, diffs, epochs = reproduce(MlflowClient(), args.run_id)
+    if not diffs:
+        print(f"reproduced run {args.run_id} exactly: state_dict bitwise identical, curves equal over "
+              f"{epochs} epochs; re-run logged as {new_run}")
+        return 0
+    print(f"run {args.run_id} NOT reproduced (re-run logged as {new_run}):", file=sys.stderr)
+    for line in diffs[:10]:
+        print(f"  {line}", file=sys.stderr)
+    return 1

@@ -1,0 +1,83 @@
+"""The top runs of a study (or an MLflow experiment) as a table, and their curves overlaid."""
+from __future__ import annotations
+
+from matplotlib.figure import Figure
+
+from .errors import UsageError
+from .runs import curves
+
+ROLE_TAG = "tags.harness.role"
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def top_runs(*, study: str | None = None, mlflow_experiment: str | None = None, metric: str = "final_test_loss",
+             top: int = 5, descending: bool = False):
+    """A pandas frame of the top finished runs by ``metric`` (from mlflow.search_runs)."""
+    import mlflow
+
+    where = ["attributes.status = 'FINISHED'"]
+    if study:
+        where.append(f"tags.`optuna.study_name` = {_quote(study)}")
+        scope, experiment_ids = f"study {study!r}", None
+    else:
+        found = mlflow.MlflowClient().get_experiment_by_name(mlflow_experiment)
+        if found is None:
+            raise UsageError(f"unknown MLflow experiment {mlflow_experiment!r}")
+        scope, experiment_ids = f"MLflow experiment {mlflow_experiment!r}", [found.experiment_id]
+    frame = mlflow.search_runs(experiment_ids=experiment_ids, search_all_experiments=experiment_ids is None,
+                               filter_string=" and ".join(where), output_format="pandas",
+                               order_by=[f"metrics.{metric} {'DESC' if descending else 'ASC'}"])
+    if ROLE_TAG in frame:
+        frame = frame[frame[ROLE_TAG] != "study"]
+    column = f"metrics.{metric}"
+    if frame.empty or column not in frame or frame[column].isna().all():
+        raise UsageError(f"no finished run with metric {metric!r} in {scope}")
+    frame = frame[frame[column].notna()].sort_values(column, ascending=not descending, kind="stable")
+    return frame.head(top)
+
+
+def table(frame):
+    """The columns a user compares: run, trial, params, final metrics."""
+    wanted = {"run_id": "run_id", "tags.optuna.trial_number": "trial"}
+    wanted.update({f"params.{p}": p for p in ("optimizer", "loss", "lr", "epochs")})
+    # Final metrics and the experiment's scalars; a per-epoch metric's latest value repeats a final one.
+    per_epoch = ("metrics.train_", "metrics.test_", "metrics.best_", "metrics.n_trials")
+    wanted.update({c: c.removeprefix("metrics.") for c in frame.columns
+                   if c.startswith("metrics.") and not c.startswith(per_epoch)})
+    shown = frame[[c for c in wanted if c in frame]].rename(columns=wanted).dropna(axis=1, how="all")
+    if "lr" in shown:
+        shown["lr"] = shown["lr"].astype(float)
+    return shown.reset_index(drop=True)
+
+
+def overlay(client, frame, title: str) -> Figure:
+    """Train (dashed) and test (solid) loss of each run, from its metric history."""
+    fig = Figure(figsize=(9, 5.5))
+    ax = fig.add_subplot()
+    for colour, (_, row) in zip(_colours(), frame.iterrows()):
+        history = curves(client, row["run_id"], ("train_loss", "test_loss"))
+        trial = row.get("tags.optuna.trial_number")
+        label = f"trial {trial}" if isinstance(trial, str) else row["run_id"][:8]
+        ax.plot(history["test_loss"], color=colour, label=f"{label} test")
+        ax.plot(history["train_loss"], color=colour, linestyle="--", alpha=0.7, label=f"{label} train")
+    ax.set(title=title, xlabel="Epochs", ylabel="Loss", yscale="log")
+    ax.legend(fontsize=8, ncol=2)
+    return fig
+
+
+def _colours():
+    import matplotlib
+
+    return matplotlib.colormaps["tab10"].colors
+
+
+def parent_run_id(study: str) -> str | None:
+    import mlflow
+
+    frame = mlflow.search_runs(search_all_experiments=True, output_format="pandas",
+                               filter_string=f"tags.`optuna.study_name` = {_quote(study)} and "
+                                             "tags.`harness.role` = 'study'")
+    return None if frame.empty else frame.iloc[0]["run_id"]

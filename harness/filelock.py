@@ -1,0 +1,20 @@
+"""An exclusive lock on a file beside a store, for processes on one machine."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path | None):
+    """Hold an exclusive flock on ``path`` (created if missing); no-op for None."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

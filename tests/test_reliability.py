@@ -1,0 +1,155 @@
+"""Failure modes through the CLI as real processes: every one ends with the two stores agreeing."""
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from optuna.trial import TrialState
+
+from conftest import all_runs, cli_env, client_for, run_cli
+from search_helpers import check_contract, journal_study
+
+# Trials long enough (~0.5 s each) to be caught in the middle.
+LONG = ["--epochs-range", "2500", "3000", "--pruner", "none", "--no-progress", "--sampler", "random"]
+
+
+def start_search(workdir, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "harness", "search", *map(str, args)], cwd=workdir,
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_running_trial(workdir, proc, completed: int, timeout: float = 120):
+    """Wait until the study has ``completed`` finished trials and one running."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if (workdir / "optuna_journal.log").exists():
+            trials = journal_study(workdir).trials
+            done = sum(t.state == TrialState.COMPLETE for t in trials)
+            if done >= completed and trials[-1].state == TrialState.RUNNING:
+                time.sleep(0.2)  # well inside the trial
+                return
+        time.sleep(0.1)
+    raise AssertionError("no trial started in time")
+
+
+def audit(workdir, *extra):
+    return run_cli("audit", "--study", "linear_regression-search", *extra, cwd=workdir)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_ends_the_running_trial_cleanly_and_says_how_to_resume(workdir, signum):
+    proc = start_search(workdir, "--n-trials", 30, "--seed", 0, *LONG)
+    wait_for_running_trial(workdir, proc, completed=2)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "resume with: harness search --study-name linear_regression-search" in stderr
+    study = journal_study(workdir)
+    *done, last = study.trials
+    assert all(t.state == TrialState.COMPLETE for t in done) and len(done) >= 2
+    assert last.state == TrialState.FAIL
+    parent, runs = check_contract(workdir, study)
+    assert runs[last.number].info.status == "KILLED"
+    assert runs[last.number].data.tags["harness.fail_reason"] == "interrupted"
+    assert parent.info.status == "FINISHED"
+    out = audit(workdir)
+    assert out.returncode == 0 and "clean" in out.stdout, out.stdout
+
+
+def test_kill_9_mid_trial_is_repaired_by_the_next_search(workdir):
+    proc = start_search(workdir, "--n-trials", 30, "--seed", 0, *LONG)
+    wait_for_running_trial(workdir, proc, completed=1)
+    proc.kill()
+    proc.communicate()
+    study = journal_study(workdir)
+    stale = study.trials[-1]
+    assert stale.state == TrialState.RUNNING
+    out = audit(workdir)
+    assert out.returncode == 1 and f"trial {stale.number} is RUNNING but its worker" in out.stdout
+
+    out = run_cli("search", "--n-trials", 2, *LONG, cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    assert f"trial(s) {stale.number} were left RUNNING" in out.stderr
+    study = journal_study(workdir)
+    assert study.trials[stale.number].state == TrialState.FAIL
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == stale.number]
+    assert len(retried) == 1 and retried[0].params == stale.params and retried[0].state == TrialState.COMPLETE
+    _, runs = check_contract(workdir, study)
+    assert runs[stale.number].info.status == "FAILED"
+    assert runs[stale.number].data.tags["harness.fail_reason"] == "worker died"
+    assert not [r for r in all_runs(workdir) if r.info.status == "RUNNING"]
+    assert audit(workdir).returncode == 0
+
+
+def test_audit_fix_repairs_a_crash_without_searching(workdir):
+    proc = start_search(workdir, "--n-trials", 30, "--seed", 1, *LONG)
+    wait_for_running_trial(workdir, proc, completed=1)
+    proc.kill()
+    proc.communicate()
+    out = audit(workdir, "--fix")
+    assert out.returncode == 0, out.stdout
+    assert "RUNNING with its worker gone -> FAIL, configuration retried" in out.stdout
+    assert "-> FAILED" in out.stdout and "parent run" in out.stdout
+    assert not [r for r in all_runs(workdir) if r.info.status == "RUNNING"]
+    study = journal_study(workdir)
+    assert study.trials[-1].state == TrialState.WAITING  # the retry, run by the next search
+    assert audit(workdir).returncode == 0
+
+
+@pytest.mark.parametrize("workers", [3])
+def test_concurrent_workers_on_the_embedded_stores(tmp_path, workers):
+    """Started at the same moment on a fresh directory: no store exists yet, all race to create it."""
+    procs = [start_search(tmp_path, "--n-trials", 3, "--epochs-range", "20", "80", "--no-progress",
+                          "--pruner", "none") for _ in range(workers)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (stdout, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stderr
+        assert "locked" not in stderr.lower() and "Traceback" not in stderr
+    study = journal_study(tmp_path)
+    assert len(study.trials) == 3 * workers
+    assert sorted(t.number for t in study.trials) == list(range(3 * workers))
+    parents = [r for r in all_runs(tmp_path) if r.data.tags.get("harness.role") == "study"]
+    assert len(parents) == 1
+    check_contract(tmp_path, study)
+    assert audit(tmp_path).returncode == 0
+
+
+def test_a_malicious_state_dict_is_refused(workdir):
+    assert run_cli("train", "--epochs", 3, cwd=workdir).returncode == 0
+    [run] = all_runs(workdir)
+    marker = workdir / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = os.path.join(run.info.artifact_uri.removeprefix("file://"), "state_dict.pt")
+    with open(path, "wb") as handle:
+        pickle.dump({"weights": Exploit()}, handle)
+    for command in (["predict", run.info.run_id, "--x", "1"], ["reproduce", run.info.run_id]):
+        out = run_cli(*command, cwd=workdir)
+        assert out.returncode == 1, out.stderr
+        assert "refused state_dict.pt" in out.stderr and "weights_only=True" in out.stderr
+        assert "Traceback" not in out.stderr
+    assert not marker.exists()
+
+
+def test_unreachable_stores_fail_fast_and_never_show_a_password(tmp_path):
+    cases = [
+        (["search", "--storage", "postgresql://me:s3cret@127.0.0.1:9/db", "--n-trials", "1"], {}),
+        (["train", "--epochs", "2"], {"MLFLOW_TRACKING_URI": "http://me:s3cret@127.0.0.1:9"}),
+        (["search", "--n-trials", "1", "--no-progress"], {"MLFLOW_TRACKING_URI": "http://me:s3cret@127.0.0.1:9"}),
+    ]
+    for args, env in cases:
+        started = time.time()
+        out = run_cli(*args, cwd=tmp_path, env=cli_env(**env))
+        assert time.time() - started < 60
+        assert out.returncode == 2, out.stderr
+        assert "s3cret" not in out.stderr + out.stdout
+        assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []  # neither store was created
