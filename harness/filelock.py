@@ -6,6 +6,10 @@ import fcntl
 from pathlib import Path
 
 
+# Not ".lock": Optuna's journal storage uses "<journal>.lock" for its own lock, as a symlink.
+LOCK_SUFFIX = ".harness-lock"
+
+
 @contextlib.contextmanager
 def file_lock(path: str | Path | None):
     """Hold an exclusive flock on ``path`` (created if missing); no-op for None."""

@@ -141,11 +141,11 @@ def open_client(tracking_uri: str | None = None):
     import mlflow
     from mlflow import MlflowClient
 
-    from .filelock import file_lock
+    from .filelock import LOCK_SUFFIX, file_lock
 
     uri = tracking_uri or mlflow.get_tracking_uri()
     path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
-    with file_lock(path + ".lock" if path else None):
+    with file_lock(path + LOCK_SUFFIX if path else None):
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)
         use_wal(uri)

@@ -119,6 +119,23 @@ def test_concurrent_workers_on_the_embedded_stores(tmp_path, workers):
     assert audit(tmp_path).returncode == 0
 
 
+def test_the_study_lock_never_blocks_optuna_s_own_journal_lock(tmp_path):
+    """Workers hold the study lock while they set up; the journal must stay writable meanwhile."""
+    import threading
+
+    import optuna
+
+    from harness.search.study import open_storage
+    from harness.search.workers import study_lock
+
+    url = f"journal:{tmp_path / 'optuna_journal.log'}"
+    study = optuna.create_study(storage=open_storage(url))
+    written = threading.Event()
+    with study_lock(url):
+        threading.Thread(target=lambda: (study.set_user_attr("x", 1), written.set()), daemon=True).start()
+        assert written.wait(timeout=10), "a journal write waited on the harness's lock"
+
+
 def test_a_malicious_state_dict_is_refused(workdir):
     assert run_cli("train", "--epochs", 3, cwd=workdir).returncode == 0
     [run] = all_runs(workdir)

@@ -5,7 +5,7 @@ import os
 import socket
 from pathlib import Path
 
-from ..filelock import file_lock
+from ..filelock import LOCK_SUFFIX, file_lock
 
 WORKER_ATTR = "harness.worker"
 
@@ -42,9 +42,9 @@ def lock_path(storage_url: str) -> Path | None:
     """A lock file beside a file-based storage; None for server storages (they arbitrate themselves)."""
     scheme, _, rest = storage_url.partition(":")
     if scheme == "journal":
-        return Path(rest + ".lock")
+        return Path(rest + LOCK_SUFFIX)
     if scheme == "sqlite" and rest.startswith("///"):
-        return Path(rest[3:] + ".lock")
+        return Path(rest[3:] + LOCK_SUFFIX)
     return None
 
 
