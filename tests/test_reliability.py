@@ -9,7 +9,7 @@ import time
 import pytest
 from optuna.trial import TrialState
 
-from conftest import all_runs, cli_env, client_for, run_cli
+from conftest import all_runs, cli_env, run_cli
 from search_helpers import check_contract, journal_study
 
 # Trials long enough (~0.5 s each) to be caught in the middle.

@@ -1,6 +1,5 @@
 """`harness train` as a user runs it, checked by opening the MLflow store it wrote."""
 import json
-import os
 
 import pytest
 import torch

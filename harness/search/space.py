@@ -5,7 +5,6 @@ gets separate ``optimizer`` and ``loss`` params.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
@@ -97,7 +96,3 @@ def _range(name: str, value: Any, convert) -> tuple:
     if not low < high:
         raise UsageError(f"search-space {name} needs low < high, got low={low!r} high={high!r}")
     return low, high
-
-
-def is_finite_value(value) -> bool:
-    return value is not None and math.isfinite(value)

@@ -98,8 +98,10 @@ def w_log_figures(run_id: str, experiment_name: str, values: dict, predictions) 
     from ..experiment import load
 
     experiment = load(experiment_name)
-    data = writer._state.setdefault(("data", experiment_name), None) or experiment.make_data()
-    writer._state[("data", experiment_name)] = data
+    key = ("data", experiment_name)  # made once per writer: every trial of a study shares it
+    if key not in writer._state:
+        writer._state[key] = experiment.make_data()
+    data = writer._state[key]
     tracking.log_figures(writer.client(), run_id, plots.render(experiment, values, data, predictions))
 
 
