@@ -61,6 +61,23 @@ def test_interrupt_ends_the_running_trial_cleanly_and_says_how_to_resume(workdir
     assert out.returncode == 0 and "clean" in out.stdout, out.stdout
 
 
+def test_sigterm_during_train_keeps_the_curves_so_far(workdir):
+    from conftest import client_for
+
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "train", "--epochs", "200000"], cwd=workdir,
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = client_for(workdir)
+    assert proc.stdout.readline().startswith("Epoch: 0 | Loss: ")  # training is under way
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    [run] = all_runs(workdir)
+    assert run.info.status == "KILLED" and run.data.tags["harness.fail_reason"] == "interrupted"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert len(steps) >= 1 and sorted(steps) == list(range(len(steps)))
+    assert run.data.params["epochs"] == "200000"
+
+
 def test_kill_9_mid_trial_is_repaired_by_the_next_search(workdir):
     proc = start_search(workdir, "--n-trials", 30, "--seed", 0, *LONG)
     wait_for_running_trial(workdir, proc, completed=1)

@@ -19,6 +19,8 @@ def test_train_logs_the_whole_contract(workdir):
     [run] = all_runs(workdir)
     assert run.info.status == "FINISHED"
     assert run.info.run_id in out.stdout and "mlflow ui" in out.stdout
+    progress = [line for line in out.stdout.splitlines() if line.startswith("Epoch: ")]
+    assert [int(line.split()[1]) for line in progress] == list(range(0, 150, 15))
 
     params = run.data.params
     assert {k: params[k] for k in ("lr", "epochs", "optimizer", "loss", "seed", "device", "experiment")} == {

@@ -36,6 +36,7 @@ def run(args) -> int:
     import mlflow
 
     from .. import plots, tracking, training
+    from ..loop import History
 
     run_id = os.environ.get("MLFLOW_RUN_ID")
     started = time.time()
@@ -52,13 +53,17 @@ def run(args) -> int:
         raise tracking.unreachable("the MLflow tracking store", mlflow.get_tracking_uri(), time.time() - started,
                                    exc) from None
     status, started = "FAILED", time.time()
+    history = History()  # filled as training goes: what an interrupt leaves is still logged
     try:
-        result = training.train(cfg, experiment)
+        result = training.train(cfg, experiment, observers=[Progress(cfg.epochs)], history=history)
         tracking.write(client, run_id, tracking.record(result), skip_params=skip)
         tracking.log_figures(client, run_id, plots.render(experiment, result.history.values, result.data, result.predictions))
         status = "FAILED" if result.diverged else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        tracking.write(client, run_id, tracking.RunRecord(
+            params=tracking.params_of(cfg), history=history.values,
+            tags={tracking.FAIL_REASON_TAG: "interrupted"}), skip_params=skip)
         raise
     finally:
         client.set_terminated(run_id, status)
@@ -68,6 +73,17 @@ def run(args) -> int:
         print(f"harness: {result.history.stopped} (lr={cfg.lr}); run {run_id} marked FAILED", file=sys.stderr)
         return 1
     return 0
+
+
+class Progress:
+    """Loop observer: the reference notebook's progress line, every tenth of the run."""
+
+    def __init__(self, epochs: int):
+        self.every = max(1, epochs // 10)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        if epoch % self.every == 0:
+            print(f"Epoch: {epoch} | Loss: {logs['train_loss']} | Test loss: {logs['test_loss']}", flush=True)
 
 
 def summary(cfg, result, run_id: str, status: str, seconds: float) -> str:
