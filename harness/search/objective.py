@@ -12,7 +12,7 @@ from ..experiment import Experiment, load
 from ..loop import History, StopTraining
 from . import space as space_module
 from .space import SearchSpace
-from .tracker import RUN_ATTR
+from .tracker import RUN_ATTR, StudyTracker
 from .workers import WORKER_ATTR, identity
 
 
@@ -110,8 +110,6 @@ class Objective:
             return None
         with self._lock:
             if self.tracker is None:
-                from .tracker import StudyTracker
-
                 self.tracker = StudyTracker(trial.study, self.experiment.name, **self._tracker_options)
         return self.tracker
 
