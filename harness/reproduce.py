@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import plots, tracking, training
+from . import tracking, training
 from .errors import UsageError
 from .runs import curves, get_run, load_state_dict, logged_config
 
@@ -22,10 +22,7 @@ def reproduce(client, run_id: str) -> tuple[str, list[str], int]:
                                 tags={REPRODUCES_TAG: run_id, "harness.command": "reproduce"})
     status = "FAILED"
     try:
-        tracking.write(client, new_run.info.run_id, tracking.record(result))
-        tracking.log_figures(client, new_run.info.run_id,
-                             plots.render(experiment, result.history.values, result.data, result.predictions))
-        status = "FAILED" if result.diverged else "FINISHED"
+        status = tracking.log_result(client, new_run.info.run_id, experiment, result)
     finally:
         client.set_terminated(new_run.info.run_id, status)
     logged = curves(client, run_id, result.history.values.keys())

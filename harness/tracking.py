@@ -16,8 +16,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-
 STATE_DICT = "state_dict.pt"
 CONFIG = "config.json"
 FAIL_REASON_TAG = "harness.fail_reason"
@@ -57,6 +55,22 @@ def record(result, extra_params: dict | None = None, tags: dict | None = None) -
     return RunRecord(params=params, history=result.history.values, finals=result.final_metrics(),
                      tags=tags, artifacts={STATE_DICT: buffer.getvalue(),
                                            CONFIG: json.dumps(config, indent=2).encode()})
+
+
+def partial_record(config, history, reason: str, extra_params: dict | None = None,
+                   tags: dict | None = None) -> RunRecord:
+    """What a run that raised or was interrupted keeps: its params and the curves recorded so far."""
+    return RunRecord(params=params_of(config, extra_params), history=history.values,
+                     tags={**(tags or {}), FAIL_REASON_TAG: reason})
+
+
+def log_result(client, run_id: str, experiment, result, skip_params: set[str] = frozenset()) -> str:
+    """Everything a finished training run logs, figures included; returns the status it ends with."""
+    from . import plots
+
+    write(client, run_id, record(result), skip_params=skip_params)
+    log_figures(client, run_id, plots.render(experiment, result.history.values, result.data, result.predictions))
+    return "FAILED" if result.diverged else "FINISHED"
 
 
 def batches(params: list, tags: list, metrics: list):
@@ -174,9 +188,3 @@ def ui_hint(client, experiment: str, run_id: str) -> str:
         return f"open {uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
     return (f"mlflow ui --backend-store-uri {uri}   then open "
             f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}")
-
-
-def load_state_dict(path: str | Path) -> dict:
-    import torch
-
-    return torch.load(path, weights_only=True, map_location="cpu")

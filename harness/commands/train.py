@@ -35,7 +35,7 @@ def run(args) -> int:
     # mlflow is imported only once the input is known good: bad input never touches a store.
     import mlflow
 
-    from .. import plots, tracking, training
+    from .. import tracking, training
     from ..loop import History
 
     run_id = os.environ.get("MLFLOW_RUN_ID")
@@ -56,14 +56,10 @@ def run(args) -> int:
     history = History()  # filled as training goes: what an interrupt leaves is still logged
     try:
         result = training.train(cfg, experiment, observers=[Progress(cfg.epochs)], history=history)
-        tracking.write(client, run_id, tracking.record(result), skip_params=skip)
-        tracking.log_figures(client, run_id, plots.render(experiment, result.history.values, result.data, result.predictions))
-        status = "FAILED" if result.diverged else "FINISHED"
+        status = tracking.log_result(client, run_id, experiment, result, skip_params=skip)
     except KeyboardInterrupt:
         status = "KILLED"
-        tracking.write(client, run_id, tracking.RunRecord(
-            params=tracking.params_of(cfg), history=history.values,
-            tags={tracking.FAIL_REASON_TAG: "interrupted"}), skip_params=skip)
+        tracking.write(client, run_id, tracking.partial_record(cfg, history, "interrupted"), skip_params=skip)
         raise
     finally:
         client.set_terminated(run_id, status)

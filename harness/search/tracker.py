@@ -195,9 +195,8 @@ class StudyTracker:
     def end_interrupted_trial(self, trial, pending: Future, cfg, history, reason: str, run_status: str) -> str:
         """A trial that raised (or was interrupted): its params and the curves recorded so far."""
         run_id = self._link(trial, pending)
-        rec = tracking.RunRecord(params=tracking.params_of(cfg, {"trial_number": trial.number}),
-                                 history=history.values,
-                                 tags={"optuna.trial_state": "FAIL", tracking.FAIL_REASON_TAG: reason})
+        rec = tracking.partial_record(cfg, history, reason, {"trial_number": trial.number},
+                                      tags={"optuna.trial_state": "FAIL"})
         self.writer.submit(w_write_trial, run_id, rec, run_status, None)
         return run_id
 
