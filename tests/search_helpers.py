@@ -16,12 +16,13 @@ def journal_study(workdir, name="linear_regression-search"):
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def check_contract(workdir, study, *, figures_for=None):
+def check_contract(workdir, study, *, figures_for=None, client=None):
     """Every point of the tracking contract, one to one between the trials and the child runs.
 
-    Returns (parent run, {trial number: child run}).
+    ``client`` reads another store than ``workdir``'s (a tracking server). Returns (parent run,
+    {trial number: child run}).
     """
-    client = client_for(workdir)
+    client = client or client_for(workdir)
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     tags = parent.data.tags
     assert tags["optuna.study_name"] == study.study_name

@@ -143,12 +143,13 @@ def test_the_study_lock_never_blocks_optuna_s_own_journal_lock(tmp_path):
     import optuna
 
     from harness.search.study import open_storage
-    from harness.search.workers import study_lock
+    from harness.search.storages import study_lock
 
     url = f"journal:{tmp_path / 'optuna_journal.log'}"
-    study = optuna.create_study(storage=open_storage(url))
+    storage = open_storage(url)
+    study = optuna.create_study(storage=storage)
     written = threading.Event()
-    with study_lock(url):
+    with study_lock(storage, "parent"):
         threading.Thread(target=lambda: (study.set_user_attr("x", 1), written.set()), daemon=True).start()
         assert written.wait(timeout=10), "a journal write waited on the harness's lock"
 

@@ -17,6 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("--timeout", help="stop starting trials after this many seconds")
     p.add_argument("--storage", help="Optuna storage: journal:PATH, sqlite:///PATH, postgresql://... "
                                      "(default: journal:optuna_journal.log)")
+    p.add_argument("--heartbeat", default="10", help="RDB storages: seconds between a trial's heartbeats; a "
+                                                      "trial silent for 3x that is failed and retried (default: 10)")
     p.add_argument("--sampler", default="tpe", help="tpe|random|grid (default: tpe)")
     p.add_argument("--seed", help="the sampler's seed (default: none); the model's seed comes from the config")
     p.add_argument("--pruner", default="median", help="median|none (default: median)")
@@ -26,7 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lr-range", nargs=2, metavar=("LOW", "HIGH"), help="log-uniform lr range")
     p.add_argument("--epochs-range", nargs=2, metavar=("LOW", "HIGH"), help="integer epochs range")
     p.add_argument("--pairs", nargs="+", metavar="OPT+LOSS", help="allowed optimizer+loss pairs")
-    p.add_argument("--report-every", default="1", help="report the test loss to the pruner every N epochs")
+    p.add_argument("--report-every", help="report the test loss to the pruner every N epochs (default: 1 on a "
+                                          "journal or SQLite storage, 10 on a database server)")
     p.add_argument("--trial-figures", action="store_true", help="render both PNG figures for every trial")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
@@ -56,7 +59,11 @@ def _options(args):
         "max_trials": config.positive_int("--max-trials", args.max_trials) if args.max_trials else None,
         "timeout": config.positive_float("--timeout", args.timeout) if args.timeout else None,
         "n_jobs": config.positive_int("--n-jobs", args.n_jobs),
-        "report_every": config.positive_int("--report-every", args.report_every),
+        "heartbeat": config.positive_int("--heartbeat", args.heartbeat),
+        # On a database server each report is a round trip and each pruning check a read: every
+        # epoch would cost more than the training itself (measured: 4x on a 10-trial search).
+        "report_every": config.positive_int("--report-every", args.report_every) if args.report_every
+        else 1 if storage_url.split(":", 1)[0] in ("journal", "sqlite") else 10,
         "sampler_seed": config.nonnegative_int("--seed", args.seed) if args.seed not in (None, "") else None,
     }
 
@@ -74,9 +81,11 @@ def run(args) -> int:
         writer.abort()
         raise
     import optuna
+    from optuna.trial import TrialState
 
     from ..search import study as study_module
     from ..search.objective import Objective
+    from ..search.storages import COUNTED, StudyFull
 
     # Optuna would log each failed trial with a traceback (an interrupt too); the summary says what failed.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -84,9 +93,10 @@ def run(args) -> int:
     study_args = dict(direction=args.direction, space=space, experiment=opts["experiment"].name,
                       sampler=study_module.make_sampler(args.sampler, opts["sampler_seed"], space),
                       pruner=study_module.make_pruner(args.pruner))
+    storage_args = dict(heartbeat=opts["heartbeat"], max_trials=opts["max_trials"])
     try:
         # Opening a journal creates its file: a missing one already says there is no study yet.
-        storage = None if study_module.missing_journal(url) else study_module.open_storage(url)
+        storage = None if study_module.missing_journal(url) else study_module.open_storage(url, **storage_args)
         study = storage and study_module.existing_study(opts["study_name"], storage, **study_args)
         # Only now, and before a new study is written: a refused or unreachable setup writes nothing.
         _wait_for_store(writer, writer.submit(w_prepare_store, urgent=True), default_tracking_uri())
@@ -94,19 +104,21 @@ def run(args) -> int:
         writer.close()
         raise
     if study is None:
-        storage = storage or study_module.open_storage(url)
+        storage = storage or study_module.open_storage(url, **storage_args)
         study = study_module.create_study(opts["study_name"], storage, **study_args)
     _recover_stale_trials(study, storage, writer)
-    n_trials, callbacks = opts["n_trials"], []
+    n_trials = opts["n_trials"]
     if opts["max_trials"]:
-        left = opts["max_trials"] - len(study.trials)
+        # What the cap counts (see search/storages.py); queued trials run without being created.
+        counted = study.get_trials(deepcopy=False, states=COUNTED)
+        waiting = sum(t.state == TrialState.WAITING for t in counted)
+        left = max(opts["max_trials"] - len(counted), 0) + waiting
         if left <= 0:
             writer.close()
-            print(f"study {study.study_name!r} already has {len(study.trials)} trials "
-                  f"(--max-trials {opts['max_trials']}); nothing to run")
+            print(f"study {study.study_name!r} already has {len(counted)} trials that count toward "
+                  f"--max-trials {opts['max_trials']}; nothing to run")
             return 0
         n_trials = min(n_trials, left)
-        callbacks.append(optuna.study.MaxTrialsCallback(opts["max_trials"], states=None))
     objective = Objective(
         opts["experiment"], space, seed=opts["cfg"].seed, device=opts["cfg"].device,
         report_every=opts["report_every"], mlflow_experiment=args.mlflow_experiment,
@@ -117,7 +129,9 @@ def run(args) -> int:
     started, interrupted = time.time(), False
     try:
         study.optimize(objective, n_trials=n_trials, timeout=opts["timeout"], n_jobs=opts["n_jobs"],
-                       callbacks=callbacks, show_progress_bar=not args.no_progress)
+                       show_progress_bar=not args.no_progress)
+    except StudyFull:
+        pass  # other workers filled the study first: this one is done
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -145,18 +159,31 @@ def _wait_for_store(writer, prepared, uri: str) -> None:
 
 
 def _recover_stale_trials(study, storage, writer) -> None:
-    """Trials a killed worker left RUNNING: fail them, queue their configurations again, fail their runs."""
+    """Trials a dead worker left RUNNING: fail them, queue their configurations again, fail their runs.
+
+    A worker on this machine is known dead at once (its pid is gone); one elsewhere when its
+    heartbeat has been silent for the grace period (RDB storages), which is Optuna's own check.
+    """
+    import warnings
+
+    import optuna
+
     from ..audit import fail_and_retry, stale_trials
     from ..search.tracker import PARENT_ATTR, w_fail_stale_runs
+    from ..search.workers import abandoned
 
     stale = [fail_and_retry(study, storage, trial) for trial in stale_trials(study)]
-    if not stale:
-        return
-    print(f"harness: trial(s) {', '.join(map(str, stale))} were left RUNNING by a worker that is gone: "
-          "failed them and queued their configurations again", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        before = abandoned(study.get_trials(deepcopy=False))
+        optuna.storages.fail_stale_trials(study)  # a no-op for storages without heartbeats
+        stale += sorted(abandoned(study.get_trials(deepcopy=False)) - before - set(stale))
+    if stale:
+        print(f"harness: trial(s) {', '.join(map(str, stale))} were left RUNNING by a worker that is gone: "
+              "failed them and queued their configurations again", file=sys.stderr)
     parent = study.user_attrs.get(PARENT_ATTR)
-    if parent:
-        writer.submit(w_fail_stale_runs, parent, stale)
+    if parent:  # the runs of every abandoned trial, also those failed by other workers' heartbeat checks
+        writer.submit(w_fail_stale_runs, parent, sorted(abandoned(study.get_trials(deepcopy=False))))
 
 
 def report(study, tracker, seconds: float, url: str) -> str:
@@ -181,7 +208,9 @@ def report(study, tracker, seconds: float, url: str) -> str:
     if tracker is not None:
         from ..search.tracker import default_tracking_uri
 
-        lines.append(f"compare in MLflow: mlflow ui --backend-store-uri {default_tracking_uri()}  "
+        uri = default_tracking_uri()
+        where = f"open {uri}" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
+        lines.append(f"compare in MLflow: {where}  "
                      f"(parent run {tracker.parent_run_id}, filter: tags.optuna.study_name = '{study.study_name}')")
     if best_run:
         lines.append("reload the best model: python -c \"from harness.runs import load_model; "

@@ -34,37 +34,50 @@ def missing_journal(url: str) -> bool:
     return storage_scheme(url) == "journal" and not Path(url.split(":", 1)[1]).exists()
 
 
-def open_storage(url: str, must_exist: bool = False):
+def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_S, max_trials: int | None = None):
     """An Optuna storage. ``journal:PATH`` is Optuna's journal file, safe for several processes.
 
-    RDB storages get Optuna's heartbeat: a trial whose worker stops beating is failed and its
-    configuration retried by the next worker that starts a trial.
+    RDB storages get Optuna's heartbeat: a trial whose worker stops beating for ``3 * heartbeat``
+    seconds is failed and its configuration retried by the next worker that starts a trial.
+    ``max_trials`` caps the study's trials across every worker (see storages.py).
     """
+    from .storages import CappedJournalStorage, CappedRDBStorage, schema_lock
+
     scheme = storage_scheme(url)
     path = url.split(":", 1)[1] if scheme == "journal" else url[len("sqlite:///"):] if scheme == "sqlite" else None
     if must_exist and path is not None and not Path(path).exists():
         raise UsageError(f"no Optuna storage at {redact(url)}")
     if scheme == "journal":
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+        from optuna.storages.journal import JournalFileBackend
 
-        return JournalStorage(JournalFileBackend(path))
+        storage = CappedJournalStorage(JournalFileBackend(path))
+        storage.max_trials = max_trials
+        return storage
     engine_kwargs: dict = {"pool_pre_ping": True}  # connections that idled out are replaced, not failed
     if scheme == "postgresql":
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     started = time.time()
     try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.x
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S,
+        with warnings.catch_warnings(), schema_lock(engine_url(url), engine_kwargs):
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, since 2.x
+            storage = CappedRDBStorage(
+                engine_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
     except ImportError as exc:
         raise UsageError(f"storage {redact(url)} needs a database driver that is not installed "
-                         f"({scrub(str(exc), url)}); for PostgreSQL: pip install psycopg2-binary") from None
+                         f"({scrub(str(exc), url)}); for PostgreSQL: pip install 'psycopg[binary]'") from None
     except Exception as exc:  # sqlalchemy's OperationalError and friends
         from ..tracking import unreachable
 
         raise unreachable("the Optuna storage", url, time.time() - started, exc) from None
+    storage.max_trials = max_trials
+    return storage
+
+
+def engine_url(url: str) -> str:
+    """``postgresql://`` pinned to psycopg 3 (the driver the harness installs): SQLAlchemy before 2.1
+    reads a bare ``postgresql://`` as psycopg2, from 2.1 on as psycopg."""
+    return "postgresql+psycopg://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
 
 
 def redact(url: str) -> str:

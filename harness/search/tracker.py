@@ -14,7 +14,8 @@ from typing import Any
 
 from .. import tracking
 from . import writer
-from .workers import study_lock
+from .storages import study_lock
+from .workers import abandoned
 from .writer import Writer
 
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -70,12 +71,15 @@ def w_create_trial_run(trial_number: int, tags: dict[str, str], params: dict[str
 
 
 def w_fail_stale_runs(parent_id: str, trial_numbers: list[int]) -> None:
-    """Close the runs that the trials of a dead worker left RUNNING."""
+    """Close the runs that the trials of a dead worker left RUNNING (one query, however many trials)."""
+    if not trial_numbers:
+        return
     c = writer.client()
     experiment = c.get_run(parent_id).info.experiment_id
-    for number in trial_numbers:
-        for run in c.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
-                                 f"tags.`optuna.trial_number` = '{number}' and attributes.status = 'RUNNING'"):
+    wanted = {str(n) for n in trial_numbers}
+    for run in c.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                             "attributes.status = 'RUNNING'", max_results=50000):
+        if run.data.tags.get("optuna.trial_number") in wanted:
             c.log_batch(run.info.run_id, tags=tracking.tag_list({
                 tracking.FAIL_REASON_TAG: "worker died", "optuna.trial_state": "FAIL"}))
             c.set_terminated(run.info.run_id, "FAILED")
@@ -168,7 +172,7 @@ class StudyTracker:
         self._best: tuple[float, int, str, dict, Any] | None = None
         # Workers starting together must agree on one parent run: find-or-create it under the
         # study's lock, and publish it in the study before letting the next worker look.
-        with study_lock(tags["optuna.storage"]):
+        with study_lock(study._storage, f"parent-{study.study_name}"):
             known = study.user_attrs.get(PARENT_ATTR)
             _, self.parent_run_id = self.writer.submit(w_open_study, mlflow_experiment, study.study_name, known,
                                                        env_run_id, tags, urgent=True).result()
@@ -221,6 +225,8 @@ class StudyTracker:
         """Write the study's summary to its parent run and wait for every write to land."""
         try:
             parent = self.parent_run_id
+            # Trials that other workers' heartbeat checks failed while this one ran: close their runs.
+            self.writer.submit(w_fail_stale_runs, parent, sorted(abandoned(self.study.get_trials(deepcopy=False))))
             if self._best is not None and not self.trial_figures:
                 # Rendered here, while the writer drains its queue: this process is idle now.
                 self.writer.submit(w_log_files, self._best[2], render_png(self._best[3]))

@@ -1,11 +1,9 @@
-"""Who runs a trial, whether that process still lives, and a lock shared by the workers of a study."""
+"""Who runs a trial, and whether that process still lives."""
 from __future__ import annotations
 
 import os
 import socket
 from pathlib import Path
-
-from ..filelock import LOCK_SUFFIX, file_lock
 
 WORKER_ATTR = "harness.worker"
 
@@ -38,16 +36,16 @@ def alive(worker: dict | None) -> bool | None:
     return worker.get("started") in (None, _start_time(pid))
 
 
-def lock_path(storage_url: str) -> Path | None:
-    """A lock file beside a file-based storage; None for server storages (they arbitrate themselves)."""
-    scheme, _, rest = storage_url.partition(":")
-    if scheme == "journal":
-        return Path(rest + LOCK_SUFFIX)
-    if scheme == "sqlite" and rest.startswith("///"):
-        return Path(rest[3:] + LOCK_SUFFIX)
-    return None
+def abandoned(trials) -> set[int]:
+    """Numbers of the FAIL trials whose worker died: Optuna's retry callbacks point back at them."""
+    import warnings
 
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import RetryFailedTrialCallback
+    from optuna.trial import TrialState
 
-def study_lock(storage_url: str):
-    """Held while a worker finds or creates the study's parent run, so that exactly one is created."""
-    return file_lock(lock_path(storage_url))
+    failed = {t.number for t in trials if t.state == TrialState.FAIL}
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.8
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        retried = {RetryFailedTrialCallback.retried_trial_number(t) for t in trials}
+    return failed & retried

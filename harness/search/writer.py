@@ -140,6 +140,9 @@ def _serve(tracking_uri: str) -> None:
     results = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     _state["tracking_uri"] = tracking_uri
+    # With a tracking server MLflow prints two "View run" lines per finished run (and fetches the
+    # run again to do it): noise in a worker's log, and a round trip per trial.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # Two lanes, each in order: urgent calls (the main process is waiting on them) never queue
     # behind a long upload in the ordinary lane.
     lanes = (SimpleQueue(), SimpleQueue())

@@ -1,0 +1,143 @@
+"""Optuna's own storages, with one addition: a cap on a study's trials that holds across workers.
+
+``--max-trials M`` means M trials that count, in total, however many workers on however many
+machines share the study. Optuna's MaxTrialsCallback checks the count *after* a trial, so N
+workers may overshoot by N - 1. Here the check and the creation of a trial happen under one lock
+that every worker takes: PostgreSQL's advisory lock (MySQL's GET_LOCK) on the storage's own
+database, or a lock file beside a SQLite database or a journal file.
+
+Counted: every trial that is not FAIL. A failed trial is not a result, and a trial that Optuna's
+heartbeat retries (or one the user enqueues) arrives with a template and always gets through, so a
+crashed worker's trial is replaced, never lost, and never pushes the study past its cap.
+"""
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.trial import TrialState
+
+from ..filelock import LOCK_SUFFIX, file_lock
+
+COUNTED = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class StudyFull(Exception):
+    """The study already holds its --max-trials trials; no trial was created."""
+
+
+class _Capped:
+    max_trials: int | None = None
+
+    def _create_capped(self, create, study_id: int, template_trial):
+        if self.max_trials is None or template_trial is not None:
+            return create(study_id, template_trial)
+        with study_lock(self, f"study-{study_id}"):
+            counted = self._count(study_id)
+            if counted >= self.max_trials:
+                raise StudyFull(f"{counted} trials of at most {self.max_trials}")
+            return create(study_id, template_trial)
+
+
+class CappedRDBStorage(_Capped, RDBStorage):
+    # Optuna's cache (_CachedStorage) calls the backend's _create_new_trial, the public method too.
+    def _create_new_trial(self, study_id, template_trial=None):
+        return self._create_capped(super()._create_new_trial, study_id, template_trial)
+
+    def _count(self, study_id: int) -> int:
+        """One COUNT query, so the check costs the same at trial 10 and trial 10,000."""
+        from optuna.storages._rdb import models
+        from sqlalchemy import func, select
+
+        query = select(func.count()).select_from(models.TrialModel).where(
+            models.TrialModel.study_id == study_id, models.TrialModel.state.in_(COUNTED))
+        with self.engine.connect() as connection:
+            return connection.execute(query).scalar_one()
+
+
+class CappedJournalStorage(_Capped, JournalStorage):
+    def create_new_trial(self, study_id, template_trial=None):
+        return self._create_capped(super().create_new_trial, study_id, template_trial)
+
+    def _count(self, study_id: int) -> int:
+        return len(self.get_all_trials(study_id, deepcopy=False, states=COUNTED))
+
+
+def backend(storage):
+    """The storage itself, out of Optuna's cache wrapper if it is in one."""
+    return getattr(storage, "_backend", storage) if type(storage).__name__ == "_CachedStorage" else storage
+
+
+def lock_file(storage) -> Path | None:
+    """The lock file of a file-based storage (journal file or SQLite database); None otherwise."""
+    storage = backend(storage)
+    if isinstance(storage, JournalStorage):
+        path = getattr(getattr(storage, "_backend", None), "_file_path", None)
+        return Path(path + LOCK_SUFFIX) if path else None
+    if isinstance(storage, RDBStorage) and storage.engine.dialect.name == "sqlite":
+        database = storage.engine.url.database
+        return Path(database + LOCK_SUFFIX) if database and database != ":memory:" else None
+    return None
+
+
+def study_lock(storage, name: str):
+    """A lock every worker of the storage takes, wherever it runs; ``name`` picks one of many.
+
+    Held while a worker creates a capped trial, and while it finds or creates the study's parent
+    MLflow run, so that exactly one is created. A storage with no shared lock (in-memory, gRPC)
+    gets none: its workers live in one process anyway.
+    """
+    storage = backend(storage)
+    path = lock_file(storage)
+    if path is not None:
+        return file_lock(path)
+    if isinstance(storage, RDBStorage) and storage.engine.dialect.name in ("postgresql", "mysql"):
+        return _database_lock(storage.engine, name)
+    return nullcontext()
+
+
+@contextmanager
+def _database_lock(engine, name: str):
+    """A session-level lock on the database server, released even if this process dies (the server
+    drops a dead connection's locks), so a killed worker never blocks the others."""
+    from sqlalchemy import text
+
+    key = "harness:" + name
+    postgres = engine.dialect.name == "postgresql"
+    with engine.connect() as connection:
+        if postgres:
+            number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+            connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": number})
+        else:
+            connection.execute(text("SELECT GET_LOCK(:k, -1)"), {"k": key[:64]})
+        try:
+            yield
+        finally:
+            if postgres:
+                connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": number})
+            else:
+                connection.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": key[:64]})
+            connection.commit()
+
+
+@contextmanager
+def schema_lock(url: str, engine_kwargs: dict):
+    """Held while Optuna creates or upgrades its tables: workers that open a fresh database at the
+    same moment would otherwise race to create them (PostgreSQL: duplicate key on pg_type)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        with file_lock(Path(database + LOCK_SUFFIX) if database and database != ":memory:" else None):
+            yield
+        return
+    engine = create_engine(url, **engine_kwargs)
+    try:
+        with _database_lock(engine, "schema"):
+            yield
+    finally:
+        engine.dispose()
