@@ -8,11 +8,13 @@ import sys
 
 from .errors import HarnessError, UsageError
 
-COMMANDS = ("train", "search", "compare", "predict", "reproduce", "audit")
+COMMANDS = ("train", "search", "compare", "predict", "reproduce", "audit", "cluster")
 
 
 NETWORK_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                    # `train` prints its run's URL itself, once; MLflow would add two more lines.
+                    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -24,9 +26,9 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> Parser:
     parser = Parser(prog="harness", description="Tracked, searchable PyTorch training runs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    from .commands import audit, compare, predict, reproduce, search, train
+    from .commands import audit, cluster, compare, predict, reproduce, search, train
 
-    for command in (train, search, compare, predict, reproduce, audit):
+    for command in (train, search, compare, predict, reproduce, audit, cluster):
         command.add_parser(sub)
     return parser
 

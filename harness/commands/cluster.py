@@ -1,0 +1,71 @@
+"""`harness cluster`: PostgreSQL, an MLflow tracking server and N search workers on this machine.
+
+Starts the services on 127.0.0.1, runs the workers on one study until it holds --max-trials trials,
+audits the study against its runs, and stops everything (or, with --keep-running, leaves the
+services up until Ctrl-C so that `harness compare/predict/reproduce` and `mlflow ui` can use them).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("cluster", help="try scale-out locally: PostgreSQL + MLflow server + N search workers")
+    p.add_argument("--workers", default="3", help="search processes sharing the study (default: 3)")
+    p.add_argument("--max-trials", default="30", help="the study's cap on trials, across workers (default: 30)")
+    p.add_argument("--study-name", default="cluster-search", help="Optuna study (default: cluster-search)")
+    p.add_argument("--dir", default="harness-cluster", help="folder for logs and artifacts (default: harness-cluster)")
+    p.add_argument("--postgres", metavar="URL", help="use this running PostgreSQL server instead of starting one")
+    p.add_argument("--keep-running", action="store_true", help="leave the services up until Ctrl-C")
+    p.add_argument("search_args", nargs=argparse.REMAINDER, help="after --: more `harness search` arguments")
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from .. import cluster, config
+
+    workers = config.positive_int("--workers", args.workers)
+    max_trials = config.positive_int("--max-trials", args.max_trials)
+    extra = args.search_args[1:] if args.search_args[:1] == ["--"] else args.search_args
+    if not args.postgres:
+        cluster.postgres_bin()  # refused now, in one line, if PostgreSQL is not installed
+    root = Path(args.dir).resolve()
+    with cluster.services(root, args.postgres) as (storage, tracking_uri):
+        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+        print(f"PostgreSQL storage: {storage}\nMLflow tracking server: {tracking_uri} (artifacts in {root / 'artifacts'})")
+        command = [sys.executable, "-m", "harness", "search", "--storage", storage, "--study-name", args.study_name,
+                   "--max-trials", str(max_trials), "--n-trials", str(max_trials), "--no-progress", *extra]
+        started = time.time()
+        logs = [root / f"worker-{i}.log" for i in range(workers)]
+        processes = []
+        for log in logs:
+            with open(log, "wb") as out:
+                processes.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT))
+        try:
+            codes = [p.wait() for p in processes]
+        except KeyboardInterrupt:
+            for p in processes:
+                p.terminate()
+            codes = [p.wait() for p in processes]
+            raise
+        print(f"{workers} workers finished in {time.time() - started:.1f}s with exit statuses {codes} "
+              f"(logs: {root}/worker-*.log)")
+        audit = subprocess.run([sys.executable, "-m", "harness", "audit", "--study", args.study_name,
+                                "--storage", storage], env=env, capture_output=True, text=True)
+        print((audit.stdout + audit.stderr).strip())
+        if args.keep_running:
+            print("services are up; in another shell:\n"
+                  f"  export MLFLOW_TRACKING_URI={tracking_uri}\n"
+                  f"  harness compare --study {args.study_name}    # or open {tracking_uri} in a browser\n"
+                  "press Ctrl-C to stop them")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    return 0 if audit.returncode == 0 and not any(codes) else 1
