@@ -10,11 +10,11 @@ import warnings
 from dataclasses import dataclass, field
 
 from optuna.exceptions import ExperimentalWarning
-from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
 from .search.tracker import PARENT_ATTR, RUN_ATTR
-from .search.workers import WORKER_ATTR, alive
+from .search.workers import WORKER_ATTR, abandoned, alive
 from .tracking import FAIL_REASON_TAG
 
 EXPECTED_STATUS = {TrialState.COMPLETE: ("FINISHED",), TrialState.PRUNED: ("KILLED",),
@@ -60,6 +60,12 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
         for trial in stale_trials(study):
             fail_and_retry(study, storage, trial)
             report.fixed.append(f"trial {trial.number}: RUNNING with its worker gone -> FAIL, configuration retried")
+        before = abandoned(study.get_trials(deepcopy=False))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            fail_stale_trials(study)  # workers on other machines: Optuna's heartbeat (RDB storages)
+        for number in sorted(abandoned(study.get_trials(deepcopy=False)) - before):
+            report.fixed.append(f"trial {number}: RUNNING with its heartbeat silent -> FAIL, configuration retried")
     trials = study.get_trials(deepcopy=False)
     report.checked_trials = len(trials)
     parent_id = study.user_attrs.get(PARENT_ATTR)

@@ -64,7 +64,11 @@ class Postgres:
         if self.as_root:
             import pwd
 
-            owner = pwd.getpwnam("postgres")
+            try:
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                raise UsageError("PostgreSQL refuses to run as root and there is no 'postgres' user to run it "
+                                 "as; run as another user, or install Debian's postgresql package") from None
             root = Path(tempfile.mkdtemp(prefix="harness-postgres-"))
             os.chown(root, owner.pw_uid, owner.pw_gid)
         self.root = Path(root)

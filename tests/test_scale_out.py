@@ -217,3 +217,30 @@ def test_a_capped_study_refuses_trials_beyond_the_cap_but_not_retries(services):
     assert len(study.trials) == 2
     study.enqueue_trial({"x": 0.5})  # a retry or an enqueued trial comes with a template: always let in
     assert len(study.trials) == 3
+
+
+def test_harness_cluster_runs_workers_on_its_own_services_then_stops_them(tmp_path):
+    import re
+    import socket
+
+    try:
+        cluster.postgres_bin()
+    except UsageError as exc:
+        pytest.skip(str(exc))
+    result = run_cli("cluster", "--workers", 2, "--max-trials", 4, "--dir", tmp_path / "c", "--",
+                     "--epochs-range", 20, 40, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "audit of study 'cluster-search': 4 trials, 4 child runs: clean" in result.stdout
+    assert "exit statuses [0, 0]" in result.stdout
+    ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", result.stdout)]
+    assert len(ports) == 2  # PostgreSQL's and the tracking server's, both on loopback
+    for port in ports:  # and both stopped
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, port
+
+
+def test_harness_cluster_refuses_bad_input_in_one_line(tmp_path):
+    result = run_cli("cluster", "--workers", 0, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["harness: error: --workers must be a positive integer, got '0'"]
+    assert not any(tmp_path.iterdir())
