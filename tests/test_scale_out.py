@@ -155,20 +155,20 @@ def test_a_worker_killed_mid_trial_is_replaced_and_the_study_ends_clean(services
     assert len(retries) == 1 and retries[0].params == failed.params
 
 
-def test_the_heartbeat_fails_a_silent_worker_s_trial_from_another_machine(services, tmp_path):
-    """A worker elsewhere cannot be checked by pid: its trial is failed when its heartbeat stops."""
-    first = run_cli("search", "--storage", services["storage"], "--study-name", "silent", "--n-trials", 1,
-                    "--mlflow-experiment", "silent", "--no-progress", cwd=tmp_path, env=env_for(services))
+def silent_trial(services, study_name: str, cwd):
+    """A study with one trial RUNNING on 'another machine' that beat once and went silent, and its run."""
+    first = run_cli("search", "--storage", services["storage"], "--study-name", study_name, "--n-trials", 1,
+                    "--mlflow-experiment", study_name, "--no-progress", cwd=cwd, env=env_for(services))
     assert first.returncode == 0, first.stderr
     storage = open_storage(services["storage"], heartbeat=1)
-    study = optuna.load_study(study_name="silent", storage=storage)
+    study = optuna.load_study(study_name=study_name, storage=storage)
     trial = study.ask()
     space_module.sample(trial, space_module.resolve(load_experiment("linear_regression")))
     trial.set_user_attr("harness.worker", {"host": "another-machine", "pid": 1, "started": "1"})
     client = client_of(services)
     parent = study.user_attrs["mlflow_parent_run_id"]
     run = client.create_run(client.get_run(parent).info.experiment_id, run_name=f"trial-{trial.number}", tags={
-        "mlflow.parentRunId": parent, "optuna.trial_number": str(trial.number), "optuna.study_name": "silent"})
+        "mlflow.parentRunId": parent, "optuna.trial_number": str(trial.number), "optuna.study_name": study_name})
     optimizer, loss = trial.params["optimizer_loss"].split("+")
     for key, value in {"lr": trial.params["lr"], "epochs": trial.params["epochs"], "optimizer": optimizer,
                        "loss": loss, "trial_number": trial.number}.items():
@@ -176,6 +176,12 @@ def test_the_heartbeat_fails_a_silent_worker_s_trial_from_another_machine(servic
     trial.set_user_attr("mlflow_run_id", run.info.run_id)
     storage.record_heartbeat(trial._trial_id)  # then the machine goes silent
     time.sleep(3 * 1 + 1)  # past the grace period of a 1 s heartbeat
+    return storage, trial, run.info.run_id
+
+
+def test_the_heartbeat_fails_a_silent_worker_s_trial_from_another_machine(services, tmp_path):
+    """A worker elsewhere cannot be checked by pid: its trial is failed when its heartbeat stops."""
+    storage, trial, run_id = silent_trial(services, "silent", tmp_path)
     resumed = run_cli("search", "--storage", services["storage"], "--study-name", "silent", "--n-trials", 1,
                       "--mlflow-experiment", "silent", "--no-progress", "--heartbeat", 1,
                       cwd=tmp_path, env=env_for(services))
@@ -185,9 +191,24 @@ def test_the_heartbeat_fails_a_silent_worker_s_trial_from_another_machine(servic
     assert study.trials[trial.number].state == TrialState.FAIL
     [retry] = [t for t in study.trials if t.system_attrs.get("failed_trial") == trial.number]
     assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED) and retry.params == trial.params
-    assert client.get_run(run.info.run_id).info.status == "FAILED"
+    assert client_of(services).get_run(run_id).info.status == "FAILED"
     result = audit(services, "silent", tmp_path)
     assert result.returncode == 0, result.stdout
+
+
+def test_audit_fix_applies_the_heartbeat_to_a_silent_worker_s_trial(services, tmp_path):
+    storage, trial, run_id = silent_trial(services, "silent-audit", tmp_path)
+    fixed = run_cli("audit", "--study", "silent-audit", "--storage", services["storage"], "--fix",
+                    "--heartbeat", 1, cwd=tmp_path, env=env_for(services))
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert f"fixed: trial {trial.number}: RUNNING with its heartbeat silent -> FAIL" in fixed.stdout
+    assert f"fixed: run {run_id} of trial {trial.number}: RUNNING with its trial FAIL -> FAILED" in fixed.stdout
+    study = optuna.load_study(study_name="silent-audit", storage=storage)
+    assert study.trials[trial.number].state == TrialState.FAIL
+    [retry] = [t for t in study.trials if t.system_attrs.get("failed_trial") == trial.number]
+    assert retry.state == TrialState.WAITING and retry.params == trial.params  # the next worker runs it
+    assert client_of(services).get_run(run_id).info.status == "FAILED"
+    assert audit(services, "silent-audit", tmp_path).returncode == 0
 
 
 def test_storage_connections_survive_being_dropped_by_the_server(services):

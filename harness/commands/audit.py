@@ -7,6 +7,8 @@ def add_parser(sub) -> None:
     p.add_argument("--study", required=True, help="Optuna study name")
     p.add_argument("--storage", help="Optuna storage URL (default: journal:optuna_journal.log)")
     p.add_argument("--fix", action="store_true", help="fail and retry stale trials, close stale runs")
+    p.add_argument("--heartbeat", default="10", help="RDB storages: the workers' --heartbeat; with --fix, a "
+                                                     "trial silent for 3x that many seconds is stale (default: 10)")
     p.set_defaults(handler=run)
 
 
@@ -16,12 +18,15 @@ def run(args) -> int:
 
     url = args.storage or study_module.DEFAULT_STORAGE
     study_module.storage_scheme(url)
+    from ..config import positive_int
+
+    heartbeat = positive_int("--heartbeat", args.heartbeat)
     import optuna
     from mlflow import MlflowClient
 
     from ..audit import audit
 
-    storage = study_module.open_storage(url, must_exist=True)
+    storage = study_module.open_storage(url, must_exist=True, heartbeat=heartbeat)
     try:
         study = optuna.load_study(study_name=args.study, storage=storage)
     except KeyError:
