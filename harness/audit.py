@@ -48,6 +48,19 @@ def fail_and_retry(study, storage, trial) -> int:
     return trial.number
 
 
+def recover_stale(study, storage) -> tuple[list[int], list[int]]:
+    """Fail and retry the trials that dead workers left RUNNING. Returns their numbers: those whose
+    worker on this machine is gone (its pid), and those whose heartbeat went silent (Optuna's own
+    check, RDB storages only: the way to know about a worker on another machine)."""
+    by_pid = [fail_and_retry(study, storage, trial) for trial in stale_trials(study)]
+    before = abandoned(study.get_trials(deepcopy=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        fail_stale_trials(study)
+    by_heartbeat = sorted(abandoned(study.get_trials(deepcopy=False)) - before)
+    return by_pid, by_heartbeat
+
+
 def child_runs(client, parent_id: str) -> list:
     experiment = client.get_run(parent_id).info.experiment_id
     return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
@@ -57,15 +70,10 @@ def child_runs(client, parent_id: str) -> list:
 def audit(study, storage, client, *, fix: bool = False) -> Report:
     report = Report()
     if fix:
-        for trial in stale_trials(study):
-            fail_and_retry(study, storage, trial)
-            report.fixed.append(f"trial {trial.number}: RUNNING with its worker gone -> FAIL, configuration retried")
-        before = abandoned(study.get_trials(deepcopy=False))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            fail_stale_trials(study)  # workers on other machines: Optuna's heartbeat (RDB storages)
-        for number in sorted(abandoned(study.get_trials(deepcopy=False)) - before):
-            report.fixed.append(f"trial {number}: RUNNING with its heartbeat silent -> FAIL, configuration retried")
+        by_pid, by_heartbeat = recover_stale(study, storage)
+        report.fixed += [f"trial {n}: RUNNING with its worker gone -> FAIL, configuration retried" for n in by_pid]
+        report.fixed += [f"trial {n}: RUNNING with its heartbeat silent -> FAIL, configuration retried"
+                         for n in by_heartbeat]
     trials = study.get_trials(deepcopy=False)
     report.checked_trials = len(trials)
     parent_id = study.user_attrs.get(PARENT_ATTR)

@@ -63,7 +63,7 @@ def _options(args):
         # On a database server each report is a round trip and each pruning check a read: every
         # epoch would cost more than the training itself (measured: 4x on a 10-trial search).
         "report_every": config.positive_int("--report-every", args.report_every) if args.report_every
-        else 1 if storage_url.split(":", 1)[0] in ("journal", "sqlite") else 10,
+        else 1 if study_module.storage_scheme(storage_url) in ("journal", "sqlite") else 10,
         "sampler_seed": config.nonnegative_int("--seed", args.seed) if args.seed not in (None, "") else None,
     }
 
@@ -159,28 +159,15 @@ def _wait_for_store(writer, prepared, uri: str) -> None:
 
 
 def _recover_stale_trials(study, storage, writer) -> None:
-    """Trials a dead worker left RUNNING: fail them, queue their configurations again, fail their runs.
-
-    A worker on this machine is known dead at once (its pid is gone); one elsewhere when its
-    heartbeat has been silent for the grace period (RDB storages), which is Optuna's own check.
-    """
-    import warnings
-
-    import optuna
-
-    from ..audit import fail_and_retry, stale_trials
+    """Trials a dead worker left RUNNING: fail them, queue their configurations again, fail their runs."""
+    from ..audit import recover_stale
     from ..search.tracker import PARENT_ATTR, w_fail_stale_runs
     from ..search.workers import abandoned
 
-    stale = [fail_and_retry(study, storage, trial) for trial in stale_trials(study)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        before = abandoned(study.get_trials(deepcopy=False))
-        optuna.storages.fail_stale_trials(study)  # a no-op for storages without heartbeats
-        stale += sorted(abandoned(study.get_trials(deepcopy=False)) - before - set(stale))
-    if stale:
-        print(f"harness: trial(s) {', '.join(map(str, stale))} were left RUNNING by a worker that is gone: "
-              "failed them and queued their configurations again", file=sys.stderr)
+    by_pid, by_heartbeat = recover_stale(study, storage)
+    if by_pid or by_heartbeat:
+        print(f"harness: trial(s) {', '.join(map(str, by_pid + by_heartbeat))} were left RUNNING by a worker that "
+              "is gone: failed them and queued their configurations again", file=sys.stderr)
     parent = study.user_attrs.get(PARENT_ATTR)
     if parent:  # the runs of every abandoned trial, also those failed by other workers' heartbeat checks
         writer.submit(w_fail_stale_runs, parent, sorted(abandoned(study.get_trials(deepcopy=False))))
