@@ -70,16 +70,27 @@ def backend(storage):
     return getattr(storage, "_backend", storage) if type(storage).__name__ == "_CachedStorage" else storage
 
 
-def lock_file(storage) -> Path | None:
-    """The lock file of a file-based storage (journal file or SQLite database); None otherwise."""
+def file_path(storage) -> str | None:
+    """The file a file-based storage lives in (a journal file or a SQLite database); None otherwise."""
     storage = backend(storage)
     if isinstance(storage, JournalStorage):
-        path = getattr(getattr(storage, "_backend", None), "_file_path", None)
-        return Path(path + LOCK_SUFFIX) if path else None
+        return getattr(getattr(storage, "_backend", None), "_file_path", None)
     if isinstance(storage, RDBStorage) and storage.engine.dialect.name == "sqlite":
-        database = storage.engine.url.database
-        return Path(database + LOCK_SUFFIX) if database and database != ":memory:" else None
+        return _sqlite_file(storage.engine.url.database)
     return None
+
+
+def _sqlite_file(database: str | None) -> str | None:
+    return database if database and database != ":memory:" else None
+
+
+def _lock_beside(path: str | None) -> Path | None:
+    return Path(path + LOCK_SUFFIX) if path else None
+
+
+def lock_file(storage) -> Path | None:
+    """The lock file of a file-based storage; None otherwise."""
+    return _lock_beside(file_path(storage))
 
 
 def study_lock(storage, name: str):
@@ -131,8 +142,7 @@ def schema_lock(url: str, engine_kwargs: dict):
 
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        database = parsed.database
-        with file_lock(Path(database + LOCK_SUFFIX) if database and database != ":memory:" else None):
+        with file_lock(_lock_beside(_sqlite_file(parsed.database))):
             yield
         return
     engine = create_engine(url, **engine_kwargs)

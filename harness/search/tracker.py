@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import tracking
 from . import writer
-from .storages import study_lock
+from .storages import backend, file_path, study_lock
 from .workers import abandoned
 from .writer import Writer
 
@@ -241,10 +241,10 @@ def describe_storage(study) -> str:
     """Where a study lives, for a study opened by the user's own script (password removed)."""
     from .study import redact
 
-    storage = getattr(study._storage, "_backend", study._storage)  # RDB storages come wrapped in a cache
+    storage = backend(study._storage)
     if getattr(storage, "url", None):
         return redact(storage.url)
-    path = getattr(getattr(storage, "_backend", None), "_file_path", None)
+    path = file_path(storage)
     return f"journal:{path}" if path else type(storage).__name__
 
 
