@@ -96,11 +96,6 @@ class Postgres:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{DB_USER}@127.0.0.1:{self.port}/{database}"
 
-    def create_database(self, name: str) -> str:
-        """A new, empty database; its URL."""
-        create_database(self.url(), name)
-        return self.url(name)
-
     def stop(self) -> None:
         with contextlib.suppress(HarnessError):
             self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
@@ -166,7 +161,6 @@ def services(root: Path, postgres_url: str | None = None):
     and ``mlflow`` databases, and a tracking server on the latter. Yields (optuna_url, tracking_uri)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    postgres = None
     stack = contextlib.ExitStack()
     with stack:
         if postgres_url is None:
@@ -183,3 +177,23 @@ def services(root: Path, postgres_url: str | None = None):
         stack.callback(server.stop)
         server.start()
         yield f"{server_base}/optuna_{suffix}", server.url
+
+
+def _serve_postgres() -> None:
+    """``python -m harness.cluster``: PostgreSQL on 127.0.0.1 until SIGTERM or Ctrl-C, its URL on the
+    first line of stdout. For CI, which needs it before the virtual environment exists: this module
+    uses the standard library only."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with tempfile.TemporaryDirectory(prefix="harness-postgres-") as tmp:
+        postgres = Postgres(Path(tmp)).start()
+        try:
+            print(postgres.url(), flush=True)
+            signal.pause()
+        finally:
+            postgres.stop()
+
+
+if __name__ == "__main__":
+    _serve_postgres()

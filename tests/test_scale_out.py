@@ -27,14 +27,18 @@ CAP = 12
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 
 
+def require_postgres_programs():
+    try:
+        cluster.postgres_bin()
+    except UsageError as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
     postgres = os.environ.get("HARNESS_TEST_POSTGRES")
     if not postgres:
-        try:
-            cluster.postgres_bin()
-        except UsageError as exc:
-            pytest.skip(str(exc))
+        require_postgres_programs()
     root = tmp_path_factory.mktemp("scale-out")
     with cluster.services(root, postgres) as (storage, tracking_uri):
         yield {"storage": storage, "tracking_uri": tracking_uri, "root": root}
@@ -244,10 +248,7 @@ def test_harness_cluster_runs_workers_on_its_own_services_then_stops_them(tmp_pa
     import re
     import socket
 
-    try:
-        cluster.postgres_bin()
-    except UsageError as exc:
-        pytest.skip(str(exc))
+    require_postgres_programs()
     result = run_cli("cluster", "--workers", 2, "--max-trials", 4, "--dir", tmp_path / "c", "--",
                      "--epochs-range", 20, 40, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
