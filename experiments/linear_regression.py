@@ -45,6 +45,7 @@ EXPERIMENT = Experiment(
     optimizers=("sgd", "adam", "adamw", "rmsprop"),
     losses=("l1", "mse", "smooth_l1", "huber"),
     scalars=scalars,
+    truth={"weight": WEIGHT, "bias": BIAS},  # the run logs weight_error and bias_error
     plot_predictions=plot_predictions,
     search_space={
         "lr": [1e-4, 1e-1],

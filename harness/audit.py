@@ -136,10 +136,11 @@ def _check_trial(trial, runs: list, client, report: Report, fix: bool) -> None:
     if status not in EXPECTED_STATUS[state]:
         report.violations.append(f"trial {n} is {state.name} but run {run_id} is {status}")
     params = run.data.params
-    expected = {"lr": trial.params.get("lr"), "epochs": trial.params.get("epochs"),
-                "optimizer_loss": trial.params.get("optimizer_loss")}
-    logged = {"lr": _float(params.get("lr")), "epochs": _int(params.get("epochs")),
-              "optimizer_loss": f"{params.get('optimizer')}+{params.get('loss')}"}
+    # Every sampled param (hyperparameters too) as the run logged it: the config's str() of the value.
+    expected = {name: str(value) for name, value in trial.params.items()}
+    logged = {name: params.get(name) for name in trial.params}
+    if "optimizer_loss" in trial.params:
+        logged["optimizer_loss"] = f"{params.get('optimizer')}+{params.get('loss')}"
     if logged != expected:
         report.violations.append(f"trial {n}: run params {logged} differ from trial params {expected}")
     if state == TrialState.COMPLETE:
@@ -166,16 +167,3 @@ def _check_complete(n: int, run, epochs: int, client, report: Report) -> None:
     except Exception as exc:  # absent artifact
         report.violations.append(f"trial {n}: run {run_id} has no loadable state_dict.pt ({type(exc).__name__})")
 
-
-def _float(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return value
-
-
-def _int(value):
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return value

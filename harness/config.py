@@ -1,15 +1,24 @@
-"""One typed run config, resolved from defaults < experiment < file < command line, validated here."""
+"""One typed run config, resolved from defaults < experiment < file < command line, validated here.
+
+The config is flat to everything outside this module (a file, ``--set``, MLflow params,
+``config.json``): the harness's own keys and the experiment's hyperparameters side by side.
+"""
 from __future__ import annotations
 
+import difflib
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from . import devices
 from .errors import UsageError
-from .experiment import Experiment, load
+from .experiment import CONFIG_KEYS, Experiment, Hyperparameter, load
+from .registry import WITH_MOMENTUM
+
+MAX_CONFIG_BYTES = 1 << 20
+INT_LIMIT = 2 ** 63 - 1  # what torch and numpy take as an integer
 
 
 @dataclass(frozen=True)
@@ -21,12 +30,20 @@ class TrainConfig:
     epochs: int = 200
     seed: int = 42
     device: str = "auto"
+    batch_size: int | None = None  # None: the whole training set in one step (the reference)
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    # The experiment's own hyperparameters, by name (see Experiment.hyperparameters).
+    hparams: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Flat: the harness's keys, then the experiment's hyperparameters."""
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hparams"}
+        return {**flat, **self.hparams}
 
 
-FIELDS = tuple(f.name for f in fields(TrainConfig))
+FIELDS = tuple(f.name for f in fields(TrainConfig) if f.name != "hparams")
+assert set(CONFIG_KEYS) <= set(FIELDS)
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
@@ -35,9 +52,16 @@ def read_file(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     try:
+        if not path.is_file():
+            raise UsageError(f"config file {str(path)!r} is not a regular file" if path.exists()
+                             else f"cannot read config file {str(path)!r}: No such file or directory")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise UsageError(f"config file {str(path)!r} is larger than {MAX_CONFIG_BYTES} bytes")
         text = path.read_text()
     except OSError as exc:
         raise UsageError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {str(path)!r} is not UTF-8 text") from None
     try:
         loaded = yaml.safe_load(text) if path.suffix != ".json" else json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
@@ -50,26 +74,68 @@ def read_file(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+def parse_sets(pairs: list[str] | None) -> dict[str, Any]:
+    """``--set NAME=VALUE`` flags as a mapping; values stay strings and are typed by validation."""
+    values: dict[str, Any] = {}
+    for pair in pairs or ():
+        name, eq, value = pair.partition("=")
+        if not eq or not name.strip():
+            raise UsageError(f"--set takes NAME=VALUE, got {pair!r}")
+        values[name.strip()] = value.strip()
+    return values
+
+
+def allowed_keys(experiment: Experiment) -> tuple[str, ...]:
+    return FIELDS + tuple(h.name for h in experiment.hyperparameters)
+
+
+def check_keys(keys, experiment: Experiment, origin: str) -> None:
+    allowed = allowed_keys(experiment)
+    unknown = sorted(set(keys) - set(allowed))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"unknown config key {unknown[0]!r} in {origin}; allowed: {', '.join(allowed)}{hint}")
+
+
 def resolve(overrides: Mapping[str, Any] | None = None, file: str | Path | None = None,
-            experiment: Experiment | None = None) -> tuple[TrainConfig, Experiment]:
+            experiment: Experiment | None = None, n_train: int | None = None) -> tuple[TrainConfig, Experiment]:
     """Merge the layers, then validate once. Values of None in ``overrides`` mean "not given"."""
     layers = [read_file(file) if file else {}, {k: v for k, v in (overrides or {}).items() if v is not None}]
+    given = layers[1].get("experiment", layers[0].get("experiment"))
+    if given is None:
+        experiment = experiment or load(TrainConfig.experiment)
+    elif experiment is None or str(given) not in (experiment.reference, experiment.name):
+        experiment = load(str(given))
     for layer, origin in zip(layers, (f"config file {str(file)!r}", "overrides")):
-        unknown = sorted(set(layer) - set(FIELDS))
-        if unknown:
-            raise UsageError(f"unknown config key {unknown[0]!r} in {origin}; allowed: {', '.join(FIELDS)}")
-    name = layers[1].get("experiment", layers[0].get("experiment", TrainConfig.experiment))
-    if experiment is None or experiment.name != name:
-        experiment = load(str(name))
-    merged: dict[str, Any] = {**TrainConfig().to_dict(), **experiment.defaults, **layers[0], **layers[1]}
-    merged["experiment"] = experiment.name if "." not in str(name) else str(name)
-    return validate(TrainConfig(**merged), experiment), experiment
+        check_keys(layer, experiment, origin)
+    check_keys(experiment.defaults, experiment, f"experiment {experiment.name!r}'s defaults")
+    declared = {h.name: h.default for h in experiment.hyperparameters}
+    merged: dict[str, Any] = {**TrainConfig().to_dict(), **declared, **experiment.defaults, **layers[0], **layers[1]}
+    merged["experiment"] = experiment.reference or experiment.name
+    return validate(build(merged), experiment, n_train), experiment
 
 
-def validate(cfg: TrainConfig, experiment: Experiment) -> TrainConfig:
-    """Every rule a config must obey, in one place. Returns the config with types made exact."""
+def build(flat: Mapping[str, Any]) -> TrainConfig:
+    """A TrainConfig from a flat mapping (unvalidated): keys that are not fields are hyperparameters."""
+    return TrainConfig(**{k: v for k, v in flat.items() if k in FIELDS},
+                       hparams={k: v for k, v in flat.items() if k not in FIELDS})
+
+
+def with_values(cfg: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
+    """``cfg`` with some flat values replaced (e.g. those a trial sampled); validate it afterwards."""
+    return build({**cfg.to_dict(), **values})
+
+
+def validate(cfg: TrainConfig, experiment: Experiment, n_train: int | None = None) -> TrainConfig:
+    """Every rule a config must obey, in one place. Returns the config with types made exact.
+
+    ``n_train`` (the training set's size, when the caller has the data) bounds ``batch_size``.
+    """
     lr = positive_float("lr", cfg.lr)
     epochs = positive_int("epochs", cfg.epochs)
+    if epochs > 10_000_000:
+        raise UsageError(f"epochs must be at most 10000000, got {cfg.epochs!r}")
     seed = nonnegative_int("seed", cfg.seed)
     one_of("optimizer", cfg.optimizer, experiment.optimizers)
     one_of("loss", cfg.loss, experiment.losses)
@@ -78,22 +144,97 @@ def validate(cfg: TrainConfig, experiment: Experiment) -> TrainConfig:
     if not device:
         raise UsageError(f"device {cfg.device!r} is not available on this machine; "
                          f"allowed here: auto, {', '.join(devices.available())}")
-    return replace(cfg, lr=lr, epochs=epochs, seed=seed, device=device)
+    batch_size = check_value("batch_size", cfg.batch_size, experiment, n_train)
+    weight_decay = check_value("weight_decay", cfg.weight_decay, experiment)
+    momentum = check_value("momentum", cfg.momentum, experiment)
+    if momentum and cfg.optimizer not in WITH_MOMENTUM:
+        raise UsageError(f"momentum applies to optimizers {', '.join(WITH_MOMENTUM)} only, got momentum="
+                         f"{cfg.momentum!r} with optimizer {cfg.optimizer!r}")
+    check_keys(cfg.hparams, experiment, "the config")
+    hparams = {}
+    for hp in experiment.hyperparameters:
+        value = hyperparameter_value(hp, cfg.hparams.get(hp.name, hp.default))
+        if value != hp.default and not hp.applies_to(cfg.optimizer):
+            raise UsageError(f"{hp.name} applies to optimizers {', '.join(hp.optimizers)} only, got "
+                             f"{hp.name}={value!r} with optimizer {cfg.optimizer!r}")
+        hparams[hp.name] = value
+    return replace(cfg, lr=lr, epochs=epochs, seed=seed, device=device, batch_size=batch_size,
+                   weight_decay=weight_decay, momentum=momentum, hparams=hparams)
+
+
+def check_value(name: str, value: Any, experiment: Experiment, n_train: int | None = None) -> Any:
+    """One hyperparameter's value (the harness's or the experiment's), typed and checked."""
+    if name == "batch_size":
+        if value in (None, "", "none", "None", "full"):
+            return None
+        size = positive_int("batch_size", value)
+        if n_train is not None and size > n_train:
+            raise UsageError(f"batch_size must be at most the training set's size {n_train}, got {value!r}")
+        return size
+    if name == "weight_decay":
+        return _float("weight_decay", value, low=0.0)
+    if name == "momentum":
+        return _float("momentum", value, low=0.0, high=0.999)
+    hp = experiment.hyperparameter(name)
+    if hp is None:
+        check_keys([name], experiment, "the config")
+    return hyperparameter_value(hp, value)
+
+
+def hyperparameter_value(hp: Hyperparameter, value: Any) -> Any:
+    """``value`` as the declared type, within the declared range or choices; else a UsageError."""
+    if value is None and hp.default is None:
+        return None
+    if hp.type == "bool":
+        lowered = str(value).strip().lower()
+        if isinstance(value, bool) or lowered in ("true", "false", "1", "0", "yes", "no"):
+            return value if isinstance(value, bool) else lowered in ("true", "1", "yes")
+        raise UsageError(f"{hp.name} must be true or false, got {value!r}")
+    if hp.type == "categorical":
+        for choice in hp.choices or ():
+            if value == choice or (isinstance(value, str) and value == str(choice)):
+                return choice
+        raise UsageError(f"unknown {hp.name} {value!r}; allowed: {', '.join(map(str, hp.choices or ()))}")
+    if hp.type == "int":
+        number = _int(hp.name, value, minimum=None)
+    else:
+        number = _float(hp.name, value)
+    if hp.choices is not None and number not in hp.choices:
+        raise UsageError(f"{hp.name} must be one of {', '.join(map(str, hp.choices))}, got {value!r}")
+    if (hp.low is not None and number < hp.low) or (hp.high is not None and number > hp.high):
+        raise UsageError(f"{hp.name} must be in [{hp.low}, {hp.high}], got {value!r}")
+    return number
 
 
 def one_of(name: str, value: Any, allowed) -> str:
     if value not in allowed:
-        raise UsageError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+        close = difflib.get_close_matches(str(value), list(allowed), n=1) if isinstance(value, str) else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}{hint}")
     return value
 
 
 def positive_float(name: str, value: Any) -> float:
-    try:
-        number = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
+    number = _to_float(value)
     if not (math.isfinite(number) and number > 0):
         raise UsageError(f"{name} must be a positive number, got {value!r}")
+    return number
+
+
+def _to_float(value: Any) -> float:
+    try:
+        return float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
+
+
+def _float(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
+    number = _to_float(value)
+    if not math.isfinite(number):
+        raise UsageError(f"{name} must be a finite number, got {value!r}")
+    if (low is not None and number < low) or (high is not None and number > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise UsageError(f"{name} must be {bounds}, got {value!r}")
     return number
 
 
@@ -105,13 +246,16 @@ def nonnegative_int(name: str, value: Any) -> int:
     return _int(name, value, minimum=0)
 
 
-def _int(name: str, value: Any, minimum: int) -> int:
+def _int(name: str, value: Any, minimum: int | None) -> int:
     number = None
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
-    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+    elif isinstance(value, float) and value.is_integer():
         number = int(value)
-    if number is None or number < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit() and len(value.strip()) < 30:
+        number = int(value)
+    if number is None or (minimum is not None and number < minimum) or abs(number) > INT_LIMIT:
+        kind = ("an integer" if minimum is None else "a positive integer" if minimum == 1
+                else f"an integer >= {minimum}")
         raise UsageError(f"{name} must be {kind}, got {value!r}")
     return number

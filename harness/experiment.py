@@ -1,25 +1,38 @@
-"""What an experiment is, and how the harness finds one by name.
+"""What an experiment is, and how the harness finds one.
 
-An experiment is data, not a branch in the harness: a module in the ``experiments`` package that
-defines ``EXPERIMENT = Experiment(...)``. Adding one is adding that file.
+An experiment is data, not a branch in the harness: ``EXPERIMENT = Experiment(...)`` in a module of
+the ``experiments`` package (found by its file name), in a module of your own (a dotted path), or in
+a file of your own (``path/to/my_experiment.py``). Adding one is writing that file.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import math
+import os
 import pkgutil
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from .errors import UsageError
 from .loop import MetricsFn
-from .registry import LOSSES, OPTIMIZERS
+from .registry import LOSSES, OPTIMIZERS, WITH_MOMENTUM
+
+TYPES = ("int", "float", "categorical", "bool")
+MAX_FILE_BYTES = 1 << 20  # an experiment is one small file; anything larger is not one
 
 
 @dataclass(frozen=True)
 class Data:
+    """Full tensors, as the reference notebook has them."""
+
     X_train: torch.Tensor
     y_train: torch.Tensor
     X_test: torch.Tensor
@@ -27,6 +40,83 @@ class Data:
 
     def to(self, device: str) -> "Data":
         return Data(*(t.to(device) for t in (self.X_train, self.y_train, self.X_test, self.y_test)))
+
+    @property
+    def n_train(self) -> int:
+        return len(self.X_train)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.X_test.shape[1:])
+
+
+@dataclass(frozen=True)
+class Datasets:
+    """Map-style torch Datasets of (input, target) pairs; the loop reads them in mini-batches."""
+
+    train: Dataset
+    test: Dataset
+
+    def to(self, device: str) -> "Datasets":
+        return self  # batches move to the device one at a time
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(torch.as_tensor(self.test[0][0]).shape)
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A value an experiment (or the harness) takes from the config, and may let Optuna search.
+
+    ``low``/``high`` (with ``log`` and ``step``) or ``choices`` give its default search range; a
+    search samples it only when the search space names it. ``optimizers`` limits it to the
+    optimizers it means something for: it is sampled, and may be set, only with those.
+    """
+
+    name: str
+    type: str
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple | None = None
+    optimizers: tuple[str, ...] | None = None
+    help: str = ""
+
+    def __post_init__(self):
+        if not self.name.isidentifier():
+            raise ValueError(f"hyperparameter name {self.name!r} must be a Python identifier")
+        if self.type not in TYPES:
+            raise ValueError(f"hyperparameter {self.name!r}: type {self.type!r} is not one of {', '.join(TYPES)}")
+        if self.choices is not None:
+            object.__setattr__(self, "choices", tuple(self.choices))
+        if self.type == "bool" and self.choices is None:
+            object.__setattr__(self, "choices", (False, True))
+        if self.optimizers is not None:
+            object.__setattr__(self, "optimizers", tuple(self.optimizers))
+
+    @property
+    def has_range(self) -> bool:
+        return self.choices is not None or (self.low is not None and self.high is not None)
+
+    def applies_to(self, optimizer: str) -> bool:
+        return self.optimizers is None or optimizer in self.optimizers
+
+
+# What the harness itself offers every experiment, beside lr and epochs.
+HARNESS_HYPERPARAMETERS = (
+    Hyperparameter("batch_size", "int", None, help="mini-batch size; unset = the whole training set (full batch)"),
+    Hyperparameter("weight_decay", "float", 0.0, low=1e-6, high=1e-2, log=True,
+                   help="the optimizer's weight_decay (L2 penalty)"),
+    Hyperparameter("momentum", "float", 0.0, low=0.0, high=0.99, optimizers=WITH_MOMENTUM,
+                   help="the optimizer's momentum"),
+)
 
 
 def _no_scalars(model: nn.Module) -> dict[str, float]:
@@ -36,24 +126,56 @@ def _no_scalars(model: nn.Module) -> dict[str, float]:
 @dataclass(frozen=True)
 class Experiment:
     name: str
-    make_data: Callable[[], Data]
-    # Called right after torch.manual_seed(seed), so initial weights follow from the seed.
-    make_model: Callable[[], nn.Module]
-    # Values for any TrainConfig field (optimizer, loss, lr, epochs); the harness fills the rest.
+    # Data (tensors) or Datasets; called once per process and shared by every trial of a search.
+    make_data: Callable[[], Data | Datasets]
+    # Called right after torch.manual_seed(seed), with the experiment's hyperparameters as keyword
+    # arguments, so initial weights follow from the seed.
+    make_model: Callable[..., nn.Module]
+    # Values for any config key (optimizer, loss, lr, epochs, batch_size, a hyperparameter...).
     defaults: Mapping[str, Any] = field(default_factory=dict)
     optimizers: tuple[str, ...] = tuple(OPTIMIZERS)
     losses: tuple[str, ...] = tuple(LOSSES)
+    # The experiment's own hyperparameters: passed to make_model, logged, searchable.
+    hyperparameters: tuple[Hyperparameter, ...] = ()
     # Scalars read off the trained model and logged as final metrics (the reference: weight, bias).
     scalars: Callable[[nn.Module], dict[str, float]] = _no_scalars
+    # Known true values of some scalars: each run also logs <scalar>_error = |scalar - truth|.
+    truth: Mapping[str, float] = field(default_factory=dict)
     # Extra per-epoch metrics from (predictions, targets), logged as train_<name> and test_<name>.
+    # With mini-batches they are averaged over batches weighted by batch size: make them per-sample means.
     metrics: MetricsFn | None = None
     # Draws the data and the model's test predictions on a matplotlib Axes.
-    plot_predictions: Callable[[Any, Data, torch.Tensor], None] | None = None
+    plot_predictions: Callable[[Any, Any, torch.Tensor], None] | None = None
     # The default search space: see harness.search.space.
     search_space: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    # Set by the harness when it loads the experiment: how it was found, and the file's sha256.
+    reference: str = ""
+    sha256: str = ""
+
+    def __post_init__(self):
+        taken = {h.name for h in HARNESS_HYPERPARAMETERS} | set(CONFIG_KEYS)
+        seen = set()
+        for hp in self.hyperparameters:
+            if hp.name in taken or hp.name in seen:
+                raise ValueError(f"experiment {self.name!r}: hyperparameter {hp.name!r} is declared twice "
+                                 "or shadows a harness config key")
+            seen.add(hp.name)
+
+    def all_hyperparameters(self) -> tuple[Hyperparameter, ...]:
+        return HARNESS_HYPERPARAMETERS + tuple(self.hyperparameters)
+
+    def hyperparameter(self, name: str) -> Hyperparameter | None:
+        return next((h for h in self.all_hyperparameters() if h.name == name), None)
+
+    def errors(self, scalars: Mapping[str, float]) -> dict[str, float]:
+        """``<name>_error`` for each scalar whose true value the experiment declares."""
+        return {f"{k}_error": abs(scalars[k] - v) for k, v in self.truth.items()
+                if k in scalars and math.isfinite(scalars[k])}
 
 
+# The config's own keys (harness.config.TrainConfig): no hyperparameter may take one of these names.
+CONFIG_KEYS = ("experiment", "optimizer", "loss", "lr", "epochs", "seed", "device")
 PACKAGE = "experiments"
 
 
@@ -66,15 +188,88 @@ def names() -> list[str]:
     return sorted(found)
 
 
-def load(name: str) -> Experiment:
-    """An experiment by its name in ``experiments/``, or by a dotted module path of your own."""
-    module_name = name if "." in name else f"{PACKAGE}.{name}"
+def is_builtin(reference: str) -> bool:
+    """An experiment of the ``experiments`` package, by its plain name."""
+    return reference.isidentifier()
+
+
+def is_file(reference: str) -> bool:
+    return reference.endswith(".py") or os.sep in reference or "/" in reference
+
+
+def load(reference: str) -> Experiment:
+    """An experiment by name (``experiments/``), dotted module path, or file path (``.py``)."""
+    reference = str(reference)
+    if is_file(reference):
+        return _load_file(reference)
+    module_name = reference if "." in reference else f"{PACKAGE}.{reference}"
+    if not all(part.isidentifier() for part in module_name.split(".")):
+        raise UsageError(f"unknown experiment {reference!r}; allowed: {', '.join(names())} "
+                         "(or a module path or a .py file defining EXPERIMENT)")
     try:
         module = importlib.import_module(module_name)
-        experiment = module.EXPERIMENT
-    except (ImportError, AttributeError):
-        raise UsageError(f"unknown experiment {name!r}; allowed: {', '.join(names())} "
-                         "(or a module path defining EXPERIMENT)") from None
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and not module_name.startswith(exc.name):
+            raise UsageError(f"experiment module {module_name!r} failed to import: {_first_line(exc)}") from None
+        raise UsageError(f"unknown experiment {reference!r}; allowed: {', '.join(names())} "
+                         "(or a module path or a .py file defining EXPERIMENT)") from None
+    except Exception as exc:
+        raise UsageError(f"experiment module {module_name!r} raised on import: {_first_line(exc)}") from None
+    return _found(module, module_name, reference, "")
+
+
+def _load_file(reference: str) -> Experiment:
+    path = Path(reference).expanduser().resolve()
+    if not path.exists():
+        raise UsageError(f"experiment file {reference!r} does not exist")
+    if not path.is_file():
+        raise UsageError(f"experiment file {reference!r} is not a regular file")
+    if path.suffix != ".py":
+        raise UsageError(f"experiment file {reference!r} must be a .py file")
+    content = path.read_bytes()
+    if len(content) > MAX_FILE_BYTES:
+        raise UsageError(f"experiment file {reference!r} is {len(content)} bytes; at most {MAX_FILE_BYTES} allowed")
+    digest = hashlib.sha256(content).hexdigest()
+    module_name = f"harness_experiment_{path.stem if path.stem.isidentifier() else 'file'}_{digest[:12]}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses and pickling look the module up there
+        try:
+            spec.loader.exec_module(module)
+        except BaseException as exc:
+            del sys.modules[module_name]
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise UsageError(f"experiment file {reference!r} raised on import: {_first_line(exc)}") from None
+    return _found(module, str(path), str(path), digest)
+
+
+def _found(module, where: str, reference: str, digest: str) -> Experiment:
+    experiment = getattr(module, "EXPERIMENT", None)
+    if experiment is None:
+        raise UsageError(f"{where} defines no EXPERIMENT (it must set EXPERIMENT = harness.experiment.Experiment(...))")
     if not isinstance(experiment, Experiment):
-        raise UsageError(f"{module_name}.EXPERIMENT is a {type(experiment).__name__}, not a harness Experiment")
-    return experiment
+        raise UsageError(f"{where}: EXPERIMENT is a {type(experiment).__name__}, not a harness Experiment")
+    if not digest and getattr(module, "__file__", None):
+        try:
+            digest = hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()
+        except OSError:
+            digest = ""
+    if reference.startswith(f"{PACKAGE}.") and is_builtin(reference[len(PACKAGE) + 1:]):
+        reference = reference[len(PACKAGE) + 1:]  # the plain name finds it again
+    return replace(experiment, reference=reference, sha256=digest)
+
+
+def file_sha256(reference: str) -> str | None:
+    """The sha256 of an experiment file as it is now; None when it is gone."""
+    try:
+        return hashlib.sha256(Path(reference).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__

@@ -39,10 +39,13 @@ class History:
         return self.values[key][-1]
 
 
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
 def train_step(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
                optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """One full-batch step. Returns the loss and predictions from *before* the update."""
-    model.train()
+    """One optimizer step on one batch (the model in training mode). Returns the loss and predictions
+    from *before* the update."""
     pred = model(X)
     loss = loss_fn(pred, y)
     optimizer.zero_grad()
@@ -59,11 +62,69 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
         return loss_fn(pred, y), pred
 
 
-def fit(model: nn.Module, data, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
-        *, metrics_fn: MetricsFn | None = None, observers: Iterable[Observer] = (),
-        sync_every: int | None = None, history: History | None = None) -> History:
+def train_epoch(model: nn.Module, batches: Batches, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                device: torch.device, metrics_fn: MetricsFn | None = None) -> dict[str, torch.Tensor]:
+    """One pass over the training batches: the loss (and metrics) of each batch before its step,
+    averaged over the epoch's samples, on the device."""
+    values: dict[str, list[torch.Tensor]] = {"loss": []}
+    sizes: list[int] = []
+    model.train()
+    move = device.type != "cpu"  # batches on the CPU already are where a CPU model wants them
+    for X, y in batches:
+        if move:
+            X, y = X.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss, pred = train_step(model, X, y, loss_fn, optimizer)
+        values["loss"].append(loss)
+        sizes.append(len(X))
+        if metrics_fn is not None:
+            for name, value in metrics_fn(pred, y).items():
+                values.setdefault(name, []).append(value)
+    return {name: sample_mean(v, sizes) for name, v in values.items()}
+
+
+def evaluate_batches(model: nn.Module, batches: Batches, loss_fn: nn.Module, device: torch.device,
+                     metrics_fn: MetricsFn | None = None, keep_predictions: bool = False):
+    """The loss (and metrics) over every test batch, averaged over samples; and the predictions,
+    concatenated, when asked for."""
+    values: dict[str, list[torch.Tensor]] = {"loss": []}
+    sizes: list[int] = []
+    predictions = []
+    move = device.type != "cpu"
+    for X, y in batches:
+        if move:
+            X, y = X.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss, pred = evaluate(model, X, y, loss_fn)
+        values["loss"].append(loss)
+        sizes.append(len(X))
+        if metrics_fn is not None:
+            for name, value in metrics_fn(pred, y).items():
+                values.setdefault(name, []).append(value)
+        if keep_predictions:
+            predictions.append(pred)
+    means = {name: sample_mean(v, sizes) for name, v in values.items()}
+    if not keep_predictions:
+        return means, None
+    return means, predictions[0] if len(predictions) == 1 else torch.cat(predictions)
+
+
+def sample_mean(values: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+    """Per-batch means weighted by batch size: sum(value_b * n_b) / sum(n_b). One batch: its value
+    untouched, so full-batch training gives exactly the reference's numbers."""
+    if len(values) == 1:
+        return values[0]
+    stacked = torch.stack(values).float()
+    weights = torch.tensor(sizes, dtype=stacked.dtype, device=stacked.device)
+    return (stacked * weights).sum() / weights.sum()
+
+
+def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn: nn.Module,
+        optimizer: torch.optim.Optimizer, epochs: int, *, metrics_fn: MetricsFn | None = None,
+        observers: Iterable[Observer] = (), sync_every: int | None = None,
+        history: History | None = None) -> History:
     """Train for ``epochs`` epochs and return the history.
 
+    ``train_batches`` and ``test_batches`` are iterated once per epoch: a list holding one
+    (inputs, targets) pair is full-batch training, a DataLoader is mini-batch training.
     Per-epoch values stay on the model's device and are copied to the host every ``sync_every``
     epochs (default: every epoch on the CPU, where the copy is free; once at the end elsewhere,
     so an accelerator is never made to wait). Observers and the divergence check run at each copy.
@@ -85,15 +146,11 @@ def fit(model: nn.Module, data, loss_fn: nn.Module, optimizer: torch.optim.Optim
 
     start = 0
     for epoch in range(epochs):
-        train_loss, train_pred = train_step(model, data.X_train, data.y_train, loss_fn, optimizer)
-        test_loss, test_pred = evaluate(model, data.X_test, data.y_test, loss_fn)
-        record("train_loss", train_loss, epoch)
-        record("test_loss", test_loss, epoch)
-        if metrics_fn is not None:
-            for name, value in metrics_fn(train_pred, data.y_train).items():
-                record(f"train_{name}", value, epoch)
-            for name, value in metrics_fn(test_pred, data.y_test).items():
-                record(f"test_{name}", value, epoch)
+        train = train_epoch(model, train_batches, loss_fn, optimizer, device, metrics_fn)
+        test, _ = evaluate_batches(model, test_batches, loss_fn, device, metrics_fn)
+        for prefix, values in (("train", train), ("test", test)):
+            for name, value in values.items():
+                record(f"{prefix}_{name}", value, epoch)
         if epoch + 1 - start >= sync_every or epoch + 1 == epochs:
             if not _sync(buffers, start, epoch + 1, history, observers):
                 break

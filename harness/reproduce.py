@@ -10,19 +10,22 @@ from .runs import curves, get_run, load_state_dict, logged_config
 REPRODUCES_TAG = "harness.reproduces"
 
 
-def reproduce(client, run_id: str) -> tuple[str, list[str], int]:
-    """Returns (new run id, differences, epochs compared); no differences means reproduced exactly."""
+def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str, list[str], int]:
+    """Returns (new run id, differences, epochs compared); no differences means reproduced exactly.
+
+    ``experiment``: the run's experiment module or file, when it is not one of the ``experiments`` package.
+    """
     source = get_run(client, run_id)
     if source.info.status not in ("FINISHED", "FAILED"):
         raise UsageError(f"run {run_id} is {source.info.status}; only FINISHED or FAILED runs can be "
                          "re-run and compared (a pruned or interrupted run stopped early)")
-    cfg, experiment = logged_config(client, run_id)
-    result = training.train(cfg, experiment)
+    cfg, found = logged_config(client, run_id, experiment=experiment)
+    result = training.train(cfg, found)
     new_run = client.create_run(source.info.experiment_id, run_name=f"reproduce-{source.info.run_name}",
                                 tags={REPRODUCES_TAG: run_id, "harness.command": "reproduce"})
     status = "FAILED"
     try:
-        status = tracking.log_result(client, new_run.info.run_id, experiment, result)
+        status = tracking.log_result(client, new_run.info.run_id, found, result)
     finally:
         client.set_terminated(new_run.info.run_id, status)
     logged = curves(client, run_id, result.history.values.keys())

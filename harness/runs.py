@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 from . import config, training
+from .config import MAX_CONFIG_BYTES
 from .errors import HarnessError, UsageError
-from .tracking import CONFIG, STATE_DICT
+from .experiment import is_builtin, load
+from .tracking import CONFIG, EXPERIMENT_SHA_PARAM, STATE_DICT
 
 
 def get_run(client, run_id: str):
@@ -19,18 +22,38 @@ def get_run(client, run_id: str):
         raise UsageError(f"run {run_id!r} does not exist in the MLflow store {client.tracking_uri}") from None
 
 
-def logged_config(client, run_id: str, device: str | None = None):
-    """The run's resolved config (from its config.json), re-validated; returns (config, experiment)."""
+def logged_config(client, run_id: str, device: str | None = None, experiment: str | None = None):
+    """The run's resolved config (from its config.json), re-validated; returns (config, experiment).
+
+    A run's record never chooses code to import: an experiment of the ``experiments`` package is
+    found by its name, any other (a module or a file of the user's) only when the caller names it
+    in ``experiment``. A file whose sha256 differs from the run's gets a warning on stderr.
+    """
     with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
         try:
-            logged = json.loads(Path(client.download_artifacts(run_id, CONFIG, tmp)).read_text())
+            path = Path(client.download_artifacts(run_id, CONFIG, tmp))
+            if path.stat().st_size > MAX_CONFIG_BYTES:
+                raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
+            logged = json.loads(path.read_text())
+            if not isinstance(logged, dict):
+                raise ValueError("not a mapping")
         except Exception as exc:
             raise HarnessError(f"run {run_id} has no readable {CONFIG} ({type(exc).__name__}): "
                                "was it logged by the harness?") from None
-    fields = {k: v for k, v in logged.items() if k in config.FIELDS}
+    recorded = str(logged.get("experiment", "linear_regression"))
+    if experiment is None and not is_builtin(recorded):
+        raise UsageError(f"run {run_id}'s experiment comes from {recorded!r}; a run's record never chooses code "
+                         f"to import: name it yourself with --experiment {recorded} (Python: experiment=...)")
+    found = load(experiment or recorded)
+    was = logged.get(EXPERIMENT_SHA_PARAM)
+    if experiment is not None and was and found.sha256 and was != found.sha256:
+        print(f"harness: warning: experiment {found.reference!r} has changed since run {run_id} was logged "
+              f"(sha256 {found.sha256[:12]}, was {was[:12]})", file=sys.stderr)
+    fields = {k: v for k, v in logged.items() if k in config.allowed_keys(found)}
+    fields["experiment"] = found.reference
     if device:
         fields["device"] = device
-    return config.resolve(fields)
+    return config.resolve(fields, experiment=found)
 
 
 def load_state_dict(client, run_id: str) -> dict:
@@ -49,28 +72,37 @@ def load_state_dict(client, run_id: str) -> dict:
                                f"(torch.load weights_only=True: {first})") from None
 
 
-def load_model(run_id: str, client=None):
-    """The run's model, rebuilt from its config and loaded from its state_dict.pt, in eval mode."""
+def load_model(run_id: str, client=None, experiment: str | None = None):
+    """The run's model, rebuilt from its config (hyperparameters included) and loaded from its
+    state_dict.pt, in eval mode. ``experiment``: the run's experiment module or file, when it is
+    not one of the ``experiments`` package."""
     from mlflow import MlflowClient
 
     client = client or MlflowClient()
+    return _model_and_experiment(client, run_id, experiment)[0]
+
+
+def _model_and_experiment(client, run_id: str, experiment: str | None):
     get_run(client, run_id)
-    cfg, experiment = logged_config(client, run_id, device="cpu")
-    model = training.build_model(cfg, experiment)
-    model.load_state_dict(load_state_dict(client, run_id))
-    return model.eval()
+    cfg, found = logged_config(client, run_id, device="cpu", experiment=experiment)
+    model = training.build_model(cfg, found)
+    try:
+        model.load_state_dict(load_state_dict(client, run_id))
+    except RuntimeError as exc:  # keys or shapes that are not this model's
+        first = str(exc).strip().splitlines()[0]
+        raise HarnessError(f"{STATE_DICT} of run {run_id} does not fit the model its config builds: {first}") from None
+    return model.eval(), found
 
 
-def predict(run_id: str, values: list[float], client=None):
+def predict(run_id: str, values: list[float], client=None, experiment: str | None = None):
     """Inputs shaped like the experiment's data and the model's outputs for them."""
     import torch
 
     from mlflow import MlflowClient
 
     client = client or MlflowClient()
-    model = load_model(run_id, client)
-    _, experiment = logged_config(client, run_id, device="cpu")
-    shape = tuple(experiment.make_data().X_test.shape[1:])
+    model, found = _model_and_experiment(client, run_id, experiment)
+    shape = found.make_data().input_shape
     width = int(torch.Size(shape).numel())
     if not values or len(values) % width:
         raise UsageError(f"--x needs a multiple of {width} numbers for inputs of shape {list(shape)}, "

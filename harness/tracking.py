@@ -19,6 +19,8 @@ from pathlib import Path
 STATE_DICT = "state_dict.pt"
 CONFIG = "config.json"
 FAIL_REASON_TAG = "harness.fail_reason"
+# The sha256 of the file that defined the run's experiment: `reproduce` and `predict` tell a changed file.
+EXPERIMENT_SHA_PARAM = "experiment_sha256"
 
 
 @dataclass
@@ -32,8 +34,13 @@ class RunRecord:
     artifacts: dict[str, bytes] = field(default_factory=dict)
 
 
+def source_params(experiment) -> dict[str, str]:
+    """Where the run's experiment came from, beside its config (which names it)."""
+    return {EXPERIMENT_SHA_PARAM: experiment.sha256} if experiment.sha256 else {}
+
+
 def params_of(config, extra_params: dict | None = None) -> dict[str, str]:
-    """A run's params: the whole resolved config, the torch version and any extras."""
+    """A run's params: the whole resolved config (hyperparameters included), the torch version, extras."""
     import torch
 
     return {**{k: str(v) for k, v in config.to_dict().items()}, "torch_version": str(torch.__version__),
@@ -48,7 +55,8 @@ def record(result, extra_params: dict | None = None, tags: dict | None = None) -
     params = params_of(result.config, extra_params)
     buffer = io.BytesIO()
     torch.save(result.model.state_dict(), buffer)
-    config = {**cfg, "torch_version": str(torch.__version__)}
+    config = {**cfg, "torch_version": str(torch.__version__),
+              **{k: v for k, v in (extra_params or {}).items() if k == EXPERIMENT_SHA_PARAM}}
     tags = dict(tags or {})
     if result.history.stopped:
         tags.setdefault(FAIL_REASON_TAG, result.history.stopped)
@@ -68,7 +76,7 @@ def log_result(client, run_id: str, experiment, result, skip_params: set[str] = 
     """Everything a finished training run logs, figures included; returns the status it ends with."""
     from . import plots
 
-    write(client, run_id, record(result), skip_params=skip_params)
+    write(client, run_id, record(result, source_params(experiment)), skip_params=skip_params)
     log_figures(client, run_id, plots.render(experiment, result.history.values, result.data, result.predictions))
     return "FAILED" if result.diverged else "FINISHED"
 

@@ -1,4 +1,4 @@
-"""One training run of an experiment from a resolved config: model, optimizer, loss, loop."""
+"""One training run of an experiment from a resolved config: model, optimizer, loss, batches, loop."""
 from __future__ import annotations
 
 import threading
@@ -7,22 +7,29 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from .config import TrainConfig
-from .experiment import Data, Experiment
-from .loop import History, Observer, evaluate, fit
+from .errors import UsageError
+from .experiment import Data, Datasets, Experiment
+from .loop import Batches, History, Observer, evaluate_batches, fit
 from .registry import build_loss, build_optimizer
 
 # torch's default generator is process-wide: seeding and drawing the initial weights must happen
-# as one step, or two trials on two threads could interleave and get each other's weights.
-_SEED_LOCK = threading.Lock()
+# as one step, and a model that draws random numbers while it trains (dropout) must not share the
+# generator with another thread's trial, or two trials on two threads (--n-jobs) would get each
+# other's numbers and no longer re-run bit for bit. So one run trains at a time per process;
+# threads still overlap everything around training (sampling, tracking).
+_RNG_LOCK = threading.RLock()
+# Test sets are evaluated in batches of at most this many samples.
+EVAL_BATCH = 4096
 
 
 @dataclass
 class TrainResult:
     config: TrainConfig
     model: nn.Module
-    data: Data
+    data: Data | Datasets
     history: History
     predictions: torch.Tensor  # test-set predictions of the final model, on the host
     scalars: dict[str, float]
@@ -40,20 +47,62 @@ class TrainResult:
 
 
 def build_model(cfg: TrainConfig, experiment: Experiment) -> nn.Module:
-    with _SEED_LOCK:
+    with _RNG_LOCK:
         torch.manual_seed(cfg.seed)
-        model = experiment.make_model()
+        try:
+            model = experiment.make_model(**cfg.hparams)
+        except Exception as exc:
+            shown = ", ".join(f"{k}={v!r}" for k, v in cfg.hparams.items()) or "no hyperparameters"
+            raise UsageError(f"experiment {experiment.name!r} cannot build its model with {shown}: "
+                             f"{type(exc).__name__}: {exc}") from None
     return model.to(cfg.device)
 
 
-def train(cfg: TrainConfig, experiment: Experiment, data: Data | None = None,
+def batches(data: Data | Datasets, cfg: TrainConfig) -> tuple[Batches, Batches]:
+    """What the loop iterates each epoch: training batches and test batches.
+
+    Full batch (no ``batch_size``) on tensors is one (inputs, targets) pair, exactly the reference.
+    Mini-batches come from a DataLoader whose shuffling draws from a generator seeded with the
+    run's seed, so a re-run sees the same batches in the same order.
+    """
+    pin = torch.device(cfg.device).type == "cuda"
+    if isinstance(data, Data):
+        if cfg.batch_size is None:
+            train: Batches = [(data.X_train, data.y_train)]
+        else:
+            dataset = TensorDataset(data.X_train, data.y_train)
+            generator = torch.Generator().manual_seed(cfg.seed)
+            # Whole batches at once (TensorDataset indexes with a list): the same batches as
+            # DataLoader(dataset, batch_size, shuffle=True, generator=generator), without
+            # collating one sample at a time.
+            sampler = BatchSampler(RandomSampler(dataset, generator=generator), cfg.batch_size, drop_last=False)
+            train = DataLoader(dataset, sampler=sampler, batch_size=None, generator=generator,
+                               pin_memory=pin and data.X_train.device.type == "cpu")
+        test: Batches = list(zip(data.X_test.split(EVAL_BATCH), data.y_test.split(EVAL_BATCH)))
+        return train, test
+    generator = torch.Generator().manual_seed(cfg.seed)
+    size = cfg.batch_size or len(data.train)
+    train = DataLoader(data.train, batch_size=size, shuffle=cfg.batch_size is not None, generator=generator,
+                       pin_memory=pin)
+    test = DataLoader(data.test, batch_size=max(size, EVAL_BATCH), shuffle=False, pin_memory=pin)
+    return train, test
+
+
+def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None = None,
           observers: Iterable[Observer] = (), sync_every: int | None = None,
           history: History | None = None) -> TrainResult:
     data = (data if data is not None else experiment.make_data()).to(cfg.device)
-    model = build_model(cfg, experiment)
-    loss_fn = build_loss(cfg.loss)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
-    history = fit(model, data, loss_fn, optimizer, cfg.epochs, metrics_fn=experiment.metrics,
-                  observers=observers, sync_every=sync_every, history=history)
-    _, predictions = evaluate(model, data.X_test, data.y_test, loss_fn)
-    return TrainResult(cfg, model, data, history, predictions.cpu(), experiment.scalars(model))
+    with _RNG_LOCK:
+        model = build_model(cfg, experiment)
+        loss_fn = build_loss(cfg.loss)
+        optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
+        train_batches, test_batches = batches(data, cfg)
+        history = fit(model, train_batches, test_batches, loss_fn, optimizer, cfg.epochs,
+                      metrics_fn=experiment.metrics, observers=observers, sync_every=sync_every, history=history)
+        _, predictions = evaluate_batches(model, test_batches, loss_fn, model_device(model), keep_predictions=True)
+    scalars = experiment.scalars(model)
+    return TrainResult(cfg, model, data, history, predictions.cpu(), {**scalars, **experiment.errors(scalars)})
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

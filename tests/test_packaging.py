@@ -32,6 +32,7 @@ def test_mlproject_train_defaults_are_the_reference_config():
     params = project["entry_points"]["train"]["parameters"]
     cfg, _ = config.resolve({"device": "auto"})
     defaults = {name: spec["default"] for name, spec in params.items()}
-    assert defaults == {**cfg.to_dict(), "device": "auto"}
+    assert defaults == {**cfg.to_dict(), "device": "auto", "batch_size": "", "config": ""}
+    command = project["entry_points"]["train"]["command"]
     for name in params:
-        assert f"--{name} {{{name}}}" in project["entry_points"]["train"]["command"]
+        assert f"--{name} {{{name}}}" in command or f"--set {name}={{{name}}}" in command

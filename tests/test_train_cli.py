@@ -73,7 +73,7 @@ def test_metrics_are_sent_in_batches_not_per_epoch(workdir, monkeypatch):
     tracking.write(client, run_id, tracking.record(training.train(cfg, experiment)))
     assert len(client.get_metric_history(run_id, "train_loss")) == 1500
     assert all(m + p + t <= 1000 for m, p, t in calls)
-    assert sum(m for m, _, _ in calls) == 2 * 1500 + 4
+    assert sum(m for m, _, _ in calls) == 2 * 1500 + 6  # finals: 2 losses, weight, bias, their 2 errors
     assert len(calls) == 4
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="rebuild a run's model from MLflow and predict")
     p.add_argument("run_id")
+    p.add_argument("--experiment", metavar="MODULE_OR_FILE",
+                   help="the run's experiment, when it is a module or .py file of your own (a run's record never "
+                        "chooses code to import)")
     p.add_argument("--x", nargs="+", required=True, metavar="X",
                    help="input values, flattened (a multiple of the experiment's input size)")
     p.set_defaults(handler=run)
@@ -21,7 +24,7 @@ def run(args) -> int:
             raise UsageError(f"--x values must be numbers, got {raw!r}") from None
     from ..runs import predict
 
-    inputs, outputs = predict(args.run_id, values)
+    inputs, outputs = predict(args.run_id, values, experiment=args.experiment)
     for x, y in zip(inputs.tolist(), outputs.tolist()):
         print(f"{_fmt(x)} -> {_fmt(y)}")
     return 0

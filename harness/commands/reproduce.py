@@ -7,6 +7,9 @@ import sys
 def add_parser(sub) -> None:
     p = sub.add_parser("reproduce", help="re-run a logged run from its config and seed; exit 1 if anything differs")
     p.add_argument("run_id")
+    p.add_argument("--experiment", metavar="MODULE_OR_FILE",
+                   help="the run's experiment, when it is a module or .py file of your own (a run's record never "
+                        "chooses code to import)")
     p.set_defaults(handler=run)
 
 
@@ -15,7 +18,7 @@ def run(args) -> int:
 
     from ..reproduce import reproduce
 
-    new_run, diffs, epochs = reproduce(MlflowClient(), args.run_id)
+    new_run, diffs, epochs = reproduce(MlflowClient(), args.run_id, experiment=args.experiment)
     if not diffs:
         print(f"reproduced run {args.run_id} exactly: state_dict bitwise identical, curves equal over "
               f"{epochs} epochs; re-run logged as {new_run}")

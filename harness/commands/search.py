@@ -28,6 +28,10 @@ def add_parser(sub) -> None:
     p.add_argument("--lr-range", nargs=2, metavar=("LOW", "HIGH"), help="log-uniform lr range")
     p.add_argument("--epochs-range", nargs=2, metavar=("LOW", "HIGH"), help="integer epochs range")
     p.add_argument("--pairs", nargs="+", metavar="OPT+LOSS", help="allowed optimizer+loss pairs")
+    p.add_argument("--tune", action="append", metavar="NAME[=RANGE]",
+                   help="also search a hyperparameter: its declared range (--tune hidden), [low, high] "
+                        "(--tune weight_decay=[1e-6,1e-2]), choices (--tune batch_size=[32,64,128]) or a YAML "
+                        "mapping (--tune 'lr2={low: 0.1, high: 1, log: true}'); repeatable")
     p.add_argument("--report-every", help="report the test loss to the pruner every N epochs (default: 1 on a "
                                           "journal or SQLite storage, 10 on a database server)")
     p.add_argument("--trial-figures", action="store_true", help="render both PNG figures for every trial")
@@ -43,17 +47,20 @@ def _options(args):
     from ..search import study as study_module
 
     experiment = load(args.experiment or "linear_regression")
-    base = {"experiment": experiment.name, "device": args.device}
+    base = {**config.parse_sets(args.set), "experiment": experiment.reference, "device": args.device}
     cfg, _ = config.resolve(base, file=args.config, experiment=experiment)
+    data = experiment.make_data()
+    cfg = config.validate(cfg, experiment, data.n_train)
     space = space_module.resolve(experiment, args.space, {"lr": args.lr_range, "epochs": args.epochs_range,
-                                                          "pairs": args.pairs})
+                                                          "pairs": args.pairs, **parse_tunes(args.tune)},
+                                 n_train=data.n_train)
     config.one_of("sampler", args.sampler, study_module.SAMPLERS)
     config.one_of("pruner", args.pruner, study_module.PRUNERS)
     config.one_of("direction", args.direction, study_module.DIRECTIONS)
     storage_url = args.storage or study_module.DEFAULT_STORAGE
     study_module.storage_scheme(storage_url)
     return {
-        "experiment": experiment, "cfg": cfg, "space": space, "storage_url": storage_url,
+        "experiment": experiment, "cfg": cfg, "data": data, "space": space, "storage_url": storage_url,
         "study_name": args.study_name or f"{experiment.name}-search",  # "" from MLproject = not given
         "n_trials": config.positive_int("--n-trials", args.n_trials),
         "max_trials": config.positive_int("--max-trials", args.max_trials) if args.max_trials else None,
@@ -66,6 +73,24 @@ def _options(args):
         else 1 if study_module.storage_scheme(storage_url) in ("journal", "sqlite") else 10,
         "sampler_seed": config.nonnegative_int("--seed", args.seed) if args.seed not in (None, "") else None,
     }
+
+
+def parse_tunes(tunes: list[str] | None) -> dict:
+    """``--tune NAME[=RANGE]`` flags as search-space entries; RANGE is YAML (a list or a mapping)."""
+    import yaml
+
+    from ..errors import UsageError
+
+    entries: dict = {}
+    for tune in tunes or ():
+        name, eq, text = tune.partition("=")
+        if not name.strip():
+            raise UsageError(f"--tune takes NAME or NAME=RANGE, got {tune!r}")
+        try:
+            entries[name.strip()] = yaml.safe_load(text) if eq else True
+        except yaml.YAMLError:
+            raise UsageError(f"--tune {name.strip()}: {text!r} is not a YAML list or mapping") from None
+    return entries
 
 
 def run(args) -> int:
@@ -120,7 +145,8 @@ def run(args) -> int:
             return 0
         n_trials = min(n_trials, left)
     objective = Objective(
-        opts["experiment"], space, seed=opts["cfg"].seed, device=opts["cfg"].device,
+        opts["experiment"], space, seed=opts["cfg"].seed, device=opts["cfg"].device, base=opts["cfg"].to_dict(),
+        data=opts["data"],
         report_every=opts["report_every"], mlflow_experiment=args.mlflow_experiment,
         trial_figures=args.trial_figures,
         tracker_options={"storage_label": study_module.redact(url), "sampler": args.sampler,
@@ -139,7 +165,7 @@ def run(args) -> int:
         errors = objective.close() + writer.close()
     for error in errors:
         print(f"harness: a tracking write failed: {error!r}", file=sys.stderr)
-    print(report(study, tracker, time.time() - started, url))
+    print(report(study, tracker, time.time() - started, url, opts["experiment"]))
     if interrupted:
         print(f"harness: interrupted; resume with: {resume_command(args, study.study_name, url)}", file=sys.stderr)
         return 130
@@ -173,7 +199,7 @@ def _recover_stale_trials(study, storage, writer) -> None:
         writer.submit(w_fail_stale_runs, parent, sorted(abandoned(study.get_trials(deepcopy=False))))
 
 
-def report(study, tracker, seconds: float, url: str) -> str:
+def report(study, tracker, seconds: float, url: str, experiment) -> str:
     from optuna.trial import TrialState
 
     from ..search import study as study_module
@@ -187,9 +213,11 @@ def report(study, tracker, seconds: float, url: str) -> str:
     done = frame[frame["state"] == "COMPLETE"]
     if done.empty:
         return "\n".join(lines + ["no trial completed"])
-    columns = ["number", "value", "params_lr", "params_epochs", "params_optimizer_loss", RUN_ATTR]
-    top = done.sort_values("value", ascending=study.direction.name == "MINIMIZE").head(5)[columns]
-    top.columns = ["trial", "test_loss", "lr", "epochs", "optimizer+loss", "mlflow run"]
+    params = [c for c in frame.columns if c.startswith("params_")]  # the space's, hyperparameters included
+    top = done.sort_values("value", ascending=study.direction.name == "MINIMIZE").head(5)
+    top = top[["number", "value", *params, RUN_ATTR]].rename(columns={
+        "number": "trial", "value": "test_loss", "params_optimizer_loss": "optimizer+loss", RUN_ATTR: "mlflow run",
+        **{c: c.removeprefix("params_") for c in params if c != "params_optimizer_loss"}})
     lines += ["top trials:", top.to_string(index=False)]
     best_run = study.best_trial.user_attrs.get(RUN_ATTR)
     if tracker is not None:
@@ -200,8 +228,11 @@ def report(study, tracker, seconds: float, url: str) -> str:
         lines.append(f"compare in MLflow: {where}  "
                      f"(parent run {tracker.parent_run_id}, filter: tags.optuna.study_name = '{study.study_name}')")
     if best_run:
+        from ..experiment import is_builtin
+
+        named = "" if is_builtin(experiment.reference) else f", experiment={experiment.reference!r}"
         lines.append("reload the best model: python -c \"from harness.runs import load_model; "
-                     f"print(load_model('{best_run}').state_dict())\"")
+                     f"print(load_model('{best_run}'{named}).state_dict())\"")
     return "\n".join(lines)
 
 

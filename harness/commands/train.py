@@ -8,8 +8,12 @@ import time
 
 def add_config_arguments(parser) -> None:
     """The TrainConfig fields as flags; unset flags stay None so lower layers show through."""
-    parser.add_argument("--experiment", help="experiment name in experiments/ (default: linear_regression)")
+    parser.add_argument("--experiment", help="an experiment: a name in experiments/, a dotted module path or a "
+                                             "path/to/file.py defining EXPERIMENT (default: linear_regression)")
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with config values")
+    parser.add_argument("--set", action="append", metavar="NAME=VALUE",
+                        help="a config value or hyperparameter, e.g. --set batch_size=32 --set hidden=64 "
+                             "(repeatable; named flags win)")
     parser.add_argument("--device", help="auto|cpu|cuda|mps (default: auto)")
     parser.add_argument("--mlflow-experiment", metavar="NAME",
                         help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else MLflow's default)")
@@ -30,8 +34,11 @@ def run(args) -> int:
     from .. import config
 
     cfg, experiment = config.resolve(
-        {"experiment": args.experiment, "optimizer": args.optimizer, "loss": args.loss, "lr": args.lr,
-         "epochs": args.epochs, "seed": args.seed, "device": args.device}, file=args.config)
+        {**config.parse_sets(args.set), "experiment": args.experiment, "optimizer": args.optimizer,
+         "loss": args.loss, "lr": args.lr, "epochs": args.epochs, "seed": args.seed, "device": args.device},
+        file=args.config)
+    data = experiment.make_data()
+    cfg = config.validate(cfg, experiment, data.n_train)  # batch_size against the training set's size
     # mlflow is imported only once the input is known good: bad input never touches a store.
     import mlflow
 
@@ -47,7 +54,7 @@ def run(args) -> int:
             experiment_id, skip = existing.info.experiment_id, set(existing.data.params)
         else:
             experiment_id, skip = tracking.experiment_id(client, args.mlflow_experiment), set()
-            run_id = client.create_run(experiment_id, run_name=f"{cfg.experiment}-{cfg.optimizer}-{cfg.loss}",
+            run_id = client.create_run(experiment_id, run_name=f"{experiment.name}-{cfg.optimizer}-{cfg.loss}",
                                        tags={"harness.command": "train"}).info.run_id
     except Exception as exc:
         raise tracking.unreachable("the MLflow tracking store", mlflow.get_tracking_uri(), time.time() - started,
@@ -55,11 +62,12 @@ def run(args) -> int:
     status, started = "FAILED", time.time()
     history = History()  # filled as training goes: what an interrupt leaves is still logged
     try:
-        result = training.train(cfg, experiment, observers=[Progress(cfg.epochs)], history=history)
+        result = training.train(cfg, experiment, data, observers=[Progress(cfg.epochs)], history=history)
         status = tracking.log_result(client, run_id, experiment, result, skip_params=skip)
     except KeyboardInterrupt:
         status = "KILLED"
-        tracking.write(client, run_id, tracking.partial_record(cfg, history, "interrupted"), skip_params=skip)
+        tracking.write(client, run_id, tracking.partial_record(cfg, history, "interrupted",
+                                                               tracking.source_params(experiment)), skip_params=skip)
         raise
     finally:
         client.set_terminated(run_id, status)
@@ -83,8 +91,11 @@ class Progress:
 
 
 def summary(cfg, result, run_id: str, status: str, seconds: float) -> str:
+    batch = f"batch {cfg.batch_size}" if cfg.batch_size else "full batch"
     lines = [f"run {run_id} {status} in {seconds:.1f}s: {cfg.experiment}, {cfg.optimizer}+{cfg.loss}, "
-             f"lr={cfg.lr:g}, {result.history.epochs_run}/{cfg.epochs} epochs, seed {cfg.seed}, {cfg.device}"]
+             f"lr={cfg.lr:g}, {result.history.epochs_run}/{cfg.epochs} epochs, {batch}, seed {cfg.seed}, {cfg.device}"]
+    if cfg.hparams:
+        lines.append("  " + "  ".join(f"{k}={v}" for k, v in cfg.hparams.items()))
     finals = result.final_metrics()
     if finals:
         lines.append("  " + "  ".join(f"{k} {v:.6g}" for k, v in finals.items()))

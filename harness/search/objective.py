@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import replace
 
 import optuna
 
@@ -58,12 +57,17 @@ class Objective:
 
     def __init__(self, experiment: str | Experiment = "linear_regression", space: SearchSpace | None = None, *,
                  track: bool = True, mlflow_experiment: str | None = None, report_every: int = 1,
-                 trial_figures: bool = False, seed: int = 42, device: str = "auto", tracker_options=None):
+                 trial_figures: bool = False, seed: int = 42, device: str = "auto", base: dict | None = None,
+                 data=None, tracker_options=None):
+        """``base``: fixed config values for every trial (e.g. ``{"batch_size": 64}``); the space's
+        samples override them. ``data``: the experiment's data, if the caller already loaded it."""
         self.experiment = experiment if isinstance(experiment, Experiment) else load(experiment)
-        self.space = space or space_module.resolve(self.experiment)
-        self.base, _ = config.resolve({"experiment": self.experiment.name, "seed": seed, "device": device},
-                                      experiment=self.experiment)
-        self.data = self.experiment.make_data().to(self.base.device)
+        data = data if data is not None else self.experiment.make_data()
+        self.space = space or space_module.resolve(self.experiment, n_train=data.n_train)
+        self.base, _ = config.resolve({**(base or {}), "experiment": self.experiment.reference or self.experiment.name,
+                                       "seed": seed, "device": device}, experiment=self.experiment,
+                                      n_train=data.n_train)
+        self.data = data.to(self.base.device)
         self.report_every = config.positive_int("report_every", report_every)
         self.track = track
         self.tracker = None
@@ -77,7 +81,8 @@ class Objective:
             # Lets the next worker (or `harness audit --fix`) tell a crashed trial from a running one.
             trial.set_user_attr(WORKER_ATTR, self._worker)
         tracker = self._tracker_for(trial)
-        cfg = config.validate(replace(self.base, **space_module.sample(trial, self.space)), self.experiment)
+        cfg = config.validate(config.with_values(self.base, space_module.sample(trial, self.space)),
+                              self.experiment, self.data.n_train)
         pending = tracker.start_trial(trial, cfg) if tracker else None
         history = History()  # filled as training goes: kept if it is interrupted
         try:
@@ -110,7 +115,7 @@ class Objective:
             return None
         with self._lock:
             if self.tracker is None:
-                self.tracker = StudyTracker(trial.study, self.experiment.name, **self._tracker_options)
+                self.tracker = StudyTracker(trial.study, self.experiment, **self._tracker_options)
         return self.tracker
 
     def close(self) -> list[BaseException]:

@@ -121,6 +121,14 @@ def w_close_study(run_id: str, summary: dict[str, Any], trials_csv: bytes, trial
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     c = writer.client()
     metrics = {k: summary[k] for k in ("best_value", "best_trial_number", "n_trials") if summary.get(k) is not None}
+    if summary.get("best_run_id"):
+        # The best trial's final metrics (final_test_loss, the experiment's scalars and their errors
+        # against a declared truth), so the collapsed runs table says something true of the study.
+        finals = summary.pop("best_metrics", None)
+        if finals is None:
+            finals = {k: v for k, v in c.get_run(summary["best_run_id"]).data.metrics.items()
+                      if not k.startswith(("train_", "test_"))}
+        metrics.update({f"best_{k}": v for k, v in finals.items()})
     tags = {f"best.{k}": str(v) for k, v in summary.get("best_params", {}).items()}
     if summary.get("best_run_id"):
         tags["best_run_id"] = summary["best_run_id"]
@@ -156,11 +164,14 @@ def w_close_study(run_id: str, summary: dict[str, Any], trials_csv: bytes, trial
 class StudyTracker:
     """Tracks one invocation's trials of a study; ``close`` writes the study summary and drains."""
 
-    def __init__(self, study, experiment_name: str, *, mlflow_experiment: str | None = None,
+    def __init__(self, study, experiment, *, mlflow_experiment: str | None = None,
                  storage_label: str = "", sampler: str = "", pruner: str = "", trial_figures: bool = False,
                  writer: Writer | None = None, env_run_id: str | None = None):
         self.study = study
-        self.experiment_name = experiment_name
+        experiment_name = experiment.name
+        # How the writer process finds the experiment again (a name, a module or a file path).
+        self.experiment_reference = experiment.reference or experiment.name
+        self._extra = tracking.source_params(experiment)
         self.trial_figures = trial_figures
         self.writer = writer or Writer(default_tracking_uri())
         tags = {"optuna.study_name": study.study_name, "optuna.storage": storage_label or describe_storage(study),
@@ -180,13 +191,13 @@ class StudyTracker:
                 study.set_user_attr(PARENT_ATTR, self.parent_run_id)
 
     def start_trial(self, trial, cfg) -> Future:
-        params = tracking.params_of(cfg, {"trial_number": trial.number})
+        params = tracking.params_of(cfg, {"trial_number": trial.number, **self._extra})
         return self.writer.submit(w_create_trial_run, trial.number, self._study_tags, params, urgent=True)
 
     def end_trial(self, trial, pending: Future, result, state: str) -> str:
         """Hand a finished trial's record to the writer; the run ends with the status its state maps to."""
         run_id = self._link(trial, pending)
-        rec = tracking.record(result, extra_params={"trial_number": trial.number},
+        rec = tracking.record(result, extra_params={"trial_number": trial.number, **self._extra},
                               tags={"optuna.trial_state": state})
         if state == "PRUNED":
             rec.finals = {}
@@ -199,7 +210,7 @@ class StudyTracker:
     def end_interrupted_trial(self, trial, pending: Future, cfg, history, reason: str, run_status: str) -> str:
         """A trial that raised (or was interrupted): its params and the curves recorded so far."""
         run_id = self._link(trial, pending)
-        rec = tracking.partial_record(cfg, history, reason, {"trial_number": trial.number},
+        rec = tracking.partial_record(cfg, history, reason, {"trial_number": trial.number, **self._extra},
                                       tags={"optuna.trial_state": "FAIL"})
         self.writer.submit(w_write_trial, run_id, rec, run_status, None)
         return run_id
@@ -212,14 +223,14 @@ class StudyTracker:
         return run_id
 
     def _figure_args(self, result) -> tuple:
-        return (self.experiment_name, result.history.values, result.predictions)
+        return (self.experiment_reference, result.history.values, result.predictions)
 
     def _note_best(self, number: int, run_id: str, result) -> None:
         value = result.history.last("test_loss")
         sign = 1 if self.study.direction.name == "MINIMIZE" else -1
         with self._lock:
             if self._best is None or sign * value < sign * self._best[0]:
-                self._best = (value, number, run_id, self._figure_args(result))
+                self._best = (value, number, run_id, self._figure_args(result), result.final_metrics())
 
     def close(self) -> list[BaseException]:
         """Write the study's summary to its parent run and wait for every write to land."""
@@ -230,7 +241,10 @@ class StudyTracker:
             if self._best is not None and not self.trial_figures:
                 # Rendered here, while the writer drains its queue: this process is idle now.
                 self.writer.submit(w_log_files, self._best[2], render_png(self._best[3]))
-            self.writer.submit(w_close_study, parent, summarize(self.study), trials_csv(self.study),
+            summary = summarize(self.study)
+            if self._best is not None and summary.get("best_trial_number") == self._best[1]:
+                summary["best_metrics"] = self._best[4]  # else the writer reads them off the best run
+            self.writer.submit(w_close_study, parent, summary, trials_csv(self.study),
                                self.study.trials, self.study.direction)
         finally:
             errors = self.writer.close()

@@ -1,0 +1,218 @@
+"""Bring your own experiment: the README's example as printed, files and modules of your own,
+the digits experiment, and bad experiment files; checked by opening both stores."""
+import hashlib
+import shlex
+import textwrap
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from conftest import ROOT, all_runs, cli_env, client_for, run_cli
+from search_helpers import check_contract, journal_study
+
+README = (ROOT / "README.md").read_text()
+
+
+def readme_example() -> tuple[str, list[str]]:
+    """The python block and the command lines of the README's 'Bring your own experiment' section."""
+    section = README[README.index("## Bring your own experiment"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[:code.index("```")]
+    commands = section[section.index("```bash\n") + len("```bash\n"):]
+    commands = [line.split("  #")[0].strip() for line in commands[:commands.index("```")].splitlines()]
+    return code, [c for c in commands if c]
+
+
+def harness(command: str, *extra, cwd, **kw):
+    argv = shlex.split(command)
+    assert argv[0] == "harness"
+    return run_cli(*argv[1:], *extra, cwd=cwd, **kw)
+
+
+def test_readme_example_runs_as_printed_end_to_end(workdir):
+    code, commands = readme_example()
+    assert len(code.splitlines()) <= 40
+    (workdir / "my_experiment.py").write_text(code)
+    sha = hashlib.sha256(code.encode()).hexdigest()
+    train, search, reproduce, predict = commands
+
+    out = harness(train, cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    [run] = all_runs(workdir)
+    params = run.data.params
+    assert params["hidden"] == "64" and params["batch_size"] == "32" and params["weight_decay"] == "0.0"
+    assert params["experiment"] == str(workdir / "my_experiment.py") and params["experiment_sha256"] == sha
+    client = client_for(workdir)
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 20
+
+    out = harness(search, "--n-trials", "3", "--no-progress", cwd=workdir)  # the README's 10, cut to 3
+    assert out.returncode == 0, out.stderr
+    study = journal_study(workdir, "noisy_sine-search")
+    assert len(study.trials) == 3
+    _, runs = check_contract(workdir, study)
+    for trial in study.trials:
+        assert {"hidden", "batch_size", "weight_decay"} <= set(trial.params)
+        assert 8 <= trial.params["hidden"] <= 128 and trial.params["batch_size"] in (32, 64, 128)
+        assert 1e-6 <= trial.params["weight_decay"] <= 1e-2
+        logged = runs[trial.number].data.params
+        assert logged["hidden"] == str(trial.params["hidden"]) and logged["experiment_sha256"] == sha
+    best = study.best_trial.user_attrs["mlflow_run_id"]
+    assert run_cli("audit", "--study", "noisy_sine-search", cwd=workdir).returncode == 0
+
+    out = harness(reproduce.replace("RUN_ID", best), cwd=workdir)
+    assert out.returncode == 0 and "bitwise identical" in out.stdout, out.stderr
+    out = harness(predict.replace("RUN_ID", best), cwd=workdir)
+    assert out.returncode == 0 and len(out.stdout.splitlines()) == 2, out.stderr
+
+    # A run's record never chooses code to import: without --experiment the user is told what to name.
+    out = run_cli("reproduce", best, cwd=workdir)
+    assert out.returncode == 2 and f"--experiment {workdir / 'my_experiment.py'}" in out.stderr
+    # A changed file: said, and the re-run still compared; a missing one: refused.
+    with open(workdir / "my_experiment.py", "a") as f:
+        f.write("# edited\n")
+    out = harness(reproduce.replace("RUN_ID", best), cwd=workdir)
+    assert out.returncode == 0 and "has changed since run" in out.stderr, out.stderr
+    (workdir / "my_experiment.py").unlink()
+    out = harness(predict.replace("RUN_ID", best), cwd=workdir)
+    assert out.returncode == 2 and "experiment file 'my_experiment.py' does not exist" in out.stderr
+
+
+BAD_FILES = {
+    "raises.py": ("import torch\nraise RuntimeError('no data here')\n", "raised on import: RuntimeError: no data here"),
+    "syntax.py": ("def (:\n", "raised on import: SyntaxError"),
+    "empty.py": ("x = 1\n", "defines no EXPERIMENT"),
+    "wrong.py": ("EXPERIMENT = {'name': 'x'}\n", "EXPERIMENT is a dict, not a harness Experiment"),
+}
+
+
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_bad_experiment_files_are_one_line_exit_2_and_write_nothing(tmp_path, command):
+    for name, (content, message) in BAD_FILES.items():
+        (tmp_path / name).write_text(content)
+    (tmp_path / "folder.py").mkdir()
+    cases = [(name, message) for name, (_, message) in BAD_FILES.items()]
+    cases += [("missing.py", "experiment file 'missing.py' does not exist"),
+              ("folder.py", "experiment file 'folder.py' is not a regular file"),
+              ("no_such.module", "unknown experiment 'no_such.module'")]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for reference, message in cases:
+        out = run_cli(command, "--experiment", reference, cwd=tmp_path)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and message in lines[0], (reference, out.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no store, no journal
+
+
+EXPERIMENT_MODULE = textwrap.dedent('''
+    import torch
+    from torch import nn
+    from harness.experiment import Data, Experiment, Hyperparameter
+
+    def make_data():
+        X = torch.linspace(0, 1, 40).unsqueeze(1)
+        return Data(X[:30], 2 * X[:30], X[30:], 2 * X[30:])
+
+    EXPERIMENT = Experiment(
+        name="slope", make_data=make_data, losses=("mse",),
+        make_model=lambda scale: nn.Sequential(nn.Linear(1, 1)) if scale else None,
+        hyperparameters=(Hyperparameter("scale", "categorical", "one", choices=("one", "two")),),
+        defaults={"optimizer": "sgd", "loss": "mse", "lr": 0.1, "epochs": 5})
+''')
+
+
+def test_a_dotted_module_of_your_own_trains_reproduces_and_refuses_bad_input(workdir):
+    package = workdir / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "slope.py").write_text(EXPERIMENT_MODULE)
+    env = cli_env(PYTHONPATH=str(workdir))
+    out = run_cli("train", "--experiment", "mypkg.slope", "--set", "scale=two", "--set", "batch_size=7",
+                  cwd=workdir, env=env)
+    assert out.returncode == 0, out.stderr
+    [run] = all_runs(workdir)
+    assert run.data.params["experiment"] == "mypkg.slope" and run.data.params["scale"] == "two"
+    out = run_cli("reproduce", run.info.run_id, "--experiment", "mypkg.slope", cwd=workdir, env=env)
+    assert out.returncode == 0, out.stderr
+    for args, message in ((["--set", "scale=three"], "unknown scale 'three'; allowed: one, two"),
+                          (["--set", "scael=two"], "did you mean 'scale'?"),
+                          (["--set", "batch_size=31"], "at most the training set's size 30"),
+                          (["--set", "momentum=0.5", "--optimizer", "adam"], "momentum applies to optimizers sgd, rmsprop only")):
+        out = run_cli("train", "--experiment", "mypkg.slope", *args, cwd=workdir, env=env)
+        assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, args
+    assert len(all_runs(workdir)) == 2  # the run and its reproduction; nothing from the refused ones
+
+
+def test_objective_takes_a_file_of_your_own(tmp_path, monkeypatch):
+    from harness import Objective
+
+    path = tmp_path / "slope.py"
+    path.write_text(EXPERIMENT_MODULE)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    with Objective(str(path), track=False, base={"batch_size": 10}) as objective:
+        assert objective.base.batch_size == 10 and objective.experiment.sha256 == hashlib.sha256(
+            path.read_bytes()).hexdigest()
+        study.optimize(objective, n_trials=2)
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+
+
+def test_digits_search_with_two_threads_reproduces_every_trial_and_audits_clean(workdir):
+    out = run_cli("search", "--experiment", "digits", "--n-trials", 3, "--n-jobs", 2, "--seed", 1,
+                  "--epochs-range", 2, 4, "--pruner", "none", "--no-progress", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    study = journal_study(workdir, "digits-search")
+    parent, runs = check_contract(workdir, study, figures_for={study.best_trial.number})
+    assert parent.data.metrics["best_final_test_accuracy"] == runs[study.best_trial.number].data.metrics[
+        "final_test_accuracy"]
+    for trial in study.trials:
+        assert {"hidden", "dropout", "batch_size"} <= set(trial.params)
+        assert ("momentum" in trial.params) == trial.params["optimizer_loss"].startswith("sgd")
+        # dropout draws from torch's global generator: two threads must not share it mid-training
+        out = run_cli("reproduce", trial.user_attrs["mlflow_run_id"], cwd=workdir)
+        assert out.returncode == 0, out.stderr
+    out = run_cli("audit", "--study", "digits-search", cwd=workdir)
+    assert out.returncode == 0 and "clean" in out.stdout, out.stdout
+    model_run = runs[study.best_trial.number].info.run_id
+    from harness.runs import load_model
+
+    model = load_model(model_run, client_for(workdir))
+    assert model.layers[0].out_features == study.best_trial.params["hidden"]
+
+
+def test_reference_run_logs_parameter_recovery_and_compare_ranks_by_it(workdir):
+    out = run_cli("search", "--n-trials", 4, "--seed", 0, "--pruner", "none", "--epochs-range", 20, 60,
+                  "--no-progress", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    study = journal_study(workdir)
+    parent, runs = check_contract(workdir, study)
+    for run in runs.values():
+        metrics = run.data.metrics
+        assert metrics["weight_error"] == pytest.approx(abs(metrics["weight"] - 0.7), abs=1e-7)
+        assert metrics["bias_error"] == pytest.approx(abs(metrics["bias"] - 0.3), abs=1e-7)
+    best = runs[study.best_trial.number].data.metrics
+    assert parent.data.metrics["best_weight_error"] == best["weight_error"]
+    assert parent.data.metrics["best_bias"] == best["bias"]
+    out = run_cli("compare", "--study", "linear_regression-search", "--metric", "weight_error", "--csv", "w.csv",
+                  cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    import csv
+
+    rows = list(csv.DictReader(open(workdir / "w.csv")))
+    errors = [float(r["weight_error"]) for r in rows]
+    assert errors == sorted(errors) and len(rows) == 4
+
+
+def test_mlflow_run_takes_a_file_experiment_and_a_config_file(workdir):
+    (workdir / "slope.py").write_text(EXPERIMENT_MODULE)
+    (workdir / "run.yaml").write_text("scale: two\n")  # MLproject's own params always come as flags
+    out = run_cli("mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
+                  "-P", f"experiment={workdir / 'slope.py'}", "-P", f"config={workdir / 'run.yaml'}",
+                  "-P", "batch_size=10", "-P", "loss=mse", "-P", "epochs=3", cwd=workdir, module=False,
+                  env=cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    [run] = all_runs(workdir)
+    assert run.data.params["scale"] == "two" and run.data.params["batch_size"] == "10"
+    assert len(client_for(workdir).get_metric_history(run.info.run_id, "test_loss")) == 3
+    state = torch.load(client_for(workdir).download_artifacts(run.info.run_id, "state_dict.pt", str(workdir)),
+                       weights_only=True)
+    assert set(state) == {"0.weight", "0.bias"}
