@@ -19,7 +19,8 @@ import optuna, sys
 from harness import Objective
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), pruner=optuna.pruners.NopPruner())
-study.optimize(Objective("linear_regression", track=False), n_trials=int(sys.argv[1]))
+experiment = sys.argv[2] if len(sys.argv) > 2 else "linear_regression"
+study.optimize(Objective(experiment, track=False), n_trials=int(sys.argv[1]))
 print(len(study.trials), study.best_value)
 """
 

@@ -7,6 +7,8 @@ from .errors import UsageError
 from .runs import curves
 
 ROLE_TAG = "tags.harness.role"
+# Params that say how a run was made, not what it tried.
+BOOKKEEPING = ("experiment", "seed", "device", "torch_version", "trial_number", "experiment_sha256")
 
 
 def _quote(value: str) -> str:
@@ -43,13 +45,22 @@ def table(frame):
     """The columns a user compares: run, trial, params, final metrics."""
     wanted = {"run_id": "run_id", "tags.optuna.trial_number": "trial"}
     wanted.update({f"params.{p}": p for p in ("optimizer", "loss", "lr", "epochs")})
+    # Any other param (a hyperparameter, batch_size, ...) that differs between the runs shown.
+    wanted.update({c: c.removeprefix("params.") for c in frame.columns if c.startswith("params.")
+                   and c.removeprefix("params.") not in BOOKKEEPING and frame[c].nunique(dropna=False) > 1})
     # Final metrics and the experiment's scalars; a per-epoch metric's latest value repeats a final one.
     per_epoch = ("metrics.train_", "metrics.test_", "metrics.best_", "metrics.n_trials")
     wanted.update({c: c.removeprefix("metrics.") for c in frame.columns
                    if c.startswith("metrics.") and not c.startswith(per_epoch)})
     shown = frame[[c for c in wanted if c in frame]].rename(columns=wanted).dropna(axis=1, how="all")
-    if "lr" in shown:
-        shown["lr"] = shown["lr"].astype(float)
+    import pandas as pd
+
+    for column in shown.columns:  # params are strings in MLflow; numbers print as numbers
+        if column in wanted.values() and column not in ("run_id", "trial", "optimizer", "loss"):
+            try:
+                shown[column] = pd.to_numeric(shown[column])
+            except (ValueError, TypeError):
+                pass
     return shown.reset_index(drop=True)
 
 

@@ -1,6 +1,7 @@
 """One training run of an experiment from a resolved config: model, optimizer, loss, batches, loop."""
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import Iterable
@@ -91,6 +92,11 @@ def batches(data: Data | Datasets, cfg: TrainConfig) -> tuple[Batches, Batches]:
 def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None = None,
           observers: Iterable[Observer] = (), sync_every: int | None = None,
           history: History | None = None) -> TrainResult:
+    if torch.device(cfg.device).type == "cuda":
+        # Bit-for-bit re-runs on a GPU need deterministic kernels (cuBLAS needs its workspace set
+        # before its first use); a kernel that has no deterministic version raises instead of drifting.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     data = (data if data is not None else experiment.make_data()).to(cfg.device)
     with _RNG_LOCK:
         model = build_model(cfg, experiment)

@@ -172,6 +172,15 @@ def test_digits_search_with_two_threads_reproduces_every_trial_and_audits_clean(
         assert out.returncode == 0, out.stderr
     out = run_cli("audit", "--study", "digits-search", cwd=workdir)
     assert out.returncode == 0 and "clean" in out.stdout, out.stdout
+    out = run_cli("compare", "--study", "digits-search", "--metric", "final_test_accuracy", "--descending",
+                  "--csv", "top.csv", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    import csv
+
+    rows = list(csv.DictReader(open(workdir / "top.csv")))
+    # the hyperparameters that differ between the trials are columns of the table
+    varying = [k for k in ("hidden", "dropout") if len({t.params[k] for t in study.trials}) > 1]
+    assert varying and all(k in rows[0] for k in varying) and "experiment_sha256" not in rows[0]
     model_run = runs[study.best_trial.number].info.run_id
     from harness.runs import load_model
 

@@ -218,7 +218,7 @@ def report(study, tracker, seconds: float, url: str, experiment) -> str:
     top = top[["number", "value", *params, RUN_ATTR]].rename(columns={
         "number": "trial", "value": "test_loss", "params_optimizer_loss": "optimizer+loss", RUN_ATTR: "mlflow run",
         **{c: c.removeprefix("params_") for c in params if c != "params_optimizer_loss"}})
-    lines += ["top trials:", top.to_string(index=False)]
+    lines += ["top trials:", top.to_string(index=False, na_rep="-")]  # "-": not sampled (momentum for adam)
     best_run = study.best_trial.user_attrs.get(RUN_ATTR)
     if tracker is not None:
         from ..search.tracker import default_tracking_uri
