@@ -19,6 +19,7 @@ from .registry import WITH_MOMENTUM
 
 MAX_CONFIG_BYTES = 1 << 20
 INT_LIMIT = 2 ** 63 - 1  # what torch and numpy take as an integer
+MAX_EPOCHS = 10_000_000  # per-epoch buffers are allocated up front
 
 
 @dataclass(frozen=True)
@@ -46,32 +47,42 @@ FIELDS = tuple(f.name for f in fields(TrainConfig) if f.name != "hparams")
 assert set(CONFIG_KEYS) <= set(FIELDS)
 
 
-def read_file(path: str | Path) -> dict[str, Any]:
-    """A YAML or JSON mapping; JSON is YAML, so one parser reads both."""
-    import yaml
-
+def read_file(path: str | Path, kind: str = "config file") -> dict[str, Any]:
+    """A YAML or JSON mapping of names; JSON is YAML, so one parser reads both."""
     path = Path(path)
+    shown = f"{kind} {str(path)!r}"
     try:
         if not path.is_file():
-            raise UsageError(f"config file {str(path)!r} is not a regular file" if path.exists()
-                             else f"cannot read config file {str(path)!r}: No such file or directory")
+            raise UsageError(f"{shown} is not a regular file" if path.exists()
+                             else f"cannot read {shown}: No such file or directory")
         if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise UsageError(f"config file {str(path)!r} is larger than {MAX_CONFIG_BYTES} bytes")
+            raise UsageError(f"{shown} is larger than {MAX_CONFIG_BYTES} bytes")
         text = path.read_text()
     except OSError as exc:
-        raise UsageError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+        raise UsageError(f"cannot read {shown}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise UsageError(f"config file {str(path)!r} is not UTF-8 text") from None
-    try:
-        loaded = yaml.safe_load(text) if path.suffix != ".json" else json.loads(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise UsageError(f"config file {str(path)!r} is not valid YAML/JSON: {first}") from None
+        raise UsageError(f"{shown} is not UTF-8 text") from None
+    loaded = parse_yaml(text, shown, json_only=path.suffix == ".json")
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise UsageError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
+        raise UsageError(f"{shown} must hold a mapping, got {type(loaded).__name__}")
+    bad = [k for k in loaded if not isinstance(k, str)]
+    if bad:
+        raise UsageError(f"{shown}: keys must be names, got {bad[0]!r}")
     return loaded
+
+
+def parse_yaml(text: str, shown: str, json_only: bool = False) -> Any:
+    """YAML (or JSON) text, or a UsageError naming ``shown``: bad syntax, integers too long to convert,
+    nesting too deep to read all end as one line."""
+    import yaml
+
+    try:
+        return json.loads(text) if json_only else yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UsageError(f"{shown} is not valid YAML/JSON: {first}") from None
 
 
 def parse_sets(pairs: list[str] | None) -> dict[str, Any]:
@@ -81,8 +92,15 @@ def parse_sets(pairs: list[str] | None) -> dict[str, Any]:
         name, eq, value = pair.partition("=")
         if not eq or not name.strip():
             raise UsageError(f"--set takes NAME=VALUE, got {pair!r}")
+        if name.strip() == "experiment":
+            raise UsageError("--set experiment=... is not taken: name the experiment with --experiment")
         values[name.strip()] = value.strip()
     return values
+
+
+def with_flags(sets: Mapping[str, Any], named: Mapping[str, Any]) -> dict[str, Any]:
+    """``--set`` values, overridden by the named flags that were given (an unset flag is None)."""
+    return {**sets, **{k: v for k, v in named.items() if v is not None}}
 
 
 def allowed_keys(experiment: Experiment) -> tuple[str, ...]:
@@ -93,7 +111,7 @@ def check_keys(keys, experiment: Experiment, origin: str) -> None:
     allowed = allowed_keys(experiment)
     unknown = sorted(set(keys) - set(allowed))
     if unknown:
-        close = difflib.get_close_matches(unknown[0], allowed, n=1)
+        close = difflib.get_close_matches(str(unknown[0]).lower(), allowed, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UsageError(f"unknown config key {unknown[0]!r} in {origin}; allowed: {', '.join(allowed)}{hint}")
 
@@ -133,9 +151,7 @@ def validate(cfg: TrainConfig, experiment: Experiment, n_train: int | None = Non
     ``n_train`` (the training set's size, when the caller has the data) bounds ``batch_size``.
     """
     lr = positive_float("lr", cfg.lr)
-    epochs = positive_int("epochs", cfg.epochs)
-    if epochs > 10_000_000:
-        raise UsageError(f"epochs must be at most 10000000, got {cfg.epochs!r}")
+    epochs = epochs_value("epochs", cfg.epochs)
     seed = nonnegative_int("seed", cfg.seed)
     one_of("optimizer", cfg.optimizer, experiment.optimizers)
     one_of("loss", cfg.loss, experiment.losses)
@@ -196,14 +212,20 @@ def hyperparameter_value(hp: Hyperparameter, value: Any) -> Any:
                 return choice
         raise UsageError(f"unknown {hp.name} {value!r}; allowed: {', '.join(map(str, hp.choices or ()))}")
     if hp.type == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            _in_range(hp, value, value)  # a huge integer is named by the declared range first
         number = _int(hp.name, value, minimum=None)
     else:
         number = _float(hp.name, value)
     if hp.choices is not None and number not in hp.choices:
         raise UsageError(f"{hp.name} must be one of {', '.join(map(str, hp.choices))}, got {value!r}")
-    if (hp.low is not None and number < hp.low) or (hp.high is not None and number > hp.high):
-        raise UsageError(f"{hp.name} must be in [{hp.low}, {hp.high}], got {value!r}")
+    _in_range(hp, number, value)
     return number
+
+
+def _in_range(hp: Hyperparameter, number, value) -> None:
+    if (hp.low is not None and number < hp.low) or (hp.high is not None and number > hp.high):
+        raise UsageError(f"{hp.name} must be in [{hp.low}, {hp.high}], got {_short(value)}")
 
 
 def one_of(name: str, value: Any, allowed) -> str:
@@ -238,6 +260,13 @@ def _float(name: str, value: Any, low: float | None = None, high: float | None =
     return number
 
 
+def epochs_value(name: str, value: Any) -> int:
+    epochs = positive_int(name, value)
+    if epochs > MAX_EPOCHS:
+        raise UsageError(f"{name} must be at most {MAX_EPOCHS}, got {value!r}")
+    return epochs
+
+
 def positive_int(name: str, value: Any) -> int:
     return _int(name, value, minimum=1)
 
@@ -252,10 +281,19 @@ def _int(name: str, value: Any, minimum: int | None) -> int:
         number = value
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
-    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit() and len(value.strip()) < 30:
+    elif isinstance(value, str) and value.strip().lstrip("+-").isascii() and value.strip().lstrip("+-").isdigit() \
+            and len(value.strip()) < 30:
         number = int(value)
-    if number is None or (minimum is not None and number < minimum) or abs(number) > INT_LIMIT:
+    if number is None or (minimum is not None and number < minimum):
         kind = ("an integer" if minimum is None else "a positive integer" if minimum == 1
                 else f"an integer >= {minimum}")
-        raise UsageError(f"{name} must be {kind}, got {value!r}")
+        raise UsageError(f"{name} must be {kind}, got {_short(value)}")
+    if abs(number) > INT_LIMIT:
+        raise UsageError(f"{name} must be at most {INT_LIMIT} in size, got {_short(value)}")
     return number
+
+
+def _short(value: Any) -> str:
+    """A value for a one-line message: repr, cut when long (a 5000-digit number, a long list)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 40 else f"an integer of {len(str(value))} digits"
+    return text if len(text) <= 80 else text[:77] + "..."

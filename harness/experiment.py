@@ -96,6 +96,9 @@ class Hyperparameter:
             raise ValueError(f"hyperparameter {self.name!r}: type {self.type!r} is not one of {', '.join(TYPES)}")
         if self.choices is not None:
             object.__setattr__(self, "choices", tuple(self.choices))
+            bad = [c for c in self.choices if not isinstance(c, (str, int, float, bool))]
+            if bad:  # what Optuna can sample and MLflow can log as a param
+                raise ValueError(f"hyperparameter {self.name!r}: choices must be str, int, float or bool, got {bad[0]!r}")
         if self.type == "bool" and self.choices is None:
             object.__setattr__(self, "choices", (False, True))
         if self.optimizers is not None:
@@ -162,6 +165,24 @@ class Experiment:
                                  "or shadows a harness config key")
             seen.add(hp.name)
 
+    def load_data(self) -> Data | Datasets:
+        """``make_data()``, with a failure in it (the experiment's own code) made one clear line."""
+        try:
+            data = self.make_data()
+        except Exception as exc:
+            raise UsageError(f"experiment {self.name!r}: make_data() failed: {first_line(exc)}") from None
+        if not isinstance(data, (Data, Datasets)):
+            raise UsageError(f"experiment {self.name!r}: make_data() returned a {type(data).__name__}, "
+                             "not harness.experiment.Data or Datasets")
+        try:
+            sizes = data.n_train, len(data.test) if isinstance(data, Datasets) else len(data.X_test)
+        except Exception as exc:
+            raise UsageError(f"experiment {self.name!r}: its data has no length: {first_line(exc)}") from None
+        if min(sizes) < 1:
+            raise UsageError(f"experiment {self.name!r}: make_data() gave {sizes[0]} training and {sizes[1]} "
+                             "test samples; both must be at least 1")
+        return data
+
     def all_hyperparameters(self) -> tuple[Hyperparameter, ...]:
         return HARNESS_HYPERPARAMETERS + tuple(self.hyperparameters)
 
@@ -210,23 +231,31 @@ def load(reference: str) -> Experiment:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and not module_name.startswith(exc.name):
-            raise UsageError(f"experiment module {module_name!r} failed to import: {_first_line(exc)}") from None
+            raise UsageError(f"experiment module {module_name!r} failed to import: {first_line(exc)}") from None
         raise UsageError(f"unknown experiment {reference!r}; allowed: {', '.join(names())} "
                          "(or a module path or a .py file defining EXPERIMENT)") from None
-    except Exception as exc:
-        raise UsageError(f"experiment module {module_name!r} raised on import: {_first_line(exc)}") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too: the user's module does not end the harness
+        raise UsageError(f"experiment module {module_name!r} raised on import: {first_line(exc)}") from None
     return _found(module, module_name, reference, "")
 
 
 def _load_file(reference: str) -> Experiment:
-    path = Path(reference).expanduser().resolve()
+    try:
+        path = Path(reference).expanduser().resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise UsageError(f"experiment file {reference!r} cannot be resolved: {first_line(exc)}") from None
     if not path.exists():
         raise UsageError(f"experiment file {reference!r} does not exist")
     if not path.is_file():
         raise UsageError(f"experiment file {reference!r} is not a regular file")
     if path.suffix != ".py":
         raise UsageError(f"experiment file {reference!r} must be a .py file")
-    content = path.read_bytes()
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read experiment file {reference!r}: {exc.strerror}") from None
     if len(content) > MAX_FILE_BYTES:
         raise UsageError(f"experiment file {reference!r} is {len(content)} bytes; at most {MAX_FILE_BYTES} allowed")
     digest = hashlib.sha256(content).hexdigest()
@@ -242,7 +271,7 @@ def _load_file(reference: str) -> Experiment:
             del sys.modules[module_name]
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            raise UsageError(f"experiment file {reference!r} raised on import: {_first_line(exc)}") from None
+            raise UsageError(f"experiment file {reference!r} raised on import: {first_line(exc)}") from None
     return _found(module, str(path), str(path), digest)
 
 
@@ -270,6 +299,7 @@ def file_sha256(reference: str) -> str | None:
         return None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+

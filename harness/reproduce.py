@@ -20,7 +20,9 @@ def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str, 
         raise UsageError(f"run {run_id} is {source.info.status}; only FINISHED or FAILED runs can be "
                          "re-run and compared (a pruned or interrupted run stopped early)")
     cfg, found = logged_config(client, run_id, experiment=experiment)
-    result = training.train(cfg, found)
+    data = found.load_data()
+    training.preflight(cfg, found, data)  # the experiment's code may have changed since
+    result = training.train(cfg, found, data)
     new_run = client.create_run(source.info.experiment_id, run_name=f"reproduce-{source.info.run_name}",
                                 tags={REPRODUCES_TAG: run_id, "harness.command": "reproduce"})
     status = "FAILED"

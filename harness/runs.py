@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 from . import config, training
 from .config import MAX_CONFIG_BYTES
 from .errors import HarnessError, UsageError
-from .experiment import is_builtin, load
+from .experiment import first_line, is_builtin, load
 from .tracking import CONFIG, EXPERIMENT_SHA_PARAM, STATE_DICT
 
 
@@ -42,13 +43,16 @@ def logged_config(client, run_id: str, device: str | None = None, experiment: st
                                "was it logged by the harness?") from None
     recorded = str(logged.get("experiment", "linear_regression"))
     if experiment is None and not is_builtin(recorded):
+        shown = shlex.quote(recorded) if recorded.isprintable() else repr(recorded)
         raise UsageError(f"run {run_id}'s experiment comes from {recorded!r}; a run's record never chooses code "
-                         f"to import: name it yourself with --experiment {recorded} (Python: experiment=...)")
+                         f"to import: name it yourself with --experiment {shown} (Python: experiment=...)")
     found = load(experiment or recorded)
     was = logged.get(EXPERIMENT_SHA_PARAM)
     if experiment is not None and was and found.sha256 and was != found.sha256:
-        print(f"harness: warning: experiment {found.reference!r} has changed since run {run_id} was logged "
-              f"(sha256 {found.sha256[:12]}, was {was[:12]})", file=sys.stderr)
+        what = (f"experiment {found.reference!r} has changed since run {run_id} was logged"
+                if found.reference == recorded else
+                f"run {run_id} was logged with experiment {recorded!r}, not {found.reference!r}")
+        print(f"harness: warning: {what} (sha256 {found.sha256[:12]}, was {str(was)[:12]})", file=sys.stderr)
     fields = {k: v for k, v in logged.items() if k in config.allowed_keys(found)}
     fields["experiment"] = found.reference
     if device:
@@ -102,14 +106,18 @@ def predict(run_id: str, values: list[float], client=None, experiment: str | Non
 
     client = client or MlflowClient()
     model, found = _model_and_experiment(client, run_id, experiment)
-    shape = found.make_data().input_shape
+    shape = found.load_data().input_shape
     width = int(torch.Size(shape).numel())
     if not values or len(values) % width:
         raise UsageError(f"--x needs a multiple of {width} numbers for inputs of shape {list(shape)}, "
                          f"got {len(values)}")
     inputs = torch.tensor(values, dtype=torch.float32).reshape(-1, *shape)
     with torch.inference_mode():
-        return inputs, model(inputs)
+        try:
+            return inputs, model(inputs)
+        except Exception as exc:  # the experiment's model code
+            raise HarnessError(f"the model of run {run_id} failed on inputs of shape {list(inputs.shape)}: "
+                               f"{first_line(exc)}") from None
 
 
 def curves(client, run_id: str, keys) -> dict[str, list[float]]:

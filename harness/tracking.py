@@ -34,6 +34,11 @@ class RunRecord:
     artifacts: dict[str, bytes] = field(default_factory=dict)
 
 
+def is_curve(metric: str) -> bool:
+    """Per-epoch metrics are train_<m> and test_<m>; everything else a run logs is a final value."""
+    return metric.startswith(("train_", "test_"))
+
+
 def source_params(experiment) -> dict[str, str]:
     """Where the run's experiment came from, beside its config (which names it)."""
     return {EXPERIMENT_SHA_PARAM: experiment.sha256} if experiment.sha256 else {}

@@ -12,8 +12,8 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 
 from .config import TrainConfig
 from .errors import UsageError
-from .experiment import Data, Datasets, Experiment
-from .loop import Batches, History, Observer, evaluate_batches, fit
+from .experiment import Data, Datasets, Experiment, first_line
+from .loop import Batches, History, Observer, evaluate, evaluate_batches, fit
 from .registry import build_loss, build_optimizer
 
 # torch's default generator is process-wide: seeding and drawing the initial weights must happen
@@ -53,10 +53,32 @@ def build_model(cfg: TrainConfig, experiment: Experiment) -> nn.Module:
         try:
             model = experiment.make_model(**cfg.hparams)
         except Exception as exc:
-            shown = ", ".join(f"{k}={v!r}" for k, v in cfg.hparams.items()) or "no hyperparameters"
-            raise UsageError(f"experiment {experiment.name!r} cannot build its model with {shown}: "
-                             f"{type(exc).__name__}: {exc}") from None
+            raise UsageError(f"experiment {experiment.name!r} cannot build its model with {_hparams(cfg)}: "
+                             f"{first_line(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"experiment {experiment.name!r}: make_model returned a {type(model).__name__}, "
+                         "not a torch nn.Module")
     return model.to(cfg.device)
+
+
+def _hparams(cfg: TrainConfig) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in cfg.hparams.items()) or "no hyperparameters"
+
+
+def preflight(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets) -> None:
+    """Build the model and its optimizer and put one test batch through them, on a model that is then
+    dropped: an experiment whose code cannot train with this config (a model with no parameters,
+    inputs of the wrong shape, a loss that does not fit its outputs) is refused in one line before
+    any store is touched. The real run builds its own model from the seed."""
+    model = build_model(cfg, experiment)
+    try:
+        build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
+        _, test_batches = batches(data.to(cfg.device), cfg)
+        X, y = next(iter(test_batches))
+        evaluate(model, X[:8].to(cfg.device), y[:8].to(cfg.device), build_loss(cfg.loss))
+    except Exception as exc:
+        raise UsageError(f"experiment {experiment.name!r} cannot train with {cfg.optimizer}+{cfg.loss}, "
+                         f"{_hparams(cfg)}: {first_line(exc)}") from None
 
 
 def batches(data: Data | Datasets, cfg: TrainConfig) -> tuple[Batches, Batches]:
@@ -97,7 +119,7 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
         # before its first use); a kernel that has no deterministic version raises instead of drifting.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    data = (data if data is not None else experiment.make_data()).to(cfg.device)
+    data = (data if data is not None else experiment.load_data()).to(cfg.device)
     with _RNG_LOCK:
         model = build_model(cfg, experiment)
         loss_fn = build_loss(cfg.loss)

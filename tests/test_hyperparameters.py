@@ -74,7 +74,9 @@ def test_set_flags_parse_and_named_values_win():
     ({"hidden": "wide"}, "hidden must be an integer, got 'wide'"),
     ({"hidden": "1"}, "hidden must be in [2, 64], got '1'"),
     ({"hidden": "65"}, "hidden must be in [2, 64], got '65'"),
-    ({"hidden": 10 ** 30}, "hidden must be an integer"),
+    ({"hidden": 10 ** 30}, "hidden must be in [2, 64], got 10000000000"),
+    ({"hidden": "²"}, "hidden must be an integer, got '²'"),
+    ({"batch_size": "５"}, "batch_size must be a positive integer, got '５'"),
     ({"act": "gelu"}, "unknown act 'gelu'; allowed: relu, tanh"),
     ({"bias": "maybe"}, "bias must be true or false, got 'maybe'"),
     ({"batch_size": "0"}, "batch_size must be a positive integer, got '0'"),
@@ -86,7 +88,7 @@ def test_set_flags_parse_and_named_values_win():
     ({"momentum": "0.9"}, "momentum applies to optimizers sgd, rmsprop only, got momentum='0.9' with optimizer 'adam'"),
     ({"momentum": "1.5", "optimizer": "sgd"}, "momentum must be in [0.0, 0.999], got '1.5'"),
     ({"epochs": str(10 ** 40)}, "epochs must be a positive integer"),
-    ({"seed": str(2 ** 64)}, "seed must be an integer >= 0"),
+    ({"seed": str(2 ** 64)}, "seed must be at most 9223372036854775807 in size"),
 ])
 def test_bad_values_name_the_value_and_what_is_allowed(values, message):
     with pytest.raises(UsageError) as err:
@@ -249,3 +251,20 @@ def test_every_builtin_experiment_space_resolves_and_digits_searches_its_hyperpa
     names = {p.name for p in space.params}
     assert {"hidden", "dropout", "batch_size", "momentum"} <= names
     assert {h.name for h in HARNESS_HYPERPARAMETERS} == {"batch_size", "weight_decay", "momentum"}
+
+
+def test_config_and_space_files_refuse_what_yaml_or_json_cannot_hold_as_names(tmp_path):
+    cases = {"keys.yaml": ("1: 2\n", "keys must be names, got 1"),
+             "deep.yaml": ("hidden: " + "[" * 3000 + "\n", "is not valid YAML/JSON"),
+             "long.json": ('{"hidden": ' + "9" * 5000 + "}", "is not valid YAML/JSON")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UsageError, match=message.replace("[", r"\[")):
+            config.read_file(tmp_path / name)
+        with pytest.raises(UsageError, match="space file"):
+            space_module.resolve(TOY, str(tmp_path / name))
+
+
+def test_choices_must_be_values_optuna_and_mlflow_take():
+    with pytest.raises(ValueError, match="choices must be str, int, float or bool"):
+        Hyperparameter("widths", "categorical", (8, 8), choices=((8, 8), (16, 16)))

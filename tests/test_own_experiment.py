@@ -79,11 +79,42 @@ def test_readme_example_runs_as_printed_end_to_end(workdir):
     assert out.returncode == 2 and "experiment file 'my_experiment.py' does not exist" in out.stderr
 
 
+EXPERIMENT_WITH = """
+import torch
+from torch import nn
+from harness.experiment import Data, Experiment
+
+def make_data():
+    X = torch.linspace(0, 1, 20).unsqueeze(1)
+    return {data}
+
+def make_model():
+    {model}
+
+EXPERIMENT = Experiment(name="broken", make_data=make_data, make_model=make_model, losses=("mse",),
+                        defaults={{"optimizer": "sgd", "loss": "mse", "epochs": 2}})
+"""
+GOOD_DATA, GOOD_MODEL = "Data(X[:15], X[:15], X[15:], X[15:])", "return nn.Linear(1, 1)"
+
 BAD_FILES = {
     "raises.py": ("import torch\nraise RuntimeError('no data here')\n", "raised on import: RuntimeError: no data here"),
     "syntax.py": ("def (:\n", "raised on import: SyntaxError"),
+    "exits.py": ("import sys\nsys.exit(3)\n", "raised on import: SystemExit: 3"),
     "empty.py": ("x = 1\n", "defines no EXPERIMENT"),
     "wrong.py": ("EXPERIMENT = {'name': 'x'}\n", "EXPERIMENT is a dict, not a harness Experiment"),
+    # The experiment's own code failing: one line, before any store is touched.
+    "data_raises.py": (EXPERIMENT_WITH.format(data="1 / 0", model=GOOD_MODEL),
+                       "make_data() failed: ZeroDivisionError: division by zero"),
+    "data_empty.py": (EXPERIMENT_WITH.format(data="Data(X[:0], X[:0], X, X)", model=GOOD_MODEL),
+                      "make_data() gave 0 training and 20 test samples"),
+    "model_raises.py": (EXPERIMENT_WITH.format(data=GOOD_DATA, model="raise RuntimeError('boom\\nsecond line')"),
+                        "cannot build its model with no hyperparameters: RuntimeError: boom"),
+    "model_none.py": (EXPERIMENT_WITH.format(data=GOOD_DATA, model="return None"),
+                      "make_model returned a NoneType, not a torch nn.Module"),
+    "no_params.py": (EXPERIMENT_WITH.format(data=GOOD_DATA, model="return nn.Identity()"),
+                     "cannot train with sgd+mse, no hyperparameters: ValueError: optimizer got an empty parameter"),
+    "bad_shape.py": (EXPERIMENT_WITH.format(data=GOOD_DATA, model="return nn.Linear(3, 1)"),
+                     "cannot train with sgd+mse, no hyperparameters: RuntimeError: mat1 and mat2 shapes"),
 }
 
 
@@ -92,16 +123,23 @@ def test_bad_experiment_files_are_one_line_exit_2_and_write_nothing(tmp_path, co
     for name, (content, message) in BAD_FILES.items():
         (tmp_path / name).write_text(content)
     (tmp_path / "folder.py").mkdir()
+    (tmp_path / "loop.py").symlink_to("loop.py")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "quits.py").write_text("raise SystemExit('bye')\n")
     cases = [(name, message) for name, (_, message) in BAD_FILES.items()]
     cases += [("missing.py", "experiment file 'missing.py' does not exist"),
               ("folder.py", "experiment file 'folder.py' is not a regular file"),
+              ("loop.py", "experiment file 'loop.py' cannot be resolved"),
+              ("pkg.quits", "experiment module 'pkg.quits' raised on import: SystemExit: bye"),
               ("no_such.module", "unknown experiment 'no_such.module'")]
     before = sorted(p.name for p in tmp_path.iterdir())
     for reference, message in cases:
-        out = run_cli(command, "--experiment", reference, cwd=tmp_path)
+        out = run_cli(command, "--experiment", reference, cwd=tmp_path, env=cli_env(PYTHONPATH=str(tmp_path)))
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and message in lines[0], (reference, out.stderr)
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no store, no journal
+    after = sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__")
+    assert after == [n for n in before if n != "__pycache__"]  # no store, no journal
 
 
 EXPERIMENT_MODULE = textwrap.dedent('''
@@ -225,3 +263,46 @@ def test_mlflow_run_takes_a_file_experiment_and_a_config_file(workdir):
     state = torch.load(client_for(workdir).download_artifacts(run.info.run_id, "state_dict.pt", str(workdir)),
                        weights_only=True)
     assert set(state) == {"0.weight", "0.bias"}
+
+
+@pytest.mark.parametrize("args, message", [
+    # --set reaches keys that also have a flag of their own; a flag that is given wins
+    (["train", "--set", "lr=nan"], "lr must be a positive number, got 'nan'"),
+    (["train", "--set", "optimizer=bogus"], "unknown optimizer 'bogus'"),
+    (["train", "--set", "seed=-5"], "seed must be an integer >= 0, got '-5'"),
+    (["train", "--set", "experiment=digits"], "--set experiment=... is not taken"),
+    (["train", "--epochs", "²"], "epochs must be a positive integer, got '²'"),
+    (["search", "--n-trials", "²"], "--n-trials must be a positive integer, got '²'"),
+    (["search", "--set", "device=tpu"], "unknown device 'tpu'"),
+    # fixed values must suit every pair the space can sample
+    (["search", "--experiment", "digits", "--set", "momentum=0.5", "--pairs", "adam+cross_entropy"],
+     "momentum applies to optimizers sgd, rmsprop only, got momentum='0.5' with optimizer 'adam'"),
+    (["search", "--epochs-range", "20000000", "20000001"], "epochs bound must be at most 10000000"),
+    (["search", "--experiment", "digits", "--tune", "weight_decay="], "--tune weight_decay= needs a range"),
+    (["search", "--experiment", "digits", "--tune", "hidden=" + "[" * 3000], "is not valid YAML/JSON"),
+    (["search", "--experiment", "digits", "--tune", "hidden=[16, " + "9" * 5000 + "]"],
+     "is not valid YAML/JSON"),
+    (["search", "--sampler", "grid", "--experiment", "digits", "--tune", "weight_decay=[1e-6, 1e-2]",
+      "--tune", "momentum=[0.0, 0.9]", "--space", "grid.yaml"], "at most 1000000 allowed"),
+])
+def test_bad_values_through_every_door_are_one_line_exit_2_and_write_nothing(tmp_path, args, message):
+    (tmp_path / "grid.yaml").write_text("grid_points: 100\n")
+    out = run_cli(*args, cwd=tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
+
+
+def test_set_and_search_fixed_values_that_suit_every_pair_are_used(workdir):
+    out = run_cli("train", "--experiment", "digits", "--set", "optimizer=sgd", "--set", "momentum=0.5",
+                  "--set", "epochs=1", "--set", "lr=0.05", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    [run] = all_runs(workdir)
+    params = run.data.params
+    assert (params["optimizer"], params["momentum"], params["epochs"], params["lr"]) == ("sgd", "0.5", "1", "0.05")
+    out = run_cli("search", "--experiment", "digits", "--set", "momentum=0.5", "--pairs", "sgd+cross_entropy",
+                  "--tune", "momentum=false", "--epochs-range", 1, 2, "--n-trials", 1, "--no-progress", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    [trial] = journal_study(workdir, "digits-search").trials
+    assert "momentum" not in trial.params
+    assert client_for(workdir).get_run(trial.user_attrs["mlflow_run_id"]).data.params["momentum"] == "0.5"

@@ -1,6 +1,7 @@
 """Failure modes through the CLI as real processes: every one ends with the two stores agreeing."""
 import os
 import pickle
+import shlex
 import signal
 import subprocess
 import sys
@@ -59,6 +60,13 @@ def test_interrupt_ends_the_running_trial_cleanly_and_says_how_to_resume(workdir
     assert parent.info.status == "FINISHED"
     out = audit(workdir)
     assert out.returncode == 0 and "clean" in out.stdout, out.stdout
+    # The printed command resumes the same study: same space, so it is not refused.
+    before = len(study.trials)
+    resume = shlex.split(stderr.split("resume with: ", 1)[1].strip())
+    assert resume[:2] == ["harness", "search"]
+    out = run_cli(*resume[1:], "--n-trials", 1, "--no-progress", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    assert len(journal_study(workdir).trials) == before + 1, out.stdout
 
 
 def test_sigterm_during_train_keeps_the_curves_so_far(workdir):

@@ -41,22 +41,32 @@ def add_parser(sub) -> None:
 
 def _options(args):
     """Every input checked before any store is touched."""
-    from .. import config
+    from .. import config, training
     from ..experiment import load
     from ..search import space as space_module
     from ..search import study as study_module
 
     experiment = load(args.experiment or "linear_regression")
-    base = {**config.parse_sets(args.set), "experiment": experiment.reference, "device": args.device}
-    cfg, _ = config.resolve(base, file=args.config, experiment=experiment)
-    data = experiment.make_data()
-    cfg = config.validate(cfg, experiment, data.n_train)
+    data = experiment.load_data()
     space = space_module.resolve(experiment, args.space, {"lr": args.lr_range, "epochs": args.epochs_range,
                                                           "pairs": args.pairs, **parse_tunes(args.tune)},
                                  n_train=data.n_train)
+    # The fixed values of every trial. Each trial's optimizer and loss come from the space's pairs,
+    # so the fixed values must suit every pair (momentum, say, only sgd and rmsprop), and the
+    # experiment's code must train with them: checked here, so a refused search writes nothing.
+    base = config.with_flags(config.parse_sets(args.set), {"experiment": experiment.reference, "device": args.device})
+    for pair in space.pairs:
+        optimizer, loss = pair.split("+")
+        cfg, _ = config.resolve({**base, "optimizer": optimizer, "loss": loss}, file=args.config,
+                                experiment=experiment, n_train=data.n_train)
+    cfg, _ = config.resolve({**base, "optimizer": space.pairs[0].split("+")[0],
+                             "loss": space.pairs[0].split("+")[1]}, file=args.config, experiment=experiment,
+                            n_train=data.n_train)
+    training.preflight(cfg, experiment, data)
     config.one_of("sampler", args.sampler, study_module.SAMPLERS)
     config.one_of("pruner", args.pruner, study_module.PRUNERS)
     config.one_of("direction", args.direction, study_module.DIRECTIONS)
+    sampler_seed = config.nonnegative_int("--seed", args.seed) if args.seed not in (None, "") else None
     storage_url = args.storage or study_module.DEFAULT_STORAGE
     study_module.storage_scheme(storage_url)
     return {
@@ -71,25 +81,27 @@ def _options(args):
         # epoch would cost more than the training itself (measured: 4x on a 10-trial search).
         "report_every": config.positive_int("--report-every", args.report_every) if args.report_every
         else 1 if study_module.storage_scheme(storage_url) in ("journal", "sqlite") else 10,
-        "sampler_seed": config.nonnegative_int("--seed", args.seed) if args.seed not in (None, "") else None,
+        "sampler": study_module.make_sampler(args.sampler, sampler_seed, space),
+        "pruner": study_module.make_pruner(args.pruner),
     }
 
 
 def parse_tunes(tunes: list[str] | None) -> dict:
     """``--tune NAME[=RANGE]`` flags as search-space entries; RANGE is YAML (a list or a mapping)."""
-    import yaml
-
+    from ..config import parse_yaml
     from ..errors import UsageError
 
     entries: dict = {}
     for tune in tunes or ():
         name, eq, text = tune.partition("=")
-        if not name.strip():
+        name = name.strip()
+        if not name:
             raise UsageError(f"--tune takes NAME or NAME=RANGE, got {tune!r}")
-        try:
-            entries[name.strip()] = yaml.safe_load(text) if eq else True
-        except yaml.YAMLError:
-            raise UsageError(f"--tune {name.strip()}: {text!r} is not a YAML list or mapping") from None
+        value = parse_yaml(text, f"--tune {name} range") if eq else True
+        if value is None:  # "--tune x=" would silently search nothing
+            raise UsageError(f"--tune {name}= needs a range: [low, high], a list of choices or a mapping; "
+                             f"--tune {name} alone takes its declared range")
+        entries[name] = value
     return entries
 
 
@@ -116,8 +128,7 @@ def run(args) -> int:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     space, url = opts["space"], opts["storage_url"]
     study_args = dict(direction=args.direction, space=space, experiment=opts["experiment"].name,
-                      sampler=study_module.make_sampler(args.sampler, opts["sampler_seed"], space),
-                      pruner=study_module.make_pruner(args.pruner))
+                      sampler=opts["sampler"], pruner=opts["pruner"])
     storage_args = dict(heartbeat=opts["heartbeat"], max_trials=opts["max_trials"])
     try:
         # Opening a journal creates its file: a missing one already says there is no study yet.
@@ -239,7 +250,16 @@ def report(study, tracker, seconds: float, url: str, experiment) -> str:
 def resume_command(args, study_name: str, url: str) -> str:
     from ..search.study import redact
 
-    parts = ["harness search", f"--study-name {study_name}", f"--storage {redact(url)}"]
-    if args.experiment:
-        parts.append(f"--experiment {args.experiment}")
-    return " ".join(parts)
+    import shlex
+
+    parts = ["harness", "search", "--study-name", study_name, "--storage", redact(url)]
+    # Everything that shapes the space or the trials' fixed values: a study resumes only with the same space.
+    for flag, value in (("--experiment", args.experiment), ("--config", args.config), ("--space", args.space),
+                        ("--lr-range", args.lr_range), ("--epochs-range", args.epochs_range),
+                        ("--pairs", args.pairs)):
+        if value:
+            parts += [flag, *value] if isinstance(value, list) else [flag, value]
+    for flag, values in (("--set", args.set), ("--tune", args.tune)):
+        for value in values or ():
+            parts += [flag, value]
+    return " ".join(shlex.quote(str(p)) for p in parts)

@@ -31,18 +31,18 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from .. import config
+    from .. import config, training
 
-    cfg, experiment = config.resolve(
-        {**config.parse_sets(args.set), "experiment": args.experiment, "optimizer": args.optimizer,
-         "loss": args.loss, "lr": args.lr, "epochs": args.epochs, "seed": args.seed, "device": args.device},
-        file=args.config)
-    data = experiment.make_data()
+    cfg, experiment = config.resolve(config.with_flags(config.parse_sets(args.set), {
+        "experiment": args.experiment, "optimizer": args.optimizer, "loss": args.loss, "lr": args.lr,
+        "epochs": args.epochs, "seed": args.seed, "device": args.device}), file=args.config)
+    data = experiment.load_data()
     cfg = config.validate(cfg, experiment, data.n_train)  # batch_size against the training set's size
+    training.preflight(cfg, experiment, data)
     # mlflow is imported only once the input is known good: bad input never touches a store.
     import mlflow
 
-    from .. import tracking, training
+    from .. import tracking
     from ..loop import History
 
     run_id = os.environ.get("MLFLOW_RUN_ID")

@@ -62,7 +62,7 @@ class Objective:
         """``base``: fixed config values for every trial (e.g. ``{"batch_size": 64}``); the space's
         samples override them. ``data``: the experiment's data, if the caller already loaded it."""
         self.experiment = experiment if isinstance(experiment, Experiment) else load(experiment)
-        data = data if data is not None else self.experiment.make_data()
+        data = data if data is not None else self.experiment.load_data()
         self.space = space or space_module.resolve(self.experiment, n_train=data.n_train)
         self.base, _ = config.resolve({**(base or {}), "experiment": self.experiment.reference or self.experiment.name,
                                        "seed": seed, "device": device}, experiment=self.experiment,

@@ -13,10 +13,11 @@ a list of three or more values or any list for a categorical/bool (choices),
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
-from ..config import check_value, positive_float, positive_int, read_file
+from ..config import check_value, epochs_value, positive_float, positive_int, read_file
 from ..errors import UsageError
 from ..experiment import Experiment, Hyperparameter
 
@@ -24,6 +25,8 @@ PAIR_PARAM = "optimizer_loss"
 DEFAULT = {"lr": (1e-4, 1e-1), "epochs": (50, 400), "grid_points": 4}
 KEYS = ("lr", "epochs", "pairs", "grid_points")
 RANGE_KEYS = ("low", "high", "log", "step", "choices", "optimizers")
+MAX_GRID_POINTS = 100
+MAX_GRID_SIZE = 1_000_000  # Optuna's GridSampler holds every combination in memory
 
 
 # A searched hyperparameter is its declaration with the range the space gives it: a Hyperparameter
@@ -83,6 +86,10 @@ class SearchSpace:
         epochs = Hyperparameter("epochs", "int", None, *self.epochs)
         grid = {"lr": grid_values(lr, n), "epochs": grid_values(epochs, n), PAIR_PARAM: list(self.pairs)}
         grid.update({p.name: grid_values(p, n) for p in self.params})
+        size = math.prod(len(values) for values in grid.values())
+        if size > MAX_GRID_SIZE:
+            raise UsageError(f"the grid over this space has {size} points; at most {MAX_GRID_SIZE} allowed "
+                             "(lower grid_points, or search fewer hyperparameters)")
         return grid
 
 
@@ -109,23 +116,27 @@ def resolve(experiment: Experiment, file: str | None = None, overrides: Mapping[
     layers = [{**DEFAULT, "pairs": every_pair}, dict(experiment.search_space)]
     origins = ["defaults", f"experiment {experiment.name!r}"]
     if file:
-        layers.append(read_file(file))
+        layers.append(read_file(file, "space file"))
         origins.append(f"space file {file!r}")
     layers.append({k: v for k, v in (overrides or {}).items() if v is not None})
     origins.append("command line")
     allowed = KEYS + tuple(h.name for h in experiment.all_hyperparameters())
     merged: dict[str, Any] = {}
+    explicit = {k for layer in layers[2:] for k in layer}  # named by the user, not by a default
     for layer, origin in zip(layers, origins):
         unknown = sorted(set(layer) - set(allowed))
         if unknown:
             raise UsageError(f"unknown search-space key {unknown[0]!r} in {origin}; allowed: {', '.join(allowed)}")
         merged.update(layer)
-    return validate(merged, experiment, n_train)
+    return validate(merged, experiment, n_train, explicit)
 
 
-def validate(raw: Mapping[str, Any], experiment: Experiment, n_train: int | None = None) -> SearchSpace:
+def validate(raw: Mapping[str, Any], experiment: Experiment, n_train: int | None = None,
+             explicit=frozenset()) -> SearchSpace:
+    """``explicit``: the keys the user gave; a hyperparameter of the experiment's default space that
+    applies to none of the pairs is left out, one the user asked for is refused."""
     lr_low, lr_high = _range("lr", raw.get("lr"), positive_float)
-    ep_low, ep_high = _range("epochs", raw.get("epochs"), positive_int)
+    ep_low, ep_high = _range("epochs", raw.get("epochs"), epochs_value)
     pairs = raw.get("pairs")
     if isinstance(pairs, str):
         pairs = [p for p in pairs.replace(",", " ").split() if p]
@@ -143,6 +154,8 @@ def validate(raw: Mapping[str, Any], experiment: Experiment, n_train: int | None
     if len(set(pairs)) != len(pairs):
         raise UsageError(f"pairs must be listed once each, got {list(pairs)!r}")
     grid_points = positive_int("grid_points", raw.get("grid_points", 4))
+    if grid_points > MAX_GRID_POINTS:
+        raise UsageError(f"grid_points must be at most {MAX_GRID_POINTS}, got {grid_points}")
     params = []
     for hp in experiment.all_hyperparameters():
         value = raw.get(hp.name)
@@ -150,8 +163,11 @@ def validate(raw: Mapping[str, Any], experiment: Experiment, n_train: int | None
             continue
         params.append(param_range(hp, value, experiment, n_train))
     optimizers = {str(p).split("+")[0] for p in pairs}
-    for param in params:
+    for param in list(params):
         if param.optimizers is not None and not optimizers & set(param.optimizers):
+            if param.name not in explicit:
+                params.remove(param)
+                continue
             raise UsageError(f"search-space {param.name} applies to optimizers {', '.join(param.optimizers)}, "
                              f"none of which is in the pairs {', '.join(map(str, pairs))}")
     return SearchSpace((lr_low, lr_high), (ep_low, ep_high), tuple(map(str, pairs)), grid_points, tuple(params))

@@ -104,7 +104,7 @@ def w_log_figures(run_id: str, experiment_name: str, values: dict, predictions) 
     experiment = load(experiment_name)
     key = ("data", experiment_name)  # made once per writer: every trial of a study shares it
     if key not in writer._state:
-        writer._state[key] = experiment.make_data()
+        writer._state[key] = experiment.load_data()
     data = writer._state[key]
     tracking.log_figures(writer.client(), run_id, plots.render(experiment, values, data, predictions))
 
@@ -124,10 +124,15 @@ def w_close_study(run_id: str, summary: dict[str, Any], trials_csv: bytes, trial
     if summary.get("best_run_id"):
         # The best trial's final metrics (final_test_loss, the experiment's scalars and their errors
         # against a declared truth), so the collapsed runs table says something true of the study.
+        from mlflow.exceptions import MlflowException
+
         finals = summary.pop("best_metrics", None)
-        if finals is None:
-            finals = {k: v for k, v in c.get_run(summary["best_run_id"]).data.metrics.items()
-                      if not k.startswith(("train_", "test_"))}
+        if finals is None:  # the best trial ran in an earlier invocation: its run has them
+            try:
+                finals = {k: v for k, v in c.get_run(summary["best_run_id"]).data.metrics.items()
+                          if not tracking.is_curve(k)}
+            except MlflowException:  # its run was deleted: the summary goes on without them
+                finals = {}
         metrics.update({f"best_{k}": v for k, v in finals.items()})
     tags = {f"best.{k}": str(v) for k, v in summary.get("best_params", {}).items()}
     if summary.get("best_run_id"):
@@ -268,7 +273,7 @@ def render_png(figure_args: tuple) -> dict[str, bytes]:
 
     experiment_name, values, predictions = figure_args
     experiment = load(experiment_name)
-    return plots.png(plots.render(experiment, values, experiment.make_data(), predictions))
+    return plots.png(plots.render(experiment, values, experiment.load_data(), predictions))
 
 
 def default_tracking_uri() -> str:
