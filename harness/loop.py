@@ -66,34 +66,30 @@ def train_epoch(model: nn.Module, batches: Batches, loss_fn: nn.Module, optimize
                 device: torch.device, metrics_fn: MetricsFn | None = None) -> dict[str, torch.Tensor]:
     """One pass over the training batches: the loss (and metrics) of each batch before its step,
     averaged over the epoch's samples, on the device."""
-    values: dict[str, list[torch.Tensor]] = {"loss": []}
-    sizes: list[int] = []
     model.train()
-    move = device.type != "cpu"  # batches on the CPU already are where a CPU model wants them
-    for X, y in batches:
-        if move:
-            X, y = X.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss, pred = train_step(model, X, y, loss_fn, optimizer)
-        values["loss"].append(loss)
-        sizes.append(len(X))
-        if metrics_fn is not None:
-            for name, value in metrics_fn(pred, y).items():
-                values.setdefault(name, []).append(value)
-    return {name: sample_mean(v, sizes) for name, v in values.items()}
+    means, _ = _over_batches(batches, device, lambda X, y: train_step(model, X, y, loss_fn, optimizer), metrics_fn)
+    return means
 
 
 def evaluate_batches(model: nn.Module, batches: Batches, loss_fn: nn.Module, device: torch.device,
                      metrics_fn: MetricsFn | None = None, keep_predictions: bool = False):
     """The loss (and metrics) over every test batch, averaged over samples; and the predictions,
     concatenated, when asked for."""
+    return _over_batches(batches, device, lambda X, y: evaluate(model, X, y, loss_fn), metrics_fn, keep_predictions)
+
+
+def _over_batches(batches: Batches, device: torch.device, step, metrics_fn: MetricsFn | None,
+                  keep_predictions: bool = False):
+    """``step(X, y) -> (loss, predictions)`` on every batch; sample-weighted means of the loss and
+    metrics, and the predictions concatenated when asked for."""
     values: dict[str, list[torch.Tensor]] = {"loss": []}
     sizes: list[int] = []
     predictions = []
-    move = device.type != "cpu"
+    move = device.type != "cpu"  # batches on the CPU already are where a CPU model wants them
     for X, y in batches:
         if move:
             X, y = X.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss, pred = evaluate(model, X, y, loss_fn)
+        loss, pred = step(X, y)
         values["loss"].append(loss)
         sizes.append(len(X))
         if metrics_fn is not None:
