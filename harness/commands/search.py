@@ -55,14 +55,10 @@ def _options(args):
     # so the fixed values must suit every pair (momentum, say, only sgd and rmsprop), and the
     # experiment's code must train with them: checked here, so a refused search writes nothing.
     base = config.with_flags(config.parse_sets(args.set), {"experiment": experiment.reference, "device": args.device})
-    for pair in space.pairs:
-        optimizer, loss = pair.split("+")
-        cfg, _ = config.resolve({**base, "optimizer": optimizer, "loss": loss}, file=args.config,
-                                experiment=experiment, n_train=data.n_train)
-    cfg, _ = config.resolve({**base, "optimizer": space.pairs[0].split("+")[0],
-                             "loss": space.pairs[0].split("+")[1]}, file=args.config, experiment=experiment,
-                            n_train=data.n_train)
-    training.preflight(cfg, experiment, data)
+    cfg, *_ = [config.resolve({**base, "optimizer": optimizer, "loss": loss}, file=args.config,
+                              experiment=experiment, n_train=data.n_train)[0]
+               for optimizer, loss in (pair.split("+") for pair in space.pairs)]
+    training.preflight(cfg, experiment, data)  # with the first pair
     config.one_of("sampler", args.sampler, study_module.SAMPLERS)
     config.one_of("pruner", args.pruner, study_module.PRUNERS)
     config.one_of("direction", args.direction, study_module.DIRECTIONS)
