@@ -13,9 +13,11 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
-from .search.tracker import PARENT_ATTR, RUN_ATTR
-from .search.workers import WORKER_ATTR, abandoned, alive
-from .tracking import FAIL_REASON_TAG
+from .search.tracker import INCOMPLETE_TAG, PARENT_ATTR, RUN_ATTR, close_incomplete
+from .search.workers import (FAIL_REASON_ATTR, WORKER_ATTR, abandoned, alive, retried_numbers, retry,
+                             unfinished_reason)
+from .tracking import FAIL_REASON_TAG, tag_list
+from .urls import redact
 
 EXPECTED_STATUS = {TrialState.COMPLETE: ("FINISHED",), TrialState.PRUNED: ("KILLED",),
                    TrialState.FAIL: ("FAILED", "KILLED")}  # KILLED: interrupted by the user
@@ -40,7 +42,7 @@ def stale_trials(study) -> list:
 
 def fail_and_retry(study, storage, trial) -> int:
     """What Optuna's heartbeat does to a stale trial: FAIL it and enqueue its params again."""
-    storage.set_trial_user_attr(trial._trial_id, "fail_reason", "worker died")
+    storage.set_trial_user_attr(trial._trial_id, FAIL_REASON_ATTR, "worker died")
     storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
@@ -67,6 +69,30 @@ def child_runs(client, parent_id: str) -> list:
                               max_results=50000)
 
 
+def recover_unfinished(study) -> list[tuple[int, str]]:
+    """Queue again the configuration of every FAIL trial that was stopped from outside (an
+    interrupt, a failed write; see workers.UNFINISHED_REASONS) and is not queued yet."""
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    queued = []
+    for trial in trials:
+        reason = trial.user_attrs.get(FAIL_REASON_ATTR)
+        if trial.state == TrialState.FAIL and trial.number not in retried and unfinished_reason(reason):
+            retry(study, trial)
+            queued.append((trial.number, reason or "no reason recorded"))
+    return queued
+
+
+@dataclass
+class _Fix:
+    """What --fix needs to repair runs: the store, the study and its parent run."""
+
+    client: object
+    study: object
+    parent_id: str
+    experiment_id: str
+
+
 def audit(study, storage, client, *, fix: bool = False) -> Report:
     report = Report()
     if fix:
@@ -74,19 +100,30 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
         report.fixed += [f"trial {n}: RUNNING with its worker gone -> FAIL, configuration retried" for n in by_pid]
         report.fixed += [f"trial {n}: RUNNING with its heartbeat silent -> FAIL, configuration retried"
                          for n in by_heartbeat]
+        report.fixed += [f"trial {n}: FAIL ({reason}) -> configuration retried" for n, reason in recover_unfinished(study)]
     trials = study.get_trials(deepcopy=False)
     report.checked_trials = len(trials)
-    parent_id = study.user_attrs.get(PARENT_ATTR)
-    if parent_id is None:
-        if trials:
-            report.violations.append("the study has no MLflow parent run (user attr mlflow_parent_run_id)")
-        return report
+    retried = retried_numbers(trials)
+    report.violations += [f"trial {t.number}: FAIL ({t.user_attrs.get(FAIL_REASON_ATTR) or 'no reason recorded'}) "
+                          "was stopped from outside and its configuration is not queued again; --fix queues it"
+                          for t in trials if t.state == TrialState.FAIL and t.number not in retried
+                          and unfinished_reason(t.user_attrs.get(FAIL_REASON_ATTR))]
     from mlflow.exceptions import MlflowException
 
+    parent_id = study.user_attrs.get(PARENT_ATTR)
+    if parent_id is None:
+        if not trials:
+            return report
+        if not fix:
+            report.violations.append("the study has no MLflow parent run (user attr mlflow_parent_run_id); "
+                                     "--fix creates one")
+            return report
+        parent_id = _create_parent(client, study)
+        report.fixed.append(f"the study had no MLflow parent run -> created {parent_id}")
     try:
         parent = client.get_run(parent_id)
     except MlflowException:
-        report.violations.append(f"parent run {parent_id} does not exist in {client.tracking_uri}")
+        report.violations.append(f"parent run {parent_id} does not exist in {redact(client.tracking_uri)}")
         return report
     runs = child_runs(client, parent_id)
     report.checked_runs = len(runs)
@@ -94,9 +131,10 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
     for run in runs:
         number = run.data.tags.get("optuna.trial_number")
         by_number.setdefault(int(number) if number and number.isdigit() else -1, []).append(run)
+    fixer = _Fix(client, study, parent_id, parent.info.experiment_id) if fix else None
     live_workers = False
     for trial in trials:
-        _check_trial(trial, by_number.pop(trial.number, []), client, report, fix)
+        _check_trial(trial, by_number.pop(trial.number, []), client, report, fixer, trial.number in retried)
         live_workers |= trial.state == TrialState.RUNNING and alive(trial.user_attrs.get(WORKER_ATTR)) is not False
     for number, orphans in sorted(by_number.items()):
         for run in orphans:
@@ -110,15 +148,31 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
     return report
 
 
-def _check_trial(trial, runs: list, client, report: Report, fix: bool) -> None:
+def _create_parent(client, study) -> str:
+    """The parent run a crashed first search never created, where the search would have put it."""
+    from .search.tracker import ROLE_TAG
+    from .tracking import experiment_id
+
+    run = client.create_run(experiment_id(client, None), run_name=study.study_name,
+                            tags={ROLE_TAG: "study", "optuna.study_name": study.study_name})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    study.set_user_attr(PARENT_ATTR, run.info.run_id)
+    return run.info.run_id
+
+
+def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, retried: bool) -> None:
     n, state = trial.number, trial.state
     if state == TrialState.WAITING:
         return
+    owner = alive(trial.user_attrs.get(WORKER_ATTR))
     if state == TrialState.RUNNING:
-        owner = alive(trial.user_attrs.get(WORKER_ATTR))
         if owner is False:
             report.violations.append(f"trial {n} is RUNNING but its worker {trial.user_attrs[WORKER_ATTR]} is gone")
         return  # a live worker owns it (or it runs elsewhere): nothing to compare yet
+    if not runs and state == TrialState.FAIL and fix and owner is not True:
+        runs = [_placeholder_run(fix, trial)]
+        report.fixed.append(f"trial {n}: FAIL with no run (it failed before its run was created) -> "
+                            f"created FAILED run {runs[0].info.run_id} with its params")
     if len(runs) != 1:
         report.violations.append(f"trial {n} ({state.name}) has {len(runs)} runs, not 1")
         return
@@ -128,11 +182,23 @@ def _check_trial(trial, runs: list, client, report: Report, fix: bool) -> None:
     if linked != run_id and (linked is not None or state != TrialState.FAIL):
         report.violations.append(f"trial {n}: user attr {RUN_ATTR}={linked!r} but its run is {run_id}")
     status = run.info.status
-    if status == "RUNNING" and state == TrialState.FAIL and fix:
-        client.set_tag(run_id, FAIL_REASON_TAG, trial.user_attrs.get("fail_reason", "worker died"))
+    if status in ("RUNNING", "FINISHED") and state == TrialState.FAIL and fix:
+        # FINISHED: the worker wrote the run, then died before Optuna recorded the trial's end (or
+        # a torn journal lost it); the trial was failed and retried, so the run says so too.
+        client.log_batch(run_id, tags=tag_list({FAIL_REASON_TAG: trial.user_attrs.get(FAIL_REASON_ATTR, "worker died"),
+                                                "optuna.trial_state": "FAIL"}))
         client.set_terminated(run_id, "FAILED")
-        report.fixed.append(f"run {run_id} of trial {n}: RUNNING with its trial FAIL -> FAILED")
+        report.fixed.append(f"run {run_id} of trial {n}: {status} with its trial FAIL -> FAILED")
         status = "FAILED"
+    if status == "RUNNING" and state != TrialState.FAIL and fix and owner is False:
+        # The worker ended (a full disk, a killed writer) before its last write landed.
+        status = _close_unwritten_run(fix, trial, run, report, retried)
+    incomplete = run.data.tags.get(INCOMPLETE_TAG)
+    if status == "FAILED" and incomplete and state in (TrialState.COMPLETE, TrialState.PRUNED):
+        if state == TrialState.COMPLETE and not retried:
+            report.violations.append(f"trial {n}: run {run_id} is incomplete ({incomplete}) and its configuration "
+                                     "is not queued again; --fix queues it")
+        return  # marked as such; the configuration's record comes from its retry
     if status not in EXPECTED_STATUS[state]:
         report.violations.append(f"trial {n} is {state.name} but run {run_id} is {status}")
     params = run.data.params
@@ -141,15 +207,78 @@ def _check_trial(trial, runs: list, client, report: Report, fix: bool) -> None:
     logged = {name: params.get(name) for name in trial.params}
     if "optimizer_loss" in trial.params:
         logged["optimizer_loss"] = f"{params.get('optimizer')}+{params.get('loss')}"
+    if logged != expected and fix and all(params.get(k) is None for k in _param_values(trial)):
+        # The run was created but its first write (its params) failed: written now from the trial.
+        from mlflow.entities import Param
+
+        client.log_batch(run_id, params=[Param(k, v) for k, v in _param_values(trial).items()])
+        report.fixed.append(f"run {run_id} of trial {n}: params missing -> logged from the trial")
+        logged = expected
     if logged != expected:
         report.violations.append(f"trial {n}: run params {logged} differ from trial params {expected}")
     if state == TrialState.COMPLETE:
-        _check_complete(n, run, trial.params.get("epochs"), client, report)
+        _check_complete(n, run, _epochs(trial, run), client, report)
+
+
+def _epochs(trial, run) -> int:
+    epochs = trial.params.get("epochs", run.data.params.get("epochs"))
+    return int(epochs) if str(epochs).isdigit() else 0
+
+
+def _param_values(trial) -> dict[str, str]:
+    """The trial's sampled values as its run logs them (the pair as optimizer and loss)."""
+    params = {k: str(v) for k, v in trial.params.items() if k != "optimizer_loss"}
+    if "optimizer_loss" in trial.params:
+        params["optimizer"], params["loss"] = str(trial.params["optimizer_loss"]).split("+", 1)
+    return params
+
+
+def _placeholder_run(fix: _Fix, trial):
+    """A FAILED run for a trial that failed before its run existed: the trial-run contract holds."""
+    from mlflow.entities import Param
+
+    tags = {"mlflow.parentRunId": fix.parent_id, "optuna.trial_number": str(trial.number),
+            "optuna.study_name": fix.study.study_name, "optuna.trial_state": "FAIL",
+            FAIL_REASON_TAG: trial.user_attrs.get(FAIL_REASON_ATTR) or "failed before its run was created"}
+    run = fix.client.create_run(fix.experiment_id, run_name=f"trial-{trial.number}", tags=tags)
+    fix.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in _param_values(trial).items()])
+    fix.client.set_terminated(run.info.run_id, "FAILED")
+    return fix.client.get_run(run.info.run_id)
+
+
+def _close_unwritten_run(fix: _Fix, trial, run, report: Report, retried: bool) -> str:
+    """A COMPLETE or PRUNED trial whose run its dead worker left RUNNING: closed with the trial's
+    status if its record is whole, else marked incomplete (a COMPLETE one's configuration queued again)."""
+    run_id, n = run.info.run_id, trial.number
+    if trial.state == TrialState.COMPLETE:
+        check = Report()
+        _check_complete(n, run, _epochs(trial, run), fix.client, check)
+        missing = "; ".join(v.split(": ", 1)[-1] for v in check.violations)
+    else:  # PRUNED: the curves up to the epoch it was pruned at
+        last = max(trial.intermediate_values, default=-1)
+        steps = sorted(m.step for m in fix.client.get_metric_history(run_id, "train_loss"))
+        missing = "" if steps == list(range(last + 1)) else f"{len(steps)} train_loss points, not {last + 1}"
+    if not missing:
+        status = EXPECTED_STATUS[trial.state][0]
+        fix.client.set_terminated(run_id, status)
+        report.fixed.append(f"run {run_id} of trial {n}: RUNNING with its record whole -> {status}")
+        return status
+    reason = f"its worker stopped before the record was written in full: {missing}"
+    close_incomplete(fix.client, run_id, reason)
+    run.data.tags[INCOMPLETE_TAG] = reason
+    queued = ""
+    if trial.state == TrialState.COMPLETE and not retried:
+        retry(fix.study, trial)
+        queued = ", configuration retried"
+    report.fixed.append(f"run {run_id} of trial {n}: RUNNING with an incomplete record ({missing}) -> "
+                        f"FAILED, tagged {INCOMPLETE_TAG}{queued}")
+    return "FAILED"
 
 
 def _check_complete(n: int, run, epochs: int, client, report: Report) -> None:
-    from .errors import HarnessError
-    from .runs import load_state_dict
+    from .errors import HarnessError, UsageError
+    from .experiment import is_builtin
+    from .runs import fitted_model, load_state_dict, logged_config
 
     run_id = run.info.run_id
     for key in ("train_loss", "test_loss"):
@@ -161,9 +290,10 @@ def _check_complete(n: int, run, epochs: int, client, report: Report) -> None:
     if missing:
         report.violations.append(f"trial {n}: run {run_id} lacks {', '.join(missing)}")
     try:
-        load_state_dict(client, run_id)
-    except HarnessError as exc:
+        state = load_state_dict(client, run_id)
+        if is_builtin(run.data.params.get("experiment", "")):  # its model can be built to check the fit
+            cfg, found = logged_config(client, run_id, device="cpu")
+            fitted_model(client, run_id, cfg, found, state)
+    except (HarnessError, UsageError) as exc:
         report.violations.append(f"trial {n}: {exc}")
-    except Exception as exc:  # absent artifact
-        report.violations.append(f"trial {n}: run {run_id} has no loadable state_dict.pt ({type(exc).__name__})")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -37,6 +38,23 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _store_error(exc: BaseException) -> str | None:
+    """One line for an error of a store or the file system (a corrupted or read-only database, a
+    file that cannot be written), where nothing was lost; None for anything else."""
+    kinds: list[type] = [OSError]
+    for module, name in (("sqlite3", "Error"), ("sqlalchemy.exc", "SQLAlchemyError"),
+                         ("mlflow.exceptions", "MlflowException")):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    if not isinstance(exc, tuple(kinds)):
+        return None
+    from .urls import scrub
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return f"{type(exc).__name__}: {scrub(first, uri) if uri else first}"
+
+
 def main(argv: list[str] | None = None) -> int:
     # MLflow draws a progress bar for every artifact it downloads: noise around a one-line answer.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -44,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     # seconds and say so. Users who want patience set these themselves.
     for name, value in NETWORK_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    # A store error becomes one line below; MLflow would also log it with a traceback.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     # SIGTERM ends a command the way Ctrl-C does: runs are closed, nothing is left RUNNING.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -58,6 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        line = _store_error(exc)
+        if line is None:
+            raise  # a bug: its traceback is what a report needs
+        print(f"harness: {line}", file=sys.stderr)
+        return 1
+    finally:
+        # The command's record is complete: a signal from here on only ends the process, it no
+        # longer interrupts anything (a KeyboardInterrupt now would print a traceback on exit).
+        for held in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(held, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -11,25 +11,23 @@ ROLE_TAG = "tags.harness.role"
 BOOKKEEPING = ("experiment", "seed", "device", "torch_version", "trial_number", "experiment_sha256")
 
 
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "\\'") + "'"
-
-
-def top_runs(*, study: str | None = None, mlflow_experiment: str | None = None, metric: str = "final_test_loss",
+def top_runs(client, *, study: str | None = None, mlflow_experiment: str | None = None, metric: str = "final_test_loss",
              top: int = 5, descending: bool = False):
     """A pandas frame of the top finished runs by ``metric`` (from mlflow.search_runs)."""
     import mlflow
 
+    from .tracking import filter_value
+
     where = ["attributes.status = 'FINISHED'"]
     if study:
-        where.append(f"tags.`optuna.study_name` = {_quote(study)}")
+        where.append(f"tags.`optuna.study_name` = {filter_value(study)}")
         scope, experiment_ids = f"study {study!r}", None
     else:
-        found = mlflow.MlflowClient().get_experiment_by_name(mlflow_experiment)
+        found = client.get_experiment_by_name(mlflow_experiment)
         if found is None:
             raise UsageError(f"unknown MLflow experiment {mlflow_experiment!r}")
         scope, experiment_ids = f"MLflow experiment {mlflow_experiment!r}", [found.experiment_id]
-    frame = mlflow.search_runs(experiment_ids=experiment_ids, search_all_experiments=experiment_ids is None,
+    frame = mlflow.search_runs(experiment_ids=experiment_ids or [e.experiment_id for e in client.search_experiments()],
                                filter_string=" and ".join(where), output_format="pandas",
                                order_by=[f"metrics.{metric} {'DESC' if descending else 'ASC'}"])
     if ROLE_TAG in frame:
@@ -85,10 +83,10 @@ def _colours():
     return matplotlib.colormaps["tab10"].colors
 
 
-def parent_run_id(study: str) -> str | None:
-    import mlflow
+def parent_run_id(client, study: str) -> str | None:
+    from .tracking import filter_value
 
-    frame = mlflow.search_runs(search_all_experiments=True, output_format="pandas",
-                               filter_string=f"tags.`optuna.study_name` = {_quote(study)} and "
-                                             "tags.`harness.role` = 'study'")
-    return None if frame.empty else frame.iloc[0]["run_id"]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1,
+                              filter_string=f"tags.`optuna.study_name` = {filter_value(study)} and "
+                                            "tags.`harness.role` = 'study'")
+    return runs[0].info.run_id if runs else None

@@ -261,10 +261,12 @@ def _float(name: str, value: Any, low: float | None = None, high: float | None =
 
 
 def epochs_value(name: str, value: Any) -> int:
-    epochs = positive_int(name, value)
-    if epochs > MAX_EPOCHS:
-        raise UsageError(f"{name} must be at most {MAX_EPOCHS}, got {value!r}")
-    return epochs
+    return _int(name, value, minimum=1, maximum=MAX_EPOCHS)
+
+
+def int_in(name: str, value: Any, low: int, high: int) -> int:
+    """An integer in [low, high] (e.g. a sampler seed, which numpy takes below 2**32)."""
+    return _int(name, value, minimum=low, maximum=high)
 
 
 def positive_int(name: str, value: Any) -> int:
@@ -275,7 +277,7 @@ def nonnegative_int(name: str, value: Any) -> int:
     return _int(name, value, minimum=0)
 
 
-def _int(name: str, value: Any, minimum: int | None) -> int:
+def _int(name: str, value: Any, minimum: int | None, maximum: int = INT_LIMIT) -> int:
     number = None
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
@@ -288,8 +290,9 @@ def _int(name: str, value: Any, minimum: int | None) -> int:
         kind = ("an integer" if minimum is None else "a positive integer" if minimum == 1
                 else f"an integer >= {minimum}")
         raise UsageError(f"{name} must be {kind}, got {_short(value)}")
-    if abs(number) > INT_LIMIT:
-        raise UsageError(f"{name} must be at most {INT_LIMIT} in size, got {_short(value)}")
+    if number > maximum or number < -INT_LIMIT:
+        limit = f"at most {maximum}" if maximum != INT_LIMIT else f"at most {INT_LIMIT} in size"
+        raise UsageError(f"{name} must be {limit}, got {_short(value)}")
     return number
 
 

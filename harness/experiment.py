@@ -224,6 +224,9 @@ def load(reference: str) -> Experiment:
     if is_file(reference):
         return _load_file(reference)
     module_name = reference if "." in reference else f"{PACKAGE}.{reference}"
+    if "." not in reference and reference.isidentifier() and importlib.util.find_spec(module_name) is None \
+            and importlib.util.find_spec(reference) is not None:
+        module_name = reference  # a top-level module of the user's (on PYTHONPATH); ours come first
     if not all(part.isidentifier() for part in module_name.split(".")):
         raise UsageError(f"unknown experiment {reference!r}; allowed: {', '.join(names())} "
                          "(or a module path or a .py file defining EXPERIMENT)")

@@ -5,7 +5,7 @@ import torch
 
 from . import tracking, training
 from .errors import UsageError
-from .runs import curves, get_run, load_state_dict, logged_config
+from .runs import curves, fitted_model, get_run, load_state_dict, logged_config
 
 REPRODUCES_TAG = "harness.reproduces"
 
@@ -22,6 +22,10 @@ def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str, 
     cfg, found = logged_config(client, run_id, experiment=experiment)
     data = found.load_data()
     training.preflight(cfg, found, data)  # the experiment's code may have changed since
+    # The run's own state_dict is checked before anything is trained or logged: a refused one
+    # leaves no re-run behind.
+    old_state = load_state_dict(client, run_id)
+    fitted_model(client, run_id, cfg, found, old_state)
     result = training.train(cfg, found, data)
     new_run = client.create_run(source.info.experiment_id, run_name=f"reproduce-{source.info.run_name}",
                                 tags={REPRODUCES_TAG: run_id, "harness.command": "reproduce"})
@@ -31,7 +35,7 @@ def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str, 
     finally:
         client.set_terminated(new_run.info.run_id, status)
     logged = curves(client, run_id, result.history.values.keys())
-    return new_run.info.run_id, differences(load_state_dict(client, run_id), result.model.state_dict(),
+    return new_run.info.run_id, differences(old_state, result.model.state_dict(),
                                             logged, result.history.values), result.history.epochs_run
 
 

@@ -9,9 +9,12 @@ from pathlib import Path
 
 from . import config, training
 from .config import MAX_CONFIG_BYTES
+
+MAX_STATE_DICT_BYTES = 1 << 31  # a run's artifact is untrusted input: its size is bounded
 from .errors import HarnessError, UsageError
 from .experiment import first_line, is_builtin, load
 from .tracking import CONFIG, EXPERIMENT_SHA_PARAM, STATE_DICT
+from .urls import redact
 
 
 def get_run(client, run_id: str):
@@ -20,7 +23,7 @@ def get_run(client, run_id: str):
     try:
         return client.get_run(run_id)
     except MlflowException:
-        raise UsageError(f"run {run_id!r} does not exist in the MLflow store {client.tracking_uri}") from None
+        raise UsageError(f"run {run_id!r} does not exist in the MLflow store {redact(client.tracking_uri)}") from None
 
 
 def logged_config(client, run_id: str, device: str | None = None, experiment: str | None = None):
@@ -67,44 +70,62 @@ def load_state_dict(client, run_id: str) -> dict:
     import torch
 
     with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
-        path = client.download_artifacts(run_id, STATE_DICT, tmp)
         try:
-            return torch.load(path, weights_only=True, map_location="cpu")
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            path = Path(client.download_artifacts(run_id, STATE_DICT, tmp))
+        except Exception as exc:  # MLflow raises several kinds for an absent artifact
+            raise HarnessError(f"run {run_id} has no readable {STATE_DICT} ({first_line(exc)})") from None
+        if not path.is_file() or path.stat().st_size > MAX_STATE_DICT_BYTES:
+            raise HarnessError(f"refused {STATE_DICT} of run {run_id}: not a regular file of at most "
+                               f"{MAX_STATE_DICT_BYTES} bytes")
+        try:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise HarnessError(f"refused {STATE_DICT} of run {run_id}: not a plain tensor file "
                                f"(torch.load weights_only=True: {first})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise HarnessError(f"refused {STATE_DICT} of run {run_id}: a {type(state).__name__}, not a state_dict "
+                           "(a mapping of names to tensors)")
+    return state
+
+
+def fitted_model(client, run_id: str, cfg, experiment, state: dict | None = None):
+    """The model ``cfg`` builds, with the run's state_dict loaded; a state_dict that does not fit it
+    is a one-line HarnessError."""
+    state = state if state is not None else load_state_dict(client, run_id)
+    model = training.build_model(cfg, experiment)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # keys or shapes that are not this model's
+        first = str(exc).strip().splitlines()[0]
+        raise HarnessError(f"{STATE_DICT} of run {run_id} does not fit the model its config builds: {first}") from None
+    return model
 
 
 def load_model(run_id: str, client=None, experiment: str | None = None):
     """The run's model, rebuilt from its config (hyperparameters included) and loaded from its
     state_dict.pt, in eval mode. ``experiment``: the run's experiment module or file, when it is
     not one of the ``experiments`` package."""
-    from mlflow import MlflowClient
+    from .tracking import read_client
 
-    client = client or MlflowClient()
+    client = client or read_client()
     return _model_and_experiment(client, run_id, experiment)[0]
 
 
 def _model_and_experiment(client, run_id: str, experiment: str | None):
     get_run(client, run_id)
     cfg, found = logged_config(client, run_id, device="cpu", experiment=experiment)
-    model = training.build_model(cfg, found)
-    try:
-        model.load_state_dict(load_state_dict(client, run_id))
-    except RuntimeError as exc:  # keys or shapes that are not this model's
-        first = str(exc).strip().splitlines()[0]
-        raise HarnessError(f"{STATE_DICT} of run {run_id} does not fit the model its config builds: {first}") from None
-    return model.eval(), found
+    return fitted_model(client, run_id, cfg, found).eval(), found
 
 
 def predict(run_id: str, values: list[float], client=None, experiment: str | None = None):
     """Inputs shaped like the experiment's data and the model's outputs for them."""
     import torch
 
-    from mlflow import MlflowClient
+    from .tracking import read_client
 
-    client = client or MlflowClient()
+    client = client or read_client()
     model, found = _model_and_experiment(client, run_id, experiment)
     shape = found.load_data().input_shape
     width = int(torch.Size(shape).numel())

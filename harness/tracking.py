@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .urls import redact, scrub
+
 STATE_DICT = "state_dict.pt"
 CONFIG = "config.json"
 FAIL_REASON_TAG = "harness.fail_reason"
@@ -152,14 +154,100 @@ def experiment_id(client, name: str | None) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def check_experiment(client, name: str | None) -> str | None:
+    """Why runs cannot go to the MLflow experiment ``name`` (else $MLFLOW_EXPERIMENT_NAME, else
+    $MLFLOW_EXPERIMENT_ID), or None when they can. Reads only: a refused command writes nothing."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH
+
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if name:
+        if len(name) > MAX_EXPERIMENT_NAME_LENGTH:
+            return (f"MLflow experiment name of {len(name)} characters ({name[:40]!r}...); "
+                    f"at most {MAX_EXPERIMENT_NAME_LENGTH} allowed")
+        found = client.get_experiment_by_name(name)
+        shown = f"MLflow experiment {name!r}"
+    else:
+        wanted = os.environ.get("MLFLOW_EXPERIMENT_ID")
+        if not wanted:
+            return None
+        try:
+            found = client.get_experiment(wanted)
+        except MlflowException:
+            return f"MLFLOW_EXPERIMENT_ID={wanted!r}: no such experiment in {redact(client.tracking_uri)}; unset it or name one"
+        shown = f"MLflow experiment {found.name!r} (MLFLOW_EXPERIMENT_ID={wanted})"
+    if found is not None and found.lifecycle_stage != "active":
+        return (f"{shown} is deleted; restore it (mlflow experiments restore --experiment-id "
+                f"{found.experiment_id}) or use another name")
+    return None
+
+
+def filter_value(value: str) -> str:
+    """``value`` as a string literal of an MLflow filter string (the one place they are quoted).
+    MLflow's parser takes '...' or "..." and knows no escapes: a value with both marks has no literal."""
+    from .errors import UsageError
+
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise UsageError(f"{value[:80]!r} holds both ' and \": MLflow filter strings cannot name it")
+
+
 def unreachable(what: str, url: str, seconds: float, exc: BaseException):
     """The one-line error (exit 2: the URL is the user's input) for a store that did not answer."""
     from .errors import UsageError
-    from .search.study import redact, scrub
 
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     return UsageError(f"cannot reach {what} {redact(url)} (gave up after {seconds:.0f}s): "
                         f"{scrub(first, url)}")
+
+
+DB_SCHEMES = ("postgresql", "mysql", "mssql", "oracle")
+
+
+def read_client(tracking_uri: str | None = None):
+    """An MlflowClient for a command that reads runs (compare, predict, reproduce, audit): a store
+    that does not exist is not created (a one-line UsageError instead), and one that cannot be read
+    (unreachable, read-only and in need of a migration, corrupted) is a one-line HarnessError."""
+    from .errors import HarnessError, UsageError
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise UsageError(f"no MLflow store at {redact(uri)}: nothing to read there "
+                             "(run a search or train first, or set MLFLOW_TRACKING_URI)")
+    started = time.time()
+    try:
+        _probe_database(uri)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+    except Exception as exc:
+        if uri.startswith(("http://", "https://")) or uri.split(":", 1)[0].split("+")[0] in DB_SCHEMES:
+            raise unreachable("the MLflow tracking store", uri, time.time() - started, exc) from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise HarnessError(f"cannot read the MLflow store {redact(uri)}: {scrub(first, uri)}") from None
+    return client
+
+
+def _probe_database(uri: str) -> None:
+    """One connection attempt, bounded in time, to a database tracking store: MLflow itself retries
+    an unreachable one ten times over almost two minutes."""
+    if uri.split(":", 1)[0].split("+")[0] not in DB_SCHEMES:
+        return
+    from sqlalchemy import create_engine
+
+    engine_uri = "postgresql+psycopg://" + uri[len("postgresql://"):] if uri.startswith("postgresql://") else uri
+    args = {"connect_timeout": 10} if uri.startswith("postgresql") else {}
+    engine = create_engine(engine_uri, connect_args=args)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
 
 
 def open_client(tracking_uri: str | None = None):
@@ -172,6 +260,7 @@ def open_client(tracking_uri: str | None = None):
 
     uri = tracking_uri or mlflow.get_tracking_uri()
     path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+    _probe_database(uri)
     with file_lock(path + LOCK_SUFFIX if path else None):
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)
@@ -196,7 +285,7 @@ def use_wal(tracking_uri: str) -> None:
 
 
 def ui_hint(client, experiment: str, run_id: str) -> str:
-    uri = client.tracking_uri
+    uri = redact(client.tracking_uri)
     if uri.startswith(("http://", "https://")):
         return f"open {uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
     return (f"mlflow ui --backend-store-uri {uri}   then open "

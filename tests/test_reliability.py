@@ -51,22 +51,27 @@ def test_interrupt_ends_the_running_trial_cleanly_and_says_how_to_resume(workdir
     assert "Traceback" not in stderr
     assert "resume with: harness search --study-name linear_regression-search" in stderr
     study = journal_study(workdir)
-    *done, last = study.trials
+    *done, last, retry = study.trials
     assert all(t.state == TrialState.COMPLETE for t in done) and len(done) >= 2
-    assert last.state == TrialState.FAIL
+    assert last.state == TrialState.FAIL and last.user_attrs["fail_reason"] == "interrupted"
+    # The interrupted configuration is queued again, the way Optuna retries a failed trial.
+    assert retry.state == TrialState.WAITING and retry.params == last.params
+    assert retry.system_attrs["failed_trial"] == last.number
     parent, runs = check_contract(workdir, study)
     assert runs[last.number].info.status == "KILLED"
     assert runs[last.number].data.tags["harness.fail_reason"] == "interrupted"
     assert parent.info.status == "FINISHED"
     out = audit(workdir)
     assert out.returncode == 0 and "clean" in out.stdout, out.stdout
-    # The printed command resumes the same study: same space, so it is not refused.
+    # The printed command resumes the same study (same space, so it is not refused) and runs the
+    # queued configuration first.
     before = len(study.trials)
     resume = shlex.split(stderr.split("resume with: ", 1)[1].strip())
     assert resume[:2] == ["harness", "search"]
     out = run_cli(*resume[1:], "--n-trials", 1, "--no-progress", cwd=workdir)
     assert out.returncode == 0, out.stderr
-    assert len(journal_study(workdir).trials) == before + 1, out.stdout
+    study = journal_study(workdir)
+    assert len(study.trials) == before and study.trials[retry.number].state == TrialState.COMPLETE, out.stdout
 
 
 def test_sigterm_during_train_keeps_the_curves_so_far(workdir):

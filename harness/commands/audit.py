@@ -1,6 +1,8 @@
 """`harness audit --study NAME [--fix]`: do the Optuna storage and MLflow agree?"""
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("audit", help="check (and with --fix repair) a study's trials against its MLflow runs")
@@ -17,23 +19,38 @@ def run(args) -> int:
     from ..search import study as study_module
 
     url = args.storage or study_module.DEFAULT_STORAGE
-    study_module.storage_scheme(url)
-    from ..config import positive_int
+    study_module.check_storage(url)
+    from ..config import int_in
 
-    heartbeat = positive_int("--heartbeat", args.heartbeat)
+    heartbeat = int_in("--heartbeat", args.heartbeat, 1, study_module.MAX_HEARTBEAT_S)
     import optuna
-    from mlflow import MlflowClient
+    from ..tracking import read_client
 
     from ..audit import audit
 
-    storage = study_module.open_storage(url, must_exist=True, heartbeat=heartbeat)
+    journal_fixed, journal_violations, journal_notes = [], [], []
+    if study_module.storage_scheme(url) == "journal":
+        from ..search import journal
+
+        path = study_module.journal_path(url)
+        damage = None if args.fix or not Path(path).is_file() else journal.tail_damage(path)
+        if damage is not None:
+            journal_violations.append(f"{damage.describe(path)}; `harness audit --fix` (or the next search) "
+                                      "removes it, keeping a copy")
+        journal_notes += [f"the journal was repaired before; what was removed is kept in {copy}"
+                          for copy in journal.earlier_repairs(path)]
+    storage = study_module.open_storage(url, must_exist=True, heartbeat=heartbeat, repair=args.fix,
+                                        notify=journal_fixed.append)
     try:
         study = optuna.load_study(study_name=args.study, storage=storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise UsageError(f"no study {args.study!r} in {study_module.redact(url)}; "
                          f"studies there: {', '.join(names) or 'none'}") from None
-    report = audit(study, storage, MlflowClient(), fix=args.fix)
+    report = audit(study, storage, read_client(), fix=args.fix)
+    report.fixed[:0], report.violations[:0] = journal_fixed, journal_violations
+    for line in journal_notes:
+        print(f"note: {line}")
     for line in report.fixed:
         print(f"fixed: {line}")
     for line in report.violations:

@@ -25,18 +25,22 @@ def run(args) -> int:
     top = config.positive_int("--top", args.top)
     if args.log and not args.study:
         raise UsageError("--log needs --study: the figure goes to the study's parent run")
-    if not re.fullmatch(r"[A-Za-z0-9_.\-/ ]+", args.metric):
-        raise UsageError(f"--metric {args.metric!r} is not a metric name")
-    from mlflow import MlflowClient
-
-    from .. import compare
-
-    frame = compare.top_runs(study=args.study, mlflow_experiment=args.mlflow_experiment, metric=args.metric,
-                             top=top, descending=args.descending)
-    client = MlflowClient()
+    if not re.fullmatch(r"[A-Za-z0-9_.\-/]{1,250}", args.metric):
+        raise UsageError(f"--metric {args.metric!r} is not a metric name (letters, digits, _ . - /)")
     scope = args.study or args.mlflow_experiment
+    # A long or odd study name still gives a short, plain file name.
+    out = args.out or f"compare-{re.sub(r'[^A-Za-z0-9_.-]+', '_', scope)[:80]}.png"
+    check_output(out, "--out", figure=True)
+    if args.csv:
+        check_output(args.csv, "--csv")
+    from .. import compare
+    from ..tracking import read_client
+    from ..urls import redact
+
+    client = read_client()
+    frame = compare.top_runs(client, study=args.study, mlflow_experiment=args.mlflow_experiment, metric=args.metric,
+                             top=top, descending=args.descending)
     figure = compare.overlay(client, frame, f"{scope}: top {len(frame)} by {args.metric}")
-    out = args.out or f"compare-{re.sub(r'[^A-Za-z0-9_.-]+', '_', scope)}.png"
     figure.savefig(out)
     shown = compare.table(frame)
     print(shown.to_string(index=False))
@@ -45,9 +49,29 @@ def run(args) -> int:
         shown.to_csv(args.csv, index=False)
         print(f"table: {args.csv}")
     if args.log:
-        parent = compare.parent_run_id(args.study)
+        parent = compare.parent_run_id(client, args.study)
         if parent is None:
-            raise UsageError(f"study {args.study!r} has no parent run in {client.tracking_uri}")
+            raise UsageError(f"study {args.study!r} has no parent run in {redact(client.tracking_uri)}")
         client.log_figure(parent, figure, f"compare_top{top}_{args.metric}.png")
         print(f"logged to parent run {parent}")
     return 0
+
+
+def check_output(path: str, flag: str, figure: bool = False) -> None:
+    """A file the command will write: its folder exists, it is not a folder, its format is known."""
+    from pathlib import Path
+
+    from ..errors import UsageError
+
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{flag} {path!r} is a directory; name a file")
+    if not target.parent.is_dir():
+        raise UsageError(f"{flag} {path!r}: folder {str(target.parent)!r} does not exist")
+    if figure:
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        if target.suffix.lstrip(".").lower() not in formats:
+            raise UsageError(f"{flag} {path!r}: unknown figure format {target.suffix or '(none)'!r}; allowed: "
+                             f"{', '.join('.' + f for f in sorted(formats))}")

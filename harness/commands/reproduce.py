@@ -14,11 +14,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from mlflow import MlflowClient
-
     from ..reproduce import reproduce
+    from ..tracking import read_client
 
-    new_run, diffs, epochs = reproduce(MlflowClient(), args.run_id, experiment=args.experiment)
+    new_run, diffs, epochs = reproduce(read_client(), args.run_id, experiment=args.experiment)
     if not diffs:
         print(f"reproduced run {args.run_id} exactly: state_dict bitwise identical, curves equal over "
               f"{epochs} epochs; re-run logged as {new_run}")

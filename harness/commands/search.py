@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
+
+from .. import signals
 
 from .train import add_config_arguments
 
@@ -62,17 +65,22 @@ def _options(args):
     config.one_of("sampler", args.sampler, study_module.SAMPLERS)
     config.one_of("pruner", args.pruner, study_module.PRUNERS)
     config.one_of("direction", args.direction, study_module.DIRECTIONS)
-    sampler_seed = config.nonnegative_int("--seed", args.seed) if args.seed not in (None, "") else None
+    # numpy's generators, which Optuna's samplers use, take seeds below 2**32.
+    sampler_seed = config.int_in("--seed", args.seed, 0, 2 ** 32 - 1) if args.seed not in (None, "") else None
+    from ..search.tracker import default_tracking_uri
+    from ..urls import check_credentials
+
+    check_credentials(default_tracking_uri(), "MLFLOW_TRACKING_URI")
     storage_url = args.storage or study_module.DEFAULT_STORAGE
-    study_module.storage_scheme(storage_url)
+    study_module.check_storage(storage_url)
     return {
         "experiment": experiment, "cfg": cfg, "data": data, "space": space, "storage_url": storage_url,
-        "study_name": args.study_name or f"{experiment.name}-search",  # "" from MLproject = not given
+        "study_name": study_name(args.study_name or f"{experiment.name}-search"),  # "" from MLproject = not given
         "n_trials": config.positive_int("--n-trials", args.n_trials),
         "max_trials": config.positive_int("--max-trials", args.max_trials) if args.max_trials else None,
         "timeout": config.positive_float("--timeout", args.timeout) if args.timeout else None,
         "n_jobs": config.positive_int("--n-jobs", args.n_jobs),
-        "heartbeat": config.positive_int("--heartbeat", args.heartbeat),
+        "heartbeat": config.int_in("--heartbeat", args.heartbeat, 1, study_module.MAX_HEARTBEAT_S),
         # On a database server each report is a round trip and each pruning check a read: every
         # epoch would cost more than the training itself (measured: 4x on a 10-trial search).
         "report_every": config.positive_int("--report-every", args.report_every) if args.report_every
@@ -80,6 +88,21 @@ def _options(args):
         "sampler": study_module.make_sampler(args.sampler, sampler_seed, space),
         "pruner": study_module.make_pruner(args.pruner),
     }
+
+
+MAX_STUDY_NAME = 250
+
+
+def study_name(name: str) -> str:
+    """A study name that every store and the MLflow UI's filters can hold."""
+    from ..errors import UsageError
+
+    if len(name) > MAX_STUDY_NAME or not name.isprintable() or not name.strip():
+        shown = repr(name) if len(name) <= 60 else f"{name[:40]!r}... ({len(name)} characters)"
+        raise UsageError(f"--study-name {shown}: at most {MAX_STUDY_NAME} printable characters")
+    if "'" in name and '"' in name:
+        raise UsageError(f"--study-name {name[:80]!r} holds both ' and \": MLflow's filters could never find its runs")
+    return name
 
 
 def parse_tunes(tunes: list[str] | None) -> dict:
@@ -102,6 +125,7 @@ def parse_tunes(tunes: list[str] | None) -> dict:
 
 
 def run(args) -> int:
+    from ..errors import UsageError
     from ..search.tracker import default_tracking_uri, w_prepare_store
     from ..search.writer import Writer
 
@@ -131,7 +155,10 @@ def run(args) -> int:
         storage = None if study_module.missing_journal(url) else study_module.open_storage(url, **storage_args)
         study = storage and study_module.existing_study(opts["study_name"], storage, **study_args)
         # Only now, and before a new study is written: a refused or unreachable setup writes nothing.
-        _wait_for_store(writer, writer.submit(w_prepare_store, urgent=True), default_tracking_uri())
+        refused = _wait_for_store(writer, writer.submit(w_prepare_store, args.mlflow_experiment, urgent=True),
+                                  default_tracking_uri())
+        if refused:
+            raise UsageError(refused)
     except BaseException:
         writer.close()
         raise
@@ -159,7 +186,7 @@ def run(args) -> int:
         tracker_options={"storage_label": study_module.redact(url), "sampler": args.sampler,
                          "pruner": args.pruner, "env_run_id": os.environ.get("MLFLOW_RUN_ID"),
                          "writer": writer})
-    started, interrupted = time.time(), False
+    started, interrupted, stopped_by = time.time(), False, None
     try:
         study.optimize(objective, n_trials=n_trials, timeout=opts["timeout"], n_jobs=opts["n_jobs"],
                        show_progress_bar=not args.no_progress)
@@ -167,43 +194,82 @@ def run(args) -> int:
         pass  # other workers filled the study first: this one is done
     except KeyboardInterrupt:
         interrupted = True
+    except Exception as exc:
+        # A store that stopped taking writes ends the search; Optuna may have wrapped the error in
+        # its own while closing the trial (an AssertionError when the journal refused the FAIL).
+        stopped_by = _store_failure(exc)
+        if stopped_by is None:
+            raise
     finally:
-        tracker = objective.tracker
-        errors = objective.close() + writer.close()
-    for error in errors:
-        print(f"harness: a tracking write failed: {error!r}", file=sys.stderr)
-    print(report(study, tracker, time.time() - started, url, opts["experiment"]))
-    if interrupted:
-        print(f"harness: interrupted; resume with: {resume_command(args, study.study_name, url)}", file=sys.stderr)
-        return 130
-    return 1 if errors else 0
+        # Closing the study's record is held against a second Ctrl-C or a SIGTERM (they are acted
+        # on once it is written): the parent run is never left RUNNING, the resume hint is printed.
+        with signals.deferred(on_signal=lambda: None):
+            tracker = objective.tracker
+            errors = objective.close() + writer.close()
+    interrupted = interrupted or signals.interrupted()
+    with signals.deferred(on_signal=lambda: None):
+        failure = stopped_by or (tracker.failure if tracker is not None else None) or (errors[0] if errors else None)
+        print(report(study, tracker, time.time() - started, url, opts["experiment"]))
+        resume = resume_command(args, study.study_name, url)
+        if failure is not None:
+            print(f"harness: {_failure_line(failure)}; the search stopped; once the store takes writes again, "
+                  f"`harness audit --study {shlex.quote(study.study_name)} --fix` closes what was left open, "
+                  f"then resume with: {resume}", file=sys.stderr)
+            return 1
+        if interrupted:
+            print(f"harness: interrupted; resume with: {resume}", file=sys.stderr)
+            return 130
+    return 0
 
 
-def _wait_for_store(writer, prepared, uri: str) -> None:
+def _store_failure(exc: BaseException):
+    """The journal or tracking failure behind ``exc`` (following Optuna's wrapping), or None."""
+    from ..search.journal import JournalWriteError
+    from ..search.tracker import TrackingFailed
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (JournalWriteError, TrackingFailed)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _failure_line(failure: BaseException) -> str:
+    text = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+    return text if text.startswith(("tracking failed", "cannot write")) else f"tracking failed: {text[:300]}"
+
+
+def _wait_for_store(writer, prepared, uri: str):
     """Fail in bounded time, before any trial, when the MLflow store cannot be reached."""
     from ..tracking import unreachable
 
     started = time.time()
     try:
-        prepared.result()
+        return prepared.result()
     except Exception as exc:
         writer.close()
         raise unreachable("the MLflow tracking store", uri, time.time() - started, exc) from None
 
 
 def _recover_stale_trials(study, storage, writer) -> None:
-    """Trials a dead worker left RUNNING: fail them, queue their configurations again, fail their runs."""
-    from ..audit import recover_stale
-    from ..search.tracker import PARENT_ATTR, w_fail_stale_runs
-    from ..search.workers import abandoned
+    """Trials a dead worker left RUNNING, or that an interrupt or a failed write stopped: fail them,
+    queue their configurations again, close their runs."""
+    from ..audit import recover_stale, recover_unfinished
+    from ..search.tracker import PARENT_ATTR, abandoned_reasons, w_fail_stale_runs
 
     by_pid, by_heartbeat = recover_stale(study, storage)
     if by_pid or by_heartbeat:
         print(f"harness: trial(s) {', '.join(map(str, by_pid + by_heartbeat))} were left RUNNING by a worker that "
               "is gone: failed them and queued their configurations again", file=sys.stderr)
+    queued = recover_unfinished(study)
+    if queued:
+        print(f"harness: trial(s) {', '.join(str(n) for n, _ in queued)} were stopped before they finished "
+              f"({queued[0][1]}): queued their configurations again", file=sys.stderr)
     parent = study.user_attrs.get(PARENT_ATTR)
     if parent:  # the runs of every abandoned trial, also those failed by other workers' heartbeat checks
-        writer.submit(w_fail_stale_runs, parent, sorted(abandoned(study.get_trials(deepcopy=False))))
+        writer.submit(w_fail_stale_runs, parent, abandoned_reasons(study))
 
 
 def report(study, tracker, seconds: float, url: str, experiment) -> str:
@@ -229,11 +295,14 @@ def report(study, tracker, seconds: float, url: str, experiment) -> str:
     best_run = study.best_trial.user_attrs.get(RUN_ATTR)
     if tracker is not None:
         from ..search.tracker import default_tracking_uri
+        from ..tracking import filter_value
+        from ..urls import redact
 
-        uri = default_tracking_uri()
+        uri = redact(default_tracking_uri())
         where = f"open {uri}" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
         lines.append(f"compare in MLflow: {where}  "
-                     f"(parent run {tracker.parent_run_id}, filter: tags.optuna.study_name = '{study.study_name}')")
+                     f"(parent run {tracker.parent_run_id}, filter: tags.optuna.study_name = "
+                     f"{filter_value(study.study_name)})")
     if best_run:
         from ..experiment import is_builtin
 
@@ -244,7 +313,7 @@ def report(study, tracker, seconds: float, url: str, experiment) -> str:
 
 
 def resume_command(args, study_name: str, url: str) -> str:
-    from ..search.study import redact
+    from ..urls import redact
 
     import shlex
 

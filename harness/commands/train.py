@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from .. import config, training
+    from .. import config, signals, training
+    from ..errors import UsageError
 
     cfg, experiment = config.resolve(config.with_flags(config.parse_sets(args.set), {
         "experiment": args.experiment, "optimizer": args.optimizer, "loss": args.loss, "lr": args.lr,
@@ -39,6 +40,9 @@ def run(args) -> int:
     data = experiment.load_data()
     cfg = config.validate(cfg, experiment, data.n_train)  # batch_size against the training set's size
     training.preflight(cfg, experiment, data)
+    from ..urls import check_credentials
+
+    check_credentials(os.environ.get("MLFLOW_TRACKING_URI", ""), "MLFLOW_TRACKING_URI")
     # mlflow is imported only once the input is known good: bad input never touches a store.
     import mlflow
 
@@ -53,9 +57,14 @@ def run(args) -> int:
             existing = client.get_run(run_id)
             experiment_id, skip = existing.info.experiment_id, set(existing.data.params)
         else:
+            refused = tracking.check_experiment(client, args.mlflow_experiment)
+            if refused:
+                raise UsageError(refused)
             experiment_id, skip = tracking.experiment_id(client, args.mlflow_experiment), set()
             run_id = client.create_run(experiment_id, run_name=f"{experiment.name}-{cfg.optimizer}-{cfg.loss}",
                                        tags={"harness.command": "train"}).info.run_id
+    except UsageError:
+        raise
     except Exception as exc:
         raise tracking.unreachable("the MLflow tracking store", mlflow.get_tracking_uri(), time.time() - started,
                                    exc) from None
@@ -63,30 +72,45 @@ def run(args) -> int:
     history = History()  # filled as training goes: what an interrupt leaves is still logged
     try:
         result = training.train(cfg, experiment, data, observers=[Progress(cfg.epochs)], history=history)
-        status = tracking.log_result(client, run_id, experiment, result, skip_params=skip)
+        with signals.deferred(on_signal=lambda: None):  # trained in full: the run is logged in full
+            status = tracking.log_result(client, run_id, experiment, result, skip_params=skip)
     except KeyboardInterrupt:
-        status = "KILLED"
-        tracking.write(client, run_id, tracking.partial_record(cfg, history, "interrupted",
-                                                               tracking.source_params(experiment)), skip_params=skip)
+        with signals.deferred():  # a second Ctrl-C must not cut the record short
+            status = "KILLED"
+            tracking.write(client, run_id, tracking.partial_record(cfg, history, "interrupted",
+                                                                   tracking.source_params(experiment)),
+                           skip_params=skip)
         raise
     finally:
-        client.set_terminated(run_id, status)
+        with signals.deferred(on_signal=lambda: None):
+            client.set_terminated(run_id, status)
     print(summary(cfg, result, run_id, status, time.time() - started))
     print(tracking.ui_hint(client, experiment_id, run_id))
+    if signals.interrupted():
+        print("harness: interrupted once training had ended; the run was logged in full", file=sys.stderr)
+        return 130
     if result.diverged:
         print(f"harness: {result.history.stopped} (lr={cfg.lr}); run {run_id} marked FAILED", file=sys.stderr)
         return 1
     return 0
 
 
+PROGRESS_SECONDS = 5
+
+
 class Progress:
     """Loop observer: the reference notebook's progress line, every tenth of the run."""
 
-    def __init__(self, epochs: int):
-        self.every = max(1, epochs // 10)
+    def __init__(self, epochs: int, seconds: float = PROGRESS_SECONDS):
+        # Every tenth of the run, as the notebook prints; and at least every few seconds, so a
+        # run of millions of epochs still shows it is alive.
+        self.every, self.seconds = max(1, epochs // 10), seconds
+        self.last = time.monotonic()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
-        if epoch % self.every == 0:
+        now = time.monotonic()
+        if epoch % self.every == 0 or now - self.last >= self.seconds:
+            self.last = now
             print(f"Epoch: {epoch} | Loss: {logs['train_loss']} | Test loss: {logs['test_loss']}", flush=True)
 
 

@@ -1,18 +1,46 @@
 """``Objective``: what a plain Optuna script passes to ``study.optimize``."""
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 
 import optuna
 
-from .. import config, training
+from .. import config, signals, training
 from ..experiment import Experiment, load
 from ..loop import History, StopTraining
 from . import space as space_module
 from .space import SearchSpace
-from .tracker import RUN_ATTR, StudyTracker
-from .workers import WORKER_ATTR, identity
+from .journal import JournalWriteError
+from .tracker import RUN_ATTR, StudyTracker, TrackingFailed
+from .workers import FAIL_REASON_ATTR, WORKER_ATTR, identity, retry, unfinished_reason
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What the trial's fail_reason says: "interrupted", "tracking failed: ..." and the like for a
+    trial stopped from outside (see workers.UNFINISHED_REASONS), else the error the trial raised."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, TrackingFailed):
+        return str(exc) if str(exc).startswith("tracking failed") else f"tracking failed: {exc}"
+    if isinstance(exc, JournalWriteError):
+        return f"journal write failed: {exc}"
+    return repr(exc)[:500]
+
+
+def _frozen(study, trial):
+    """The FrozenTrial of a running trial (what Optuna's retry callbacks take)."""
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
+def _stop(trial) -> None:
+    """A signal while a finished trial is being recorded: let the trial end as it is, then stop."""
+    study = getattr(trial, "study", None)
+    if study is not None:
+        study.stop()
+    else:
+        raise KeyboardInterrupt
 
 
 class _Reporter:
@@ -29,14 +57,16 @@ class _Reporter:
             raise StopTraining(f"pruned at epoch {epoch}")
 
 
-class _LinkRun:
-    """Loop observer: stores the trial's run id as soon as the writer has created the run, so that
-    even a trial whose worker is killed points at its run."""
+class _Tracking:
+    """Loop observer: stores the trial's run id as soon as the writer has created the run (so that
+    even a trial whose worker is killed points at its run), and stops training at the first failed
+    tracking write (a trial that cannot be recorded is not worth finishing)."""
 
-    def __init__(self, trial, pending):
-        self.trial, self.pending = trial, pending
+    def __init__(self, trial, tracker, pending):
+        self.trial, self.tracker, self.pending = trial, tracker, pending
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        self.tracker.check()
         if self.pending is not None and self.pending.done() and not self.pending.exception():
             self.trial.set_user_attr(RUN_ATTR, self.pending.result())
             self.pending = None
@@ -77,32 +107,46 @@ class Objective:
         self._worker = identity()
 
     def __call__(self, trial: optuna.Trial) -> float:
-        if getattr(trial, "study", None) is not None:
-            # Lets the next worker (or `harness audit --fix`) tell a crashed trial from a running one.
-            trial.set_user_attr(WORKER_ATTR, self._worker)
-        tracker = self._tracker_for(trial)
-        cfg = config.validate(config.with_values(self.base, space_module.sample(trial, self.space)),
-                              self.experiment, self.data.n_train)
-        pending = tracker.start_trial(trial, cfg) if tracker else None
-        history = History()  # filled as training goes: kept if it is interrupted
+        tracker, pending, cfg, history = None, None, None, History()  # history: kept if training is cut short
         try:
-            observers = self._observers(trial) + ([_LinkRun(trial, pending)] if pending else [])
+            if getattr(trial, "study", None) is not None:
+                # Lets the next worker (or `harness audit --fix`) tell a crashed trial from a running one.
+                trial.set_user_attr(WORKER_ATTR, self._worker)
+            tracker = self._tracker_for(trial)
+            cfg = config.validate(config.with_values(self.base, space_module.sample(trial, self.space)),
+                                  self.experiment, self.data.n_train)
+            pending = tracker.start_trial(trial, cfg) if tracker else None
+            observers = self._observers(trial) + ([_Tracking(trial, tracker, pending)] if tracker else [])
             result = training.train(cfg, self.experiment, self.data, observers, history=history)
         except BaseException as exc:
-            if tracker:
-                interrupted = isinstance(exc, KeyboardInterrupt)
-                tracker.end_interrupted_trial(trial, pending, cfg, history, reason="interrupted" if interrupted
-                                              else repr(exc), run_status="KILLED" if interrupted else "FAILED")
+            with signals.deferred():  # a second Ctrl-C must not cut the wrap-up short
+                self._end_unfinished(trial, tracker, pending, cfg, history, exc)
             raise
         history = result.history
         state = "FAIL" if result.diverged else "PRUNED" if history.stopped else "COMPLETE"
-        if state == "FAIL":
-            trial.set_user_attr("fail_reason", history.stopped)
-        if tracker:
-            tracker.end_trial(trial, pending, result, state)
+        with signals.deferred(on_signal=lambda: _stop(trial)):
+            if state == "FAIL":
+                trial.set_user_attr(FAIL_REASON_ATTR, history.stopped)
+            if tracker:
+                tracker.end_trial(trial, pending, result, state)
         if state == "PRUNED":
             raise optuna.TrialPruned(history.stopped)
         return math.nan if state == "FAIL" else history.last("test_loss")
+
+    def _end_unfinished(self, trial, tracker, pending, cfg, history, exc: BaseException) -> None:
+        """A trial cut short: record why, close its run with the curves so far, and queue its
+        configuration again when the cause was not the configuration itself."""
+        reason = failure_reason(exc)
+        study = getattr(trial, "study", None)
+        with contextlib.suppress(Exception):  # the storage may be what failed
+            trial.set_user_attr(FAIL_REASON_ATTR, reason)
+        if tracker and cfg is not None:
+            with contextlib.suppress(TrackingFailed):
+                tracker.end_interrupted_trial(trial, pending, cfg, history, reason=reason,
+                                              run_status="KILLED" if reason == "interrupted" else "FAILED")
+        if study is not None and unfinished_reason(reason):
+            with contextlib.suppress(Exception):  # the next search (or audit --fix) queues it then
+                retry(study, _frozen(study, trial))
 
     def _observers(self, trial) -> list:
         study = getattr(trial, "study", None)

@@ -9,11 +9,14 @@ from pathlib import Path
 import optuna
 
 from ..errors import UsageError
+from ..urls import check_credentials, redact, scrub
 from .space import SearchSpace
 
 DEFAULT_STORAGE = "journal:optuna_journal.log"
 HEARTBEAT_S = 10
+MAX_HEARTBEAT_S = 3600  # a trial silent for 3 hours is stale; Python's timers refuse much larger waits
 CONNECT_TIMEOUT_S = 10
+MAX_JOURNAL_BYTES = 1 << 31
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "none")
@@ -30,12 +33,39 @@ def storage_scheme(url: str) -> str:
     return scheme
 
 
+def check_storage(url: str) -> str:
+    """The URL's scheme, once the URL is known to name a storage that can hold a study; else UsageError."""
+    scheme = storage_scheme(url)
+    check_credentials(url, "storage")
+    if scheme == "journal":
+        journal_path(url)
+    elif scheme == "sqlite":
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            database = make_url(url).database or ""
+        except ArgumentError:
+            raise UsageError(f"malformed storage URL {redact(url)!r}; a SQLite storage is sqlite:///PATH") from None
+        if database in ("", ":memory:") or database.startswith("file::memory:") or "mode=memory" in url:
+            raise UsageError(f"storage {url!r} is an in-memory SQLite database, gone when this process ends "
+                             "(and not shared with the trials' threads); use sqlite:///PATH or journal:PATH")
+        if Path(database).exists() and not Path(database).is_file():
+            raise UsageError(f"SQLite storage {database!r} is not a regular file")
+        if not Path(database).parent.is_dir():
+            raise UsageError(f"SQLite storage {database!r}: folder {str(Path(database).parent)!r} does not exist")
+    return scheme
+
+
 def missing_journal(url: str) -> bool:
     return storage_scheme(url) == "journal" and not Path(url.split(":", 1)[1]).exists()
 
 
-def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_S, max_trials: int | None = None):
-    """An Optuna storage. ``journal:PATH`` is Optuna's journal file, safe for several processes.
+def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_S, max_trials: int | None = None,
+                 repair: bool = True, notify=None):
+    """An Optuna storage. ``journal:PATH`` is Optuna's journal file, safe for several processes;
+    damage a crash left in it is repaired first (see journal.py), unless ``repair`` is False, when
+    a journal that Optuna cannot read raises JournalDamaged.
 
     RDB storages get Optuna's heartbeat: a trial whose worker stops beating for ``3 * heartbeat``
     seconds is failed and its configuration retried by the next worker that starts a trial.
@@ -44,13 +74,11 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
     from .storages import CappedJournalStorage, CappedRDBStorage, schema_lock
 
     scheme = storage_scheme(url)
-    path = url.split(":", 1)[1] if scheme == "journal" else url[len("sqlite:///"):] if scheme == "sqlite" else None
+    path = journal_path(url) if scheme == "journal" else url[len("sqlite:///"):] if scheme == "sqlite" else None
     if must_exist and path is not None and not Path(path).exists():
         raise UsageError(f"no Optuna storage at {redact(url)}")
     if scheme == "journal":
-        from optuna.storages.journal import JournalFileBackend
-
-        storage = CappedJournalStorage(JournalFileBackend(path))
+        storage = _open_journal(path, repair, notify)
         storage.max_trials = max_trials
         return storage
     engine_kwargs: dict = {"pool_pre_ping": True}  # connections that idled out are replaced, not failed
@@ -74,34 +102,43 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
     return storage
 
 
+def journal_path(url: str) -> str:
+    """The file of a ``journal:PATH`` URL, refused unless it is (or can become) a regular file."""
+    path = url.split(":", 1)[1]
+    if not path:
+        raise UsageError("--storage journal: needs a file path, e.g. journal:optuna_journal.log")
+    target = Path(path)
+    if target.exists() and not target.is_file():
+        raise UsageError(f"Optuna journal {path!r} is not a regular file")
+    if target.exists() and target.stat().st_size > MAX_JOURNAL_BYTES:
+        raise UsageError(f"Optuna journal {path!r} is larger than {MAX_JOURNAL_BYTES} bytes; "
+                         "studies that large belong in an RDB storage (postgresql://...)")
+    if not target.exists() and not target.parent.is_dir():
+        raise UsageError(f"cannot create Optuna journal {path!r}: {str(target.parent)!r} is not a directory")
+    return path
+
+
+def _open_journal(path: str, repair: bool, notify):
+    from .journal import Journal, JournalDamaged
+    from .storages import CappedJournalStorage
+
+    journal = Journal(path, **({"notify": notify} if notify else {}))
+    if repair:
+        journal.repair()  # a torn last line: cut before anything is appended after it
+    try:
+        return CappedJournalStorage(journal)
+    except ValueError:  # damage in the middle, which Optuna refuses to read past
+        if not repair:
+            raise JournalDamaged(f"the Optuna journal {path} has damaged lines that Optuna cannot read past; "
+                                 "`harness audit --fix` repairs it (keeping a copy of what it removes)") from None
+        journal.repair(whole=True)
+        return CappedJournalStorage(journal)
+
+
 def engine_url(url: str) -> str:
     """``postgresql://`` pinned to psycopg 3 (the driver the harness installs): SQLAlchemy before 2.1
     reads a bare ``postgresql://`` as psycopg2, from 2.1 on as psycopg."""
     return "postgresql+psycopg://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
-
-
-def redact(url: str) -> str:
-    """The URL with any password removed (user and host kept), fit for tags, params and output."""
-    if "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    netloc, slash, path = rest.partition("/")
-    if "@" in netloc:
-        credentials, host = netloc.rsplit("@", 1)
-        user = credentials.split(":", 1)[0]
-        netloc = f"{user}@{host}" if user else host
-    return f"{scheme}://{netloc}{slash}{path}"
-
-
-def scrub(text: str, url: str) -> str:
-    """``text`` with the URL's password, if it has one, replaced by ***."""
-    if "://" in url and "@" in url:
-        credentials = url.split("://", 1)[1].rsplit("@", 1)[0]
-        if ":" in credentials:
-            password = credentials.split(":", 1)[1]
-            if password:
-                text = text.replace(password, "***")
-    return text
 
 
 def make_sampler(name: str, seed: int | None, space: SearchSpace) -> optuna.samplers.BaseSampler:

@@ -5,6 +5,7 @@ process's side and only submits work and keeps the little state it needs (run id
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -13,22 +14,30 @@ from concurrent.futures import Future
 from typing import Any
 
 from .. import tracking
+from ..errors import HarnessError
 from . import writer
 from .storages import backend, file_path, study_lock
-from .workers import abandoned
-from .writer import Writer
+from .workers import FAIL_REASON_ATTR, abandoned, retry
+from .writer import Writer, WriterGone
 
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 ROLE_TAG = "harness.role"
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+# On a run whose final write failed part way (a full disk, a writer that died): what it lacks.
+INCOMPLETE_TAG = "harness.record_incomplete"
+
+
+class TrackingFailed(HarnessError):
+    """A write to the MLflow store failed: the search stops rather than train trials it cannot record."""
 
 
 # ---- in the writer process -------------------------------------------------------------------
 
-def w_prepare_store() -> None:
-    """Create or migrate the MLflow store now, while the main process is still opening the study."""
-    writer.client()
+def w_prepare_store(experiment_name: str | None) -> str | None:
+    """Create or migrate the MLflow store now, while the main process is still opening the study,
+    and say why the runs could not go to their MLflow experiment (None: they can)."""
+    return tracking.check_experiment(writer.client(), experiment_name)
 
 
 def w_open_study(experiment_name: str | None, study_name: str, known_parent: str | None,
@@ -54,34 +63,35 @@ def w_open_study(experiment_name: str | None, study_name: str, known_parent: str
     if parent.info.status != "RUNNING":
         c.update_run(run_id, status="RUNNING")
     c.log_batch(run_id, tags=tracking.tag_list({**tags, ROLE_TAG: "study"}))
-    writer._state.update(parent=run_id, experiment_id=parent.info.experiment_id)
     return parent.info.experiment_id, run_id
 
 
-def w_create_trial_run(trial_number: int, tags: dict[str, str], params: dict[str, str]) -> str:
+def w_create_trial_run(experiment_id: str, parent_id: str, trial_number: int, tags: dict[str, str],
+                       params: dict[str, str]) -> str:
     """The trial's run, with its params from the start: a run whose worker dies still says what it ran."""
     from mlflow.entities import Param
 
-    state = writer._state
     c = writer.client()
-    run = c.create_run(state["experiment_id"], run_name=f"trial-{trial_number}",
-                       tags={"mlflow.parentRunId": state["parent"], "optuna.trial_number": str(trial_number), **tags})
+    run = c.create_run(experiment_id, run_name=f"trial-{trial_number}",
+                       tags={"mlflow.parentRunId": parent_id, "optuna.trial_number": str(trial_number), **tags})
     c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     return run.info.run_id
 
 
-def w_fail_stale_runs(parent_id: str, trial_numbers: list[int]) -> None:
-    """Close the runs that the trials of a dead worker left RUNNING (one query, however many trials)."""
-    if not trial_numbers:
+def w_fail_stale_runs(parent_id: str, reasons: dict[int, str]) -> None:
+    """Close the runs that abandoned trials left RUNNING, each with its trial's fail reason (one
+    query, however many trials)."""
+    if not reasons:
         return
     c = writer.client()
     experiment = c.get_run(parent_id).info.experiment_id
-    wanted = {str(n) for n in trial_numbers}
+    wanted = {str(n): reason for n, reason in reasons.items()}
     for run in c.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
                              "attributes.status = 'RUNNING'", max_results=50000):
-        if run.data.tags.get("optuna.trial_number") in wanted:
+        number = run.data.tags.get("optuna.trial_number")
+        if number in wanted:
             c.log_batch(run.info.run_id, tags=tracking.tag_list({
-                tracking.FAIL_REASON_TAG: "worker died", "optuna.trial_state": "FAIL"}))
+                tracking.FAIL_REASON_TAG: wanted[number], "optuna.trial_state": "FAIL"}))
             c.set_terminated(run.info.run_id, "FAILED")
 
 
@@ -167,7 +177,13 @@ def w_close_study(run_id: str, summary: dict[str, Any], trials_csv: bytes, trial
 # ---- in the main process -----------------------------------------------------------------------
 
 class StudyTracker:
-    """Tracks one invocation's trials of a study; ``close`` writes the study summary and drains."""
+    """Tracks one invocation's trials of a study; ``close`` writes the study summary and drains.
+
+    The first write that fails (a full disk, a store gone, the writer process killed) is kept in
+    ``failure``; ``check`` then raises TrackingFailed, so the search stops instead of training
+    trials it cannot record. Runs whose final write failed are closed as incomplete by ``close``
+    (or, while the store is still failing, by ``harness audit --fix`` later).
+    """
 
     def __init__(self, study, experiment, *, mlflow_experiment: str | None = None,
                  storage_label: str = "", sampler: str = "", pruner: str = "", trial_figures: bool = False,
@@ -179,6 +195,8 @@ class StudyTracker:
         self._extra = tracking.source_params(experiment)
         self.trial_figures = trial_figures
         self.writer = writer or Writer(default_tracking_uri())
+        self.failure: BaseException | None = None
+        self._unwritten: dict[str, tuple[int, str]] = {}  # run id -> (trial number, state) of failed final writes
         tags = {"optuna.study_name": study.study_name, "optuna.storage": storage_label or describe_storage(study),
                 "optuna.sampler": sampler or type(study.sampler).__name__,
                 "optuna.pruner": pruner or type(study.pruner).__name__,
@@ -190,14 +208,46 @@ class StudyTracker:
         # study's lock, and publish it in the study before letting the next worker look.
         with study_lock(study._storage, f"parent-{study.study_name}"):
             known = study.user_attrs.get(PARENT_ATTR)
-            _, self.parent_run_id = self.writer.submit(w_open_study, mlflow_experiment, study.study_name, known,
-                                                       env_run_id, tags, urgent=True).result()
+            try:
+                self.experiment_id, self.parent_run_id = self._submit(w_open_study, mlflow_experiment, study.study_name, known,
+                                                     env_run_id, tags, urgent=True).result()
+            except Exception as exc:
+                raise TrackingFailed(f"cannot open the study's parent run: {_first_line(exc)}") from None
             if known != self.parent_run_id:
                 study.set_user_attr(PARENT_ATTR, self.parent_run_id)
 
+    def _submit(self, fn, *args, urgent: bool = False, on_error=None) -> Future:
+        try:
+            future = self.writer.submit(fn, *args, urgent=urgent)
+        except WriterGone as exc:
+            self._failed(exc)
+            raise TrackingFailed(f"tracking failed: {exc}") from None
+
+        def done(f: Future) -> None:
+            if f.exception() is not None:
+                self._failed(f.exception())
+                if on_error:
+                    on_error()
+        future.add_done_callback(done)
+        return future
+
+    def _failed(self, exc: BaseException) -> None:
+        with self._lock:
+            self.failure = self.failure or exc
+
+    def check(self) -> None:
+        """Raise TrackingFailed if any write has failed so far (or the writer process died)."""
+        if self.failure is None and self.writer.died is not None:
+            self._failed(self.writer.died)
+        if self.failure is not None:
+            what = "" if isinstance(self.failure, WriterGone) else "a write to the MLflow store failed: "
+            raise TrackingFailed(f"tracking failed: {what}{_first_line(self.failure)}")
+
     def start_trial(self, trial, cfg) -> Future:
+        self.check()
         params = tracking.params_of(cfg, {"trial_number": trial.number, **self._extra})
-        return self.writer.submit(w_create_trial_run, trial.number, self._study_tags, params, urgent=True)
+        return self._submit(w_create_trial_run, self.experiment_id, self.parent_run_id, trial.number,
+                            self._study_tags, params, urgent=True)
 
     def end_trial(self, trial, pending: Future, result, state: str) -> str:
         """Hand a finished trial's record to the writer; the run ends with the status its state maps to."""
@@ -209,22 +259,39 @@ class StudyTracker:
         figures = self._figure_args(result) if self.trial_figures else None
         if state == "COMPLETE":
             self._note_best(trial.number, run_id, result)
-        self.writer.submit(w_write_trial, run_id, rec, RUN_STATUS[state], figures)
+        self._write(run_id, trial.number, state, rec, RUN_STATUS[state], figures)
         return run_id
 
-    def end_interrupted_trial(self, trial, pending: Future, cfg, history, reason: str, run_status: str) -> str:
+    def end_interrupted_trial(self, trial, pending: Future | None, cfg, history, reason: str,
+                              run_status: str) -> str | None:
         """A trial that raised (or was interrupted): its params and the curves recorded so far."""
+        if pending is None or (pending.done() and pending.exception() is not None):
+            return None  # its run was never created
         run_id = self._link(trial, pending)
         rec = tracking.partial_record(cfg, history, reason, {"trial_number": trial.number, **self._extra},
                                       tags={"optuna.trial_state": "FAIL"})
-        self.writer.submit(w_write_trial, run_id, rec, run_status, None)
+        self._write(run_id, trial.number, "FAIL", rec, run_status, None)
         return run_id
 
-    @staticmethod
-    def _link(trial, pending: Future) -> str:
-        run_id = pending.result()
+    def _write(self, run_id: str, number: int, state: str, rec, status: str, figures) -> None:
+        def unwritten() -> None:
+            with self._lock:
+                self._unwritten[run_id] = (number, state)
+        try:
+            self._submit(w_write_trial, run_id, rec, status, figures, on_error=unwritten)
+        except TrackingFailed:
+            unwritten()
+
+    def _link(self, trial, pending: Future) -> str:
+        try:
+            run_id = pending.result()
+        except Exception as exc:
+            self._failed(exc)
+            raise TrackingFailed(f"tracking failed: cannot create the run of trial {trial.number}: "
+                                 f"{_first_line(exc)}") from None
         if trial.user_attrs.get(RUN_ATTR) != run_id:  # not yet linked during training
-            trial.set_user_attr(RUN_ATTR, run_id)
+            with contextlib.suppress(Exception):  # the Optuna storage failing must not keep the run open
+                trial.set_user_attr(RUN_ATTR, run_id)
         return run_id
 
     def _figure_args(self, result) -> tuple:
@@ -238,27 +305,73 @@ class StudyTracker:
                 self._best = (value, number, run_id, self._figure_args(result), result.final_metrics())
 
     def close(self) -> list[BaseException]:
-        """Write the study's summary to its parent run and wait for every write to land."""
+        """Write the study's summary to its parent run and wait for every write to land.
+
+        Runs whose final write failed are closed as incomplete, and a completed trial among them is
+        queued again, so that its configuration gets a full record."""
+        errors: list[BaseException] = []
         try:
             parent = self.parent_run_id
             # Trials that other workers' heartbeat checks failed while this one ran: close their runs.
-            self.writer.submit(w_fail_stale_runs, parent, sorted(abandoned(self.study.get_trials(deepcopy=False))))
+            self._submit(w_fail_stale_runs, parent, abandoned_reasons(self.study))
             if self._best is not None and not self.trial_figures:
                 # Rendered here, while the writer drains its queue: this process is idle now.
-                self.writer.submit(w_log_files, self._best[2], render_png(self._best[3]))
+                self._submit(w_log_files, self._best[2], render_png(self._best[3]))
             summary = summarize(self.study)
             if self._best is not None and summary.get("best_trial_number") == self._best[1]:
                 summary["best_metrics"] = self._best[4]  # else the writer reads them off the best run
-            self.writer.submit(w_close_study, parent, summary, trials_csv(self.study),
-                               self.study.trials, self.study.direction)
+            self._submit(w_close_study, parent, summary, trials_csv(self.study),
+                         self.study.trials, self.study.direction)
+        except TrackingFailed:
+            pass  # the writer is gone: what it could not write is left to `harness audit --fix`
         finally:
             errors = self.writer.close()
+        self._close_unwritten()
         return errors
+
+    def _close_unwritten(self) -> None:
+        """The runs whose final write failed: marked incomplete (in this process, the writer being
+        done), and the configuration of a COMPLETE trial among them queued again."""
+        with self._lock:
+            unwritten, self._unwritten = dict(self._unwritten), {}
+        if not unwritten:
+            return
+        by_number = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        for number, state in sorted(unwritten.values()):
+            if state == "COMPLETE" and number in by_number:
+                try:
+                    retry(self.study, by_number[number])
+                except Exception:  # the Optuna storage fails too: audit --fix queues it later
+                    pass
+        try:
+            client = tracking.open_client(default_tracking_uri())
+            for run_id, (number, _) in unwritten.items():
+                close_incomplete(client, run_id, f"the final write of trial {number}'s record failed: "
+                                                 f"{_first_line(self.failure)}")
+        except Exception:  # the store still fails: `harness audit --fix` closes them later
+            pass
+
+
+def abandoned_reasons(study) -> dict[int, str]:
+    """The abandoned trials (failed, their configuration queued again) and why each failed."""
+    trials = study.get_trials(deepcopy=False)
+    numbers = abandoned(trials)
+    return {t.number: t.user_attrs.get(FAIL_REASON_ATTR) or "worker died" for t in trials if t.number in numbers}
+
+
+def close_incomplete(client, run_id: str, reason: str) -> None:
+    client.log_batch(run_id, tags=tracking.tag_list({INCOMPLETE_TAG: reason, tracking.FAIL_REASON_TAG: reason}))
+    client.set_terminated(run_id, "FAILED")
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc).strip() if exc is not None else ""
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def describe_storage(study) -> str:
     """Where a study lives, for a study opened by the user's own script (password removed)."""
-    from .study import redact
+    from ..urls import redact
 
     storage = backend(study._storage)
     if getattr(storage, "url", None):

@@ -37,15 +37,46 @@ def alive(worker: dict | None) -> bool | None:
 
 
 def abandoned(trials) -> set[int]:
-    """Numbers of the FAIL trials whose worker died: Optuna's retry callbacks point back at them."""
+    """Numbers of the FAIL trials whose configuration was queued again: their runs are closed as FAILED."""
+    from optuna.trial import TrialState
+
+    trials = list(trials)
+    return {t.number for t in trials if t.state == TrialState.FAIL} & retried_numbers(trials)
+
+FAIL_REASON_ATTR = "fail_reason"
+# Failures that say nothing about the configuration: it is run again. Any other reason (a
+# diverged loss, the experiment's code raising) is the configuration's own result.
+UNFINISHED_REASONS = ("interrupted", "worker died", "tracking failed", "journal write failed")
+
+
+def unfinished_reason(reason: str | None) -> bool:
+    """True for a failure that stopped a trial from outside (a FAIL with no reason recorded: its
+    first write already failed, so nothing about it is known)."""
+    return reason is None or reason.split(":", 1)[0] in UNFINISHED_REASONS
+
+
+def retried_numbers(trials) -> set[int]:
     import warnings
 
     from optuna.exceptions import ExperimentalWarning
-    from optuna.storages import RetryFailedTrialCallback
-    from optuna.trial import TrialState
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    failed = {t.number for t in trials if t.state == TrialState.FAIL}
-    with warnings.catch_warnings():  # "experimental" since Optuna 2.8
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        retried = {RetryFailedTrialCallback.retried_trial_number(t) for t in trials}
-    return failed & retried
+        return {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials} - {None}
+
+
+def retry(study, trial) -> bool:
+    """Queue ``trial``'s configuration again the way Optuna's retry callbacks do (so Optuna's
+    ``retried_trial_number`` finds it), unless it already is; returns whether one was queued."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    if trial.number in retried_numbers(study.get_trials(deepcopy=False)):
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback()(study, trial)
+    return True

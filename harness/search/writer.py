@@ -21,6 +21,7 @@ import threading
 from concurrent.futures import Future
 
 _state: dict = {}
+URI_VARIABLE = "HARNESS_WRITER_TRACKING_URI"
 SERVER_THREADS = 4
 
 
@@ -32,16 +33,24 @@ class Writer:
     """One writer process; ``close`` waits until everything submitted is in the store."""
 
     def __init__(self, tracking_uri: str):
-        self._proc = subprocess.Popen([sys.executable, "-m", __name__, tracking_uri], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, start_new_session=True)
-        self._futures: dict[int, Future] = {}
+        self._uri = tracking_uri
         self._errors: list[BaseException] = []
         self._next = 0
         self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, name="harness-writer-results", daemon=True)
-        self._reader.start()
+        self._respawns = 1  # a writer killed mid-search is replaced once, to write the close-out
         self.closed = False
+        self.died: WriterGone | None = None  # set when the process ends before it was told to
+        self._start()
         atexit.register(self.close)
+
+    def _start(self) -> None:
+        # The URI goes in the environment, not on the command line, which every local user can read.
+        self._proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      env={**os.environ, URI_VARIABLE: self._uri}, start_new_session=True)
+        self._futures = {}  # this process's calls: the reader of a killed one fails only its own
+        self._reader = threading.Thread(target=self._read, args=(self._proc, self._futures),
+                                        name="harness-writer-results", daemon=True)
+        self._reader.start()
 
     def submit(self, fn, *args, urgent: bool = False, **kwargs) -> Future:
         """Queue ``fn(*args, **kwargs)`` in the writer. Urgent calls (the main process is about to
@@ -50,6 +59,10 @@ class Writer:
         with self._lock:
             if self.closed:
                 raise WriterGone("the MLflow writer is closed")
+            if self._proc.poll() is not None and self._respawns:
+                # Killed: what it was writing failed (those futures say so); a new one takes the rest.
+                self._respawns -= 1
+                self._start()
             call_id, self._next = self._next, self._next + 1
             self._futures[call_id] = future
             try:
@@ -59,23 +72,30 @@ class Writer:
                 raise WriterGone(f"the MLflow writer process is gone ({exc})") from None
         return future
 
-    def _read(self) -> None:
+    def _read(self, proc, futures: dict[int, Future]) -> None:
         while True:
             try:
-                call_id, ok, value = _recv(self._proc.stdout)
+                call_id, ok, value = _recv(proc.stdout)
             except (EOFError, OSError, pickle.UnpicklingError):
                 break
             with self._lock:
-                future = self._futures.pop(call_id)
+                future = futures.pop(call_id)
             if ok:
                 future.set_result(value)
             else:
                 self._errors.append(value)
                 future.set_exception(value)
+        status = proc.wait()
+        gone = WriterGone(f"the MLflow writer process died (exit status {status})")
         with self._lock:
-            pending, self._futures = list(self._futures.values()), {}
+            pending = list(futures.values())
+            futures.clear()
+            if not self.closed:
+                self.died = self.died or gone
+        if pending:
+            self._errors.append(gone)
         for future in pending:
-            future.set_exception(WriterGone(f"the MLflow writer exited (status {self._proc.poll()})"))
+            future.set_exception(gone)
 
     def abort(self) -> None:
         """Stop the process at once; for a writer that was never given anything to write."""
@@ -154,6 +174,11 @@ def _serve(tracking_uri: str) -> None:
     send_lock = threading.Lock()
     workers = [threading.Thread(target=_work, args=(lane, results, send_lock))
                for lane, n in zip(lanes, threads) for _ in range(n)]
+    # A failed write reaches the main process on its future, which says it in one line; MLflow
+    # would also log it here with a traceback.
+    import logging
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     # Imports the calls need, paid while the parent is still starting up.
     import matplotlib
 
@@ -198,4 +223,4 @@ def _picklable(value) -> bool:
 
 if __name__ == "__main__":
     # Serve from the importable module, so that the functions called share its state.
-    importlib.import_module("harness.search.writer")._serve(sys.argv[1])
+    importlib.import_module("harness.search.writer")._serve(os.environ.pop(URI_VARIABLE))

@@ -1,0 +1,237 @@
+"""Optuna's journal file, kept readable when a crash or a full disk cuts a write short.
+
+Optuna writes one JSON operation per line and, reading, skips a last line that is cut short. But
+the next append lands right after the cut bytes, the damaged line is now in the middle, and from
+then on Optuna refuses to read the file: the study is lost. So before every append, under Optuna's
+own lock on the file, the harness checks that the file ends in a complete line; if not, it keeps a
+copy of the damaged bytes beside the journal (``<journal>.torn-<time>``), cuts them, and says so.
+
+Cutting is what every reader already saw: no process ever applied a line that was cut short, so
+trial ids and log numbers stay as every worker knows them. A journal already damaged in the middle
+(by an older harness, or plain Optuna appending after a tear) is repaired the same way: each
+damaged line is removed, and a complete operation appended after the cut bytes of a line is
+salvaged, since its writer did not see them either.
+
+A write that fails (no space left, say) is taken back (the file is truncated to where it was)
+and raised as ``JournalWriteError``: the journal never holds half an operation of this process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from optuna.storages.journal import JournalFileBackend
+
+from ..errors import HarnessError
+
+TORN_SUFFIX = ".torn-"
+_OP = b'{"op_code":'  # how Optuna starts every operation it writes
+_TAIL_CHUNK = 4096  # most operations are a few hundred bytes; longer ones take more reads
+
+
+class JournalWriteError(HarnessError):
+    """An append to the journal failed; the file was put back as it was before it."""
+
+
+class JournalDamaged(HarnessError):
+    """The journal has damaged lines that a read-only command does not repair."""
+
+
+@dataclass
+class Damage:
+    """What a repair removes: the first ``keep`` bytes stay as they are, ``rewrite`` replaces the rest."""
+
+    keep: int
+    size_before: int
+    cut: bytes = b""
+    lines: int = 0
+    salvaged: int = 0
+    rewrite: bytes = b""
+
+    def describe(self, path: str) -> str:
+        if self.lines == 1 and not self.rewrite:
+            return f"the journal {path} ended in a write cut short ({len(self.cut)} bytes: a crash or a full disk)"
+        salvaged = f", {self.salvaged} complete operation(s) salvaged from them" if self.salvaged else ""
+        return f"the journal {path} had {self.lines} damaged line(s) ({len(self.cut)} bytes){salvaged}"
+
+
+def _complete(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return False
+
+
+def _salvage(line: bytes) -> bytes | None:
+    """A complete operation at the end of a damaged line: one appended after a cut-short write."""
+    start = line.rfind(_OP, 1)
+    return line[start:] if start > 0 and _complete(line[start:]) else None
+
+
+def tail_damage(path: str) -> Damage | None:
+    """Damage at the end of the file only: reads back to the start of the last line."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return None
+        start, before = 0, size - 1  # the last line starts after the last newline before its final byte
+        while before > 0:
+            step = min(_TAIL_CHUNK, before)
+            f.seek(before - step)
+            newline = f.read(step).rfind(b"\n")
+            if newline >= 0:
+                start = before - step + newline + 1
+                break
+            before -= step
+        f.seek(start)
+        last = f.read(size - start)
+    if last.endswith(b"\n") and _complete(last):
+        return None
+    return Damage(keep=start, size_before=size, cut=last, lines=1)
+
+
+def full_damage(path: str) -> Damage | None:
+    """Every damaged line of the file (reads it all)."""
+    data = Path(path).read_bytes()
+    lines = data.split(b"\n")
+    torn_tail = lines.pop()  # b"" when the file ends in a newline
+    offset, keep, cut, kept, salvaged, bad = 0, None, [], [], 0, 0
+    for raw in lines:
+        line = raw + b"\n"
+        if _complete(raw):
+            if keep is not None:
+                kept.append(line)
+        else:
+            bad += 1
+            if keep is None:
+                keep = offset
+            rescued = _salvage(raw)
+            if rescued is not None:
+                kept.append(rescued + b"\n")
+                salvaged += 1
+                cut.append(line[: len(line) - len(rescued) - 1])
+            else:
+                cut.append(line)
+        offset += len(line)
+    if torn_tail:
+        bad += 1
+        keep = offset if keep is None else keep
+        cut.append(torn_tail)
+    if keep is None:
+        return None
+    return Damage(keep=keep, size_before=len(data), cut=b"".join(cut), lines=bad, salvaged=salvaged,
+                  rewrite=b"".join(kept))
+
+
+def repair(path: str, damage: Damage) -> str:
+    """Cut the damage (a copy of it kept first); returns the one line that says what was done."""
+    copy = Path(f"{path}{TORN_SUFFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    n = 1
+    while copy.exists():
+        copy, n = Path(f"{path}{TORN_SUFFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{n}"), n + 1
+    _write_durably(copy, damage.cut)
+    if damage.rewrite or damage.salvaged:
+        # The clean prefix is kept byte for byte (other processes' offsets into it stay valid).
+        tmp = Path(path + ".repair-tmp")
+        with open(path, "rb") as f:
+            prefix = f.read(damage.keep)
+        _write_durably(tmp, prefix + damage.rewrite)
+        os.replace(tmp, path)
+    else:
+        os.truncate(path, damage.keep)
+    _sync_dir(path)
+    return f"{damage.describe(path)}: removed the damaged bytes, kept a copy in {copy}; every complete operation is kept"
+
+
+def earlier_repairs(path: str) -> list[Path]:
+    """The copies that earlier repairs kept."""
+    journal = Path(path)
+    return sorted(journal.parent.glob(journal.name + TORN_SUFFIX + "*"))
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _sync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _say(line: str) -> None:
+    print(f"harness: {line}", file=sys.stderr)
+
+
+class Journal(JournalFileBackend):
+    """Optuna's journal file backend that never appends after damage and never leaves half a write."""
+
+    def __init__(self, file_path: str, notify=_say) -> None:
+        super().__init__(file_path)
+        self._notify = notify
+        self._clean_size: int | None = None  # the size this process left the file at, known clean
+
+    def lock(self):
+        from optuna.storages.journal._file import get_lock_file
+
+        return get_lock_file(self._lock)
+
+    def repair(self, whole: bool = False) -> str | None:
+        """Repair the damage now (the tail only, unless ``whole``); returns what was done, or None."""
+        with self.lock():
+            return self._repair_locked(whole)
+
+    def _repair_locked(self, whole: bool) -> str | None:
+        damage = full_damage(self._file_path) if whole else tail_damage(self._file_path)
+        if damage is None:
+            return None
+        try:
+            done = repair(self._file_path, damage)
+        except OSError as exc:
+            raise JournalWriteError(f"{damage.describe(self._file_path)}, and it cannot be repaired now "
+                                    f"({exc.strerror or exc}); nothing was changed") from None
+        self._notify(done)
+        return done
+
+    def append_logs(self, logs: list[dict]) -> None:
+        data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode()
+        with self.lock():
+            if os.path.getsize(self._file_path) != self._clean_size:  # another process wrote since
+                self._repair_locked(whole=False)
+            fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND)
+            try:
+                start = os.fstat(fd).st_size
+                try:
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                except OSError as exc:
+                    try:
+                        os.ftruncate(fd, start)  # freeing space always works: take the partial write back
+                    except OSError:
+                        pass
+                    raise JournalWriteError(f"cannot write the Optuna journal {self._file_path}: "
+                                            f"{exc.strerror or exc}; the journal is left as it was before "
+                                            "this write") from None
+                self._clean_size = start + len(data)
+            finally:
+                os.close(fd)

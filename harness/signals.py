@@ -1,0 +1,46 @@
+"""Ctrl-C and SIGTERM held off while a record is being closed, so that a second one cannot cut it short."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+
+HELD = (signal.SIGINT, signal.SIGTERM)
+_received: list[int] = []
+
+
+def interrupted() -> bool:
+    """Whether a held signal arrived in this process (the command then ends as interrupted)."""
+    return bool(_received)
+
+
+@contextlib.contextmanager
+def deferred(on_signal=None):
+    """Run the block with SIGINT and SIGTERM held; one that arrived is acted on when it ends:
+    ``on_signal()`` if given, else KeyboardInterrupt. Outside the main thread (where Python
+    delivers signals) this does nothing. Nested blocks hold until the outermost ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in HELD}
+    if any(handler is _hold for handler in previous.values()):  # inside another deferred block
+        yield
+        return
+    seen_before = len(_received)
+    for s in HELD:
+        signal.signal(s, _hold)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if len(_received) > seen_before:
+        if on_signal is None:
+            raise KeyboardInterrupt(f"signal {_received[-1]}")
+        on_signal()
+
+
+def _hold(signum, frame) -> None:
+    _received.append(signum)
+    print("harness: interrupt received; finishing the record first, then stopping", file=sys.stderr, flush=True)

@@ -1,0 +1,87 @@
+"""Store URLs as they may be shown: every password removed, in every form a URL can carry one.
+
+A password sits between the user name and the host (``scheme://user:PASSWORD@host``) or in the
+query (``?password=...``, and the like). Libraries disagree on where an unencoded ``/`` or ``@``
+in a password ends it, so the part hidden here is the widest any of them could read as the
+password: everything from the first ``:`` after the user name to the last ``@`` of the authority.
+"""
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+from .errors import UsageError
+
+# Query keys that carry a secret (libpq's password, tokens of HTTP stores, cloud keys).
+SECRET_KEYS = re.compile(r"pass|pwd|secret|token|key|auth|credential|signature|sig$", re.IGNORECASE)
+HIDDEN = "***"
+
+
+def _split(url: str) -> tuple[str, str, str, str]:
+    """(scheme://, credentials, host and path, ?query) with credentials as wide as they can be."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "", "", url, ""
+    rest, q, query = rest.partition("?")
+    query = q + query
+    at = rest.rfind("@")
+    if at < 0:
+        return scheme + sep, "", rest, query
+    return scheme + sep, rest[:at], rest[at + 1:], query
+
+
+def secrets(url: str) -> list[str]:
+    """Every secret in ``url``, as written and URL-decoded (to scrub them from other text)."""
+    _, credentials, _, query = _split(url)
+    found = []
+    if ":" in credentials:
+        found.append(credentials.split(":", 1)[1])
+    elif credentials and _token_scheme(url):
+        found.append(credentials)
+    for part in query.lstrip("?").split("&"):
+        key, _, value = part.partition("=")
+        if SECRET_KEYS.search(unquote(key)):
+            found.append(value)
+    every = set()
+    for secret in found:
+        if secret:
+            every |= {secret, unquote(secret)}
+    return sorted(every, key=len, reverse=True)
+
+
+def _token_scheme(url: str) -> bool:
+    return url.lower().startswith(("http://", "https://"))
+
+
+def redact(url: str) -> str:
+    """The URL with any password removed (user and host kept), fit for tags, params and output."""
+    scheme, credentials, rest, query = _split(url)
+    if credentials:
+        user = credentials.split(":", 1)[0]
+        if ":" not in credentials and _token_scheme(url):
+            user = HIDDEN  # https://TOKEN@host: the user name is the secret
+        rest = f"{user}@{rest}" if user else rest
+    if query:
+        parts = []
+        for part in query.lstrip("?").split("&"):
+            key, eq, value = part.partition("=")
+            parts.append(f"{key}={HIDDEN}" if eq and SECRET_KEYS.search(unquote(key)) else part)
+        query = "?" + "&".join(parts)
+    return scheme + rest + query
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (a library's error message, say) with every secret of ``url`` replaced by ***."""
+    for secret in secrets(url):
+        if len(secret) >= 3:  # a shorter one would blank out ordinary words; it is never shown whole anyway
+            text = text.replace(secret, HIDDEN)
+    return text
+
+
+def check_credentials(url: str, what: str) -> None:
+    """Refuse a URL whose authority holds more than one ``@``: an unencoded ``@`` in a password makes
+    drivers take the rest of the password for the host name, and print it in their errors."""
+    _, credentials, _, _ = _split(url)
+    if "@" in credentials:
+        raise UsageError(f"{what} {redact(url)}: its user or password contains an unencoded '@'; "
+                         "write it as %40 (and '/' as %2F)")

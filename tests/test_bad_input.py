@@ -1,0 +1,213 @@
+"""Bad input by class, through the CLI as a user types it: one line, the right exit status, no
+traceback, no password, and nothing written to either store."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import all_runs, cli_env, client_for, run_cli
+
+SECRET = "S3cr3tPw"
+SHORT = ["--epochs-range", "5", "10", "--no-progress"]
+
+
+def one_line_error(out, status=2):
+    assert out.returncode == status, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = [l for l in out.stderr.strip().splitlines() if not l.startswith(("20", "INFO", "WARNING"))]
+    assert len(lines) == 1 and lines[0].startswith("harness: "), out.stderr
+    return lines[0]
+
+
+# ---- passwords, in every form a URL can carry one -------------------------------------------------
+
+PASSWORD_URLS = [
+    f"postgresql://user:{SECRET}@127.0.0.1:9/db",
+    f"postgresql://user:S3c/r3tPw@127.0.0.1:9/db",  # an unencoded '/'
+    f"postgresql://user:S3c%2Fr3tPw@127.0.0.1:9/db",  # an encoded one (S3c/r3tPw once decoded)
+    f"postgresql://user@127.0.0.1:9/db?password={SECRET}",
+    f"postgresql://user@127.0.0.1:9/db?sslmode=disable&password={SECRET}&connect_timeout=2",
+    f"postgresql://user:S3c@r3tPw@127.0.0.1:9/db",  # an unencoded '@': refused before any driver sees it
+    f"mysql://user:{SECRET}@127.0.0.1:9/db",
+]
+HTTP_URLS = [f"http://user:{SECRET}@127.0.0.1:9", f"https://{SECRET}@127.0.0.1:9", f"http://u:S3c/r3tPw@127.0.0.1:9",
+             f"http://127.0.0.1:9/?token={SECRET}"]
+
+
+def leaked(out) -> bool:
+    text = out.stdout + out.stderr
+    return any(s in text for s in (SECRET, "S3c/r3tPw", "r3tPw", "S3c%2Fr3tPw"))
+
+
+def test_no_password_is_ever_printed(tmp_path):
+    cases = [(["search", "--storage", url, "--n-trials", 1, *SHORT], {}) for url in PASSWORD_URLS]
+    cases += [([cmd, *args], {"MLFLOW_TRACKING_URI": url}) for url in HTTP_URLS + PASSWORD_URLS[:4]
+              for cmd, args in (("train", ["--epochs", 2]), ("search", ["--n-trials", 1, *SHORT]))]
+    cases += [(["compare", "--study", "x"], {"MLFLOW_TRACKING_URI": url}) for url in HTTP_URLS[:2] + PASSWORD_URLS[:2]]
+    for args, env in cases:
+        started = time.time()
+        out = run_cli(*args, cwd=tmp_path, env=cli_env(**env), timeout=120)
+        assert time.time() - started < 60, (args, env)  # no minutes of retries
+        assert out.returncode in (1, 2), (args, env, out.stderr)
+        assert not leaked(out), (args, env, out.stderr)
+        one_line_error(out, out.returncode)
+    assert list(tmp_path.iterdir()) == []  # neither store was created
+
+
+def test_a_password_in_a_storage_url_is_never_stored(workdir):
+    out = run_cli("search", "--storage", f"sqlite:///optuna.db?password={SECRET}", "--n-trials", 1, *SHORT,
+                  cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    assert not leaked(out)
+    [parent] = [r for r in all_runs(workdir) if r.data.tags.get("harness.role") == "study"]
+    assert parent.data.tags["optuna.storage"] == "sqlite:///optuna.db?password=***"
+    assert SECRET.encode() not in (workdir / "mlflow.db").read_bytes()
+
+
+def test_the_writer_process_does_not_show_the_tracking_uri_on_its_command_line():
+    from harness.search.writer import Writer
+
+    writer = Writer(f"http://user:{SECRET}@127.0.0.1:9")
+    try:
+        cmdline = Path(f"/proc/{writer._proc.pid}/cmdline").read_bytes()  # what `ps` shows every user
+        assert SECRET.encode() not in cmdline
+    finally:
+        writer.abort()
+
+
+# ---- values past what the libraries take, unbounded and odd input ----------------------------------
+
+@pytest.mark.parametrize("args,expected", [
+    (["search", "--seed", 2 ** 32], "--seed must be at most 4294967295"),
+    (["search", "--heartbeat", "99999999999999999999"], "--heartbeat must be at most 3600"),
+    (["search", "--heartbeat", 2 ** 40], "--heartbeat must be at most 3600"),
+    (["train", "--epochs", "99999999999999999999"], "epochs must be at most 10000000"),
+    (["search", "--epochs-range", "20", "99999999999999999999"], "at most 10000000"),
+    (["train", "--epochs", "²"], "epochs must be a positive integer"),
+    (["search", "--storage", "journal:"], "needs a file path"),
+    (["search", "--storage", "journal:/tmp"], "is not a regular file"),
+    (["search", "--storage", "journal:/dev/zero"], "is not a regular file"),
+    (["search", "--storage", "sqlite:///:memory:"], "in-memory SQLite"),
+    (["search", "--storage", "sqlite://"], "in-memory SQLite"),
+    (["search", "--storage", "sqlite:////dev/zero"], "not a regular file"),
+    (["search", "--storage", "sqlite:///missing/dir/o.db"], "does not exist"),
+    (["search", "--storage", "journal:/missing/dir/j.log"], "is not a directory"),
+    (["search", "--study-name", "x" * 5000], "at most 250 printable characters"),
+    (["search", "--study-name", "a'b\"c"], "holds both"),
+    (["audit", "--study", "x", "--storage", "journal:/dev/zero"], "is not a regular file"),
+    (["compare", "--study", "x", "--metric", "a b"], "is not a metric name"),
+    (["compare", "--study", "x", "--out", "foo.xyz"], "unknown figure format"),
+    (["compare", "--study", "x", "--out", "/missing/dir/x.png"], "does not exist"),
+    (["compare", "--study", "x", "--csv", "/missing/dir/x.csv"], "does not exist"),
+    (["compare", "--study", "x", "--out", "."], "is a directory"),
+])
+def test_bad_values_get_one_line_and_write_nothing(tmp_path, args, expected):
+    out = run_cli(args[0], *(SHORT if args[0] == "search" else []), *args[1:], cwd=tmp_path)  # the case's flags win
+    line = one_line_error(out)
+    assert expected in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_commands_never_create_a_store(tmp_path):
+    for args in (["compare", "--study", "x"], ["predict", "abc", "--x", 1], ["reproduce", "abc"]):
+        line = one_line_error(run_cli(*args, cwd=tmp_path))
+        assert "no MLflow store at sqlite:///mlflow.db" in line
+        out = run_cli(*args, cwd=tmp_path, env=cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/missing/x.db"))
+        assert "no MLflow store" in one_line_error(out)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, migrated_db):
+    """A finished small search to damage copies of."""
+    path = tmp_path_factory.mktemp("searched")
+    shutil.copy(migrated_db, path / "mlflow.db")
+    out = run_cli("search", "--n-trials", 2, "--study-name", "it's", *SHORT, cwd=path)
+    assert out.returncode == 0, out.stderr
+    return path
+
+
+def _copy(searched, tmp_path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(searched, target)
+    return target
+
+
+def test_a_study_name_with_a_quote_is_found_and_its_printed_filter_parses(searched):
+    out = run_cli("compare", "--study", "it's", "--out", "c.png", cwd=searched)
+    assert out.returncode == 0 and len(out.stdout.splitlines()) >= 3, out.stderr
+    from harness.tracking import filter_value
+
+    client = client_for(searched)
+    quoted = filter_value("it's")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.optuna.study_name = {quoted}")
+    assert len(runs) == 3 and {r.data.tags["optuna.study_name"] for r in runs} == {"it's"}
+    hint = next(line for line in run_cli("search", "--n-trials", 1, "--study-name", "it's", *SHORT, cwd=searched)
+                .stdout.splitlines() if "filter: " in line)
+    printed = hint.split("filter: ", 1)[1].rstrip(")")
+    assert len(client.search_runs([runs[0].info.experiment_id], filter_string=printed)) == 4
+
+
+def _trial_run(workdir) -> str:
+    return next(r.info.run_id for r in all_runs(workdir) if r.info.status == "FINISHED"
+                and r.info.run_name.startswith("trial-"))
+
+
+@pytest.mark.parametrize("damage", ["wrong keys", "a list", "missing", "not a tensor file"])
+def test_a_damaged_state_dict_gets_one_line_and_reproduce_leaves_no_re_run(workdir, damage):
+    assert run_cli("search", "--n-trials", 2, "--study-name", "it's", *SHORT, cwd=workdir).returncode == 0
+    run_id = _trial_run(workdir)
+    from urllib.parse import urlparse
+
+    path = Path(urlparse(client_for(workdir).get_run(run_id).info.artifact_uri).path) / "state_dict.pt"
+    assert path.is_file()
+    if damage == "wrong keys":
+        torch.save({"other": torch.zeros(1)}, path)
+    elif damage == "a list":
+        torch.save([1, 2, 3], path)
+    elif damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(b"not a zip file at all")
+    runs_before = len(all_runs(workdir))
+    one_line_error(run_cli("predict", run_id, "--x", 1, cwd=workdir), 1)
+    one_line_error(run_cli("reproduce", run_id, cwd=workdir), 1)
+    assert len(all_runs(workdir)) == runs_before  # no re-run left behind
+    out = run_cli("audit", "--study", "it's", cwd=workdir)
+    assert out.returncode == 1 and f"trial" in out.stdout and run_id in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("damage", ["malformed pages", "not a database", "read-only"])
+def test_a_store_that_cannot_be_read_gets_one_line(searched, tmp_path, damage):
+    workdir = _copy(searched, tmp_path)
+    db = workdir / "mlflow.db"
+    for extra in ("mlflow.db-wal", "mlflow.db-shm"):
+        (workdir / extra).unlink(missing_ok=True)
+    if damage == "malformed pages":
+        with db.open("r+b") as f:
+            size = db.stat().st_size
+            for offset in range(4096, size, 8192):
+                f.seek(offset)
+                f.write(os.urandom(2048))
+    elif damage == "not a database":
+        db.write_bytes(os.urandom(65536))
+    for args in (["compare", "--study", "it's", "--out", str(tmp_path / "c.png")], ["audit", "--study", "it's"]):
+        if damage == "read-only":
+            cmd = [sys.executable, "-m", "harness", *args]
+            if os.geteuid() == 0:  # root writes anywhere: drop to nobody, as a user on a shared store is
+                shutil.chown(tmp_path, "nobody")
+                cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *cmd]
+            for p in [workdir, *workdir.rglob("*")]:
+                p.chmod(p.stat().st_mode & ~0o222)
+            out = subprocess.run(cmd, cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=300)
+            assert "Traceback" not in out.stderr, out.stderr
+            assert out.returncode in (0, 1), out.stderr  # reading works, or one line says why not
+            continue
+        out = run_cli(*args, cwd=workdir)
+        assert out.returncode in (1, 2) and "Traceback" not in out.stderr, out.stderr

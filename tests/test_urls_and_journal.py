@@ -1,0 +1,111 @@
+"""In-process and fast: password removal over every URL form, and the journal's repair rules."""
+import json
+import os
+from pathlib import Path
+
+import optuna
+import pytest
+
+from harness.errors import UsageError
+from harness.search.journal import Journal, JournalWriteError, full_damage, tail_damage
+from harness.urls import check_credentials, redact, scrub
+
+SECRET = "S3cr3tPw"
+
+
+@pytest.mark.parametrize("url,shown", [
+    (f"postgresql://user:{SECRET}@db:5432/optuna", "postgresql://user@db:5432/optuna"),
+    ("postgresql://user:S3c/r3tPw@db/optuna", "postgresql://user@db/optuna"),
+    ("postgresql://user:S3c%2Fr3tPw@db/optuna", "postgresql://user@db/optuna"),
+    (f"postgresql+psycopg://user@db/optuna?password={SECRET}", "postgresql+psycopg://user@db/optuna?password=***"),
+    (f"postgresql://db/optuna?sslmode=require&PASSWORD={SECRET}&application_name=x",
+     "postgresql://db/optuna?sslmode=require&PASSWORD=***&application_name=x"),
+    (f"mysql://root:{SECRET}@127.0.0.1/o", "mysql://root@127.0.0.1/o"),
+    (f"http://me:{SECRET}@tracking:5000", "http://me@tracking:5000"),
+    (f"https://{SECRET}@tracking", "https://***@tracking"),
+    (f"https://tracking/?token={SECRET}", "https://tracking/?token=***"),
+    (f"sqlite:///x.db?password={SECRET}", "sqlite:///x.db?password=***"),
+    ("journal:optuna_journal.log", "journal:optuna_journal.log"),
+    ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+])
+def test_redact_hides_every_password_form(url, shown):
+    assert redact(url) == shown
+    message = f"could not connect to {url} with password {SECRET} (S3c/r3tPw)"
+    cleaned = scrub(message, url)
+    for secret in (SECRET, "S3c/r3tPw", "S3c%2Fr3tPw"):
+        if secret in url or (secret == "S3c/r3tPw" and "S3c%2F" in url):
+            assert secret not in cleaned
+
+
+def test_an_unencoded_at_in_a_password_is_refused_without_showing_it():
+    with pytest.raises(UsageError) as err:
+        check_credentials("postgresql://user:S3c@r3tPw@db/optuna", "storage")
+    assert "r3tPw" not in str(err.value) and "S3c" not in str(err.value) and "%40" in str(err.value)
+    check_credentials(f"postgresql://user:{SECRET}@db/optuna", "storage")  # fine
+
+
+def _journal_with_trials(path: Path, n: int = 3) -> None:
+    storage = optuna.storages.JournalStorage(Journal(str(path), notify=lambda line: None))
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=n)
+
+
+def _trials(path: Path) -> list:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    return optuna.load_study(study_name="s", storage=storage).trials
+
+
+def test_the_journal_cuts_a_torn_tail_before_appending(tmp_path):
+    path = tmp_path / "j.log"
+    _journal_with_trials(path)
+    intact = path.read_bytes()
+    path.write_bytes(intact[:-30])
+    assert tail_damage(str(path)).keep == intact[:-1].rfind(b"\n") + 1
+    said = []
+    storage = optuna.storages.JournalStorage(Journal(str(path), notify=said.append))
+    study = optuna.load_study(study_name="s", storage=storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)  # appends: the tail is cut first
+    assert len(said) == 1 and "kept a copy" in said[0]
+    [copy] = tmp_path.glob("j.log.torn-*")
+    assert copy.read_bytes() == intact[intact[:-1].rfind(b"\n") + 1:-30]
+    assert len(_trials(path)) == 5 and tail_damage(str(path)) is None
+
+
+def test_a_line_longer_than_a_read_is_checked_whole(tmp_path):
+    path = tmp_path / "j.log"
+    line = json.dumps({"op_code": 0, "pad": "x" * 20000}).encode() + b"\n"
+    path.write_bytes(line * 2)
+    assert tail_damage(str(path)) is None
+    path.write_bytes(line + line[:-100])
+    assert tail_damage(str(path)).keep == len(line)
+
+
+def test_damage_in_the_middle_is_cut_and_an_operation_after_it_salvaged(tmp_path):
+    path = tmp_path / "j.log"
+    _journal_with_trials(path)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-3]) + lines[-3][:-20] + lines[-2] + b"garbage\n" + lines[-1])
+    damage = full_damage(str(path))
+    assert damage.lines == 2 and damage.salvaged == 1 and damage.keep == len(b"".join(lines[:-3]))
+    Journal(str(path), notify=lambda line: None).repair(whole=True)
+    assert path.read_bytes() == b"".join(lines[:-3]) + lines[-2] + lines[-1]
+
+
+def test_a_failed_append_is_taken_back(tmp_path, monkeypatch):
+    path = tmp_path / "j.log"
+    _journal_with_trials(path, 1)
+    before = path.read_bytes()
+    journal = Journal(str(path))
+    real_write = os.write
+
+    def short_then_full(fd, data):
+        if fd > 2 and len(data) > 10:
+            real_write(fd, bytes(data[:10]))  # part of it lands ...
+            raise OSError(28, "No space left on device")  # ... then the disk is full
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", short_then_full)
+    with pytest.raises(JournalWriteError, match="No space left on device"):
+        journal.append_logs([{"op_code": 4, "worker_id": "w", "trial_id": 0, "user_attr": {"a": "b" * 50}}])
+    monkeypatch.undo()
+    assert path.read_bytes() == before
