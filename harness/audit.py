@@ -13,10 +13,11 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
+from .errors import HarnessError
 from .search.tracker import INCOMPLETE_TAG, PARENT_ATTR, RUN_ATTR, close_incomplete
 from .search.workers import (FAIL_REASON_ATTR, WORKER_ATTR, abandoned, alive, retried_numbers, retry,
                              unfinished_reason)
-from .tracking import FAIL_REASON_TAG, tag_list
+from .tracking import FAIL_REASON_TAG, missing, tag_list
 from .urls import redact
 
 EXPECTED_STATUS = {TrialState.COMPLETE: ("FINISHED",), TrialState.PRUNED: ("KILLED",),
@@ -122,7 +123,10 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
         report.fixed.append(f"the study had no MLflow parent run -> created {parent_id}")
     try:
         parent = client.get_run(parent_id)
-    except MlflowException:
+    except MlflowException as exc:
+        if not missing(exc):
+            raise HarnessError(f"cannot read the MLflow store {redact(client.tracking_uri)}: "
+                               f"{str(exc).strip().splitlines()[0][:300]}") from None
         report.violations.append(f"parent run {parent_id} does not exist in {redact(client.tracking_uri)}")
         return report
     runs = child_runs(client, parent_id)

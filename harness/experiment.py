@@ -210,8 +210,9 @@ def names() -> list[str]:
 
 
 def is_builtin(reference: str) -> bool:
-    """An experiment of the ``experiments`` package, by its plain name."""
-    return reference.isidentifier()
+    """An experiment of the ``experiments`` package, by its plain name (a top-level module of the
+    same shape on the Python path is not one: a run's record may name only these)."""
+    return reference.isidentifier() and importlib.util.find_spec(f"{PACKAGE}.{reference}") is not None
 
 
 def is_file(reference: str) -> bool:

@@ -20,9 +20,14 @@ from .urls import redact
 def get_run(client, run_id: str):
     from mlflow.exceptions import MlflowException
 
+    from .tracking import missing
+
     try:
         return client.get_run(run_id)
-    except MlflowException:
+    except MlflowException as exc:
+        if not missing(exc):  # the store failed (a corrupted page, say), not the lookup
+            raise HarnessError(f"cannot read run {run_id} from the MLflow store {redact(client.tracking_uri)}: "
+                               f"{first_line(exc)}") from None
         raise UsageError(f"run {run_id!r} does not exist in the MLflow store {redact(client.tracking_uri)}") from None
 
 
@@ -97,8 +102,8 @@ def fitted_model(client, run_id: str, cfg, experiment, state: dict | None = None
     model = training.build_model(cfg, experiment)
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:  # keys or shapes that are not this model's
-        first = str(exc).strip().splitlines()[0]
+    except RuntimeError as exc:  # keys or shapes that are not this model's: torch says which on its 2nd line
+        first = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])[:400]
         raise HarnessError(f"{STATE_DICT} of run {run_id} does not fit the model its config builds: {first}") from None
     return model
 

@@ -182,6 +182,27 @@ def check_experiment(client, name: str | None) -> str | None:
     return None
 
 
+def missing(exc: BaseException) -> bool:
+    """Whether an MlflowException says the run or experiment does not exist (not that the store failed)."""
+    return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
+def check_experiment_offline(name: str | None, tracking_uri: str) -> str | None:
+    """What check_experiment can tell without opening the store, so that a refused search on a new
+    SQLite store does not create it."""
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if name:
+        from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH  # mlflow only when a name is given
+    if name and len(name) > MAX_EXPERIMENT_NAME_LENGTH:
+        return (f"MLflow experiment name of {len(name)} characters ({name[:40]!r}...); "
+                f"at most {MAX_EXPERIMENT_NAME_LENGTH} allowed")
+    wanted = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if not name and wanted and wanted != "0" and tracking_uri.startswith("sqlite:///") \
+            and not Path(tracking_uri[len("sqlite:///"):]).exists():
+        return f"MLFLOW_EXPERIMENT_ID={wanted!r}: no such experiment in {redact(tracking_uri)} (it does not exist yet)"
+    return None
+
+
 def filter_value(value: str) -> str:
     """``value`` as a string literal of an MLflow filter string (the one place they are quoted).
     MLflow's parser takes '...' or "..." and knows no escapes: a value with both marks has no literal."""

@@ -100,6 +100,10 @@ def test_the_writer_process_does_not_show_the_tracking_uri_on_its_command_line()
     (["search", "--study-name", "x" * 5000], "at most 250 printable characters"),
     (["search", "--study-name", "a'b\"c"], "holds both"),
     (["audit", "--study", "x", "--storage", "journal:/dev/zero"], "is not a regular file"),
+    (["train", "--config", "/dev/zero"], "is not a regular file"),
+    (["search", "--space", "/dev/zero"], "is not a regular file"),
+    (["train", "--experiment", "../../etc/passwd"], "does not exist"),
+    (["train", "--experiment", "/etc/passwd"], "must be a .py file"),
     (["compare", "--study", "x", "--metric", "a b"], "is not a metric name"),
     (["compare", "--study", "x", "--out", "foo.xyz"], "unknown figure format"),
     (["compare", "--study", "x", "--out", "/missing/dir/x.png"], "does not exist"),
@@ -186,18 +190,20 @@ def test_a_damaged_state_dict_gets_one_line_and_reproduce_leaves_no_re_run(workd
 @pytest.mark.parametrize("damage", ["malformed pages", "not a database", "read-only"])
 def test_a_store_that_cannot_be_read_gets_one_line(searched, tmp_path, damage):
     workdir = _copy(searched, tmp_path)
+    run_id = _trial_run(workdir)
     db = workdir / "mlflow.db"
     for extra in ("mlflow.db-wal", "mlflow.db-shm"):
         (workdir / extra).unlink(missing_ok=True)
     if damage == "malformed pages":
         with db.open("r+b") as f:
             size = db.stat().st_size
-            for offset in range(4096, size, 8192):
+            for offset in range(4096, size, 4096):  # every page but the first (the schema): all reads fail
                 f.seek(offset)
                 f.write(os.urandom(2048))
     elif damage == "not a database":
         db.write_bytes(os.urandom(65536))
-    for args in (["compare", "--study", "it's", "--out", str(tmp_path / "c.png")], ["audit", "--study", "it's"]):
+    for args in (["compare", "--study", "it's", "--out", str(tmp_path / "c.png")], ["audit", "--study", "it's"],
+                 ["predict", run_id, "--x", "1"]):
         if damage == "read-only":
             cmd = [sys.executable, "-m", "harness", *args]
             if os.geteuid() == 0:  # root writes anywhere: drop to nobody, as a user on a shared store is
@@ -211,3 +217,23 @@ def test_a_store_that_cannot_be_read_gets_one_line(searched, tmp_path, damage):
             continue
         out = run_cli(*args, cwd=workdir)
         assert out.returncode in (1, 2) and "Traceback" not in out.stderr, out.stderr
+        assert "does not exist" not in out.stdout + out.stderr  # a broken store is not a missing run
+
+
+def test_an_experiment_module_on_the_python_path_runs_under_its_own_name(workdir):
+    source = (Path(__file__).resolve().parents[1] / "experiments" / "linear_regression.py").read_text()
+    (workdir / "myexp.py").write_text(source.replace('name="linear_regression"', 'name="other_name"')
+                                      + "\nopen('imported', 'w').close()\n")
+    out = run_cli("search", "--experiment", "myexp", "--n-trials", 2, *SHORT, cwd=workdir,
+                  env=cli_env(PYTHONPATH=str(workdir)))
+    assert out.returncode == 0, out.stderr
+    [parent] = [r for r in all_runs(workdir) if r.data.tags.get("harness.role") == "study"]
+    assert parent.info.run_name == "other_name-search" and parent.info.status == "FINISHED"
+    # The run's record names "myexp", which looks like a bundled experiment's name: it is still not
+    # imported unless the user names it, even with the module right there on the path.
+    best = parent.data.tags["best_run_id"]
+    (workdir / "imported").unlink()
+    out = run_cli("predict", best, "--x", 1, cwd=workdir, env=cli_env(PYTHONPATH=str(workdir)))
+    assert "never chooses code" in one_line_error(out) and not (workdir / "imported").exists()
+    out = run_cli("predict", best, "--x", 1, "--experiment", "myexp", cwd=workdir, env=cli_env(PYTHONPATH=str(workdir)))
+    assert out.returncode == 0 and (workdir / "imported").exists(), out.stderr

@@ -91,9 +91,9 @@ def test_a_torn_journal_is_repaired_before_anything_is_appended(workdir, damage)
     undamaged = os.path.commonprefix([intact, damaged])
     assert journal.read_bytes().startswith(undamaged[: undamaged.rfind(b"\n") + 1])
     assert sum(t.state == TrialState.COMPLETE for t in trials) >= 3
-    fixed = run_cli("audit", "--study", STUDY, "--fix", cwd=workdir)
+    # The search alone leaves the stores agreeing (a trial whose end was cut is failed and retried).
     out = run_cli("audit", "--study", STUDY, cwd=workdir)
-    assert out.returncode == 0, fixed.stdout + out.stdout
+    assert out.returncode == 0, out.stdout
     assert f"note: the journal was repaired before; what was removed is kept in {copy.name}" in out.stdout
     assert not no_running_runs(workdir)
 

@@ -45,6 +45,7 @@ def add_parser(sub) -> None:
 def _options(args):
     """Every input checked before any store is touched."""
     from .. import config, training
+    from ..errors import UsageError
     from ..experiment import load
     from ..search import space as space_module
     from ..search import study as study_module
@@ -71,6 +72,11 @@ def _options(args):
     from ..urls import check_credentials
 
     check_credentials(default_tracking_uri(), "MLFLOW_TRACKING_URI")
+    from ..tracking import check_experiment_offline
+
+    refused = check_experiment_offline(args.mlflow_experiment, default_tracking_uri())
+    if refused:
+        raise UsageError(refused)
     storage_url = args.storage or study_module.DEFAULT_STORAGE
     study_module.check_storage(storage_url)
     return {

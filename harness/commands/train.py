@@ -43,6 +43,12 @@ def run(args) -> int:
     from ..urls import check_credentials
 
     check_credentials(os.environ.get("MLFLOW_TRACKING_URI", ""), "MLFLOW_TRACKING_URI")
+    from ..tracking import check_experiment_offline
+
+    refused = check_experiment_offline(args.mlflow_experiment,
+                                       os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    if refused:
+        raise UsageError(refused)
     # mlflow is imported only once the input is known good: bad input never touches a store.
     import mlflow
 

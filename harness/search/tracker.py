@@ -86,10 +86,12 @@ def w_fail_stale_runs(parent_id: str, reasons: dict[int, str]) -> None:
     c = writer.client()
     experiment = c.get_run(parent_id).info.experiment_id
     wanted = {str(n): reason for n, reason in reasons.items()}
+    # FINISHED too: a worker that wrote its run and died before Optuna recorded the end (or a torn
+    # journal that lost it) leaves a whole run whose trial failed and is retried.
     for run in c.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
-                             "attributes.status = 'RUNNING'", max_results=50000):
+                             "attributes.status != 'FAILED'", max_results=50000):
         number = run.data.tags.get("optuna.trial_number")
-        if number in wanted:
+        if number in wanted and run.info.status in ("RUNNING", "FINISHED"):
             c.log_batch(run.info.run_id, tags=tracking.tag_list({
                 tracking.FAIL_REASON_TAG: wanted[number], "optuna.trial_state": "FAIL"}))
             c.set_terminated(run.info.run_id, "FAILED")
@@ -128,6 +130,7 @@ def w_close_study(run_id: str, summary: dict[str, Any], trials_csv: bytes, trial
     from optuna.visualization import matplotlib as ovm
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="optuna.visualization")  # flat axes
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     c = writer.client()
     metrics = {k: summary[k] for k in ("best_value", "best_trial_number", "n_trials") if summary.get(k) is not None}
