@@ -15,8 +15,7 @@ from optuna.trial import TrialState
 
 from .errors import HarnessError
 from .search.tracker import INCOMPLETE_TAG, PARENT_ATTR, RUN_ATTR, close_incomplete
-from .search.workers import (FAIL_REASON_ATTR, WORKER_ATTR, abandoned, alive, retried_numbers, retry,
-                             unfinished_reason)
+from .search.workers import FAIL_REASON_ATTR, WORKER_ATTR, abandoned, alive, retried_numbers, retry, unfinished
 from .tracking import FAIL_REASON_TAG, missing, tag_list
 from .urls import redact
 
@@ -73,14 +72,10 @@ def child_runs(client, parent_id: str) -> list:
 def recover_unfinished(study) -> list[tuple[int, str]]:
     """Queue again the configuration of every FAIL trial that was stopped from outside (an
     interrupt, a failed write; see workers.UNFINISHED_REASONS) and is not queued yet."""
-    trials = study.get_trials(deepcopy=False)
-    retried = retried_numbers(trials)
     queued = []
-    for trial in trials:
-        reason = trial.user_attrs.get(FAIL_REASON_ATTR)
-        if trial.state == TrialState.FAIL and trial.number not in retried and unfinished_reason(reason):
-            retry(study, trial)
-            queued.append((trial.number, reason or "no reason recorded"))
+    for trial in unfinished(study.get_trials(deepcopy=False)):
+        retry(study, trial)
+        queued.append((trial.number, trial.user_attrs.get(FAIL_REASON_ATTR) or "no reason recorded"))
     return queued
 
 
@@ -107,8 +102,7 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
     retried = retried_numbers(trials)
     report.violations += [f"trial {t.number}: FAIL ({t.user_attrs.get(FAIL_REASON_ATTR) or 'no reason recorded'}) "
                           "was stopped from outside and its configuration is not queued again; --fix queues it"
-                          for t in trials if t.state == TrialState.FAIL and t.number not in retried
-                          and unfinished_reason(t.user_attrs.get(FAIL_REASON_ATTR))]
+                          for t in unfinished(trials)]
     from mlflow.exceptions import MlflowException
 
     parent_id = study.user_attrs.get(PARENT_ATTR)
@@ -280,7 +274,7 @@ def _close_unwritten_run(fix: _Fix, trial, run, report: Report, retried: bool) -
 
 
 def _check_complete(n: int, run, epochs: int, client, report: Report) -> None:
-    from .errors import HarnessError, UsageError
+    from .errors import UsageError
     from .experiment import is_builtin
     from .runs import fitted_model, load_state_dict, logged_config
 

@@ -158,13 +158,12 @@ def check_experiment(client, name: str | None) -> str | None:
     """Why runs cannot go to the MLflow experiment ``name`` (else $MLFLOW_EXPERIMENT_NAME, else
     $MLFLOW_EXPERIMENT_ID), or None when they can. Reads only: a refused command writes nothing."""
     from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH
 
+    refused = check_experiment_offline(name, client.tracking_uri)
+    if refused:
+        return refused
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
     if name:
-        if len(name) > MAX_EXPERIMENT_NAME_LENGTH:
-            return (f"MLflow experiment name of {len(name)} characters ({name[:40]!r}...); "
-                    f"at most {MAX_EXPERIMENT_NAME_LENGTH} allowed")
         found = client.get_experiment_by_name(name)
         shown = f"MLflow experiment {name!r}"
     else:
@@ -173,7 +172,9 @@ def check_experiment(client, name: str | None) -> str | None:
             return None
         try:
             found = client.get_experiment(wanted)
-        except MlflowException:
+        except MlflowException as exc:
+            if not missing(exc):  # the store failed, not the lookup
+                raise
             return f"MLFLOW_EXPERIMENT_ID={wanted!r}: no such experiment in {redact(client.tracking_uri)}; unset it or name one"
         shown = f"MLflow experiment {found.name!r} (MLFLOW_EXPERIMENT_ID={wanted})"
     if found is not None and found.lifecycle_stage != "active":

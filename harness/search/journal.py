@@ -46,7 +46,6 @@ class Damage:
     """What a repair removes: the first ``keep`` bytes stay as they are, ``rewrite`` replaces the rest."""
 
     keep: int
-    size_before: int
     cut: bytes = b""
     lines: int = 0
     salvaged: int = 0
@@ -91,7 +90,7 @@ def tail_damage(path: str) -> Damage | None:
         last = f.read(size - start)
     if last.endswith(b"\n") and _complete(last):
         return None
-    return Damage(keep=start, size_before=size, cut=last, lines=1)
+    return Damage(keep=start, cut=last, lines=1)
 
 
 def full_damage(path: str) -> Damage | None:
@@ -123,7 +122,7 @@ def full_damage(path: str) -> Damage | None:
         cut.append(torn_tail)
     if keep is None:
         return None
-    return Damage(keep=keep, size_before=len(data), cut=b"".join(cut), lines=bad, salvaged=salvaged,
+    return Damage(keep=keep, cut=b"".join(cut), lines=bad, salvaged=salvaged,
                   rewrite=b"".join(kept))
 
 

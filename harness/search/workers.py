@@ -55,6 +55,16 @@ def unfinished_reason(reason: str | None) -> bool:
     return reason is None or reason.split(":", 1)[0] in UNFINISHED_REASONS
 
 
+def unfinished(trials) -> list:
+    """The FAIL trials stopped from outside whose configuration is not queued again yet."""
+    from optuna.trial import TrialState
+
+    trials = list(trials)
+    retried = retried_numbers(trials)
+    return [t for t in trials if t.state == TrialState.FAIL and t.number not in retried
+            and unfinished_reason(t.user_attrs.get(FAIL_REASON_ATTR))]
+
+
 def retried_numbers(trials) -> set[int]:
     import warnings
 
