@@ -171,7 +171,7 @@ def services(root: Path, postgres_url: str | None = None):
         server_base = postgres_url.rsplit("/", 1)[0]
         for name in (f"optuna_{suffix}", f"mlflow_{suffix}"):
             create_database(postgres_url, name)
-        from .search.study import engine_url
+        from .urls import engine_url
 
         server = TrackingServer(engine_url(f"{server_base}/mlflow_{suffix}"), root / "artifacts", root / "mlflow-server.log")
         stack.callback(server.stop)

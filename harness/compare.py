@@ -3,15 +3,17 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure
 
+from . import schema
 from .errors import UsageError
 from .runs import curves
 
-ROLE_TAG = "tags.harness.role"
+ROLE_COLUMN = f"tags.{schema.ROLE_TAG}"  # as mlflow.search_runs names the column
 # Params that say how a run was made, not what it tried.
-BOOKKEEPING = ("experiment", "seed", "device", "torch_version", "trial_number", "experiment_sha256")
+BOOKKEEPING = ("experiment", "seed", "device", schema.TORCH_VERSION_PARAM, schema.TRIAL_NUMBER_PARAM,
+               schema.EXPERIMENT_SHA_PARAM)
 
 
-def top_runs(client, *, study: str | None = None, mlflow_experiment: str | None = None, metric: str = "final_test_loss",
+def top_runs(client, *, study: str | None = None, mlflow_experiment: str | None = None, metric: str = schema.FINAL_TEST_LOSS,
              top: int = 5, descending: bool = False):
     """A pandas frame of the top finished runs by ``metric`` (from mlflow.search_runs)."""
     import mlflow
@@ -20,7 +22,7 @@ def top_runs(client, *, study: str | None = None, mlflow_experiment: str | None 
 
     where = ["attributes.status = 'FINISHED'"]
     if study:
-        where.append(f"tags.`optuna.study_name` = {filter_value(study)}")
+        where.append(f"{schema.tag_filter(schema.STUDY_TAG)} = {filter_value(study)}")
         scope, experiment_ids = f"study {study!r}", None
     else:
         found = client.get_experiment_by_name(mlflow_experiment)
@@ -30,8 +32,8 @@ def top_runs(client, *, study: str | None = None, mlflow_experiment: str | None 
     frame = mlflow.search_runs(experiment_ids=experiment_ids or [e.experiment_id for e in client.search_experiments()],
                                filter_string=" and ".join(where), output_format="pandas",
                                order_by=[f"metrics.{metric} {'DESC' if descending else 'ASC'}"])
-    if ROLE_TAG in frame:
-        frame = frame[frame[ROLE_TAG] != "study"]
+    if ROLE_COLUMN in frame:
+        frame = frame[frame[ROLE_COLUMN] != schema.ROLE_STUDY]
     column = f"metrics.{metric}"
     if frame.empty or column not in frame or frame[column].isna().all():
         raise UsageError(f"no finished run with metric {metric!r} in {scope}")
@@ -41,15 +43,16 @@ def top_runs(client, *, study: str | None = None, mlflow_experiment: str | None 
 
 def table(frame):
     """The columns a user compares: run, trial, params, final metrics."""
-    wanted = {"run_id": "run_id", "tags.optuna.trial_number": "trial"}
+    wanted = {"run_id": "run_id", f"tags.{schema.TRIAL_NUMBER_TAG}": "trial"}
     wanted.update({f"params.{p}": p for p in ("optimizer", "loss", "lr", "epochs")})
     # Any other param (a hyperparameter, batch_size, ...) that differs between the runs shown.
     wanted.update({c: c.removeprefix("params.") for c in frame.columns if c.startswith("params.")
                    and c.removeprefix("params.") not in BOOKKEEPING and frame[c].nunique(dropna=False) > 1})
     # Final metrics and the experiment's scalars; a per-epoch metric's latest value repeats a final one.
-    per_epoch = ("metrics.train_", "metrics.test_", "metrics.best_", "metrics.n_trials")
-    wanted.update({c: c.removeprefix("metrics.") for c in frame.columns
-                   if c.startswith("metrics.") and not c.startswith(per_epoch)})
+    # A study's own metrics (best_*, n_trials) are not a trial's.
+    study_metrics = (schema.best(""), schema.N_TRIALS)
+    wanted.update({c: c.removeprefix("metrics.") for c in frame.columns if c.startswith("metrics.")
+                   and not schema.is_curve(c.removeprefix("metrics.")) and not c.removeprefix("metrics.").startswith(study_metrics)})
     shown = frame[[c for c in wanted if c in frame]].rename(columns=wanted).dropna(axis=1, how="all")
     import pandas as pd
 
@@ -67,11 +70,11 @@ def overlay(client, frame, title: str) -> Figure:
     fig = Figure(figsize=(9, 5.5))
     ax = fig.add_subplot()
     for colour, (_, row) in zip(_colours(), frame.iterrows()):
-        history = curves(client, row["run_id"], ("train_loss", "test_loss"))
-        trial = row.get("tags.optuna.trial_number")
+        history = curves(client, row["run_id"], (schema.TRAIN_LOSS, schema.TEST_LOSS))
+        trial = row.get(f"tags.{schema.TRIAL_NUMBER_TAG}")
         label = f"trial {trial}" if isinstance(trial, str) else row["run_id"][:8]
-        ax.plot(history["test_loss"], color=colour, label=f"{label} test")
-        ax.plot(history["train_loss"], color=colour, linestyle="--", alpha=0.7, label=f"{label} train")
+        ax.plot(history[schema.TEST_LOSS], color=colour, label=f"{label} test")
+        ax.plot(history[schema.TRAIN_LOSS], color=colour, linestyle="--", alpha=0.7, label=f"{label} train")
     ax.set(title=title, xlabel="Epochs", ylabel="Loss", yscale="log")
     ax.legend(fontsize=8, ncol=2)
     return fig
@@ -87,6 +90,6 @@ def parent_run_id(client, study: str) -> str | None:
     from .tracking import filter_value
 
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1,
-                              filter_string=f"tags.`optuna.study_name` = {filter_value(study)} and "
-                                            "tags.`harness.role` = 'study'")
+                              filter_string=f"{schema.tag_filter(schema.STUDY_TAG)} = {filter_value(study)} and "
+                                            f"{schema.tag_filter(schema.ROLE_TAG)} = '{schema.ROLE_STUDY}'")
     return runs[0].info.run_id if runs else None

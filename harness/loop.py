@@ -12,6 +12,8 @@ from typing import Callable, Iterable, Protocol
 import torch
 from torch import nn
 
+from .schema import TEST_LOSS, TRAIN_LOSS
+
 MetricsFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
@@ -33,7 +35,7 @@ class History:
 
     @property
     def epochs_run(self) -> int:
-        return len(self.values.get("train_loss", []))
+        return len(self.values.get(TRAIN_LOSS, []))
 
     def last(self, key: str) -> float:
         return self.values[key][-1]
@@ -161,7 +163,7 @@ def _sync(buffers: dict[str, torch.Tensor], start: int, stop: int, history: Hist
     for offset in range(stop - start):
         epoch = start + offset
         logs = {name: values[offset] for name, values in chunk.items()}
-        if not (math.isfinite(logs["train_loss"]) and math.isfinite(logs["test_loss"])):
+        if not (math.isfinite(logs[TRAIN_LOSS]) and math.isfinite(logs[TEST_LOSS])):
             history.diverged_at = epoch
             history.stopped = f"diverged at epoch {epoch}"
             return False

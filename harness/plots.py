@@ -6,14 +6,15 @@ import io
 from matplotlib.figure import Figure
 
 from .experiment import Data, Experiment
+from .schema import LOSS_CURVES, PREDICTIONS, TEST_LOSS, TRAIN_LOSS
 
 
 def loss_curves(values: dict[str, list[float]]) -> Figure:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
-    epochs = range(len(values["train_loss"]))
-    ax.plot(epochs, values["train_loss"], label="Train loss")
-    ax.plot(epochs, values["test_loss"], label="Test loss")
+    epochs = range(len(values[TRAIN_LOSS]))
+    ax.plot(epochs, values[TRAIN_LOSS], label="Train loss")
+    ax.plot(epochs, values[TEST_LOSS], label="Test loss")
     ax.set_title("Training and test loss curves")
     ax.set_ylabel("Loss")
     ax.set_xlabel("Epochs")
@@ -31,10 +32,10 @@ def predictions(experiment: Experiment, data: Data, predicted) -> Figure | None:
 
 def render(experiment: Experiment, values: dict[str, list[float]], data: Data, predicted) -> dict[str, Figure]:
     """Both figures of a run from its curves, its data and its final test-set predictions."""
-    figures = {"loss_curves.png": loss_curves(values)}
+    figures = {LOSS_CURVES: loss_curves(values)}
     fig = predictions(experiment, data, predicted)
     if fig is not None:
-        figures["predictions.png"] = fig
+        figures[PREDICTIONS] = fig
     return figures
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 import torch
 
 from . import tracking, training
+from .schema import COMMAND_TAG, REPRODUCES_TAG
 from .errors import UsageError
 from .runs import curves, fitted_model, get_run, load_state_dict, logged_config
-
-REPRODUCES_TAG = "harness.reproduces"
 
 
 def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str, list[str], int]:
@@ -28,7 +27,7 @@ def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str, 
     fitted_model(client, run_id, cfg, found, old_state)
     result = training.train(cfg, found, data)
     new_run = client.create_run(source.info.experiment_id, run_name=f"reproduce-{source.info.run_name}",
-                                tags={REPRODUCES_TAG: run_id, "harness.command": "reproduce"})
+                                tags={REPRODUCES_TAG: run_id, COMMAND_TAG: "reproduce"})
     status = "FAILED"
     try:
         status = tracking.log_result(client, new_run.info.run_id, found, result)

@@ -13,7 +13,7 @@ from .config import MAX_CONFIG_BYTES
 MAX_STATE_DICT_BYTES = 1 << 31  # a run's artifact is untrusted input: its size is bounded
 from .errors import HarnessError, UsageError
 from .experiment import first_line, is_builtin, load
-from .tracking import CONFIG, EXPERIMENT_SHA_PARAM, STATE_DICT
+from .schema import CONFIG, EXPERIMENT_SHA_PARAM, STATE_DICT
 from .urls import redact
 
 

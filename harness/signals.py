@@ -8,6 +8,7 @@ import threading
 
 HELD = (signal.SIGINT, signal.SIGTERM)
 _received: list[int] = []
+_acted = [0]  # how many of _received an interruptible block has already raised for
 
 
 def interrupted() -> bool:
@@ -39,6 +40,38 @@ def deferred(on_signal=None):
         if on_signal is None:
             raise KeyboardInterrupt(f"signal {_received[-1]}")
         on_signal()
+
+
+def pending() -> bool:
+    """Whether a held signal has not been acted on by an interruptible block yet."""
+    return len(_received) > _acted[0]
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Inside a deferred block, let SIGINT and SIGTERM interrupt again (KeyboardInterrupt): for
+    training, where stopping at once is what an interrupt means. One that arrived while held, and
+    was not acted on yet, raises on entry. Outside a deferred block (or the main thread): nothing."""
+    if threading.current_thread() is not threading.main_thread() or \
+            not all(signal.getsignal(s) is _hold for s in HELD):
+        yield
+        return
+    if pending():
+        _acted[0] = len(_received)
+        raise KeyboardInterrupt(f"signal {_received[-1]}")
+    for s in HELD:
+        signal.signal(s, _interrupt)
+    try:
+        yield
+    finally:
+        for s in HELD:
+            signal.signal(s, _hold)
+
+
+def _interrupt(signum, frame) -> None:
+    _received.append(signum)
+    _acted[0] = len(_received)
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _hold(signum, frame) -> None:

@@ -1,7 +1,6 @@
 """MLflow side of a run: what gets logged, under which names, through the client with explicit run ids.
 
-Neither torch nor mlflow at import time: the search's main process builds records without mlflow
-and its writer process writes them without torch.
+Neither torch nor mlflow at import time: commands that need neither start fast.
 
 Everything goes through ``MlflowClient`` with explicit run ids (never the fluent API's per-thread
 active run), metrics in ``log_batch`` calls of at most 1000 entries.
@@ -16,13 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .urls import redact, scrub
-
-STATE_DICT = "state_dict.pt"
-CONFIG = "config.json"
-FAIL_REASON_TAG = "harness.fail_reason"
-# The sha256 of the file that defined the run's experiment: `reproduce` and `predict` tell a changed file.
-EXPERIMENT_SHA_PARAM = "experiment_sha256"
+from .schema import CONFIG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, STATE_DICT, TORCH_VERSION_PARAM
+from .urls import engine_url, redact, scrub
 
 
 @dataclass
@@ -36,9 +30,9 @@ class RunRecord:
     artifacts: dict[str, bytes] = field(default_factory=dict)
 
 
-def is_curve(metric: str) -> bool:
-    """Per-epoch metrics are train_<m> and test_<m>; everything else a run logs is a final value."""
-    return metric.startswith(("train_", "test_"))
+def default_tracking_uri() -> str:
+    """MLflow's own resolution ($MLFLOW_TRACKING_URI, else the local default), without importing mlflow."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
 def source_params(experiment) -> dict[str, str]:
@@ -50,7 +44,7 @@ def params_of(config, extra_params: dict | None = None) -> dict[str, str]:
     """A run's params: the whole resolved config (hyperparameters included), the torch version, extras."""
     import torch
 
-    return {**{k: str(v) for k, v in config.to_dict().items()}, "torch_version": str(torch.__version__),
+    return {**{k: str(v) for k, v in config.to_dict().items()}, TORCH_VERSION_PARAM: str(torch.__version__),
             **{k: str(v) for k, v in (extra_params or {}).items()}}
 
 
@@ -62,7 +56,7 @@ def record(result, extra_params: dict | None = None, tags: dict | None = None) -
     params = params_of(result.config, extra_params)
     buffer = io.BytesIO()
     torch.save(result.model.state_dict(), buffer)
-    config = {**cfg, "torch_version": str(torch.__version__),
+    config = {**cfg, TORCH_VERSION_PARAM: str(torch.__version__),
               **{k: v for k, v in (extra_params or {}).items() if k == EXPERIMENT_SHA_PARAM}}
     tags = dict(tags or {})
     if result.history.stopped:
@@ -106,6 +100,12 @@ def metric_list(values: dict[str, float], step: int = 0) -> list:
 
     now = int(time.time() * 1000)
     return [Metric(name, value, now, step) for name, value in values.items()]
+
+
+def param_list(params: dict[str, str]) -> list:
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)) for k, v in params.items()]
 
 
 def tag_list(tags: dict[str, str]) -> list:
@@ -234,7 +234,7 @@ def read_client(tracking_uri: str | None = None):
     (unreachable, read-only and in need of a migration, corrupted) is a one-line HarnessError."""
     from .errors import HarnessError, UsageError
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    uri = tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
         if not path.is_file():
@@ -262,9 +262,8 @@ def _probe_database(uri: str) -> None:
         return
     from sqlalchemy import create_engine
 
-    engine_uri = "postgresql+psycopg://" + uri[len("postgresql://"):] if uri.startswith("postgresql://") else uri
     args = {"connect_timeout": 10} if uri.startswith("postgresql") else {}
-    engine = create_engine(engine_uri, connect_args=args)
+    engine = create_engine(engine_url(uri), connect_args=args)
     try:
         with engine.connect():
             pass

@@ -15,6 +15,7 @@ from .errors import UsageError
 from .experiment import Data, Datasets, Experiment, first_line
 from .loop import Batches, History, Observer, evaluate, evaluate_batches, fit
 from .registry import build_loss, build_optimizer
+from .schema import final
 
 # torch's default generator is process-wide: seeding and drawing the initial weights must happen
 # as one step, and a model that draws random numbers while it trains (dropout) must not share the
@@ -43,7 +44,7 @@ class TrainResult:
         """The values a finished run reports; empty for a diverged one (its last loss is not finite)."""
         if self.diverged or not self.history.epochs_run:
             return {}
-        finals = {f"final_{name}": values[-1] for name, values in self.history.values.items()}
+        finals = {final(name): values[-1] for name, values in self.history.values.items()}
         return {**finals, **self.scalars}
 
 

@@ -85,3 +85,9 @@ def check_credentials(url: str, what: str) -> None:
     if "@" in credentials:
         raise UsageError(f"{what} {redact(url)}: its user or password contains an unencoded '@'; "
                          "write it as %40 (and '/' as %2F)")
+
+
+def engine_url(url: str) -> str:
+    """``postgresql://`` pinned to psycopg 3 (the driver the harness installs): SQLAlchemy before 2.1
+    reads a bare ``postgresql://`` as psycopg2, from 2.1 on as psycopg."""
+    return "postgresql+psycopg://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url

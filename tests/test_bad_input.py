@@ -12,6 +12,8 @@ import torch
 
 from conftest import all_runs, cli_env, client_for, run_cli
 
+pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
+
 SECRET = "S3cr3tPw"
 SHORT = ["--epochs-range", "5", "10", "--no-progress"]
 
@@ -67,17 +69,6 @@ def test_a_password_in_a_storage_url_is_never_stored(workdir):
     [parent] = [r for r in all_runs(workdir) if r.data.tags.get("harness.role") == "study"]
     assert parent.data.tags["optuna.storage"] == "sqlite:///optuna.db?password=***"
     assert SECRET.encode() not in (workdir / "mlflow.db").read_bytes()
-
-
-def test_the_writer_process_does_not_show_the_tracking_uri_on_its_command_line():
-    from harness.search.writer import Writer
-
-    writer = Writer(f"http://user:{SECRET}@127.0.0.1:9")
-    try:
-        cmdline = Path(f"/proc/{writer._proc.pid}/cmdline").read_bytes()  # what `ps` shows every user
-        assert SECRET.encode() not in cmdline
-    finally:
-        writer.abort()
 
 
 # ---- values past what the libraries take, unbounded and odd input ----------------------------------

@@ -1,8 +1,12 @@
 """The second experiment: only a file in experiments/, and every command works with it."""
+import pytest
+
 from harness import config, training
 from harness.experiment import load, names
 from conftest import all_runs, client_for, run_cli
 from search_helpers import check_contract, journal_study
+
+pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
 
 
 def test_it_is_found_by_name_and_trains_well_above_chance():

@@ -12,6 +12,8 @@ from harness.runs import load_model, predict
 from conftest import all_runs, client_for, run_cli
 from search_helpers import journal_study
 
+pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
+
 SMALL = ["--epochs-range", "5", "40", "--no-progress", "--pruner", "none"]
 
 

@@ -11,7 +11,8 @@ from harness.errors import UsageError
 from harness.experiment import HARNESS_HYPERPARAMETERS, Data, Experiment, Hyperparameter, load
 from harness.search import space as space_module
 from harness.search import study as study_module
-from harness.search.space import PAIR_PARAM, sample
+from harness.schema import PAIR_TRIAL_PARAM as PAIR_PARAM
+from harness.search.space import sample
 
 
 def toy_data() -> Data:

@@ -12,6 +12,8 @@ from optuna.trial import TrialState
 from conftest import ROOT, all_runs, cli_env, client_for, run_cli
 from search_helpers import check_contract, journal_study
 
+pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
+
 README = (ROOT / "README.md").read_text()
 
 

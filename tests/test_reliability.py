@@ -13,6 +13,8 @@ from optuna.trial import TrialState
 from conftest import all_runs, cli_env, run_cli
 from search_helpers import check_contract, journal_study
 
+pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
+
 # Trials long enough (~0.5 s each) to be caught in the middle.
 LONG = ["--epochs-range", "2500", "3000", "--pruner", "none", "--no-progress", "--sampler", "random"]
 

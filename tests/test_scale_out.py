@@ -24,7 +24,8 @@ from search_helpers import check_contract
 
 CAP = 12
 # Only the tests that drive a trial by hand (study.ask) see it; harness search uses study.optimize.
-pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+pytestmark = [pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize"),
+              pytest.mark.slow]  # real processes: PostgreSQL, mlflow server, workers
 
 
 def require_postgres_programs():

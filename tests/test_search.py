@@ -16,6 +16,8 @@ from harness.search import space as space_module
 from conftest import ROOT, all_runs, cli_env, client_for, run_cli
 from search_helpers import check_contract, journal_study
 
+pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
+
 SMALL = ["--epochs-range", "5", "30", "--no-progress"]
 
 

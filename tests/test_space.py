@@ -7,7 +7,8 @@ import pytest
 from harness.errors import UsageError
 from harness.experiment import load
 from harness.search import space as space_module
-from harness.search.space import PAIR_PARAM, sample
+from harness.schema import PAIR_TRIAL_PARAM as PAIR_PARAM
+from harness.search.space import sample
 
 EXPERIMENT = load("linear_regression")
 DEFAULT_PAIRS = ("sgd+l1", "sgd+mse", "adam+l1", "adam+mse", "adamw+smooth_l1", "rmsprop+huber")

@@ -8,6 +8,8 @@ from PIL import Image
 from harness import config, training
 from conftest import ROOT, all_runs, client_for, cli_env, run_cli
 
+pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
+
 
 def download(client, run_id, name, dst):
     return client.download_artifacts(run_id, name, str(dst))

@@ -26,7 +26,7 @@ def run(args) -> int:
     import optuna
     from ..tracking import read_client
 
-    from ..audit import audit
+    from ..search.audit import audit
 
     journal_fixed, journal_violations, journal_notes = [], [], []
     if study_module.storage_scheme(url) == "journal":

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+from ..schema import FINAL_TEST_LOSS
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="table and curve overlay of the best runs of a study")
@@ -10,7 +12,7 @@ def add_parser(sub) -> None:
     scope.add_argument("--study", help="Optuna study name (runs tagged optuna.study_name)")
     scope.add_argument("--mlflow-experiment", metavar="NAME", help="every finished run of an MLflow experiment")
     p.add_argument("--top", default="5", help="how many runs (default: 5)")
-    p.add_argument("--metric", default="final_test_loss", help="rank by this metric (default: final_test_loss)")
+    p.add_argument("--metric", default=FINAL_TEST_LOSS, help=f"rank by this metric (default: {FINAL_TEST_LOSS})")
     p.add_argument("--descending", action="store_true", help="higher is better (e.g. final_test_accuracy)")
     p.add_argument("--out", metavar="FILE", help="overlay figure (default: compare-<study>.png)")
     p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")

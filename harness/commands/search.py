@@ -1,7 +1,6 @@
 """`harness search`: an Optuna study over lr, epochs and optimizer/loss pairs, every trial an MLflow run."""
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 import time
@@ -68,7 +67,7 @@ def _options(args):
     config.one_of("direction", args.direction, study_module.DIRECTIONS)
     # numpy's generators, which Optuna's samplers use, take seeds below 2**32.
     sampler_seed = config.int_in("--seed", args.seed, 0, 2 ** 32 - 1) if args.seed not in (None, "") else None
-    from ..search.tracker import default_tracking_uri
+    from ..tracking import default_tracking_uri
     from ..urls import check_credentials
 
     check_credentials(default_tracking_uri(), "MLFLOW_TRACKING_URI")
@@ -82,7 +81,7 @@ def _options(args):
     return {
         "experiment": experiment, "cfg": cfg, "data": data, "space": space, "storage_url": storage_url,
         "study_name": study_name(args.study_name or f"{experiment.name}-search"),  # "" from MLproject = not given
-        "n_trials": config.positive_int("--n-trials", args.n_trials),
+        "trials": config.positive_int("--n-trials", args.n_trials),
         "max_trials": config.positive_int("--max-trials", args.max_trials) if args.max_trials else None,
         "timeout": config.positive_float("--timeout", args.timeout) if args.timeout else None,
         "n_jobs": config.positive_int("--n-jobs", args.n_jobs),
@@ -131,100 +130,116 @@ def parse_tunes(tunes: list[str] | None) -> dict:
 
 
 def run(args) -> int:
-    from ..errors import UsageError
-    from ..search.tracker import default_tracking_uri, w_prepare_store
-    from ..search.writer import Writer
-
-    # Started before anything heavy is imported here, so the writer's imports overlap with ours. It
-    # touches no store until told to: bad input still writes nothing.
-    writer = Writer(default_tracking_uri())
-    try:
-        opts = _options(args)
-    except BaseException:
-        writer.abort()
-        raise
+    opts = _options(args)  # every input checked: a refused search writes nothing
     import optuna
-    from optuna.trial import TrialState
-
-    from ..search import study as study_module
-    from ..search.objective import Objective
-    from ..search.storages import COUNTED, StudyFull
 
     # Optuna would log each failed trial with a traceback (an interrupt too); the summary says what failed.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    space, url = opts["space"], opts["storage_url"]
-    study_args = dict(direction=args.direction, space=space, experiment=opts["experiment"].name,
+    study, storage = _open_study(args, opts)
+    _recover_stale_trials(study, storage)
+    n_trials = _trials_to_run(study, opts)
+    if n_trials == 0:
+        return 0
+    objective = _objective(args, opts)
+    started = time.time()
+    interrupted, stopped_by = _optimize(study, objective, n_trials, opts, args)
+    # Closing the study's record is held against a second Ctrl-C or a SIGTERM (they are acted on
+    # once it is written): the parent run is never left RUNNING, the resume hint is printed.
+    with signals.deferred(on_signal=lambda: None):
+        tracker = objective.tracker
+        errors = objective.close()
+        failure = stopped_by or (errors[0] if errors else None)
+        print(report(study, tracker, time.time() - started, opts["storage_url"], opts["experiment"]))
+        return _exit_status(args, study, opts["storage_url"], failure, interrupted or signals.interrupted())
+
+
+def _open_study(args, opts):
+    """The study, resumed or created; the MLflow store is checked (and created) before a new study is written."""
+    from ..errors import UsageError
+    from ..search import study as study_module
+
+    url = opts["storage_url"]
+    study_args = dict(direction=args.direction, space=opts["space"], experiment=opts["experiment"].name,
                       sampler=opts["sampler"], pruner=opts["pruner"])
     storage_args = dict(heartbeat=opts["heartbeat"], max_trials=opts["max_trials"])
-    try:
-        # Opening a journal creates its file: a missing one already says there is no study yet.
-        storage = None if study_module.missing_journal(url) else study_module.open_storage(url, **storage_args)
-        study = storage and study_module.existing_study(opts["study_name"], storage, **study_args)
-        # Only now, and before a new study is written: a refused or unreachable setup writes nothing.
-        refused = _wait_for_store(writer, writer.submit(w_prepare_store, args.mlflow_experiment, urgent=True),
-                                  default_tracking_uri())
-        if refused:
-            raise UsageError(refused)
-    except BaseException:
-        writer.close()
-        raise
+    # Opening a journal creates its file: a missing one already says there is no study yet.
+    storage = None if study_module.missing_journal(url) else study_module.open_storage(url, **storage_args)
+    study = storage and study_module.existing_study(opts["study_name"], storage, **study_args)
+    refused = _check_mlflow_store(args.mlflow_experiment)
+    if refused:
+        raise UsageError(refused)
     if study is None:
         storage = storage or study_module.open_storage(url, **storage_args)
         study = study_module.create_study(opts["study_name"], storage, **study_args)
-    _recover_stale_trials(study, storage, writer)
-    n_trials = opts["n_trials"]
-    if opts["max_trials"]:
-        # What the cap counts (see search/storages.py); queued trials run without being created.
-        counted = study.get_trials(deepcopy=False, states=COUNTED)
-        waiting = sum(t.state == TrialState.WAITING for t in counted)
-        left = max(opts["max_trials"] - len(counted), 0) + waiting
-        if left <= 0:
-            writer.close()
-            print(f"study {study.study_name!r} already has {len(counted)} trials that count toward "
-                  f"--max-trials {opts['max_trials']}; nothing to run")
-            return 0
-        n_trials = min(n_trials, left)
-    objective = Objective(
-        opts["experiment"], space, seed=opts["cfg"].seed, device=opts["cfg"].device, base=opts["cfg"].to_dict(),
-        data=opts["data"],
-        report_every=opts["report_every"], mlflow_experiment=args.mlflow_experiment,
-        trial_figures=args.trial_figures,
-        tracker_options={"storage_label": study_module.redact(url), "sampler": args.sampler,
-                         "pruner": args.pruner, "env_run_id": os.environ.get("MLFLOW_RUN_ID"),
-                         "writer": writer})
-    started, interrupted, stopped_by = time.time(), False, None
+    return study, storage
+
+
+def _trials_to_run(study, opts) -> int:
+    """--n-trials, within what --max-trials leaves (queued trials run without being created)."""
+    from optuna.trial import TrialState
+
+    from ..search.storages import COUNTED
+
+    if not opts["max_trials"]:
+        return opts["trials"]
+    counted = study.get_trials(deepcopy=False, states=COUNTED)
+    waiting = sum(t.state == TrialState.WAITING for t in counted)
+    left = max(opts["max_trials"] - len(counted), 0) + waiting
+    if left <= 0:
+        print(f"study {study.study_name!r} already has {len(counted)} trials that count toward "
+              f"--max-trials {opts['max_trials']}; nothing to run")
+    return min(opts["trials"], max(left, 0))
+
+
+def _objective(args, opts):
+    from .. import schema
+    from ..search.objective import Objective
+    from ..urls import redact
+
+    cfg = opts["cfg"]
+    return Objective(opts["experiment"], opts["space"], seed=cfg.seed, device=cfg.device, base=cfg.to_dict(),
+                     data=opts["data"], report_every=opts["report_every"], mlflow_experiment=args.mlflow_experiment,
+                     trial_figures=args.trial_figures,
+                     study_tags={schema.STORAGE_TAG: redact(opts["storage_url"]), schema.SAMPLER_TAG: args.sampler,
+                                 schema.PRUNER_TAG: args.pruner})
+
+
+def _optimize(study, objective, n_trials: int, opts, args) -> tuple[bool, BaseException | None]:
+    """Run the trials. Returns (interrupted, the store failure that stopped them)."""
+    from ..search.storages import StudyFull
+
     try:
-        study.optimize(objective, n_trials=n_trials, timeout=opts["timeout"], n_jobs=opts["n_jobs"],
-                       show_progress_bar=not args.no_progress)
+        # Signals are held while Optuna records a trial (one landing inside its tell would leave the
+        # trial half-told); the objective lets them interrupt training, and a held one stops the
+        # study once the trial is recorded.
+        with signals.deferred(on_signal=lambda: None):
+            study.optimize(objective, n_trials=n_trials, timeout=opts["timeout"], n_jobs=opts["n_jobs"],
+                           show_progress_bar=not args.no_progress,
+                           callbacks=[lambda study, trial: study.stop() if signals.pending() else None])
     except StudyFull:
         pass  # other workers filled the study first: this one is done
     except KeyboardInterrupt:
-        interrupted = True
+        return True, None
     except Exception as exc:
         # A store that stopped taking writes ends the search; Optuna may have wrapped the error in
         # its own while closing the trial (an AssertionError when the journal refused the FAIL).
         stopped_by = _store_failure(exc)
         if stopped_by is None:
             raise
-    finally:
-        # Closing the study's record is held against a second Ctrl-C or a SIGTERM (they are acted
-        # on once it is written): the parent run is never left RUNNING, the resume hint is printed.
-        with signals.deferred(on_signal=lambda: None):
-            tracker = objective.tracker
-            errors = objective.close() + writer.close()
-    interrupted = interrupted or signals.interrupted()
-    with signals.deferred(on_signal=lambda: None):
-        failure = stopped_by or (tracker.failure if tracker is not None else None) or (errors[0] if errors else None)
-        print(report(study, tracker, time.time() - started, url, opts["experiment"]))
-        resume = resume_command(args, study.study_name, url)
-        if failure is not None:
-            print(f"harness: {_failure_line(failure)}; the search stopped; once the store takes writes again, "
-                  f"`harness audit --study {shlex.quote(study.study_name)} --fix` closes what was left open, "
-                  f"then resume with: {resume}", file=sys.stderr)
-            return 1
-        if interrupted:
-            print(f"harness: interrupted; resume with: {resume}", file=sys.stderr)
-            return 130
+        return signals.interrupted(), stopped_by
+    return signals.interrupted(), None
+
+
+def _exit_status(args, study, url: str, failure, interrupted: bool) -> int:
+    resume = resume_command(args, study.study_name, url)
+    if failure is not None:
+        print(f"harness: {_failure_line(failure)}; the search stopped; once the store takes writes again, "
+              f"`harness audit --study {shlex.quote(study.study_name)} --fix` closes what was left open, "
+              f"then resume with: {resume}", file=sys.stderr)
+        return 1
+    if interrupted:
+        print(f"harness: interrupted; resume with: {resume}", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -247,23 +262,22 @@ def _failure_line(failure: BaseException) -> str:
     return text if text.startswith(("tracking failed", "cannot write")) else f"tracking failed: {text[:300]}"
 
 
-def _wait_for_store(writer, prepared, uri: str):
-    """Fail in bounded time, before any trial, when the MLflow store cannot be reached."""
-    from ..tracking import unreachable
+def _check_mlflow_store(mlflow_experiment: str | None) -> str | None:
+    """Open (create or migrate) the MLflow store, in bounded time, and say why runs cannot go to
+    their MLflow experiment (None: they can)."""
+    from ..tracking import check_experiment, default_tracking_uri, open_client, unreachable
 
-    started = time.time()
+    uri, started = default_tracking_uri(), time.time()
     try:
-        return prepared.result()
+        return check_experiment(open_client(uri), mlflow_experiment)
     except Exception as exc:
-        writer.close()
         raise unreachable("the MLflow tracking store", uri, time.time() - started, exc) from None
 
 
-def _recover_stale_trials(study, storage, writer) -> None:
-    """Trials a dead worker left RUNNING, or that an interrupt or a failed write stopped: fail them,
-    queue their configurations again, close their runs."""
-    from ..audit import recover_stale, recover_unfinished
-    from ..search.tracker import PARENT_ATTR, abandoned_reasons, w_fail_stale_runs
+def _recover_stale_trials(study, storage) -> None:
+    """Trials a dead worker left RUNNING, or that an interrupt or a failed write stopped: fail them
+    and queue their configurations again (the tracker closes their runs)."""
+    from ..search.audit import recover_stale, recover_unfinished
 
     by_pid, by_heartbeat = recover_stale(study, storage)
     if by_pid or by_heartbeat:
@@ -273,16 +287,14 @@ def _recover_stale_trials(study, storage, writer) -> None:
     if queued:
         print(f"harness: trial(s) {', '.join(str(n) for n, _ in queued)} were stopped before they finished "
               f"({queued[0][1]}): queued their configurations again", file=sys.stderr)
-    parent = study.user_attrs.get(PARENT_ATTR)
-    if parent:  # the runs of every abandoned trial, also those failed by other workers' heartbeat checks
-        writer.submit(w_fail_stale_runs, parent, abandoned_reasons(study))
 
 
 def report(study, tracker, seconds: float, url: str, experiment) -> str:
     from optuna.trial import TrialState
 
     from ..search import study as study_module
-    from ..search.tracker import RUN_ATTR, trials_frame
+    from ..schema import PAIR_TRIAL_PARAM, RUN_ATTR, TEST_LOSS
+    from ..search.summary import trials_frame
 
     counts = {s.name: sum(t.state == s for t in study.trials) for s in TrialState if s.is_finished()}
     lines = [f"study {study.study_name!r}: {len(study.trials)} trials "
@@ -295,13 +307,12 @@ def report(study, tracker, seconds: float, url: str, experiment) -> str:
     params = [c for c in frame.columns if c.startswith("params_")]  # the space's, hyperparameters included
     top = done.sort_values("value", ascending=study.direction.name == "MINIMIZE").head(5)
     top = top[["number", "value", *params, RUN_ATTR]].rename(columns={
-        "number": "trial", "value": "test_loss", "params_optimizer_loss": "optimizer+loss", RUN_ATTR: "mlflow run",
-        **{c: c.removeprefix("params_") for c in params if c != "params_optimizer_loss"}})
+        "number": "trial", "value": TEST_LOSS, f"params_{PAIR_TRIAL_PARAM}": "optimizer+loss", RUN_ATTR: "mlflow run",
+        **{c: c.removeprefix("params_") for c in params if c != f"params_{PAIR_TRIAL_PARAM}"}})
     lines += ["top trials:", top.to_string(index=False, na_rep="-")]  # "-": not sampled (momentum for adam)
     best_run = study.best_trial.user_attrs.get(RUN_ATTR)
     if tracker is not None:
-        from ..search.tracker import default_tracking_uri
-        from ..tracking import filter_value
+        from ..tracking import default_tracking_uri, filter_value
         from ..urls import redact
 
         uri = redact(default_tracking_uri())

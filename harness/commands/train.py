@@ -5,6 +5,8 @@ import os
 import sys
 import time
 
+from ..schema import TEST_LOSS, TRAIN_LOSS
+
 
 def add_config_arguments(parser) -> None:
     """The TrainConfig fields as flags; unset flags stay None so lower layers show through."""
@@ -43,10 +45,10 @@ def run(args) -> int:
     from ..urls import check_credentials
 
     check_credentials(os.environ.get("MLFLOW_TRACKING_URI", ""), "MLFLOW_TRACKING_URI")
-    from ..tracking import check_experiment_offline
+    from ..schema import COMMAND_TAG
+    from ..tracking import check_experiment_offline, default_tracking_uri
 
-    refused = check_experiment_offline(args.mlflow_experiment,
-                                       os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    refused = check_experiment_offline(args.mlflow_experiment, default_tracking_uri())
     if refused:
         raise UsageError(refused)
     # mlflow is imported only once the input is known good: bad input never touches a store.
@@ -68,7 +70,7 @@ def run(args) -> int:
                 raise UsageError(refused)
             experiment_id, skip = tracking.experiment_id(client, args.mlflow_experiment), set()
             run_id = client.create_run(experiment_id, run_name=f"{experiment.name}-{cfg.optimizer}-{cfg.loss}",
-                                       tags={"harness.command": "train"}).info.run_id
+                                       tags={COMMAND_TAG: "train"}).info.run_id
     except UsageError:
         raise
     except Exception as exc:
@@ -117,7 +119,7 @@ class Progress:
         now = time.monotonic()
         if epoch % self.every == 0 or now - self.last >= self.seconds:
             self.last = now
-            print(f"Epoch: {epoch} | Loss: {logs['train_loss']} | Test loss: {logs['test_loss']}", flush=True)
+            print(f"Epoch: {epoch} | Loss: {logs[TRAIN_LOSS]} | Test loss: {logs[TEST_LOSS]}", flush=True)
 
 
 def summary(cfg, result, run_id: str, status: str, seconds: float) -> str:

@@ -1,7 +1,6 @@
 """Optuna search over the harness: the objective, its search space and the study's MLflow tracking.
 
-The package itself imports nothing heavy: the writer process imports ``harness.search.tracker``
-without torch or optuna.
+The package itself imports nothing heavy: ``harness.Objective`` loads optuna on first use.
 """
 
 __all__ = ["Objective", "SearchSpace"]

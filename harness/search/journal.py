@@ -21,12 +21,13 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from optuna.storages.journal import JournalFileBackend
 
 from ..errors import HarnessError
+from . import optuna_private
 
 TORN_SUFFIX = ".torn-"
 _OP = b'{"op_code":'  # how Optuna starts every operation it writes
@@ -187,13 +188,12 @@ class Journal(JournalFileBackend):
 
     def __init__(self, file_path: str, notify=_say) -> None:
         super().__init__(file_path)
+        self.path = file_path
         self._notify = notify
         self._clean_size: int | None = None  # the size this process left the file at, known clean
 
     def lock(self):
-        from optuna.storages.journal._file import get_lock_file
-
-        return get_lock_file(self._lock)
+        return optuna_private.journal_lock(self)
 
     def repair(self, whole: bool = False) -> str | None:
         """Repair the damage now (the tail only, unless ``whole``); returns what was done, or None."""
@@ -201,13 +201,13 @@ class Journal(JournalFileBackend):
             return self._repair_locked(whole)
 
     def _repair_locked(self, whole: bool) -> str | None:
-        damage = full_damage(self._file_path) if whole else tail_damage(self._file_path)
+        damage = full_damage(self.path) if whole else tail_damage(self.path)
         if damage is None:
             return None
         try:
-            done = repair(self._file_path, damage)
+            done = repair(self.path, damage)
         except OSError as exc:
-            raise JournalWriteError(f"{damage.describe(self._file_path)}, and it cannot be repaired now "
+            raise JournalWriteError(f"{damage.describe(self.path)}, and it cannot be repaired now "
                                     f"({exc.strerror or exc}); nothing was changed") from None
         self._notify(done)
         return done
@@ -215,9 +215,9 @@ class Journal(JournalFileBackend):
     def append_logs(self, logs: list[dict]) -> None:
         data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode()
         with self.lock():
-            if os.path.getsize(self._file_path) != self._clean_size:  # another process wrote since
+            if os.path.getsize(self.path) != self._clean_size:  # another process wrote since
                 self._repair_locked(whole=False)
-            fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             try:
                 start = os.fstat(fd).st_size
                 try:
@@ -228,7 +228,7 @@ class Journal(JournalFileBackend):
                         os.ftruncate(fd, start)  # freeing space always works: take the partial write back
                     except OSError:
                         pass
-                    raise JournalWriteError(f"cannot write the Optuna journal {self._file_path}: "
+                    raise JournalWriteError(f"cannot write the Optuna journal {self.path}: "
                                             f"{exc.strerror or exc}; the journal is left as it was before "
                                             "this write") from None
                 self._clean_size = start + len(data)

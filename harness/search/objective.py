@@ -13,8 +13,9 @@ from ..loop import History, StopTraining
 from . import space as space_module
 from .space import SearchSpace
 from .journal import JournalWriteError
-from .tracker import RUN_ATTR, StudyTracker, TrackingFailed
-from .workers import FAIL_REASON_ATTR, WORKER_ATTR, identity, retry, unfinished_reason
+from ..schema import FAIL_REASON_ATTR, RUN_ATTR, TEST_LOSS, WORKER_ATTR
+from .tracker import StudyTracker, TrackingFailed
+from .workers import identity, retry, unfinished_reason
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -52,13 +53,13 @@ class _Reporter:
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         if epoch % self.every:
             return
-        self.trial.report(logs["test_loss"], epoch)
+        self.trial.report(logs[TEST_LOSS], epoch)
         if self.trial.should_prune():
             raise StopTraining(f"pruned at epoch {epoch}")
 
 
 class _Tracking:
-    """Loop observer: stores the trial's run id as soon as the writer has created the run (so that
+    """Loop observer: stores the trial's run id as soon as its run is created (so that
     even a trial whose worker is killed points at its run), and stops training at the first failed
     tracking write (a trial that cannot be recorded is not worth finishing)."""
 
@@ -88,36 +89,41 @@ class Objective:
     def __init__(self, experiment: str | Experiment = "linear_regression", space: SearchSpace | None = None, *,
                  track: bool = True, mlflow_experiment: str | None = None, report_every: int = 1,
                  trial_figures: bool = False, seed: int = 42, device: str = "auto", base: dict | None = None,
-                 data=None, tracker_options=None):
+                 data=None, study_tags: dict[str, str] | None = None):
         """``base``: fixed config values for every trial (e.g. ``{"batch_size": 64}``); the space's
-        samples override them. ``data``: the experiment's data, if the caller already loaded it."""
+        samples override them. ``data``: the experiment's data, if the caller already loaded it.
+        ``study_tags``: tags added to the study's parent run (say, ``{"team": "vision"}``)."""
         self.experiment = experiment if isinstance(experiment, Experiment) else load(experiment)
         data = data if data is not None else self.experiment.load_data()
         self.space = space or space_module.resolve(self.experiment, n_train=data.n_train)
         self.base, _ = config.resolve({**(base or {}), "experiment": self.experiment.reference or self.experiment.name,
                                        "seed": seed, "device": device}, experiment=self.experiment,
                                       n_train=data.n_train)
+        self._host_data = data  # the figures are drawn from it
         self.data = data.to(self.base.device)
         self.report_every = config.positive_int("report_every", report_every)
         self.track = track
         self.tracker = None
         self._tracker_options = {"mlflow_experiment": mlflow_experiment, "trial_figures": trial_figures,
-                                 **(tracker_options or {})}
+                                 "study_tags": study_tags}
         self._lock = threading.Lock()
         self._worker = identity()
 
     def __call__(self, trial: optuna.Trial) -> float:
         tracker, pending, cfg, history = None, None, None, History()  # history: kept if training is cut short
         try:
-            if getattr(trial, "study", None) is not None:
-                # Lets the next worker (or `harness audit --fix`) tell a crashed trial from a running one.
-                trial.set_user_attr(WORKER_ATTR, self._worker)
-            tracker = self._tracker_for(trial)
-            cfg = config.validate(config.with_values(self.base, space_module.sample(trial, self.space)),
-                                  self.experiment, self.data.n_train)
-            pending = tracker.start_trial(trial, cfg) if tracker else None
-            observers = self._observers(trial) + ([_Tracking(trial, tracker, pending)] if tracker else [])
-            result = training.train(cfg, self.experiment, self.data, observers, history=history)
+            # Where the caller holds signals (`harness search` does, so that none lands while Optuna
+            # records a trial), an interrupt stops the trial at once from here on.
+            with signals.interruptible():
+                if getattr(trial, "study", None) is not None:
+                    # Lets the next worker (or `harness audit --fix`) tell a crashed trial from a running one.
+                    trial.set_user_attr(WORKER_ATTR, self._worker)
+                tracker = self._tracker_for(trial)
+                cfg = config.validate(config.with_values(self.base, space_module.sample(trial, self.space)),
+                                      self.experiment, self.data.n_train)
+                pending = tracker.start_trial(trial, cfg) if tracker else None
+                observers = self._observers(trial) + ([_Tracking(trial, tracker, pending)] if tracker else [])
+                result = training.train(cfg, self.experiment, self.data, observers, history=history)
         except BaseException as exc:
             with signals.deferred():  # a second Ctrl-C must not cut the wrap-up short
                 self._end_unfinished(trial, tracker, pending, cfg, history, exc)
@@ -131,7 +137,7 @@ class Objective:
                 tracker.end_trial(trial, pending, result, state)
         if state == "PRUNED":
             raise optuna.TrialPruned(history.stopped)
-        return math.nan if state == "FAIL" else history.last("test_loss")
+        return math.nan if state == "FAIL" else history.last(TEST_LOSS)
 
     def _end_unfinished(self, trial, tracker, pending, cfg, history, exc: BaseException) -> None:
         """A trial cut short: record why, close its run with the curves so far, and queue its
@@ -159,7 +165,7 @@ class Objective:
             return None
         with self._lock:
             if self.tracker is None:
-                self.tracker = StudyTracker(trial.study, self.experiment, **self._tracker_options)
+                self.tracker = StudyTracker(trial.study, self.experiment, data=self._host_data, **self._tracker_options)
         return self.tracker
 
     def close(self) -> list[BaseException]:

@@ -19,9 +19,9 @@ from typing import Any, Mapping
 
 from ..config import check_value, epochs_value, positive_float, positive_int, read_file
 from ..errors import UsageError
+from ..schema import PAIR_TRIAL_PARAM
 from ..experiment import Experiment, Hyperparameter
 
-PAIR_PARAM = "optimizer_loss"
 DEFAULT = {"lr": (1e-4, 1e-1), "epochs": (50, 400), "grid_points": 4}
 KEYS = ("lr", "epochs", "pairs", "grid_points")
 RANGE_KEYS = ("low", "high", "log", "step", "choices", "optimizers")
@@ -84,7 +84,7 @@ class SearchSpace:
         n = self.grid_points
         lr = Hyperparameter("lr", "float", None, *self.lr, log=True)
         epochs = Hyperparameter("epochs", "int", None, *self.epochs)
-        grid = {"lr": grid_values(lr, n), "epochs": grid_values(epochs, n), PAIR_PARAM: list(self.pairs)}
+        grid = {"lr": grid_values(lr, n), "epochs": grid_values(epochs, n), PAIR_TRIAL_PARAM: list(self.pairs)}
         grid.update({p.name: grid_values(p, n) for p in self.params})
         size = math.prod(len(values) for values in grid.values())
         if size > MAX_GRID_SIZE:
@@ -97,7 +97,7 @@ def sample(trial, space: SearchSpace) -> dict[str, Any]:
     """Draw one config from the space. Works with any optuna trial, including FixedTrial."""
     lr = trial.suggest_float("lr", *space.lr, log=True)
     epochs = trial.suggest_int("epochs", *space.epochs)
-    optimizer, loss = trial.suggest_categorical(PAIR_PARAM, space.pairs).split("+")
+    optimizer, loss = trial.suggest_categorical(PAIR_TRIAL_PARAM, space.pairs).split("+")
     values = {"lr": lr, "epochs": epochs, "optimizer": optimizer, "loss": loss}
     for param in space.params:
         if param.optimizers is None or optimizer in param.optimizers:

@@ -20,6 +20,9 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import TrialState
 
 from ..filelock import LOCK_SUFFIX, file_lock
+from ..urls import redact
+from . import optuna_private
+from .optuna_private import backend
 
 COUNTED = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -42,19 +45,23 @@ class _Capped:
 
 
 class CappedRDBStorage(_Capped, RDBStorage):
-    # Optuna's cache (_CachedStorage) calls the backend's _create_new_trial, the public method too.
-    def _create_new_trial(self, study_id, template_trial=None):
-        return self._create_capped(super()._create_new_trial, study_id, template_trial)
-
     def _count(self, study_id: int) -> int:
         """One COUNT query, so the check costs the same at trial 10 and trial 10,000."""
-        from optuna.storages._rdb import models
         from sqlalchemy import func, select
 
-        query = select(func.count()).select_from(models.TrialModel).where(
-            models.TrialModel.study_id == study_id, models.TrialModel.state.in_(COUNTED))
+        trials = optuna_private.trial_model()
+        query = select(func.count()).select_from(trials).where(trials.study_id == study_id, trials.state.in_(COUNTED))
         with self.engine.connect() as connection:
             return connection.execute(query).scalar_one()
+
+
+def _create_new_trial(self, study_id, template_trial=None):
+    # Optuna's cache (_CachedStorage) calls the backend's private creation method; the public one does too.
+    return self._create_capped(getattr(super(CappedRDBStorage, self), optuna_private.CREATE_TRIAL_HOOK),
+                               study_id, template_trial)
+
+
+setattr(CappedRDBStorage, optuna_private.CREATE_TRIAL_HOOK, _create_new_trial)
 
 
 class CappedJournalStorage(_Capped, JournalStorage):
@@ -65,16 +72,11 @@ class CappedJournalStorage(_Capped, JournalStorage):
         return len(self.get_all_trials(study_id, deepcopy=False, states=COUNTED))
 
 
-def backend(storage):
-    """The storage itself, out of Optuna's cache wrapper if it is in one."""
-    return getattr(storage, "_backend", storage) if type(storage).__name__ == "_CachedStorage" else storage
-
-
 def file_path(storage) -> str | None:
     """The file a file-based storage lives in (a journal file or a SQLite database); None otherwise."""
     storage = backend(storage)
     if isinstance(storage, JournalStorage):
-        return getattr(getattr(storage, "_backend", None), "_file_path", None)
+        return optuna_private.journal_file(storage)
     if isinstance(storage, RDBStorage) and storage.engine.dialect.name == "sqlite":
         return _sqlite_file(storage.engine.url.database)
     return None
@@ -94,7 +96,8 @@ def lock_file(storage) -> Path | None:
 
 
 def study_lock(storage, name: str):
-    """A lock every worker of the storage takes, wherever it runs; ``name`` picks one of many.
+    """A lock every worker of the storage takes, wherever it runs. On a database server ``name``
+    picks one of many; a file storage has one lock file for every name, so never nest two.
 
     Held while a worker creates a capped trial, and while it finds or creates the study's parent
     MLflow run, so that exactly one is created. A storage with no shared lock (in-memory, gRPC)
@@ -151,3 +154,12 @@ def schema_lock(url: str, engine_kwargs: dict):
             yield
     finally:
         engine.dispose()
+
+
+def describe(storage) -> str:
+    """Where a study lives (password removed), for a study opened by the user's own script."""
+    storage = backend(storage)
+    if getattr(storage, "url", None):
+        return redact(storage.url)
+    path = file_path(storage)
+    return f"journal:{path}" if path else type(storage).__name__

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 
 from ..errors import UsageError
-from ..urls import check_credentials, redact, scrub
+from ..urls import check_credentials, engine_url, redact, scrub
 from .space import SearchSpace
 
 DEFAULT_STORAGE = "journal:optuna_journal.log"
@@ -21,8 +21,7 @@ RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "none")
 DIRECTIONS = ("minimize", "maximize")
-SPACE_ATTR = "harness.space"
-EXPERIMENT_ATTR = "harness.experiment"
+from ..schema import SPACE_ATTR, STUDY_EXPERIMENT_ATTR as EXPERIMENT_ATTR
 
 
 def storage_scheme(url: str) -> str:
@@ -71,7 +70,7 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
     seconds is failed and its configuration retried by the next worker that starts a trial.
     ``max_trials`` caps the study's trials across every worker (see storages.py).
     """
-    from .storages import CappedJournalStorage, CappedRDBStorage, schema_lock
+    from .storages import CappedRDBStorage, schema_lock
 
     scheme = storage_scheme(url)
     path = journal_path(url) if scheme == "journal" else url[len("sqlite:///"):] if scheme == "sqlite" else None
@@ -133,12 +132,6 @@ def _open_journal(path: str, repair: bool, notify):
                                  "`harness audit --fix` repairs it (keeping a copy of what it removes)") from None
         journal.repair(whole=True)
         return CappedJournalStorage(journal)
-
-
-def engine_url(url: str) -> str:
-    """``postgresql://`` pinned to psycopg 3 (the driver the harness installs): SQLAlchemy before 2.1
-    reads a bare ``postgresql://`` as psycopg2, from 2.1 on as psycopg."""
-    return "postgresql+psycopg://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
 
 
 def make_sampler(name: str, seed: int | None, space: SearchSpace) -> optuna.samplers.BaseSampler:

@@ -5,7 +5,7 @@ import os
 import socket
 from pathlib import Path
 
-WORKER_ATTR = "harness.worker"
+from ..schema import FAIL_REASON_ATTR
 
 
 def _start_time(pid: int) -> str | None:
@@ -43,10 +43,10 @@ def abandoned(trials) -> set[int]:
     trials = list(trials)
     return {t.number for t in trials if t.state == TrialState.FAIL} & retried_numbers(trials)
 
-FAIL_REASON_ATTR = "fail_reason"
 # Failures that say nothing about the configuration: it is run again. Any other reason (a
 # diverged loss, the experiment's code raising) is the configuration's own result.
-UNFINISHED_REASONS = ("interrupted", "worker died", "tracking failed", "journal write failed")
+WORKER_DIED = "worker died"
+UNFINISHED_REASONS = ("interrupted", WORKER_DIED, "tracking failed", "journal write failed")
 
 
 def unfinished_reason(reason: str | None) -> bool:

@@ -13,11 +13,15 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
-from .errors import HarnessError
-from .search.tracker import INCOMPLETE_TAG, PARENT_ATTR, RUN_ATTR, close_incomplete
-from .search.workers import FAIL_REASON_ATTR, WORKER_ATTR, abandoned, alive, retried_numbers, retry, unfinished
-from .tracking import FAIL_REASON_TAG, missing, tag_list
-from .urls import redact
+from ..errors import HarnessError
+from .. import schema, tracking
+from ..schema import FAIL_REASON_ATTR, INCOMPLETE_TAG, PAIR_TRIAL_PARAM as PAIR, PARENT_ATTR, RUN_ATTR, WORKER_ATTR
+from ..sink import MlflowSink, close_incomplete
+from .tracker import fail_run
+from .optuna_private import trial_id
+from .workers import WORKER_DIED, abandoned, alive, retried_numbers, retry, unfinished
+from ..tracking import missing
+from ..urls import redact
 
 EXPECTED_STATUS = {TrialState.COMPLETE: ("FINISHED",), TrialState.PRUNED: ("KILLED",),
                    TrialState.FAIL: ("FAILED", "KILLED")}  # KILLED: interrupted by the user
@@ -42,11 +46,11 @@ def stale_trials(study) -> list:
 
 def fail_and_retry(study, storage, trial) -> int:
     """What Optuna's heartbeat does to a stale trial: FAIL it and enqueue its params again."""
-    storage.set_trial_user_attr(trial._trial_id, FAIL_REASON_ATTR, "worker died")
-    storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    storage.set_trial_user_attr(trial_id(trial), FAIL_REASON_ATTR, WORKER_DIED)
+    storage.set_trial_state_values(trial_id(trial), TrialState.FAIL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        RetryHeartbeatStaleTrialCallback()(study, storage.get_trial(trial._trial_id))
+        RetryHeartbeatStaleTrialCallback()(study, storage.get_trial(trial_id(trial)))
     return trial.number
 
 
@@ -61,12 +65,6 @@ def recover_stale(study, storage) -> tuple[list[int], list[int]]:
         fail_stale_trials(study)
     by_heartbeat = sorted(abandoned(study.get_trials(deepcopy=False)) - before)
     return by_pid, by_heartbeat
-
-
-def child_runs(client, parent_id: str) -> list:
-    experiment = client.get_run(parent_id).info.experiment_id
-    return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
-                              max_results=50000)
 
 
 def recover_unfinished(study) -> list[tuple[int, str]]:
@@ -123,11 +121,11 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
                                f"{str(exc).strip().splitlines()[0][:300]}") from None
         report.violations.append(f"parent run {parent_id} does not exist in {redact(client.tracking_uri)}")
         return report
-    runs = child_runs(client, parent_id)
+    runs = MlflowSink(client).child_runs(parent_id, parent.info.experiment_id)
     report.checked_runs = len(runs)
     by_number: dict[int, list] = {}
     for run in runs:
-        number = run.data.tags.get("optuna.trial_number")
+        number = run.data.tags.get(schema.TRIAL_NUMBER_TAG)
         by_number.setdefault(int(number) if number and number.isdigit() else -1, []).append(run)
     fixer = _Fix(client, study, parent_id, parent.info.experiment_id) if fix else None
     live_workers = False
@@ -148,14 +146,14 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
 
 def _create_parent(client, study) -> str:
     """The parent run a crashed first search never created, where the search would have put it."""
-    from .search.tracker import ROLE_TAG
-    from .tracking import experiment_id
+    from ..tracking import experiment_id
 
-    run = client.create_run(experiment_id(client, None), run_name=study.study_name,
-                            tags={ROLE_TAG: "study", "optuna.study_name": study.study_name})
-    client.set_terminated(run.info.run_id, "FINISHED")
-    study.set_user_attr(PARENT_ATTR, run.info.run_id)
-    return run.info.run_id
+    sink = MlflowSink(client)
+    run_id = sink.create_run(experiment_id(client, None), study.study_name,
+                             {schema.ROLE_TAG: schema.ROLE_STUDY, schema.STUDY_TAG: study.study_name}, {})
+    sink.close(run_id, "FINISHED")
+    study.set_user_attr(PARENT_ATTR, run_id)
+    return run_id
 
 
 def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, retried: bool) -> None:
@@ -183,9 +181,7 @@ def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, re
     if status in ("RUNNING", "FINISHED") and state == TrialState.FAIL and fix:
         # FINISHED: the worker wrote the run, then died before Optuna recorded the trial's end (or
         # a torn journal lost it); the trial was failed and retried, so the run says so too.
-        client.log_batch(run_id, tags=tag_list({FAIL_REASON_TAG: trial.user_attrs.get(FAIL_REASON_ATTR, "worker died"),
-                                                "optuna.trial_state": "FAIL"}))
-        client.set_terminated(run_id, "FAILED")
+        fail_run(MlflowSink(client), run_id, trial.user_attrs.get(FAIL_REASON_ATTR, WORKER_DIED))
         report.fixed.append(f"run {run_id} of trial {n}: {status} with its trial FAIL -> FAILED")
         status = "FAILED"
     if status == "RUNNING" and state != TrialState.FAIL and fix and owner is False:
@@ -203,13 +199,11 @@ def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, re
     # Every sampled param (hyperparameters too) as the run logged it: the config's str() of the value.
     expected = {name: str(value) for name, value in trial.params.items()}
     logged = {name: params.get(name) for name in trial.params}
-    if "optimizer_loss" in trial.params:
-        logged["optimizer_loss"] = f"{params.get('optimizer')}+{params.get('loss')}"
+    if PAIR in trial.params:
+        logged[PAIR] = f"{params.get('optimizer')}+{params.get('loss')}"
     if logged != expected and fix and all(params.get(k) is None for k in _param_values(trial)):
         # The run was created but its first write (its params) failed: written now from the trial.
-        from mlflow.entities import Param
-
-        client.log_batch(run_id, params=[Param(k, v) for k, v in _param_values(trial).items()])
+        client.log_batch(run_id, params=tracking.param_list(_param_values(trial)))
         report.fixed.append(f"run {run_id} of trial {n}: params missing -> logged from the trial")
         logged = expected
     if logged != expected:
@@ -225,23 +219,21 @@ def _epochs(trial, run) -> int:
 
 def _param_values(trial) -> dict[str, str]:
     """The trial's sampled values as its run logs them (the pair as optimizer and loss)."""
-    params = {k: str(v) for k, v in trial.params.items() if k != "optimizer_loss"}
-    if "optimizer_loss" in trial.params:
-        params["optimizer"], params["loss"] = str(trial.params["optimizer_loss"]).split("+", 1)
+    params = {k: str(v) for k, v in trial.params.items() if k != PAIR}
+    if PAIR in trial.params:
+        params["optimizer"], params["loss"] = str(trial.params[PAIR]).split("+", 1)
     return params
 
 
 def _placeholder_run(fix: _Fix, trial):
     """A FAILED run for a trial that failed before its run existed: the trial-run contract holds."""
-    from mlflow.entities import Param
-
-    tags = {"mlflow.parentRunId": fix.parent_id, "optuna.trial_number": str(trial.number),
-            "optuna.study_name": fix.study.study_name, "optuna.trial_state": "FAIL",
-            FAIL_REASON_TAG: trial.user_attrs.get(FAIL_REASON_ATTR) or "failed before its run was created"}
-    run = fix.client.create_run(fix.experiment_id, run_name=f"trial-{trial.number}", tags=tags)
-    fix.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in _param_values(trial).items()])
-    fix.client.set_terminated(run.info.run_id, "FAILED")
-    return fix.client.get_run(run.info.run_id)
+    tags = {schema.PARENT_TAG: fix.parent_id, schema.TRIAL_NUMBER_TAG: str(trial.number),
+            schema.STUDY_TAG: fix.study.study_name, schema.TRIAL_STATE_TAG: "FAIL",
+            schema.FAIL_REASON_TAG: trial.user_attrs.get(FAIL_REASON_ATTR) or "failed before its run was created"}
+    sink = MlflowSink(fix.client)
+    run_id = sink.create_run(fix.experiment_id, f"trial-{trial.number}", tags, _param_values(trial))
+    sink.close(run_id, "FAILED")
+    return fix.client.get_run(run_id)
 
 
 def _close_unwritten_run(fix: _Fix, trial, run, report: Report, retried: bool) -> str:
@@ -254,15 +246,15 @@ def _close_unwritten_run(fix: _Fix, trial, run, report: Report, retried: bool) -
         missing = "; ".join(v.split(": ", 1)[-1] for v in check.violations)
     else:  # PRUNED: the curves up to the epoch it was pruned at
         last = max(trial.intermediate_values, default=-1)
-        steps = sorted(m.step for m in fix.client.get_metric_history(run_id, "train_loss"))
-        missing = "" if steps == list(range(last + 1)) else f"{len(steps)} train_loss points, not {last + 1}"
+        steps = sorted(m.step for m in fix.client.get_metric_history(run_id, schema.TRAIN_LOSS))
+        missing = "" if steps == list(range(last + 1)) else f"{len(steps)} {schema.TRAIN_LOSS} points, not {last + 1}"
     if not missing:
         status = EXPECTED_STATUS[trial.state][0]
         fix.client.set_terminated(run_id, status)
         report.fixed.append(f"run {run_id} of trial {n}: RUNNING with its record whole -> {status}")
         return status
     reason = f"its worker stopped before the record was written in full: {missing}"
-    close_incomplete(fix.client, run_id, reason)
+    close_incomplete(MlflowSink(fix.client), run_id, reason)
     run.data.tags[INCOMPLETE_TAG] = reason
     queued = ""
     if trial.state == TrialState.COMPLETE and not retried:
@@ -274,17 +266,17 @@ def _close_unwritten_run(fix: _Fix, trial, run, report: Report, retried: bool) -
 
 
 def _check_complete(n: int, run, epochs: int, client, report: Report) -> None:
-    from .errors import UsageError
-    from .experiment import is_builtin
-    from .runs import fitted_model, load_state_dict, logged_config
+    from ..errors import UsageError
+    from ..experiment import is_builtin
+    from ..runs import fitted_model, load_state_dict, logged_config
 
     run_id = run.info.run_id
-    for key in ("train_loss", "test_loss"):
+    for key in (schema.TRAIN_LOSS, schema.TEST_LOSS):
         steps = sorted(m.step for m in client.get_metric_history(run_id, key))
         if steps != list(range(epochs)):
             report.violations.append(f"trial {n}: run {run_id} has {len(steps)} {key} points, "
                                      f"not steps 0..{epochs - 1} once each")
-    missing = [k for k in ("final_train_loss", "final_test_loss") if k not in run.data.metrics]
+    missing = [k for k in map(schema.final, (schema.TRAIN_LOSS, schema.TEST_LOSS)) if k not in run.data.metrics]
     if missing:
         report.violations.append(f"trial {n}: run {run_id} lacks {', '.join(missing)}")
     try:

@@ -1,0 +1,109 @@
+"""Every name the harness writes to MLflow or Optuna, or reads back from them: defined here, once.
+
+The README's "Tracking schema" table lists the same names; tests/test_schema.py holds the two
+together. Names with a ``{...}`` part are templates, filled by the helper functions at the end.
+"""
+from __future__ import annotations
+
+# ---- MLflow run tags ---------------------------------------------------------------------------
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: a trial's run under its study's run
+ROLE_TAG = "harness.role"  # "study" on a study's parent run
+ROLE_STUDY = "study"
+COMMAND_TAG = "harness.command"  # the command line that made a `harness train` run
+REPRODUCES_TAG = "harness.reproduces"  # on a `harness reproduce` run: the run it re-ran
+EXPERIMENT_TAG = "harness.experiment"  # on a study's parent run
+FAIL_REASON_TAG = "harness.fail_reason"  # why a run FAILED (or was KILLED)
+INCOMPLETE_TAG = "harness.record_incomplete"  # a run whose final write failed part way: what it lacks
+STUDY_TAG = "optuna.study_name"
+STORAGE_TAG = "optuna.storage"  # password removed
+SAMPLER_TAG = "optuna.sampler"
+PRUNER_TAG = "optuna.pruner"
+DIRECTION_TAG = "optuna.direction"
+TRIAL_NUMBER_TAG = "optuna.trial_number"
+TRIAL_STATE_TAG = "optuna.trial_state"
+BEST_RUN_TAG = "best_run_id"
+BEST_PARAMS_TAG = "best_params"
+BEST_PARAM_TAG = "best.{param}"
+
+# ---- MLflow run params (besides every field of the resolved config) ------------------------------
+TRIAL_NUMBER_PARAM = "trial_number"
+TORCH_VERSION_PARAM = "torch_version"
+EXPERIMENT_SHA_PARAM = "experiment_sha256"  # of the file that defined the run's experiment
+
+# ---- MLflow metrics ----------------------------------------------------------------------------
+TRAIN_LOSS = "train_loss"  # per epoch, step = epoch
+TEST_LOSS = "test_loss"
+CURVE = "{split}_{metric}"  # train_<m>, test_<m>: an experiment's extra per-epoch metrics
+FINAL = "final_{metric}"  # final_train_loss, final_test_loss, final_<m>
+FINAL_TEST_LOSS = "final_test_loss"
+ERROR = "{scalar}_error"  # an experiment's scalar against its declared truth
+BEST_VALUE = "best_value"  # on a study's parent run, step = trials so far
+BEST_TRIAL_NUMBER = "best_trial_number"
+N_TRIALS = "n_trials"
+BEST = "best_{metric}"  # the best trial's final metrics, on the parent run
+
+# ---- MLflow artifacts --------------------------------------------------------------------------
+STATE_DICT = "state_dict.pt"
+CONFIG = "config.json"
+LOSS_CURVES = "loss_curves.png"
+PREDICTIONS = "predictions.png"
+TRIALS_CSV = "trials.csv"
+BEST_PARAMS_JSON = "best_params.json"
+OPTIMIZATION_HISTORY = "optimization_history.png"
+PARALLEL_COORDINATE = "parallel_coordinate.png"
+PARAM_IMPORTANCES = "param_importances.png"
+
+# ---- Optuna trial params (besides the space's own names: lr, epochs, hyperparameters) -------------
+PAIR_TRIAL_PARAM = "optimizer_loss"  # "<optimizer>+<loss>", logged as the run's params optimizer and loss
+
+# ---- Optuna user attrs -------------------------------------------------------------------------
+RUN_ATTR = "mlflow_run_id"  # a trial's run
+PARENT_ATTR = "mlflow_parent_run_id"  # a study's parent run
+WORKER_ATTR = "harness.worker"  # host:pid:start-time of the process running a trial
+FAIL_REASON_ATTR = "fail_reason"  # why a trial failed
+SPACE_ATTR = "harness.space"  # a study's search space, as JSON
+STUDY_EXPERIMENT_ATTR = "harness.experiment"  # a study's experiment
+
+# Trial state -> the status of its run.
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def final(metric: str) -> str:
+    return FINAL.format(metric=metric)
+
+
+def best(metric: str) -> str:
+    return BEST.format(metric=metric)
+
+
+def best_param(param: str) -> str:
+    return BEST_PARAM_TAG.format(param=param)
+
+
+def error(scalar: str) -> str:
+    return ERROR.format(scalar=scalar)
+
+
+def is_curve(metric: str) -> bool:
+    """Per-epoch metrics are train_<m> and test_<m>; everything else a run logs is a final value."""
+    return metric.startswith(("train_", "test_"))
+
+
+def tag_filter(tag: str) -> str:
+    """``tags.`<tag>``` for an MLflow filter string (dots in a tag name need the backquotes)."""
+    return f"tags.`{tag}`"
+
+
+def names() -> dict[str, set[str]]:
+    """Every name above by kind, for the README check."""
+    kinds = {"TAG": "tags", "TRIAL_PARAM": "trial params", "PARAM": "params", "ATTR": "attrs", "JSON": "artifacts"}
+    out: dict[str, set[str]] = {kind: set() for kind in ("tags", "params", "metrics", "artifacts", "attrs",
+                                                         "trial params")}
+    for key, value in globals().items():
+        if not key.isupper() or not isinstance(value, str) or key == "ROLE_STUDY":
+            continue
+        kind = next((k for suffix, k in kinds.items() if key.endswith(suffix)), None)
+        if kind is None:
+            kind = "artifacts" if "." in value else "metrics"
+        out[kind].add(value)
+    return out

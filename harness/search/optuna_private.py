@@ -1,0 +1,48 @@
+"""Every use of Optuna's private API, in one place. tests/test_optuna_private.py fails loudly when one
+of them changes; pyproject.toml pins Optuna to the versions it passed on.
+
+Why each is needed (Optuna has no public way to do these):
+- ``RDBStorage._create_new_trial``: what Optuna's cache wrapper calls to create a trial; the cap on
+  a study's trials (storages.py) must sit there to hold.
+- ``optuna.storages._rdb.models.TrialModel``: one COUNT query for that cap, instead of loading every trial.
+- the journal file backend's lock and ``get_lock_file``: a repair (journal.py) must hold the very
+  lock Optuna's own appends take.
+- ``_CachedStorage._backend``, ``JournalStorage._backend._file_path``, ``study._storage``, ``FrozenTrial._trial_id``: to reach the storage
+  a study or trial lives in, and to set a finished trial's state (audit --fix).
+"""
+from __future__ import annotations
+
+CREATE_TRIAL_HOOK = "_create_new_trial"
+
+
+def trial_model():
+    from optuna.storages._rdb import models
+
+    return models.TrialModel
+
+
+def journal_lock(file_backend):
+    """A context manager holding the journal file's own lock (the one Optuna's appends take)."""
+    from optuna.storages.journal._file import get_lock_file
+
+    return get_lock_file(file_backend._lock)
+
+
+def storage_of(study):
+    return study._storage
+
+
+def backend(storage):
+    """The storage itself, out of Optuna's cache wrapper if it is in one."""
+    from optuna.storages._cached_storage import _CachedStorage
+
+    return storage._backend if isinstance(storage, _CachedStorage) else storage
+
+
+def journal_file(storage) -> str | None:
+    """The file a JournalStorage's file backend writes (None for another backend)."""
+    return getattr(storage._backend, "_file_path", None)
+
+
+def trial_id(trial) -> int:
+    return trial._trial_id

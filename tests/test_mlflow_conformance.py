@@ -1,0 +1,129 @@
+"""The one-transaction SQL write (harness/mlflow_sql.py) against MLflow's public path, value for value.
+
+Both write the same record into two runs of one store; everything MLflow's public API reads back
+must be equal: run data (latest metrics, params, tags), status, metric histories, search_runs
+filters and ordering, and the UI's REST endpoints. On an MLflow version outside mlflow_sql.TESTED
+the direct path is off and the first test fails, saying so: re-run this file on the new version,
+then widen TESTED and the pin in pyproject.toml.
+"""
+import json
+import math
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from harness import mlflow_sql, tracking
+from harness.sink import MlflowSink
+from harness.tracking import RunRecord
+
+EPOCHS = 600  # 1200 curve values: more than one public log_batch call
+
+
+def record() -> RunRecord:
+    train = [1.0 / (e + 1) for e in range(EPOCHS)]
+    test = [0.5 + 0.1 * math.sin(e) for e in range(EPOCHS)]
+    test[7] = -0.25
+    return RunRecord(params={}, history={"train_loss": train, "test_loss": test, "train_acc": [0.5] * EPOCHS},
+                     finals={"final_train_loss": train[-1], "final_test_loss": test[-1], "weight": 0.6999,
+                             "big": math.inf, "small": -math.inf, "nothing": math.nan, "count": 3},
+                     tags={"optuna.trial_state": "COMPLETE", "harness.fail_reason": "x" * 500})
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.open_client(uri)
+    experiment = client.create_experiment("conformance")
+    params = {"lr": "0.01", "epochs": str(EPOCHS), "optimizer": "sgd"}
+    public = client.create_run(experiment, run_name="public", tags={"optuna.trial_number": "1"}).info.run_id
+    tracking.write(client, public, RunRecord(params=params, history={}))
+    tracking.write(client, public, record())
+    client.set_terminated(public, "FINISHED")
+    sink = MlflowSink(client)
+    direct = sink.create_run(experiment, "direct", {"optuna.trial_number": "1"}, params)
+    sink.write(direct, record(), "FINISHED")
+    return uri, client, experiment, public, direct
+
+
+def test_the_direct_path_is_on_for_this_mlflow():
+    client = MlflowClient("sqlite:///:memory:")
+    assert mlflow_sql.DirectWriter.for_client(client) is not None, (
+        f"MLflow {mlflow.__version__} is not in mlflow_sql.TESTED {mlflow_sql.TESTED}: the harness writes "
+        "through MLflow's slower public path. Run this file on it, then widen TESTED and the pin.")
+
+
+def _same_run(client, public: str, direct: str) -> None:
+    a, b = client.get_run(public), client.get_run(direct)
+    assert {k: repr(v) for k, v in a.data.metrics.items()} == {k: repr(v) for k, v in b.data.metrics.items()}
+    assert a.data.params == b.data.params
+    ignore = {"mlflow.runName"}
+    assert {k: v for k, v in a.data.tags.items() if k not in ignore} == \
+           {k: v for k, v in b.data.tags.items() if k not in ignore}
+    assert (a.info.status, a.info.lifecycle_stage) == (b.info.status, b.info.lifecycle_stage) == ("FINISHED", "active")
+    assert b.info.end_time is not None and b.info.end_time >= b.info.start_time
+
+
+def test_what_mlflow_reads_back_is_the_same(store):
+    uri, client, experiment, public, direct = store
+    _same_run(client, public, direct)
+    for key in ("train_loss", "test_loss", "train_acc", "final_test_loss", "big", "small", "nothing", "count"):
+        a = sorted((m.step, repr(m.value)) for m in client.get_metric_history(public, key))
+        b = sorted((m.step, repr(m.value)) for m in client.get_metric_history(direct, key))
+        assert a == b and a, key
+    assert client.get_run(direct).data.metrics["big"] == client.get_run(public).data.metrics["big"] > 1e308
+    assert math.isnan(client.get_run(direct).data.metrics["nothing"])
+    # search_runs: filters on metrics, params and tags, and ordering by a metric, see both alike.
+    for where in ("metrics.final_test_loss < 10", "metrics.weight > 0.5", "params.lr = '0.01'",
+                  "tags.`optuna.trial_state` = 'COMPLETE'", "attributes.status = 'FINISHED'", "metrics.small < 0"):
+        found = {r.info.run_id for r in client.search_runs([experiment], filter_string=where)}
+        assert found == {public, direct}, where
+    frame = mlflow.search_runs([experiment], order_by=["metrics.final_test_loss ASC"], output_format="pandas")
+    assert set(frame["run_id"]) == {public, direct} and frame["metrics.final_test_loss"].nunique() == 1
+
+
+UI = """
+import json, os, sys
+os.environ["_MLFLOW_SERVER_FILE_STORE"] = sys.argv[1]
+os.environ["_MLFLOW_SERVER_ARTIFACT_ROOT"] = "./artifacts"
+from mlflow.server import app
+client = app.test_client()
+out = {}
+for run in sys.argv[2:]:
+    got = client.get("/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval",
+                     query_string={"run_ids": run, "metric_key": "train_loss", "max_results": 1000})
+    out[run] = {"history": [(m["step"], m["value"]) for m in got.get_json()["metrics"]]}
+    got = client.get("/ajax-api/2.0/mlflow/runs/get", query_string={"run_id": run}).get_json()["run"]
+    out[run]["metrics"] = sorted((m["key"], m["value"], m["step"]) for m in got["data"]["metrics"])
+    out[run]["status"] = got["info"]["status"]
+print(json.dumps(out))
+"""
+
+
+def test_the_ui_endpoints_show_the_same(store):
+    uri, client, experiment, public, direct = store
+    out = subprocess.run([sys.executable, "-c", UI, uri, public, direct], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got[public]["history"] == got[direct]["history"] and len(got[direct]["history"]) == EPOCHS
+    assert got[public]["metrics"] == got[direct]["metrics"] and got[direct]["status"] == "FINISHED"
+
+
+def test_a_record_the_direct_path_does_not_take_goes_the_public_way(store):
+    uri, client, experiment, public, direct = store
+    sink = MlflowSink(client)
+    run = sink.create_run(experiment, "odd", {}, {"lr": "1"})
+    odd = RunRecord(params={}, history={"loss with (parens)": [1.0, 2.0]}, tags={"t": "v"})
+    assert not sink._direct.write(run, [("loss with (parens)", 1.0, 0)], {}, {}, None)
+    with pytest.raises(Exception, match="Names may only contain"):  # MLflow's own validation speaks
+        sink.write(run, odd, "FINISHED")
+    assert client.get_run(run).info.status == "RUNNING"
+    # A run that already has one of the record's metrics: MLflow's merge rules apply, not an insert.
+    sink.write(run, RunRecord(params={}, history={"loss": [1.0]}), None)
+    assert not sink._direct.write(run, [("loss", 0.5, 1)], {}, {}, None)
+    sink.write(run, RunRecord(params={}, history={}, finals={"loss": 0.5}), "FINISHED")
+    assert sorted(m.value for m in client.get_metric_history(run, "loss")) == [0.5, 1.0]
+    assert client.get_run(run).info.status == "FINISHED"
