@@ -28,6 +28,7 @@ class MlflowSink:
     def __init__(self, client):
         self.client = client
         self._direct = mlflow_sql.DirectWriter.for_client(client)
+        self._folders: dict[str, Path] = {}  # run id -> its local artifact folder, until its record is written
 
     @property
     def direct(self) -> bool:
@@ -36,7 +37,11 @@ class MlflowSink:
 
     def create_run(self, experiment_id: str, name: str, tags: dict[str, str], params: dict[str, str]) -> str:
         """A RUNNING run with its params from the start: a run whose worker dies still says what it ran."""
-        run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        info = self.client.create_run(experiment_id, run_name=name, tags=tags).info
+        run_id = info.run_id
+        folder = _local_folder(info.artifact_uri)
+        if folder is not None:
+            self._folders[run_id] = folder
         if params:
             if self._direct is not None:
                 self._direct.log_params(run_id, params)
@@ -47,7 +52,14 @@ class MlflowSink:
     def write(self, run_id: str, record: RunRecord, status: str | None) -> None:
         """The record's artifacts, then its metrics, tags and params; then ``status`` (None: the run
         stays open). A failure part way leaves the run RUNNING: ``close_incomplete`` marks it."""
-        if record.artifacts:
+        folder = self._folders.pop(run_id, None)
+        if record.artifacts and folder is not None:
+            # MLflow's local artifact store is the folder itself: a file written there is what
+            # log_artifacts would have copied there (a third of a trial's store CPU saved).
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, content in record.artifacts.items():
+                folder.joinpath(name).write_bytes(content)
+        elif record.artifacts:
             with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
                 for name, content in record.artifacts.items():
                     Path(tmp, name).write_bytes(content)
@@ -81,3 +93,18 @@ class MlflowSink:
 def close_incomplete(sink: RunSink, run_id: str, reason: str) -> None:
     """A run whose final write failed part way: FAILED, saying what it lacks."""
     sink.close(run_id, "FAILED", {INCOMPLETE_TAG: reason, FAIL_REASON_TAG: reason})
+
+
+def _local_folder(artifact_uri: str | None) -> Path | None:
+    """The folder of a run's artifacts when MLflow keeps them in a local folder (its default beside
+    an SQLite store); None for anything served or remote."""
+    from urllib.parse import unquote, urlparse
+
+    if not artifact_uri:
+        return None
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and artifact_uri.startswith("/"):
+        return Path(artifact_uri)
+    return None

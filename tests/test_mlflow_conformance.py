@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -29,7 +30,8 @@ def record() -> RunRecord:
     return RunRecord(params={}, history={"train_loss": train, "test_loss": test, "train_acc": [0.5] * EPOCHS},
                      finals={"final_train_loss": train[-1], "final_test_loss": test[-1], "weight": 0.6999,
                              "big": math.inf, "small": -math.inf, "nothing": math.nan, "count": 3},
-                     tags={"optuna.trial_state": "COMPLETE", "harness.fail_reason": "x" * 500})
+                     tags={"optuna.trial_state": "COMPLETE", "harness.fail_reason": "x" * 500},
+                     artifacts={"state_dict.pt": bytes(range(256)) * 40, "config.json": b'{"lr": 0.01}'})
 
 
 @pytest.fixture
@@ -67,7 +69,7 @@ def _same_run(client, public: str, direct: str) -> None:
     assert b.info.end_time is not None and b.info.end_time >= b.info.start_time
 
 
-def test_what_mlflow_reads_back_is_the_same(store):
+def test_what_mlflow_reads_back_is_the_same(store, tmp_path):
     uri, client, experiment, public, direct = store
     _same_run(client, public, direct)
     for key in ("train_loss", "test_loss", "train_acc", "final_test_loss", "big", "small", "nothing", "count"):
@@ -81,6 +83,12 @@ def test_what_mlflow_reads_back_is_the_same(store):
                   "tags.`optuna.trial_state` = 'COMPLETE'", "attributes.status = 'FINISHED'", "metrics.small < 0"):
         found = {r.info.run_id for r in client.search_runs([experiment], filter_string=where)}
         assert found == {public, direct}, where
+    # Artifacts: the direct path writes them into the run's local folder, log_artifacts copies them there.
+    listed = [sorted((f.path, f.file_size, f.is_dir) for f in client.list_artifacts(run)) for run in (public, direct)]
+    assert listed[0] == listed[1] and len(listed[0]) == 2
+    for name, content in record().artifacts.items():
+        for run in (public, direct):
+            assert Path(client.download_artifacts(run, name, str(tmp_path / run))).read_bytes() == content
     frame = mlflow.search_runs([experiment], order_by=["metrics.final_test_loss ASC"], output_format="pandas")
     assert set(frame["run_id"]) == {public, direct} and frame["metrics.final_test_loss"].nunique() == 1
 
