@@ -233,7 +233,11 @@ def test_a_second_ctrl_c_during_the_wrap_up_cuts_nothing_short(workdir, gap):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     study = _finish_checks(workdir, proc, stderr)
-    [stopped] = [t for t in study.trials if t.state == TrialState.FAIL]
+    stopped = [t for t in study.trials if t.state == TrialState.FAIL]
+    if not stopped:  # the first signal landed while a finished trial was recorded: held, then the study stopped
+        assert all(t.state == TrialState.COMPLETE for t in study.trials)
+        return
+    [stopped] = stopped
     run = client_for(workdir).get_run(stopped.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags["harness.fail_reason"] == "interrupted"
     assert client_for(workdir).get_metric_history(run.info.run_id, "train_loss")  # its curve so far
