@@ -1,7 +1,7 @@
 """Where a run's writes go: create it, write its record (finished or partial), close it.
 
 ``MlflowSink`` is the one implementation: MLflow's client in this process. A finished record on an
-SQL store (SQLite, PostgreSQL) goes in one transaction through ``mlflow_sql`` (metrics, tags and the
+SQLite store (MLflow's default) goes in one transaction through ``mlflow_sql`` (metrics, tags and the
 run's status together, ~10x less CPU than MLflow's ORM path); anything else takes MLflow's public
 path. MLflow's client and the SQL path open a session per call: threads may share one sink.
 """
