@@ -187,6 +187,7 @@ def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, re
     if status == "RUNNING" and state != TrialState.FAIL and fix and owner is False:
         # The worker ended (a full disk, a killed writer) before its last write landed.
         status = _close_unwritten_run(fix, trial, run, report, retried)
+        retried = retried or (state == TrialState.COMPLETE and status == "FAILED")  # it queued the configuration
     incomplete = run.data.tags.get(INCOMPLETE_TAG)
     if status == "FAILED" and incomplete and state in (TrialState.COMPLETE, TrialState.PRUNED):
         if state == TrialState.COMPLETE and not retried:
