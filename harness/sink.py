@@ -7,7 +7,6 @@ path. MLflow's client and the SQL path open a session per call: threads may shar
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
@@ -59,11 +58,8 @@ class MlflowSink:
             folder.mkdir(parents=True, exist_ok=True)
             for name, content in record.artifacts.items():
                 folder.joinpath(name).write_bytes(content)
-        elif record.artifacts:
-            with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
-                for name, content in record.artifacts.items():
-                    Path(tmp, name).write_bytes(content)
-                self.client.log_artifacts(run_id, tmp)
+        elif record.artifacts:  # first, as above: a run is never closed before its artifacts are in
+            tracking.write(self.client, run_id, RunRecord(params={}, history={}, artifacts=record.artifacts))
         rows = [(name, value, step) for name, values in record.history.items() for step, value in enumerate(values)]
         rows += [(name, value, 0) for name, value in record.finals.items()]
         if self._direct is not None and self._direct.write(run_id, rows, record.tags, record.params, status):

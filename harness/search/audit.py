@@ -79,9 +79,10 @@ def recover_unfinished(study) -> list[tuple[int, str]]:
 
 @dataclass
 class _Fix:
-    """What --fix needs to repair runs: the store, the study and its parent run."""
+    """What --fix needs to repair runs: the store (read and written), the study and its parent run."""
 
     client: object
+    sink: MlflowSink
     study: object
     parent_id: str
     experiment_id: str
@@ -121,13 +122,14 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
                                f"{str(exc).strip().splitlines()[0][:300]}") from None
         report.violations.append(f"parent run {parent_id} does not exist in {redact(client.tracking_uri)}")
         return report
-    runs = MlflowSink(client).child_runs(parent_id, parent.info.experiment_id)
+    sink = MlflowSink(client)
+    runs = sink.child_runs(parent_id, parent.info.experiment_id)
     report.checked_runs = len(runs)
     by_number: dict[int, list] = {}
     for run in runs:
         number = run.data.tags.get(schema.TRIAL_NUMBER_TAG)
         by_number.setdefault(int(number) if number and number.isdigit() else -1, []).append(run)
-    fixer = _Fix(client, study, parent_id, parent.info.experiment_id) if fix else None
+    fixer = _Fix(client, sink, study, parent_id, parent.info.experiment_id) if fix else None
     live_workers = False
     for trial in trials:
         _check_trial(trial, by_number.pop(trial.number, []), client, report, fixer, trial.number in retried)
@@ -181,7 +183,7 @@ def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, re
     if status in ("RUNNING", "FINISHED") and state == TrialState.FAIL and fix:
         # FINISHED: the worker wrote the run, then died before Optuna recorded the trial's end (or
         # a torn journal lost it); the trial was failed and retried, so the run says so too.
-        fail_run(MlflowSink(client), run_id, trial.user_attrs.get(FAIL_REASON_ATTR, WORKER_DIED))
+        fail_run(fix.sink, run_id, trial.user_attrs.get(FAIL_REASON_ATTR, WORKER_DIED))
         report.fixed.append(f"run {run_id} of trial {n}: {status} with its trial FAIL -> FAILED")
         status = "FAILED"
     if status == "RUNNING" and state != TrialState.FAIL and fix and owner is False:
@@ -231,9 +233,8 @@ def _placeholder_run(fix: _Fix, trial):
     tags = {schema.PARENT_TAG: fix.parent_id, schema.TRIAL_NUMBER_TAG: str(trial.number),
             schema.STUDY_TAG: fix.study.study_name, schema.TRIAL_STATE_TAG: "FAIL",
             schema.FAIL_REASON_TAG: trial.user_attrs.get(FAIL_REASON_ATTR) or "failed before its run was created"}
-    sink = MlflowSink(fix.client)
-    run_id = sink.create_run(fix.experiment_id, f"trial-{trial.number}", tags, _param_values(trial))
-    sink.close(run_id, "FAILED")
+    run_id = fix.sink.create_run(fix.experiment_id, f"trial-{trial.number}", tags, _param_values(trial))
+    fix.sink.close(run_id, "FAILED")
     return fix.client.get_run(run_id)
 
 
@@ -255,7 +256,7 @@ def _close_unwritten_run(fix: _Fix, trial, run, report: Report, retried: bool) -
         report.fixed.append(f"run {run_id} of trial {n}: RUNNING with its record whole -> {status}")
         return status
     reason = f"its worker stopped before the record was written in full: {missing}"
-    close_incomplete(MlflowSink(fix.client), run_id, reason)
+    close_incomplete(fix.sink, run_id, reason)
     run.data.tags[INCOMPLETE_TAG] = reason
     queued = ""
     if trial.state == TrialState.COMPLETE and not retried:
