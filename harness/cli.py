@@ -21,7 +21,27 @@ NETWORK_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MA
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         # argparse prints the usage block too; a user wants the one line that says what is wrong.
-        raise UsageError(message)
+        raise UsageError(message + _did_you_mean(self, message))
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
+    """A close flag or command for argparse's "unrecognized arguments" and "invalid choice" errors
+    (Python 3.14's suggest_on_error does this; 3.11 does not)."""
+    import difflib
+    import re
+
+    words = message.partition("unrecognized arguments:")[2].split()
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        words, known = [choice.group(1)], re.findall(r"'?([\w-]+)'?", choice.group(2))
+    else:
+        known = [flag for flag in parser._option_string_actions if flag.startswith("--")]
+    for word in words:
+        close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.7) if word.startswith(
+            "--") or choice else []
+        if close:
+            return f" (did you mean {close[0]}?)"
+    return ""
 
 
 def build_parser() -> Parser:
@@ -31,6 +51,7 @@ def build_parser() -> Parser:
 
     for command in (train, search, compare, predict, reproduce, audit, cluster):
         command.add_parser(sub)
+    parser.commands = sub.choices
     return parser
 
 
@@ -67,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM ends a command the way Ctrl-C does: runs are closed, nothing is left RUNNING.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the command's own parser, which knows its flags
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
         return args.handler(args)
     except UsageError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)

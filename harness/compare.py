@@ -4,7 +4,7 @@ from __future__ import annotations
 from matplotlib.figure import Figure
 
 from . import schema
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 from .runs import curves
 
 ROLE_COLUMN = f"tags.{schema.ROLE_TAG}"  # as mlflow.search_runs names the column
@@ -35,10 +35,20 @@ def top_runs(client, *, study: str | None = None, mlflow_experiment: str | None 
     if ROLE_COLUMN in frame:
         frame = frame[frame[ROLE_COLUMN] != schema.ROLE_STUDY]
     column = f"metrics.{metric}"
+    if frame.empty and study:
+        raise UsageError(f"no finished run in study {study!r}{did_you_mean(study, _study_names(client))}")
     if frame.empty or column not in frame or frame[column].isna().all():
-        raise UsageError(f"no finished run with metric {metric!r} in {scope}")
+        known = sorted({c.removeprefix("metrics.") for c in frame.columns if c.startswith("metrics.")})
+        raise UsageError(f"no finished run with metric {metric!r} in {scope}{did_you_mean(metric, known)}")
     frame = frame[frame[column].notna()].sort_values(column, ascending=not descending, kind="stable")
     return frame.head(top)
+
+
+def _study_names(client) -> set[str]:
+    """The studies the store has a parent run of (at most 1000 looked at)."""
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"{schema.tag_filter(schema.ROLE_TAG)} = '{schema.ROLE_STUDY}'", max_results=1000)
+    return {r.data.tags[schema.STUDY_TAG] for r in runs if schema.STUDY_TAG in r.data.tags}
 
 
 def table(frame):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import devices
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 from .experiment import CONFIG_KEYS, Experiment, Hyperparameter, load
 from .registry import WITH_MOMENTUM
 
@@ -230,9 +230,7 @@ def _in_range(hp: Hyperparameter, number, value) -> None:
 
 def one_of(name: str, value: Any, allowed) -> str:
     if value not in allowed:
-        close = difflib.get_close_matches(str(value), list(allowed), n=1) if isinstance(value, str) else []
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UsageError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}{hint}")
+        raise UsageError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}{did_you_mean(value, allowed)}")
     return value
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 from .loop import MetricsFn
 from .registry import LOSSES, OPTIMIZERS, WITH_MOMENTUM
 
@@ -230,14 +230,14 @@ def load(reference: str) -> Experiment:
         module_name = reference  # a top-level module of the user's (on PYTHONPATH); ours come first
     if not all(part.isidentifier() for part in module_name.split(".")):
         raise UsageError(f"unknown experiment {reference!r}; allowed: {', '.join(names())} "
-                         "(or a module path or a .py file defining EXPERIMENT)")
+                         f"(or a module path or a .py file defining EXPERIMENT){did_you_mean(reference, names())}")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and not module_name.startswith(exc.name):
             raise UsageError(f"experiment module {module_name!r} failed to import: {first_line(exc)}") from None
         raise UsageError(f"unknown experiment {reference!r}; allowed: {', '.join(names())} "
-                         "(or a module path or a .py file defining EXPERIMENT)") from None
+                         f"(or a module path or a .py file defining EXPERIMENT){did_you_mean(reference, names())}") from None
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # SystemExit too: the user's module does not end the harness

@@ -18,6 +18,8 @@ import math
 import re
 import time
 
+from .schema import RUN_NAME_TAG
+
 TESTED = ("3.17.",)  # MLflow versions whose tables and semantics the conformance test checked
 _NAME = re.compile(r"^[A-Za-z0-9_\-. /]{1,250}$")  # a subset of what MLflow's validation allows
 _MAX_DOUBLE = 1.7976931348623157e308  # what MLflow stores for +-inf
@@ -54,6 +56,9 @@ class DirectWriter:
 
         if not _plain(metrics, tags, params, MAX_TAG_VAL_LENGTH, MAX_PARAM_VAL_LENGTH):
             return False
+        tags = dict(tags)
+        # MLflow keeps a run's name twice, the runs row and its tag: a rename sets both, as MLflow's set_tag does.
+        name = tags.pop(RUN_NAME_TAG, None)
         now = int(time.time() * 1000)
         rows, latest = [], {}
         for key, value, step in metrics:
@@ -81,6 +86,12 @@ class DirectWriter:
             if tags:
                 session.execute(insert(SqlTag.__table__), [{"key": k, "value": v, "run_uuid": run_id}
                                                            for k, v in tags.items()])
+            if name is not None:
+                session.execute(update(SqlRun).where(SqlRun.run_uuid == run_id).values(name=name))
+                renamed = session.execute(update(SqlTag).where(SqlTag.run_uuid == run_id, SqlTag.key == RUN_NAME_TAG)
+                                          .values(value=name))
+                if renamed.rowcount == 0:
+                    session.execute(insert(SqlTag.__table__), [{"key": RUN_NAME_TAG, "value": name, "run_uuid": run_id}])
             if status is not None:
                 session.execute(update(SqlRun).where(SqlRun.run_uuid == run_id).values(status=status, end_time=now))
         return True

@@ -18,13 +18,16 @@ from .urls import redact
 
 
 def get_run(client, run_id: str):
-    from mlflow.exceptions import MlflowException
-
+    from .local_store import ERRORS, LocalStore
     from .tracking import missing
 
+    if isinstance(client, LocalStore):
+        errors = ERRORS  # the fast reader's: mlflow stays unimported
+    else:
+        from mlflow.exceptions import MlflowException as errors
     try:
         return client.get_run(run_id)
-    except MlflowException as exc:
+    except errors as exc:
         if not missing(exc):  # the store failed (a corrupted page, say), not the lookup
             raise HarnessError(f"cannot read run {run_id} from the MLflow store {redact(client.tracking_uri)}: "
                                f"{first_line(exc)}") from None
@@ -112,9 +115,9 @@ def load_model(run_id: str, client=None, experiment: str | None = None):
     """The run's model, rebuilt from its config (hyperparameters included) and loaded from its
     state_dict.pt, in eval mode. ``experiment``: the run's experiment module or file, when it is
     not one of the ``experiments`` package."""
-    from .tracking import read_client
+    from .tracking import fast_read_client
 
-    client = client or read_client()
+    client = client or fast_read_client(run_id)
     return _model_and_experiment(client, run_id, experiment)[0]
 
 
@@ -128,9 +131,9 @@ def predict(run_id: str, values: list[float], client=None, experiment: str | Non
     """Inputs shaped like the experiment's data and the model's outputs for them."""
     import torch
 
-    from .tracking import read_client
+    from .tracking import fast_read_client
 
-    client = client or read_client()
+    client = client or fast_read_client(run_id)
     model, found = _model_and_experiment(client, run_id, experiment)
     shape = found.load_data().input_shape
     width = int(torch.Size(shape).numel())

@@ -24,11 +24,20 @@ TRIAL_STATE_TAG = "optuna.trial_state"
 BEST_RUN_TAG = "best_run_id"
 BEST_PARAMS_TAG = "best_params"
 BEST_PARAM_TAG = "best.{param}"
+NOTE_TAG = "mlflow.note.content"  # MLflow's own: the run's description, Markdown on its page
+RUN_NAME_TAG = "mlflow.runName"  # MLflow's own: setting it renames the run
+STUDY_RUN_TAG = "harness.study_run"  # on an `mlflow run` that resumed a study: the study's parent run
 
 # ---- MLflow run params (besides every field of the resolved config) ------------------------------
 TRIAL_NUMBER_PARAM = "trial_number"
 TORCH_VERSION_PARAM = "torch_version"
 EXPERIMENT_SHA_PARAM = "experiment_sha256"  # of the file that defined the run's experiment
+# On a study's parent run: its search space and settings.
+SPACE_PARAM = "space.{name}"  # space.lr, space.epochs, space.optimizer_loss, space.<hyperparameter>
+SAMPLER_PARAM = "study.sampler"
+PRUNER_PARAM = "study.pruner"
+DIRECTION_PARAM = "study.direction"
+REPORT_EVERY_PARAM = "study.report_every"
 
 # ---- MLflow metrics ----------------------------------------------------------------------------
 TRAIN_LOSS = "train_loss"  # per epoch, step = epoch
@@ -74,6 +83,10 @@ def final(metric: str) -> str:
 
 def best(metric: str) -> str:
     return BEST.format(metric=metric)
+
+
+def space_param(name: str) -> str:
+    return SPACE_PARAM.format(name=name)
 
 
 def best_param(param: str) -> str:

@@ -255,6 +255,16 @@ def read_client(tracking_uri: str | None = None):
     return client
 
 
+def fast_read_client(run_id: str, tracking_uri: str | None = None):
+    """read_client() for loading one run's model (predict): on an SQLite store where it is known to
+    read MLflow's tables right, a read-only reader that imports neither mlflow nor SQLAlchemy,
+    seconds of a predict's start-up."""
+    from .local_store import LocalStore
+
+    uri = tracking_uri or default_tracking_uri()
+    return LocalStore.open(uri, run_id) or read_client(uri)
+
+
 def _probe_database(uri: str) -> None:
     """One connection attempt, bounded in time, to a database tracking store: MLflow itself retries
     an unreachable one ten times over almost two minutes."""

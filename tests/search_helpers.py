@@ -29,6 +29,14 @@ def check_contract(workdir, study, *, figures_for=None, client=None):
     assert tags["optuna.direction"] == study.direction.name
     assert {"optuna.storage", "optuna.sampler", "optuna.pruner"} <= set(tags)
     assert parent.info.status == "FINISHED"
+    # What the parent run shows in `mlflow ui`: its space and settings as params, its description.
+    assert {"space.lr", "space.epochs", "space.optimizer_loss", "study.sampler", "study.pruner",
+            "study.direction"} <= set(parent.data.params)
+    assert parent.data.params["study.direction"] == study.direction.name.lower()
+    note = tags["mlflow.note.content"]
+    assert note.startswith(f"### Optuna study `{study.study_name}`") and "**Search space:**" in note
+    if any(t.state == TrialState.COMPLETE for t in study.trials):
+        assert f"/runs/{study.best_trial.user_attrs['mlflow_run_id']})" in note  # a link to the best run
     children = client.search_runs([parent.info.experiment_id], max_results=5000,
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     by_id = {r.info.run_id: r for r in children}
@@ -38,7 +46,14 @@ def check_contract(workdir, study, *, figures_for=None, client=None):
     for trial in started:
         run = by_id.pop(trial.user_attrs["mlflow_run_id"])  # ... and one trial per run
         runs[trial.number] = run
-        assert run.info.run_name == f"trial-{trial.number}"
+        reason = run.data.tags.get("harness.fail_reason", "")
+        if trial.state == TrialState.PRUNED and reason.startswith("pruned at epoch"):
+            # Visibly pruned: KILLED is drawn like a failure in the UI.
+            assert run.info.run_name == f"trial-{trial.number} ({reason})"
+            assert reason in run.data.tags["mlflow.note.content"]
+            assert reason == f"pruned at epoch {max(trial.intermediate_values)}"
+        else:
+            assert run.info.run_name == f"trial-{trial.number}"
         assert run.data.tags["optuna.study_name"] == study.study_name
         assert run.data.tags["optuna.trial_number"] == str(trial.number)
         assert run.data.tags["optuna.trial_state"] == trial.state.name

@@ -30,14 +30,14 @@ def one_line_error(out, status=2):
 
 PASSWORD_URLS = [
     f"postgresql://user:{SECRET}@127.0.0.1:9/db",
-    f"postgresql://user:S3c/r3tPw@127.0.0.1:9/db",  # an unencoded '/'
-    f"postgresql://user:S3c%2Fr3tPw@127.0.0.1:9/db",  # an encoded one (S3c/r3tPw once decoded)
+    "postgresql://user:S3c/r3tPw@127.0.0.1:9/db",  # an unencoded '/'
+    "postgresql://user:S3c%2Fr3tPw@127.0.0.1:9/db",  # an encoded one (S3c/r3tPw once decoded)
     f"postgresql://user@127.0.0.1:9/db?password={SECRET}",
     f"postgresql://user@127.0.0.1:9/db?sslmode=disable&password={SECRET}&connect_timeout=2",
-    f"postgresql://user:S3c@r3tPw@127.0.0.1:9/db",  # an unencoded '@': refused before any driver sees it
+    "postgresql://user:S3c@r3tPw@127.0.0.1:9/db",  # an unencoded '@': refused before any driver sees it
     f"mysql://user:{SECRET}@127.0.0.1:9/db",
 ]
-HTTP_URLS = [f"http://user:{SECRET}@127.0.0.1:9", f"https://{SECRET}@127.0.0.1:9", f"http://u:S3c/r3tPw@127.0.0.1:9",
+HTTP_URLS = [f"http://user:{SECRET}@127.0.0.1:9", f"https://{SECRET}@127.0.0.1:9", "http://u:S3c/r3tPw@127.0.0.1:9",
              f"http://127.0.0.1:9/?token={SECRET}"]
 
 
@@ -175,7 +175,7 @@ def test_a_damaged_state_dict_gets_one_line_and_reproduce_leaves_no_re_run(workd
     one_line_error(run_cli("reproduce", run_id, cwd=workdir), 1)
     assert len(all_runs(workdir)) == runs_before  # no re-run left behind
     out = run_cli("audit", "--study", "it's", cwd=workdir)
-    assert out.returncode == 1 and f"trial" in out.stdout and run_id in out.stdout, out.stdout
+    assert out.returncode == 1 and "trial" in out.stdout and run_id in out.stdout, out.stdout
 
 
 @pytest.mark.parametrize("damage", ["malformed pages", "not a database", "read-only"])

@@ -57,7 +57,7 @@ def test_compare_ranks_the_top_k_and_writes_the_overlay(study_dir):
 
 
 def test_compare_refuses_what_it_cannot_answer(study_dir):
-    for args, message in ((["--study", "no-such-study"], "no finished run with metric 'final_test_loss'"),
+    for args, message in ((["--study", "no-such-study"], "no finished run in study 'no-such-study'"),
                           (["--study", "linear_regression-search", "--top", "0"], "--top must be"),
                           (["--mlflow-experiment", "nope"], "unknown MLflow experiment 'nope'"),
                           (["--mlflow-experiment", "Default", "--log"], "--log needs --study")):

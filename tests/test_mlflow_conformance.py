@@ -135,3 +135,41 @@ def test_a_record_the_direct_path_does_not_take_goes_the_public_way(store):
     sink.write(run, RunRecord(params={}, history={}, finals={"loss": 0.5}), "FINISHED")
     assert sorted(m.value for m in client.get_metric_history(run, "loss")) == [0.5, 1.0]
     assert client.get_run(run).info.status == "FINISHED"
+
+
+def test_the_fast_reader_knows_the_schema_revision_of_a_new_store(migrated_db):
+    """harness/local_store.py reads MLflow's tables as this revision has them, and stores at any
+    other revision go through MlflowClient: a new store must be at it, or predict loses its fast path."""
+    import sqlite3
+    from contextlib import closing
+
+    from harness import local_store
+
+    with closing(sqlite3.connect(migrated_db)) as db:  # made by MlflowClient on a new file
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(local_store.SCHEMA_REVISION,)], (
+            f"MLflow {mlflow.__version__} migrates a new store to another revision: check that local_store "
+            "still reads its runs table right, then update SCHEMA_REVISION")
+
+
+def test_a_rename_in_the_record_renames_the_run_as_mlflow_does(store):
+    """A pruned trial's run is renamed in its final write: the name the runs table shows, the tag
+    and search by run name must agree with MLflow's own rename."""
+    uri, client, experiment, public, direct = store
+    sink = MlflowSink(client)
+    names = {}
+    for way in ("public", "direct"):
+        run = sink.create_run(experiment, f"trial-{way}", {"optuna.trial_number": "7"}, {"lr": "1"})
+        rec = RunRecord(params={}, history={"test_loss": [1.0, 0.5]},
+                        tags={"mlflow.runName": f"trial-{way} (pruned at epoch 1)", "mlflow.note.content": "**pruned**"})
+        if way == "public":
+            tracking.write(client, run, rec)
+            client.set_terminated(run, "KILLED")
+        else:
+            assert sink._direct.write(run, [("test_loss", 1.0, 0), ("test_loss", 0.5, 1)], rec.tags, {}, "KILLED")
+        names[way] = run
+    for way, run in names.items():
+        got = client.get_run(run)
+        assert got.info.run_name == got.data.tags["mlflow.runName"] == f"trial-{way} (pruned at epoch 1)"
+        assert got.data.tags["mlflow.note.content"] == "**pruned**" and got.info.status == "KILLED"
+        found = client.search_runs([experiment], filter_string=f"attributes.run_name = 'trial-{way} (pruned at epoch 1)'")
+        assert [r.info.run_id for r in found] == [run]

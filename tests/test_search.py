@@ -34,6 +34,8 @@ def test_search_tracks_every_trial_and_resume_continues_the_study(workdir):
     assert parent.data.metrics["best_trial_number"] == study.best_trial.number
     assert parent.data.tags["best_run_id"] == study.best_trial.user_attrs["mlflow_run_id"]
     assert json.loads(parent.data.tags["best_params"]) == study.best_params
+    assert "**Trials:** 6 (6 complete)" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.params["space.epochs"] == "[5, 30]" and parent.data.params["study.sampler"] == "TPESampler"
 
     # The summary the user sees: the top trials (best first) and how to look at them.
     assert "top trials:" in out.stdout and study.best_trial.user_attrs["mlflow_run_id"] in out.stdout
@@ -153,7 +155,23 @@ def test_mlflow_run_main_entry_makes_mlflow_s_run_the_study_parent(workdir):
     study = journal_study(workdir)
     parent, _ = check_contract(workdir, study)
     assert parent.data.params["n_trials"] == "3"  # logged by `mlflow run` itself: it created this run
+    assert parent.info.run_name == "linear_regression-search"  # not MLflow's random name
+    assert "**Trials:** 3 (" in parent.data.tags["mlflow.note.content"]
     assert len(all_runs(workdir)) == 1 + 3
+
+    # Resumed under `mlflow run`: MLflow's new run points at the study's parent instead of standing empty.
+    out = run_cli("mlflow", "run", str(ROOT), "--env-manager", "local", "-P", "n_trials=2", "-P", "seed=2",
+                  "-P", f"storage=journal:{workdir / 'optuna_journal.log'}", cwd=workdir, env=env, module=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = journal_study(workdir)
+    again, _ = check_contract(workdir, study)
+    assert again.info.run_id == parent.info.run_id and "**Trials:** 5 (" in again.data.tags["mlflow.note.content"]
+    runs = all_runs(workdir)
+    assert len(runs) == 2 + 5
+    pointer, = [r for r in runs if r.info.run_id != parent.info.run_id and "mlflow.parentRunId" not in r.data.tags]
+    assert pointer.info.run_name == "linear_regression-search (resumed)" and pointer.info.status == "FINISHED"
+    assert pointer.data.tags["harness.study_run"] == parent.info.run_id
+    assert f"/runs/{parent.info.run_id})" in pointer.data.tags["mlflow.note.content"]
 
 
 def test_study_script_in_experiments_runs_as_documented(workdir):

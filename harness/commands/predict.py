@@ -23,9 +23,9 @@ def run(args) -> int:
         except ValueError:
             raise UsageError(f"--x values must be numbers, got {raw!r}") from None
     from ..runs import predict
-    from ..tracking import read_client
+    from ..tracking import fast_read_client
 
-    inputs, outputs = predict(args.run_id, values, client=read_client(), experiment=args.experiment)
+    inputs, outputs = predict(args.run_id, values, client=fast_read_client(args.run_id), experiment=args.experiment)
     for x, y in zip(inputs.tolist(), outputs.tolist()):
         print(f"{_fmt(x)} -> {_fmt(y)}")
     return 0

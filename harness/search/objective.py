@@ -105,7 +105,7 @@ class Objective:
         self.track = track
         self.tracker = None
         self._tracker_options = {"mlflow_experiment": mlflow_experiment, "trial_figures": trial_figures,
-                                 "study_tags": study_tags}
+                                 "study_tags": study_tags, "space": self.space, "report_every": self.report_every}
         self._lock = threading.Lock()
         self._worker = identity()
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from ..config import check_value, epochs_value, positive_float, positive_int, read_file
-from ..errors import UsageError
+from ..errors import UsageError, did_you_mean
 from ..schema import PAIR_TRIAL_PARAM
 from ..experiment import Experiment, Hyperparameter
 
@@ -126,7 +126,8 @@ def resolve(experiment: Experiment, file: str | None = None, overrides: Mapping[
     for layer, origin in zip(layers, origins):
         unknown = sorted(set(layer) - set(allowed))
         if unknown:
-            raise UsageError(f"unknown search-space key {unknown[0]!r} in {origin}; allowed: {', '.join(allowed)}")
+            raise UsageError(f"unknown search-space key {unknown[0]!r} in {origin}; allowed: {', '.join(allowed)}"
+                             f"{did_you_mean(unknown[0], allowed)}")
         merged.update(layer)
     return validate(merged, experiment, n_train, explicit)
 

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from .. import schema, tracking
+from ..experiment import is_builtin
 from ..schema import RUN_ATTR
 
 
@@ -34,8 +35,58 @@ def trials_csv(study) -> bytes:
     return buffer.getvalue().encode()
 
 
+def describe(study, experiment, experiment_id: str, params: dict[str, str], top: int = 5) -> str:
+    """The parent run's description (Markdown on its page in `mlflow ui`): what the study searches, how
+    far it got, its best trials with links to their runs, and the commands to compare, reload and
+    reproduce the best. Rewritten at the end of each invocation."""
+    import shlex
+    from datetime import datetime, timezone
+
+    from optuna.trial import TrialState
+
+    name = study.study_name
+    trials = study.get_trials(deepcopy=False)
+    counts = [f"{sum(t.state == s for t in trials)} {s.name.lower()}" for s in TrialState
+              if any(t.state == s for t in trials)]
+    settings = " · ".join(f"{key.split('.', 1)[1].replace('_', ' ')} {value}" for key, value in params.items()
+                          if key.startswith("study."))
+    space = " · ".join(f"{key.split('.', 1)[1]} {value}" for key, value in params.items() if key.startswith("space."))
+    lines = [f"### Optuna study `{name}`",
+             f"Experiment **{experiment.name}** · {settings}", "",
+             f"**Search space:** {space}", "",
+             f"**Trials:** {len(trials)} ({', '.join(counts) or 'none yet'}), as of "
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"]
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE),
+                  key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")[:top]
+    if done:
+        keys = sorted({k for t in done for k in t.params}, key=lambda k: (k != "lr", k != "epochs", k))
+        lines += ["", f"| rank | trial | {schema.TEST_LOSS} | " + " | ".join(keys) + " | run |",
+                  "|---:|---:|---:|" + "---|" * len(keys) + "---|"]
+        for rank, t in enumerate(done, 1):
+            run = t.user_attrs.get(RUN_ATTR)
+            link = f"[trial-{t.number}](#/experiments/{experiment_id}/runs/{run})" if run else "-"
+            values = " | ".join(_cell(t.params.get(k, "-")) for k in keys)
+            lines.append(f"| {rank} | {t.number} | {t.value:.6g} | {values} | {link} |")
+        best = done[0].user_attrs.get(RUN_ATTR)
+        named = "" if is_builtin(experiment.reference) else f" --experiment {shlex.quote(experiment.reference)}"
+        lines += ["", f"- **Compare** the trials: `harness compare --study {shlex.quote(name)}`; in the runs table, "
+                      f"`tags.{schema.TRIAL_STATE_TAG} = 'COMPLETE'` hides pruned and failed trials"]
+        if best:
+            loaded = "" if not named else f", experiment={experiment.reference!r}"
+            lines += [f"- **Reload** the best model: `python -c \"from harness.runs import load_model; "
+                      f"print(load_model('{best}'{loaded}).state_dict())\"`",
+                      f"- **Reproduce** the best trial, bit for bit: `harness reproduce {best}{named}`"]
+    else:
+        lines += ["", "No trial has completed yet."]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "\\|")
+
+
 def write(client, run_id: str, summary: dict[str, Any], best_finals: dict | None, trials_csv: bytes,
-          trials: list, direction) -> None:
+          trials: list, direction, note: str | None = None) -> None:
     """Everything the parent run gets at the end of an invocation; then it is FINISHED.
     ``best_finals``: the best trial's final metrics, when this invocation ran it (else read off its run)."""
     from mlflow.exceptions import MlflowException
@@ -54,6 +105,8 @@ def write(client, run_id: str, summary: dict[str, Any], best_finals: dict | None
         metrics.update({schema.best(k): v for k, v in best_finals.items()})
     best_params = summary.get(schema.BEST_PARAMS_TAG, {})
     tags = {schema.best_param(k): str(v) for k, v in best_params.items()}
+    if note is not None:
+        tags[schema.NOTE_TAG] = note
     if best_run:
         tags[schema.BEST_RUN_TAG] = best_run
         tags[schema.BEST_PARAMS_TAG] = json.dumps(best_params)

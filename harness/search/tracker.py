@@ -40,7 +40,8 @@ class StudyTracker:
     """
 
     def __init__(self, study, experiment, *, data=None, mlflow_experiment: str | None = None,
-                 study_tags: dict[str, str] | None = None, trial_figures: bool = False):
+                 study_tags: dict[str, str] | None = None, trial_figures: bool = False, space=None,
+                 report_every=None):
         self.study = study
         self.experiment = experiment
         self._data = data
@@ -69,35 +70,63 @@ class StudyTracker:
                 **(study_tags or {}), ROLE_TAG: ROLE_STUDY}
         # Workers starting together must agree on one parent run: find-or-create it under the
         # study's lock, and publish it in the study before letting the next worker look.
+        params = self._params = study_params(study, space, report_every)
         with study_lock(optuna_private.storage_of(study), f"parent-{study.study_name}"):
             known = study.user_attrs.get(PARENT_ATTR)
             try:
-                self.experiment_id, self.parent_run_id = self._open_parent(mlflow_experiment, known, tags)
+                self.experiment_id, self.parent_run_id = self._open_parent(mlflow_experiment, known, tags, params)
             except Exception as exc:
                 self._shutdown()
                 raise TrackingFailed(f"cannot open the study's parent run: {first_line(exc)}") from None
             if known != self.parent_run_id:
                 study.set_user_attr(PARENT_ATTR, self.parent_run_id)
 
-    def _open_parent(self, mlflow_experiment: str | None, known: str | None, tags: dict) -> tuple[str, str]:
-        """The study's parent run (the one it knows, else `mlflow run`'s own, else a new one), RUNNING and tagged."""
+    def _open_parent(self, mlflow_experiment: str | None, known: str | None, tags: dict,
+                     params: dict) -> tuple[str, str]:
+        """The study's parent run (the one it knows, else `mlflow run`'s own, else a new one), RUNNING,
+        tagged, and with the params it lacks (a param once logged keeps its value: MLflow refuses a change)."""
         from mlflow.exceptions import MlflowException
 
         client = self.sink.client
-        for candidate in (known, os.environ.get("MLFLOW_RUN_ID")):
-            if candidate:
-                try:
-                    run = client.get_run(candidate)
-                except MlflowException:
-                    continue
-                if run.info.lifecycle_stage == "active":
-                    if run.info.status != "RUNNING":
-                        self.sink.reopen(run.info.run_id, tags)
-                    else:
-                        client.log_batch(run.info.run_id, tags=tracking.tag_list(tags))
-                    return run.info.experiment_id, run.info.run_id
+        launched = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run` made this run for the invocation
+        for candidate in (known, launched):
+            if not candidate:
+                continue
+            try:
+                run = client.get_run(candidate)
+            except MlflowException:
+                continue
+            if run.info.lifecycle_stage != "active":
+                continue
+            run_id, new = run.info.run_id, {k: v for k, v in params.items() if k not in run.data.params}
+            if candidate != known:  # `mlflow run`'s run becomes the parent of a new study: named after it
+                tags = {**tags, schema.RUN_NAME_TAG: self.study.study_name}
+            if run.info.status != "RUNNING":
+                self.sink.reopen(run_id, tags)
+            else:
+                client.log_batch(run_id, tags=tracking.tag_list(tags))
+            if new:
+                tracking.write(client, run_id, tracking.RunRecord(params=new, history={}))
+            if launched and launched != run_id:
+                self._point_to_parent(launched, run.info.experiment_id, run_id)
+            return run.info.experiment_id, run_id
         experiment_id = tracking.experiment_id(client, mlflow_experiment)
-        return experiment_id, self.sink.create_run(experiment_id, self.study.study_name, tags, {})
+        return experiment_id, self.sink.create_run(experiment_id, self.study.study_name, tags, params)
+
+    def _point_to_parent(self, launched: str, experiment_id: str, parent_id: str) -> None:
+        """`mlflow run` on a study that has its parent run already: MLflow's run for this invocation
+        says where the trials are, instead of standing empty beside them."""
+        from mlflow.exceptions import MlflowException
+
+        name = self.study.study_name
+        note = (f"This `mlflow run` resumed the Optuna study **{name}**. Its trials are child runs of the "
+                f"study's parent run [{name}](#/experiments/{experiment_id}/runs/{parent_id}), which "
+                "holds the study's summary.")
+        try:
+            self.sink.client.log_batch(launched, tags=tracking.tag_list({
+                schema.RUN_NAME_TAG: f"{name} (resumed)", schema.NOTE_TAG: note, schema.STUDY_RUN_TAG: parent_id}))
+        except MlflowException:  # not in this store, or deleted: nothing stands empty there
+            pass
 
     def _submit(self, pool: ThreadPoolExecutor, fn, *args, on_error=None) -> Future:
         try:
@@ -143,6 +172,8 @@ class StudyTracker:
         rec = replace(rec, params={})  # logged with the run's creation
         if state == "PRUNED":
             rec.finals = {}
+            # KILLED is MLflow's nearest status, drawn like a failure: the name and description say pruned.
+            rec.tags.update(pruned_tags(trial.number, result.history.stopped, type(self.study.pruner).__name__))
         if state == "COMPLETE":
             self._note_best(trial.number, run_id, result)
         figures = (result.history.values, result.predictions) if self.trial_figures else None
@@ -221,8 +252,9 @@ class StudyTracker:
         try:  # also after a failed write: the store may take this one, and the parent is then closed
             best = summary.summarize(self.study)
             finals = self._best[4] if self._best and best.get(schema.BEST_TRIAL_NUMBER) == self._best[1] else None
+            note = summary.describe(self.study, self.experiment, self.experiment_id, self._params)
             summary.write(self.sink.client, self.parent_run_id, best, finals, summary.trials_csv(self.study),
-                          self.study.trials, self.study.direction)
+                          self.study.trials, self.study.direction, note)
         except Exception as exc:  # what it could not write is left to `harness audit --fix`
             self._failed(exc)
         if self.failure is not None:
@@ -250,6 +282,41 @@ class StudyTracker:
             for run_id, (number, _) in unwritten.items():
                 close_incomplete(self.sink, run_id, f"the final write of trial {number}'s record failed: "
                                                     f"{first_line(self.failure)}")
+
+
+def pruned_tags(number: int, stopped: str, pruner: str) -> dict[str, str]:
+    return {schema.RUN_NAME_TAG: f"trial-{number} ({stopped})",
+            schema.NOTE_TAG: f"**Optuna trial {number}: {stopped}** by {pruner}. MLflow has no pruned status, so "
+                             "the run is KILLED; its curves run up to that epoch, and it has no final metrics."}
+
+
+def study_params(study, space, report_every) -> dict[str, str]:
+    """The parent run's params: the study's settings and its search space, one param per axis."""
+    params = {schema.SAMPLER_PARAM: type(study.sampler).__name__, schema.PRUNER_PARAM: type(study.pruner).__name__,
+              schema.DIRECTION_PARAM: study.direction.name.lower()}
+    if report_every is not None:
+        params[schema.REPORT_EVERY_PARAM] = str(report_every)
+    for axis, value in (space.to_dict() if space is not None else {}).items():
+        if axis == "grid_points" and type(study.sampler).__name__ != "GridSampler":
+            continue
+        params[schema.space_param(schema.PAIR_TRIAL_PARAM if axis == "pairs" else axis)] = describe_axis(axis, value)
+    return params
+
+
+def describe_axis(axis: str, value) -> str:
+    """One axis of a space, as a person reads it: ``[0.0001, 0.1] log``, ``sgd+l1, adam+mse``."""
+    if axis == "lr":
+        return f"[{value[0]:g}, {value[1]:g}] log"
+    if isinstance(value, list):
+        return f"[{value[0]}, {value[1]}]" if axis == "epochs" else ", ".join(map(str, value))
+    if not isinstance(value, dict):
+        return str(value)
+    if "choices" in value:
+        text = "{" + ", ".join(map(str, value["choices"])) + "}"
+    else:
+        text = f"[{value['low']:g}, {value['high']:g}]" + (" log" if value.get("log") else "")
+        text += f" step {value['step']:g}" if value.get("step") is not None else ""
+    return text + (f" ({'/'.join(value['optimizers'])} only)" if value.get("optimizers") else "")
 
 
 def fail_run(sink: RunSink, run_id: str, reason: str) -> None:

@@ -1,0 +1,67 @@
+"""What a person sees in `mlflow ui` after a search, checked in headless Chromium (skipped without it).
+
+Screenshots go to $HARNESS_UI_SCREENSHOTS when set (else the test's tmp folder), to look at.
+"""
+import os
+import shutil
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from browser import Browser, chromium
+from conftest import run_cli
+from harness.cluster import TrackingServer
+from search_helpers import journal_study
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(chromium() is None, reason="needs Chromium (Debian: apt-get install chromium)")]
+
+
+def _shots(tmp_path) -> Path:
+    folder = Path(os.environ.get("HARNESS_UI_SCREENSHOTS") or tmp_path / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_the_parent_run_tells_the_story_and_pruned_trials_say_so(workdir, tmp_path):
+    out = run_cli("search", "--n-trials", 10, "--seed", 1, "--no-progress", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    study = journal_study(workdir)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert pruned, "the check needs a pruned trial: choose another seed"
+    shots = _shots(tmp_path)
+    server = TrackingServer(f"sqlite:///{workdir / 'mlflow.db'}", tmp_path / "served", tmp_path / "server.log",
+                            workers=1).start()
+    try:
+        with Browser() as browser:
+            browser.open(f"{server.url}/#/experiments/0/runs/{parent}")
+            browser.wait_for_text("Optuna study linear_regression-search", "Search space:", timeout=90)
+            browser.evaluate("[...document.querySelectorAll('button, a, span')]"
+                             ".find(e => e.innerText === 'Show more')?.click()")
+            best = study.best_trial
+            text = browser.wait_for_text(
+                f"Trials: 10 ({10 - len(pruned)} complete, {len(pruned)} pruned)",
+                f"trial-{best.number}",  # the top trials' table, each a link to its run
+                f"harness reproduce {best.user_attrs['mlflow_run_id']}",
+                "space.lr", "[0.0001, 0.1] log", "study.sampler", "TPESampler", "best_final_test_loss",
+                "best_weight")
+            assert "rank\ttrial\ttest_loss" in text  # rendered as a Markdown table, not as raw pipes
+            browser.screenshot(shots / "parent_run.png")
+
+            # The runs table, filtered as the README's UI guide says, and the study expanded.
+            where = urllib.parse.quote("tags.optuna.trial_state = 'PRUNED'")
+            browser.open(f"{server.url}/#/experiments/0/runs?searchFilter={where}")
+            browser.wait_for_text(f"{len(pruned) + 1} matching runs", timeout=60)
+            deadline = time.time() + 30
+            while "(pruned at epoch" not in browser.text() and time.time() < deadline:
+                browser.evaluate("document.querySelector('[role=gridcell] button')?.click()")
+                time.sleep(1)
+            text = browser.wait_for_text(*(f"trial-{t.number} (pruned at epoch" for t in pruned), timeout=5)
+            browser.screenshot(shots / "pruned_runs.png")
+    finally:
+        server.stop()
+    assert (shots / "parent_run.png").stat().st_size > 10_000
+    shutil.rmtree(tmp_path / "served", ignore_errors=True)
