@@ -32,6 +32,8 @@ def test_the_parent_run_tells_the_story_and_pruned_trials_say_so(workdir, tmp_pa
     parent = study.user_attrs["mlflow_parent_run_id"]
     pruned = [t for t in study.trials if t.state.name == "PRUNED"]
     assert pruned, "the check needs a pruned trial: choose another seed"
+    # The default cadence on the default space: a report every 20th epoch, from epoch 0.
+    assert all(step % 20 == 0 for t in study.trials for step in t.intermediate_values)
     shots = _shots(tmp_path)
     server = TrackingServer(f"sqlite:///{workdir / 'mlflow.db'}", tmp_path / "served", tmp_path / "server.log",
                             workers=1).start()
@@ -46,7 +48,7 @@ def test_the_parent_run_tells_the_story_and_pruned_trials_say_so(workdir, tmp_pa
                 f"Trials: 10 ({10 - len(pruned)} complete, {len(pruned)} pruned)",
                 f"trial-{best.number}",  # the top trials' table, each a link to its run
                 f"harness reproduce {best.user_attrs['mlflow_run_id']}",
-                "space.lr", "[0.0001, 0.1] log", "study.sampler", "TPESampler", "best_final_test_loss",
+                "space.lr", "[0.0001, 0.1] log", "study.sampler", "TPESampler", "study.report_every\n20", "best_final_test_loss",
                 "best_weight")
             assert "rank\ttrial\ttest_loss" in text  # rendered as a Markdown table, not as raw pipes
             browser.screenshot(shots / "parent_run.png")

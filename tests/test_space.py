@@ -19,6 +19,13 @@ def test_default_space_is_the_issue_s():
     assert space.lr == (1e-4, 1e-1) and space.epochs == (50, 400) and space.pairs == DEFAULT_PAIRS
 
 
+def test_one_pruning_cadence_per_study_from_the_space_s_largest_epochs():
+    experiment = load("linear_regression")
+    assert space_module.report_cadence(space_module.resolve(experiment)) == 20  # epochs 50..400
+    assert space_module.report_cadence(space_module.resolve(experiment, overrides={"epochs": [5, 30]})) == 1
+    assert space_module.report_cadence(space_module.resolve(experiment, overrides={"epochs": [1, 1000]})) == 50
+
+
 def test_fixed_trial_samples_separate_optimizer_and_loss():
     space = space_module.resolve(EXPERIMENT)
     trial = optuna.trial.FixedTrial({"lr": 0.01, "epochs": 200, PAIR_PARAM: "adamw+smooth_l1"})

@@ -34,8 +34,9 @@ def add_parser(sub) -> None:
                    help="also search a hyperparameter: its declared range (--tune hidden), [low, high] "
                         "(--tune weight_decay=[1e-6,1e-2]), choices (--tune batch_size=[32,64,128]) or a YAML "
                         "mapping (--tune 'lr2={low: 0.1, high: 1, log: true}'); repeatable")
-    p.add_argument("--report-every", help="report the test loss to the pruner every N epochs (default: 1 on a "
-                                          "journal or SQLite storage, 10 on a database server)")
+    p.add_argument("--report-every", help="report the test loss to the pruner every N epochs (default: a "
+                                          "twentieth of the space's largest epochs, at least 1: 20 for the "
+                                          "default 50-400; at least 10 on a database server)")
     p.add_argument("--trial-figures", action="store_true", help="render both PNG figures for every trial")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
@@ -86,10 +87,12 @@ def _options(args):
         "timeout": config.positive_float("--timeout", args.timeout) if args.timeout else None,
         "n_jobs": config.positive_int("--n-jobs", args.n_jobs),
         "heartbeat": config.int_in("--heartbeat", args.heartbeat, 1, study_module.MAX_HEARTBEAT_S),
-        # On a database server each report is a round trip and each pruning check a read: every
-        # epoch would cost more than the training itself (measured: 4x on a 10-trial search).
+        # Each report is a storage write and each pruning check a read of the study: every epoch
+        # cost 1.9x (journal) and 17x (SQLite) an in-memory search (benchmarks/pruning_cadence.py),
+        # and on a database server each is a round trip as well.
         "report_every": config.positive_int("--report-every", args.report_every) if args.report_every
-        else 1 if study_module.storage_scheme(storage_url) in ("journal", "sqlite") else 10,
+        else space_module.report_cadence(space) if study_module.storage_scheme(storage_url) in ("journal", "sqlite")
+        else max(10, space_module.report_cadence(space)),
         "sampler": study_module.make_sampler(args.sampler, sampler_seed, space),
         "pruner": study_module.make_pruner(args.pruner),
     }

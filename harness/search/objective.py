@@ -87,7 +87,7 @@ class Objective:
     """
 
     def __init__(self, experiment: str | Experiment = "linear_regression", space: SearchSpace | None = None, *,
-                 track: bool = True, mlflow_experiment: str | None = None, report_every: int = 1,
+                 track: bool = True, mlflow_experiment: str | None = None, report_every: int | None = None,
                  trial_figures: bool = False, seed: int = 42, device: str = "auto", base: dict | None = None,
                  data=None, study_tags: dict[str, str] | None = None):
         """``base``: fixed config values for every trial (e.g. ``{"batch_size": 64}``); the space's
@@ -101,7 +101,9 @@ class Objective:
                                       n_train=data.n_train)
         self._host_data = data  # the figures are drawn from it
         self.data = data.to(self.base.device)
-        self.report_every = config.positive_int("report_every", report_every)
+        # None: the space's cadence (space.report_cadence), which the CLI uses on embedded storages too.
+        self.report_every = (space_module.report_cadence(self.space) if report_every is None
+                             else config.positive_int("report_every", report_every))
         self.track = track
         self.tracker = None
         self._tracker_options = {"mlflow_experiment": mlflow_experiment, "trial_figures": trial_figures,

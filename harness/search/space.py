@@ -93,6 +93,19 @@ class SearchSpace:
         return grid
 
 
+REPORTS_PER_TRIAL = 20
+
+
+def report_cadence(space: SearchSpace) -> int:
+    """Epochs between the reports a pruner sees: about 20 in the longest trial the space allows.
+
+    One cadence for the whole study, not one per trial: a pruner compares trials at equal steps.
+    benchmarks/pruning_cadence.py measured every epoch at 1.9x (journal) and 17x (SQLite) an
+    in-memory search; this rule at 1.14x and 2.0x, with the same best trial and 3% more epochs
+    trained (most pruning happens at the first report, epoch 0)."""
+    return max(1, space.epochs[1] // REPORTS_PER_TRIAL)
+
+
 def sample(trial, space: SearchSpace) -> dict[str, Any]:
     """Draw one config from the space. Works with any optuna trial, including FixedTrial."""
     lr = trial.suggest_float("lr", *space.lr, log=True)
