@@ -50,6 +50,7 @@ def test_search_tracks_every_trial_and_resume_continues_the_study(workdir):
         parent.info.run_id, "trials.csv", str(workdir))).read())))
     assert [int(r["number"]) for r in rows] == list(range(6))
     assert [r["mlflow_run_id"] for r in rows] == [runs[n].info.run_id for n in range(6)]
+    assert "user_attrs_mlflow_run_id" not in rows[0]  # one run-id column
 
     # Resume: the same study, the same parent run, trials added.
     out = run_cli("search", "--n-trials", 3, "--pruner", "none", *SMALL, cwd=workdir)
