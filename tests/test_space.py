@@ -94,3 +94,20 @@ def test_bad_space_files_are_refused(tmp_path):
     file.write_text("- just\n- a list\n")
     with pytest.raises(UsageError, match="must hold a mapping"):
         space_module.resolve(EXPERIMENT, str(file))
+
+
+def test_the_parent_run_shows_each_axis_of_the_space_as_a_param_within_mlflow_s_limits():
+    from harness.search.tracker import MAX_SHOWN, study_params
+
+    experiment = load("linear_regression")
+    space = space_module.resolve(experiment, overrides={"batch_size": list(range(1, 3001)),
+                                                        "weight_decay": [1e-6, 1e-2]})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(), pruner=optuna.pruners.NopPruner())
+    params = study_params(study, space, 20)
+    assert params["space.lr"] == "[0.0001, 0.1] log" and params["space.epochs"] == "[50, 400]"
+    assert params["space.optimizer_loss"].startswith("sgd+l1, sgd+mse")
+    assert params["space.weight_decay"] == "[1e-06, 0.01] log"
+    assert params["space.batch_size"].startswith("{1, 2, 3") and len(params["space.batch_size"]) == MAX_SHOWN
+    assert params["study.sampler"] == "RandomSampler" and params["study.pruner"] == "NopPruner"
+    assert params["study.report_every"] == "20" and params["study.direction"] == "minimize"
+    assert "space.grid_points" not in params  # only a grid search has one

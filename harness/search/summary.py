@@ -78,7 +78,11 @@ def describe(study, experiment, experiment_id: str, params: dict[str, str], top:
                       f"- **Reproduce** the best trial, bit for bit: `harness reproduce {best}{named}`"]
     else:
         lines += ["", "No trial has completed yet."]
-    return "\n".join(lines)
+    note = "\n".join(lines)
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    cut = "\n\n(cut to MLflow's limit for a description)"
+    return note if len(note) <= MAX_TAG_VAL_LENGTH else note[:MAX_TAG_VAL_LENGTH - len(cut)] + cut
 
 
 def _cell(value) -> str:

@@ -23,6 +23,7 @@ from . import optuna_private, summary
 from .storages import describe, study_lock
 from .workers import WORKER_DIED, abandoned, retry
 
+MAX_SHOWN = 500  # characters of a parent run's param
 SERVER_THREADS = 4  # a tracking server takes several records at once: their round trips overlap
 
 
@@ -300,7 +301,9 @@ def study_params(study, space, report_every) -> dict[str, str]:
         if axis == "grid_points" and type(study.sampler).__name__ != "GridSampler":
             continue
         params[schema.space_param(schema.PAIR_TRIAL_PARAM if axis == "pairs" else axis)] = describe_axis(axis, value)
-    return params
+    # For the eye, not for reading back (the study's harness.space attr has the space whole): a long
+    # list of choices must not push a param past MLflow's limit and stop the search.
+    return {k: v if len(v) <= MAX_SHOWN else v[:MAX_SHOWN - 3] + "..." for k, v in params.items()}
 
 
 def describe_axis(axis: str, value) -> str:
