@@ -1,0 +1,283 @@
+"""Several configurations trained as one stacked model: one forward and one backward per step for all
+members, each member with its own initial weights, optimizer and history.
+
+A member's numbers are the ones it gets trained alone (``training.train``), bit for bit:
+- its initial weights are drawn from its own seed, as ``training.build_model`` draws them;
+- the forward is ``torch.func.functional_call`` under ``vmap`` over the stacked parameters, and the
+  loss is the sum of the members' losses, whose gradient with respect to each member's own loss is
+  exactly 1: each member's gradients are its own (element-wise ops and per-member reductions);
+- each member keeps its own torch optimizer, stepped as training alone steps it: the update is
+  torch's own code, with the member's learning rate, weight decay and momentum.
+tests/test_batched.py holds every optimizer/loss pair of the experiments to this, member by member.
+
+Members stop on their own: when their epochs are done, when their loss stops being finite, or when
+an observer raises StopTraining (a pruner). The others go on; a stopped member no longer changes.
+
+What can be stacked (``stack_key``, ``refusal``): members of one experiment with the same optimizer,
+loss, batch size, seed (their batches come in the same order), device and model hyperparameters
+(the parameters' shapes), whose model has no buffers and draws no random numbers while it trains
+(dropout would draw them in another order than training alone does).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from . import stacked_optim
+from .config import TrainConfig
+from .experiment import Data, Experiment
+from .loop import History, Observer, StopTraining
+from .registry import build_loss, build_optimizer
+from .schema import TEST_LOSS, TRAIN_LOSS
+from .training import _RNG_LOCK, TrainResult, batches, build_model, evaluate_batches
+
+# What changes a model's parameters' shapes is a hyperparameter the model is built with; the rest
+# of a config (lr, epochs, weight_decay, momentum) is the member's own.
+OWN = ("lr", "epochs", "weight_decay", "momentum")
+
+
+def stack_key(cfg: TrainConfig) -> tuple:
+    """Configurations with equal keys can be trained as one stack."""
+    return (cfg.experiment, cfg.optimizer, cfg.loss, cfg.batch_size, cfg.seed, cfg.device,
+            tuple(sorted((k, repr(v)) for k, v in cfg.hparams.items() if k not in OWN)))
+
+
+def refusal(cfg: TrainConfig, experiment: Experiment, data: Data) -> str | None:
+    """Why ``cfg``'s model cannot be stacked (one line), or None."""
+    if not isinstance(data, Data):
+        return f"experiment {experiment.name!r} gives datasets, not tensors: its batches cannot be shared"
+    model = build_model(cfg, experiment)
+    if any(True for _ in model.buffers()):
+        return f"experiment {experiment.name!r}'s model has buffers (batch norm, say), which a stack does not carry"
+    X, y = data.X_train[:64].to(cfg.device), data.y_train[:64].to(cfg.device)
+    state = torch.random.get_rng_state()
+    model.train()
+    with torch.no_grad():
+        model(X)
+    if not torch.equal(state, torch.random.get_rng_state()):
+        return (f"experiment {experiment.name!r}'s model draws random numbers while it trains (dropout, say): "
+                "stacked, it would draw them in another order than trained alone")
+    # Matrix products over a stack sum in another order than one model's (measured: 3e-8 apart at
+    # the first forward, and Adam makes that grow to whole percents in 100 epochs): the stack is
+    # used only where one step gives every member exactly what it gives alone.
+    from torch.func import functional_call, vmap
+
+    loss_fn = build_loss(cfg.loss)
+    skeleton = copy.deepcopy(model).to("meta")
+    params = {n: torch.stack([p.detach(), p.detach()]).requires_grad_() for n, p in model.named_parameters()}
+    losses, preds = vmap(lambda ps, X, y: (lambda p: (loss_fn(p, y), p))(functional_call(skeleton, ps, (X,))),
+                         in_dims=(0, None, None))(params, X, y)
+    losses.sum().backward()
+    pred = model(X)
+    loss = loss_fn(pred, y)
+    loss.backward()
+    if not (torch.equal(preds[0], pred) and torch.equal(losses[0], loss)
+            and all(torch.equal(params[n].grad[0], p.grad) for n, p in model.named_parameters())):
+        return (f"experiment {experiment.name!r}'s model computes other last bits stacked than alone "
+                "(matrix products over a stack sum in another order)")
+    return None
+
+
+@dataclass
+class _Member:
+    cfg: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    observers: list[Observer]
+    history: History
+    active: bool = True
+
+    def __post_init__(self):
+        self.params = list(self.model.parameters())  # in named_parameters' order, as the stack takes them
+
+
+def train_stack(cfgs: Sequence[TrainConfig], experiment: Experiment, data: Data,
+                observers: Sequence[Iterable[Observer]] | None = None,
+                histories: Sequence[History] | None = None) -> list[TrainResult]:
+    """Train ``cfgs`` (equal ``stack_key``) as one stack; one TrainResult per config, in order.
+    ``observers[i]`` watch member i, ``histories[i]`` keeps what member i recorded if training is
+    interrupted."""
+    if len({stack_key(c) for c in cfgs}) != 1:
+        raise ValueError(f"configs that cannot share a stack: {sorted({stack_key(c) for c in cfgs})}")
+    from torch.func import functional_call, vmap
+
+    cfg0 = cfgs[0]
+    data = data.to(cfg0.device)
+    loss_fn = build_loss(cfg0.loss)
+    metrics_fn = experiment.metrics
+    with _RNG_LOCK:
+        members = []
+        for i, cfg in enumerate(cfgs):
+            model = build_model(cfg, experiment)  # its own seed, as alone
+            members.append(_Member(cfg, model, build_optimizer(cfg.optimizer, model.parameters(), cfg.lr,
+                                                               cfg.weight_decay, cfg.momentum),
+                                   list(observers[i]) if observers else [],
+                                   histories[i] if histories else History()))
+        skeleton = copy.deepcopy(members[0].model).to("meta")  # the module code, without weights
+        names = [name for name, _ in skeleton.named_parameters()]
+
+        def member_loss(params, X, y):
+            pred = functional_call(skeleton, params, (X,))
+            return loss_fn(pred, y), pred
+
+        stacked_loss = vmap(member_loss, in_dims=(0, None, None))
+        train_batches, test_batches = batches(data, cfg0)  # the same for every member: one seed
+        stepper = _stepper(members, names)
+        active = list(members)
+        for epoch in range(max(c.epochs for c in cfgs)):
+            skeleton.train()
+            train_values = _epoch(stepper, active, stacked_loss, train_batches, metrics_fn, step=True)
+            skeleton.eval()
+            with torch.inference_mode():
+                test_values = _epoch(stepper, active, stacked_loss, test_batches, metrics_fn, step=False)
+            for m, train, test in zip(active, train_values, test_values):
+                _record(m, epoch, {**{f"train_{k}": v for k, v in train.items()},
+                                   **{f"test_{k}": v for k, v in test.items()}})
+            if any(not m.active for m in active):
+                stepper.keep([i for i, m in enumerate(active) if m.active], active)
+                active = [m for m in active if m.active]
+            if not active:
+                break
+        stepper.keep([], active)  # every member's weights back in its own model
+        results = []
+        for m in members:
+            _, predictions = evaluate_batches(m.model, test_batches, loss_fn, torch.device(cfg0.device),
+                                              keep_predictions=True)
+            scalars = experiment.scalars(m.model)
+            results.append(TrainResult(m.cfg, m.model, data, m.history, predictions.cpu(),
+                                       {**scalars, **experiment.errors(scalars)}))
+    return results
+
+
+class _EachOptimizer:
+    """Each member's own torch optimizer, stepped one after the other: exact anywhere."""
+
+    def __init__(self, members: list[_Member], names: list[str]):
+        self.members, self.names = members, names
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return {n: torch.stack([m.params[j] for m in self.members]) for j, n in enumerate(self.names)}
+
+    def zero_grad(self) -> None:
+        for m in self.members:
+            m.optimizer.zero_grad()
+
+    def step(self) -> None:
+        for m in self.members:
+            m.optimizer.step()
+
+    def keep(self, rows: list[int], members: list[_Member]) -> None:
+        self.members = [members[r] for r in rows]
+
+
+class _StackedParams:
+    """The stack's parameters as one tensor per name, updated by stacked_optim (one set of kernels
+    for every member); a member that stops gets its row back into its own model."""
+
+    def __init__(self, members: list[_Member], names: list[str]):
+        cfg = members[0].cfg
+        self.names = names
+        self.leaves = [torch.stack([m.params[j].detach() for m in members]).requires_grad_()
+                       for j in range(len(names))]
+        self.optimizer = stacked_optim.StackedOptimizer(cfg.optimizer, self.leaves, [m.cfg.lr for m in members],
+                                                        cfg.weight_decay, cfg.momentum)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.leaves))
+
+    def zero_grad(self) -> None:
+        for leaf in self.leaves:
+            leaf.grad = None
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def keep(self, rows: list[int], members: list[_Member]) -> None:
+        kept = set(rows)
+        for i, m in enumerate(members):
+            if i not in kept:  # it stopped: its weights are final
+                for own, leaf in zip(m.params, self.leaves):
+                    own.copy_(leaf[i])
+        index = torch.tensor(rows, dtype=torch.long, device=self.leaves[0].device)
+        self.leaves = [leaf.detach().index_select(0, index).requires_grad_() for leaf in self.leaves]
+        self.optimizer.keep(rows, self.leaves)
+
+
+_AGREES: dict[tuple, bool] = {}  # (optimizer, shapes, weight decay, momentum, device) -> stacked_optim.agrees
+
+
+def _stepper(members: list[_Member], names: list[str]):
+    """Stacked updates where they give each member exactly its own optimizer's step on this
+    machine (checked once per kind of stack), else each member's torch optimizer."""
+    cfg = members[0].cfg
+    same = all((m.cfg.weight_decay, m.cfg.momentum) == (cfg.weight_decay, cfg.momentum) for m in members)
+    if cfg.optimizer in stacked_optim.KINDS and same:
+        shapes = [p.shape for p in members[0].params]
+        key = (cfg.optimizer, tuple(shapes), cfg.weight_decay, cfg.momentum, cfg.device)
+        if key not in _AGREES:
+            lrs = [m.cfg.lr for m in members[:8]] + [1e-4, 0.1]
+            _AGREES[key] = stacked_optim.agrees(cfg.optimizer, shapes, lrs, cfg.weight_decay, cfg.momentum,
+                                                cfg.device)
+        if _AGREES[key]:
+            return _StackedParams(members, names)
+    return _EachOptimizer(members, names)
+
+
+def _epoch(stepper, active: list[_Member], stacked_loss, batches_, metrics_fn, step: bool):
+    """One pass over ``batches_`` for the active members: per member, the sample-weighted means of
+    the loss (and metrics) before each step, as floats."""
+    sizes = []
+    per_batch: list[list[dict[str, torch.Tensor]]] = []
+    for X, y in batches_:
+        losses, preds = stacked_loss(stepper.params(), X, y)
+        if step:
+            stepper.zero_grad()
+            losses.sum().backward()
+            stepper.step()
+        per_batch.append((losses.detach(), preds.detach(), y))
+        sizes.append(len(X))
+    if len(per_batch) == 1:  # full batch: each value untouched, as training alone reports it
+        losses, preds, y = per_batch[0]
+        rows = [{"loss": v} for v in losses.float().tolist()]  # one read for the whole stack
+        if metrics_fn is not None:
+            for i, row in enumerate(rows):
+                row.update({k: _float(v) for k, v in metrics_fn(preds[i], y).items()})
+        return rows
+    per_batch = [[{"loss": losses[i], **(metrics_fn(preds[i], y) if metrics_fn is not None else {})}
+                  for i in range(len(active))] for losses, preds, y in per_batch]
+    out = []
+    for i in range(len(active)):
+        stacked = {k: torch.stack([batch[i][k] for batch in per_batch]).float() for k in per_batch[0][i]}
+        weights = torch.tensor(sizes, dtype=torch.float32)
+        out.append({k: ((v * weights).sum() / weights.sum()).item() for k, v in stacked.items()})
+    return out
+
+
+def _float(value: torch.Tensor) -> float:
+    return (value if value.dtype is torch.float32 else value.float()).item()
+
+
+def _record(m: _Member, epoch: int, logs: dict[str, float]) -> None:
+    """As loop._sync does for training alone: a non-finite loss ends the member, observers may stop it."""
+    if not (math.isfinite(logs[TRAIN_LOSS]) and math.isfinite(logs[TEST_LOSS])):
+        m.history.diverged_at = epoch
+        m.history.stopped = f"diverged at epoch {epoch}"
+        m.active = False
+        return
+    for name, value in logs.items():
+        m.history.values.setdefault(name, []).append(value)
+    try:
+        for observer in m.observers:
+            observer.on_epoch_end(epoch, logs)
+    except StopTraining as stop:
+        m.history.stopped = str(stop) or f"stopped at epoch {epoch}"
+        m.active = False
+        return
+    if epoch + 1 >= m.cfg.epochs:
+        m.active = False

@@ -1,0 +1,130 @@
+"""Configurations trained as one stack (harness.batched) give each member exactly what training it
+alone gives: curves, final state_dict, stop reasons (fast tier: small data, in-process)."""
+
+import pytest
+import torch
+
+from harness import batched, config, training
+from harness.experiment import load
+from harness.loop import History, StopTraining
+
+PAIRS = {"linear_regression": ["sgd+l1", "sgd+mse", "adam+l1", "adam+mse", "adamw+smooth_l1", "rmsprop+huber"]}
+
+
+def cfg_of(experiment, data, **values):
+    return config.resolve({"experiment": experiment.name, "seed": 42, "device": "cpu", **values},
+                          experiment=experiment, n_train=data.n_train)[0]
+
+
+def alone(cfg, experiment, data, observers=()):
+    return training.train(cfg, experiment, data, observers=list(observers))
+
+
+def same(a, b) -> None:
+    assert a.history.values == b.history.values  # float for float, every epoch
+    assert a.history.stopped == b.history.stopped and a.history.diverged_at == b.history.diverged_at
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(a.predictions, b.predictions)
+    assert a.final_metrics() == b.final_metrics()
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_each_member_equals_its_training_alone_bit_for_bit(name):
+    experiment = load(name)
+    data = experiment.load_data()
+    for pair in PAIRS[name]:
+        optimizer, loss = pair.split("+")
+        extra = {"momentum": 0.9} if optimizer == "sgd" else {}
+        cfgs = [cfg_of(experiment, data, optimizer=optimizer, loss=loss, lr=lr, epochs=epochs, **extra)
+                for lr, epochs in ((0.01, 60), (0.003, 45), (0.05, 60), (0.02, 30))]
+        cfgs[1] = cfg_of(experiment, data, optimizer=optimizer, loss=loss, lr=0.003, epochs=45,
+                         weight_decay=0.01, **extra)
+        for member, cfg in zip(batched.train_stack(cfgs, experiment, data), cfgs):
+            same(member, alone(cfg, experiment, data))
+
+
+def test_the_reference_member_inside_a_stack_prints_the_notebook_s_numbers():
+    experiment = load("linear_regression")
+    data = experiment.load_data()
+    cfgs = [cfg_of(experiment, data, optimizer="sgd", loss="l1", lr=lr, epochs=epochs)
+            for lr, epochs in ((0.05, 120), (0.01, 200), (0.001, 300))]
+    reference = batched.train_stack(cfgs, experiment, data)[1]
+    # The notebook's printed lines (../shared/reference/pytorch_workflow_train_model.md), to the last digit.
+    curves = reference.history.values
+    for epoch, train, test in ((0, 0.31288138031959534, 0.48106518387794495),
+                               (100, 0.024458957836031914, 0.05646304413676262),
+                               (190, 0.008932482451200485, 0.005023092031478882)):
+        assert (curves["train_loss"][epoch], curves["test_loss"][epoch]) == (train, test), epoch
+    assert round(reference.scalars["weight"], 4) == 0.6990 and round(reference.scalars["bias"], 4) == 0.3093
+    same(reference, alone(cfgs[1], experiment, data))
+
+
+def test_members_stop_alone_a_diverging_or_pruned_one_does_not_touch_the_others():
+    experiment = load("linear_regression")
+    data = experiment.load_data()
+    cfgs = [cfg_of(experiment, data, optimizer="sgd", loss="mse", lr=lr, epochs=40) for lr in (0.01, 50.0, 0.02)]
+
+    class StopAt:
+        def __init__(self, epoch):
+            self.epoch = epoch
+
+        def on_epoch_end(self, epoch, logs):
+            if epoch == self.epoch:
+                raise StopTraining(f"pruned at epoch {epoch}")
+
+    members = batched.train_stack(cfgs, experiment, data, observers=[[], [], [StopAt(7)]])
+    assert members[1].diverged and members[1].history.stopped.startswith("diverged at epoch")
+    assert members[2].history.stopped == "pruned at epoch 7" and members[2].history.epochs_run == 8
+    same(members[0], alone(cfgs[0], experiment, data))
+    same(members[1], alone(cfgs[1], experiment, data))
+    same(members[2], alone(cfgs[2], experiment, data, [StopAt(7)]))
+
+
+def test_mini_batches_come_in_the_same_order_as_alone():
+    experiment = load("linear_regression")
+    data = experiment.load_data()
+    cfgs = [cfg_of(experiment, data, optimizer="adam", loss="mse", lr=lr, epochs=25, batch_size=8)
+            for lr in (0.01, 0.003, 0.03)]
+    for member, cfg in zip(batched.train_stack(cfgs, experiment, data), cfgs):
+        same(member, alone(cfg, experiment, data))
+
+
+def test_what_cannot_be_stacked_is_said_in_one_line():
+    reference = load("linear_regression")
+    data = reference.load_data()
+    assert batched.refusal(cfg_of(reference, data, optimizer="sgd", loss="l1", lr=0.01, epochs=1), reference, data) is None
+    # Matrix products: a stack's last bits are not those of one model trained alone.
+    circles = load("binary_classification")
+    data = circles.load_data()
+    reason = batched.refusal(cfg_of(circles, data, optimizer="adam", loss="bce_with_logits", lr=0.01, epochs=1),
+                             circles, data)
+    assert reason is not None and "matrix products" in reason and "\n" not in reason
+
+    experiment = load("digits")
+    data = experiment.load_data()
+    cfg = cfg_of(experiment, data, optimizer="adam", loss="cross_entropy", lr=0.01, epochs=1, dropout=0.3)
+    reason = batched.refusal(cfg, experiment, data)
+    assert reason is not None and "random numbers" in reason and "\n" not in reason
+    plain = cfg_of(experiment, data, optimizer="adam", loss="cross_entropy", lr=0.01, epochs=1, dropout=0.0)
+    other = cfg_of(experiment, data, optimizer="sgd", loss="cross_entropy", lr=0.01, epochs=1, dropout=0.0)
+    assert batched.stack_key(plain) != batched.stack_key(other)
+    with pytest.raises(ValueError, match="cannot share a stack"):
+        batched.train_stack([plain, other], experiment, data)
+
+
+def test_where_stacked_updates_are_not_known_exact_each_member_s_optimizer_steps(monkeypatch):
+    """Both ways of stepping a stack give the members' own numbers: stacked updates (when
+    stacked_optim.agrees on this machine) and each member's torch optimizer (otherwise)."""
+    experiment = load("linear_regression")
+    data = experiment.load_data()
+    cfgs = [cfg_of(experiment, data, optimizer="adamw", loss="mse", lr=lr, epochs=30) for lr in (0.01, 0.04)]
+    assert batched._stepper([batched._Member(c, m, o, [], History()) for c, (m, o) in zip(cfgs, [
+        (lambda m: (m, torch.optim.AdamW(m.parameters(), lr=0.01)))(training.build_model(c, experiment))
+        for c in cfgs])], ["weights", "bias"]).__class__ is batched._StackedParams
+    fast = batched.train_stack(cfgs, experiment, data)
+    monkeypatch.setattr(batched, "_AGREES", {k: False for k in batched._AGREES})
+    slow = batched.train_stack(cfgs, experiment, data)
+    for a, b, cfg in zip(fast, slow, cfgs):
+        same(a, b)
+        same(a, alone(cfg, experiment, data))
