@@ -38,6 +38,7 @@ SAMPLER_PARAM = "study.sampler"
 PRUNER_PARAM = "study.pruner"
 DIRECTION_PARAM = "study.direction"
 REPORT_EVERY_PARAM = "study.report_every"
+BATCH_PARAM = "study.batch"  # trials trained together (harness search --batch)
 
 # ---- MLflow metrics ----------------------------------------------------------------------------
 TRAIN_LOSS = "train_loss"  # per epoch, step = epoch

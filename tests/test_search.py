@@ -186,3 +186,19 @@ def test_study_script_in_experiments_runs_as_documented(workdir):
     parent, _ = check_contract(workdir, study)
     assert parent.data.tags["optuna.storage"] == "sqlite:///optuna.db"
     assert study.best_trial.user_attrs["mlflow_run_id"] in out.stdout
+
+
+def test_a_batched_search_keeps_the_whole_contract_and_its_trials_reproduce_alone(workdir):
+    out = run_cli("search", "--n-trials", 10, "--batch", 4, "--seed", 5, "--pairs", "sgd+l1", "adam+mse", *SMALL,
+                  cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    study = journal_study(workdir)
+    assert len(study.trials) == 10  # batches of 4, 4 and 2
+    parent, runs = check_contract(workdir, study, figures_for={study.best_trial.number})
+    assert parent.data.params["study.batch"] == "4"
+    audit = run_cli("audit", "--study", study.study_name, cwd=workdir)
+    assert audit.returncode == 0 and "clean" in audit.stdout, audit.stdout
+    # A member's numbers are those of training it alone: reproduce re-runs it alone, bit for bit.
+    for trial in [study.best_trial, *(t for t in study.trials if t.state == TrialState.COMPLETE)][:2]:
+        again = run_cli("reproduce", trial.user_attrs["mlflow_run_id"], cwd=workdir)
+        assert again.returncode == 0 and "exactly" in again.stdout, again.stdout + again.stderr

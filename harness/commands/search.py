@@ -26,6 +26,10 @@ def add_parser(sub) -> None:
     p.add_argument("--pruner", default="median", help="median|none (default: median)")
     p.add_argument("--direction", default="minimize", help="minimize|maximize the final test loss")
     p.add_argument("--n-jobs", default="1", help="trials run in parallel threads (default: 1)")
+    p.add_argument("--batch", default="1", metavar="K",
+                   help="train K trials at a time as one stacked model where their configurations stack (same "
+                        "optimizer/loss pair; models without matrix products, dropout or buffers), each still its "
+                        "own trial and run, bit for bit as alone; TPE then uses constant_liar (default: 1)")
     p.add_argument("--space", metavar="FILE", help="YAML or JSON search space (keys: lr, epochs, pairs, grid_points)")
     p.add_argument("--lr-range", nargs=2, metavar=("LOW", "HIGH"), help="log-uniform lr range")
     p.add_argument("--epochs-range", nargs=2, metavar=("LOW", "HIGH"), help="integer epochs range")
@@ -68,6 +72,11 @@ def _options(args):
     config.one_of("direction", args.direction, study_module.DIRECTIONS)
     # numpy's generators, which Optuna's samplers use, take seeds below 2**32.
     sampler_seed = config.int_in("--seed", args.seed, 0, 2 ** 32 - 1) if args.seed not in (None, "") else None
+    batch = config.positive_int("--batch", args.batch)
+    n_jobs = config.positive_int("--n-jobs", args.n_jobs)
+    if batch > 1 and n_jobs > 1:
+        raise UsageError(f"--batch {batch} with --n-jobs {n_jobs}: choose one (a batch already trains {batch} "
+                         "trials at once)")
     from ..tracking import default_tracking_uri
     from ..urls import check_credentials
 
@@ -85,7 +94,7 @@ def _options(args):
         "trials": config.positive_int("--n-trials", args.n_trials),
         "max_trials": config.positive_int("--max-trials", args.max_trials) if args.max_trials else None,
         "timeout": config.positive_float("--timeout", args.timeout) if args.timeout else None,
-        "n_jobs": config.positive_int("--n-jobs", args.n_jobs),
+        "n_jobs": n_jobs, "batch": batch,
         "heartbeat": config.int_in("--heartbeat", args.heartbeat, 1, study_module.MAX_HEARTBEAT_S),
         # Each report is a storage write and each pruning check a read of the study: every epoch
         # cost 1.9x (journal) and 17x (SQLite) an in-memory search (benchmarks/pruning_cadence.py),
@@ -93,7 +102,7 @@ def _options(args):
         "report_every": config.positive_int("--report-every", args.report_every) if args.report_every
         else space_module.report_cadence(space) if study_module.storage_scheme(storage_url) in ("journal", "sqlite")
         else max(10, space_module.report_cadence(space)),
-        "sampler": study_module.make_sampler(args.sampler, sampler_seed, space),
+        "sampler": study_module.make_sampler(args.sampler, sampler_seed, space, batch),
         "pruner": study_module.make_pruner(args.pruner),
     }
 
@@ -202,7 +211,7 @@ def _objective(args, opts):
     cfg = opts["cfg"]
     return Objective(opts["experiment"], opts["space"], seed=cfg.seed, device=cfg.device, base=cfg.to_dict(),
                      data=opts["data"], report_every=opts["report_every"], mlflow_experiment=args.mlflow_experiment,
-                     trial_figures=args.trial_figures,
+                     trial_figures=args.trial_figures, batch=opts["batch"],
                      study_tags={schema.STORAGE_TAG: redact(opts["storage_url"]), schema.SAMPLER_TAG: args.sampler,
                                  schema.PRUNER_TAG: args.pruner})
 
@@ -216,9 +225,14 @@ def _optimize(study, objective, n_trials: int, opts, args) -> tuple[bool, BaseEx
         # trial half-told); the objective lets them interrupt training, and a held one stops the
         # study once the trial is recorded.
         with signals.deferred(on_signal=lambda: None):
-            study.optimize(objective, n_trials=n_trials, timeout=opts["timeout"], n_jobs=opts["n_jobs"],
-                           show_progress_bar=not args.no_progress,
-                           callbacks=[lambda study, trial: study.stop() if signals.pending() else None])
+            if opts["batch"] > 1:
+                from ..search import batch
+
+                batch.optimize(study, objective, n_trials, opts["batch"], timeout=opts["timeout"])
+            else:
+                study.optimize(objective, n_trials=n_trials, timeout=opts["timeout"], n_jobs=opts["n_jobs"],
+                               show_progress_bar=not args.no_progress,
+                               callbacks=[lambda study, trial: study.stop() if signals.pending() else None])
     except StudyFull:
         pass  # other workers filled the study first: this one is done
     except KeyboardInterrupt:

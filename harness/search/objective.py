@@ -7,7 +7,9 @@ import threading
 
 import optuna
 
-from .. import config, signals, training
+import sys
+
+from .. import batched, config, signals, training
 from ..experiment import Experiment, load
 from ..loop import History, StopTraining
 from . import space as space_module
@@ -89,10 +91,11 @@ class Objective:
     def __init__(self, experiment: str | Experiment = "linear_regression", space: SearchSpace | None = None, *,
                  track: bool = True, mlflow_experiment: str | None = None, report_every: int | None = None,
                  trial_figures: bool = False, seed: int = 42, device: str = "auto", base: dict | None = None,
-                 data=None, study_tags: dict[str, str] | None = None):
+                 data=None, study_tags: dict[str, str] | None = None, batch: int = 1):
         """``base``: fixed config values for every trial (e.g. ``{"batch_size": 64}``); the space's
         samples override them. ``data``: the experiment's data, if the caller already loaded it.
-        ``study_tags``: tags added to the study's parent run (say, ``{"team": "vision"}``)."""
+        ``study_tags``: tags added to the study's parent run (say, ``{"team": "vision"}``).
+        ``batch``: trials trained together by ``run_batch`` (recorded on the parent run)."""
         self.experiment = experiment if isinstance(experiment, Experiment) else load(experiment)
         data = data if data is not None else self.experiment.load_data()
         self.space = space or space_module.resolve(self.experiment, n_train=data.n_train)
@@ -107,9 +110,11 @@ class Objective:
         self.track = track
         self.tracker = None
         self._tracker_options = {"mlflow_experiment": mlflow_experiment, "trial_figures": trial_figures,
-                                 "study_tags": study_tags, "space": self.space, "report_every": self.report_every}
+                                 "study_tags": study_tags, "space": self.space, "report_every": self.report_every,
+                                 "batch": config.positive_int("batch", batch)}
         self._lock = threading.Lock()
         self._worker = identity()
+        self._refusals: dict[tuple, str | None] = {}  # stack key -> why it is not stacked (None: it is)
 
     def __call__(self, trial: optuna.Trial) -> float:
         tracker, pending, cfg, history = None, None, None, History()  # history: kept if training is cut short
@@ -140,6 +145,66 @@ class Objective:
         if state == "PRUNED":
             raise optuna.TrialPruned(history.stopped)
         return math.nan if state == "FAIL" else history.last(TEST_LOSS)
+
+    def run_batch(self, trials: list) -> list[tuple[str, float | None]]:
+        """Train ``trials`` (asked from one study) together: those whose configurations stack
+        (harness.batched: same pair and shapes) as one stacked model, each still its own trial and
+        run, reported, pruned and tracked as ``__call__`` does; the others one at a time. Returns
+        (state, value) per trial, for ``study.tell``. A member's numbers are those of training it
+        alone, bit for bit, so each trial reproduces alone."""
+        members = []  # [trial, tracker, pending, cfg, observers, history]
+        try:
+            with signals.interruptible():
+                for trial in trials:
+                    trial.set_user_attr(WORKER_ATTR, self._worker)
+                    tracker = self._tracker_for(trial)
+                    member = [trial, tracker, None, None, [], History()]
+                    members.append(member)
+                    member[3] = config.validate(config.with_values(self.base, space_module.sample(trial, self.space)),
+                                                self.experiment, self.data.n_train)
+                    member[2] = tracker.start_trial(trial, member[3]) if tracker else None
+                    member[4] = self._observers(trial) + ([_Tracking(trial, tracker, member[2])] if tracker else [])
+                results = {}
+                for group in self._stacks(members):
+                    if len(group) == 1:
+                        trial, _, _, cfg, observers, history = group[0]
+                        results[trial.number] = training.train(cfg, self.experiment, self.data, observers,
+                                                               history=history)
+                        continue
+                    stacked = batched.train_stack([m[3] for m in group], self.experiment, self.data,
+                                                  observers=[m[4] for m in group], histories=[m[5] for m in group])
+                    results.update({m[0].number: r for m, r in zip(group, stacked)})
+        except BaseException as exc:
+            with signals.deferred():  # a second Ctrl-C must not cut the wrap-up short
+                for trial, tracker, pending, cfg, _, history in members:
+                    self._end_unfinished(trial, tracker, pending, cfg, history, exc)
+            raise
+        outcomes = []
+        for trial, tracker, pending, _, _, _ in members:
+            result = results[trial.number]
+            history = result.history
+            state = "FAIL" if result.diverged else "PRUNED" if history.stopped else "COMPLETE"
+            with signals.deferred(on_signal=lambda: _stop(trial)):
+                if state == "FAIL":
+                    trial.set_user_attr(FAIL_REASON_ATTR, history.stopped)
+                if tracker:
+                    tracker.end_trial(trial, pending, result, state)
+            outcomes.append((state, history.last(TEST_LOSS) if state == "COMPLETE" else None))
+        return outcomes
+
+    def _stacks(self, members: list) -> list[list]:
+        """The members grouped into stacks; a configuration that cannot be stacked is a group of its
+        own (said once per kind, on stderr)."""
+        groups: dict[tuple, list] = {}
+        for member in members:
+            key = batched.stack_key(member[3])
+            if key not in self._refusals:
+                self._refusals[key] = batched.refusal(member[3], self.experiment, self.data)
+                if self._refusals[key]:
+                    print(f"harness: {member[3].optimizer}+{member[3].loss} trials run one at a time: "
+                          f"{self._refusals[key]}", file=sys.stderr)
+            groups.setdefault(key if self._refusals[key] is None else ("alone", member[0].number), []).append(member)
+        return list(groups.values())
 
     def _end_unfinished(self, trial, tracker, pending, cfg, history, exc: BaseException) -> None:
         """A trial cut short: record why, close its run with the curves so far, and queue its

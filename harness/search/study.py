@@ -134,9 +134,11 @@ def _open_journal(path: str, repair: bool, notify):
         return CappedJournalStorage(journal)
 
 
-def make_sampler(name: str, seed: int | None, space: SearchSpace) -> optuna.samplers.BaseSampler:
+def make_sampler(name: str, seed: int | None, space: SearchSpace, batch: int = 1) -> optuna.samplers.BaseSampler:
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        # Trials asked together see each other as running: constant_liar makes TPE spread them
+        # instead of proposing the same region K times (Optuna's advice for parallel trials).
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=batch > 1)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.GridSampler(space.grid(), seed=seed)

@@ -42,7 +42,7 @@ class StudyTracker:
 
     def __init__(self, study, experiment, *, data=None, mlflow_experiment: str | None = None,
                  study_tags: dict[str, str] | None = None, trial_figures: bool = False, space=None,
-                 report_every=None):
+                 report_every=None, batch: int = 1):
         self.study = study
         self.experiment = experiment
         self._data = data
@@ -71,7 +71,7 @@ class StudyTracker:
                 **(study_tags or {}), ROLE_TAG: ROLE_STUDY}
         # Workers starting together must agree on one parent run: find-or-create it under the
         # study's lock, and publish it in the study before letting the next worker look.
-        params = self._params = study_params(study, space, report_every)
+        params = self._params = study_params(study, space, report_every, batch)
         with study_lock(optuna_private.storage_of(study), f"parent-{study.study_name}"):
             known = study.user_attrs.get(PARENT_ATTR)
             try:
@@ -291,12 +291,13 @@ def pruned_tags(number: int, stopped: str, pruner: str) -> dict[str, str]:
                              "the run is KILLED; its curves run up to that epoch, and it has no final metrics."}
 
 
-def study_params(study, space, report_every) -> dict[str, str]:
+def study_params(study, space, report_every, batch: int = 1) -> dict[str, str]:
     """The parent run's params: the study's settings and its search space, one param per axis."""
     params = {schema.SAMPLER_PARAM: type(study.sampler).__name__, schema.PRUNER_PARAM: type(study.pruner).__name__,
               schema.DIRECTION_PARAM: study.direction.name.lower()}
     if report_every is not None:
         params[schema.REPORT_EVERY_PARAM] = str(report_every)
+    params[schema.BATCH_PARAM] = str(batch)
     for axis, value in (space.to_dict() if space is not None else {}).items():
         if axis == "grid_points" and type(study.sampler).__name__ != "GridSampler":
             continue

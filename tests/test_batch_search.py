@@ -1,0 +1,78 @@
+"""`harness search --batch K` and ``Objective.run_batch``: K trials trained as one stack, each still
+its own trial with exactly the numbers it gets alone (in-process, untracked: fast tier)."""
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from harness import Objective
+from harness.experiment import load
+from harness.search import batch
+from harness.search import space as space_module
+
+CONFIGS = [{"lr": 0.01, "epochs": 40, "optimizer_loss": "sgd+l1"}, {"lr": 0.05, "epochs": 25, "optimizer_loss": "sgd+l1"},
+           {"lr": 0.02, "epochs": 30, "optimizer_loss": "adam+mse"}, {"lr": 9.0, "epochs": 30, "optimizer_loss": "sgd+mse"},
+           {"lr": 0.003, "epochs": 35, "optimizer_loss": "adam+mse"}, {"lr": 0.0002, "epochs": 40, "optimizer_loss": "sgd+l1"}]
+
+
+def study_of(configs, pruner=None):
+    study = optuna.create_study(pruner=pruner or optuna.pruners.NopPruner(), sampler=optuna.samplers.RandomSampler(0))
+    for params in configs:
+        study.enqueue_trial(params)
+    return study
+
+
+def test_a_batched_study_holds_what_one_at_a_time_gives_trial_for_trial():
+    experiment = load("linear_regression")
+    space = space_module.resolve(experiment, overrides={"lr": [1e-4, 10.0], "epochs": [5, 60]})
+    one, stacked = study_of(CONFIGS), study_of(CONFIGS)
+    with Objective(experiment, space, track=False) as objective:
+        one.optimize(objective, n_trials=len(CONFIGS))
+    with Objective(experiment, space, track=False) as objective:
+        batch.optimize(stacked, objective, len(CONFIGS), batch=4)
+    assert [t.state for t in stacked.trials] == [t.state for t in one.trials]
+    assert one.trials[3].state == TrialState.FAIL  # lr 9 diverges, alone and in its stack
+    for a, b in zip(one.trials, stacked.trials):
+        assert a.params == b.params and a.intermediate_values == b.intermediate_values
+        assert (a.value == b.value) or (a.value is None and b.value is None), a.number
+
+
+def test_pruned_members_stop_alone_and_are_told_pruned():
+    experiment = load("linear_regression")
+    space = space_module.resolve(experiment, overrides={"lr": [1e-4, 10.0], "epochs": [5, 60]})
+
+    class PruneTrialOneAtStepFive(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return trial.number == 1 and trial.last_step is not None and trial.last_step >= 5
+
+    stacked = study_of(CONFIGS[:3], PruneTrialOneAtStepFive())
+    with Objective(experiment, space, track=False, report_every=1) as objective:
+        batch.optimize(stacked, objective, 3, batch=3)
+    assert [t.state for t in stacked.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+    assert max(stacked.trials[1].intermediate_values) == 5
+    assert len(stacked.trials[0].intermediate_values) == 40  # its stack-mate went on to its own epochs
+
+
+def test_a_model_that_cannot_be_stacked_runs_one_at_a_time_with_a_notice(capsys):
+    experiment = load("binary_classification")
+    space = space_module.resolve(experiment, overrides={"epochs": [3, 5]})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(0))
+    with Objective(experiment, space, track=False) as objective:
+        batch.optimize(study, objective, 4, batch=4)
+    assert len(study.trials) == 4 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    err = capsys.readouterr().err
+    assert "trials run one at a time" in err and "matrix products" in err
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["search", "--batch", "0"], "--batch must be a positive integer, got '0'"),
+    (["search", "--batch", "x"], "--batch must be a positive integer, got 'x'"),
+    (["search", "--batch", "2", "--n-jobs", "2"], "--batch 2 with --n-jobs 2: choose one"),
+])
+def test_bad_batch_input_is_one_line_and_writes_nothing(argv, line, capsys, tmp_path, monkeypatch):
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and line in err
+    assert list(tmp_path.iterdir()) == []
