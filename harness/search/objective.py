@@ -135,6 +135,14 @@ class Objective:
             with signals.deferred():  # a second Ctrl-C must not cut the wrap-up short
                 self._end_unfinished(trial, tracker, pending, cfg, history, exc)
             raise
+        state = self._finish(trial, tracker, pending, result)
+        if state == "PRUNED":
+            raise optuna.TrialPruned(result.history.stopped)
+        return math.nan if state == "FAIL" else result.history.last(TEST_LOSS)
+
+    @staticmethod
+    def _finish(trial, tracker, pending, result) -> str:
+        """A trained trial's state, its reason and its run's record; held against signals."""
         history = result.history
         state = "FAIL" if result.diverged else "PRUNED" if history.stopped else "COMPLETE"
         with signals.deferred(on_signal=lambda: _stop(trial)):
@@ -142,9 +150,7 @@ class Objective:
                 trial.set_user_attr(FAIL_REASON_ATTR, history.stopped)
             if tracker:
                 tracker.end_trial(trial, pending, result, state)
-        if state == "PRUNED":
-            raise optuna.TrialPruned(history.stopped)
-        return math.nan if state == "FAIL" else history.last(TEST_LOSS)
+        return state
 
     def run_batch(self, trials: list) -> list[tuple[str, float | None]]:
         """Train ``trials`` (asked from one study) together: those whose configurations stack
@@ -182,14 +188,8 @@ class Objective:
         outcomes = []
         for trial, tracker, pending, _, _, _ in members:
             result = results[trial.number]
-            history = result.history
-            state = "FAIL" if result.diverged else "PRUNED" if history.stopped else "COMPLETE"
-            with signals.deferred(on_signal=lambda: _stop(trial)):
-                if state == "FAIL":
-                    trial.set_user_attr(FAIL_REASON_ATTR, history.stopped)
-                if tracker:
-                    tracker.end_trial(trial, pending, result, state)
-            outcomes.append((state, history.last(TEST_LOSS) if state == "COMPLETE" else None))
+            state = self._finish(trial, tracker, pending, result)
+            outcomes.append((state, result.history.last(TEST_LOSS) if state == "COMPLETE" else None))
         return outcomes
 
     def _stacks(self, members: list) -> list[list]:
