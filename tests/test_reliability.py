@@ -210,3 +210,34 @@ def test_unreachable_stores_fail_fast_and_never_show_a_password(tmp_path):
         assert "s3cret" not in out.stderr + out.stdout
         assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == []  # neither store was created
+
+
+def test_an_interrupted_batch_ends_every_member_s_trial_and_run_and_resumes(workdir):
+    proc = start_search(workdir, "--n-trials", 8, "--batch", 4, "--seed", 0, "--pairs", "sgd+l1", *LONG)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # the first batch asked and training
+        assert proc.poll() is None, proc.communicate()
+        if (workdir / "optuna_journal.log").exists():
+            trials = journal_study(workdir).trials
+            if sum(t.state == TrialState.RUNNING for t in trials) == 4:
+                break
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    study = journal_study(workdir)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 4 and all(t.user_attrs["fail_reason"] == "interrupted" for t in failed)
+    waiting = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == [t.number for t in failed]
+    parent, runs = check_contract(workdir, study)
+    assert all(runs[t.number].info.status == "KILLED" for t in failed) and parent.info.status == "FINISHED"
+    assert not [r for r in all_runs(workdir) if r.info.status == "RUNNING"]
+    out = audit(workdir)
+    assert out.returncode == 0 and "clean" in out.stdout, out.stdout
+    out = run_cli("search", "--n-trials", 4, "--batch", 4, "--seed", 0, "--pairs", "sgd+l1", *LONG,
+                  cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    study = journal_study(workdir)
+    assert all(study.trials[t.number].state == TrialState.COMPLETE for t in waiting)
