@@ -39,6 +39,7 @@ from .training import _RNG_LOCK, TrainResult, batches, build_model, evaluate_bat
 # What changes a model's parameters' shapes is a hyperparameter the model is built with; the rest
 # of a config (lr, epochs, weight_decay, momentum) is the member's own.
 OWN = ("lr", "epochs", "weight_decay", "momentum")
+MIN_STACK = 4  # members below which a search trains them one at a time (see Objective._stacks)
 
 
 def stack_key(cfg: TrainConfig) -> tuple:

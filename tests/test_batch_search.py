@@ -4,14 +4,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from harness import Objective
+from harness import Objective, batched
 from harness.experiment import load
 from harness.search import batch
 from harness.search import space as space_module
 
-CONFIGS = [{"lr": 0.01, "epochs": 40, "optimizer_loss": "sgd+l1"}, {"lr": 0.05, "epochs": 25, "optimizer_loss": "sgd+l1"},
-           {"lr": 0.02, "epochs": 30, "optimizer_loss": "adam+mse"}, {"lr": 9.0, "epochs": 30, "optimizer_loss": "sgd+mse"},
-           {"lr": 0.003, "epochs": 35, "optimizer_loss": "adam+mse"}, {"lr": 0.0002, "epochs": 40, "optimizer_loss": "sgd+l1"}]
+CONFIGS = [{"lr": lr, "epochs": epochs, "optimizer_loss": pair} for pair, lr, epochs in (
+    ("sgd+l1", 0.01, 40), ("sgd+mse", 9.0, 30), ("sgd+l1", 0.05, 25), ("adam+mse", 0.02, 30), ("sgd+mse", 0.02, 30),
+    ("sgd+l1", 0.0002, 40), ("sgd+mse", 0.004, 35), ("sgd+l1", 0.03, 33), ("sgd+mse", 0.1, 20))]
 
 
 def study_of(configs, pruner=None):
@@ -21,16 +21,20 @@ def study_of(configs, pruner=None):
     return study
 
 
-def test_a_batched_study_holds_what_one_at_a_time_gives_trial_for_trial():
+def test_a_batched_study_holds_what_one_at_a_time_gives_trial_for_trial(monkeypatch):
+    stacks = []
+    train_stack = batched.train_stack
+    monkeypatch.setattr(batched, "train_stack", lambda cfgs, *a, **k: stacks.append(len(cfgs)) or train_stack(cfgs, *a, **k))
     experiment = load("linear_regression")
     space = space_module.resolve(experiment, overrides={"lr": [1e-4, 10.0], "epochs": [5, 60]})
     one, stacked = study_of(CONFIGS), study_of(CONFIGS)
     with Objective(experiment, space, track=False) as objective:
         one.optimize(objective, n_trials=len(CONFIGS))
     with Objective(experiment, space, track=False) as objective:
-        batch.optimize(stacked, objective, len(CONFIGS), batch=4)
+        batch.optimize(stacked, objective, len(CONFIGS), batch=9)
+    assert sorted(stacks) == [4, 4]  # sgd+l1 and sgd+mse stacked; adam+mse alone (fewer than MIN_STACK)
     assert [t.state for t in stacked.trials] == [t.state for t in one.trials]
-    assert one.trials[3].state == TrialState.FAIL  # lr 9 diverges, alone and in its stack
+    assert one.trials[1].state == TrialState.FAIL  # lr 9 diverges, alone and in its stack
     for a, b in zip(one.trials, stacked.trials):
         assert a.params == b.params and a.intermediate_values == b.intermediate_values
         assert (a.value == b.value) or (a.value is None and b.value is None), a.number
@@ -44,10 +48,11 @@ def test_pruned_members_stop_alone_and_are_told_pruned():
         def prune(self, study, trial):
             return trial.number == 1 and trial.last_step is not None and trial.last_step >= 5
 
-    stacked = study_of(CONFIGS[:3], PruneTrialOneAtStepFive())
+    l1 = [c for c in CONFIGS if c["optimizer_loss"] == "sgd+l1"]
+    stacked = study_of(l1, PruneTrialOneAtStepFive())
     with Objective(experiment, space, track=False, report_every=1) as objective:
-        batch.optimize(stacked, objective, 3, batch=3)
-    assert [t.state for t in stacked.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+        batch.optimize(stacked, objective, 4, batch=4)
+    assert [t.state for t in stacked.trials] == [TrialState.COMPLETE, TrialState.PRUNED] + [TrialState.COMPLETE] * 2
     assert max(stacked.trials[1].intermediate_values) == 5
     assert len(stacked.trials[0].intermediate_values) == 40  # its stack-mate went on to its own epochs
 

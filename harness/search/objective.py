@@ -204,7 +204,10 @@ class Objective:
                     print(f"harness: {member[3].optimizer}+{member[3].loss} trials run one at a time: "
                           f"{self._refusals[key]}", file=sys.stderr)
             groups.setdefault(key if self._refusals[key] is None else ("alone", member[0].number), []).append(member)
-        return list(groups.values())
+        # A stacked epoch costs about what 3 epochs alone cost on a small model (vmap's own
+        # overhead, benchmarks/batched_search.py): fewer members train faster one at a time.
+        return [part for group in groups.values()
+                for part in ([group] if len(group) >= batched.MIN_STACK else [[m] for m in group])]
 
     def _end_unfinished(self, trial, tracker, pending, cfg, history, exc: BaseException) -> None:
         """A trial cut short: record why, close its run with the curves so far, and queue its
