@@ -81,7 +81,7 @@ def test_pruned_and_diverging_trials_are_recorded_as_such(workdir, monkeypatch):
                    {"lr": 0.01, "epochs": 30, "optimizer_loss": "adam+l1"},
                    {"lr": 0.05, "epochs": 25, "optimizer_loss": "adam+mse"}):
         study.enqueue_trial(params)
-    with Objective(experiment, space) as objective:
+    with Objective(experiment, space, report_every=1) as objective:  # the pruner above counts steps
         study.optimize(objective, n_trials=4)
     states = [t.state for t in study.trials]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED, TrialState.COMPLETE]
