@@ -81,3 +81,24 @@ def test_bad_batch_input_is_one_line_and_writes_nothing(argv, line, capsys, tmp_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and line in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_member_of_a_batch_beats_its_heartbeat_on_an_rdb_storage(tmp_path, recwarn):
+    """Optuna's optimize beats a trial's heartbeat; a batch does it for all its trials, or another
+    worker would fail them as stale while they train."""
+    import sqlite3
+
+    from harness.search import study as study_module
+
+    experiment = load("linear_regression")
+    space = space_module.resolve(experiment, overrides={"lr": [1e-4, 0.1], "epochs": [2500, 3000], "pairs": ["sgd+l1"]})
+    storage = study_module.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=1)
+    study = optuna.create_study(storage=storage, sampler=optuna.samplers.RandomSampler(0),
+                                pruner=optuna.pruners.NopPruner())
+    with Objective(experiment, space, track=False) as objective:
+        batch.optimize(study, objective, 4, batch=4)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    with sqlite3.connect(tmp_path / "optuna.db") as db:
+        beats = db.execute("SELECT COUNT(DISTINCT trial_id) FROM trial_heartbeats").fetchone()[0]
+    assert beats == 4
+    assert not [w for w in recwarn if "Heartbeat of storage" in str(w.message)]  # beaten here, as optimize would

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import warnings
 
 from optuna.trial import TrialState
 
@@ -28,8 +29,10 @@ def optimize(study, objective, n_trials: int, batch: int, timeout: float | None 
             break
         trials, capped = [], False
         try:
-            for _ in range(min(batch, n_trials - done)):
-                trials.append(study.ask())
+            with warnings.catch_warnings():  # heartbeats are beaten here, as optimize would (_heartbeats)
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                for _ in range(min(batch, n_trials - done)):
+                    trials.append(study.ask())
         except StudyFull:
             if not trials:
                 raise
