@@ -54,14 +54,14 @@ def refusal(cfg: TrainConfig, experiment: Experiment, data: Data) -> str | None:
         return f"experiment {experiment.name!r} gives datasets, not tensors: its batches cannot be shared"
     model = build_model(cfg, experiment)
     if any(True for _ in model.buffers()):
-        return f"experiment {experiment.name!r}'s model has buffers (batch norm, say), which a stack does not carry"
+        return f"the model of experiment {experiment.name!r} has buffers (batch norm, say), which a stack does not carry"
     X, y = data.X_train[:64].to(cfg.device), data.y_train[:64].to(cfg.device)
     state = torch.random.get_rng_state()
     model.train()
     with torch.no_grad():
         model(X)
     if not torch.equal(state, torch.random.get_rng_state()):
-        return (f"experiment {experiment.name!r}'s model draws random numbers while it trains (dropout, say): "
+        return (f"the model of experiment {experiment.name!r} draws random numbers while it trains (dropout, say): "
                 "stacked, it would draw them in another order than trained alone")
     # Matrix products over a stack sum in another order than one model's (measured: 3e-8 apart at
     # the first forward, and Adam makes that grow to whole percents in 100 epochs): the stack is
@@ -79,8 +79,8 @@ def refusal(cfg: TrainConfig, experiment: Experiment, data: Data) -> str | None:
     loss.backward()
     if not (torch.equal(preds[0], pred) and torch.equal(losses[0], loss)
             and all(torch.equal(params[n].grad[0], p.grad) for n, p in model.named_parameters())):
-        return (f"experiment {experiment.name!r}'s model computes other last bits stacked than alone "
-                "(matrix products over a stack sum in another order)")
+        return (f"stacked, the model of experiment {experiment.name!r} would not give the last bits it gives alone "
+                "(a stack sums its matrix products in another order)")
     return None
 
 

@@ -236,8 +236,12 @@ def test_an_interrupted_batch_ends_every_member_s_trial_and_run_and_resumes(work
     assert not [r for r in all_runs(workdir) if r.info.status == "RUNNING"]
     out = audit(workdir)
     assert out.returncode == 0 and "clean" in out.stdout, out.stdout
-    out = run_cli("search", "--n-trials", 4, "--batch", 4, "--seed", 0, "--pairs", "sgd+l1", *LONG,
-                  cwd=workdir)
+    # The printed resume goes on the same way: batched, same sampler and pruner.
+    resume = shlex.split(stderr.split("resume with: ", 1)[1].strip())
+    assert resume[:2] == ["harness", "search"] and "--batch" in resume and "none" in resume and "random" in resume
+    out = run_cli(*resume[1:], "--n-trials", 4, cwd=workdir)
     assert out.returncode == 0, out.stderr
     study = journal_study(workdir)
     assert all(study.trials[t.number].state == TrialState.COMPLETE for t in waiting)
+    # A retried configuration's trial does not keep the reason its first try failed.
+    assert all(study.trials[t.number].user_attrs.get("fail_reason") is None for t in waiting)

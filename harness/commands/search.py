@@ -361,4 +361,10 @@ def resume_command(args, study_name: str, url: str) -> str:
     for flag, values in (("--set", args.set), ("--tune", args.tune)):
         for value in values or ():
             parts += [flag, value]
+    # And how it searched, where not the default: a resume goes on the same way.
+    for flag, value, default in (("--direction", args.direction, "minimize"), ("--sampler", args.sampler, "tpe"),
+                                 ("--pruner", args.pruner, "median"), ("--report-every", args.report_every, None),
+                                 ("--batch", args.batch, "1")):
+        if value not in (None, "", default):
+            parts += [flag, value]
     return " ".join(shlex.quote(str(p)) for p in parts)

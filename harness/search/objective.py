@@ -46,6 +46,13 @@ def _stop(trial) -> None:
         raise KeyboardInterrupt
 
 
+def _drop_inherited_reason(trial) -> None:
+    """A retried configuration's trial comes with its failed try's user attrs (Optuna's retry copies
+    them): the reason that try failed is not this trial's."""
+    if trial.user_attrs.get(FAIL_REASON_ATTR) is not None:
+        trial.set_user_attr(FAIL_REASON_ATTR, None)
+
+
 class _Reporter:
     """Loop observer: reports the test loss to the trial and stops the loop when the pruner says so."""
 
@@ -125,6 +132,7 @@ class Objective:
                 if getattr(trial, "study", None) is not None:
                     # Lets the next worker (or `harness audit --fix`) tell a crashed trial from a running one.
                     trial.set_user_attr(WORKER_ATTR, self._worker)
+                    _drop_inherited_reason(trial)
                 tracker = self._tracker_for(trial)
                 cfg = config.validate(config.with_values(self.base, space_module.sample(trial, self.space)),
                                       self.experiment, self.data.n_train)
@@ -163,6 +171,7 @@ class Objective:
             with signals.interruptible():
                 for trial in trials:
                     trial.set_user_attr(WORKER_ATTR, self._worker)
+                    _drop_inherited_reason(trial)
                     tracker = self._tracker_for(trial)
                     member = [trial, tracker, None, None, [], History()]
                     members.append(member)
@@ -199,10 +208,9 @@ class Objective:
         for member in members:
             key = batched.stack_key(member[3])
             if key not in self._refusals:
-                self._refusals[key] = batched.refusal(member[3], self.experiment, self.data)
-                if self._refusals[key]:
-                    print(f"harness: {member[3].optimizer}+{member[3].loss} trials run one at a time: "
-                          f"{self._refusals[key]}", file=sys.stderr)
+                reason = self._refusals[key] = batched.refusal(member[3], self.experiment, self.data)
+                if reason and list(self._refusals.values()).count(reason) == 1:  # said once per reason
+                    print(f"harness: trials trained one at a time, not stacked: {reason}", file=sys.stderr)
             groups.setdefault(key if self._refusals[key] is None else ("alone", member[0].number), []).append(member)
         # A stacked epoch costs about what 3 epochs alone cost on a small model (vmap's own
         # overhead, benchmarks/batched_search.py): fewer members train faster one at a time.
