@@ -17,9 +17,6 @@ from .. import signals
 from . import optuna_private
 from .storages import StudyFull
 
-STATES = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED, "FAIL": TrialState.FAIL}
-
-
 def optimize(study, objective, n_trials: int, batch: int, timeout: float | None = None) -> None:
     """Run ``n_trials`` trials, ``batch`` at a time (the last batch may be smaller). Stops early at
     ``timeout``, when the storage's cap is reached, or on a held signal once a batch is told."""
@@ -49,7 +46,7 @@ def optimize(study, objective, n_trials: int, batch: int, timeout: float | None 
             if state == "COMPLETE":
                 study.tell(trial, value)
             else:
-                study.tell(trial, state=STATES[state])
+                study.tell(trial, state=TrialState[state])
         done += len(trials)
         if capped:
             break

@@ -5,9 +5,10 @@ import contextlib
 import math
 import threading
 
-import optuna
-
 import sys
+from dataclasses import dataclass, field
+
+import optuna
 
 from .. import batched, config, signals, training
 from ..experiment import Experiment, load
@@ -51,6 +52,18 @@ def _drop_inherited_reason(trial) -> None:
     them): the reason that try failed is not this trial's."""
     if trial.user_attrs.get(FAIL_REASON_ATTR) is not None:
         trial.set_user_attr(FAIL_REASON_ATTR, None)
+
+
+@dataclass
+class _TrialRun:
+    """One trial on its way through training; what is known of it so far, for the wrap-up of a trial cut short."""
+    trial: object
+    tracker: StudyTracker | None = None
+    pending: object = None  # the Future of its run's id
+    cfg: object = None
+    observers: list = field(default_factory=list)
+    history: History = field(default_factory=History)  # kept if training is cut short
+    result: object = None  # its TrainResult, once trained
 
 
 class _Reporter:
@@ -124,40 +137,46 @@ class Objective:
         self._refusals: dict[tuple, str | None] = {}  # stack key -> why it is not stacked (None: it is)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        tracker, pending, cfg, history = None, None, None, History()  # history: kept if training is cut short
+        run = _TrialRun(trial)
         try:
             # Where the caller holds signals (`harness search` does, so that none lands while Optuna
             # records a trial), an interrupt stops the trial at once from here on.
             with signals.interruptible():
-                if getattr(trial, "study", None) is not None:
-                    # Lets the next worker (or `harness audit --fix`) tell a crashed trial from a running one.
-                    trial.set_user_attr(WORKER_ATTR, self._worker)
-                    _drop_inherited_reason(trial)
-                tracker = self._tracker_for(trial)
-                cfg = config.validate(config.with_values(self.base, space_module.sample(trial, self.space)),
-                                      self.experiment, self.data.n_train)
-                pending = tracker.start_trial(trial, cfg) if tracker else None
-                observers = self._observers(trial) + ([_Tracking(trial, tracker, pending)] if tracker else [])
-                result = training.train(cfg, self.experiment, self.data, observers, history=history)
+                self._start(run)
+                result = training.train(run.cfg, self.experiment, self.data, run.observers, history=run.history)
         except BaseException as exc:
             with signals.deferred():  # a second Ctrl-C must not cut the wrap-up short
-                self._end_unfinished(trial, tracker, pending, cfg, history, exc)
+                self._end_unfinished(run, exc)
             raise
-        state = self._finish(trial, tracker, pending, result)
+        state = self._finish(run, result)
         if state == "PRUNED":
             raise optuna.TrialPruned(result.history.stopped)
         return math.nan if state == "FAIL" else result.history.last(TEST_LOSS)
 
+    def _start(self, run: _TrialRun) -> None:
+        """Everything before training, filled into ``run`` step by step: its worker, its config, its
+        run (created in the background) and the observers that report, prune and link the run."""
+        trial = run.trial
+        if getattr(trial, "study", None) is not None:
+            # Lets the next worker (or `harness audit --fix`) tell a crashed trial from a running one.
+            trial.set_user_attr(WORKER_ATTR, self._worker)
+            _drop_inherited_reason(trial)
+        run.tracker = self._tracker_for(trial)
+        run.cfg = config.validate(config.with_values(self.base, space_module.sample(trial, self.space)),
+                                  self.experiment, self.data.n_train)
+        run.pending = run.tracker.start_trial(trial, run.cfg) if run.tracker else None
+        run.observers = self._observers(trial) + ([_Tracking(trial, run.tracker, run.pending)] if run.tracker else [])
+
     @staticmethod
-    def _finish(trial, tracker, pending, result) -> str:
+    def _finish(run: _TrialRun, result) -> str:
         """A trained trial's state, its reason and its run's record; held against signals."""
         history = result.history
         state = "FAIL" if result.diverged else "PRUNED" if history.stopped else "COMPLETE"
-        with signals.deferred(on_signal=lambda: _stop(trial)):
+        with signals.deferred(on_signal=lambda: _stop(run.trial)):
             if state == "FAIL":
-                trial.set_user_attr(FAIL_REASON_ATTR, history.stopped)
-            if tracker:
-                tracker.end_trial(trial, pending, result, state)
+                run.trial.set_user_attr(FAIL_REASON_ATTR, history.stopped)
+            if run.tracker:
+                run.tracker.end_trial(run.trial, run.pending, result, state)
         return state
 
     def run_batch(self, trials: list) -> list[tuple[str, float | None]]:
@@ -166,60 +185,54 @@ class Objective:
         run, reported, pruned and tracked as ``__call__`` does; the others one at a time. Returns
         (state, value) per trial, for ``study.tell``. A member's numbers are those of training it
         alone, bit for bit, so each trial reproduces alone."""
-        members = []  # [trial, tracker, pending, cfg, observers, history]
+        runs = []
         try:
             with signals.interruptible():
                 for trial in trials:
-                    trial.set_user_attr(WORKER_ATTR, self._worker)
-                    _drop_inherited_reason(trial)
-                    tracker = self._tracker_for(trial)
-                    member = [trial, tracker, None, None, [], History()]
-                    members.append(member)
-                    member[3] = config.validate(config.with_values(self.base, space_module.sample(trial, self.space)),
-                                                self.experiment, self.data.n_train)
-                    member[2] = tracker.start_trial(trial, member[3]) if tracker else None
-                    member[4] = self._observers(trial) + ([_Tracking(trial, tracker, member[2])] if tracker else [])
-                results = {}
-                for group in self._stacks(members):
+                    runs.append(_TrialRun(trial))
+                    self._start(runs[-1])
+                for group in self._stacks(runs):
                     if len(group) == 1:
-                        trial, _, _, cfg, observers, history = group[0]
-                        results[trial.number] = training.train(cfg, self.experiment, self.data, observers,
-                                                               history=history)
+                        run, = group
+                        run.result = training.train(run.cfg, self.experiment, self.data, run.observers,
+                                                    history=run.history)
                         continue
-                    stacked = batched.train_stack([m[3] for m in group], self.experiment, self.data,
-                                                  observers=[m[4] for m in group], histories=[m[5] for m in group])
-                    results.update({m[0].number: r for m, r in zip(group, stacked)})
+                    stacked = batched.train_stack([r.cfg for r in group], self.experiment, self.data,
+                                                  observers=[r.observers for r in group],
+                                                  histories=[r.history for r in group])
+                    for run, result in zip(group, stacked):
+                        run.result = result
         except BaseException as exc:
             with signals.deferred():  # a second Ctrl-C must not cut the wrap-up short
-                for trial, tracker, pending, cfg, _, history in members:
-                    self._end_unfinished(trial, tracker, pending, cfg, history, exc)
+                for run in runs:
+                    self._end_unfinished(run, exc)
             raise
         outcomes = []
-        for trial, tracker, pending, _, _, _ in members:
-            result = results[trial.number]
-            state = self._finish(trial, tracker, pending, result)
-            outcomes.append((state, result.history.last(TEST_LOSS) if state == "COMPLETE" else None))
+        for run in runs:
+            state = self._finish(run, run.result)
+            outcomes.append((state, run.result.history.last(TEST_LOSS) if state == "COMPLETE" else None))
         return outcomes
 
-    def _stacks(self, members: list) -> list[list]:
-        """The members grouped into stacks; a configuration that cannot be stacked is a group of its
+    def _stacks(self, runs: list[_TrialRun]) -> list[list[_TrialRun]]:
+        """The runs grouped into stacks; a configuration that cannot be stacked is a group of its
         own (said once per kind, on stderr)."""
         groups: dict[tuple, list] = {}
-        for member in members:
-            key = batched.stack_key(member[3])
+        for run in runs:
+            key = batched.stack_key(run.cfg)
             if key not in self._refusals:
-                reason = self._refusals[key] = batched.refusal(member[3], self.experiment, self.data)
+                reason = self._refusals[key] = batched.refusal(run.cfg, self.experiment, self.data)
                 if reason and list(self._refusals.values()).count(reason) == 1:  # said once per reason
                     print(f"harness: trials trained one at a time, not stacked: {reason}", file=sys.stderr)
-            groups.setdefault(key if self._refusals[key] is None else ("alone", member[0].number), []).append(member)
+            groups.setdefault(key if self._refusals[key] is None else ("alone", run.trial.number), []).append(run)
         # A stacked epoch costs about what 3 epochs alone cost on a small model (vmap's own
         # overhead, benchmarks/batched_search.py): fewer members train faster one at a time.
         return [part for group in groups.values()
-                for part in ([group] if len(group) >= batched.MIN_STACK else [[m] for m in group])]
+                for part in ([group] if len(group) >= batched.MIN_STACK else [[r] for r in group])]
 
-    def _end_unfinished(self, trial, tracker, pending, cfg, history, exc: BaseException) -> None:
+    def _end_unfinished(self, run: _TrialRun, exc: BaseException) -> None:
         """A trial cut short: record why, close its run with the curves so far, and queue its
         configuration again when the cause was not the configuration itself."""
+        trial, tracker, pending, cfg, history = run.trial, run.tracker, run.pending, run.cfg, run.history
         reason = failure_reason(exc)
         study = getattr(trial, "study", None)
         with contextlib.suppress(Exception):  # the storage may be what failed
