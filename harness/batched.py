@@ -21,7 +21,6 @@ loss, batch size, seed (their batches come in the same order), device and model 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -31,10 +30,9 @@ from torch import nn
 from . import stacked_optim
 from .config import TrainConfig
 from .experiment import Data, Experiment
-from .loop import History, Observer, StopTraining
+from .loop import History, Observer, record_epochs, sample_mean
 from .registry import build_loss, build_optimizer
-from .schema import TEST_LOSS, TRAIN_LOSS
-from .training import _RNG_LOCK, TrainResult, batches, build_model, evaluate_batches
+from .training import RNG_LOCK, TrainResult, batches, build_model, evaluate_batches
 
 # What changes a model's parameters' shapes is a hyperparameter the model is built with; the rest
 # of a config (lr, epochs, weight_decay, momentum) is the member's own.
@@ -66,22 +64,39 @@ def refusal(cfg: TrainConfig, experiment: Experiment, data: Data) -> str | None:
     # Matrix products over a stack sum in another order than one model's (measured: 3e-8 apart at
     # the first forward, and Adam makes that grow to whole percents in 100 epochs): the stack is
     # used only where one step gives every member exactly what it gives alone.
-    from torch.func import functional_call, vmap
-
     loss_fn = build_loss(cfg.loss)
-    skeleton = copy.deepcopy(model).to("meta")
-    params = {n: torch.stack([p.detach(), p.detach()]).requires_grad_() for n, p in model.named_parameters()}
-    losses, preds = vmap(lambda ps, X, y: (lambda p: (loss_fn(p, y), p))(functional_call(skeleton, ps, (X,))),
-                         in_dims=(0, None, None))(params, X, y)
+    params = [torch.stack([p.detach(), p.detach()]).requires_grad_() for p in model.parameters()]
+    losses, preds = _StackedLoss(model, loss_fn)(params, X, y)
     losses.sum().backward()
     pred = model(X)
     loss = loss_fn(pred, y)
     loss.backward()
     if not (torch.equal(preds[0], pred) and torch.equal(losses[0], loss)
-            and all(torch.equal(params[n].grad[0], p.grad) for n, p in model.named_parameters())):
+            and all(torch.equal(stacked.grad[0], p.grad) for stacked, p in zip(params, model.parameters()))):
         return (f"stacked, the model of experiment {experiment.name!r} would not give the last bits it gives alone "
                 "(a stack sums its matrix products in another order)")
     return None
+
+
+class _StackedLoss:
+    """``(params, X, y) -> (losses, predictions)`` for a stack: ``params`` are a model's parameters
+    (in ``parameters()`` order), each stacked along a first dimension, one row per member."""
+
+    def __init__(self, model: nn.Module, loss_fn):
+        from torch.func import functional_call, vmap
+
+        self.module = copy.deepcopy(model).to("meta")  # the module code, without weights; its mode is the stack's
+        self.names = [name for name, _ in self.module.named_parameters()]
+
+        def member_loss(X, y, *params):
+            pred = functional_call(self.module, dict(zip(self.names, params)), (X,))
+            return loss_fn(pred, y), pred
+
+        # Parameters as positional tensors, not a dict: a quarter less of vmap's own per-call cost.
+        self._vmapped = vmap(member_loss, in_dims=(None, None) + (0,) * len(self.names))
+
+    def __call__(self, params, X, y):
+        return self._vmapped(X, y, *params)
 
 
 @dataclass
@@ -105,13 +120,11 @@ def train_stack(cfgs: Sequence[TrainConfig], experiment: Experiment, data: Data,
     interrupted."""
     if len({stack_key(c) for c in cfgs}) != 1:
         raise ValueError(f"configs that cannot share a stack: {sorted({stack_key(c) for c in cfgs})}")
-    from torch.func import functional_call, vmap
-
     cfg0 = cfgs[0]
     data = data.to(cfg0.device)
     loss_fn = build_loss(cfg0.loss)
     metrics_fn = experiment.metrics
-    with _RNG_LOCK:
+    with RNG_LOCK:
         members = []
         for i, cfg in enumerate(cfgs):
             model = build_model(cfg, experiment)  # its own seed, as alone
@@ -119,25 +132,14 @@ def train_stack(cfgs: Sequence[TrainConfig], experiment: Experiment, data: Data,
                                                                cfg.weight_decay, cfg.momentum),
                                    list(observers[i]) if observers else [],
                                    histories[i] if histories else History()))
-        skeleton = copy.deepcopy(members[0].model).to("meta")  # the module code, without weights
-        names = [name for name, _ in skeleton.named_parameters()]
-
-        def member_loss(X, y, *params):
-            pred = functional_call(skeleton, dict(zip(names, params)), (X,))
-            return loss_fn(pred, y), pred
-
-        # Parameters as positional tensors, not a dict: a quarter less of vmap's own per-call cost.
-        vmapped = vmap(member_loss, in_dims=(None, None) + (0,) * len(names))
-
-        def stacked_loss(params, X, y):
-            return vmapped(X, y, *params)
+        stacked_loss = _StackedLoss(members[0].model, loss_fn)
         train_batches, test_batches = batches(data, cfg0)  # the same for every member: one seed
-        stepper = _stepper(members, names)
+        stepper = _stepper(members)
         active = list(members)
         for epoch in range(max(c.epochs for c in cfgs)):
-            skeleton.train()
+            stacked_loss.module.train()
             train_values = _epoch(stepper, active, stacked_loss, train_batches, metrics_fn, step=True)
-            skeleton.eval()
+            stacked_loss.module.eval()
             with torch.inference_mode():
                 test_values = _epoch(stepper, active, stacked_loss, test_batches, metrics_fn, step=False)
             for m, train, test in zip(active, train_values, test_values):
@@ -162,11 +164,11 @@ def train_stack(cfgs: Sequence[TrainConfig], experiment: Experiment, data: Data,
 class _EachOptimizer:
     """Each member's own torch optimizer, stepped one after the other: exact anywhere."""
 
-    def __init__(self, members: list[_Member], names: list[str]):
-        self.members, self.names = members, names
+    def __init__(self, members: list[_Member]):
+        self.members = members
 
     def params(self) -> list[torch.Tensor]:
-        return [torch.stack([m.params[j] for m in self.members]) for j in range(len(self.names))]
+        return [torch.stack(rows) for rows in zip(*(m.params for m in self.members))]
 
     def zero_grad(self) -> None:
         for m in self.members:
@@ -184,11 +186,10 @@ class _StackedParams:
     """The stack's parameters as one tensor per name, updated by stacked_optim (one set of kernels
     for every member); a member that stops gets its row back into its own model."""
 
-    def __init__(self, members: list[_Member], names: list[str]):
+    def __init__(self, members: list[_Member]):
         cfg = members[0].cfg
-        self.names = names
-        self.leaves = [torch.stack([m.params[j].detach() for m in members]).requires_grad_()
-                       for j in range(len(names))]
+        self.leaves = [torch.stack([p.detach() for p in rows]).requires_grad_()
+                       for rows in zip(*(m.params for m in members))]
         self.optimizer = stacked_optim.StackedOptimizer(cfg.optimizer, self.leaves, [m.cfg.lr for m in members],
                                                         cfg.weight_decay, cfg.momentum)
 
@@ -217,7 +218,7 @@ class _StackedParams:
 _AGREES: dict[tuple, bool] = {}  # (optimizer, shapes, weight decay, momentum, device) -> stacked_optim.agrees
 
 
-def _stepper(members: list[_Member], names: list[str]):
+def _stepper(members: list[_Member]):
     """Stacked updates where they give each member exactly its own optimizer's step on this
     machine (checked once per kind of stack), else each member's torch optimizer."""
     cfg = members[0].cfg
@@ -230,8 +231,8 @@ def _stepper(members: list[_Member], names: list[str]):
             _AGREES[key] = stacked_optim.agrees(cfg.optimizer, shapes, lrs, cfg.weight_decay, cfg.momentum,
                                                 cfg.device)
         if _AGREES[key]:
-            return _StackedParams(members, names)
-    return _EachOptimizer(members, names)
+            return _StackedParams(members)
+    return _EachOptimizer(members)
 
 
 def _epoch(stepper, active: list[_Member], stacked_loss, batches_, metrics_fn, step: bool):
@@ -256,12 +257,8 @@ def _epoch(stepper, active: list[_Member], stacked_loss, batches_, metrics_fn, s
         return rows
     per_batch = [[{"loss": losses[i], **(metrics_fn(preds[i], y) if metrics_fn is not None else {})}
                   for i in range(len(active))] for losses, preds, y in per_batch]
-    out = []
-    for i in range(len(active)):
-        stacked = {k: torch.stack([batch[i][k] for batch in per_batch]).float() for k in per_batch[0][i]}
-        weights = torch.tensor(sizes, dtype=torch.float32)
-        out.append({k: ((v * weights).sum() / weights.sum()).item() for k, v in stacked.items()})
-    return out
+    return [{k: _float(sample_mean([batch[i][k] for batch in per_batch], sizes)) for k in per_batch[0][i]}
+            for i in range(len(active))]
 
 
 def _float(value: torch.Tensor) -> float:
@@ -269,20 +266,7 @@ def _float(value: torch.Tensor) -> float:
 
 
 def _record(m: _Member, epoch: int, logs: dict[str, float]) -> None:
-    """As loop._sync does for training alone: a non-finite loss ends the member, observers may stop it."""
-    if not (math.isfinite(logs[TRAIN_LOSS]) and math.isfinite(logs[TEST_LOSS])):
-        m.history.diverged_at = epoch
-        m.history.stopped = f"diverged at epoch {epoch}"
-        m.active = False
-        return
-    for name, value in logs.items():
-        m.history.values.setdefault(name, []).append(value)
-    try:
-        for observer in m.observers:
-            observer.on_epoch_end(epoch, logs)
-    except StopTraining as stop:
-        m.history.stopped = str(stop) or f"stopped at epoch {epoch}"
-        m.active = False
-        return
-    if epoch + 1 >= m.cfg.epochs:
+    """The epoch in the member's history, as training alone records it (a non-finite loss or an
+    observer ends the member); its own last epoch ends it too."""
+    if not record_epochs([logs], epoch, m.history, m.observers) or epoch + 1 >= m.cfg.epochs:
         m.active = False

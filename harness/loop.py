@@ -141,7 +141,7 @@ def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn
     for epoch in range(epochs):
         pending.add(epoch, run_epoch())
         if epoch + 1 - start >= sync_every or epoch + 1 == epochs:
-            if not _sync(pending.take(start, epoch + 1), start, history, observers):
+            if not record_epochs(pending.take(start, epoch + 1), start, history, observers):
                 break
             start = epoch + 1
     return history
@@ -236,7 +236,7 @@ class _DeviceValues:
         return [{name: values[offset] for name, values in chunk.items()} for offset in range(stop - start)]
 
 
-def _sync(rows: list[dict[str, float]], start: int, history: History, observers: list[Observer]) -> bool:
+def record_epochs(rows: list[dict[str, float]], start: int, history: History, observers: list[Observer]) -> bool:
     """Record the epochs from ``start`` on and notify observers. False means stop training."""
     for epoch, logs in enumerate(rows, start):
         if not (math.isfinite(logs[TRAIN_LOSS]) and math.isfinite(logs[TEST_LOSS])):

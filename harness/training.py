@@ -22,7 +22,7 @@ from .schema import final
 # generator with another thread's trial, or two trials on two threads (--n-jobs) would get each
 # other's numbers and no longer re-run bit for bit. So one run trains at a time per process;
 # threads still overlap everything around training (sampling, tracking).
-_RNG_LOCK = threading.RLock()
+RNG_LOCK = threading.RLock()
 # Test sets are evaluated in batches of at most this many samples.
 EVAL_BATCH = 4096
 
@@ -49,7 +49,7 @@ class TrainResult:
 
 
 def build_model(cfg: TrainConfig, experiment: Experiment) -> nn.Module:
-    with _RNG_LOCK:
+    with RNG_LOCK:
         torch.manual_seed(cfg.seed)
         try:
             model = experiment.make_model(**cfg.hparams)
@@ -121,7 +121,7 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     data = (data if data is not None else experiment.load_data()).to(cfg.device)
-    with _RNG_LOCK:
+    with RNG_LOCK:
         model = build_model(cfg, experiment)
         loss_fn = build_loss(cfg.loss)
         optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)

@@ -121,7 +121,7 @@ def test_where_stacked_updates_are_not_known_exact_each_member_s_optimizer_steps
     cfgs = [cfg_of(experiment, data, optimizer="adamw", loss="mse", lr=lr, epochs=30) for lr in (0.01, 0.04)]
     assert batched._stepper([batched._Member(c, m, o, [], History()) for c, (m, o) in zip(cfgs, [
         (lambda m: (m, torch.optim.AdamW(m.parameters(), lr=0.01)))(training.build_model(c, experiment))
-        for c in cfgs])], ["weights", "bias"]).__class__ is batched._StackedParams
+        for c in cfgs])]).__class__ is batched._StackedParams
     fast = batched.train_stack(cfgs, experiment, data)
     monkeypatch.setattr(batched, "_AGREES", {k: False for k in batched._AGREES})
     slow = batched.train_stack(cfgs, experiment, data)
