@@ -27,8 +27,9 @@ class Parser(argparse.ArgumentParser):
 def _did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
     """A close flag or command for argparse's "unrecognized arguments" and "invalid choice" errors
     (Python 3.14's suggest_on_error does this; 3.11 does not)."""
-    import difflib
     import re
+
+    from .errors import closest
 
     words = message.partition("unrecognized arguments:")[2].split()
     choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
@@ -37,10 +38,9 @@ def _did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
     else:
         known = [flag for flag in parser._option_string_actions if flag.startswith("--")]
     for word in words:
-        close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.7) if word.startswith(
-            "--") or choice else []
+        close = closest(word.split("=")[0], known, cutoff=0.7) if word.startswith("--") or choice else None
         if close:
-            return f" (did you mean {close[0]}?)"
+            return f" (did you mean {close}?)"
     return ""
 
 

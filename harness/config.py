@@ -5,7 +5,6 @@ The config is flat to everything outside this module (a file, ``--set``, MLflow 
 """
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from dataclasses import dataclass, field, fields, replace
@@ -111,9 +110,8 @@ def check_keys(keys, experiment: Experiment, origin: str) -> None:
     allowed = allowed_keys(experiment)
     unknown = sorted(set(keys) - set(allowed))
     if unknown:
-        close = difflib.get_close_matches(str(unknown[0]).lower(), allowed, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UsageError(f"unknown config key {unknown[0]!r} in {origin}; allowed: {', '.join(allowed)}{hint}")
+        raise UsageError(f"unknown config key {unknown[0]!r} in {origin}; allowed: {', '.join(allowed)}"
+                         f"{did_you_mean(str(unknown[0]).lower(), allowed)}")
 
 
 def resolve(overrides: Mapping[str, Any] | None = None, file: str | Path | None = None,

@@ -1,12 +1,18 @@
 """Errors the CLI turns into one line on stderr, without a traceback."""
 
 
-def did_you_mean(value, allowed) -> str:
-    """`` (did you mean 'x'?)`` for a value close to one allowed, else ""."""
+def closest(value, allowed, cutoff: float = 0.6) -> str | None:
+    """The allowed value closest to ``value`` (difflib's ratio of at least ``cutoff``), or None."""
     import difflib
 
-    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1) if isinstance(value, str) else []
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=cutoff)
+    return close[0] if close and isinstance(value, str) else None
+
+
+def did_you_mean(value, allowed) -> str:
+    """`` (did you mean 'x'?)`` for a value close to one allowed, else ""."""
+    close = closest(value, allowed)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 class UsageError(ValueError):
