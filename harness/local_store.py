@@ -7,7 +7,6 @@ caller takes an MlflowClient.
 """
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
 import stat
@@ -16,6 +15,7 @@ from types import SimpleNamespace
 from urllib.parse import quote
 
 from .mlflow_sql import TESTED
+from .urls import local_folder
 
 # The schema revision MLflow 3.17 migrates a new store to: the tables read here are that revision's
 # (tests/test_mlflow_conformance.py checks it is still MLflow's head).
@@ -104,9 +104,7 @@ def _tested_mlflow() -> bool:
 
 
 def _local_folder(uri: str) -> Path | None:
-    """The folder of an artifact URI that is a local absolute path, else None. With a '%' MLflow
-    would unquote the path first: that case stays with MLflow."""
-    path = uri[len("file://"):] if uri.startswith("file:///") else uri
-    if "%" in path or not path.startswith("/") or not os.path.isdir(path):
-        return None
-    return Path(path)
+    """The folder of an artifact URI that is a local absolute path (``file:///...`` or ``/...``) and
+    exists, else None. With a '%' MLflow would unquote the path first: that case stays with MLflow."""
+    folder = local_folder(uri) if uri.startswith(("file:///", "/")) and "%" not in uri else None
+    return folder if folder is not None and folder.is_dir() else None

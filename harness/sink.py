@@ -13,6 +13,7 @@ from typing import Protocol
 from . import mlflow_sql, tracking
 from .schema import FAIL_REASON_TAG, INCOMPLETE_TAG, PARENT_TAG
 from .tracking import RunRecord
+from .urls import local_folder
 
 
 class RunSink(Protocol):
@@ -38,7 +39,7 @@ class MlflowSink:
         """A RUNNING run with its params from the start: a run whose worker dies still says what it ran."""
         info = self.client.create_run(experiment_id, run_name=name, tags=tags).info
         run_id = info.run_id
-        folder = _local_folder(info.artifact_uri)
+        folder = local_folder(info.artifact_uri)
         if folder is not None:
             self._folders[run_id] = folder
         if params:
@@ -90,17 +91,3 @@ def close_incomplete(sink: RunSink, run_id: str, reason: str) -> None:
     """A run whose final write failed part way: FAILED, saying what it lacks."""
     sink.close(run_id, "FAILED", {INCOMPLETE_TAG: reason, FAIL_REASON_TAG: reason})
 
-
-def _local_folder(artifact_uri: str | None) -> Path | None:
-    """The folder of a run's artifacts when MLflow keeps them in a local folder (its default beside
-    an SQLite store); None for anything served or remote."""
-    from urllib.parse import unquote, urlparse
-
-    if not artifact_uri:
-        return None
-    parsed = urlparse(artifact_uri)
-    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
-        return Path(unquote(parsed.path))
-    if parsed.scheme == "" and artifact_uri.startswith("/"):
-        return Path(artifact_uri)
-    return None

@@ -8,6 +8,7 @@ password: everything from the first ``:`` after the user name to the last ``@`` 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from urllib.parse import unquote
 
 from .errors import UsageError
@@ -91,3 +92,18 @@ def engine_url(url: str) -> str:
     """``postgresql://`` pinned to psycopg 3 (the driver the harness installs): SQLAlchemy before 2.1
     reads a bare ``postgresql://`` as psycopg2, from 2.1 on as psycopg."""
     return "postgresql+psycopg://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
+
+
+def local_folder(artifact_uri: str | None) -> Path | None:
+    """The folder of a run's artifacts when MLflow keeps them in a local folder (its default beside
+    an SQLite store); None for anything served or remote."""
+    from urllib.parse import urlparse
+
+    if not artifact_uri:
+        return None
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and artifact_uri.startswith("/"):
+        return Path(artifact_uri)
+    return None
