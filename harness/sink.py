@@ -3,7 +3,8 @@
 ``MlflowSink`` is the one implementation: MLflow's client in this process. A finished record on an
 SQLite store (MLflow's default) goes in one transaction through ``mlflow_sql`` (metrics, tags and the
 run's status together, ~10x less CPU than MLflow's ORM path); anything else takes MLflow's public
-path. MLflow's client and the SQL path open a session per call: threads may share one sink.
+path. A batch's runs and records take one transaction each there. MLflow's client and the SQL path
+open a session per call: threads may share one sink.
 """
 from __future__ import annotations
 
@@ -16,10 +17,22 @@ from .tracking import RunRecord
 from .urls import local_folder
 
 
+class WriteFailed(Exception):
+    """The records of ``run_ids`` were not written (the others of the same ``write_many`` were)."""
+
+    def __init__(self, run_ids: list[str], cause: BaseException):
+        super().__init__(str(cause))
+        self.run_ids = run_ids
+
+
 class RunSink(Protocol):
     def create_run(self, experiment_id: str, name: str, tags: dict[str, str], params: dict[str, str]) -> str: ...
 
+    def create_runs(self, experiment_id: str, runs: list[tuple[str, dict[str, str], dict[str, str]]]) -> list[str]: ...
+
     def write(self, run_id: str, record: RunRecord, status: str | None) -> None: ...
+
+    def write_many(self, records: list[tuple[str, RunRecord, str | None]]) -> None: ...
 
     def close(self, run_id: str, status: str, tags: dict[str, str] | None = None) -> None: ...
 
@@ -49,9 +62,50 @@ class MlflowSink:
                 tracking.write(self.client, run_id, RunRecord(params=params, history={}))
         return run_id
 
+    def create_runs(self, experiment_id: str, runs: list[tuple[str, dict[str, str], dict[str, str]]]) -> list[str]:
+        """Runs (name, tags, params) as ``create_run`` makes each; one transaction on the SQL path."""
+        made = self._direct.create_runs(experiment_id, runs) if self._direct is not None and runs else None
+        if made is None:
+            return [self.create_run(experiment_id, *run) for run in runs]
+        for run_id, artifact_uri in made:
+            folder = local_folder(artifact_uri)
+            if folder is not None:
+                self._folders[run_id] = folder
+        return [run_id for run_id, _ in made]
+
     def write(self, run_id: str, record: RunRecord, status: str | None) -> None:
         """The record's artifacts, then its metrics, tags and params; then ``status`` (None: the run
         stays open). A failure part way leaves the run RUNNING: ``close_incomplete`` marks it."""
+        try:
+            self.write_many([(run_id, record, status)])
+        except WriteFailed as exc:
+            raise exc.__cause__ from None
+
+    def write_many(self, records: list[tuple[str, RunRecord, str | None]]) -> None:
+        """``write`` for several runs (run id, record, status): every run's artifacts first, then
+        the rest of all records in one transaction on the SQL path (all or none written), else run
+        by run (WriteFailed names the runs whose record failed)."""
+        for run_id, record, _ in records:
+            self._write_artifacts(run_id, record)
+        rows = [(run_id, [(name, value, step) for name, values in record.history.items()
+                          for step, value in enumerate(values)] + [(name, value, 0) for name, value in record.finals.items()],
+                 record.tags, record.params, status) for run_id, record, status in records]
+        if self._direct is not None and self._direct.write_many(rows):
+            return
+        failed, first = [], None
+        for run_id, record, status in records:
+            try:
+                tracking.write(self.client, run_id, RunRecord(params=record.params, history=record.history,
+                                                              finals=record.finals, tags=record.tags))
+                if status is not None:
+                    self.client.set_terminated(run_id, status)
+            except Exception as exc:  # the others are still written: only these runs lack their record
+                failed.append(run_id)
+                first = first or exc
+        if failed:
+            raise WriteFailed(failed, first) from first
+
+    def _write_artifacts(self, run_id: str, record: RunRecord) -> None:
         folder = self._folders.pop(run_id, None)
         if record.artifacts and folder is not None:
             # MLflow's local artifact store is the folder itself: a file written there is what
@@ -61,14 +115,6 @@ class MlflowSink:
                 folder.joinpath(name).write_bytes(content)
         elif record.artifacts:  # first, as above: a run is never closed before its artifacts are in
             tracking.write(self.client, run_id, RunRecord(params={}, history={}, artifacts=record.artifacts))
-        rows = [(name, value, step) for name, values in record.history.items() for step, value in enumerate(values)]
-        rows += [(name, value, 0) for name, value in record.finals.items()]
-        if self._direct is not None and self._direct.write(run_id, rows, record.tags, record.params, status):
-            return
-        tracking.write(self.client, run_id, RunRecord(params=record.params, history=record.history,
-                                                      finals=record.finals, tags=record.tags))
-        if status is not None:
-            self.client.set_terminated(run_id, status)
 
     def close(self, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
         if tags:

@@ -102,3 +102,80 @@ def test_every_member_of_a_batch_beats_its_heartbeat_on_an_rdb_storage(tmp_path,
         beats = db.execute("SELECT COUNT(DISTINCT trial_id) FROM trial_heartbeats").fetchone()[0]
     assert beats == 4
     assert not [w for w in recwarn if "Heartbeat of storage" in str(w.message)]  # beaten here, as optimize would
+
+
+def test_a_tracked_batch_writes_its_runs_together_and_keeps_the_contract(workdir, monkeypatch):
+    """Tracked, a batch's runs are created in one transaction and its records written in another,
+    and the store holds what one trial at a time leaves: one complete run per trial, audit clean."""
+    from harness.search import audit
+    from harness.search import study as study_module
+    from harness.sink import MlflowSink
+    from search_helpers import check_contract
+
+    class PruneTrialTwoAtStepFive(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return trial.number == 2 and trial.last_step is not None and trial.last_step >= 5
+
+    calls = {"create_runs": [], "write_many": []}
+    for name in calls:
+        real = getattr(MlflowSink, name)
+        monkeypatch.setattr(MlflowSink, name, lambda self, *a, _real=real, _name=name: calls[_name].append(len(a[-1]))
+                            or _real(self, *a))
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = load("linear_regression")
+    space = space_module.resolve(experiment, overrides={"lr": [1e-4, 10.0], "epochs": [5, 60]})
+    storage = study_module.open_storage(f"journal:{workdir / 'optuna_journal.log'}")
+    study = optuna.create_study(study_name="batched", storage=storage, pruner=PruneTrialTwoAtStepFive(),
+                                sampler=optuna.samplers.RandomSampler(0))
+    for params in CONFIGS:
+        study.enqueue_trial(params)
+    with Objective(experiment, space, report_every=1) as objective:
+        batch.optimize(study, objective, len(CONFIGS), batch=len(CONFIGS))
+    assert calls["create_runs"] == [9] and calls["write_many"][0] == 9  # one transaction each for the batch
+    assert [t.state for t in study.trials][:3] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED]
+    _, runs = check_contract(workdir, study, figures_for={study.best_trial.number})
+    assert runs[1].data.tags["harness.fail_reason"].startswith("diverged")
+    from harness.tracking import read_client
+
+    report = audit.audit(study, storage, read_client())
+    assert not report.violations, report.violations
+
+
+def test_a_batch_whose_records_fail_to_write_closes_every_run_incomplete_and_queues_them_again(workdir, monkeypatch):
+    """One transaction for a batch's records: when it fails (a full disk), none of them is in, so
+    every run is closed FAILED as incomplete and each completed configuration is queued again."""
+    from harness import mlflow_sql
+    from harness.search import study as study_module
+
+    real = mlflow_sql.DirectWriter.write_many
+
+    def full_disk(self, records):  # the params at the runs' creation go in; the batch's records do not
+        if any(metrics for _, metrics, *_ in records):
+            raise OSError("database or disk is full")
+        return real(self, records)
+
+    monkeypatch.setattr(mlflow_sql.DirectWriter, "write_many", full_disk)
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = load("linear_regression")
+    space = space_module.resolve(experiment, overrides={"lr": [1e-4, 10.0], "epochs": [5, 60]})
+    study = optuna.create_study(study_name="full", sampler=optuna.samplers.RandomSampler(0), pruner=optuna.pruners.NopPruner(),
+                                storage=study_module.open_storage(f"journal:{workdir / 'optuna_journal.log'}"))
+    for params in CONFIGS[:4]:
+        study.enqueue_trial(params)
+    objective = Objective(experiment, space)
+    batch.optimize(study, objective, 4, batch=4)
+    errors = objective.close()
+    assert len(errors) == 1 and "disk is full" in str(errors[0])
+    from conftest import all_runs
+
+    trials = {str(t.number): t for t in study.trials}
+    children = [r for r in all_runs(workdir) if "optuna.trial_number" in r.data.tags]
+    assert len(children) == 4
+    for run in children:
+        assert run.info.status == "FAILED" and "disk is full" in run.data.tags["harness.record_incomplete"]
+    queued = [t for t in study.trials if t.state == TrialState.WAITING]
+    completed = [t.number for t in study.trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.system_attrs["failed_trial"] for t in queued) == completed and len(completed) == 3
+    assert set(trials) >= {r.data.tags["optuna.trial_number"] for r in children}

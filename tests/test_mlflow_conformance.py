@@ -34,8 +34,10 @@ def record() -> RunRecord:
                      artifacts={"state_dict.pt": bytes(range(256)) * 40, "config.json": b'{"lr": 0.01}'})
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
+@pytest.fixture(params=["one run", "a batch"])
+def store(request, tmp_path, monkeypatch):
+    """A store holding one record written by MLflow's public path and the same by the direct path:
+    alone (create_run, write), or as one of a batch's runs (create_runs, write_many: one transaction)."""
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.open_client(uri)
@@ -46,8 +48,16 @@ def store(tmp_path, monkeypatch):
     tracking.write(client, public, record())
     client.set_terminated(public, "FINISHED")
     sink = MlflowSink(client)
-    direct = sink.create_run(experiment, "direct", {"optuna.trial_number": "1"}, params)
-    sink.write(direct, record(), "FINISHED")
+    if request.param == "one run":
+        direct = sink.create_run(experiment, "direct", {"optuna.trial_number": "1"}, params)
+        sink.write(direct, record(), "FINISHED")
+    else:
+        direct, other = sink.create_runs(experiment, [("direct", {"optuna.trial_number": "1"}, params),
+                                                      ("other", {"optuna.trial_number": "2"}, {"lr": "0.1"})])
+        sink.write_many([(other, RunRecord(params={}, history={"train_loss": [9.0]}, tags={"x": "y"}), "KILLED"),
+                         (direct, record(), "FINISHED")])
+        assert client.get_run(other).info.status == "KILLED" and client.get_run(other).data.params == {"lr": "0.1"}
+        client.delete_run(other)  # out of the comparisons below, which search the experiment
     return uri, client, experiment, public, direct
 
 
@@ -60,6 +70,9 @@ def test_the_direct_path_is_on_for_this_mlflow():
 
 def _same_run(client, public: str, direct: str) -> None:
     a, b = client.get_run(public), client.get_run(direct)
+    assert (a.info.user_id, a.info.experiment_id) == (b.info.user_id, b.info.experiment_id)
+    assert b.info.run_name == b.data.tags["mlflow.runName"] == "direct"
+    assert a.info.artifact_uri.replace(public, direct) == b.info.artifact_uri
     assert {k: repr(v) for k, v in a.data.metrics.items()} == {k: repr(v) for k, v in b.data.metrics.items()}
     assert a.data.params == b.data.params
     ignore = {"mlflow.runName"}

@@ -154,30 +154,54 @@ class Objective:
         return math.nan if state == "FAIL" else result.history.last(TEST_LOSS)
 
     def _start(self, run: _TrialRun) -> None:
-        """Everything before training, filled into ``run`` step by step: its worker, its config, its
-        run (created in the background) and the observers that report, prune and link the run."""
-        trial = run.trial
-        if getattr(trial, "study", None) is not None:
-            # Lets the next worker (or `harness audit --fix`) tell a crashed trial from a running one.
-            trial.set_user_attr(WORKER_ATTR, self._worker)
-            _drop_inherited_reason(trial)
-        run.tracker = self._tracker_for(trial)
-        run.cfg = config.validate(config.with_values(self.base, space_module.sample(trial, self.space)),
-                                  self.experiment, self.data.n_train)
-        run.pending = run.tracker.start_trial(trial, run.cfg) if run.tracker else None
-        run.observers = self._observers(trial) + ([_Tracking(trial, run.tracker, run.pending)] if run.tracker else [])
+        """Everything before training: its worker, its config, its run (created in the background)
+        and the observers that report, prune and link the run."""
+        self._start_all([run])
+
+    def _start_all(self, runs: list[_TrialRun]) -> None:
+        """``_start`` for a batch's trials, filled into each run step by step; their runs are created
+        together, those of the configurations made so far also when a later one raises."""
+        try:
+            for run in runs:
+                trial = run.trial
+                if getattr(trial, "study", None) is not None:
+                    # Lets the next worker (or `harness audit --fix`) tell a crashed trial from a running one.
+                    trial.set_user_attr(WORKER_ATTR, self._worker)
+                    _drop_inherited_reason(trial)
+                run.tracker = self._tracker_for(trial)
+                run.cfg = config.validate(config.with_values(self.base, space_module.sample(trial, self.space)),
+                                          self.experiment, self.data.n_train)
+        finally:
+            tracked = [run for run in runs if run.tracker and run.cfg is not None]
+            if tracked:
+                pending = tracked[0].tracker.start_trials([(run.trial, run.cfg) for run in tracked])
+                for run, future in zip(tracked, pending):
+                    run.pending = future
+        for run in runs:
+            run.observers = self._observers(run.trial) + (
+                [_Tracking(run.trial, run.tracker, run.pending)] if run.tracker else [])
 
     @staticmethod
     def _finish(run: _TrialRun, result) -> str:
         """A trained trial's state, its reason and its run's record; held against signals."""
-        history = result.history
-        state = "FAIL" if result.diverged else "PRUNED" if history.stopped else "COMPLETE"
-        with signals.deferred(on_signal=lambda: _stop(run.trial)):
-            if state == "FAIL":
-                run.trial.set_user_attr(FAIL_REASON_ATTR, history.stopped)
-            if run.tracker:
-                run.tracker.end_trial(run.trial, run.pending, result, state)
-        return state
+        run.result = result
+        return Objective._finish_all([run])[0]
+
+    @staticmethod
+    def _finish_all(runs: list[_TrialRun]) -> list[str]:
+        """``_finish`` for a batch's trained trials; their records are written together."""
+        states = []
+        for run in runs:
+            history = run.result.history
+            states.append("FAIL" if run.result.diverged else "PRUNED" if history.stopped else "COMPLETE")
+        with signals.deferred(on_signal=lambda: _stop(runs[0].trial)):
+            for run, state in zip(runs, states):
+                if state == "FAIL":
+                    run.trial.set_user_attr(FAIL_REASON_ATTR, run.result.history.stopped)
+            tracked = [(run.trial, run.pending, run.result, state) for run, state in zip(runs, states) if run.tracker]
+            if tracked:
+                runs[0].tracker.end_trials(tracked)
+        return states
 
     def run_batch(self, trials: list) -> list[tuple[str, float | None]]:
         """Train ``trials`` (asked from one study) together: those whose configurations stack
@@ -188,9 +212,8 @@ class Objective:
         runs = []
         try:
             with signals.interruptible():
-                for trial in trials:
-                    runs.append(_TrialRun(trial))
-                    self._start(runs[-1])
+                runs = [_TrialRun(trial) for trial in trials]
+                self._start_all(runs)
                 for group in self._stacks(runs):
                     if len(group) == 1:
                         run, = group
@@ -207,11 +230,9 @@ class Objective:
                 for run in runs:
                     self._end_unfinished(run, exc)
             raise
-        outcomes = []
-        for run in runs:
-            state = self._finish(run, run.result)
-            outcomes.append((state, run.result.history.last(TEST_LOSS) if state == "COMPLETE" else None))
-        return outcomes
+        states = self._finish_all(runs)
+        return [(state, run.result.history.last(TEST_LOSS) if state == "COMPLETE" else None)
+                for run, state in zip(runs, states)]
 
     def _stacks(self, runs: list[_TrialRun]) -> list[list[_TrialRun]]:
         """The runs grouped into stacks; a configuration that cannot be stacked is a group of its

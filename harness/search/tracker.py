@@ -3,6 +3,8 @@
 ``StudyTracker`` hands each trial's writes to a ``RunSink`` through two standard thread pools: one
 creates runs (a trial waits for its run id, so that never queues behind a record being written) and
 one writes records. Training goes on meanwhile; ``close`` waits until everything is in the store.
+A batch's trials (``--batch``) are created in one transaction and recorded in another, where the
+sink writes SQL directly: a trial's run costs a fraction of a millisecond instead of ~8 ms.
 benchmarks/tracking_path.py measures this against writing inline, MLflow's own async logging and a
 writer process.
 """
@@ -18,7 +20,7 @@ from typing import Any
 from .. import plots, schema, tracking
 from ..errors import HarnessError
 from ..schema import FAIL_REASON_ATTR, PARENT_ATTR, ROLE_STUDY, ROLE_TAG, RUN_ATTR, RUN_STATUS
-from ..sink import MlflowSink, RunSink, close_incomplete
+from ..sink import MlflowSink, RunSink, WriteFailed, close_incomplete
 from . import optuna_private, summary
 from .storages import describe, study_lock
 from .workers import WORKER_DIED, abandoned, retry
@@ -140,7 +142,7 @@ class StudyTracker:
             if f.exception() is not None:
                 self._failed(f.exception())
                 if on_error:
-                    on_error()
+                    on_error(f.exception())
         future.add_done_callback(done)
         return future
 
@@ -155,31 +157,48 @@ class StudyTracker:
 
     def start_trial(self, trial, cfg) -> Future:
         """The trial's run, created in the background: a Future of its id."""
+        return self.start_trials([(trial, cfg)])[0]
+
+    def start_trials(self, trials: list[tuple]) -> list[Future]:
+        """The runs of (trial, config) pairs, created in the background: a Future of each run's id.
+        Several at once go in one transaction where the store allows (a batch's trials)."""
         self.check()
-        params = tracking.params_of(cfg, {schema.TRIAL_NUMBER_PARAM: trial.number, **self._extra})
-        tags = {schema.PARENT_TAG: self.parent_run_id, schema.TRIAL_NUMBER_TAG: str(trial.number),
-                schema.STUDY_TAG: self.study.study_name}
-        future = self._submit(self._create, self.sink.create_run, self.experiment_id, f"trial-{trial.number}", tags,
-                              params)
+        specs = [(f"trial-{trial.number}",
+                  {schema.PARENT_TAG: self.parent_run_id, schema.TRIAL_NUMBER_TAG: str(trial.number),
+                   schema.STUDY_TAG: self.study.study_name},
+                  tracking.params_of(cfg, {schema.TRIAL_NUMBER_PARAM: trial.number, **self._extra}))
+                 for trial, cfg in trials]
+        if len(specs) == 1 or not self.sink.direct:
+            futures = [self._submit(self._create, self.sink.create_run, self.experiment_id, *spec) for spec in specs]
+        else:
+            futures = _split(self._submit(self._create, self.sink.create_runs, self.experiment_id, specs), len(specs))
         if self._wait:
-            wait([future])
-        return future
+            wait(futures)
+        return futures
 
     def end_trial(self, trial, pending: Future, result, state: str) -> str:
         """Hand a finished trial's record to the writes; the run ends with the status its state maps to."""
-        run_id = self._link(trial, pending)
-        rec = tracking.record(result, extra_params={schema.TRIAL_NUMBER_PARAM: trial.number, **self._extra},
-                              tags={schema.TRIAL_STATE_TAG: state})
-        rec = replace(rec, params={})  # logged with the run's creation
-        if state == "PRUNED":
-            rec.finals = {}
-            # KILLED is MLflow's nearest status, drawn like a failure: the name and description say pruned.
-            rec.tags.update(pruned_tags(trial.number, result.history.stopped, type(self.study.pruner).__name__))
-        if state == "COMPLETE":
-            self._note_best(trial.number, run_id, result)
-        figures = (result.history.values, result.predictions) if self.trial_figures else None
-        self._write(run_id, trial.number, state, rec, RUN_STATUS[state], figures)
-        return run_id
+        return self.end_trials([(trial, pending, result, state)])[0]
+
+    def end_trials(self, ends: list[tuple]) -> list[str]:
+        """``end_trial`` for (trial, pending, result, state) tuples; several records go in one
+        transaction where the store allows. Their run ids."""
+        writes = []
+        for trial, pending, result, state in ends:
+            run_id = self._link(trial, pending)
+            rec = tracking.record(result, extra_params={schema.TRIAL_NUMBER_PARAM: trial.number, **self._extra},
+                                  tags={schema.TRIAL_STATE_TAG: state})
+            rec = replace(rec, params={})  # logged with the run's creation
+            if state == "PRUNED":
+                rec.finals = {}
+                # KILLED is MLflow's nearest status, drawn like a failure: the name and description say pruned.
+                rec.tags.update(pruned_tags(trial.number, result.history.stopped, type(self.study.pruner).__name__))
+            if state == "COMPLETE":
+                self._note_best(trial.number, run_id, result)
+            figures = (result.history.values, result.predictions) if self.trial_figures else None
+            writes.append((run_id, trial.number, state, rec, RUN_STATUS[state], figures))
+        self._write(writes)
+        return [write[0] for write in writes]
 
     def end_interrupted_trial(self, trial, pending: Future | None, cfg, history, reason: str,
                               run_status: str) -> str | None:
@@ -188,25 +207,34 @@ class StudyTracker:
             return None  # its run was never created
         run_id = self._link(trial, pending)
         rec = tracking.partial_record(cfg, history, reason, tags={schema.TRIAL_STATE_TAG: "FAIL"})
-        self._write(run_id, trial.number, "FAIL", replace(rec, params={}), run_status, None)
+        self._write([(run_id, trial.number, "FAIL", replace(rec, params={}), run_status, None)])
         return run_id
 
-    def _write(self, run_id: str, number: int, state: str, rec, status: str, figures) -> None:
-        def write() -> None:
-            if figures is not None:
-                rec.artifacts.update(self._render(*figures))
-            self.sink.write(run_id, rec, status)
+    def _write(self, writes: list[tuple]) -> None:
+        """Write (run id, trial number, state, record, status, figures) tuples: one by one, or in one
+        ``write_many`` where the store takes them in one transaction."""
+        def write(batch: list[tuple]) -> None:
+            for run_id, _, _, rec, _, figures in batch:
+                if figures is not None:
+                    rec.artifacts.update(self._render(*figures))
+            self.sink.write_many([(run_id, rec, status) for run_id, _, _, rec, status, _ in batch])
 
-        def unwritten() -> None:
+        def unwritten(batch: list[tuple], exc: BaseException | None) -> None:
+            failed = set(exc.run_ids) if isinstance(exc, WriteFailed) else None
             with self._lock:
-                self._unwritten[run_id] = (number, state)
-        try:
-            future = self._submit(self._writes, write, on_error=unwritten)
-        except TrackingFailed:
-            unwritten()
-            return
+                for run_id, number, state, *_ in batch:
+                    if failed is None or run_id in failed:
+                        self._unwritten[run_id] = (number, state)
+
+        futures = []
+        for batch in ([writes] if self.sink.direct else [[one] for one in writes]):
+            try:
+                futures.append(self._submit(self._writes, write, batch,
+                                            on_error=lambda exc, batch=batch: unwritten(batch, exc)))
+            except TrackingFailed:
+                unwritten(batch, None)
         if self._wait:
-            wait([future])
+            wait(futures)
 
     def _render(self, values, predictions) -> dict[str, bytes]:
         if self._data is None:
@@ -352,3 +380,20 @@ def abandoned_reasons(study) -> dict[int, str]:
 def first_line(exc: BaseException | None) -> str:
     text = str(exc).strip() if exc is not None else ""
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def _split(future: Future, count: int) -> list[Future]:
+    """One Future per item of ``future``'s list result (its exception, for each, if it fails)."""
+    parts = [Future() for _ in range(count)]
+    for part in parts:
+        part.set_running_or_notify_cancel()
+
+    def done(f: Future) -> None:
+        error = f.exception()
+        for index, part in enumerate(parts):
+            if error is not None:
+                part.set_exception(error)
+            else:
+                part.set_result(f.result()[index])
+    future.add_done_callback(done)
+    return parts
