@@ -20,6 +20,9 @@ from pathlib import Path
 from .errors import HarnessError, UsageError
 
 DB_USER = "harness"
+# `mlflow server --workers`: on 2 cores, 1, 2 and 4 carry the same load (benchmarks/capacity.py);
+# a machine of the server's own takes more.
+SERVER_WORKERS = 2
 
 
 def postgres_bin() -> Path:
@@ -114,7 +117,8 @@ def create_database(server_url: str, name: str) -> None:
 class TrackingServer:
     """``mlflow server`` on 127.0.0.1: runs in ``backend_uri``, artifacts served from ``artifacts``."""
 
-    def __init__(self, backend_uri: str, artifacts: Path, log: Path, port: int | None = None, workers: int = 2):
+    def __init__(self, backend_uri: str, artifacts: Path, log: Path, port: int | None = None,
+                 workers: int = SERVER_WORKERS):
         self.backend_uri, self.artifacts, self.log = backend_uri, Path(artifacts), Path(log)
         self.port = port or free_port()
         self.workers = workers
@@ -156,9 +160,10 @@ class TrackingServer:
 
 
 @contextlib.contextmanager
-def services(root: Path, postgres_url: str | None = None):
+def services(root: Path, postgres_url: str | None = None, server_workers: int = SERVER_WORKERS):
     """PostgreSQL (started here unless ``postgres_url`` names a running server) with fresh ``optuna``
-    and ``mlflow`` databases, and a tracking server on the latter. Yields (optuna_url, tracking_uri)."""
+    and ``mlflow`` databases, and a tracking server (``server_workers`` processes) on the latter.
+    Yields (optuna_url, tracking_uri)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     stack = contextlib.ExitStack()
@@ -173,7 +178,8 @@ def services(root: Path, postgres_url: str | None = None):
             create_database(postgres_url, name)
         from .urls import engine_url
 
-        server = TrackingServer(engine_url(f"{server_base}/mlflow_{suffix}"), root / "artifacts", root / "mlflow-server.log")
+        server = TrackingServer(engine_url(f"{server_base}/mlflow_{suffix}"), root / "artifacts", root / "mlflow-server.log",
+                                workers=server_workers)
         stack.callback(server.stop)
         server.start()
         yield f"{server_base}/optuna_{suffix}", server.url

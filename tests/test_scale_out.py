@@ -250,7 +250,7 @@ def test_harness_cluster_runs_workers_on_its_own_services_then_stops_them(tmp_pa
     import socket
 
     require_postgres_programs()
-    result = run_cli("cluster", "--workers", 2, "--max-trials", 4, "--dir", tmp_path / "c", "--",
+    result = run_cli("cluster", "--workers", 2, "--max-trials", 4, "--server-workers", 1, "--dir", tmp_path / "c", "--",
                      "--epochs-range", 20, 40, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "audit of study 'cluster-search': 4 trials, 4 child runs: clean" in result.stdout
@@ -262,8 +262,9 @@ def test_harness_cluster_runs_workers_on_its_own_services_then_stops_them(tmp_pa
             assert s.connect_ex(("127.0.0.1", port)) != 0, port
 
 
-def test_harness_cluster_refuses_bad_input_in_one_line(tmp_path):
-    result = run_cli("cluster", "--workers", 0, cwd=tmp_path)
+@pytest.mark.parametrize("flag, value", [("--workers", "0"), ("--server-workers", "0"), ("--server-workers", "two")])
+def test_harness_cluster_refuses_bad_input_in_one_line(tmp_path, flag, value):
+    result = run_cli("cluster", flag, value, cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["harness: error: --workers must be a positive integer, got '0'"]
+    assert result.stderr.strip().splitlines() == [f"harness: error: {flag} must be a positive integer, got {value!r}"]
     assert not any(tmp_path.iterdir())

@@ -20,6 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-trials", default="30", help="the study's cap on trials, across workers (default: 30)")
     p.add_argument("--study-name", default="cluster-search", help="Optuna study (default: cluster-search)")
     p.add_argument("--dir", default="harness-cluster", help="folder for logs and artifacts (default: harness-cluster)")
+    p.add_argument("--server-workers", metavar="N",
+                   help="mlflow server --workers: processes serving the tracking API (default: 2)")
     p.add_argument("--postgres", metavar="URL", help="use this running PostgreSQL server instead of starting one")
     p.add_argument("--keep-running", action="store_true", help="leave the services up until Ctrl-C")
     p.add_argument("search_args", nargs=argparse.REMAINDER, help="after --: more `harness search` arguments")
@@ -31,11 +33,12 @@ def run(args) -> int:
 
     workers = config.positive_int("--workers", args.workers)
     max_trials = config.positive_int("--max-trials", args.max_trials)
+    server_workers = config.positive_int("--server-workers", args.server_workers or cluster.SERVER_WORKERS)
     extra = args.search_args[1:] if args.search_args[:1] == ["--"] else args.search_args
     if not args.postgres:
         cluster.postgres_bin()  # refused now, in one line, if PostgreSQL is not installed
     root = Path(args.dir).resolve()
-    with cluster.services(root, args.postgres) as (storage, tracking_uri):
+    with cluster.services(root, args.postgres, server_workers) as (storage, tracking_uri):
         env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
         print(f"PostgreSQL storage: {storage}\nMLflow tracking server: {tracking_uri} (artifacts in {root / 'artifacts'})")
         command = [sys.executable, "-m", "harness", "search", "--storage", storage, "--study-name", args.study_name,
