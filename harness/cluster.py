@@ -88,12 +88,18 @@ class Postgres:
             raise HarnessError(f"{' '.join(full)} failed: {(result.stderr or result.stdout).strip()}")
 
     def start(self) -> "Postgres":
-        self.root.mkdir(parents=True, exist_ok=True)
-        if not (self.data / "PG_VERSION").exists():
-            self._run("initdb", "-D", str(self.data), "-U", DB_USER, "--auth=trust", "-E", "UTF8", "--no-sync")
-        # Loopback only, and the socket in the data folder (the system's socket folder may not exist).
-        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.data} -c max_connections=200"
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
+        """Started, or (a failed initdb or start, Ctrl-C meanwhile) stopped again, with the temp
+        folder made for root removed: callers register ``stop`` only once this returns."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not (self.data / "PG_VERSION").exists():
+                self._run("initdb", "-D", str(self.data), "-U", DB_USER, "--auth=trust", "-E", "UTF8", "--no-sync")
+            # Loopback only, and the socket in the data folder (the system's socket folder may not exist).
+            options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.data} -c max_connections=200"
+            self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def url(self, database: str = "postgres") -> str:

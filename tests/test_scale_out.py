@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from conftest import cli_env, run_cli
 from harness import cluster
-from harness.errors import UsageError
+from harness.errors import HarnessError, UsageError
 from harness.experiment import load as load_experiment
 from harness.search import space as space_module
 from harness.search.study import open_storage
@@ -268,3 +268,18 @@ def test_harness_cluster_refuses_bad_input_in_one_line(tmp_path, flag, value):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"harness: error: {flag} must be a positive integer, got {value!r}"]
     assert not any(tmp_path.iterdir())
+
+
+def test_a_postgres_that_fails_to_start_leaves_no_temp_folder_behind(tmp_path):
+    """As root the cluster lives in a temp folder made for the postgres user: a start that fails
+    (here, its port taken) removes it, since no caller holds a stop() to call yet."""
+    import socket
+
+    require_postgres_programs()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        postgres = cluster.Postgres(tmp_path / "pg", port=taken.getsockname()[1])
+        with pytest.raises(HarnessError, match="pg_ctl"):
+            postgres.start()
+    assert not postgres.root.exists() if postgres.as_root else postgres.root == tmp_path / "pg"
