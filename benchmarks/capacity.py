@@ -398,7 +398,7 @@ def show(table: pd.DataFrame) -> None:
         print(f"  first error with {row['clients']} clients: {row['first error']}")
     knee, c = ceiling(table)
     print(f"\nceiling: C = {c:.1f} trials/s (the highest); "
-          + (f"throughput stops rising at N = {knee}, the first N under {KNEE}x the previous N's"
+          + (f"the knee is N = {knee}, the first N that adds under {KNEE - 1:.0%} to the N before it"
              if knee is not None else
              f"throughput rose by {KNEE}x or more at every step: C is a lower bound, try more clients"))
     model = pd.DataFrame({"T (s)": MODEL_T, "max workers W": [max_workers(c, t) for t in MODEL_T]})
