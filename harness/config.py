@@ -256,6 +256,11 @@ def _float(name: str, value: Any, low: float | None = None, high: float | None =
     return number
 
 
+def float_in(name: str, value: Any, low: float, high: float | None = None) -> float:
+    """A finite number in [low, high] (no upper bound when ``high`` is None)."""
+    return _float(name, value, low, high)
+
+
 def epochs_value(name: str, value: Any) -> int:
     return _int(name, value, minimum=1, maximum=MAX_EPOCHS)
 

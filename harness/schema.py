@@ -39,6 +39,7 @@ PRUNER_PARAM = "study.pruner"
 DIRECTION_PARAM = "study.direction"
 REPORT_EVERY_PARAM = "study.report_every"
 BATCH_PARAM = "study.batch"  # trials trained together (harness search --batch)
+PRUNER_ARGS_PARAM = "study.pruner_args"  # every setting of the pruner, Optuna's defaults included (JSON)
 
 # ---- MLflow metrics ----------------------------------------------------------------------------
 TRAIN_LOSS = "train_loss"  # per epoch, step = epoch

@@ -21,9 +21,19 @@ def add_parser(sub) -> None:
                                      "(default: journal:optuna_journal.log)")
     p.add_argument("--heartbeat", default="10", help="RDB storages: seconds between a trial's heartbeats; a "
                                                       "trial silent for 3x that is failed and retried (default: 10)")
-    p.add_argument("--sampler", default="tpe", help="tpe|random|grid (default: tpe)")
+    p.add_argument("--sampler", default="tpe",
+                   help="tpe (default; with --batch, constant_liar), random, grid, qmc (scrambled Sobol: an even "
+                        "sweep), cmaes (CMA-ES) or gp (Gaussian process); qmc and cmaes draw the optimizer/loss "
+                        "pair and other choices at random")
     p.add_argument("--seed", help="the sampler's seed (default: none); the model's seed comes from the config")
-    p.add_argument("--pruner", default="median", help="median|none (default: median)")
+    p.add_argument("--pruner", default="median",
+                   help="median (default), percentile, hyperband, sha (successive halving), wilcoxon or none")
+    p.add_argument("--pruner-args", nargs="+", action="extend", metavar="KEY=VALUE",
+                   help="the pruner's settings, Optuna's names: median n_startup_trials, n_warmup_steps, "
+                        "interval_steps, n_min_trials; percentile the same and percentile (default 25); hyperband "
+                        "min_resource, max_resource, reduction_factor, bootstrap_count; sha min_resource, "
+                        "reduction_factor, min_early_stopping_rate, bootstrap_count; wilcoxon p_threshold, "
+                        "n_startup_steps")
     p.add_argument("--direction", default="minimize", help="minimize|maximize the final test loss")
     p.add_argument("--n-jobs", default="1", help="trials run in parallel threads (default: 1)")
     p.add_argument("--batch", default="1", metavar="K",
@@ -69,6 +79,8 @@ def _options(args):
     training.preflight(cfg, experiment, data)  # with the first pair
     config.one_of("sampler", args.sampler, study_module.SAMPLERS)
     config.one_of("pruner", args.pruner, study_module.PRUNERS)
+    pruner_args = study_module.pruner_settings(args.pruner, args.pruner_args)
+    pruner = study_module.make_pruner(args.pruner, pruner_args)
     config.one_of("direction", args.direction, study_module.DIRECTIONS)
     # numpy's generators, which Optuna's samplers use, take seeds below 2**32.
     sampler_seed = config.int_in("--seed", args.seed, 0, 2 ** 32 - 1) if args.seed not in (None, "") else None
@@ -103,7 +115,8 @@ def _options(args):
         else space_module.report_cadence(space) if study_module.storage_scheme(storage_url) in ("journal", "sqlite")
         else max(10, space_module.report_cadence(space)),
         "sampler": study_module.make_sampler(args.sampler, sampler_seed, space, batch),
-        "pruner": study_module.make_pruner(args.pruner),
+        "pruner": pruner, "pruner_args": study_module.pruner_description(args.pruner, pruner_args),
+        "independent": study_module.independent_axes(args.sampler, space),
     }
 
 
@@ -147,6 +160,9 @@ def run(args) -> int:
 
     # Optuna would log each failed trial with a traceback (an interrupt too); the summary says what failed.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if opts["independent"]:  # Optuna's own warning would come once per trial and axis
+        print(f"harness: --sampler {args.sampler} models numeric axes only; {', '.join(opts['independent'])} "
+              "drawn at random", file=sys.stderr)
     study, storage = _open_study(args, opts)
     _recover_stale_trials(study, storage)
     n_trials = _trials_to_run(study, opts)
@@ -213,7 +229,8 @@ def _objective(args, opts):
                      data=opts["data"], report_every=opts["report_every"], mlflow_experiment=args.mlflow_experiment,
                      trial_figures=args.trial_figures, batch=opts["batch"],
                      study_tags={schema.STORAGE_TAG: redact(opts["storage_url"]), schema.SAMPLER_TAG: args.sampler,
-                                 schema.PRUNER_TAG: args.pruner})
+                                 schema.PRUNER_TAG: args.pruner},
+                     study_params={schema.PRUNER_ARGS_PARAM: opts["pruner_args"]})
 
 
 def _optimize(study, objective, n_trials: int, opts, args) -> tuple[bool, BaseException | None]:
@@ -358,7 +375,7 @@ def resume_command(args, study_name: str, url: str) -> str:
                         ("--pairs", args.pairs)):
         if value:
             parts += [flag, *value] if isinstance(value, list) else [flag, value]
-    for flag, values in (("--set", args.set), ("--tune", args.tune)):
+    for flag, values in (("--set", args.set), ("--tune", args.tune), ("--pruner-args", args.pruner_args)):
         for value in values or ():
             parts += [flag, value]
     # And how it searched, where not the default: a resume goes on the same way.

@@ -111,10 +111,12 @@ class Objective:
     def __init__(self, experiment: str | Experiment = "linear_regression", space: SearchSpace | None = None, *,
                  track: bool = True, mlflow_experiment: str | None = None, report_every: int | None = None,
                  trial_figures: bool = False, seed: int = 42, device: str = "auto", base: dict | None = None,
-                 data=None, study_tags: dict[str, str] | None = None, batch: int = 1):
+                 data=None, study_tags: dict[str, str] | None = None, batch: int = 1,
+                 study_params: dict[str, str] | None = None):
         """``base``: fixed config values for every trial (e.g. ``{"batch_size": 64}``); the space's
         samples override them. ``data``: the experiment's data, if the caller already loaded it.
-        ``study_tags``: tags added to the study's parent run (say, ``{"team": "vision"}``).
+        ``study_tags``: tags added to the study's parent run (say, ``{"team": "vision"}``);
+        ``study_params``: params added to it (the CLI logs its pruner's settings there).
         ``batch``: trials trained together by ``run_batch`` (recorded on the parent run)."""
         self.experiment = experiment if isinstance(experiment, Experiment) else load(experiment)
         data = data if data is not None else self.experiment.load_data()
@@ -131,7 +133,7 @@ class Objective:
         self.tracker = None
         self._tracker_options = {"mlflow_experiment": mlflow_experiment, "trial_figures": trial_figures,
                                  "study_tags": study_tags, "space": self.space, "report_every": self.report_every,
-                                 "batch": config.positive_int("batch", batch)}
+                                 "batch": config.positive_int("batch", batch), "extra_params": study_params}
         self._lock = threading.Lock()
         self._worker = identity()
         self._refusals: dict[tuple, str | None] = {}  # stack key -> why it is not stacked (None: it is)

@@ -1,6 +1,7 @@
 """Opening a study: storage from a URL, sampler and pruner by name, and the checks on resuming one."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -18,10 +19,27 @@ MAX_HEARTBEAT_S = 3600  # a trial silent for 3 hours is stale; Python's timers r
 CONNECT_TIMEOUT_S = 10
 MAX_JOURNAL_BYTES = 1 << 31
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
-SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = ("median", "none")
+SAMPLERS = ("tpe", "random", "grid", "qmc", "cmaes", "gp")
+PRUNERS = ("median", "percentile", "hyperband", "sha", "wilcoxon", "none")
+# The settings each pruner takes from --pruner-args KEY=VALUE: Optuna's own argument names, each
+# with its kind and lowest (and highest) value; what is not given keeps Optuna's default.
+_STARTUP = {"n_startup_trials": ("int", 0), "n_warmup_steps": ("int", 0), "interval_steps": ("int", 1),
+            "n_min_trials": ("int", 1)}
+PRUNER_SETTINGS = {
+    "median": _STARTUP,
+    "percentile": {"percentile": ("float", 0, 100), **_STARTUP},
+    "hyperband": {"min_resource": ("int", 1), "max_resource": ("int or auto", 1), "reduction_factor": ("int", 2),
+                  "bootstrap_count": ("int", 0)},
+    "sha": {"min_resource": ("int or auto", 1), "reduction_factor": ("int", 2), "min_early_stopping_rate": ("int", 0),
+            "bootstrap_count": ("int", 0)},
+    "wilcoxon": {"p_threshold": ("float", 0, 1), "n_startup_steps": ("int", 0)},
+    "none": {},
+}
+PERCENTILE = 25.0  # PercentilePruner's percentile when none is given (Optuna requires one): the top quarter goes on
+_PRUNERS = {"median": "MedianPruner", "percentile": "PercentilePruner", "hyperband": "HyperbandPruner",
+            "sha": "SuccessiveHalvingPruner", "wilcoxon": "WilcoxonPruner", "none": "NopPruner"}
 DIRECTIONS = ("minimize", "maximize")
-from ..schema import SPACE_ATTR, STUDY_EXPERIMENT_ATTR as EXPERIMENT_ATTR
+from ..schema import PAIR_TRIAL_PARAM, SPACE_ATTR, STUDY_EXPERIMENT_ATTR as EXPERIMENT_ATTR
 
 
 def storage_scheme(url: str) -> str:
@@ -135,17 +153,101 @@ def _open_journal(path: str, repair: bool, notify):
 
 
 def make_sampler(name: str, seed: int | None, space: SearchSpace, batch: int = 1) -> optuna.samplers.BaseSampler:
-    if name == "tpe":
-        # Trials asked together see each other as running: constant_liar makes TPE spread them
-        # instead of proposing the same region K times (Optuna's advice for parallel trials).
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=batch > 1)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.GridSampler(space.grid(), seed=seed)
+    samplers = optuna.samplers
+    with _stable_enough():
+        if name == "tpe":
+            # Trials asked together see each other as running: constant_liar makes TPE spread them
+            # instead of proposing the same region K times (Optuna's advice for parallel trials).
+            return samplers.TPESampler(seed=seed, constant_liar=batch > 1)
+        if name == "random":
+            return samplers.RandomSampler(seed=seed)
+        if name == "qmc":  # scrambled Sobol points: an even first sweep of the numeric axes
+            return samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+        if name == "cmaes":
+            return samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+        if name == "gp":
+            return samplers.GPSampler(seed=seed)
+        return samplers.GridSampler(space.grid(), seed=seed)
 
 
-def make_pruner(name: str) -> optuna.pruners.BasePruner:
-    return optuna.pruners.MedianPruner() if name == "median" else optuna.pruners.NopPruner()
+@contextlib.contextmanager
+def _stable_enough():
+    """Optuna marks QMCSampler and WilcoxonPruner experimental (their interface may change): --help
+    offers them, so that warning is not repeated on every run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def independent_axes(name: str, space: SearchSpace) -> list[str]:
+    """The space's categorical axes that sampler ``name`` draws at random, apart from its model
+    (Optuna's qmc and cmaes model numeric axes only, and fall back to independent sampling)."""
+    if name not in ("qmc", "cmaes"):
+        return []
+    categorical = [axis for axis, value in space.to_dict().items() if axis == "pairs" or
+                   (isinstance(value, dict) and "choices" in value)]
+    return [PAIR_TRIAL_PARAM if axis == "pairs" else axis for axis in categorical]
+
+
+def pruner_settings(name: str, items: list[str] | None) -> dict:
+    """``--pruner-args KEY=VALUE ...`` checked against the pruner's settings; a one-line UsageError
+    names the bad one and what is allowed."""
+    from ..errors import did_you_mean
+
+    allowed = PRUNER_SETTINGS[name]
+    settings: dict = {}
+    # One item may hold several, space-separated (MLproject's -P pruner_args="a=1 b=2"), or none ("").
+    for item in (part for given in items or () for part in given.split()):
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--pruner-args {item!r}: expected KEY=VALUE, e.g. "
+                             f"{next(iter(allowed), 'n_startup_trials')}=5")
+        if not allowed:
+            raise UsageError(f"--pruner-args {item!r}: --pruner {name} takes no settings")
+        if key not in allowed:
+            raise UsageError(f"--pruner-args: {name} has no setting {key!r}; its settings: "
+                             f"{', '.join(allowed)}{did_you_mean(key, allowed)}")
+        settings[key] = _setting(f"--pruner-args {key}", text, *allowed[key])
+    low, high = settings.get("min_resource"), settings.get("max_resource")
+    if isinstance(low, int) and isinstance(high, int) and high < low:  # Optuna would find out only while pruning
+        raise UsageError(f"--pruner-args max_resource={high} is below min_resource={low}; "
+                         "max_resource must be >= min_resource")
+    return settings
+
+
+def _setting(name: str, text: str, kind: str, low, high=None):
+    from .. import config
+
+    if kind == "int or auto" and text == "auto":
+        return "auto"
+    if kind.startswith("int"):
+        return config.int_in(name, text, low, config.INT_LIMIT)
+    return config.float_in(name, text, low, high)
+
+
+def make_pruner(name: str, settings: dict | None = None) -> optuna.pruners.BasePruner:
+    """Pruner ``name`` with ``settings`` (checked by pruner_settings); Optuna's refusal of a
+    combination (a max_resource below min_resource, say) is a one-line UsageError."""
+    settings = dict(settings or {})
+    if name == "percentile":
+        settings.setdefault("percentile", PERCENTILE)
+    try:
+        with _stable_enough():
+            return getattr(optuna.pruners, _PRUNERS[name])(**settings)
+    except ValueError as exc:
+        shown = " ".join(f"{k}={v}" for k, v in settings.items())
+        raise UsageError(f"--pruner {name} --pruner-args {shown}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def pruner_description(name: str, settings: dict | None = None) -> str:
+    """Every setting of the pruner as it runs, Optuna's defaults included: what the parent run logs."""
+    import inspect
+
+    cls = getattr(optuna.pruners, _PRUNERS[name])
+    given = {**({"percentile": PERCENTILE} if name == "percentile" else {}), **(settings or {})}
+    full = {key: given.get(key, param.default) for key, param in inspect.signature(cls).parameters.items()
+            if key in PRUNER_SETTINGS[name]}
+    return json.dumps(full, sort_keys=True)
 
 
 def existing_study(name: str, storage, *, direction: str, sampler, pruner, space: SearchSpace,

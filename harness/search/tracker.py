@@ -44,7 +44,7 @@ class StudyTracker:
 
     def __init__(self, study, experiment, *, data=None, mlflow_experiment: str | None = None,
                  study_tags: dict[str, str] | None = None, trial_figures: bool = False, space=None,
-                 report_every=None, batch: int = 1):
+                 report_every=None, batch: int = 1, extra_params: dict[str, str] | None = None):
         self.study = study
         self.experiment = experiment
         self._data = data
@@ -73,7 +73,7 @@ class StudyTracker:
                 **(study_tags or {}), ROLE_TAG: ROLE_STUDY}
         # Workers starting together must agree on one parent run: find-or-create it under the
         # study's lock, and publish it in the study before letting the next worker look.
-        params = self._params = study_params(study, space, report_every, batch)
+        params = self._params = {**study_params(study, space, report_every, batch), **(extra_params or {})}
         with study_lock(optuna_private.storage_of(study), f"parent-{study.study_name}"):
             known = study.user_attrs.get(PARENT_ATTR)
             try:
