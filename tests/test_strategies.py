@@ -118,3 +118,14 @@ def test_settings_may_come_in_one_string_as_mlproject_passes_them():
     assert study_module.pruner_settings("sha", ["reduction_factor=2 min_resource=auto", ""]) == {
         "reduction_factor": 2, "min_resource": "auto"}
     assert study_module.pruner_settings("median", [""]) == {}
+
+
+@pytest.mark.slow
+def test_wilcoxon_from_the_cli_prunes_without_a_warning_per_check(workdir):
+    out = run_cli("search", "--n-trials", 10, "--pruner", "wilcoxon", "--seed", 3, "--epochs-range", 40, 80,
+                  "--no-progress", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    assert "Warning" not in out.stderr and "warn" not in out.stderr.lower(), out.stderr
+    from search_helpers import journal_study
+
+    assert any(t.state == TrialState.PRUNED for t in journal_study(workdir).trials)

@@ -231,6 +231,10 @@ def make_pruner(name: str, settings: dict | None = None) -> optuna.pruners.BaseP
     settings = dict(settings or {})
     if name == "percentile":
         settings.setdefault("percentile", PERCENTILE)
+    if name == "wilcoxon":
+        # Trials of different epochs report different steps: the test pairs the steps both have,
+        # as documented, and Optuna's warning that it does would come at every pruning check.
+        warnings.filterwarnings("ignore", message="WilcoxonPruner finds steps", category=UserWarning)
     try:
         with _stable_enough():
             return getattr(optuna.pruners, _PRUNERS[name])(**settings)
