@@ -226,8 +226,8 @@ def _setting(name: str, text: str, kind: str, low, high=None):
 
 
 def make_pruner(name: str, settings: dict | None = None) -> optuna.pruners.BasePruner:
-    """Pruner ``name`` with ``settings`` (checked by pruner_settings); Optuna's refusal of a
-    combination (a max_resource below min_resource, say) is a one-line UsageError."""
+    """Pruner ``name`` with ``settings`` (checked by pruner_settings); a value Optuna refuses
+    beyond those checks is a one-line UsageError too."""
     settings = dict(settings or {})
     if name == "percentile":
         settings.setdefault("percentile", PERCENTILE)
