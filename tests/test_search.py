@@ -124,7 +124,7 @@ def test_max_trials_caps_the_study_across_invocations(workdir):
 
 @pytest.mark.parametrize("args, bad", [
     (["--n-trials", "0"], "'0'"), (["--n-trials", "-2"], "'-2'"),
-    (["--sampler", "cmaes"], "'cmaes'"), (["--pruner", "hyperband"], "'hyperband'"),
+    (["--sampler", "anneal"], "'anneal'"), (["--pruner", "patient"], "'patient'"),
     (["--storage", "redis://localhost"], "redis://localhost"),
     (["--lr-range", "0.1", "0.01"], "low < high"), (["--pairs", "sgd+hinge"], "'hinge'"),
     (["--pairs", "lbfgs+l1"], "'lbfgs'"), (["--experiment", "nope"], "'nope'"),
