@@ -144,25 +144,22 @@ class Objective:
             # Where the caller holds signals (`harness search` does, so that none lands while Optuna
             # records a trial), an interrupt stops the trial at once from here on.
             with signals.interruptible():
-                self._start(run)
+                self._start([run])
                 result = training.train(run.cfg, self.experiment, self.data, run.observers, history=run.history)
         except BaseException as exc:
             with signals.deferred():  # a second Ctrl-C must not cut the wrap-up short
                 self._end_unfinished(run, exc)
             raise
-        state = self._finish(run, result)
+        run.result = result
+        state, = self._finish([run])
         if state == "PRUNED":
             raise optuna.TrialPruned(result.history.stopped)
         return math.nan if state == "FAIL" else result.history.last(TEST_LOSS)
 
-    def _start(self, run: _TrialRun) -> None:
-        """Everything before training: its worker, its config, its run (created in the background)
-        and the observers that report, prune and link the run."""
-        self._start_all([run])
-
-    def _start_all(self, runs: list[_TrialRun]) -> None:
-        """``_start`` for a batch's trials, filled into each run step by step; their runs are created
-        together, those of the configurations made so far also when a later one raises."""
+    def _start(self, runs: list[_TrialRun]) -> None:
+        """Everything before training, filled into each run step by step: its worker, its config,
+        its run (created in the background, a batch's together, those of the configurations made
+        so far also when a later one raises) and the observers that report, prune and link the run."""
         try:
             for run in runs:
                 trial = run.trial
@@ -184,14 +181,9 @@ class Objective:
                 [_Tracking(run.trial, run.tracker, run.pending)] if run.tracker else [])
 
     @staticmethod
-    def _finish(run: _TrialRun, result) -> str:
-        """A trained trial's state, its reason and its run's record; held against signals."""
-        run.result = result
-        return Objective._finish_all([run])[0]
-
-    @staticmethod
-    def _finish_all(runs: list[_TrialRun]) -> list[str]:
-        """``_finish`` for a batch's trained trials; their records are written together."""
+    def _finish(runs: list[_TrialRun]) -> list[str]:
+        """Trained trials' states, their reasons and their runs' records (a batch's written
+        together); held against signals."""
         states = []
         for run in runs:
             history = run.result.history
@@ -215,7 +207,7 @@ class Objective:
         try:
             with signals.interruptible():
                 runs = [_TrialRun(trial) for trial in trials]
-                self._start_all(runs)
+                self._start(runs)
                 for group in self._stacks(runs):
                     if len(group) == 1:
                         run, = group
@@ -232,7 +224,7 @@ class Objective:
                 for run in runs:
                     self._end_unfinished(run, exc)
             raise
-        states = self._finish_all(runs)
+        states = self._finish(runs)
         return [(state, run.result.history.last(TEST_LOSS) if state == "COMPLETE" else None)
                 for run, state in zip(runs, states)]
 

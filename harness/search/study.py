@@ -184,9 +184,7 @@ def independent_axes(name: str, space: SearchSpace) -> list[str]:
     (Optuna's qmc and cmaes model numeric axes only, and fall back to independent sampling)."""
     if name not in ("qmc", "cmaes"):
         return []
-    categorical = [axis for axis, value in space.to_dict().items() if axis == "pairs" or
-                   (isinstance(value, dict) and "choices" in value)]
-    return [PAIR_TRIAL_PARAM if axis == "pairs" else axis for axis in categorical]
+    return [PAIR_TRIAL_PARAM, *(param.name for param in space.params if param.choices is not None)]
 
 
 def pruner_settings(name: str, items: list[str] | None) -> dict:
