@@ -1,7 +1,8 @@
 """Training throughput of stacked configurations (harness.batched) against one at a time, side by side.
 
 Configurations are drawn from the reference search space (lr log-uniform 1e-4..1e-1, epochs 50..400,
-the six optimizer/loss pairs) with one seed, grouped by pair as a search would group them, and
+the six optimizer/loss pairs) with one seed, grouped by ``batched.stack_key`` as a search groups them
+(every pair of the reference in one stack), and
 trained: one at a time with ``training.train``, and as stacks of K with ``batched.train_stack``.
 Training only: no Optuna, no MLflow (the tracking path has its own benchmark). Sides are
 interleaved, medians of ``--repeats``; every stacked member is checked against its sequential

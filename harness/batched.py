@@ -13,10 +13,13 @@ tests/test_batched.py holds every optimizer/loss pair of the experiments to this
 Members stop on their own: when their epochs are done, when their loss stops being finite, or when
 an observer raises StopTraining (a pruner). The others go on; a stopped member no longer changes.
 
-What can be stacked (``stack_key``, ``refusal``): members of one experiment with the same optimizer,
-loss, batch size, seed (their batches come in the same order), device and model hyperparameters
-(the parameters' shapes), whose model has no buffers and draws no random numbers while it trains
-(dropout would draw them in another order than training alone does).
+What can be stacked (``stack_key``, ``refusal``): members of one experiment with the same batch size,
+seed (their batches come in the same order), device and model hyperparameters (the parameters'
+shapes), whose model has no buffers and draws no random numbers while it trains (dropout would draw
+them in another order than training alone does). Optimizers and losses may differ within a stack:
+one forward serves every member, each member's loss is selected from the stack's losses with
+``torch.where`` (an unselected loss passes back an exact zero, never its NaNs), and each
+optimizer's members are a contiguous slice of the stacked parameters, updated by their own kernels.
 """
 from __future__ import annotations
 
@@ -42,8 +45,13 @@ MIN_STACK = 4  # members below which a search trains them one at a time (see Obj
 
 def stack_key(cfg: TrainConfig) -> tuple:
     """Configurations with equal keys can be trained as one stack."""
-    return (cfg.experiment, cfg.optimizer, cfg.loss, cfg.batch_size, cfg.seed, cfg.device,
+    return (cfg.experiment, cfg.batch_size, cfg.seed, cfg.device,
             tuple(sorted((k, repr(v)) for k, v in cfg.hparams.items() if k not in OWN)))
+
+
+def _update_key(cfg: TrainConfig) -> tuple:
+    """Members with equal keys are updated by one set of stacked optimizer kernels."""
+    return (cfg.optimizer, cfg.weight_decay, cfg.momentum)
 
 
 def refusal(cfg: TrainConfig, experiment: Experiment, data: Data) -> str | None:
@@ -66,7 +74,7 @@ def refusal(cfg: TrainConfig, experiment: Experiment, data: Data) -> str | None:
     # used only where one step gives every member exactly what it gives alone.
     loss_fn = build_loss(cfg.loss)
     params = [torch.stack([p.detach(), p.detach()]).requires_grad_() for p in model.parameters()]
-    losses, preds = _StackedLoss(model, loss_fn)(params, X, y)
+    losses, preds = _StackedLoss(model, [loss_fn])(params, _select([cfg, cfg], [cfg.loss], X.device), X, y)
     losses.sum().backward()
     pred = model(X)
     loss = loss_fn(pred, y)
@@ -79,24 +87,37 @@ def refusal(cfg: TrainConfig, experiment: Experiment, data: Data) -> str | None:
 
 
 class _StackedLoss:
-    """``(params, X, y) -> (losses, predictions)`` for a stack: ``params`` are a model's parameters
-    (in ``parameters()`` order), each stacked along a first dimension, one row per member."""
+    """``(params, select, X, y) -> (losses, predictions)`` for a stack: ``params`` are a model's
+    parameters (in ``parameters()`` order), each stacked along a first dimension, one row per member;
+    ``select[i, k]`` says whether member i's loss is ``loss_fns[k]``."""
 
-    def __init__(self, model: nn.Module, loss_fn):
+    def __init__(self, model: nn.Module, loss_fns: list):
         from torch.func import functional_call, vmap
 
         self.module = copy.deepcopy(model).to("meta")  # the module code, without weights; its mode is the stack's
         self.names = [name for name, _ in self.module.named_parameters()]
 
-        def member_loss(X, y, *params):
+        def member_loss(X, y, select, *params):
             pred = functional_call(self.module, dict(zip(self.names, params)), (X,))
-            return loss_fn(pred, y), pred
+            loss = None
+            for k, fn in enumerate(loss_fns):
+                if len(loss_fns) == 1:
+                    return fn(pred, y), pred
+                # Every loss sees the prediction, but only the member's own passes a gradient back:
+                # the others get a detached copy, so their backward (0 x inf is NaN) never reaches it.
+                value = fn(torch.where(select[k], pred, pred.detach()), y)
+                loss = value if loss is None else torch.where(select[k], value, loss)
+            return loss, pred
 
         # Parameters as positional tensors, not a dict: a quarter less of vmap's own per-call cost.
-        self._vmapped = vmap(member_loss, in_dims=(None, None) + (0,) * len(self.names))
+        self._vmapped = vmap(member_loss, in_dims=(None, None, 0) + (0,) * len(self.names))
 
-    def __call__(self, params, X, y):
-        return self._vmapped(X, y, *params)
+    def __call__(self, params, select, X, y):
+        return self._vmapped(X, y, select, *params)
+
+
+def _select(cfgs: Sequence[TrainConfig], losses: list[str], device) -> torch.Tensor:
+    return torch.tensor([[cfg.loss == name for name in losses] for cfg in cfgs], device=device)
 
 
 @dataclass
@@ -122,7 +143,7 @@ def train_stack(cfgs: Sequence[TrainConfig], experiment: Experiment, data: Data,
         raise ValueError(f"configs that cannot share a stack: {sorted({stack_key(c) for c in cfgs})}")
     cfg0 = cfgs[0]
     data = data.to(cfg0.device)
-    loss_fn = build_loss(cfg0.loss)
+    device = torch.device(cfg0.device)
     metrics_fn = experiment.metrics
     with RNG_LOCK:
         members = []
@@ -132,28 +153,33 @@ def train_stack(cfgs: Sequence[TrainConfig], experiment: Experiment, data: Data,
                                                                cfg.weight_decay, cfg.momentum),
                                    list(observers[i]) if observers else [],
                                    histories[i] if histories else History()))
-        stacked_loss = _StackedLoss(members[0].model, loss_fn)
+        # One optimizer's members side by side: each optimizer updates a contiguous slice.
+        active = sorted(members, key=lambda m: _update_key(m.cfg))
+        losses = sorted({c.loss for c in cfgs})
+        select = _select([m.cfg for m in active], losses, device)
+        stacked_loss = _StackedLoss(members[0].model, [build_loss(name) for name in losses])
         train_batches, test_batches = batches(data, cfg0)  # the same for every member: one seed
-        stepper = _stepper(members)
-        active = list(members)
+        stepper = _stepper(active)
         for epoch in range(max(c.epochs for c in cfgs)):
             stacked_loss.module.train()
-            train_values = _epoch(stepper, active, stacked_loss, train_batches, metrics_fn, step=True)
+            train_values = _epoch(stepper, active, select, stacked_loss, train_batches, metrics_fn, step=True)
             stacked_loss.module.eval()
             with torch.inference_mode():
-                test_values = _epoch(stepper, active, stacked_loss, test_batches, metrics_fn, step=False)
+                test_values = _epoch(stepper, active, select, stacked_loss, test_batches, metrics_fn, step=False)
             for m, train, test in zip(active, train_values, test_values):
                 _record(m, epoch, {**{f"train_{k}": v for k, v in train.items()},
                                    **{f"test_{k}": v for k, v in test.items()}})
             if any(not m.active for m in active):
-                stepper.keep([i for i, m in enumerate(active) if m.active], active)
+                rows = [i for i, m in enumerate(active) if m.active]
+                stepper.keep(rows, active)
+                select = select[rows]
                 active = [m for m in active if m.active]
             if not active:
                 break
         stepper.keep([], active)  # every member's weights back in its own model
         results = []
         for m in members:
-            _, predictions = evaluate_batches(m.model, test_batches, loss_fn, torch.device(cfg0.device),
+            _, predictions = evaluate_batches(m.model, test_batches, build_loss(m.cfg.loss), device,
                                               keep_predictions=True)
             scalars = experiment.scalars(m.model)
             results.append(TrainResult(m.cfg, m.model, data, m.history, predictions.cpu(),
@@ -182,16 +208,31 @@ class _EachOptimizer:
         self.members = [members[r] for r in rows]
 
 
+def _slices(members: list[_Member]) -> list[tuple[int, int]]:
+    """(start, end) of each run of members with one update key (members sorted by it)."""
+    bounds = [0] + [i for i in range(1, len(members))
+                    if _update_key(members[i].cfg) != _update_key(members[i - 1].cfg)] + [len(members)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 class _StackedParams:
-    """The stack's parameters as one tensor per name, updated by stacked_optim (one set of kernels
-    for every member); a member that stops gets its row back into its own model."""
+    """The stack's parameters as one tensor per name; each optimizer's members, a contiguous slice,
+    are updated by stacked_optim (one set of kernels for them all); a member that stops gets its
+    row back into its own model."""
 
     def __init__(self, members: list[_Member]):
-        cfg = members[0].cfg
         self.leaves = [torch.stack([p.detach() for p in rows]).requires_grad_()
                        for rows in zip(*(m.params for m in members))]
-        self.optimizer = stacked_optim.StackedOptimizer(cfg.optimizer, self.leaves, [m.cfg.lr for m in members],
-                                                        cfg.weight_decay, cfg.momentum)
+        self.groups = []  # [start, end, StackedOptimizer], in row order
+        for start, end in _slices(members):
+            cfg = members[start].cfg
+            optimizer = stacked_optim.StackedOptimizer(cfg.optimizer, self._rows(start, end),
+                                                       [m.cfg.lr for m in members[start:end]],
+                                                       cfg.weight_decay, cfg.momentum)
+            self.groups.append((start, end, optimizer))
+
+    def _rows(self, start: int, end: int) -> list[torch.Tensor]:
+        return [leaf.detach()[start:end] for leaf in self.leaves]  # views: updates land in the leaves
 
     def params(self) -> list[torch.Tensor]:
         return self.leaves
@@ -201,7 +242,8 @@ class _StackedParams:
             leaf.grad = None
 
     def step(self) -> None:
-        self.optimizer.step()
+        for start, end, optimizer in self.groups:
+            optimizer.step([leaf.grad[start:end] for leaf in self.leaves])
 
     @torch.no_grad()
     def keep(self, rows: list[int], members: list[_Member]) -> None:
@@ -212,7 +254,14 @@ class _StackedParams:
                     own.copy_(leaf[i])
         index = torch.tensor(rows, dtype=torch.long, device=self.leaves[0].device)
         self.leaves = [leaf.detach().index_select(0, index).requires_grad_() for leaf in self.leaves]
-        self.optimizer.keep(rows, self.leaves)
+        groups, position = [], 0
+        for start, end, optimizer in self.groups:
+            inside = [r - start for r in rows if start <= r < end]
+            if inside:
+                optimizer.keep(inside, self._rows(position, position + len(inside)))
+                groups.append((position, position + len(inside), optimizer))
+                position += len(inside)
+        self.groups = groups
 
 
 _AGREES: dict[tuple, bool] = {}  # (optimizer, shapes, weight decay, momentum, device) -> stacked_optim.agrees
@@ -220,28 +269,29 @@ _AGREES: dict[tuple, bool] = {}  # (optimizer, shapes, weight decay, momentum, d
 
 def _stepper(members: list[_Member]):
     """Stacked updates where they give each member exactly its own optimizer's step on this
-    machine (checked once per kind of stack), else each member's torch optimizer."""
-    cfg = members[0].cfg
-    same = all((m.cfg.weight_decay, m.cfg.momentum) == (cfg.weight_decay, cfg.momentum) for m in members)
-    if cfg.optimizer in stacked_optim.KINDS and same:
-        shapes = [p.shape for p in members[0].params]
+    machine (checked once per kind of update), else each member's torch optimizer."""
+    shapes = [p.shape for p in members[0].params]
+    for start, end in _slices(members):
+        cfg = members[start].cfg
+        if cfg.optimizer not in stacked_optim.KINDS:
+            return _EachOptimizer(members)
         key = (cfg.optimizer, tuple(shapes), cfg.weight_decay, cfg.momentum, cfg.device)
         if key not in _AGREES:
-            lrs = [m.cfg.lr for m in members[:8]] + [1e-4, 0.1]
+            lrs = [m.cfg.lr for m in members[start:end][:8]] + [1e-4, 0.1]
             _AGREES[key] = stacked_optim.agrees(cfg.optimizer, shapes, lrs, cfg.weight_decay, cfg.momentum,
                                                 cfg.device)
-        if _AGREES[key]:
-            return _StackedParams(members)
-    return _EachOptimizer(members)
+        if not _AGREES[key]:
+            return _EachOptimizer(members)
+    return _StackedParams(members)
 
 
-def _epoch(stepper, active: list[_Member], stacked_loss, batches_, metrics_fn, step: bool):
+def _epoch(stepper, active: list[_Member], select: torch.Tensor, stacked_loss, batches_, metrics_fn, step: bool):
     """One pass over ``batches_`` for the active members: per member, the sample-weighted means of
     the loss (and metrics) before each step, as floats."""
     sizes = []
     per_batch: list[list[dict[str, torch.Tensor]]] = []
     for X, y in batches_:
-        losses, preds = stacked_loss(stepper.params(), X, y)
+        losses, preds = stacked_loss(stepper.params(), select, X, y)
         if step:
             stepper.zero_grad()
             losses.sum().backward()

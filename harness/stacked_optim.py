@@ -43,17 +43,18 @@ class StackedOptimizer:
         return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, grads: list[torch.Tensor | None] | None = None) -> None:
+        """One step; ``grads`` for parameters that are views of a larger stack (else their .grad)."""
         self.steps += 1
-        for param, state in zip(self.params, self.state):
-            if param.grad is None:
+        for param, grad, state in zip(self.params, grads or [p.grad for p in self.params], self.state):
+            if grad is None:
                 continue
             if self.kind == "sgd":
-                self._sgd(param, param.grad, state)
+                self._sgd(param, grad, state)
             elif self.kind == "rmsprop":
-                self._rmsprop(param, param.grad, state)
+                self._rmsprop(param, grad, state)
             else:
-                self._adam(param, param.grad, state)
+                self._adam(param, grad, state)
 
     def _sgd(self, param, grad, state) -> None:
         if self.weight_decay != 0:

@@ -136,7 +136,7 @@ class Objective:
                                  "batch": config.positive_int("batch", batch), "extra_params": study_params}
         self._lock = threading.Lock()
         self._worker = identity()
-        self._refusals: dict[tuple, str | None] = {}  # stack key -> why it is not stacked (None: it is)
+        self._refusals: dict[tuple, str | None] = {}  # (stack key, loss) -> why it is not stacked (None: it is)
 
     def __call__(self, trial: optuna.Trial) -> float:
         run = _TrialRun(trial)
@@ -199,7 +199,7 @@ class Objective:
 
     def run_batch(self, trials: list) -> list[tuple[str, float | None]]:
         """Train ``trials`` (asked from one study) together: those whose configurations stack
-        (harness.batched: same pair and shapes) as one stacked model, each still its own trial and
+        (harness.batched: same shapes, batch size and seed) as one stacked model, each still its own trial and
         run, reported, pruned and tracked as ``__call__`` does; the others one at a time. Returns
         (state, value) per trial, for ``study.tell``. A member's numbers are those of training it
         alone, bit for bit, so each trial reproduces alone."""
@@ -234,11 +234,12 @@ class Objective:
         groups: dict[tuple, list] = {}
         for run in runs:
             key = batched.stack_key(run.cfg)
-            if key not in self._refusals:
-                reason = self._refusals[key] = batched.refusal(run.cfg, self.experiment, self.data)
+            checked = (key, run.cfg.loss)  # a loss may change the last bits a stack gives
+            if checked not in self._refusals:
+                reason = self._refusals[checked] = batched.refusal(run.cfg, self.experiment, self.data)
                 if reason and list(self._refusals.values()).count(reason) == 1:  # said once per reason
                     print(f"harness: trials trained one at a time, not stacked: {reason}", file=sys.stderr)
-            groups.setdefault(key if self._refusals[key] is None else ("alone", run.trial.number), []).append(run)
+            groups.setdefault(key if self._refusals[checked] is None else ("alone", run.trial.number), []).append(run)
         # A stacked epoch costs about what 3 epochs alone cost on a small model (vmap's own
         # overhead, benchmarks/batched_search.py): fewer members train faster one at a time.
         return [part for group in groups.values()
