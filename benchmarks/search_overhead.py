@@ -88,7 +88,7 @@ study.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-1, log=True) * t.suggest
                + len(t.suggest_categorical("optimizer_loss", pairs)), n_trials=int(sys.argv[1]))
 parent = client.create_run("0").info.run_id
 t3 = time.perf_counter()
-summary.write(client, parent, summary.summarize(study), {}, summary.trials_csv(study), study.trials, study.direction)
+summary.write(client, parent, summary.summarize(study), {}, summary.trials_csv(study), study.trials, study.directions)
 t4 = time.perf_counter()
 print(f"{t1 - t0:.2f} {t2 - t1:.2f} {t4 - t3:.2f}")
 """

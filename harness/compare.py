@@ -1,4 +1,5 @@
-"""The top runs of a study (or an MLflow experiment) as a table, and their curves overlaid."""
+"""The top runs of a study (or an MLflow experiment) as a table, and their curves overlaid; for a study
+of two objectives, also its Pareto front, from the runs' objective metrics."""
 from __future__ import annotations
 
 from matplotlib.figure import Figure
@@ -14,8 +15,9 @@ BOOKKEEPING = ("experiment", "seed", "device", schema.TORCH_VERSION_PARAM, schem
 
 
 def top_runs(client, *, study: str | None = None, mlflow_experiment: str | None = None, metric: str = schema.FINAL_TEST_LOSS,
-             top: int = 5, descending: bool = False):
-    """A pandas frame of the top finished runs by ``metric`` (from mlflow.search_runs)."""
+             top: int | None = 5, descending: bool = False, front: dict[str, str] | None = None):
+    """A pandas frame of the top finished runs by ``metric`` (from mlflow.search_runs); all of them
+    for ``top`` None. ``front``: only the runs on the Pareto front of these metrics ({metric: direction})."""
     import mlflow
 
     from .tracking import filter_value
@@ -41,7 +43,35 @@ def top_runs(client, *, study: str | None = None, mlflow_experiment: str | None 
         known = sorted({c.removeprefix("metrics.") for c in frame.columns if c.startswith("metrics.")})
         raise UsageError(f"no finished run with metric {metric!r} in {scope}{did_you_mean(metric, known)}")
     frame = frame[frame[column].notna()].sort_values(column, ascending=not descending, kind="stable")
-    return frame.head(top)
+    if front:
+        frame = pareto_front(frame, front, scope)
+    return frame if top is None else frame.head(top)
+
+
+def pareto_front(frame, front: dict[str, str], scope: str):
+    """The rows of ``frame`` that no other row betters in every metric of ``front`` ({metric: direction})
+    and beats in one: the Pareto front, as Optuna's ``study.best_trials`` finds it."""
+    import numpy as np
+
+    columns = [f"metrics.{m}" for m in front]
+    lacking = [m for m, c in zip(front, columns) if c not in frame]
+    if lacking:
+        raise UsageError(f"no finished run with metric {lacking[0]!r} in {scope}: not a study of these objectives")
+    frame = frame.dropna(subset=columns)
+    values = frame[columns].to_numpy(dtype=float) * np.array([1.0 if d == "minimize" else -1.0 for d in front.values()])
+    dominated = [bool(((values <= row).all(axis=1) & (values < row).any(axis=1)).any()) for row in values]
+    return frame[~np.array(dominated, dtype=bool)]
+
+
+def study_objectives(client, study: str) -> dict[str, str]:
+    """The study's objectives and their directions ({name: direction}), from its parent run's params."""
+    parent = parent_run_id(client, study)
+    if parent is None:
+        raise UsageError(f"no study {study!r} with a parent run{did_you_mean(study, _study_names(client))}")
+    params = client.get_run(parent).data.params
+    names = params.get(schema.OBJECTIVES_PARAM, schema.TEST_LOSS).split()
+    directions = params.get(schema.DIRECTION_PARAM, "minimize").split()
+    return dict(zip(names, directions + ["minimize"] * (len(names) - len(directions))))
 
 
 def _study_names(client) -> set[str]:

@@ -40,6 +40,7 @@ DIRECTION_PARAM = "study.direction"
 REPORT_EVERY_PARAM = "study.report_every"
 BATCH_PARAM = "study.batch"  # trials trained together (harness search --batch)
 PRUNER_ARGS_PARAM = "study.pruner_args"  # every setting of the pruner, Optuna's defaults included (JSON)
+OBJECTIVES_PARAM = "study.objectives"  # a study with two objectives: their names, space-separated
 
 # ---- MLflow metrics ----------------------------------------------------------------------------
 TRAIN_LOSS = "train_loss"  # per epoch, step = epoch
@@ -52,6 +53,7 @@ BEST_VALUE = "best_value"  # on a study's parent run, step = trials so far
 BEST_TRIAL_NUMBER = "best_trial_number"
 N_TRIALS = "n_trials"
 BEST = "best_{metric}"  # the best trial's final metrics, on the parent run
+OBJECTIVE = "objective_{name}"  # a trial's value for each objective of a study with two (--objectives)
 
 # ---- MLflow artifacts --------------------------------------------------------------------------
 STATE_DICT = "state_dict.pt"
@@ -63,6 +65,8 @@ BEST_PARAMS_JSON = "best_params.json"
 OPTIMIZATION_HISTORY = "optimization_history.png"
 PARALLEL_COORDINATE = "parallel_coordinate.png"
 PARAM_IMPORTANCES = "param_importances.png"
+PARETO_FRONT_CSV = "pareto_front.csv"  # a study with two objectives: its Pareto front, one row per trial
+PARETO_FRONT = "pareto_front.png"  # Optuna's plot_pareto_front
 
 # ---- Optuna trial params (besides the space's own names: lr, epochs, hyperparameters) -------------
 PAIR_TRIAL_PARAM = "optimizer_loss"  # "<optimizer>+<loss>", logged as the run's params optimizer and loss
@@ -74,6 +78,7 @@ WORKER_ATTR = "harness.worker"  # host:pid:start-time of the process running a t
 FAIL_REASON_ATTR = "fail_reason"  # why a trial failed
 SPACE_ATTR = "harness.space"  # a study's search space, as JSON
 STUDY_EXPERIMENT_ATTR = "harness.experiment"  # a study's experiment
+OBJECTIVES_ATTR = "harness.objectives"  # a study with two objectives: their names (a study resumes only with them)
 
 # Trial state -> the status of its run.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
@@ -89,6 +94,10 @@ def best(metric: str) -> str:
 
 def space_param(name: str) -> str:
     return SPACE_PARAM.format(name=name)
+
+
+def objective(name: str) -> str:
+    return OBJECTIVE.format(name=name)
 
 
 def best_param(param: str) -> str:

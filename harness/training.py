@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -35,6 +36,7 @@ class TrainResult:
     history: History
     predictions: torch.Tensor  # test-set predictions of the final model, on the host
     scalars: dict[str, float]
+    seconds: float | None = None  # wall time of the training loop (fit); None for a member of a stack
 
     @property
     def diverged(self) -> bool:
@@ -126,11 +128,14 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
         loss_fn = build_loss(cfg.loss)
         optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
         train_batches, test_batches = batches(data, cfg)
+        started = time.perf_counter()  # inside the lock: a thread waiting for it is not training
         history = fit(model, train_batches, test_batches, loss_fn, optimizer, cfg.epochs,
                       metrics_fn=experiment.metrics, observers=observers, sync_every=sync_every, history=history)
+        seconds = time.perf_counter() - started  # fit ends with its values on the host: the device is done
         _, predictions = evaluate_batches(model, test_batches, loss_fn, model_device(model), keep_predictions=True)
     scalars = experiment.scalars(model)
-    return TrainResult(cfg, model, data, history, predictions.cpu(), {**scalars, **experiment.errors(scalars)})
+    return TrainResult(cfg, model, data, history, predictions.cpu(), {**scalars, **experiment.errors(scalars)},
+                       seconds)
 
 
 def model_device(model: nn.Module) -> torch.device:

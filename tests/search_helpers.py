@@ -16,6 +16,18 @@ def journal_study(workdir, name="linear_regression-search"):
     return optuna.load_study(study_name=name, storage=storage)
 
 
+def check_refused_in_process(argv, line, capsys, folder, monkeypatch) -> None:
+    """``harness ARGV`` run in-process in the empty ``folder``: exit 2, one line holding ``line``, and
+    nothing written there (no store created)."""
+    from harness.cli import main
+
+    monkeypatch.chdir(folder)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and line in err, err
+    assert list(folder.iterdir()) == []
+
+
 def check_contract(workdir, study, *, figures_for=None, client=None):
     """Every point of the tracking contract, one to one between the trials and the child runs.
 
@@ -26,17 +38,21 @@ def check_contract(workdir, study, *, figures_for=None, client=None):
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     tags = parent.data.tags
     assert tags["optuna.study_name"] == study.study_name
-    assert tags["optuna.direction"] == study.direction.name
+    assert tags["optuna.direction"] == " ".join(d.name for d in study.directions)
     assert {"optuna.storage", "optuna.sampler", "optuna.pruner"} <= set(tags)
     assert parent.info.status == "FINISHED"
     # What the parent run shows in `mlflow ui`: its space and settings as params, its description.
     assert {"space.lr", "space.epochs", "space.optimizer_loss", "study.sampler", "study.pruner",
             "study.direction"} <= set(parent.data.params)
-    assert parent.data.params["study.direction"] == study.direction.name.lower()
+    assert parent.data.params["study.direction"] == " ".join(d.name.lower() for d in study.directions)
     note = tags["mlflow.note.content"]
     assert note.startswith(f"### Optuna study `{study.study_name}`") and "**Search space:**" in note
-    if any(t.state == TrialState.COMPLETE for t in study.trials):
-        assert f"/runs/{study.best_trial.user_attrs['mlflow_run_id']})" in note  # a link to the best run
+    if len(study.directions) > 1:  # two objectives: the front's first trial, by test loss
+        best = sorted(study.best_trials, key=lambda t: (*t.values, t.number))[:1]
+    else:
+        best = [study.best_trial] if any(t.state == TrialState.COMPLETE for t in study.trials) else []
+    for trial in best:  # a link to the best run
+        assert f"/runs/{trial.user_attrs['mlflow_run_id']})" in note
     children = client.search_runs([parent.info.experiment_id], max_results=5000,
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     by_id = {r.info.run_id: r for r in children}
@@ -71,7 +87,7 @@ def check_contract(workdir, study, *, figures_for=None, client=None):
                 assert len(steps) == trial.params["epochs"]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         if trial.state == TrialState.COMPLETE:
-            assert run.data.metrics["final_test_loss"] == trial.value
+            assert run.data.metrics["final_test_loss"] == trial.values[0]
             assert {"state_dict.pt", "config.json"} <= artifacts
             state = torch.load(client.download_artifacts(run.info.run_id, "state_dict.pt", str(workdir)),
                                weights_only=True)

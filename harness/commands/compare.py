@@ -11,9 +11,13 @@ def add_parser(sub) -> None:
     scope = p.add_mutually_exclusive_group(required=True)
     scope.add_argument("--study", help="Optuna study name (runs tagged optuna.study_name)")
     scope.add_argument("--mlflow-experiment", metavar="NAME", help="every finished run of an MLflow experiment")
-    p.add_argument("--top", default="5", help="how many runs (default: 5)")
-    p.add_argument("--metric", default=FINAL_TEST_LOSS, help=f"rank by this metric (default: {FINAL_TEST_LOSS})")
+    p.add_argument("--top", help="how many runs (default: 5; with --front, the whole front)")
+    p.add_argument("--metric", help=f"rank by this metric (default: {FINAL_TEST_LOSS})")
     p.add_argument("--descending", action="store_true", help="higher is better (e.g. final_test_accuracy)")
+    p.add_argument("--by", metavar="OBJECTIVE", help="a study of two objectives: rank by this one (test_loss, "
+                                                    "epochs or train_seconds, as the study has them)")
+    p.add_argument("--front", action="store_true", help="a study of two objectives: only the runs on its Pareto "
+                                                         "front, ranked by the first objective (or --by)")
     p.add_argument("--out", metavar="FILE", help="overlay figure (default: compare-<study>.png)")
     p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     p.add_argument("--log", action="store_true", help="log the figure to the study's parent run")
@@ -24,11 +28,15 @@ def run(args) -> int:
     from .. import config
     from ..errors import UsageError
 
-    top = config.positive_int("--top", args.top)
+    top = config.positive_int("--top", args.top) if args.top else None if args.front else 5
     if args.log and not args.study:
         raise UsageError("--log needs --study: the figure goes to the study's parent run")
-    if not re.fullmatch(r"[A-Za-z0-9_.\-/]{1,250}", args.metric):
-        raise UsageError(f"--metric {args.metric!r} is not a metric name (letters, digits, _ . - /)")
+    objective = args.by is not None or args.front
+    if objective:
+        _check_objective_flags(args)
+    metric = args.metric or FINAL_TEST_LOSS
+    if not re.fullmatch(r"[A-Za-z0-9_.\-/]{1,250}", metric):
+        raise UsageError(f"--metric {metric!r} is not a metric name (letters, digits, _ . - /)")
     scope = args.study or args.mlflow_experiment
     # A long or odd study name still gives a short, plain file name.
     out = args.out or f"compare-{re.sub(r'[^A-Za-z0-9_.-]+', '_', scope)[:80]}.png"
@@ -40,9 +48,12 @@ def run(args) -> int:
     from ..urls import redact
 
     client = read_client()
-    frame = compare.top_runs(client, study=args.study, mlflow_experiment=args.mlflow_experiment, metric=args.metric,
-                             top=top, descending=args.descending)
-    figure = compare.overlay(client, frame, f"{scope}: top {len(frame)} by {args.metric}")
+    ranking = {"metric": metric, "descending": args.descending}
+    if objective:
+        ranking = _objective_ranking(client, args)
+    frame = compare.top_runs(client, study=args.study, mlflow_experiment=args.mlflow_experiment, top=top, **ranking)
+    what = f"Pareto front, {len(frame)} runs" if args.front else f"top {len(frame)}"
+    figure = compare.overlay(client, frame, f"{scope}: {what} by {ranking['metric']}")
     figure.savefig(out)
     shown = compare.table(frame)
     print(shown.to_string(index=False))
@@ -54,9 +65,40 @@ def run(args) -> int:
         parent = compare.parent_run_id(client, args.study)
         if parent is None:
             raise UsageError(f"study {args.study!r} has no parent run in {redact(client.tracking_uri)}")
-        client.log_figure(parent, figure, f"compare_top{top}_{args.metric}.png")
+        client.log_figure(parent, figure, f"compare_{'front' if args.front else f'top{top}'}_{ranking['metric']}.png")
         print(f"logged to parent run {parent}")
     return 0
+
+
+def _check_objective_flags(args) -> None:
+    """--by and --front: a study's, not with --metric or --descending (an objective has its direction)."""
+    from ..errors import UsageError
+
+    flag = "--front" if args.front else "--by"
+    if not args.study:
+        raise UsageError(f"{flag} needs --study: objectives are a study's")
+    if args.metric:
+        raise UsageError(f"{flag} ranks by an objective and --metric by a metric: choose one")
+    if args.descending:
+        raise UsageError(f"{flag} with --descending: an objective ranks in its study's direction")
+
+
+def _objective_ranking(client, args) -> dict:
+    """--by and --front as top_runs' ranking: the objective's metric, its direction, the front's metrics."""
+    from .. import compare, schema
+    from ..errors import UsageError, did_you_mean
+
+    objectives = compare.study_objectives(client, args.study)
+    if len(objectives) < 2:
+        flag = "--front" if args.front else "--by"
+        raise UsageError(f"{flag}: study {args.study!r} has one objective ({', '.join(objectives)}); "
+                         "rank it with --metric")
+    by = args.by or next(iter(objectives))
+    if by not in objectives:
+        raise UsageError(f"--by {by!r}: study {args.study!r} has objectives {', '.join(objectives)}"
+                         f"{did_you_mean(by, objectives)}")
+    front = {schema.objective(name): direction for name, direction in objectives.items()} if args.front else None
+    return {"metric": schema.objective(by), "descending": objectives[by] == "maximize", "front": front}
 
 
 def check_output(path: str, flag: str, figure: bool = False) -> None:

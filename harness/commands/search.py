@@ -21,13 +21,18 @@ def add_parser(sub) -> None:
                                      "(default: journal:optuna_journal.log)")
     p.add_argument("--heartbeat", default="10", help="RDB storages: seconds between a trial's heartbeats; a "
                                                       "trial silent for 3x that is failed and retried (default: 10)")
+    p.add_argument("--objectives", nargs="+", metavar="NAME",
+                   help="what a trial minimizes: test_loss (default), or test_loss and one of epochs (the epochs "
+                        "it trained), train_seconds (its training time): a multi-objective study, its Pareto front "
+                        "on the parent run; no pruner")
     p.add_argument("--sampler", default="tpe",
                    help="tpe (default; with --batch, constant_liar), random, grid, qmc (scrambled Sobol: an even "
-                        "sweep), cmaes (CMA-ES) or gp (Gaussian process); qmc and cmaes draw the optimizer/loss "
-                        "pair and other choices at random")
+                        "sweep), cmaes (CMA-ES; one objective only), gp (Gaussian process) or nsga2 (NSGA-II, for "
+                        "two objectives); qmc and cmaes draw the optimizer/loss pair and other choices at random")
     p.add_argument("--seed", help="the sampler's seed (default: none); the model's seed comes from the config")
-    p.add_argument("--pruner", default="median",
-                   help="median (default), percentile, hyperband, sha (successive halving), wilcoxon or none")
+    p.add_argument("--pruner",
+                   help="median (default), percentile, hyperband, sha (successive halving), wilcoxon or none "
+                        "(the default, and the only one, with two --objectives)")
     p.add_argument("--pruner-args", nargs="+", action="extend", metavar="KEY=VALUE",
                    help="the pruner's settings, Optuna's names: median n_startup_trials, n_warmup_steps, "
                         "interval_steps, n_min_trials; percentile the same and percentile (default 25); hyperband "
@@ -61,6 +66,7 @@ def _options(args):
     from .. import config, training
     from ..errors import UsageError
     from ..experiment import load
+    from ..search import objectives as objectives_module
     from ..search import space as space_module
     from ..search import study as study_module
 
@@ -77,14 +83,19 @@ def _options(args):
                               experiment=experiment, n_train=data.n_train)[0]
                for optimizer, loss in (pair.split("+") for pair in space.pairs)]
     training.preflight(cfg, experiment, data)  # with the first pair
+    objectives = objectives_module.parse(args.objectives)
     config.one_of("sampler", args.sampler, study_module.SAMPLERS)
-    config.one_of("pruner", args.pruner, study_module.PRUNERS)
-    pruner_args = study_module.pruner_settings(args.pruner, args.pruner_args)
-    pruner = study_module.make_pruner(args.pruner, pruner_args)
+    # Not given ("" from MLproject): median, or none for a study of two objectives, which Optuna cannot prune.
+    pruner_name = args.pruner or ("median" if len(objectives) == 1 else "none")
+    config.one_of("pruner", pruner_name, study_module.PRUNERS)
+    objectives_module.check_strategy(objectives, args.sampler, pruner_name)
+    pruner_args = study_module.pruner_settings(pruner_name, args.pruner_args)
+    pruner = study_module.make_pruner(pruner_name, pruner_args)
     config.one_of("direction", args.direction, study_module.DIRECTIONS)
     # numpy's generators, which Optuna's samplers use, take seeds below 2**32.
     sampler_seed = config.int_in("--seed", args.seed, 0, 2 ** 32 - 1) if args.seed not in (None, "") else None
     batch = config.positive_int("--batch", args.batch)
+    objectives_module.check_batch(objectives, batch)
     n_jobs = config.positive_int("--n-jobs", args.n_jobs)
     if batch > 1 and n_jobs > 1:
         raise UsageError(f"--batch {batch} with --n-jobs {n_jobs}: choose one (a batch already trains {batch} "
@@ -115,7 +126,8 @@ def _options(args):
         else space_module.report_cadence(space) if study_module.storage_scheme(storage_url) in ("journal", "sqlite")
         else max(10, space_module.report_cadence(space)),
         "sampler": study_module.make_sampler(args.sampler, sampler_seed, space, batch),
-        "pruner": pruner, "pruner_args": study_module.pruner_description(args.pruner, pruner_args),
+        "pruner": pruner, "pruner_name": pruner_name, "objectives": objectives,
+        "pruner_args": study_module.pruner_description(pruner_name, pruner_args),
         "independent": study_module.independent_axes(args.sampler, space),
     }
 
@@ -188,7 +200,7 @@ def _open_study(args, opts):
 
     url = opts["storage_url"]
     study_args = dict(direction=args.direction, space=opts["space"], experiment=opts["experiment"].name,
-                      sampler=opts["sampler"], pruner=opts["pruner"])
+                      sampler=opts["sampler"], pruner=opts["pruner"], objectives=opts["objectives"])
     storage_args = dict(heartbeat=opts["heartbeat"], max_trials=opts["max_trials"])
     # Opening a journal creates its file: a missing one already says there is no study yet.
     storage = None if study_module.missing_journal(url) else study_module.open_storage(url, **storage_args)
@@ -227,9 +239,9 @@ def _objective(args, opts):
     cfg = opts["cfg"]
     return Objective(opts["experiment"], opts["space"], seed=cfg.seed, device=cfg.device, base=cfg.to_dict(),
                      data=opts["data"], report_every=opts["report_every"], mlflow_experiment=args.mlflow_experiment,
-                     trial_figures=args.trial_figures, batch=opts["batch"],
+                     trial_figures=args.trial_figures, batch=opts["batch"], objectives=opts["objectives"],
                      study_tags={schema.STORAGE_TAG: redact(opts["storage_url"]), schema.SAMPLER_TAG: args.sampler,
-                                 schema.PRUNER_TAG: args.pruner},
+                                 schema.PRUNER_TAG: opts["pruner_name"]},
                      study_params={schema.PRUNER_ARGS_PARAM: opts["pruner_args"]})
 
 
@@ -338,6 +350,8 @@ def report(study, tracker, seconds: float, url: str, experiment) -> str:
     done = frame[frame["state"] == "COMPLETE"]
     if done.empty:
         return "\n".join(lines + ["no trial completed"])
+    if len(study.directions) > 1:
+        return "\n".join(lines + _front_report(study, tracker))
     params = [c for c in frame.columns if c.startswith("params_")]  # the space's, hyperparameters included
     top = done.sort_values("value", ascending=study.direction.name == "MINIMIZE").head(5)
     top = top[["number", "value", *params, RUN_ATTR]].rename(columns={
@@ -363,6 +377,33 @@ def report(study, tracker, seconds: float, url: str, experiment) -> str:
     return "\n".join(lines)
 
 
+def _front_report(study, tracker) -> list[str]:
+    """A study of two objectives: its Pareto front, and where the whole of it is."""
+    from ..schema import PAIR_TRIAL_PARAM, PARETO_FRONT_CSV, RUN_ATTR
+    from ..search.objectives import of_study
+    from ..search.summary import FRONT_SHOWN, front_frame
+
+    objectives = of_study(study) or tuple(f"values_{i}" for i in range(len(study.directions)))
+    front = front_frame(study, objectives)
+    # A param that is an objective too (epochs) is its value on the front: shown once.
+    shown = front.head(FRONT_SHOWN).drop(columns=[f"params_{name}" for name in objectives], errors="ignore")
+    shown = shown.rename(columns={
+        "number": "trial", RUN_ATTR: "mlflow run", f"params_{PAIR_TRIAL_PARAM}": "optimizer+loss",
+        **{c: c.removeprefix("params_") for c in shown.columns if c.startswith("params_")}})
+    more = f"; all of it in {PARETO_FRONT_CSV} on the parent run" if tracker is not None else ""
+    lines = [f"Pareto front: {len(front)} trial(s) that no other trial betters in both {' and '.join(objectives)}"
+             f"{more}", shown.to_string(index=False, na_rep="-")]
+    if len(front) > FRONT_SHOWN:
+        lines.append(f"(and {len(front) - FRONT_SHOWN} more)")
+    if tracker is not None:
+        from ..tracking import default_tracking_uri
+        from ..urls import redact
+
+        lines.append(f"compare: harness compare --study {shlex.quote(study.study_name)} --front  "
+                     f"(parent run {tracker.parent_run_id} in {redact(default_tracking_uri())})")
+    return lines
+
+
 def resume_command(args, study_name: str, url: str) -> str:
     from ..urls import redact
 
@@ -384,4 +425,6 @@ def resume_command(args, study_name: str, url: str) -> str:
                                  ("--batch", args.batch, "1")):
         if value not in (None, "", default):
             parts += [flag, value]
+    if args.objectives:  # a study resumes only with its objectives
+        parts += ["--objectives", *" ".join(args.objectives).split()]
     return " ".join(shlex.quote(str(p)) for p in parts)

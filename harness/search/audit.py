@@ -17,6 +17,7 @@ from ..errors import HarnessError
 from .. import schema, tracking
 from ..schema import FAIL_REASON_ATTR, INCOMPLETE_TAG, PAIR_TRIAL_PARAM as PAIR, PARENT_ATTR, RUN_ATTR, WORKER_ATTR
 from ..sink import MlflowSink, close_incomplete
+from .objectives import of_study
 from .tracker import fail_run
 from .optuna_private import trial_id
 from .workers import WORKER_DIED, abandoned, alive, retried_numbers, retry, unfinished
@@ -131,8 +132,10 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
         by_number.setdefault(int(number) if number and number.isdigit() else -1, []).append(run)
     fixer = _Fix(client, sink, study, parent_id, parent.info.experiment_id) if fix else None
     live_workers = False
+    objectives = of_study(study) if len(study.directions) > 1 else None
     for trial in trials:
-        _check_trial(trial, by_number.pop(trial.number, []), client, report, fixer, trial.number in retried)
+        _check_trial(trial, by_number.pop(trial.number, []), client, report, fixer, trial.number in retried,
+                     objectives)
         live_workers |= trial.state == TrialState.RUNNING and alive(trial.user_attrs.get(WORKER_ATTR)) is not False
     for number, orphans in sorted(by_number.items()):
         for run in orphans:
@@ -158,7 +161,8 @@ def _create_parent(client, study) -> str:
     return run_id
 
 
-def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, retried: bool) -> None:
+def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, retried: bool,
+                 objectives: tuple[str, ...] | None = None) -> None:
     n, state = trial.number, trial.state
     if state == TrialState.WAITING:
         return
@@ -213,6 +217,17 @@ def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, re
         report.violations.append(f"trial {n}: run params {logged} differ from trial params {expected}")
     if state == TrialState.COMPLETE:
         _check_complete(n, run, _epochs(trial, run), client, report)
+        if objectives:
+            _check_values(trial, run, objectives, report)
+
+
+def _check_values(trial, run, objectives: tuple[str, ...], report: Report) -> None:
+    """A completed trial of a study of two objectives: its run's objective metrics are its values."""
+    logged = [run.data.metrics.get(schema.objective(name)) for name in objectives]
+    if logged != list(trial.values):
+        shown = ", ".join(f"{schema.objective(name)}={value}" for name, value in zip(objectives, logged))
+        report.violations.append(f"trial {trial.number}: run {run.info.run_id} logs {shown}, "
+                                 f"but the trial's values are {list(trial.values)}")
 
 
 def _epochs(trial, run) -> int:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 
 import sys
@@ -11,8 +10,10 @@ from dataclasses import dataclass, field
 import optuna
 
 from .. import batched, config, signals, training
+from ..errors import UsageError
 from ..experiment import Experiment, load
 from ..loop import History, StopTraining
+from . import objectives as objectives_module
 from . import space as space_module
 from .space import SearchSpace
 from .journal import JournalWriteError
@@ -96,7 +97,9 @@ class _Tracking:
 
 
 class Objective:
-    """Samples a config, trains it, tracks the trial in MLflow and returns the final test loss.
+    """Samples a config, trains it, tracks the trial in MLflow and returns the final test loss (with
+    two ``objectives``, the test loss then epochs or train_seconds, a tuple of both, for a study
+    created with two directions).
 
     The experiment's data is loaded once, here. Use it as a context manager (or call ``close``) so
     that the study's summary is written and every trial's run is complete in the store::
@@ -112,12 +115,15 @@ class Objective:
                  track: bool = True, mlflow_experiment: str | None = None, report_every: int | None = None,
                  trial_figures: bool = False, seed: int = 42, device: str = "auto", base: dict | None = None,
                  data=None, study_tags: dict[str, str] | None = None, batch: int = 1,
-                 study_params: dict[str, str] | None = None):
+                 study_params: dict[str, str] | None = None, objectives=objectives_module.DEFAULT):
         """``base``: fixed config values for every trial (e.g. ``{"batch_size": 64}``); the space's
         samples override them. ``data``: the experiment's data, if the caller already loaded it.
         ``study_tags``: tags added to the study's parent run (say, ``{"team": "vision"}``);
         ``study_params``: params added to it (the CLI logs its pruner's settings there).
-        ``batch``: trials trained together by ``run_batch`` (recorded on the parent run)."""
+        ``batch``: trials trained together by ``run_batch`` (recorded on the parent run).
+        ``objectives``: what each trial returns (see harness/search/objectives.py)."""
+        self.objectives = objectives_module.parse(objectives, flag="objectives")
+        objectives_module.check_batch(self.objectives, config.positive_int("batch", batch), flag="batch")
         self.experiment = experiment if isinstance(experiment, Experiment) else load(experiment)
         data = data if data is not None else self.experiment.load_data()
         self.space = space or space_module.resolve(self.experiment, n_train=data.n_train)
@@ -131,9 +137,12 @@ class Objective:
                              else config.positive_int("report_every", report_every))
         self.track = track
         self.tracker = None
+        # Two objectives: nothing is reported (Optuna prunes no multi-objective study), so no cadence is logged.
+        reports = self.report_every if len(self.objectives) == 1 else None
         self._tracker_options = {"mlflow_experiment": mlflow_experiment, "trial_figures": trial_figures,
-                                 "study_tags": study_tags, "space": self.space, "report_every": self.report_every,
-                                 "batch": config.positive_int("batch", batch), "extra_params": study_params}
+                                 "study_tags": study_tags, "space": self.space, "report_every": reports,
+                                 "batch": config.positive_int("batch", batch), "extra_params": study_params,
+                                 "objectives": self.objectives}
         self._lock = threading.Lock()
         self._worker = identity()
         self._refusals: dict[tuple, str | None] = {}  # (stack key, loss) -> why it is not stacked (None: it is)
@@ -154,7 +163,8 @@ class Objective:
         state, = self._finish([run])
         if state == "PRUNED":
             raise optuna.TrialPruned(result.history.stopped)
-        return math.nan if state == "FAIL" else result.history.last(TEST_LOSS)
+        return objectives_module.failed(self.objectives) if state == "FAIL" else \
+            objectives_module.values(self.objectives, result)
 
     def _start(self, runs: list[_TrialRun]) -> None:
         """Everything before training, filled into each run step by step: its worker, its config,
@@ -163,6 +173,7 @@ class Objective:
         try:
             for run in runs:
                 trial = run.trial
+                self._check_study(trial)
                 if getattr(trial, "study", None) is not None:
                     # Lets the next worker (or `harness audit --fix`) tell a crashed trial from a running one.
                     trial.set_user_attr(WORKER_ATTR, self._worker)
@@ -203,6 +214,7 @@ class Objective:
         run, reported, pruned and tracked as ``__call__`` does; the others one at a time. Returns
         (state, value) per trial, for ``study.tell``. A member's numbers are those of training it
         alone, bit for bit, so each trial reproduces alone."""
+        objectives_module.check_batch(self.objectives, len(trials), flag="a batch of")
         runs = []
         try:
             with signals.interruptible():
@@ -225,7 +237,7 @@ class Objective:
                     self._end_unfinished(run, exc)
             raise
         states = self._finish(runs)
-        return [(state, run.result.history.last(TEST_LOSS) if state == "COMPLETE" else None)
+        return [(state, objectives_module.values(self.objectives, run.result) if state == "COMPLETE" else None)
                 for run, state in zip(runs, states)]
 
     def _stacks(self, runs: list[_TrialRun]) -> list[list[_TrialRun]]:
@@ -263,9 +275,19 @@ class Objective:
 
     def _observers(self, trial) -> list:
         study = getattr(trial, "study", None)
-        if study is None or isinstance(study.pruner, optuna.pruners.NopPruner):
-            return []  # intermediate values only feed a pruner; without one, skip the storage writes
+        if study is None or isinstance(study.pruner, optuna.pruners.NopPruner) or len(study.directions) > 1:
+            # Intermediate values only feed a pruner; without one, skip the storage writes. Optuna
+            # prunes no multi-objective study (its Trial.report refuses one).
+            return []
         return [_Reporter(trial, self.report_every)]
+
+    def _check_study(self, trial) -> None:
+        """A study with as many directions as this objective returns values (else each trial would FAIL)."""
+        study = getattr(trial, "study", None)
+        if study is not None and len(study.directions) != len(self.objectives):
+            raise UsageError(f"the study has {len(study.directions)} direction(s), the objective returns "
+                             f"{len(self.objectives)} value(s) ({', '.join(self.objectives)}); create the study with "
+                             f"directions={objectives_module.directions(self.objectives)}")
 
     def _tracker_for(self, trial):
         if not self.track or getattr(trial, "study", None) is None:

@@ -19,7 +19,7 @@ MAX_HEARTBEAT_S = 3600  # a trial silent for 3 hours is stale; Python's timers r
 CONNECT_TIMEOUT_S = 10
 MAX_JOURNAL_BYTES = 1 << 31
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
-SAMPLERS = ("tpe", "random", "grid", "qmc", "cmaes", "gp")
+SAMPLERS = ("tpe", "random", "grid", "qmc", "cmaes", "gp", "nsga2")
 PRUNERS = ("median", "percentile", "hyperband", "sha", "wilcoxon", "none")
 # The settings each pruner takes from --pruner-args KEY=VALUE: Optuna's own argument names, each
 # with its kind and lowest (and highest) value; what is not given keeps Optuna's default.
@@ -39,7 +39,8 @@ PERCENTILE = 25.0  # PercentilePruner's percentile when none is given (Optuna re
 _PRUNERS = {"median": "MedianPruner", "percentile": "PercentilePruner", "hyperband": "HyperbandPruner",
             "sha": "SuccessiveHalvingPruner", "wilcoxon": "WilcoxonPruner", "none": "NopPruner"}
 DIRECTIONS = ("minimize", "maximize")
-from ..schema import PAIR_TRIAL_PARAM, SPACE_ATTR, STUDY_EXPERIMENT_ATTR as EXPERIMENT_ATTR
+from ..schema import OBJECTIVES_ATTR, PAIR_TRIAL_PARAM, SPACE_ATTR, STUDY_EXPERIMENT_ATTR as EXPERIMENT_ATTR
+from . import objectives as objectives_module
 
 
 def storage_scheme(url: str) -> str:
@@ -167,6 +168,8 @@ def make_sampler(name: str, seed: int | None, space: SearchSpace, batch: int = 1
             return samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
         if name == "gp":
             return samplers.GPSampler(seed=seed)
+        if name == "nsga2":  # a genetic algorithm for two objectives (also runs a study of one)
+            return samplers.NSGAIISampler(seed=seed)
         return samplers.GridSampler(space.grid(), seed=seed)
 
 
@@ -253,14 +256,20 @@ def pruner_description(name: str, settings: dict | None = None) -> str:
 
 
 def existing_study(name: str, storage, *, direction: str, sampler, pruner, space: SearchSpace,
-                   experiment: str) -> optuna.Study | None:
-    """The study if it exists, refused if its direction, experiment or space differ. Writes nothing."""
+                   experiment: str, objectives: tuple[str, ...] = objectives_module.DEFAULT) -> optuna.Study | None:
+    """The study if it exists, refused if its objectives, direction, experiment or space differ. Writes nothing."""
     try:
         existing = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:
         return None
-    if existing.direction.name.lower() != direction:
-        raise UsageError(f"study {name!r} exists with direction {existing.direction.name.lower()}, "
+    stored_objectives = objectives_module.of_study(existing)
+    if stored_objectives != tuple(objectives) and (stored_objectives or len(existing.directions) != len(objectives)):
+        shown = " ".join(stored_objectives) if stored_objectives else f"{len(existing.directions)} unnamed ones"
+        hint = f"resume it with --objectives {shown}, or use" if stored_objectives else "use"
+        raise UsageError(f"study {name!r} has objectives {shown}, not {' '.join(objectives)}; {hint} "
+                         "another --study-name")
+    if existing.directions[0].name.lower() != direction:
+        raise UsageError(f"study {name!r} exists with direction {existing.directions[0].name.lower()}, "
                          f"not {direction}; use another --study-name")
     stored_experiment = existing.user_attrs.get(EXPERIMENT_ATTR, experiment)
     if stored_experiment != experiment:
@@ -274,11 +283,15 @@ def existing_study(name: str, storage, *, direction: str, sampler, pruner, space
 
 
 def create_study(name: str, storage, *, direction: str, sampler, pruner, space: SearchSpace,
-                 experiment: str) -> optuna.Study:
+                 experiment: str, objectives: tuple[str, ...] = objectives_module.DEFAULT) -> optuna.Study:
     """A new study (or the one another worker created a moment ago), with what resuming checks against."""
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                                direction=direction, load_if_exists=True)
+                                directions=objectives_module.directions(objectives, direction), load_if_exists=True)
     if EXPERIMENT_ATTR not in study.user_attrs:
         study.set_user_attr(EXPERIMENT_ATTR, experiment)
         study.set_user_attr(SPACE_ATTR, space.to_dict())
+        if len(objectives) > 1:
+            study.set_user_attr(OBJECTIVES_ATTR, list(objectives))
+            with _stable_enough():  # Optuna's trials_dataframe and plots then name the values
+                study.set_metric_names(list(objectives))
     return study

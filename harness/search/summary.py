@@ -1,4 +1,5 @@
-"""A study's end-of-invocation record on its parent run: best trial, trials table, Optuna's plots."""
+"""A study's end-of-invocation record on its parent run: best trial (with two objectives, the Pareto
+front), trials table, Optuna's plots."""
 from __future__ import annotations
 
 import io
@@ -8,13 +9,16 @@ from typing import Any
 from .. import schema, tracking
 from ..experiment import is_builtin
 from ..schema import RUN_ATTR
+from .objectives import DEFAULT
+
+FRONT_SHOWN = 10  # rows of the Pareto front in the parent run's description
 
 
 def summarize(study) -> dict[str, Any]:
     from optuna.trial import TrialState
 
     summary: dict[str, Any] = {"study_name": study.study_name, schema.N_TRIALS: len(study.trials)}
-    if any(t.state == TrialState.COMPLETE for t in study.trials):
+    if len(study.directions) == 1 and any(t.state == TrialState.COMPLETE for t in study.trials):
         best = study.best_trial
         summary.update({schema.BEST_VALUE: best.value, schema.BEST_TRIAL_NUMBER: best.number,
                         schema.BEST_PARAMS_TAG: best.params, schema.BEST_RUN_TAG: best.user_attrs.get(RUN_ATTR)})
@@ -30,16 +34,36 @@ def trials_frame(study):
 
 
 def trials_csv(study) -> bytes:
+    return _csv(trials_frame(study))
+
+
+def front_frame(study, objectives: tuple[str, ...]):
+    """The study's Pareto front (``study.best_trials``), sorted by the first objective: each trial's
+    number, run, values by objective name and params (as ``trials.csv`` names them)."""
+    import pandas as pd
+
+    rows = [{"number": t.number, RUN_ATTR: t.user_attrs.get(RUN_ATTR), **dict(zip(objectives, t.values)),
+             **{f"params_{k}": v for k, v in sorted(t.params.items())}} for t in study.best_trials]
+    frame = pd.DataFrame(rows, columns=None if rows else ["number", RUN_ATTR, *objectives])
+    return frame.sort_values([*objectives, "number"], kind="stable").reset_index(drop=True)
+
+
+def front_csv(study, objectives: tuple[str, ...]) -> bytes | None:
+    """``front_frame`` as CSV for a study with two objectives; None for one of one."""
+    return _csv(front_frame(study, objectives)) if len(study.directions) > 1 else None
+
+
+def _csv(frame) -> bytes:
     buffer = io.StringIO()
-    trials_frame(study).to_csv(buffer, index=False)
+    frame.to_csv(buffer, index=False)
     return buffer.getvalue().encode()
 
 
-def describe(study, experiment, experiment_id: str, params: dict[str, str], top: int = 5) -> str:
+def describe(study, experiment, experiment_id: str, params: dict[str, str], top: int = 5,
+             objectives: tuple[str, ...] = DEFAULT) -> str:
     """The parent run's description (Markdown on its page in `mlflow ui`): what the study searches, how
     far it got, its best trials with links to their runs, and the commands to compare, reload and
-    reproduce the best. Rewritten at the end of each invocation."""
-    import shlex
+    reproduce the best (with two objectives, its Pareto front). Rewritten at the end of each invocation."""
     from datetime import datetime, timezone
 
     from optuna.trial import TrialState
@@ -56,6 +80,25 @@ def describe(study, experiment, experiment_id: str, params: dict[str, str], top:
              f"**Search space:** {space}", "",
              f"**Trials:** {len(trials)} ({', '.join(counts) or 'none yet'}), as of "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"]
+    if len(study.directions) > 1:
+        lines += _front_lines(study, objectives, experiment_id)
+        note = "\n".join(lines)
+    else:
+        note = "\n".join(lines + _top_lines(study, trials, experiment, experiment_id, top))
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    cut = "\n\n(cut to MLflow's limit for a description)"
+    return note if len(note) <= MAX_TAG_VAL_LENGTH else note[:MAX_TAG_VAL_LENGTH - len(cut)] + cut
+
+
+def _top_lines(study, trials: list, experiment, experiment_id: str, top: int) -> list[str]:
+    """The best trials as a table, and the commands to compare them, reload and reproduce the best."""
+    import shlex
+
+    from optuna.trial import TrialState
+
+    name = study.study_name
+    lines: list[str] = []
     done = sorted((t for t in trials if t.state == TrialState.COMPLETE),
                   key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")[:top]
     if done:
@@ -78,11 +121,35 @@ def describe(study, experiment, experiment_id: str, params: dict[str, str], top:
                       f"- **Reproduce** the best trial, bit for bit: `harness reproduce {best}{named}`"]
     else:
         lines += ["", "No trial has completed yet."]
-    note = "\n".join(lines)
-    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+    return lines
 
-    cut = "\n\n(cut to MLflow's limit for a description)"
-    return note if len(note) <= MAX_TAG_VAL_LENGTH else note[:MAX_TAG_VAL_LENGTH - len(cut)] + cut
+
+def _front_lines(study, objectives: tuple[str, ...], experiment_id: str) -> list[str]:
+    """The Pareto front as a table (its first rows), and the commands that compare along it."""
+    import shlex
+
+    front = study.best_trials
+    if not front:
+        return ["", "No trial has completed yet."]
+    front = sorted(front, key=lambda t: (*t.values, t.number))
+    # A param that is an objective too (epochs) is its value on the front: shown once.
+    keys = sorted({k for t in front for k in t.params if k not in objectives},
+                  key=lambda k: (k != "lr", k != "epochs", k))
+    lines = ["", f"**Pareto front:** {len(front)} trial(s) that no other trial betters in both "
+                 f"{' and '.join(objectives)} (all in `{schema.PARETO_FRONT_CSV}`)", "",
+             "| trial | " + " | ".join(objectives) + " | " + " | ".join(keys) + " | run |",
+             "|---:|" + "---:|" * len(objectives) + "---|" * len(keys) + "---|"]
+    for t in front[:FRONT_SHOWN]:
+        run = t.user_attrs.get(RUN_ATTR)
+        link = f"[trial-{t.number}](#/experiments/{experiment_id}/runs/{run})" if run else "-"
+        values = " | ".join(f"{v:.6g}" for v in t.values)
+        lines.append(f"| {t.number} | {values} | {' | '.join(_cell(t.params.get(k, '-')) for k in keys)} | {link} |")
+    if len(front) > FRONT_SHOWN:
+        lines.append(f"\n(and {len(front) - FRONT_SHOWN} more)")
+    name = shlex.quote(study.study_name)
+    lines += ["", f"- **Compare** along the front: `harness compare --study {name} --front`; ranked by one "
+                  f"objective: `harness compare --study {name} --by {objectives[-1]}`"]
+    return lines
 
 
 def _cell(value) -> str:
@@ -90,9 +157,11 @@ def _cell(value) -> str:
 
 
 def write(client, run_id: str, summary: dict[str, Any], best_finals: dict | None, trials_csv: bytes,
-          trials: list, direction, note: str | None = None) -> None:
+          trials: list, directions, note: str | None = None, objectives: tuple[str, ...] = DEFAULT,
+          front_csv: bytes | None = None) -> None:
     """Everything the parent run gets at the end of an invocation; then it is FINISHED.
-    ``best_finals``: the best trial's final metrics, when this invocation ran it (else read off its run)."""
+    ``best_finals``: the best trial's final metrics, when this invocation ran it (else read off its run).
+    ``front_csv``: a study with two objectives: its Pareto front (``front_csv``)."""
     from mlflow.exceptions import MlflowException
 
     metrics = {k: summary[k] for k in (schema.BEST_VALUE, schema.BEST_TRIAL_NUMBER, schema.N_TRIALS)
@@ -118,14 +187,18 @@ def write(client, run_id: str, summary: dict[str, Any], best_finals: dict | None
                      tags=tracking.tag_list(tags))
     client.log_text(run_id, trials_csv.decode(), schema.TRIALS_CSV)
     client.log_dict(run_id, summary, schema.BEST_PARAMS_JSON)
-    for name, figure in _plots(trials, direction).items():
+    if front_csv is not None:
+        client.log_text(run_id, front_csv.decode(), schema.PARETO_FRONT_CSV)
+    for name, figure in _plots(trials, directions, objectives).items():
         client.log_figure(run_id, figure, name)
     client.set_terminated(run_id, "FINISHED")
 
 
-def _plots(trials: list, direction) -> dict:
+def _plots(trials: list, directions, objectives: tuple[str, ...] = DEFAULT) -> dict:
     """Optuna's optimization history, parallel coordinates and (from 5 distinct completed trials)
-    parameter importances, as matplotlib figures."""
+    parameter importances, as matplotlib figures; with two objectives, those of the first, and the
+    Pareto front."""
+    import functools
     import warnings
 
     import matplotlib
@@ -135,22 +208,30 @@ def _plots(trials: list, direction) -> dict:
     import optuna
     from optuna.visualization import matplotlib as ovm
 
-    study = optuna.create_study(direction=direction)
+    study = optuna.create_study(directions=[getattr(d, "name", d).lower() for d in directions])
     study.add_trials([t for t in trials if t.state.is_finished()])
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not completed:
         return {}
-    plots = {schema.OPTIMIZATION_HISTORY: ovm.plot_optimization_history,
-             schema.PARALLEL_COORDINATE: ovm.plot_parallel_coordinate}
+    many = len(study.directions) > 1
+    # Several objectives: Optuna's single-objective plots need the one they show.
+    first = {"target": lambda t: t.values[0], "target_name": objectives[0]} if many else {}
+    plots = {schema.OPTIMIZATION_HISTORY: functools.partial(ovm.plot_optimization_history, **first),
+             schema.PARALLEL_COORDINATE: functools.partial(ovm.plot_parallel_coordinate, **first)}
     if len(completed) >= 5 and len({tuple(sorted(t.params.items())) for t in completed}) > 1:
         # PED-ANOVA: Optuna's own evaluator, ~40x faster than fANOVA on a 200-trial study.
         from optuna.importance import PedAnovaImportanceEvaluator
 
-        plots[schema.PARAM_IMPORTANCES] = lambda s: ovm.plot_param_importances(s, evaluator=PedAnovaImportanceEvaluator())
+        plots[schema.PARAM_IMPORTANCES] = lambda s: ovm.plot_param_importances(
+            s, evaluator=PedAnovaImportanceEvaluator(), **first)
+    if many:
+        plots[schema.PARETO_FRONT] = functools.partial(ovm.plot_pareto_front, target_names=list(objectives))
     figures = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="optuna.visualization")  # flat axes
+        # Given a target (two objectives: the first), PED-ANOVA says it ranks low values as good: they are.
+        warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes", category=UserWarning)
         for name, plot in plots.items():
             try:
                 ax = plot(study)

@@ -21,6 +21,7 @@ from .. import plots, schema, tracking
 from ..errors import HarnessError
 from ..schema import FAIL_REASON_ATTR, PARENT_ATTR, ROLE_STUDY, ROLE_TAG, RUN_ATTR, RUN_STATUS
 from ..sink import MlflowSink, RunSink, WriteFailed, close_incomplete
+from . import objectives as objectives_module
 from . import optuna_private, summary
 from .storages import describe, study_lock
 from .workers import WORKER_DIED, abandoned, retry
@@ -44,8 +45,10 @@ class StudyTracker:
 
     def __init__(self, study, experiment, *, data=None, mlflow_experiment: str | None = None,
                  study_tags: dict[str, str] | None = None, trial_figures: bool = False, space=None,
-                 report_every=None, batch: int = 1, extra_params: dict[str, str] | None = None):
+                 report_every=None, batch: int = 1, extra_params: dict[str, str] | None = None,
+                 objectives: tuple[str, ...] = objectives_module.DEFAULT):
         self.study = study
+        self.objectives = tuple(objectives)
         self.experiment = experiment
         self._data = data
         self._extra = tracking.source_params(experiment)
@@ -69,11 +72,12 @@ class StudyTracker:
         self._wait = not server
         tags = {schema.STUDY_TAG: study.study_name, schema.STORAGE_TAG: describe(optuna_private.storage_of(study)),
                 schema.SAMPLER_TAG: type(study.sampler).__name__, schema.PRUNER_TAG: type(study.pruner).__name__,
-                schema.DIRECTION_TAG: study.direction.name, schema.EXPERIMENT_TAG: experiment.name,
+                schema.DIRECTION_TAG: directions(study).upper(), schema.EXPERIMENT_TAG: experiment.name,
                 **(study_tags or {}), ROLE_TAG: ROLE_STUDY}
         # Workers starting together must agree on one parent run: find-or-create it under the
         # study's lock, and publish it in the study before letting the next worker look.
-        params = self._params = {**study_params(study, space, report_every, batch), **(extra_params or {})}
+        params = self._params = {**study_params(study, space, report_every, batch, self.objectives),
+                                 **(extra_params or {})}
         with study_lock(optuna_private.storage_of(study), f"parent-{study.study_name}"):
             known = study.user_attrs.get(PARENT_ATTR)
             try:
@@ -194,6 +198,7 @@ class StudyTracker:
                 # KILLED is MLflow's nearest status, drawn like a failure: the name and description say pruned.
                 rec.tags.update(pruned_tags(trial.number, result.history.stopped, type(self.study.pruner).__name__))
             if state == "COMPLETE":
+                rec.finals.update(objectives_module.metrics(self.objectives, result))
                 self._note_best(trial.number, run_id, result)
             figures = (result.history.values, result.predictions) if self.trial_figures else None
             writes.append((run_id, trial.number, state, rec, RUN_STATUS[state], figures))
@@ -254,8 +259,9 @@ class StudyTracker:
         return run_id
 
     def _note_best(self, number: int, run_id: str, result) -> None:
+        # With two objectives, the trial whose figures the parent gets is the one of the best test loss.
         value = result.history.last(schema.TEST_LOSS)
-        sign = 1 if self.study.direction.name == "MINIMIZE" else -1
+        sign = 1 if self.study.directions[0].name == "MINIMIZE" else -1
         with self._lock:
             if self._best is None or sign * value < sign * self._best[0]:
                 self._best = (value, number, run_id, (result.history.values, result.predictions),
@@ -281,9 +287,11 @@ class StudyTracker:
         try:  # also after a failed write: the store may take this one, and the parent is then closed
             best = summary.summarize(self.study)
             finals = self._best[4] if self._best and best.get(schema.BEST_TRIAL_NUMBER) == self._best[1] else None
-            note = summary.describe(self.study, self.experiment, self.experiment_id, self._params)
+            note = summary.describe(self.study, self.experiment, self.experiment_id, self._params,
+                                    objectives=self.objectives)
             summary.write(self.sink.client, self.parent_run_id, best, finals, summary.trials_csv(self.study),
-                          self.study.trials, self.study.direction, note)
+                          self.study.trials, self.study.directions, note, objectives=self.objectives,
+                          front_csv=summary.front_csv(self.study, self.objectives))
         except Exception as exc:  # what it could not write is left to `harness audit --fix`
             self._failed(exc)
         if self.failure is not None:
@@ -319,10 +327,13 @@ def pruned_tags(number: int, stopped: str, pruner: str) -> dict[str, str]:
                              "the run is KILLED; its curves run up to that epoch, and it has no final metrics."}
 
 
-def study_params(study, space, report_every, batch: int = 1) -> dict[str, str]:
+def study_params(study, space, report_every, batch: int = 1,
+                 objectives: tuple[str, ...] = objectives_module.DEFAULT) -> dict[str, str]:
     """The parent run's params: the study's settings and its search space, one param per axis."""
     params = {schema.SAMPLER_PARAM: type(study.sampler).__name__, schema.PRUNER_PARAM: type(study.pruner).__name__,
-              schema.DIRECTION_PARAM: study.direction.name.lower()}
+              schema.DIRECTION_PARAM: directions(study)}
+    if len(objectives) > 1:
+        params[schema.OBJECTIVES_PARAM] = " ".join(objectives)
     if report_every is not None:
         params[schema.REPORT_EVERY_PARAM] = str(report_every)
     params[schema.BATCH_PARAM] = str(batch)
@@ -333,6 +344,11 @@ def study_params(study, space, report_every, batch: int = 1) -> dict[str, str]:
     # For the eye, not for reading back (the study's harness.space attr has the space whole): a long
     # list of choices must not push a param past MLflow's limit and stop the search.
     return {k: v if len(v) <= MAX_SHOWN else v[:MAX_SHOWN - 3] + "..." for k, v in params.items()}
+
+
+def directions(study) -> str:
+    """The study's direction (``minimize``), or its directions space-separated (``minimize minimize``)."""
+    return " ".join(d.name.lower() for d in study.directions)
 
 
 def describe_axis(axis: str, value) -> str:

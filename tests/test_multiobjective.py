@@ -1,0 +1,211 @@
+"""Two objectives (`--objectives test_loss epochs|train_seconds`): from a plain script with
+``Objective`` (fast, untracked) and from the CLI (tracked, its Pareto front on the parent run,
+audited, resumed only with the same objectives, compared along the front)."""
+import csv
+import io
+
+import optuna
+import pytest
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
+
+from conftest import all_runs, client_for, run_cli
+from harness import Objective
+from harness.errors import UsageError
+from harness.experiment import load
+from harness.search import objectives as objectives_module
+from harness.search import space as space_module
+from harness.search import study as study_module
+
+SMALL = ["--epochs-range", "5", "30", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    experiment = load("linear_regression")
+    return experiment, space_module.resolve(experiment, overrides={"epochs": [5, 30]})
+
+
+@pytest.mark.parametrize("second", objectives_module.SECOND)
+def test_a_plain_script_gets_both_values_of_every_trial(second, reference):
+    experiment, space = reference
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=study_module.make_sampler("nsga2", 0, space))
+    with Objective(experiment, space, track=False, objectives=("test_loss", second)) as objective:
+        study.optimize(objective, n_trials=6)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 6
+    for trial in study.trials:
+        loss, value = trial.values
+        assert loss >= 0
+        if second == "epochs":
+            assert value == trial.params["epochs"]  # a completed trial trained all its epochs
+        else:
+            assert 0 < value < 60
+    assert study.best_trials
+
+
+def test_one_objective_returns_the_test_loss_as_before(reference):
+    experiment, space = reference
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(1))
+    with Objective(experiment, space, track=False) as objective:
+        study.optimize(objective, n_trials=2)
+    assert all(isinstance(t.value, float) for t in study.trials)
+
+
+def test_a_study_with_other_directions_than_the_objective_s_values_is_refused(reference):
+    experiment, space = reference
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(1))
+    with Objective(experiment, space, track=False, objectives=("test_loss", "epochs")) as objective:
+        with pytest.raises(UsageError, match="the study has 1 direction"):
+            study.optimize(objective, n_trials=1)
+
+
+def test_objective_refuses_bad_objectives_and_train_seconds_in_a_batch(reference):
+    experiment, space = reference
+    with pytest.raises(UsageError, match="unknown objective 'epoch'.*did you mean 'epochs'"):
+        Objective(experiment, space, track=False, objectives=("test_loss", "epoch"))
+    with pytest.raises(UsageError, match="the first objective is test_loss"):
+        Objective(experiment, space, track=False, objectives=("epochs",))
+    with pytest.raises(UsageError, match="share their training time"):
+        Objective(experiment, space, track=False, objectives=("test_loss", "train_seconds"), batch=4)
+
+
+def test_mlproject_passes_objectives_in_one_string():
+    assert objectives_module.parse(["test_loss epochs"]) == ("test_loss", "epochs")
+    assert objectives_module.parse(None) == objectives_module.parse(["test_loss"]) == ("test_loss",)
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--objectives", "test_loss", "epochs", "--pruner", "median"],
+     "--pruner median with --objectives test_loss epochs: Optuna does not prune multi-objective studies; "
+     "allowed: none"),
+    (["--objectives", "test_loss", "epochs", "--sampler", "cmaes"], "--sampler cmaes models one objective only"),
+    (["--objectives", "test_loss", "train_seconds", "--batch", "4"],
+     "--batch 4 with objective train_seconds: trials trained together share their training time"),
+    (["--objectives", "test_loss", "epoch"], "unknown objective 'epoch'; allowed: test_loss, then one of epochs, "
+                                             "train_seconds (did you mean 'epochs'?)"),
+    (["--objectives", "epochs", "test_loss"], "the first objective is test_loss"),
+    (["--objectives", "test_loss", "epochs", "train_seconds"], "then at most one of"),
+])
+def test_bad_objectives_input_is_one_line_and_writes_nothing(argv, line, capsys, tmp_path, monkeypatch):
+    from search_helpers import check_refused_in_process
+
+    check_refused_in_process(["search", *argv], line, capsys, tmp_path, monkeypatch)
+
+
+def test_the_resume_command_keeps_the_objectives():
+    from harness.cli import build_parser
+    from harness.commands.search import resume_command
+
+    args = build_parser().parse_args(["search", "--objectives", "test_loss", "epochs", "--sampler", "nsga2"])
+    assert resume_command(args, "s", "journal:j.log").endswith("--sampler nsga2 --objectives test_loss epochs")
+
+
+def _csv(client, run_id, path, workdir):
+    return list(csv.DictReader(io.StringIO(open(client.download_artifacts(run_id, path, str(workdir))).read())))
+
+
+def _stores(workdir):
+    """What a refused command must leave as it was: the journal's bytes and every run."""
+    return (workdir / "optuna_journal.log").read_bytes(), sorted(r.info.run_id for r in all_runs(workdir))
+
+
+@pytest.mark.slow
+def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(workdir):
+    from search_helpers import check_contract, journal_study
+
+    out = run_cli("search", "--objectives", "test_loss", "epochs", "--sampler", "nsga2", "--seed", 0,
+                  "--n-trials", 8, *SMALL, cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    assert "Warning" not in out.stderr, out.stderr
+    study = journal_study(workdir)
+    assert study.directions == [StudyDirection.MINIMIZE, StudyDirection.MINIMIZE]
+    assert study.user_attrs["harness.objectives"] == ["test_loss", "epochs"]
+    assert len(study.trials) == 8 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert all(t.intermediate_values == {} for t in study.trials)  # nothing reported: no pruner
+    parent, runs = check_contract(workdir, study)
+    client = client_for(workdir)
+
+    # Each trial's run logs both values, equal to the trial's in Optuna.
+    for trial in study.trials:
+        metrics = runs[trial.number].data.metrics
+        assert [metrics["objective_test_loss"], metrics["objective_epochs"]] == trial.values
+        assert trial.values[1] == trial.params["epochs"]
+
+    # The parent: the objectives, the front as a table equal to study.best_trials, its figure.
+    params, tags = parent.data.params, parent.data.tags
+    assert params["study.objectives"] == "test_loss epochs" and params["study.direction"] == "minimize minimize"
+    assert params["study.sampler"] == "NSGAIISampler" and params["study.pruner"] == "NopPruner"
+    assert tags["optuna.sampler"] == "nsga2" and tags["optuna.pruner"] == "none"
+    assert "best_value" not in parent.data.metrics and "best_run_id" not in tags  # no single best
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"pareto_front.csv", "pareto_front.png", "trials.csv"} <= names
+    rows = _csv(client, parent.info.run_id, "pareto_front.csv", workdir)
+    front = sorted(study.best_trials, key=lambda t: (*t.values, t.number))
+    assert [int(r["number"]) for r in rows] == [t.number for t in front]
+    assert [[float(r["test_loss"]), float(r["epochs"])] for r in rows] == [t.values for t in front]
+    assert [r["mlflow_run_id"] for r in rows] == [t.user_attrs["mlflow_run_id"] for t in front]
+    assert [float(r["params_lr"]) for r in rows] == [t.params["lr"] for t in front]
+    note = tags["mlflow.note.content"]
+    assert f"**Pareto front:** {len(front)} trial(s)" in note
+    for trial in front:
+        assert f"/runs/{trial.user_attrs['mlflow_run_id']})" in note
+    assert "Pareto front:" in out.stdout and front[0].user_attrs["mlflow_run_id"] in out.stdout
+
+    audit = run_cli("audit", "--study", study.study_name, cwd=workdir)
+    assert audit.returncode == 0 and "clean" in audit.stdout, audit.stdout
+
+    # Resuming with other objectives, or a pruner with two: refused, one line, nothing written.
+    before = _stores(workdir)
+    for argv, message in ((["--objectives", "test_loss"], "has objectives test_loss epochs, not test_loss; "
+                                                           "resume it with --objectives test_loss epochs"),
+                          ([], "has objectives test_loss epochs, not test_loss"),
+                          (["--objectives", "test_loss", "train_seconds"], "not test_loss train_seconds"),
+                          (["--objectives", "test_loss", "epochs", "--pruner", "hyperband"],
+                           "--pruner hyperband with --objectives test_loss epochs"),
+                          (["--objectives", "test_loss", "epochs", "--sampler", "cmaes"],
+                           "--sampler cmaes models one objective only")):
+        refused = run_cli("search", "--n-trials", 1, *argv, *SMALL, cwd=workdir)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1 and message in lines[0], refused.stderr
+    assert _stores(workdir) == before
+
+    # compare: ranked by one objective, and along the front.
+    by = run_cli("compare", "--study", study.study_name, "--by", "epochs", "--top", 3, "--csv", "by.csv",
+                 cwd=workdir)
+    assert by.returncode == 0, by.stderr
+    ranked = [float(r["objective_epochs"]) for r in csv.DictReader(open(workdir / "by.csv"))]
+    assert ranked == sorted(t.values[1] for t in study.trials)[:3]
+    shown = run_cli("compare", "--study", study.study_name, "--front", "--csv", "front.csv", cwd=workdir)
+    assert shown.returncode == 0, shown.stderr
+    listed = [r["run_id"] for r in csv.DictReader(open(workdir / "front.csv"))]
+    assert listed == [t.user_attrs["mlflow_run_id"] for t in front]
+    for argv, message in ((["--by", "epoch"], "has objectives test_loss, epochs (did you mean 'epochs'?)"),
+                          (["--front", "--metric", "final_test_loss"], "choose one")):
+        bad = run_cli("compare", "--study", study.study_name, *argv, cwd=workdir)
+        assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+    # Resumed with the same objectives: the same study and parent run, and its front rewritten.
+    again = run_cli("search", "--objectives", "test_loss", "epochs", "--sampler", "nsga2", "--n-trials", 2, *SMALL,
+                    cwd=workdir)
+    assert again.returncode == 0, again.stderr
+    study = journal_study(workdir)
+    assert len(study.trials) == 10
+    resumed, _ = check_contract(workdir, study)
+    assert resumed.info.run_id == parent.info.run_id
+    rows = _csv(client, parent.info.run_id, "pareto_front.csv", workdir)
+    assert sorted(int(r["number"]) for r in rows) == sorted(t.number for t in study.best_trials)
+
+
+@pytest.mark.slow
+def test_train_seconds_is_each_trial_s_measured_training_time(workdir):
+    out = run_cli("search", "--objectives", "test_loss", "train_seconds", "--n-trials", 4, "--seed", 1,
+                  "--study-name", "timed", *SMALL, cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    from search_helpers import check_contract, journal_study
+
+    study = journal_study(workdir, "timed")
+    _, runs = check_contract(workdir, study)
+    for trial in study.trials:
+        assert 0 < trial.values[1] < 60
+        assert runs[trial.number].data.metrics["objective_train_seconds"] == trial.values[1]
+    assert run_cli("audit", "--study", "timed", cwd=workdir).returncode == 0
