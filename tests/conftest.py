@@ -34,11 +34,24 @@ def migrated_db(tmp_path_factory) -> Path:
     return path
 
 
+def new_store(folder: Path, migrated_db: Path) -> Path:
+    """``folder`` as a user's working directory after their first run there: an empty ``mlflow.db``
+    whose Default experiment keeps its artifacts in ``folder/mlruns`` (the template's own folder
+    would gather every test's artifacts in one place, or in the folder pytest ran from)."""
+    import sqlite3
+    from contextlib import closing
+
+    shutil.copy(migrated_db, folder / "mlflow.db")
+    with closing(sqlite3.connect(folder / "mlflow.db")) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                   (str(folder.resolve() / "mlruns" / "0"),))
+    return folder
+
+
 @pytest.fixture
 def workdir(tmp_path, migrated_db) -> Path:
     """A working directory as a user has it after their first run: an empty default store."""
-    shutil.copy(migrated_db, tmp_path / "mlflow.db")
-    return tmp_path
+    return new_store(tmp_path, migrated_db)
 
 
 def client_for(workdir: Path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import all_runs, cli_env, client_for, run_cli
+from conftest import all_runs, cli_env, client_for, new_store, run_cli
 
 pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
 
@@ -121,7 +121,7 @@ def test_read_commands_never_create_a_store(tmp_path):
 def searched(tmp_path_factory, migrated_db):
     """A finished small search to damage copies of."""
     path = tmp_path_factory.mktemp("searched")
-    shutil.copy(migrated_db, path / "mlflow.db")
+    new_store(path, migrated_db)
     out = run_cli("search", "--n-trials", 2, "--study-name", "it's", *SHORT, cwd=path)
     assert out.returncode == 0, out.stderr
     return path

@@ -67,3 +67,36 @@ def test_the_parent_run_tells_the_story_and_pruned_trials_say_so(workdir, tmp_pa
         server.stop()
     assert (shots / "parent_run.png").stat().st_size > 10_000
     shutil.rmtree(tmp_path / "served", ignore_errors=True)
+
+
+def test_a_two_objective_study_shows_its_pareto_front_on_the_parent_run(workdir, tmp_path):
+    out = run_cli("search", "--objectives", "test_loss", "epochs", "--sampler", "nsga2", "--n-trials", 6,
+                  "--seed", 1, "--no-progress", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    study = journal_study(workdir)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    front = study.best_trials
+    assert front
+    shots = _shots(tmp_path)
+    server = TrackingServer(f"sqlite:///{workdir / 'mlflow.db'}", tmp_path / "served", tmp_path / "server.log",
+                            workers=1).start()
+    try:
+        with Browser() as browser:
+            browser.open(f"{server.url}/#/experiments/0/runs/{parent}")
+            browser.wait_for_text("Optuna study linear_regression-search", "Pareto front:", timeout=90)
+            browser.evaluate("[...document.querySelectorAll('button, a, span')]"
+                             ".find(e => e.innerText === 'Show more')?.click()")
+            browser.wait_for_text(*(f"trial-{t.number}" for t in front), "study.objectives", "test_loss epochs")
+            browser.screenshot(shots / "pareto_parent_run.png")
+            browser.open(f"{server.url}/#/experiments/0/runs/{parent}/artifacts/pareto_front.png")
+            browser.wait_for_text("pareto_front.png", "pareto_front.csv", timeout=60)
+            # The figure itself is shown: the artifact's bytes, fetched into an <img> (a blob: URL), loaded.
+            shown = "[...document.images].some(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 300)"
+            deadline = time.time() + 30
+            while not browser.evaluate(shown) and time.time() < deadline:
+                time.sleep(1)
+            browser.screenshot(shots / "pareto_front_artifact.png")
+            assert browser.evaluate(shown)
+    finally:
+        server.stop()
+    shutil.rmtree(tmp_path / "served", ignore_errors=True)
