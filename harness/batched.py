@@ -131,19 +131,24 @@ class _Member:
 
     def __post_init__(self):
         self.params = list(self.model.parameters())  # in named_parameters' order, as the stack takes them
+        self.unrecorded: list[dict[str, float]] = []  # epochs read from the device, not yet recorded
 
 
 def train_stack(cfgs: Sequence[TrainConfig], experiment: Experiment, data: Data,
                 observers: Sequence[Iterable[Observer]] | None = None,
-                histories: Sequence[History] | None = None) -> list[TrainResult]:
+                histories: Sequence[History] | None = None, sync_every: int | None = None) -> list[TrainResult]:
     """Train ``cfgs`` (equal ``stack_key``) as one stack; one TrainResult per config, in order.
     ``observers[i]`` watch member i, ``histories[i]`` keeps what member i recorded if training is
-    interrupted."""
+    interrupted. ``sync_every``: as ``loop.fit`` takes it (default: every epoch on the CPU, else
+    each member's last epoch); per-epoch values stay on the device between syncs, and a member is
+    recorded, checked and stopped at the epochs training it alone would, so it stays its own."""
     if len({stack_key(c) for c in cfgs}) != 1:
         raise ValueError(f"configs that cannot share a stack: {sorted({stack_key(c) for c in cfgs})}")
     cfg0 = cfgs[0]
     data = data.to(cfg0.device)
     device = torch.device(cfg0.device)
+    epochs = max(c.epochs for c in cfgs)
+    sync_every = sync_every or (1 if device.type == "cpu" else epochs)
     metrics_fn = experiment.metrics
     with RNG_LOCK:
         members = []
@@ -160,15 +165,23 @@ def train_stack(cfgs: Sequence[TrainConfig], experiment: Experiment, data: Data,
         stacked_loss = _StackedLoss(members[0].model, [build_loss(name) for name in losses])
         train_batches, test_batches = batches(data, cfg0)  # the same for every member: one seed
         stepper = _stepper(active)
-        for epoch in range(max(c.epochs for c in cfgs)):
+        pending: list[tuple[list[_Member], dict[str, torch.Tensor]]] = []  # per epoch: its members, their values
+        for epoch in range(epochs):
             stacked_loss.module.train()
-            train_values = _epoch(stepper, active, select, stacked_loss, train_batches, metrics_fn, step=True)
+            train = _epoch(stepper, active, select, stacked_loss, train_batches, metrics_fn, step=True)
             stacked_loss.module.eval()
             with torch.inference_mode():
-                test_values = _epoch(stepper, active, select, stacked_loss, test_batches, metrics_fn, step=False)
-            for m, train, test in zip(active, train_values, test_values):
-                _record(m, epoch, {**{f"train_{k}": v for k, v in train.items()},
-                                   **{f"test_{k}": v for k, v in test.items()}})
+                test = _epoch(stepper, active, select, stacked_loss, test_batches, metrics_fn, step=False)
+            pending.append((list(active), {**{f"train_{k}": v for k, v in train.items()},
+                                           **{f"test_{k}": v for k, v in test.items()}}))
+            # A member syncs where fit alone would: every sync_every epochs from 0, and at its last.
+            due = [m for m in active if (epoch + 1) % sync_every == 0 or epoch + 1 >= m.cfg.epochs]
+            if not due:
+                continue
+            _read(pending)
+            pending = []
+            for m in due:
+                _record(m)
             if any(not m.active for m in active):
                 rows = [i for i, m in enumerate(active) if m.active]
                 stepper.keep(rows, active)
@@ -185,6 +198,17 @@ def train_stack(cfgs: Sequence[TrainConfig], experiment: Experiment, data: Data,
             results.append(TrainResult(m.cfg, m.model, data, m.history, predictions.cpu(),
                                        {**scalars, **experiment.errors(scalars)}))
     return results
+
+
+def _read(pending: list[tuple[list[_Member], dict[str, torch.Tensor]]]) -> None:
+    """Every pending epoch's values to the host in one copy, each row to its member."""
+    names = list(pending[0][1])
+    host = torch.cat([torch.stack([values[name] for name in names]) for _, values in pending], dim=1).tolist()
+    offset = 0
+    for epoch_members, _ in pending:
+        for j, m in enumerate(epoch_members):
+            m.unrecorded.append({name: host[k][offset + j] for k, name in enumerate(names)})
+        offset += len(epoch_members)
 
 
 class _EachOptimizer:
@@ -285,11 +309,13 @@ def _stepper(members: list[_Member]):
     return _StackedParams(members)
 
 
-def _epoch(stepper, active: list[_Member], select: torch.Tensor, stacked_loss, batches_, metrics_fn, step: bool):
-    """One pass over ``batches_`` for the active members: per member, the sample-weighted means of
-    the loss (and metrics) before each step, as floats."""
+def _epoch(stepper, active: list[_Member], select: torch.Tensor, stacked_loss, batches_, metrics_fn,
+           step: bool) -> dict[str, torch.Tensor]:
+    """One pass over ``batches_`` for the active members: per name (loss, metrics), each member's
+    sample-weighted mean before each step, as a float32 tensor with one value per member, where
+    the values were made (the float32 that training alone keeps)."""
     sizes = []
-    per_batch: list[list[dict[str, torch.Tensor]]] = []
+    per_batch = []
     for X, y in batches_:
         losses, preds = stacked_loss(stepper.params(), select, X, y)
         if step:
@@ -300,23 +326,21 @@ def _epoch(stepper, active: list[_Member], select: torch.Tensor, stacked_loss, b
         sizes.append(len(X))
     if len(per_batch) == 1:  # full batch: each value untouched, as training alone reports it
         losses, preds, y = per_batch[0]
-        rows = [{"loss": v} for v in losses.float().tolist()]  # one read for the whole stack
+        values = {"loss": losses.float()}
         if metrics_fn is not None:
-            for i, row in enumerate(rows):
-                row.update({k: _float(v) for k, v in metrics_fn(preds[i], y).items()})
-        return rows
+            rows = [metrics_fn(preds[i], y) for i in range(len(active))]
+            values.update({k: torch.stack([row[k].float() for row in rows]) for k in rows[0]})
+        return values
     per_batch = [[{"loss": losses[i], **(metrics_fn(preds[i], y) if metrics_fn is not None else {})}
                   for i in range(len(active))] for losses, preds, y in per_batch]
-    return [{k: _float(sample_mean([batch[i][k] for batch in per_batch], sizes)) for k in per_batch[0][i]}
-            for i in range(len(active))]
+    return {k: torch.stack([sample_mean([batch[i][k] for batch in per_batch], sizes).float()
+                            for i in range(len(active))]) for k in per_batch[0][0]}
 
 
-def _float(value: torch.Tensor) -> float:
-    return (value if value.dtype is torch.float32 else value.float()).item()
-
-
-def _record(m: _Member, epoch: int, logs: dict[str, float]) -> None:
-    """The epoch in the member's history, as training alone records it (a non-finite loss or an
-    observer ends the member); its own last epoch ends it too."""
-    if not record_epochs([logs], epoch, m.history, m.observers) or epoch + 1 >= m.cfg.epochs:
+def _record(m: _Member) -> None:
+    """The member's epochs read so far, into its history as training alone records them (a
+    non-finite loss or an observer ends the member); its own last epoch ends it too."""
+    start = m.history.epochs_run
+    rows, m.unrecorded = m.unrecorded, []
+    if not record_epochs(rows, start, m.history, m.observers) or start + len(rows) >= m.cfg.epochs:
         m.active = False

@@ -116,6 +116,34 @@ def test_members_stop_alone_a_diverging_or_pruned_one_does_not_touch_the_others(
     same(members[2], alone(cfgs[2], experiment, data, [StopAt(7)]))
 
 
+def test_values_read_every_few_epochs_stop_each_member_where_alone_stops():
+    """As on a GPU: per-epoch values stay where they are made and are read every ``sync_every``
+    epochs (and at a member's last), so a pruner or a divergence is seen at a sync, as alone."""
+    experiment = load("linear_regression")
+    data = experiment.load_data()
+    cfgs = [cfg_of(experiment, data, optimizer=opt, loss=loss, lr=lr, epochs=epochs)
+            for opt, loss, lr, epochs in (("sgd", "l1", 0.01, 23), ("sgd", "mse", 50.0, 40), ("adam", "mse", 0.02, 40),
+                                          ("adam", "l1", 0.01, 17))]
+
+    class StopAt:
+        def __init__(self, epoch):
+            self.epoch = epoch
+
+        def on_epoch_end(self, epoch, logs):
+            if epoch == self.epoch:
+                raise StopTraining(f"pruned at epoch {epoch}")
+
+    observers = [[], [], [StopAt(7)], []]
+    members = batched.train_stack(cfgs, experiment, data, observers=observers, sync_every=5)
+    assert members[1].diverged
+    assert members[2].history.stopped == "pruned at epoch 7" and members[2].history.epochs_run == 8
+    for member, cfg, watch in zip(members, cfgs, ([], [], [StopAt(7)], [])):
+        lone = training.train(cfg, experiment, data, observers=watch, sync_every=5)
+        same(member, lone)  # the pruned one trained on to epoch 9, its sync, as alone
+    assert not torch.equal(members[2].model.weights, batched.train_stack(
+        cfgs[2:3] * 2, experiment, data, observers=[[StopAt(7)], []], sync_every=1)[0].model.weights)
+
+
 def test_mini_batches_come_in_the_same_order_as_alone():
     experiment = load("linear_regression")
     data = experiment.load_data()
