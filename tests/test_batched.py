@@ -11,6 +11,17 @@ from harness.loop import History, StopTraining
 PAIRS = {"linear_regression": ["sgd+l1", "sgd+mse", "adam+l1", "adam+mse", "adamw+smooth_l1", "rmsprop+huber"]}
 
 
+class StopAt:
+    """A pruner's decision at one epoch."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs):
+        if epoch == self.epoch:
+            raise StopTraining(f"pruned at epoch {epoch}")
+
+
 def cfg_of(experiment, data, **values):
     return config.resolve({"experiment": experiment.name, "seed": 42, "device": "cpu", **values},
                           experiment=experiment, n_train=data.n_train)[0]
@@ -100,14 +111,6 @@ def test_members_stop_alone_a_diverging_or_pruned_one_does_not_touch_the_others(
     data = experiment.load_data()
     cfgs = [cfg_of(experiment, data, optimizer="sgd", loss="mse", lr=lr, epochs=40) for lr in (0.01, 50.0, 0.02)]
 
-    class StopAt:
-        def __init__(self, epoch):
-            self.epoch = epoch
-
-        def on_epoch_end(self, epoch, logs):
-            if epoch == self.epoch:
-                raise StopTraining(f"pruned at epoch {epoch}")
-
     members = batched.train_stack(cfgs, experiment, data, observers=[[], [], [StopAt(7)]])
     assert members[1].diverged and members[1].history.stopped.startswith("diverged at epoch")
     assert members[2].history.stopped == "pruned at epoch 7" and members[2].history.epochs_run == 8
@@ -124,14 +127,6 @@ def test_values_read_every_few_epochs_stop_each_member_where_alone_stops():
     cfgs = [cfg_of(experiment, data, optimizer=opt, loss=loss, lr=lr, epochs=epochs)
             for opt, loss, lr, epochs in (("sgd", "l1", 0.01, 23), ("sgd", "mse", 50.0, 40), ("adam", "mse", 0.02, 40),
                                           ("adam", "l1", 0.01, 17))]
-
-    class StopAt:
-        def __init__(self, epoch):
-            self.epoch = epoch
-
-        def on_epoch_end(self, epoch, logs):
-            if epoch == self.epoch:
-                raise StopTraining(f"pruned at epoch {epoch}")
 
     observers = [[], [], [StopAt(7)], []]
     members = batched.train_stack(cfgs, experiment, data, observers=observers, sync_every=5)
