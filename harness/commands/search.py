@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
                         "it trained), train_seconds (its training time): a multi-objective study, its Pareto front "
                         "on the parent run; no pruner")
     p.add_argument("--sampler", default="tpe",
-                   help="tpe (default; with --batch, constant_liar), random, grid, qmc (scrambled Sobol: an even "
+                   help="tpe (default; multivariate, and constant_liar so that parallel workers, --n-jobs and --batch "
+                        "spread their trials), random, grid, qmc (scrambled Sobol: an even "
                         "sweep), cmaes (CMA-ES; one objective only), gp (Gaussian process) or nsga2 (NSGA-II, for "
                         "two objectives); qmc and cmaes draw the optimizer/loss pair and other choices at random")
     p.add_argument("--seed", help="the sampler's seed (default: none); the model's seed comes from the config")
@@ -43,8 +44,8 @@ def add_parser(sub) -> None:
     p.add_argument("--n-jobs", default="1", help="trials run in parallel threads (default: 1)")
     p.add_argument("--batch", default="1", metavar="K",
                    help="train K trials at a time as one stacked model where their configurations stack (same "
-                        "optimizer/loss pair; models without matrix products, dropout or buffers), each still its "
-                        "own trial and run, bit for bit as alone; TPE then uses constant_liar (default: 1)")
+                        "batch size and shapes, any optimizer/loss pair; models without matrix products, dropout "
+                        "or buffers), each still its own trial and run, bit for bit as alone (default: 1)")
     p.add_argument("--space", metavar="FILE", help="YAML or JSON search space (keys: lr, epochs, pairs, grid_points)")
     p.add_argument("--lr-range", nargs=2, metavar=("LOW", "HIGH"), help="log-uniform lr range")
     p.add_argument("--epochs-range", nargs=2, metavar=("LOW", "HIGH"), help="integer epochs range")
@@ -125,7 +126,7 @@ def _options(args):
         "report_every": config.positive_int("--report-every", args.report_every) if args.report_every
         else space_module.report_cadence(space) if study_module.storage_scheme(storage_url) in ("journal", "sqlite")
         else max(10, space_module.report_cadence(space)),
-        "sampler": study_module.make_sampler(args.sampler, sampler_seed, space, batch),
+        "sampler": study_module.make_sampler(args.sampler, sampler_seed, space),
         "pruner": pruner, "pruner_name": pruner_name, "objectives": objectives,
         "pruner_args": study_module.pruner_description(pruner_name, pruner_args),
         "independent": study_module.independent_axes(args.sampler, space),

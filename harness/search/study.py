@@ -153,13 +153,16 @@ def _open_journal(path: str, repair: bool, notify):
         return CappedJournalStorage(journal)
 
 
-def make_sampler(name: str, seed: int | None, space: SearchSpace, batch: int = 1) -> optuna.samplers.BaseSampler:
+def make_sampler(name: str, seed: int | None, space: SearchSpace) -> optuna.samplers.BaseSampler:
     samplers = optuna.samplers
     with _stable_enough():
         if name == "tpe":
-            # Trials asked together see each other as running: constant_liar makes TPE spread them
-            # instead of proposing the same region K times (Optuna's advice for parallel trials).
-            return samplers.TPESampler(seed=seed, constant_liar=batch > 1)
+            # multivariate: lr and epochs modelled jointly (they trade off); group: axes that exist only
+            # for some trials (momentum for sgd) modelled within their own group, without warnings.
+            # constant_liar: trials running elsewhere (other workers, --n-jobs, the same --batch)
+            # count as poor ones, so TPE spreads them instead of proposing one region many times;
+            # a lone worker asks with nothing running, where it changes nothing.
+            return samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
         if name == "random":
             return samplers.RandomSampler(seed=seed)
         if name == "qmc":  # scrambled Sobol points: an even first sweep of the numeric axes

@@ -232,6 +232,8 @@ def _plots(trials: list, directions, objectives: tuple[str, ...] = DEFAULT) -> d
         warnings.filterwarnings("ignore", category=UserWarning, module="optuna.visualization")  # flat axes
         # Given a target (two objectives: the first), PED-ANOVA says it ranks low values as good: they are.
         warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes", category=UserWarning)
+        # An axis only some trials have (momentum for sgd) with few of them: the figure still shows it.
+        warnings.filterwarnings("ignore", message="Some regimes for parameter", category=UserWarning)
         for name, plot in plots.items():
             try:
                 ax = plot(study)
