@@ -125,3 +125,24 @@ def test_wilcoxon_from_the_cli_prunes_without_a_warning_per_check(workdir):
     from search_helpers import journal_study
 
     assert any(t.state == TrialState.PRUNED for t in journal_study(workdir).trials)
+
+
+@pytest.mark.slow
+def test_every_sampler_and_pruner_from_the_cli_leaves_a_study_that_audits_clean(workdir):
+    """One study resumed with each remaining sampler and pruner in turn (a study may change them):
+    every trial tracked by the contract, and `harness audit` clean at the end."""
+    from search_helpers import check_contract, journal_study
+
+    strategies = [("qmc", "hyperband"), ("random", "percentile"), ("grid", "none"), ("tpe", "wilcoxon"),
+                  ("nsga2", "median")]
+    for sampler, pruner in strategies:
+        out = run_cli("search", "--n-trials", 4, "--sampler", sampler, "--seed", 5, "--pruner", pruner,
+                      "--epochs-range", 20, 60, "--report-every", 5, "--no-progress", cwd=workdir)
+        assert out.returncode == 0, (sampler, pruner, out.stderr)
+        assert "Warning" not in out.stderr, (sampler, pruner, out.stderr)
+    study = journal_study(workdir)
+    assert len(study.trials) == 4 * len(strategies)
+    parent, _ = check_contract(workdir, study)
+    assert parent.data.tags["optuna.sampler"] == "nsga2"
+    audit = run_cli("audit", "--study", study.study_name, cwd=workdir)
+    assert audit.returncode == 0 and "clean" in audit.stdout, audit.stdout

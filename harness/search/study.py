@@ -239,6 +239,9 @@ def make_pruner(name: str, settings: dict | None = None) -> optuna.pruners.BaseP
         # Trials of different epochs report different steps: the test pairs the steps both have,
         # as documented, and Optuna's warning that it does would come at every pruning check.
         warnings.filterwarnings("ignore", message="WilcoxonPruner finds steps", category=UserWarning)
+        # A best trial from a search without a pruner has no reports (none are written then): wilcoxon
+        # prunes nothing until a trial that reports is best, and Optuna would say so at every check.
+        warnings.filterwarnings("ignore", message="The best trial has no intermediate values", category=UserWarning)
     try:
         with _stable_enough():
             return getattr(optuna.pruners, _PRUNERS[name])(**settings)
