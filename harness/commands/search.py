@@ -26,8 +26,8 @@ def add_parser(sub) -> None:
                         "it trained), train_seconds (its training time): a multi-objective study, its Pareto front "
                         "on the parent run; no pruner")
     p.add_argument("--sampler", default="tpe",
-                   help="tpe (default; multivariate, and constant_liar so that parallel workers, --n-jobs and --batch "
-                        "spread their trials), random, grid, qmc (scrambled Sobol: an even "
+                   help="tpe (default; Optuna's: multivariate with one objective, and constant_liar so that parallel "
+                        "workers, --n-jobs and --batch spread their trials), random, grid, qmc (scrambled Sobol: an even "
                         "sweep), cmaes (CMA-ES; one objective only), gp (Gaussian process) or nsga2 (NSGA-II, for "
                         "two objectives); qmc and cmaes draw the optimizer/loss pair and other choices at random")
     p.add_argument("--seed", help="the sampler's seed (default: none); the model's seed comes from the config")

@@ -157,12 +157,12 @@ def make_sampler(name: str, seed: int | None, space: SearchSpace) -> optuna.samp
     samplers = optuna.samplers
     with _stable_enough():
         if name == "tpe":
-            # multivariate: lr and epochs modelled jointly (they trade off); group: axes that exist only
-            # for some trials (momentum for sgd) modelled within their own group, without warnings.
+            # Optuna 5's defaults, which are what this search wants: multivariate for one objective
+            # (lr and epochs modelled jointly; independent for two, as Optuna picks), and
             # constant_liar: trials running elsewhere (other workers, --n-jobs, the same --batch)
             # count as poor ones, so TPE spreads them instead of proposing one region many times;
             # a lone worker asks with nothing running, where it changes nothing.
-            return samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
+            return samplers.TPESampler(seed=seed)
         if name == "random":
             return samplers.RandomSampler(seed=seed)
         if name == "qmc":  # scrambled Sobol points: an even first sweep of the numeric axes
