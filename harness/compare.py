@@ -86,12 +86,13 @@ def table(frame):
     wanted = {"run_id": "run_id", f"tags.{schema.TRIAL_NUMBER_TAG}": "trial"}
     wanted.update({f"params.{p}": p for p in ("optimizer", "loss", "lr", "epochs")})
     # Any other param (a hyperparameter, batch_size, ...) that differs between the runs shown.
-    wanted.update({c: c.removeprefix("params.") for c in frame.columns if c.startswith("params.")
+    # Sorted: mlflow.search_runs orders its columns differently from one call to the next.
+    wanted.update({c: c.removeprefix("params.") for c in sorted(frame.columns) if c.startswith("params.")
                    and c.removeprefix("params.") not in BOOKKEEPING and frame[c].nunique(dropna=False) > 1})
     # Final metrics and the experiment's scalars; a per-epoch metric's latest value repeats a final one.
     # A study's own metrics (best_*, n_trials) are not a trial's.
     study_metrics = (schema.best(""), schema.N_TRIALS)
-    wanted.update({c: c.removeprefix("metrics.") for c in frame.columns if c.startswith("metrics.")
+    wanted.update({c: c.removeprefix("metrics.") for c in sorted(frame.columns) if c.startswith("metrics.")
                    and not schema.is_curve(c.removeprefix("metrics.")) and not c.removeprefix("metrics.").startswith(study_metrics)})
     shown = frame[[c for c in wanted if c in frame]].rename(columns=wanted).dropna(axis=1, how="all")
     import pandas as pd

@@ -10,10 +10,11 @@ from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from conftest import all_runs, client_for, run_cli
-from harness import Objective
+from harness import Objective, schema
 from harness.errors import UsageError
 from harness.experiment import load
 from harness.search import objectives as objectives_module
+from harness.search import optuna_private
 from harness.search import space as space_module
 from harness.search import study as study_module
 
@@ -41,6 +42,16 @@ def test_a_plain_script_gets_both_values_of_every_trial(second, reference):
         else:
             assert 0 < value < 60
     assert study.best_trials
+    # The study keeps its objectives' names: a search (or script) with others cannot resume it.
+    assert study.user_attrs[schema.OBJECTIVES_ATTR] == ["test_loss", second]
+    assert study.metric_names == ["test_loss", second]
+    other = next(name for name in objectives_module.SECOND if name != second)
+    with pytest.raises(UsageError, match=f"has objectives test_loss {second}, not test_loss {other}"):
+        study_module.existing_study(study.study_name, optuna_private.storage_of(study), direction="minimize", sampler=None, pruner=None,
+                                    space=space, experiment=experiment.name, objectives=("test_loss", other))
+    with Objective(experiment, space, track=False, objectives=("test_loss", other)) as objective:
+        with pytest.raises(UsageError, match=f"has objectives test_loss {second}, not test_loss {other}"):
+            study.optimize(objective, n_trials=1)
 
 
 def test_one_objective_returns_the_test_loss_as_before(reference):

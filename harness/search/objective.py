@@ -146,6 +146,7 @@ class Objective:
         self._lock = threading.Lock()
         self._worker = identity()
         self._refusals: dict[tuple, str | None] = {}  # (stack key, loss) -> why it is not stacked (None: it is)
+        self._named: set[str] = set()  # studies checked by _check_study
 
     def __call__(self, trial: optuna.Trial) -> float:
         run = _TrialRun(trial)
@@ -282,12 +283,17 @@ class Objective:
         return [_Reporter(trial, self.report_every)]
 
     def _check_study(self, trial) -> None:
-        """A study with as many directions as this objective returns values (else each trial would FAIL)."""
+        """A study with as many directions as this objective returns values (else each trial would FAIL),
+        that keeps the names of its objectives (so a later search cannot resume it with others)."""
         study = getattr(trial, "study", None)
-        if study is not None and len(study.directions) != len(self.objectives):
+        if study is None or study.study_name in self._named:
+            return
+        if len(study.directions) != len(self.objectives):
             raise UsageError(f"the study has {len(study.directions)} direction(s), the objective returns "
                              f"{len(self.objectives)} value(s) ({', '.join(self.objectives)}); create the study with "
                              f"directions={objectives_module.directions(self.objectives)}")
+        objectives_module.name_study(study, self.objectives)
+        self._named.add(study.study_name)
 
     def _tracker_for(self, trial):
         if not self.track or getattr(trial, "study", None) is None:

@@ -7,6 +7,7 @@ cannot prune it (``Trial.report`` refuses a multi-objective study).
 from __future__ import annotations
 
 import math
+import warnings
 
 from .. import schema
 from ..errors import UsageError, did_you_mean
@@ -92,3 +93,22 @@ def of_study(study) -> tuple[str, ...] | None:
     if stored:
         return tuple(stored)
     return DEFAULT if len(study.directions) == 1 else None
+
+
+def name_study(study, objectives: tuple[str, ...]) -> None:
+    """A study of two objectives keeps their names (``harness.objectives``, and Optuna's metric names
+    for its tables and plots), so that resuming it with others is refused; one already named for
+    other objectives is refused here."""
+    if len(objectives) < 2:
+        return
+    stored = study.user_attrs.get(schema.OBJECTIVES_ATTR)
+    if stored:
+        if tuple(stored) != tuple(objectives):
+            raise UsageError(f"study {study.study_name!r} has objectives {' '.join(stored)}, not {' '.join(objectives)}")
+        return
+    import optuna
+
+    study.set_user_attr(schema.OBJECTIVES_ATTR, list(objectives))
+    with warnings.catch_warnings():  # set_metric_names is experimental in Optuna 5.0, and stable enough
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(objectives))

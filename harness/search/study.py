@@ -39,7 +39,7 @@ PERCENTILE = 25.0  # PercentilePruner's percentile when none is given (Optuna re
 _PRUNERS = {"median": "MedianPruner", "percentile": "PercentilePruner", "hyperband": "HyperbandPruner",
             "sha": "SuccessiveHalvingPruner", "wilcoxon": "WilcoxonPruner", "none": "NopPruner"}
 DIRECTIONS = ("minimize", "maximize")
-from ..schema import OBJECTIVES_ATTR, PAIR_TRIAL_PARAM, SPACE_ATTR, STUDY_EXPERIMENT_ATTR as EXPERIMENT_ATTR
+from ..schema import PAIR_TRIAL_PARAM, SPACE_ATTR, STUDY_EXPERIMENT_ATTR as EXPERIMENT_ATTR
 from . import objectives as objectives_module
 
 
@@ -296,8 +296,5 @@ def create_study(name: str, storage, *, direction: str, sampler, pruner, space: 
     if EXPERIMENT_ATTR not in study.user_attrs:
         study.set_user_attr(EXPERIMENT_ATTR, experiment)
         study.set_user_attr(SPACE_ATTR, space.to_dict())
-        if len(objectives) > 1:
-            study.set_user_attr(OBJECTIVES_ATTR, list(objectives))
-            with _stable_enough():  # Optuna's trials_dataframe and plots then name the values
-                study.set_metric_names(list(objectives))
+        objectives_module.name_study(study, objectives)
     return study

@@ -208,7 +208,12 @@ def _plots(trials: list, directions, objectives: tuple[str, ...] = DEFAULT) -> d
     import optuna
     from optuna.visualization import matplotlib as ovm
 
-    study = optuna.create_study(directions=[getattr(d, "name", d).lower() for d in directions])
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a scratch study: no "A new study created" line
+    try:
+        study = optuna.create_study(directions=[getattr(d, "name", d).lower() for d in directions])
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     study.add_trials([t for t in trials if t.state.is_finished()])
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not completed:
