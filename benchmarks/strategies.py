@@ -15,7 +15,7 @@ trials, the median number of trials and of epochs trained until then (epochs are
 saves), and the epochs the whole study trained.
 
     python benchmarks/strategies.py [--experiments linear_regression binary_classification]
-        [--seeds 5] [--trials 100] [--checkpoints 20 50 100] [--target-after 20 | --target X] [--jobs 2]
+        [--samplers ...] [--pruners ...] [--seeds 5] [--trials 100] [--checkpoints 20 50 100] [--target-after 20 | --target X] [--jobs 2]
 
 Seeds run in parallel processes (--jobs); each study is in memory, so sides share nothing.
 """
@@ -85,7 +85,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiments", nargs="+", default=["linear_regression", "binary_classification"])
     parser.add_argument("--samplers", nargs="+", default=list(study_module.SAMPLERS))
-    parser.add_argument("--pruners", nargs="+", default=list(study_module.PRUNERS))
+    parser.add_argument("--pruners", nargs="*", default=list(study_module.PRUNERS),
+                        help="none given: no pruner table")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--checkpoints", type=int, nargs="+", default=[20, 50, 100])
@@ -98,7 +99,10 @@ def main() -> None:
     started = time.time()
     seeds = range(args.seeds)
     sides = [(e, s, "none", seed) for e in args.experiments for s in args.samplers for seed in seeds]
-    sides += [(e, "tpe", p, seed) for e in args.experiments for p in args.pruners if p != "none" for seed in seeds]
+    # The pruners' runs, with TPE without one as their baseline (also when tpe is not among --samplers).
+    pruned = [(e, "tpe", p, seed) for e in args.experiments for p in ["none"] * bool(args.pruners) + args.pruners
+              for seed in seeds]
+    sides += [side for side in dict.fromkeys(pruned) if side not in sides]
     with ProcessPoolExecutor(args.jobs) as pool:
         records = dict(zip(sides, pool.map(search, *zip(*sides), [args.trials] * len(sides))))
     print(f"{args.trials} trials per study, {args.seeds} sampler seeds, medians over the seeds; untracked; "
@@ -113,6 +117,8 @@ def main() -> None:
             rows.append(row)
         print(f"\n{experiment}: best final test loss per sampler (no pruner)")
         print(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+        if not args.pruners:
+            continue
         target = args.target if args.target is not None else statistics.median(
             best_after(records[(experiment, "tpe", "none", s)], args.target_after) for s in seeds)
         rows = []
