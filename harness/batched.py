@@ -99,10 +99,10 @@ class _StackedLoss:
 
         def member_loss(X, y, select, *params):
             pred = functional_call(self.module, dict(zip(self.names, params)), (X,))
+            if len(loss_fns) == 1:
+                return loss_fns[0](pred, y), pred
             loss = None
             for k, fn in enumerate(loss_fns):
-                if len(loss_fns) == 1:
-                    return fn(pred, y), pred
                 # Every loss sees the prediction, but only the member's own passes a gradient back:
                 # the others get a detached copy, so their backward (0 x inf is NaN) never reaches it.
                 value = fn(torch.where(select[k], pred, pred.detach()), y)

@@ -2,6 +2,7 @@
 
 Screenshots go to $HARNESS_UI_SCREENSHOTS when set (else the test's tmp folder), to look at.
 """
+import contextlib
 import os
 import shutil
 import time
@@ -25,6 +26,23 @@ def _shots(tmp_path) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def parent_page(workdir, tmp_path, parent: str, *needles: str):
+    """A browser on the study's parent run in `mlflow ui`, once ``needles`` show, its description expanded."""
+    server = TrackingServer(f"sqlite:///{workdir / 'mlflow.db'}", tmp_path / "served", tmp_path / "server.log",
+                            workers=1).start()
+    try:
+        with Browser() as browser:
+            browser.open(f"{server.url}/#/experiments/0/runs/{parent}")
+            browser.wait_for_text("Optuna study linear_regression-search", *needles, timeout=90)
+            browser.evaluate("[...document.querySelectorAll('button, a, span')]"
+                             ".find(e => e.innerText === 'Show more')?.click()")
+            yield browser, server.url
+    finally:
+        server.stop()
+    shutil.rmtree(tmp_path / "served", ignore_errors=True)
+
+
 def test_the_parent_run_tells_the_story_and_pruned_trials_say_so(workdir, tmp_path):
     out = run_cli("search", "--n-trials", 10, "--seed", 1, "--no-progress", cwd=workdir)
     assert out.returncode == 0, out.stderr
@@ -35,38 +53,28 @@ def test_the_parent_run_tells_the_story_and_pruned_trials_say_so(workdir, tmp_pa
     # The default cadence on the default space: a report every 20th epoch, from epoch 0.
     assert all(step % 20 == 0 for t in study.trials for step in t.intermediate_values)
     shots = _shots(tmp_path)
-    server = TrackingServer(f"sqlite:///{workdir / 'mlflow.db'}", tmp_path / "served", tmp_path / "server.log",
-                            workers=1).start()
-    try:
-        with Browser() as browser:
-            browser.open(f"{server.url}/#/experiments/0/runs/{parent}")
-            browser.wait_for_text("Optuna study linear_regression-search", "Search space:", timeout=90)
-            browser.evaluate("[...document.querySelectorAll('button, a, span')]"
-                             ".find(e => e.innerText === 'Show more')?.click()")
-            best = study.best_trial
-            text = browser.wait_for_text(
-                f"Trials: 10 ({10 - len(pruned)} complete, {len(pruned)} pruned)",
-                f"trial-{best.number}",  # the top trials' table, each a link to its run
-                f"harness reproduce {best.user_attrs['mlflow_run_id']}",
-                "space.lr", "[0.0001, 0.1] log", "study.sampler", "TPESampler", "study.report_every\n20", "best_final_test_loss",
-                "best_weight")
-            assert "rank\ttrial\ttest_loss" in text  # rendered as a Markdown table, not as raw pipes
-            browser.screenshot(shots / "parent_run.png")
+    with parent_page(workdir, tmp_path, parent, "Search space:") as (browser, url):
+        best = study.best_trial
+        text = browser.wait_for_text(
+            f"Trials: 10 ({10 - len(pruned)} complete, {len(pruned)} pruned)",
+            f"trial-{best.number}",  # the top trials' table, each a link to its run
+            f"harness reproduce {best.user_attrs['mlflow_run_id']}",
+            "space.lr", "[0.0001, 0.1] log", "study.sampler", "TPESampler", "study.report_every\n20", "best_final_test_loss",
+            "best_weight")
+        assert "rank\ttrial\ttest_loss" in text  # rendered as a Markdown table, not as raw pipes
+        browser.screenshot(shots / "parent_run.png")
 
-            # The runs table, filtered as the README's UI guide says, and the study expanded.
-            where = urllib.parse.quote("tags.optuna.trial_state = 'PRUNED'")
-            browser.open(f"{server.url}/#/experiments/0/runs?searchFilter={where}")
-            browser.wait_for_text(f"{len(pruned) + 1} matching runs", timeout=60)
-            deadline = time.time() + 30
-            while "(pruned at epoch" not in browser.text() and time.time() < deadline:
-                browser.evaluate("document.querySelector('[role=gridcell] button')?.click()")
-                time.sleep(1)
-            text = browser.wait_for_text(*(f"trial-{t.number} (pruned at epoch" for t in pruned), timeout=5)
-            browser.screenshot(shots / "pruned_runs.png")
-    finally:
-        server.stop()
+        # The runs table, filtered as the README's UI guide says, and the study expanded.
+        where = urllib.parse.quote("tags.optuna.trial_state = 'PRUNED'")
+        browser.open(f"{url}/#/experiments/0/runs?searchFilter={where}")
+        browser.wait_for_text(f"{len(pruned) + 1} matching runs", timeout=60)
+        deadline = time.time() + 30
+        while "(pruned at epoch" not in browser.text() and time.time() < deadline:
+            browser.evaluate("document.querySelector('[role=gridcell] button')?.click()")
+            time.sleep(1)
+        text = browser.wait_for_text(*(f"trial-{t.number} (pruned at epoch" for t in pruned), timeout=5)
+        browser.screenshot(shots / "pruned_runs.png")
     assert (shots / "parent_run.png").stat().st_size > 10_000
-    shutil.rmtree(tmp_path / "served", ignore_errors=True)
 
 
 def test_a_two_objective_study_shows_its_pareto_front_on_the_parent_run(workdir, tmp_path):
@@ -78,25 +86,15 @@ def test_a_two_objective_study_shows_its_pareto_front_on_the_parent_run(workdir,
     front = study.best_trials
     assert front
     shots = _shots(tmp_path)
-    server = TrackingServer(f"sqlite:///{workdir / 'mlflow.db'}", tmp_path / "served", tmp_path / "server.log",
-                            workers=1).start()
-    try:
-        with Browser() as browser:
-            browser.open(f"{server.url}/#/experiments/0/runs/{parent}")
-            browser.wait_for_text("Optuna study linear_regression-search", "Pareto front:", timeout=90)
-            browser.evaluate("[...document.querySelectorAll('button, a, span')]"
-                             ".find(e => e.innerText === 'Show more')?.click()")
-            browser.wait_for_text(*(f"trial-{t.number}" for t in front), "study.objectives", "test_loss epochs")
-            browser.screenshot(shots / "pareto_parent_run.png")
-            browser.open(f"{server.url}/#/experiments/0/runs/{parent}/artifacts/pareto_front.png")
-            browser.wait_for_text("pareto_front.png", "pareto_front.csv", timeout=60)
-            # The figure itself is shown: the artifact's bytes, fetched into an <img> (a blob: URL), loaded.
-            shown = "[...document.images].some(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 300)"
-            deadline = time.time() + 30
-            while not browser.evaluate(shown) and time.time() < deadline:
-                time.sleep(1)
-            browser.screenshot(shots / "pareto_front_artifact.png")
-            assert browser.evaluate(shown)
-    finally:
-        server.stop()
-    shutil.rmtree(tmp_path / "served", ignore_errors=True)
+    with parent_page(workdir, tmp_path, parent, "Pareto front:") as (browser, url):
+        browser.wait_for_text(*(f"trial-{t.number}" for t in front), "study.objectives", "test_loss epochs")
+        browser.screenshot(shots / "pareto_parent_run.png")
+        browser.open(f"{url}/#/experiments/0/runs/{parent}/artifacts/pareto_front.png")
+        browser.wait_for_text("pareto_front.png", "pareto_front.csv", timeout=60)
+        # The figure itself is shown: the artifact's bytes, fetched into an <img> (a blob: URL), loaded.
+        shown = "[...document.images].some(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 300)"
+        deadline = time.time() + 30
+        while not browser.evaluate(shown) and time.time() < deadline:
+            time.sleep(1)
+        browser.screenshot(shots / "pareto_front_artifact.png")
+        assert browser.evaluate(shown)
