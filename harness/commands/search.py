@@ -382,20 +382,18 @@ def _front_report(study, tracker) -> list[str]:
     """A study of two objectives: its Pareto front, and where the whole of it is."""
     from ..schema import PAIR_TRIAL_PARAM, PARETO_FRONT_CSV, RUN_ATTR
     from ..search.objectives import of_study
-    from ..search.summary import FRONT_SHOWN, front_frame
+    from ..search.summary import FRONT_SHOWN, front_shown
 
     objectives = of_study(study) or tuple(f"values_{i}" for i in range(len(study.directions)))
-    front = front_frame(study, objectives)
-    # A param that is an objective too (epochs) is its value on the front: shown once.
-    shown = front.head(FRONT_SHOWN).drop(columns=[f"params_{name}" for name in objectives], errors="ignore")
+    total, shown = front_shown(study, objectives)
     shown = shown.rename(columns={
         "number": "trial", RUN_ATTR: "mlflow run", f"params_{PAIR_TRIAL_PARAM}": "optimizer+loss",
         **{c: c.removeprefix("params_") for c in shown.columns if c.startswith("params_")}})
     more = f"; all of it in {PARETO_FRONT_CSV} on the parent run" if tracker is not None else ""
-    lines = [f"Pareto front: {len(front)} trial(s) that no other trial betters in both {' and '.join(objectives)}"
+    lines = [f"Pareto front: {total} trial(s) that no other trial betters in both {' and '.join(objectives)}"
              f"{more}", shown.to_string(index=False, na_rep="-")]
-    if len(front) > FRONT_SHOWN:
-        lines.append(f"(and {len(front) - FRONT_SHOWN} more)")
+    if total > FRONT_SHOWN:
+        lines.append(f"(and {total - FRONT_SHOWN} more)")
     if tracker is not None:
         from ..tracking import default_tracking_uri
         from ..urls import redact

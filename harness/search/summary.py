@@ -102,7 +102,7 @@ def _top_lines(study, trials: list, experiment, experiment_id: str, top: int) ->
     done = sorted((t for t in trials if t.state == TrialState.COMPLETE),
                   key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")[:top]
     if done:
-        keys = sorted({k for t in done for k in t.params}, key=lambda k: (k != "lr", k != "epochs", k))
+        keys = sorted({k for t in done for k in t.params}, key=_param_order)
         lines += ["", f"| rank | trial | {schema.TEST_LOSS} | " + " | ".join(keys) + " | run |",
                   "|---:|---:|---:|" + "---|" * len(keys) + "---|"]
         for rank, t in enumerate(done, 1):
@@ -124,28 +124,42 @@ def _top_lines(study, trials: list, experiment, experiment_id: str, top: int) ->
     return lines
 
 
+def front_shown(study, objectives: tuple[str, ...]):
+    """(the front's size, its first ``FRONT_SHOWN`` rows as the description and the CLI show them).
+    A param that is an objective too (epochs) is its value on the front, so it is shown once; lr and
+    epochs lead the params as in the best-trials table."""
+    front = front_frame(study, objectives)
+    shown = front.head(FRONT_SHOWN).drop(columns=[f"params_{name}" for name in objectives], errors="ignore")
+    params = sorted((c for c in shown.columns if c.startswith("params_")), key=lambda c: _param_order(c.removeprefix("params_")))
+    return len(front), shown[["number", RUN_ATTR, *objectives, *params]]
+
+
+def _param_order(key: str):
+    return key != "lr", key != "epochs", key
+
+
 def _front_lines(study, objectives: tuple[str, ...], experiment_id: str) -> list[str]:
     """The Pareto front as a table (its first rows), and the commands that compare along it."""
     import shlex
 
-    front = study.best_trials
-    if not front:
+    import pandas as pd
+
+    total, shown = front_shown(study, objectives)
+    if not total:
         return ["", "No trial has completed yet."]
-    front = sorted(front, key=lambda t: (*t.values, t.number))
-    # A param that is an objective too (epochs) is its value on the front: shown once.
-    keys = sorted({k for t in front for k in t.params if k not in objectives},
-                  key=lambda k: (k != "lr", k != "epochs", k))
-    lines = ["", f"**Pareto front:** {len(front)} trial(s) that no other trial betters in both "
+    params = [c for c in shown.columns if c.startswith("params_")]
+    lines = ["", f"**Pareto front:** {total} trial(s) that no other trial betters in both "
                  f"{' and '.join(objectives)} (all in `{schema.PARETO_FRONT_CSV}`)", "",
-             "| trial | " + " | ".join(objectives) + " | " + " | ".join(keys) + " | run |",
-             "|---:|" + "---:|" * len(objectives) + "---|" * len(keys) + "---|"]
-    for t in front[:FRONT_SHOWN]:
-        run = t.user_attrs.get(RUN_ATTR)
-        link = f"[trial-{t.number}](#/experiments/{experiment_id}/runs/{run})" if run else "-"
-        values = " | ".join(f"{v:.6g}" for v in t.values)
-        lines.append(f"| {t.number} | {values} | {' | '.join(_cell(t.params.get(k, '-')) for k in keys)} | {link} |")
-    if len(front) > FRONT_SHOWN:
-        lines.append(f"\n(and {len(front) - FRONT_SHOWN} more)")
+             "| trial | " + " | ".join(objectives) + " | " + " | ".join(c.removeprefix("params_") for c in params) + " | run |",
+             "|---:|" + "---:|" * len(objectives) + "---|" * len(params) + "---|"]
+    for row in shown.to_dict("records"):
+        run = row[RUN_ATTR]
+        link = f"[trial-{row['number']}](#/experiments/{experiment_id}/runs/{run})" if isinstance(run, str) else "-"
+        values = " | ".join(f"{row[name]:.6g}" for name in objectives)
+        cells = " | ".join("-" if pd.isna(row[c]) else _cell(row[c]) for c in params)  # "-": not sampled
+        lines.append(f"| {row['number']} | {values} | {cells} | {link} |")
+    if total > FRONT_SHOWN:
+        lines.append(f"\n(and {total - FRONT_SHOWN} more)")
     name = shlex.quote(study.study_name)
     lines += ["", f"- **Compare** along the front: `harness compare --study {name} --front`; ranked by one "
                   f"objective: `harness compare --study {name} --by {objectives[-1]}`"]
