@@ -284,9 +284,9 @@ def _int(name: str, value: Any, minimum: int | None, maximum: int = INT_LIMIT) -
         number = value
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
-    elif isinstance(value, str) and value.strip().lstrip("+-").isascii() and value.strip().lstrip("+-").isdigit() \
-            and len(value.strip()) < 30:
-        number = int(value)
+    elif isinstance(value, str) and (digits := value.strip().lstrip("+-")).isascii() and digits.isdigit():
+        # Past 30 digits it is out of range whatever it is: not parsed (Python refuses int() of 4300+).
+        number = int(value) if len(digits) < 30 else (INT_LIMIT + 1) * (-1 if value.strip()[0] == "-" else 1)
     if number is None or (minimum is not None and number < minimum):
         kind = ("an integer" if minimum is None else "a positive integer" if minimum == 1
                 else f"an integer >= {minimum}")

@@ -88,8 +88,11 @@ def test_set_flags_parse_and_named_values_win():
     ({"weight_decay": "inf"}, "weight_decay must be a finite number, got 'inf'"),
     ({"momentum": "0.9"}, "momentum applies to optimizers sgd, rmsprop only, got momentum='0.9' with optimizer 'adam'"),
     ({"momentum": "1.5", "optimizer": "sgd"}, "momentum must be in [0.0, 0.999], got '1.5'"),
-    ({"epochs": str(10 ** 40)}, "epochs must be a positive integer"),
+    ({"epochs": str(10 ** 40)}, "epochs must be at most 10000000, got '1000"),  # not "a positive integer"
     ({"seed": str(2 ** 64)}, "seed must be at most 9223372036854775807 in size"),
+    ({"seed": "9" * 40}, "seed must be at most 9223372036854775807 in size"),  # an integer, if a long one
+    ({"seed": "-" + "9" * 40}, "seed must be an integer >= 0, got '-9999"),
+    ({"seed": "9" * 5000}, "seed must be at most 9223372036854775807 in size"),  # past int()'s 4300 digits
 ])
 def test_bad_values_name_the_value_and_what_is_allowed(values, message):
     with pytest.raises(UsageError) as err:

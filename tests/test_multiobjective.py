@@ -96,11 +96,47 @@ def test_mlproject_passes_objectives_in_one_string():
                                              "train_seconds (did you mean 'epochs'?)"),
     (["--objectives", "epochs", "test_loss"], "the first objective is test_loss"),
     (["--objectives", "test_loss", "epochs", "train_seconds"], "then at most one of"),
+    (["--objectives", ""], "--objectives '': name the objectives: test_loss, or test_loss and one of"),
+    (["--objectives", "test_loss", "epochs", "--pruner-args", "n_startup_trials=1"],
+     "--pruner-args n_startup_trials=1 with --objectives test_loss epochs: a multi-objective study is not pruned"),
 ])
 def test_bad_objectives_input_is_one_line_and_writes_nothing(argv, line, capsys, tmp_path, monkeypatch):
     from search_helpers import check_refused_in_process
 
     check_refused_in_process(["search", *argv], line, capsys, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("by", ["", " "])
+def test_compare_by_nothing_is_refused(by, capsys, tmp_path, monkeypatch):
+    from search_helpers import check_refused_in_process
+
+    check_refused_in_process(["compare", "--study", "s", "--by", by], f"--by {by!r}: name one of the study's "
+                             "objectives", capsys, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("stored, line", [
+    # A script's own study of two objectives: what its trials' second value is, the harness cannot know.
+    (None, "study 's' has objectives 2 unnamed ones, not test_loss epochs; use another --study-name"),
+    # Names edited in the storage: resuming "with" them would be refused in turn.
+    (["test_loss", "bogus"], "study 's' has objectives test_loss bogus, not test_loss epochs; use another"),
+])
+def test_a_study_of_two_objectives_the_harness_cannot_name_is_not_resumed(stored, line, capsys, tmp_path,
+                                                                         monkeypatch):
+    from harness.cli import main
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "j.log")))
+    study = optuna.create_study(study_name="s", storage=storage, directions=["minimize", "minimize"])
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 3.0], params={}, distributions={}))
+    if stored:
+        study.set_user_attr(schema.OBJECTIVES_ATTR, stored)
+    before = (tmp_path / "j.log").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "--study-name", "s", "--storage", "journal:j.log", "--objectives", "test_loss", "epochs",
+                 *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and line in err, err
+    assert (tmp_path / "j.log").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["j.log"]
 
 
 def test_the_resume_command_keeps_the_objectives():

@@ -75,6 +75,12 @@ def test_a_pruner_s_settings_are_all_logged_optuna_s_defaults_included():
     (["--pruner", "sha", "--pruner-args", "reduction_factor=1"], "--pruner-args reduction_factor must be an integer >= 2, got '1'"),
     (["--pruner", "hyperband", "--pruner-args", "min_resource=10", "max_resource=5"], "max_resource=5 is below min_resource=10"),
     (["--pruner", "hyperband", "--pruner-args", "min_resource=auto"], "--pruner-args min_resource must be a positive integer, got 'auto'"),
+    # Accepted, it hung the search: Optuna raises the reduction factor to it at every check.
+    (["--pruner", "sha", "--pruner-args", "min_early_stopping_rate=9223372036854775807"],
+     "--pruner-args min_early_stopping_rate must be at most 63, got '9223372036854775807'"),
+    (["--pruner-args", "n_startup_trials=1", "n_startup_trials=2"],
+     "--pruner-args n_startup_trials is given twice ('1' and '2'); give each setting once"),
+    (["--pruner", "hyperband", "--pruner-args", "max_resource=10 max_resource=auto"], "max_resource is given twice"),
 ])
 def test_bad_strategy_input_is_one_line_and_writes_nothing(argv, line, capsys, tmp_path, monkeypatch):
     from search_helpers import check_refused_in_process

@@ -75,6 +75,8 @@ def _check_objective_flags(args) -> None:
     from ..errors import UsageError
 
     flag = "--front" if args.front else "--by"
+    if args.by is not None and not args.by.strip():
+        raise UsageError(f"--by {args.by!r}: name one of the study's objectives (test_loss, or its second)")
     if not args.study:
         raise UsageError(f"{flag} needs --study: objectives are a study's")
     if args.metric:

@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", help="the sampler's seed (default: none); the model's seed comes from the config")
     p.add_argument("--pruner",
                    help="median (default), percentile, hyperband, sha (successive halving), wilcoxon or none "
-                        "(the default, and the only one, with two --objectives)")
+                        "(the default, and the only one, with two --objectives); \"\" is the default, as "
+                        "MLproject passes it")
     p.add_argument("--pruner-args", nargs="+", action="extend", metavar="KEY=VALUE",
                    help="the pruner's settings, Optuna's names: median n_startup_trials, n_warmup_steps, "
                         "interval_steps, n_min_trials; percentile the same and percentile (default 25); hyperband "
@@ -89,7 +90,7 @@ def _options(args):
     # Not given ("" from MLproject): median, or none for a study of two objectives, which Optuna cannot prune.
     pruner_name = args.pruner or ("median" if len(objectives) == 1 else "none")
     config.one_of("pruner", pruner_name, study_module.PRUNERS)
-    objectives_module.check_strategy(objectives, args.sampler, pruner_name)
+    objectives_module.check_strategy(objectives, args.sampler, pruner_name, args.pruner_args)
     pruner_args = study_module.pruner_settings(pruner_name, args.pruner_args)
     pruner = study_module.make_pruner(pruner_name, pruner_args)
     config.one_of("direction", args.direction, study_module.DIRECTIONS)

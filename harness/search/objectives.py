@@ -26,6 +26,9 @@ def parse(given, flag: str = "--objectives") -> tuple[str, ...]:
     """The objectives named by ``given`` (a list of names; one item may hold several, space-separated,
     as MLproject passes them): the test loss, then at most one of SECOND. Else a one-line UsageError."""
     names = tuple(part for item in ([given] if isinstance(given, str) else given or ()) for part in item.split())
+    if not names and given and not isinstance(given, str):  # --objectives "": MLproject's default is test_loss
+        raise UsageError(f"{flag} {' '.join(map(repr, given))}: name the objectives: {FIRST}, or {FIRST} and one "
+                         f"of {', '.join(SECOND)}")
     names = names or DEFAULT
     for name in names:
         if name not in NAMES:
@@ -37,6 +40,14 @@ def parse(given, flag: str = "--objectives") -> tuple[str, ...]:
     return names
 
 
+def known(names: tuple[str, ...] | None) -> bool:
+    """Whether ``names`` are objectives this harness can search (a study's stored ones may be edited)."""
+    try:
+        return bool(names) and parse(list(names)) == tuple(names)
+    except UsageError:
+        return False
+
+
 def check_batch(objectives: tuple[str, ...], batch: int, flag: str = "--batch") -> None:
     """Trials trained together share their wall time: none of them has a training time of its own."""
     if SECONDS in objectives and batch > 1:
@@ -44,11 +55,15 @@ def check_batch(objectives: tuple[str, ...], batch: int, flag: str = "--batch") 
                          f"time; use {flag} 1, or the objective {EPOCHS}")
 
 
-def check_strategy(objectives: tuple[str, ...], sampler: str, pruner: str) -> None:
-    """A sampler and pruner that can serve a study with two objectives (one objective: any)."""
+def check_strategy(objectives: tuple[str, ...], sampler: str, pruner: str, pruner_args=()) -> None:
+    """A sampler and pruner (and its settings) that can serve a study with two objectives (one: any)."""
     if len(objectives) < 2:
         return
     shown = " ".join(objectives)
+    settings = " ".join(part for item in pruner_args or () for part in item.split())
+    if settings:
+        raise UsageError(f"--pruner-args {settings} with --objectives {shown}: a multi-objective study is not "
+                         "pruned (Optuna does not prune one), so it takes no pruner settings")
     if sampler in SINGLE_OBJECTIVE_SAMPLERS:
         raise UsageError(f"--sampler {sampler} models one objective only; with --objectives {shown} use tpe, "
                          "random, grid, qmc, gp or nsga2")

@@ -30,8 +30,10 @@ PRUNER_SETTINGS = {
     "percentile": {"percentile": ("float", 0, 100), **_STARTUP},
     "hyperband": {"min_resource": ("int", 1), "max_resource": ("int or auto", 1), "reduction_factor": ("int", 2),
                   "bootstrap_count": ("int", 0)},
-    "sha": {"min_resource": ("int or auto", 1), "reduction_factor": ("int", 2), "min_early_stopping_rate": ("int", 0),
-            "bootstrap_count": ("int", 0)},
+    # A rung needs min_resource * reduction_factor ** (min_early_stopping_rate + rung) steps: past 63
+    # no step reaches one (2 ** 63), while Optuna works out that power, as large, at every check.
+    "sha": {"min_resource": ("int or auto", 1), "reduction_factor": ("int", 2),
+            "min_early_stopping_rate": ("int", 0, 63), "bootstrap_count": ("int", 0)},
     "wilcoxon": {"p_threshold": ("float", 0, 1), "n_startup_steps": ("int", 0)},
     "none": {},
 }
@@ -200,6 +202,7 @@ def pruner_settings(name: str, items: list[str] | None) -> dict:
 
     allowed = PRUNER_SETTINGS[name]
     settings: dict = {}
+    given_as: dict[str, str] = {}
     # One item may hold several, space-separated (MLproject's -P pruner_args="a=1 b=2"), or none ("").
     for item in (part for given in items or () for part in given.split()):
         key, sep, text = item.partition("=")
@@ -211,7 +214,10 @@ def pruner_settings(name: str, items: list[str] | None) -> dict:
         if key not in allowed:
             raise UsageError(f"--pruner-args: {name} has no setting {key!r}; its settings: "
                              f"{', '.join(allowed)}{did_you_mean(key, allowed)}")
-        settings[key] = _setting(f"--pruner-args {key}", text, *allowed[key])
+        if key in settings:  # which one was meant is a guess: the last would win silently
+            raise UsageError(f"--pruner-args {key} is given twice ({given_as[key]!r} and {text!r}); give each "
+                             "setting once")
+        settings[key], given_as[key] = _setting(f"--pruner-args {key}", text, *allowed[key]), text
     low, high = settings.get("min_resource"), settings.get("max_resource")
     if isinstance(low, int) and isinstance(high, int) and high < low:  # Optuna would find out only while pruning
         raise UsageError(f"--pruner-args max_resource={high} is below min_resource={low}; "
@@ -225,7 +231,7 @@ def _setting(name: str, text: str, kind: str, low, high=None):
     if kind == "int or auto" and text == "auto":
         return "auto"
     if kind.startswith("int"):
-        return config.int_in(name, text, low, config.INT_LIMIT)
+        return config.int_in(name, text, low, config.INT_LIMIT if high is None else high)
     return config.float_in(name, text, low, high)
 
 
@@ -269,9 +275,11 @@ def existing_study(name: str, storage, *, direction: str, sampler, pruner, space
     except KeyError:
         return None
     stored_objectives = objectives_module.of_study(existing)
-    if stored_objectives != tuple(objectives) and (stored_objectives or len(existing.directions) != len(objectives)):
+    # Two unnamed objectives are a script's own: their trials' second value may be anything.
+    if stored_objectives != tuple(objectives) and (stored_objectives or len(existing.directions) != len(objectives)
+                                                   or existing.get_trials(deepcopy=False)):
         shown = " ".join(stored_objectives) if stored_objectives else f"{len(existing.directions)} unnamed ones"
-        hint = f"resume it with --objectives {shown}, or use" if stored_objectives else "use"
+        hint = f"resume it with --objectives {shown}, or use" if objectives_module.known(stored_objectives) else "use"
         raise UsageError(f"study {name!r} has objectives {shown}, not {' '.join(objectives)}; {hint} "
                          "another --study-name")
     if existing.directions[0].name.lower() != direction:
