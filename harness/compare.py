@@ -15,9 +15,11 @@ BOOKKEEPING = ("experiment", "seed", "device", schema.TORCH_VERSION_PARAM, schem
 
 
 def top_runs(client, *, study: str | None = None, mlflow_experiment: str | None = None, metric: str = schema.FINAL_TEST_LOSS,
-             top: int | None = 5, descending: bool = False, front: dict[str, str] | None = None):
+             top: int | None = 5, descending: bool = False, front: dict[str, str] | None = None,
+             then: dict[str, bool] | None = None):
     """A pandas frame of the top finished runs by ``metric`` (from mlflow.search_runs); all of them
-    for ``top`` None. ``front``: only the runs on the Pareto front of these metrics ({metric: direction})."""
+    for ``top`` None. ``front``: only the runs on the Pareto front of these metrics ({metric: direction}).
+    ``then``: runs equal in ``metric`` ranked by these ({metric: descending}), in order."""
     import mlflow
 
     from .tracking import filter_value
@@ -42,7 +44,10 @@ def top_runs(client, *, study: str | None = None, mlflow_experiment: str | None 
     if frame.empty or column not in frame or frame[column].isna().all():
         known = sorted({c.removeprefix("metrics.") for c in frame.columns if c.startswith("metrics.")})
         raise UsageError(f"no finished run with metric {metric!r} in {scope}{did_you_mean(metric, known)}")
-    frame = frame[frame[column].notna()].sort_values(column, ascending=not descending, kind="stable")
+    # Ties are common where a metric counts (epochs): the next objective decides, not the store's order.
+    keys = {column: descending, **{f"metrics.{m}": d for m, d in (then or {}).items() if f"metrics.{m}" in frame}}
+    frame = frame[frame[column].notna()].sort_values(list(keys), ascending=[not d for d in keys.values()],
+                                                     kind="stable")
     if front:
         frame = pareto_front(frame, front, scope)
     return frame if top is None else frame.head(top)

@@ -139,6 +139,26 @@ def test_a_study_of_two_objectives_the_harness_cannot_name_is_not_resumed(stored
     assert (tmp_path / "j.log").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["j.log"]
 
 
+def test_compare_by_an_objective_ranks_ties_by_the_other(workdir, monkeypatch):
+    """Epochs are whole numbers, so ties are common: the test loss decides among them (Optuna's
+    front holds the better of two equal-epoch trials, which the store's order would hide)."""
+    from harness import compare
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    client = client_for(workdir)
+    made = {}
+    for loss, epochs in [(0.5, 27.0), (0.1, 30.0), (0.01, 27.0), (0.2, 27.0), (0.3, 5.0)]:  # worst first
+        run = client.create_run("0", tags={schema.STUDY_TAG: "s"})
+        client.log_metric(run.info.run_id, schema.objective("test_loss"), loss)
+        client.log_metric(run.info.run_id, schema.objective("epochs"), epochs)
+        client.set_terminated(run.info.run_id)
+        made[run.info.run_id] = (epochs, loss)
+    ranked = compare.top_runs(client, study="s", metric=schema.objective("epochs"), top=None,
+                              then={schema.objective("test_loss"): False})
+    assert list(ranked["run_id"]) == sorted(made, key=made.get)
+    assert [made[r][1] for r in ranked["run_id"]] == [0.3, 0.01, 0.2, 0.5, 0.1]
+
+
 def test_the_resume_command_keeps_the_objectives():
     from harness.cli import build_parser
     from harness.commands.search import resume_command
@@ -220,8 +240,9 @@ def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(
     by = run_cli("compare", "--study", study.study_name, "--by", "epochs", "--top", 3, "--csv", "by.csv",
                  cwd=workdir)
     assert by.returncode == 0, by.stderr
-    ranked = [float(r["objective_epochs"]) for r in csv.DictReader(open(workdir / "by.csv"))]
-    assert ranked == sorted(t.values[1] for t in study.trials)[:3]
+    ranked = [r["run_id"] for r in csv.DictReader(open(workdir / "by.csv"))]
+    by_epochs = sorted(study.trials, key=lambda t: (t.values[1], t.values[0]))  # equal epochs: the test loss
+    assert ranked == [t.user_attrs["mlflow_run_id"] for t in by_epochs[:3]]
     shown = run_cli("compare", "--study", study.study_name, "--front", "--csv", "front.csv", cwd=workdir)
     assert shown.returncode == 0, shown.stderr
     listed = [r["run_id"] for r in csv.DictReader(open(workdir / "front.csv"))]

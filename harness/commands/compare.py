@@ -100,7 +100,8 @@ def _objective_ranking(client, args) -> dict:
         raise UsageError(f"--by {by!r}: study {args.study!r} has objectives {', '.join(objectives)}"
                          f"{did_you_mean(by, objectives)}")
     front = {schema.objective(name): direction for name, direction in objectives.items()} if args.front else None
-    return {"metric": schema.objective(by), "descending": objectives[by] == "maximize", "front": front}
+    then = {schema.objective(name): direction == "maximize" for name, direction in objectives.items() if name != by}
+    return {"metric": schema.objective(by), "descending": objectives[by] == "maximize", "front": front, "then": then}
 
 
 def check_output(path: str, flag: str, figure: bool = False) -> None:
