@@ -101,7 +101,7 @@ def report_cadence(space: SearchSpace) -> int:
 
     One cadence for the whole study, not one per trial: a pruner compares trials at equal steps.
     benchmarks/pruning_cadence.py measured every epoch at 1.9x (journal) and 17x (SQLite) an
-    in-memory search; this rule at 1.14x and 2.0x, with the same best trial and 3% more epochs
+    in-memory search; this rule at 0.89x and 2.0x, with the same best trial and 3% more epochs
     trained (most pruning happens at the first report, epoch 0)."""
     return max(1, space.epochs[1] // REPORTS_PER_TRIAL)
 
