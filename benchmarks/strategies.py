@@ -17,16 +17,19 @@ saves), and the epochs the whole study trained.
     python benchmarks/strategies.py [--experiments linear_regression binary_classification]
         [--samplers ...] [--pruners ...] [--seeds 5] [--trials 100] [--checkpoints 20 50 100] [--target-after 20 | --target X] [--jobs 2]
 
-Seeds run in parallel processes (--jobs); each study is in memory, so sides share nothing.
+Seeds run in parallel processes (--jobs); each study is in memory, so sides share nothing. The full
+run takes hours on a small machine: --records FILE keeps each finished study (one JSON line), and a
+rerun with the same FILE and settings trains only the studies it lacks.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -81,6 +84,15 @@ def to_target(record: list, target: float) -> tuple[int, int] | None:
     return None
 
 
+def _load(path: Path | None, trials: int) -> dict:
+    """The studies a former run with these --trials kept in ``path`` ({side: record})."""
+    if path is None or not path.exists():
+        return {}
+    found = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {tuple(item["side"]): [tuple(trial) for trial in item["record"]] for item in found
+            if item["trials"] == trials}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiments", nargs="+", default=["linear_regression", "binary_classification"])
@@ -95,6 +107,8 @@ def main() -> None:
     parser.add_argument("--target", type=float,
                         help="an absolute target instead (where TPE's median already is an exact fit, 0)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--records", type=Path, help="JSON lines of finished studies: kept as they finish, "
+                                                     "and a rerun skips those it finds (same --trials)")
     args = parser.parse_args()
     started = time.time()
     seeds = range(args.seeds)
@@ -103,8 +117,15 @@ def main() -> None:
     pruned = [(e, "tpe", p, seed) for e in args.experiments for p in ["none"] * bool(args.pruners) + args.pruners
               for seed in seeds]
     sides += [side for side in dict.fromkeys(pruned) if side not in sides]
+    records = _load(args.records, args.trials)
     with ProcessPoolExecutor(args.jobs) as pool:
-        records = dict(zip(sides, pool.map(search, *zip(*sides), [args.trials] * len(sides))))
+        running = {pool.submit(search, *side, args.trials): side for side in sides if side not in records}
+        for future in as_completed(running):
+            records[running[future]] = future.result()
+            if args.records:
+                with args.records.open("a") as out:
+                    out.write(json.dumps({"side": running[future], "trials": args.trials,
+                                          "record": future.result()}) + "\n")
     print(f"{args.trials} trials per study, {args.seeds} sampler seeds, medians over the seeds; untracked; "
           f"{os.cpu_count()} cores, {args.jobs} processes; {time.time() - started:.0f}s")
     for experiment in args.experiments:
