@@ -16,6 +16,17 @@ def journal_study(workdir, name="linear_regression-search"):
     return optuna.load_study(study_name=name, storage=storage)
 
 
+def journal_trials(workdir, name="linear_regression-search") -> list:
+    """The trials so far of a search still starting: none while the journal file or the study in it
+    is not there yet (the file is made before the study's first record)."""
+    if not (workdir / "optuna_journal.log").exists():
+        return []
+    try:
+        return journal_study(workdir, name).trials
+    except KeyError:
+        return []
+
+
 def check_refused_in_process(argv, line, capsys, folder, monkeypatch) -> None:
     """``harness ARGV`` run in-process in the empty ``folder``: exit 2, one line holding ``line``, and
     nothing written there (no store created)."""

@@ -15,7 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import all_runs, cli_env, client_for, run_cli
-from search_helpers import journal_study
+from search_helpers import journal_study, journal_trials
 from test_reliability import LONG, start_search, wait_for_running_trial
 
 pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
@@ -248,8 +248,7 @@ def test_signals_after_the_last_trial_still_close_the_study_and_print_the_resume
     proc = start_search(workdir, "--n-trials", 2, "--seed", 0, *SHORT)
     deadline = time.time() + 120
     while time.time() < deadline:  # until both trials are told to Optuna, then signal every 50 ms
-        if (workdir / "optuna_journal.log").exists() and \
-                sum(t.state.is_finished() for t in journal_study(workdir).trials) == 2:
+        if sum(t.state.is_finished() for t in journal_trials(workdir)) == 2:
             break
         time.sleep(0.02)
     while proc.poll() is None:

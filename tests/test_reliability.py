@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import all_runs, cli_env, run_cli
-from search_helpers import check_contract, journal_study
+from search_helpers import check_contract, journal_study, journal_trials
 
 pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
 
@@ -29,8 +29,8 @@ def wait_for_running_trial(workdir, proc, completed: int, timeout: float = 120):
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()
-        if (workdir / "optuna_journal.log").exists():
-            trials = journal_study(workdir).trials
+        trials = journal_trials(workdir)
+        if trials:
             done = sum(t.state == TrialState.COMPLETE for t in trials)
             if done >= completed and trials[-1].state == TrialState.RUNNING:
                 time.sleep(0.2)  # well inside the trial
@@ -217,8 +217,8 @@ def test_an_interrupted_batch_ends_every_member_s_trial_and_run_and_resumes(work
     deadline = time.time() + 120
     while time.time() < deadline:  # the first batch asked and training
         assert proc.poll() is None, proc.communicate()
-        if (workdir / "optuna_journal.log").exists():
-            trials = journal_study(workdir).trials
+        trials = journal_trials(workdir)
+        if trials:
             if sum(t.state == TrialState.RUNNING for t in trials) == 4:
                 break
         time.sleep(0.1)
