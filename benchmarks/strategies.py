@@ -121,11 +121,11 @@ def main() -> None:
     with ProcessPoolExecutor(args.jobs) as pool:
         running = {pool.submit(search, *side, args.trials): side for side in sides if side not in records}
         for future in as_completed(running):
-            records[running[future]] = future.result()
+            side, record = running[future], future.result()
+            records[side] = record
             if args.records:
                 with args.records.open("a") as out:
-                    out.write(json.dumps({"side": running[future], "trials": args.trials,
-                                          "record": future.result()}) + "\n")
+                    out.write(json.dumps({"side": side, "trials": args.trials, "record": record}) + "\n")
     print(f"{args.trials} trials per study, {args.seeds} sampler seeds, medians over the seeds; untracked; "
           f"{os.cpu_count()} cores, {args.jobs} processes; {time.time() - started:.0f}s")
     for experiment in args.experiments:
