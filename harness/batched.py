@@ -35,7 +35,7 @@ from .config import TrainConfig
 from .experiment import Data, Experiment
 from .loop import History, Observer, record_epochs, sample_mean
 from .registry import build_loss, build_optimizer
-from .training import RNG_LOCK, TrainResult, batches, build_model, evaluate_batches
+from .training import RNG_LOCK, TrainResult, batches, build_model, evaluate_batches, with_validation
 
 # What changes a model's parameters' shapes is a hyperparameter the model is built with; the rest
 # of a config (lr, epochs, weight_decay, momentum) is the member's own.
@@ -45,8 +45,21 @@ MIN_STACK = 4  # members below which a search trains them one at a time (see Obj
 
 def stack_key(cfg: TrainConfig) -> tuple:
     """Configurations with equal keys can be trained as one stack."""
-    return (cfg.experiment, cfg.batch_size, cfg.seed, cfg.device,
+    return (cfg.experiment, cfg.batch_size, cfg.seed, cfg.device, cfg.valid_fraction,
             tuple(sorted((k, repr(v)) for k, v in cfg.hparams.items() if k not in OWN)))
+
+
+def recipe_refusal(cfg: TrainConfig, experiment: Experiment) -> str | None:
+    """Why ``cfg``'s training recipe cannot be stacked (one line), or None: a stack steps torch's
+    plain optimizers with their default settings, and nothing else."""
+    if cfg.optimizer in experiment.own_optimizers or cfg.loss in experiment.own_losses:
+        return "an experiment's own optimizer or loss is not stacked"
+    if cfg.settings:
+        return f"settings {', '.join(sorted(cfg.settings))} are not stacked"
+    if cfg.scheduler != "none" or cfg.grad_clip_norm is not None or cfg.grad_clip_value is not None \
+            or cfg.patience is not None:
+        return "a learning-rate schedule, gradient clipping or early stopping is not stacked"
+    return None
 
 
 def _update_key(cfg: TrainConfig) -> tuple:
@@ -56,6 +69,9 @@ def _update_key(cfg: TrainConfig) -> tuple:
 
 def refusal(cfg: TrainConfig, experiment: Experiment, data: Data) -> str | None:
     """Why ``cfg``'s model cannot be stacked (one line), or None."""
+    recipe = recipe_refusal(cfg, experiment)
+    if recipe:
+        return recipe
     if not isinstance(data, Data):
         return f"experiment {experiment.name!r} gives datasets, not tensors: its batches cannot be shared"
     model = build_model(cfg, experiment)
@@ -145,7 +161,10 @@ def train_stack(cfgs: Sequence[TrainConfig], experiment: Experiment, data: Data,
     if len({stack_key(c) for c in cfgs}) != 1:
         raise ValueError(f"configs that cannot share a stack: {sorted({stack_key(c) for c in cfgs})}")
     cfg0 = cfgs[0]
-    data = data.to(cfg0.device)
+    refused = next((r for r in map(lambda c: recipe_refusal(c, experiment), cfgs) if r), None)
+    if refused:
+        raise ValueError(refused)
+    data = with_validation(data, cfg0).to(cfg0.device)
     device = torch.device(cfg0.device)
     epochs = max(c.epochs for c in cfgs)
     sync_every = sync_every or (1 if device.type == "cpu" else epochs)
@@ -163,17 +182,20 @@ def train_stack(cfgs: Sequence[TrainConfig], experiment: Experiment, data: Data,
         losses = sorted({c.loss for c in cfgs})
         select = _select([m.cfg for m in active], losses, device)
         stacked_loss = _StackedLoss(members[0].model, [build_loss(name) for name in losses])
-        train_batches, test_batches = batches(data, cfg0)  # the same for every member: one seed
+        train_batches, test_batches, valid_batches = batches(data, cfg0)  # the same for every member: one seed
         stepper = _stepper(active)
         pending: list[tuple[list[_Member], dict[str, torch.Tensor]]] = []  # per epoch: its members, their values
         for epoch in range(epochs):
             stacked_loss.module.train()
             train = _epoch(stepper, active, select, stacked_loss, train_batches, metrics_fn, step=True)
             stacked_loss.module.eval()
+            values = {f"train_{k}": v for k, v in train.items()}
             with torch.inference_mode():
-                test = _epoch(stepper, active, select, stacked_loss, test_batches, metrics_fn, step=False)
-            pending.append((list(active), {**{f"train_{k}": v for k, v in train.items()},
-                                           **{f"test_{k}": v for k, v in test.items()}}))
+                for split, batches_ in (("valid", valid_batches), ("test", test_batches)):
+                    if batches_ is not None:
+                        evaluated = _epoch(stepper, active, select, stacked_loss, batches_, metrics_fn, step=False)
+                        values.update({f"{split}_{k}": v for k, v in evaluated.items()})
+            pending.append((list(active), values))
             # A member syncs where fit alone would: every sync_every epochs from 0, and at its last.
             due = [m for m in active if (epoch + 1) % sync_every == 0 or epoch + 1 >= m.cfg.epochs]
             if not due:

@@ -13,8 +13,8 @@ from typing import Any, Mapping
 
 from . import devices
 from .errors import UsageError, did_you_mean
-from .experiment import CONFIG_KEYS, Experiment, Hyperparameter, load
-from .registry import WITH_MOMENTUM
+from . import registry
+from .experiment import CONFIG_KEYS, HARNESS_NAMES, Experiment, Hyperparameter, load
 
 MAX_CONFIG_BYTES = 1 << 20
 INT_LIMIT = 2 ** 63 - 1  # what torch and numpy take as an integer
@@ -33,17 +33,39 @@ class TrainConfig:
     batch_size: int | None = None  # None: the whole training set in one step (the reference)
     weight_decay: float = 0.0
     momentum: float = 0.0
+    scheduler: str = "none"  # see harness.registry.SCHEDULERS
+    grad_clip_norm: float | None = None
+    grad_clip_value: float | None = None
+    patience: int | None = None  # early stopping on the selection metric; None: off
+    min_delta: float = 0.0
+    # The share of the training data held out for validation when the experiment gives no
+    # validation part; None: none for `harness train`, DEFAULT_VALID_FRACTION for a search.
+    valid_fraction: float | None = None
+    # The metric the run is selected on: early stopping and a plateau schedule watch it, and a
+    # search's trial returns it. None: valid_loss where the run has validation data, else train_loss.
+    # Never a test metric: what selects a run must not be what reports on it.
+    objective: str | None = None
+    direction: str = "minimize"
+    # The settings of torch's optimizer, loss and schedule that are set (harness.registry.SETTINGS);
+    # one that is not set is torch's default.
+    settings: Mapping[str, Any] = field(default_factory=dict)
     # The experiment's own hyperparameters, by name (see Experiment.hyperparameters).
     hparams: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat: the harness's keys, then the experiment's hyperparameters."""
-        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hparams"}
-        return {**flat, **self.hparams}
+        """Flat: the harness's keys, the settings that are set, then the experiment's hyperparameters."""
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("settings", "hparams")}
+        return {**flat, **{k: v for k, v in self.settings.items() if v is not None}, **self.hparams}
+
+    def chosen(self) -> dict[str, str]:
+        """What decides which settings apply (Hyperparameter.applies)."""
+        return {"optimizer": self.optimizer, "loss": self.loss, "scheduler": self.scheduler}
 
 
-FIELDS = tuple(f.name for f in fields(TrainConfig) if f.name != "hparams")
-assert set(CONFIG_KEYS) <= set(FIELDS)
+FIELDS = tuple(f.name for f in fields(TrainConfig) if f.name not in ("settings", "hparams"))
+assert set(CONFIG_KEYS) <= set(FIELDS) and set(HARNESS_NAMES) <= set(FIELDS)
+DEFAULT_VALID_FRACTION = 0.2  # a search of an experiment without a validation part holds this much out
+MAX_VALID_FRACTION = 0.9
 
 
 def read_file(path: str | Path, kind: str = "config file") -> dict[str, Any]:
@@ -103,7 +125,7 @@ def with_flags(sets: Mapping[str, Any], named: Mapping[str, Any]) -> dict[str, A
 
 
 def allowed_keys(experiment: Experiment) -> tuple[str, ...]:
-    return FIELDS + tuple(h.name for h in experiment.hyperparameters)
+    return FIELDS + tuple(h.name for h in experiment.all_hyperparameters() if h.name not in FIELDS)
 
 
 def check_keys(keys, experiment: Experiment, origin: str) -> None:
@@ -129,18 +151,39 @@ def resolve(overrides: Mapping[str, Any] | None = None, file: str | Path | None 
     declared = {h.name: h.default for h in experiment.hyperparameters}
     merged: dict[str, Any] = {**TrainConfig().to_dict(), **declared, **experiment.defaults, **layers[0], **layers[1]}
     merged["experiment"] = experiment.reference or experiment.name
-    return validate(build(merged), experiment, n_train), experiment
+    # A default of the experiment's that suits some optimizers only (momentum) is applied where it
+    # applies; given in a file or on the command line, it is checked (and refused where it does not).
+    given = set(layers[0]) | set(layers[1])
+    inapplicable(merged, experiment, keep=given)
+    return validate(build(merged, {h.name for h in experiment.hyperparameters}), experiment, n_train), experiment
 
 
-def build(flat: Mapping[str, Any]) -> TrainConfig:
-    """A TrainConfig from a flat mapping (unvalidated): keys that are not fields are hyperparameters."""
-    return TrainConfig(**{k: v for k, v in flat.items() if k in FIELDS},
-                       hparams={k: v for k, v in flat.items() if k not in FIELDS})
+def inapplicable(flat: dict[str, Any], experiment: Experiment, keep=frozenset()) -> None:
+    """Reset (in place) the values of ``flat`` that do not apply to its optimizer, loss and schedule,
+    except those named in ``keep``."""
+    chosen = {key: flat.get(key) for key in ("optimizer", "loss", "scheduler")}
+    for hp in experiment.all_hyperparameters():
+        if hp.name in flat and hp.name not in keep and hp.limits() and not hp.applies(chosen):
+            flat[hp.name] = hp.default
 
 
-def with_values(cfg: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
-    """``cfg`` with some flat values replaced (e.g. those a trial sampled); validate it afterwards."""
-    return build({**cfg.to_dict(), **values})
+def build(flat: Mapping[str, Any], own=frozenset()) -> TrainConfig:
+    """A TrainConfig from a flat mapping (unvalidated): keys that are not fields are torch's settings
+    (harness.registry) or the experiment's hyperparameters (``own``, which win over a setting of
+    the same name)."""
+    settings = {k: v for k, v in flat.items() if k in registry.SETTING_NAMES and k not in own}
+    return TrainConfig(**{k: v for k, v in flat.items() if k in FIELDS}, settings=settings,
+                       hparams={k: v for k, v in flat.items() if k not in FIELDS and k not in settings})
+
+
+def with_values(cfg: TrainConfig, values: Mapping[str, Any], experiment: Experiment | None = None) -> TrainConfig:
+    """``cfg`` with some flat values replaced (e.g. those a trial sampled); validate it afterwards.
+    With ``experiment``, the values of ``cfg`` that do not apply to the new optimizer, loss or
+    schedule are reset (a trial of adam does not inherit sgd's momentum)."""
+    flat = {**cfg.to_dict(), **values}
+    if experiment is not None:
+        inapplicable(flat, experiment, keep=set(values))
+    return build(flat, set(cfg.hparams))
 
 
 def validate(cfg: TrainConfig, experiment: Experiment, n_train: int | None = None) -> TrainConfig:
@@ -151,29 +194,83 @@ def validate(cfg: TrainConfig, experiment: Experiment, n_train: int | None = Non
     lr = positive_float("lr", cfg.lr)
     epochs = epochs_value("epochs", cfg.epochs)
     seed = nonnegative_int("seed", cfg.seed)
-    one_of("optimizer", cfg.optimizer, experiment.optimizers)
-    one_of("loss", cfg.loss, experiment.losses)
+    if str(cfg.optimizer).upper() in registry.NEEDS_CLOSURE and cfg.optimizer not in experiment.own_optimizers:
+        raise UsageError(f"optimizer {cfg.optimizer!r} steps with a closure, which a loop of train steps does not "
+                         f"pass; allowed: {', '.join(experiment.optimizer_names())}")
+    one_of("optimizer", cfg.optimizer, experiment.optimizer_names())
+    one_of("loss", cfg.loss, experiment.loss_names())
     one_of("device", cfg.device, devices.CHOICES)
     device = devices.resolve(cfg.device)
     if not device:
         raise UsageError(f"device {cfg.device!r} is not available on this machine; "
                          f"allowed here: auto, {', '.join(devices.available())}")
-    batch_size = check_value("batch_size", cfg.batch_size, experiment, n_train)
-    weight_decay = check_value("weight_decay", cfg.weight_decay, experiment)
-    momentum = check_value("momentum", cfg.momentum, experiment)
-    if momentum and cfg.optimizer not in WITH_MOMENTUM:
-        raise UsageError(f"momentum applies to optimizers {', '.join(WITH_MOMENTUM)} only, got momentum="
-                         f"{cfg.momentum!r} with optimizer {cfg.optimizer!r}")
+    harness = {name: check_value(name, getattr(cfg, name), experiment, n_train) for name in HARNESS_NAMES}
+    valid_fraction = None if cfg.valid_fraction in (None, "", "none", "None") else \
+        float_in("valid_fraction", cfg.valid_fraction, 0.0, MAX_VALID_FRACTION)
+    objective = None if cfg.objective in (None, "", "none", "None") else selection_metric_name(cfg.objective)
+    direction = one_of("direction", cfg.direction, DIRECTIONS)
     check_keys(cfg.hparams, experiment, "the config")
+    check_keys(cfg.settings, experiment, "the config")
+    chosen = cfg.chosen()
+    settings = {}
+    for hp in experiment.all_hyperparameters():
+        given = harness[hp.name] if hp.name in harness else cfg.settings.get(hp.name)
+        if hp.name in cfg.hparams or given is None or given == hp.default:
+            continue
+        if hp.name not in harness:
+            given = settings[hp.name] = hyperparameter_value(hp, given)
+        if not hp.applies(chosen):
+            which = next(k for k, allowed in hp.limits().items() if chosen[k] not in allowed)
+            raise UsageError(f"{hp.name} applies to {hp.scope()} only, got {hp.name}={given!r} with {which} "
+                             f"{chosen[which]!r}")
     hparams = {}
     for hp in experiment.hyperparameters:
         value = hyperparameter_value(hp, cfg.hparams.get(hp.name, hp.default))
-        if value != hp.default and not hp.applies_to(cfg.optimizer):
-            raise UsageError(f"{hp.name} applies to optimizers {', '.join(hp.optimizers)} only, got "
-                             f"{hp.name}={value!r} with optimizer {cfg.optimizer!r}")
+        if value != hp.default and not hp.applies(chosen):
+            raise UsageError(f"{hp.name} applies to {hp.scope()} only, got {hp.name}={value!r} with optimizer "
+                             f"{cfg.optimizer!r}")
         hparams[hp.name] = value
-    return replace(cfg, lr=lr, epochs=epochs, seed=seed, device=device, batch_size=batch_size,
-                   weight_decay=weight_decay, momentum=momentum, hparams=hparams)
+    checked = replace(cfg, lr=lr, epochs=epochs, seed=seed, device=device, valid_fraction=valid_fraction,
+                      objective=objective, direction=direction, settings=settings, hparams=hparams, **harness)
+    _torch_accepts(checked, experiment)
+    return checked
+
+
+DIRECTIONS = ("minimize", "maximize")
+SELECTABLE = ("valid_", "train_")
+
+
+def selection_metric_name(name: Any, flag: str = "objective") -> str:
+    """A metric a run may be selected on: a per-epoch validation or training value; a test value
+    is refused, as the test data must stay out of every choice it reports on."""
+    text = str(name).strip()
+    if text.startswith("test_") or text.startswith("final_test_"):
+        raise UsageError(f"{flag} {text!r} is a test metric: runs are selected on validation data and reported on "
+                         f"test data; use {'valid_' + text.split('test_', 1)[1]!r}")
+    if not text.startswith(SELECTABLE) or not text.replace("_", "").isalnum() or len(text) > 100:
+        raise UsageError(f"{flag} must name a per-epoch metric starting with valid_ or train_ (valid_loss, "
+                         f"valid_accuracy, ...), got {_short(name)}")
+    return text
+
+
+def _torch_accepts(cfg: TrainConfig, experiment: Experiment) -> None:
+    """torch's own checks of the settings (betas in [0, 1), a positive eps, milestones...), run on a
+    throwaway parameter: the experiment's own optimizers, losses and schedules are checked by the
+    pre-flight step, on its model."""
+    import torch
+
+    param = torch.zeros(2, 2, requires_grad=True)  # 2-D: Muon takes matrices only
+    try:
+        if cfg.optimizer not in experiment.own_optimizers:
+            optimizer = registry.build_optimizer(cfg.optimizer, [param], cfg.lr, cfg.weight_decay, cfg.momentum,
+                                                 cfg.settings)
+            if cfg.scheduler not in experiment.schedulers:
+                registry.build_scheduler(cfg.scheduler, optimizer, cfg.settings, cfg.epochs, 1)
+        if cfg.loss not in experiment.own_losses:
+            registry.build_loss(cfg.loss, cfg.settings)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UsageError(f"{cfg.optimizer}+{cfg.loss}, scheduler {cfg.scheduler} refuses these settings: {first}") from None
 
 
 def check_value(name: str, value: Any, experiment: Experiment, n_train: int | None = None) -> Any:
@@ -189,6 +286,14 @@ def check_value(name: str, value: Any, experiment: Experiment, n_train: int | No
         return _float("weight_decay", value, low=0.0)
     if name == "momentum":
         return _float("momentum", value, low=0.0, high=0.999)
+    if name == "scheduler":
+        return one_of("scheduler", value, experiment.scheduler_names())
+    if name in ("grad_clip_norm", "grad_clip_value"):
+        return None if value in (None, "", "none", "None") else positive_float(name, value)
+    if name == "patience":
+        return None if value in (None, "", "none", "None") else positive_int(name, value)
+    if name == "min_delta":
+        return _float("min_delta", value, low=0.0)
     hp = experiment.hyperparameter(name)
     if hp is None:
         check_keys([name], experiment, "the config")
@@ -199,6 +304,13 @@ def hyperparameter_value(hp: Hyperparameter, value: Any) -> Any:
     """``value`` as the declared type, within the declared range or choices; else a UsageError."""
     if value is None and hp.default is None:
         return None
+    if hp.type == "str":
+        text = str(value).strip()
+        if not text or len(text) > 200:
+            raise UsageError(f"{hp.name} must be a non-empty text of at most 200 characters, got {_short(value)}")
+        if hp.choices is not None and text not in map(str, hp.choices):
+            raise UsageError(f"unknown {hp.name} {value!r}; allowed: {', '.join(map(str, hp.choices))}")
+        return text
     if hp.type == "bool":
         lowered = str(value).strip().lower()
         if isinstance(value, bool) or lowered in ("true", "false", "1", "0", "yes", "no"):

@@ -19,35 +19,54 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from .errors import UsageError, did_you_mean
 from .loop import MetricsFn
-from .registry import LOSSES, OPTIMIZERS, WITH_MOMENTUM
+from .hyperparameter import TYPES, Hyperparameter  # noqa: F401 (experiments import it from here)
+from . import registry
 
-TYPES = ("int", "float", "categorical", "bool")
 MAX_FILE_BYTES = 1 << 20  # an experiment is one small file; anything larger is not one
 
 
 @dataclass(frozen=True)
 class Data:
-    """Full tensors, as the reference notebook has them."""
+    """Full tensors, as the reference notebook has them; optionally a validation part, which a search
+    selects on (without one, a search holds out a share of the training part: ``valid_fraction``)."""
 
     X_train: torch.Tensor
     y_train: torch.Tensor
     X_test: torch.Tensor
     y_test: torch.Tensor
+    X_valid: torch.Tensor | None = None
+    y_valid: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if (self.X_valid is None) != (self.y_valid is None):
+            raise ValueError("Data: give both X_valid and y_valid, or neither")
 
     def to(self, device: str) -> "Data":
-        return Data(*(t.to(device) for t in (self.X_train, self.y_train, self.X_test, self.y_test)))
+        return Data(*(t.to(device) if t is not None else None for t in (self.X_train, self.y_train, self.X_test,
+                                                                      self.y_test, self.X_valid, self.y_valid)))
 
     @property
     def n_train(self) -> int:
         return len(self.X_train)
 
     @property
+    def has_valid(self) -> bool:
+        return self.X_valid is not None
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.X_test.shape[1:])
+
+    def held_out(self, fraction: float) -> "Data":
+        """A validation part carved from the training part: the last ``fraction`` of a permutation
+        drawn from a generator of its own, so it is the same whatever seed a run trains with."""
+        keep, out = _split(len(self.X_train), fraction)
+        return replace(self, X_train=self.X_train[keep], y_train=self.y_train[keep],
+                       X_valid=self.X_train[out], y_valid=self.y_train[out])
 
 
 @dataclass(frozen=True)
@@ -56,6 +75,7 @@ class Datasets:
 
     train: Dataset
     test: Dataset
+    valid: Dataset | None = None
 
     def to(self, device: str) -> "Datasets":
         return self  # batches move to the device one at a time
@@ -65,61 +85,53 @@ class Datasets:
         return len(self.train)
 
     @property
+    def has_valid(self) -> bool:
+        return self.valid is not None
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(torch.as_tensor(self.test[0][0]).shape)
 
-
-@dataclass(frozen=True)
-class Hyperparameter:
-    """A value an experiment (or the harness) takes from the config, and may let Optuna search.
-
-    ``low``/``high`` (with ``log`` and ``step``) or ``choices`` give its default search range; a
-    search samples it only when the search space names it. ``optimizers`` limits it to the
-    optimizers it means something for: it is sampled, and may be set, only with those.
-    """
-
-    name: str
-    type: str
-    default: Any
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: tuple | None = None
-    optimizers: tuple[str, ...] | None = None
-    help: str = ""
-
-    def __post_init__(self):
-        if not self.name.isidentifier():
-            raise ValueError(f"hyperparameter name {self.name!r} must be a Python identifier")
-        if self.type not in TYPES:
-            raise ValueError(f"hyperparameter {self.name!r}: type {self.type!r} is not one of {', '.join(TYPES)}")
-        if self.choices is not None:
-            object.__setattr__(self, "choices", tuple(self.choices))
-            bad = [c for c in self.choices if not isinstance(c, (str, int, float, bool))]
-            if bad:  # what Optuna can sample and MLflow can log as a param
-                raise ValueError(f"hyperparameter {self.name!r}: choices must be str, int, float or bool, got {bad[0]!r}")
-        if self.type == "bool" and self.choices is None:
-            object.__setattr__(self, "choices", (False, True))
-        if self.optimizers is not None:
-            object.__setattr__(self, "optimizers", tuple(self.optimizers))
-
-    @property
-    def has_range(self) -> bool:
-        return self.choices is not None or (self.low is not None and self.high is not None)
-
-    def applies_to(self, optimizer: str) -> bool:
-        return self.optimizers is None or optimizer in self.optimizers
+    def held_out(self, fraction: float) -> "Datasets":
+        keep, out = _split(len(self.train), fraction)
+        return replace(self, train=Subset(self.train, keep.tolist()), valid=Subset(self.train, out.tolist()))
 
 
-# What the harness itself offers every experiment, beside lr and epochs.
+VALID_SPLIT_SEED = 20240607  # the held-out validation part's own generator (not the run's seed)
+
+
+def _split(n: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    n_valid = int(round(fraction * n))
+    if not 1 <= n_valid < n:
+        raise UsageError(f"valid_fraction {fraction} of {n} training samples holds out {n_valid}; it must leave at "
+                         "least one sample on each side")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(VALID_SPLIT_SEED))
+    return order[:n - n_valid].sort().values, order[n - n_valid:].sort().values
+
+
+# What the harness itself offers every experiment, beside lr and epochs; then the settings of
+# torch's optimizers, losses and schedules (harness.registry).
 HARNESS_HYPERPARAMETERS = (
     Hyperparameter("batch_size", "int", None, help="mini-batch size; unset = the whole training set (full batch)"),
-    Hyperparameter("weight_decay", "float", 0.0, low=1e-6, high=1e-2, log=True,
+    Hyperparameter("weight_decay", "float", 0.0, low=1e-6, high=1e-2, log=True, optimizers=registry.WITH_WEIGHT_DECAY,
                    help="the optimizer's weight_decay (L2 penalty)"),
-    Hyperparameter("momentum", "float", 0.0, low=0.0, high=0.99, optimizers=WITH_MOMENTUM,
+    Hyperparameter("momentum", "float", 0.0, low=0.0, high=0.99, optimizers=registry.WITH_MOMENTUM,
                    help="the optimizer's momentum"),
+    Hyperparameter("scheduler", "categorical", "none", choices=registry.SCHEDULERS,
+                   help="the learning-rate schedule (an experiment may add its own by name)"),
+    Hyperparameter("grad_clip_norm", "float", None, low=1e-3, high=1e3, log=True,
+                   help="clip the gradients' total norm to this before each step; unset = no clipping"),
+    Hyperparameter("grad_clip_value", "float", None, low=1e-4, high=1e3, log=True,
+                   help="clip each gradient element to [-v, v] before each step; unset = no clipping"),
+    Hyperparameter("patience", "int", None, low=1, high=1000,
+                   help="early stopping: epochs without an improvement of the selection metric; unset = off"),
+    Hyperparameter("min_delta", "float", 0.0, low=0.0, high=1e6,
+                   help="early stopping: the least change of the selection metric that counts as an improvement"),
 )
+# The harness's config keys that are hyperparameters: no experiment may declare one of these names.
+HARNESS_NAMES = tuple(h.name for h in HARNESS_HYPERPARAMETERS)
+# Optimizers and losses an experiment searches when it names none (its default loss when it names no losses).
+DEFAULT_OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 
 
 def _no_scalars(model: nn.Module) -> dict[str, float]:
@@ -136,8 +148,16 @@ class Experiment:
     make_model: Callable[..., nn.Module]
     # Values for any config key (optimizer, loss, lr, epochs, batch_size, a hyperparameter...).
     defaults: Mapping[str, Any] = field(default_factory=dict)
-    optimizers: tuple[str, ...] = tuple(OPTIMIZERS)
-    losses: tuple[str, ...] = tuple(LOSSES)
+    # The optimizers and losses the default search space pairs: names of torch's (harness.registry),
+    # or {name: factory} for the experiment's own, which any config may then name too:
+    # an optimizer factory is called as factory(params, cfg), a loss factory as factory(cfg).
+    # No losses: the experiment's default loss alone.
+    optimizers: tuple[str, ...] | Mapping[str, Callable] = DEFAULT_OPTIMIZERS
+    losses: tuple[str, ...] | Mapping[str, Callable] | None = None
+    # The experiment's own learning-rate schedules: {name: factory(optimizer, cfg, steps_per_epoch)},
+    # stepped after every epoch (OneCycleLR and CyclicLR after every batch, as torch documents them;
+    # ReduceLROnPlateau with the selection metric).
+    schedulers: Mapping[str, Callable] = field(default_factory=dict)
     # The experiment's own hyperparameters: passed to make_model, logged, searchable.
     hyperparameters: tuple[Hyperparameter, ...] = ()
     # Scalars read off the trained model and logged as final metrics (the reference: weight, bias).
@@ -157,7 +177,16 @@ class Experiment:
     sha256: str = ""
 
     def __post_init__(self):
-        taken = {h.name for h in HARNESS_HYPERPARAMETERS} | set(CONFIG_KEYS)
+        for kind, given in (("optimizers", self.optimizers), ("losses", self.losses)):
+            if isinstance(given, str) or not isinstance(given, (tuple, list, Mapping, type(None))):
+                raise ValueError(f"experiment {self.name!r}: {kind} must be a tuple of names or a mapping "
+                                 f"{{name: factory}}, got {given!r}")
+            if isinstance(given, Mapping) and not all(callable(f) for f in given.values()):
+                raise ValueError(f"experiment {self.name!r}: every value of {kind} must be a factory (callable)")
+        clash = sorted(set(self.schedulers) & set(registry.SCHEDULERS))
+        if clash:
+            raise ValueError(f"experiment {self.name!r}: its own scheduler {clash[0]!r} is one of the harness's")
+        taken = set(HARNESS_NAMES) | set(CONFIG_KEYS)
         seen = set()
         for hp in self.hyperparameters:
             if hp.name in taken or hp.name in seen:
@@ -176,15 +205,42 @@ class Experiment:
                              "not harness.experiment.Data or Datasets")
         try:
             sizes = data.n_train, len(data.test) if isinstance(data, Datasets) else len(data.X_test)
+            n_valid = (len(data.valid) if isinstance(data, Datasets) else len(data.X_valid)) if data.has_valid else None
         except Exception as exc:
             raise UsageError(f"experiment {self.name!r}: its data has no length: {first_line(exc)}") from None
-        if min(sizes) < 1:
-            raise UsageError(f"experiment {self.name!r}: make_data() gave {sizes[0]} training and {sizes[1]} "
-                             "test samples; both must be at least 1")
+        if min(sizes) < 1 or n_valid == 0:
+            raise UsageError(f"experiment {self.name!r}: make_data() gave {sizes[0]} training, {n_valid or 0} "
+                             f"validation and {sizes[1]} test samples; each part given must hold at least 1")
         return data
 
     def all_hyperparameters(self) -> tuple[Hyperparameter, ...]:
-        return HARNESS_HYPERPARAMETERS + tuple(self.hyperparameters)
+        """The harness's, torch's settings (an experiment's own of the same name wins), the experiment's."""
+        own = {h.name for h in self.hyperparameters}
+        settings = tuple(s for s in registry.SETTINGS if s.name not in own)
+        return HARNESS_HYPERPARAMETERS + settings + tuple(self.hyperparameters)
+
+    @property
+    def own_optimizers(self) -> Mapping[str, Callable]:
+        return self.optimizers if isinstance(self.optimizers, Mapping) else {}
+
+    @property
+    def own_losses(self) -> Mapping[str, Callable]:
+        return self.losses if isinstance(self.losses, Mapping) else {}
+
+    def optimizer_names(self) -> tuple[str, ...]:
+        """Every optimizer a config of this experiment may name: torch's and its own."""
+        return registry.optimizer_names(self.own_optimizers)
+
+    def loss_names(self) -> tuple[str, ...]:
+        return registry.loss_names(self.own_losses)
+
+    def scheduler_names(self) -> tuple[str, ...]:
+        return registry.SCHEDULERS + tuple(self.schedulers)
+
+    def default_pairs(self) -> list[str]:
+        """optimizer+loss pairs of the default search space: each listed optimizer with each listed loss."""
+        losses = tuple(self.losses) if self.losses is not None else (self.defaults.get("loss", "l1"),)
+        return [f"{o}+{loss}" for o in tuple(self.optimizers) for loss in losses]
 
     def hyperparameter(self, name: str) -> Hyperparameter | None:
         return next((h for h in self.all_hyperparameters() if h.name == name), None)

@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from torch import nn
 
-from .schema import TEST_LOSS, TRAIN_LOSS
+from .schema import LEARNING_RATE, TEST_LOSS, TRAIN_LOSS, VALID_LOSS
 
 MetricsFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
 class StopTraining(Exception):
     """Raised by an observer to end training after the epoch it was told about."""
+
+
+class EarlyStop(StopTraining):
+    """StopTraining by the run's own recipe (early stopping), not from outside (a pruner)."""
 
 
 class Observer(Protocol):
@@ -30,29 +34,56 @@ class History:
     """Per-epoch values, index = epoch. ``stopped`` says why training ended early, if it did."""
 
     values: dict[str, list[float]] = field(default_factory=dict)
-    stopped: str | None = None
+    stopped: str | None = None  # stopped from outside (a pruner)
     diverged_at: int | None = None
+    early_stop: str | None = None  # ended by early stopping: why
+    best_epoch: int | None = None  # with early stopping: the epoch whose weights the model keeps
 
     @property
     def epochs_run(self) -> int:
         return len(self.values.get(TRAIN_LOSS, []))
 
     def last(self, key: str) -> float:
-        return self.values[key][-1]
+        """The run's final value of ``key``: its last epoch's, or with early stopping its best epoch's."""
+        return self.values[key][-1 if self.best_epoch is None else self.best_epoch]
 
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """What a step does besides forward, backward and the optimizer's update, in this order:
+    gradient clipping (by total norm, then by value), then the update, then a per-batch schedule."""
+
+    clip_norm: float | None = None
+    clip_value: float | None = None
+    batch_scheduler: Any = None  # stepped after every update (OneCycleLR)
+
+    @property
+    def plain(self) -> bool:
+        return self.clip_norm is None and self.clip_value is None and self.batch_scheduler is None
+
+
+PLAIN = Recipe()
+
+
 def train_step(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
-               optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+               optimizer: torch.optim.Optimizer, recipe: Recipe = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on one batch (the model in training mode). Returns the loss and predictions
     from *before* the update."""
     pred = model(X)
     loss = loss_fn(pred, y)
     optimizer.zero_grad()
     loss.backward()
+    if recipe is not PLAIN:
+        if recipe.clip_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_norm)
+        if recipe.clip_value is not None:
+            nn.utils.clip_grad_value_(model.parameters(), recipe.clip_value)
     optimizer.step()
+    if recipe.batch_scheduler is not None:
+        recipe.batch_scheduler.step()
     return loss.detach(), pred.detach()
 
 
@@ -65,11 +96,13 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
 
 
 def train_epoch(model: nn.Module, batches: Batches, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                device: torch.device, metrics_fn: MetricsFn | None = None) -> dict[str, torch.Tensor]:
+                device: torch.device, metrics_fn: MetricsFn | None = None,
+                recipe: Recipe = PLAIN) -> dict[str, torch.Tensor]:
     """One pass over the training batches: the loss (and metrics) of each batch before its step,
     averaged over the epoch's samples, on the device."""
     model.train()
-    means, _ = _over_batches(batches, device, lambda X, y: train_step(model, X, y, loss_fn, optimizer), metrics_fn)
+    means, _ = _over_batches(batches, device, lambda X, y: train_step(model, X, y, loss_fn, optimizer, recipe),
+                             metrics_fn)
     return means
 
 
@@ -118,11 +151,16 @@ def sample_mean(values: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
 def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn: nn.Module,
         optimizer: torch.optim.Optimizer, epochs: int, *, metrics_fn: MetricsFn | None = None,
         observers: Iterable[Observer] = (), sync_every: int | None = None,
-        history: History | None = None) -> History:
+        history: History | None = None, valid_batches: Batches | None = None, recipe: Recipe = PLAIN,
+        scheduler=None, monitor: str | None = None) -> History:
     """Train for ``epochs`` epochs and return the history.
 
-    ``train_batches`` and ``test_batches`` are iterated once per epoch: a list holding one
-    (inputs, targets) pair is full-batch training, a DataLoader is mini-batch training.
+    ``train_batches``, ``valid_batches`` and ``test_batches`` are iterated once per epoch: a list
+    holding one (inputs, targets) pair is full-batch training, a DataLoader is mini-batch training.
+    Each epoch records train_*, then valid_* (when there are validation batches), then test_*.
+    ``recipe``: clipping and a per-batch schedule; ``scheduler``: stepped after each epoch (a
+    ReduceLROnPlateau with the epoch's ``monitor`` value); with either schedule, each epoch also
+    records ``learning_rate``, the rate of its first step.
     Observers and the divergence check see the epochs every ``sync_every`` epochs (default: every
     epoch on the CPU, where reading a value is free; once at the end elsewhere, where per-epoch
     values stay on the device until then, so an accelerator is never made to wait).
@@ -135,11 +173,20 @@ def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn
         sync_every = 1 if on_host else epochs
     observers = list(observers)
     history = history if history is not None else History()
-    run_epoch = _epoch_runner(model, train_batches, test_batches, loss_fn, optimizer, device, metrics_fn)
+    run_epoch = _epoch_runner(model, train_batches, test_batches, loss_fn, optimizer, device, metrics_fn,
+                              valid_batches, recipe)
     pending = _HostValues() if on_host else _DeviceValues(epochs, device)
+    scheduled = scheduler is not None or recipe.batch_scheduler is not None
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     start = 0
     for epoch in range(epochs):
-        pending.add(epoch, run_epoch())
+        lr = optimizer.param_groups[0]["lr"] if scheduled else None
+        values = run_epoch()
+        if scheduler is not None:
+            scheduler.step(values[monitor]) if plateau else scheduler.step()
+        if lr is not None:
+            values[LEARNING_RATE] = lr
+        pending.add(epoch, values)
         if epoch + 1 - start >= sync_every or epoch + 1 == epochs:
             if not record_epochs(pending.take(start, epoch + 1), start, history, observers):
                 break
@@ -149,14 +196,19 @@ def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn
 
 def _epoch_runner(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn: nn.Module,
                   optimizer: torch.optim.Optimizer, device: torch.device,
-                  metrics_fn: MetricsFn | None) -> Callable[[], dict[str, torch.Tensor]]:
-    """``run() -> {name: value}`` for one epoch: train_loss, train_<metric>..., test_loss, test_<metric>..."""
+                  metrics_fn: MetricsFn | None, valid_batches: Batches | None = None,
+                  recipe: Recipe = PLAIN) -> Callable[[], dict[str, Any]]:
+    """``run() -> {name: value}`` for one epoch: train_loss, train_<metric>..., valid_..., test_loss, test_<metric>..."""
     train_only, test_only = _only_batch(train_batches), _only_batch(test_batches)
-    if train_only is None or test_only is None:
+    if train_only is None or test_only is None or valid_batches is not None:
         def run() -> dict[str, torch.Tensor]:
-            train = train_epoch(model, train_batches, loss_fn, optimizer, device, metrics_fn)
-            test, _ = evaluate_batches(model, test_batches, loss_fn, device, metrics_fn)
-            return {**{f"train_{k}": v for k, v in train.items()}, **{f"test_{k}": v for k, v in test.items()}}
+            train = train_epoch(model, train_batches, loss_fn, optimizer, device, metrics_fn, recipe)
+            out = {f"train_{k}": v for k, v in train.items()}
+            for split, batches in (("valid", valid_batches), ("test", test_batches)):
+                if batches is not None:
+                    evaluated, _ = evaluate_batches(model, batches, loss_fn, device, metrics_fn)
+                    out.update({f"{split}_{k}": v for k, v in evaluated.items()})
+            return out
         return run
 
     # Full batch: the same steps as train_epoch and evaluate_batches on one batch, without their
@@ -167,7 +219,7 @@ def _epoch_runner(model: nn.Module, train_batches: Batches, test_batches: Batche
 
     def run() -> dict[str, torch.Tensor]:
         set_mode(True)
-        loss, pred = train_step(model, X, y, loss_fn, optimizer)
+        loss, pred = train_step(model, X, y, loss_fn, optimizer, recipe)
         set_mode(False)
         with torch.inference_mode():
             test_pred = model(X_test)
@@ -208,9 +260,9 @@ class _HostValues:
     def __init__(self):
         self.rows: list[dict[str, float]] = []
 
-    def add(self, epoch: int, values: dict[str, torch.Tensor]) -> None:
+    def add(self, epoch: int, values: dict[str, Any]) -> None:
         self.rows.append({name: (value if value.dtype is torch.float32 else value.float()).item()
-                          for name, value in values.items()})
+                          if isinstance(value, torch.Tensor) else value for name, value in values.items()})
 
     def take(self, start: int, stop: int) -> list[dict[str, float]]:
         rows, self.rows = self.rows, []
@@ -223,9 +275,13 @@ class _DeviceValues:
     def __init__(self, epochs: int, device: torch.device):
         self.epochs, self.device = epochs, device
         self.buffers: dict[str, torch.Tensor] = {}
+        self.host: dict[str, list[float]] = {}  # values made on the host (the lr): kept exact
 
-    def add(self, epoch: int, values: dict[str, torch.Tensor]) -> None:
+    def add(self, epoch: int, values: dict[str, Any]) -> None:
         for name, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                self.host.setdefault(name, []).append(value)
+                continue
             buf = self.buffers.get(name)
             if buf is None:
                 buf = self.buffers[name] = torch.empty(self.epochs, device=self.device, dtype=torch.float32)
@@ -233,13 +289,15 @@ class _DeviceValues:
 
     def take(self, start: int, stop: int) -> list[dict[str, float]]:
         chunk = {name: buf[start:stop].tolist() for name, buf in self.buffers.items()}
+        chunk.update({name: values[start:stop] for name, values in self.host.items()})
         return [{name: values[offset] for name, values in chunk.items()} for offset in range(stop - start)]
 
 
 def record_epochs(rows: list[dict[str, float]], start: int, history: History, observers: list[Observer]) -> bool:
     """Record the epochs from ``start`` on and notify observers. False means stop training."""
     for epoch, logs in enumerate(rows, start):
-        if not (math.isfinite(logs[TRAIN_LOSS]) and math.isfinite(logs[TEST_LOSS])):
+        if not (math.isfinite(logs[TRAIN_LOSS]) and math.isfinite(logs[TEST_LOSS])
+                and math.isfinite(logs.get(VALID_LOSS, 0.0))):
             history.diverged_at = epoch
             history.stopped = f"diverged at epoch {epoch}"
             return False
@@ -248,7 +306,41 @@ def record_epochs(rows: list[dict[str, float]], start: int, history: History, ob
         try:
             for observer in observers:
                 observer.on_epoch_end(epoch, logs)
+        except EarlyStop as stop_signal:
+            history.early_stop = str(stop_signal)
+            return False
         except StopTraining as stop_signal:
             history.stopped = str(stop_signal) or f"stopped at epoch {epoch}"
             return False
     return True
+
+
+class EarlyStopping:
+    """Loop observer: ends training when ``metric`` has not improved by more than ``min_delta`` for
+    ``patience`` epochs, and keeps a copy of the weights of its best epoch, which ``restore`` puts
+    back into the model (so a run keeps its best epoch, not its last)."""
+
+    def __init__(self, model: nn.Module, history: History, metric: str, patience: int | None,
+                 min_delta: float = 0.0, maximize: bool = False):
+        self.model, self.history, self.metric = model, history, metric
+        self.patience, self.min_delta, self.sign = patience, min_delta, -1.0 if maximize else 1.0
+        self.best: float | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        value = logs.get(self.metric)
+        if value is None:
+            raise KeyError(f"early stopping watches {self.metric!r}, which the run does not record; "
+                           f"it records {', '.join(logs)}")
+        if self.best is None or self.sign * (self.best - value) > self.min_delta:
+            self.best, self.history.best_epoch = value, epoch
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        elif self.patience is not None and epoch - self.history.best_epoch >= self.patience:
+            raise EarlyStop(f"early stopping at epoch {epoch}: {self.metric} did not improve by more than "
+                            f"{self.min_delta} for {self.patience} epochs; the run keeps epoch "
+                            f"{self.history.best_epoch}")
+
+    def restore(self) -> None:
+        """The best epoch's weights back into the model (nothing to do when it was the last)."""
+        if self.best_state is not None and self.history.best_epoch != self.history.epochs_run - 1:
+            self.model.load_state_dict(self.best_state)

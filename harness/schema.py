@@ -13,6 +13,7 @@ COMMAND_TAG = "harness.command"  # the command line that made a `harness train` 
 REPRODUCES_TAG = "harness.reproduces"  # on a `harness reproduce` run: the run it re-ran
 EXPERIMENT_TAG = "harness.experiment"  # on a study's parent run
 FAIL_REASON_TAG = "harness.fail_reason"  # why a run FAILED (or was KILLED)
+EARLY_STOP_TAG = "harness.early_stop"  # a run that early stopping ended: why, and the epoch it keeps
 INCOMPLETE_TAG = "harness.record_incomplete"  # a run whose final write failed part way: what it lacks
 STUDY_TAG = "optuna.study_name"
 STORAGE_TAG = "optuna.storage"  # password removed
@@ -45,7 +46,10 @@ OBJECTIVES_PARAM = "study.objectives"  # a study with two objectives: their name
 # ---- MLflow metrics ----------------------------------------------------------------------------
 TRAIN_LOSS = "train_loss"  # per epoch, step = epoch
 TEST_LOSS = "test_loss"
-CURVE = "{split}_{metric}"  # train_<m>, test_<m>: an experiment's extra per-epoch metrics
+VALID_LOSS = "valid_loss"  # per epoch, when the run has validation data: what a search selects on
+LEARNING_RATE = "learning_rate"  # per epoch, with a learning-rate schedule: the rate of the epoch's first step
+BEST_EPOCH = "best_epoch"  # with early stopping: the epoch whose weights the run keeps
+CURVE = "{split}_{metric}"  # train_<m>, valid_<m>, test_<m>: an experiment's extra per-epoch metrics
 FINAL = "final_{metric}"  # final_train_loss, final_test_loss, final_<m>
 FINAL_TEST_LOSS = "final_test_loss"
 ERROR = "{scalar}_error"  # an experiment's scalar against its declared truth
@@ -109,8 +113,8 @@ def error(scalar: str) -> str:
 
 
 def is_curve(metric: str) -> bool:
-    """Per-epoch metrics are train_<m> and test_<m>; everything else a run logs is a final value."""
-    return metric.startswith(("train_", "test_"))
+    """Per-epoch metrics are train_<m>, valid_<m>, test_<m> and learning_rate; everything else a run logs is a final value."""
+    return metric.startswith(("train_", "valid_", "test_")) or metric == LEARNING_RATE
 
 
 def tag_filter(tag: str) -> str:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .schema import CONFIG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, STATE_DICT, TORCH_VERSION_PARAM
+from .schema import CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, STATE_DICT, TORCH_VERSION_PARAM
 from .urls import engine_url, redact, scrub
 
 
@@ -61,6 +61,8 @@ def record(result, extra_params: dict | None = None, tags: dict | None = None) -
     tags = dict(tags or {})
     if result.history.stopped:
         tags.setdefault(FAIL_REASON_TAG, result.history.stopped)
+    if result.history.early_stop:
+        tags.setdefault(EARLY_STOP_TAG, result.history.early_stop)
     return RunRecord(params=params, history=result.history.values, finals=result.final_metrics(),
                      tags=tags, artifacts={STATE_DICT: buffer.getvalue(),
                                            CONFIG: json.dumps(config, indent=2).encode()})

@@ -14,9 +14,9 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 from .config import TrainConfig
 from .errors import UsageError
 from .experiment import Data, Datasets, Experiment, first_line
-from .loop import Batches, History, Observer, evaluate, evaluate_batches, fit
-from .registry import build_loss, build_optimizer
-from .schema import final
+from . import registry
+from .loop import Batches, EarlyStopping, History, Observer, Recipe, evaluate, evaluate_batches, fit, train_step
+from .schema import BEST_EPOCH, TRAIN_LOSS, VALID_LOSS, final
 
 # torch's default generator is process-wide: seeding and drawing the initial weights must happen
 # as one step, and a model that draws random numbers while it trains (dropout) must not share the
@@ -43,10 +43,13 @@ class TrainResult:
         return self.history.diverged_at is not None
 
     def final_metrics(self) -> dict[str, float]:
-        """The values a finished run reports; empty for a diverged one (its last loss is not finite)."""
+        """The values a finished run reports (with early stopping, its best epoch's, whose weights it
+        keeps); empty for a diverged one (its last loss is not finite)."""
         if self.diverged or not self.history.epochs_run:
             return {}
-        finals = {final(name): values[-1] for name, values in self.history.values.items()}
+        finals = {final(name): self.history.last(name) for name in self.history.values}
+        if self.history.best_epoch is not None:
+            finals[BEST_EPOCH] = float(self.history.best_epoch)
         return {**finals, **self.scalars}
 
 
@@ -68,24 +71,93 @@ def _hparams(cfg: TrainConfig) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in cfg.hparams.items()) or "no hyperparameters"
 
 
+def make_optimizer(cfg: TrainConfig, experiment: Experiment, params) -> torch.optim.Optimizer:
+    return registry.build_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.settings,
+                                    experiment.own_optimizers, cfg)
+
+
+def make_loss(cfg: TrainConfig, experiment: Experiment):
+    return registry.build_loss(cfg.loss, cfg.settings, experiment.own_losses, cfg)
+
+
+def make_scheduler(cfg: TrainConfig, experiment: Experiment, optimizer, steps_per_epoch: int):
+    """(per-epoch schedule, per-batch schedule), either or both None: torch steps OneCycleLR and
+    CyclicLR after every batch, every other schedule after every epoch."""
+    schedule = registry.build_scheduler(cfg.scheduler, optimizer, cfg.settings, cfg.epochs, steps_per_epoch,
+                                        experiment.schedulers.get(cfg.scheduler), cfg)
+    if isinstance(schedule, (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)):
+        return None, schedule
+    return schedule, None
+
+
+def with_validation(data: Data | Datasets, cfg: TrainConfig) -> Data | Datasets:
+    """The run's data: the experiment's, with ``valid_fraction`` of the training part held out for
+    validation where the config asks for it."""
+    if not cfg.valid_fraction:
+        return data
+    if data.has_valid:
+        raise UsageError(f"valid_fraction {cfg.valid_fraction} with an experiment that gives its own validation "
+                         "part: leave valid_fraction unset")
+    return data.held_out(cfg.valid_fraction)
+
+
+def selection_metric(cfg: TrainConfig, data: Data | Datasets) -> str:
+    return cfg.objective or (VALID_LOSS if data.has_valid else TRAIN_LOSS)
+
+
 def preflight(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets) -> None:
-    """Build the model and its optimizer and put one test batch through them, on a model that is then
-    dropped: an experiment whose code cannot train with this config (a model with no parameters,
-    inputs of the wrong shape, a loss that does not fit its outputs) is refused in one line before
-    any store is touched. The real run builds its own model from the seed."""
+    """Build the model, its optimizer, loss and schedule, and put one small batch through a training
+    step and an evaluation, on a model that is then dropped: an experiment whose code cannot train
+    with this config (a model with no parameters, inputs of the wrong shape, a loss that does not
+    fit its outputs, a step that fails in training mode only, a metric the config selects on that
+    the experiment does not compute) is refused in one line before any store is touched. The real
+    run builds its own model from the seed, and the random state is put back."""
     model = build_model(cfg, experiment)
+    state = torch.random.get_rng_state()
     try:
-        build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
-        _, test_batches = batches(data.to(cfg.device), cfg)
+        run_data = with_validation(data, cfg).to(cfg.device)
+        optimizer = make_optimizer(cfg, experiment, model.parameters())
+        loss_fn = make_loss(cfg, experiment)
+        make_scheduler(cfg, experiment, optimizer, 1)
+        train_batches, test_batches, valid_batches = batches(run_data, cfg)
         X, y = next(iter(test_batches))
-        evaluate(model, X[:8].to(cfg.device), y[:8].to(cfg.device), build_loss(cfg.loss))
+        X, y = X[:8].to(cfg.device), y[:8].to(cfg.device)
+        _, pred = evaluate(model, X, y, loss_fn)
+        names = {"loss"} | set(_metrics(experiment, pred, y))
+        model.train()
+        train_step(model, X, y, loss_fn, optimizer)
+        metric = selection_metric(cfg, run_data)
+        split, _, name = metric.partition("_")
+        if name not in names or (split == "valid" and valid_batches is None):
+            recorded = [f"{s}_{n}" for s in ("train", "valid") if s == "train" or valid_batches is not None
+                        for n in sorted(names)]
+            raise UsageError(f"the run is selected on {metric!r}, which it does not record; it records "
+                             f"{', '.join(recorded)}")
+    except UsageError:
+        raise
     except Exception as exc:
         raise UsageError(f"experiment {experiment.name!r} cannot train with {cfg.optimizer}+{cfg.loss}, "
                          f"{_hparams(cfg)}: {first_line(exc)}") from None
+    finally:
+        torch.random.set_rng_state(state)
 
 
-def batches(data: Data | Datasets, cfg: TrainConfig) -> tuple[Batches, Batches]:
-    """What the loop iterates each epoch: training batches and test batches.
+def _metrics(experiment: Experiment, pred: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The experiment's metrics of a batch, checked: a mapping of names to numbers."""
+    if experiment.metrics is None:
+        return {}
+    values = experiment.metrics(pred, y)
+    if not isinstance(values, dict) or not all(isinstance(k, str) and k.isidentifier() for k in values):
+        raise TypeError(f"metrics() must return a dict of names to tensors, got {type(values).__name__}")
+    for name, value in values.items():
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise TypeError(f"metrics() must give each value as a one-element tensor; {name!r} is "
+                            f"{type(value).__name__}")
+    return values
+
+
+def batches(data: Data | Datasets, cfg: TrainConfig) -> tuple[Batches, Batches, Batches | None]:
+    """What the loop iterates each epoch: training, test and validation batches (None without).
 
     Full batch (no ``batch_size``) on tensors is one (inputs, targets) pair, exactly the reference.
     Mini-batches come from a DataLoader whose shuffling draws from a generator seeded with the
@@ -105,13 +177,16 @@ def batches(data: Data | Datasets, cfg: TrainConfig) -> tuple[Batches, Batches]:
             train = DataLoader(dataset, sampler=sampler, batch_size=None, generator=generator,
                                pin_memory=pin and data.X_train.device.type == "cpu")
         test: Batches = list(zip(data.X_test.split(EVAL_BATCH), data.y_test.split(EVAL_BATCH)))
-        return train, test
+        valid = list(zip(data.X_valid.split(EVAL_BATCH), data.y_valid.split(EVAL_BATCH))) if data.has_valid else None
+        return train, test, valid
     generator = torch.Generator().manual_seed(cfg.seed)
     size = cfg.batch_size or len(data.train)
     train = DataLoader(data.train, batch_size=size, shuffle=cfg.batch_size is not None, generator=generator,
                        pin_memory=pin)
     test = DataLoader(data.test, batch_size=max(size, EVAL_BATCH), shuffle=False, pin_memory=pin)
-    return train, test
+    valid = DataLoader(data.valid, batch_size=max(size, EVAL_BATCH), shuffle=False, pin_memory=pin) \
+        if data.has_valid else None
+    return train, test, valid
 
 
 def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None = None,
@@ -122,16 +197,31 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
         # before its first use); a kernel that has no deterministic version raises instead of drifting.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    data = (data if data is not None else experiment.load_data()).to(cfg.device)
+    data = with_validation(data if data is not None else experiment.load_data(), cfg).to(cfg.device)
+    history = history if history is not None else History()
     with RNG_LOCK:
         model = build_model(cfg, experiment)
-        loss_fn = build_loss(cfg.loss)
-        optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
-        train_batches, test_batches = batches(data, cfg)
+        loss_fn = make_loss(cfg, experiment)
+        optimizer = make_optimizer(cfg, experiment, model.parameters())
+        train_batches, test_batches, valid_batches = batches(data, cfg)
+        epoch_schedule, batch_schedule = make_scheduler(cfg, experiment, optimizer, len(train_batches))
+        metric = selection_metric(cfg, data)
+        observers = list(observers)
+        stopper = None
+        if cfg.patience is not None:
+            # Last: the observers before it (a pruner, tracking) see the epoch it stops at. It
+            # copies the weights of the best epoch as it happens, so it reads every epoch.
+            stopper = EarlyStopping(model, history, metric, cfg.patience, cfg.min_delta, cfg.direction == "maximize")
+            observers.append(stopper)
+            sync_every = 1
         started = time.perf_counter()  # inside the lock: a thread waiting for it is not training
         history = fit(model, train_batches, test_batches, loss_fn, optimizer, cfg.epochs,
-                      metrics_fn=experiment.metrics, observers=observers, sync_every=sync_every, history=history)
+                      metrics_fn=experiment.metrics, observers=observers, sync_every=sync_every, history=history,
+                      valid_batches=valid_batches, scheduler=epoch_schedule, monitor=metric,
+                      recipe=Recipe(cfg.grad_clip_norm, cfg.grad_clip_value, batch_schedule))
         seconds = time.perf_counter() - started  # fit ends with its values on the host: the device is done
+        if stopper is not None:
+            stopper.restore()
         _, predictions = evaluate_batches(model, test_batches, loss_fn, model_device(model), keep_predictions=True)
     scalars = experiment.scalars(model)
     return TrainResult(cfg, model, data, history, predictions.cpu(), {**scalars, **experiment.errors(scalars)},

@@ -9,10 +9,10 @@ from harness.cli import main
     (["train", "--seeed=3"], "unrecognized arguments: --seeed=3 (did you mean --seed?)"),
     (["search", "--n-trails", "3"], "unrecognized arguments: --n-trails 3 (did you mean --n-trials?)"),
     (["serch"], "(did you mean search?)"),
-    (["train", "--optimizer", "adm"], "unknown optimizer 'adm'; allowed: sgd, adam, adamw, rmsprop (did you mean 'adam'?)"),
+    (["train", "--optimizer", "adm"], "unknown optimizer 'adm'; allowed: adadelta, adafactor, adagrad, adam, adamax, adamw, asgd, muon, nadam, radam, rmsprop, rprop, sgd, sparseadam (did you mean 'adam'?)"),
     (["train", "--experiment", "linear_regresion"], "(did you mean 'linear_regression'?)"),
     (["train", "--set", "wieght_decay=0.1"], "(did you mean 'weight_decay'?)"),
-    (["search", "--tune", "weight_decy"], "unknown search-space key 'weight_decy' in command line; allowed: lr, epochs, pairs, grid_points, batch_size, weight_decay, momentum (did you mean 'weight_decay'?)"),
+    (["search", "--tune", "weight_decy"], "unknown search-space key 'weight_decy' in command line; allowed: lr, epochs, pairs, grid_points, batch_size, weight_decay, momentum, scheduler, grad_clip_norm, grad_clip_value, patience, min_delta, lambd, alpha, t0, rho, eps, "),
 ])
 def test_a_typo_gets_one_line_and_the_closest_valid_name(argv, line, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

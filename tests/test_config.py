@@ -34,8 +34,8 @@ def test_json_file_and_whole_config_round_trips(tmp_path):
     ({"epochs": "0"}, "epochs must be a positive integer, got '0'"),
     ({"epochs": "-3"}, "epochs must be a positive integer, got '-3'"),
     ({"epochs": "2.5"}, "epochs must be a positive integer, got '2.5'"),
-    ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'; allowed: sgd, adam, adamw, rmsprop"),
-    ({"loss": "hinge"}, "unknown loss 'hinge'; allowed: l1, mse, smooth_l1, huber"),
+    ({"optimizer": "lbfgs"}, "optimizer 'lbfgs' steps with a closure, which a loop of train steps does not pass; allowed: adadelta,"),
+    ({"loss": "hinge"}, "unknown loss 'hinge'; allowed: bce, bce_with_logits, cross_entropy, hinge_embedding,"),
     ({"device": "tpu"}, "unknown device 'tpu'; allowed: auto, cpu, cuda, mps"),
     ({"experiment": "nope"}, "unknown experiment 'nope'; allowed: "),
 ])

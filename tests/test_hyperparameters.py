@@ -86,7 +86,7 @@ def test_set_flags_parse_and_named_values_win():
     ({"batch_size": "1.5"}, "batch_size must be a positive integer, got '1.5'"),
     ({"weight_decay": "-1"}, "weight_decay must be >= 0.0, got '-1'"),
     ({"weight_decay": "inf"}, "weight_decay must be a finite number, got 'inf'"),
-    ({"momentum": "0.9"}, "momentum applies to optimizers sgd, rmsprop only, got momentum='0.9' with optimizer 'adam'"),
+    ({"momentum": "0.9"}, "momentum applies to optimizers muon, rmsprop, sgd only, got momentum=0.9 with optimizer 'adam'"),
     ({"momentum": "1.5", "optimizer": "sgd"}, "momentum must be in [0.0, 0.999], got '1.5'"),
     ({"epochs": str(10 ** 40)}, "epochs must be at most 10000000, got '1000"),  # not "a positive integer"
     ({"seed": str(2 ** 64)}, "seed must be at most 9223372036854775807 in size"),
@@ -237,8 +237,8 @@ def test_grid_includes_hyperparameter_axes():
     ({"batch_size": [8, 16, 500]}, "batch_size must be at most the training set's size 83, got 500"),
     ({"weight_decay": [0, 0.1]}, "search-space weight_decay: a log range needs low > 0"),
     ({"hidden": {"low": 4, "high": 8, "step": 2, "log": True}}, "step and log cannot be combined"),
-    ({"momentum": True, "pairs": ["adam+mse"]}, "momentum applies to optimizers sgd, rmsprop"),
-    ({"momentum": {"low": 0, "high": 0.9, "optimizers": ["adam"]}}, "unknown optimizer 'adam'; allowed: sgd, rmsprop"),
+    ({"momentum": True, "pairs": ["adam+mse"]}, "momentum applies to optimizers muon, rmsprop, sgd"),
+    ({"momentum": {"low": 0, "high": 0.9, "optimizers": ["adam"]}}, "unknown optimizer 'adam'; allowed: muon, rmsprop, sgd"),
     ({"batch_size": [8, 8, 16]}, "choices must be listed once each"),
 ])
 def test_bad_hyperparameter_ranges_are_refused(entries, message):
@@ -254,7 +254,8 @@ def test_every_builtin_experiment_space_resolves_and_digits_searches_its_hyperpa
         assert space.pairs
     names = {p.name for p in space.params}
     assert {"hidden", "dropout", "batch_size", "momentum"} <= names
-    assert {h.name for h in HARNESS_HYPERPARAMETERS} == {"batch_size", "weight_decay", "momentum"}
+    assert {h.name for h in HARNESS_HYPERPARAMETERS} == {"batch_size", "weight_decay", "momentum", "scheduler",
+                                                         "grad_clip_norm", "grad_clip_value", "patience", "min_delta"}
 
 
 def test_config_and_space_files_refuse_what_yaml_or_json_cannot_hold_as_names(tmp_path):

@@ -177,7 +177,7 @@ def test_a_dotted_module_of_your_own_trains_reproduces_and_refuses_bad_input(wor
     for args, message in ((["--set", "scale=three"], "unknown scale 'three'; allowed: one, two"),
                           (["--set", "scael=two"], "did you mean 'scale'?"),
                           (["--set", "batch_size=31"], "at most the training set's size 30"),
-                          (["--set", "momentum=0.5", "--optimizer", "adam"], "momentum applies to optimizers sgd, rmsprop only")):
+                          (["--set", "momentum=0.5", "--optimizer", "adam"], "momentum applies to optimizers muon, rmsprop, sgd only")):
         out = run_cli("train", "--experiment", "mypkg.slope", *args, cwd=workdir, env=env)
         assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, args
     assert len(all_runs(workdir)) == 2  # the run and its reproduction; nothing from the refused ones
@@ -278,7 +278,7 @@ def test_mlflow_run_takes_a_file_experiment_and_a_config_file(workdir):
     (["search", "--set", "device=tpu"], "unknown device 'tpu'"),
     # fixed values must suit every pair the space can sample
     (["search", "--experiment", "digits", "--set", "momentum=0.5", "--pairs", "adam+cross_entropy"],
-     "momentum applies to optimizers sgd, rmsprop only, got momentum='0.5' with optimizer 'adam'"),
+     "momentum applies to optimizers muon, rmsprop, sgd only, got momentum=0.5 with optimizer 'adam'"),
     (["search", "--epochs-range", "20000000", "20000001"], "epochs bound must be at most 10000000"),
     (["search", "--experiment", "digits", "--tune", "weight_decay="], "--tune weight_decay= needs a range"),
     (["search", "--experiment", "digits", "--tune", "hidden=" + "[" * 3000], "is not valid YAML/JSON"),

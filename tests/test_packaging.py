@@ -32,7 +32,8 @@ def test_mlproject_train_defaults_are_the_reference_config():
     params = project["entry_points"]["train"]["parameters"]
     cfg, _ = config.resolve({"device": "auto"})
     defaults = {name: spec["default"] for name, spec in params.items()}
-    assert defaults == {**cfg.to_dict(), "device": "auto", "batch_size": "", "config": ""}
+    unset = {k: "" for k, v in cfg.to_dict().items() if v is None}  # MLproject passes "" for "not set"
+    assert defaults == {**cfg.to_dict(), **unset, "device": "auto", "config": ""}
     command = project["entry_points"]["train"]["command"]
     for name in params:
         assert f"--{name} {{{name}}}" in command or f"--set {name}={{{name}}}" in command

@@ -106,15 +106,20 @@ def report_cadence(space: SearchSpace) -> int:
     return max(1, space.epochs[1] // REPORTS_PER_TRIAL)
 
 
-def sample(trial, space: SearchSpace) -> dict[str, Any]:
-    """Draw one config from the space. Works with any optuna trial, including FixedTrial."""
+def sample(trial, space: SearchSpace, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Draw one config from the space. Works with any optuna trial, including FixedTrial.
+    A setting is drawn only where it applies to the trial's optimizer, loss and schedule (the
+    schedule drawn before it, or ``base``'s when the space does not search one)."""
     lr = trial.suggest_float("lr", *space.lr, log=True)
     epochs = trial.suggest_int("epochs", *space.epochs)
     optimizer, loss = trial.suggest_categorical(PAIR_TRIAL_PARAM, space.pairs).split("+")
     values = {"lr": lr, "epochs": epochs, "optimizer": optimizer, "loss": loss}
+    chosen = {"scheduler": (base or {}).get("scheduler", "none"), **values}
     for param in space.params:
-        if param.optimizers is None or optimizer in param.optimizers:
+        if param.applies(chosen):
             values[param.name] = suggest(trial, param)
+            if param.name in chosen:
+                chosen[param.name] = values[param.name]
     return values
 
 
@@ -124,9 +129,8 @@ def resolve(experiment: Experiment, file: str | None = None, overrides: Mapping[
 
     ``n_train`` (the training set's size) bounds a ``batch_size`` range.
     """
-    # Without pairs of its own, an experiment searches every optimizer with every loss it allows.
-    every_pair = [f"{o}+{loss}" for o in experiment.optimizers for loss in experiment.losses]
-    layers = [{**DEFAULT, "pairs": every_pair}, dict(experiment.search_space)]
+    # Without pairs of its own, an experiment searches each optimizer it lists with each loss it lists.
+    layers = [{**DEFAULT, "pairs": experiment.default_pairs()}, dict(experiment.search_space)]
     origins = ["defaults", f"experiment {experiment.name!r}"]
     if file:
         layers.append(read_file(file, "space file"))
@@ -160,11 +164,11 @@ def validate(raw: Mapping[str, Any], experiment: Experiment, n_train: int | None
         parts = str(pair).split("+")
         if len(parts) != 2:
             raise UsageError(f"pair {pair!r} must be written optimizer+loss, e.g. sgd+l1")
-        if parts[0] not in experiment.optimizers:
-            raise UsageError(f"unknown optimizer {parts[0]!r} in pair {pair!r}; "
-                             f"allowed: {', '.join(experiment.optimizers)}")
-        if parts[1] not in experiment.losses:
-            raise UsageError(f"unknown loss {parts[1]!r} in pair {pair!r}; allowed: {', '.join(experiment.losses)}")
+        for kind, part, allowed in (("optimizer", parts[0], experiment.optimizer_names()),
+                                    ("loss", parts[1], experiment.loss_names())):
+            if part not in allowed:
+                raise UsageError(f"unknown {kind} {part!r} in pair {pair!r}; allowed: {', '.join(allowed)}"
+                                 f"{did_you_mean(part, allowed)}")
     if len(set(pairs)) != len(pairs):
         raise UsageError(f"pairs must be listed once each, got {list(pairs)!r}")
     grid_points = positive_int("grid_points", raw.get("grid_points", 4))
@@ -176,14 +180,24 @@ def validate(raw: Mapping[str, Any], experiment: Experiment, n_train: int | None
         if value is None or value is False:
             continue
         params.append(param_range(hp, value, experiment, n_train))
-    optimizers = {str(p).split("+")[0] for p in pairs}
-    for param in list(params):
-        if param.optimizers is not None and not optimizers & set(param.optimizers):
-            if param.name not in explicit:
-                params.remove(param)
+    in_pairs = {"optimizers": {str(p).split("+")[0] for p in pairs}, "losses": {str(p).split("+")[1] for p in pairs}}
+    kept = []
+    for param in params:
+        for kind, found in in_pairs.items():
+            limit = getattr(param, kind)
+            if limit is None:
                 continue
-            raise UsageError(f"search-space {param.name} applies to optimizers {', '.join(param.optimizers)}, "
-                             f"none of which is in the pairs {', '.join(map(str, pairs))}")
+            if found <= set(limit):  # it applies to every pair of this space: no limit to show
+                param = replace(param, **{kind: None})
+            elif not found & set(limit):
+                if param.name in explicit:
+                    raise UsageError(f"search-space {param.name} applies to {kind} {', '.join(limit)}, "
+                                     f"none of which is in the pairs {', '.join(map(str, pairs))}")
+                param = None  # a default's setting for none of these pairs: left out
+                break
+        if param is not None:
+            kept.append(param)
+    params = kept
     return SearchSpace((lr_low, lr_high), (ep_low, ep_high), tuple(map(str, pairs)), grid_points, tuple(params))
 
 
@@ -208,14 +222,14 @@ def param_range(hp: Hyperparameter, value: Any, experiment: Experiment, n_train:
         raise UsageError(f"search-space {name} must be true, [low, high], a list of choices or a mapping "
                          f"({', '.join(RANGE_KEYS)}), got {value!r}")
     optimizers = spec.get("optimizers")
-    if optimizers is None and hp.optimizers is not None:  # the declared ones this experiment allows
-        optimizers = tuple(o for o in hp.optimizers if o in experiment.optimizers) or hp.optimizers
+    if optimizers is None and hp.optimizers is not None:  # the declared ones
+        optimizers = hp.optimizers
     if optimizers is not None:
         if not isinstance(optimizers, (list, tuple)) or not optimizers:
             raise UsageError(f"search-space {name}: optimizers must be a non-empty list, got {optimizers!r}")
-        bad = [o for o in optimizers if o not in experiment.optimizers or not hp.applies_to(o)]
+        bad = [o for o in optimizers if o not in experiment.optimizer_names() or not hp.applies_to(o)]
         if bad:
-            allowed = [o for o in experiment.optimizers if hp.applies_to(o)]
+            allowed = [o for o in experiment.optimizer_names() if hp.applies_to(o)]
             raise UsageError(f"search-space {name}: unknown optimizer {bad[0]!r}; allowed: {', '.join(allowed)}")
         optimizers = tuple(optimizers)
     if "choices" in spec:
