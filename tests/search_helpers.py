@@ -91,14 +91,14 @@ def check_contract(workdir, study, *, figures_for=None, client=None):
         assert float(params["lr"]) == trial.params["lr"]
         assert int(params["epochs"]) == trial.params["epochs"]
         assert f"{params['optimizer']}+{params['loss']}" == trial.params["optimizer_loss"]
-        for key in ("train_loss", "test_loss"):
+        for key in ("train_loss", "valid_loss", "test_loss"):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             assert len(steps) == len(set(steps)) and sorted(steps) == list(range(len(steps)))
             if trial.state == TrialState.COMPLETE:
                 assert len(steps) == trial.params["epochs"]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         if trial.state == TrialState.COMPLETE:
-            assert run.data.metrics["final_test_loss"] == trial.values[0]
+            assert run.data.metrics["final_valid_loss"] == trial.values[0]  # selected on validation data
             assert {"state_dict.pt", "config.json"} <= artifacts
             state = torch.load(client.download_artifacts(run.info.run_id, "state_dict.pt", str(workdir)),
                                weights_only=True)

@@ -43,13 +43,13 @@ def test_compare_ranks_the_top_k_and_writes_the_overlay(study_dir):
     rows = list(csv.DictReader(open(study_dir / "top.csv")))
     assert [int(r["trial"]) for r in rows] == [t.number for t in expected]
     assert [r["run_id"] for r in rows] == [t.user_attrs["mlflow_run_id"] for t in expected]
-    assert [float(r["final_test_loss"]) for r in rows] == [t.value for t in expected]
+    assert [float(r["final_valid_loss"]) for r in rows] == [t.value for t in expected]
     assert {"optimizer", "loss", "lr", "epochs", "weight", "bias"} <= set(rows[0])
     with Image.open(study_dir / "overlay.png") as image:
         assert image.size[0] > 500
     client = client_for(study_dir)
     parent = study.user_attrs["mlflow_parent_run_id"]
-    assert "compare_top3_final_test_loss.png" in {a.path for a in client.list_artifacts(parent)}
+    assert "compare_top3_final_valid_loss.png" in {a.path for a in client.list_artifacts(parent)}
     for trial in expected:
         assert trial.user_attrs["mlflow_run_id"] in out.stdout
 

@@ -250,7 +250,7 @@ def test_an_in_process_search_records_every_trial_in_mlflow(mlflow_uri, workdir)
         assert run.info.status == "FINISHED"
         epochs = trial.params["epochs"]
         assert [step for step, _ in history(client, run_id, "train_loss")] == list(range(epochs))
-        assert run.data.metrics["final_test_loss"] == trial.value
+        assert run.data.metrics["final_valid_loss"] == trial.value
         assert {"state_dict.pt", "config.json"} <= {a.path for a in client.list_artifacts(run_id)}
         with open(client.download_artifacts(run_id, "config.json", str(workdir / "dl"))) as handle:
             logged = json.load(handle)

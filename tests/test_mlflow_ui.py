@@ -60,8 +60,8 @@ def test_the_parent_run_tells_the_story_and_pruned_trials_say_so(workdir, tmp_pa
             f"trial-{best.number}",  # the top trials' table, each a link to its run
             f"harness reproduce {best.user_attrs['mlflow_run_id']}",
             "space.lr", "[0.0001, 0.1] log", "study.sampler", "TPESampler", "study.report_every\n20", "best_final_test_loss",
-            "best_weight")
-        assert "rank\ttrial\ttest_loss" in text  # rendered as a Markdown table, not as raw pipes
+            "best_final_valid_loss", "best_weight", "Selected on")
+        assert "rank\ttrial\tvalid_loss" in text  # rendered as a Markdown table, not as raw pipes
         browser.screenshot(shots / "parent_run.png")
 
         # The runs table, filtered as the README's UI guide says, and the study expanded.
@@ -78,7 +78,7 @@ def test_the_parent_run_tells_the_story_and_pruned_trials_say_so(workdir, tmp_pa
 
 
 def test_a_two_objective_study_shows_its_pareto_front_on_the_parent_run(workdir, tmp_path):
-    out = run_cli("search", "--objectives", "test_loss", "epochs", "--sampler", "nsga2", "--n-trials", 6,
+    out = run_cli("search", "--objectives", "valid_loss", "epochs", "--sampler", "nsga2", "--n-trials", 6,
                   "--seed", 1, "--no-progress", cwd=workdir)
     assert out.returncode == 0, out.stderr
     study = journal_study(workdir)
@@ -87,7 +87,7 @@ def test_a_two_objective_study_shows_its_pareto_front_on_the_parent_run(workdir,
     assert front
     shots = _shots(tmp_path)
     with parent_page(workdir, tmp_path, parent, "Pareto front:") as (browser, url):
-        browser.wait_for_text(*(f"trial-{t.number}" for t in front), "study.objectives", "test_loss epochs")
+        browser.wait_for_text(*(f"trial-{t.number}" for t in front), "study.objectives", "valid_loss epochs")
         browser.screenshot(shots / "pareto_parent_run.png")
         browser.open(f"{url}/#/experiments/0/runs/{parent}/artifacts/pareto_front.png")
         browser.wait_for_text("pareto_front.png", "pareto_front.csv", timeout=60)

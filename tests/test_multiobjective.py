@@ -1,4 +1,4 @@
-"""Two objectives (`--objectives test_loss epochs|train_seconds`): from a plain script with
+"""Two objectives (`--objectives valid_loss epochs|train_seconds`): from a plain script with
 ``Objective`` (fast, untracked) and from the CLI (tracked, its Pareto front on the parent run,
 audited, resumed only with the same objectives, compared along the front)."""
 import csv
@@ -31,7 +31,7 @@ def reference():
 def test_a_plain_script_gets_both_values_of_every_trial(second, reference):
     experiment, space = reference
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=study_module.make_sampler("nsga2", 0, space))
-    with Objective(experiment, space, track=False, objectives=("test_loss", second)) as objective:
+    with Objective(experiment, space, track=False, objectives=("valid_loss", second)) as objective:
         study.optimize(objective, n_trials=6)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 6
     for trial in study.trials:
@@ -43,62 +43,77 @@ def test_a_plain_script_gets_both_values_of_every_trial(second, reference):
             assert 0 < value < 60
     assert study.best_trials
     # The study keeps its objectives' names: a search (or script) with others cannot resume it.
-    assert study.user_attrs[schema.OBJECTIVES_ATTR] == ["test_loss", second]
-    assert study.metric_names == ["test_loss", second]
+    assert study.user_attrs[schema.OBJECTIVES_ATTR] == ["valid_loss", second]
+    assert study.metric_names == ["valid_loss", second]
     other = next(name for name in objectives_module.SECOND if name != second)
-    with pytest.raises(UsageError, match=f"has objectives test_loss {second}, not test_loss {other}"):
+    with pytest.raises(UsageError, match=f"has objectives valid_loss {second}, not valid_loss {other}"):
         study_module.existing_study(study.study_name, optuna_private.storage_of(study), direction="minimize", sampler=None, pruner=None,
-                                    space=space, experiment=experiment.name, objectives=("test_loss", other))
-    with Objective(experiment, space, track=False, objectives=("test_loss", other)) as objective:
-        with pytest.raises(UsageError, match=f"has objectives test_loss {second}, not test_loss {other}"):
+                                    space=space, experiment=experiment.name, objectives=("valid_loss", other))
+    with Objective(experiment, space, track=False, objectives=("valid_loss", other)) as objective:
+        with pytest.raises(UsageError, match=f"has objectives valid_loss {second}, not valid_loss {other}"):
             study.optimize(objective, n_trials=1)
 
 
-def test_one_objective_returns_the_test_loss_as_before(reference):
+def test_one_objective_returns_the_validation_loss_never_the_test_loss(reference):
     experiment, space = reference
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(1))
     with Objective(experiment, space, track=False) as objective:
         study.optimize(objective, n_trials=2)
     assert all(isinstance(t.value, float) for t in study.trials)
+    # The trial's value is its final valid_loss on the 20% held out of training (the reference has no
+    # validation part of its own): a re-run of its config gives it, and its test loss is another number.
+    from harness import config, training
+
+    trial = study.trials[0]
+    cfg = config.validate(config.with_values(objective.base, {
+        "lr": trial.params["lr"], "epochs": trial.params["epochs"],
+        **dict(zip(("optimizer", "loss"), trial.params["optimizer_loss"].split("+")))}), experiment)
+    assert cfg.valid_fraction == 0.2 and cfg.objective == "valid_loss"
+    result = training.train(cfg, experiment)
+    assert result.history.last("valid_loss") == trial.value != result.history.last("test_loss")
 
 
 def test_a_study_with_other_directions_than_the_objective_s_values_is_refused(reference):
     experiment, space = reference
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(1))
-    with Objective(experiment, space, track=False, objectives=("test_loss", "epochs")) as objective:
+    with Objective(experiment, space, track=False, objectives=("valid_loss", "epochs")) as objective:
         with pytest.raises(UsageError, match="the study has 1 direction"):
             study.optimize(objective, n_trials=1)
 
 
 def test_objective_refuses_bad_objectives_and_train_seconds_in_a_batch(reference):
     experiment, space = reference
-    with pytest.raises(UsageError, match="unknown objective 'epoch'.*did you mean 'epochs'"):
-        Objective(experiment, space, track=False, objectives=("test_loss", "epoch"))
-    with pytest.raises(UsageError, match="the first objective is test_loss"):
+    with pytest.raises(UsageError, match="unknown second objective 'epoch'.*did you mean 'epochs'"):
+        Objective(experiment, space, track=False, objectives=("valid_loss", "epoch"))
+    with pytest.raises(UsageError, match="the first objective is a metric the runs record"):
         Objective(experiment, space, track=False, objectives=("epochs",))
     with pytest.raises(UsageError, match="share their training time"):
-        Objective(experiment, space, track=False, objectives=("test_loss", "train_seconds"), batch=4)
+        Objective(experiment, space, track=False, objectives=("valid_loss", "train_seconds"), batch=4)
 
 
 def test_mlproject_passes_objectives_in_one_string():
-    assert objectives_module.parse(["test_loss epochs"]) == ("test_loss", "epochs")
-    assert objectives_module.parse(None) == objectives_module.parse(["test_loss"]) == ("test_loss",)
+    assert objectives_module.parse(["valid_loss epochs"]) == ("valid_loss", "epochs")
+    assert objectives_module.parse(None) == objectives_module.parse(["valid_loss"]) == ("valid_loss",)
 
 
 @pytest.mark.parametrize("argv, line", [
-    (["--objectives", "test_loss", "epochs", "--pruner", "median"],
-     "--pruner median with --objectives test_loss epochs: Optuna does not prune multi-objective studies; "
+    (["--objectives", "valid_loss", "epochs", "--pruner", "median"],
+     "--pruner median with --objectives valid_loss epochs: Optuna does not prune multi-objective studies; "
      "allowed: none"),
-    (["--objectives", "test_loss", "epochs", "--sampler", "cmaes"], "--sampler cmaes models one objective only"),
-    (["--objectives", "test_loss", "train_seconds", "--batch", "4"],
+    (["--objectives", "valid_loss", "epochs", "--sampler", "cmaes"], "--sampler cmaes models one objective only"),
+    (["--objectives", "valid_loss", "train_seconds", "--batch", "4"],
      "--batch 4 with objective train_seconds: trials trained together share their training time"),
-    (["--objectives", "test_loss", "epoch"], "unknown objective 'epoch'; allowed: test_loss, then one of epochs, "
-                                             "train_seconds (did you mean 'epochs'?)"),
-    (["--objectives", "epochs", "test_loss"], "the first objective is test_loss"),
-    (["--objectives", "test_loss", "epochs", "train_seconds"], "then at most one of"),
-    (["--objectives", ""], "--objectives '': name the objectives: test_loss, or test_loss and one of"),
-    (["--objectives", "test_loss", "epochs", "--pruner-args", "n_startup_trials=1"],
-     "--pruner-args n_startup_trials=1 with --objectives test_loss epochs: a multi-objective study is not pruned"),
+    (["--objectives", "valid_loss", "epoch"], "unknown second objective 'epoch'; allowed: epochs, train_seconds "
+                                              "(did you mean 'epochs'?)"),
+    (["--objectives", "epochs", "valid_loss"], "the first objective is a metric the runs record"),
+    (["--objectives", "test_loss"], "--objectives 'test_loss' is a test metric: runs are selected on validation data"),
+    (["--objective", "test_accuracy"], "--objective 'test_accuracy' is a test metric"),
+    (["--objective", "valid_accuracy"], "the run is selected on 'valid_accuracy', which it does not record; it "
+                                        "records train_loss, valid_loss"),
+    (["--objectives", "valid_loss", "epochs", "train_seconds"], "then at most one of"),
+    (["--objectives", ""], "--objectives '': name the objectives: a metric such as valid_loss, then optionally one of"),
+    (["--objectives", "valid_loss", "epochs", "--pruner-args", "n_startup_trials=1"],
+     "--pruner-args n_startup_trials=1 with --objectives valid_loss epochs: a multi-objective study is not pruned"),
 ])
 def test_bad_objectives_input_is_one_line_and_writes_nothing(argv, line, capsys, tmp_path, monkeypatch):
     from search_helpers import check_refused_in_process
@@ -116,9 +131,9 @@ def test_compare_by_nothing_is_refused(by, capsys, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("stored, line", [
     # A script's own study of two objectives: what its trials' second value is, the harness cannot know.
-    (None, "study 's' has objectives 2 unnamed ones, not test_loss epochs; use another --study-name"),
+    (None, "study 's' has objectives 2 unnamed ones, not valid_loss epochs; use another --study-name"),
     # Names edited in the storage: resuming "with" them would be refused in turn.
-    (["test_loss", "bogus"], "study 's' has objectives test_loss bogus, not test_loss epochs; use another"),
+    (["valid_loss", "bogus"], "study 's' has objectives valid_loss bogus, not valid_loss epochs; use another"),
 ])
 def test_a_study_of_two_objectives_the_harness_cannot_name_is_not_resumed(stored, line, capsys, tmp_path,
                                                                          monkeypatch):
@@ -132,7 +147,7 @@ def test_a_study_of_two_objectives_the_harness_cannot_name_is_not_resumed(stored
         study.set_user_attr(schema.OBJECTIVES_ATTR, stored)
     before = (tmp_path / "j.log").read_bytes()
     monkeypatch.chdir(tmp_path)
-    assert main(["search", "--study-name", "s", "--storage", "journal:j.log", "--objectives", "test_loss", "epochs",
+    assert main(["search", "--study-name", "s", "--storage", "journal:j.log", "--objectives", "valid_loss", "epochs",
                  *SMALL]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and line in err, err
@@ -149,12 +164,12 @@ def test_compare_by_an_objective_ranks_ties_by_the_other(workdir, monkeypatch):
     made = {}
     for loss, epochs in [(0.5, 27.0), (0.1, 30.0), (0.01, 27.0), (0.2, 27.0), (0.3, 5.0)]:  # worst first
         run = client.create_run("0", tags={schema.STUDY_TAG: "s"})
-        client.log_metric(run.info.run_id, schema.objective("test_loss"), loss)
+        client.log_metric(run.info.run_id, schema.objective("valid_loss"), loss)
         client.log_metric(run.info.run_id, schema.objective("epochs"), epochs)
         client.set_terminated(run.info.run_id)
         made[run.info.run_id] = (epochs, loss)
     ranked = compare.top_runs(client, study="s", metric=schema.objective("epochs"), top=None,
-                              then={schema.objective("test_loss"): False})
+                              then={schema.objective("valid_loss"): False})
     assert list(ranked["run_id"]) == sorted(made, key=made.get)
     assert [made[r][1] for r in ranked["run_id"]] == [0.3, 0.01, 0.2, 0.5, 0.1]
 
@@ -163,8 +178,8 @@ def test_the_resume_command_keeps_the_objectives():
     from harness.cli import build_parser
     from harness.commands.search import resume_command
 
-    args = build_parser().parse_args(["search", "--objectives", "test_loss", "epochs", "--sampler", "nsga2"])
-    assert resume_command(args, "s", "journal:j.log").endswith("--sampler nsga2 --objectives test_loss epochs")
+    args = build_parser().parse_args(["search", "--objectives", "valid_loss", "epochs", "--sampler", "nsga2"])
+    assert resume_command(args, "s", "journal:j.log").endswith("--sampler nsga2 --objectives valid_loss epochs")
 
 
 def _csv(client, run_id, path, workdir):
@@ -180,13 +195,13 @@ def _stores(workdir):
 def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(workdir):
     from search_helpers import check_contract, journal_study
 
-    out = run_cli("search", "--objectives", "test_loss", "epochs", "--sampler", "nsga2", "--seed", 0,
+    out = run_cli("search", "--objectives", "valid_loss", "epochs", "--sampler", "nsga2", "--seed", 0,
                   "--n-trials", 8, *SMALL, cwd=workdir)
     assert out.returncode == 0, out.stderr
     assert "Warning" not in out.stderr, out.stderr
     study = journal_study(workdir)
     assert study.directions == [StudyDirection.MINIMIZE, StudyDirection.MINIMIZE]
-    assert study.user_attrs["harness.objectives"] == ["test_loss", "epochs"]
+    assert study.user_attrs["harness.objectives"] == ["valid_loss", "epochs"]
     assert len(study.trials) == 8 and all(t.state == TrialState.COMPLETE for t in study.trials)
     assert all(t.intermediate_values == {} for t in study.trials)  # nothing reported: no pruner
     parent, runs = check_contract(workdir, study)
@@ -195,12 +210,12 @@ def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(
     # Each trial's run logs both values, equal to the trial's in Optuna.
     for trial in study.trials:
         metrics = runs[trial.number].data.metrics
-        assert [metrics["objective_test_loss"], metrics["objective_epochs"]] == trial.values
+        assert [metrics["objective_valid_loss"], metrics["objective_epochs"]] == trial.values
         assert trial.values[1] == trial.params["epochs"]
 
     # The parent: the objectives, the front as a table equal to study.best_trials, its figure.
     params, tags = parent.data.params, parent.data.tags
-    assert params["study.objectives"] == "test_loss epochs" and params["study.direction"] == "minimize minimize"
+    assert params["study.objectives"] == "valid_loss epochs" and params["study.direction"] == "minimize minimize"
     assert params["study.sampler"] == "NSGAIISampler" and params["study.pruner"] == "NopPruner"
     assert tags["optuna.sampler"] == "nsga2" and tags["optuna.pruner"] == "none"
     assert "best_value" not in parent.data.metrics and "best_run_id" not in tags  # no single best
@@ -209,7 +224,7 @@ def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(
     rows = _csv(client, parent.info.run_id, "pareto_front.csv", workdir)
     front = sorted(study.best_trials, key=lambda t: (*t.values, t.number))
     assert [int(r["number"]) for r in rows] == [t.number for t in front]
-    assert [[float(r["test_loss"]), float(r["epochs"])] for r in rows] == [t.values for t in front]
+    assert [[float(r["valid_loss"]), float(r["epochs"])] for r in rows] == [t.values for t in front]
     assert [r["mlflow_run_id"] for r in rows] == [t.user_attrs["mlflow_run_id"] for t in front]
     assert [float(r["params_lr"]) for r in rows] == [t.params["lr"] for t in front]
     note = tags["mlflow.note.content"]
@@ -223,13 +238,13 @@ def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(
 
     # Resuming with other objectives, or a pruner with two: refused, one line, nothing written.
     before = _stores(workdir)
-    for argv, message in ((["--objectives", "test_loss"], "has objectives test_loss epochs, not test_loss; "
-                                                           "resume it with --objectives test_loss epochs"),
-                          ([], "has objectives test_loss epochs, not test_loss"),
-                          (["--objectives", "test_loss", "train_seconds"], "not test_loss train_seconds"),
-                          (["--objectives", "test_loss", "epochs", "--pruner", "hyperband"],
-                           "--pruner hyperband with --objectives test_loss epochs"),
-                          (["--objectives", "test_loss", "epochs", "--sampler", "cmaes"],
+    for argv, message in ((["--objectives", "valid_loss"], "has objectives valid_loss epochs, not valid_loss; "
+                                                           "resume it with --objectives valid_loss epochs"),
+                          ([], "has objectives valid_loss epochs, not valid_loss"),
+                          (["--objectives", "valid_loss", "train_seconds"], "not valid_loss train_seconds"),
+                          (["--objectives", "valid_loss", "epochs", "--pruner", "hyperband"],
+                           "--pruner hyperband with --objectives valid_loss epochs"),
+                          (["--objectives", "valid_loss", "epochs", "--sampler", "cmaes"],
                            "--sampler cmaes models one objective only")):
         refused = run_cli("search", "--n-trials", 1, *argv, *SMALL, cwd=workdir)
         lines = refused.stderr.strip().splitlines()
@@ -247,13 +262,13 @@ def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(
     assert shown.returncode == 0, shown.stderr
     listed = [r["run_id"] for r in csv.DictReader(open(workdir / "front.csv"))]
     assert listed == [t.user_attrs["mlflow_run_id"] for t in front]
-    for argv, message in ((["--by", "epoch"], "has objectives test_loss, epochs (did you mean 'epochs'?)"),
+    for argv, message in ((["--by", "epoch"], "has objectives valid_loss, epochs (did you mean 'epochs'?)"),
                           (["--front", "--metric", "final_test_loss"], "choose one")):
         bad = run_cli("compare", "--study", study.study_name, *argv, cwd=workdir)
         assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
     # Resumed with the same objectives: the same study and parent run, and its front rewritten.
-    again = run_cli("search", "--objectives", "test_loss", "epochs", "--sampler", "nsga2", "--n-trials", 2, *SMALL,
+    again = run_cli("search", "--objectives", "valid_loss", "epochs", "--sampler", "nsga2", "--n-trials", 2, *SMALL,
                     cwd=workdir)
     assert again.returncode == 0, again.stderr
     study = journal_study(workdir)
@@ -266,7 +281,7 @@ def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(
 
 @pytest.mark.slow
 def test_train_seconds_is_each_trial_s_measured_training_time(workdir):
-    out = run_cli("search", "--objectives", "test_loss", "train_seconds", "--n-trials", 4, "--seed", 1,
+    out = run_cli("search", "--objectives", "valid_loss", "train_seconds", "--n-trials", 4, "--seed", 1,
                   "--study-name", "timed", *SMALL, cwd=workdir)
     assert out.returncode == 0, out.stderr
     from search_helpers import check_contract, journal_study

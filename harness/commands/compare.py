@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from ..schema import FINAL_TEST_LOSS
+from ..schema import FINAL_TEST_LOSS, final
 
 
 def add_parser(sub) -> None:
@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
     scope.add_argument("--study", help="Optuna study name (runs tagged optuna.study_name)")
     scope.add_argument("--mlflow-experiment", metavar="NAME", help="every finished run of an MLflow experiment")
     p.add_argument("--top", help="how many runs (default: 5; with --front, the whole front)")
-    p.add_argument("--metric", help=f"rank by this metric (default: {FINAL_TEST_LOSS})")
+    p.add_argument("--metric", help=f"rank by this metric (default: a study's objective, final_valid_loss unless it "
+                                    f"names another; {FINAL_TEST_LOSS} for --mlflow-experiment)")
     p.add_argument("--descending", action="store_true", help="higher is better (e.g. final_test_accuracy)")
     p.add_argument("--by", metavar="OBJECTIVE", help="a study of two objectives: rank by this one (test_loss, "
                                                     "epochs or train_seconds, as the study has them)")
@@ -51,11 +52,19 @@ def run(args) -> int:
     ranking = {"metric": metric, "descending": args.descending}
     if objective:
         ranking = _objective_ranking(client, args)
+    elif args.metric is None and args.study:  # what the study selected on, not the test loss
+        try:
+            name, direction = next(iter(compare.study_objectives(client, args.study).items()))
+            ranking = {"metric": final(name), "descending": direction == "maximize"}
+        except UsageError:
+            pass  # runs of a study without a parent run: ranked by the default
     frame = compare.top_runs(client, study=args.study, mlflow_experiment=args.mlflow_experiment, top=top, **ranking)
     what = f"Pareto front, {len(frame)} runs" if args.front else f"top {len(frame)}"
     figure = compare.overlay(client, frame, f"{scope}: {what} by {ranking['metric']}")
     figure.savefig(out)
     shown = compare.table(frame)
+    order = "highest" if ranking.get("descending") else "lowest"
+    print(f"ranked by {ranking['metric']} ({order} first)")
     print(shown.to_string(index=False))
     print(f"curves: {out}")
     if args.csv:

@@ -22,9 +22,9 @@ def add_parser(sub) -> None:
     p.add_argument("--heartbeat", default="10", help="RDB storages: seconds between a trial's heartbeats; a "
                                                       "trial silent for 3x that is failed and retried (default: 10)")
     p.add_argument("--objectives", nargs="+", metavar="NAME",
-                   help="what a trial minimizes: test_loss (default), or test_loss and one of epochs (the epochs "
-                        "it trained), train_seconds (its training time): a multi-objective study, its Pareto front "
-                        "on the parent run; no pruner")
+                   help="what a trial is selected on: valid_loss (default) or another validation metric, then "
+                        "optionally one of epochs (the epochs it trained), train_seconds (its training time): a "
+                        "multi-objective study, its Pareto front on the parent run; no pruner")
     p.add_argument("--sampler", default="tpe",
                    help="tpe (default; Optuna's: multivariate with one objective, and constant_liar so that parallel "
                         "workers, --n-jobs and --batch spread their trials), random, grid, qmc (scrambled Sobol: an even "
@@ -41,7 +41,10 @@ def add_parser(sub) -> None:
                         "min_resource, max_resource, reduction_factor, bootstrap_count; sha min_resource, "
                         "reduction_factor, min_early_stopping_rate, bootstrap_count; wilcoxon p_threshold, "
                         "n_startup_steps")
-    p.add_argument("--direction", default="minimize", help="minimize|maximize the final test loss")
+    p.add_argument("--objective", metavar="METRIC",
+                   help="the metric trials are selected, pruned and early-stopped on: a per-epoch validation (or "
+                        "training) metric the runs record, e.g. valid_accuracy (default: valid_loss); never a test metric")
+    p.add_argument("--direction", default="minimize", help="minimize|maximize the objective metric")
     p.add_argument("--n-jobs", default="1", help="trials run in parallel threads (default: 1)")
     p.add_argument("--batch", default="1", metavar="K",
                    help="train K trials at a time as one stacked model where their configurations stack (same "
@@ -55,7 +58,7 @@ def add_parser(sub) -> None:
                    help="also search a hyperparameter: its declared range (--tune hidden), [low, high] "
                         "(--tune weight_decay=[1e-6,1e-2]), choices (--tune batch_size=[32,64,128]) or a YAML "
                         "mapping (--tune 'lr2={low: 0.1, high: 1, log: true}'); repeatable")
-    p.add_argument("--report-every", help="report the test loss to the pruner every N epochs (default: a "
+    p.add_argument("--report-every", help="report the objective metric to the pruner every N epochs (default: a "
                                           "twentieth of the space's largest epochs, at least 1: 20 for the "
                                           "default 50-400; at least 10 on a database server)")
     p.add_argument("--trial-figures", action="store_true", help="render both PNG figures for every trial")
@@ -80,12 +83,18 @@ def _options(args):
     # The fixed values of every trial. Each trial's optimizer and loss come from the space's pairs,
     # so the fixed values must suit every pair (momentum, say, only sgd and rmsprop), and the
     # experiment's code must train with them: checked here, so a refused search writes nothing.
+    objectives = objectives_module.parse(args.objectives, first=args.objective)
     base = config.with_flags(config.parse_sets(args.set), {"experiment": experiment.reference, "device": args.device})
-    cfg, *_ = [config.resolve({**base, "optimizer": optimizer, "loss": loss}, file=args.config,
-                              experiment=experiment, n_train=data.n_train)[0]
-               for optimizer, loss in (pair.split("+") for pair in space.pairs)]
-    training.preflight(cfg, experiment, data)  # with the first pair
-    objectives = objectives_module.parse(args.objectives)
+    fixed = objectives_module.fixed_values({**(config.read_file(args.config) if args.config else {}), **base},
+                                           objectives, data.has_valid, experiment.name)
+    base.update({k: fixed[k] for k in ("objective", "valid_fraction") if k in fixed})
+    # Every pair, put through one training step: an experiment whose code cannot train one of them
+    # (a loss that does not fit its outputs) is refused in one line before any store is touched.
+    cfgs = [config.resolve({**base, "optimizer": optimizer, "loss": loss}, file=args.config, experiment=experiment,
+                           n_train=data.n_train)[0] for optimizer, loss in (pair.split("+") for pair in space.pairs)]
+    for checked in cfgs:
+        training.preflight(checked, experiment, data)
+    cfg = cfgs[0]
     config.one_of("sampler", args.sampler, study_module.SAMPLERS)
     # Not given ("" from MLproject): median, or none for a study of two objectives, which Optuna cannot prune.
     pruner_name = args.pruner or ("median" if len(objectives) == 1 else "none")
@@ -341,8 +350,9 @@ def report(study, tracker, seconds: float, url: str, experiment) -> str:
     from optuna.trial import TrialState
 
     from ..search import study as study_module
-    from ..schema import PAIR_TRIAL_PARAM, RUN_ATTR, TEST_LOSS
-    from ..search.summary import trials_frame
+    from ..schema import PAIR_TRIAL_PARAM, RUN_ATTR
+    from ..search.objectives import of_study
+    from ..search.summary import selected_on, trials_frame
 
     counts = {s.name: sum(t.state == s for t in study.trials) for s in TrialState if s.is_finished()}
     lines = [f"study {study.study_name!r}: {len(study.trials)} trials "
@@ -356,8 +366,10 @@ def report(study, tracker, seconds: float, url: str, experiment) -> str:
         return "\n".join(lines + _front_report(study, tracker))
     params = [c for c in frame.columns if c.startswith("params_")]  # the space's, hyperparameters included
     top = done.sort_values("value", ascending=study.direction.name == "MINIMIZE").head(5)
+    metric = (of_study(study) or ("value",))[0]
+    lines.append(selected_on(metric, study.direction.name.lower()).replace("**", "").replace("`", ""))
     top = top[["number", "value", *params, RUN_ATTR]].rename(columns={
-        "number": "trial", "value": TEST_LOSS, f"params_{PAIR_TRIAL_PARAM}": "optimizer+loss", RUN_ATTR: "mlflow run",
+        "number": "trial", "value": metric, f"params_{PAIR_TRIAL_PARAM}": "optimizer+loss", RUN_ATTR: "mlflow run",
         **{c: c.removeprefix("params_") for c in params if c != f"params_{PAIR_TRIAL_PARAM}"}})
     lines += ["top trials:", top.to_string(index=False, na_rep="-")]  # "-": not sampled (momentum for adam)
     best_run = study.best_trial.user_attrs.get(RUN_ATTR)
@@ -420,7 +432,8 @@ def resume_command(args, study_name: str, url: str) -> str:
         for value in values or ():
             parts += [flag, value]
     # And how it searched, where not the default: a resume goes on the same way.
-    for flag, value, default in (("--direction", args.direction, "minimize"), ("--sampler", args.sampler, "tpe"),
+    for flag, value, default in (("--objective", args.objective, None), ("--direction", args.direction, "minimize"),
+                                 ("--sampler", args.sampler, "tpe"),
                                  ("--pruner", args.pruner, "median"), ("--report-every", args.report_every, None),
                                  ("--batch", args.batch, "1")):
         if value not in (None, "", default):

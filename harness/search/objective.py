@@ -17,7 +17,7 @@ from . import objectives as objectives_module
 from . import space as space_module
 from .space import SearchSpace
 from .journal import JournalWriteError
-from ..schema import FAIL_REASON_ATTR, RUN_ATTR, TEST_LOSS, WORKER_ATTR
+from ..schema import FAIL_REASON_ATTR, RUN_ATTR, WORKER_ATTR
 from .tracker import StudyTracker, TrackingFailed
 from .workers import identity, retry, unfinished_reason
 
@@ -68,15 +68,15 @@ class _TrialRun:
 
 
 class _Reporter:
-    """Loop observer: reports the test loss to the trial and stops the loop when the pruner says so."""
+    """Loop observer: reports the selection metric to the trial and stops the loop when the pruner says so."""
 
-    def __init__(self, trial, every: int):
-        self.trial, self.every = trial, every
+    def __init__(self, trial, every: int, metric: str):
+        self.trial, self.every, self.metric = trial, every, metric
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         if epoch % self.every:
             return
-        self.trial.report(logs[TEST_LOSS], epoch)
+        self.trial.report(logs[self.metric], epoch)
         if self.trial.should_prune():
             raise StopTraining(f"pruned at epoch {epoch}")
 
@@ -97,9 +97,12 @@ class _Tracking:
 
 
 class Objective:
-    """Samples a config, trains it, tracks the trial in MLflow and returns the final test loss (with
-    two ``objectives``, the test loss then epochs or train_seconds, a tuple of both, for a study
-    created with two directions).
+    """Samples a config, trains it, tracks the trial in MLflow and returns its selection metric,
+    ``valid_loss`` unless ``objectives`` names another (with two ``objectives``, that metric then
+    epochs or train_seconds, a tuple of both, for a study created with two directions). The trial
+    is selected, pruned and early-stopped on validation data: the experiment's validation part, or
+    ``valid_fraction`` (default 0.2) held out of its training part. Test metrics are logged, never
+    returned.
 
     The experiment's data is loaded once, here. Use it as a context manager (or call ``close``) so
     that the study's summary is written and every trial's run is complete in the store::
@@ -127,9 +130,10 @@ class Objective:
         self.experiment = experiment if isinstance(experiment, Experiment) else load(experiment)
         data = data if data is not None else self.experiment.load_data()
         self.space = space or space_module.resolve(self.experiment, n_train=data.n_train)
-        self.base, _ = config.resolve({**(base or {}), "experiment": self.experiment.reference or self.experiment.name,
-                                       "seed": seed, "device": device}, experiment=self.experiment,
-                                      n_train=data.n_train)
+        fixed = objectives_module.fixed_values(
+            {**(base or {}), "experiment": self.experiment.reference or self.experiment.name, "seed": seed,
+             "device": device}, self.objectives, data.has_valid, self.experiment.name)
+        self.base, _ = config.resolve(fixed, experiment=self.experiment, n_train=data.n_train)
         self._host_data = data  # the figures are drawn from it
         self.data = data.to(self.base.device)
         # None: the space's cadence (space.report_cadence), which the CLI uses on embedded storages too.
@@ -180,7 +184,10 @@ class Objective:
                     trial.set_user_attr(WORKER_ATTR, self._worker)
                     _drop_inherited_reason(trial)
                 run.tracker = self._tracker_for(trial)
-                run.cfg = config.validate(config.with_values(self.base, space_module.sample(trial, self.space)),
+                values = space_module.sample(trial, self.space, self.base.chosen())
+                if getattr(trial, "study", None) is not None:  # the run early-stops the way the study selects
+                    values["direction"] = trial.study.directions[0].name.lower()
+                run.cfg = config.validate(config.with_values(self.base, values, self.experiment),
                                           self.experiment, self.data.n_train)
         finally:
             tracked = [run for run in runs if run.tracker and run.cfg is not None]
@@ -280,7 +287,7 @@ class Objective:
             # Intermediate values only feed a pruner; without one, skip the storage writes. Optuna
             # prunes no multi-objective study (its Trial.report refuses one).
             return []
-        return [_Reporter(trial, self.report_every)]
+        return [_Reporter(trial, self.report_every, self.objectives[0])]
 
     def _check_study(self, trial) -> None:
         """A study with as many directions as this objective returns values (else each trial would FAIL),

@@ -1,8 +1,11 @@
-"""What a trial's values are: the final test loss, and optionally a second objective (``--objectives``).
+"""What a trial's values are: its selection metric, and optionally a second objective (``--objectives``).
 
-With one objective (the default) a trial returns its final test loss, as it always did. With two, it
-returns (test loss, second) and the study is multi-objective: Optuna keeps its Pareto front, and
-cannot prune it (``Trial.report`` refuses a multi-objective study).
+The first objective is a per-epoch metric the run records on its validation data (``valid_loss``,
+the default, or ``valid_accuracy`` and the like) or its training data, never on its test data:
+the test figures a search reports must not be what chose the trial. With one objective a trial
+returns its final value of it. With two, it returns (first, second) and the study is
+multi-objective: Optuna keeps its Pareto front, and cannot prune it (``Trial.report`` refuses a
+multi-objective study).
 """
 from __future__ import annotations
 
@@ -10,33 +13,42 @@ import math
 import warnings
 
 from .. import schema
+from ..config import selection_metric_name
 from ..errors import UsageError, did_you_mean
 
-FIRST = schema.TEST_LOSS  # always the first objective
+FIRST = schema.VALID_LOSS  # the first objective unless one is named
 EPOCHS = "epochs"  # the epochs the trial trained (a completed trial: its config's)
 SECONDS = "train_seconds"  # the wall time of the trial's training loop
 SECOND = (EPOCHS, SECONDS)
-NAMES = (FIRST, *SECOND)
 DEFAULT = (FIRST,)
 # Samplers that model one objective only: Optuna's CmaEsSampler refuses a study with two directions.
 SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)
 
 
-def parse(given, flag: str = "--objectives") -> tuple[str, ...]:
+def parse(given, flag: str = "--objectives", first: str | None = None) -> tuple[str, ...]:
     """The objectives named by ``given`` (a list of names; one item may hold several, space-separated,
-    as MLproject passes them): the test loss, then at most one of SECOND. Else a one-line UsageError."""
+    as MLproject passes them): a selection metric (``valid_loss`` when none is named), then at most
+    one of SECOND. ``first`` (``--objective``) names the selection metric. Else a one-line UsageError."""
     names = tuple(part for item in ([given] if isinstance(given, str) else given or ()) for part in item.split())
-    if not names and given and not isinstance(given, str):  # --objectives "": MLproject's default is test_loss
-        raise UsageError(f"{flag} {' '.join(map(repr, given))}: name the objectives: {FIRST}, or {FIRST} and one "
-                         f"of {', '.join(SECOND)}")
+    if not names and given and not isinstance(given, str):  # --objectives "": MLproject's default is valid_loss
+        raise UsageError(f"{flag} {' '.join(map(repr, given))}: name the objectives: a metric such as {FIRST}, then "
+                         f"optionally one of {', '.join(SECOND)}")
+    if first not in (None, ""):
+        first = selection_metric_name(first, "--objective")
+        if names and names[0] not in SECOND and names[0] != first:
+            raise UsageError(f"--objective {first} with {flag} {' '.join(names)}: name the selection metric once")
+        names = (first, *(names[1:] if names and names[0] not in SECOND else names))
     names = names or DEFAULT
-    for name in names:
-        if name not in NAMES:
-            raise UsageError(f"{flag}: unknown objective {name!r}; allowed: {FIRST}, then one of "
-                             f"{', '.join(SECOND)}{did_you_mean(name, NAMES)}")
-    if names[0] != FIRST or len(names) > 2 or len(set(names)) < len(names):
-        raise UsageError(f"{flag} {' '.join(names)}: the first objective is {FIRST}, then at most one of "
-                         f"{', '.join(SECOND)}")
+    if names[0] in SECOND:
+        raise UsageError(f"{flag} {' '.join(names)}: the first objective is a metric the runs record ({FIRST}, "
+                         f"valid_accuracy, ...), then at most one of {', '.join(SECOND)}")
+    selection_metric_name(names[0], flag)
+    for name in names[1:]:
+        if name not in SECOND:
+            raise UsageError(f"{flag}: unknown second objective {name!r}; allowed: {', '.join(SECOND)}"
+                             f"{did_you_mean(name, SECOND)}")
+    if len(names) > 2:
+        raise UsageError(f"{flag} {' '.join(names)}: a selection metric, then at most one of {', '.join(SECOND)}")
     return names
 
 
@@ -46,6 +58,27 @@ def known(names: tuple[str, ...] | None) -> bool:
         return bool(names) and parse(list(names)) == tuple(names)
     except UsageError:
         return False
+
+
+def fixed_values(fixed: dict, objectives: tuple[str, ...], has_valid: bool, experiment: str) -> dict:
+    """A search's fixed config values: each trial selects (and early-stops) on the first objective,
+    on validation data: without a validation part of the experiment's own, ``valid_fraction`` of the
+    training part is held out (config.DEFAULT_VALID_FRACTION unless given; 0 is refused)."""
+    from .. import config
+
+    fixed = dict(fixed)
+    if fixed.get("objective") not in (None, "", objectives[0]):
+        raise UsageError(f"objective {fixed['objective']!r} in the fixed config, but the search selects on "
+                         f"{objectives[0]!r}: name it once, as the search's objective")
+    fixed["objective"] = objectives[0]
+    if not has_valid:
+        if fixed.get("valid_fraction") in (None, ""):
+            fixed["valid_fraction"] = config.DEFAULT_VALID_FRACTION
+        elif config.float_in("valid_fraction", fixed["valid_fraction"], 0.0, config.MAX_VALID_FRACTION) == 0:
+            raise UsageError(f"valid_fraction 0 with experiment {experiment!r}, which gives no validation part: a "
+                             "search selects on validation data, never on test data; leave valid_fraction unset "
+                             f"({config.DEFAULT_VALID_FRACTION} of the training data is held out) or give one")
+    return fixed
 
 
 def check_batch(objectives: tuple[str, ...], batch: int, flag: str = "--batch") -> None:
@@ -73,19 +106,19 @@ def check_strategy(objectives: tuple[str, ...], sampler: str, pruner: str, prune
 
 
 def directions(objectives: tuple[str, ...], direction: str = "minimize") -> list[str]:
-    """The study's directions: ``direction`` for the test loss, and the second objective minimized."""
+    """The study's directions: ``direction`` for the selection metric, and the second objective minimized."""
     return [direction] + ["minimize"] * (len(objectives) - 1)
 
 
 def measured(objectives: tuple[str, ...], result) -> dict[str, float]:
-    """Each objective's value for a trained trial (a ``training.TrainResult``)."""
-    values = {FIRST: result.history.last(schema.TEST_LOSS), EPOCHS: float(result.history.epochs_run),
-              SECONDS: result.seconds}
-    return {name: values[name] for name in objectives}
+    """Each objective's value for a trained trial (a ``training.TrainResult``): the selection
+    metric's final value (with early stopping, its best epoch's), the epochs trained, the seconds."""
+    values = {EPOCHS: float(result.history.epochs_run), SECONDS: result.seconds}
+    return {name: values[name] if name in values else result.history.last(name) for name in objectives}
 
 
 def values(objectives: tuple[str, ...], result):
-    """What the trial returns to Optuna: the final test loss alone with one objective, else a tuple."""
+    """What the trial returns to Optuna: the selection metric alone with one objective, else a tuple."""
     found = tuple(measured(objectives, result).values())
     return found[0] if len(found) == 1 else found
 
@@ -102,20 +135,21 @@ def metrics(objectives: tuple[str, ...], result) -> dict[str, float]:
     return {schema.objective(name): value for name, value in measured(objectives, result).items()}
 
 
+LEGACY = (schema.TEST_LOSS,)  # what a study created before objectives were named selected on
+
+
 def of_study(study) -> tuple[str, ...] | None:
     """The objectives a study was created with (None: two, unnamed, from a script of one's own)."""
     stored = study.user_attrs.get(schema.OBJECTIVES_ATTR)
     if stored:
         return tuple(stored)
-    return DEFAULT if len(study.directions) == 1 else None
+    return LEGACY if len(study.directions) == 1 else None
 
 
 def name_study(study, objectives: tuple[str, ...]) -> None:
-    """A study of two objectives keeps their names (``harness.objectives``, and Optuna's metric names
-    for its tables and plots), so that resuming it with others is refused; one already named for
-    other objectives is refused here."""
-    if len(objectives) < 2:
-        return
+    """A study keeps its objectives' names (``harness.objectives``, and Optuna's metric names for
+    its tables and plots), so that resuming it with others is refused; one already named for other
+    objectives is refused here."""
     stored = study.user_attrs.get(schema.OBJECTIVES_ATTR)
     if stored:
         if tuple(stored) != tuple(objectives):

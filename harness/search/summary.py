@@ -79,19 +79,28 @@ def describe(study, experiment, experiment_id: str, params: dict[str, str], top:
              f"Experiment **{experiment.name}** · {settings}", "",
              f"**Search space:** {space}", "",
              f"**Trials:** {len(trials)} ({', '.join(counts) or 'none yet'}), as of "
-             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"]
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
+             selected_on(objectives[0], study.directions[0].name.lower())]
     if len(study.directions) > 1:
         lines += _front_lines(study, objectives, experiment_id)
         note = "\n".join(lines)
     else:
-        note = "\n".join(lines + _top_lines(study, trials, experiment, experiment_id, top))
+        note = "\n".join(lines + _top_lines(study, trials, experiment, experiment_id, top, objectives))
     from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
     cut = "\n\n(cut to MLflow's limit for a description)"
     return note if len(note) <= MAX_TAG_VAL_LENGTH else note[:MAX_TAG_VAL_LENGTH - len(cut)] + cut
 
 
-def _top_lines(study, trials: list, experiment, experiment_id: str, top: int) -> list[str]:
+def selected_on(metric: str, direction: str) -> str:
+    """What chose the trials, said wherever a study's results are shown."""
+    data = "validation" if metric.startswith("valid_") else "training"
+    return (f"**Selected on** `{metric}` ({direction}d, on {data} data); test metrics are logged for every run "
+            "and never used to choose.")
+
+
+def _top_lines(study, trials: list, experiment, experiment_id: str, top: int,
+               objectives: tuple[str, ...] = DEFAULT) -> list[str]:
     """The best trials as a table, and the commands to compare them, reload and reproduce the best."""
     import shlex
 
@@ -103,7 +112,7 @@ def _top_lines(study, trials: list, experiment, experiment_id: str, top: int) ->
                   key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")[:top]
     if done:
         keys = sorted({k for t in done for k in t.params}, key=_param_order)
-        lines += ["", f"| rank | trial | {schema.TEST_LOSS} | " + " | ".join(keys) + " | run |",
+        lines += ["", f"| rank | trial | {objectives[0]} | " + " | ".join(keys) + " | run |",
                   "|---:|---:|---:|" + "---|" * len(keys) + "---|"]
         for rank, t in enumerate(done, 1):
             run = t.user_attrs.get(RUN_ATTR)

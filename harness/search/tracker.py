@@ -259,8 +259,8 @@ class StudyTracker:
         return run_id
 
     def _note_best(self, number: int, run_id: str, result) -> None:
-        # With two objectives, the trial whose figures the parent gets is the one of the best test loss.
-        value = result.history.last(schema.TEST_LOSS)
+        # With two objectives, the trial whose figures the parent gets is the one of the best selection metric.
+        value = result.history.last(self.objectives[0])
         sign = 1 if self.study.directions[0].name == "MINIMIZE" else -1
         with self._lock:
             if self._best is None or sign * value < sign * self._best[0]:
@@ -332,8 +332,7 @@ def study_params(study, space, report_every, batch: int = 1,
     """The parent run's params: the study's settings and its search space, one param per axis."""
     params = {schema.SAMPLER_PARAM: type(study.sampler).__name__, schema.PRUNER_PARAM: type(study.pruner).__name__,
               schema.DIRECTION_PARAM: directions(study)}
-    if len(objectives) > 1:
-        params[schema.OBJECTIVES_PARAM] = " ".join(objectives)
+    params[schema.OBJECTIVES_PARAM] = " ".join(objectives)
     if report_every is not None:
         params[schema.REPORT_EVERY_PARAM] = str(report_every)
     params[schema.BATCH_PARAM] = str(batch)
