@@ -209,8 +209,9 @@ class Experiment:
         except Exception as exc:
             raise UsageError(f"experiment {self.name!r}: its data has no length: {first_line(exc)}") from None
         if min(sizes) < 1 or n_valid == 0:
-            raise UsageError(f"experiment {self.name!r}: make_data() gave {sizes[0]} training, {n_valid or 0} "
-                             f"validation and {sizes[1]} test samples; each part given must hold at least 1")
+            valid = "" if n_valid is None else f", {n_valid} validation"
+            raise UsageError(f"experiment {self.name!r}: make_data() gave {sizes[0]} training{valid} and {sizes[1]} "
+                             "test samples; each part given must hold at least 1")
         return data
 
     def all_hyperparameters(self) -> tuple[Hyperparameter, ...]:

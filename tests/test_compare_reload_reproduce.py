@@ -71,7 +71,8 @@ def test_reloaded_model_predicts_what_the_run_predicted_at_training_time(in_stud
     run_id = trial.user_attrs["mlflow_run_id"]
     cfg, experiment = config.resolve({"lr": trial.params["lr"], "epochs": trial.params["epochs"],
                                       "optimizer": trial.params["optimizer_loss"].split("+")[0],
-                                      "loss": trial.params["optimizer_loss"].split("+")[1], "device": "cpu"})
+                                      "loss": trial.params["optimizer_loss"].split("+")[1], "device": "cpu",
+                                      "valid_fraction": 0.2})  # what the search held out for validation
     trained = training.train(cfg, experiment)  # the same trial, retrained in-process
     model = load_model(run_id, client)
     data = experiment.make_data()

@@ -365,8 +365,8 @@ def report(study, tracker, seconds: float, url: str, experiment) -> str:
     if len(study.directions) > 1:
         return "\n".join(lines + _front_report(study, tracker))
     params = [c for c in frame.columns if c.startswith("params_")]  # the space's, hyperparameters included
-    top = done.sort_values("value", ascending=study.direction.name == "MINIMIZE").head(5)
     metric = (of_study(study) or ("value",))[0]
+    top = done.sort_values("value", ascending=study.direction.name == "MINIMIZE").head(5)
     lines.append(selected_on(metric, study.direction.name.lower()).replace("**", "").replace("`", ""))
     top = top[["number", "value", *params, RUN_ATTR]].rename(columns={
         "number": "trial", "value": metric, f"params_{PAIR_TRIAL_PARAM}": "optimizer+loss", RUN_ATTR: "mlflow run",

@@ -158,6 +158,8 @@ def name_study(study, objectives: tuple[str, ...]) -> None:
     import optuna
 
     study.set_user_attr(schema.OBJECTIVES_ATTR, list(objectives))
+    if len(objectives) < 2:  # one: trials.csv keeps Optuna's plain "value" column
+        return
     with warnings.catch_warnings():  # set_metric_names is experimental in Optuna 5.0, and stable enough
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(objectives))
