@@ -48,6 +48,9 @@ def test_readme_example_runs_as_printed_end_to_end(workdir):
     assert params["experiment"] == str(workdir / "my_experiment.py") and params["experiment_sha256"] == sha
     client = client_for(workdir)
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 20
+    assert len(client.get_metric_history(run.info.run_id, "valid_loss")) == 20  # the experiment's own part
+    rates = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "learning_rate"), key=lambda m: m.step)]
+    assert rates[0] == 0.01 and rates == sorted(rates, reverse=True)  # the cosine schedule
 
     out = harness(search, "--n-trials", "3", "--no-progress", cwd=workdir)  # the README's 10, cut to 3
     assert out.returncode == 0, out.stderr

@@ -213,3 +213,25 @@ def test_the_reference_is_unchanged_with_every_new_option_off():
     result = training.train(resolve(), REFERENCE)
     assert result.history.values["test_loss"][-1] == 0.008447891101241112  # the notebook's last printed figure
     assert list(result.history.values) == ["train_loss", "test_loss"]
+
+
+def test_digits_cnn_is_the_mnist_recipe_and_a_search_selects_it_on_validation_accuracy():
+    import optuna
+
+    from harness.search import Objective
+
+    experiment = load("digits_cnn")
+    cfg, _ = config.resolve({"epochs": 2}, experiment=experiment)
+    assert (cfg.optimizer, cfg.loss, cfg.scheduler, dict(cfg.settings)) == ("adadelta", "nll", "step",
+                                                                            {"step_size": 1, "gamma": 0.7})
+    assert training.train(cfg, experiment).history.values["learning_rate"] == [1.0, 0.7]
+    space = space_module.resolve(experiment, overrides={"epochs": [2, 3]})
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
+    with Objective(experiment, space, track=False, objectives=("valid_accuracy",)) as objective:
+        study.optimize(objective, n_trials=2)
+    assert objective.base.valid_fraction is None  # the experiment's own validation part
+    for trial in study.trials:
+        values = {"lr": trial.params["lr"], "epochs": trial.params["epochs"], "gamma": trial.params["gamma"],
+                  "dropout1": trial.params["dropout1"], "dropout2": trial.params["dropout2"], "direction": "maximize"}
+        again = training.train(config.validate(config.with_values(objective.base, values), experiment), experiment)
+        assert trial.value == again.history.last("valid_accuracy")
