@@ -21,3 +21,8 @@ class UsageError(ValueError):
 
 class HarnessError(RuntimeError):
     """Something the user must know about that is not their input (exit status 1)."""
+
+
+class ExperimentCodeError(RuntimeError):
+    """The experiment's own code (its model, loss, metrics, step) raised while a run trained: that run
+    fails with this one line as its reason, and a search goes on with its next trial."""

@@ -12,10 +12,11 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from .config import TrainConfig
-from .errors import UsageError
+from .errors import ExperimentCodeError, UsageError
 from .experiment import Data, Datasets, Experiment, first_line
 from . import registry
-from .loop import Batches, EarlyStopping, History, Observer, Recipe, evaluate, evaluate_batches, fit, train_step
+from .loop import (Batches, EarlyStopping, History, Observer, Recipe, StopTraining, evaluate, evaluate_batches, fit,
+                   train_step)
 from .schema import BEST_EPOCH, TRAIN_LOSS, VALID_LOSS, final
 
 # torch's default generator is process-wide: seeding and drawing the initial weights must happen
@@ -215,10 +216,18 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
             observers.append(stopper)
             sync_every = 1
         started = time.perf_counter()  # inside the lock: a thread waiting for it is not training
-        history = fit(model, train_batches, test_batches, loss_fn, optimizer, cfg.epochs,
-                      metrics_fn=experiment.metrics, observers=observers, sync_every=sync_every, history=history,
-                      valid_batches=valid_batches, scheduler=epoch_schedule, monitor=metric,
-                      recipe=Recipe(cfg.grad_clip_norm, cfg.grad_clip_value, batch_schedule))
+        try:
+            history = fit(model, train_batches, test_batches, loss_fn, optimizer, cfg.epochs,
+                          metrics_fn=experiment.metrics, observers=observers, sync_every=sync_every, history=history,
+                          valid_batches=valid_batches, scheduler=epoch_schedule, monitor=metric,
+                          recipe=Recipe(cfg.grad_clip_norm, cfg.grad_clip_value, batch_schedule))
+        except (StopTraining, ExperimentCodeError):
+            raise
+        except Exception as exc:
+            if type(exc).__module__.startswith(("harness.", "optuna", "mlflow")):
+                raise  # the harness's own failures (tracking, the journal) keep their handling
+            raise ExperimentCodeError(f"the experiment's code raised at epoch {history.epochs_run}: "
+                                      f"{first_line(exc)}") from exc
         seconds = time.perf_counter() - started  # fit ends with its values on the host: the device is done
         if stopper is not None:
             stopper.restore()

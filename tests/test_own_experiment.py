@@ -311,3 +311,45 @@ def test_set_and_search_fixed_values_that_suit_every_pair_are_used(workdir):
     [trial] = journal_study(workdir, "digits-search").trials
     assert "momentum" not in trial.params
     assert client_for(workdir).get_run(trial.user_attrs["mlflow_run_id"]).data.params["momentum"] == "0.5"
+
+
+BREAKS = '''import torch
+from torch import nn
+from harness.experiment import Data, Experiment
+
+class Breaks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.calls = nn.Linear(1, 1), 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > 30:  # past the pre-flight batch: a bug that shows in the middle of training
+            raise RuntimeError("user code broke at call 31")
+        return self.lin(x)
+
+def data():
+    X = torch.linspace(0, 1, 50).unsqueeze(1)
+    return Data(X[:40], 0.7 * X[:40] + 0.3, X[40:], 0.7 * X[40:] + 0.3)
+
+EXPERIMENT = Experiment("breaks", data, Breaks, search_space={"epochs": [20, 30], "pairs": ["sgd+l1"]})
+'''
+
+
+def test_user_code_that_raises_mid_training_fails_the_run_in_one_line_and_leaves_nothing_running(workdir):
+    (workdir / "breaks.py").write_text(BREAKS)
+    out = run_cli("search", "--experiment", "breaks.py", "--n-trials", 2, "--no-progress", cwd=workdir)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "harness: a trial failed, the search goes on: the experiment's code raised at epoch 10: RuntimeError: "
+        "user code broke at call 31"]
+    study = journal_study(workdir, "breaks-search")
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    out = run_cli("train", "--experiment", "breaks.py", cwd=workdir)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith("FAILED: the experiment's code raised at epoch 15: "
+                                                        "RuntimeError: user code broke at call 31")
+    runs = all_runs(workdir)
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED", "FAILED", "FINISHED"]  # the parent: FINISHED
+    assert all("user code broke" in r.data.tags["harness.fail_reason"] for r in runs if r.info.status == "FAILED")
+    assert run_cli("audit", "--study", "breaks-search", cwd=workdir).returncode == 0

@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from .. import config, signals, training
-    from ..errors import UsageError
+    from ..errors import ExperimentCodeError, UsageError
 
     cfg, experiment = config.resolve(config.with_flags(config.parse_sets(args.set), {
         "experiment": args.experiment, "optimizer": args.optimizer, "loss": args.loss, "lr": args.lr,
@@ -82,6 +82,13 @@ def run(args) -> int:
         result = training.train(cfg, experiment, data, observers=[Progress(cfg.epochs)], history=history)
         with signals.deferred(on_signal=lambda: None):  # trained in full: the run is logged in full
             status = tracking.log_result(client, run_id, experiment, result, skip_params=skip)
+    except ExperimentCodeError as exc:  # the run is FAILED with the reason and its curves so far
+        with signals.deferred():
+            tracking.write(client, run_id, tracking.partial_record(cfg, history, str(exc),
+                                                                   tracking.source_params(experiment)),
+                           skip_params=skip)
+        print(f"harness: error: run {run_id} FAILED: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         with signals.deferred():  # a second Ctrl-C must not cut the record short
             status = "KILLED"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import optuna
 
 from .. import batched, config, signals, training
-from ..errors import UsageError
+from ..errors import ExperimentCodeError, UsageError
 from ..experiment import Experiment, load
 from ..loop import History, StopTraining
 from . import objectives as objectives_module
@@ -31,6 +31,8 @@ def failure_reason(exc: BaseException) -> str:
         return str(exc) if str(exc).startswith("tracking failed") else f"tracking failed: {exc}"
     if isinstance(exc, JournalWriteError):
         return f"journal write failed: {exc}"
+    if isinstance(exc, ExperimentCodeError):
+        return str(exc)[:500]
     return repr(exc)[:500]
 
 
@@ -151,6 +153,7 @@ class Objective:
         self._worker = identity()
         self._refusals: dict[tuple, str | None] = {}  # (stack key, loss) -> why it is not stacked (None: it is)
         self._named: set[str] = set()  # studies checked by _check_study
+        self._reasons: set[str] = set()  # why trials failed in the experiment's code, said once each
 
     def __call__(self, trial: optuna.Trial) -> float:
         run = _TrialRun(trial)
@@ -163,6 +166,9 @@ class Objective:
         except BaseException as exc:
             with signals.deferred():  # a second Ctrl-C must not cut the wrap-up short
                 self._end_unfinished(run, exc)
+            if isinstance(exc, ExperimentCodeError):  # this trial fails, the search goes on
+                self._said(str(exc))
+                return objectives_module.failed(self.objectives)
             raise
         run.result = result
         state, = self._finish([run])
@@ -170,6 +176,14 @@ class Objective:
             raise optuna.TrialPruned(result.history.stopped)
         return objectives_module.failed(self.objectives) if state == "FAIL" else \
             objectives_module.values(self.objectives, result)
+
+    def _said(self, reason: str) -> None:
+        """One line on stderr for each new reason a trial failed in the experiment's code."""
+        with self._lock:
+            if reason in self._reasons:
+                return
+            self._reasons.add(reason)
+        print(f"harness: a trial failed, the search goes on: {reason}", file=sys.stderr)
 
     def _start(self, runs: list[_TrialRun]) -> None:
         """Everything before training, filled into each run step by step: its worker, its config,
