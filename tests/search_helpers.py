@@ -110,3 +110,27 @@ def check_contract(workdir, study, *, figures_for=None, client=None):
             assert has_figures == (trial.number in figures_for), trial.number
     assert not by_id
     return parent, runs
+
+# An experiment file whose model raises from its 31st call on: past the pre-flight batch, a bug that
+# shows in the middle of training (tests of user code that breaks).
+BREAKS = '''import torch
+from torch import nn
+from harness.experiment import Data, Experiment
+
+class Breaks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.calls = nn.Linear(1, 1), 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > 30:  # past the pre-flight batch: a bug that shows in the middle of training
+            raise RuntimeError("user code broke at call 31")
+        return self.lin(x)
+
+def data():
+    X = torch.linspace(0, 1, 50).unsqueeze(1)
+    return Data(X[:40], 0.7 * X[:40] + 0.3, X[40:], 0.7 * X[40:] + 0.3)
+
+EXPERIMENT = Experiment("breaks", data, Breaks, search_space={"epochs": [20, 30], "pairs": ["sgd+l1"]})
+'''

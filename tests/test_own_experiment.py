@@ -10,7 +10,7 @@ import torch
 from optuna.trial import TrialState
 
 from conftest import ROOT, all_runs, cli_env, client_for, run_cli
-from search_helpers import check_contract, journal_study
+from search_helpers import BREAKS, check_contract, journal_study
 
 pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
 
@@ -312,28 +312,6 @@ def test_set_and_search_fixed_values_that_suit_every_pair_are_used(workdir):
     assert "momentum" not in trial.params
     assert client_for(workdir).get_run(trial.user_attrs["mlflow_run_id"]).data.params["momentum"] == "0.5"
 
-
-BREAKS = '''import torch
-from torch import nn
-from harness.experiment import Data, Experiment
-
-class Breaks(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin, self.calls = nn.Linear(1, 1), 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.calls > 30:  # past the pre-flight batch: a bug that shows in the middle of training
-            raise RuntimeError("user code broke at call 31")
-        return self.lin(x)
-
-def data():
-    X = torch.linspace(0, 1, 50).unsqueeze(1)
-    return Data(X[:40], 0.7 * X[:40] + 0.3, X[40:], 0.7 * X[40:] + 0.3)
-
-EXPERIMENT = Experiment("breaks", data, Breaks, search_space={"epochs": [20, 30], "pairs": ["sgd+l1"]})
-'''
 
 
 def test_user_code_that_raises_mid_training_fails_the_run_in_one_line_and_leaves_nothing_running(workdir):

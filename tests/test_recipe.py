@@ -237,36 +237,16 @@ def test_digits_cnn_is_the_mnist_recipe_and_a_search_selects_it_on_validation_ac
         assert trial.value == again.history.last("valid_accuracy")
 
 
-class _BreaksAt:
-    """A model whose forward raises from its ``n``-th call on (a bug of the user's that the pre-flight
-    batch does not reach)."""
 
-    def __init__(self, n):
-        self.n = n
-
-    def __call__(self):
-        n = self.n
-
-        class Breaks(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.lin, self.calls = nn.Linear(1, 1), 0
-
-            def forward(self, x):
-                self.calls += 1
-                if self.calls >= n:
-                    raise RuntimeError(f"user code broke at call {self.calls}")
-                return self.lin(x)
-        return Breaks()
-
-
-def test_an_exception_in_the_experiment_s_code_fails_that_trial_with_its_reason_and_the_search_goes_on():
+def test_an_exception_in_the_experiment_s_code_fails_that_trial_with_its_reason_and_the_search_goes_on(tmp_path):
     import optuna
+
+    from search_helpers import BREAKS
 
     from harness.search import Objective
 
-    experiment = Experiment("breaks", REFERENCE.make_data, _BreaksAt(31),
-                            search_space={"epochs": [20, 30], "pairs": ["sgd+l1"]})
+    (tmp_path / "breaks.py").write_text(BREAKS)
+    experiment = load(str(tmp_path / "breaks.py"))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(0))
     with Objective(experiment, track=False) as objective:
         study.optimize(objective, n_trials=3)  # does not raise
