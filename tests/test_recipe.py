@@ -255,3 +255,11 @@ def test_an_exception_in_the_experiment_s_code_fails_that_trial_with_its_reason_
         "the experiment's code raised at epoch 10: RuntimeError: user code broke at call 31"}
     with pytest.raises(__import__("harness.errors").errors.ExperimentCodeError, match="at epoch 15"):  # no validation pass in train
         training.train(config.resolve({}, experiment=experiment)[0], experiment)
+
+
+def test_a_search_refuses_a_schedule_setting_no_trial_would_use(capsys, tmp_path, monkeypatch):
+    from search_helpers import check_refused_in_process
+
+    check_refused_in_process(["search", "--tune", "gamma=[0.5,0.9]"],
+                             "search-space gamma applies to schedulers step, multistep, exponential, plateau, and "
+                             "every trial's scheduler is 'none'", capsys, tmp_path, monkeypatch)

@@ -95,6 +95,12 @@ def _options(args):
     for checked in cfgs:
         training.preflight(checked, experiment, data)
     cfg = cfgs[0]
+    searched = {p.name for p in space.params}
+    for param in space.params:  # a schedule's setting searched where no trial has that schedule
+        if param.schedulers is not None and "scheduler" not in searched and cfg.scheduler not in param.schedulers:
+            raise UsageError(f"search-space {param.name} applies to schedulers {', '.join(param.schedulers)}, and "
+                             f"every trial's scheduler is {cfg.scheduler!r}: --set scheduler=NAME, or search it "
+                             f"with --tune scheduler=[...]")
     config.one_of("sampler", args.sampler, study_module.SAMPLERS)
     # Not given ("" from MLproject): median, or none for a study of two objectives, which Optuna cannot prune.
     pruner_name = args.pruner or ("median" if len(objectives) == 1 else "none")
