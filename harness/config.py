@@ -205,9 +205,9 @@ def validate(cfg: TrainConfig, experiment: Experiment, n_train: int | None = Non
         raise UsageError(f"device {cfg.device!r} is not available on this machine; "
                          f"allowed here: auto, {', '.join(devices.available())}")
     harness = {name: check_value(name, getattr(cfg, name), experiment, n_train) for name in HARNESS_NAMES}
-    valid_fraction = None if cfg.valid_fraction in (None, "", "none", "None") else \
+    valid_fraction = None if cfg.valid_fraction in UNSET else \
         float_in("valid_fraction", cfg.valid_fraction, 0.0, MAX_VALID_FRACTION)
-    objective = None if cfg.objective in (None, "", "none", "None") else selection_metric_name(cfg.objective)
+    objective = None if cfg.objective in UNSET else selection_metric_name(cfg.objective)
     direction = one_of("direction", cfg.direction, DIRECTIONS)
     check_keys(cfg.hparams, experiment, "the config")
     check_keys(cfg.settings, experiment, "the config")
@@ -219,21 +219,28 @@ def validate(cfg: TrainConfig, experiment: Experiment, n_train: int | None = Non
             continue
         if hp.name not in harness:
             given = settings[hp.name] = hyperparameter_value(hp, given)
-        if not hp.applies(chosen):
-            which = next(k for k, allowed in hp.limits().items() if chosen[k] not in allowed)
-            raise UsageError(f"{hp.name} applies to {hp.scope()} only, got {hp.name}={given!r} with {which} "
-                             f"{chosen[which]!r}")
+        _check_applies(hp, given, chosen)
     hparams = {}
     for hp in experiment.hyperparameters:
         value = hyperparameter_value(hp, cfg.hparams.get(hp.name, hp.default))
-        if value != hp.default and not hp.applies(chosen):
-            raise UsageError(f"{hp.name} applies to {hp.scope()} only, got {hp.name}={value!r} with optimizer "
-                             f"{cfg.optimizer!r}")
+        if value != hp.default:
+            _check_applies(hp, value, chosen)
         hparams[hp.name] = value
     checked = replace(cfg, lr=lr, epochs=epochs, seed=seed, device=device, valid_fraction=valid_fraction,
                       objective=objective, direction=direction, settings=settings, hparams=hparams, **harness)
     _torch_accepts(checked, experiment)
     return checked
+
+
+def _check_applies(hp: Hyperparameter, value: Any, chosen: Mapping[str, Any]) -> None:
+    """A value set for ``hp`` where the config's optimizer, loss or schedule does not take it: refused."""
+    if not hp.applies(chosen):
+        which = next(k for k, allowed in hp.limits().items() if chosen[k] not in allowed)
+        raise UsageError(f"{hp.name} applies to {hp.scope()} only, got {hp.name}={value!r} with {which} "
+                         f"{chosen[which]!r}")
+
+
+UNSET = (None, "", "none", "None")  # what a file, --set or MLproject's "" give for "not set"
 
 
 DIRECTIONS = ("minimize", "maximize")
@@ -276,7 +283,7 @@ def _torch_accepts(cfg: TrainConfig, experiment: Experiment) -> None:
 def check_value(name: str, value: Any, experiment: Experiment, n_train: int | None = None) -> Any:
     """One hyperparameter's value (the harness's or the experiment's), typed and checked."""
     if name == "batch_size":
-        if value in (None, "", "none", "None", "full"):
+        if value in (*UNSET, "full"):
             return None
         size = positive_int("batch_size", value)
         if n_train is not None and size > n_train:
@@ -289,9 +296,9 @@ def check_value(name: str, value: Any, experiment: Experiment, n_train: int | No
     if name == "scheduler":
         return one_of("scheduler", value, experiment.scheduler_names())
     if name in ("grad_clip_norm", "grad_clip_value"):
-        return None if value in (None, "", "none", "None") else positive_float(name, value)
+        return None if value in UNSET else positive_float(name, value)
     if name == "patience":
-        return None if value in (None, "", "none", "None") else positive_int(name, value)
+        return None if value in UNSET else positive_int(name, value)
     if name == "min_delta":
         return _float("min_delta", value, low=0.0)
     hp = experiment.hyperparameter(name)

@@ -67,12 +67,12 @@ def fixed_values(fixed: dict, objectives: tuple[str, ...], has_valid: bool, expe
     from .. import config
 
     fixed = dict(fixed)
-    if fixed.get("objective") not in (None, "", objectives[0]):
+    if fixed.get("objective") not in (*config.UNSET, objectives[0]):
         raise UsageError(f"objective {fixed['objective']!r} in the fixed config, but the search selects on "
                          f"{objectives[0]!r}: name it once, as the search's objective")
     fixed["objective"] = objectives[0]
     if not has_valid:
-        if fixed.get("valid_fraction") in (None, ""):
+        if fixed.get("valid_fraction") in config.UNSET:
             fixed["valid_fraction"] = config.DEFAULT_VALID_FRACTION
         elif config.float_in("valid_fraction", fixed["valid_fraction"], 0.0, config.MAX_VALID_FRACTION) == 0:
             raise UsageError(f"valid_fraction 0 with experiment {experiment!r}, which gives no validation part: a "
