@@ -54,6 +54,8 @@ def recipe_refusal(cfg: TrainConfig, experiment: Experiment) -> str | None:
     plain optimizers with their default settings, and nothing else."""
     if cfg.optimizer in experiment.own_optimizers or cfg.loss in experiment.own_losses:
         return "an experiment's own optimizer or loss is not stacked"
+    if experiment.step is not None:
+        return "an experiment's own step is not stacked"
     if cfg.settings:
         return f"settings {', '.join(sorted(cfg.settings))} are not stacked"
     if cfg.scheduler != "none" or cfg.grad_clip_norm is not None or cfg.grad_clip_value is not None \

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import math
 import os
 import pkgutil
@@ -90,7 +91,11 @@ class Datasets:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(torch.as_tensor(self.test[0][0]).shape)
+        sample = self.test[0]
+        if not isinstance(sample, (tuple, list)) or not isinstance(sample[0], (torch.Tensor, float, int)):
+            raise UsageError(f"the experiment's samples are {type(sample).__name__}s whose first item is not one "
+                             "input tensor; only an experiment with one input tensor takes inputs from --x")
+        return tuple(torch.as_tensor(sample[0]).shape)
 
     def held_out(self, fraction: float) -> "Datasets":
         keep, out = _split(len(self.train), fraction)
@@ -167,6 +172,16 @@ class Experiment:
     # Extra per-epoch metrics from (predictions, targets), logged as train_<name> and test_<name>.
     # With mini-batches they are averaged over batches weighted by batch size: make them per-sample means.
     metrics: MetricsFn | None = None
+    # The experiment's own step, for a batch that is not one (inputs, targets) pair (a tuple or dict of
+    # inputs) or a loss that is not loss_fn(model(inputs), targets) (mixup, an auxiliary loss):
+    # step(model, batch, loss_fn, cfg) -> loss, or (loss, {name: value}) with each value a batch mean,
+    # logged as train_<name>. Validation and test batches go through eval_step (default: step) in eval
+    # mode without gradients (model.training says which). The harness still zeroes the gradients,
+    # runs backward, clips, updates and schedules, in that order. With a step, per-batch values come
+    # from it (metrics is not used), and make_model gets only the hyperparameters it names, so the
+    # step can read the others from cfg.hparams.
+    step: Callable[..., Any] | None = None
+    eval_step: Callable[..., Any] | None = None
     # Draws the data and the model's test predictions on a matplotlib Axes.
     plot_predictions: Callable[[Any, Any, torch.Tensor], None] | None = None
     # The default search space: see harness.search.space.
@@ -183,6 +198,14 @@ class Experiment:
                                  f"{{name: factory}}, got {given!r}")
             if isinstance(given, Mapping) and not all(callable(f) for f in given.values()):
                 raise ValueError(f"experiment {self.name!r}: every value of {kind} must be a factory (callable)")
+        for kind in ("step", "eval_step", "metrics"):
+            if getattr(self, kind) is not None and not callable(getattr(self, kind)):
+                raise ValueError(f"experiment {self.name!r}: {kind} must be a function")
+        if self.eval_step is not None and self.step is None:
+            raise ValueError(f"experiment {self.name!r}: eval_step without step; give step (eval_step defaults to it)")
+        if self.step is not None and self.metrics is not None:
+            raise ValueError(f"experiment {self.name!r}: with its own step, return per-batch values from the step as "
+                             "(loss, {name: value}); metrics is not used")
         clash = sorted(set(self.schedulers) & set(registry.SCHEDULERS))
         if clash:
             raise ValueError(f"experiment {self.name!r}: its own scheduler {clash[0]!r} is one of the harness's")
@@ -242,6 +265,20 @@ class Experiment:
         """optimizer+loss pairs of the default search space: each listed optimizer with each listed loss."""
         losses = tuple(self.losses) if self.losses is not None else (self.defaults.get("loss", "l1"),)
         return [f"{o}+{loss}" for o in tuple(self.optimizers) for loss in losses]
+
+    def model_arguments(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """What make_model is called with: every hyperparameter; with the experiment's own step or
+        factories, which read cfg.hparams, only those make_model names (all if it takes **kwargs)."""
+        if self.step is None and not self.own_optimizers and not self.own_losses and not self.schedulers:
+            return dict(hparams)
+        try:
+            parameters = inspect.signature(self.make_model).parameters.values()
+        except (TypeError, ValueError):
+            return dict(hparams)
+        if any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return dict(hparams)
+        named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return {k: v for k, v in hparams.items() if k in named}
 
     def hyperparameter(self, name: str) -> Hyperparameter | None:
         return next((h for h in self.all_hyperparameters() if h.name == name), None)

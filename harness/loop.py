@@ -74,6 +74,13 @@ def train_step(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss_fn: nn.M
     from *before* the update."""
     pred = model(X)
     loss = loss_fn(pred, y)
+    update(model, loss, optimizer, recipe)
+    return loss.detach(), pred.detach()
+
+
+def update(model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer, recipe: Recipe = PLAIN) -> None:
+    """What follows the forward pass, in this order whoever computed the loss: zero the gradients,
+    backward, clipping, the optimizer's update, a per-batch schedule."""
     optimizer.zero_grad()
     loss.backward()
     if recipe is not PLAIN:
@@ -84,7 +91,6 @@ def train_step(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss_fn: nn.M
     optimizer.step()
     if recipe.batch_scheduler is not None:
         recipe.batch_scheduler.step()
-    return loss.detach(), pred.detach()
 
 
 def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
@@ -148,11 +154,120 @@ def sample_mean(values: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
     return (stacked * weights).sum() / weights.sum()
 
 
+# An experiment's own step: ``step(model, batch, loss_fn) -> loss`` or ``(loss, {name: value})``,
+# where the batch is whatever the batches yield (a tuple or a dict of inputs and targets) and each
+# value is the batch's mean of something (a one-element tensor or a number). The step computes the
+# loss; the loop does everything after it (``update``), so clipping and schedules apply as usual.
+StepFn = Callable[[nn.Module, Any, nn.Module], Any]
+
+
+def own_train_epoch(model: nn.Module, batches: Iterable, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                    device: torch.device, step: StepFn, recipe: Recipe = PLAIN) -> dict[str, torch.Tensor]:
+    """train_epoch with the experiment's own step: its loss and values averaged over the samples."""
+    model.train()
+
+    def run(batch):
+        loss, values = step_output(step(model, batch, loss_fn))
+        update(model, loss, optimizer, recipe)
+        return loss.detach(), {name: value.detach() for name, value in values.items()}
+    return _over_own_batches(batches, device, run)
+
+
+def own_evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: torch.device,
+                 step: StepFn) -> dict[str, torch.Tensor]:
+    """evaluate_batches with the experiment's own step, called in eval mode without gradients."""
+    model.eval()
+
+    def run(batch):
+        with torch.inference_mode():
+            return step_output(step(model, batch, loss_fn))
+    return _over_own_batches(batches, device, run)
+
+
+def _over_own_batches(batches: Iterable, device: torch.device, run) -> dict[str, torch.Tensor]:
+    values: dict[str, list[torch.Tensor]] = {}
+    sizes: list[int] = []
+    move = device.type != "cpu"
+    for batch in batches:
+        if move:
+            batch = to_device(batch, device)
+        loss, extra = run(batch)
+        if values and extra.keys() != values.keys() - {"loss"}:
+            raise TypeError(f"the step must return the same values for every batch; it returned "
+                            f"{sorted(extra) or 'none'} after {sorted(values.keys() - {'loss'}) or 'none'}")
+        values.setdefault("loss", []).append(loss)
+        for name, value in extra.items():
+            values.setdefault(name, []).append(value)
+        sizes.append(batch_length(batch))
+    return {name: sample_mean(v, sizes) for name, v in values.items()}
+
+
+def step_output(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A step's return value, checked: (one-element loss, {identifier: one-element tensor})."""
+    loss, values = (out, {}) if isinstance(out, torch.Tensor) else out if isinstance(out, tuple) and len(out) == 2 \
+        else (None, None)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not isinstance(values, dict):
+        raise TypeError("the experiment's step must return a one-element loss tensor or (loss, {name: value}); it "
+                        f"returned {_described(out)}")
+    checked = {}
+    for name, value in values.items():
+        if not isinstance(name, str) or not name.isidentifier() or name == "loss":
+            raise TypeError(f"the experiment's step returned a value named {name!r}; names must be identifiers "
+                            "other than 'loss'")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = torch.tensor(float(value), device=loss.device)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise TypeError(f"the experiment's step returned {name!r} as {_described(value)}; each value must be a "
+                            "number or a one-element tensor")
+        checked[name] = value.reshape(())
+    return loss.reshape(()), checked
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {list(value.shape)}"
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)} ({', '.join(type(v).__name__ for v in value[:4])})"
+    return f"a {type(value).__name__}"
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch with every tensor in it moved to ``device``."""
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
+
+
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """A batch of the same structure (tuples, namedtuples, lists, dicts, at any depth) with ``fn``
+    applied to every tensor in it."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {key: map_tensors(value, fn) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(map_tensors(value, fn) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_tensors(value, fn) for value in batch)
+    return batch
+
+
+def batch_length(batch: Any) -> int:
+    """How many samples a batch holds: the length of its first tensor (1 when it holds none), which
+    weighs the batch's means in its epoch's."""
+    if isinstance(batch, torch.Tensor):
+        return len(batch) if batch.dim() else 1
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for item in items:
+        if isinstance(item, (torch.Tensor, dict, list, tuple)):
+            return batch_length(item)
+    return 1
+
+
 def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn: nn.Module,
         optimizer: torch.optim.Optimizer, epochs: int, *, metrics_fn: MetricsFn | None = None,
         observers: Iterable[Observer] = (), sync_every: int | None = None,
         history: History | None = None, valid_batches: Batches | None = None, recipe: Recipe = PLAIN,
-        scheduler=None, monitor: str | None = None) -> History:
+        scheduler=None, monitor: str | None = None, step: StepFn | None = None,
+        eval_step: StepFn | None = None) -> History:
     """Train for ``epochs`` epochs and return the history.
 
     ``train_batches``, ``valid_batches`` and ``test_batches`` are iterated once per epoch: a list
@@ -160,7 +275,8 @@ def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn
     Each epoch records train_*, then valid_* (when there are validation batches), then test_*.
     ``recipe``: clipping and a per-batch schedule; ``scheduler``: stepped after each epoch (a
     ReduceLROnPlateau with the epoch's ``monitor`` value); with either schedule, each epoch also
-    records ``learning_rate``, the rate of its first step.
+    records ``learning_rate``, the rate of its first step. ``step`` (and ``eval_step``, which defaults
+    to it) replaces the forward pass and loss of every batch: see ``StepFn``.
     Observers and the divergence check see the epochs every ``sync_every`` epochs (default: every
     epoch on the CPU, where reading a value is free; once at the end elsewhere, where per-epoch
     values stay on the device until then, so an accelerator is never made to wait).
@@ -174,7 +290,7 @@ def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn
     observers = list(observers)
     history = history if history is not None else History()
     run_epoch = _epoch_runner(model, train_batches, test_batches, loss_fn, optimizer, device, metrics_fn,
-                              valid_batches, recipe)
+                              valid_batches, recipe, step, eval_step)
     pending = _HostValues() if on_host else _DeviceValues(epochs, device)
     scheduled = scheduler is not None or recipe.batch_scheduler is not None
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
@@ -197,8 +313,27 @@ def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn
 def _epoch_runner(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn: nn.Module,
                   optimizer: torch.optim.Optimizer, device: torch.device,
                   metrics_fn: MetricsFn | None, valid_batches: Batches | None = None,
-                  recipe: Recipe = PLAIN) -> Callable[[], dict[str, Any]]:
+                  recipe: Recipe = PLAIN, step: StepFn | None = None,
+                  eval_step: StepFn | None = None) -> Callable[[], dict[str, Any]]:
     """``run() -> {name: value}`` for one epoch: train_loss, train_<metric>..., valid_..., test_loss, test_<metric>..."""
+    if step is not None:
+        first: list[str] = []  # the first epoch's names: every epoch's curves are the same ones
+
+        def run_own() -> dict[str, torch.Tensor]:
+            train = own_train_epoch(model, train_batches, loss_fn, optimizer, device, step, recipe)
+            out = {f"train_{k}": v for k, v in train.items()}
+            for split, batches in (("valid", valid_batches), ("test", test_batches)):
+                if batches is not None:
+                    evaluated = own_evaluate(model, batches, loss_fn, device, eval_step or step)
+                    out.update({f"{split}_{k}": v for k, v in evaluated.items()})
+            if not first:
+                first.extend(out)
+            elif list(out) != first:
+                raise TypeError(f"the step must return the same values for every batch; this epoch it returned "
+                                f"{', '.join(out)} after {', '.join(first)}")
+            return out
+        return run_own
+
     train_only, test_only = _only_batch(train_batches), _only_batch(test_batches)
     if train_only is None or test_only is None or valid_batches is not None:
         def run() -> dict[str, torch.Tensor]:

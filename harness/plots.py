@@ -23,7 +23,7 @@ def loss_curves(values: dict[str, list[float]]) -> Figure:
 
 
 def predictions(experiment: Experiment, data: Data, predicted) -> Figure | None:
-    if experiment.plot_predictions is None:
+    if experiment.plot_predictions is None or predicted is None:
         return None
     fig = Figure(figsize=(10, 7))
     experiment.plot_predictions(fig.add_subplot(), data, predicted)

@@ -15,8 +15,8 @@ from .config import TrainConfig
 from .errors import ExperimentCodeError, UsageError
 from .experiment import Data, Datasets, Experiment, first_line
 from . import registry
-from .loop import (Batches, EarlyStopping, History, Observer, Recipe, StopTraining, evaluate, evaluate_batches, fit,
-                   train_step)
+from .loop import (Batches, EarlyStopping, History, Observer, Recipe, StepFn, StopTraining, evaluate,
+                   evaluate_batches, fit, map_tensors, own_evaluate, own_train_epoch, train_step)
 from .schema import BEST_EPOCH, TRAIN_LOSS, VALID_LOSS, final
 
 # torch's default generator is process-wide: seeding and drawing the initial weights must happen
@@ -35,7 +35,7 @@ class TrainResult:
     model: nn.Module
     data: Data | Datasets
     history: History
-    predictions: torch.Tensor  # test-set predictions of the final model, on the host
+    predictions: torch.Tensor | None  # test-set predictions of the final model, on the host (None with an own step)
     scalars: dict[str, float]
     seconds: float | None = None  # wall time of the training loop (fit); None for a member of a stack
 
@@ -58,7 +58,7 @@ def build_model(cfg: TrainConfig, experiment: Experiment) -> nn.Module:
     with RNG_LOCK:
         torch.manual_seed(cfg.seed)
         try:
-            model = experiment.make_model(**cfg.hparams)
+            model = experiment.make_model(**experiment.model_arguments(cfg.hparams))
         except Exception as exc:
             raise UsageError(f"experiment {experiment.name!r} cannot build its model with {_hparams(cfg)}: "
                              f"{first_line(exc)}") from None
@@ -102,6 +102,16 @@ def with_validation(data: Data | Datasets, cfg: TrainConfig) -> Data | Datasets:
     return data.held_out(cfg.valid_fraction)
 
 
+def steps(cfg: TrainConfig, experiment: Experiment) -> tuple[StepFn | None, StepFn | None]:
+    """The experiment's own training and evaluation steps, given the run's config; (None, None) for
+    the plain step (loss_fn(model(inputs), targets))."""
+    if experiment.step is None:
+        return None, None
+    own, own_eval = experiment.step, experiment.eval_step or experiment.step
+    return (lambda model, batch, loss_fn: own(model, batch, loss_fn, cfg),
+            lambda model, batch, loss_fn: own_eval(model, batch, loss_fn, cfg))
+
+
 def selection_metric(cfg: TrainConfig, data: Data | Datasets) -> str:
     return cfg.objective or (VALID_LOSS if data.has_valid else TRAIN_LOSS)
 
@@ -121,19 +131,27 @@ def preflight(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets) -
         loss_fn = make_loss(cfg, experiment)
         make_scheduler(cfg, experiment, optimizer, 1)
         train_batches, test_batches, valid_batches = batches(run_data, cfg)
-        X, y = next(iter(test_batches))
-        X, y = X[:8].to(cfg.device), y[:8].to(cfg.device)
-        _, pred = evaluate(model, X, y, loss_fn)
-        names = {"loss"} | set(_metrics(experiment, pred, y))
-        model.train()
-        train_step(model, X, y, loss_fn, optimizer)
+        batch = head(next(iter(test_batches)), 8)
+        step, eval_step = steps(cfg, experiment)
+        if step is None:
+            X, y = (t.to(cfg.device) for t in batch)
+            _, pred = evaluate(model, X, y, loss_fn)
+            names = {"loss"} | set(_metrics(experiment, pred, y))
+            model.train()
+            train_step(model, X, y, loss_fn, optimizer)
+            recorded = {"train": names, "valid": names}
+        else:
+            device = torch.device(cfg.device)
+            recorded = {"valid": set(own_evaluate(model, [batch], loss_fn, device, eval_step)),
+                        "train": set(own_train_epoch(model, [batch], loss_fn, optimizer, device, step))}
+        if valid_batches is None:
+            del recorded["valid"]
         metric = selection_metric(cfg, run_data)
         split, _, name = metric.partition("_")
-        if name not in names or (split == "valid" and valid_batches is None):
-            recorded = [f"{s}_{n}" for s in ("train", "valid") if s == "train" or valid_batches is not None
-                        for n in sorted(names)]
+        if name not in recorded.get(split, ()):
+            names = [f"{s}_{n}" for s in ("train", "valid") if s in recorded for n in sorted(recorded[s])]
             raise UsageError(f"the run is selected on {metric!r}, which it does not record; it records "
-                             f"{', '.join(recorded)}")
+                             f"{', '.join(names)}")
     except UsageError:
         raise
     except Exception as exc:
@@ -141,6 +159,11 @@ def preflight(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets) -
                          f"{_hparams(cfg)}: {first_line(exc)}") from None
     finally:
         torch.random.set_rng_state(state)
+
+
+def head(batch, n: int):
+    """The first ``n`` samples of a batch: every tensor in it cut along its first dimension."""
+    return map_tensors(batch, lambda t: t[:n] if t.dim() else t)
 
 
 def _metrics(experiment: Experiment, pred: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -207,6 +230,7 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
         train_batches, test_batches, valid_batches = batches(data, cfg)
         epoch_schedule, batch_schedule = make_scheduler(cfg, experiment, optimizer, len(train_batches))
         metric = selection_metric(cfg, data)
+        step, eval_step = steps(cfg, experiment)
         observers = list(observers)
         stopper = None
         if cfg.patience is not None:
@@ -220,7 +244,8 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
             history = fit(model, train_batches, test_batches, loss_fn, optimizer, cfg.epochs,
                           metrics_fn=experiment.metrics, observers=observers, sync_every=sync_every, history=history,
                           valid_batches=valid_batches, scheduler=epoch_schedule, monitor=metric,
-                          recipe=Recipe(cfg.grad_clip_norm, cfg.grad_clip_value, batch_schedule))
+                          recipe=Recipe(cfg.grad_clip_norm, cfg.grad_clip_value, batch_schedule),
+                          step=step, eval_step=eval_step)
         except (StopTraining, ExperimentCodeError):
             raise
         except Exception as exc:
@@ -231,10 +256,13 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
         seconds = time.perf_counter() - started  # fit ends with its values on the host: the device is done
         if stopper is not None:
             stopper.restore()
-        _, predictions = evaluate_batches(model, test_batches, loss_fn, model_device(model), keep_predictions=True)
+        predictions = None
+        if step is None:  # an own step's batches need not be (inputs, targets): no predictions to plot
+            _, predictions = evaluate_batches(model, test_batches, loss_fn, model_device(model),
+                                              keep_predictions=True)
+            predictions = predictions.cpu()
     scalars = experiment.scalars(model)
-    return TrainResult(cfg, model, data, history, predictions.cpu(), {**scalars, **experiment.errors(scalars)},
-                       seconds)
+    return TrainResult(cfg, model, data, history, predictions, {**scalars, **experiment.errors(scalars)}, seconds)
 
 
 def model_device(model: nn.Module) -> torch.device:

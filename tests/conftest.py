@@ -9,6 +9,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def readme_blocks(heading: str) -> tuple[str, list[str]]:
+    """The first python block and the command lines of the first bash block after ``heading`` in the
+    README (what a reader copies)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index(heading):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[:code.index("```")]
+    commands = section[section.index("```bash\n") + len("```bash\n"):]
+    commands = [line.split("  #")[0].strip() for line in commands[:commands.index("```")].splitlines()]
+    return code, [c for c in commands if c]
+
+
 def cli_env(**extra) -> dict:
     """The user's environment without anything that would redirect MLflow or Optuna."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OPTUNA_"))}

@@ -5,6 +5,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from conftest import client_for
+from harness import schema
 from harness.experiment import load
 
 STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
@@ -98,7 +99,9 @@ def check_contract(workdir, study, *, figures_for=None, client=None):
                 assert len(steps) == trial.params["epochs"]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         if trial.state == TrialState.COMPLETE:
-            assert run.data.metrics["final_valid_loss"] == trial.values[0]  # selected on validation data
+            objective = study.user_attrs.get(schema.OBJECTIVES_ATTR, ["valid_loss"])[0]
+            assert objective.startswith("valid_")  # selected on validation data
+            assert run.data.metrics[f"final_{objective}"] == trial.values[0]
             assert {"state_dict.pt", "config.json"} <= artifacts
             state = torch.load(client.download_artifacts(run.info.run_id, "state_dict.pt", str(workdir)),
                                weights_only=True)

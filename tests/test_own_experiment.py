@@ -9,22 +9,16 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from conftest import ROOT, all_runs, cli_env, client_for, run_cli
+from conftest import ROOT, all_runs, cli_env, client_for, readme_blocks, run_cli
 from search_helpers import BREAKS, check_contract, journal_study
 
 pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
 
-README = (ROOT / "README.md").read_text()
 
 
 def readme_example() -> tuple[str, list[str]]:
     """The python block and the command lines of the README's 'Bring your own experiment' section."""
-    section = README[README.index("## Bring your own experiment"):]
-    code = section[section.index("```python\n") + len("```python\n"):]
-    code = code[:code.index("```")]
-    commands = section[section.index("```bash\n") + len("```bash\n"):]
-    commands = [line.split("  #")[0].strip() for line in commands[:commands.index("```")].splitlines()]
-    return code, [c for c in commands if c]
+    return readme_blocks("## Bring your own experiment")
 
 
 def harness(command: str, *extra, cwd, **kw):
@@ -82,6 +76,33 @@ def test_readme_example_runs_as_printed_end_to_end(workdir):
     (workdir / "my_experiment.py").unlink()
     out = harness(predict.replace("RUN_ID", best), cwd=workdir)
     assert out.returncode == 2 and "experiment file 'my_experiment.py' does not exist" in out.stderr
+
+
+def test_readme_own_step_example_runs_as_printed(workdir):
+    code, (train, search, reproduce) = readme_blocks("**Your own step.**")
+    (workdir / "two_inputs.py").write_text(code)
+    out = harness(train, cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    [run] = all_runs(workdir)
+    assert run.data.params["mixup"] == "0.4" and run.data.params["width"] == "16"
+    client = client_for(workdir)
+    for key in ("train_aux_loss", "train_accuracy", "valid_accuracy", "test_aux_loss"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(10)), key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"state_dict.pt", "config.json", "loss_curves.png"} <= artifacts and "predictions.png" not in artifacts
+
+    out = harness(search, "--n-trials", "3", "--no-progress", cwd=workdir)  # the README's 6, cut to 3
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "Selected on valid_accuracy (maximized, on validation data)" in out.stdout
+    study = journal_study(workdir, "two_inputs-search")
+    assert [d.name for d in study.directions] == ["MAXIMIZE"] and len(study.trials) == 3
+    _, runs = check_contract(workdir, study)
+    assert all({"mixup", "width"} <= set(t.params) for t in study.trials)
+    best = study.best_trial.user_attrs["mlflow_run_id"]
+    out = harness(reproduce.replace("RUN_ID", best), cwd=workdir)
+    assert out.returncode == 0 and "bitwise identical" in out.stdout, out.stderr
+    out = run_cli("predict", best, "--experiment", "two_inputs.py", "--x", "1", "2", cwd=workdir)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not one input tensor" in out.stderr, out.stderr
 
 
 EXPERIMENT_WITH = """
