@@ -82,7 +82,10 @@ WORKER_ATTR = "harness.worker"  # host:pid:start-time of the process running a t
 FAIL_REASON_ATTR = "fail_reason"  # why a trial failed
 SPACE_ATTR = "harness.space"  # a study's search space, as JSON
 STUDY_EXPERIMENT_ATTR = "harness.experiment"  # a study's experiment
-OBJECTIVES_ATTR = "harness.objectives"  # a study with two objectives: their names (a study resumes only with them)
+OBJECTIVES_ATTR = "harness.objectives"  # a study's objectives, by name (a study resumes only with them)
+# A completed trial's final values on the data it was selected on ({"valid_loss": .., "valid_accuracy": ..});
+# its test values stay in its run, out of the study's storage.
+METRICS_ATTR = "harness.metrics"
 
 # Trial state -> the status of its run.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}

@@ -102,6 +102,11 @@ def check_contract(workdir, study, *, figures_for=None, client=None):
             objective = study.user_attrs.get(schema.OBJECTIVES_ATTR, ["valid_loss"])[0]
             assert objective.startswith("valid_")  # selected on validation data
             assert run.data.metrics[f"final_{objective}"] == trial.values[0]
+            # The trial keeps its final values on the data it was selected on (for the tables of the
+            # best trials), the selection metric first; its test values stay in its run.
+            measured = trial.user_attrs[schema.METRICS_ATTR]
+            assert list(measured)[0] == objective and measured == {
+                k.removeprefix("final_"): v for k, v in run.data.metrics.items() if k.startswith("final_valid_")}
             assert {"state_dict.pt", "config.json"} <= artifacts
             state = torch.load(client.download_artifacts(run.info.run_id, "state_dict.pt", str(workdir)),
                                weights_only=True)

@@ -182,8 +182,35 @@ def test_a_search_selects_on_the_step_s_validation_values_and_stacks_refuse_it(t
         optimizer, loss = values.pop("optimizer_loss").split("+")
         cfg = config.validate(config.with_values(objective.base, {**values, "optimizer": optimizer, "loss": loss}),
                               two_inputs)
-        assert trial.value == training.train(cfg, two_inputs).history.last("valid_accuracy")
+        retrained = training.train(cfg, two_inputs).history
+        assert trial.value == retrained.last("valid_accuracy")
+        # The trial keeps its final validation values, the selection metric first, never a test value.
+        assert trial.user_attrs["harness.metrics"] == {
+            name: retrained.last(name) for name in ("valid_accuracy", "valid_loss", "valid_aux_loss")}
+        assert list(trial.user_attrs["harness.metrics"])[0] == "valid_accuracy"
     assert batched.recipe_refusal(resolve(two_inputs), two_inputs) == "an experiment's own step is not stacked"
+
+    # The tables of the best trials show them beside the selection metric: the CLI's and the parent run's.
+    from harness.commands.search import report
+    from harness.search.summary import describe
+
+    best = study.best_trial
+    printed = report(study, None, 1.0, "memory", two_inputs).splitlines()
+    header = printed[printed.index("top trials:") + 1].split()
+    assert header[:4] == ["trial", "valid_accuracy", "valid_loss", "valid_aux_loss"] and "optimizer+loss" in header
+    row = printed[printed.index("top trials:") + 2].split()
+    assert row[0] == str(best.number) and float(row[1]) == pytest.approx(best.value, abs=1e-6)
+    note = describe(study, two_inputs, "0", {}, objectives=("valid_accuracy",)).splitlines()
+    assert "| rank | trial | valid_accuracy | valid_loss | valid_aux_loss | lr |" in "\n".join(note)
+    # The attr is a storage's, so untrusted: anything but numbers by identifiers is left out, and few are shown.
+    study.add_trial(optuna.trial.create_trial(
+        params=best.params, distributions=best.distributions, value=2.0,
+        user_attrs={"harness.metrics": {"valid_loss": "0.1", "x" * 5: float("nan"), "bad name": 1.0,
+                                        **{f"m{i}": float(i) for i in range(50)}}}))
+    table = report(study, None, 1.0, "memory", two_inputs).splitlines()
+    header = table[table.index("top trials:") + 1].split()
+    assert header[:2] == ["trial", "valid_accuracy"] and "m6" in header and "m7" not in header  # 8 shown
+    assert "bad" not in header and "valid_loss" in header  # the other trials' valid_loss; the bad one's is "-"
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -358,25 +358,21 @@ def report(study, tracker, seconds: float, url: str, experiment) -> str:
     from ..search import study as study_module
     from ..schema import PAIR_TRIAL_PARAM, RUN_ATTR
     from ..search.objectives import of_study
-    from ..search.summary import selected_on, trials_frame
+    from ..search.summary import selected_on, top_frame
 
     counts = {s.name: sum(t.state == s for t in study.trials) for s in TrialState if s.is_finished()}
     lines = [f"study {study.study_name!r}: {len(study.trials)} trials "
              f"({', '.join(f'{n} {k.lower()}' for k, n in counts.items() if n)}) in storage "
              f"{study_module.redact(url)}; this run took {seconds:.1f}s"]
-    frame = trials_frame(study)
-    done = frame[frame["state"] == "COMPLETE"]
-    if done.empty:
+    if not counts.get("COMPLETE"):
         return "\n".join(lines + ["no trial completed"])
     if len(study.directions) > 1:
         return "\n".join(lines + _front_report(study, tracker))
-    params = [c for c in frame.columns if c.startswith("params_")]  # the space's, hyperparameters included
-    metric = (of_study(study) or ("value",))[0]
-    top = done.sort_values("value", ascending=study.direction.name == "MINIMIZE").head(5)
-    lines.append(selected_on(metric, study.direction.name.lower()).replace("**", "").replace("`", ""))
-    top = top[["number", "value", *params, RUN_ATTR]].rename(columns={
-        "number": "trial", "value": metric, f"params_{PAIR_TRIAL_PARAM}": "optimizer+loss", RUN_ATTR: "mlflow run",
-        **{c: c.removeprefix("params_") for c in params if c != f"params_{PAIR_TRIAL_PARAM}"}})
+    objectives = of_study(study) or ("value",)
+    top = top_frame(study, study.get_trials(deepcopy=False), 5, objectives)
+    lines.append(selected_on(objectives[0], study.direction.name.lower()).replace("**", "").replace("`", ""))
+    top = top.rename(columns={**{c: c.removeprefix("params_") for c in top.columns if c.startswith("params_")},
+                              f"params_{PAIR_TRIAL_PARAM}": "optimizer+loss", RUN_ATTR: "mlflow run"})
     lines += ["top trials:", top.to_string(index=False, na_rep="-")]  # "-": not sampled (momentum for adam)
     best_run = study.best_trial.user_attrs.get(RUN_ATTR)
     if tracker is not None:

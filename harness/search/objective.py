@@ -17,7 +17,7 @@ from . import objectives as objectives_module
 from . import space as space_module
 from .space import SearchSpace
 from .journal import JournalWriteError
-from ..schema import FAIL_REASON_ATTR, RUN_ATTR, WORKER_ATTR
+from ..schema import FAIL_REASON_ATTR, METRICS_ATTR, RUN_ATTR, WORKER_ATTR
 from .tracker import StudyTracker, TrackingFailed
 from .workers import identity, retry, unfinished_reason
 
@@ -213,10 +213,9 @@ class Objective:
             run.observers = self._observers(run.trial) + (
                 [_Tracking(run.trial, run.tracker, run.pending)] if run.tracker else [])
 
-    @staticmethod
-    def _finish(runs: list[_TrialRun]) -> list[str]:
-        """Trained trials' states, their reasons and their runs' records (a batch's written
-        together); held against signals."""
+    def _finish(self, runs: list[_TrialRun]) -> list[str]:
+        """Trained trials' states, their reasons or final selection-data values, and their runs'
+        records (a batch's written together); held against signals."""
         states = []
         for run in runs:
             history = run.result.history
@@ -225,6 +224,9 @@ class Objective:
             for run, state in zip(runs, states):
                 if state == "FAIL":
                     run.trial.set_user_attr(FAIL_REASON_ATTR, run.result.history.stopped)
+                elif state == "COMPLETE":
+                    run.trial.set_user_attr(METRICS_ATTR, objectives_module.selection_split(self.objectives,
+                                                                                          run.result))
             tracked = [(run.trial, run.pending, run.result, state) for run, state in zip(runs, states) if run.tracker]
             if tracked:
                 runs[0].tracker.end_trials(tracked)

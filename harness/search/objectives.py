@@ -117,6 +117,15 @@ def measured(objectives: tuple[str, ...], result) -> dict[str, float]:
     return {name: values[name] if name in values else result.history.last(name) for name in objectives}
 
 
+def selection_split(objectives: tuple[str, ...], result) -> dict[str, float]:
+    """A trained trial's final values on the data its first objective is measured on (``valid_*``,
+    or ``train_*`` without validation data): the selection metric first, then the experiment's own
+    (``valid_accuracy``), so tables of the best trials show more than the number that ranked them."""
+    split = objectives[0].split("_", 1)[0] + "_"
+    names = sorted((n for n in result.history.values if n.startswith(split)), key=lambda n: n != objectives[0])
+    return {name: result.history.last(name) for name in names}
+
+
 def values(objectives: tuple[str, ...], result):
     """What the trial returns to Optuna: the selection metric alone with one objective, else a tuple."""
     found = tuple(measured(objectives, result).values())

@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import schema, tracking
 from ..experiment import is_builtin
-from ..schema import RUN_ATTR
+from ..schema import METRICS_ATTR, RUN_ATTR
 from .objectives import DEFAULT
 
 FRONT_SHOWN = 10  # rows of the Pareto front in the parent run's description
@@ -99,27 +99,61 @@ def selected_on(metric: str, direction: str) -> str:
             "and never used to choose.")
 
 
+def top_frame(study, trials: list, top: int, objectives: tuple[str, ...] = DEFAULT):
+    """The best ``top`` completed trials, best first: ``trial``, the selection metric, the trial's other
+    final values on the same data (``valid_accuracy``, from its ``harness.metrics`` attr), its params
+    (lr and epochs first; NaN where a trial did not sample one) and ``mlflow_run_id``."""
+    import pandas as pd
+    from optuna.trial import TrialState
+
+    metric = objectives[0]
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE),
+                  key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")[:top]
+    rows = [{"trial": t.number, metric: t.value, **_measured(t, metric),
+             **{f"params_{k}": v for k, v in t.params.items()}, RUN_ATTR: t.user_attrs.get(RUN_ATTR)} for t in done]
+    frame = pd.DataFrame(rows, columns=None if rows else ["trial", metric, RUN_ATTR])
+    params = sorted((c for c in frame.columns if c.startswith("params_")),
+                    key=lambda c: _param_order(c.removeprefix("params_")))
+    measured = [c for c in frame.columns if c not in ("trial", metric, RUN_ATTR) and c not in params]
+    return frame[["trial", metric, *measured, *params, RUN_ATTR]]
+
+
+MEASURED_SHOWN = 8  # a trial's own values shown beside its selection metric (a storage's attr is untrusted input)
+
+
+def _measured(trial, metric: str) -> dict[str, float]:
+    """A completed trial's other final values on its selection data, as its worker stored them."""
+    stored = trial.user_attrs.get(METRICS_ATTR)
+    if not isinstance(stored, dict):
+        return {}
+    found = {k: float(v) for k, v in stored.items() if isinstance(k, str) and k != metric and k.isidentifier()
+             and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return dict(list(found.items())[:MEASURED_SHOWN])
+
+
 def _top_lines(study, trials: list, experiment, experiment_id: str, top: int,
                objectives: tuple[str, ...] = DEFAULT) -> list[str]:
     """The best trials as a table, and the commands to compare them, reload and reproduce the best."""
     import shlex
 
-    from optuna.trial import TrialState
+    import pandas as pd
 
     name = study.study_name
     lines: list[str] = []
-    done = sorted((t for t in trials if t.state == TrialState.COMPLETE),
-                  key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")[:top]
-    if done:
-        keys = sorted({k for t in done for k in t.params}, key=_param_order)
-        lines += ["", f"| rank | trial | {objectives[0]} | " + " | ".join(keys) + " | run |",
-                  "|---:|---:|---:|" + "---|" * len(keys) + "---|"]
-        for rank, t in enumerate(done, 1):
-            run = t.user_attrs.get(RUN_ATTR)
-            link = f"[trial-{t.number}](#/experiments/{experiment_id}/runs/{run})" if run else "-"
-            values = " | ".join(_cell(t.params.get(k, "-")) for k in keys)
-            lines.append(f"| {rank} | {t.number} | {t.value:.6g} | {values} | {link} |")
-        best = done[0].user_attrs.get(RUN_ATTR)
+    frame = top_frame(study, trials, top, objectives)
+    if len(frame):
+        values = [c for c in frame.columns if c not in ("trial", RUN_ATTR) and not c.startswith("params_")]
+        params = [c for c in frame.columns if c.startswith("params_")]
+        lines += ["", "| rank | trial | " + " | ".join(values + [c.removeprefix("params_") for c in params]) + " | run |",
+                  "|---:|---:|" + "---:|" * len(values) + "---|" * len(params) + "---|"]
+        for rank, row in enumerate(frame.to_dict("records"), 1):
+            run = row[RUN_ATTR]
+            link = f"[trial-{row['trial']}](#/experiments/{experiment_id}/runs/{run})" if isinstance(run, str) else "-"
+            cells = [f"{row[c]:.6g}" if not pd.isna(row[c]) else "-" for c in values]
+            cells += ["-" if _missing(row[c]) else _cell(row[c]) for c in params]  # "-": not sampled
+            lines.append(f"| {rank} | {row['trial']} | " + " | ".join(cells) + f" | {link} |")
+        best = frame[RUN_ATTR].iloc[0]
+        best = best if isinstance(best, str) else None
         named = "" if is_builtin(experiment.reference) else f" --experiment {shlex.quote(experiment.reference)}"
         lines += ["", f"- **Compare** the trials: `harness compare --study {shlex.quote(name)}`; in the runs table, "
                       f"`tags.{schema.TRIAL_STATE_TAG} = 'COMPLETE'` hides pruned and failed trials"]
@@ -131,6 +165,12 @@ def _top_lines(study, trials: list, experiment, experiment_id: str, top: int,
     else:
         lines += ["", "No trial has completed yet."]
     return lines
+
+
+def _missing(value) -> bool:
+    import pandas as pd
+
+    return not isinstance(value, (list, dict, str)) and pd.isna(value)
 
 
 def front_shown(study, objectives: tuple[str, ...]):
