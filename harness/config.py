@@ -226,6 +226,12 @@ def validate(cfg: TrainConfig, experiment: Experiment, n_train: int | None = Non
         if value != hp.default:
             _check_applies(hp, value, chosen)
         hparams[hp.name] = value
+    if objective is not None and not per_epoch(objective):
+        watcher = ("patience", harness["patience"]) if harness["patience"] is not None else \
+            ("scheduler", "plateau") if harness["scheduler"] == "plateau" else None
+        if watcher:
+            raise UsageError(f"{watcher[0]} {watcher[1]} with objective {objective!r}, a final value: it watches the "
+                             "selection metric every epoch; select on a per-epoch one (valid_loss, ...) or drop it")
     checked = replace(cfg, lr=lr, epochs=epochs, seed=seed, device=device, valid_fraction=valid_fraction,
                       objective=objective, direction=direction, settings=settings, hparams=hparams, **harness)
     _torch_accepts(checked, experiment)
@@ -248,16 +254,27 @@ SELECTABLE = ("valid_", "train_")
 
 
 def selection_metric_name(name: Any, flag: str = "objective") -> str:
-    """A metric a run may be selected on: a per-epoch validation or training value; a test value
-    is refused, as the test data must stay out of every choice it reports on."""
+    """A metric a run may be selected on: a per-epoch value on its validation or training data
+    (``valid_accuracy``), or a final value the experiment reads off the trained model (one of its
+    ``scalars``, such as ``weight_error``), which the pre-flight step checks it logs. A test value
+    is refused: the test data must stay out of every choice it reports on."""
     text = str(name).strip()
     if text.startswith("test_") or text.startswith("final_test_"):
         raise UsageError(f"{flag} {text!r} is a test metric: runs are selected on validation data and reported on "
                          f"test data; use {'valid_' + text.split('test_', 1)[1]!r}")
-    if not text.startswith(SELECTABLE) or not text.replace("_", "").isalnum() or len(text) > 100:
-        raise UsageError(f"{flag} must name a per-epoch metric starting with valid_ or train_ (valid_loss, "
-                         f"valid_accuracy, ...), got {_short(name)}")
+    if text.startswith("final_") and text[len("final_"):].startswith(SELECTABLE):
+        raise UsageError(f"{flag} {text!r}: name the metric, {text[len('final_'):]!r}; a run's final value of it is "
+                         "what selects")
+    if not text.isidentifier() or len(text) > 100:
+        raise UsageError(f"{flag} must name a metric the runs log: a per-epoch one starting with valid_ or train_ "
+                         f"(valid_loss, valid_accuracy, ...) or a final value of the experiment's, got {_short(name)}")
     return text
+
+
+def per_epoch(metric: str) -> bool:
+    """Whether a selection metric is recorded every epoch (early stopping, a plateau schedule and a
+    pruner can watch it), rather than once, off the trained model."""
+    return metric.startswith(SELECTABLE)
 
 
 def _torch_accepts(cfg: TrainConfig, experiment: Experiment) -> None:

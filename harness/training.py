@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
-from .config import TrainConfig
+from .config import TrainConfig, per_epoch
 from .errors import ExperimentCodeError, UsageError
 from .experiment import Data, Datasets, Experiment, first_line
 from . import registry
@@ -52,6 +52,11 @@ class TrainResult:
         if self.history.best_epoch is not None:
             finals[BEST_EPOCH] = float(self.history.best_epoch)
         return {**finals, **self.scalars}
+
+    def value(self, name: str) -> float:
+        """The run's final value of a metric: a per-epoch one's (its best epoch's, with early
+        stopping), or a final value read off the trained model (one of the experiment's scalars)."""
+        return self.history.last(name) if name in self.history.values else self.scalars[name]
 
 
 def build_model(cfg: TrainConfig, experiment: Experiment) -> nn.Module:
@@ -148,10 +153,13 @@ def preflight(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets) -
             del recorded["valid"]
         metric = selection_metric(cfg, run_data)
         split, _, name = metric.partition("_")
-        if name not in recorded.get(split, ()):
+        scalars = experiment.scalars(model)
+        finals = [*scalars, *experiment.errors(scalars)]
+        if name not in recorded.get(split, ()) if per_epoch(metric) else metric not in finals:
             names = [f"{s}_{n}" for s in ("train", "valid") if s in recorded for n in sorted(recorded[s])]
+            also = f", and the final values {', '.join(finals)}" if finals else ""
             raise UsageError(f"the run is selected on {metric!r}, which it does not record; it records "
-                             f"{', '.join(names)}")
+                             f"{', '.join(names)}{also}")
     except UsageError:
         raise
     except Exception as exc:

@@ -60,6 +60,11 @@ def test_an_optimizer_the_model_cannot_use_is_refused_before_training_in_one_lin
     ({"patience": "soon"}, "patience must be a positive integer, got 'soon'"),
     ({"valid_fraction": 0.95}, "valid_fraction must be in [0.0, 0.9], got 0.95"),
     ({"objective": "test_loss"}, "objective 'test_loss' is a test metric"),
+    ({"objective": "final_valid_loss"}, "objective 'final_valid_loss': name the metric, 'valid_loss'"),
+    ({"objective": "valid loss"}, "objective must name a metric the runs log"),
+    ({"objective": "weight_error", "patience": 3}, "patience 3 with objective 'weight_error', a final value: it "
+                                                   "watches the selection metric every epoch"),
+    ({"objective": "weight_error", "scheduler": "plateau"}, "scheduler plateau with objective 'weight_error'"),
     ({"direction": "up"}, "unknown direction 'up'; allowed: minimize, maximize"),
 ])
 def test_settings_that_do_not_apply_or_torch_refuses_are_one_line_naming_what_applies(overrides, message):
@@ -263,3 +268,26 @@ def test_a_search_refuses_a_schedule_setting_no_trial_would_use(capsys, tmp_path
     check_refused_in_process(["search", "--tune", "gamma=[0.5,0.9]"],
                              "search-space gamma applies to schedulers step, multistep, exponential, plateau, and "
                              "every trial's scheduler is 'none'", capsys, tmp_path, monkeypatch)
+
+
+def test_a_final_value_the_experiment_logs_can_be_the_objective_and_prunes_nothing(capsys):
+    import optuna
+
+    from harness.search import Objective
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(0), pruner=optuna.pruners.MedianPruner(0, 0))
+    with Objective(REFERENCE, track=False, objectives=("weight_error",)) as objective:
+        study.optimize(objective, n_trials=3)
+    assert "objective weight_error is a final value, not a per-epoch one: the pruner prunes no trial" in capsys.readouterr().err
+    for trial in study.trials:
+        assert trial.state.name == "COMPLETE" and trial.intermediate_values == {}
+        values = {**trial.params, "direction": "minimize"}
+        optimizer, loss = values.pop("optimizer_loss").split("+")
+        again = training.train(config.validate(config.with_values(
+            objective.base, {**values, "optimizer": optimizer, "loss": loss}), REFERENCE), REFERENCE)
+        assert trial.value == again.scalars["weight_error"]
+        assert list(trial.user_attrs["harness.metrics"]) == ["weight_error", "valid_loss"]
+    with pytest.raises(UsageError, match="it records train_loss, valid_loss, and the final values weight, bias, "
+                                         "weight_error, bias_error"):
+        cfg = resolve(objective="weight_errr", valid_fraction=0.2)
+        training.preflight(cfg, REFERENCE, REFERENCE.load_data())

@@ -55,7 +55,7 @@ def run(args) -> int:
     elif args.metric is None and args.study:  # what the study selected on, not the test loss
         try:
             name, direction = next(iter(compare.study_objectives(client, args.study).items()))
-            ranking = {"metric": final(name), "descending": direction == "maximize"}
+            ranking = {"metric": final(name) if config.per_epoch(name) else name, "descending": direction == "maximize"}
         except UsageError:
             pass  # runs of a study without a parent run: ranked by the default
     frame = compare.top_runs(client, study=args.study, mlflow_experiment=args.mlflow_experiment, top=top, **ranking)

@@ -179,11 +179,14 @@ class Objective:
 
     def _said(self, reason: str) -> None:
         """One line on stderr for each new reason a trial failed in the experiment's code."""
+        self._said_once(f"harness: a trial failed, the search goes on: {reason}")
+
+    def _said_once(self, line: str) -> None:
         with self._lock:
-            if reason in self._reasons:
+            if line in self._reasons:
                 return
-            self._reasons.add(reason)
-        print(f"harness: a trial failed, the search goes on: {reason}", file=sys.stderr)
+            self._reasons.add(line)
+        print(line, file=sys.stderr)
 
     def _start(self, runs: list[_TrialRun]) -> None:
         """Everything before training, filled into each run step by step: its worker, its config,
@@ -302,6 +305,10 @@ class Objective:
         if study is None or isinstance(study.pruner, optuna.pruners.NopPruner) or len(study.directions) > 1:
             # Intermediate values only feed a pruner; without one, skip the storage writes. Optuna
             # prunes no multi-objective study (its Trial.report refuses one).
+            return []
+        if not config.per_epoch(self.objectives[0]):  # a final value: nothing to report along the way
+            self._said_once(f"harness: objective {self.objectives[0]} is a final value, not a per-epoch one: "
+                            "the pruner prunes no trial")
             return []
         return [_Reporter(trial, self.report_every, self.objectives[0])]
 

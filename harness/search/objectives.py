@@ -1,7 +1,9 @@
 """What a trial's values are: its selection metric, and optionally a second objective (``--objectives``).
 
 The first objective is a per-epoch metric the run records on its validation data (``valid_loss``,
-the default, or ``valid_accuracy`` and the like) or its training data, never on its test data:
+the default, or ``valid_accuracy`` and the like) or its training data, or a final value the
+experiment reads off the trained model (its ``scalars``: then no trial is pruned, as nothing is
+reported per epoch), never a value on its test data:
 the test figures a search reports must not be what chose the trial. With one objective a trial
 returns its final value of it. With two, it returns (first, second) and the study is
 multi-objective: Optuna keeps its Pareto front, and cannot prune it (``Trial.report`` refuses a
@@ -13,7 +15,7 @@ import math
 import warnings
 
 from .. import schema
-from ..config import selection_metric_name
+from ..config import per_epoch, selection_metric_name
 from ..errors import UsageError, did_you_mean
 
 FIRST = schema.VALID_LOSS  # the first objective unless one is named
@@ -114,16 +116,21 @@ def measured(objectives: tuple[str, ...], result) -> dict[str, float]:
     """Each objective's value for a trained trial (a ``training.TrainResult``): the selection
     metric's final value (with early stopping, its best epoch's), the epochs trained, the seconds."""
     values = {EPOCHS: float(result.history.epochs_run), SECONDS: result.seconds}
-    return {name: values[name] if name in values else result.history.last(name) for name in objectives}
+    return {name: values[name] if name in values else result.value(name) for name in objectives}
 
 
 def selection_split(objectives: tuple[str, ...], result) -> dict[str, float]:
     """A trained trial's final values on the data its first objective is measured on (``valid_*``,
     or ``train_*`` without validation data): the selection metric first, then the experiment's own
     (``valid_accuracy``), so tables of the best trials show more than the number that ranked them."""
-    split = objectives[0].split("_", 1)[0] + "_"
-    names = sorted((n for n in result.history.values if n.startswith(split)), key=lambda n: n != objectives[0])
-    return {name: result.history.last(name) for name in names}
+    first = objectives[0]
+    if per_epoch(first):
+        split = first.split("_", 1)[0] + "_"
+    else:  # a final value read off the model, then the values on the data the run validates on
+        split = "valid_" if schema.VALID_LOSS in result.history.values else "train_"
+    names = sorted((n for n in result.history.values if n.startswith(split)), key=lambda n: n != first)
+    return {**({} if per_epoch(first) else {first: result.value(first)}),
+            **{name: result.history.last(name) for name in names}}
 
 
 def values(objectives: tuple[str, ...], result):

@@ -94,8 +94,9 @@ def describe(study, experiment, experiment_id: str, params: dict[str, str], top:
 
 def selected_on(metric: str, direction: str) -> str:
     """What chose the trials, said wherever a study's results are shown."""
-    data = "validation" if metric.startswith("valid_") else "training"
-    return (f"**Selected on** `{metric}` ({direction}d, on {data} data); test metrics are logged for every run "
+    data = "on validation data" if metric.startswith("valid_") else "on training data" \
+        if metric.startswith("train_") else "a final value of the trained model"
+    return (f"**Selected on** `{metric}` ({direction}d, {data}); test metrics are logged for every run "
             "and never used to choose.")
 
 

@@ -260,7 +260,7 @@ class StudyTracker:
 
     def _note_best(self, number: int, run_id: str, result) -> None:
         # With two objectives, the trial whose figures the parent gets is the one of the best selection metric.
-        value = result.history.last(self.objectives[0])
+        value = result.value(self.objectives[0])
         sign = 1 if self.study.directions[0].name == "MINIMIZE" else -1
         with self._lock:
             if self._best is None or sign * value < sign * self._best[0]:
