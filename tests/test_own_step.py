@@ -234,3 +234,15 @@ def test_an_own_eval_step_evaluates_validation_and_test_batches():
     assert mine["train_loss"] == theirs["train_loss"]
     assert mine["test_loss"] == [2 * v for v in theirs["test_loss"]]
     assert mine["valid_loss"] == [2 * v for v in theirs["valid_loss"]]
+
+
+def test_an_experiment_s_own_value_can_be_the_first_of_two_objectives(two_inputs):
+    space = space_module.resolve(two_inputs, overrides={"epochs": [2, 4]})
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(1))
+    with Objective(two_inputs, space, track=False, objectives=("valid_accuracy", "epochs")) as objective:
+        study.optimize(objective, n_trials=3)
+    assert study.metric_names == ["valid_accuracy", "epochs"]
+    for trial in study.trials:
+        assert trial.values[1] == trial.params["epochs"]
+        assert trial.values[0] == trial.user_attrs["harness.metrics"]["valid_accuracy"]
+        assert list(trial.user_attrs["harness.metrics"])[0] == "valid_accuracy"
