@@ -93,8 +93,9 @@ class Datasets:
     def input_shape(self) -> tuple[int, ...]:
         sample = self.test[0]
         if not isinstance(sample, (tuple, list)) or not isinstance(sample[0], (torch.Tensor, float, int)):
-            raise UsageError(f"the experiment's samples are {type(sample).__name__}s whose first item is not one "
-                             "input tensor; only an experiment with one input tensor takes inputs from --x")
+            raise UsageError(f"--x gives one input tensor per sample, and each sample of this experiment is a "
+                             f"{type(sample).__name__} of several inputs; load the model with harness.runs.load_model "
+                             "and call it yourself")
         return tuple(torch.as_tensor(sample[0]).shape)
 
     def held_out(self, fraction: float) -> "Datasets":

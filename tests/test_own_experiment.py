@@ -102,7 +102,7 @@ def test_readme_own_step_example_runs_as_printed(workdir):
     out = harness(reproduce.replace("RUN_ID", best), cwd=workdir)
     assert out.returncode == 0 and "bitwise identical" in out.stdout, out.stderr
     out = run_cli("predict", best, "--experiment", "two_inputs.py", "--x", "1", "2", cwd=workdir)
-    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not one input tensor" in out.stderr, out.stderr
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "each sample of this experiment is a dict of several inputs" in out.stderr, out.stderr
 
 
 EXPERIMENT_WITH = """
