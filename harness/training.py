@@ -254,13 +254,11 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
                           valid_batches=valid_batches, scheduler=epoch_schedule, monitor=metric,
                           recipe=Recipe(cfg.grad_clip_norm, cfg.grad_clip_value, batch_schedule),
                           step=step, eval_step=eval_step)
-        except (StopTraining, ExperimentCodeError):
-            raise
         except Exception as exc:
-            if type(exc).__module__.startswith(("harness.", "optuna", "mlflow")):
-                raise  # the harness's own failures (tracking, the journal) keep their handling
-            raise ExperimentCodeError(f"the experiment's code raised at epoch {history.epochs_run}: "
-                                      f"{first_line(exc)}") from exc
+            error = experiment_code_error(exc, history.epochs_run)
+            if error is None or error is exc:
+                raise
+            raise error from exc
         seconds = time.perf_counter() - started  # fit ends with its values on the host: the device is done
         if stopper is not None:
             stopper.restore()
@@ -271,6 +269,18 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
             predictions = predictions.cpu()
     scalars = experiment.scalars(model)
     return TrainResult(cfg, model, data, history, predictions, {**scalars, **experiment.errors(scalars)}, seconds)
+
+
+def experiment_code_error(exc: BaseException, epoch: int) -> ExperimentCodeError | None:
+    """What an exception raised while training says as the failure of the experiment's own code
+    (one line, with the epoch), or None for the harness's own failures (tracking, the journal, a
+    pruner's stop), which keep their handling."""
+    if isinstance(exc, ExperimentCodeError):
+        return exc
+    if isinstance(exc, StopTraining) or not isinstance(exc, Exception) \
+            or type(exc).__module__.startswith(("harness.", "optuna", "mlflow")):
+        return None
+    return ExperimentCodeError(f"the experiment's code raised at epoch {epoch}: {first_line(exc)}")
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -352,3 +352,9 @@ def test_user_code_that_raises_mid_training_fails_the_run_in_one_line_and_leaves
     assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED", "FAILED", "FINISHED"]  # the parent: FINISHED
     assert all("user code broke" in r.data.tags["harness.fail_reason"] for r in runs if r.info.status == "FAILED")
     assert run_cli("audit", "--study", "breaks-search", cwd=workdir).returncode == 0
+    # Trials trained in batches (--batch): the same, for each trial of the batch.
+    out = run_cli("search", "--experiment", "breaks.py", "--n-trials", 4, "--batch", 2, "--study-name", "batched",
+                  "--no-progress", cwd=workdir)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert [t.state.name for t in journal_study(workdir, "batched").trials] == ["FAIL"] * 4
+    assert run_cli("audit", "--study", "batched", cwd=workdir).returncode == 0

@@ -291,3 +291,23 @@ def test_a_final_value_the_experiment_logs_can_be_the_objective_and_prunes_nothi
                                          "weight_error, bias_error"):
         cfg = resolve(objective="weight_errr", valid_fraction=0.2)
         training.preflight(cfg, REFERENCE, REFERENCE.load_data())
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_an_exception_in_the_experiment_s_code_fails_those_trials_of_a_batch_and_the_search_goes_on(tmp_path, size,
+                                                                                                    capsys):
+    import optuna
+
+    from search_helpers import BREAKS
+
+    from harness.search import Objective, batch
+
+    (tmp_path / "breaks.py").write_text(BREAKS)
+    experiment = load(str(tmp_path / "breaks.py"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(0))
+    with Objective(experiment, track=False, batch=size) as objective:
+        batch.optimize(study, objective, 2 * size, size)  # does not raise
+    assert [t.state.name for t in study.trials] == ["FAIL"] * 2 * size
+    assert {t.user_attrs["fail_reason"] for t in study.trials} == {
+        "the experiment's code raised at epoch 10: RuntimeError: user code broke at call 31"}
+    assert capsys.readouterr().err.count("a trial failed, the search goes on") == 1  # said once

@@ -67,6 +67,7 @@ class _TrialRun:
     observers: list = field(default_factory=list)
     history: History = field(default_factory=History)  # kept if training is cut short
     result: object = None  # its TrainResult, once trained
+    error: ExperimentCodeError | None = None  # why the experiment's code failed it, if it did
 
 
 class _Reporter:
@@ -248,24 +249,40 @@ class Objective:
                 runs = [_TrialRun(trial) for trial in trials]
                 self._start(runs)
                 for group in self._stacks(runs):
-                    if len(group) == 1:
-                        run, = group
-                        run.result = training.train(run.cfg, self.experiment, self.data, run.observers,
-                                                    history=run.history)
-                        continue
-                    stacked = batched.train_stack([r.cfg for r in group], self.experiment, self.data,
-                                                  observers=[r.observers for r in group],
-                                                  histories=[r.history for r in group])
-                    for run, result in zip(group, stacked):
-                        run.result = result
+                    try:
+                        self._train_group(group)
+                    except Exception as exc:  # the experiment's code: that group's trials fail, the rest go on
+                        error = training.experiment_code_error(exc, max(r.history.epochs_run for r in group))
+                        if error is None:
+                            raise
+                        for run in group:
+                            run.error = error
         except BaseException as exc:
             with signals.deferred():  # a second Ctrl-C must not cut the wrap-up short
                 for run in runs:
                     self._end_unfinished(run, exc)
             raise
-        states = self._finish(runs)
-        return [(state, objectives_module.values(self.objectives, run.result) if state == "COMPLETE" else None)
-                for run, state in zip(runs, states)]
+        for run in runs:
+            if run.error is not None:
+                with signals.deferred():
+                    self._end_unfinished(run, run.error)
+                self._said(str(run.error))
+        trained = [run for run in runs if run.error is None]
+        states = dict(zip(map(id, trained), self._finish(trained) if trained else []))
+        return [("FAIL", None) if run.error is not None else
+                (states[id(run)], objectives_module.values(self.objectives, run.result)
+                 if states[id(run)] == "COMPLETE" else None) for run in runs]
+
+    def _train_group(self, group: list[_TrialRun]) -> None:
+        """One run alone, or a stack of them, trained; each run gets its result."""
+        if len(group) == 1:
+            run, = group
+            run.result = training.train(run.cfg, self.experiment, self.data, run.observers, history=run.history)
+            return
+        stacked = batched.train_stack([r.cfg for r in group], self.experiment, self.data,
+                                      observers=[r.observers for r in group], histories=[r.history for r in group])
+        for run, result in zip(group, stacked):
+            run.result = result
 
     def _stacks(self, runs: list[_TrialRun]) -> list[list[_TrialRun]]:
         """The runs grouped into stacks; a configuration that cannot be stacked is a group of its
