@@ -246,3 +246,12 @@ def test_an_experiment_s_own_value_can_be_the_first_of_two_objectives(two_inputs
         assert trial.values[1] == trial.params["epochs"]
         assert trial.values[0] == trial.user_attrs["harness.metrics"]["valid_accuracy"]
         assert list(trial.user_attrs["harness.metrics"])[0] == "valid_accuracy"
+
+
+def test_predict_prints_image_shaped_inputs_by_their_shape_and_flat_ones_by_their_values():
+    from harness.commands.predict import lines
+
+    images, scores = torch.zeros(2, 1, 8, 8), torch.tensor([[0.25, -1.0, 3.0]] * 2)
+    assert lines(images, scores) == ["input 0 (1x8x8) -> 0.25 -1 3", "input 1 (1x8x8) -> 0.25 -1 3"]
+    assert lines(torch.tensor([[0.5], [1.0]]), torch.tensor([[0.75], [1.5]])) == ["0.5 -> 0.75", "1 -> 1.5"]
+    assert lines(torch.tensor([0.5]), torch.tensor([2.0])) == ["0.5 -> 2"]  # 0-d rows

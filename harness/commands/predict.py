@@ -26,11 +26,21 @@ def run(args) -> int:
     from ..tracking import fast_read_client
 
     inputs, outputs = predict(args.run_id, values, client=fast_read_client(args.run_id), experiment=args.experiment)
-    for x, y in zip(inputs.tolist(), outputs.tolist()):
-        print(f"{_fmt(x)} -> {_fmt(y)}")
+    print("\n".join(lines(inputs, outputs)))
     return 0
 
 
-def _fmt(values) -> str:
-    values = values if isinstance(values, list) else [values]
+SHOWN = 8  # an input of more numbers than this is shown by its shape (an image), not its values
+
+
+def lines(inputs, outputs) -> list[str]:
+    """One line per input: its values (or its shape, when it has many) -> the model's outputs."""
+    shown = []
+    for i, (x, y) in enumerate(zip(inputs, outputs)):
+        left = _fmt(x.flatten().tolist()) if x.numel() <= SHOWN else f"input {i} ({'x'.join(map(str, x.shape))})"
+        shown.append(f"{left} -> {_fmt(y.flatten().tolist())}")
+    return shown
+
+
+def _fmt(values: list[float]) -> str:
     return " ".join(f"{v:.6g}" for v in values)
