@@ -50,6 +50,12 @@ class History:
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
+# An experiment's own step: ``step(model, batch, loss_fn) -> loss`` or ``(loss, {name: value})``,
+# where the batch is whatever the batches yield (a tuple or a dict of inputs and targets) and each
+# value is the batch's mean of something (a one-element tensor or a number). The step computes the
+# loss; the loop does everything after it (``update``), so clipping and schedules apply as usual.
+StepFn = Callable[[nn.Module, Any, nn.Module], Any]
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -103,39 +109,69 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
 
 def train_epoch(model: nn.Module, batches: Batches, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                 device: torch.device, metrics_fn: MetricsFn | None = None,
-                recipe: Recipe = PLAIN) -> dict[str, torch.Tensor]:
-    """One pass over the training batches: the loss (and metrics) of each batch before its step,
-    averaged over the epoch's samples, on the device."""
+                recipe: Recipe = PLAIN, step: StepFn | None = None) -> dict[str, torch.Tensor]:
+    """One pass over the training batches: the loss (and metrics, or the values of the experiment's
+    own ``step``) of each batch before its update, averaged over the epoch's samples, on the device."""
     model.train()
-    means, _ = _over_batches(batches, device, lambda X, y: train_step(model, X, y, loss_fn, optimizer, recipe),
-                             metrics_fn)
+    if step is None:
+        run = _plain(lambda X, y: train_step(model, X, y, loss_fn, optimizer, recipe), metrics_fn)
+    else:
+        def run(batch):
+            loss, values = step_output(step(model, batch, loss_fn))
+            update(model, loss, optimizer, recipe)
+            return loss.detach(), {name: value.detach() for name, value in values.items()}, None
+    means, _ = _over_batches(batches, device, run)
     return means
 
 
 def evaluate_batches(model: nn.Module, batches: Batches, loss_fn: nn.Module, device: torch.device,
-                     metrics_fn: MetricsFn | None = None, keep_predictions: bool = False):
-    """The loss (and metrics) over every test batch, averaged over samples; and the predictions,
-    concatenated, when asked for."""
-    return _over_batches(batches, device, lambda X, y: evaluate(model, X, y, loss_fn), metrics_fn, keep_predictions)
+                     metrics_fn: MetricsFn | None = None, keep_predictions: bool = False, step: StepFn | None = None):
+    """The loss (and metrics, or an own ``step``'s values, called in eval mode without gradients)
+    over every test batch, averaged over samples; and the predictions, concatenated, when asked for
+    (an own step gives none)."""
+    if step is None:
+        run = _plain(lambda X, y: evaluate(model, X, y, loss_fn), metrics_fn)
+    else:
+        model.eval()
+
+        def run(batch):
+            with torch.inference_mode():
+                return (*step_output(step(model, batch, loss_fn)), None)
+    return _over_batches(batches, device, run, keep_predictions)
 
 
-def _over_batches(batches: Batches, device: torch.device, step, metrics_fn: MetricsFn | None,
-                  keep_predictions: bool = False):
-    """``step(X, y) -> (loss, predictions)`` on every batch; sample-weighted means of the loss and
-    metrics, and the predictions concatenated when asked for."""
+def _plain(step, metrics_fn: MetricsFn | None):
+    """``run(batch)`` for batches of (inputs, targets): ``step(X, y) -> (loss, predictions)``, and
+    the metrics of the predictions."""
+    def run(batch):
+        X, y = batch
+        loss, pred = step(X, y)
+        return loss, ({} if metrics_fn is None else metrics_fn(pred, y)), pred
+    return run
+
+
+def _over_batches(batches: Batches, device: torch.device, run, keep_predictions: bool = False):
+    """``run(batch) -> (loss, {name: value}, predictions)`` on every batch; sample-weighted means of
+    the loss and the values (the same names every batch), and the predictions concatenated when
+    asked for."""
     values: dict[str, list[torch.Tensor]] = {"loss": []}
+    names = None  # the first batch's: every batch gives the same
     sizes: list[int] = []
     predictions = []
     move = device.type != "cpu"  # batches on the CPU already are where a CPU model wants them
-    for X, y in batches:
+    for batch in batches:
         if move:
-            X, y = X.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss, pred = step(X, y)
+            batch = to_device(batch, device)
+        loss, extra, pred = run(batch)
+        if names is None:
+            names = set(extra)
+        elif extra.keys() != names:
+            raise TypeError(f"the step must return the same values for every batch; it returned "
+                            f"{sorted(extra) or 'none'} after {sorted(names) or 'none'}")
         values["loss"].append(loss)
-        sizes.append(len(X))
-        if metrics_fn is not None:
-            for name, value in metrics_fn(pred, y).items():
-                values.setdefault(name, []).append(value)
+        for name, value in extra.items():
+            values.setdefault(name, []).append(value)
+        sizes.append(batch_length(batch))
         if keep_predictions:
             predictions.append(pred)
     means = {name: sample_mean(v, sizes) for name, v in values.items()}
@@ -154,52 +190,6 @@ def sample_mean(values: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
     return (stacked * weights).sum() / weights.sum()
 
 
-# An experiment's own step: ``step(model, batch, loss_fn) -> loss`` or ``(loss, {name: value})``,
-# where the batch is whatever the batches yield (a tuple or a dict of inputs and targets) and each
-# value is the batch's mean of something (a one-element tensor or a number). The step computes the
-# loss; the loop does everything after it (``update``), so clipping and schedules apply as usual.
-StepFn = Callable[[nn.Module, Any, nn.Module], Any]
-
-
-def own_train_epoch(model: nn.Module, batches: Iterable, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                    device: torch.device, step: StepFn, recipe: Recipe = PLAIN) -> dict[str, torch.Tensor]:
-    """train_epoch with the experiment's own step: its loss and values averaged over the samples."""
-    model.train()
-
-    def run(batch):
-        loss, values = step_output(step(model, batch, loss_fn))
-        update(model, loss, optimizer, recipe)
-        return loss.detach(), {name: value.detach() for name, value in values.items()}
-    return _over_own_batches(batches, device, run)
-
-
-def own_evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: torch.device,
-                 step: StepFn) -> dict[str, torch.Tensor]:
-    """evaluate_batches with the experiment's own step, called in eval mode without gradients."""
-    model.eval()
-
-    def run(batch):
-        with torch.inference_mode():
-            return step_output(step(model, batch, loss_fn))
-    return _over_own_batches(batches, device, run)
-
-
-def _over_own_batches(batches: Iterable, device: torch.device, run) -> dict[str, torch.Tensor]:
-    values: dict[str, list[torch.Tensor]] = {}
-    sizes: list[int] = []
-    move = device.type != "cpu"
-    for batch in batches:
-        if move:
-            batch = to_device(batch, device)
-        loss, extra = run(batch)
-        if values and extra.keys() != values.keys() - {"loss"}:
-            raise TypeError(f"the step must return the same values for every batch; it returned "
-                            f"{sorted(extra) or 'none'} after {sorted(values.keys() - {'loss'}) or 'none'}")
-        values.setdefault("loss", []).append(loss)
-        for name, value in extra.items():
-            values.setdefault(name, []).append(value)
-        sizes.append(batch_length(batch))
-    return {name: sample_mean(v, sizes) for name, v in values.items()}
 
 
 def step_output(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -316,33 +306,24 @@ def _epoch_runner(model: nn.Module, train_batches: Batches, test_batches: Batche
                   recipe: Recipe = PLAIN, step: StepFn | None = None,
                   eval_step: StepFn | None = None) -> Callable[[], dict[str, Any]]:
     """``run() -> {name: value}`` for one epoch: train_loss, train_<metric>..., valid_..., test_loss, test_<metric>..."""
-    if step is not None:
-        first: list[str] = []  # the first epoch's names: every epoch's curves are the same ones
-
-        def run_own() -> dict[str, torch.Tensor]:
-            train = own_train_epoch(model, train_batches, loss_fn, optimizer, device, step, recipe)
-            out = {f"train_{k}": v for k, v in train.items()}
-            for split, batches in (("valid", valid_batches), ("test", test_batches)):
-                if batches is not None:
-                    evaluated = own_evaluate(model, batches, loss_fn, device, eval_step or step)
-                    out.update({f"{split}_{k}": v for k, v in evaluated.items()})
-            if not first:
-                first.extend(out)
-            elif list(out) != first:
-                raise TypeError(f"the step must return the same values for every batch; this epoch it returned "
-                                f"{', '.join(out)} after {', '.join(first)}")
-            return out
-        return run_own
-
     train_only, test_only = _only_batch(train_batches), _only_batch(test_batches)
-    if train_only is None or test_only is None or valid_batches is not None:
+    if step is not None or train_only is None or test_only is None or valid_batches is not None:
+        first: list[str] = []  # an own step's first epoch's names: every epoch's curves are the same ones
+
         def run() -> dict[str, torch.Tensor]:
-            train = train_epoch(model, train_batches, loss_fn, optimizer, device, metrics_fn, recipe)
+            train = train_epoch(model, train_batches, loss_fn, optimizer, device, metrics_fn, recipe, step)
             out = {f"train_{k}": v for k, v in train.items()}
             for split, batches in (("valid", valid_batches), ("test", test_batches)):
                 if batches is not None:
-                    evaluated, _ = evaluate_batches(model, batches, loss_fn, device, metrics_fn)
+                    evaluated, _ = evaluate_batches(model, batches, loss_fn, device, metrics_fn,
+                                                    step=eval_step or step)
                     out.update({f"{split}_{k}": v for k, v in evaluated.items()})
+            if step is not None:
+                if not first:
+                    first.extend(out)
+                elif list(out) != first:
+                    raise TypeError(f"the step must return the same values for every batch; this epoch it "
+                                    f"returned {', '.join(out)} after {', '.join(first)}")
             return out
         return run
 

@@ -16,7 +16,7 @@ from .errors import ExperimentCodeError, UsageError
 from .experiment import Data, Datasets, Experiment, first_line
 from . import registry
 from .loop import (Batches, EarlyStopping, History, Observer, Recipe, StepFn, StopTraining, evaluate,
-                   evaluate_batches, fit, map_tensors, own_evaluate, own_train_epoch, train_step)
+                   evaluate_batches, fit, map_tensors, train_epoch, train_step)
 from .schema import BEST_EPOCH, TRAIN_LOSS, VALID_LOSS, final
 
 # torch's default generator is process-wide: seeding and drawing the initial weights must happen
@@ -147,8 +147,8 @@ def preflight(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets) -
             recorded = {"train": names, "valid": names}
         else:
             device = torch.device(cfg.device)
-            recorded = {"valid": set(own_evaluate(model, [batch], loss_fn, device, eval_step)),
-                        "train": set(own_train_epoch(model, [batch], loss_fn, optimizer, device, step))}
+            recorded = {"valid": set(evaluate_batches(model, [batch], loss_fn, device, step=eval_step)[0]),
+                        "train": set(train_epoch(model, [batch], loss_fn, optimizer, device, step=step))}
         if valid_batches is None:
             del recorded["valid"]
         metric = selection_metric(cfg, run_data)
