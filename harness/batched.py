@@ -218,9 +218,8 @@ def train_stack(cfgs: Sequence[TrainConfig], experiment: Experiment, data: Data,
         for m in members:
             _, predictions = evaluate_batches(m.model, test_batches, build_loss(m.cfg.loss), device,
                                               keep_predictions=True)
-            scalars = experiment.scalars(m.model)
             results.append(TrainResult(m.cfg, m.model, data, m.history, predictions.cpu(),
-                                       {**scalars, **experiment.errors(scalars)}))
+                                       experiment.final_values(m.model)))
     return results
 
 

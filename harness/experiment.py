@@ -284,6 +284,11 @@ class Experiment:
     def hyperparameter(self, name: str) -> Hyperparameter | None:
         return next((h for h in self.all_hyperparameters() if h.name == name), None)
 
+    def final_values(self, model: nn.Module) -> dict[str, float]:
+        """What a run reads off its trained model: the experiment's scalars and their errors."""
+        scalars = self.scalars(model)
+        return {**scalars, **self.errors(scalars)}
+
     def errors(self, scalars: Mapping[str, float]) -> dict[str, float]:
         """``<name>_error`` for each scalar whose true value the experiment declares."""
         return {f"{k}_error": abs(scalars[k] - v) for k, v in self.truth.items()

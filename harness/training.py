@@ -153,8 +153,7 @@ def preflight(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets) -
             del recorded["valid"]
         metric = selection_metric(cfg, run_data)
         split, _, name = metric.partition("_")
-        scalars = experiment.scalars(model)
-        finals = [*scalars, *experiment.errors(scalars)]
+        finals = list(experiment.final_values(model))
         if name not in recorded.get(split, ()) if per_epoch(metric) else metric not in finals:
             names = [f"{s}_{n}" for s in ("train", "valid") if s in recorded for n in sorted(recorded[s])]
             also = f", and the final values {', '.join(finals)}" if finals else ""
@@ -267,8 +266,7 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
             _, predictions = evaluate_batches(model, test_batches, loss_fn, model_device(model),
                                               keep_predictions=True)
             predictions = predictions.cpu()
-    scalars = experiment.scalars(model)
-    return TrainResult(cfg, model, data, history, predictions, {**scalars, **experiment.errors(scalars)}, seconds)
+    return TrainResult(cfg, model, data, history, predictions, experiment.final_values(model), seconds)
 
 
 def experiment_code_error(exc: BaseException, epoch: int) -> ExperimentCodeError | None:

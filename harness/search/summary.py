@@ -151,7 +151,7 @@ def _top_lines(study, trials: list, experiment, experiment_id: str, top: int,
             run = row[RUN_ATTR]
             link = f"[trial-{row['trial']}](#/experiments/{experiment_id}/runs/{run})" if isinstance(run, str) else "-"
             cells = [f"{row[c]:.6g}" if not pd.isna(row[c]) else "-" for c in values]
-            cells += ["-" if _missing(row[c]) else _cell(row[c]) for c in params]  # "-": not sampled
+            cells += ["-" if pd.isna(row[c]) else _cell(row[c]) for c in params]  # "-": not sampled
             lines.append(f"| {rank} | {row['trial']} | " + " | ".join(cells) + f" | {link} |")
         best = frame[RUN_ATTR].iloc[0]
         best = best if isinstance(best, str) else None
@@ -166,12 +166,6 @@ def _top_lines(study, trials: list, experiment, experiment_id: str, top: int,
     else:
         lines += ["", "No trial has completed yet."]
     return lines
-
-
-def _missing(value) -> bool:
-    import pandas as pd
-
-    return not isinstance(value, (list, dict, str)) and pd.isna(value)
 
 
 def front_shown(study, objectives: tuple[str, ...]):
