@@ -90,12 +90,12 @@ class Datasets:
         return self.valid is not None
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
+    def input_shape(self) -> tuple[int, ...] | None:
+        """The shape of one sample's input; None when a sample is not (input tensor, target) (a dict of
+        several inputs, for an experiment with its own step)."""
         sample = self.test[0]
         if not isinstance(sample, (tuple, list)) or not isinstance(sample[0], (torch.Tensor, float, int)):
-            raise UsageError(f"--x gives one input tensor per sample, and each sample of this experiment is a "
-                             f"{type(sample).__name__} of several inputs; load the model with harness.runs.load_model "
-                             "and call it yourself")
+            return None
         return tuple(torch.as_tensor(sample[0]).shape)
 
     def held_out(self, fraction: float) -> "Datasets":

@@ -135,7 +135,12 @@ def predict(run_id: str, values: list[float], client=None, experiment: str | Non
 
     client = client or fast_read_client(run_id)
     model, found = _model_and_experiment(client, run_id, experiment)
-    shape = found.load_data().input_shape
+    data = found.load_data()
+    shape = data.input_shape
+    if shape is None:
+        raise UsageError(f"--x gives one input tensor per sample, and each sample of this experiment is a "
+                         f"{type(data.test[0]).__name__} of several inputs; load the model with "
+                         "harness.runs.load_model and call it yourself")
     width = int(torch.Size(shape).numel())
     if not values or len(values) % width:
         raise UsageError(f"--x needs a multiple of {width} numbers for inputs of shape {list(shape)}, "
