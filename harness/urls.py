@@ -1,21 +1,23 @@
 """Store URLs as they may be shown: every password removed, in every form a URL can carry one.
 
 A password sits between the user name and the host (``scheme://user:PASSWORD@host``) or in the
-query (``?password=...``, and the like). Libraries disagree on where an unencoded ``/`` or ``@``
-in a password ends it, so the part hidden here is the widest any of them could read as the
-password: everything from the first ``:`` after the user name to the last ``@`` of the authority.
+query (``?password=...``, and the like). Libraries disagree on where an unencoded ``/``, ``?``, ``#``
+or ``@`` in a password ends it (SQLAlchemy reads up to the first ``@`` after the ``:``, libpq up to
+the first ``@`` before a ``/``, urllib up to the last ``@`` before a ``/``, ``?`` or ``#``), so the part
+hidden here is the widest any of them could read as the password.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 from .errors import UsageError
 
 # Query keys that carry a secret (libpq's password, tokens of HTTP stores, cloud keys).
 SECRET_KEYS = re.compile(r"pass|pwd|secret|token|key|auth|credential|signature|sig$", re.IGNORECASE)
 HIDDEN = "***"
+_TAB_NEWLINE = str.maketrans("", "", "\t\r\n")
 
 
 def _split(url: str) -> tuple[str, str, str, str]:
@@ -23,12 +25,26 @@ def _split(url: str) -> tuple[str, str, str, str]:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return "", "", url, ""
+    at = _credentials_end(rest, _token_scheme(url))
+    credentials, rest = (rest[:at], rest[at + 1:]) if at >= 0 else ("", rest)
     rest, q, query = rest.partition("?")
-    query = q + query
-    at = rest.rfind("@")
-    if at < 0:
-        return scheme + sep, "", rest, query
-    return scheme + sep, rest[:at], rest[at + 1:], query
+    return scheme + sep, credentials, rest, q + query
+
+
+def _credentials_end(rest: str, http: bool) -> int:
+    """Where the credentials of ``scheme://rest`` end (the index of their '@', or -1), as the widest
+    of the parsers that read them. An unencoded '/', '?' or '#' is part of a password for some and
+    ends it for others, so the password hidden is the longest any of them could take."""
+    # urllib and requests (http stores): the authority ends at the first '/', '?' or '#', the credentials at its last '@'.
+    ends = [re.match(r"[^/?#]*", rest).group().rfind("@")]
+    if not http:
+        # libpq (postgresql://): the first '@' before the first '/'.
+        ends.append(rest.split("/", 1)[0].find("@"))
+        # SQLAlchemy: a user without ':' or '/', then ':' and a password up to the first '@', past any '/', '?' or '#'.
+        with_password = re.match(r"[^:/]*:[^@]*@", rest)
+        ends.append(with_password.end() - 1 if with_password else -1)
+        ends.append(re.match(r"[^:/]*", rest).group().rfind("@"))  # its user alone
+    return max(ends)
 
 
 def secrets(url: str) -> list[str]:
@@ -45,9 +61,21 @@ def secrets(url: str) -> list[str]:
             found.append(value)
     every = set()
     for secret in found:
-        if secret:
-            every |= {secret, unquote(secret)}
+        for piece in _pieces(secret):
+            # urllib drops every tab and newline of a URL before it parses it
+            every |= {piece, unquote(piece), unquote_plus(piece), piece.translate(_TAB_NEWLINE)}
+    every.discard("")
     return sorted(every, key=len, reverse=True)
+
+
+def _pieces(secret: str) -> list[str]:
+    """The secret and every part of it a narrower parser could read as a password, a port or a
+    query: what lies before and after each '/', '?', '#' or '@' in it."""
+    pieces = [secret]
+    for i, char in enumerate(secret):
+        if char in "/?#@":
+            pieces += [secret[:i], secret[i + 1:]]
+    return pieces
 
 
 def _token_scheme(url: str) -> bool:
