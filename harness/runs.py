@@ -43,10 +43,7 @@ def logged_config(client, run_id: str, device: str | None = None, experiment: st
     """
     with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
         try:
-            path = Path(client.download_artifacts(run_id, CONFIG, tmp))
-            if path.stat().st_size > MAX_CONFIG_BYTES:
-                raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
-            logged = json.loads(path.read_text())
+            logged = json.loads(fetch_artifact(client, run_id, CONFIG, MAX_CONFIG_BYTES, tmp).read_text())
             if not isinstance(logged, dict):
                 raise ValueError("not a mapping")
         except Exception as exc:
@@ -79,12 +76,14 @@ def load_state_dict(client, run_id: str) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
         try:
-            path = Path(client.download_artifacts(run_id, STATE_DICT, tmp))
+            path = fetch_artifact(client, run_id, STATE_DICT, MAX_STATE_DICT_BYTES, tmp)
+        except ArtifactRefused as exc:
+            raise HarnessError(f"refused {STATE_DICT} of run {run_id}: {exc}") from None
         except Exception as exc:  # MLflow raises several kinds for an absent artifact
             raise HarnessError(f"run {run_id} has no readable {STATE_DICT} ({first_line(exc)})") from None
-        if not path.is_file() or path.stat().st_size > MAX_STATE_DICT_BYTES:
-            raise HarnessError(f"refused {STATE_DICT} of run {run_id}: not a regular file of at most "
-                               f"{MAX_STATE_DICT_BYTES} bytes")
+        refused = _not_a_plain_archive(path)
+        if refused:
+            raise HarnessError(f"refused {STATE_DICT} of run {run_id}: {refused}")
         try:
             state = torch.load(path, weights_only=True, map_location="cpu")
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
@@ -96,6 +95,65 @@ def load_state_dict(client, run_id: str) -> dict:
         raise HarnessError(f"refused {STATE_DICT} of run {run_id}: a {type(state).__name__}, not a state_dict "
                            "(a mapping of names to tensors)")
     return state
+
+
+class ArtifactRefused(Exception):
+    """An artifact that is not a regular file of bounded size: refused before it is read or copied."""
+
+
+def fetch_artifact(client, run_id: str, name: str, limit: int, tmp: str) -> Path:
+    """The run's artifact ``name`` as a local file, its size checked before anything copies or reads
+    it: a sparse file or a FIFO in the store costs nothing to refuse."""
+    size = _artifact_size(client, run_id, name)
+    if size is not None and size > limit:
+        raise ArtifactRefused(f"it is {size} bytes, at most {limit} allowed")
+    path = Path(client.download_artifacts(run_id, name, tmp))
+    if not path.is_file() or path.stat().st_size > limit:
+        raise ArtifactRefused(f"not a regular file of at most {limit} bytes")
+    return path
+
+
+def _artifact_size(client, run_id: str, name: str) -> int | None:
+    """The artifact's size as its store reports it, before a download; None where the file is read
+    in place (the fast reader, which checks it itself)."""
+    import stat
+
+    from .local_store import LocalStore
+    from .urls import local_folder
+
+    if isinstance(client, LocalStore):
+        return None
+    folder = local_folder(client.get_run(run_id).info.artifact_uri)
+    if folder is not None:
+        try:
+            found = (folder / name).stat()
+        except OSError:
+            return None  # absent: the download says so in MLflow's words
+        if not stat.S_ISREG(found.st_mode):
+            raise ArtifactRefused("not a regular file")
+        return found.st_size
+    listed = {info.path: info for info in client.list_artifacts(run_id)}
+    info = listed.get(name)
+    if info is not None and info.is_dir:
+        raise ArtifactRefused("a folder, not a file")
+    return info.file_size if info is not None else None
+
+
+def _not_a_plain_archive(path: Path) -> str | None:
+    """Why the file is not read by torch.load, or None. torch.save has written zip archives since
+    torch 1.6, its tensors stored uncompressed; the legacy format (and a bare pickle) allocates
+    storages at the sizes it declares, and a compressed entry is inflated whole, so only an archive
+    whose entries declare at most the allowed bytes in all is read."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(entry.file_size for entry in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        return f"not a zip archive of torch.save ({first_line(exc)})"
+    if declared > MAX_STATE_DICT_BYTES:
+        return f"its entries declare {declared} bytes, at most {MAX_STATE_DICT_BYTES} allowed"
+    return None
 
 
 def fitted_model(client, run_id: str, cfg, experiment, state: dict | None = None):

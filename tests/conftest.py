@@ -76,3 +76,21 @@ def all_runs(workdir: Path):
     client = client_for(workdir)
     ids = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(ids, max_results=10000)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, migrated_db):
+    """A store holding one trained run (5 epochs of the default experiment): (folder, run id).
+    Tests damage copies of it, never it."""
+    import sqlite3
+    from contextlib import closing
+
+    path = tmp_path_factory.mktemp("trained")
+    new_store(path, migrated_db)
+    # The template's Default experiment keeps artifacts where pytest started: keep these here, to damage copies.
+    with closing(sqlite3.connect(path / "mlflow.db")) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ?", (str(path / "mlruns" / "0"),))
+    out = run_cli("train", "--epochs", 5, cwd=path)
+    assert out.returncode == 0, out.stderr
+    [run] = all_runs(path)
+    return path, run.info.run_id

@@ -19,22 +19,9 @@ from harness.commands.predict import _fmt
 from harness.errors import HarnessError, UsageError
 from harness.local_store import LocalStore
 from harness.tracking import fast_read_client
-from conftest import all_runs, cli_env, new_store, run_cli
+from conftest import cli_env, run_cli
 
 VALUES = [0.1, 0.5, -2.0]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, migrated_db):
-    path = tmp_path_factory.mktemp("trained")
-    new_store(path, migrated_db)
-    # The template's Default experiment keeps artifacts where pytest started: keep these here, to damage copies.
-    with closing(sqlite3.connect(path / "mlflow.db")) as db, db:
-        db.execute("UPDATE experiments SET artifact_location = ?", (str(path / "mlruns" / "0"),))
-    out = run_cli("train", "--epochs", 5, cwd=path)
-    assert out.returncode == 0, out.stderr
-    [run] = all_runs(path)
-    return path, run.info.run_id
 
 
 @pytest.fixture
