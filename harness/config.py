@@ -17,6 +17,9 @@ from . import registry
 from .experiment import CONFIG_KEYS, HARNESS_NAMES, Experiment, Hyperparameter, load
 
 MAX_CONFIG_BYTES = 1 << 20
+# What a config, a space or a --tune range may expand to through YAML aliases: a config file of
+# MAX_CONFIG_BYTES holds far fewer values, so only an alias bomb meets it.
+MAX_YAML_NODES = 100_000
 INT_LIMIT = 2 ** 63 - 1  # what torch and numpy take as an integer
 MAX_EPOCHS = 10_000_000  # per-epoch buffers are allocated up front
 
@@ -100,10 +103,41 @@ def parse_yaml(text: str, shown: str, json_only: bool = False) -> Any:
     import yaml
 
     try:
-        return json.loads(text) if json_only else yaml.safe_load(text)
-    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        if json_only:
+            return json.loads(text)
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            nodes = _expanded_nodes(node, {})
+            if nodes > MAX_YAML_NODES:
+                raise UsageError(f"{shown} expands to {nodes} values through its aliases (*name); "
+                                 f"at most {MAX_YAML_NODES} allowed")
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except (yaml.YAMLError, RecursionError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UsageError(f"{shown} is not valid YAML/JSON: {first}") from None
+    except ValueError as exc:  # JSONDecodeError; an integer too long to convert
+        if isinstance(exc, UsageError):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UsageError(f"{shown} is not valid YAML/JSON: {first}") from None
+
+
+def _expanded_nodes(node, counted: dict[int, int]) -> int:
+    """How many values ``node`` becomes once every alias is expanded; each node is counted once (an
+    alias is the same node object), so a 300-byte alias bomb is measured without being built."""
+    import yaml
+
+    if id(node) not in counted:
+        counted[id(node)] = 0  # an alias of a node inside itself: counted as one
+        children = ([v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        counted[id(node)] = 1 + sum(_expanded_nodes(child, counted) for child in children)
+    return counted[id(node)]
 
 
 def parse_sets(pairs: list[str] | None) -> dict[str, Any]:
