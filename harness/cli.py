@@ -76,6 +76,19 @@ def _store_error(exc: BaseException) -> str | None:
     return f"{type(exc).__name__}: {scrub(first, uri) if uri else first}"
 
 
+def _check_text(argv: list[str]) -> None:
+    """Every argument is text that can be stored: MLflow and Optuna keep names, paths and values as
+    UTF-8, and a file name that is not (Python hands it over with lone surrogates) would be accepted
+    here and then fail every write."""
+    for arg in argv:
+        try:
+            str(arg).encode("utf-8")
+        except UnicodeEncodeError:
+            shown = ascii(arg) if len(arg) <= 80 else f"{ascii(arg[:60])}... ({len(arg)} characters)"
+            raise UsageError(f"argument {shown} is not UTF-8 text; MLflow and Optuna store every name, path "
+                             "and value as UTF-8: rename the file or folder") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     # MLflow draws a progress bar for every artifact it downloads: noise around a one-line answer.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -88,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM ends a command the way Ctrl-C does: runs are closed, nothing is left RUNNING.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        _check_text(sys.argv[1:] if argv is None else argv)
         parser = build_parser()
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # said by the command's own parser, which knows its flags
@@ -102,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `harness compare | head`: the reader has what it wanted. Python's own exit would flush
+        # stdout into the closed pipe again and print an error; it gets /dev/null instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a process a closed pipe ends
     except Exception as exc:
         line = _store_error(exc)
         if line is None:

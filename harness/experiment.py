@@ -357,6 +357,11 @@ def _load_file(reference: str) -> Experiment:
     if path.suffix != ".py":
         raise UsageError(f"experiment file {reference!r} must be a .py file")
     try:
+        str(path).encode("utf-8")  # its path is logged with every run: MLflow and Optuna store UTF-8
+    except UnicodeEncodeError:
+        raise UsageError(f"experiment file {ascii(str(path))} has a path that is not UTF-8 text; "
+                         "MLflow and Optuna store it with every run: rename its file or folder") from None
+    try:
         content = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read experiment file {reference!r}: {exc.strerror}") from None
