@@ -21,7 +21,7 @@ from .urls import local_folder
 # (tests/test_mlflow_conformance.py checks it is still MLflow's head).
 SCHEMA_REVISION = "dc11669786a5"
 # MLflow's own check: an id it refuses goes through MLflow, so that its message stays the same.
-_RUN_ID = re.compile(r"^[a-zA-Z0-9][\w\-]{0,255}$")
+RUN_ID = re.compile(r"^[a-zA-Z0-9][\w\-]{0,255}$")
 
 
 class StoreError(Exception):
@@ -45,7 +45,7 @@ class LocalStore:
         """A reader for ``run_id``, or None where an MlflowClient must read it: not an existing
         SQLite file, an MLflow version or schema revision not tested, an id MLflow refuses, or a
         run whose artifacts are not in a local folder."""
-        if not tracking_uri.startswith("sqlite:///") or not _RUN_ID.match(run_id) or not _tested_mlflow():
+        if not tracking_uri.startswith("sqlite:///") or not RUN_ID.match(run_id) or not _tested_mlflow():
             return None
         path = Path(tracking_uri[len("sqlite:///"):])
         if not path.is_file():

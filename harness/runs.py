@@ -18,9 +18,13 @@ from .urls import redact
 
 
 def get_run(client, run_id: str):
-    from .local_store import ERRORS, LocalStore
+    from .local_store import ERRORS, RUN_ID, LocalStore
     from .tracking import missing
 
+    if not RUN_ID.match(run_id):  # MLflow's own rule: its refusal would read as a store failure
+        shown = repr(run_id) if len(run_id) <= 80 else f"{run_id[:60]!r}... ({len(run_id)} characters)"
+        raise UsageError(f"{shown} is not a run id: MLflow's run ids are a letter or digit, then up to 255 "
+                         "letters, digits, '_' or '-' (the 32 hex digits MLflow prints)")
     if isinstance(client, LocalStore):
         errors = ERRORS  # the fast reader's: mlflow stays unimported
     else:
