@@ -11,13 +11,13 @@ import optuna
 
 from .. import batched, config, signals, training
 from ..errors import ExperimentCodeError, UsageError
-from ..experiment import Experiment, load
+from ..experiment import Experiment, first_line, load
 from ..loop import History, StopTraining
 from . import objectives as objectives_module
 from . import space as space_module
 from .space import SearchSpace
 from .journal import JournalWriteError
-from ..schema import FAIL_REASON_ATTR, METRICS_ATTR, RUN_ATTR, WORKER_ATTR
+from ..schema import FAIL_REASON_ATTR, METRICS_ATTR, PAIR_TRIAL_PARAM, RUN_ATTR, WORKER_ATTR
 from .tracker import StudyTracker, TrackingFailed
 from .workers import identity, retry, unfinished_reason
 
@@ -39,6 +39,19 @@ def failure_reason(exc: BaseException) -> str:
 def _frozen(study, trial):
     """The FrozenTrial of a running trial (what Optuna's retry callbacks take)."""
     return next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
+def _queued_misfit(trial, exc: ValueError) -> tuple[ExperimentCodeError, dict, dict]:
+    """A queued trial (enqueued by hand, or left by a search over another space) whose params this
+    search's space or config refuses: that trial fails with the reason and is not queued again.
+    The same error from a trial the sampler drew is the harness's bug: raised as it is. Returns
+    the error, the queued params and those drawn before the refusal."""
+    study = getattr(trial, "study", None)
+    frozen = _frozen(study, trial) if study is not None else None
+    if frozen is None or not frozen.system_attrs.get("fixed_params"):
+        raise exc
+    return (ExperimentCodeError(f"trial {trial.number}'s queued params do not fit this search: {first_line(exc)}"),
+            frozen.system_attrs["fixed_params"], frozen.params)
 
 
 def _stop(trial) -> None:
@@ -163,6 +176,8 @@ class Objective:
             # records a trial), an interrupt stops the trial at once from here on.
             with signals.interruptible():
                 self._start([run])
+                if run.error is not None:
+                    raise run.error
                 result = training.train(run.cfg, self.experiment, self.data, run.observers, history=run.history)
         except BaseException as exc:
             with signals.deferred():  # a second Ctrl-C must not cut the wrap-up short
@@ -202,11 +217,21 @@ class Objective:
                     trial.set_user_attr(WORKER_ATTR, self._worker)
                     _drop_inherited_reason(trial)
                 run.tracker = self._tracker_for(trial)
-                values = space_module.sample(trial, self.space, self.base.chosen())
-                if getattr(trial, "study", None) is not None:  # the run early-stops the way the study selects
-                    values["direction"] = trial.study.directions[0].name.lower()
-                run.cfg = config.validate(config.with_values(self.base, values, self.experiment),
-                                          self.experiment, self.data.n_train)
+                try:
+                    values = space_module.sample(trial, self.space, self.base.chosen())
+                    if getattr(trial, "study", None) is not None:  # the run early-stops the way the study selects
+                        values["direction"] = trial.study.directions[0].name.lower()
+                    run.cfg = config.validate(config.with_values(self.base, values, self.experiment),
+                                              self.experiment, self.data.n_train)
+                except ValueError as exc:  # UsageError too; Optuna's for a queued choice the space lacks
+                    run.error, queued, drawn = _queued_misfit(trial, exc)
+                    if run.tracker:
+                        known = {"lr", "epochs", PAIR_TRIAL_PARAM, *(p.name for p in self.space.params)}
+                        params = {k: str(v)[:250] for k, v in queued.items() if k in known}
+                        for name, value in drawn.items():  # as a trained trial's run logs them
+                            params.update(zip(("optimizer", "loss"), value.split("+")) if name == PAIR_TRIAL_PARAM
+                                          else {name: str(value)})
+                        run.tracker.record_refused(trial, params, str(run.error))
         finally:
             tracked = [run for run in runs if run.tracker and run.cfg is not None]
             if tracked:
@@ -248,7 +273,7 @@ class Objective:
             with signals.interruptible():
                 runs = [_TrialRun(trial) for trial in trials]
                 self._start(runs)
-                for group in self._stacks(runs):
+                for group in self._stacks([run for run in runs if run.error is None]):
                     try:
                         self._train_group(group)
                     except Exception as exc:  # the experiment's code: that group's trials fail, the rest go on

@@ -2,6 +2,7 @@
 front), trials table, Optuna's plots."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from typing import Any
@@ -272,7 +273,12 @@ def _plots(trials: list, directions, objectives: tuple[str, ...] = DEFAULT) -> d
         study = optuna.create_study(directions=[getattr(d, "name", d).lower() for d in directions])
     finally:
         optuna.logging.set_verbosity(verbosity)
-    study.add_trials([t for t in trials if t.state.is_finished()])
+    for trial in trials:
+        if trial.state.is_finished():
+            # A queued trial may hold a value out of its range (Optuna runs it with a warning); a
+            # scratch study refuses it: that trial is left out of the plots, not the summary.
+            with contextlib.suppress(ValueError):
+                study.add_trial(trial)
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not completed:
         return {}

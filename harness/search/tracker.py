@@ -180,6 +180,15 @@ class StudyTracker:
             wait(futures)
         return futures
 
+    def record_refused(self, trial, params: dict[str, str], reason: str) -> None:
+        """A queued trial refused before it had a config: a FAILED run with its queued ``params`` and
+        the reason, so that this trial too has its run (as `audit --fix` gives one that failed early)."""
+        tags = {schema.PARENT_TAG: self.parent_run_id, schema.TRIAL_NUMBER_TAG: str(trial.number),
+                schema.STUDY_TAG: self.study.study_name, schema.TRIAL_STATE_TAG: "FAIL", schema.FAIL_REASON_TAG: reason}
+        pending = self._submit(self._create, self.sink.create_run, self.experiment_id, f"trial-{trial.number}", tags,
+                               {**params, schema.TRIAL_NUMBER_PARAM: str(trial.number)})
+        self._submit(self._writes, self.sink.close, self._link(trial, pending), "FAILED")
+
     def end_trial(self, trial, pending: Future, result, state: str) -> str:
         """Hand a finished trial's record to the writes; the run ends with the status its state maps to."""
         return self.end_trials([(trial, pending, result, state)])[0]
