@@ -119,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # `harness compare | head`: the reader has what it wanted. Python's own exit would flush
         # stdout into the closed pipe again and print an error; it gets /dev/null instead.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout without a file descriptor: nothing to flush later
+            pass
         return 141  # 128 + SIGPIPE, what a shell reports for a process a closed pipe ends
     except Exception as exc:
         line = _store_error(exc)

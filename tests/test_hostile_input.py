@@ -105,3 +105,23 @@ def test_queued_params_the_space_does_not_hold_fail_that_trial_and_the_search_go
         assert queued.items() <= run.data.params.items()
     capsys.readouterr()
     assert main(["audit", "--study", "s"]) == 0, capsys.readouterr()
+
+
+def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(trained, capsys, monkeypatch):
+    """`harness predict ... | head -1`, `harness compare | head`: the reader has what it wanted."""
+    import os
+    import sys
+
+    path, run_id = trained
+    monkeypatch.chdir(path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
+    read, write = os.pipe()
+    os.close(read)
+    closed = open(write, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", closed)
+    try:
+        assert main(["predict", run_id, "--x", "1", "2"]) == 141
+        closed.write("flushed at exit\n")  # what Python's exit does: it reaches /dev/null now
+    finally:
+        closed.close()
+    assert capsys.readouterr().err == ""
