@@ -82,6 +82,10 @@ WORKER_ATTR = "harness.worker"  # host:pid:start-time of the process running a t
 FAIL_REASON_ATTR = "fail_reason"  # why a trial failed
 SPACE_ATTR = "harness.space"  # a study's search space, as JSON
 STUDY_EXPERIMENT_ATTR = "harness.experiment"  # a study's experiment
+# The sha256 of the file that defines a study's experiment: a study resumes only with the same file.
+STUDY_EXPERIMENT_SHA_ATTR = "harness.experiment_sha256"
+# Each change of that file a resume accepted (--allow-changed-experiment): [{"trial", "sha256", "was"}].
+EXPERIMENT_CHANGES_ATTR = "harness.experiment_changes"
 OBJECTIVES_ATTR = "harness.objectives"  # a study's objectives, by name (a study resumes only with them)
 # A completed trial's final values on the data it was selected on ({"valid_loss": .., "valid_accuracy": ..});
 # its test values stay in its run, out of the study's storage.
