@@ -32,6 +32,8 @@ STUDY_RUN_TAG = "harness.study_run"  # on an `mlflow run` that resumed a study: 
 # ---- MLflow run params (besides every field of the resolved config) ------------------------------
 TRIAL_NUMBER_PARAM = "trial_number"
 TORCH_VERSION_PARAM = "torch_version"
+# torch's intra-op threads while the run trained: a CPU run's bits depend on it (reproduce re-runs with it).
+TORCH_THREADS_PARAM = "torch_threads"
 EXPERIMENT_SHA_PARAM = "experiment_sha256"  # of the file that defined the run's experiment
 # On a study's parent run: its search space and settings.
 SPACE_PARAM = "space.{name}"  # space.lr, space.epochs, space.optimizer_loss, space.<hyperparameter>

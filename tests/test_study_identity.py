@@ -19,16 +19,6 @@ from search_helpers import journal_study
 SEARCH = ["search", "--n-trials", "1", "--epochs-range", "5", "10", "--pruner", "none", "--no-progress"]
 
 
-@pytest.fixture
-def in_workdir(workdir, monkeypatch):
-    """``workdir`` as the working directory, its store the tracking URI, whatever the caller's MLFLOW_*."""
-    monkeypatch.chdir(workdir)
-    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
-    return workdir
-
-
 def sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
