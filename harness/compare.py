@@ -10,8 +10,8 @@ from .runs import curves
 
 ROLE_COLUMN = f"tags.{schema.ROLE_TAG}"  # as mlflow.search_runs names the column
 # Params that say how a run was made, not what it tried.
-BOOKKEEPING = ("experiment", "seed", "device", schema.TORCH_VERSION_PARAM, schema.TRIAL_NUMBER_PARAM,
-               schema.EXPERIMENT_SHA_PARAM)
+BOOKKEEPING = ("experiment", "seed", "device", schema.TORCH_VERSION_PARAM, schema.TORCH_THREADS_PARAM,
+               schema.TRIAL_NUMBER_PARAM, schema.EXPERIMENT_SHA_PARAM)
 
 
 def top_runs(client, *, study: str | None = None, mlflow_experiment: str | None = None, metric: str = schema.FINAL_TEST_LOSS,

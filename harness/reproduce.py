@@ -1,10 +1,14 @@
 """Re-run a logged run from its logged config and seed, and say whether the result is the same bit for bit."""
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 import torch
 
 from . import tracking, training
-from .schema import COMMAND_TAG, REPRODUCES_TAG
+from .schema import COMMAND_TAG, REPRODUCES_TAG, TORCH_THREADS_PARAM
 from .errors import UsageError
 from .runs import curves, fitted_model, get_run, load_state_dict, logged_config
 
@@ -25,17 +29,51 @@ def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str, 
     # leaves no re-run behind.
     old_state = load_state_dict(client, run_id)
     fitted_model(client, run_id, cfg, found, old_state)
-    result = training.train(cfg, found, data)
-    new_run = client.create_run(source.info.experiment_id, run_name=f"reproduce-{source.info.run_name}",
-                                tags={REPRODUCES_TAG: run_id, COMMAND_TAG: "reproduce"})
-    status = "FAILED"
-    try:
-        status = tracking.log_result(client, new_run.info.run_id, found, result)
-    finally:
-        client.set_terminated(new_run.info.run_id, status)
+    threads = recorded_threads(source.data.params)
+    with intra_op_threads(threads, run_id):  # the re-run's record says the count it trained with
+        result = training.train(cfg, found, data)
+        new_run = client.create_run(source.info.experiment_id, run_name=f"reproduce-{source.info.run_name}",
+                                    tags={REPRODUCES_TAG: run_id, COMMAND_TAG: "reproduce"})
+        status = "FAILED"
+        try:
+            status = tracking.log_result(client, new_run.info.run_id, found, result)
+        finally:
+            client.set_terminated(new_run.info.run_id, status)
     logged = curves(client, run_id, result.history.values.keys())
-    return new_run.info.run_id, differences(old_state, result.model.state_dict(),
-                                            logged, result.history.values), result.history.epochs_run
+    diffs = differences(old_state, result.model.state_dict(), logged, result.history.values)
+    if diffs and threads is None:
+        diffs.append(f"run {run_id} recorded no thread count; it was re-run with {torch.get_num_threads()} "
+                     "intra-op threads, and a CPU run's bits depend on that count")
+    return new_run.info.run_id, diffs, result.history.epochs_run
+
+
+MAX_THREADS = 1024  # a run's record is untrusted: it does not start a million threads
+
+
+def recorded_threads(params) -> int | None:
+    """The intra-op thread count a run trained with; None where it recorded none (or not a usable one)."""
+    text = str(params.get(TORCH_THREADS_PARAM, ""))
+    return int(text) if text.isascii() and text.isdecimal() and 1 <= int(text) <= MAX_THREADS else None
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int | None, run_id: str):
+    """torch's intra-op threads set to ``count`` while the block runs, then set back: a CPU run's
+    reductions are split between threads, so the count decides its bits (OMP_NUM_THREADS=1 gives
+    other weights than the default). Said on stderr when it is not this process's."""
+    before = torch.get_num_threads()
+    if count is None or count == before:
+        yield
+        return
+    cores = os.cpu_count() or 1
+    more = f"; that is more than the {cores} cores here: slower, the same bits" if count > cores else ""
+    print(f"harness: run {run_id} trained with {count} intra-op threads; re-running with {count}, not this "
+          f"process's {before}{more}", file=sys.stderr)
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def differences(old_state: dict, new_state: dict, old_curves: dict, new_curves: dict) -> list[str]:

@@ -32,6 +32,8 @@ STUDY_RUN_TAG = "harness.study_run"  # on an `mlflow run` that resumed a study: 
 # ---- MLflow run params (besides every field of the resolved config) ------------------------------
 TRIAL_NUMBER_PARAM = "trial_number"
 TORCH_VERSION_PARAM = "torch_version"
+# torch's intra-op threads while the run trained: a CPU run's bits depend on it (reproduce re-runs with it).
+TORCH_THREADS_PARAM = "torch_threads"
 EXPERIMENT_SHA_PARAM = "experiment_sha256"  # of the file that defined the run's experiment
 # On a study's parent run: its search space and settings.
 SPACE_PARAM = "space.{name}"  # space.lr, space.epochs, space.optimizer_loss, space.<hyperparameter>
@@ -82,6 +84,10 @@ WORKER_ATTR = "harness.worker"  # host:pid:start-time of the process running a t
 FAIL_REASON_ATTR = "fail_reason"  # why a trial failed
 SPACE_ATTR = "harness.space"  # a study's search space, as JSON
 STUDY_EXPERIMENT_ATTR = "harness.experiment"  # a study's experiment
+# The sha256 of the file that defines a study's experiment: a study resumes only with the same file.
+STUDY_EXPERIMENT_SHA_ATTR = "harness.experiment_sha256"
+# Each change of that file a resume accepted (--allow-changed-experiment): [{"trial", "sha256", "was"}].
+EXPERIMENT_CHANGES_ATTR = "harness.experiment_changes"
 OBJECTIVES_ATTR = "harness.objectives"  # a study's objectives, by name (a study resumes only with them)
 # A completed trial's final values on the data it was selected on ({"valid_loss": .., "valid_accuracy": ..});
 # its test values stay in its run, out of the study's storage.

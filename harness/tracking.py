@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .schema import CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, STATE_DICT, TORCH_VERSION_PARAM
+from .schema import (CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, STATE_DICT, TORCH_THREADS_PARAM,
+                     TORCH_VERSION_PARAM)
 from .urls import engine_url, redact, scrub
 
 
@@ -41,11 +42,12 @@ def source_params(experiment) -> dict[str, str]:
 
 
 def params_of(config, extra_params: dict | None = None) -> dict[str, str]:
-    """A run's params: the whole resolved config (hyperparameters included), the torch version, extras."""
+    """A run's params: the whole resolved config (hyperparameters included), the torch version and
+    intra-op threads (the run trains in this thread, with this count: a CPU run's bits depend on it), extras."""
     import torch
 
     return {**{k: str(v) for k, v in config.to_dict().items()}, TORCH_VERSION_PARAM: str(torch.__version__),
-            **{k: str(v) for k, v in (extra_params or {}).items()}}
+            TORCH_THREADS_PARAM: str(torch.get_num_threads()), **{k: str(v) for k, v in (extra_params or {}).items()}}
 
 
 def record(result, extra_params: dict | None = None, tags: dict | None = None) -> RunRecord:

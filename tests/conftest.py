@@ -66,6 +66,17 @@ def workdir(tmp_path, migrated_db) -> Path:
     return new_store(tmp_path, migrated_db)
 
 
+@pytest.fixture
+def in_workdir(workdir, monkeypatch) -> Path:
+    """``workdir`` as the working directory of an in-process command, its store the tracking URI,
+    whatever the caller's MLFLOW_* say."""
+    monkeypatch.chdir(workdir)
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    return workdir
+
+
 def client_for(workdir: Path):
     from mlflow import MlflowClient
 

@@ -14,6 +14,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("search", help="search lr, epochs and optimizer/loss pairs with Optuna")
     add_config_arguments(p)
     p.add_argument("--study-name", help="Optuna study; an existing one is resumed (default: <experiment>-search)")
+    p.add_argument("--allow-changed-experiment", action="store_true",
+                   help="resume a study whose experiment file changed since it was created (its sha256 differs); "
+                        "the study records the change and the trial it starts at")
     p.add_argument("--n-trials", default="20", help="trials this invocation runs (default: 20)")
     p.add_argument("--max-trials", help="cap on the study's total trials, across invocations and workers")
     p.add_argument("--timeout", help="stop starting trials after this many seconds")
@@ -217,7 +220,9 @@ def _open_study(args, opts):
 
     url = opts["storage_url"]
     study_args = dict(direction=args.direction, space=opts["space"], experiment=opts["experiment"].name,
-                      sampler=opts["sampler"], pruner=opts["pruner"], objectives=opts["objectives"])
+                      sampler=opts["sampler"], pruner=opts["pruner"], objectives=opts["objectives"],
+                      experiment_sha256=opts["experiment"].sha256,
+                      allow_changed_experiment=args.allow_changed_experiment)
     storage_args = dict(heartbeat=opts["heartbeat"], max_trials=opts["max_trials"])
     # Opening a journal creates its file: a missing one already says there is no study yet.
     storage = None if study_module.missing_journal(url) else study_module.open_storage(url, **storage_args)
@@ -228,6 +233,8 @@ def _open_study(args, opts):
     if study is None:
         storage = storage or study_module.open_storage(url, **storage_args)
         study = study_module.create_study(opts["study_name"], storage, **study_args)
+    else:
+        study_module.record_source(study, opts["experiment"].sha256)
     return study, storage
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -41,7 +42,8 @@ PERCENTILE = 25.0  # PercentilePruner's percentile when none is given (Optuna re
 _PRUNERS = {"median": "MedianPruner", "percentile": "PercentilePruner", "hyperband": "HyperbandPruner",
             "sha": "SuccessiveHalvingPruner", "wilcoxon": "WilcoxonPruner", "none": "NopPruner"}
 DIRECTIONS = ("minimize", "maximize")
-from ..schema import PAIR_TRIAL_PARAM, SPACE_ATTR, STUDY_EXPERIMENT_ATTR as EXPERIMENT_ATTR
+from ..schema import (EXPERIMENT_CHANGES_ATTR, EXPERIMENT_SHA_PARAM, PAIR_TRIAL_PARAM, SPACE_ATTR, STUDY_EXPERIMENT_ATTR as EXPERIMENT_ATTR,
+                      STUDY_EXPERIMENT_SHA_ATTR as SOURCE_ATTR)
 from . import objectives as objectives_module
 
 
@@ -268,8 +270,10 @@ def pruner_description(name: str, settings: dict | None = None) -> str:
 
 
 def existing_study(name: str, storage, *, direction: str, sampler, pruner, space: SearchSpace,
-                   experiment: str, objectives: tuple[str, ...] = objectives_module.DEFAULT) -> optuna.Study | None:
-    """The study if it exists, refused if its objectives, direction, experiment or space differ. Writes nothing."""
+                   experiment: str, objectives: tuple[str, ...] = objectives_module.DEFAULT,
+                   experiment_sha256: str = "", allow_changed_experiment: bool = False) -> optuna.Study | None:
+    """The study if it exists, refused if its objectives, direction, experiment (its name, or the
+    sha256 of its file, unless ``allow_changed_experiment``) or space differ. Writes nothing."""
     try:
         existing = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:
@@ -289,6 +293,7 @@ def existing_study(name: str, storage, *, direction: str, sampler, pruner, space
     if stored_experiment != experiment:
         raise UsageError(f"study {name!r} searches experiment {stored_experiment!r}, not {experiment!r}; "
                          "use another --study-name")
+    check_source(existing, experiment, experiment_sha256, allow_changed_experiment)
     stored = existing.user_attrs.get(SPACE_ATTR)
     if stored is not None and stored != space.to_dict():
         raise UsageError(f"study {name!r} was created with search space {json.dumps(stored)}, "
@@ -297,12 +302,46 @@ def existing_study(name: str, storage, *, direction: str, sampler, pruner, space
 
 
 def create_study(name: str, storage, *, direction: str, sampler, pruner, space: SearchSpace,
-                 experiment: str, objectives: tuple[str, ...] = objectives_module.DEFAULT) -> optuna.Study:
+                 experiment: str, objectives: tuple[str, ...] = objectives_module.DEFAULT,
+                 experiment_sha256: str = "", allow_changed_experiment: bool = False) -> optuna.Study:
     """A new study (or the one another worker created a moment ago), with what resuming checks against."""
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
                                 directions=objectives_module.directions(objectives, direction), load_if_exists=True)
     if EXPERIMENT_ATTR not in study.user_attrs:
+        if experiment_sha256:
+            study.set_user_attr(SOURCE_ATTR, experiment_sha256)
         study.set_user_attr(EXPERIMENT_ATTR, experiment)
         study.set_user_attr(SPACE_ATTR, space.to_dict())
         objectives_module.name_study(study, objectives)
+    else:  # another worker's, with another file of the same experiment name, would mix their trials
+        check_source(study, experiment, experiment_sha256, allow_changed_experiment)
+        record_source(study, experiment_sha256)
     return study
+
+
+def check_source(study: optuna.Study, experiment: str, sha256: str, allow_changed: bool = False) -> None:
+    """Refuses a study whose experiment file is not the one it was created with: the same name and
+    space with other data or another model would resume it silently, and its best trial would then
+    compare losses of different code. Writes nothing."""
+    stored = study.user_attrs.get(SOURCE_ATTR)
+    if stored and sha256 and stored != sha256 and not allow_changed:
+        raise UsageError(f"study {study.study_name!r} was created with experiment {experiment!r} from a file of "
+                         f"sha256 {stored[:12]}, not this one's {sha256[:12]}: its trials would be compared with "
+                         "trials of other code or data; use another --study-name, or --allow-changed-experiment "
+                         "to go on with this study (the change is recorded in it)")
+
+
+def record_source(study: optuna.Study, sha256: str) -> None:
+    """The experiment file's sha256 in a study that passed ``check_source``: a study made before it
+    was recorded gets it; an accepted change is kept with the first trial it applies to."""
+    stored = study.user_attrs.get(SOURCE_ATTR)
+    if not sha256 or stored == sha256:
+        return
+    if stored:
+        first = len(study.get_trials(deepcopy=False))
+        changes = [*study.user_attrs.get(EXPERIMENT_CHANGES_ATTR, []), {"trial": first, "sha256": sha256, "was": stored}]
+        study.set_user_attr(EXPERIMENT_CHANGES_ATTR, changes)
+        print(f"harness: study {study.study_name!r} goes on with an experiment file of sha256 {sha256[:12]} (was "
+              f"{stored[:12]}) from trial {first} on; each trial's run has its file's sha256 in param "
+              f"{EXPERIMENT_SHA_PARAM}", file=sys.stderr)
+    study.set_user_attr(SOURCE_ATTR, sha256)
