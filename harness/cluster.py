@@ -3,11 +3,17 @@ server (PostgreSQL backend store, served artifacts), both on 127.0.0.1 only.
 
 The same two services that many machines share; here they let a user try the setup, and the tests
 and the scaling benchmark run against the real engines rather than stand-ins.
+
+Loopback is no boundary between the users of one machine: PostgreSQL asks for a password
+(SCRAM) that is generated here and kept in a libpq passfile only its owner reads. No password is
+ever put on a command line (``ps`` shows those to everyone) or printed: children find it through
+PGPASSFILE in their environment, which only their own user can read.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -17,9 +23,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
 from .errors import HarnessError, UsageError
+from .urls import check_credentials, engine_url, redact, scrub
 
 DB_USER = "harness"
+PASSFILE = "pgpass"
 # `mlflow server --workers`: on 2 cores, 1, 2 and 4 carry the same load (benchmarks/capacity.py);
 # a machine of the server's own takes more.
 SERVER_WORKERS = 2
@@ -54,8 +64,44 @@ def _wait(ready, what: str, seconds: float, log: Path) -> None:
     raise HarnessError(f"{what} did not become ready in {seconds:.0f}s; its log ({log}) ends:\n{tail}")
 
 
+def write_private(path: Path, text: str, owner=None) -> None:
+    """``text`` in a file that is 0600 from the moment it exists (O_EXCL: never through a link
+    someone else planted), owned by ``owner`` (a pwd entry) when given."""
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(text)
+    if owner is not None:
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+
+
+def passfile_line(host: str, port: str, user: str, password: str) -> str:
+    """One entry of a libpq passfile, for any database; '*' in host, port or user means any."""
+    def escape(field: str) -> str:
+        return field.replace("\\", "\\\\").replace(":", "\\:")
+
+    fields = [f if f == "*" else escape(f) for f in (host, port, "*", user)]
+    return ":".join([*fields, escape(password)]) + "\n"
+
+
+@contextlib.contextmanager
+def libpq_passfile(path: Path):
+    """PGPASSFILE set to ``path`` for this process and the children it starts meanwhile: libpq
+    (psycopg, SQLAlchemy, Optuna, mlflow server) reads it at every connection. PGPASSWORD, which
+    libpq would take first, is out of the way meanwhile."""
+    before = {key: os.environ.pop(key, None) for key in ("PGPASSFILE", "PGPASSWORD")}
+    os.environ["PGPASSFILE"] = str(path)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+
+
 class Postgres:
-    """A throwaway PostgreSQL cluster on 127.0.0.1, trusting local connections, for user ``harness``.
+    """A throwaway PostgreSQL cluster on 127.0.0.1 for user ``harness``, whose generated password is
+    in ``passfile`` (0600, its owner the user running this).
 
     PostgreSQL refuses to run as root: as root, the cluster runs as the ``postgres`` user that
     Debian's package creates, in a folder under the system's temp dir that this user can reach.
@@ -74,8 +120,10 @@ class Postgres:
                                  "as; run as another user, or install Debian's postgresql package") from None
             root = Path(tempfile.mkdtemp(prefix="harness-postgres-"))
             os.chown(root, owner.pw_uid, owner.pw_gid)
+        self.owner = owner if self.as_root else None
         self.root = Path(root)
         self.data = self.root / "data"
+        self.passfile = self.root / PASSFILE
         self.log = self.root / "postgres.log"
         self.port = port or free_port()
 
@@ -92,8 +140,12 @@ class Postgres:
         folder made for root removed: callers register ``stop`` only once this returns."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            if not (self.data / "PG_VERSION").exists():
-                self._run("initdb", "-D", str(self.data), "-U", DB_USER, "--auth=trust", "-E", "UTF8", "--no-sync")
+            if (self.data / "PG_VERSION").exists():
+                password = self._password()
+            else:
+                password = secrets.token_urlsafe(32)
+                self._initdb(password)
+            write_private(self.passfile, passfile_line("127.0.0.1", str(self.port), DB_USER, password))
             # Loopback only, and the socket in the data folder (the system's socket folder may not exist).
             options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.data} -c max_connections=200"
             self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
@@ -101,6 +153,25 @@ class Postgres:
             self.stop()
             raise
         return self
+
+    def _initdb(self, password: str) -> None:
+        # SCRAM on TCP and on the socket alike: DB_USER is the superuser, who may run programs as
+        # the server's OS account (COPY ... TO PROGRAM), so no one gets in without the password.
+        pwfile = self.root / "initdb-password"
+        write_private(pwfile, password + "\n", self.owner)  # initdb runs as the postgres user when root
+        try:
+            self._run("initdb", "-D", str(self.data), "-U", DB_USER, "--auth=scram-sha-256", f"--pwfile={pwfile}",
+                      "-E", "UTF8", "--no-sync")
+        finally:
+            pwfile.unlink(missing_ok=True)
+
+    def _password(self) -> str:
+        """The password of the cluster already in ``data``, from the passfile written with it."""
+        try:
+            return self.passfile.read_text().rstrip("\n").rsplit(":", 1)[1]
+        except (OSError, IndexError):
+            raise UsageError(f"{self.data} holds a PostgreSQL cluster with no passfile beside it ({self.passfile}): "
+                             "an older harness made it trusting every local user; remove it or use another --dir") from None
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{DB_USER}@127.0.0.1:{self.port}/{database}"
@@ -118,6 +189,48 @@ def create_database(server_url: str, name: str) -> None:
 
     with psycopg.connect(server_url, autocommit=True) as connection:
         connection.execute(f'CREATE DATABASE "{name}"')
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` naming database ``name`` instead of its own (its query, if any, kept)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def check_server(url: str) -> None:
+    """``harness cluster --postgres URL``, refused in one line before anything is made: exit 2 for a
+    URL that is not a PostgreSQL one, exit 1 for a server that does not answer or let us in."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    check_credentials(url, "--postgres")
+    shown = f"--postgres {redact(url)}"
+    if urlsplit(url).scheme != "postgresql":
+        raise UsageError(f"{shown}: not a PostgreSQL URL; expected postgresql://USER@HOST[:PORT]/DATABASE "
+                         "(the password in PGPASSFILE, ~/.pgpass or the URL)")
+    try:
+        ports = conninfo_to_dict(url).get("port", "5432")
+    except psycopg.Error as exc:  # libpq's own parser: what a driver would refuse, refused now
+        raise UsageError(f"{shown}: {' '.join(scrub(str(exc), url).split())}") from None
+    if not all(p.isdigit() and 0 < int(p) < 65536 for p in str(ports).split(",")):
+        raise UsageError(f"{shown}: the port must be a number from 1 to 65535, got {ports!r}")
+    try:
+        psycopg.connect(url, connect_timeout=10).close()
+    except psycopg.Error as exc:
+        raise HarnessError(f"{shown}: cannot connect: {' '.join(scrub(str(exc), url).split())}") from None
+
+
+def split_password(url: str) -> tuple[str, str | None]:
+    """``url`` without its password (``user:PASSWORD@`` or ``?password=``), and that password."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    password = dict(query).get("password") or (unquote(parts.password) if parts.password is not None else None)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hosts = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}@{hosts}"
+    query = urlencode([(k, v) for k, v in query if k != "password"])
+    return urlunsplit(parts._replace(netloc=netloc, query=query)), password
 
 
 class TrackingServer:
@@ -169,7 +282,8 @@ class TrackingServer:
 def services(root: Path, postgres_url: str | None = None, server_workers: int = SERVER_WORKERS):
     """PostgreSQL (started here unless ``postgres_url`` names a running server) with fresh ``optuna``
     and ``mlflow`` databases, and a tracking server (``server_workers`` processes) on the latter.
-    Yields (optuna_url, tracking_uri)."""
+    Yields (optuna_url, tracking_uri), neither with a password: meanwhile PGPASSFILE names the
+    passfile of the cluster started here, or of the password ``postgres_url`` carried (in ``root``)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     stack = contextlib.ExitStack()
@@ -177,31 +291,37 @@ def services(root: Path, postgres_url: str | None = None, server_workers: int = 
         if postgres_url is None:
             postgres = Postgres(root / "postgres").start()
             stack.callback(postgres.stop)
-            postgres_url = postgres.url()
+            postgres_url, passfile = postgres.url(), postgres.passfile
+        else:
+            postgres_url, password = split_password(postgres_url)
+            passfile = root / PASSFILE if password is not None else None
+            if passfile:
+                # Only this process and its children, which connect to nothing else, read it.
+                user = unquote(urlsplit(postgres_url).username or "") or "*"
+                write_private(passfile, passfile_line("*", "*", user, password))
+        if passfile:
+            stack.enter_context(libpq_passfile(passfile))
         suffix = f"{os.getpid()}_{int(time.time() * 1000)}"
-        server_base = postgres_url.rsplit("/", 1)[0]
         for name in (f"optuna_{suffix}", f"mlflow_{suffix}"):
             create_database(postgres_url, name)
-        from .urls import engine_url
-
-        server = TrackingServer(engine_url(f"{server_base}/mlflow_{suffix}"), root / "artifacts", root / "mlflow-server.log",
-                                workers=server_workers)
+        server = TrackingServer(engine_url(with_database(postgres_url, f"mlflow_{suffix}")), root / "artifacts",
+                                root / "mlflow-server.log", workers=server_workers)
         stack.callback(server.stop)
         server.start()
-        yield f"{server_base}/optuna_{suffix}", server.url
+        yield with_database(postgres_url, f"optuna_{suffix}"), server.url
 
 
 def _serve_postgres() -> None:
-    """``python -m harness.cluster``: PostgreSQL on 127.0.0.1 until SIGTERM or Ctrl-C, its URL on the
-    first line of stdout. For CI, which needs it before the virtual environment exists: this module
-    uses the standard library only."""
+    """``python -m harness.cluster``: PostgreSQL on 127.0.0.1 until SIGTERM or Ctrl-C. For CI, which
+    needs it before the virtual environment exists (this module uses the standard library only):
+    stdout's first line is its URL (no password), the second the passfile to name in PGPASSFILE."""
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with tempfile.TemporaryDirectory(prefix="harness-postgres-") as tmp:
         postgres = Postgres(Path(tmp)).start()
         try:
-            print(postgres.url(), flush=True)
+            print(f"{postgres.url()}\n{postgres.passfile}", flush=True)  # one write: both lines or none
             signal.pause()
         finally:
             postgres.stop()

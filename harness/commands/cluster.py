@@ -30,17 +30,25 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from .. import cluster, config
+    from ..urls import redact
 
     workers = config.positive_int("--workers", args.workers)
     max_trials = config.positive_int("--max-trials", args.max_trials)
     server_workers = config.positive_int("--server-workers", args.server_workers or cluster.SERVER_WORKERS)
     extra = args.search_args[1:] if args.search_args[:1] == ["--"] else args.search_args
-    if not args.postgres:
-        cluster.postgres_bin()  # refused now, in one line, if PostgreSQL is not installed
+    # Refused now, in one line, before --dir exists.
+    if args.postgres:
+        cluster.check_server(args.postgres)
+    else:
+        cluster.postgres_bin()
     root = Path(args.dir).resolve()
     with cluster.services(root, args.postgres, server_workers) as (storage, tracking_uri):
+        # The workers get the storage's password through the passfile named in the environment
+        # services() set, never on their command lines.
         env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-        print(f"PostgreSQL storage: {storage}\nMLflow tracking server: {tracking_uri} (artifacts in {root / 'artifacts'})")
+        print(f"PostgreSQL storage: {redact(storage)}\n"
+              f"MLflow tracking server: {tracking_uri} (artifacts in {root / 'artifacts'}; no authentication: "
+              "every user of this machine can read and change its runs)")
         command = [sys.executable, "-m", "harness", "search", "--storage", storage, "--study-name", args.study_name,
                    "--max-trials", str(max_trials), "--n-trials", str(max_trials), "--no-progress", *extra]
         started = time.time()
@@ -62,8 +70,10 @@ def run(args) -> int:
                                 "--storage", storage], env=env, capture_output=True, text=True)
         print((audit.stdout + audit.stderr).strip())
         if args.keep_running:
+            passfile = os.environ.get("PGPASSFILE")
             print("services are up; in another shell:\n"
                   f"  export MLFLOW_TRACKING_URI={tracking_uri}\n"
+                  + (f"  export PGPASSFILE={passfile}    # for --storage {redact(storage)}\n" if passfile else "") +
                   f"  harness compare --study {args.study_name}    # or open {tracking_uri} in a browser\n"
                   "press Ctrl-C to stop them")
             try:
