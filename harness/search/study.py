@@ -139,20 +139,29 @@ def journal_path(url: str) -> str:
 
 
 def _open_journal(path: str, repair: bool, notify):
-    from .journal import Journal, JournalDamaged
+    from ..errors import HarnessError
+    from .journal import Journal, JournalDamaged, full_damage
     from .storages import CappedJournalStorage
 
-    journal = Journal(path, **({"notify": notify} if notify else {}))
+    def journal():
+        return Journal(path, **({"notify": notify} if notify else {}))
+
+    opened = journal()
     if repair:
-        journal.repair()  # a torn last line: cut before anything is appended after it
+        opened.repair()  # a torn last line: cut before anything is appended after it
     try:
-        return CappedJournalStorage(journal)
-    except ValueError:  # damage in the middle, which Optuna refuses to read past
+        return CappedJournalStorage(opened)
+    except (OSError, HarnessError):
+        raise
+    except Exception:  # a line Optuna's replay stops at: damage in the middle, or no operation it knows
+        damage = full_damage(path)
+        if damage is None:
+            raise
         if not repair:
-            raise JournalDamaged(f"the Optuna journal {path} has damaged lines that Optuna cannot read past; "
+            raise JournalDamaged(f"{damage.describe(path)}: Optuna cannot read past it; "
                                  "`harness audit --fix` repairs it (keeping a copy of what it removes)") from None
-        journal.repair(whole=True)
-        return CappedJournalStorage(journal)
+        opened.repair(whole=True)
+        return CappedJournalStorage(journal())  # a fresh backend: the old one's offsets predate the repair
 
 
 def make_sampler(name: str, seed: int | None, space: SearchSpace) -> optuna.samplers.BaseSampler:
