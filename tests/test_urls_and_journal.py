@@ -201,3 +201,20 @@ def test_a_search_opening_the_journal_repairs_a_line_that_is_no_operation(tmp_pa
     study.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_categorical("c", [1, 2]), n_trials=1)
     assert len(said) == 1 and "op_code 99" in said[0]
     assert len(_trials_of(path, "other")) == 3
+
+
+def test_the_journal_s_bound_is_the_memory_its_replay_needs_not_a_fixed_size(tmp_path, monkeypatch):
+    """A categorical of 60,000 choices adds ~900 KB a trial: 3 GiB is ~3,500 trials, which a machine of
+    32 GiB replays; one of 8 GiB cannot, and says so in one line instead of running out of memory."""
+    from harness.search import study
+
+    path = tmp_path / "j.log"
+    with open(path, "wb") as f:
+        f.truncate(3 << 30)  # sparse: no disk is used
+    monkeypatch.setattr(study, "memory_bytes", lambda: 32 << 30)
+    assert study.journal_path(f"journal:{path}") == str(path)
+    monkeypatch.setattr(study, "memory_bytes", lambda: 8 << 30)
+    with pytest.raises(UsageError, match=f"is {3 << 30} bytes, more than this machine's {8 << 30} bytes of memory"):
+        study.journal_path(f"journal:{path}")
+    path.write_bytes(b"")
+    assert study.journal_path(f"journal:{path}") == str(path)
