@@ -121,3 +121,23 @@ def test_an_interrupted_retry_of_a_retry_is_queued_once(mlflow_uri, workdir):
     _recover_stale_trials(*_reopened(url))  # what a search does first
     trials = _reopened(url)[0].trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
+
+
+def test_what_the_audit_says_fix_queues_fix_queues_once(searched):
+    """A COMPLETE trial whose run was closed incomplete (its last writes failed) and whose retry was
+    never queued (the journal write for it failed too)."""
+    from harness.sink import close_incomplete
+
+    url, client = searched
+    run_id = _run_of(url, 0)
+    close_incomplete(MlflowSink(client), run_id, "state_dict.pt missing")
+
+    [line] = audit(*_reopened(url), client).violations
+    assert line.startswith(f"trial 0: run {run_id} is incomplete") and line.endswith("--fix queues it")
+    report = audit(*_reopened(url), client, fix=True)
+    assert report.clean and report.fixed == [
+        f"trial 0: run {run_id} is incomplete (state_dict.pt missing) -> configuration retried"]
+    assert audit(*_reopened(url), client, fix=True).fixed == []
+    trials = _reopened(url)[0].trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.WAITING]
+    assert trials[2].params == trials[0].params and trials[2].system_attrs["failed_trial"] == 0
