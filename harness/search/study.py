@@ -173,7 +173,7 @@ def _open_journal(path: str, repair: bool, notify):
         opened.repair()  # a torn last line: cut before anything is appended after it
     try:
         return CappedJournalStorage(opened)
-    except (OSError, HarnessError):
+    except (OSError, MemoryError, HarnessError):  # not the file's content: reading it again would not help
         raise
     except Exception:  # a line Optuna's replay stops at: damage in the middle, or no operation it knows
         damage = full_damage(path)
