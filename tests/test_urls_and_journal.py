@@ -119,7 +119,7 @@ def test_the_journal_cuts_a_torn_tail_before_appending(tmp_path):
 
 def test_a_line_longer_than_a_read_is_checked_whole(tmp_path):
     path = tmp_path / "j.log"
-    line = json.dumps({"op_code": 0, "pad": "x" * 20000}).encode() + b"\n"
+    line = json.dumps({"op_code": 0, "worker_id": "w", "study_name": "x" * 20000, "directions": [1]}).encode() + b"\n"
     path.write_bytes(line * 2)
     assert tail_damage(str(path)) is None
     path.write_bytes(line + line[:-100])
@@ -155,3 +155,112 @@ def test_a_failed_append_is_taken_back(tmp_path, monkeypatch):
         journal.append_logs([{"op_code": 4, "worker_id": "w", "trial_id": 0, "user_attr": {"a": "b" * 50}}])
     monkeypatch.undo()
     assert path.read_bytes() == before
+
+
+# ---- lines that are JSON but no operation this Optuna replays --------------------------------------
+
+def _other_study_journal(path: Path) -> None:
+    """Study "s" with no trials, and study "other" whose trials give the lines to damage."""
+    storage = optuna.storages.JournalStorage(Journal(str(path), notify=lambda line: None))
+    optuna.create_study(study_name="s", storage=storage).set_user_attr("kept", 1)
+    other = optuna.create_study(study_name="other", storage=storage)
+    other.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_categorical("c", [1, 2]), n_trials=2)
+
+
+def _a_param_line() -> dict:
+    return {"op_code": 5, "worker_id": "w", "trial_id": 0, "param_name": "x", "param_value_internal": 0.5,
+            "distribution": '{"name": "FloatDistribution", "attributes": {"step": null, "low": 0.0, "high": 1.0,'
+                            ' "log": false}}'}
+
+
+def _without(field: str) -> bytes:
+    return json.dumps({k: v for k, v in _a_param_line().items() if k != field}).encode()
+
+
+BAD_OPERATIONS = [
+    b'{"foo": 1}', b"[1, 2]", b'"op"', b'{"op_code": 99, "worker_id": "w"}',  # an op of a newer Optuna
+    b'{"op_code": true, "worker_id": "w"}',
+    *(_without(field) for field in _a_param_line()),  # each required field missing in turn
+    b'{"op_code": 6, "worker_id": "w", "trial_id": "zero", "state": 1, "values": null}',  # a wrong type
+    b'{"op_code": 6, "worker_id": "w", "trial_id": 1, "state": 1, "values": ["low"]}',
+    b'{"op_code": 8, "worker_id": "w", "trial_id": 1, "user_attr": {"a": 1, "b": 2}}',
+    b'{"op_code": 7, "worker_id": "w", "trial_id": 1e999, "step": 1, "intermediate_value": 1}',  # huge numbers
+    b'{"op_code": 7, "worker_id": "w", "trial_id": 1, "step": ' + b"9" * 5000 + b', "intermediate_value": 1}',
+    b'{"op_code": 0, "worker_id": "w", "study_name": "t", "directions": [7]}',  # what only the replay refuses
+    b'{"op_code": 4, "worker_id": "w", "study_id": 0, "datetime_start": "yesterday"}',
+    b'{"op_code": 4, "worker_id": "w", "study_id": 0, "datetime_start": null, "distributions": {"c": '
+    b'"{\\"name\\": \\"CategoricalDistribution\\", \\"attributes\\": {\\"choices\\": [1]}}"}, "params": {"c": 5}}',
+]
+
+
+@pytest.fixture
+def cli_in(workdir, monkeypatch):
+    """``harness ARGS`` in-process in ``workdir`` (its empty MLflow store), whatever MLFLOW_*/OPTUNA_* say."""
+    from harness.cli import main
+
+    monkeypatch.chdir(workdir)
+    for name in [n for n in os.environ if n.startswith(("MLFLOW_", "OPTUNA_"))]:
+        monkeypatch.delenv(name)
+    return lambda *args: main(["audit", "--study", "s", "--storage", "journal:j.log", *args])
+
+
+@pytest.mark.parametrize("where", ["middle", "end"])
+@pytest.mark.parametrize("bad", BAD_OPERATIONS, ids=range(len(BAD_OPERATIONS)))
+def test_a_line_that_is_no_operation_is_reported_in_one_line_and_repaired(workdir, cli_in, capsys, bad, where):
+    path = workdir / "j.log"
+    _other_study_journal(path)
+    intact, trials = path.read_bytes(), [t.params for t in _trials_of(path, "other")]
+    lines = intact.splitlines(keepends=True)
+    at = 6 if where == "middle" else len(lines)
+    path.write_bytes(b"".join(lines[:at]) + bad + b"\n" + b"".join(lines[at:]))
+
+    assert cli_in() == 1  # the audit alone repairs nothing, and says how
+    out, err = capsys.readouterr()
+    said = (out + err).strip().splitlines()
+    assert "Traceback" not in out + err and said and "audit --fix" in said[0], out + err
+    assert len(path.read_bytes()) == len(intact) + len(bad) + 1
+
+    assert cli_in("--fix") == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "fixed: the journal" in out and "kept a copy" in out, out + err
+    assert path.read_bytes() == intact  # every operation of both studies is kept
+    [copy] = workdir.glob("j.log.torn-*")
+    assert copy.read_bytes() == bad + b"\n"
+    assert [t.params for t in _trials_of(path, "other")] == trials
+    assert cli_in() == 0
+
+
+def _trials_of(path: Path, study: str) -> list:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    return optuna.load_study(study_name=study, storage=storage).trials
+
+
+def test_a_search_opening_the_journal_repairs_a_line_that_is_no_operation(tmp_path):
+    from harness.search.study import open_storage
+
+    path = tmp_path / "j.log"
+    _other_study_journal(path)
+    intact = path.read_bytes()
+    path.write_bytes(intact + b'{"op_code": 99, "worker_id": "w"}\n' + intact.splitlines(keepends=True)[-1])
+    said = []
+    study = optuna.load_study(study_name="other", storage=open_storage(f"journal:{path}", notify=said.append))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_categorical("c", [1, 2]), n_trials=1)
+    assert len(said) == 1 and "op_code 99" in said[0]
+    assert len(_trials_of(path, "other")) == 3
+
+
+def test_the_journal_s_bound_is_the_memory_its_replay_needs_not_a_fixed_size(tmp_path, monkeypatch):
+    """A categorical of 60,000 choices adds ~900 KB a trial: 3 GiB is ~3,500 trials, which a machine of
+    32 GiB replays; one of 8 GiB cannot, and says so in one line instead of running out of memory."""
+    from harness.search import study
+
+    path = tmp_path / "j.log"
+    with open(path, "wb") as f:
+        f.truncate(3 << 30)  # sparse: no disk is used
+    monkeypatch.setattr(study, "memory_bytes", lambda: 32 << 30)
+    assert study.journal_path(f"journal:{path}") == str(path)
+    monkeypatch.setattr(study, "memory_bytes", lambda: 8 << 30)
+    with pytest.raises(UsageError, match=f"is {3 << 30} bytes, more than this machine's {8 << 30} bytes of memory"):
+        study.journal_path(f"journal:{path}")
+    path.write_bytes(b"")
+    assert study.journal_path(f"journal:{path}") == str(path)

@@ -17,7 +17,8 @@ from ..errors import HarnessError
 from .. import schema, tracking
 from ..schema import FAIL_REASON_ATTR, INCOMPLETE_TAG, PAIR_TRIAL_PARAM as PAIR, PARENT_ATTR, RUN_ATTR, WORKER_ATTR
 from ..sink import MlflowSink, close_incomplete
-from .objectives import of_study
+from ..config import per_epoch
+from .objectives import LEGACY, of_study
 from .tracker import fail_run
 from .optuna_private import trial_id
 from .workers import WORKER_DIED, abandoned, alive, retried_numbers, retry, unfinished
@@ -132,10 +133,11 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
         by_number.setdefault(int(number) if number and number.isdigit() else -1, []).append(run)
     fixer = _Fix(client, sink, study, parent_id, parent.info.experiment_id) if fix else None
     live_workers = False
-    objectives = of_study(study) if len(study.directions) > 1 else None
+    objectives = of_study(study)
+    deleted = _Deleted(client, parent_id, parent.info.experiment_id)
     for trial in trials:
         _check_trial(trial, by_number.pop(trial.number, []), client, report, fixer, trial.number in retried,
-                     objectives)
+                     objectives, deleted)
         live_workers |= trial.state == TrialState.RUNNING and alive(trial.user_attrs.get(WORKER_ATTR)) is not False
     for number, orphans in sorted(by_number.items()):
         for run in orphans:
@@ -161,8 +163,25 @@ def _create_parent(client, study) -> str:
     return run_id
 
 
+class _Deleted:
+    """The study's child runs in MLflow's trash (deleted, not yet garbage-collected), read once if needed."""
+
+    def __init__(self, client, parent_id: str, experiment_id: str) -> None:
+        self._args, self._by_number = (client, parent_id, experiment_id), None
+
+    def run_of(self, number: int):
+        if self._by_number is None:
+            from mlflow.entities import ViewType
+
+            client, parent_id, experiment_id = self._args
+            runs = client.search_runs([experiment_id], filter_string=f"tags.`{schema.PARENT_TAG}` = '{parent_id}'",
+                                      run_view_type=ViewType.DELETED_ONLY, max_results=50000)
+            self._by_number = {run.data.tags.get(schema.TRIAL_NUMBER_TAG): run for run in runs}
+        return self._by_number.get(str(number))
+
+
 def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, retried: bool,
-                 objectives: tuple[str, ...] | None = None) -> None:
+                 objectives: tuple[str, ...] | None = None, deleted: _Deleted | None = None) -> None:
     n, state = trial.number, trial.state
     if state == TrialState.WAITING:
         return
@@ -171,6 +190,16 @@ def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, re
         if owner is False:
             report.violations.append(f"trial {n} is RUNNING but its worker {trial.user_attrs[WORKER_ATTR]} is gone")
         return  # a live worker owns it (or it runs elsewhere): nothing to compare yet
+    trashed = deleted.run_of(n) if not runs and deleted is not None else None
+    if trashed is not None:
+        # Deleting a run only moves it to MLflow's trash: the trial's record is whole there.
+        if not fix:
+            report.violations.append(f"trial {n} ({state.name}): its run {trashed.info.run_id} is deleted (in "
+                                     "MLflow's trash); --fix restores it")
+            return
+        client.restore_run(trashed.info.run_id)
+        runs = [client.get_run(trashed.info.run_id)]
+        report.fixed.append(f"run {trashed.info.run_id} of trial {n}: deleted -> restored")
     if not runs and state == TrialState.FAIL and fix and owner is not True:
         runs = [_placeholder_run(fix, trial)]
         report.fixed.append(f"trial {n}: FAIL with no run (it failed before its run was created) -> "
@@ -196,7 +225,10 @@ def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, re
         retried = retried or (state == TrialState.COMPLETE and status == "FAILED")  # it queued the configuration
     incomplete = run.data.tags.get(INCOMPLETE_TAG)
     if status == "FAILED" and incomplete and state in (TrialState.COMPLETE, TrialState.PRUNED):
-        if state == TrialState.COMPLETE and not retried:
+        if state == TrialState.COMPLETE and not retried and fix:
+            retry(fix.study, trial)
+            report.fixed.append(f"trial {n}: run {run_id} is incomplete ({incomplete}) -> configuration retried")
+        elif state == TrialState.COMPLETE and not retried:
             report.violations.append(f"trial {n}: run {run_id} is incomplete ({incomplete}) and its configuration "
                                      "is not queued again; --fix queues it")
         return  # marked as such; the configuration's record comes from its retry
@@ -221,13 +253,24 @@ def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, re
             _check_values(trial, run, objectives, report)
 
 
+def _value_metrics(objectives: tuple[str, ...]) -> list[str]:
+    """The run's metrics that hold a completed trial's values: with one objective its final value
+    (what the trial returned), with two the objective_* metrics."""
+    if len(objectives) > 1:
+        return [schema.objective(name) for name in objectives]
+    first = objectives[0]
+    return [schema.final(first) if per_epoch(first) or first in LEGACY else first]
+
+
 def _check_values(trial, run, objectives: tuple[str, ...], report: Report) -> None:
-    """A completed trial of a study of two objectives: its run's objective metrics are its values."""
-    logged = [run.data.metrics.get(schema.objective(name)) for name in objectives]
+    """A completed trial's values are exactly what its run logged (the same float64 is written to both)."""
+    names = _value_metrics(objectives)
+    logged = [run.data.metrics.get(name) for name in names]
     if logged != list(trial.values):
-        shown = ", ".join(f"{schema.objective(name)}={value}" for name, value in zip(objectives, logged))
-        report.violations.append(f"trial {trial.number}: run {run.info.run_id} logs {shown}, "
-                                 f"but the trial's values are {list(trial.values)}")
+        shown = ", ".join(f"{name}={value}" for name, value in zip(names, logged))
+        report.violations.append(f"trial {trial.number}: run {run.info.run_id} logs {shown}, but the trial's "
+                                 f"values are {list(trial.values)}; --fix cannot tell which is right and "
+                                 "changes neither")
 
 
 def _epochs(trial, run) -> int:
@@ -264,7 +307,7 @@ def _close_unwritten_run(fix: _Fix, trial, run, report: Report, retried: bool) -
     else:  # PRUNED: the curves up to the epoch it was pruned at
         last = max(trial.intermediate_values, default=-1)
         steps = sorted(m.step for m in fix.client.get_metric_history(run_id, schema.TRAIN_LOSS))
-        missing = "" if steps == list(range(last + 1)) else f"{len(steps)} {schema.TRAIN_LOSS} points, not {last + 1}"
+        missing = "" if _each_step_once(steps, last + 1) else f"{len(steps)} {schema.TRAIN_LOSS} points, not {last + 1}"
     if not missing:
         status = EXPECTED_STATUS[trial.state][0]
         fix.client.set_terminated(run_id, status)
@@ -282,6 +325,12 @@ def _close_unwritten_run(fix: _Fix, trial, run, report: Report, retried: bool) -
     return "FAILED"
 
 
+def _each_step_once(steps: list[int], count: int) -> bool:
+    """Whether sorted ``steps`` are 0..count-1 once each. ``count`` comes from the journal or a run's
+    params, which anyone may have edited: only the steps that exist are ever put in a list."""
+    return len(steps) == count and steps == list(range(len(steps)))
+
+
 def _check_complete(n: int, run, epochs: int, client, report: Report) -> None:
     from ..errors import UsageError
     from ..experiment import is_builtin
@@ -290,7 +339,7 @@ def _check_complete(n: int, run, epochs: int, client, report: Report) -> None:
     run_id = run.info.run_id
     for key in (schema.TRAIN_LOSS, schema.TEST_LOSS):
         steps = sorted(m.step for m in client.get_metric_history(run_id, key))
-        if steps != list(range(epochs)):
+        if not _each_step_once(steps, epochs):
             report.violations.append(f"trial {n}: run {run_id} has {len(steps)} {key} points, "
                                      f"not steps 0..{epochs - 1} once each")
     missing = [k for k in map(schema.final, (schema.TRAIN_LOSS, schema.TEST_LOSS)) if k not in run.data.metrics]

@@ -12,6 +12,10 @@ trial ids and log numbers stay as every worker knows them. A journal already dam
 damaged line is removed, and a complete operation appended after the cut bytes of a line is
 salvaged, since its writer did not see them either.
 
+A line that is JSON but not an operation this Optuna replays (an unknown op code, a field missing
+or of the wrong type, a value the replay cannot apply) stops Optuna's replay as surely as a torn
+one, with a traceback instead of a message: it is damage too, found and removed the same way.
+
 A write that fails (no space left, say) is taken back (the file is truncated to where it was)
 and raised as ``JournalWriteError``: the journal never holds half an operation of this process.
 """
@@ -32,6 +36,7 @@ from . import optuna_private
 TORN_SUFFIX = ".torn-"
 _OP = b'{"op_code":'  # how Optuna starts every operation it writes
 _TAIL_CHUNK = 4096  # most operations are a few hundred bytes; longer ones take more reads
+Op = optuna_private.journal_operations()
 
 
 class JournalWriteError(HarnessError):
@@ -51,19 +56,81 @@ class Damage:
     lines: int = 0
     salvaged: int = 0
     rewrite: bytes = b""
+    first: str = ""  # what is wrong with the first damaged line, when it is more than a cut-short write
 
     def describe(self, path: str) -> str:
-        if self.lines == 1 and not self.rewrite:
+        if self.lines == 1 and not self.rewrite and not self.first:
             return f"the journal {path} ended in a write cut short ({len(self.cut)} bytes: a crash or a full disk)"
         salvaged = f", {self.salvaged} complete operation(s) salvaged from them" if self.salvaged else ""
-        return f"the journal {path} had {self.lines} damaged line(s) ({len(self.cut)} bytes){salvaged}"
+        first = f"; {self.first}" if self.first else ""
+        return f"the journal {path} had {self.lines} damaged line(s) ({len(self.cut)} bytes){salvaged}{first}"
+
+
+_NUMBER = (int, float)
+_NUMBERS = "numbers"  # a list (or dict) of numbers
+# What each operation this Optuna replays must hold (journal/_storage.py, JournalStorageReplayResult):
+# its required fields, then its optional ones, with their JSON types. DISCARD_TRIALS is skipped on replay.
+_OPERATIONS = {
+    Op.CREATE_STUDY: ({"study_name": str, "directions": list}, {}),
+    Op.DELETE_STUDY: ({"study_id": int}, {}),
+    Op.SET_STUDY_USER_ATTR: ({"study_id": int, "user_attr": dict}, {}),
+    Op.SET_STUDY_SYSTEM_ATTR: ({"study_id": int, "system_attr": dict}, {}),
+    Op.CREATE_TRIAL: ({"study_id": int, "datetime_start": (str, type(None))},
+                      {"state": int, "value": (*_NUMBER, type(None)), "values": (_NUMBERS, type(None)),
+                       "datetime_complete": str, "distributions": dict, "params": _NUMBERS,
+                       "user_attrs": dict, "system_attrs": dict, "intermediate_values": _NUMBERS}),
+    Op.SET_TRIAL_PARAM: ({"trial_id": int, "param_name": str, "param_value_internal": _NUMBER,
+                          "distribution": str}, {}),
+    Op.SET_TRIAL_STATE_VALUES: ({"trial_id": int, "state": int, "values": (_NUMBERS, type(None))},
+                                {"datetime_start": str, "datetime_complete": str}),
+    Op.SET_TRIAL_INTERMEDIATE_VALUE: ({"trial_id": int, "step": int, "intermediate_value": _NUMBER}, {}),
+    Op.SET_TRIAL_USER_ATTR: ({"trial_id": int, "user_attr": dict}, {}),
+    Op.SET_TRIAL_SYSTEM_ATTR: ({"trial_id": int, "system_attr": dict}, {}),
+    Op.DISCARD_TRIALS: ({}, {}),
+}
+
+
+def _is(value, kinds) -> bool:
+    for kind in kinds if isinstance(kinds, tuple) else (kinds,):
+        if kind == _NUMBERS:
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+            if items is not None and all(_is(item, _NUMBER) for item in items):
+                return True
+        elif isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool):
+            return True  # JSON's true is no number, and no op code
+    return False
+
+
+def operation_error(log) -> str | None:
+    """Why ``log`` is not an operation this Optuna replays; None when it is one."""
+    if not isinstance(log, dict):
+        return "not a JSON object"
+    code = log.get("op_code")
+    if not _is(code, int) or code not in _OPERATIONS:
+        return f"op_code {code!r} is none of this Optuna's ({min(_OPERATIONS)}..{max(_OPERATIONS)})"
+    required, optional = _OPERATIONS[code]
+    for name, kinds in {"worker_id": str, **required, **optional}.items():
+        if name not in log:
+            if name in optional:
+                continue
+            return f"{Op(code).name} lacks {name!r}"
+        if not _is(log[name], kinds):
+            return f"{Op(code).name} has {name}={str(log[name])[:40]!r}, of the wrong type"
+    for name in ("user_attr", "system_attr"):  # one attribute per operation, as the replay asserts
+        if name in required and len(log[name]) != 1:
+            return f"{Op(code).name} sets {len(log[name])} attributes, not 1"
+    return None
+
+
+def _parse(line: bytes):
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, digits past int's limit
+        return None
 
 
 def _complete(line: bytes) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError
-        return False
+    return operation_error(_parse(line)) is None
 
 
 def _salvage(line: bytes) -> bytes | None:
@@ -89,28 +156,35 @@ def tail_damage(path: str) -> Damage | None:
             before -= step
         f.seek(start)
         last = f.read(size - start)
-    if last.endswith(b"\n") and _complete(last):
+    if not last.endswith(b"\n"):
+        return Damage(keep=start, cut=last, lines=1)
+    log = _parse(last)
+    why = operation_error(log) if log is not None else None
+    if log is not None and why is None:
         return None
-    return Damage(keep=start, cut=last, lines=1)
+    return Damage(keep=start, cut=last, lines=1, first=f"its last line: {why}" if why else "")
 
 
 def full_damage(path: str) -> Damage | None:
-    """Every damaged line of the file (reads it all)."""
+    """Every damaged line of the file (reads it all, and replays it as Optuna would)."""
     data = Path(path).read_bytes()
     lines = data.split(b"\n")
     torn_tail = lines.pop()  # b"" when the file ends in a newline
-    offset, keep, cut, kept, salvaged, bad = 0, None, [], [], 0, 0
-    for raw in lines:
+    replay = optuna_private.replay_result()
+    offset, keep, cut, kept, salvaged, bad, first = 0, None, [], [], 0, 0, ""
+    for number, raw in enumerate(lines, start=1):
         line = raw + b"\n"
-        if _complete(raw):
+        why = _replay_error(replay, raw)
+        if why is None:
             if keep is not None:
                 kept.append(line)
         else:
             bad += 1
+            first = first or f"line {number}: {why}"
             if keep is None:
                 keep = offset
             rescued = _salvage(raw)
-            if rescued is not None:
+            if rescued is not None and _replay_error(replay, rescued) is None:
                 kept.append(rescued + b"\n")
                 salvaged += 1
                 cut.append(line[: len(line) - len(rescued) - 1])
@@ -124,7 +198,20 @@ def full_damage(path: str) -> Damage | None:
     if keep is None:
         return None
     return Damage(keep=keep, cut=b"".join(cut), lines=bad, salvaged=salvaged,
-                  rewrite=b"".join(kept))
+                  rewrite=b"".join(kept), first=first)
+
+
+def _replay_error(replay, line: bytes) -> str | None:
+    """Why Optuna's replay cannot apply ``line`` after the lines before it (None: it applied it)."""
+    log = _parse(line)
+    why = operation_error(log) if log is not None else "not JSON"
+    if why is not None:
+        return why
+    try:  # what the shape allows and the replay still refuses: a date, a distribution, an index
+        replay.apply_logs([log])
+    except Exception as exc:  # whatever the replay raises: this line is what it cannot read past
+        return f"{Op(log['op_code']).name}: Optuna cannot apply it ({type(exc).__name__}: {str(exc)[:80]})"
+    return None
 
 
 def repair(path: str, damage: Damage) -> str:
@@ -194,6 +281,13 @@ class Journal(JournalFileBackend):
 
     def lock(self):
         return optuna_private.journal_lock(self)
+
+    def read_logs(self, log_number_from: int):
+        for log in super().read_logs(log_number_from):
+            why = operation_error(log)
+            if why is not None:  # Optuna's replay would stop at it with a traceback: damage
+                raise ValueError(f"the journal {self.path} holds a line that is no operation of this Optuna: {why}")
+            yield log
 
     def repair(self, whole: bool = False) -> str | None:
         """Repair the damage now (the tail only, unless ``whole``); returns what was done, or None."""

@@ -7,6 +7,8 @@ Why each is needed (Optuna has no public way to do these):
 - ``optuna.storages._rdb.models.TrialModel``: one COUNT query for that cap, instead of loading every trial.
 - the journal file backend's lock and ``get_lock_file``: a repair (journal.py) must hold the very
   lock Optuna's own appends take.
+- the journal's ``JournalOperation`` codes and ``JournalStorageReplayResult``: a line is checked against
+  the operations this Optuna replays, and replayed as it would be, before it is trusted (journal.py).
 - ``_CachedStorage._backend``, ``JournalStorage._backend._file_path``, ``study._storage``, ``FrozenTrial._trial_id``: to reach the storage
   a study or trial lives in, and to set a finished trial's state (audit --fix).
 """
@@ -26,6 +28,21 @@ def journal_lock(file_backend):
     from optuna.storages.journal._file import get_lock_file
 
     return get_lock_file(file_backend._lock)
+
+
+def journal_operations():
+    from optuna.storages.journal._storage import JournalOperation
+
+    return JournalOperation
+
+
+def replay_result():
+    """An empty replay of a journal, as JournalStorage keeps it: apply_logs applies operations."""
+    import uuid
+
+    from optuna.storages.journal._storage import JournalStorageReplayResult
+
+    return JournalStorageReplayResult(f"{uuid.uuid4()}-")  # a worker id no line has: none is "its own"
 
 
 def storage_of(study):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 import warnings
@@ -18,7 +19,12 @@ DEFAULT_STORAGE = "journal:optuna_journal.log"
 HEARTBEAT_S = 10
 MAX_HEARTBEAT_S = 3600  # a trial silent for 3 hours is stale; Python's timers refuse much larger waits
 CONNECT_TIMEOUT_S = 10
-MAX_JOURNAL_BYTES = 1 << 31
+# Optuna replays a journal whole, into memory: about 1.5x its size for plain studies, 4.4x measured
+# for one whose categorical has 60,000 choices (each trial's line repeats them, ~900 KB). So the bound
+# is the machine's memory, not a fixed size that a wide categorical reaches in ~3,000 trials; 2 GiB,
+# what every machine took before, stays allowed.
+JOURNAL_REPLAY_FACTOR = 5
+MIN_JOURNAL_LIMIT = 1 << 31
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 SAMPLERS = ("tpe", "random", "grid", "qmc", "cmaes", "gp", "nsga2")
 PRUNERS = ("median", "percentile", "hyperband", "sha", "wilcoxon", "none")
@@ -132,29 +138,54 @@ def journal_path(url: str) -> str:
     target = Path(path)
     if target.exists() and not target.is_file():
         raise UsageError(f"Optuna journal {path!r} is not a regular file")
-    if target.exists() and target.stat().st_size > MAX_JOURNAL_BYTES:
-        raise UsageError(f"Optuna journal {path!r} is larger than {MAX_JOURNAL_BYTES} bytes; "
-                         "studies that large belong in an RDB storage (postgresql://...)")
+    if target.exists() and target.stat().st_size > max_journal_bytes():
+        raise UsageError(f"Optuna journal {path!r} is {target.stat().st_size} bytes, more than this machine's "
+                         f"{memory_bytes()} bytes of memory can replay (Optuna reads it whole, up to "
+                         f"{JOURNAL_REPLAY_FACTOR}x its size); studies that large belong in an RDB storage "
+                         "(postgresql://...)")
     if not target.exists() and not target.parent.is_dir():
         raise UsageError(f"cannot create Optuna journal {path!r}: {str(target.parent)!r} is not a directory")
     return path
 
 
+def memory_bytes() -> int:
+    """This process's memory: the machine's, or its container's limit (cgroup v2) when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def max_journal_bytes() -> int:
+    return max(MIN_JOURNAL_LIMIT, memory_bytes() // JOURNAL_REPLAY_FACTOR)
+
+
 def _open_journal(path: str, repair: bool, notify):
-    from .journal import Journal, JournalDamaged
+    from ..errors import HarnessError
+    from .journal import Journal, JournalDamaged, full_damage
     from .storages import CappedJournalStorage
 
-    journal = Journal(path, **({"notify": notify} if notify else {}))
+    def journal():
+        return Journal(path, **({"notify": notify} if notify else {}))
+
+    opened = journal()
     if repair:
-        journal.repair()  # a torn last line: cut before anything is appended after it
+        opened.repair()  # a torn last line: cut before anything is appended after it
     try:
-        return CappedJournalStorage(journal)
-    except ValueError:  # damage in the middle, which Optuna refuses to read past
+        return CappedJournalStorage(opened)
+    except (OSError, MemoryError, HarnessError):  # not the file's content: reading it again would not help
+        raise
+    except Exception:  # a line Optuna's replay stops at: damage in the middle, or no operation it knows
+        damage = full_damage(path)
+        if damage is None:
+            raise
         if not repair:
-            raise JournalDamaged(f"the Optuna journal {path} has damaged lines that Optuna cannot read past; "
+            raise JournalDamaged(f"{damage.describe(path)}: Optuna cannot read past it; "
                                  "`harness audit --fix` repairs it (keeping a copy of what it removes)") from None
-        journal.repair(whole=True)
-        return CappedJournalStorage(journal)
+        opened.repair(whole=True)
+        return CappedJournalStorage(journal())  # a fresh backend: the old one's offsets predate the repair
 
 
 def make_sampler(name: str, seed: int | None, space: SearchSpace) -> optuna.samplers.BaseSampler:

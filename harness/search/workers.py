@@ -66,14 +66,22 @@ def unfinished(trials) -> list:
 
 
 def retried_numbers(trials) -> set[int]:
+    """Every trial whose configuration was queued again. Optuna's retry of a retry keeps the first
+    trial's number as ``failed_trial``; each trial retried along the way is in ``retry_history``."""
     import warnings
 
     from optuna.exceptions import ExperimentalWarning
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials} - {None}
+        numbers = set()
+        for t in trials:
+            history = Retry.retry_history(t)
+            numbers.add(Retry.retried_trial_number(t))
+            if isinstance(history, list):  # the journal is a file anyone may have edited
+                numbers.update(n for n in history if isinstance(n, int))
+    return numbers - {None}
 
 
 def retry(study, trial) -> bool:

@@ -1,0 +1,143 @@
+"""The audit on a real study and its runs, tampered with the way a user, a crash or a stray edit does:
+every finding is said in one line, and what --fix says it does is what is then in the stores."""
+import os
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState, create_trial
+
+from harness.experiment import load
+from harness.search import space as space_module
+from harness.search.audit import audit
+from harness.search.objective import Objective
+from harness.search.study import create_study, make_pruner, open_storage
+from harness.sink import MlflowSink
+
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+STUDY = "audited"
+
+
+@pytest.fixture
+def mlflow_uri(workdir, monkeypatch) -> str:
+    monkeypatch.chdir(workdir)
+    for name in [n for n in os.environ if n.startswith(("MLFLOW_", "OPTUNA_"))]:
+        monkeypatch.delenv(name)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def searched(mlflow_uri, workdir):
+    """A tracked two-trial search, in-process: (journal URL, MLflow client)."""
+    experiment = load("linear_regression")
+    space = space_module.resolve(experiment, overrides={"epochs": [3, 4]})
+    url = f"journal:{workdir / 'j.log'}"
+    study = create_study(STUDY, open_storage(url), direction="minimize", sampler=optuna.samplers.RandomSampler(seed=0),
+                         pruner=make_pruner("none"), space=space, experiment="linear_regression")
+    with Objective("linear_regression", space, track=True, device="cpu", seed=0) as objective:
+        study.optimize(objective, n_trials=2)
+    client = MlflowClient(mlflow_uri)
+    assert audit(*_reopened(url), client).clean
+    return url, client
+
+
+def _reopened(url: str):
+    storage = open_storage(url)
+    return optuna.load_study(study_name=STUDY, storage=storage), storage
+
+
+def _run_of(url: str, number: int) -> str:
+    return _reopened(url)[0].trials[number].user_attrs["mlflow_run_id"]
+
+
+def test_a_trial_whose_value_its_run_does_not_log_is_reported(searched):
+    url, client = searched
+    run_id = _run_of(url, 0)
+    client.log_metric(run_id, "final_valid_loss", 42.0, step=0)  # a later write over the run's final value
+
+    report = audit(*_reopened(url), client, fix=True)
+    [line] = report.violations
+    assert f"trial 0: run {run_id} logs final_valid_loss=42.0, but the trial's values are [" in line
+    assert "--fix cannot tell which is right and changes neither" in line and not report.fixed
+
+
+def test_epochs_far_beyond_the_steps_cost_no_memory(searched):
+    url, client = searched
+    journal = url.split(":", 1)[1]
+    study, _ = _reopened(url)
+    epochs = study.trials[1].params["epochs"]
+    text = open(journal).read()
+    at = text.index('"param_name":"epochs"', text.index('"trial_id":1,'))
+    edited = text[:at] + text[at:].replace(f'"param_value_internal":{epochs}', '"param_value_internal":1000000000000',
+                                           1)
+    open(journal, "w").write(edited)
+    assert _reopened(url)[0].trials[1].params["epochs"] == 10 ** 12
+
+    run_id = _run_of(url, 1)
+    report = audit(*_reopened(url), client)  # a list of 10**12 steps would end it in a MemoryError
+    assert f"trial 1: run {run_id} has {epochs} train_loss points, not steps 0..999999999999 once each" \
+        in report.violations
+
+
+def test_a_deleted_run_of_a_trial_is_reported_and_restored(searched):
+    url, client = searched
+    run_id = _run_of(url, 1)
+    client.delete_run(run_id)
+
+    assert audit(*_reopened(url), client).violations == [
+        f"trial 1 (COMPLETE): its run {run_id} is deleted (in MLflow's trash); --fix restores it"]
+    report = audit(*_reopened(url), client, fix=True)
+    assert report.fixed == [f"run {run_id} of trial 1: deleted -> restored"] and report.clean
+    assert client.get_run(run_id).info.lifecycle_stage == "active"
+    assert audit(*_reopened(url), client).clean
+
+
+def test_an_interrupted_retry_of_a_retry_is_queued_once(mlflow_uri, workdir):
+    """Optuna's retry of a retry keeps the first trial's number: the trials between are retried too."""
+    from harness.commands.search import _recover_stale_trials
+
+    url = f"journal:{workdir / 'j.log'}"
+    study, storage = optuna.create_study(study_name=STUDY, storage=open_storage(url)), None
+    sink = MlflowSink(MlflowClient(mlflow_uri))
+    parent = sink.create_run("0", STUDY, {"harness.role": "study", "optuna.study_name": STUDY}, {})
+    sink.close(parent, "FINISHED")
+    study.set_user_attr("mlflow_parent_run_id", parent)
+    x = optuna.distributions.FloatDistribution(0, 1)
+    interrupted = {"fail_reason": "interrupted"}
+    study.add_trial(create_trial(state=TrialState.FAIL, params={"x": 0.5}, distributions={"x": x},
+                                 user_attrs=interrupted))
+    study.add_trial(create_trial(state=TrialState.FAIL, params={"x": 0.5}, distributions={"x": x},
+                                 user_attrs=interrupted, system_attrs={"failed_trial": 0, "retry_history": [0]}))
+    study.add_trial(create_trial(state=TrialState.WAITING, params={"x": 0.5}, distributions={"x": x},
+                                 system_attrs={"failed_trial": 0, "retry_history": [0, 1]}))
+
+    study, storage = _reopened(url)
+    for _ in range(2):
+        report = audit(study, storage, MlflowClient(mlflow_uri), fix=True)
+        assert not [line for line in report.fixed if "retried" in line] and report.clean, report
+    _recover_stale_trials(*_reopened(url))  # what a search does first
+    trials = _reopened(url)[0].trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
+
+
+def test_what_the_audit_says_fix_queues_fix_queues_once(searched):
+    """A COMPLETE trial whose run was closed incomplete (its last writes failed) and whose retry was
+    never queued (the journal write for it failed too)."""
+    from harness.sink import close_incomplete
+
+    url, client = searched
+    run_id = _run_of(url, 0)
+    close_incomplete(MlflowSink(client), run_id, "state_dict.pt missing")
+
+    [line] = audit(*_reopened(url), client).violations
+    assert line.startswith(f"trial 0: run {run_id} is incomplete") and line.endswith("--fix queues it")
+    report = audit(*_reopened(url), client, fix=True)
+    assert report.clean and report.fixed == [
+        f"trial 0: run {run_id} is incomplete (state_dict.pt missing) -> configuration retried"]
+    assert audit(*_reopened(url), client, fix=True).fixed == []
+    trials = _reopened(url)[0].trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.WAITING]
+    assert trials[2].params == trials[0].params and trials[2].system_attrs["failed_trial"] == 0
