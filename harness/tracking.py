@@ -120,10 +120,10 @@ def write(client, run_id: str, rec: RunRecord, skip_params: set[str] = frozenset
     """Log a record into an existing run (params already on the run are left as they are)."""
     from mlflow.entities import Metric, Param
 
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000)  # one timestamp for the record: a value logged twice is stored once
     metrics = [Metric(name, value, now, step) for name, values in rec.history.items()
                for step, value in enumerate(values)]
-    metrics += metric_list(rec.finals)
+    metrics += [Metric(name, value, now, 0) for name, value in rec.finals.items()]
     params = [Param(k, v) for k, v in rec.params.items() if k not in skip_params]
     tags = tag_list(rec.tags)
     for p, t, m in batches(params, tags, metrics):
