@@ -213,10 +213,10 @@ class DirectWriter:
             time.sleep(random.uniform(0.05, 0.5))  # apart from the other waiting writers
 
 
-def groups(records: list, rows: int = TRANSACTION_ROWS):
-    """``write_many``'s records (run id, metrics, ...) in groups of about ``rows`` metric values,
-    each for a transaction of its own; a record is never split."""
-    group, size = [], 0
+def groups(records: list):
+    """``write_many``'s records (run id, metrics, ...) in groups of about ``TRANSACTION_ROWS``
+    metric values, each for a transaction of its own; a record is never split."""
+    rows, group, size = TRANSACTION_ROWS, [], 0
     for record in records:
         if group and size + len(record[1]) > rows:
             yield group
