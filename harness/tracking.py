@@ -185,6 +185,22 @@ def check_experiment(client, name: str | None) -> str | None:
     return None
 
 
+def refused_name(name) -> str | None:
+    """MLflow's reason for refusing ``name`` as a metric, param or tag name, or None: its own
+    validators (characters, names that resolve to another path, length)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, _validate_length_limit, _validate_metric_name
+
+    if not isinstance(name, str):
+        return f"{name!r} is not a string"
+    try:
+        _validate_metric_name(name)
+        _validate_length_limit("Metric name", MAX_ENTITY_KEY_LENGTH, name)
+    except MlflowException as exc:
+        return exc.message
+    return None
+
+
 def missing(exc: BaseException) -> bool:
     """Whether an MlflowException says the run or experiment does not exist (not that the store failed)."""
     return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"

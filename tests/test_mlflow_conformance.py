@@ -287,3 +287,38 @@ def test_a_record_the_direct_path_cannot_store_as_given_goes_to_mlflow_untouched
     assert client.get_run(run).info.status == "RUNNING" and not client.get_run(run).data.metrics
     with pytest.raises((MlflowException, OverflowError)):  # the client converts the value first
         client.log_batch(run, metrics=[Metric(k, v, 0, s) for k, v, s in metrics])
+
+
+NAMED = """
+import torch
+from torch import nn
+from harness.experiment import Data, Experiment
+
+def make_data():
+    X = torch.linspace(0, 1, 20).unsqueeze(1)
+    return Data(X[:15], X[:15], X[15:], X[15:])
+
+EXPERIMENT = Experiment(name="named", make_data=make_data, make_model=lambda: nn.Linear(1, 1), losses=("mse",),
+                        defaults={{"optimizer": "sgd", "loss": "mse", "epochs": 2}}, {field})
+"""
+
+
+@pytest.mark.parametrize("field, name", [
+    ('scalars=lambda model: {"w/": 1.0}', "w/"),
+    ('scalars=lambda model: {"w": 1.0}, truth={"w": 0.5}, metrics=lambda p, y: {"a" * 240: (p - y).abs().mean()}',
+     "final_train_" + "a" * 240),
+    ('metrics=lambda p, y: {"a\\u0301": (p - y).abs().mean()}', "train_a\u0301"),
+])
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_an_experiment_logging_a_name_mlflow_refuses_is_refused_before_training(tmp_path, capsys, monkeypatch,
+                                                                                 command, field, name):
+    """Not a run that trains and then FAILS on its record, with every later summary of its study."""
+    from search_helpers import check_refused_in_process
+
+    code, folder = tmp_path / "code", tmp_path / "run"
+    code.mkdir(), folder.mkdir()
+    (code / "named.py").write_text(NAMED.format(field=field))
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    check_refused_in_process([command, "--experiment", str(code / "named.py")],
+                             f"logs a metric named {name!r}, which MLflow refuses", capsys, folder, monkeypatch)
