@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 from .schema import RUN_NAME_TAG
-from .tracking import refused_name
 
 _RUN_ID = re.compile(r"^[a-zA-Z0-9][\w\-]{0,255}$")  # mlflow.utils.validation's run id rule
 
@@ -270,3 +269,19 @@ def _plain(metrics, tags, params, max_tag: int, max_param: int) -> bool:
 def accepted_name(name) -> bool:
     """Whether MLflow takes ``name`` as a metric, param or tag name (one rule for the three)."""
     return refused_name(name) is None
+
+
+def refused_name(name) -> str | None:
+    """MLflow's reason for refusing ``name`` as a metric, param or tag name, or None: its own
+    validators (characters, names that resolve to another path, length)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, _validate_length_limit, _validate_metric_name
+
+    if not isinstance(name, str):
+        return f"{name!r} is not a string"
+    try:
+        _validate_metric_name(name)
+        _validate_length_limit("Metric name", MAX_ENTITY_KEY_LENGTH, name)
+    except MlflowException as exc:
+        return exc.message
+    return None

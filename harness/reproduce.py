@@ -9,8 +9,9 @@ from .errors import UsageError
 from .runs import curves, fitted_model, get_run, load_state_dict, logged_config
 
 
-def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str, list[str], int]:
+def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str | None, list[str], int]:
     """Returns (new run id, differences, epochs compared); no differences means reproduced exactly.
+    The re-run is compared but not logged (new run id None) on a store opened read-only.
 
     ``experiment``: the run's experiment module or file, when it is not one of the ``experiments`` package.
     """
@@ -26,16 +27,21 @@ def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str, 
     old_state = load_state_dict(client, run_id)
     fitted_model(client, run_id, cfg, found, old_state)
     result = training.train(cfg, found, data)
+    new_run = None if tracking.read_only(client) else _log(client, source, found, result)
+    logged = curves(client, run_id, result.history.values.keys())
+    return new_run, differences(old_state, result.model.state_dict(),
+                                            logged, result.history.values), result.history.epochs_run
+
+
+def _log(client, source, found, result) -> str:
     new_run = client.create_run(source.info.experiment_id, run_name=f"reproduce-{source.info.run_name}",
-                                tags={REPRODUCES_TAG: run_id, COMMAND_TAG: "reproduce"})
+                                tags={REPRODUCES_TAG: source.info.run_id, COMMAND_TAG: "reproduce"})
     status = "FAILED"
     try:
         status = tracking.log_result(client, new_run.info.run_id, found, result)
     finally:
         client.set_terminated(new_run.info.run_id, status)
-    logged = curves(client, run_id, result.history.values.keys())
-    return new_run.info.run_id, differences(old_state, result.model.state_dict(),
-                                            logged, result.history.values), result.history.epochs_run
+    return new_run.info.run_id
 
 
 def differences(old_state: dict, new_state: dict, old_curves: dict, new_curves: dict) -> list[str]:

@@ -185,22 +185,6 @@ def check_experiment(client, name: str | None) -> str | None:
     return None
 
 
-def refused_name(name) -> str | None:
-    """MLflow's reason for refusing ``name`` as a metric, param or tag name, or None: its own
-    validators (characters, names that resolve to another path, length)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, _validate_length_limit, _validate_metric_name
-
-    if not isinstance(name, str):
-        return f"{name!r} is not a string"
-    try:
-        _validate_metric_name(name)
-        _validate_length_limit("Metric name", MAX_ENTITY_KEY_LENGTH, name)
-    except MlflowException as exc:
-        return exc.message
-    return None
-
-
 def missing(exc: BaseException) -> bool:
     """Whether an MlflowException says the run or experiment does not exist (not that the store failed)."""
     return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
@@ -263,7 +247,7 @@ def read_client(tracking_uri: str | None = None):
         _probe_database(uri)
         from mlflow import MlflowClient
 
-        client = MlflowClient(uri)
+        client = MlflowClient(read_only_uri(uri) or uri)
         client.search_experiments(max_results=1)
     except Exception as exc:
         if uri.startswith(("http://", "https://")) or uri.split(":", 1)[0].split("+")[0] in DB_SCHEMES:
@@ -271,6 +255,24 @@ def read_client(tracking_uri: str | None = None):
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise HarnessError(f"cannot read the MLflow store {redact(uri)}: {scrub(first, uri)}") from None
     return client
+
+
+def read_only_uri(uri: str) -> str | None:
+    """``uri`` as SQLAlchemy opens a store that ``read_only_flags`` says to open read-only, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    from urllib.parse import quote
+
+    from .local_store import read_only_flags
+
+    path = Path(uri[len("sqlite:///"):])
+    flags = read_only_flags(path) if path.is_file() else None
+    return f"sqlite:///file:{quote(str(path.absolute()))}?{flags}&uri=true" if flags else None
+
+
+def read_only(client) -> bool:
+    """Whether ``client`` was opened on a store it cannot write (``read_only_uri``)."""
+    return client.tracking_uri.startswith("sqlite:///file:") and "mode=ro" in client.tracking_uri
 
 
 def fast_read_client(run_id: str, tracking_uri: str | None = None):

@@ -120,7 +120,7 @@ def steps(cfg: TrainConfig, experiment: Experiment) -> tuple[StepFn | None, Step
 def _check_metric_names(experiment: Experiment, curves: list[tuple[str, set[str]]], finals: list) -> None:
     """Every metric name a run of ``experiment`` logs, against MLflow's rule: a name it refuses
     would fail the run after its training, and every later summary of its study."""
-    from .tracking import refused_name
+    from .mlflow_sql import refused_name
 
     logged = [f"{split}_{name}" for split, names in curves for name in sorted(names)]
     for name in [*logged, *map(final, logged), *finals]:
