@@ -33,6 +33,7 @@ def top_runs(client, *, study: str | None = None, mlflow_experiment: str | None 
         if found is None:
             raise UsageError(f"unknown MLflow experiment {mlflow_experiment!r}")
         scope, experiment_ids = f"MLflow experiment {mlflow_experiment!r}", [found.experiment_id]
+    mlflow.set_tracking_uri(client.tracking_uri)  # the fluent search reads the client's store (read-only or not)
     frame = mlflow.search_runs(experiment_ids=experiment_ids or [e.experiment_id for e in client.search_experiments()],
                                filter_string=" and ".join(where), output_format="pandas",
                                order_by=[f"metrics.{metric} {'DESC' if descending else 'ASC'}"])

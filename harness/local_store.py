@@ -7,6 +7,7 @@ caller takes an MlflowClient.
 """
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import stat
@@ -52,7 +53,8 @@ class LocalStore:
             return None  # read_client says so, and creates nothing
         try:
             # mode=ro: never creates, migrates or writes the store.
-            db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=30)
+            flags = read_only_flags(path) or "mode=ro"
+            db = sqlite3.connect(f"file:{quote(str(path))}?{flags}", uri=True, timeout=30)
         except sqlite3.Error:
             return None
         try:
@@ -108,3 +110,18 @@ def _local_folder(uri: str) -> Path | None:
     exists, else None. With a '%' MLflow would unquote the path first: that case stays with MLflow."""
     folder = local_folder(uri) if uri.startswith(("file:///", "/")) and "%" not in uri else None
     return folder if folder is not None and folder.is_dir() else None
+
+
+def read_only_flags(path: Path) -> str | None:
+    """The SQLite URI parameters that open the store at ``path`` for reading where this process
+    cannot write beside it (a read-only mount, an archive, another user's folder), else None.
+
+    Every store the harness makes is in WAL mode, and SQLite reads a WAL file only through its -shm
+    file, which it cannot create there: without a -wal holding commits, the file alone is the whole
+    store and opens as immutable; with one, read-only (which works where the -shm is there too)."""
+    if os.access(path.parent, os.W_OK) and os.access(path, os.W_OK):
+        return None
+    wal = Path(f"{path}-wal")
+    if os.access(path.parent, os.W_OK) or (wal.is_file() and wal.stat().st_size):
+        return "mode=ro"
+    return "mode=ro&immutable=1"

@@ -8,22 +8,39 @@ that for the store MLflow's own client opened (its engine and table models), and
 - on an SQLite store and the MLflow versions in ``TESTED`` (tests/test_mlflow_conformance.py reads back every value
   through the public API, histories, latest metrics, ``search_runs`` and the UI's REST endpoints,
   beside the same record written by ``log_batch``; on another version it fails and this path is off);
-- on a run that is active and has none of the record's metrics, params or tags yet, with names and
-  values MLflow's own validation would accept without a change. Anything else returns False and
-  the caller takes the public path, which validates and explains.
+- on a run that is active and has none of the record's metrics, params or tags yet, with names
+  MLflow's own validators accept and values it stores without a change. Anything else returns False
+  and the caller takes the public path, which validates and explains.
+
+Several workers may share one SQLite store: SQLite has one writer at a time and a waiting one gives
+up after MLflow's busy timeout. Callers keep each transaction to about ``TRANSACTION_ROWS`` metric
+values (``groups``), and a transaction that finds the store locked is tried again (``LOCKED_FOR``).
 """
 from __future__ import annotations
 
 import math
+import random
 import re
+import sqlite3
 import time
+from contextlib import contextmanager
+from functools import lru_cache
 
 from .schema import RUN_NAME_TAG
 
+_RUN_ID = re.compile(r"^[a-zA-Z0-9][\w\-]{0,255}$")  # mlflow.utils.validation's run id rule
+
 TESTED = ("3.17.",)  # MLflow versions whose tables and semantics the conformance test checked
-_NAME = re.compile(r"^[A-Za-z0-9_\-. /]{1,250}$")  # a subset of what MLflow's validation allows
+# Run names: a plain subset of what MLflow takes (anything else is created by MLflow's create_run).
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_\-. /]{1,250}$")
 _MAX_DOUBLE = 1.7976931348623157e308  # what MLflow stores for +-inf
+_STEPS = range(-2 ** 63, 2 ** 63)  # MLflow's step column: a 64-bit integer
 CACHE_KB = 65536  # SQLite page cache of the connection that writes records
+# Metric values per transaction: ~0.2 s of SQLite's write lock here (a 256-trial batch of 400 epochs
+# is 400k values, 4 s in one transaction), far below the 20 s another worker waits for it.
+TRANSACTION_ROWS = 20_000
+LOCKED_FOR = 300.0  # seconds a transaction is tried again while another process holds the lock
+BUSY_TIMEOUT_MS = 20_000  # what MLflow's own sessions wait for SQLite's lock
 
 
 class DirectWriter:
@@ -61,8 +78,8 @@ class DirectWriter:
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
         for name, tags, params in runs:
-            if RUN_NAME_TAG in tags or not _NAME.match(name) or not _plain([], tags, params, MAX_TAG_VAL_LENGTH,
-                                                                            MAX_PARAM_VAL_LENGTH):
+            if RUN_NAME_TAG in tags or not _RUN_NAME.match(name) or not _plain([], tags, params, MAX_TAG_VAL_LENGTH,
+                                                                                MAX_PARAM_VAL_LENGTH):
                 return None
         experiment = self.store.get_experiment(experiment_id)  # MLflow's error for a missing one
         if experiment.lifecycle_stage != LifecycleStage.ACTIVE:
@@ -82,10 +99,12 @@ class DirectWriter:
             rows.append(run)
             param_rows += [(k, v, run_id) for k, v in params.items()]
         made = [(run.run_uuid, run.artifact_uri) for run in rows]
-        with self.store.ManagedSessionMaker(read_only=False) as session:
+
+        def create(session) -> None:
             session.add_all(rows)
             session.flush()  # the runs rows before their params (foreign key)
             _insert(session, SqlParam.__table__, ("key", "value", "run_uuid"), param_rows)
+        self._transaction(create)
         return made
 
     def write(self, run_id: str, metrics: list[tuple[str, float, int]], tags: dict[str, str],
@@ -97,13 +116,13 @@ class DirectWriter:
     def write_many(self, records: list[tuple[str, list[tuple[str, float, int]], dict, dict, str | None]]) -> bool:
         """``write`` for several runs' records (run id, metrics, tags, params, status) in one
         transaction. False, with nothing written, when any of them is not one this path takes."""
-        from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag
+        from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlTag
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
-        from sqlalchemy import insert, select, text, update
 
         ids = [record[0] for record in records]
-        if len(set(ids)) != len(ids) or not all(_plain(m, t, p, MAX_TAG_VAL_LENGTH, MAX_PARAM_VAL_LENGTH)
-                                                for _, m, t, p, _ in records):
+        if len(set(ids)) != len(ids) or not all(_RUN_ID.match(run_id) and _plain(m, t, p, MAX_TAG_VAL_LENGTH,
+                                                                                  MAX_PARAM_VAL_LENGTH)
+                                                for run_id, m, t, p, _ in records):
             return False
         now = int(time.time() * 1000)
         metric_rows, latest_rows, param_rows, tag_rows, names, ended = [], [], [], [], {}, {}
@@ -113,11 +132,16 @@ class DirectWriter:
             # MLflow keeps a run's name twice, the runs row and its tag: a rename sets both, as MLflow's set_tag does.
             if RUN_NAME_TAG in tags:
                 names[run_id] = tags.pop(RUN_NAME_TAG)
-            latest = {}
+            latest, seen = {}, set()
             for key, value, step in metrics:
                 value = float(value)
                 is_nan = math.isnan(value)
                 stored = 0.0 if is_nan else max(-_MAX_DOUBLE, min(_MAX_DOUBLE, value))
+                # The same (key, value, step) twice is one row, the first, as log_batch keeps it
+                # (its primary key; inf and the largest double, 0.0 and -0.0 included).
+                if (key, stored, step, is_nan) in seen:
+                    continue
+                seen.add((key, stored, step, is_nan))
                 row = (key, stored, now, step, is_nan, run_id)
                 metric_rows.append(row)
                 # MLflow's latest value: the largest (step, timestamp, value).
@@ -130,34 +154,87 @@ class DirectWriter:
                 wanted[model].update((run_id, key) for key in keys)
             if status is not None:
                 ended.setdefault(status, []).append(run_id)
-        with self.store.ManagedSessionMaker(read_only=False) as session:
-            # A cache that holds the metrics table's indexes: each value goes into four B-trees, and
-            # SQLite's default 2 MB cache re-reads their pages from the file (~30% of an insert).
-            session.execute(text(f"PRAGMA cache_size = -{CACHE_KB}"))
-            for chunk in _chunks(ids):
-                found = session.execute(select(SqlRun.run_uuid, SqlRun.lifecycle_stage)
-                                        .where(SqlRun.run_uuid.in_(chunk))).all()
-                if len(found) != len(chunk) or any(stage != "active" for _, stage in found):
-                    return False
-                for model, keys in wanted.items():
-                    there = session.execute(select(model.run_uuid, model.key).where(model.run_uuid.in_(chunk))).all()
-                    if keys.intersection(map(tuple, there)):
-                        return False  # already there: MLflow's merge and conflict rules apply
-            columns = ("key", "value", "timestamp", "step", "is_nan", "run_uuid")
-            _insert(session, SqlMetric.__table__, columns, metric_rows)
-            _insert(session, SqlLatestMetric.__table__, columns, latest_rows)
-            _insert(session, SqlParam.__table__, ("key", "value", "run_uuid"), param_rows)
-            _insert(session, SqlTag.__table__, ("key", "value", "run_uuid"), tag_rows)
-            for run_id, name in names.items():
-                session.execute(update(SqlRun).where(SqlRun.run_uuid == run_id).values(name=name))
-                renamed = session.execute(update(SqlTag).where(SqlTag.run_uuid == run_id, SqlTag.key == RUN_NAME_TAG)
-                                          .values(value=name))
-                if renamed.rowcount == 0:
-                    session.execute(insert(SqlTag.__table__), [{"key": RUN_NAME_TAG, "value": name, "run_uuid": run_id}])
-            for status, runs in ended.items():
-                for chunk in _chunks(runs):
-                    session.execute(update(SqlRun).where(SqlRun.run_uuid.in_(chunk)).values(status=status, end_time=now))
+        return self._transaction(lambda session: self._write_rows(
+            session, ids, wanted, metric_rows, latest_rows, param_rows, tag_rows, names, ended, now))
+
+    def _write_rows(self, session, ids, wanted, metric_rows, latest_rows, param_rows, tag_rows, names, ended,
+                    now) -> bool:
+        from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag
+        from sqlalchemy import insert, select, text, update
+
+        # A cache that holds the metrics table's indexes: each value goes into four B-trees, and
+        # SQLite's default 2 MB cache re-reads their pages from the file (~30% of an insert).
+        session.execute(text(f"PRAGMA cache_size = -{CACHE_KB}"))
+        for chunk in _chunks(ids):
+            found = session.execute(select(SqlRun.run_uuid, SqlRun.lifecycle_stage)
+                                    .where(SqlRun.run_uuid.in_(chunk))).all()
+            if len(found) != len(chunk) or any(stage != "active" for _, stage in found):
+                return False
+            for model, keys in wanted.items():
+                there = session.execute(select(model.run_uuid, model.key).where(model.run_uuid.in_(chunk))).all()
+                if keys.intersection(map(tuple, there)):
+                    return False  # already there: MLflow's merge and conflict rules apply
+        columns = ("key", "value", "timestamp", "step", "is_nan", "run_uuid")
+        _insert(session, SqlMetric.__table__, columns, metric_rows)
+        _insert(session, SqlLatestMetric.__table__, columns, latest_rows)
+        _insert(session, SqlParam.__table__, ("key", "value", "run_uuid"), param_rows)
+        _insert(session, SqlTag.__table__, ("key", "value", "run_uuid"), tag_rows)
+        for run_id, name in names.items():
+            session.execute(update(SqlRun).where(SqlRun.run_uuid == run_id).values(name=name))
+            renamed = session.execute(update(SqlTag).where(SqlTag.run_uuid == run_id, SqlTag.key == RUN_NAME_TAG)
+                                      .values(value=name))
+            if renamed.rowcount == 0:
+                session.execute(insert(SqlTag.__table__), [{"key": RUN_NAME_TAG, "value": name, "run_uuid": run_id}])
+        for status, runs in ended.items():
+            for chunk in _chunks(runs):
+                session.execute(update(SqlRun).where(SqlRun.run_uuid.in_(chunk)).values(status=status, end_time=now))
         return True
+
+    def _transaction(self, work):
+        """``work(session)`` in one transaction on MLflow's engine, tried again while another
+        process holds SQLite's write lock: a rolled-back attempt wrote nothing."""
+        from sqlalchemy import text
+        from sqlalchemy.orm import Session
+
+        deadline = time.monotonic() + LOCKED_FOR
+        while True:
+            try:
+                with Session(self.store.engine) as session:
+                    # The settings of MLflow's own sessions (ManagedSessionMaker), whose error
+                    # handling logs a traceback for every locked attempt.
+                    session.execute(text("PRAGMA foreign_keys = ON"))
+                    session.execute(text(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}"))
+                    done = work(session)
+                    session.commit()  # leaving the block without it rolls back
+                return done
+            except Exception as exc:
+                if not _locked(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(random.uniform(0.05, 0.5))  # apart from the other waiting writers
+
+
+def groups(records: list):
+    """``write_many``'s records (run id, metrics, ...) in groups of about ``TRANSACTION_ROWS``
+    metric values, each for a transaction of its own; a record is never split."""
+    rows, group, size = TRANSACTION_ROWS, [], 0
+    for record in records:
+        if group and size + len(record[1]) > rows:
+            yield group
+            group, size = [], 0
+        group.append(record)
+        size += len(record[1])
+    if group:
+        yield group
+
+
+def _locked(exc: BaseException | None) -> bool:
+    """Whether SQLite refused because another connection holds its lock ("database is locked")."""
+    while exc is not None:
+        cause = getattr(exc, "orig", None) or exc
+        if isinstance(cause, sqlite3.OperationalError) and ("locked" in str(cause) or "busy" in str(cause)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _chunks(items: list, size: int = 500):
@@ -178,9 +255,33 @@ def _insert(session, table, columns: tuple[str, ...], rows: list[tuple]) -> None
 
 
 def _plain(metrics, tags, params, max_tag: int, max_param: int) -> bool:
-    """Names and values that MLflow's validation takes as they are."""
+    """Names MLflow's validators take, and values it stores as they are."""
     for key, value, step in metrics:
-        if not _NAME.match(key) or type(value) not in (float, int) or type(step) is not int or step < 0:
+        if not accepted_name(key) or type(value) not in (float, int) or type(step) is not int or step not in _STEPS:
             return False
-    return (all(_NAME.match(k) and isinstance(v, str) and len(v) <= max_tag for k, v in tags.items())
-            and all(_NAME.match(k) and isinstance(v, str) and len(v) <= max_param for k, v in params.items()))
+        if type(value) is int and not -_MAX_DOUBLE <= value <= _MAX_DOUBLE:
+            return False  # no double holds it: MLflow fails on it, and says so
+    return (all(accepted_name(k) and isinstance(v, str) and len(v) <= max_tag for k, v in tags.items())
+            and all(accepted_name(k) and isinstance(v, str) and len(v) <= max_param for k, v in params.items()))
+
+
+@lru_cache(maxsize=4096)
+def accepted_name(name) -> bool:
+    """Whether MLflow takes ``name`` as a metric, param or tag name (one rule for the three)."""
+    return refused_name(name) is None
+
+
+def refused_name(name) -> str | None:
+    """MLflow's reason for refusing ``name`` as a metric, param or tag name, or None: its own
+    validators (characters, names that resolve to another path, length)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, _validate_length_limit, _validate_metric_name
+
+    if not isinstance(name, str):
+        return f"{name!r} is not a string"
+    try:
+        _validate_metric_name(name)
+        _validate_length_limit("Metric name", MAX_ENTITY_KEY_LENGTH, name)
+    except MlflowException as exc:
+        return exc.message
+    return None

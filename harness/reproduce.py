@@ -13,8 +13,9 @@ from .errors import UsageError
 from .runs import curves, fitted_model, get_run, load_state_dict, logged_config
 
 
-def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str, list[str], int]:
+def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str | None, list[str], int]:
     """Returns (new run id, differences, epochs compared); no differences means reproduced exactly.
+    The re-run is compared but not logged (new run id None) on a store opened read-only.
 
     ``experiment``: the run's experiment module or file, when it is not one of the ``experiments`` package.
     """
@@ -32,19 +33,24 @@ def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str, 
     threads = recorded_threads(source.data.params)
     with intra_op_threads(threads, run_id):  # the re-run's record says the count it trained with
         result = training.train(cfg, found, data)
-        new_run = client.create_run(source.info.experiment_id, run_name=f"reproduce-{source.info.run_name}",
-                                    tags={REPRODUCES_TAG: run_id, COMMAND_TAG: "reproduce"})
-        status = "FAILED"
-        try:
-            status = tracking.log_result(client, new_run.info.run_id, found, result)
-        finally:
-            client.set_terminated(new_run.info.run_id, status)
+        new_run = None if tracking.read_only(client) else _log(client, source, found, result)
     logged = curves(client, run_id, result.history.values.keys())
     diffs = differences(old_state, result.model.state_dict(), logged, result.history.values)
     if diffs and threads is None:
         diffs.append(f"run {run_id} recorded no thread count; it was re-run with {torch.get_num_threads()} "
                      "intra-op threads, and a CPU run's bits depend on that count")
-    return new_run.info.run_id, diffs, result.history.epochs_run
+    return new_run, diffs, result.history.epochs_run
+
+
+def _log(client, source, found, result) -> str:
+    new_run = client.create_run(source.info.experiment_id, run_name=f"reproduce-{source.info.run_name}",
+                                tags={REPRODUCES_TAG: source.info.run_id, COMMAND_TAG: "reproduce"})
+    status = "FAILED"
+    try:
+        status = tracking.log_result(client, new_run.info.run_id, found, result)
+    finally:
+        client.set_terminated(new_run.info.run_id, status)
+    return new_run.info.run_id
 
 
 MAX_THREADS = 1024  # a run's record is untrusted: it does not start a million threads

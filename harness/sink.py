@@ -83,15 +83,16 @@ class MlflowSink:
 
     def write_many(self, records: list[tuple[str, RunRecord, str | None]]) -> None:
         """``write`` for several runs (run id, record, status): every run's artifacts first, then
-        the rest of all records in one transaction on the SQL path (all or none written), else run
-        by run (WriteFailed names the runs whose record failed)."""
+        the rest on the SQL path in transactions of a bounded size (each all or none written), else
+        run by run (WriteFailed names the runs whose record failed)."""
         for run_id, record, _ in records:
             self._write_artifacts(run_id, record)
         rows = [(run_id, [(name, value, step) for name, values in record.history.items()
                           for step, value in enumerate(values)] + [(name, value, 0) for name, value in record.finals.items()],
                  record.tags, record.params, status) for run_id, record, status in records]
-        if self._direct is not None and self._direct.write_many(rows):
-            return
+        if self._direct is not None:
+            public = self._write_direct(rows)
+            records = [one for one in records if one[0] in public]
         failed, first = [], None
         for run_id, record, status in records:
             try:
@@ -104,6 +105,19 @@ class MlflowSink:
                 first = first or exc
         if failed:
             raise WriteFailed(failed, first) from first
+
+    def _write_direct(self, rows: list[tuple]) -> set[str]:
+        """The SQL path's share of ``write_many``: the ids of the runs it did not take."""
+        groups = list(mlflow_sql.groups(rows))
+        public: set[str] = set()
+        for n, group in enumerate(groups):
+            try:
+                taken = self._direct.write_many(group)
+            except Exception as exc:  # the groups before are in the store; this one and the rest are not
+                raise WriteFailed([row[0] for rest in groups[n:] for row in rest], exc) from exc
+            if not taken:
+                public.update(row[0] for row in group)
+        return public
 
     def _write_artifacts(self, run_id: str, record: RunRecord) -> None:
         folder = self._folders.pop(run_id, None)

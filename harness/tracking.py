@@ -122,10 +122,10 @@ def write(client, run_id: str, rec: RunRecord, skip_params: set[str] = frozenset
     """Log a record into an existing run (params already on the run are left as they are)."""
     from mlflow.entities import Metric, Param
 
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000)  # one timestamp for the record: a value logged twice is stored once
     metrics = [Metric(name, value, now, step) for name, values in rec.history.items()
                for step, value in enumerate(values)]
-    metrics += metric_list(rec.finals)
+    metrics += [Metric(name, value, now, 0) for name, value in rec.finals.items()]
     params = [Param(k, v) for k, v in rec.params.items() if k not in skip_params]
     tags = tag_list(rec.tags)
     for p, t, m in batches(params, tags, metrics):
@@ -249,7 +249,7 @@ def read_client(tracking_uri: str | None = None):
         _probe_database(uri)
         from mlflow import MlflowClient
 
-        client = MlflowClient(uri)
+        client = MlflowClient(read_only_uri(uri) or uri)
         client.search_experiments(max_results=1)
     except Exception as exc:
         if uri.startswith(("http://", "https://")) or uri.split(":", 1)[0].split("+")[0] in DB_SCHEMES:
@@ -257,6 +257,24 @@ def read_client(tracking_uri: str | None = None):
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise HarnessError(f"cannot read the MLflow store {redact(uri)}: {scrub(first, uri)}") from None
     return client
+
+
+def read_only_uri(uri: str) -> str | None:
+    """``uri`` as SQLAlchemy opens a store that ``read_only_flags`` says to open read-only, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    from urllib.parse import quote
+
+    from .local_store import read_only_flags
+
+    path = Path(uri[len("sqlite:///"):])
+    flags = read_only_flags(path) if path.is_file() else None
+    return f"sqlite:///file:{quote(str(path.absolute()))}?{flags}&uri=true" if flags else None
+
+
+def read_only(client) -> bool:
+    """Whether ``client`` was opened on a store it cannot write (``read_only_uri``)."""
+    return client.tracking_uri.startswith("sqlite:///file:") and "mode=ro" in client.tracking_uri
 
 
 def fast_read_client(run_id: str, tracking_uri: str | None = None):

@@ -117,6 +117,20 @@ def steps(cfg: TrainConfig, experiment: Experiment) -> tuple[StepFn | None, Step
             lambda model, batch, loss_fn: own_eval(model, batch, loss_fn, cfg))
 
 
+def _check_metric_names(experiment: Experiment, curves: list[tuple[str, set[str]]], finals: list) -> None:
+    """Every metric name a run of ``experiment`` logs, against MLflow's rule: a name it refuses
+    would fail the run after its training, and every later summary of its study."""
+    from .mlflow_sql import refused_name
+
+    logged = [f"{split}_{name}" for split, names in curves for name in sorted(names)]
+    for name in [*logged, *map(final, logged), *finals]:
+        refused = refused_name(name)
+        if refused:
+            reason = (refused.strip().splitlines() or [""])[0][:300]
+            raise UsageError(f"experiment {experiment.name!r} logs a metric named {name!r}, which MLflow refuses: "
+                             f"{reason}")
+
+
 def selection_metric(cfg: TrainConfig, data: Data | Datasets) -> str:
     return cfg.objective or (VALID_LOSS if data.has_valid else TRAIN_LOSS)
 
@@ -149,11 +163,12 @@ def preflight(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets) -
             device = torch.device(cfg.device)
             recorded = {"valid": set(evaluate_batches(model, [batch], loss_fn, device, step=eval_step)[0]),
                         "train": set(train_epoch(model, [batch], loss_fn, optimizer, device, step=step))}
+        finals = list(experiment.final_values(model))
+        _check_metric_names(experiment, [*{**recorded, "test": recorded["valid"]}.items()], finals)
         if valid_batches is None:
             del recorded["valid"]
         metric = selection_metric(cfg, run_data)
         split, _, name = metric.partition("_")
-        finals = list(experiment.final_values(model))
         if name not in recorded.get(split, ()) if per_epoch(metric) else metric not in finals:
             names = [f"{s}_{n}" for s in ("train", "valid") if s in recorded for n in sorted(recorded[s])]
             also = f", and the final values {', '.join(finals)}" if finals else ""

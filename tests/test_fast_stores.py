@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -353,3 +354,47 @@ def test_a_partial_record_leaves_the_run_open_until_it_is_closed_as_incomplete(m
     assert history(client, done, "train_loss") == [(0, 0.5), (1, 0.25)]
     assert own_tags(run) == {"optuna.trial_state": "COMPLETE"}
     assert [a.path for a in client.list_artifacts(done)] == ["config.json"]
+
+
+def test_batch_writers_sharing_one_sqlite_store_outwait_a_lock_held_past_their_busy_timeout(mlflow_uri, monkeypatch):
+    """Two `--batch` workers on one embedded store: each waits out the other's write lock (and any
+    other holder's) instead of dying with "database is locked" and leaving its runs RUNNING."""
+    import sqlite3
+
+    from harness import mlflow_sql
+
+    import mlflow.store.db.utils as mlflow_db
+    import sqlalchemy
+
+    # The 20 s busy timeout (MLflow's sessions set it, and mlflow_sql's copy of it) and the size of a
+    # transaction, scaled down together with the lock below.
+    monkeypatch.setattr(mlflow_db, "sql", SimpleNamespace(
+        text=lambda statement: sqlalchemy.text(statement.replace("busy_timeout = 20000", "busy_timeout = 100"))))
+    monkeypatch.setattr(mlflow_sql, "BUSY_TIMEOUT_MS", 100, raising=False)
+    monkeypatch.setattr(mlflow_sql, "TRANSACTION_ROWS", 100, raising=False)
+    client = tracking.open_client(mlflow_uri)
+    experiment = client.create_experiment("locks")
+    sinks = [MlflowSink(tracking.open_client(mlflow_uri)) for _ in range(2)]
+    runs = [sink.create_runs(experiment, [(f"trial-{w}-{i}", {}, {"lr": "0.1"}) for i in range(6)])
+            for w, sink in enumerate(sinks)]
+    curve = [1.0 / (e + 1) for e in range(60)]
+    record = RunRecord(params={}, history={"train_loss": curve}, finals={"final_train_loss": curve[-1]})
+    commits = []  # a record of 61 values is a transaction of its own: the other worker gets in between
+    for sink in sinks:
+        sqlalchemy.event.listen(sink.client._tracking_client.store.engine, "commit", commits.append)
+
+    holder = sqlite3.connect(mlflow_uri[len("sqlite:///"):], isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # SQLite's write lock, as a long transaction of a third writer holds it
+    with ThreadPoolExecutor(2) as pool:
+        writes = [pool.submit(sink.write_many, [(r, record, "FINISHED") for r in ids]) for sink, ids in zip(sinks, runs)]
+        time.sleep(1.0)  # ten times the writers' busy timeout
+        holder.execute("COMMIT")
+        for write in writes:
+            write.result()
+    holder.close()
+    assert len(commits) >= 12
+    for run_id in runs[0] + runs[1]:
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.metrics == {"train_loss": curve[-1],
+                                                                      "final_train_loss": curve[-1]}
+        assert history(client, run_id, "train_loss") == list(enumerate(curve))

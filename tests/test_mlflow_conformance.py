@@ -186,3 +186,139 @@ def test_a_rename_in_the_record_renames_the_run_as_mlflow_does(store):
         assert got.data.tags["mlflow.note.content"] == "**pruned**" and got.info.status == "KILLED"
         found = client.search_runs([experiment], filter_string=f"attributes.run_name = 'trial-{way} (pruned at epoch 1)'")
         assert [r.info.run_id for r in found] == [run]
+
+
+# ---- the direct path takes exactly what MLflow's log_batch takes -----------------------------------
+
+NAMES = ["w/", "a//b", "./c", "../x", "", "x" * 250, "x" * 251, "caf\u00e9", "a\u0301", "with space", ".",
+         "a/./b", "trailing/", "/lead", "a:b", "a\\b", "loss (test)", "ok_name-1.2/x"]
+
+
+@pytest.fixture
+def fresh(tmp_path, migrated_db):
+    import shutil
+
+    shutil.copy(migrated_db, tmp_path / "mlflow.db")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return client, MlflowSink(client), client.create_experiment("names", artifact_location=str(tmp_path / "a"))
+
+
+@pytest.mark.parametrize("kind", ["metric", "param", "tag"])
+def test_the_direct_path_takes_a_name_exactly_when_log_batch_does(fresh, kind):
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
+
+    client, sink, experiment = fresh
+    for name in NAMES:
+        direct, public = (sink.create_run(experiment, "r", {}, {}) for _ in range(2))
+        entry = {"metric": ([(name, 1.0, 0)], {}, {}), "param": ([], {}, {name: "v"}),
+                 "tag": ([], {name: "v"}, {})}[kind]
+        taken = sink._direct.write(direct, *entry, None)
+        try:
+            client.log_batch(public, metrics=[Metric(name, 1.0, 0, 0)] if kind == "metric" else [],
+                             params=[Param(name, "v")] if kind == "param" else [],
+                             tags=[RunTag(name, "v")] if kind == "tag" else [])
+            refusal = None
+        except MlflowException as exc:
+            refusal = exc.message
+        assert taken == (refusal is None), f"{kind} {name!r}: direct {taken}, log_batch {refusal}"
+        if taken:
+            a, b = client.get_run(public).data, client.get_run(direct).data
+            assert (a.metrics, a.params, own(a.tags)) == (b.metrics, b.params, own(b.tags)), name
+            continue
+        # Refused: the sink takes the public path, which says why, and the run is left as it was.
+        with pytest.raises(MlflowException) as raised:
+            sink.write(direct, RunRecord(params=entry[2], history={name: [1.0]} if kind == "metric" else {},
+                                         tags=entry[1]), "FINISHED")
+        assert raised.value.message == refusal
+        run = client.get_run(direct)
+        assert run.info.status == "RUNNING" and not run.data.metrics and not run.data.params, name
+
+
+def own(tags: dict) -> dict:
+    return {k: v for k, v in tags.items() if not k.startswith("mlflow.")}
+
+
+# Records MLflow's log_batch takes that an INSERT of every value as given would not store as it does.
+ODD = {
+    "a value twice at one step": {"history": {"a": [1.0, 2.0]}, "finals": {"a": 1.0}},
+    "two values at one step": {"history": {"a": [1.0, 2.0]}, "finals": {"a": 3.0}},
+    "a lower value at the last step": {"history": {"a": [1.0, 5.0]}, "finals": {"a": 2.0}},
+    "nan twice": {"history": {"a": [math.nan, math.nan]}, "finals": {"a": math.nan}},
+    "nan beside 0.0": {"history": {"a": [0.0]}, "finals": {"a": math.nan}},
+    "0.0 beside nan": {"history": {"a": [math.nan]}, "finals": {"a": 0.0}},
+    "inf beside the largest double": {"history": {"b": [math.inf]}, "finals": {"b": 1.7976931348623157e308}},
+    "-inf beside the lowest double": {"history": {"b": [-1.7976931348623157e308]}, "finals": {"b": -math.inf}},
+    "-0.0 beside 0.0": {"history": {"z": [-0.0, 0.0]}, "finals": {"z": 0.0}},
+    "an int beside its float": {"history": {"n": [3.0]}, "finals": {"n": 3}},
+    "tiny and huge values": {"history": {"t": [5e-324, 1e308, -1e-310]}, "finals": {}},
+}
+
+
+@pytest.mark.parametrize("case", ODD)
+def test_a_record_log_batch_takes_is_stored_as_log_batch_stores_it(fresh, case):
+    client, sink, experiment = fresh
+    rec = RunRecord(params={}, history=ODD[case]["history"], finals=ODD[case]["finals"], tags={"t": "v"})
+    public = sink.create_run(experiment, "public", {}, {})
+    tracking.write(client, public, rec)
+    client.set_terminated(public, "FINISHED")
+    direct = sink.create_run(experiment, "direct", {}, {})
+    metrics = [(k, v, s) for k, vs in rec.history.items() for s, v in enumerate(vs)] + \
+              [(k, v, 0) for k, v in rec.finals.items()]
+    assert sink._direct.write(direct, metrics, rec.tags, {}, "FINISHED"), case  # taken, not left to MLflow
+    a, b = client.get_run(public), client.get_run(direct)
+    assert {k: repr(v) for k, v in a.data.metrics.items()} == {k: repr(v) for k, v in b.data.metrics.items()}
+    assert a.info.status == b.info.status == "FINISHED"
+    for key in a.data.metrics:
+        stored = [sorted((m.step, repr(m.value)) for m in client.get_metric_history(run, key)) for run in (public, direct)]
+        assert stored[0] == stored[1], key
+
+
+@pytest.mark.parametrize("metrics", [[("s", 1.0, 2 ** 63)], [("v", 10 ** 400, 0)]],
+                         ids=["step past 64 bits", "an int no double holds"])
+def test_a_record_the_direct_path_cannot_store_as_given_goes_to_mlflow_untouched(fresh, metrics):
+    """Never an error half way through the transaction: MLflow's public path decides, and refuses."""
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    client, sink, experiment = fresh
+    run = sink.create_run(experiment, "r", {}, {})
+    assert sink._direct.write(run, metrics, {}, {}, "FINISHED") is False
+    assert client.get_run(run).info.status == "RUNNING" and not client.get_run(run).data.metrics
+    with pytest.raises((MlflowException, OverflowError)):  # the client converts the value first
+        client.log_batch(run, metrics=[Metric(k, v, 0, s) for k, v, s in metrics])
+
+
+NAMED = """
+import torch
+from torch import nn
+from harness.experiment import Data, Experiment
+
+def make_data():
+    X = torch.linspace(0, 1, 20).unsqueeze(1)
+    return Data(X[:15], X[:15], X[15:], X[15:])
+
+EXPERIMENT = Experiment(name="named", make_data=make_data, make_model=lambda: nn.Linear(1, 1), losses=("mse",),
+                        defaults={{"optimizer": "sgd", "loss": "mse", "epochs": 2}}, {field})
+"""
+
+
+@pytest.mark.parametrize("field, name", [
+    ('scalars=lambda model: {"w/": 1.0}', "w/"),
+    ('scalars=lambda model: {"w": 1.0}, truth={"w": 0.5}, metrics=lambda p, y: {"a" * 240: (p - y).abs().mean()}',
+     "final_train_" + "a" * 240),
+    ('metrics=lambda p, y: {"a\\u0301": (p - y).abs().mean()}', "train_a\u0301"),
+])
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_an_experiment_logging_a_name_mlflow_refuses_is_refused_before_training(tmp_path, capsys, monkeypatch,
+                                                                                 command, field, name):
+    """Not a run that trains and then FAILS on its record, with every later summary of its study."""
+    from search_helpers import check_refused_in_process
+
+    code, folder = tmp_path / "code", tmp_path / "run"
+    code.mkdir(), folder.mkdir()
+    (code / "named.py").write_text(NAMED.format(field=field))
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    check_refused_in_process([command, "--experiment", str(code / "named.py")],
+                             f"logs a metric named {name!r}, which MLflow refuses", capsys, folder, monkeypatch)

@@ -18,11 +18,12 @@ def run(args) -> int:
     from ..tracking import read_client
 
     new_run, diffs, epochs = reproduce(read_client(), args.run_id, experiment=args.experiment)
+    logged = f"re-run logged as {new_run}" if new_run else "re-run not logged: the MLflow store is read-only"
     if not diffs:
         print(f"reproduced run {args.run_id} exactly: state_dict bitwise identical, curves equal over "
-              f"{epochs} epochs; re-run logged as {new_run}")
+              f"{epochs} epochs; {logged}")
         return 0
-    print(f"run {args.run_id} NOT reproduced (re-run logged as {new_run}):", file=sys.stderr)
+    print(f"run {args.run_id} NOT reproduced ({logged}):", file=sys.stderr)
     for line in diffs[:10]:
         print(f"  {line}", file=sys.stderr)
     return 1

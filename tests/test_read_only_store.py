@@ -1,0 +1,82 @@
+"""Reading commands on a store nobody may write: a read-only mount or an archived copy.
+
+Every store the harness makes is in WAL mode, and SQLite reads a WAL database through a -shm file
+it creates beside it: `predict`, `compare`, `audit` and `reproduce` must read such a store all the same.
+Root ignores permission bits, so as root the commands run without the capabilities that let it.
+"""
+import hashlib
+import os
+import shutil
+import sqlite3
+import stat
+import sys
+from contextlib import closing
+
+import pytest
+
+from conftest import cli_env, new_store, run_cli
+
+pytestmark = pytest.mark.slow  # a search and four commands as subprocesses
+
+# Root as a user without the right to write what it does not own the write bits of.
+NO_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner",
+               "--inh-caps=-dac_override,-dac_read_search,-fowner", "--"]
+
+
+def as_reader(*args, cwd, env):
+    """``harness ARGS`` as a user who cannot write the store."""
+    if os.geteuid() != 0:
+        return run_cli(*args, cwd=cwd, env=env)
+    if shutil.which("setpriv") is None:
+        pytest.skip("as root, setpriv is needed to drop the right to write a read-only folder")
+    return run_cli(*NO_OVERRIDE, sys.executable, "-m", "harness", *args, cwd=cwd, env=env, module=False)
+
+
+def read_only(folder) -> None:
+    for path in [folder, *folder.rglob("*")]:
+        mode = path.stat().st_mode
+        path.chmod(stat.S_IMODE(mode) & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def digest(folder) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def archived(tmp_path, migrated_db):
+    store = tmp_path / "store"
+    store.mkdir()
+    new_store(store, migrated_db)
+    with closing(sqlite3.connect(store / "mlflow.db")) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ?", (str(store / "mlruns" / "0"),))
+    out = run_cli("search", "--n-trials", 2, "--epochs-range", 3, 4, "--study-name", "s", cwd=store)
+    assert out.returncode == 0, out.stderr
+    with closing(sqlite3.connect(store / "mlflow.db")) as db:  # closed: SQLite folds the -wal into the file
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # what the harness leaves
+        trials = sorted(run for (run,) in db.execute("SELECT run_uuid FROM runs WHERE name LIKE 'trial-%'"))
+    assert len(trials) == 2 and not list(store.glob("mlflow.db-*"))
+    read_only(store)
+    yield store, trials
+    for path in [store, *store.rglob("*")]:
+        path.chmod(stat.S_IMODE(path.stat().st_mode) | stat.S_IWUSR)
+
+
+def test_predict_compare_audit_and_reproduce_read_a_store_nobody_may_write(archived, tmp_path):
+    store, trials = archived
+    before = digest(store)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    env = cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{store / 'mlflow.db'}")
+
+    out = as_reader("predict", trials[0], "--x", 1, 2, cwd=cwd, env=env)
+    assert out.returncode == 0 and [line.split(" -> ")[0] for line in out.stdout.splitlines()] == ["1", "2"], out.stderr
+    out = as_reader("compare", "--study", "s", cwd=cwd, env=env)
+    assert out.returncode == 0 and all(run in out.stdout for run in trials), out.stderr
+    out = as_reader("audit", "--study", "s", "--storage", f"journal:{store / 'optuna_journal.log'}", cwd=cwd, env=env)
+    assert out.returncode == 0 and "2 trials, 2 child runs: clean" in out.stdout, out.stdout + out.stderr
+    out = as_reader("reproduce", trials[0], cwd=cwd, env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"reproduced run {trials[0]} exactly" in out.stdout and "not logged: the MLflow store is read-only" in out.stdout
+
+    assert digest(store) == before and not list(store.glob("mlflow.db-*"))
