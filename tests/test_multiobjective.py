@@ -3,6 +3,7 @@
 audited, resumed only with the same objectives, compared along the front)."""
 import csv
 import io
+import os
 
 import optuna
 import pytest
@@ -168,8 +169,14 @@ def test_compare_by_an_objective_ranks_ties_by_the_other(workdir, monkeypatch):
         client.log_metric(run.info.run_id, schema.objective("epochs"), epochs)
         client.set_terminated(run.info.run_id)
         made[run.info.run_id] = (epochs, loss)
+    import mlflow
+
     ranked = compare.top_runs(client, study="s", metric=schema.objective("epochs"), top=None,
                               then={schema.objective("valid_loss"): False})
+    # A script's tracking URI is as it was: compare read the client's store without pinning the script's to it.
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{workdir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'other.db'}")
+    assert mlflow.get_tracking_uri() == f"sqlite:///{workdir / 'other.db'}"
     assert list(ranked["run_id"]) == sorted(made, key=made.get)
     assert [made[r][1] for r in ranked["run_id"]] == [0.3, 0.01, 0.2, 0.5, 0.1]
 
