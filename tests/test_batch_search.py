@@ -72,6 +72,9 @@ def test_a_model_that_cannot_be_stacked_runs_one_at_a_time_with_a_notice(capsys)
     (["search", "--batch", "0"], "--batch must be a positive integer, got '0'"),
     (["search", "--batch", "x"], "--batch must be a positive integer, got 'x'"),
     (["search", "--batch", "2", "--n-jobs", "2"], "--batch 2 with --n-jobs 2: choose one"),
+    # Counts that are allocated up front (K trials asked, K threads started) are bounded.
+    (["search", "--batch", "1000000000"], "--batch must be at most 256, got '1000000000'"),
+    (["search", "--n-jobs", "100000"], "--n-jobs must be at most 64, got '100000'"),
 ])
 def test_bad_batch_input_is_one_line_and_writes_nothing(argv, line, capsys, tmp_path, monkeypatch):
     from harness.cli import main
@@ -179,3 +182,30 @@ def test_a_batch_whose_records_fail_to_write_closes_every_run_incomplete_and_que
     completed = [t.number for t in study.trials if t.state == TrialState.COMPLETE]
     assert sorted(t.system_attrs["failed_trial"] for t in queued) == completed and len(completed) == 3
     assert set(trials) >= {r.data.tags["optuna.trial_number"] for r in children}
+
+
+
+def test_a_trial_left_running_with_no_worker_is_failed_and_retried_once_it_is_old(tmp_path):
+    """What a search killed between asking a trial and naming its worker left (every harness before
+    the worker was written with the trial): after OWNERLESS_S it is dead, for the next search and
+    audit, and it stops counting toward --max-trials; a young one is left alone."""
+    from datetime import datetime, timedelta
+
+    from harness.search import audit
+    from harness.search import study as study_module
+    from harness.search.storages import StudyFull
+    from harness.search.workers import OWNERLESS_S
+
+    storage = study_module.open_storage(f"journal:{tmp_path / 'optuna_journal.log'}", max_trials=2)
+    study = optuna.create_study(study_name="s", storage=storage)
+    for age in (OWNERLESS_S + 60, 0):  # as Optuna creates a trial, RUNNING with no user attrs, that long ago
+        template = optuna.trial.create_trial(state=TrialState.RUNNING)
+        template.datetime_start = datetime.now() - timedelta(seconds=age)
+        storage.create_new_trial(study._study_id, template)
+    with pytest.raises(StudyFull):  # both count: the study is full
+        study.ask()
+    assert [t.number for t in audit.stale_trials(study)] == [0]  # what audit reports and --fix fails
+    assert audit.recover_stale(study, storage) == ([0], [])
+    old, young, retried = study.get_trials()
+    assert (old.state, young.state, retried.state) == (TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
+    assert retried.system_attrs["failed_trial"] == 0 and old.user_attrs["fail_reason"] == "worker died"

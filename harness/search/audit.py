@@ -20,7 +20,7 @@ from ..sink import MlflowSink, close_incomplete
 from .objectives import of_study
 from .tracker import fail_run
 from .optuna_private import trial_id
-from .workers import WORKER_DIED, abandoned, alive, retried_numbers, retry, unfinished
+from .workers import WORKER_DIED, abandoned, alive, gone, retried_numbers, retry, unfinished
 from ..tracking import missing
 from ..urls import redact
 
@@ -41,8 +41,7 @@ class Report:
 
 
 def stale_trials(study) -> list:
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if alive(t.user_attrs.get(WORKER_ATTR)) is False]
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if gone(t)]
 
 
 def fail_and_retry(study, storage, trial) -> int:
@@ -103,6 +102,10 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
     report.violations += [f"trial {t.number}: FAIL ({t.user_attrs.get(FAIL_REASON_ATTR) or 'no reason recorded'}) "
                           "was stopped from outside and its configuration is not queued again; --fix queues it"
                           for t in unfinished(trials)]
+    report.violations += [f"trial {t.number} is RUNNING but its worker {t.user_attrs[WORKER_ATTR]} is gone"
+                          if WORKER_ATTR in t.user_attrs else
+                          f"trial {t.number} is RUNNING with no worker recorded since {t.datetime_start}"
+                          for t in trials if t.state == TrialState.RUNNING and gone(t)]
     from mlflow.exceptions import MlflowException
 
     parent_id = study.user_attrs.get(PARENT_ATTR)
@@ -136,7 +139,7 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
     for trial in trials:
         _check_trial(trial, by_number.pop(trial.number, []), client, report, fixer, trial.number in retried,
                      objectives)
-        live_workers |= trial.state == TrialState.RUNNING and alive(trial.user_attrs.get(WORKER_ATTR)) is not False
+        live_workers |= trial.state == TrialState.RUNNING and not gone(trial)
     for number, orphans in sorted(by_number.items()):
         for run in orphans:
             report.violations.append(f"run {run.info.run_id} claims trial {number}, which the study does not have")
@@ -168,9 +171,7 @@ def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, re
         return
     owner = alive(trial.user_attrs.get(WORKER_ATTR))
     if state == TrialState.RUNNING:
-        if owner is False:
-            report.violations.append(f"trial {n} is RUNNING but its worker {trial.user_attrs[WORKER_ATTR]} is gone")
-        return  # a live worker owns it (or it runs elsewhere): nothing to compare yet
+        return  # a live worker owns it (or it runs elsewhere; a dead one's is reported above): nothing to compare yet
     if not runs and state == TrialState.FAIL and fix and owner is not True:
         runs = [_placeholder_run(fix, trial)]
         report.fixed.append(f"trial {n}: FAIL with no run (it failed before its run was created) -> "

@@ -19,14 +19,14 @@ from .space import SearchSpace
 from .journal import JournalWriteError
 from ..schema import FAIL_REASON_ATTR, METRICS_ATTR, RUN_ATTR, WORKER_ATTR
 from .tracker import StudyTracker, TrackingFailed
-from .workers import identity, retry, unfinished_reason
+from .workers import INTERRUPTED, identity, retry, unfinished_reason
 
 
 def failure_reason(exc: BaseException) -> str:
     """What the trial's fail_reason says: "interrupted", "tracking failed: ..." and the like for a
     trial stopped from outside (see workers.UNFINISHED_REASONS), else the error the trial raised."""
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
+        return INTERRUPTED
     if isinstance(exc, TrackingFailed):
         return str(exc) if str(exc).startswith("tracking failed") else f"tracking failed: {exc}"
     if isinstance(exc, JournalWriteError):
@@ -312,7 +312,7 @@ class Objective:
         if tracker and cfg is not None:
             with contextlib.suppress(TrackingFailed):
                 tracker.end_interrupted_trial(trial, pending, cfg, history, reason=reason,
-                                              run_status="KILLED" if reason == "interrupted" else "FAILED")
+                                              run_status="KILLED" if reason == INTERRUPTED else "FAILED")
         if study is not None and unfinished_reason(reason):
             with contextlib.suppress(Exception):  # the next search (or audit --fix) queues it then
                 retry(study, _frozen(study, trial))

@@ -5,7 +5,7 @@ import os
 import socket
 from pathlib import Path
 
-from ..schema import FAIL_REASON_ATTR
+from ..schema import FAIL_REASON_ATTR, WORKER_ATTR
 
 
 def _start_time(pid: int) -> str | None:
@@ -36,6 +36,29 @@ def alive(worker: dict | None) -> bool | None:
     return worker.get("started") in (None, _start_time(pid))
 
 
+# A harness storage writes the owner in the same write that creates a trial (storages.py), and right
+# after it takes a queued one; a RUNNING trial without one is from a process killed between those two
+# writes, or from a harness before that (whose batch asked K trials before writing any owner). Such
+# a trial is dead once it is older than any of those windows could be; an hour also leaves a
+# trial of a plain Optuna script sharing the storage, which never writes an owner, that long.
+OWNERLESS_S = 3600
+
+
+def gone(trial) -> bool:
+    """Whether a RUNNING trial's worker is known to be dead: its process on this host is gone, or it
+    has had no owner for longer than OWNERLESS_S."""
+    from datetime import datetime
+
+    worker = trial.user_attrs.get(WORKER_ATTR)
+    if worker is not None:
+        return alive(worker) is False
+    started = trial.datetime_start
+    if started is None:
+        return False
+    now = datetime.now(started.tzinfo)  # journal storages give UTC, RDB ones local time without a zone
+    return (now - started).total_seconds() > OWNERLESS_S
+
+
 def abandoned(trials) -> set[int]:
     """Numbers of the FAIL trials whose configuration was queued again: their runs are closed as FAILED."""
     from optuna.trial import TrialState
@@ -46,7 +69,8 @@ def abandoned(trials) -> set[int]:
 # Failures that say nothing about the configuration: it is run again. Any other reason (a
 # diverged loss, the experiment's code raising) is the configuration's own result.
 WORKER_DIED = "worker died"
-UNFINISHED_REASONS = ("interrupted", WORKER_DIED, "tracking failed", "journal write failed")
+INTERRUPTED = "interrupted"
+UNFINISHED_REASONS = (INTERRUPTED, WORKER_DIED, "tracking failed", "journal write failed")
 
 
 def unfinished_reason(reason: str | None) -> bool:
