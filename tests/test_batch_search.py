@@ -145,9 +145,10 @@ def test_a_tracked_batch_writes_its_runs_together_and_keeps_the_contract(workdir
     assert not report.violations, report.violations
 
 
-def test_a_batch_whose_records_fail_to_write_closes_every_run_incomplete_and_queues_them_again(workdir, monkeypatch):
-    """One transaction for a batch's records: when it fails (a full disk), none of them is in, so
-    every run is closed FAILED as incomplete and each completed configuration is queued again."""
+def full_disk_batch(workdir, monkeypatch, journal_full: bool = False):
+    """A tracked batch of 4 (3 complete, 1 diverges) whose records cannot be written: the MLflow
+    store refuses them (a full disk), and with ``journal_full`` the Optuna journal then refuses
+    writes too, as when both live on that disk. Returns the study, its storage and close()'s errors."""
     from harness import mlflow_sql
     from harness.search import study as study_module
 
@@ -163,16 +164,27 @@ def test_a_batch_whose_records_fail_to_write_closes_every_run_incomplete_and_que
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
     experiment = load("linear_regression")
     space = space_module.resolve(experiment, overrides={"lr": [1e-4, 10.0], "epochs": [5, 60]})
-    study = optuna.create_study(study_name="full", sampler=optuna.samplers.RandomSampler(0), pruner=optuna.pruners.NopPruner(),
-                                storage=study_module.open_storage(f"journal:{workdir / 'optuna_journal.log'}"))
+    storage = study_module.open_storage(f"journal:{workdir / 'optuna_journal.log'}")
+    study = optuna.create_study(study_name="full", sampler=optuna.samplers.RandomSampler(0),
+                                pruner=optuna.pruners.NopPruner(), storage=storage)
     for params in CONFIGS[:4]:
         study.enqueue_trial(params)
     objective = Objective(experiment, space)
     batch.optimize(study, objective, 4, batch=4)
-    errors = objective.close()
+    with monkeypatch.context() as disk:
+        if journal_full:
+            disk.setattr(storage, "create_new_trial", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+        errors = objective.close()
     assert len(errors) == 1 and "disk is full" in str(errors[0])
+    return study, storage
+
+
+def test_a_batch_whose_records_fail_to_write_closes_every_run_incomplete_and_queues_them_again(workdir, monkeypatch):
+    """One transaction for a batch's records: when it fails (a full disk), none of them is in, so
+    every run is closed FAILED as incomplete and each completed configuration is queued again."""
     from conftest import all_runs
 
+    study, _ = full_disk_batch(workdir, monkeypatch)
     trials = {str(t.number): t for t in study.trials}
     children = [r for r in all_runs(workdir) if "optuna.trial_number" in r.data.tags]
     assert len(children) == 4
@@ -183,6 +195,24 @@ def test_a_batch_whose_records_fail_to_write_closes_every_run_incomplete_and_que
     assert sorted(t.system_attrs["failed_trial"] for t in queued) == completed and len(completed) == 3
     assert set(trials) >= {r.data.tags["optuna.trial_number"] for r in children}
 
+
+def test_when_the_journal_cannot_queue_them_either_audit_says_so_and_fix_queues_them(workdir, monkeypatch):
+    """The journal on the same full disk: the worker's own retry fails. Audit's advice is then
+    true: it names each configuration not queued, and --fix queues each once."""
+    from harness.search import audit
+    from harness.tracking import read_client
+
+    study, storage = full_disk_batch(workdir, monkeypatch, journal_full=True)
+    completed = [t.number for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(completed) == 3 and not [t for t in study.trials if t.state == TrialState.WAITING]
+    advice = [v for v in audit.audit(study, storage, read_client()).violations if "--fix queues it" in v]
+    assert [int(v.split()[1].rstrip(":")) for v in advice] == completed
+    fixed = audit.audit(study, storage, read_client(), fix=True)
+    assert not [v for v in fixed.violations if "--fix queues it" in v], fixed.violations
+    queued = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert sorted(t.system_attrs["failed_trial"] for t in queued) == completed
+    again = audit.audit(study, storage, read_client(), fix=True)  # queued once, not at every --fix
+    assert len([t for t in study.trials if t.state == TrialState.WAITING]) == 3 and not again.violations
 
 
 def test_a_trial_left_running_with_no_worker_is_failed_and_retried_once_it_is_old(tmp_path):
@@ -209,3 +239,4 @@ def test_a_trial_left_running_with_no_worker_is_failed_and_retried_once_it_is_ol
     old, young, retried = study.get_trials()
     assert (old.state, young.state, retried.state) == (TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
     assert retried.system_attrs["failed_trial"] == 0 and old.user_attrs["fail_reason"] == "worker died"
+

@@ -197,7 +197,10 @@ def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, re
         retried = retried or (state == TrialState.COMPLETE and status == "FAILED")  # it queued the configuration
     incomplete = run.data.tags.get(INCOMPLETE_TAG)
     if status == "FAILED" and incomplete and state in (TrialState.COMPLETE, TrialState.PRUNED):
-        if state == TrialState.COMPLETE and not retried:
+        if state == TrialState.COMPLETE and not retried and fix:  # its worker's own retry failed (a full disk)
+            retry(fix.study, trial)
+            report.fixed.append(f"trial {n}: run {run_id} is incomplete ({incomplete}) -> configuration retried")
+        elif state == TrialState.COMPLETE and not retried:
             report.violations.append(f"trial {n}: run {run_id} is incomplete ({incomplete}) and its configuration "
                                      "is not queued again; --fix queues it")
         return  # marked as such; the configuration's record comes from its retry
