@@ -240,3 +240,23 @@ def test_a_trial_left_running_with_no_worker_is_failed_and_retried_once_it_is_ol
     assert (old.state, young.state, retried.state) == (TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
     assert retried.system_attrs["failed_trial"] == 0 and old.user_attrs["fail_reason"] == "worker died"
 
+
+def test_a_late_heartbeat_fails_a_trial_only_when_its_worker_on_this_machine_is_gone(tmp_path, recwarn):
+    """Optuna's stale check, as every worker runs it before a trial: a heartbeat far past the grace
+    fails the trial of a dead worker, never that of one that lives (a starved one: its beat is late)."""
+    import sqlite3
+
+    from optuna.storages import fail_stale_trials
+
+    from harness.search import study as study_module
+
+    storage = study_module.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=1)
+    study = optuna.create_study(storage=storage)
+    live, dead = study.ask(), study.ask()  # both owned by this process from their creation
+    dead.set_user_attr("harness.worker", {**dead.user_attrs["harness.worker"], "started": "0"})  # a pid reused
+    for trial in (live, dead):
+        storage.record_heartbeat(trial._trial_id)
+    with sqlite3.connect(tmp_path / "optuna.db") as db:
+        db.execute("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00'")
+    fail_stale_trials(study)
+    assert [t.state for t in study.get_trials()[:2]] == [TrialState.RUNNING, TrialState.FAIL]

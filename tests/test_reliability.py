@@ -1,4 +1,5 @@
 """Failure modes through the CLI as real processes: every one ends with the two stores agreeing."""
+import contextlib
 import os
 import pickle
 import shlex
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
@@ -310,3 +312,32 @@ def test_a_signal_while_a_batch_is_asked_stops_the_asking_and_leaves_nothing_run
     assert all(t.user_attrs["fail_reason"] == "interrupted" for t in asked[3:])
     queued = [t for t in study.trials if t.state == TrialState.WAITING]
     assert sorted(t.system_attrs["failed_trial"] for t in queued) == [3, 4]
+
+
+def test_a_worker_paused_past_its_heartbeat_s_grace_keeps_its_trial(workdir):
+    """A starved worker's heartbeat comes late; it is not dead. Paused (SIGSTOP) for longer than the
+    grace of a 1 s heartbeat while another worker starts trials, it then finishes its own."""
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    args = ["--storage", storage, "--heartbeat", 1, *LONG]
+    paused = start_search(workdir, "--n-trials", 2, "--seed", 0, *args)
+    deadline, trial = time.time() + 120, None
+    while trial is None:  # its trial started and beaten
+        assert paused.poll() is None and time.time() < deadline, paused.communicate()
+        with contextlib.suppress(KeyError):
+            running = optuna.load_study(study_name="linear_regression-search", storage=storage).get_trials(
+                states=(TrialState.RUNNING,))
+            trial = running[0] if running and "mlflow_run_id" in running[0].user_attrs else None
+        time.sleep(0.1)
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(3 * 1 + 2)  # silent for longer than the grace
+        other = run_cli("search", "--n-trials", 1, "--seed", 1, *args, cwd=workdir)
+        assert other.returncode == 0, other.stderr
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    out, err = paused.communicate(timeout=300)
+    assert paused.returncode == 0, err
+    study = optuna.load_study(study_name="linear_regression-search", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert run_cli("audit", "--study", "linear_regression-search", "--storage", storage,
+                   cwd=workdir).returncode == 0

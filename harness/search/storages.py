@@ -24,7 +24,7 @@ from ..urls import redact
 from ..schema import WORKER_ATTR
 from . import optuna_private
 from .optuna_private import backend
-from .workers import identity
+from .workers import alive, identity
 
 COUNTED = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -79,7 +79,16 @@ def _create_new_trial(self, study_id, template_trial=None):
                                study_id, template_trial)
 
 
+def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+    # A heartbeat late by more than the grace (a worker starved of CPU, a slow database) is not a
+    # dead worker: a trial whose worker runs on this machine and lives is never failed as stale,
+    # whichever worker checks (Optuna's optimize checks before every trial it starts).
+    stale = getattr(super(CappedRDBStorage, self), optuna_private.STALE_TRIALS_HOOK)(study_id)
+    return [i for i in stale if alive(self.get_trial_user_attrs(i).get(WORKER_ATTR)) is not True]
+
+
 setattr(CappedRDBStorage, optuna_private.CREATE_TRIAL_HOOK, _create_new_trial)
+setattr(CappedRDBStorage, optuna_private.STALE_TRIALS_HOOK, _get_stale_trial_ids)
 
 
 class CappedJournalStorage(_Capped, JournalStorage):
