@@ -260,3 +260,25 @@ def test_a_late_heartbeat_fails_a_trial_only_when_its_worker_on_this_machine_is_
         db.execute("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00'")
     fail_stale_trials(study)
     assert [t.state for t in study.get_trials()[:2]] == [TrialState.RUNNING, TrialState.FAIL]
+
+
+def test_a_batch_whose_trial_another_machine_failed_as_stale_tells_the_rest(tmp_path, recwarn):
+    """A worker elsewhere cannot be checked by pid: starved past the grace, its trial is failed
+    (and retried) there. When the batch ends, the others are told and the failed one is left as is."""
+    from harness.search import study as study_module
+
+    storage = study_module.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=1)
+    study = optuna.create_study(storage=storage, pruner=optuna.pruners.NopPruner())
+    for params in CONFIGS[:4]:
+        study.enqueue_trial(params)
+
+    class FailedElsewhere(Objective):
+        def run_batch(self, trials):
+            outcomes = super().run_batch(trials)
+            storage.set_trial_state_values(trials[2]._trial_id, TrialState.FAIL)  # as fail_stale_trials does
+            return outcomes
+
+    with FailedElsewhere("linear_regression", track=False) as objective:
+        batch.optimize(study, objective, 4, batch=4)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL,
+                                               TrialState.COMPLETE]

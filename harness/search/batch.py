@@ -64,10 +64,12 @@ def optimize(study, objective, n_trials: int, batch: int, timeout: float | None 
                         study.tell(trial, state=TrialState.FAIL)
                 raise
         for trial, (state, value) in zip(trials, outcomes):
+            # skip_if_finished: a trial another machine's heartbeat check failed while this worker
+            # was starved past the grace has its configuration queued there; it stays as it is.
             if state == "COMPLETE":
-                study.tell(trial, value)
+                study.tell(trial, value, skip_if_finished=True)
             else:
-                study.tell(trial, state=TrialState[state])
+                study.tell(trial, state=TrialState[state], skip_if_finished=True)
         done += len(trials)
         if capped:
             break
