@@ -282,3 +282,31 @@ def test_a_batch_whose_trial_another_machine_failed_as_stale_tells_the_rest(tmp_
         batch.optimize(study, objective, 4, batch=4)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL,
                                                TrialState.COMPLETE]
+
+
+def test_a_worker_killed_and_not_yet_reaped_is_gone(tmp_path):
+    """A killed worker whose parent has not waited for it yet (a zombie) still answers signal 0
+    and keeps its start time: its trial is stale all the same, by pid and by heartbeat alike."""
+    import subprocess
+    import time
+
+    from harness.search import audit
+    from harness.search import study as study_module
+    from harness.search.workers import identity
+
+    proc = subprocess.Popen(["sleep", "600"])
+    try:
+        storage = study_module.open_storage(f"journal:{tmp_path / 'optuna_journal.log'}")
+        study = optuna.create_study(storage=storage)
+        owner = {**identity(), "pid": proc.pid}
+        owner["started"] = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[19]
+        storage.create_new_trial(study._study_id, optuna.trial.create_trial(
+            state=TrialState.RUNNING, user_attrs={"harness.worker": owner}))
+        assert audit.stale_trials(study) == []  # its worker lives
+        proc.kill()
+        while open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+        assert [t.number for t in audit.stale_trials(study)] == [0]
+    finally:
+        proc.kill()
+        proc.wait()

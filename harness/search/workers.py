@@ -8,13 +8,18 @@ from pathlib import Path
 from ..schema import FAIL_REASON_ATTR, WORKER_ATTR
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), so a reused pid is not taken for it."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (Linux): the state first."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), so a reused pid is not taken for it."""
+    fields = _stat(pid)
+    return fields[19] if fields else None
 
 
 def identity() -> dict:
@@ -33,7 +38,10 @@ def alive(worker: dict | None) -> bool | None:
         return False
     except (PermissionError, TypeError):
         return None if not isinstance(pid, int) else True
-    return worker.get("started") in (None, _start_time(pid))
+    fields = _stat(pid)
+    if fields and fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent: signal 0 still reaches it
+        return False
+    return worker.get("started") in (None, fields[19] if fields else None)
 
 
 # A harness storage writes the owner in the same write that creates a trial (storages.py), and right
