@@ -310,3 +310,34 @@ def test_a_worker_killed_and_not_yet_reaped_is_gone(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_signal_while_a_trial_s_run_is_created_leaves_the_trial_pointing_at_it(workdir, monkeypatch, capsys):
+    """Ctrl-C landing as a trial's run is being created (its creation submitted, its future not yet
+    kept): the trial still ends interrupted, linked to its run, which is KILLED."""
+    import os
+    import signal
+
+    from conftest import all_runs
+    from harness.cli import main
+    from harness.search.tracker import StudyTracker
+    from search_helpers import journal_study
+
+    real = StudyTracker.start_trials
+
+    def interrupted_on_return(self, trials):
+        futures = real(self, trials)
+        os.kill(os.getpid(), signal.SIGINT)
+        return futures
+
+    monkeypatch.setattr(StudyTracker, "start_trials", interrupted_on_return)
+    from harness import signals
+
+    monkeypatch.setattr(signals, "_received", [])  # this process's signals: none before, none kept after
+    monkeypatch.setattr(signals, "_acted", [0])
+    monkeypatch.chdir(workdir)
+    assert main(["search", "--n-trials", "3", "--no-progress", "--epochs-range", "5", "10"]) == 130
+    [trial] = journal_study(workdir).trials[:1]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted"
+    [run] = [r for r in all_runs(workdir) if r.data.tags.get("optuna.trial_number") == "0"]
+    assert trial.user_attrs.get("mlflow_run_id") == run.info.run_id and run.info.status == "KILLED"

@@ -210,9 +210,12 @@ class Objective:
         finally:
             tracked = [run for run in runs if run.tracker and run.cfg is not None]
             if tracked:
-                pending = tracked[0].tracker.start_trials([(run.trial, run.cfg) for run in tracked])
-                for run, future in zip(tracked, pending):
-                    run.pending = future
+                # Held: a signal between submitting the runs and keeping their futures would leave
+                # runs their trials never point at; one that came is acted on once they are kept.
+                with signals.deferred():
+                    pending = tracked[0].tracker.start_trials([(run.trial, run.cfg) for run in tracked])
+                    for run, future in zip(tracked, pending):
+                        run.pending = future
         for run in runs:
             run.observers = self._observers(run.trial) + (
                 [_Tracking(run.trial, run.tracker, run.pending)] if run.tracker else [])
