@@ -72,6 +72,9 @@ def test_a_model_that_cannot_be_stacked_runs_one_at_a_time_with_a_notice(capsys)
     (["search", "--batch", "0"], "--batch must be a positive integer, got '0'"),
     (["search", "--batch", "x"], "--batch must be a positive integer, got 'x'"),
     (["search", "--batch", "2", "--n-jobs", "2"], "--batch 2 with --n-jobs 2: choose one"),
+    # Counts that are allocated up front (K trials asked, K threads started) are bounded.
+    (["search", "--batch", "1000000000"], "--batch must be at most 256, got '1000000000'"),
+    (["search", "--n-jobs", "100000"], "--n-jobs must be at most 64, got '100000'"),
 ])
 def test_bad_batch_input_is_one_line_and_writes_nothing(argv, line, capsys, tmp_path, monkeypatch):
     from harness.cli import main
@@ -142,9 +145,10 @@ def test_a_tracked_batch_writes_its_runs_together_and_keeps_the_contract(workdir
     assert not report.violations, report.violations
 
 
-def test_a_batch_whose_records_fail_to_write_closes_every_run_incomplete_and_queues_them_again(workdir, monkeypatch):
-    """One transaction for a batch's records: when it fails (a full disk), none of them is in, so
-    every run is closed FAILED as incomplete and each completed configuration is queued again."""
+def full_disk_batch(workdir, monkeypatch, journal_full: bool = False):
+    """A tracked batch of 4 (3 complete, 1 diverges) whose records cannot be written: the MLflow
+    store refuses them (a full disk), and with ``journal_full`` the Optuna journal then refuses
+    writes too, as when both live on that disk. Returns the study, its storage and close()'s errors."""
     from harness import mlflow_sql
     from harness.search import study as study_module
 
@@ -160,16 +164,27 @@ def test_a_batch_whose_records_fail_to_write_closes_every_run_incomplete_and_que
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
     experiment = load("linear_regression")
     space = space_module.resolve(experiment, overrides={"lr": [1e-4, 10.0], "epochs": [5, 60]})
-    study = optuna.create_study(study_name="full", sampler=optuna.samplers.RandomSampler(0), pruner=optuna.pruners.NopPruner(),
-                                storage=study_module.open_storage(f"journal:{workdir / 'optuna_journal.log'}"))
+    storage = study_module.open_storage(f"journal:{workdir / 'optuna_journal.log'}")
+    study = optuna.create_study(study_name="full", sampler=optuna.samplers.RandomSampler(0),
+                                pruner=optuna.pruners.NopPruner(), storage=storage)
     for params in CONFIGS[:4]:
         study.enqueue_trial(params)
     objective = Objective(experiment, space)
     batch.optimize(study, objective, 4, batch=4)
-    errors = objective.close()
+    with monkeypatch.context() as disk:
+        if journal_full:
+            disk.setattr(storage, "create_new_trial", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+        errors = objective.close()
     assert len(errors) == 1 and "disk is full" in str(errors[0])
+    return study, storage
+
+
+def test_a_batch_whose_records_fail_to_write_closes_every_run_incomplete_and_queues_them_again(workdir, monkeypatch):
+    """One transaction for a batch's records: when it fails (a full disk), none of them is in, so
+    every run is closed FAILED as incomplete and each completed configuration is queued again."""
     from conftest import all_runs
 
+    study, _ = full_disk_batch(workdir, monkeypatch)
     trials = {str(t.number): t for t in study.trials}
     children = [r for r in all_runs(workdir) if "optuna.trial_number" in r.data.tags]
     assert len(children) == 4
@@ -179,3 +194,150 @@ def test_a_batch_whose_records_fail_to_write_closes_every_run_incomplete_and_que
     completed = [t.number for t in study.trials if t.state == TrialState.COMPLETE]
     assert sorted(t.system_attrs["failed_trial"] for t in queued) == completed and len(completed) == 3
     assert set(trials) >= {r.data.tags["optuna.trial_number"] for r in children}
+
+
+def test_when_the_journal_cannot_queue_them_either_audit_says_so_and_fix_queues_them(workdir, monkeypatch):
+    """The journal on the same full disk: the worker's own retry fails. Audit's advice is then
+    true: it names each configuration not queued, and --fix queues each once."""
+    from harness.search import audit
+    from harness.tracking import read_client
+
+    study, storage = full_disk_batch(workdir, monkeypatch, journal_full=True)
+    completed = [t.number for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(completed) == 3 and not [t for t in study.trials if t.state == TrialState.WAITING]
+    advice = [v for v in audit.audit(study, storage, read_client()).violations if "--fix queues it" in v]
+    assert [int(v.split()[1].rstrip(":")) for v in advice] == completed
+    fixed = audit.audit(study, storage, read_client(), fix=True)
+    assert not [v for v in fixed.violations if "--fix queues it" in v], fixed.violations
+    queued = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert sorted(t.system_attrs["failed_trial"] for t in queued) == completed
+    again = audit.audit(study, storage, read_client(), fix=True)  # queued once, not at every --fix
+    assert len([t for t in study.trials if t.state == TrialState.WAITING]) == 3 and not again.violations
+
+
+def test_a_trial_left_running_with_no_worker_is_failed_and_retried_once_it_is_old(tmp_path):
+    """What a search killed between asking a trial and naming its worker left (every harness before
+    the worker was written with the trial): after OWNERLESS_S it is dead, for the next search and
+    audit, and it stops counting toward --max-trials; a young one is left alone."""
+    from datetime import datetime, timedelta
+
+    from harness.search import audit
+    from harness.search import study as study_module
+    from harness.search.storages import StudyFull
+    from harness.search.workers import OWNERLESS_S
+
+    storage = study_module.open_storage(f"journal:{tmp_path / 'optuna_journal.log'}", max_trials=2)
+    study = optuna.create_study(study_name="s", storage=storage)
+    for age in (OWNERLESS_S + 60, 0):  # as Optuna creates a trial, RUNNING with no user attrs, that long ago
+        template = optuna.trial.create_trial(state=TrialState.RUNNING)
+        template.datetime_start = datetime.now() - timedelta(seconds=age)
+        storage.create_new_trial(study._study_id, template)
+    with pytest.raises(StudyFull):  # both count: the study is full
+        study.ask()
+    assert [t.number for t in audit.stale_trials(study)] == [0]  # what audit reports and --fix fails
+    assert audit.recover_stale(study, storage) == ([0], [])
+    old, young, retried = study.get_trials()
+    assert (old.state, young.state, retried.state) == (TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
+    assert retried.system_attrs["failed_trial"] == 0 and old.user_attrs["fail_reason"] == "worker died"
+
+
+def test_a_late_heartbeat_fails_a_trial_only_when_its_worker_on_this_machine_is_gone(tmp_path, recwarn):
+    """Optuna's stale check, as every worker runs it before a trial: a heartbeat far past the grace
+    fails the trial of a dead worker, never that of one that lives (a starved one: its beat is late)."""
+    import sqlite3
+
+    from optuna.storages import fail_stale_trials
+
+    from harness.search import study as study_module
+
+    storage = study_module.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=1)
+    study = optuna.create_study(storage=storage)
+    live, dead = study.ask(), study.ask()  # both owned by this process from their creation
+    dead.set_user_attr("harness.worker", {**dead.user_attrs["harness.worker"], "started": "0"})  # a pid reused
+    for trial in (live, dead):
+        storage.record_heartbeat(trial._trial_id)
+    with sqlite3.connect(tmp_path / "optuna.db") as db:
+        db.execute("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00'")
+    fail_stale_trials(study)
+    assert [t.state for t in study.get_trials()[:2]] == [TrialState.RUNNING, TrialState.FAIL]
+
+
+def test_a_batch_whose_trial_another_machine_failed_as_stale_tells_the_rest(tmp_path, recwarn):
+    """A worker elsewhere cannot be checked by pid: starved past the grace, its trial is failed
+    (and retried) there. When the batch ends, the others are told and the failed one is left as is."""
+    from harness.search import study as study_module
+
+    storage = study_module.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=1)
+    study = optuna.create_study(storage=storage, pruner=optuna.pruners.NopPruner())
+    for params in CONFIGS[:4]:
+        study.enqueue_trial(params)
+
+    class FailedElsewhere(Objective):
+        def run_batch(self, trials):
+            outcomes = super().run_batch(trials)
+            storage.set_trial_state_values(trials[2]._trial_id, TrialState.FAIL)  # as fail_stale_trials does
+            return outcomes
+
+    with FailedElsewhere("linear_regression", track=False) as objective:
+        batch.optimize(study, objective, 4, batch=4)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL,
+                                               TrialState.COMPLETE]
+
+
+def test_a_worker_killed_and_not_yet_reaped_is_gone(tmp_path):
+    """A killed worker whose parent has not waited for it yet (a zombie) still answers signal 0
+    and keeps its start time: its trial is stale all the same, by pid and by heartbeat alike."""
+    import subprocess
+    import time
+
+    from harness.search import audit
+    from harness.search import study as study_module
+    from harness.search.workers import identity
+
+    proc = subprocess.Popen(["sleep", "600"])
+    try:
+        storage = study_module.open_storage(f"journal:{tmp_path / 'optuna_journal.log'}")
+        study = optuna.create_study(storage=storage)
+        owner = {**identity(), "pid": proc.pid}
+        owner["started"] = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[19]
+        storage.create_new_trial(study._study_id, optuna.trial.create_trial(
+            state=TrialState.RUNNING, user_attrs={"harness.worker": owner}))
+        assert audit.stale_trials(study) == []  # its worker lives
+        proc.kill()
+        while open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+        assert [t.number for t in audit.stale_trials(study)] == [0]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_signal_while_a_trial_s_run_is_created_leaves_the_trial_pointing_at_it(workdir, monkeypatch, capsys):
+    """Ctrl-C landing as a trial's run is being created (its creation submitted, its future not yet
+    kept): the trial still ends interrupted, linked to its run, which is KILLED."""
+    import os
+    import signal
+
+    from conftest import all_runs
+    from harness.cli import main
+    from harness.search.tracker import StudyTracker
+    from search_helpers import journal_study
+
+    real = StudyTracker.start_trials
+
+    def interrupted_on_return(self, trials):
+        futures = real(self, trials)
+        os.kill(os.getpid(), signal.SIGINT)
+        return futures
+
+    monkeypatch.setattr(StudyTracker, "start_trials", interrupted_on_return)
+    from harness import signals
+
+    monkeypatch.setattr(signals, "_received", [])  # this process's signals: none before, none kept after
+    monkeypatch.setattr(signals, "_acted", [0])
+    monkeypatch.chdir(workdir)
+    assert main(["search", "--n-trials", "3", "--no-progress", "--epochs-range", "5", "10"]) == 130
+    [trial] = journal_study(workdir).trials[:1]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted"
+    [run] = [r for r in all_runs(workdir) if r.data.tags.get("optuna.trial_number") == "0"]
+    assert trial.user_attrs.get("mlflow_run_id") == run.info.run_id and run.info.status == "KILLED"

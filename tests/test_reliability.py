@@ -1,4 +1,5 @@
 """Failure modes through the CLI as real processes: every one ends with the two stores agreeing."""
+import contextlib
 import os
 import pickle
 import shlex
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
@@ -245,3 +247,97 @@ def test_an_interrupted_batch_ends_every_member_s_trial_and_run_and_resumes(work
     assert all(study.trials[t.number].state == TrialState.COMPLETE for t in waiting)
     # A retried configuration's trial does not keep the reason its first try failed.
     assert all(study.trials[t.number].user_attrs.get("fail_reason") is None for t in waiting)
+
+
+
+# `harness search` whose sampler stops at trial 4's ask (Optuna's before_trial, after the trial is
+# created) until the file "go" exists: a sampler slow at a known point of a batch's asks.
+GATED_SEARCH = """
+import os, sys, time, optuna
+from harness.cli import main
+from harness.search import study as study_module
+
+class Gated(optuna.samplers.RandomSampler):
+    def before_trial(self, study, trial):
+        deadline = time.time() + 120
+        while trial.number == 4 and not os.path.exists("go") and time.time() < deadline:
+            time.sleep(0.05)
+
+study_module.make_sampler = lambda name, seed, space: Gated(seed=seed)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_gated_search(workdir, *args) -> subprocess.Popen:
+    """Started with --batch 3: the first batch (trials 0-2) trains, the second waits in trial 4's ask."""
+    proc = subprocess.Popen([sys.executable, "-c", GATED_SEARCH, "search", "--batch", "3", *map(str, args)],
+                            cwd=workdir, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while len(journal_trials(workdir)) < 5:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    return proc
+
+
+def test_kill_9_while_a_batch_is_asked_leaves_no_trial_running_or_counted(workdir):
+    proc = start_gated_search(workdir, "--n-trials", 6, *LONG)
+    proc.kill()
+    proc.communicate()
+    assert [t.state for t in journal_trials(workdir)] == [TrialState.COMPLETE] * 3 + [TrialState.RUNNING] * 2
+    out = audit(workdir)
+    assert out.returncode == 1 and all(f"trial {n} is RUNNING but its worker" in out.stdout for n in (3, 4))
+
+    # The next search fails and retries them, so they count toward --max-trials no more.
+    out = run_cli("search", "--n-trials", 3, "--max-trials", 6, *LONG, cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    assert "trial(s) 3, 4 were left RUNNING" in out.stderr
+    study = journal_study(workdir)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3 + [TrialState.FAIL] * 2 + [
+        TrialState.COMPLETE] * 3
+    assert sorted(t.system_attrs.get("failed_trial", -1) for t in study.trials[5:]) == [-1, 3, 4]
+    out = audit(workdir, "--fix")  # each gets its FAILED run: they died before their runs were created
+    assert out.returncode == 0 and audit(workdir).returncode == 0, out.stdout
+
+
+def test_a_signal_while_a_batch_is_asked_stops_the_asking_and_leaves_nothing_running(workdir):
+    proc = start_gated_search(workdir, "--n-trials", 9, *LONG)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # held: acted on once the ask in progress returns
+    (workdir / "go").touch()
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    study = journal_study(workdir)
+    asked = [t for t in study.trials if "failed_trial" not in t.system_attrs]
+    assert [t.state for t in asked] == [TrialState.COMPLETE] * 3 + [TrialState.FAIL] * 2  # trial 5 never asked
+    assert all(t.user_attrs["fail_reason"] == "interrupted" for t in asked[3:])
+    queued = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert sorted(t.system_attrs["failed_trial"] for t in queued) == [3, 4]
+
+
+def test_a_worker_paused_past_its_heartbeat_s_grace_keeps_its_trial(workdir):
+    """A starved worker's heartbeat comes late; it is not dead. Paused (SIGSTOP) for longer than the
+    grace of a 1 s heartbeat while another worker starts trials, it then finishes its own."""
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    args = ["--storage", storage, "--heartbeat", 1, *LONG]
+    paused = start_search(workdir, "--n-trials", 2, "--seed", 0, *args)
+    deadline, trial = time.time() + 120, None
+    while trial is None:  # its trial started and beaten
+        assert paused.poll() is None and time.time() < deadline, paused.communicate()
+        with contextlib.suppress(KeyError):
+            running = optuna.load_study(study_name="linear_regression-search", storage=storage).get_trials(
+                states=(TrialState.RUNNING,))
+            trial = running[0] if running and "mlflow_run_id" in running[0].user_attrs else None
+        time.sleep(0.1)
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(3 * 1 + 2)  # silent for longer than the grace
+        other = run_cli("search", "--n-trials", 1, "--seed", 1, *args, cwd=workdir)
+        assert other.returncode == 0, other.stderr
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    out, err = paused.communicate(timeout=300)
+    assert paused.returncode == 0, err
+    study = optuna.load_study(study_name="linear_regression-search", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert run_cli("audit", "--study", "linear_regression-search", "--storage", storage,
+                   cwd=workdir).returncode == 0

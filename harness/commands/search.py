@@ -48,7 +48,7 @@ def add_parser(sub) -> None:
                    help="the metric trials are selected, pruned and early-stopped on: a per-epoch validation (or "
                         "training) metric the runs record, e.g. valid_accuracy (default: valid_loss); never a test metric")
     p.add_argument("--direction", default="minimize", help="minimize|maximize the objective metric")
-    p.add_argument("--n-jobs", default="1", help="trials run in parallel threads (default: 1)")
+    p.add_argument("--n-jobs", default="1", help=f"trials run in parallel threads, at most {MAX_N_JOBS} (default: 1)")
     p.add_argument("--batch", default="1", metavar="K",
                    help="train K trials at a time as one stacked model where their configurations stack (same "
                         "batch size and shapes, any optimizer/loss pair; models without matrix products, dropout "
@@ -67,6 +67,12 @@ def add_parser(sub) -> None:
     p.add_argument("--trial-figures", action="store_true", help="render both PNG figures for every trial")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
+
+
+# Optuna starts a thread per job, each training its own model beside the others in this one
+# process: past a few per core they only wait on each other (and the GIL), and past the process's
+# thread limit Optuna dies mid-search. More parallelism is more worker processes (scale-out).
+MAX_N_JOBS = 64
 
 
 def _options(args):
@@ -114,9 +120,11 @@ def _options(args):
     config.one_of("direction", args.direction, study_module.DIRECTIONS)
     # numpy's generators, which Optuna's samplers use, take seeds below 2**32.
     sampler_seed = config.int_in("--seed", args.seed, 0, 2 ** 32 - 1) if args.seed not in (None, "") else None
-    batch = config.positive_int("--batch", args.batch)
+    from ..search.batch import MAX_BATCH
+
+    batch = config.int_in("--batch", args.batch, 1, MAX_BATCH)
     objectives_module.check_batch(objectives, batch)
-    n_jobs = config.positive_int("--n-jobs", args.n_jobs)
+    n_jobs = config.int_in("--n-jobs", args.n_jobs, 1, MAX_N_JOBS)
     if batch > 1 and n_jobs > 1:
         raise UsageError(f"--batch {batch} with --n-jobs {n_jobs}: choose one (a batch already trains {batch} "
                          "trials at once)")

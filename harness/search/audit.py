@@ -21,7 +21,7 @@ from ..config import per_epoch
 from .objectives import LEGACY, of_study
 from .tracker import fail_run
 from .optuna_private import trial_id
-from .workers import WORKER_DIED, abandoned, alive, retried_numbers, retry, unfinished
+from .workers import WORKER_DIED, abandoned, alive, gone, retried_numbers, retry, unfinished
 from ..tracking import missing
 from ..urls import redact
 
@@ -42,8 +42,7 @@ class Report:
 
 
 def stale_trials(study) -> list:
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if alive(t.user_attrs.get(WORKER_ATTR)) is False]
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if gone(t)]
 
 
 def fail_and_retry(study, storage, trial) -> int:
@@ -104,6 +103,10 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
     report.violations += [f"trial {t.number}: FAIL ({t.user_attrs.get(FAIL_REASON_ATTR) or 'no reason recorded'}) "
                           "was stopped from outside and its configuration is not queued again; --fix queues it"
                           for t in unfinished(trials)]
+    report.violations += [f"trial {t.number} is RUNNING but its worker {t.user_attrs[WORKER_ATTR]} is gone"
+                          if WORKER_ATTR in t.user_attrs else
+                          f"trial {t.number} is RUNNING with no worker recorded since {t.datetime_start}"
+                          for t in trials if t.state == TrialState.RUNNING and gone(t)]
     from mlflow.exceptions import MlflowException
 
     parent_id = study.user_attrs.get(PARENT_ATTR)
@@ -138,7 +141,7 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
     for trial in trials:
         _check_trial(trial, by_number.pop(trial.number, []), client, report, fixer, trial.number in retried,
                      objectives, deleted)
-        live_workers |= trial.state == TrialState.RUNNING and alive(trial.user_attrs.get(WORKER_ATTR)) is not False
+        live_workers |= trial.state == TrialState.RUNNING and not gone(trial)
     for number, orphans in sorted(by_number.items()):
         for run in orphans:
             report.violations.append(f"run {run.info.run_id} claims trial {number}, which the study does not have")
@@ -187,9 +190,7 @@ def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, re
         return
     owner = alive(trial.user_attrs.get(WORKER_ATTR))
     if state == TrialState.RUNNING:
-        if owner is False:
-            report.violations.append(f"trial {n} is RUNNING but its worker {trial.user_attrs[WORKER_ATTR]} is gone")
-        return  # a live worker owns it (or it runs elsewhere): nothing to compare yet
+        return  # a live worker owns it (or it runs elsewhere; a dead one's is reported above): nothing to compare yet
     trashed = deleted.run_of(n) if not runs and deleted is not None else None
     if trashed is not None:
         # Deleting a run only moves it to MLflow's trash: the trial's record is whole there.
@@ -225,7 +226,7 @@ def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, re
         retried = retried or (state == TrialState.COMPLETE and status == "FAILED")  # it queued the configuration
     incomplete = run.data.tags.get(INCOMPLETE_TAG)
     if status == "FAILED" and incomplete and state in (TrialState.COMPLETE, TrialState.PRUNED):
-        if state == TrialState.COMPLETE and not retried and fix:
+        if state == TrialState.COMPLETE and not retried and fix:  # its worker's own retry failed (a full disk)
             retry(fix.study, trial)
             report.fixed.append(f"trial {n}: run {run_id} is incomplete ({incomplete}) -> configuration retried")
         elif state == TrialState.COMPLETE and not retried:

@@ -19,14 +19,14 @@ from .space import SearchSpace
 from .journal import JournalWriteError
 from ..schema import FAIL_REASON_ATTR, METRICS_ATTR, PAIR_TRIAL_PARAM, RUN_ATTR, WORKER_ATTR
 from .tracker import StudyTracker, TrackingFailed
-from .workers import identity, retry, unfinished_reason
+from .workers import INTERRUPTED, identity, retry, unfinished_reason
 
 
 def failure_reason(exc: BaseException) -> str:
     """What the trial's fail_reason says: "interrupted", "tracking failed: ..." and the like for a
     trial stopped from outside (see workers.UNFINISHED_REASONS), else the error the trial raised."""
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
+        return INTERRUPTED
     if isinstance(exc, TrackingFailed):
         return str(exc) if str(exc).startswith("tracking failed") else f"tracking failed: {exc}"
     if isinstance(exc, JournalWriteError):
@@ -235,9 +235,12 @@ class Objective:
         finally:
             tracked = [run for run in runs if run.tracker and run.cfg is not None]
             if tracked:
-                pending = tracked[0].tracker.start_trials([(run.trial, run.cfg) for run in tracked])
-                for run, future in zip(tracked, pending):
-                    run.pending = future
+                # Held: a signal between submitting the runs and keeping their futures would leave
+                # runs their trials never point at; one that came is acted on once they are kept.
+                with signals.deferred():
+                    pending = tracked[0].tracker.start_trials([(run.trial, run.cfg) for run in tracked])
+                    for run, future in zip(tracked, pending):
+                        run.pending = future
         for run in runs:
             run.observers = self._observers(run.trial) + (
                 [_Tracking(run.trial, run.tracker, run.pending)] if run.tracker else [])
@@ -337,7 +340,7 @@ class Objective:
         if tracker and cfg is not None:
             with contextlib.suppress(TrackingFailed):
                 tracker.end_interrupted_trial(trial, pending, cfg, history, reason=reason,
-                                              run_status="KILLED" if reason == "interrupted" else "FAILED")
+                                              run_status="KILLED" if reason == INTERRUPTED else "FAILED")
         if study is not None and unfinished_reason(reason):
             with contextlib.suppress(Exception):  # the next search (or audit --fix) queues it then
                 retry(study, _frozen(study, trial))

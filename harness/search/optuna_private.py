@@ -4,6 +4,8 @@ of them changes; pyproject.toml pins Optuna to the versions it passed on.
 Why each is needed (Optuna has no public way to do these):
 - ``RDBStorage._create_new_trial``: what Optuna's cache wrapper calls to create a trial; the cap on
   a study's trials (storages.py) must sit there to hold.
+- ``RDBStorage._get_stale_trial_ids``: what ``fail_stale_trials`` asks for the trials whose heartbeat
+  is late; a live worker's trial on this machine is taken out of it there (storages.py).
 - ``optuna.storages._rdb.models.TrialModel``: one COUNT query for that cap, instead of loading every trial.
 - the journal file backend's lock and ``get_lock_file``: a repair (journal.py) must hold the very
   lock Optuna's own appends take.
@@ -15,6 +17,7 @@ Why each is needed (Optuna has no public way to do these):
 from __future__ import annotations
 
 CREATE_TRIAL_HOOK = "_create_new_trial"
+STALE_TRIALS_HOOK = "_get_stale_trial_ids"
 
 
 def trial_model():

@@ -21,8 +21,10 @@ from optuna.trial import TrialState
 
 from ..filelock import LOCK_SUFFIX, file_lock
 from ..urls import redact
+from ..schema import WORKER_ATTR
 from . import optuna_private
 from .optuna_private import backend
+from .workers import alive, identity
 
 COUNTED = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -35,13 +37,29 @@ class _Capped:
     max_trials: int | None = None
 
     def _create_capped(self, create, study_id: int, template_trial):
-        if self.max_trials is None or template_trial is not None:
+        if template_trial is not None:
             return create(study_id, template_trial)
+        if self.max_trials is None:
+            return create(study_id, _owned())
         with study_lock(self, f"study-{study_id}"):
             counted = self._count(study_id)
             if counted >= self.max_trials:
                 raise StudyFull(f"{counted} trials of at most {self.max_trials}")
-            return create(study_id, template_trial)
+            return create(study_id, _owned())
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        taken = super().set_trial_state_values(trial_id, state, values)
+        if taken and state == TrialState.RUNNING:  # a queued trial taken by this process
+            self.set_trial_user_attr(trial_id, WORKER_ATTR, identity())
+        return taken
+
+
+def _owned():
+    """A new trial that names its worker from its first write: one killed before it trains (a batch
+    asks K first, its sampler may be slow) is known dead by the next search and `audit --fix`."""
+    from optuna.trial import create_trial
+
+    return create_trial(state=TrialState.RUNNING, user_attrs={WORKER_ATTR: identity()})
 
 
 class CappedRDBStorage(_Capped, RDBStorage):
@@ -61,7 +79,16 @@ def _create_new_trial(self, study_id, template_trial=None):
                                study_id, template_trial)
 
 
+def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+    # A heartbeat late by more than the grace (a worker starved of CPU, a slow database) is not a
+    # dead worker: a trial whose worker runs on this machine and lives is never failed as stale,
+    # whichever worker checks (Optuna's optimize checks before every trial it starts).
+    stale = getattr(super(CappedRDBStorage, self), optuna_private.STALE_TRIALS_HOOK)(study_id)
+    return [i for i in stale if alive(self.get_trial_user_attrs(i).get(WORKER_ATTR)) is not True]
+
+
 setattr(CappedRDBStorage, optuna_private.CREATE_TRIAL_HOOK, _create_new_trial)
+setattr(CappedRDBStorage, optuna_private.STALE_TRIALS_HOOK, _get_stale_trial_ids)
 
 
 class CappedJournalStorage(_Capped, JournalStorage):

@@ -5,16 +5,21 @@ import os
 import socket
 from pathlib import Path
 
-from ..schema import FAIL_REASON_ATTR
+from ..schema import FAIL_REASON_ATTR, WORKER_ATTR
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (Linux): the state first."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
 
 
 def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), so a reused pid is not taken for it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = _stat(pid)
+    return fields[19] if fields else None
 
 
 def identity() -> dict:
@@ -33,7 +38,33 @@ def alive(worker: dict | None) -> bool | None:
         return False
     except (PermissionError, TypeError):
         return None if not isinstance(pid, int) else True
-    return worker.get("started") in (None, _start_time(pid))
+    fields = _stat(pid)
+    if fields and fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent: signal 0 still reaches it
+        return False
+    return worker.get("started") in (None, fields[19] if fields else None)
+
+
+# A harness storage writes the owner in the same write that creates a trial (storages.py), and right
+# after it takes a queued one; a RUNNING trial without one is from a process killed between those two
+# writes, or from a harness before that (whose batch asked K trials before writing any owner). Such
+# a trial is dead once it is older than any of those windows could be; an hour also leaves a
+# trial of a plain Optuna script sharing the storage, which never writes an owner, that long.
+OWNERLESS_S = 3600
+
+
+def gone(trial) -> bool:
+    """Whether a RUNNING trial's worker is known to be dead: its process on this host is gone, or it
+    has had no owner for longer than OWNERLESS_S."""
+    from datetime import datetime
+
+    worker = trial.user_attrs.get(WORKER_ATTR)
+    if worker is not None:
+        return alive(worker) is False
+    started = trial.datetime_start
+    if started is None:
+        return False
+    now = datetime.now(started.tzinfo)  # journal storages give UTC, RDB ones local time without a zone
+    return (now - started).total_seconds() > OWNERLESS_S
 
 
 def abandoned(trials) -> set[int]:
@@ -46,7 +77,8 @@ def abandoned(trials) -> set[int]:
 # Failures that say nothing about the configuration: it is run again. Any other reason (a
 # diverged loss, the experiment's code raising) is the configuration's own result.
 WORKER_DIED = "worker died"
-UNFINISHED_REASONS = ("interrupted", WORKER_DIED, "tracking failed", "journal write failed")
+INTERRUPTED = "interrupted"
+UNFINISHED_REASONS = (INTERRUPTED, WORKER_DIED, "tracking failed", "journal write failed")
 
 
 def unfinished_reason(reason: str | None) -> bool:
