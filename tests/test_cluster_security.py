@@ -7,6 +7,7 @@ every user) or output.
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -110,18 +111,29 @@ def test_the_generated_password_is_on_no_command_line(postgres):
     assert not list(started.root.glob("initdb-password*"))  # initdb's copy is gone once it has read it
 
 
+def in_a_shell(setup: str, path: str) -> subprocess.CompletedProcess:
+    """In a shell of our own user: ``setup`` (sourcing the credentials), then curl on ``path`` of
+    the tracking server with the login it exported, handed over on no command line."""
+    if shutil.which("curl") is None:
+        pytest.skip("needs curl to make requests from a shell")
+    login = '<(printf \'user = "%s:%s"\' "$MLFLOW_TRACKING_USERNAME" "$MLFLOW_TRACKING_PASSWORD")'
+    script = f'{setup} && curl -s -f -K {login} "$MLFLOW_TRACKING_URI{path}"'
+    return subprocess.run(["bash", "-c", script], env=cli_env(), capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.slow
 def test_harness_cluster_keeps_a_given_password_off_command_lines_output_and_logs(postgres, tmp_path):
     """`--postgres URL` with a password: the workers, the audit and `mlflow server` get it through a
     passfile named in their environment; `ps` never shows it, nor does anything printed or logged.
-    The same holds for the tracking server's generated login."""
+    The same holds for the tracking server's generated login, which another shell of the same user
+    gets as --keep-running says."""
     started, _ = postgres
     secret = secret_of(started.passfile)
     url = f"postgresql://{cluster.DB_USER}:{secret}@127.0.0.1:{started.port}/postgres"
     seen: set[str] = set()
     done = threading.Event()
     command = [sys.executable, "-m", "harness", "cluster", "--postgres", url, "--workers", 2, "--max-trials", 2,
-               "--server-workers", 1, "--dir", tmp_path / "c", "--", "--epochs-range", 20, 40]
+               "--server-workers", 1, "--dir", tmp_path / "c", "--keep-running", "--", "--epochs-range", 20, 40]
     process = subprocess.Popen(list(map(str, command)), cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
 
@@ -137,11 +149,24 @@ def test_harness_cluster_keeps_a_given_password_off_command_lines_output_and_log
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        out, err = process.communicate(timeout=600)
+        out = ""
+        for line in process.stdout:  # until the services are up, the workers done
+            out += line
+            if line.startswith("press Ctrl-C"):
+                break
+        sources = [line.split("#")[0].strip() for line in out.splitlines() if line.strip().startswith("source ")]
+        shell = in_a_shell(sources[0] if sources else "false", "/api/2.0/mlflow/experiments/search?max_results=10")
+        process.send_signal(signal.SIGINT)
+        rest, err = process.communicate(timeout=120)
+        out += rest
     finally:
         done.set()
         watcher.join()
+        if process.poll() is None:  # a failure above: the services are still up
+            process.send_signal(signal.SIGINT)
+            process.communicate(timeout=120)
     assert process.returncode == 0, out + err
+    assert shell.returncode == 0 and json.loads(shell.stdout)["experiments"], (out, shell)  # 401 fails curl -f
     assert "audit of study 'cluster-search': 2 trials, 2 child runs: clean" in out
     assert any("harness search" in line for line in seen), sorted(seen)[:50]  # the watch saw them
     assert any("mlflow server" in line for line in seen), sorted(seen)[:50]
@@ -239,11 +264,7 @@ def test_the_tracking_server_s_login_and_files_are_readable_by_their_owner_only(
         assert unread.returncode != 0 and not unread.stdout, path
     assert secret not in server.log.read_text(errors="replace")
     assert not [c for c in command_lines().values() if secret in c]
-    # What --keep-running tells the user to do in another shell, the password on no command line.
-    shell = subprocess.run(["bash", "-c", f"source {server.credentials} && curl -s -f -K <(printf 'user = \"%s:%s\"' "
-                            '"$MLFLOW_TRACKING_USERNAME" "$MLFLOW_TRACKING_PASSWORD") '
-                            '"$MLFLOW_TRACKING_URI/api/2.0/mlflow/experiments/search?max_results=10"'],
-                           env=cli_env(), capture_output=True, text=True, timeout=60)
+    shell = in_a_shell(f"source {server.credentials}", "/api/2.0/mlflow/experiments/search?max_results=10")
     assert shell.returncode == 0 and "private-experiment" in shell.stdout, shell.stdout + shell.stderr
 
 
