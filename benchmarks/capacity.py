@@ -57,7 +57,7 @@ import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from harness import cli, config, schema, tracking, training  # noqa: E402
-from harness.cluster import Postgres, TrackingServer, create_database, libpq_passfile  # noqa: E402
+from harness.cluster import Postgres, TrackingServer, create_database, environment, libpq_passfile  # noqa: E402
 from harness.experiment import load  # noqa: E402
 from harness.search import space as space_module  # noqa: E402
 from harness.search import study as study_module  # noqa: E402
@@ -109,10 +109,10 @@ def started_services(root: Path, server_workers: int):
         stack.enter_context(libpq_passfile(postgres.passfile))
         for name in ("optuna", "mlflow"):
             create_database(postgres.url(), name)
-        server = TrackingServer(engine_url(postgres.url("mlflow")), root / "artifacts", root / "mlflow-server.log",
-                                workers=server_workers)
+        server = TrackingServer(engine_url(postgres.url("mlflow")), root, workers=server_workers)
         stack.callback(server.stop)
         server.start()
+        stack.enter_context(environment(server.login))
         yield postgres, server
 
 

@@ -91,7 +91,10 @@ class CpuSampler:
 
 
 def search(n_workers: int, storage: str, tracking: str, study: str, trials: int, cwd: Path, *extra: str):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OPTUNA_"))}
+    from harness.cluster import LOGIN_VARS
+
+    # The tracking server's login, which services() put in the environment, goes with its URL.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OPTUNA_")) or k in LOGIN_VARS}
     env["MLFLOW_TRACKING_URI"] = tracking
     cmd = [sys.executable, "-m", "harness", "search", "--storage", storage, "--study-name", study,
            "--max-trials", str(trials), "--n-trials", str(trials), "--pruner", "none", "--no-progress", *extra]

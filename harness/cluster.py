@@ -1,13 +1,14 @@
 """A scale-out setup on one machine: PostgreSQL from the system's packages and an MLflow tracking
-server (PostgreSQL backend store, served artifacts), both on 127.0.0.1 only.
+server (PostgreSQL backend store, served artifacts, MLflow's basic-auth app), both on 127.0.0.1 only.
 
 The same two services that many machines share; here they let a user try the setup, and the tests
 and the scaling benchmark run against the real engines rather than stand-ins.
 
 Loopback is no boundary between the users of one machine: PostgreSQL asks for a password
-(SCRAM) that is generated here and kept in a libpq passfile only its owner reads. No password is
-ever put on a command line (``ps`` shows those to everyone) or printed: children find it through
-PGPASSFILE in their environment, which only their own user can read.
+(SCRAM) and the tracking server for a login (HTTP basic auth), both passwords generated here and
+kept in files only their owner reads. No password is ever put on a command line (``ps`` shows those
+to everyone) or printed: children find them in their environment (PGPASSFILE, MLFLOW_TRACKING_USERNAME
+and MLFLOW_TRACKING_PASSWORD), which only their own user can read.
 """
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ from .urls import check_credentials, engine_url, redact, scrub
 
 DB_USER = "harness"
 PASSFILE = "pgpass"
+# The tracking server's only account: an admin, whom MLflow's auth app lets do anything.
+ADMIN = "admin"
+# Beside the server's log: the exports that give a shell the server and its login (0600).
+CREDENTIALS = "mlflow-credentials"
+# Where MLflow's client reads a login from, at every request.
+LOGIN_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 # `mlflow server --workers`: on 2 cores, 1, 2 and 4 carry the same load (benchmarks/capacity.py);
 # a machine of the server's own takes more.
 SERVER_WORKERS = 2
@@ -84,12 +91,11 @@ def passfile_line(host: str, port: str, user: str, password: str) -> str:
 
 
 @contextlib.contextmanager
-def libpq_passfile(path: Path):
-    """PGPASSFILE set to ``path`` for this process and the children it starts meanwhile: libpq
-    (psycopg, SQLAlchemy, Optuna, mlflow server) reads it at every connection. PGPASSWORD, which
-    libpq would take first, is out of the way meanwhile."""
-    before = {key: os.environ.pop(key, None) for key in ("PGPASSFILE", "PGPASSWORD")}
-    os.environ["PGPASSFILE"] = str(path)
+def environment(values: dict[str, str], unset: tuple[str, ...] = ()):
+    """``values`` set and ``unset`` removed in os.environ, for this process and the children it
+    starts meanwhile; what was there before is back afterwards."""
+    before = {key: os.environ.pop(key, None) for key in (*values, *unset)}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -97,6 +103,12 @@ def libpq_passfile(path: Path):
             os.environ.pop(key, None)
             if value is not None:
                 os.environ[key] = value
+
+
+def libpq_passfile(path: Path):
+    """PGPASSFILE set to ``path`` meanwhile: libpq (psycopg, SQLAlchemy, Optuna, mlflow server)
+    reads it at every connection. PGPASSWORD, which libpq would take first, is out of the way."""
+    return environment({"PGPASSFILE": str(path)}, unset=("PGPASSWORD",))
 
 
 class Postgres:
@@ -234,36 +246,73 @@ def split_password(url: str) -> tuple[str, str | None]:
 
 
 class TrackingServer:
-    """``mlflow server`` on 127.0.0.1: runs in ``backend_uri``, artifacts served from ``artifacts``."""
+    """``mlflow server`` on 127.0.0.1 behind MLflow's basic-auth app: runs in ``backend_uri``,
+    artifacts served from ``root``/artifacts, its log and auth files in ``root``.
 
-    def __init__(self, backend_uri: str, artifacts: Path, log: Path, port: int | None = None,
-                 workers: int = SERVER_WORKERS):
-        self.backend_uri, self.artifacts, self.log = backend_uri, Path(artifacts), Path(log)
+    Nobody without a login reads or writes anything (default permission NO_PERMISSIONS), and the
+    one login is ``ADMIN`` with a password generated at each start, kept in ``credentials`` (0600)
+    and handed to clients through ``login`` in their environment. Everything the server writes
+    (its auth database, the artifacts) is its owner's only, so the files are no way around it.
+    """
+
+    def __init__(self, backend_uri: str, root: Path, port: int | None = None, workers: int = SERVER_WORKERS):
+        self.backend_uri, self.root = backend_uri, Path(root)
+        self.artifacts, self.log = self.root / "artifacts", self.root / "mlflow-server.log"
+        self.credentials = self.root / CREDENTIALS
         self.port = port or free_port()
         self.workers = workers
+        self.password = secrets.token_urlsafe(32)
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def login(self) -> dict[str, str]:
+        """What a client needs in its environment."""
+        return dict(zip(LOGIN_VARS, (ADMIN, self.password)))
+
     def _healthy(self) -> bool:
         if self.process.poll() is not None:
             raise HarnessError(f"mlflow server exited with status {self.process.returncode}; "
                                f"its log ({self.log}) ends:\n{self.log.read_text(errors='replace')[-2000:]}")
-        try:
+        try:  # /health is the one route the auth app leaves open
             with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
                 return response.status == 200
         except OSError:
             return False
 
+    def _auth_env(self) -> dict[str, str]:
+        """The auth app's settings: the secrets in the server's environment, the rest in an ini."""
+        database = self.root / "mlflow-auth.db"
+        # The admin is created with the password of the first start only: a fresh database each start.
+        database.unlink(missing_ok=True)
+        config = self.root / "mlflow-auth.ini"
+        # A login is checked with scrypt, a few tenths of a CPU second: once per worker process and
+        # 10 minutes, not at every request (a changed password reaches the other workers that late).
+        write_private(config, "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                              f"database_uri = sqlite:///{database}\n"
+                              "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                              "auth_cache_ttl_seconds = 600\n")
+        return {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN,
+                "MLFLOW_AUTH_ADMIN_PASSWORD": self.password,
+                # Signs the auth app's forms; the same in every worker, which inherit it.
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(32)}
+
     def start(self) -> "TrackingServer":
-        self.artifacts.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri,
-                   "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1",
-                   "--port", str(self.port), "--workers", str(self.workers)]
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.artifacts.mkdir(exist_ok=True)
+        self.artifacts.chmod(0o700)  # also what an earlier start left there
+        env = {**os.environ, **self._auth_env()}
+        exports = {"MLFLOW_TRACKING_URI": self.url, **self.login}
+        write_private(self.credentials, "".join(f"export {k}={v}\n" for k, v in exports.items()))
+        command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+                   "--backend-store-uri", self.backend_uri, "--artifacts-destination", str(self.artifacts),
+                   "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)]
+        with os.fdopen(os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, umask=0o077,
+                                            start_new_session=True)
         _wait(self._healthy, f"mlflow server on {self.url}", 180, self.log)
         return self
 
@@ -283,7 +332,8 @@ def services(root: Path, postgres_url: str | None = None, server_workers: int = 
     """PostgreSQL (started here unless ``postgres_url`` names a running server) with fresh ``optuna``
     and ``mlflow`` databases, and a tracking server (``server_workers`` processes) on the latter.
     Yields (optuna_url, tracking_uri), neither with a password: meanwhile PGPASSFILE names the
-    passfile of the cluster started here, or of the password ``postgres_url`` carried (in ``root``)."""
+    passfile of the cluster started here, or of the password ``postgres_url`` carried (in ``root``),
+    and LOGIN_VARS hold the tracking server's login."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     stack = contextlib.ExitStack()
@@ -304,10 +354,11 @@ def services(root: Path, postgres_url: str | None = None, server_workers: int = 
         suffix = f"{os.getpid()}_{int(time.time() * 1000)}"
         for name in (f"optuna_{suffix}", f"mlflow_{suffix}"):
             create_database(postgres_url, name)
-        server = TrackingServer(engine_url(with_database(postgres_url, f"mlflow_{suffix}")), root / "artifacts",
-                                root / "mlflow-server.log", workers=server_workers)
+        server = TrackingServer(engine_url(with_database(postgres_url, f"mlflow_{suffix}")), root,
+                                workers=server_workers)
         stack.callback(server.stop)
         server.start()
+        stack.enter_context(environment(server.login))
         yield with_database(postgres_url, f"optuna_{suffix}"), server.url
 
 

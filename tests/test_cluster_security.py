@@ -1,13 +1,17 @@
 """`harness cluster` on a machine shared with other users: loopback is no boundary between them.
 
-Its PostgreSQL asks for a password that only the user who started it can read, and no password,
-generated or given, reaches a command line (`ps` shows every process's to every user) or output.
+Its PostgreSQL and its tracking server ask for passwords that only the user who started them can
+read, and no password, generated or given, reaches a command line (`ps` shows every process's to
+every user) or output.
 """
+import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -63,7 +67,7 @@ def postgres(tmp_path_factory):
         started.stop()
 
 
-def as_another_user(*command) -> subprocess.CompletedProcess:
+def as_another_user(*command, input: str | None = None) -> subprocess.CompletedProcess:
     """``command`` run as ``nobody``, with none of our libpq settings (it could not read them anyway)."""
     if os.geteuid() != 0 or shutil.which("runuser") is None:
         pytest.skip("acting as another local user needs root and runuser")
@@ -75,7 +79,7 @@ def as_another_user(*command) -> subprocess.CompletedProcess:
         pytest.skip("no 'nobody' user to act as")
     env = {k: v for k, v in cli_env().items() if not k.startswith("PG")}
     return subprocess.run(["runuser", "-u", "nobody", "--", *map(str, command)], env=env, cwd="/",
-                          capture_output=True, text=True, timeout=60)
+                          input=input, capture_output=True, text=True, errors="replace", timeout=60)
 
 
 @pytest.mark.slow
@@ -107,43 +111,161 @@ def test_the_generated_password_is_on_no_command_line(postgres):
     assert not list(started.root.glob("initdb-password*"))  # initdb's copy is gone once it has read it
 
 
+def in_a_shell(setup: str, path: str) -> subprocess.CompletedProcess:
+    """In a shell of our own user: ``setup`` (sourcing the credentials), then curl on ``path`` of
+    the tracking server with the login it exported, handed over on no command line."""
+    if shutil.which("curl") is None:
+        pytest.skip("needs curl to make requests from a shell")
+    login = '<(printf \'user = "%s:%s"\' "$MLFLOW_TRACKING_USERNAME" "$MLFLOW_TRACKING_PASSWORD")'
+    script = f'{setup} && curl -s -f -K {login} "$MLFLOW_TRACKING_URI{path}"'
+    return subprocess.run(["bash", "-c", script], env=cli_env(), capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.slow
 def test_harness_cluster_keeps_a_given_password_off_command_lines_output_and_logs(postgres, tmp_path):
     """`--postgres URL` with a password: the workers, the audit and `mlflow server` get it through a
-    passfile named in their environment; `ps` never shows it, nor does anything printed or logged."""
+    passfile named in their environment; `ps` never shows it, nor does anything printed or logged.
+    The same holds for the tracking server's generated login, which another shell of the same user
+    gets as --keep-running says."""
     started, _ = postgres
     secret = secret_of(started.passfile)
     url = f"postgresql://{cluster.DB_USER}:{secret}@127.0.0.1:{started.port}/postgres"
     seen: set[str] = set()
     done = threading.Event()
     command = [sys.executable, "-m", "harness", "cluster", "--postgres", url, "--workers", 2, "--max-trials", 2,
-               "--server-workers", 1, "--dir", tmp_path / "c", "--", "--epochs-range", 20, 40]
+               "--server-workers", 1, "--dir", tmp_path / "c", "--keep-running", "--", "--epochs-range", 20, 40]
     process = subprocess.Popen(list(map(str, command)), cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
 
+    # What the user typed: `harness cluster`'s own command line, also the one its children show for
+    # the moment between their fork and their exec.
+    own = " ".join(map(str, command))
+
     def watch():
         while not done.is_set():
-            seen.update(line for pid, line in command_lines().items() if pid != process.pid)
+            seen.update(line for line in command_lines().values() if line.strip() != own)
             done.wait(0.05)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        out, err = process.communicate(timeout=600)
+        out = ""
+        for line in process.stdout:  # until the services are up, the workers done
+            out += line
+            if line.startswith("press Ctrl-C"):
+                break
+        sources = [line.split("#")[0].strip() for line in out.splitlines() if line.strip().startswith("source ")]
+        shell = in_a_shell(sources[0] if sources else "false", "/api/2.0/mlflow/experiments/search?max_results=10")
+        process.send_signal(signal.SIGINT)
+        rest, err = process.communicate(timeout=120)
+        out += rest
     finally:
         done.set()
         watcher.join()
+        if process.poll() is None:  # a failure above: the services are still up
+            process.send_signal(signal.SIGINT)
+            process.communicate(timeout=120)
     assert process.returncode == 0, out + err
+    assert shell.returncode == 0 and json.loads(shell.stdout)["experiments"], (out, shell)  # 401 fails curl -f
     assert "audit of study 'cluster-search': 2 trials, 2 child runs: clean" in out
     assert any("harness search" in line for line in seen), sorted(seen)[:50]  # the watch saw them
     assert any("mlflow server" in line for line in seen), sorted(seen)[:50]
-    assert not [line.replace(secret, "***") for line in seen if secret in line]
-    assert secret not in out + err
-    logs = list((tmp_path / "c").glob("*.log"))
-    assert len(logs) == 3  # two workers' and the tracking server's
-    for log in logs:
-        assert secret not in log.read_text(errors="replace"), log
-    assert stat.S_IMODE((tmp_path / "c" / cluster.PASSFILE).stat().st_mode) == 0o600
+    credentials = tmp_path / "c" / cluster.CREDENTIALS
+    assert f"login {cluster.ADMIN}, its password in {credentials}" in out
+    login = dict(line.removeprefix("export ").split("=", 1) for line in credentials.read_text().splitlines())
+    for secret in (secret, login["MLFLOW_TRACKING_PASSWORD"]):
+        assert not [line.replace(secret, "***") for line in seen if secret in line]
+        assert secret not in out + err
+        logs = list((tmp_path / "c").glob("*.log"))
+        assert len(logs) == 3  # two workers' and the tracking server's
+        for log in logs:
+            assert secret not in log.read_text(errors="replace"), log
+    for private in (cluster.PASSFILE, cluster.CREDENTIALS):
+        assert stat.S_IMODE((tmp_path / "c" / private).stat().st_mode) == 0o600
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """`harness cluster`'s tracking server (on SQLite: the login is the server's, whatever its store),
+    two processes sharing its auth database, and one run with a param and an artifact logged with
+    the login."""
+    from mlflow import MlflowClient
+
+    # Where any user can look, as `harness cluster`'s default --dir in a home folder of mode 0755
+    # (pytest's own folders are private to their owner).
+    root = Path(tempfile.mkdtemp(prefix="harness-tracking-"))
+    root.chmod(0o755)
+    server = cluster.TrackingServer(f"sqlite:///{root / 'mlflow.db'}", root / "server", workers=2)
+    try:
+        server.start()
+        with cluster.environment(server.login):
+            client = MlflowClient(server.url)
+            run = client.create_run(client.create_experiment("private-experiment"))
+            client.log_param(run.info.run_id, "private_param", "private-value")
+            client.log_text(run.info.run_id, "private-notes", "notes.txt")
+        yield server, run
+    finally:
+        server.stop()
+        shutil.rmtree(root)
+
+
+def http_as_another_user(server, path: str, method: str = "GET", body: str | None = None,
+                         login: str | None = None) -> tuple[int, str]:
+    """``curl`` as ``nobody``: the status and body; ``login`` (USER:PASSWORD) given on its stdin."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("needs curl to make requests as another user")
+    data = ["-H", "Content-Type: application/json", "--data", body] if body is not None else []
+    result = as_another_user(curl, "-s", "-K", "-", "-X", method, *data, "-w", "\n%{http_code}", server.url + path,
+                             input=f'user = "{login}"\n' if login else "")
+    text, _, status = result.stdout.rpartition("\n")
+    assert status.isdigit(), result.stdout + result.stderr
+    return int(status), text
+
+
+@pytest.mark.slow
+def test_another_local_user_reads_and_changes_nothing_on_the_tracking_server_without_its_login(tracking_server):
+    server, run = tracking_server
+    run_id = run.info.run_id
+    artifact = run.info.artifact_uri.removeprefix("mlflow-artifacts:/") + "/notes.txt"
+    reads = ["/api/2.0/mlflow/experiments/search?max_results=100", f"/api/2.0/mlflow/runs/get?run_id={run_id}",
+             f"/ajax-api/2.0/mlflow/runs/get?run_id={run_id}", f"/api/2.0/mlflow-artifacts/artifacts/{artifact}"]
+    writes = [("/api/2.0/mlflow/runs/delete", {"run_id": run_id}),
+              ("/api/2.0/mlflow/runs/log-parameter", {"run_id": run_id, "key": "planted", "value": "1"}),
+              ("/api/2.0/mlflow/users/create", {"username": "nobody", "password": "a-password-of-nobody"})]
+    for login in (None, f"{cluster.ADMIN}:wrong-password", "nobody:a-password-of-nobody"):
+        for path in reads:
+            status, text = http_as_another_user(server, path, login=login)
+            assert status == 401 and "private" not in text, (login, path, status, text)
+        for path, body in writes:
+            assert http_as_another_user(server, path, "POST", json.dumps(body), login)[0] == 401, (login, path)
+    # Still as it was logged; and the refusals were the login's: with it, the same user gets in.
+    from mlflow import MlflowClient
+
+    with cluster.environment(server.login):
+        kept = MlflowClient(server.url).get_run(run_id)
+    assert kept.info.lifecycle_stage == "active" and kept.data.params == {"private_param": "private-value"}
+    login = f"{cluster.ADMIN}:{server.password}"
+    assert http_as_another_user(server, f"/api/2.0/mlflow-artifacts/artifacts/{artifact}", login=login) == (
+        200, "private-notes")
+    assert http_as_another_user(server, "/health") == (200, "OK")  # what start() waits for stays open
+
+
+@pytest.mark.slow
+def test_the_tracking_server_s_login_and_files_are_readable_by_their_owner_only(tracking_server):
+    server, run = tracking_server
+    secret = server.password
+    assert stat.S_IMODE(server.credentials.stat().st_mode) == 0o600
+    assert server.credentials.stat().st_uid == os.geteuid()
+    artifact = server.artifacts / run.info.artifact_uri.removeprefix("mlflow-artifacts:/") / "notes.txt"
+    assert artifact.read_text() == "private-notes"
+    for path in (server.credentials, server.root / "mlflow-auth.db", server.root / "mlflow-auth.ini", artifact):
+        unread = as_another_user("cat", path)
+        assert unread.returncode != 0 and not unread.stdout, path
+    assert secret not in server.log.read_text(errors="replace")
+    assert not [c for c in command_lines().values() if secret in c]
+    shell = in_a_shell(f"source {server.credentials}", "/api/2.0/mlflow/experiments/search?max_results=10")
+    assert shell.returncode == 0 and "private-experiment" in shell.stdout, shell.stdout + shell.stderr
 
 
 @pytest.mark.parametrize("url, allowed", [

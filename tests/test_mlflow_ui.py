@@ -2,6 +2,7 @@
 
 Screenshots go to $HARNESS_UI_SCREENSHOTS when set (else the test's tmp folder), to look at.
 """
+import base64
 import contextlib
 import os
 import shutil
@@ -13,7 +14,7 @@ import pytest
 
 from browser import Browser, chromium
 from conftest import run_cli
-from harness.cluster import TrackingServer
+from harness.cluster import ADMIN, TrackingServer
 from search_helpers import journal_study
 
 pytestmark = [pytest.mark.slow,
@@ -29,10 +30,13 @@ def _shots(tmp_path) -> Path:
 @contextlib.contextmanager
 def parent_page(workdir, tmp_path, parent: str, *needles: str):
     """A browser on the study's parent run in `mlflow ui`, once ``needles`` show, its description expanded."""
-    server = TrackingServer(f"sqlite:///{workdir / 'mlflow.db'}", tmp_path / "served", tmp_path / "server.log",
-                            workers=1).start()
+    server = TrackingServer(f"sqlite:///{workdir / 'mlflow.db'}", tmp_path / "served", workers=1).start()
     try:
         with Browser() as browser:
+            # The login a person types into the browser's prompt, which then goes with every request.
+            login = base64.b64encode(f"{ADMIN}:{server.password}".encode()).decode()
+            browser.send("Network.enable")
+            browser.send("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {login}"}})
             browser.open(f"{server.url}/#/experiments/0/runs/{parent}")
             browser.wait_for_text("Optuna study linear_regression-search", *needles, timeout=90)
             browser.evaluate("[...document.querySelectorAll('button, a, span')]"

@@ -42,11 +42,13 @@ def services(tmp_path_factory):
         require_postgres_programs()
     root = tmp_path_factory.mktemp("scale-out")
     with cluster.services(root, postgres) as (storage, tracking_uri):
-        yield {"storage": storage, "tracking_uri": tracking_uri, "root": root}
+        # The tracking server's login, which services() put in our environment and cli_env leaves out.
+        login = {k: os.environ[k] for k in cluster.LOGIN_VARS}
+        yield {"storage": storage, "tracking_uri": tracking_uri, "root": root, "login": login}
 
 
 def env_for(services):
-    return cli_env(MLFLOW_TRACKING_URI=services["tracking_uri"])
+    return cli_env(MLFLOW_TRACKING_URI=services["tracking_uri"], **services["login"])
 
 
 def client_of(services):

@@ -43,12 +43,13 @@ def run(args) -> int:
         cluster.postgres_bin()
     root = Path(args.dir).resolve()
     with cluster.services(root, args.postgres, server_workers) as (storage, tracking_uri):
-        # The workers get the storage's password through the passfile named in the environment
-        # services() set, never on their command lines.
+        # The workers get the storage's password (the passfile it names) and the tracking server's
+        # login through the environment services() set, never on their command lines.
         env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+        credentials = root / cluster.CREDENTIALS
         print(f"PostgreSQL storage: {redact(storage)}\n"
-              f"MLflow tracking server: {tracking_uri} (artifacts in {root / 'artifacts'}; no authentication: "
-              "every user of this machine can read and change its runs)")
+              f"MLflow tracking server: {tracking_uri} (artifacts in {root / 'artifacts'}; login "
+              f"{cluster.ADMIN}, its password in {credentials}, readable by you only)")
         command = [sys.executable, "-m", "harness", "search", "--storage", storage, "--study-name", args.study_name,
                    "--max-trials", str(max_trials), "--n-trials", str(max_trials), "--no-progress", *extra]
         started = time.time()
@@ -72,9 +73,10 @@ def run(args) -> int:
         if args.keep_running:
             passfile = os.environ.get("PGPASSFILE")
             print("services are up; in another shell:\n"
-                  f"  export MLFLOW_TRACKING_URI={tracking_uri}\n"
+                  f"  source {credentials}    # MLFLOW_TRACKING_URI and the login\n"
                   + (f"  export PGPASSFILE={passfile}    # for --storage {redact(storage)}\n" if passfile else "") +
-                  f"  harness compare --study {args.study_name}    # or open {tracking_uri} in a browser\n"
+                  f"  harness compare --study {args.study_name}    # or open {tracking_uri} in a browser, "
+                  f"as {cluster.ADMIN}\n"
                   "press Ctrl-C to stop them")
             try:
                 while True:
