@@ -37,6 +37,9 @@ def _credentials_end(rest: str, http: bool) -> int:
     ends it for others, so the password hidden is the longest any of them could take."""
     # urllib and requests (http stores): the authority ends at the first '/', '?' or '#', the credentials at its last '@'.
     ends = [re.match(r"[^/?#]*", rest).group().rfind("@")]
+    # Any of them, for a password holding an unencoded '/' (requests prints such a URL whole in its
+    # error): the last '@' before the query.
+    ends.append(re.match(r"[^?#]*", rest).group().rfind("@"))
     if not http:
         # libpq (postgresql://): the first '@' before the first '/'.
         ends.append(rest.split("/", 1)[0].find("@"))
