@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     # SIGTERM ends a command the way Ctrl-C does: runs are closed, nothing is left RUNNING.
     signal.signal(signal.SIGTERM, _interrupt)
+    # A shell starts a script's background job with SIGINT ignored, and Python keeps it so: `kill -INT`
+    # of a harness started that way (a CI job, `nohup harness cluster ... &`) would do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         _check_text(sys.argv[1:] if argv is None else argv)
         parser = build_parser()

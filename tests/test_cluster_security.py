@@ -134,8 +134,10 @@ def test_harness_cluster_keeps_a_given_password_off_command_lines_output_and_log
     done = threading.Event()
     command = [sys.executable, "-m", "harness", "cluster", "--postgres", url, "--workers", 2, "--max-trials", 2,
                "--server-workers", 1, "--dir", tmp_path / "c", "--keep-running", "--", "--epochs-range", 20, 40]
+    # Started as a script's background job is (SIGINT ignored): Ctrl-C, or `kill -INT`, still stops it.
     process = subprocess.Popen(list(map(str, command)), cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
 
     # What the user typed: `harness cluster`'s own command line, also the one its children show for
     # the moment between their fork and their exec.
@@ -164,7 +166,11 @@ def test_harness_cluster_keeps_a_given_password_off_command_lines_output_and_log
         watcher.join()
         if process.poll() is None:  # a failure above: the services are still up
             process.send_signal(signal.SIGINT)
-            process.communicate(timeout=120)
+            try:
+                process.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
     assert process.returncode == 0, out + err
     assert shell.returncode == 0 and json.loads(shell.stdout)["experiments"], (out, shell)  # 401 fails curl -f
     assert "audit of study 'cluster-search': 2 trials, 2 child runs: clean" in out
