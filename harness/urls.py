@@ -25,28 +25,26 @@ def _split(url: str) -> tuple[str, str, str, str]:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return "", "", url, ""
-    at = _credentials_end(rest, _token_scheme(url))
+    at = _credentials_end(rest)
     credentials, rest = (rest[:at], rest[at + 1:]) if at >= 0 else ("", rest)
     rest, q, query = rest.partition("?")
     return scheme + sep, credentials, rest, q + query
 
 
-def _credentials_end(rest: str, http: bool) -> int:
+def _credentials_end(rest: str) -> int:
     """Where the credentials of ``scheme://rest`` end (the index of their '@', or -1), as the widest
     of the parsers that read them. An unencoded '/', '?' or '#' is part of a password for some and
-    ends it for others, so the password hidden is the longest any of them could take."""
-    # urllib and requests (http stores): the authority ends at the first '/', '?' or '#', the credentials at its last '@'.
+    ends it for others (an HTTP client that cannot parse the URL prints it whole), so the password
+    hidden is the longest any of them could take, whatever the scheme."""
+    # urllib and requests: the authority ends at the first '/', '?' or '#', the credentials at its last '@'.
     ends = [re.match(r"[^/?#]*", rest).group().rfind("@")]
-    # Any of them, for a password holding an unencoded '/' (requests prints such a URL whole in its
-    # error): the last '@' before the query.
-    ends.append(re.match(r"[^?#]*", rest).group().rfind("@"))
-    if not http:
-        # libpq (postgresql://): the first '@' before the first '/'.
-        ends.append(rest.split("/", 1)[0].find("@"))
-        # SQLAlchemy: a user without ':' or '/', then ':' and a password up to the first '@', past any '/', '?' or '#'.
-        with_password = re.match(r"[^:/]*:[^@]*@", rest)
-        ends.append(with_password.end() - 1 if with_password else -1)
-        ends.append(re.match(r"[^:/]*", rest).group().rfind("@"))  # its user alone
+    ends.append(re.match(r"[^?#]*", rest).group().rfind("@"))  # the last '@' before the query
+    # libpq: the first '@' before the first '/'.
+    ends.append(rest.split("/", 1)[0].find("@"))
+    # SQLAlchemy: a user without ':' or '/', then ':' and a password up to the first '@', past any '/', '?' or '#'.
+    with_password = re.match(r"[^:/]*:[^@]*@", rest)
+    ends.append(with_password.end() - 1 if with_password else -1)
+    ends.append(re.match(r"[^:/]*", rest).group().rfind("@"))  # its user alone
     return max(ends)
 
 

@@ -39,15 +39,15 @@ def test_redact_hides_every_password_form(url, shown):
 
 
 # Every character a password can hold unencoded, in each URL form that carries one. '&' ends a query
-# value for every parser (it is not part of the password there), and '?' and '#' end an http URL's
-# authority for every HTTP client (no client reads a token past them).
+# value for every parser (it is not part of the password there); a token's ':' makes it a user and
+# a password.
 SPECIAL = string.punctuation + " \t\u00e9\u20ac\U0001f600"
 FORMS = [("postgresql://user:{}@db:5432/optuna?sslmode=require", SPECIAL),
          ("postgresql+psycopg://user:{}@db/optuna", SPECIAL),
          ("mysql+pymysql://root:{}@127.0.0.1/o", SPECIAL),
          ("postgresql://user@db/optuna?password={}&sslmode=require", SPECIAL.replace("&", "")),
-         ("http://me:{}@tracking:5000", SPECIAL.translate(str.maketrans("", "", "?#"))),
-         ("https://{}@tracking", SPECIAL.translate(str.maketrans("", "", "?#:")))]
+         ("http://me:{}@tracking:5000", SPECIAL),
+         ("https://{}@tracking", SPECIAL.replace(":", ""))]
 
 
 def _parsed(url: str) -> list[str]:
