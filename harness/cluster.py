@@ -310,7 +310,7 @@ class TrackingServer:
         command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
                    "--backend-store-uri", self.backend_uri, "--artifacts-destination", str(self.artifacts),
                    "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)]
-        with os.fdopen(os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
+        with open_private(self.log, os.O_APPEND) as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, umask=0o077,
                                             start_new_session=True)
         _wait(self._healthy, f"mlflow server on {self.url}", 180, self.log)
@@ -327,6 +327,38 @@ class TrackingServer:
                 self.process.wait()
 
 
+def check_dir(root: Path) -> None:
+    """Refuse a folder for the services' files that another user could write: whoever can write it
+    can put a link or a FIFO where a log goes (files this process opens, as root too)."""
+    try:
+        found = root.lstat()
+    except FileNotFoundError:
+        return  # made here, for this user only
+    import stat
+
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid() or found.st_mode & 0o022:
+        kind = "a folder" if stat.S_ISDIR(found.st_mode) else "not a folder (a link or a file)"
+        raise UsageError(f"--dir {str(root)!r} is {kind} of owner uid {found.st_uid} and mode "
+                         f"{stat.S_IMODE(found.st_mode):o}: it must be a folder of yours that no other user can "
+                         "write, or one that does not exist yet")
+
+
+def open_private(path: Path, flag: int = os.O_TRUNC):
+    """``path`` opened for writing (``flag``: O_TRUNC or O_APPEND) as a regular file of mode 0600, never
+    through a link and never blocking on a FIFO someone put there."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | flag, 0o600)
+    except OSError as exc:  # a link (ELOOP), a FIFO nobody reads (ENXIO)
+        raise UsageError(f"{path} is not a regular file of yours ({exc.strerror}): remove it, or use another "
+                         "--dir") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"{path} is not a regular file: remove it, or use another --dir")
+    return os.fdopen(fd, "ab" if flag == os.O_APPEND else "wb")
+
+
 @contextlib.contextmanager
 def services(root: Path, postgres_url: str | None = None, server_workers: int = SERVER_WORKERS):
     """PostgreSQL (started here unless ``postgres_url`` names a running server) with fresh ``optuna``
@@ -335,7 +367,8 @@ def services(root: Path, postgres_url: str | None = None, server_workers: int = 
     passfile of the cluster started here, or of the password ``postgres_url`` carried (in ``root``),
     and LOGIN_VARS hold the tracking server's login."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    check_dir(root)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
     stack = contextlib.ExitStack()
     with stack:
         if postgres_url is None:

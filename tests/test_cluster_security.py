@@ -309,3 +309,40 @@ def test_a_password_leaves_the_url_for_the_passfile():
         "postgresql://u@h/db?sslmode=require", "x")
     assert cluster.split_password("postgresql://u@h/db") == ("postgresql://u@h/db", None)
     assert cluster.passfile_line("*", "*", "a:b", "c\\d:e") == "*:*:*:a\\:b:c\\\\d\\:e\n"
+
+
+@pytest.mark.parametrize("made_by", ["another user", "anyone (mode 777)", "a link to a folder of another user"])
+def test_a_dir_another_user_can_write_is_refused_before_anything_is_opened(made_by, tmp_path, capsys, monkeypatch):
+    """Whoever can write --dir can put a link (to a file of theirs, or one of ours) or a FIFO where
+    a log goes; harness cluster, as root too, would write through it or hang on it."""
+    planted = tmp_path / "theirs"
+    planted.mkdir()
+    (planted / "worker-0.log").symlink_to(tmp_path / "target")
+    os.mkfifo(planted / "mlflow-server.log")
+    target = planted
+    if made_by == "another user":
+        os.chown(planted, 65534, 65534)  # nobody
+    elif made_by == "anyone (mode 777)":
+        planted.chmod(0o777)
+    else:
+        os.chown(planted, 65534, 65534)
+        target = tmp_path / "link"
+        target.symlink_to(planted)
+    monkeypatch.chdir(tmp_path)
+    assert main(["cluster", "--dir", str(target), "--postgres", "postgresql://h@127.0.0.1:9/postgres"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no other user can write" in err, err
+    assert not (tmp_path / "target").exists()
+
+
+def test_a_link_or_fifo_where_a_log_goes_is_never_opened_through(tmp_path):
+    (tmp_path / "log").symlink_to(tmp_path / "target")
+    os.mkfifo(tmp_path / "fifo")
+    for name in ("log", "fifo"):
+        for flag in (os.O_TRUNC, os.O_APPEND):
+            with pytest.raises(UsageError, match="not a regular file"):
+                cluster.open_private(tmp_path / name, flag)
+    assert not (tmp_path / "target").exists()
+    with cluster.open_private(tmp_path / "fresh") as log:
+        log.write(b"x")
+    assert stat.S_IMODE((tmp_path / "fresh").stat().st_mode) == 0o600

@@ -37,11 +37,12 @@ def run(args) -> int:
     server_workers = config.positive_int("--server-workers", args.server_workers or cluster.SERVER_WORKERS)
     extra = args.search_args[1:] if args.search_args[:1] == ["--"] else args.search_args
     # Refused now, in one line, before --dir exists.
+    root = Path(args.dir).resolve()
+    cluster.check_dir(root)
     if args.postgres:
         cluster.check_server(args.postgres)
     else:
         cluster.postgres_bin()
-    root = Path(args.dir).resolve()
     with cluster.services(root, args.postgres, server_workers) as (storage, tracking_uri):
         # The workers get the storage's password (the passfile it names) and the tracking server's
         # login through the environment services() set, never on their command lines.
@@ -56,7 +57,7 @@ def run(args) -> int:
         logs = [root / f"worker-{i}.log" for i in range(workers)]
         processes = []
         for log in logs:
-            with open(log, "wb") as out:
+            with cluster.open_private(log) as out:
                 processes.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT))
         try:
             codes = [p.wait() for p in processes]
