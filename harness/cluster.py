@@ -217,7 +217,11 @@ def check_server(url: str) -> None:
 
     check_credentials(url, "--postgres")
     shown = f"--postgres {redact(url)}"
-    if urlsplit(url).scheme != "postgresql":
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError as exc:  # an unclosed '[' of an IPv6 host
+        raise UsageError(f"{shown}: {exc}; expected postgresql://USER@HOST[:PORT]/DATABASE") from None
+    if scheme != "postgresql":
         raise UsageError(f"{shown}: not a PostgreSQL URL; expected postgresql://USER@HOST[:PORT]/DATABASE "
                          "(the password in PGPASSFILE, ~/.pgpass or the URL)")
     try:

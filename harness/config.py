@@ -104,7 +104,7 @@ def parse_yaml(text: str, shown: str, json_only: bool = False) -> Any:
 
     try:
         if json_only:
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=_unique_keys)
         loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
@@ -127,6 +127,14 @@ def parse_yaml(text: str, shown: str, json_only: bool = False) -> Any:
         raise UsageError(f"{shown} is not valid YAML/JSON: {first}") from None
 
 
+def _unique_keys(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+    if twice is not None:
+        raise ValueError(f"key {twice!r} is given twice")
+    return dict(pairs)
+
+
 def _expanded_nodes(node, counted: dict[int, int]) -> int:
     """How many values ``node`` becomes once every alias is expanded; each node is counted once (an
     alias is the same node object), so a 300-byte alias bomb is measured without being built."""
@@ -134,6 +142,11 @@ def _expanded_nodes(node, counted: dict[int, int]) -> int:
 
     if id(node) not in counted:
         counted[id(node)] = 0  # an alias of a node inside itself: counted as one
+        if isinstance(node, yaml.MappingNode):  # PyYAML keeps the last of two equal keys, silently
+            keys = [key.value for key, _ in node.value if isinstance(key, yaml.ScalarNode) and key.value != "<<"]
+            twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+            if twice is not None:
+                raise yaml.constructor.ConstructorError(None, None, f"key {twice!r} is given twice", node.start_mark)
         children = ([v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode)
                     else node.value if isinstance(node, yaml.SequenceNode) else [])
         counted[id(node)] = 1 + sum(_expanded_nodes(child, counted) for child in children)

@@ -278,6 +278,7 @@ def test_the_tracking_server_s_login_and_files_are_readable_by_their_owner_only(
     ("mysql://u:hunter22@127.0.0.1/db", "not a PostgreSQL URL"),
     ("postgresql://u:hunter22@127.0.0.1:port/db", "the port must be a number from 1 to 65535, got 'port'"),
     ("postgresql://u:hunter22@127.0.0.1/db?colour=blue", 'invalid URI query parameter: "colour"'),
+    ("postgresql://u:hunter22@[::1/db", "Invalid IPv6 URL; expected postgresql://USER@HOST[:PORT]/DATABASE"),
 ])
 def test_a_malformed_postgres_url_is_refused_in_one_line_before_anything_is_made(tmp_path, capsys, url, allowed):
     assert main(["cluster", "--postgres", url, "--dir", str(tmp_path / "c")]) == 2

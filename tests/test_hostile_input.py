@@ -26,6 +26,15 @@ def test_a_yaml_alias_bomb_is_measured_not_expanded(argv, capsys, tmp_path, monk
     check_refused_in_process(argv, "through its aliases (*name); at most 100000 allowed", capsys, tmp_path, monkeypatch)
 
 
+@pytest.mark.parametrize("name, text", [("c.yaml", "lr: 0.1\nepochs: 5\nlr: 0.2\n"),
+                                        ("c.json", '{"lr": 0.1, "lr": 0.2}'),
+                                        ("s.yaml", "lr: [0.001, 0.1]\nhparams:\n  a: 1\n  a: 2\n")])
+def test_a_key_given_twice_is_refused_not_silently_the_last(name, text, capsys, tmp_path, monkeypatch):
+    config = tmp_path.parent / f"{tmp_path.name}-{name}"
+    config.write_text(text)
+    check_refused_in_process(["train", "--config", str(config)], "is given twice", capsys, tmp_path, monkeypatch)
+
+
 def test_a_small_yaml_with_aliases_is_read(tmp_path):
     from harness.config import parse_yaml
 
