@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from .errors import UsageError, did_you_mean
+from .errors import ExperimentCodeError, UsageError, did_you_mean
 from .loop import MetricsFn
 from .hyperparameter import TYPES, Hyperparameter  # noqa: F401 (experiments import it from here)
 from . import registry
@@ -287,7 +287,16 @@ class Experiment:
     def final_values(self, model: nn.Module) -> dict[str, float]:
         """What a run reads off its trained model: the experiment's scalars and their errors."""
         scalars = self.scalars(model)
-        return {**scalars, **self.errors(scalars)}
+        if not isinstance(scalars, Mapping):
+            raise ExperimentCodeError(f"scalars() must return a dict of names to numbers, got {type(scalars).__name__}")
+        numbers = {}
+        for name, value in scalars.items():
+            try:
+                numbers[name] = float(value)
+            except (TypeError, ValueError, OverflowError, RuntimeError):  # RuntimeError: a tensor of many values
+                raise ExperimentCodeError(f"scalars() gave {name!r} = {repr(value)[:60]}, not a number a float "
+                                          "holds") from None
+        return {**numbers, **self.errors(numbers)}
 
     def errors(self, scalars: Mapping[str, float]) -> dict[str, float]:
         """``<name>_error`` for each scalar whose true value the experiment declares."""

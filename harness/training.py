@@ -123,6 +123,11 @@ def _check_metric_names(experiment: Experiment, curves: list[tuple[str, set[str]
     from .mlflow_sql import refused_name
 
     logged = [f"{split}_{name}" for split, names in curves for name in sorted(names)]
+    taken = set(logged) | set(map(final, logged))
+    clash = next((name for name in finals if name in taken), None)
+    if clash is not None:  # logged twice under one name: the curve's points and the scalar would mix
+        raise UsageError(f"experiment {experiment.name!r} has a scalar named {clash!r}, a name the run logs "
+                         f"itself ({', '.join(sorted(taken))}); rename the scalar")
     for name in [*logged, *map(final, logged), *finals]:
         refused = refused_name(name)
         if refused:

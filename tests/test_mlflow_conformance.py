@@ -322,3 +322,25 @@ def test_an_experiment_logging_a_name_mlflow_refuses_is_refused_before_training(
         monkeypatch.delenv(variable, raising=False)
     check_refused_in_process([command, "--experiment", str(code / "named.py")],
                              f"logs a metric named {name!r}, which MLflow refuses", capsys, folder, monkeypatch)
+
+
+@pytest.mark.parametrize("field, line", [
+    ('scalars=lambda model: {"final_valid_loss": 1.0}', "has a scalar named 'final_valid_loss', a name the run logs"),
+    ('scalars=lambda model: {"train_loss": 1.0}', "has a scalar named 'train_loss', a name the run logs"),
+    ('scalars=lambda model: {"w": 10 ** 400}', "scalars() gave 'w' = 1000"),
+    ('scalars=lambda model: {"w": "high"}', "scalars() gave 'w' = 'high', not a number a float holds"),
+    ('scalars=lambda model: [1.0]', "scalars() must return a dict of names to numbers, got list"),
+])
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_a_scalar_that_would_clash_or_not_store_is_refused_before_training(tmp_path, capsys, monkeypatch, command,
+                                                                            field, line):
+    """A scalar named like a curve the run logs mixed its value into that curve (audit then found the
+    run's points and finals wrong); one no float holds stopped the search as a store failure."""
+    from search_helpers import check_refused_in_process
+
+    code, folder = tmp_path / "code", tmp_path / "run"
+    code.mkdir(), folder.mkdir()
+    (code / "named.py").write_text(NAMED.format(field=field))
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    check_refused_in_process([command, "--experiment", str(code / "named.py")], line, capsys, folder, monkeypatch)
