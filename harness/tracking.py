@@ -249,7 +249,10 @@ def read_client(tracking_uri: str | None = None):
         _probe_database(uri)
         from mlflow import MlflowClient
 
-        client = MlflowClient(read_only_uri(uri) or uri)
+        read_only = read_only_uri(uri)
+        if read_only:
+            _no_folder_for_uri_filenames()
+        client = MlflowClient(read_only or uri)
         client.search_experiments(max_results=1)
     except Exception as exc:
         if uri.startswith(("http://", "https://")) or uri.split(":", 1)[0].split("+")[0] in DB_SCHEMES:
@@ -270,6 +273,25 @@ def read_only_uri(uri: str) -> str | None:
     path = Path(uri[len("sqlite:///"):])
     flags = read_only_flags(path) if path.is_file() else None
     return f"sqlite:///file:{quote(str(path.absolute()))}?{flags}&uri=true" if flags else None
+
+
+def _no_folder_for_uri_filenames() -> None:
+    """MLflow makes the parent folder of an SQLite store's path before it opens it, and takes the
+    ``file:/abs/...`` of a read-only URI for a relative path: it made a folder ``file:`` in the working
+    directory (and failed where that is read-only too). A store opened read-only exists: nothing is
+    to be made. (``_make_parent_dirs_if_sqlite`` is MLflow's private helper; MLflow 3.17.)"""
+    from mlflow.store.db import utils as db_utils
+
+    make = db_utils._make_parent_dirs_if_sqlite
+    if getattr(make, "skips_uri_filenames", False):
+        return
+
+    def guarded(db_uri: str) -> None:
+        if not db_uri.startswith("sqlite:///file:"):
+            make(db_uri)
+
+    guarded.skips_uri_filenames = True
+    db_utils._make_parent_dirs_if_sqlite = guarded
 
 
 def read_only(client) -> bool:

@@ -79,4 +79,13 @@ def test_predict_compare_audit_and_reproduce_read_a_store_nobody_may_write(archi
     assert out.returncode == 0, out.stderr
     assert f"reproduced run {trials[0]} exactly" in out.stdout and "not logged: the MLflow store is read-only" in out.stdout
 
+    # From inside the archive too, with the default relative URI (a read-only working directory):
+    # the figure is refused at once, and goes where --out says.
+    out = as_reader("compare", "--study", "s", cwd=store, env=cli_env())
+    assert out.returncode == 2 and "cannot write in folder '.'" in out.stderr and not out.stdout, out.stderr
+    out = as_reader("compare", "--study", "s", "--out", cwd / "s.png", cwd=store, env=cli_env())
+    assert out.returncode == 0 and all(run in out.stdout for run in trials), out.stderr
+
     assert digest(store) == before and not list(store.glob("mlflow.db-*"))
+    # Reading made nothing where it ran but the figures asked for (MLflow made a folder 'file:' there).
+    assert sorted(p.name for p in cwd.iterdir()) == ["compare-s.png", "s.png"]

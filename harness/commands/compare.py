@@ -124,6 +124,13 @@ def check_output(path: str, flag: str, figure: bool = False) -> None:
         raise UsageError(f"{flag} {path!r} is a directory; name a file")
     if not target.parent.is_dir():
         raise UsageError(f"{flag} {path!r}: folder {str(target.parent)!r} does not exist")
+    import tempfile
+
+    try:  # a read-only folder (an archived store's, say) is said now, not after the search of runs
+        tempfile.TemporaryFile(dir=target.parent).close()
+    except OSError as exc:
+        raise UsageError(f"{flag} {path!r}: cannot write in folder {str(target.parent)!r} ({exc.strerror}); "
+                         f"give {flag} a path in a folder you can write") from None
     if figure:
         from matplotlib.figure import Figure
 
