@@ -198,8 +198,12 @@ def _metrics(experiment: Experiment, pred: torch.Tensor, y: torch.Tensor) -> dic
     if experiment.metrics is None:
         return {}
     values = experiment.metrics(pred, y)
-    if not isinstance(values, dict) or not all(isinstance(k, str) and k.isidentifier() for k in values):
+    if not isinstance(values, dict):
         raise TypeError(f"metrics() must return a dict of names to tensors, got {type(values).__name__}")
+    bad = next((k for k in values if not (isinstance(k, str) and k.isidentifier())), None)
+    if bad is not None:
+        raise TypeError(f"metrics() gave a value named {bad!r}; names must be Python identifiers (letters, "
+                        "digits and _, not starting with a digit)")
     for name, value in values.items():
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise TypeError(f"metrics() must give each value as a one-element tensor; {name!r} is "

@@ -330,11 +330,12 @@ def test_an_experiment_logging_a_name_mlflow_refuses_is_refused_before_training(
     ('scalars=lambda model: {"w": 10 ** 400}', "scalars() gave 'w' = 1000"),
     ('scalars=lambda model: {"w": "high"}', "scalars() gave 'w' = 'high', not a number a float holds"),
     ('scalars=lambda model: [1.0]', "scalars() must return a dict of names to numbers, got list"),
+    ('metrics=lambda p, y: {"w/": (p - y).abs().mean()}', "metrics() gave a value named 'w/'; names must be"),
 ])
 @pytest.mark.parametrize("command", ["train", "search"])
-def test_a_scalar_that_would_clash_or_not_store_is_refused_before_training(tmp_path, capsys, monkeypatch, command,
-                                                                            field, line):
-    """A scalar named like a curve the run logs mixed its value into that curve (audit then found the
+def test_a_scalar_or_metric_that_would_clash_or_not_store_is_refused_before_training(tmp_path, capsys, monkeypatch, command,
+                                                                                      field, line):
+    """A metric's name that is no identifier is named in the refusal. A scalar named like a curve the run logs mixed its value into that curve (audit then found the
     run's points and finals wrong); one no float holds stopped the search as a store failure."""
     from search_helpers import check_refused_in_process
 
