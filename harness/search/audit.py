@@ -248,6 +248,11 @@ def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, re
         logged = expected
     if logged != expected:
         report.violations.append(f"trial {n}: run params {logged} differ from trial params {expected}")
+    lost = [name for name in ("lr", "epochs", PAIR) if name not in trial.params and state != TrialState.FAIL]
+    if lost:  # every trial of a harness search draws these: the study lost them (a cut journal line)
+        report.violations.append(f"trial {n} ({state.name}) has no {', '.join(lost)} in the study, which every "
+                                 f"trial draws; its run says {', '.join(f'{k}={params.get(k)}' for k in lost)}; "
+                                 "--fix cannot restore a trial's params")
     if state == TrialState.COMPLETE:
         _check_complete(n, run, _epochs(trial, run), client, report)
         if objectives:
