@@ -201,6 +201,14 @@ def check_experiment_offline(name: str | None, tracking_uri: str) -> str | None:
     if name and len(name) > MAX_EXPERIMENT_NAME_LENGTH:
         return (f"MLflow experiment name of {len(name)} characters ({name[:40]!r}...); "
                 f"at most {MAX_EXPERIMENT_NAME_LENGTH} allowed")
+    if tracking_uri.startswith("sqlite:///"):
+        # A new store's artifacts go to ./mlruns beside it: MLflow writes a run's figures to that path
+        # with its %xx decoded and the harness's files to it as written, so a run's record is split.
+        folder = Path(tracking_uri[len("sqlite:///"):]).absolute().parent
+        for place in {folder, Path.cwd()}:
+            if "%" in str(place):
+                return (f"folder {str(place)!r} holds a '%': MLflow reads a run's artifact path there two ways "
+                        "(as written and %xx-decoded) and splits its record; use a folder without '%'")
     wanted = os.environ.get("MLFLOW_EXPERIMENT_ID")
     if not name and wanted and wanted != "0" and tracking_uri.startswith("sqlite:///") \
             and not Path(tracking_uri[len("sqlite:///"):]).exists():

@@ -134,3 +134,14 @@ def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(trained, c
     finally:
         closed.close()
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("command", [["train", "--epochs", "2"], ["search", "--n-trials", "1", "--no-progress"]])
+def test_a_store_folder_holding_a_percent_is_refused_before_anything_is_written(command, capsys, tmp_path,
+                                                                               monkeypatch):
+    """MLflow writes a run's figures to its artifact path %xx-decoded and the harness's files to it as
+    written: the record of every run there would be split in two folders."""
+    folder = tmp_path / "p%41ct"
+    folder.mkdir()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    check_refused_in_process(command, "holds a '%'", capsys, folder, monkeypatch)
