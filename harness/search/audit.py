@@ -19,6 +19,7 @@ from ..schema import FAIL_REASON_ATTR, INCOMPLETE_TAG, PAIR_TRIAL_PARAM as PAIR,
 from ..sink import MlflowSink, close_incomplete
 from ..config import per_epoch
 from .objectives import LEGACY, of_study
+from .space import logged_params
 from .tracker import fail_run
 from .optuna_private import trial_id
 from .workers import WORKER_DIED, abandoned, alive, gone, retried_numbers, retry, unfinished
@@ -241,9 +242,9 @@ def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, re
     logged = {name: params.get(name) for name in trial.params}
     if PAIR in trial.params:
         logged[PAIR] = f"{params.get('optimizer')}+{params.get('loss')}"
-    if logged != expected and fix and all(params.get(k) is None for k in _param_values(trial)):
+    if logged != expected and fix and all(params.get(k) is None for k in logged_params(trial.params)):
         # The run was created but its first write (its params) failed: written now from the trial.
-        client.log_batch(run_id, params=tracking.param_list(_param_values(trial)))
+        client.log_batch(run_id, params=tracking.param_list(logged_params(trial.params)))
         report.fixed.append(f"run {run_id} of trial {n}: params missing -> logged from the trial")
         logged = expected
     if logged != expected:
@@ -284,20 +285,12 @@ def _epochs(trial, run) -> int:
     return int(epochs) if str(epochs).isdigit() else 0
 
 
-def _param_values(trial) -> dict[str, str]:
-    """The trial's sampled values as its run logs them (the pair as optimizer and loss)."""
-    params = {k: str(v) for k, v in trial.params.items() if k != PAIR}
-    if PAIR in trial.params:
-        params["optimizer"], params["loss"] = str(trial.params[PAIR]).split("+", 1)
-    return params
-
-
 def _placeholder_run(fix: _Fix, trial):
     """A FAILED run for a trial that failed before its run existed: the trial-run contract holds."""
     tags = {schema.PARENT_TAG: fix.parent_id, schema.TRIAL_NUMBER_TAG: str(trial.number),
             schema.STUDY_TAG: fix.study.study_name, schema.TRIAL_STATE_TAG: "FAIL",
             schema.FAIL_REASON_TAG: trial.user_attrs.get(FAIL_REASON_ATTR) or "failed before its run was created"}
-    run_id = fix.sink.create_run(fix.experiment_id, f"trial-{trial.number}", tags, _param_values(trial))
+    run_id = fix.sink.create_run(fix.experiment_id, f"trial-{trial.number}", tags, logged_params(trial.params))
     fix.sink.close(run_id, "FAILED")
     return fix.client.get_run(run_id)
 

@@ -228,9 +228,7 @@ class Objective:
                     if run.tracker:
                         known = {"lr", "epochs", PAIR_TRIAL_PARAM, *(p.name for p in self.space.params)}
                         params = {k: str(v)[:250] for k, v in queued.items() if k in known}
-                        for name, value in drawn.items():  # as a trained trial's run logs them
-                            params.update(zip(("optimizer", "loss"), value.split("+")) if name == PAIR_TRIAL_PARAM
-                                          else {name: str(value)})
+                        params.update(space_module.logged_params(drawn))  # as a trained trial's run logs them
                         run.tracker.record_refused(trial, params, str(run.error))
         finally:
             tracked = [run for run in runs if run.tracker and run.cfg is not None]

@@ -123,6 +123,14 @@ def sample(trial, space: SearchSpace, base: Mapping[str, Any] | None = None) -> 
     return values
 
 
+def logged_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """A trial's sampled values as its run logs them: the pair as optimizer and loss."""
+    logged = {k: str(v) for k, v in params.items() if k != PAIR_TRIAL_PARAM}
+    if PAIR_TRIAL_PARAM in params:
+        logged["optimizer"], logged["loss"] = str(params[PAIR_TRIAL_PARAM]).split("+", 1)
+    return logged
+
+
 def resolve(experiment: Experiment, file: str | None = None, overrides: Mapping[str, Any] | None = None,
             n_train: int | None = None) -> SearchSpace:
     """Defaults < the experiment's space < a YAML/JSON file < command-line values; then validated.
