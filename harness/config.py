@@ -17,8 +17,8 @@ from . import registry
 from .experiment import CONFIG_KEYS, HARNESS_NAMES, Experiment, Hyperparameter, load
 
 MAX_CONFIG_BYTES = 1 << 20
-# What a config, a space or a --tune range may expand to through YAML aliases: a config file of
-# MAX_CONFIG_BYTES holds far fewer values, so only an alias bomb meets it.
+# What a config, a space or a --tune range may expand to through YAML aliases (what is written is
+# bounded by MAX_CONFIG_BYTES already): a 300-byte alias bomb expands to 10^8 values.
 MAX_YAML_NODES = 100_000
 INT_LIMIT = 2 ** 63 - 1  # what torch and numpy take as an integer
 MAX_EPOCHS = 10_000_000  # per-epoch buffers are allocated up front
@@ -110,26 +110,33 @@ def parse_yaml(text: str, shown: str, json_only: bool = False) -> Any:
             node = loader.get_single_node()
             if node is None:
                 return None
-            nodes = _expanded_nodes(node, {})
-            if nodes > MAX_YAML_NODES:
+            counted: dict[int, int] = {}
+            nodes = _expanded_nodes(node, counted)
+            if nodes > MAX_YAML_NODES and nodes > len(counted):  # grown by aliases, not by what is written
                 raise UsageError(f"{shown} expands to {nodes} values through its aliases (*name); "
                                  f"at most {MAX_YAML_NODES} allowed")
             return loader.construct_document(node)
         finally:
             loader.dispose()
-    except (yaml.YAMLError, RecursionError) as exc:
+    except UsageError:
+        raise
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:  # ValueError: JSONDecodeError, too long an int
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UsageError(f"{shown} is not valid YAML/JSON: {first}") from None
-    except ValueError as exc:  # JSONDecodeError; an integer too long to convert
-        if isinstance(exc, UsageError):
-            raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UsageError(f"{shown} is not valid YAML/JSON: {first}") from None
+
+
+def _given_twice(keys: list):
+    """The first key of ``keys`` that an earlier one repeats, or None: YAML and JSON keep the last."""
+    seen = set()
+    for key in keys:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
 
 
 def _unique_keys(pairs: list) -> dict:
-    keys = [key for key, _ in pairs]
-    twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+    twice = _given_twice([key for key, _ in pairs])
     if twice is not None:
         raise ValueError(f"key {twice!r} is given twice")
     return dict(pairs)
@@ -143,8 +150,8 @@ def _expanded_nodes(node, counted: dict[int, int]) -> int:
     if id(node) not in counted:
         counted[id(node)] = 0  # an alias of a node inside itself: counted as one
         if isinstance(node, yaml.MappingNode):  # PyYAML keeps the last of two equal keys, silently
-            keys = [key.value for key, _ in node.value if isinstance(key, yaml.ScalarNode) and key.value != "<<"]
-            twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+            twice = _given_twice([key.value for key, _ in node.value
+                                  if isinstance(key, yaml.ScalarNode) and key.value != "<<"])
             if twice is not None:
                 raise yaml.constructor.ConstructorError(None, None, f"key {twice!r} is given twice", node.start_mark)
         children = ([v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode)

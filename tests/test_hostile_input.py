@@ -39,6 +39,9 @@ def test_a_small_yaml_with_aliases_is_read(tmp_path):
     from harness.config import parse_yaml
 
     assert parse_yaml("base: &b [0.001, 0.1]\nlr: *b\n", "space") == {"base": [0.001, 0.1], "lr": [0.001, 0.1]}
+    # The bound is on what aliases add: a file of more values than that, all written out, is read.
+    big = "\n".join(f"k{i}: 1" for i in range(51_000))
+    assert len(parse_yaml(big, "config")) == 51_000
 
 
 NOT_UTF8 = "d\udcff"  # how Python hands over a file name holding the byte 0xff
