@@ -1,6 +1,6 @@
 """Every name the harness writes to MLflow or Optuna, or reads back from them: defined here, once.
 
-The README's "Tracking schema" table lists the same names; tests/test_schema.py holds the two
+The table of docs/schema.md lists the same names; tests/test_schema.py holds the two
 together. Names with a ``{...}`` part are templates, filled by the helper functions at the end.
 """
 from __future__ import annotations
@@ -132,7 +132,7 @@ def tag_filter(tag: str) -> str:
 
 
 def names() -> dict[str, set[str]]:
-    """Every name above by kind, for the README check."""
+    """Every name above by kind, for the check of docs/schema.md."""
     kinds = {"TAG": "tags", "TRIAL_PARAM": "trial params", "PARAM": "params", "ATTR": "attrs", "JSON": "artifacts"}
     out: dict[str, set[str]] = {kind: set() for kind in ("tags", "params", "metrics", "artifacts", "attrs",
                                                          "trial params")}

@@ -9,11 +9,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_blocks(heading: str) -> tuple[str, list[str]]:
+def readme_blocks(heading: str, doc: str = "README.md") -> tuple[str, list[str]]:
     """The first python block and the command lines of the first bash block after ``heading`` in the
-    README (what a reader copies)."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index(heading):]
+    README or in ``doc``, a file of docs/ (what a reader copies)."""
+    text = (ROOT / doc).read_text()
+    section = text[text.index(heading):]
     code = section[section.index("```python\n") + len("```python\n"):]
     code = code[:code.index("```")]
     commands = section[section.index("```bash\n") + len("```bash\n"):]

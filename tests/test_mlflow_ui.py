@@ -68,7 +68,7 @@ def test_the_parent_run_tells_the_story_and_pruned_trials_say_so(workdir, tmp_pa
         assert "rank\ttrial\tvalid_loss" in text  # rendered as a Markdown table, not as raw pipes
         browser.screenshot(shots / "parent_run.png")
 
-        # The runs table, filtered as the README's UI guide says, and the study expanded.
+        # The runs table, filtered as the UI guide (docs/ui.md) says, and the study expanded.
         where = urllib.parse.quote("tags.optuna.trial_state = 'PRUNED'")
         browser.open(f"{url}/#/experiments/0/runs?searchFilter={where}")
         browser.wait_for_text(f"{len(pruned) + 1} matching runs", timeout=60)

@@ -1,5 +1,5 @@
-"""Bring your own experiment: the README's example as printed, files and modules of your own,
-the digits experiment, and bad experiment files; checked by opening both stores."""
+"""Bring your own experiment: the examples of the README and docs/experiments.md as printed, files
+and modules of your own, the digits experiment, and bad experiment files; checked by opening both stores."""
 import hashlib
 import shlex
 import textwrap
@@ -79,7 +79,7 @@ def test_readme_example_runs_as_printed_end_to_end(workdir):
 
 
 def test_readme_own_step_example_runs_as_printed(workdir):
-    code, (train, search, reproduce) = readme_blocks("**Your own step.**")
+    code, (train, search, reproduce) = readme_blocks("**Your own step.**", doc="docs/experiments.md")
     (workdir / "two_inputs.py").write_text(code)
     out = harness(train, cwd=workdir)
     assert out.returncode == 0, out.stderr
@@ -91,7 +91,7 @@ def test_readme_own_step_example_runs_as_printed(workdir):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"state_dict.pt", "config.json", "loss_curves.png"} <= artifacts and "predictions.png" not in artifacts
 
-    out = harness(search, "--n-trials", "3", "--no-progress", cwd=workdir)  # the README's 6, cut to 3
+    out = harness(search, "--n-trials", "3", "--no-progress", cwd=workdir)  # the docs' 6, cut to 3
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert "Selected on valid_accuracy (maximized, on validation data)" in out.stdout
     study = journal_study(workdir, "two_inputs-search")

@@ -21,8 +21,8 @@ REFERENCE = load("linear_regression")
 
 @pytest.fixture
 def two_inputs(tmp_path):
-    """The README's own-step example (two inputs as a dict, mixup, an auxiliary loss), as printed."""
-    code, _ = readme_blocks("**Your own step.**")
+    """docs/experiments.md's own-step example (two inputs as a dict, mixup, an auxiliary loss), as printed."""
+    code, _ = readme_blocks("**Your own step.**", doc="docs/experiments.md")
     (tmp_path / "two_inputs.py").write_text(code)
     return load(str(tmp_path / "two_inputs.py"))
 

@@ -1,4 +1,4 @@
-"""The README's tracking-schema table lists exactly the names harness/schema.py defines."""
+"""The tracking-schema table of docs/schema.md lists exactly the names harness/schema.py defines."""
 import re
 
 from conftest import ROOT
@@ -9,22 +9,20 @@ KINDS = {"param": "params", "metric": "metrics", "artifact": "artifacts", "tag":
          "trial param": "trial params"}
 
 
-def readme_table() -> dict[str, set[str]]:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Tracking schema"):]
-    section = section[:section.index("\n## ", 1)]
+def documented_table() -> dict[str, set[str]]:
+    text = (ROOT / "docs" / "schema.md").read_text()
     found: dict[str, set[str]] = {kind: set() for kind in KINDS.values()}
-    for kind, name in re.findall(r"^\| ([a-z ]+) \| `([^`]+)` \|", section, flags=re.M):
-        assert kind in KINDS, f"README schema row of unknown kind {kind!r}"
+    for kind, name in re.findall(r"^\| ([a-z ]+) \| `([^`]+)` \|", text, flags=re.M):
+        assert kind in KINDS, f"docs/schema.md row of unknown kind {kind!r}"
         found[KINDS[kind]].add(name)
     return found
 
 
-def test_the_readme_lists_every_name_of_the_schema_and_no_other():
-    documented, defined = readme_table(), schema.names()
+def test_the_docs_list_every_name_of_the_schema_and_no_other():
+    documented, defined = documented_table(), schema.names()
     assert sum(map(len, documented.values())) > 40
     for kind in KINDS.values():
-        assert documented[kind] == defined[kind], (kind, "README only:", documented[kind] - defined[kind],
+        assert documented[kind] == defined[kind], (kind, "docs only:", documented[kind] - defined[kind],
                                                    "schema only:", defined[kind] - documented[kind])
 
 

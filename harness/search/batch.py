@@ -20,9 +20,9 @@ from .storages import StudyFull
 from .workers import INTERRUPTED, retry
 
 # A stack holds every member's model, optimizer state and activations at once, and its K trials
-# are all asked (RUNNING) before any trains: the stacks measured are 32 and 64 members (README,
-# Stacked trials); 256 leaves room above them and refuses a K mistyped by a few zeros before
-# a single trial is created.
+# are all asked (RUNNING) before any trains: the stacks measured are 32 and 64 members
+# (docs/searching.md, Stacked trials); 256 leaves room above them and refuses a K mistyped by a few
+# zeros before a single trial is created.
 MAX_BATCH = 256
 
 
