@@ -287,11 +287,12 @@ def _no_folder_for_uri_filenames() -> None:
     """MLflow makes the parent folder of an SQLite store's path before it opens it, and takes the
     ``file:/abs/...`` of a read-only URI for a relative path: it made a folder ``file:`` in the working
     directory (and failed where that is read-only too). A store opened read-only exists: nothing is
-    to be made. (``_make_parent_dirs_if_sqlite`` is MLflow's private helper; MLflow 3.17.)"""
+    to be made. (``_make_parent_dirs_if_sqlite`` is MLflow's private helper in 3.17; where an MLflow
+    has none, there is nothing to guard.)"""
     from mlflow.store.db import utils as db_utils
 
-    make = db_utils._make_parent_dirs_if_sqlite
-    if getattr(make, "skips_uri_filenames", False):
+    make = getattr(db_utils, "_make_parent_dirs_if_sqlite", None)
+    if make is None or getattr(make, "skips_uri_filenames", False):
         return
 
     def guarded(db_uri: str) -> None:
