@@ -16,7 +16,7 @@ from types import SimpleNamespace
 from urllib.parse import quote
 
 from . import compat
-from .urls import local_folder
+from .urls import local_folder, sqlite_path
 
 # MLflow's own check: an id it refuses goes through MLflow, so that its message stays the same.
 RUN_ID = re.compile(r"^[a-zA-Z0-9][\w\-]{0,255}$")
@@ -43,9 +43,10 @@ class LocalStore:
         """A reader for ``run_id``, or None where an MlflowClient must read it: not an existing
         SQLite file, an MLflow version or schema revision not tested, an id MLflow refuses, or a
         run whose artifacts are not in a local folder."""
-        if not tracking_uri.startswith("sqlite:///") or not RUN_ID.match(run_id) or not compat.mlflow_tested():
+        store = sqlite_path(tracking_uri)
+        if store is None or not RUN_ID.match(run_id) or not compat.mlflow_tested():
             return None
-        path = Path(tracking_uri[len("sqlite:///"):])
+        path = Path(store)
         if not path.is_file():
             return None  # read_client says so, and creates nothing
         try:
