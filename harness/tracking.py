@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import store_template
 from .errors import first_line
 from .schema import (CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, STATE_DICT, TORCH_THREADS_PARAM,
                      TORCH_VERSION_PARAM)
@@ -346,9 +347,13 @@ def open_client(tracking_uri: str | None = None):
     path = sqlite_path(uri)
     _probe_database(uri)
     with file_lock(path + LOCK_SUFFIX if path else None):
+        new = path is not None and store_template.usable(path)
+        copied = new and store_template.start_from_template(path)
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)
         use_wal(uri)
+        if new and not copied:
+            store_template.keep_as_template(path)
     return client
 
 
