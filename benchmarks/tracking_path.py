@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import config, mlflow_sql, schema, tracking, training  # noqa: E402
+from harness import compat, config, schema, tracking, training  # noqa: E402
 from harness.experiment import load  # noqa: E402
 from harness.sink import MlflowSink  # noqa: E402
 
@@ -205,7 +205,7 @@ def main() -> None:
     cfgs = configs(args.trials, experiment, data)
     import mlflow
 
-    print(f"MLflow {mlflow.__version__} (one-transaction path {'on' if mlflow.__version__.startswith(mlflow_sql.TESTED) else 'OFF'}), "
+    print(f"MLflow {mlflow.__version__} (one-transaction path {'on' if compat.mlflow_tested() else 'OFF'}), "
           f"{os.cpu_count()} CPUs")
     cpu_by_kind(cfgs, experiment, data)
     modes = ("untracked", "inline", "thread executor", "mlflow async", "writer process")

@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from .errors import HarnessError, UsageError
+from .errors import HarnessError, UsageError, first_line
 
 COMMANDS = ("train", "search", "compare", "predict", "reproduce", "audit", "cluster")
 
@@ -72,7 +72,7 @@ def _store_error(exc: BaseException) -> str | None:
     from .urls import scrub
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    first = first_line(exc)
     return f"{type(exc).__name__}: {scrub(first, uri) if uri else first}"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import devices
-from .errors import UsageError, did_you_mean
+from .errors import UsageError, did_you_mean, first_line
 from . import registry
 from .experiment import CONFIG_KEYS, HARNESS_NAMES, Experiment, Hyperparameter, load
 
@@ -121,7 +121,7 @@ def parse_yaml(text: str, shown: str, json_only: bool = False) -> Any:
     except UsageError:
         raise
     except (yaml.YAMLError, RecursionError, ValueError) as exc:  # ValueError: JSONDecodeError, too long an int
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc, 200)
         raise UsageError(f"{shown} is not valid YAML/JSON: {first}") from None
 
 
@@ -347,7 +347,7 @@ def _torch_accepts(cfg: TrainConfig, experiment: Experiment) -> None:
         if cfg.loss not in experiment.own_losses:
             registry.build_loss(cfg.loss, cfg.settings)
     except (ValueError, TypeError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc, 200)
         raise UsageError(f"{cfg.optimizer}+{cfg.loss}, scheduler {cfg.scheduler} refuses these settings: {first}") from None
 
 

@@ -1,4 +1,19 @@
-"""Errors the CLI turns into one line on stderr, without a traceback."""
+"""Errors the CLI turns into one line on stderr, without a traceback, and the one way to shorten an
+exception into such a line."""
+
+
+def first_line(exc: BaseException | None, limit: int = 300) -> str:
+    """The first line of ``exc``'s message, at most ``limit`` characters; its type's name where the
+    message is empty (a bare ``KeyError()``)."""
+    text = str(exc).strip() if exc is not None else ""
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
+def described(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line``, for an exception raised by code the user wrote, where the type is half
+    of what went wrong (``ZeroDivisionError: division by zero``)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:limit]}" if text else type(exc).__name__
 
 
 def closest(value, allowed, cutoff: float = 0.6) -> str | None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from .errors import ExperimentCodeError, UsageError, did_you_mean
+from .errors import ExperimentCodeError, UsageError, described, did_you_mean
 from .loop import MetricsFn
 from .hyperparameter import TYPES, Hyperparameter  # noqa: F401 (experiments import it from here)
 from . import registry
@@ -223,7 +223,7 @@ class Experiment:
         try:
             data = self.make_data()
         except Exception as exc:
-            raise UsageError(f"experiment {self.name!r}: make_data() failed: {first_line(exc)}") from None
+            raise UsageError(f"experiment {self.name!r}: make_data() failed: {described(exc)}") from None
         if not isinstance(data, (Data, Datasets)):
             raise UsageError(f"experiment {self.name!r}: make_data() returned a {type(data).__name__}, "
                              "not harness.experiment.Data or Datasets")
@@ -231,7 +231,7 @@ class Experiment:
             sizes = data.n_train, len(data.test) if isinstance(data, Datasets) else len(data.X_test)
             n_valid = (len(data.valid) if isinstance(data, Datasets) else len(data.X_valid)) if data.has_valid else None
         except Exception as exc:
-            raise UsageError(f"experiment {self.name!r}: its data has no length: {first_line(exc)}") from None
+            raise UsageError(f"experiment {self.name!r}: its data has no length: {described(exc)}") from None
         if min(sizes) < 1 or n_valid == 0:
             valid = "" if n_valid is None else f", {n_valid} validation"
             raise UsageError(f"experiment {self.name!r}: make_data() gave {sizes[0]} training{valid} and {sizes[1]} "
@@ -344,13 +344,13 @@ def load(reference: str) -> Experiment:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and not module_name.startswith(exc.name):
-            raise UsageError(f"experiment module {module_name!r} failed to import: {first_line(exc)}") from None
+            raise UsageError(f"experiment module {module_name!r} failed to import: {described(exc)}") from None
         raise UsageError(f"unknown experiment {reference!r}; allowed: {', '.join(names())} "
                          f"(or a module path or a .py file defining EXPERIMENT){did_you_mean(reference, names())}") from None
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # SystemExit too: the user's module does not end the harness
-        raise UsageError(f"experiment module {module_name!r} raised on import: {first_line(exc)}") from None
+        raise UsageError(f"experiment module {module_name!r} raised on import: {described(exc)}") from None
     return _found(module, module_name, reference, "")
 
 
@@ -358,7 +358,7 @@ def _load_file(reference: str) -> Experiment:
     try:
         path = Path(reference).expanduser().resolve()
     except (OSError, RuntimeError) as exc:  # a symlink loop
-        raise UsageError(f"experiment file {reference!r} cannot be resolved: {first_line(exc)}") from None
+        raise UsageError(f"experiment file {reference!r} cannot be resolved: {described(exc)}") from None
     if not path.exists():
         raise UsageError(f"experiment file {reference!r} does not exist")
     if not path.is_file():
@@ -389,7 +389,7 @@ def _load_file(reference: str) -> Experiment:
             del sys.modules[module_name]
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            raise UsageError(f"experiment file {reference!r} raised on import: {first_line(exc)}") from None
+            raise UsageError(f"experiment file {reference!r} raised on import: {described(exc)}") from None
     return _found(module, str(path), str(path), digest)
 
 
@@ -416,8 +416,4 @@ def file_sha256(reference: str) -> str | None:
     except OSError:
         return None
 
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 

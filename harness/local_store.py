@@ -15,12 +15,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import quote
 
-from .mlflow_sql import TESTED
-from .urls import local_folder
+from . import compat
+from .urls import local_folder, sqlite_path
 
-# The schema revision MLflow 3.17 migrates a new store to: the tables read here are that revision's
-# (tests/test_mlflow_conformance.py checks it is still MLflow's head).
-SCHEMA_REVISION = "dc11669786a5"
 # MLflow's own check: an id it refuses goes through MLflow, so that its message stays the same.
 RUN_ID = re.compile(r"^[a-zA-Z0-9][\w\-]{0,255}$")
 
@@ -46,9 +43,10 @@ class LocalStore:
         """A reader for ``run_id``, or None where an MlflowClient must read it: not an existing
         SQLite file, an MLflow version or schema revision not tested, an id MLflow refuses, or a
         run whose artifacts are not in a local folder."""
-        if not tracking_uri.startswith("sqlite:///") or not RUN_ID.match(run_id) or not _tested_mlflow():
+        store = sqlite_path(tracking_uri)
+        if store is None or not RUN_ID.match(run_id) or not compat.mlflow_tested():
             return None
-        path = Path(tracking_uri[len("sqlite:///"):])
+        path = Path(store)
         if not path.is_file():
             return None  # read_client says so, and creates nothing
         try:
@@ -61,7 +59,8 @@ class LocalStore:
             reader = cls(tracking_uri, db)
             revision = db.execute("SELECT version_num FROM alembic_version").fetchall()
             row = reader._row(run_id)
-            if revision == [(SCHEMA_REVISION,)] and (row is None or _local_folder(row[2]) is not None):
+            tested = len(revision) == 1 and compat.schema_tested(revision[0][0])
+            if tested and (row is None or _local_folder(row[2]) is not None):
                 return reader
         except sqlite3.Error:  # damaged, locked, not MLflow's: MLflow's own message says which
             pass
@@ -94,15 +93,6 @@ class LocalStore:
         if not stat.S_ISREG(target.stat().st_mode):
             raise StoreError(f"artifact {path!r} of run {run_id} is not a regular file")
         return str(target)
-
-
-def _tested_mlflow() -> bool:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mlflow").startswith(TESTED)
-    except PackageNotFoundError:
-        return False
 
 
 def _local_folder(uri: str) -> Path | None:

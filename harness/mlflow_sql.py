@@ -5,9 +5,10 @@ against the latest one: ~0.1 ms of CPU a value, as much as training a reference 
 225-epoch record. The same rows inserted with one ``executemany`` cost ~10x less. This module does
 that for the store MLflow's own client opened (its engine and table models), and only:
 
-- on an SQLite store and the MLflow versions in ``TESTED`` (tests/test_mlflow_conformance.py reads back every value
-  through the public API, histories, latest metrics, ``search_runs`` and the UI's REST endpoints,
-  beside the same record written by ``log_batch``; on another version it fails and this path is off);
+- on an SQLite store, the MLflow releases and the schema revision in ``harness.compat``
+  (tests/test_mlflow_conformance.py reads back every value through the public API, histories, latest
+  metrics, ``search_runs`` and the UI's REST endpoints, beside the same record written by
+  ``log_batch``); on any other this path is off and MLflow's client writes;
 - on a run that is active and has none of the record's metrics, params or tags yet, with names
   MLflow's own validators accept and values it stores without a change. Anything else returns False
   and the caller takes the public path, which validates and explains.
@@ -26,11 +27,11 @@ import time
 from contextlib import contextmanager
 from functools import lru_cache
 
+from . import compat
 from .schema import RUN_NAME_TAG
 
 _RUN_ID = re.compile(r"^[a-zA-Z0-9][\w\-]{0,255}$")  # mlflow.utils.validation's run id rule
 
-TESTED = ("3.17.",)  # MLflow versions whose tables and semantics the conformance test checked
 # Run names: a plain subset of what MLflow takes (anything else is created by MLflow's create_run).
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_\-. /]{1,250}$")
 _MAX_DOUBLE = 1.7976931348623157e308  # what MLflow stores for +-inf
@@ -43,21 +44,32 @@ LOCKED_FOR = 300.0  # seconds a transaction is tried again while another process
 BUSY_TIMEOUT_MS = 20_000  # what MLflow's own sessions wait for SQLite's lock
 
 
+def _revision(engine) -> str | None:
+    """The store's alembic revision (None where it has none to read)."""
+    from sqlalchemy import text
+
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT version_num FROM alembic_version")).fetchall()
+    except Exception:  # not a store MLflow migrated: the public path says what is wrong
+        return None
+    return rows[0][0] if len(rows) == 1 else None
+
+
 class DirectWriter:
     def __init__(self, store):
         self.store = store
 
     @classmethod
     def for_client(cls, client) -> "DirectWriter | None":
-        import mlflow
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-        if not mlflow.__version__.startswith(TESTED):
-            return None
         store = getattr(getattr(client, "_tracking_client", None), "store", None)
         # SQLite only: the conformance test runs there. PostgreSQL named directly as the tracking
         # store takes the public path until a test compares it too.
         if not isinstance(store, SqlAlchemyStore) or store.engine.dialect.name != "sqlite":
+            return None
+        if not compat.mlflow_tested() or not compat.schema_tested(_revision(store.engine)):
             return None
         return cls(store)
 
@@ -275,8 +287,11 @@ def refused_name(name) -> str | None:
     """MLflow's reason for refusing ``name`` as a metric, param or tag name, or None: its own
     validators (characters, names that resolve to another path, length)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, _validate_length_limit, _validate_metric_name
 
+    try:
+        from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, _validate_length_limit, _validate_metric_name
+    except ImportError:  # an MLflow without them: its log_batch refuses such a name when the run is written
+        return None
     if not isinstance(name, str):
         return f"{name!r} is not a string"
     try:

@@ -11,8 +11,8 @@ from . import config, training
 from .config import MAX_CONFIG_BYTES
 
 MAX_STATE_DICT_BYTES = 1 << 31  # a run's artifact is untrusted input: its size is bounded
-from .errors import HarnessError, UsageError
-from .experiment import first_line, is_builtin, load
+from .errors import HarnessError, UsageError, described, first_line
+from .experiment import is_builtin, load
 from .schema import CONFIG, EXPERIMENT_SHA_PARAM, STATE_DICT
 from .urls import redact
 
@@ -34,7 +34,7 @@ def get_run(client, run_id: str):
     except errors as exc:
         if not missing(exc):  # the store failed (a corrupted page, say), not the lookup
             raise HarnessError(f"cannot read run {run_id} from the MLflow store {redact(client.tracking_uri)}: "
-                               f"{first_line(exc)}") from None
+                               f"{described(exc)}") from None
         raise UsageError(f"run {run_id!r} does not exist in the MLflow store {redact(client.tracking_uri)}") from None
 
 
@@ -84,14 +84,14 @@ def load_state_dict(client, run_id: str) -> dict:
         except ArtifactRefused as exc:
             raise HarnessError(f"refused {STATE_DICT} of run {run_id}: {exc}") from None
         except Exception as exc:  # MLflow raises several kinds for an absent artifact
-            raise HarnessError(f"run {run_id} has no readable {STATE_DICT} ({first_line(exc)})") from None
+            raise HarnessError(f"run {run_id} has no readable {STATE_DICT} ({described(exc)})") from None
         refused = _not_a_plain_archive(path)
         if refused:
             raise HarnessError(f"refused {STATE_DICT} of run {run_id}: {refused}")
         try:
             state = torch.load(path, weights_only=True, map_location="cpu")
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise HarnessError(f"refused {STATE_DICT} of run {run_id}: not a plain tensor file "
                                f"(torch.load weights_only=True: {first})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -154,7 +154,7 @@ def _not_a_plain_archive(path: Path) -> str | None:
         with zipfile.ZipFile(path) as archive:
             declared = sum(entry.file_size for entry in archive.infolist())
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        return f"not a zip archive of torch.save ({first_line(exc)})"
+        return f"not a zip archive of torch.save ({described(exc)})"
     if declared > MAX_STATE_DICT_BYTES:
         return f"its entries declare {declared} bytes, at most {MAX_STATE_DICT_BYTES} allowed"
     return None
@@ -213,7 +213,7 @@ def predict(run_id: str, values: list[float], client=None, experiment: str | Non
             return inputs, model(inputs)
         except Exception as exc:  # the experiment's model code
             raise HarnessError(f"the model of run {run_id} failed on inputs of shape {list(inputs.shape)}: "
-                               f"{first_line(exc)}") from None
+                               f"{described(exc)}") from None
 
 
 def curves(client, run_id: str, keys) -> dict[str, list[float]]:

@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import store_template
+from .errors import first_line
 from .schema import (CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, STATE_DICT, TORCH_THREADS_PARAM,
                      TORCH_VERSION_PARAM)
-from .urls import engine_url, redact, scrub
+from .urls import engine_url, is_http, redact, scrub, sqlite_path
 
 
 @dataclass
@@ -201,17 +203,17 @@ def check_experiment_offline(name: str | None, tracking_uri: str) -> str | None:
     if name and len(name) > MAX_EXPERIMENT_NAME_LENGTH:
         return (f"MLflow experiment name of {len(name)} characters ({name[:40]!r}...); "
                 f"at most {MAX_EXPERIMENT_NAME_LENGTH} allowed")
-    if tracking_uri.startswith("sqlite:///"):
+    store = sqlite_path(tracking_uri)
+    if store is not None:
         # A new store's artifacts go to ./mlruns beside it: MLflow writes a run's figures to that path
         # with its %xx decoded and the harness's files to it as written, so a run's record is split.
-        folder = Path(tracking_uri[len("sqlite:///"):]).absolute().parent
+        folder = Path(store).absolute().parent
         for place in {folder, Path.cwd()}:
             if "%" in str(place):
                 return (f"folder {str(place)!r} holds a '%': MLflow reads a run's artifact path there two ways "
                         "(as written and %xx-decoded) and splits its record; use a folder without '%'")
     wanted = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if not name and wanted and wanted != "0" and tracking_uri.startswith("sqlite:///") \
-            and not Path(tracking_uri[len("sqlite:///"):]).exists():
+    if not name and wanted and wanted != "0" and store is not None and not Path(store).exists():
         return f"MLFLOW_EXPERIMENT_ID={wanted!r}: no such experiment in {redact(tracking_uri)} (it does not exist yet)"
     return None
 
@@ -232,7 +234,7 @@ def unreachable(what: str, url: str, seconds: float, exc: BaseException):
     """The one-line error (exit 2: the URL is the user's input) for a store that did not answer."""
     from .errors import UsageError
 
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    first = first_line(exc)
     return UsageError(f"cannot reach {what} {redact(url)} (gave up after {seconds:.0f}s): "
                         f"{scrub(first, url)}")
 
@@ -247,9 +249,8 @@ def read_client(tracking_uri: str | None = None):
     from .errors import HarnessError, UsageError
 
     uri = tracking_uri or default_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        if not path.is_file():
+    if sqlite_path(uri) is not None:
+        if not Path(sqlite_path(uri)).is_file():
             raise UsageError(f"no MLflow store at {redact(uri)}: nothing to read there "
                              "(run a search or train first, or set MLFLOW_TRACKING_URI)")
     started = time.time()
@@ -263,22 +264,22 @@ def read_client(tracking_uri: str | None = None):
         client = MlflowClient(read_only or uri)
         client.search_experiments(max_results=1)
     except Exception as exc:
-        if uri.startswith(("http://", "https://")) or uri.split(":", 1)[0].split("+")[0] in DB_SCHEMES:
+        if is_http(uri) or uri.split(":", 1)[0].split("+")[0] in DB_SCHEMES:
             raise unreachable("the MLflow tracking store", uri, time.time() - started, exc) from None
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc)
         raise HarnessError(f"cannot read the MLflow store {redact(uri)}: {scrub(first, uri)}") from None
     return client
 
 
 def read_only_uri(uri: str) -> str | None:
     """``uri`` as SQLAlchemy opens a store that ``read_only_flags`` says to open read-only, else None."""
-    if not uri.startswith("sqlite:///"):
+    if sqlite_path(uri) is None:
         return None
     from urllib.parse import quote
 
     from .local_store import read_only_flags
 
-    path = Path(uri[len("sqlite:///"):])
+    path = Path(sqlite_path(uri))
     flags = read_only_flags(path) if path.is_file() else None
     return f"sqlite:///file:{quote(str(path.absolute()))}?{flags}&uri=true" if flags else None
 
@@ -287,11 +288,12 @@ def _no_folder_for_uri_filenames() -> None:
     """MLflow makes the parent folder of an SQLite store's path before it opens it, and takes the
     ``file:/abs/...`` of a read-only URI for a relative path: it made a folder ``file:`` in the working
     directory (and failed where that is read-only too). A store opened read-only exists: nothing is
-    to be made. (``_make_parent_dirs_if_sqlite`` is MLflow's private helper; MLflow 3.17.)"""
+    to be made. (``_make_parent_dirs_if_sqlite`` is MLflow's private helper in 3.17; where an MLflow
+    has none, there is nothing to guard.)"""
     from mlflow.store.db import utils as db_utils
 
-    make = db_utils._make_parent_dirs_if_sqlite
-    if getattr(make, "skips_uri_filenames", False):
+    make = getattr(db_utils, "_make_parent_dirs_if_sqlite", None)
+    if make is None or getattr(make, "skips_uri_filenames", False):
         return
 
     def guarded(db_uri: str) -> None:
@@ -342,12 +344,16 @@ def open_client(tracking_uri: str | None = None):
     from .filelock import LOCK_SUFFIX, file_lock
 
     uri = tracking_uri or mlflow.get_tracking_uri()
-    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+    path = sqlite_path(uri)
     _probe_database(uri)
     with file_lock(path + LOCK_SUFFIX if path else None):
+        new = path is not None and store_template.usable(path)
+        copied = new and store_template.start_from_template(path)
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)
         use_wal(uri)
+        if new and not copied:
+            store_template.keep_as_template(path)
     return client
 
 
@@ -358,18 +364,19 @@ def use_wal(tracking_uri: str) -> None:
     writer process then disturbs the training process far less, and workers sharing the store wait
     less on each other.
     """
-    if not tracking_uri.startswith("sqlite:///"):
+    path = sqlite_path(tracking_uri)
+    if path is None:
         return
     import sqlite3
 
-    with sqlite3.connect(tracking_uri[len("sqlite:///"):], timeout=30) as connection:
+    with sqlite3.connect(path, timeout=30) as connection:
         connection.execute("PRAGMA journal_mode=WAL")
     connection.close()
 
 
 def ui_hint(client, experiment: str, run_id: str) -> str:
     uri = redact(client.tracking_uri)
-    if uri.startswith(("http://", "https://")):
+    if is_http(uri):
         return f"open {uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
     return (f"mlflow ui --backend-store-uri {uri}   then open "
             f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}")

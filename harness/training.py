@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from .config import TrainConfig, per_epoch
-from .errors import ExperimentCodeError, UsageError
-from .experiment import Data, Datasets, Experiment, first_line
+from .errors import ExperimentCodeError, UsageError, described
+from .experiment import Data, Datasets, Experiment
 from . import registry
 from .loop import (Batches, EarlyStopping, History, Observer, Recipe, StepFn, StopTraining, evaluate,
                    evaluate_batches, fit, map_tensors, train_epoch, train_step)
@@ -66,7 +66,7 @@ def build_model(cfg: TrainConfig, experiment: Experiment) -> nn.Module:
             model = experiment.make_model(**experiment.model_arguments(cfg.hparams))
         except Exception as exc:
             raise UsageError(f"experiment {experiment.name!r} cannot build its model with {_hparams(cfg)}: "
-                             f"{first_line(exc)}") from None
+                             f"{described(exc)}") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"experiment {experiment.name!r}: make_model returned a {type(model).__name__}, "
                          "not a torch nn.Module")
@@ -183,7 +183,7 @@ def preflight(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets) -
         raise
     except Exception as exc:
         raise UsageError(f"experiment {experiment.name!r} cannot train with {cfg.optimizer}+{cfg.loss}, "
-                         f"{_hparams(cfg)}: {first_line(exc)}") from None
+                         f"{_hparams(cfg)}: {described(exc)}") from None
     finally:
         torch.random.set_rng_state(state)
 
@@ -302,7 +302,7 @@ def experiment_code_error(exc: BaseException, epoch: int) -> ExperimentCodeError
     if isinstance(exc, StopTraining) or not isinstance(exc, Exception) \
             or type(exc).__module__.startswith(("harness.", "optuna", "mlflow")):
         return None
-    return ExperimentCodeError(f"the experiment's code raised at epoch {epoch}: {first_line(exc)}")
+    return ExperimentCodeError(f"the experiment's code raised at epoch {epoch}: {described(exc)}")
 
 
 def model_device(model: nn.Module) -> torch.device:

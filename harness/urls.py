@@ -54,7 +54,7 @@ def secrets(url: str) -> list[str]:
     found = []
     if ":" in credentials:
         found.append(credentials.split(":", 1)[1])
-    elif credentials and _token_scheme(url):
+    elif credentials and is_http(url):
         found.append(credentials)
     for part in query.lstrip("?").split("&"):
         key, _, value = part.partition("=")
@@ -79,8 +79,18 @@ def _pieces(secret: str) -> list[str]:
     return pieces
 
 
-def _token_scheme(url: str) -> bool:
+def is_http(url: str) -> bool:
+    """Whether ``url`` is a server's http(s) address (a tracking server), in any letter case."""
     return url.lower().startswith(("http://", "https://"))
+
+
+SQLITE = "sqlite:///"
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file of an SQLite URL (``sqlite:///PATH``: relative; ``sqlite:////abs``: absolute), as
+    SQLAlchemy and MLflow open it; None for any other URL."""
+    return url[len(SQLITE):] if url.startswith(SQLITE) else None
 
 
 def redact(url: str) -> str:
@@ -88,7 +98,7 @@ def redact(url: str) -> str:
     scheme, credentials, rest, query = _split(url)
     if credentials:
         user = credentials.split(":", 1)[0]
-        if ":" not in credentials and _token_scheme(url):
+        if ":" not in credentials and is_http(url):
             user = HIDDEN  # https://TOKEN@host: the user name is the secret
         rest = f"{user}@{rest}" if user else rest
     if query:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from harness import local_store, runs
+from harness import compat, runs
 from harness.commands.predict import _fmt
 from harness.errors import HarnessError, UsageError
 from harness.local_store import LocalStore
@@ -174,7 +174,7 @@ def test_a_link_to_a_regular_file_in_the_run_s_folder_is_read_and_one_out_of_it_
 def test_another_schema_revision_or_mlflow_version_goes_through_mlflow_client(store, monkeypatch):
     path, run_id, uri = store
     expected = runs.predict(run_id, VALUES, client=fast_read_client(run_id, uri))[1]
-    monkeypatch.setattr(local_store, "TESTED", ("0.0.",))
+    monkeypatch.setattr(compat, "MLFLOW_TESTED", ("0.0.0",))
     client = fast_read_client(run_id, uri)
     assert isinstance(client, MlflowClient)
     assert torch.equal(runs.predict(run_id, VALUES, client=client)[1], expected)

@@ -220,7 +220,16 @@ def test_a_torn_journal_is_repaired_on_open_and_every_complete_trial_survives(tm
 
 # ---- 4. an in-process tracked search --------------------------------------------------------------
 
-def test_an_in_process_search_records_every_trial_in_mlflow(mlflow_uri, workdir):
+@pytest.mark.parametrize("path", ["direct", "public"])
+def test_an_in_process_search_records_every_trial_in_mlflow(mlflow_uri, workdir, path, monkeypatch, capsys):
+    """``public``: an MLflow release the direct SQL path was not checked on (harness.compat) writes
+    the same records through MLflow's client, and says so once."""
+    from harness import compat
+
+    monkeypatch.setattr(compat, "_said", set())
+    if path == "public":
+        monkeypatch.setattr(compat, "MLFLOW_TESTED", ("0.0.0",))
+    assert (MlflowSink(MlflowClient(mlflow_uri)).direct) == (path == "direct")
     experiment = load("linear_regression")
     space = space_module.resolve(experiment, overrides={"epochs": [5, 20]})
     journal = workdir / "j.log"
@@ -270,6 +279,11 @@ def test_an_in_process_search_records_every_trial_in_mlflow(mlflow_uri, workdir)
     other = space_module.resolve(experiment, overrides={"epochs": [5, 30]})
     with pytest.raises(UsageError, match="search space"):
         existing_study("fast-search", open_storage(f"journal:{journal}"), **{**options, "space": other})
+    notices = [line for line in capsys.readouterr().err.splitlines() if "direct SQLite paths" in line]
+    assert notices == ([] if path == "direct" else [
+        f"harness: MLflow {compat.installed('mlflow')} is not a release the harness's direct SQLite paths were "
+        f"checked on ({compat.MLFLOW_TESTED[0]}): runs are written and read through MLflow's public API instead "
+        "(the same records, slower for large studies)"])
 
 
 # ---- 5. the audit on hand-built stores ------------------------------------------------------------

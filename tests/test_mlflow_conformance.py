@@ -2,9 +2,9 @@
 
 Both write the same record into two runs of one store; everything MLflow's public API reads back
 must be equal: run data (latest metrics, params, tags), status, metric histories, search_runs
-filters and ordering, and the UI's REST endpoints. On an MLflow version outside mlflow_sql.TESTED
-the direct path is off and the first test fails, saying so: re-run this file on the new version,
-then widen TESTED and the pin in pyproject.toml.
+filters and ordering, and the UI's REST endpoints. On an MLflow release outside compat.MLFLOW_TESTED
+the direct path is off and the first test fails, saying so: re-run this file on the new release,
+then add it to MLFLOW_TESTED and constraints.txt.
 """
 import json
 import math
@@ -16,7 +16,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from harness import mlflow_sql, tracking
+from harness import compat, mlflow_sql, tracking
 from harness.sink import MlflowSink
 from harness.tracking import RunRecord
 
@@ -64,8 +64,8 @@ def store(request, tmp_path, monkeypatch):
 def test_the_direct_path_is_on_for_this_mlflow():
     client = MlflowClient("sqlite:///:memory:")
     assert mlflow_sql.DirectWriter.for_client(client) is not None, (
-        f"MLflow {mlflow.__version__} is not in mlflow_sql.TESTED {mlflow_sql.TESTED}: the harness writes "
-        "through MLflow's slower public path. Run this file on it, then widen TESTED and the pin.")
+        f"MLflow {mlflow.__version__} is not in compat.MLFLOW_TESTED {compat.MLFLOW_TESTED}: the harness writes "
+        "through MLflow's slower public path. Run this file on it, then add it there and to constraints.txt.")
 
 
 def _same_run(client, public: str, direct: str) -> None:
@@ -156,12 +156,10 @@ def test_the_fast_reader_knows_the_schema_revision_of_a_new_store(migrated_db):
     import sqlite3
     from contextlib import closing
 
-    from harness import local_store
-
     with closing(sqlite3.connect(migrated_db)) as db:  # made by MlflowClient on a new file
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(local_store.SCHEMA_REVISION,)], (
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(compat.MLFLOW_SCHEMA_REVISION,)], (
             f"MLflow {mlflow.__version__} migrates a new store to another revision: check that local_store "
-            "still reads its runs table right, then update SCHEMA_REVISION")
+            "and mlflow_sql still use its tables right, then update MLFLOW_SCHEMA_REVISION")
 
 
 def test_a_rename_in_the_record_renames_the_run_as_mlflow_does(store):

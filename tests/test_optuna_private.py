@@ -14,10 +14,29 @@ from harness.search import optuna_private, study as study_module
 from harness.search.storages import StudyFull
 
 
-def test_the_installed_optuna_is_inside_the_tested_pin():
+def test_the_installed_optuna_is_a_tested_release_inside_the_pin():
+    from harness import compat
+
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     [pin] = [d for d in deps if re.match(r"optuna\b", d)]
     assert optuna.__version__ in SpecifierSet(pin.removeprefix("optuna")), (optuna.__version__, pin)
+    assert optuna.__version__ in compat.OPTUNA_TESTED, (
+        f"Optuna {optuna.__version__} is not in compat.OPTUNA_TESTED: if this file passes on it, add it there")
+
+
+def test_an_optuna_without_the_creation_hook_refuses_the_cap_instead_of_ignoring_it(tmp_path, monkeypatch):
+    from harness.errors import UsageError
+
+    monkeypatch.setattr(optuna_private, "has_hook", lambda cls, name: name != optuna_private.CREATE_TRIAL_HOOK)
+    with pytest.raises(UsageError, match=r"^--max-trials 2 on a database storage needs Optuna's "
+                                         r"RDBStorage\._create_new_trial, which Optuna .* does not have"):
+        study_module.open_storage(f"sqlite:///{tmp_path / 'o.db'}", max_trials=2)
+    assert study_module.open_storage(f"sqlite:///{tmp_path / 'o.db'}").max_trials is None  # no cap: nothing needed
+    journal = study_module.open_storage(f"journal:{tmp_path / 'j.log'}", max_trials=2)  # the journal's is public
+    study = optuna.create_study(storage=journal)
+    study.ask(), study.ask()
+    with pytest.raises(StudyFull):
+        study.ask()
 
 
 def test_the_trial_cap_sits_where_optunas_cache_creates_trials(tmp_path):

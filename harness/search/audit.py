@@ -13,7 +13,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
-from ..errors import HarnessError
+from ..errors import HarnessError, first_line
 from .. import schema, tracking
 from ..schema import FAIL_REASON_ATTR, INCOMPLETE_TAG, PAIR_TRIAL_PARAM as PAIR, PARENT_ATTR, RUN_ATTR, WORKER_ATTR
 from ..sink import MlflowSink, close_incomplete
@@ -125,7 +125,7 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
     except MlflowException as exc:
         if not missing(exc):
             raise HarnessError(f"cannot read the MLflow store {redact(client.tracking_uri)}: "
-                               f"{str(exc).strip().splitlines()[0][:300]}") from None
+                               f"{first_line(exc)}") from None
         report.violations.append(f"parent run {parent_id} does not exist in {redact(client.tracking_uri)}")
         return report
     sink = MlflowSink(client)

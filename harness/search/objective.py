@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import optuna
 
 from .. import batched, config, signals, training
-from ..errors import ExperimentCodeError, UsageError
-from ..experiment import Experiment, first_line, load
+from ..errors import ExperimentCodeError, UsageError, described
+from ..experiment import Experiment, load
 from ..loop import History, StopTraining
 from . import objectives as objectives_module
 from . import space as space_module
@@ -50,7 +50,7 @@ def _queued_misfit(trial, exc: ValueError) -> tuple[ExperimentCodeError, dict, d
     frozen = _frozen(study, trial) if study is not None else None
     if frozen is None or not frozen.system_attrs.get("fixed_params"):
         raise exc
-    return (ExperimentCodeError(f"trial {trial.number}'s queued params do not fit this search: {first_line(exc)}"),
+    return (ExperimentCodeError(f"trial {trial.number}'s queued params do not fit this search: {described(exc)}"),
             frozen.system_attrs["fixed_params"], frozen.params)
 
 

@@ -1,5 +1,6 @@
 """Every use of Optuna's private API, in one place. tests/test_optuna_private.py fails loudly when one
-of them changes; pyproject.toml pins Optuna to the versions it passed on.
+of them changes; constraints.txt pins Optuna to a release it passed on (pyproject.toml admits any
+Optuna 5: a hook this Optuna lacks is not installed, and what needs it says so, see storages.py).
 
 Why each is needed (Optuna has no public way to do these):
 - ``RDBStorage._create_new_trial``: what Optuna's cache wrapper calls to create a trial; the cap on
@@ -18,6 +19,12 @@ from __future__ import annotations
 
 CREATE_TRIAL_HOOK = "_create_new_trial"
 STALE_TRIALS_HOOK = "_get_stale_trial_ids"
+
+
+def has_hook(cls, name: str) -> bool:
+    """Whether Optuna's ``cls`` has the private method ``name`` that the harness replaces (it is
+    replaced only then: see storages.py)."""
+    return callable(getattr(cls, name, None))
 
 
 def trial_model():

@@ -19,6 +19,7 @@ from pathlib import Path
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import TrialState
 
+from ..errors import UsageError
 from ..filelock import LOCK_SUFFIX, file_lock
 from ..urls import redact
 from ..schema import WORKER_ATTR
@@ -87,8 +88,25 @@ def _get_stale_trial_ids(self, study_id: int) -> list[int]:
     return [i for i in stale if alive(self.get_trial_user_attrs(i).get(WORKER_ATTR)) is not True]
 
 
-setattr(CappedRDBStorage, optuna_private.CREATE_TRIAL_HOOK, _create_new_trial)
-setattr(CappedRDBStorage, optuna_private.STALE_TRIALS_HOOK, _get_stale_trial_ids)
+# Only where this Optuna has them: a method of that name that Optuna no longer calls would leave
+# the cap silently not holding. Without the creation hook, --max-trials on an RDB storage is refused.
+for _name, _method in ((optuna_private.CREATE_TRIAL_HOOK, _create_new_trial),
+                       (optuna_private.STALE_TRIALS_HOOK, _get_stale_trial_ids)):
+    if optuna_private.has_hook(RDBStorage, _name):
+        setattr(CappedRDBStorage, _name, _method)
+
+
+def _set_max_trials(self, value: int | None) -> None:
+    if value is not None and not optuna_private.has_hook(RDBStorage, optuna_private.CREATE_TRIAL_HOOK):
+        import optuna
+
+        raise UsageError(f"--max-trials {value} on a database storage needs Optuna's "
+                         f"RDBStorage.{optuna_private.CREATE_TRIAL_HOOK}, which Optuna {optuna.__version__} does "
+                         "not have: use a journal storage (journal:PATH), or an Optuna release in constraints.txt")
+    self._max_trials = value
+
+
+CappedRDBStorage.max_trials = property(lambda self: getattr(self, "_max_trials", None), _set_max_trials)
 
 
 class CappedJournalStorage(_Capped, JournalStorage):

@@ -217,10 +217,11 @@ def _cell(value) -> str:
 
 def write(client, run_id: str, summary: dict[str, Any], best_finals: dict | None, trials_csv: bytes,
           trials: list, directions, note: str | None = None, objectives: tuple[str, ...] = DEFAULT,
-          front_csv: bytes | None = None) -> None:
+          front_csv: bytes | None = None, importance: bool = True) -> None:
     """Everything the parent run gets at the end of an invocation; then it is FINISHED.
     ``best_finals``: the best trial's final metrics, when this invocation ran it (else read off its run).
-    ``front_csv``: a study with two objectives: its Pareto front (``front_csv``)."""
+    ``front_csv``: a study with two objectives: its Pareto front (``front_csv``).
+    ``importance``: the params' importances too (see ``_plots``)."""
     from mlflow.exceptions import MlflowException
 
     metrics = {k: summary[k] for k in (schema.BEST_VALUE, schema.BEST_TRIAL_NUMBER, schema.N_TRIALS)
@@ -248,15 +249,19 @@ def write(client, run_id: str, summary: dict[str, Any], best_finals: dict | None
     client.log_dict(run_id, summary, schema.BEST_PARAMS_JSON)
     if front_csv is not None:
         client.log_text(run_id, front_csv.decode(), schema.PARETO_FRONT_CSV)
-    for name, figure in _plots(trials, directions, objectives).items():
+    for name, figure in _plots(trials, directions, objectives, importance).items():
         client.log_figure(run_id, figure, name)
     client.set_terminated(run_id, "FINISHED")
 
 
-def _plots(trials: list, directions, objectives: tuple[str, ...] = DEFAULT) -> dict:
-    """Optuna's optimization history, parallel coordinates and (from 5 distinct completed trials)
-    parameter importances, as matplotlib figures; with two objectives, those of the first, and the
-    Pareto front."""
+def _plots(trials: list, directions, objectives: tuple[str, ...] = DEFAULT, importance: bool = True) -> dict:
+    """Optuna's optimization history, parallel coordinates and (with ``importance``, from 5 distinct
+    completed trials) parameter importances, as matplotlib figures; with two objectives, those of the
+    first, and the Pareto front.
+
+    Importances are the one figure that costs more than the rest together: Optuna's importance
+    package imports scikit-learn (for fANOVA) even for PED-ANOVA, ~1.8 s of a search's fixed cost
+    (benchmarks/search_overhead.py), so a search computes them only when asked."""
     import functools
     import warnings
 
@@ -287,7 +292,7 @@ def _plots(trials: list, directions, objectives: tuple[str, ...] = DEFAULT) -> d
     first = {"target": lambda t: t.values[0], "target_name": objectives[0]} if many else {}
     plots = {schema.OPTIMIZATION_HISTORY: functools.partial(ovm.plot_optimization_history, **first),
              schema.PARALLEL_COORDINATE: functools.partial(ovm.plot_parallel_coordinate, **first)}
-    if len(completed) >= 5 and len({tuple(sorted(t.params.items())) for t in completed}) > 1:
+    if importance and len(completed) >= 5 and len({tuple(sorted(t.params.items())) for t in completed}) > 1:
         # PED-ANOVA: Optuna's own evaluator, ~40x faster than fANOVA on a 200-trial study.
         from optuna.importance import PedAnovaImportanceEvaluator
 

@@ -1,0 +1,114 @@
+"""A new MLflow SQLite store in a tenth of a second instead of ~2 s: a copy of an empty store that
+this machine's MLflow made before.
+
+MLflow builds a new store by running every one of its schema migrations, ~2 s here: a third of a
+short search's fixed cost (benchmarks/search_overhead.py). Where they end is the same for every
+store of one MLflow release, so the first store made for a user is kept as a template in their
+cache folder (``$XDG_CACHE_HOME/harness``, else ``~/.cache/harness``), without its Default
+experiment (MLflow makes that one on opening a store that lacks it, with the artifact location it
+gives any new store), and
+later new stores start as a copy of it: the same tables, indexes and rows MLflow's migrations give.
+
+Only on the MLflow release and schema revision of ``harness.compat`` (tests/test_store_template.py
+compares a copy with a store MLflow made, table for table). A template that is not a regular file
+of this user, is larger than ``MAX_BYTES``, is not a store at that revision or holds any experiment
+is not used: MLflow makes the store, and a good template is saved from it.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+import stat
+import tempfile
+from contextlib import closing, suppress
+from pathlib import Path
+from urllib.parse import quote
+
+from . import compat
+
+MAX_BYTES = 16 * 2 ** 20  # an empty store of MLflow 3.17 is ~1 MB
+
+
+def path() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "harness" / f"mlflow-{compat.installed('mlflow')}-{compat.MLFLOW_SCHEMA_REVISION}.db"
+
+
+def usable(store: str) -> bool:
+    """Whether the store file ``store`` (an ``sqlite:///`` path) is one a template may start or
+    become: a plain file path in an existing folder, not there yet, on a tested MLflow."""
+    return (store not in ("", ":memory:") and not store.startswith("file:") and not Path(store).exists()
+            and Path(store).absolute().parent.is_dir() and compat.mlflow_tested())
+
+
+def start_from_template(store: str) -> bool:
+    """Put a copy of the template at ``store`` (which must not exist: ``usable``). False, with
+    nothing written, where there is no good template."""
+    template = path()
+    try:
+        info = template.lstat()
+    except OSError:
+        return False
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size > MAX_BYTES:
+        return False
+    if not _empty_at_tested_revision(template):
+        return False
+    target = Path(store).absolute()
+    scratch = target.parent / f".{target.name}.{secrets.token_hex(8)}"
+    try:
+        # The mode SQLite gives a database it creates (0644, less the umask), as MLflow's would have.
+        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except OSError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as out, open(template, "rb") as source:
+            while chunk := source.read(2 ** 20):
+                out.write(chunk)
+        os.link(scratch, target)  # never over a store another process made meanwhile
+    except OSError:
+        return False
+    finally:
+        with suppress(OSError):
+            os.unlink(scratch)
+    return True
+
+
+def keep_as_template(store: str) -> None:
+    """Save the store MLflow just made at ``store`` (nothing logged to it yet) as the template,
+    without its Default experiment. Best effort: a cache folder that cannot be written changes nothing."""
+    template = path()
+    try:
+        template.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, scratch = tempfile.mkstemp(prefix=".template.", dir=template.parent)
+        os.close(fd)
+    except OSError:
+        return
+    try:
+        # SQLite's backup: a consistent copy of a store in WAL mode, whatever its -wal file holds.
+        with closing(sqlite3.connect(f"file:{quote(str(Path(store).absolute()))}?mode=ro", uri=True)) as source, \
+                closing(sqlite3.connect(scratch)) as copy:
+            source.backup(copy)
+            copy.execute("DELETE FROM experiment_tags")
+            copy.execute("DELETE FROM experiments")
+            copy.commit()
+            copy.execute("PRAGMA journal_mode=DELETE")  # one file, no -wal beside it; a new store is put in WAL again
+            copy.execute("VACUUM")
+        if _empty_at_tested_revision(Path(scratch)):
+            os.replace(scratch, template)
+    except (OSError, sqlite3.Error):
+        pass
+    finally:
+        with suppress(OSError):
+            os.unlink(scratch)
+
+
+def _empty_at_tested_revision(file: Path) -> bool:
+    try:
+        with closing(sqlite3.connect(f"file:{quote(str(file.absolute()))}?mode=ro", uri=True)) as db:
+            revision = db.execute("SELECT version_num FROM alembic_version").fetchall()
+            experiments = db.execute("SELECT count(*) FROM experiments").fetchone()[0]
+            runs = db.execute("SELECT count(*) FROM runs").fetchone()[0]
+    except sqlite3.Error:
+        return False
+    return len(revision) == 1 and compat.schema_tested(revision[0][0]) and experiments == runs == 0

@@ -1,0 +1,153 @@
+"""A new MLflow store made from the template (harness/store_template.py) is the store MLflow makes,
+and a template that is anything but a good one is never used."""
+import os
+import sqlite3
+from contextlib import closing
+
+import pytest
+from mlflow import MlflowClient
+
+from harness import compat, store_template, tracking
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "harness"
+
+
+def dump(path) -> dict:
+    """Every table's rows and the whole schema, with what differs by place and time made equal."""
+    with closing(sqlite3.connect(path)) as db:
+        out = {"schema": sorted(db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))}
+        for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
+            out[table] = sorted(map(tuple, db.execute(f"SELECT * FROM {table}")), key=repr)
+        out["experiments"] = [(i, name, os.path.relpath(location), stage, workspace)  # MLflow's: ./mlruns
+                              for i, name, location, stage, _, _, workspace in out["experiments"]]
+        out["journal_mode"] = db.execute("PRAGMA journal_mode").fetchone()
+    return out
+
+
+def test_a_store_made_from_the_template_is_the_store_mlflow_makes(tmp_path, cache, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    made = []
+    real = store_template.start_from_template
+    monkeypatch.setattr(store_template, "start_from_template", lambda store: made.append(real(store)) or made[-1])
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    tracking.open_client(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")  # MLflow's migrations; the template saved
+    assert made == [False] and len(list(cache.iterdir())) == 1
+    client = tracking.open_client(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
+    assert made == [False, True]
+    assert dump(tmp_path / "a" / "mlflow.db") == dump(tmp_path / "b" / "mlflow.db")
+    assert (tmp_path / "a" / "mlflow.db").stat().st_mode == (tmp_path / "b" / "mlflow.db").stat().st_mode
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(p.name for p in (tmp_path / "a").iterdir())
+    # and it takes runs as any store does, their artifacts beside it
+    run = client.create_run("0").info
+    client.log_metric(run.run_id, "loss", 0.5)
+    assert client.get_run(run.run_id).data.metrics == {"loss": 0.5}
+    assert run.artifact_uri.startswith(str(tmp_path / "mlruns"))
+    assert dump(cache / os.listdir(cache)[0])["runs"] == []  # the template itself stays empty
+
+
+def good_template(tmp_path, cache):
+    tracking.open_client(f"sqlite:///{tmp_path / 'first.db'}")
+    [template] = cache.iterdir()
+    return template
+
+
+def bad_templates(template, tmp_path):
+    """The template replaced by each thing that is not a good one (and a note of what it is)."""
+    good = template.read_bytes()
+
+    def other_revision():
+        template.write_bytes(good)
+        with closing(sqlite3.connect(template)) as db:
+            db.execute("UPDATE alembic_version SET version_num = 'ffffffffffff'")
+            db.commit()
+
+    def holds_an_experiment():
+        template.write_bytes(good)
+        with closing(sqlite3.connect(template)) as db:
+            db.execute("INSERT INTO experiments (experiment_id, name, artifact_location, lifecycle_stage, workspace) "
+                       "VALUES (7, 'planted', '/somewhere/else', 'active', 'default')")
+            db.commit()
+
+    def too_large():
+        template.write_bytes(good)
+        with open(template, "r+b") as handle:
+            handle.truncate(store_template.MAX_BYTES + 1)  # sparse: costs nothing to make
+
+    def garbage():
+        template.write_bytes(b"not a database" * 100)
+
+    def link():
+        other = tmp_path / "elsewhere.db"
+        other.write_bytes(good)
+        template.symlink_to(other)
+
+    def fifo():
+        os.mkfifo(template)
+
+    def folder():
+        template.mkdir()
+
+    def other_owner():
+        template.write_bytes(good)
+        os.chown(template, 65534, 65534)
+
+    cases = [other_revision, holds_an_experiment, too_large, garbage, link, fifo, folder]
+    if os.getuid() == 0:  # only root can give a file away
+        cases.append(other_owner)
+    for case in cases:
+        if template.is_dir() and not template.is_symlink():
+            template.rmdir()
+        elif template.exists() or template.is_symlink():
+            template.unlink()
+        case()
+        yield case.__name__
+
+
+def test_a_template_that_is_not_a_good_one_is_never_used(tmp_path, cache, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    template = good_template(tmp_path, cache)
+    for n, case in enumerate(bad_templates(template, tmp_path)):
+        store = tmp_path / f"store-{n}.db"
+        assert store_template.start_from_template(str(store)) is False, case
+        assert not store.exists() and [p.name for p in tmp_path.glob(".store-*")] == [], case
+    # With one in place (here: a FIFO, that nothing may open), MLflow makes the store and a good
+    # template is saved over the bad one.
+    template.rmdir() if template.is_dir() and not template.is_symlink() else template.unlink()
+    os.mkfifo(template)
+    client = tracking.open_client(f"sqlite:///{tmp_path / 'store.db'}")
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert dump(tmp_path / "store.db")["experiments"][0][2] == os.path.join("mlruns", "0")
+    assert template.is_file() and store_template._empty_at_tested_revision(template)
+
+
+def test_no_template_is_used_or_kept_on_an_mlflow_release_the_harness_was_not_checked_on(tmp_path, cache,
+                                                                                          monkeypatch):
+    good_template(tmp_path, cache)
+    monkeypatch.setattr(compat, "MLFLOW_TESTED", ("0.0.0",))
+    monkeypatch.setattr(compat, "_said", {"mlflow"})
+    assert not store_template.usable(str(tmp_path / "new.db"))
+    for template in cache.iterdir():
+        template.unlink()
+    tracking.open_client(f"sqlite:///{tmp_path / 'new.db'}")
+    assert list(cache.iterdir()) == []
+
+
+def test_a_cache_folder_that_cannot_be_written_changes_nothing(tmp_path, monkeypatch):
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    client = tracking.open_client(f"sqlite:///{tmp_path / 'new.db'}")
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+
+
+def test_a_store_that_exists_or_is_not_a_plain_file_is_never_touched(tmp_path, cache):
+    good_template(tmp_path, cache)
+    (tmp_path / "there.db").write_bytes(b"")
+    for store in ("there.db", ":memory:", "file:x.db?mode=ro", "no-such-folder/x.db"):
+        assert not store_template.usable(store if store.startswith((":", "file:")) else str(tmp_path / store)), store
+    assert (tmp_path / "there.db").read_bytes() == b""
+    assert store_template.usable(str(tmp_path / "fresh.db"))  # where a store may start from the template
