@@ -311,23 +311,28 @@ class _StackedParams:
         self.groups = groups
 
 
-_AGREES: dict[tuple, bool] = {}  # (optimizer, shapes, weight decay, momentum, device) -> stacked_optim.agrees
+# (optimizer, shapes, weight decay, momentum, device, lr) -> stacked_optim.agrees: every learning
+# rate a stack steps with is checked, once, since the last bits of an update depend on it.
+_AGREES: dict[tuple, bool] = {}
 
 
 def _stepper(members: list[_Member]):
     """Stacked updates where they give each member exactly its own optimizer's step on this
-    machine (checked once per kind of update), else each member's torch optimizer."""
+    machine (checked once per kind of update and learning rate), else each member's torch optimizer."""
     shapes = [p.shape for p in members[0].params]
     for start, end in _slices(members):
         cfg = members[start].cfg
         if cfg.optimizer not in stacked_optim.KINDS:
             return _EachOptimizer(members)
-        key = (cfg.optimizer, tuple(shapes), cfg.weight_decay, cfg.momentum, cfg.device)
-        if key not in _AGREES:
-            lrs = [m.cfg.lr for m in members[start:end][:8]] + [1e-4, 0.1]
-            _AGREES[key] = stacked_optim.agrees(cfg.optimizer, shapes, lrs, cfg.weight_decay, cfg.momentum,
-                                                cfg.device)
-        if not _AGREES[key]:
+        kind = (cfg.optimizer, tuple(shapes), cfg.weight_decay, cfg.momentum, cfg.device)
+        lrs = sorted({m.cfg.lr for m in members[start:end]})
+        unknown = [lr for lr in lrs if (*kind, lr) not in _AGREES]
+        if unknown:
+            together = stacked_optim.agrees(cfg.optimizer, shapes, unknown, cfg.weight_decay, cfg.momentum, cfg.device)
+            for lr in unknown:  # one that disagrees: found alone, so the others stay usable
+                _AGREES[(*kind, lr)] = together or stacked_optim.agrees(cfg.optimizer, shapes, [lr],
+                                                                        cfg.weight_decay, cfg.momentum, cfg.device)
+        if not all(_AGREES[(*kind, lr)] for lr in lrs):
             return _EachOptimizer(members)
     return _StackedParams(members)
 

@@ -4,7 +4,7 @@ alone gives: curves, final state_dict, stop reasons (fast tier: small data, in-p
 import pytest
 import torch
 
-from harness import batched, config, training
+from harness import batched, config, stacked_optim, training
 from harness.experiment import load
 from harness.loop import History, StopTraining
 
@@ -187,3 +187,30 @@ def test_where_stacked_updates_are_not_known_exact_each_member_s_optimizer_steps
     for a, b, cfg in zip(fast, slow, cfgs):
         same(a, b)
         same(a, alone(cfg, experiment, data))
+
+
+def test_every_learning_rate_a_stack_steps_with_is_checked_and_one_that_disagrees_unstacks_it(monkeypatch):
+    """The check that stacked updates are exact is cached by what it checked: a later stack with
+    other learning rates is checked for them, and a rate found to disagree keeps any stack that
+    holds it on each member's own optimizer."""
+    experiment = load("linear_regression")
+    data = experiment.load_data()
+    asked = []
+    real = stacked_optim.agrees
+    monkeypatch.setattr(batched, "_AGREES", {})
+    monkeypatch.setattr(stacked_optim, "agrees", lambda kind, shapes, lrs, *rest: asked.append(list(lrs))
+                        or (real(kind, shapes, lrs, *rest) and 0.03 not in lrs))
+
+    def stepper(lrs):
+        cfgs = [cfg_of(experiment, data, optimizer="adam", loss="l1", lr=lr, epochs=5) for lr in lrs]
+        members = []
+        for c in cfgs:
+            model = training.build_model(c, experiment)
+            members.append(batched._Member(c, model, torch.optim.Adam(model.parameters(), lr=c.lr), [], History()))
+        return type(batched._stepper(members))
+
+    assert stepper([0.01, 0.02]) is batched._StackedParams and asked == [[0.01, 0.02]]
+    assert stepper([0.02, 0.01]) is batched._StackedParams and asked == [[0.01, 0.02]]  # known: not checked again
+    assert stepper([0.01, 0.03]) is batched._EachOptimizer and asked[1:] == [[0.03], [0.03]]
+    assert stepper([0.01, 0.02, 0.04]) is batched._StackedParams and asked[3:] == [[0.04]]
+    assert stepper([0.03, 0.04]) is batched._EachOptimizer and len(asked) == 4
