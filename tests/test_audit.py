@@ -97,7 +97,7 @@ def test_a_deleted_run_of_a_trial_is_reported_and_restored(searched):
 
 def test_an_interrupted_retry_of_a_retry_is_queued_once(mlflow_uri, workdir):
     """Optuna's retry of a retry keeps the first trial's number: the trials between are retried too."""
-    from harness.commands.search import _recover_stale_trials
+    from harness.search.session import recover_stale_trials as _recover_stale_trials
 
     url = f"journal:{workdir / 'j.log'}"
     study, storage = optuna.create_study(study_name=STUDY, storage=open_storage(url)), None

@@ -20,7 +20,7 @@ from ..sink import MlflowSink, close_incomplete
 from ..config import per_epoch
 from .objectives import LEGACY, of_study
 from .space import logged_params
-from .tracker import fail_run
+from .recorder import fail_run
 from .optuna_private import trial_id
 from .workers import WORKER_DIED, abandoned, alive, gone, retried_numbers, retry, unfinished
 from ..tracking import missing

@@ -16,14 +16,9 @@ from optuna.trial import TrialState
 from .. import signals
 from . import optuna_private
 from ..schema import FAIL_REASON_ATTR
+from .limits import MAX_BATCH
 from .storages import StudyFull
 from .workers import INTERRUPTED, retry
-
-# A stack holds every member's model, optimizer state and activations at once, and its K trials
-# are all asked (RUNNING) before any trains: the stacks measured are 32 and 64 members (README,
-# Stacked trials); 256 leaves room above them and refuses a K mistyped by a few zeros before
-# a single trial is created.
-MAX_BATCH = 256
 
 
 def optimize(study, objective, n_trials: int, batch: int, timeout: float | None = None) -> None:
