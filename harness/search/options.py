@@ -89,17 +89,22 @@ class SearchOptions:
         objectives = objectives_module.parse(args.objectives, first=args.objective)
         base = config.with_flags(config.parse_sets(args.set), {"experiment": experiment.reference,
                                                                "device": args.device})
-        fixed = objectives_module.fixed_values({**(config.read_file(args.config) if args.config else {}), **base},
-                                               objectives, data.has_valid, experiment.name)
+        from_file = config.read_file(args.config) if args.config else {}
+        fixed = objectives_module.fixed_values({**from_file, **base}, objectives, data.has_valid, experiment.name)
         base.update({k: fixed[k] for k in ("objective", "valid_fraction") if k in fixed})
-        # Every pair, put through one training step: an experiment whose code cannot train one of them
-        # (a loss that does not fit its outputs) is refused in one line before any store is touched.
-        cfgs = [config.resolve({**base, "optimizer": optimizer, "loss": loss}, file=args.config,
-                               experiment=experiment, n_train=data.n_train)[0]
-                for optimizer, loss in (pair.split("+") for pair in space.pairs)]
+        pairs = [pair.split("+") for pair in space.pairs]
+        cfg, _ = config.resolve({**base, "optimizer": pairs[0][0], "loss": pairs[0][1]}, file=args.config,
+                                experiment=experiment, n_train=data.n_train)
+        # Every pair, as its trials get it (the base with that pair; what was given kept, so that a
+        # value that does not suit the pair is refused), put through one training step: an
+        # experiment whose code cannot train one of them (a loss that does not fit its outputs) is
+        # refused in one line before any store is touched.
+        given = {k: v for k, v in {**from_file, **base}.items() if v is not None and k != "experiment"}
+        cfgs = [cfg] + [config.validate(config.with_values(cfg, {**given, "optimizer": optimizer, "loss": loss},
+                                                           experiment), experiment, data.n_train)
+                        for optimizer, loss in pairs[1:]]
         for checked in cfgs:
             training.preflight(checked, experiment, data)
-        cfg = cfgs[0]
         searched = {p.name for p in space.params}
         for param in space.params:  # a schedule's setting searched where no trial has that schedule
             if param.schedulers is not None and "scheduler" not in searched and cfg.scheduler not in param.schedulers:

@@ -186,7 +186,8 @@ class TrialRunner:
     def run_batch(self, trials: list) -> list[tuple[str, float | None]]:
         """``Objective.run_batch``: the trials started together, trained in stacks where their
         configurations stack, each finished as ``Objective.__call__`` finishes one."""
-        objectives_module.check_batch(self.objectives, len(trials), flag="a batch of")
+        if len(trials) > self.options.batch:  # up to it, checked with the options
+            objectives_module.check_batch(self.objectives, len(trials), flag="a batch of")
         runs = []
         try:
             with signals.interruptible():
