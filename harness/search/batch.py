@@ -58,13 +58,13 @@ def optimize(study, objective, n_trials: int, batch: int, timeout: float | None 
                     with contextlib.suppress(Exception):
                         study.tell(trial, state=TrialState.FAIL)
                 raise
-        for trial, (state, value) in zip(trials, outcomes):
+        for trial, told in zip(trials, outcomes):
             # skip_if_finished: a trial another machine's heartbeat check failed while this worker
             # was starved past the grace has its configuration queued there; it stays as it is.
-            if state == "COMPLETE":
-                study.tell(trial, value, skip_if_finished=True)
+            if told.state == "COMPLETE":
+                study.tell(trial, told.value, skip_if_finished=True)
             else:
-                study.tell(trial, state=TrialState[state], skip_if_finished=True)
+                study.tell(trial, state=TrialState[told.state], skip_if_finished=True)
         done += len(trials)
         if capped:
             break

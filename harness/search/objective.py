@@ -13,7 +13,7 @@ from .options import TrialOptions
 from .recorder import TrialRecorder
 from .space import SearchSpace
 from .tracker import StudyTracker
-from .trials import TrialRun, TrialRunner
+from .trials import Told, TrialRun, TrialRunner
 
 
 class Objective:
@@ -89,11 +89,11 @@ class Objective:
         return objectives_module.failed(self.objectives) if state == "FAIL" else \
             objectives_module.values(self.objectives, run.result)
 
-    def run_batch(self, trials: list) -> list[tuple[str, float | None]]:
+    def run_batch(self, trials: list) -> list[Told]:
         """Train ``trials`` (asked from one study) together: those whose configurations stack
         (harness.batched: same shapes, batch size and seed) as one stacked model, each still its own trial and
         run, reported, pruned and tracked as ``__call__`` does; the others one at a time. Returns
-        (state, value) per trial, for ``study.tell``. A member's numbers are those of training it
+        a ``Told(state, value)`` per trial, for ``study.tell``. A member's numbers are those of training it
         alone, bit for bit, so each trial reproduces alone."""
         return self._runner.run_batch(trials)
 

@@ -6,6 +6,7 @@ import contextlib
 import sys
 import threading
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import optuna
 
@@ -48,6 +49,12 @@ class TrialRun:
     history: History = field(default_factory=History)  # kept if training is cut short
     result: training.TrainResult | None = None  # once trained
     error: ExperimentCodeError | None = None  # why the experiment's code failed it, if it did
+
+
+class Told(NamedTuple):
+    """What ``study.tell`` gets for a trial of a batch: its state, and its value(s) when COMPLETE."""
+    state: str
+    value: float | tuple | None
 
 
 class _Reporter:
@@ -183,7 +190,7 @@ class TrialRunner:
             with contextlib.suppress(Exception):  # the next search (or audit --fix) queues it then
                 retry(study, _frozen(study, trial))
 
-    def run_batch(self, trials: list) -> list[tuple[str, float | None]]:
+    def run_batch(self, trials: list) -> list[Told]:
         """``Objective.run_batch``: the trials started together, trained in stacks where their
         configurations stack, each finished as ``Objective.__call__`` finishes one."""
         if len(trials) > self.options.batch:  # up to it, checked with the options
@@ -214,9 +221,9 @@ class TrialRunner:
                 self.said(str(run.error))
         trained = [run for run in runs if run.error is None]
         states = dict(zip(map(id, trained), self.finish(trained) if trained else []))
-        return [("FAIL", None) if run.error is not None else
-                (states[id(run)], objectives_module.values(self.objectives, run.result)
-                 if states[id(run)] == "COMPLETE" else None) for run in runs]
+        return [Told("FAIL", None) if run.error is not None else
+                Told(states[id(run)], objectives_module.values(self.objectives, run.result)
+                     if states[id(run)] == "COMPLETE" else None) for run in runs]
 
     def _train_group(self, group: list[TrialRun]) -> None:
         """One run alone, or a stack of them, trained; each run gets its result."""
