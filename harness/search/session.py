@@ -34,6 +34,7 @@ class Outcome:
 
 
 def run_search(options: SearchOptions) -> Outcome:
+    """The search ``options`` describe, from opening its study to closing its record."""
     # Optuna would log each failed trial with a traceback (an interrupt too); the summary says what failed.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study, storage, client = _open_study(options)
@@ -49,8 +50,9 @@ def run_search(options: SearchOptions) -> Outcome:
     with signals.deferred(on_signal=lambda: None):
         parent_run_id = objective.tracker.parent.run_id if objective.tracker is not None else None
         errors = objective.close()
-        return Outcome(study, True, parent_run_id, time.time() - started, stopped_by or (errors[0] if errors else None),
-                       interrupted or signals.interrupted())
+        return Outcome(study, ran=True, parent_run_id=parent_run_id, seconds=time.time() - started,
+                       failure=stopped_by or (errors[0] if errors else None),
+                       interrupted=interrupted or signals.interrupted())
 
 
 def _open_study(options: SearchOptions):
