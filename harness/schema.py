@@ -121,6 +121,11 @@ def error(scalar: str) -> str:
     return ERROR.format(scalar=scalar)
 
 
+def trial_run_name(number: int) -> str:
+    """A trial's run name (a pruned trial's run adds why it stopped)."""
+    return f"trial-{number}"
+
+
 def is_curve(metric: str) -> bool:
     """Per-epoch metrics are train_<m>, valid_<m>, test_<m> and learning_rate; everything else a run logs is a final value."""
     return metric.startswith(("train_", "valid_", "test_")) or metric == LEARNING_RATE

@@ -97,7 +97,7 @@ def test_a_deleted_run_of_a_trial_is_reported_and_restored(searched):
 
 def test_an_interrupted_retry_of_a_retry_is_queued_once(mlflow_uri, workdir):
     """Optuna's retry of a retry keeps the first trial's number: the trials between are retried too."""
-    from harness.commands.search import _recover_stale_trials
+    from harness.search.session import recover_stale_trials
 
     url = f"journal:{workdir / 'j.log'}"
     study, storage = optuna.create_study(study_name=STUDY, storage=open_storage(url)), None
@@ -118,7 +118,7 @@ def test_an_interrupted_retry_of_a_retry_is_queued_once(mlflow_uri, workdir):
     for _ in range(2):
         report = audit(study, storage, MlflowClient(mlflow_uri), fix=True)
         assert not [line for line in report.fixed if "retried" in line] and report.clean, report
-    _recover_stale_trials(*_reopened(url))  # what a search does first
+    recover_stale_trials(*_reopened(url))  # what a search does first
     trials = _reopened(url)[0].trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
 

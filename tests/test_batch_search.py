@@ -320,17 +320,17 @@ def test_a_signal_while_a_trial_s_run_is_created_leaves_the_trial_pointing_at_it
 
     from conftest import all_runs
     from harness.cli import main
-    from harness.search.tracker import StudyTracker
+    from harness.search.recorder import TrialRecorder
     from search_helpers import journal_study
 
-    real = StudyTracker.start_trials
+    real = TrialRecorder.start_trials
 
     def interrupted_on_return(self, trials):
         futures = real(self, trials)
         os.kill(os.getpid(), signal.SIGINT)
         return futures
 
-    monkeypatch.setattr(StudyTracker, "start_trials", interrupted_on_return)
+    monkeypatch.setattr(TrialRecorder, "start_trials", interrupted_on_return)
     from harness import signals
 
     monkeypatch.setattr(signals, "_received", [])  # this process's signals: none before, none kept after

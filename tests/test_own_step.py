@@ -191,7 +191,7 @@ def test_a_search_selects_on_the_step_s_validation_values_and_stacks_refuse_it(t
     assert batched.recipe_refusal(resolve(two_inputs), two_inputs) == "an experiment's own step is not stacked"
 
     # The tables of the best trials show them beside the selection metric: the CLI's and the parent run's.
-    from harness.commands.search import report
+    from harness.search.report import report
     from harness.search.summary import describe
 
     best = study.best_trial

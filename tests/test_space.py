@@ -97,7 +97,7 @@ def test_bad_space_files_are_refused(tmp_path):
 
 
 def test_the_parent_run_shows_each_axis_of_the_space_as_a_param_within_mlflow_s_limits():
-    from harness.search.tracker import MAX_SHOWN, study_params
+    from harness.search.parent import MAX_SHOWN, study_params
 
     experiment = load("linear_regression")
     space = space_module.resolve(experiment, overrides={"batch_size": list(range(1, 3001)),

@@ -20,7 +20,7 @@ from ..sink import MlflowSink, close_incomplete
 from ..config import per_epoch
 from .objectives import LEGACY, of_study
 from .space import logged_params
-from .tracker import fail_run
+from .recorder import fail_run
 from .optuna_private import trial_id
 from .workers import WORKER_DIED, abandoned, alive, gone, retried_numbers, retry, unfinished
 from ..tracking import missing
@@ -290,7 +290,7 @@ def _placeholder_run(fix: _Fix, trial):
     tags = {schema.PARENT_TAG: fix.parent_id, schema.TRIAL_NUMBER_TAG: str(trial.number),
             schema.STUDY_TAG: fix.study.study_name, schema.TRIAL_STATE_TAG: "FAIL",
             schema.FAIL_REASON_TAG: trial.user_attrs.get(FAIL_REASON_ATTR) or "failed before its run was created"}
-    run_id = fix.sink.create_run(fix.experiment_id, f"trial-{trial.number}", tags, logged_params(trial.params))
+    run_id = fix.sink.create_run(fix.experiment_id, schema.trial_run_name(trial.number), tags, logged_params(trial.params))
     fix.sink.close(run_id, "FAILED")
     return fix.client.get_run(run_id)
 

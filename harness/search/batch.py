@@ -16,14 +16,9 @@ from optuna.trial import TrialState
 from .. import signals
 from . import optuna_private
 from ..schema import FAIL_REASON_ATTR
+from .limits import MAX_BATCH
 from .storages import StudyFull
 from .workers import INTERRUPTED, retry
-
-# A stack holds every member's model, optimizer state and activations at once, and its K trials
-# are all asked (RUNNING) before any trains: the stacks measured are 32 and 64 members
-# (docs/searching.md, Stacked trials); 256 leaves room above them and refuses a K mistyped by a few
-# zeros before a single trial is created.
-MAX_BATCH = 256
 
 
 def optimize(study, objective, n_trials: int, batch: int, timeout: float | None = None) -> None:
@@ -63,13 +58,13 @@ def optimize(study, objective, n_trials: int, batch: int, timeout: float | None 
                     with contextlib.suppress(Exception):
                         study.tell(trial, state=TrialState.FAIL)
                 raise
-        for trial, (state, value) in zip(trials, outcomes):
+        for trial, told in zip(trials, outcomes):
             # skip_if_finished: a trial another machine's heartbeat check failed while this worker
             # was starved past the grace has its configuration queued there; it stays as it is.
-            if state == "COMPLETE":
-                study.tell(trial, value, skip_if_finished=True)
+            if told.state == "COMPLETE":
+                study.tell(trial, told.value, skip_if_finished=True)
             else:
-                study.tell(trial, state=TrialState[state], skip_if_finished=True)
+                study.tell(trial, state=TrialState[told.state], skip_if_finished=True)
         done += len(trials)
         if capped:
             break

@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 
 from ..errors import UsageError
-from ..urls import check_credentials, engine_url, redact, scrub
+from ..urls import check_credentials, engine_url, redact, scrub, sqlite_path
 from .space import SearchSpace
 
 DEFAULT_STORAGE = "journal:optuna_journal.log"
@@ -102,7 +102,7 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
     from .storages import CappedRDBStorage, schema_lock
 
     scheme = storage_scheme(url)
-    path = journal_path(url) if scheme == "journal" else url[len("sqlite:///"):] if scheme == "sqlite" else None
+    path = journal_path(url) if scheme == "journal" else sqlite_path(url) if scheme == "sqlite" else None
     if must_exist and path is not None and not Path(path).exists():
         raise UsageError(f"no Optuna storage at {redact(url)}")
     if scheme == "journal":

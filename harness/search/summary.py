@@ -150,7 +150,7 @@ def _top_lines(study, trials: list, experiment, experiment_id: str, top: int,
                   "|---:|---:|" + "---:|" * len(values) + "---|" * len(params) + "---|"]
         for rank, row in enumerate(frame.to_dict("records"), 1):
             run = row[RUN_ATTR]
-            link = f"[trial-{row['trial']}](#/experiments/{experiment_id}/runs/{run})" if isinstance(run, str) else "-"
+            link = f"[{schema.trial_run_name(row['trial'])}](#/experiments/{experiment_id}/runs/{run})" if isinstance(run, str) else "-"
             cells = [f"{row[c]:.6g}" if not pd.isna(row[c]) else "-" for c in values]
             cells += ["-" if pd.isna(row[c]) else _cell(row[c]) for c in params]  # "-": not sampled
             lines.append(f"| {rank} | {row['trial']} | " + " | ".join(cells) + f" | {link} |")
@@ -199,7 +199,7 @@ def _front_lines(study, objectives: tuple[str, ...], experiment_id: str) -> list
              "|---:|" + "---:|" * len(objectives) + "---|" * len(params) + "---|"]
     for row in shown.to_dict("records"):
         run = row[RUN_ATTR]
-        link = f"[trial-{row['number']}](#/experiments/{experiment_id}/runs/{run})" if isinstance(run, str) else "-"
+        link = f"[{schema.trial_run_name(row['number'])}](#/experiments/{experiment_id}/runs/{run})" if isinstance(run, str) else "-"
         values = " | ".join(f"{row[name]:.6g}" for name in objectives)
         cells = " | ".join("-" if pd.isna(row[c]) else _cell(row[c]) for c in params)  # "-": not sampled
         lines.append(f"| {row['number']} | {values} | {cells} | {link} |")

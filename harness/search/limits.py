@@ -1,0 +1,13 @@
+"""A search's limits, apart from the code that checks them, so that `harness search --help` can
+state them without importing torch or Optuna."""
+
+# Optuna starts a thread per job, each training its own model beside the others in this one
+# process: past a few per core they only wait on each other (and the GIL), and past the process's
+# thread limit Optuna dies mid-search. More parallelism is more worker processes (scale-out).
+MAX_N_JOBS = 64
+# A stack holds every member's model, optimizer state and activations at once, and its K trials
+# are all asked (RUNNING) before any trains: the stacks measured are 32 and 64 members (docs/searching.md,
+# Stacked trials); 256 leaves room above them and refuses a K mistyped by a few zeros before
+# a single trial is created.
+MAX_BATCH = 256
+MAX_STUDY_NAME = 250  # characters

@@ -1,0 +1,154 @@
+"""One invocation of a search: open or resume the study, recover what earlier ones left, run the
+trials, close the record, and say how it went (an ``Outcome``)."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+
+from .. import signals
+from ..errors import UsageError
+from ..tracking import check_experiment, default_tracking_uri, open_client, unreachable
+from . import batch as batch_module
+from . import study as study_module
+from .audit import recover_stale, recover_unfinished
+from .journal import JournalWriteError
+from .objective import Objective
+from .options import SearchOptions
+from .recorder import TrackingFailed
+from .storages import COUNTED, StudyFull
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the command reports: the study, its parent run, how long this invocation took and how it ended."""
+    study: optuna.Study
+    ran: bool  # False: --max-trials left nothing to run (said on stdout)
+    parent_run_id: str | None = None
+    seconds: float = 0.0
+    failure: BaseException | None = None  # the store failure that stopped the search
+    interrupted: bool = False
+
+
+def run_search(options: SearchOptions) -> Outcome:
+    """The search ``options`` describe, from opening its study to closing its record."""
+    # Optuna would log each failed trial with a traceback (an interrupt too); the summary says what failed.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study, storage, client = _open_study(options)
+    recover_stale_trials(study, storage)
+    n_trials = _trials_to_run(study, options)
+    if n_trials == 0:
+        return Outcome(study, ran=False)
+    objective = Objective.from_options(options.trials, client=client)
+    started = time.time()
+    interrupted, stopped_by = _optimize(study, objective, n_trials, options)
+    # Closing the study's record is held against a second Ctrl-C or a SIGTERM (they are acted on
+    # once it is written): the parent run is never left RUNNING.
+    with signals.deferred(on_signal=lambda: None):
+        parent_run_id = objective.tracker.parent.run_id if objective.tracker is not None else None
+        errors = objective.close()
+        return Outcome(study, ran=True, parent_run_id=parent_run_id, seconds=time.time() - started,
+                       failure=stopped_by or (errors[0] if errors else None),
+                       interrupted=interrupted or signals.interrupted())
+
+
+def _open_study(options: SearchOptions):
+    """The study, resumed or created, its storage, and the MLflow client; the MLflow store is checked
+    (and created) before a new study is written."""
+    url, trials = options.storage_url, options.trials
+    study_args = dict(direction=options.direction, space=trials.space, experiment=trials.experiment.name,
+                      sampler=options.sampler, pruner=options.pruner, objectives=trials.objectives,
+                      experiment_sha256=trials.experiment.sha256,
+                      allow_changed_experiment=options.allow_changed_experiment)
+    storage_args = dict(heartbeat=options.heartbeat, max_trials=options.max_trials)
+    # Opening a journal creates its file: a missing one already says there is no study yet.
+    storage = None if study_module.missing_journal(url) else study_module.open_storage(url, **storage_args)
+    study = storage and study_module.existing_study(options.study_name, storage, **study_args)
+    client = _open_client(trials.mlflow_experiment)
+    if study is None:
+        storage = storage or study_module.open_storage(url, **storage_args)
+        study = study_module.create_study(options.study_name, storage, **study_args)
+    else:
+        study_module.record_source(study, trials.experiment.sha256)
+    return study, storage, client
+
+
+def _open_client(mlflow_experiment: str | None):
+    """The MLflow store opened (created or migrated) in bounded time, once runs can go to their
+    MLflow experiment; else a one-line UsageError."""
+    uri, started = default_tracking_uri(), time.time()
+    try:
+        client = open_client(uri)
+        refused = check_experiment(client, mlflow_experiment)
+    except Exception as exc:
+        raise unreachable("the MLflow tracking store", uri, time.time() - started, exc) from None
+    if refused:
+        raise UsageError(refused)
+    return client
+
+
+def recover_stale_trials(study, storage) -> None:
+    """Trials a dead worker left RUNNING, or that an interrupt or a failed write stopped: fail them
+    and queue their configurations again (the tracker closes their runs)."""
+    by_pid, by_heartbeat = recover_stale(study, storage)
+    if by_pid or by_heartbeat:
+        print(f"harness: trial(s) {', '.join(map(str, by_pid + by_heartbeat))} were left RUNNING by a worker that "
+              "is gone: failed them and queued their configurations again", file=sys.stderr)
+    queued = recover_unfinished(study)
+    if queued:
+        print(f"harness: trial(s) {', '.join(str(n) for n, _ in queued)} were stopped before they finished "
+              f"({queued[0][1]}): queued their configurations again", file=sys.stderr)
+
+
+def _trials_to_run(study, options: SearchOptions) -> int:
+    """--n-trials, within what --max-trials leaves (queued trials run without being created)."""
+    if not options.max_trials:
+        return options.n_trials
+    counted = study.get_trials(deepcopy=False, states=COUNTED)
+    waiting = sum(t.state == TrialState.WAITING for t in counted)
+    left = max(options.max_trials - len(counted), 0) + waiting
+    if left <= 0:
+        print(f"study {study.study_name!r} already has {len(counted)} trials that count toward "
+              f"--max-trials {options.max_trials}; nothing to run")
+    return min(options.n_trials, max(left, 0))
+
+
+def _optimize(study, objective, n_trials: int, options: SearchOptions) -> tuple[bool, BaseException | None]:
+    """Run the trials. Returns (interrupted, the store failure that stopped them)."""
+    try:
+        # Signals are held while Optuna records a trial (one landing inside its tell would leave the
+        # trial half-told); the objective lets them interrupt training, and a held one stops the
+        # study once the trial is recorded.
+        with signals.deferred(on_signal=lambda: None):
+            if options.trials.batch > 1:
+                batch_module.optimize(study, objective, n_trials, options.trials.batch, timeout=options.timeout)
+            else:
+                study.optimize(objective, n_trials=n_trials, timeout=options.timeout, n_jobs=options.n_jobs,
+                               show_progress_bar=options.progress,
+                               callbacks=[lambda study, trial: study.stop() if signals.pending() else None])
+    except StudyFull:
+        pass  # other workers filled the study first: this one is done
+    except KeyboardInterrupt:
+        return True, None
+    except Exception as exc:
+        # A store that stopped taking writes ends the search; Optuna may have wrapped the error in
+        # its own while closing the trial (an AssertionError when the journal refused the FAIL).
+        stopped_by = _store_failure(exc)
+        if stopped_by is None:
+            raise
+        return signals.interrupted(), stopped_by
+    return signals.interrupted(), None
+
+
+def _store_failure(exc: BaseException):
+    """The journal or tracking failure behind ``exc`` (following Optuna's wrapping), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (JournalWriteError, TrackingFailed)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
