@@ -9,11 +9,11 @@ worker does against the services, with a precomputed record in place of training
   calls it: stale-trial check, ``ask`` (under the cap's advisory lock), heartbeat, the worker's
   user attrs, ``space.sample`` over the reference space, ``report`` + ``should_prune`` every
   --report-every epochs, ``tell``.
-- MLflow, through the tracking server, as ``StudyTracker`` does per trial: ``MlflowSink.create_run``
+- MLflow, through the tracking server, as ``TrialRecorder`` does per trial: ``MlflowSink.create_run``
   with the trial's params, then ``MlflowSink.write`` of the whole record (train_loss and test_loss
   over --epochs epochs, the finals, tags, state_dict.pt and config.json), FINISHED.
 
-Unlike a worker, a client makes its MLflow writes inline (a worker's StudyTracker overlaps them with
+Unlike a worker, a client makes its MLflow writes inline (a worker's TrialRecorder overlaps them with
 the next trial's training in threads): the services get the same requests, and a trial's Optuna and
 MLflow latencies stay apart. The sampler is random by default, so that the clients' CPU stays flat
 as the study grows (``--sampler tpe``, the harness's default, samples in the client, not in the
@@ -303,7 +303,7 @@ def measure(n: int, setup: Setup, context, postgres_pid: int, server_pid: int) -
 
 def reference_record(epochs: int):
     """The reference config trained once: the params a trial's run is created with, and the record
-    its final write sends (as ``StudyTracker.end_trial`` builds it: params already logged)."""
+    its final write sends (as ``TrialRecorder.end_trials`` builds it: params already logged)."""
     experiment = load(EXPERIMENT)
     data = experiment.load_data()
     cfg, _ = config.resolve({"experiment": EXPERIMENT, "epochs": epochs, "device": "cpu"}, experiment=experiment,

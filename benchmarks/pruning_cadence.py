@@ -52,6 +52,7 @@ from harness import tracking  # noqa: E402
 from harness.experiment import load  # noqa: E402
 from harness.search import objective as objective_module  # noqa: E402
 from harness.search import space as space_module  # noqa: E402
+from harness.search import trials as trials_module  # noqa: E402
 from harness.search.study import make_pruner, make_sampler, open_storage  # noqa: E402
 
 EXPERIMENT = "linear_regression"
@@ -74,17 +75,17 @@ def cadences(space) -> dict:
 class RuleObjective(objective_module.Objective):
     """The harness's Objective with the report cadence a function of the trial's epochs.
 
-    ``Objective`` takes one ``report_every`` for every trial; its ``_observers`` runs after the
-    trial's config is sampled, so the trial's epochs are known there."""
+    ``Objective`` takes one ``report_every`` for every trial; its trial runner's ``_observers`` runs
+    after the trial's config is sampled, so the trial's epochs are known there."""
 
     def __init__(self, *args, rule, **kwargs):
         super().__init__(*args, **kwargs)
-        self.rule = rule
+        observers = self._runner._observers
 
-    def _observers(self, trial) -> list:
-        observers = super()._observers(trial)
-        return [objective_module._Reporter(trial, self.rule(trial.params["epochs"]))
-                if isinstance(o, objective_module._Reporter) else o for o in observers]
+        def with_rule(trial) -> list:
+            return [trials_module._Reporter(trial, rule(trial.params["epochs"]), o.metric)
+                    if isinstance(o, trials_module._Reporter) else o for o in observers(trial)]
+        self._runner._observers = with_rule
 
 
 def run_side(storage_name: str, rule, trials: int, seed: int, track: bool, experiment, data, space) -> dict:

@@ -267,6 +267,10 @@ def test_an_in_process_search_records_every_trial_in_mlflow(mlflow_uri, workdir,
         assert (logged["lr"], logged["epochs"]) == (trial.params["lr"], epochs)
         assert f"{logged['optimizer']}+{logged['loss']}" == trial.params["optimizer_loss"]
 
+    # The params' importances only when asked (they import scikit-learn: ~1.8 s of a search).
+    assert "param_importances.png" not in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"optimization_history.png", "parallel_coordinate.png"} <= {a.path for a in
+                                                                      client.list_artifacts(parent.info.run_id)}
     # The whole tracking contract, as the end-to-end tests check it; and the audit agrees.
     check_contract(workdir, study, figures_for={study.best_trial.number})
     report = audit(study, open_storage(f"journal:{journal}"), client)

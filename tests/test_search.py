@@ -22,7 +22,7 @@ SMALL = ["--epochs-range", "5", "30", "--no-progress"]
 
 
 def test_search_tracks_every_trial_and_resume_continues_the_study(workdir):
-    out = run_cli("search", "--n-trials", 6, "--seed", 0, "--pruner", "none", *SMALL, cwd=workdir)
+    out = run_cli("search", "--n-trials", 6, "--seed", 0, "--pruner", "none", "--importance", *SMALL, cwd=workdir)
     assert out.returncode == 0, out.stderr
     study = journal_study(workdir)
     assert len(study.trials) == 6 and all(t.state == TrialState.COMPLETE for t in study.trials)

@@ -48,7 +48,11 @@ def add_parser(sub) -> None:
                    help="the metric trials are selected, pruned and early-stopped on: a per-epoch validation (or "
                         "training) metric the runs record, e.g. valid_accuracy (default: valid_loss); never a test metric")
     p.add_argument("--direction", default="minimize", help="minimize|maximize the objective metric")
-    p.add_argument("--n-jobs", default="1", help=f"trials run in parallel threads, at most {MAX_N_JOBS} (default: 1)")
+    p.add_argument("--n-jobs", default="1",
+                   help=f"trials in flight at once in this process, at most {MAX_N_JOBS} (default: 1): their "
+                        "sampling, pruning checks and tracking overlap, while training itself runs one trial at a time "
+                        "(a run's bits must not depend on its neighbours); more training at once is --batch K or "
+                        "more worker processes")
     p.add_argument("--batch", default="1", metavar="K",
                    help="train K trials at a time as one stacked model where their configurations stack (same "
                         "batch size and shapes, any optimizer/loss pair; models without matrix products, dropout "
@@ -65,6 +69,9 @@ def add_parser(sub) -> None:
                                           "twentieth of the space's largest epochs, at least 1: 20 for the "
                                           "default 50-400; at least 10 on a database server)")
     p.add_argument("--trial-figures", action="store_true", help="render both PNG figures for every trial")
+    p.add_argument("--importance", action="store_true",
+                   help="also render the params' importances (Optuna's PED-ANOVA) in the study's summary; off by "
+                        "default: Optuna's importance module imports scikit-learn, ~1.8 s of every search")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 

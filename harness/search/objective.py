@@ -38,17 +38,20 @@ class Objective:
                  track: bool = True, mlflow_experiment: str | None = None, report_every: int | None = None,
                  trial_figures: bool = False, seed: int = 42, device: str = "auto", base: dict | None = None,
                  data=None, study_tags: dict[str, str] | None = None, batch: int = 1,
-                 study_params: dict[str, str] | None = None, objectives=objectives_module.DEFAULT):
+                 study_params: dict[str, str] | None = None, objectives=objectives_module.DEFAULT,
+                 importance: bool = False):
         """``base``: fixed config values for every trial (e.g. ``{"batch_size": 64}``); the space's
         samples override them. ``data``: the experiment's data, if the caller already loaded it.
         ``study_tags``: tags added to the study's parent run (say, ``{"team": "vision"}``);
         ``study_params``: params added to it (the CLI logs its pruner's settings there).
         ``batch``: trials trained together by ``run_batch`` (recorded on the parent run).
-        ``objectives``: what each trial returns (see harness/search/objectives.py)."""
+        ``objectives``: what each trial returns (see harness/search/objectives.py).
+        ``importance``: the study's summary renders the params' importances too (~1.8 s: it imports
+        scikit-learn)."""
         self._setup(TrialOptions.of(experiment, space, mlflow_experiment=mlflow_experiment, report_every=report_every,
                                     trial_figures=trial_figures, seed=seed, device=device, base=base, data=data,
                                     study_tags=study_tags, batch=batch, study_params=study_params,
-                                    objectives=objectives), track=track)
+                                    objectives=objectives, importance=importance), track=track)
 
     @classmethod
     def from_options(cls, options: TrialOptions, *, track: bool = True, client=None) -> "Objective":

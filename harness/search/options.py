@@ -31,13 +31,14 @@ class TrialOptions:
     trial_figures: bool = False
     study_tags: dict[str, str] = field(default_factory=dict)
     study_params: dict[str, str] = field(default_factory=dict)
+    importance: bool = False  # the params' importances in the study's summary too (see summary._plots)
 
     @classmethod
     def of(cls, experiment: str | Experiment = "linear_regression", space: SearchSpace | None = None, *,
            mlflow_experiment: str | None = None, report_every: int | None = None, trial_figures: bool = False,
            seed: int = 42, device: str = "auto", base: dict | None = None, data=None,
            study_tags: dict[str, str] | None = None, batch: int = 1, study_params: dict[str, str] | None = None,
-           objectives=objectives_module.DEFAULT) -> "TrialOptions":
+           objectives=objectives_module.DEFAULT, importance: bool = False) -> "TrialOptions":
         """``Objective``'s keyword arguments, checked (see Objective.__init__)."""
         objectives = objectives_module.parse(objectives, flag="objectives")
         batch = config.positive_int("batch", batch)
@@ -53,7 +54,7 @@ class TrialOptions:
         every = (space_module.report_cadence(space) if report_every is None
                  else config.positive_int("report_every", report_every))
         return cls(experiment, data, space, resolved, objectives, every, batch, mlflow_experiment, trial_figures,
-                   dict(study_tags or {}), dict(study_params or {}))
+                   dict(study_tags or {}), dict(study_params or {}), importance=importance)
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ class SearchOptions:
         study_module.check_storage(storage_url)
         trials = TrialOptions(
             experiment, data, space, cfg, objectives, batch=batch, mlflow_experiment=args.mlflow_experiment,
-            trial_figures=args.trial_figures,
+            trial_figures=args.trial_figures, importance=args.importance,
             # Each report is a storage write and each pruning check a read of the study: every epoch
             # cost 1.9x (journal) and 17x (SQLite) an in-memory search (benchmarks/pruning_cadence.py),
             # and on a database server each is a round trip as well.

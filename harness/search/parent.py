@@ -27,6 +27,7 @@ class ParentRun:
     experiment_id: str
     run_id: str
     params: dict[str, str]  # what the summary's description lists
+    importance: bool = False  # the summary's figures include the params' importances
 
     @classmethod
     def open(cls, sink: RunSink, study, options: TrialOptions) -> "ParentRun":
@@ -48,7 +49,7 @@ class ParentRun:
                 raise TrackingFailed(f"cannot open the study's parent run: {first_line(exc)}") from None
             if known != run_id:
                 study.set_user_attr(PARENT_ATTR, run_id)
-        return cls(sink, study, options.experiment, experiment_id, run_id, params)
+        return cls(sink, study, options.experiment, experiment_id, run_id, params, options.importance)
 
     def write_summary(self, best: BestTrial | None, objectives: tuple[str, ...]) -> None:
         """The study's summary: its best trial (with ``best``'s final metrics when it is that trial),
@@ -58,7 +59,8 @@ class ParentRun:
         finals = best.finals if best and found.get(schema.BEST_TRIAL_NUMBER) == best.number else None
         note = summary.describe(study, self.experiment, self.experiment_id, self.params, objectives=objectives)
         summary.write(self.sink.client, self.run_id, found, finals, summary.trials_csv(study), study.trials,
-                      study.directions, note, objectives=objectives, front_csv=summary.front_csv(study, objectives))
+                      study.directions, note, objectives=objectives, front_csv=summary.front_csv(study, objectives),
+                      importance=self.importance)
 
 
 def _find_or_create(sink: RunSink, study, mlflow_experiment: str | None, known: str | None, tags: dict,

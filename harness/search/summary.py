@@ -217,7 +217,7 @@ def _cell(value) -> str:
 
 def write(client, run_id: str, summary: dict[str, Any], best_finals: dict | None, trials_csv: bytes,
           trials: list, directions, note: str | None = None, objectives: tuple[str, ...] = DEFAULT,
-          front_csv: bytes | None = None, importance: bool = True) -> None:
+          front_csv: bytes | None = None, importance: bool = False) -> None:
     """Everything the parent run gets at the end of an invocation; then it is FINISHED.
     ``best_finals``: the best trial's final metrics, when this invocation ran it (else read off its run).
     ``front_csv``: a study with two objectives: its Pareto front (``front_csv``).
@@ -254,7 +254,7 @@ def write(client, run_id: str, summary: dict[str, Any], best_finals: dict | None
     client.set_terminated(run_id, "FINISHED")
 
 
-def _plots(trials: list, directions, objectives: tuple[str, ...] = DEFAULT, importance: bool = True) -> dict:
+def _plots(trials: list, directions, objectives: tuple[str, ...] = DEFAULT, importance: bool = False) -> dict:
     """Optuna's optimization history, parallel coordinates and (with ``importance``, from 5 distinct
     completed trials) parameter importances, as matplotlib figures; with two objectives, those of the
     first, and the Pareto front.
