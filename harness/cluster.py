@@ -229,7 +229,7 @@ def check_server(url: str) -> None:
     except psycopg.Error as exc:  # libpq's own parser: what a driver would refuse, refused now
         raise UsageError(f"{shown}: {' '.join(scrub(str(exc), url).split())}") from None
     if not all(p.isdigit() and 0 < int(p) < 65536 for p in str(ports).split(",")):
-        raise UsageError(f"{shown}: the port must be a number from 1 to 65535, got {ports!r}")
+        raise UsageError(f"{shown}: the port must be a number from 1 to 65535, got {scrub(repr(ports), url)}")
     try:
         psycopg.connect(url, connect_timeout=10).close()
     except psycopg.Error as exc:
