@@ -308,7 +308,9 @@ class TrackingServer:
         self.root.mkdir(parents=True, exist_ok=True)
         self.artifacts.mkdir(exist_ok=True)
         self.artifacts.chmod(0o700)  # also what an earlier start left there
-        env = {**os.environ, **self._auth_env()}
+        # MLflow's job runner (GenAI jobs) would start a process of its own and leave a queue folder in
+        # /dev/shm after every stop: the harness's runs need neither.
+        env = {**os.environ, **self._auth_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         exports = {"MLFLOW_TRACKING_URI": self.url, **self.login}
         write_private(self.credentials, "".join(f"export {k}={v}\n" for k, v in exports.items()))
         command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",

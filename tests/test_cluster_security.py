@@ -375,3 +375,21 @@ def test_an_empty_postgres_url_is_refused_not_taken_for_libpqs_defaults(tmp_path
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("harness: error: --postgres : not a PostgreSQL URL"), line
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_the_tracking_server_starts_no_job_runner_and_no_queue_in_shared_memory(tracking_server):
+    """MLflow's job runner left a folder in /dev/shm after every stop (87 of them on a machine after a
+    day of clusters); the harness's runs need no MLflow jobs."""
+    server, _ = tracking_server
+    group = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == server.process.pid:
+                    group.append(Path(entry.path, "environ").read_bytes())
+            except OSError:
+                pass
+    assert len(group) >= 2  # the server and its workers
+    assert not [env for env in group if b"_MLFLOW_HUEY_STORAGE_PATH" in env or b"HUEY_STORAGE_PATH" in env]
+    assert not [c for c in command_lines().values() if "huey" in c.lower()]
