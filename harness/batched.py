@@ -33,7 +33,7 @@ from torch import nn
 from . import stacked_optim
 from .config import TrainConfig
 from .experiment import Data, Experiment
-from .loop import History, Observer, record_epochs, sample_mean
+from .loop import History, Observer, own_values, record_epochs, sample_mean
 from .registry import build_loss, build_optimizer
 from .training import RNG_LOCK, TrainResult, batches, build_model, evaluate_batches, with_validation
 
@@ -356,10 +356,10 @@ def _epoch(stepper, active: list[_Member], select: torch.Tensor, stacked_loss, b
         losses, preds, y = per_batch[0]
         values = {"loss": losses.float()}
         if metrics_fn is not None:
-            rows = [metrics_fn(preds[i], y) for i in range(len(active))]
+            rows = [own_values(metrics_fn(preds[i], y)) for i in range(len(active))]
             values.update({k: torch.stack([row[k].float() for row in rows]) for k in rows[0]})
         return values
-    per_batch = [[{"loss": losses[i], **(metrics_fn(preds[i], y) if metrics_fn is not None else {})}
+    per_batch = [[{"loss": losses[i], **(own_values(metrics_fn(preds[i], y)) if metrics_fn is not None else {})}
                   for i in range(len(active))] for losses, preds, y in per_batch]
     return {k: torch.stack([sample_mean([batch[i][k] for batch in per_batch], sizes).float()
                             for i in range(len(active))]) for k in per_batch[0][0]}

@@ -229,7 +229,7 @@ def check_server(url: str) -> None:
     except psycopg.Error as exc:  # libpq's own parser: what a driver would refuse, refused now
         raise UsageError(f"{shown}: {' '.join(scrub(str(exc), url).split())}") from None
     if not all(p.isdigit() and 0 < int(p) < 65536 for p in str(ports).split(",")):
-        raise UsageError(f"{shown}: the port must be a number from 1 to 65535, got {ports!r}")
+        raise UsageError(f"{shown}: the port must be a number from 1 to 65535, got {scrub(repr(ports), url)}")
     try:
         psycopg.connect(url, connect_timeout=10).close()
     except psycopg.Error as exc:
@@ -308,7 +308,9 @@ class TrackingServer:
         self.root.mkdir(parents=True, exist_ok=True)
         self.artifacts.mkdir(exist_ok=True)
         self.artifacts.chmod(0o700)  # also what an earlier start left there
-        env = {**os.environ, **self._auth_env()}
+        # MLflow's job runner (GenAI jobs) would start a process of its own and leave a queue folder in
+        # /dev/shm after every stop: the harness's runs need neither.
+        env = {**os.environ, **self._auth_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         exports = {"MLFLOW_TRACKING_URI": self.url, **self.login}
         write_private(self.credentials, "".join(f"export {k}={v}\n" for k, v in exports.items()))
         command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",

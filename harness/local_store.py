@@ -102,6 +102,19 @@ def _local_folder(uri: str) -> Path | None:
     return folder if folder is not None and folder.is_dir() else None
 
 
+def stranded_wal(path: Path) -> str | None:
+    """Why SQLite cannot read the store at ``path`` from this process, or None: its last commits wait
+    in its -wal file with no -shm beside it (a copy taken while a writer ran), and its folder cannot
+    be written to make one. SQLite reads a -wal only through a -shm; opened without it, the store
+    would lack those commits."""
+    wal, shm = Path(f"{path}-wal"), Path(f"{path}-shm")
+    if os.access(path.parent, os.W_OK) or shm.exists() or not (wal.is_file() and wal.stat().st_size):
+        return None
+    return (f"its last commits are in {wal.name}, which SQLite reads only through a {shm.name} beside it, and "
+            f"{str(path.absolute().parent)!r} cannot be written to make one: copy {path.name} and {wal.name} together to a "
+            "folder you can write, and read the copy")
+
+
 def read_only_flags(path: Path) -> str | None:
     """The SQLite URI parameters that open the store at ``path`` for reading where this process
     cannot write beside it (a read-only mount, an archive, another user's folder), else None.

@@ -140,6 +140,15 @@ def evaluate_batches(model: nn.Module, batches: Batches, loss_fn: nn.Module, dev
     return _over_batches(batches, device, run, keep_predictions)
 
 
+def own_values(values: dict) -> dict:
+    """The experiment's own values of a batch (its metrics), refused if one is named 'loss': the
+    run's own loss has that name, and one would silently replace the other."""
+    if "loss" in values:
+        raise TypeError("the experiment's metrics gave a value named 'loss', the name of the run's own loss; "
+                        "name it otherwise")
+    return values
+
+
 def _plain(step, metrics_fn: MetricsFn | None):
     """``run(batch)`` for batches of (inputs, targets): ``step(X, y) -> (loss, predictions)``, and
     the metrics of the predictions."""
@@ -164,7 +173,7 @@ def _over_batches(batches: Batches, device: torch.device, run, keep_predictions:
             batch = to_device(batch, device)
         loss, extra, pred = run(batch)
         if names is None:
-            names = set(extra)
+            names = set(own_values(extra))
         elif extra.keys() != names:
             raise TypeError(f"the step must return the same values for every batch; it returned "
                             f"{sorted(extra) or 'none'} after {sorted(names) or 'none'}")
@@ -342,8 +351,8 @@ def _epoch_runner(model: nn.Module, train_batches: Batches, test_batches: Batche
             test_loss = loss_fn(test_pred, y_test)
         if metrics_fn is None:
             return {TRAIN_LOSS: loss, TEST_LOSS: test_loss}
-        return {TRAIN_LOSS: loss, **{f"train_{k}": v for k, v in metrics_fn(pred, y).items()},
-                TEST_LOSS: test_loss, **{f"test_{k}": v for k, v in metrics_fn(test_pred, y_test).items()}}
+        return {TRAIN_LOSS: loss, **{f"train_{k}": v for k, v in own_values(metrics_fn(pred, y)).items()},
+                TEST_LOSS: test_loss, **{f"test_{k}": v for k, v in own_values(metrics_fn(test_pred, y_test)).items()}}
     return run
 
 

@@ -37,7 +37,10 @@ def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str |
     logged = curves(client, run_id, result.history.values.keys())
     diffs = differences(old_state, result.model.state_dict(), logged, result.history.values)
     if diffs and threads is None:
-        diffs.append(f"run {run_id} recorded no thread count; it was re-run with {torch.get_num_threads()} "
+        given = source.data.params.get(TORCH_THREADS_PARAM)
+        what = "no thread count" if given in (None, "") else \
+            f"thread count {str(given)[:40]!r}, not a count from 1 to {MAX_THREADS}"
+        diffs.append(f"run {run_id} recorded {what}; it was re-run with {torch.get_num_threads()} "
                      "intra-op threads, and a CPU run's bits depend on that count")
     return new_run, diffs, result.history.epochs_run
 

@@ -253,6 +253,11 @@ def read_client(tracking_uri: str | None = None):
         if not Path(sqlite_path(uri)).is_file():
             raise UsageError(f"no MLflow store at {redact(uri)}: nothing to read there "
                              "(run a search or train first, or set MLFLOW_TRACKING_URI)")
+        from .local_store import stranded_wal
+
+        stranded = stranded_wal(Path(sqlite_path(uri)))
+        if stranded:
+            raise HarnessError(f"cannot read the MLflow store {redact(uri)}: {stranded}")
     started = time.time()
     try:
         _probe_database(uri)

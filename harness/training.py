@@ -204,6 +204,9 @@ def _metrics(experiment: Experiment, pred: torch.Tensor, y: torch.Tensor) -> dic
     if bad is not None:
         raise TypeError(f"metrics() gave a value named {bad!r}; names must be Python identifiers (letters, "
                         "digits and _, not starting with a digit)")
+    if "loss" in values:  # the run's own loss has that name: one would silently replace the other
+        raise TypeError("metrics() gave a value named 'loss', the name of the run's own loss; name it "
+                        "otherwise")
     for name, value in values.items():
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise TypeError(f"metrics() must give each value as a one-element tensor; {name!r} is "

@@ -25,13 +25,13 @@ def _split(url: str) -> tuple[str, str, str, str]:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return "", "", url, ""
-    at = _credentials_end(rest)
+    at = _credentials_end(rest, database=not is_http(url))
     credentials, rest = (rest[:at], rest[at + 1:]) if at >= 0 else ("", rest)
     rest, q, query = rest.partition("?")
     return scheme + sep, credentials, rest, q + query
 
 
-def _credentials_end(rest: str) -> int:
+def _credentials_end(rest: str, database: bool = True) -> int:
     """Where the credentials of ``scheme://rest`` end (the index of their '@', or -1), as the widest
     of the parsers that read them. An unencoded '/', '?' or '#' is part of a password for some and
     ends it for others (an HTTP client that cannot parse the URL prints it whole), so the password
@@ -45,6 +45,11 @@ def _credentials_end(rest: str) -> int:
     with_password = re.match(r"[^:/]*:[^@]*@", rest)
     ends.append(with_password.end() - 1 if with_password else -1)
     ends.append(re.match(r"[^:/]*", rest).group().rfind("@"))  # its user alone
+    if database and ":" in rest[:max(rest.find("@"), 0)]:
+        # A database URL with a password and an '@' past the first: one driver's host is another's
+        # password (libpq printed "Secret" of "a/b?Hunter2@Secret=d" as a query parameter). Everything
+        # up to the last '@' is hidden, and check_credentials refuses the URL.
+        ends.append(rest.rfind("@"))
     return max(ends)
 
 
@@ -110,12 +115,36 @@ def redact(url: str) -> str:
     return scheme + rest + query
 
 
+FRAGMENT = 4  # characters of a secret that a message may not show in a row
+
+
 def scrub(text: str, url: str) -> str:
-    """``text`` (a library's error message, say) with every secret of ``url`` replaced by ***."""
+    """``text`` (a library's error message, say) with every secret of ``url`` replaced by ***, and
+    every run of ``FRAGMENT`` or more of its characters too: a parser that stops inside a password
+    (at an '=', a space, a '#') prints a piece of it as a port, a host or a query parameter."""
     for secret in secrets(url):
         if len(secret) >= 3:  # a shorter one would blank out ordinary words; it is never shown whole anyway
             text = text.replace(secret, HIDDEN)
+    for secret in secrets(url):
+        text = _hide_fragments(text, secret)
     return text
+
+
+def _hide_fragments(text: str, secret: str) -> str:
+    """``text`` with every run of at least FRAGMENT characters that also occurs in ``secret`` replaced by ***."""
+    if len(secret) < FRAGMENT:
+        return text
+    pieces, i, start = [], 0, 0
+    while i <= len(text) - FRAGMENT:
+        if text[i:i + FRAGMENT] in secret:
+            end = i + FRAGMENT
+            while end < len(text) and text[i:end + 1] in secret:
+                end += 1
+            pieces += [text[start:i], HIDDEN]
+            i = start = end
+        else:
+            i += 1
+    return "".join(pieces) + text[start:]
 
 
 def check_credentials(url: str, what: str) -> None:

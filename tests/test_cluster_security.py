@@ -347,3 +347,49 @@ def test_a_link_or_fifo_where_a_log_goes_is_never_opened_through(tmp_path):
     with cluster.open_private(tmp_path / "fresh") as log:
         log.write(b"x")
     assert stat.S_IMODE((tmp_path / "fresh").stat().st_mode) == 0o600
+
+
+def test_no_piece_of_a_password_is_shown_whatever_libpq_or_the_port_check_reads_out_of_it(tmp_path, capsys):
+    """libpq's parser stops inside a password at an '=', a space, a '#' or a '/' and prints what it read
+    as a port, a query parameter or a host: no run of the password's characters may reach the line."""
+    import socket
+    import string
+
+    with socket.socket() as closed:  # a port nothing listens on: a URL that parses is refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    shapes = ["Hunter2{}Secret", "{}Hunter2{}Secret{}", "a/b?Hunter2{}Secret=d&e", "x/y?a=Hunter2{}Secret",
+              "x#Hunter2{}/Secret", "Hunter2Secret/x{}"]
+    for char in string.punctuation + " \u00e9":
+        for shape in shapes:
+            url = f"postgresql://evil:{shape.format(char, char, char)}@127.0.0.1:{port}/evildb"
+            code = main(["cluster", "--postgres", url, "--dir", str(tmp_path / "c")])
+            err = capsys.readouterr().err
+            assert code in (1, 2) and len(err.strip().splitlines()) == 1, (url, err)
+            assert "Hunter2" not in err and "Secret" not in err, (url, err)
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_empty_postgres_url_is_refused_not_taken_for_libpqs_defaults(tmp_path, capsys):
+    assert main(["cluster", "--postgres", "", "--dir", str(tmp_path / "c")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("harness: error: --postgres : not a PostgreSQL URL"), line
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_the_tracking_server_starts_no_job_runner_and_no_queue_in_shared_memory(tracking_server):
+    """MLflow's job runner left a folder in /dev/shm after every stop (87 of them on a machine after a
+    day of clusters); the harness's runs need no MLflow jobs."""
+    server, _ = tracking_server
+    group = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == server.process.pid:
+                    group.append(Path(entry.path, "environ").read_bytes())
+            except OSError:
+                pass
+    assert len(group) >= 2  # the server and its workers
+    assert not [env for env in group if b"_MLFLOW_HUEY_STORAGE_PATH" in env or b"HUEY_STORAGE_PATH" in env]
+    assert not [c for c in command_lines().values() if "huey" in c.lower()]

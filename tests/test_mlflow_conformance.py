@@ -329,6 +329,8 @@ def test_an_experiment_logging_a_name_mlflow_refuses_is_refused_before_training(
     ('scalars=lambda model: {"w": "high"}', "scalars() gave 'w' = 'high', not a number a float holds"),
     ('scalars=lambda model: [1.0]', "scalars() must return a dict of names to numbers, got list"),
     ('metrics=lambda p, y: {"w/": (p - y).abs().mean()}', "metrics() gave a value named 'w/'; names must be"),
+    ('metrics=lambda p, y: {"loss": (p - y).abs().mean()}', "metrics() gave a value named 'loss', the name of the "
+                                                           "run's own loss"),
 ])
 @pytest.mark.parametrize("command", ["train", "search"])
 def test_a_scalar_or_metric_that_would_clash_or_not_store_is_refused_before_training(tmp_path, capsys, monkeypatch, command,
@@ -343,3 +345,25 @@ def test_a_scalar_or_metric_that_would_clash_or_not_store_is_refused_before_trai
     for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(variable, raising=False)
     check_refused_in_process([command, "--experiment", str(code / "named.py")], line, capsys, folder, monkeypatch)
+
+
+def test_a_metric_named_loss_never_replaces_the_runs_own_loss_outside_the_pre_flight_either():
+    """A plain Optuna script's trials skip the CLI's pre-flight: the loop and a stack refuse the name
+    themselves (the trial fails with the reason) instead of logging the metric as the loss."""
+    import torch
+
+    from harness import batched, config, training
+    from harness.errors import ExperimentCodeError
+    from harness.experiment import Experiment, load
+
+    reference = load("linear_regression")
+    named = Experiment("named_loss", reference.make_data, reference.make_model,
+                       metrics=lambda p, y: {"loss": (p - y).abs().mean()})
+    data = named.load_data()
+    cfgs = [config.resolve({"experiment": "named_loss", "seed": 42, "device": "cpu", "epochs": 3, "loss": "mse",
+                            "lr": lr}, experiment=named, n_train=data.n_train)[0] for lr in (0.01, 0.02)]
+    with pytest.raises((TypeError, ExperimentCodeError), match="named 'loss', the name of the run's own loss"):
+        training.train(cfgs[0], named, data)
+    with pytest.raises(TypeError, match="named 'loss', the name of the run's own loss"):
+        batched.train_stack(cfgs, named, data)
+    assert torch.is_tensor(training.train(cfgs[0], reference, data).model.weights)  # the reference still trains

@@ -71,5 +71,11 @@ def test_a_run_that_recorded_no_usable_count_is_re_run_with_the_process_s_own(in
     assert main(["reproduce", run_id]) == 1  # 2 threads give other bits, and the report says why they may
     err = capsys.readouterr().err
     assert "NOT reproduced" in err and f"run {run_id} recorded no thread count" in err
+    with closing(sqlite3.connect(in_workdir / "mlflow.db")) as db, db:  # tampered with: said as such
+        db.execute("INSERT INTO params (key, value, run_uuid) VALUES (?, ?, ?)",
+                   (schema.TORCH_THREADS_PARAM, "100000", run_id))
+    assert main(["reproduce", run_id]) == 1
+    err = capsys.readouterr().err
+    assert f"run {run_id} recorded thread count '100000', not a count from 1 to 1024" in err, err
     assert [recorded_threads({schema.TORCH_THREADS_PARAM: v}) for v in ("0", "-1", "²", "1e9", "4096", "3")] == [
         None] * 5 + [3]

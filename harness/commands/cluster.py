@@ -39,7 +39,7 @@ def run(args) -> int:
     # Refused now, in one line, before --dir exists.
     root = Path(args.dir).resolve()
     cluster.check_dir(root)
-    if args.postgres:
+    if args.postgres is not None:  # "" too: libpq would take its defaults (the local socket, this user)
         cluster.check_server(args.postgres)
     else:
         cluster.postgres_bin()
