@@ -341,3 +341,43 @@ def test_a_signal_while_a_trial_s_run_is_created_leaves_the_trial_pointing_at_it
     assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted"
     [run] = [r for r in all_runs(workdir) if r.data.tags.get("optuna.trial_number") == "0"]
     assert trial.user_attrs.get("mlflow_run_id") == run.info.run_id and run.info.status == "KILLED"
+
+
+def test_a_signal_while_a_batch_is_asked_leaves_every_asked_trial_with_its_run(workdir, monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM) between two asks of a batch: the trials asked so far are FAIL, interrupted,
+    queued again, and each has its FAILED run, so the audit finds the stores in step (an outside probe
+    found asked trials with no run after repeated signals)."""
+    import os
+    import signal
+
+    from conftest import all_runs
+    from harness import signals
+    from harness.cli import main
+    from search_helpers import journal_study
+
+    real, asked = optuna.Study.ask, []
+
+    def ask_then_signal(self, *args, **kwargs):
+        trial = real(self, *args, **kwargs)
+        asked.append(trial.number)
+        if len(asked) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return trial
+
+    monkeypatch.setattr(optuna.Study, "ask", ask_then_signal)
+    monkeypatch.setattr(signals, "_received", [])  # this process's signals: none before, none kept after
+    monkeypatch.setattr(signals, "_acted", [0])
+    monkeypatch.chdir(workdir)
+    assert main(["search", "--batch", "4", "--n-trials", "4", "--no-progress", "--epochs-range", "5", "10"]) == 130
+    trials = journal_study(workdir).trials
+    interrupted = [t for t in trials if t.number in asked]
+    assert len(interrupted) == 2 and all(t.state == TrialState.FAIL for t in interrupted)
+    assert all(t.user_attrs["fail_reason"] == "interrupted" for t in interrupted)
+    runs = {r.data.tags.get("optuna.trial_number"): r for r in all_runs(workdir)}
+    for trial in interrupted:
+        run = runs[str(trial.number)]
+        assert run.info.status == "FAILED" and trial.user_attrs.get("mlflow_run_id") == run.info.run_id
+        assert run.data.tags["harness.fail_reason"] == "interrupted"
+    assert sum(t.state == TrialState.WAITING for t in trials) == 2  # both queued again
+    capsys.readouterr()
+    assert main(["audit", "--study", "linear_regression-search"]) == 0, capsys.readouterr()

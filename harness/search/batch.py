@@ -49,7 +49,7 @@ def optimize(study, objective, n_trials: int, batch: int, timeout: float | None 
                     raise
                 capped = True
             if signals.pending():
-                _interrupted(study, trials)
+                _interrupted(study, trials, objective)
                 break
             try:
                 outcomes = objective.run_batch(trials)
@@ -70,8 +70,13 @@ def optimize(study, objective, n_trials: int, batch: int, timeout: float | None 
             break
 
 
-def _interrupted(study, trials) -> None:
-    """Trials asked but not trained when a signal came: FAIL, as interrupted, and queued again."""
+def _interrupted(study, trials, objective) -> None:
+    """Trials asked but not trained when a signal came: each with its FAILED run (where the objective
+    tracks them), FAIL as interrupted, and queued again."""
+    record = getattr(objective, "record_unstarted", None)
+    if record is not None:
+        with contextlib.suppress(Exception):  # the store failing: `audit --fix` gives them their runs
+            record(trials, INTERRUPTED)
     for trial in trials:
         with contextlib.suppress(Exception):  # the storage failing: the next search queues them (no reason = unfinished)
             trial.set_user_attr(FAIL_REASON_ATTR, INTERRUPTED)

@@ -9,6 +9,7 @@ from .. import signals
 from ..errors import ExperimentCodeError
 from ..experiment import Experiment
 from . import objectives as objectives_module
+from . import space as space_module
 from .options import TrialOptions
 from .recorder import TrialRecorder
 from .space import SearchSpace
@@ -99,6 +100,14 @@ class Objective:
         a ``Told(state, value)`` per trial, for ``study.tell``. A member's numbers are those of training it
         alone, bit for bit, so each trial reproduces alone."""
         return self._runner.run_batch(trials)
+
+    def record_unstarted(self, trials: list, reason: str) -> None:
+        """Trials asked and never started (a signal came while a batch was asked): each gets its FAILED
+        run, with the params drawn so far and ``reason``, as a trial cut short after its start has one."""
+        for trial in trials:
+            recorder = self._recorder_for(trial)
+            if recorder is not None:
+                recorder.record_refused(trial, space_module.logged_params(trial.params), reason)
 
     def _recorder_for(self, trial) -> TrialRecorder | None:
         if not self.track or getattr(trial, "study", None) is None:
