@@ -87,12 +87,18 @@ class LocalStore:
         folder = _local_folder(row[2]) if row else None
         if folder is None:
             raise StoreError(f"run {run_id} has no local artifact folder")
-        target = (folder / path).resolve()
-        if not target.is_relative_to(folder.resolve()):  # MLflow refuses a path or link out of it too
-            raise StoreError(f"artifact {path!r} of run {run_id} is outside the run's artifact folder")
-        if not stat.S_ISREG(target.stat().st_mode):
-            raise StoreError(f"artifact {path!r} of run {run_id} is not a regular file")
-        return str(target)
+        return str(artifact_file(folder, path, run_id))
+
+
+def artifact_file(folder: Path, path: str, run_id: str) -> Path:
+    """The artifact's own file in the run's artifact folder, read in place; a path or link out of
+    the folder, a FIFO, device or folder is refused before anything opens it."""
+    target = (folder / path).resolve()
+    if not target.is_relative_to(folder.resolve()):  # MLflow refuses a path or link out of it too
+        raise StoreError(f"artifact {path!r} of run {run_id} is outside the run's artifact folder")
+    if not stat.S_ISREG(target.stat().st_mode):
+        raise StoreError(f"artifact {path!r} of run {run_id} is not a regular file")
+    return target
 
 
 def _local_folder(uri: str) -> Path | None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import shlex
+import stat
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -106,50 +108,100 @@ class ArtifactRefused(Exception):
 
 
 def fetch_artifact(client, run_id: str, name: str, limit: int, tmp: str) -> Path:
-    """The run's artifact ``name`` as a local file, its size checked before anything copies or reads
-    it: a sparse file or a FIFO in the store costs nothing to refuse."""
-    size = _artifact_size(client, run_id, name)
-    if size is not None and size > limit:
-        raise ArtifactRefused(f"it is {size} bytes, at most {limit} allowed")
-    path = Path(client.download_artifacts(run_id, name, tmp))
-    if not path.is_file() or path.stat().st_size > limit:
-        raise ArtifactRefused(f"not a regular file of at most {limit} bytes")
+    """The run's artifact ``name`` as a local file, checked before anything copies or reads it: a
+    sparse file or a FIFO in the store costs nothing to refuse. A run whose artifacts MLflow keeps in
+    a local folder is read in place, at the path MLflow itself makes of the run's artifact URI (%xx,
+    relative, ``file:`` forms alike): nothing is copied, so the file checked is the file read. Any
+    other store's listed size is checked before the download, and the copy after it."""
+    path = _in_place(client, run_id, name)
+    if path is None:
+        listed = {info.path: info for info in client.list_artifacts(run_id)}.get(name)
+        if listed is None:  # never downloaded unchecked: MLflow may still find what it did not list
+            raise FileNotFoundError(f"{name} is not among the artifacts the store lists")
+        if listed.is_dir:
+            raise ArtifactRefused("a folder, not a file")
+        if listed.file_size is not None and listed.file_size > limit:
+            raise ArtifactRefused(f"it is {listed.file_size} bytes, at most {limit} allowed")
+        path = Path(client.download_artifacts(run_id, name, tmp))
+    found = path.stat()  # not opened: a FIFO would block
+    if not stat.S_ISREG(found.st_mode):
+        raise ArtifactRefused("not a regular file")
+    if found.st_size > limit:
+        raise ArtifactRefused(f"it is {found.st_size} bytes, at most {limit} allowed")
     return path
 
 
-def _artifact_size(client, run_id: str, name: str) -> int | None:
-    """The artifact's size as its store reports it, before a download; None where the file is read
-    in place (the fast reader, which checks it itself)."""
-    import stat
-
-    from .local_store import LocalStore
-    from .urls import local_folder
+def _in_place(client, run_id: str, name: str) -> Path | None:
+    """The artifact's own file where the run's artifacts are in a local folder (refused if it is
+    not a regular file in that folder), else None."""
+    from .local_store import LocalStore, artifact_file
 
     if isinstance(client, LocalStore):
+        return Path(client.download_artifacts(run_id, name))
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    # The repository MLflow's own download would use, and the folder it makes of the URI.
+    repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri)
+    if not isinstance(repo, LocalArtifactRepository):
         return None
-    folder = local_folder(client.get_run(run_id).info.artifact_uri)
-    if folder is not None:
-        try:
-            found = (folder / name).stat()
-        except OSError:
-            return None  # absent: the download says so in MLflow's words
-        if not stat.S_ISREG(found.st_mode):
-            raise ArtifactRefused("not a regular file")
-        return found.st_size
-    listed = {info.path: info for info in client.list_artifacts(run_id)}
-    info = listed.get(name)
-    if info is not None and info.is_dir:
-        raise ArtifactRefused("a folder, not a file")
-    return info.file_size if info is not None else None
+    return artifact_file(Path(repo.artifact_dir), name, run_id)
+
+
+# torch.save writes one zip entry per tensor storage and 6 more; the models that fit 2 GiB have a
+# few thousand at most (GPT-2 medium: 292 tensors, ResNet-152: 776). An entry of its central
+# directory is 46 bytes and the name ("state_dict/data/123"); zipfile makes a ~640-byte object of
+# each before any size is known, so both are bounded from the end records before it starts:
+# at most 40 MB of them however the bytes are split (24 MB measured for 54,468 one-byte names).
+MAX_ARCHIVE_ENTRIES = 20_000
+MAX_DIRECTORY_BYTES = 128 * MAX_ARCHIVE_ENTRIES
+_END = struct.Struct("<4s4H2LH")  # end of central directory: 22 bytes, last in the file
+_LOCATOR = struct.Struct("<4sLQL")  # zip64 end locator: the 20 bytes before it
+_END64 = struct.Struct("<4sQ2H2L4Q")  # zip64 end record: the 56 bytes before that
+
+
+def _directory(path: Path) -> list[tuple[int, int]]:
+    """Each (entries, bytes) the archive's end records declare for its central directory, read from
+    its last 98 bytes. Only the records zipfile and torch's reader both take are accepted: the end
+    record as the file's last 22 bytes (no comment) and a zip64 one right before its locator."""
+    with open(path, "rb") as handle:
+        size = handle.seek(0, 2)
+        handle.seek(max(0, size - 98))
+        tail = handle.read(98)
+    if len(tail) < _END.size:
+        raise ValueError("too short for a zip end record")
+    signature, _, _, _, entries, directory, start, comment = _END.unpack(tail[-22:])
+    if signature != b"PK\x05\x06" or comment:
+        raise ValueError("its last 22 bytes are not a zip end record without a comment")
+    declared = [(entries, directory)]
+    if len(tail) == 98 and tail[-42:-38] == b"PK\x06\x07":
+        where = _LOCATOR.unpack(tail[-42:-22])[2]
+        record = _END64.unpack(tail[:56])
+        if record[0] != b"PK\x06\x06" or where != size - 98:
+            raise ValueError("its zip64 end record is not where its locator says")
+        # zipfile takes the zip64 record's counts; a reader may take the 32-bit ones where they are no marker
+        declared = [(record[7] if entries == 0xFFFF else entries,
+                     record[8] if directory == 0xFFFFFFFF else directory), (record[7], record[8])]
+    elif 0xFFFF == entries or 0xFFFFFFFF in (directory, start):
+        raise ValueError("a zip64 end record is missing")
+    return declared
 
 
 def _not_a_plain_archive(path: Path) -> str | None:
     """Why the file is not read by torch.load, or None. torch.save has written zip archives since
     torch 1.6, its tensors stored uncompressed; the legacy format (and a bare pickle) allocates
     storages at the sizes it declares, and a compressed entry is inflated whole, so only an archive
-    whose entries declare at most the allowed bytes in all is read."""
+    of a bounded directory whose entries declare at most the allowed bytes in all is read."""
     import zipfile
 
+    try:
+        declared = _directory(path)
+    except (OSError, ValueError) as exc:
+        return f"not a zip archive of torch.save ({described(exc)})"
+    for entries, directory in declared:
+        if entries > MAX_ARCHIVE_ENTRIES or directory > MAX_DIRECTORY_BYTES:
+            return (f"its directory declares {entries} entries in {directory} bytes, at most "
+                    f"{MAX_ARCHIVE_ENTRIES} entries in {MAX_DIRECTORY_BYTES} bytes allowed")
     try:
         with zipfile.ZipFile(path) as archive:
             declared = sum(entry.file_size for entry in archive.infolist())

@@ -164,14 +164,19 @@ def engine_url(url: str) -> str:
 
 def local_folder(artifact_uri: str | None) -> Path | None:
     """The folder of a run's artifacts when MLflow keeps them in a local folder (its default beside
-    an SQLite store); None for anything served or remote."""
+    an SQLite store), as MLflow's LocalArtifactRepository makes it of the URI on POSIX (``file:``
+    URIs and absolute paths alike %xx-decoded); None for anything served or remote, a relative path
+    and a ``FILE:`` MLflow would read as a relative path."""
     from urllib.parse import urlparse
 
     if not artifact_uri:
         return None
     parsed = urlparse(artifact_uri)
-    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
-        return Path(unquote(parsed.path))
-    if parsed.scheme == "" and artifact_uri.startswith("/"):
-        return Path(artifact_uri)
-    return None
+    if artifact_uri.startswith("file:") and parsed.netloc in ("", "localhost"):
+        path = parsed.path
+    elif parsed.scheme == "":
+        path = artifact_uri
+    else:
+        return None
+    path = unquote(path)  # urllib.request.url2pathname on POSIX, which MLflow calls
+    return Path(path) if path.startswith("/") else None

@@ -3,8 +3,10 @@ hang is refused in one line, before torch.load reads it or a download copies it,
 readers (the fast SQLite reader and MlflowClient)."""
 import os
 import pickle
+import sqlite3
 import warnings
 import zipfile
+from contextlib import closing
 
 import pytest
 import torch
@@ -13,7 +15,9 @@ from mlflow import MlflowClient
 from harness import runs
 from harness.errors import HarnessError
 from harness.tracking import fast_read_client
-from test_fast_read import VALUES, _artifact, _within, store  # noqa: F401 - a fixture
+from harness.urls import local_folder
+from test_audit import mlflow_uri, searched  # noqa: F401 - fixtures
+from test_fast_read import VALUES, _artifact, _sql, _within, store  # noqa: F401 - a fixture
 
 LIMIT = 1 << 16  # the tests lower the bound so that no case costs more than a few KB of real disk
 
@@ -94,3 +98,129 @@ def test_a_plain_state_dict_still_loads_through_both_readers(store):
     for make in CLIENTS.values():
         inputs, outputs = runs.predict(run_id, VALUES, client=make(run_id, uri))
         assert outputs.shape[0] == len(VALUES)
+
+
+def _moved(store, monkeypatch, relative: str):
+    """The run's artifact folder moved to ``relative`` under the store's folder, the working directory."""
+    path = store[0]
+    monkeypatch.chdir(path)
+    target = path / relative
+    target.parent.mkdir(parents=True)
+    _artifact(store, "").rename(target)
+    return target
+
+
+def _symlinked(store):
+    path, run_id = store[:2]
+    (path / "linked").symlink_to(path / "mlruns")
+    return str(path / "linked" / "0" / run_id / "artifacts")
+
+
+# Each form of a local artifact URI MLflow accepts: (the run's artifact URI, the folder MLflow reads).
+FORMS = {
+    "file:// with %xx": lambda s, m: ("file://" + str(_artifact(s, "")).replace("/artifacts", "/%61rtifacts"),
+                                      _artifact(s, "")),
+    "path with %xx": lambda s, m: (str(_artifact(s, "")).replace("/artifacts", "/%61rtifacts"), _artifact(s, "")),
+    "file: without //": lambda s, m: (f"file:{_artifact(s, '')}", _artifact(s, "")),
+    "file://localhost": lambda s, m: (f"file://localhost{_artifact(s, '')}", _artifact(s, "")),
+    "relative": lambda s, m: ("moved/artifacts", _moved(s, m, "moved/artifacts")),
+    "symlinked folder": lambda s, m: (_symlinked(s), _artifact(s, "")),
+    # MLflow reads a FILE: URI as a path relative to the working directory
+    "upper-case FILE:": lambda s, m: (f"FILE://{_artifact(s, '')}", _moved(s, m, f"FILE:{_artifact(s, '')}")),
+}
+
+
+def _no_download(monkeypatch):
+    """MLflow's download (the only thing that copies an artifact) fails the test if called."""
+    import mlflow.artifacts
+
+    copy = lambda *a, **k: pytest.fail("MLflow's download copied the artifact")  # noqa: E731
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", copy)
+    monkeypatch.setattr(MlflowClient, "download_artifacts", copy)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_each_local_artifact_uri_form_is_checked_where_mlflow_reads_it_and_never_copied(store, monkeypatch, form):
+    from harness.reproduce import reproduce
+
+    path, run_id, uri = store
+    artifact_uri, folder = FORMS[form](store, monkeypatch)
+    _sql(store, "UPDATE runs SET artifact_uri = ? WHERE run_uuid = ?", artifact_uri, run_id)
+    assert MlflowClient(uri).download_artifacts(run_id, "state_dict.pt", str(path)) == str(path / "state_dict.pt")
+    assert (path / "state_dict.pt").read_bytes() == (folder / "state_dict.pt").read_bytes(), "not where MLflow reads"
+    expected = runs.predict(run_id, VALUES, client=MlflowClient(uri))[1]
+    _no_download(monkeypatch)
+    for make in CLIENTS.values():
+        assert torch.equal(runs.predict(run_id, VALUES, client=make(run_id, uri))[1], expected)
+    _sparse(folder / "state_dict.pt", 3 << 30)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load read it"))
+    refused = f"refused state_dict.pt of run {run_id}: it is {3 << 30} bytes"
+    for make in CLIENTS.values():
+        with pytest.raises(HarnessError, match=refused):
+            runs.predict(run_id, VALUES, client=make(run_id, uri))
+    with pytest.raises(HarnessError, match=refused):
+        runs.load_model(run_id, client=MlflowClient(uri))
+    with pytest.raises(HarnessError, match=refused):
+        reproduce(MlflowClient(uri), run_id)
+
+
+def test_an_audit_refuses_a_sparse_state_dict_behind_a_percent_uri_without_copying_it(searched, monkeypatch):
+    from harness.search.audit import audit
+    from test_audit import _reopened, _run_of
+
+    url, client = searched
+    run_id = _run_of(url, 0)
+    artifact_uri = client.get_run(run_id).info.artifact_uri
+    folder = local_folder(artifact_uri)
+    assert (folder / "state_dict.pt").is_file()
+    with closing(sqlite3.connect("mlflow.db")) as db, db:  # the store the fixture made in the working directory
+        db.execute("UPDATE runs SET artifact_uri = ? WHERE run_uuid = ?",
+                   (artifact_uri.replace("/artifacts", "/%61rtifacts"), run_id))
+    _sparse(folder / "state_dict.pt", 3 << 30)
+    _no_download(monkeypatch)
+    report = audit(*_reopened(url), MlflowClient(client.tracking_uri))
+    assert f"trial 0: refused state_dict.pt of run {run_id}: it is {3 << 30} bytes" in " ".join(report.violations)
+
+
+def _many_entries(path, count: int, name_bytes: int = 1):
+    path.unlink()
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(count):
+            archive.writestr(f"{i:0{name_bytes}d}", b"")
+
+
+@pytest.mark.parametrize("bound", ["entries", "directory bytes"])
+def test_an_archive_of_many_entries_is_refused_before_zipfile_reads_its_directory(store, monkeypatch, bound):
+    path, run_id, uri = store
+    monkeypatch.setattr(runs, "MAX_ARCHIVE_ENTRIES", 100)
+    monkeypatch.setattr(runs, "MAX_DIRECTORY_BYTES", 100 * 128)
+    if bound == "entries":
+        _many_entries(_artifact(store, "state_dict.pt"), 101)
+    else:  # few entries, each with a long name
+        _many_entries(_artifact(store, "state_dict.pt"), 50, name_bytes=300)
+    monkeypatch.setattr(zipfile, "ZipFile", lambda *a, **k: pytest.fail("zipfile read the directory"))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load read it"))
+    for make in CLIENTS.values():
+        with pytest.raises(HarnessError, match=f"refused state_dict.pt of run {run_id}: its directory declares "
+                                               r"(101|50) entries in \d+ bytes, at most 100 entries"):
+            runs.predict(run_id, VALUES, client=make(run_id, uri))
+
+
+def test_torch_s_archives_of_as_many_tensors_as_the_bound_allows_are_read(tmp_path):
+    path = tmp_path / "state_dict.pt"
+    torch.save({f"layer{i}.weight": torch.zeros(1) for i in range(runs.MAX_ARCHIVE_ENTRIES - 6)}, path)
+    assert runs._not_a_plain_archive(path) is None
+    torch.save({f"layer{i}.weight": torch.zeros(1) for i in range(runs.MAX_ARCHIVE_ENTRIES - 5)}, path)
+    assert "20001 entries" in runs._not_a_plain_archive(path)
+
+
+def test_end_records_zipfile_and_torch_could_read_differently_are_refused(tmp_path):
+    path = tmp_path / "state_dict.pt"
+    torch.save({"weights": torch.zeros(1)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-2] + b"\x01\x00x")  # a comment after the end record
+    assert "not a zip end record without a comment" in runs._not_a_plain_archive(path)
+    locator = len(data) - 42
+    moved = data[:locator + 8] + (len(data) - 99).to_bytes(8, "little") + data[locator + 16:]
+    path.write_bytes(moved)  # the locator points at another zip64 record than the one before it
+    assert "zip64 end record is not where its locator says" in runs._not_a_plain_archive(path)
