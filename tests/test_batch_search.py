@@ -368,6 +368,9 @@ def test_a_signal_while_a_batch_is_asked_leaves_every_asked_trial_with_its_run(w
     monkeypatch.setattr(signals, "_received", [])  # this process's signals: none before, none kept after
     monkeypatch.setattr(signals, "_acted", [0])
     monkeypatch.chdir(workdir)
+    # Named absolutely: MLflow keeps one store object per URI, and the relative default may be bound
+    # to another test's folder in this process.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
     assert main(["search", "--batch", "4", "--n-trials", "4", "--no-progress", "--epochs-range", "5", "10"]) == 130
     trials = journal_study(workdir).trials
     interrupted = [t for t in trials if t.number in asked]

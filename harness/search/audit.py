@@ -6,10 +6,8 @@ closes the run as FAILED.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
-from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
@@ -19,6 +17,7 @@ from ..schema import FAIL_REASON_ATTR, INCOMPLETE_TAG, PAIR_TRIAL_PARAM as PAIR,
 from ..sink import MlflowSink, close_incomplete
 from ..config import per_epoch
 from .objectives import LEGACY, of_study
+from .experimental import experimental_ok
 from .space import logged_params
 from .recorder import fail_run
 from .optuna_private import trial_id
@@ -50,8 +49,7 @@ def fail_and_retry(study, storage, trial) -> int:
     """What Optuna's heartbeat does to a stale trial: FAIL it and enqueue its params again."""
     storage.set_trial_user_attr(trial_id(trial), FAIL_REASON_ATTR, WORKER_DIED)
     storage.set_trial_state_values(trial_id(trial), TrialState.FAIL)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
+    with experimental_ok():
         RetryHeartbeatStaleTrialCallback()(study, storage.get_trial(trial_id(trial)))
     return trial.number
 
@@ -62,8 +60,7 @@ def recover_stale(study, storage) -> tuple[list[int], list[int]]:
     check, RDB storages only: the way to know about a worker on another machine)."""
     by_pid = [fail_and_retry(study, storage, trial) for trial in stale_trials(study)]
     before = abandoned(study.get_trials(deepcopy=False))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
+    with experimental_ok():
         fail_stale_trials(study)
     by_heartbeat = sorted(abandoned(study.get_trials(deepcopy=False)) - before)
     return by_pid, by_heartbeat

@@ -12,11 +12,11 @@ multi-objective study).
 from __future__ import annotations
 
 import math
-import warnings
 
 from .. import schema
 from ..config import per_epoch, selection_metric_name
 from ..errors import UsageError, did_you_mean
+from .experimental import experimental_ok
 
 FIRST = schema.VALID_LOSS  # the first objective unless one is named
 EPOCHS = "epochs"  # the epochs the trial trained (a completed trial: its config's)
@@ -171,11 +171,8 @@ def name_study(study, objectives: tuple[str, ...]) -> None:
         if tuple(stored) != tuple(objectives):
             raise UsageError(f"study {study.study_name!r} has objectives {' '.join(stored)}, not {' '.join(objectives)}")
         return
-    import optuna
-
     study.set_user_attr(schema.OBJECTIVES_ATTR, list(objectives))
     if len(objectives) < 2:  # one: trials.csv keeps Optuna's plain "value" column
         return
-    with warnings.catch_warnings():  # set_metric_names is experimental in Optuna 5.0, and stable enough
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with experimental_ok():  # set_metric_names is experimental in Optuna 5.0, and stable enough
         study.set_metric_names(list(objectives))

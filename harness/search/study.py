@@ -1,7 +1,6 @@
 """Opening a study: storage from a URL, sampler and pruner by name, and the checks on resuming one."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -14,6 +13,7 @@ import optuna
 from ..errors import UsageError
 from ..urls import check_credentials, engine_url, redact, scrub, sqlite_path
 from .space import SearchSpace
+from .experimental import experimental_ok
 
 DEFAULT_STORAGE = "journal:optuna_journal.log"
 HEARTBEAT_S = 10
@@ -114,8 +114,7 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     started = time.time()
     try:
-        with warnings.catch_warnings(), schema_lock(engine_url(url), engine_kwargs):
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, since 2.x
+        with experimental_ok(), schema_lock(engine_url(url), engine_kwargs):  # heartbeats: experimental since 2.x
             storage = CappedRDBStorage(
                 engine_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
@@ -190,7 +189,7 @@ def _open_journal(path: str, repair: bool, notify):
 
 def make_sampler(name: str, seed: int | None, space: SearchSpace) -> optuna.samplers.BaseSampler:
     samplers = optuna.samplers
-    with _stable_enough():
+    with experimental_ok():
         if name == "tpe":
             # Optuna 5's defaults, which are what this search wants: multivariate for one objective
             # (lr and epochs modelled jointly; independent for two, as Optuna picks), and
@@ -209,15 +208,6 @@ def make_sampler(name: str, seed: int | None, space: SearchSpace) -> optuna.samp
         if name == "nsga2":  # a genetic algorithm for two objectives (also runs a study of one)
             return samplers.NSGAIISampler(seed=seed)
         return samplers.GridSampler(space.grid(), seed=seed)
-
-
-@contextlib.contextmanager
-def _stable_enough():
-    """Optuna marks QMCSampler and WilcoxonPruner experimental (their interface may change): --help
-    offers them, so that warning is not repeated on every run."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
 
 
 def independent_axes(name: str, space: SearchSpace) -> list[str]:
@@ -282,7 +272,7 @@ def make_pruner(name: str, settings: dict | None = None) -> optuna.pruners.BaseP
         # prunes nothing until a trial that reports is best, and Optuna would say so at every check.
         warnings.filterwarnings("ignore", message="The best trial has no intermediate values", category=UserWarning)
     try:
-        with _stable_enough():
+        with experimental_ok():
             return getattr(optuna.pruners, _PRUNERS[name])(**settings)
     except ValueError as exc:
         shown = " ".join(f"{k}={v}" for k, v in settings.items())

@@ -11,6 +11,7 @@ from .. import schema, tracking
 from ..experiment import is_builtin
 from ..schema import METRICS_ATTR, RUN_ATTR
 from .objectives import DEFAULT
+from .experimental import experimental_ok
 
 FRONT_SHOWN = 10  # rows of the Pareto front in the parent run's description
 
@@ -301,8 +302,7 @@ def _plots(trials: list, directions, objectives: tuple[str, ...] = DEFAULT, impo
     if many:
         plots[schema.PARETO_FRONT] = functools.partial(ovm.plot_pareto_front, target_names=list(objectives))
     figures = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with experimental_ok(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module="optuna.visualization")  # flat axes
         # Given a target (two objectives: the first), PED-ANOVA says it ranks low values as good: they are.
         warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes", category=UserWarning)

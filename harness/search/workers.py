@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 from ..schema import FAIL_REASON_ATTR, WORKER_ATTR
+from .experimental import experimental_ok
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -100,13 +101,9 @@ def unfinished(trials) -> list:
 def retried_numbers(trials) -> set[int]:
     """Every trial whose configuration was queued again. Optuna's retry of a retry keeps the first
     trial's number as ``failed_trial``; each trial retried along the way is in ``retry_history``."""
-    import warnings
-
-    from optuna.exceptions import ExperimentalWarning
     from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
+    with experimental_ok():
         numbers = set()
         for t in trials:
             history = Retry.retry_history(t)
@@ -119,14 +116,10 @@ def retried_numbers(trials) -> set[int]:
 def retry(study, trial) -> bool:
     """Queue ``trial``'s configuration again the way Optuna's retry callbacks do (so Optuna's
     ``retried_trial_number`` finds it), unless it already is; returns whether one was queued."""
-    import warnings
-
-    from optuna.exceptions import ExperimentalWarning
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     if trial.number in retried_numbers(study.get_trials(deepcopy=False)):
         return False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
+    with experimental_ok():
         RetryHeartbeatStaleTrialCallback()(study, trial)
     return True
