@@ -7,6 +7,29 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# What points MLflow or Optuna elsewhere: a tracking URI, an experiment, a run, a storage.
+REDIRECTS = ("MLFLOW_", "OPTUNA_")
+
+
+def _redirects() -> dict:
+    return {k: v for k, v in os.environ.items() if k.startswith(REDIRECTS)}
+
+
+# The caller's shell changes nothing: gone before any test module imports mlflow, so neither this
+# process (in-process commands, fixtures of any scope) nor a process it starts sees them.
+for _name in _redirects():
+    del os.environ[_name]
+
+
+@pytest.fixture(autouse=True)
+def _redirects_stay_in_their_test():
+    """What a test, or a command it ran in-process (main() sets MLflow's network defaults), put in
+    os.environ is gone before the next test; what a module's fixture set (a server's login) stays."""
+    before = _redirects()
+    yield
+    for name in _redirects().keys() - before.keys():
+        del os.environ[name]
+    os.environ.update(before)
 
 
 def readme_blocks(heading: str) -> tuple[str, list[str]]:
@@ -23,7 +46,7 @@ def readme_blocks(heading: str) -> tuple[str, list[str]]:
 
 def cli_env(**extra) -> dict:
     """The user's environment without anything that would redirect MLflow or Optuna."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OPTUNA_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(REDIRECTS)}
     # `mlflow run` looks up `python` on PATH: make it this interpreter.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONUNBUFFERED"] = "1"

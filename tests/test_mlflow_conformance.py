@@ -35,11 +35,12 @@ def record() -> RunRecord:
 
 
 @pytest.fixture(params=["one run", "a batch"])
-def store(request, tmp_path, monkeypatch):
+def store(request, workdir, monkeypatch):
     """A store holding one record written by MLflow's public path and the same by the direct path:
     alone (create_run, write), or as one of a batch's runs (create_runs, write_many: one transaction)."""
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(workdir)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for mlflow.search_runs, which takes no URI
     client = tracking.open_client(uri)
     experiment = client.create_experiment("conformance")
     params = {"lr": "0.01", "epochs": str(EPOCHS), "optimizer": "sgd"}
