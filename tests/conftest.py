@@ -110,6 +110,39 @@ def in_workdir(workdir, monkeypatch) -> Path:
     return workdir
 
 
+def copy_store(source: Path, target: Path) -> Path:
+    """A copy of the folder ``source`` whose runs keep their artifacts in the copy, to damage at will."""
+    import sqlite3
+    from contextlib import closing
+
+    shutil.copytree(source, target)
+    with closing(sqlite3.connect(target / "mlflow.db")) as db, db:
+        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(source), str(target)))
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
+                   (str(source), str(target)))
+    return target
+
+
+@pytest.fixture
+def cli_in_process(monkeypatch, capfd):
+    """``harness ARGS`` in-process in ``cwd`` with ``env`` added, as a CompletedProcess: its exit
+    status and what reached file descriptors 1 and 2 (MLflow's and Optuna's logging too). For
+    matrices: an interpreter's start costs more than a refusal."""
+    from harness.cli import main
+
+    def run(*args, cwd, env=None) -> subprocess.CompletedProcess:
+        with monkeypatch.context() as patch:
+            patch.chdir(cwd)
+            for name, value in (env or {}).items():
+                patch.setenv(name, value)
+            capfd.readouterr()
+            status = main(list(map(str, args)))
+            out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(args, status, out, err)
+
+    return run
+
+
 def client_for(workdir: Path):
     from mlflow import MlflowClient
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import all_runs, cli_env, client_for, new_store, run_cli
+from conftest import all_runs, cli_env, client_for, copy_store, new_store, run_cli
 
 
 SECRET = "S3cr3tPw"
@@ -41,32 +41,13 @@ HTTP_URLS = [f"http://user:{SECRET}@127.0.0.1:9", f"https://{SECRET}@127.0.0.1:9
              f"http://127.0.0.1:9/?token={SECRET}"]
 
 
-@pytest.fixture
-def harness(monkeypatch, capfd):
-    """``harness ARGS`` in-process in ``cwd`` with ``env`` added, as a CompletedProcess: its exit
-    status and what reached file descriptors 1 and 2 (MLflow's and Optuna's logging too)."""
-    from harness.cli import main
-
-    def run(*args, cwd, env=None) -> subprocess.CompletedProcess:
-        with monkeypatch.context() as patch:
-            patch.chdir(cwd)
-            for name, value in (env or {}).items():
-                patch.setenv(name, value)
-            capfd.readouterr()
-            status = main(list(map(str, args)))
-            out, err = capfd.readouterr()
-        return subprocess.CompletedProcess(args, status, out, err)
-
-    return run
-
-
 def leaked(out) -> bool:
     text = out.stdout + out.stderr
     return any(s in text for s in (SECRET, "S3c/r3tPw", "r3tPw", "S3c%2Fr3tPw"))
 
 
 @pytest.mark.slow  # two real processes, and MLflow's retries of each HTTP URL (seconds each)
-def test_no_password_is_ever_printed(tmp_path, harness):
+def test_no_password_is_ever_printed(tmp_path, cli_in_process):
     cases = [(["search", "--storage", url, "--n-trials", 1, *SHORT], {}) for url in PASSWORD_URLS]
     cases += [([cmd, *args], {"MLFLOW_TRACKING_URI": url}) for url in HTTP_URLS + PASSWORD_URLS[:4]
               for cmd, args in (("train", ["--epochs", 2]), ("search", ["--n-trials", 1, *SHORT]))]
@@ -78,7 +59,7 @@ def test_no_password_is_ever_printed(tmp_path, harness):
         if number in real:
             out = run_cli(*args, cwd=tmp_path, env=cli_env(**env), timeout=120)
         else:
-            out = harness(*args, cwd=tmp_path, env=env)
+            out = cli_in_process(*args, cwd=tmp_path, env=env)
         assert time.time() - started < 60, (args, env)  # no minutes of retries
         assert out.returncode in (1, 2), (args, env, out.stderr)
         assert not leaked(out), (args, env, out.stderr)
@@ -127,8 +108,8 @@ def test_a_password_in_a_storage_url_is_never_stored(workdir):
     (["compare", "--study", "x", "--csv", "/missing/dir/x.csv"], "does not exist"),
     (["compare", "--study", "x", "--out", "."], "is a directory"),
 ])
-def test_bad_values_get_one_line_and_write_nothing(tmp_path, args, expected, harness):
-    out = harness(args[0], *(SHORT if args[0] == "search" else []), *args[1:], cwd=tmp_path)  # the case's flags win
+def test_bad_values_get_one_line_and_write_nothing(tmp_path, args, expected, cli_in_process):
+    out = cli_in_process(args[0], *(SHORT if args[0] == "search" else []), *args[1:], cwd=tmp_path)  # the case's flags win
     line = one_line_error(out)
     assert expected in line, line
     assert list(tmp_path.iterdir()) == []
@@ -142,11 +123,11 @@ def test_a_bad_value_gets_one_line_and_writes_nothing_from_a_real_process(tmp_pa
     assert out.stdout == "" and list(tmp_path.iterdir()) == []
 
 
-def test_read_commands_never_create_a_store(tmp_path, harness):
+def test_read_commands_never_create_a_store(tmp_path, cli_in_process):
     for args in (["compare", "--study", "x"], ["predict", "abc", "--x", 1], ["reproduce", "abc"]):
-        line = one_line_error(harness(*args, cwd=tmp_path))
+        line = one_line_error(cli_in_process(*args, cwd=tmp_path))
         assert "no MLflow store at sqlite:///mlflow.db" in line
-        out = harness(*args, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/missing/x.db"})
+        out = cli_in_process(*args, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/missing/x.db"})
         assert "no MLflow store" in one_line_error(out)
     assert list(tmp_path.iterdir()) == []
 
@@ -169,17 +150,7 @@ def searched(tmp_path_factory, migrated_db):
 
 
 def _copy(searched, tmp_path) -> Path:
-    """A copy of the searched folder whose runs keep their artifacts in it, to damage at will."""
-    import sqlite3
-    from contextlib import closing
-
-    target = tmp_path / "copy"
-    shutil.copytree(searched, target)
-    with closing(sqlite3.connect(target / "mlflow.db")) as db, db:
-        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(searched), str(target)))
-        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
-                   (str(searched), str(target)))
-    return target
+    return copy_store(searched, tmp_path / "copy")
 
 
 @pytest.mark.slow
@@ -206,9 +177,9 @@ def _trial_run(workdir) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["wrong keys", "a list", "missing", "not a tensor file"])
-def test_a_damaged_state_dict_gets_one_line_and_reproduce_leaves_no_re_run(searched, tmp_path, harness, damage):
+def test_a_damaged_state_dict_gets_one_line_and_reproduce_leaves_no_re_run(searched, tmp_path, cli_in_process, damage):
     workdir = _copy(searched, tmp_path)
-    cli = run_cli if damage == "not a tensor file" else harness  # one damage as a user's processes show it
+    cli = run_cli if damage == "not a tensor file" else cli_in_process  # one damage as a user's processes show it
     run_id = _trial_run(workdir)
     from urllib.parse import urlparse
 
@@ -232,9 +203,9 @@ def test_a_damaged_state_dict_gets_one_line_and_reproduce_leaves_no_re_run(searc
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["malformed pages", "not a database", "read-only"])
-def test_a_store_that_cannot_be_read_gets_one_line(searched, tmp_path, harness, damage):
+def test_a_store_that_cannot_be_read_gets_one_line(searched, tmp_path, cli_in_process, damage):
     workdir = _copy(searched, tmp_path)
-    cli = harness if damage == "malformed pages" else run_cli  # the others as a user's processes show them
+    cli = cli_in_process if damage == "malformed pages" else run_cli  # the others as a user's processes show them
     run_id = _trial_run(workdir)
     db = workdir / "mlflow.db"
     for extra in ("mlflow.db-wal", "mlflow.db-shm"):

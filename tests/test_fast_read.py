@@ -3,7 +3,6 @@ answers as MlflowClient, without importing mlflow, and MlflowClient wherever it 
 import hashlib
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from harness.commands.predict import _fmt
 from harness.errors import HarnessError, UsageError
 from harness.local_store import LocalStore
 from harness.tracking import fast_read_client
-from conftest import cli_env
+from conftest import cli_env, copy_store
 
 VALUES = [0.1, 0.5, -2.0]
 
@@ -27,9 +26,8 @@ VALUES = [0.1, 0.5, -2.0]
 def _copy(trained, path):
     """A copy of the trained store whose run's artifact folder is the copy's own, to damage at will."""
     source, run_id = trained
-    shutil.copytree(source, path)
-    with closing(sqlite3.connect(path / "mlflow.db")) as db, db:
-        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(source), str(path)))
+    copy_store(source, path)
+    with closing(sqlite3.connect(path / "mlflow.db")) as db:
         [(artifact_uri,)] = db.execute("SELECT artifact_uri FROM runs").fetchall()
     assert artifact_uri == str(_artifact((path, run_id), "")) and os.path.isdir(artifact_uri)
     return path, run_id, f"sqlite:///{path / 'mlflow.db'}"
