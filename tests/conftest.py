@@ -127,7 +127,10 @@ def copy_store(source: Path, target: Path) -> Path:
 def cli_in_process(monkeypatch, capfd):
     """``harness ARGS`` in-process in ``cwd`` with ``env`` added, as a CompletedProcess: its exit
     status and what reached file descriptors 1 and 2 (MLflow's and Optuna's logging too). For
-    matrices: an interpreter's start costs more than a refusal."""
+    matrices: an interpreter's start costs more than a refusal.
+
+    A store in ``cwd`` is named absolutely, unless ``env`` names one: MLflow keeps one store object
+    per URI, and its relative default would stay the store of the first folder it was opened in."""
     from harness.cli import main
 
     def run(*args, cwd, env=None) -> subprocess.CompletedProcess:
@@ -135,6 +138,9 @@ def cli_in_process(monkeypatch, capfd):
             patch.chdir(cwd)
             for name, value in (env or {}).items():
                 patch.setenv(name, value)
+            store = Path(cwd).resolve() / "mlflow.db"
+            if "MLFLOW_TRACKING_URI" not in os.environ and store.exists():
+                patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
             capfd.readouterr()
             status = main(list(map(str, args)))
             out, err = capfd.readouterr()
