@@ -1,3 +1,4 @@
+import contextlib
 import os
 import shutil
 import subprocess
@@ -7,6 +8,38 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# What points MLflow or Optuna elsewhere: a tracking URI, an experiment, a run, a storage.
+REDIRECTS = ("MLFLOW_", "OPTUNA_")
+
+
+def _redirects() -> dict:
+    return {k: v for k, v in os.environ.items() if k.startswith(REDIRECTS)}
+
+
+# The caller's shell changes nothing: gone before any test module imports mlflow, so neither this
+# process (in-process commands, fixtures of any scope) nor a process it starts sees them.
+for _name in _redirects():
+    del os.environ[_name]
+
+
+@contextlib.contextmanager
+def redirects_restored():
+    """What a command run in-process put in os.environ (main() sets MLflow's network defaults) is
+    gone afterwards."""
+    before = _redirects()
+    try:
+        yield
+    finally:
+        for name in _redirects().keys() - before.keys():
+            del os.environ[name]
+        os.environ.update(before)
+
+
+@pytest.fixture(autouse=True)
+def _redirects_stay_in_their_test():
+    """Nothing a test sets leaks into the next; what a module's fixture set (a server's login) stays."""
+    with redirects_restored():
+        yield
 
 
 def readme_blocks(heading: str, doc: str = "README.md") -> tuple[str, list[str]]:
@@ -23,7 +56,7 @@ def readme_blocks(heading: str, doc: str = "README.md") -> tuple[str, list[str]]
 
 def cli_env(**extra) -> dict:
     """The user's environment without anything that would redirect MLflow or Optuna."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OPTUNA_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(REDIRECTS)}
     # `mlflow run` looks up `python` on PATH: make it this interpreter.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONUNBUFFERED"] = "1"
@@ -77,6 +110,45 @@ def in_workdir(workdir, monkeypatch) -> Path:
     return workdir
 
 
+def copy_store(source: Path, target: Path) -> Path:
+    """A copy of the folder ``source`` whose runs keep their artifacts in the copy, to damage at will."""
+    import sqlite3
+    from contextlib import closing
+
+    shutil.copytree(source, target)
+    with closing(sqlite3.connect(target / "mlflow.db")) as db, db:
+        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(source), str(target)))
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
+                   (str(source), str(target)))
+    return target
+
+
+@pytest.fixture
+def cli_in_process(monkeypatch, capfd):
+    """``harness ARGS`` in-process in ``cwd`` with ``env`` added, as a CompletedProcess: its exit
+    status and what reached file descriptors 1 and 2 (MLflow's and Optuna's logging too). For
+    matrices: an interpreter's start costs more than a refusal.
+
+    A store in ``cwd`` is named absolutely, unless ``env`` names one: MLflow keeps one store object
+    per URI, and its relative default would stay the store of the first folder it was opened in."""
+    from harness.cli import main
+
+    def run(*args, cwd, env=None) -> subprocess.CompletedProcess:
+        with monkeypatch.context() as patch:
+            patch.chdir(cwd)
+            for name, value in (env or {}).items():
+                patch.setenv(name, value)
+            store = Path(cwd).resolve() / "mlflow.db"
+            if "MLFLOW_TRACKING_URI" not in os.environ and store.exists():
+                patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+            capfd.readouterr()
+            status = main(list(map(str, args)))
+            out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(args, status, out, err)
+
+    return run
+
+
 def client_for(workdir: Path):
     from mlflow import MlflowClient
 
@@ -101,7 +173,12 @@ def trained(tmp_path_factory, migrated_db):
     # The template's Default experiment keeps artifacts where pytest started: keep these here, to damage copies.
     with closing(sqlite3.connect(path / "mlflow.db")) as db, db:
         db.execute("UPDATE experiments SET artifact_location = ?", (str(path / "mlruns" / "0"),))
-    out = run_cli("train", "--epochs", 5, cwd=path)
-    assert out.returncode == 0, out.stderr
+    from harness.cli import main
+
+    # In-process: a process of its own would cost more than the training (its readers need no more).
+    with redirects_restored(), pytest.MonkeyPatch.context() as patch:
+        patch.chdir(path)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
+        assert main(["train", "--epochs", "5"]) == 0
     [run] = all_runs(path)
     return path, run.info.run_id

@@ -1,5 +1,6 @@
 """Bad input by class, through the CLI as a user types it: one line, the right exit status, no
-traceback, no password, and nothing written to either store."""
+traceback, no password, and nothing written to either store. The matrices run in-process (an
+interpreter's start costs more than a refusal); a real process checks each behaviour once."""
 import os
 import shutil
 import subprocess
@@ -10,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import all_runs, cli_env, client_for, new_store, run_cli
+from conftest import all_runs, cli_env, client_for, copy_store, new_store, run_cli
 
-pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
 
 SECRET = "S3cr3tPw"
 SHORT = ["--epochs-range", "5", "10", "--no-progress"]
@@ -46,14 +46,20 @@ def leaked(out) -> bool:
     return any(s in text for s in (SECRET, "S3c/r3tPw", "r3tPw", "S3c%2Fr3tPw"))
 
 
-def test_no_password_is_ever_printed(tmp_path):
+@pytest.mark.slow  # two real processes, and MLflow's retries of each HTTP URL (seconds each)
+def test_no_password_is_ever_printed(tmp_path, cli_in_process):
     cases = [(["search", "--storage", url, "--n-trials", 1, *SHORT], {}) for url in PASSWORD_URLS]
     cases += [([cmd, *args], {"MLFLOW_TRACKING_URI": url}) for url in HTTP_URLS + PASSWORD_URLS[:4]
               for cmd, args in (("train", ["--epochs", 2]), ("search", ["--n-trials", 1, *SHORT]))]
     cases += [(["compare", "--study", "x"], {"MLFLOW_TRACKING_URI": url}) for url in HTTP_URLS[:2] + PASSWORD_URLS[:2]]
-    for args, env in cases:
+    # A real process for a storage URL and a tracking URI: what a user's terminal shows of it, logging included.
+    real = {0, len(PASSWORD_URLS)}
+    for number, (args, env) in enumerate(cases):
         started = time.time()
-        out = run_cli(*args, cwd=tmp_path, env=cli_env(**env), timeout=120)
+        if number in real:
+            out = run_cli(*args, cwd=tmp_path, env=cli_env(**env), timeout=120)
+        else:
+            out = cli_in_process(*args, cwd=tmp_path, env=env)
         assert time.time() - started < 60, (args, env)  # no minutes of retries
         assert out.returncode in (1, 2), (args, env, out.stderr)
         assert not leaked(out), (args, env, out.stderr)
@@ -61,6 +67,7 @@ def test_no_password_is_ever_printed(tmp_path):
     assert list(tmp_path.iterdir()) == []  # neither store was created
 
 
+@pytest.mark.slow
 def test_a_password_in_a_storage_url_is_never_stored(workdir):
     out = run_cli("search", "--storage", f"sqlite:///optuna.db?password={SECRET}", "--n-trials", 1, *SHORT,
                   cwd=workdir)
@@ -101,19 +108,34 @@ def test_a_password_in_a_storage_url_is_never_stored(workdir):
     (["compare", "--study", "x", "--csv", "/missing/dir/x.csv"], "does not exist"),
     (["compare", "--study", "x", "--out", "."], "is a directory"),
 ])
-def test_bad_values_get_one_line_and_write_nothing(tmp_path, args, expected):
-    out = run_cli(args[0], *(SHORT if args[0] == "search" else []), *args[1:], cwd=tmp_path)  # the case's flags win
+def test_bad_values_get_one_line_and_write_nothing(tmp_path, args, expected, cli_in_process):
+    out = cli_in_process(args[0], *(SHORT if args[0] == "search" else []), *args[1:], cwd=tmp_path)  # the case's flags win
     line = one_line_error(out)
     assert expected in line, line
     assert list(tmp_path.iterdir()) == []
 
 
-def test_read_commands_never_create_a_store(tmp_path):
+@pytest.mark.slow
+def test_a_bad_value_gets_one_line_and_writes_nothing_from_a_real_process(tmp_path):
+    """The matrix above as a user's process shows it: exit 2, one line on stderr, nothing written."""
+    out = run_cli("search", *SHORT, "--seed", 2 ** 32, cwd=tmp_path)
+    assert "--seed must be at most 4294967295" in one_line_error(out)
+    assert out.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_read_commands_never_create_a_store(tmp_path, cli_in_process):
     for args in (["compare", "--study", "x"], ["predict", "abc", "--x", 1], ["reproduce", "abc"]):
-        line = one_line_error(run_cli(*args, cwd=tmp_path))
+        line = one_line_error(cli_in_process(*args, cwd=tmp_path))
         assert "no MLflow store at sqlite:///mlflow.db" in line
-        out = run_cli(*args, cwd=tmp_path, env=cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/missing/x.db"))
+        out = cli_in_process(*args, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/missing/x.db"})
         assert "no MLflow store" in one_line_error(out)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_read_command_never_creates_a_store_from_a_real_process(tmp_path):
+    """The check above as a user's process shows it."""
+    assert "no MLflow store at sqlite:///mlflow.db" in one_line_error(run_cli("compare", "--study", "x", cwd=tmp_path))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -128,11 +150,10 @@ def searched(tmp_path_factory, migrated_db):
 
 
 def _copy(searched, tmp_path) -> Path:
-    target = tmp_path / "copy"
-    shutil.copytree(searched, target)
-    return target
+    return copy_store(searched, tmp_path / "copy")
 
 
+@pytest.mark.slow
 def test_a_study_name_with_a_quote_is_found_and_its_printed_filter_parses(searched):
     out = run_cli("compare", "--study", "it's", "--out", "c.png", cwd=searched)
     assert out.returncode == 0 and len(out.stdout.splitlines()) >= 3, out.stderr
@@ -154,9 +175,11 @@ def _trial_run(workdir) -> str:
                 and r.info.run_name.startswith("trial-"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["wrong keys", "a list", "missing", "not a tensor file"])
-def test_a_damaged_state_dict_gets_one_line_and_reproduce_leaves_no_re_run(workdir, damage):
-    assert run_cli("search", "--n-trials", 2, "--study-name", "it's", *SHORT, cwd=workdir).returncode == 0
+def test_a_damaged_state_dict_gets_one_line_and_reproduce_leaves_no_re_run(searched, tmp_path, cli_in_process, damage):
+    workdir = _copy(searched, tmp_path)
+    cli = run_cli if damage == "not a tensor file" else cli_in_process  # one damage as a user's processes show it
     run_id = _trial_run(workdir)
     from urllib.parse import urlparse
 
@@ -171,16 +194,18 @@ def test_a_damaged_state_dict_gets_one_line_and_reproduce_leaves_no_re_run(workd
     else:
         path.write_bytes(b"not a zip file at all")
     runs_before = len(all_runs(workdir))
-    one_line_error(run_cli("predict", run_id, "--x", 1, cwd=workdir), 1)
-    one_line_error(run_cli("reproduce", run_id, cwd=workdir), 1)
+    one_line_error(cli("predict", run_id, "--x", 1, cwd=workdir), 1)
+    one_line_error(cli("reproduce", run_id, cwd=workdir), 1)
     assert len(all_runs(workdir)) == runs_before  # no re-run left behind
-    out = run_cli("audit", "--study", "it's", cwd=workdir)
+    out = cli("audit", "--study", "it's", cwd=workdir)
     assert out.returncode == 1 and "trial" in out.stdout and run_id in out.stdout, out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["malformed pages", "not a database", "read-only"])
-def test_a_store_that_cannot_be_read_gets_one_line(searched, tmp_path, damage):
+def test_a_store_that_cannot_be_read_gets_one_line(searched, tmp_path, cli_in_process, damage):
     workdir = _copy(searched, tmp_path)
+    cli = cli_in_process if damage == "malformed pages" else run_cli  # the others as a user's processes show them
     run_id = _trial_run(workdir)
     db = workdir / "mlflow.db"
     for extra in ("mlflow.db-wal", "mlflow.db-shm"):
@@ -206,11 +231,12 @@ def test_a_store_that_cannot_be_read_gets_one_line(searched, tmp_path, damage):
             assert "Traceback" not in out.stderr, out.stderr
             assert out.returncode in (0, 1), out.stderr  # reading works, or one line says why not
             continue
-        out = run_cli(*args, cwd=workdir)
+        out = cli(*args, cwd=workdir)
         assert out.returncode in (1, 2) and "Traceback" not in out.stderr, out.stderr
         assert "does not exist" not in out.stdout + out.stderr  # a broken store is not a missing run
 
 
+@pytest.mark.slow
 def test_an_experiment_module_on_the_python_path_runs_under_its_own_name(workdir):
     source = (Path(__file__).resolve().parents[1] / "experiments" / "linear_regression.py").read_text()
     (workdir / "myexp.py").write_text(source.replace('name="linear_regression"', 'name="other_name"')

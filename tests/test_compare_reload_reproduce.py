@@ -54,12 +54,12 @@ def test_compare_ranks_the_top_k_and_writes_the_overlay(study_dir):
         assert trial.user_attrs["mlflow_run_id"] in out.stdout
 
 
-def test_compare_refuses_what_it_cannot_answer(study_dir):
+def test_compare_refuses_what_it_cannot_answer(study_dir, cli_in_process):
     for args, message in ((["--study", "no-such-study"], "no finished run in study 'no-such-study'"),
                           (["--study", "linear_regression-search", "--top", "0"], "--top must be"),
                           (["--mlflow-experiment", "nope"], "unknown MLflow experiment 'nope'"),
                           (["--mlflow-experiment", "Default", "--log"], "--log needs --study")):
-        out = run_cli("compare", *args, cwd=study_dir)
+        out = cli_in_process("compare", *args, cwd=study_dir)
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1
 
@@ -87,11 +87,11 @@ def test_reloaded_model_predicts_what_the_run_predicted_at_training_time(in_stud
     assert out.stderr == ""
 
 
-def test_predict_refuses_bad_input(in_study):
+def test_predict_refuses_bad_input(in_study, cli_in_process):
     run_id = journal_study(in_study).best_trial.user_attrs["mlflow_run_id"]
     for args, message in (([run_id, "--x", "a"], "--x values must be numbers, got 'a'"),
                           (["0" * 32, "--x", "1"], "does not exist")):
-        out = run_cli("predict", *args, cwd=in_study)
+        out = cli_in_process("predict", *args, cwd=in_study)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 

@@ -3,7 +3,6 @@ answers as MlflowClient, without importing mlflow, and MlflowClient wherever it 
 import hashlib
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -19,22 +18,24 @@ from harness.commands.predict import _fmt
 from harness.errors import HarnessError, UsageError
 from harness.local_store import LocalStore
 from harness.tracking import fast_read_client
-from conftest import cli_env, run_cli
+from conftest import cli_env, copy_store
 
 VALUES = [0.1, 0.5, -2.0]
 
 
-@pytest.fixture
-def store(trained, tmp_path):
+def _copy(trained, path):
     """A copy of the trained store whose run's artifact folder is the copy's own, to damage at will."""
     source, run_id = trained
-    path = tmp_path / "store"
-    shutil.copytree(source, path)
-    with closing(sqlite3.connect(path / "mlflow.db")) as db, db:
-        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(source), str(path)))
+    copy_store(source, path)
+    with closing(sqlite3.connect(path / "mlflow.db")) as db:
         [(artifact_uri,)] = db.execute("SELECT artifact_uri FROM runs").fetchall()
     assert artifact_uri == str(_artifact((path, run_id), "")) and os.path.isdir(artifact_uri)
     return path, run_id, f"sqlite:///{path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def store(trained, tmp_path):
+    return _copy(trained, tmp_path / "store")
 
 
 def _sql(store, statement: str, *args) -> None:
@@ -65,32 +66,44 @@ def test_predicts_exactly_what_mlflow_client_predicts_and_writes_nothing(store, 
 
 
 SCRIPT = """
-import contextlib, io, json, sys
+import contextlib, io, json, os, sys
 from harness.cli import main
 out = []
-for argv in json.loads(sys.argv[1]):
+for folder, argv in json.loads(sys.argv[1]):
+    os.chdir(folder)
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         rc = main(argv)
-    out.append([rc, stdout.getvalue(), stderr.getvalue()])
-imported = sorted({m.split(".")[0] for m in sys.modules} & {"mlflow", "sqlalchemy", "alembic"})
-print(json.dumps({"calls": out, "imported": imported}))
+    imported = sorted({m.split(".")[0] for m in sys.modules} & {"mlflow", "sqlalchemy", "alembic"})
+    out.append([rc, stdout.getvalue(), stderr.getvalue(), imported])
+print(json.dumps(out))
 """
 
 
-def _predict_in_a_process(cwd, *argvs) -> dict:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(argvs)], cwd=cwd, env=cli_env(),
+@pytest.fixture(scope="module")
+def predicted(trained, tmp_path_factory):
+    """What one process printed (an interpreter's start costs more than its commands): `harness predict`
+    on a copy of the trained store, its default store (rc, stdout, stderr, modules imported so far) for
+    a run there and one not there; then predict and reproduce in a copy at a schema revision the
+    reader does not know (MLflow keeps one store object per URI, checked only when first made: a
+    store of its own)."""
+    good = _copy(trained, tmp_path_factory.mktemp("good") / "store")
+    other = _copy(trained, tmp_path_factory.mktemp("other") / "store")
+    _sql(other, "UPDATE alembic_version SET version_num = 'ffffffffffff'")
+    run_id = trained[1]
+    calls = [(good[0], ["predict", run_id, "--x", *map(str, VALUES)]), (good[0], ["predict", "0" * 32, "--x", "1"]),
+             (other[0], ["predict", run_id, "--x", "1"]), (other[0], ["reproduce", run_id])]
+    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps([[str(f), a] for f, a in calls])], env=cli_env(),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return good, json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_predict_on_the_default_store_never_imports_mlflow(store):
-    path, run_id, uri = store
+def test_predict_on_the_default_store_never_imports_mlflow(predicted):
+    (path, run_id, uri), calls = predicted
     inputs, outputs = runs.predict(run_id, VALUES, client=MlflowClient(uri))
-    got = _predict_in_a_process(path, ["predict", run_id, "--x", *map(str, VALUES)], ["predict", "0" * 32, "--x", "1"])
-    assert got["imported"] == []
-    (rc, stdout, stderr), (missing_rc, _, missing_err) = got["calls"]
+    (rc, stdout, stderr, _), (missing_rc, _, missing_err, imported) = calls[:2]
+    assert imported == []
     assert (rc, stderr) == (0, "")
     assert stdout.splitlines() == [f"{_fmt(x)} -> {_fmt(y)}" for x, y in zip(inputs.tolist(), outputs.tolist())]
     assert missing_rc == 2 and missing_err == (f"harness: error: run '{'0' * 32}' does not exist in the MLflow "
@@ -143,15 +156,30 @@ def test_an_artifact_that_is_not_a_regular_file_is_refused_at_once(store, name, 
     assert "\n" not in str(error.value)
 
 
-def test_a_fifo_config_is_one_line_from_the_command_line(store):
+def test_a_fifo_config_is_one_line_from_the_command_line(store, capsys, monkeypatch):
+    from harness.cli import main
+
     path, run_id, uri = store
     target = _artifact(store, "config.json")
     target.unlink()
     os.mkfifo(target)
-    out = run_cli("predict", run_id, "--x", 1, cwd=path, timeout=60)
-    assert out.returncode == 1 and out.stdout == ""
-    assert out.stderr == (f"harness: run {run_id} has no readable config.json (StoreError): "
-                          "was it logged by the harness?\n")
+    monkeypatch.chdir(path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # main() sets signal handlers, so it runs in this thread: were it to block opening the FIFO, a
+    # writer opening it later ends the wait, and the test fails instead of hanging.
+    rescued = []
+    rescue = threading.Timer(20, lambda: (rescued.append(True), open(target, "wb").close()))
+    rescue.daemon = True
+    rescue.start()
+    try:
+        rc = main(["predict", run_id, "--x", "1"])
+    finally:
+        rescue.cancel()
+    out = capsys.readouterr()
+    assert not rescued, "blocked on the FIFO"
+    assert rc == 1 and out.out == ""
+    assert out.err == (f"harness: run {run_id} has no readable config.json (StoreError): "
+                       "was it logged by the harness?\n")
 
 
 def test_a_link_to_a_regular_file_in_the_run_s_folder_is_read_and_one_out_of_it_refused(store):
@@ -183,13 +211,9 @@ def test_another_schema_revision_or_mlflow_version_goes_through_mlflow_client(st
     assert LocalStore.open(uri, run_id) is None
 
 
-def test_a_store_at_another_revision_is_read_by_mlflow_and_refused_as_before(store):
-    path, run_id, uri = store
-    _sql(store, "UPDATE alembic_version SET version_num = 'ffffffffffff'")
-    # A process of its own: MLflow keeps one store object per URI, checked only when first made.
-    got = _predict_in_a_process(path, ["predict", run_id, "--x", "1"], ["reproduce", run_id])
-    assert got["imported"]
-    (rc, stdout, stderr), (reproduce_rc, _, reproduce_err) = got["calls"]
+def test_a_store_at_another_revision_is_read_by_mlflow_and_refused_as_before(predicted):
+    (rc, stdout, stderr, _), (reproduce_rc, _, reproduce_err, imported) = predicted[1][2:]
+    assert imported
     assert rc == reproduce_rc == 1 and stdout == "" and stderr == reproduce_err  # read_client's refusal
     assert stderr.startswith("harness: cannot read the MLflow store sqlite:///mlflow.db") and stderr.count("\n") == 1
 

@@ -14,7 +14,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import all_runs, cli_env, client_for, run_cli
+from conftest import all_runs, cli_env, client_for, copy_store, new_store, run_cli
+from conftest import run_cli as real_run_cli
 from search_helpers import journal_study, journal_trials
 from test_reliability import LONG, start_search, wait_for_running_trial
 
@@ -59,9 +60,18 @@ def _appended_after_a_tear(journal: Path) -> None:
     journal.write_bytes(b"".join(lines[:-3]) + torn + lines[-2] + lines[-1])  # ... then two appended
 
 
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, migrated_db):
+    """A finished three-trial search to damage copies of."""
+    path = new_store(tmp_path_factory.mktemp("searched"), migrated_db)
+    assert run_cli("search", "--n-trials", 3, "--seed", 0, *SHORT, cwd=path).returncode == 0
+    return path
+
+
 @pytest.mark.parametrize("damage", [_truncate, _garbage_line, _garbage_without_newline, _appended_after_a_tear])
-def test_a_torn_journal_is_repaired_before_anything_is_appended(workdir, damage):
-    assert run_cli("search", "--n-trials", 3, "--seed", 0, *SHORT, cwd=workdir).returncode == 0
+def test_a_torn_journal_is_repaired_before_anything_is_appended(searched, tmp_path, cli_in_process, damage):
+    workdir = copy_store(searched, tmp_path / "copy")
+    run_cli = real_run_cli if damage is _garbage_line else cli_in_process  # one damage as a user's processes show it
     journal = workdir / "optuna_journal.log"
     intact = journal.read_bytes()
     damage(journal)
@@ -270,18 +280,24 @@ def _deleted_experiment(workdir):
 
 
 @pytest.mark.parametrize("case", ["deleted", "no such id", "name too long"])
-def test_a_search_into_an_unusable_mlflow_experiment_writes_nothing(workdir, case):
+def test_a_search_into_an_unusable_mlflow_experiment_writes_nothing(workdir, case, cli_in_process):
     args, env = {"deleted": lambda: _deleted_experiment(workdir),
                  "no such id": lambda: ([], {"MLFLOW_EXPERIMENT_ID": "999"}),
                  "name too long": lambda: (["--mlflow-experiment", "x" * 5000], {})}[case]()
+    if case != "no such id":  # that one as a user's processes show it
+        def run_cli(*args, cwd, env):
+            return cli_in_process(*args, cwd=cwd, env=env)
+    else:
+        def run_cli(*args, cwd, env):
+            return real_run_cli(*args, cwd=cwd, env=cli_env(**env))
     runs_before = len(all_runs(workdir))
-    out = run_cli("search", "--n-trials", 2, *SHORT, *args, cwd=workdir, env=cli_env(**env))
+    out = run_cli("search", "--n-trials", 2, *SHORT, *args, cwd=workdir, env=env)
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "MLflow experiment" in out.stderr or "MLFLOW_EXPERIMENT_ID" in out.stderr
     assert not (workdir / "optuna_journal.log").exists()  # no study, no trial
     assert len(all_runs(workdir)) == runs_before
-    out = run_cli("train", "--epochs", 2, *args, cwd=workdir, env=cli_env(**env))
+    out = run_cli("train", "--epochs", 2, *args, cwd=workdir, env=env)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert len(all_runs(workdir)) == runs_before
 

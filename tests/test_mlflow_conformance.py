@@ -34,21 +34,21 @@ def record() -> RunRecord:
                      artifacts={"state_dict.pt": bytes(range(256)) * 40, "config.json": b'{"lr": 0.01}'})
 
 
-@pytest.fixture(params=["one run", "a batch"])
-def store(request, tmp_path, monkeypatch):
-    """A store holding one record written by MLflow's public path and the same by the direct path:
-    alone (create_run, write), or as one of a batch's runs (create_runs, write_many: one transaction)."""
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = tracking.open_client(uri)
-    experiment = client.create_experiment("conformance")
+KINDS = ["one run", "a batch"]
+
+
+def _records(client, kind: str, name: str = "conformance") -> tuple[str, str, str]:
+    """One record written by MLflow's public path and the same by the direct path, in a new
+    experiment: alone (create_run, write), or as one of a batch's runs (create_runs, write_many: one
+    transaction). (experiment, public run, direct run)"""
+    experiment = client.create_experiment(name)
     params = {"lr": "0.01", "epochs": str(EPOCHS), "optimizer": "sgd"}
     public = client.create_run(experiment, run_name="public", tags={"optuna.trial_number": "1"}).info.run_id
     tracking.write(client, public, RunRecord(params=params, history={}))
     tracking.write(client, public, record())
     client.set_terminated(public, "FINISHED")
     sink = MlflowSink(client)
-    if request.param == "one run":
+    if kind == "one run":
         direct = sink.create_run(experiment, "direct", {"optuna.trial_number": "1"}, params)
         sink.write(direct, record(), "FINISHED")
     else:
@@ -58,7 +58,17 @@ def store(request, tmp_path, monkeypatch):
                          (direct, record(), "FINISHED")])
         assert client.get_run(other).info.status == "KILLED" and client.get_run(other).data.params == {"lr": "0.1"}
         client.delete_run(other)  # out of the comparisons below, which search the experiment
-    return uri, client, experiment, public, direct
+    return experiment, public, direct
+
+
+@pytest.fixture(params=KINDS)
+def store(request, workdir, monkeypatch):
+    """A store holding the records of one kind (see _records)."""
+    monkeypatch.chdir(workdir)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for mlflow.search_runs, which takes no URI
+    client = tracking.open_client(uri)
+    return uri, client, *_records(client, request.param)
 
 
 def test_the_direct_path_is_on_for_this_mlflow():
@@ -124,11 +134,29 @@ print(json.dumps(out))
 """
 
 
-def test_the_ui_endpoints_show_the_same(store):
-    uri, client, experiment, public, direct = store
-    out = subprocess.run([sys.executable, "-c", UI, uri, public, direct], capture_output=True, text=True, timeout=120)
+@pytest.fixture(scope="module")
+def ui_views(tmp_path_factory, migrated_db):
+    """What the UI's REST endpoints show of the records of both kinds, each in an experiment of one
+    store, asked of one server process (an interpreter's start costs more than the requests):
+    {kind: (public run, direct run, {run: what the endpoints showed})}."""
+    from conftest import new_store
+
+    folder = new_store(tmp_path_factory.mktemp("ui"), migrated_db)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        client = tracking.open_client(uri)
+        made = {kind: _records(client, kind, f"conformance ({kind})")[1:] for kind in KINDS}
+    runs = [run for pair in made.values() for run in pair]
+    out = subprocess.run([sys.executable, "-c", UI, uri, *runs], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
+    return {kind: (public, direct, got) for kind, (public, direct) in made.items()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_ui_endpoints_show_the_same(ui_views, kind):
+    public, direct, got = ui_views[kind]
     assert got[public]["history"] == got[direct]["history"] and len(got[direct]["history"]) == EPOCHS
     assert got[public]["metrics"] == got[direct]["metrics"] and got[direct]["status"] == "FINISHED"
 

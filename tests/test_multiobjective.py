@@ -199,7 +199,7 @@ def _stores(workdir):
 
 
 @pytest.mark.slow
-def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(workdir):
+def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(workdir, cli_in_process):
     from search_helpers import check_contract, journal_study
 
     out = run_cli("search", "--objectives", "valid_loss", "epochs", "--sampler", "nsga2", "--seed", 0,
@@ -253,7 +253,7 @@ def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(
                            "--pruner hyperband with --objectives valid_loss epochs"),
                           (["--objectives", "valid_loss", "epochs", "--sampler", "cmaes"],
                            "--sampler cmaes models one objective only")):
-        refused = run_cli("search", "--n-trials", 1, *argv, *SMALL, cwd=workdir)
+        refused = cli_in_process("search", "--n-trials", 1, *argv, *SMALL, cwd=workdir)  # refusals: no process each
         lines = refused.stderr.strip().splitlines()
         assert refused.returncode == 2 and len(lines) == 1 and message in lines[0], refused.stderr
     assert _stores(workdir) == before
@@ -271,7 +271,7 @@ def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(
     assert listed == [t.user_attrs["mlflow_run_id"] for t in front]
     for argv, message in ((["--by", "epoch"], "has objectives valid_loss, epochs (did you mean 'epochs'?)"),
                           (["--front", "--metric", "final_test_loss"], "choose one")):
-        bad = run_cli("compare", "--study", study.study_name, *argv, cwd=workdir)
+        bad = cli_in_process("compare", "--study", study.study_name, *argv, cwd=workdir)
         assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
     # Resumed with the same objectives: the same study and parent run, and its front rewritten.

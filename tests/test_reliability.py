@@ -199,15 +199,18 @@ def test_a_malicious_state_dict_is_refused(workdir):
     assert not marker.exists()
 
 
-def test_unreachable_stores_fail_fast_and_never_show_a_password(tmp_path):
+def test_unreachable_stores_fail_fast_and_never_show_a_password(tmp_path, cli_in_process):
     cases = [
         (["search", "--storage", "postgresql://me:s3cret@127.0.0.1:9/db", "--n-trials", "1"], {}),
         (["train", "--epochs", "2"], {"MLFLOW_TRACKING_URI": "http://me:s3cret@127.0.0.1:9"}),
         (["search", "--n-trials", "1", "--no-progress"], {"MLFLOW_TRACKING_URI": "http://me:s3cret@127.0.0.1:9"}),
     ]
-    for args, env in cases:
+    for number, (args, env) in enumerate(cases):
         started = time.time()
-        out = run_cli(*args, cwd=tmp_path, env=cli_env(**env))
+        if number == 1:  # a real process for one: what a user's terminal shows of it
+            out = run_cli(*args, cwd=tmp_path, env=cli_env(**env))
+        else:
+            out = cli_in_process(*args, cwd=tmp_path, env=env)
         assert time.time() - started < 60
         assert out.returncode == 2, out.stderr
         assert "s3cret" not in out.stderr + out.stdout

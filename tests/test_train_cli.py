@@ -8,13 +8,13 @@ from PIL import Image
 from harness import config, training
 from conftest import ROOT, all_runs, client_for, cli_env, run_cli
 
-pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
 
 
 def download(client, run_id, name, dst):
     return client.download_artifacts(run_id, name, str(dst))
 
 
+@pytest.mark.slow  # the CLI as a subprocess
 def test_train_logs_the_whole_contract(workdir):
     out = run_cli("train", "--epochs", 150, cwd=workdir)
     assert out.returncode == 0, out.stderr
@@ -56,6 +56,7 @@ def test_train_logs_the_whole_contract(workdir):
             assert image.size[0] > 300 and image.size[1] > 200
 
 
+@pytest.mark.slow  # the CLI as a subprocess
 def test_metrics_are_sent_in_batches_not_per_epoch(workdir, monkeypatch):
     """A 1500-epoch run needs two log_batch calls for 3000 points plus finals, not 3000 calls."""
     from mlflow import MlflowClient
@@ -79,8 +80,10 @@ def test_metrics_are_sent_in_batches_not_per_epoch(workdir, monkeypatch):
     assert len(calls) == 4
 
 
-def test_mlflow_experiment_name_from_flag_or_environment(workdir):
-    assert run_cli("train", "--epochs", 3, "--mlflow-experiment", "mine", cwd=workdir).returncode == 0
+@pytest.mark.slow  # the CLI as a subprocess
+def test_mlflow_experiment_name_from_flag_or_environment(workdir, cli_in_process):
+    # The flag in-process; the variable as a user's shell hands it to a real process.
+    assert cli_in_process("train", "--epochs", 3, "--mlflow-experiment", "mine", cwd=workdir).returncode == 0
     env = cli_env(MLFLOW_EXPERIMENT_NAME="from-env")
     assert run_cli("train", "--epochs", 3, cwd=workdir, env=env).returncode == 0
     client = client_for(workdir)
@@ -89,6 +92,7 @@ def test_mlflow_experiment_name_from_flag_or_environment(workdir):
         assert len(client.search_runs([exp.experiment_id])) == 1
 
 
+@pytest.mark.slow  # the CLI as a subprocess
 def test_tracking_uri_from_environment(tmp_path):
     uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     out = run_cli("train", "--epochs", 2, cwd=tmp_path, env=cli_env(MLFLOW_TRACKING_URI=uri))
@@ -107,8 +111,19 @@ def test_tracking_uri_from_environment(tmp_path):
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "xla"], "'"),
     (["--seed", "x"], "'x'"), (["--frobnicate"], "--frobnicate"),
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, bad):
-    out = run_cli("train", *args, cwd=tmp_path)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, bad, cli_in_process):
+    out = cli_in_process("train", *args, cwd=tmp_path)
+    _one_line_exit_2_and_nothing_written(out, bad, tmp_path)
+
+
+@pytest.mark.slow
+def test_bad_input_is_one_line_exit_2_and_writes_nothing_from_a_real_process(tmp_path):
+    """The matrix above as a user's process shows it."""
+    out = run_cli("train", "--lr", "fast", cwd=tmp_path)
+    _one_line_exit_2_and_nothing_written(out, "'fast'", tmp_path)
+
+
+def _one_line_exit_2_and_nothing_written(out, bad, tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("harness: error: ") and bad in lines[0], out.stderr
@@ -117,6 +132,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, bad):
     assert list(tmp_path.iterdir()) == []  # no store created, let alone a run
 
 
+@pytest.mark.slow  # the CLI as a subprocess
 def test_divergence_fails_the_run_with_curves_up_to_that_epoch(workdir):
     out = run_cli("train", "--loss", "mse", "--lr", 5, "--epochs", 100, cwd=workdir)
     assert out.returncode == 1
@@ -130,6 +146,7 @@ def test_divergence_fails_the_run_with_curves_up_to_that_epoch(workdir):
     assert "final_test_loss" not in run.data.metrics
 
 
+@pytest.mark.slow  # the CLI as a subprocess
 def test_mlflow_run_logs_into_the_run_mlflow_created(workdir):
     out = run_cli("mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local", "-P", "lr=0.05",
                   "-P", "epochs=20", cwd=workdir, module=False,
