@@ -21,6 +21,15 @@ def _redirects() -> dict:
 for _name in _redirects():
     del os.environ[_name]
 
+# New MLflow stores start from a template kept in the user's cache folder (harness/store_template.py):
+# the suite keeps its own, made by its first store and shared by every process it starts, so that it
+# neither reads nor writes the caller's ~/.cache.
+import atexit  # noqa: E402
+import tempfile  # noqa: E402
+
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="harness-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
+
 
 @contextlib.contextmanager
 def redirects_restored():
