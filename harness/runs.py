@@ -87,15 +87,23 @@ def load_state_dict(client, run_id: str) -> dict:
             raise HarnessError(f"refused {STATE_DICT} of run {run_id}: {exc}") from None
         except Exception as exc:  # MLflow raises several kinds for an absent artifact
             raise HarnessError(f"run {run_id} has no readable {STATE_DICT} ({described(exc)})") from None
-        refused = _not_a_plain_archive(path)
-        if refused:
-            raise HarnessError(f"refused {STATE_DICT} of run {run_id}: {refused}")
+        # One open file for the checks and the load: a file swapped under its name after the checks
+        # (the store is writable by others) is not what torch reads.
         try:
-            state = torch.load(path, weights_only=True, map_location="cpu")
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-            first = first_line(exc)
-            raise HarnessError(f"refused {STATE_DICT} of run {run_id}: not a plain tensor file "
-                               f"(torch.load weights_only=True: {first})") from None
+            handle = open(path, "rb")
+        except OSError as exc:
+            raise HarnessError(f"run {run_id} has no readable {STATE_DICT} ({described(exc)})") from None
+        with handle:
+            refused = _not_a_plain_archive(handle)
+            if refused:
+                raise HarnessError(f"refused {STATE_DICT} of run {run_id}: {refused}")
+            try:
+                handle.seek(0)
+                state = torch.load(handle, weights_only=True, map_location="cpu")
+            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+                first = first_line(exc)
+                raise HarnessError(f"refused {STATE_DICT} of run {run_id}: not a plain tensor file "
+                                   f"(torch.load weights_only=True: {first})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise HarnessError(f"refused {STATE_DICT} of run {run_id}: a {type(state).__name__}, not a state_dict "
@@ -155,19 +163,22 @@ def _in_place(client, run_id: str, name: str) -> Path | None:
 # at most 40 MB of them however the bytes are split (24 MB measured for 54,468 one-byte names).
 MAX_ARCHIVE_ENTRIES = 20_000
 MAX_DIRECTORY_BYTES = 128 * MAX_ARCHIVE_ENTRIES
+# The archive's pickle (data.pkl) names each tensor and its storage: ~100-200 bytes a tensor. Unpickling
+# costs ~45x its size in memory (a list of lists does), so it is bounded as the directory is: at most
+# 256 bytes an entry, ~230 MB of unpickling at worst.
+MAX_PICKLE_BYTES = 256 * MAX_ARCHIVE_ENTRIES
 _END = struct.Struct("<4s4H2LH")  # end of central directory: 22 bytes, last in the file
 _LOCATOR = struct.Struct("<4sLQL")  # zip64 end locator: the 20 bytes before it
 _END64 = struct.Struct("<4sQ2H2L4Q")  # zip64 end record: the 56 bytes before that
 
 
-def _directory(path: Path) -> list[tuple[int, int]]:
+def _directory(handle) -> list[tuple[int, int]]:
     """Each (entries, bytes) the archive's end records declare for its central directory, read from
     its last 98 bytes. Only the records zipfile and torch's reader both take are accepted: the end
     record as the file's last 22 bytes (no comment) and a zip64 one right before its locator."""
-    with open(path, "rb") as handle:
-        size = handle.seek(0, 2)
-        handle.seek(max(0, size - 98))
-        tail = handle.read(98)
+    size = handle.seek(0, 2)
+    handle.seek(max(0, size - 98))
+    tail = handle.read(98)
     if len(tail) < _END.size:
         raise ValueError("too short for a zip end record")
     signature, _, _, _, entries, directory, start, comment = _END.unpack(tail[-22:])
@@ -187,15 +198,19 @@ def _directory(path: Path) -> list[tuple[int, int]]:
     return declared
 
 
-def _not_a_plain_archive(path: Path) -> str | None:
+def _not_a_plain_archive(handle) -> str | None:
     """Why the file is not read by torch.load, or None. torch.save has written zip archives since
     torch 1.6, its tensors stored uncompressed; the legacy format (and a bare pickle) allocates
     storages at the sizes it declares, and a compressed entry is inflated whole, so only an archive
-    of a bounded directory whose entries declare at most the allowed bytes in all is read."""
+    of a bounded directory whose entries declare at most the allowed bytes in all, and whose pickle
+    is of a bounded size, is read. ``handle``: the file, open for reading (a path is opened here)."""
     import zipfile
 
+    if isinstance(handle, (str, Path)):
+        with open(handle, "rb") as opened:
+            return _not_a_plain_archive(opened)
     try:
-        declared = _directory(path)
+        declared = _directory(handle)
     except (OSError, ValueError) as exc:
         return f"not a zip archive of torch.save ({described(exc)})"
     for entries, directory in declared:
@@ -203,10 +218,15 @@ def _not_a_plain_archive(path: Path) -> str | None:
             return (f"its directory declares {entries} entries in {directory} bytes, at most "
                     f"{MAX_ARCHIVE_ENTRIES} entries in {MAX_DIRECTORY_BYTES} bytes allowed")
     try:
-        with zipfile.ZipFile(path) as archive:
-            declared = sum(entry.file_size for entry in archive.infolist())
+        handle.seek(0)
+        with zipfile.ZipFile(handle) as archive:
+            entries = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         return f"not a zip archive of torch.save ({described(exc)})"
+    declared = sum(entry.file_size for entry in entries)
+    pickled = max((e.file_size for e in entries if e.filename.endswith(".pkl")), default=0)
+    if pickled > MAX_PICKLE_BYTES:
+        return f"its pickle declares {pickled} bytes, at most {MAX_PICKLE_BYTES} allowed"
     if declared > MAX_STATE_DICT_BYTES:
         return f"its entries declare {declared} bytes, at most {MAX_STATE_DICT_BYTES} allowed"
     return None

@@ -224,3 +224,48 @@ def test_end_records_zipfile_and_torch_could_read_differently_are_refused(tmp_pa
     moved = data[:locator + 8] + (len(data) - 99).to_bytes(8, "little") + data[locator + 16:]
     path.write_bytes(moved)  # the locator points at another zip64 record than the one before it
     assert "zip64 end record is not where its locator says" in runs._not_a_plain_archive(path)
+
+
+def _with_pickle(path, pickled: bytes) -> None:
+    """The torch archive at ``path`` with its pickle (data.pkl) replaced, stored as torch stores it."""
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for info, data in entries:
+            archive.writestr(info.filename, pickled if info.filename.endswith("data.pkl") else data)
+
+
+def test_a_pickle_that_would_cost_gigabytes_to_unpickle_is_refused_before_torch_reads_it(store, monkeypatch):
+    """A list of lists unpickles at ~45x its size: an archive that passes every other bound carried a
+    40 MB pickle that took 1.75 GB and 25 s before torch refused what it held."""
+    path, run_id, uri = store
+    monkeypatch.setattr(runs, "MAX_PICKLE_BYTES", 4096)
+    _with_pickle(_artifact(store, "state_dict.pt"), b"\x80\x02]" + b"]a" * 3000 + b".")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load read it"))
+    for make in CLIENTS.values():
+        with pytest.raises(HarnessError, match=f"refused state_dict.pt of run {run_id}: its pickle declares 6004 "
+                                               "bytes, at most 4096 allowed"):
+            runs.predict(run_id, VALUES, client=make(run_id, uri))
+
+
+def test_the_file_torch_reads_is_the_file_checked_even_if_swapped_meanwhile(store, monkeypatch):
+    """Another user of a shared store replaces state_dict.pt between the checks and the load: torch
+    still reads the file that was checked (the same open file), never the one put in its place."""
+    path, run_id, uri = store
+    target = _artifact(store, "state_dict.pt")
+    good = target.read_bytes()
+    expected = runs.predict(run_id, VALUES, client=MlflowClient(uri))[1]
+    checked = runs._not_a_plain_archive
+
+    def check_then_swap(handle):
+        refused = checked(handle)
+        swapped = target.with_name("swapped")
+        _protocol_4(swapped)  # a bare pickle: what the checks exist to keep from torch.load
+        os.replace(swapped, target)
+        return refused
+
+    for make in CLIENTS.values():
+        target.write_bytes(good)
+        monkeypatch.setattr(runs, "_not_a_plain_archive", check_then_swap)
+        assert torch.equal(runs.predict(run_id, VALUES, client=make(run_id, uri))[1], expected)
+        monkeypatch.undo()
