@@ -18,6 +18,8 @@ from .errors import UsageError
 SECRET_KEYS = re.compile(r"pass|pwd|secret|token|key|auth|credential|signature|sig$", re.IGNORECASE)
 HIDDEN = "***"
 _TAB_NEWLINE = str.maketrans("", "", "\t\r\n")
+# libpq's other form, "host=h password=secret" (no scheme): a key, '=', and a value, quoted or up to a space.
+_CONNINFO = re.compile(r"([A-Za-z_]\w*)\s*=\s*('(?:[^'\\]|\\.)*'?|\S*)")
 
 
 def _split(url: str) -> tuple[str, str, str, str]:
@@ -65,6 +67,10 @@ def secrets(url: str) -> list[str]:
         key, _, value = part.partition("=")
         if SECRET_KEYS.search(unquote(key)):
             found.append(value)
+    if "://" not in url:
+        for key, value in _CONNINFO.findall(url):
+            if SECRET_KEYS.search(key):
+                found += [value, value.strip("'")]
     every = set()
     for secret in found:
         for piece in _pieces(secret):
@@ -112,6 +118,9 @@ def redact(url: str) -> str:
             key, eq, value = part.partition("=")
             parts.append(f"{key}={HIDDEN}" if eq and SECRET_KEYS.search(unquote(key)) else part)
         query = "?" + "&".join(parts)
+    if not scheme:  # "host=h password=secret", or anything else without a scheme
+        rest = _CONNINFO.sub(lambda m: f"{m.group(1)}={HIDDEN}" if SECRET_KEYS.search(m.group(1)) else m.group(0),
+                             rest)
     return scheme + rest + query
 
 

@@ -264,3 +264,23 @@ def test_the_journal_s_bound_is_the_memory_its_replay_needs_not_a_fixed_size(tmp
         study.journal_path(f"journal:{path}")
     path.write_bytes(b"")
     assert study.journal_path(f"journal:{path}") == str(path)
+
+
+@pytest.mark.parametrize("conninfo", ["host=127.0.0.1 port=1 password=Secret{}Passw0rd",
+                                      "host=h password = 'Secret{} Passw0rd' user=u",
+                                      "dbname=x sslpassword=Secret{}Passw0rd"])
+def test_a_libpq_key_value_string_shows_no_password_where_a_url_was_expected(conninfo, capsys, tmp_path, monkeypatch):
+    """libpq's other form of a connection string has no scheme: given where a URL is expected, it was
+    echoed in the refusal with its password."""
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for char in "!#$%&()*+,-./:;<>?@[]^_`{|}~":
+        text = conninfo.format(char)
+        shown = [redact(text), scrub(f"unknown storage scheme in {text!r}", text)]
+        for argv in (["search", "--storage", text], ["cluster", "--dir", str(tmp_path / "c"), "--postgres", text]):
+            assert main(argv) == 2
+            shown.append(capsys.readouterr().err)
+        for line in shown:
+            assert "Secret" not in line and "Passw0rd" not in line, (text, line)
+    assert not (tmp_path / "c").exists() and not list(tmp_path.iterdir())
