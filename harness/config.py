@@ -150,8 +150,11 @@ def _expanded_nodes(node, counted: dict[int, int]) -> int:
     if id(node) not in counted:
         counted[id(node)] = 0  # an alias of a node inside itself: counted as one
         if isinstance(node, yaml.MappingNode):  # PyYAML keeps the last of two equal keys, silently
-            twice = _given_twice([key.value for key, _ in node.value
-                                  if isinstance(key, yaml.ScalarNode) and key.value != "<<"])
+            if any(key.tag == "tag:yaml.org,2002:merge" for key, _ in node.value):
+                # A merged key beside one of the same name is dropped silently, whichever is meant.
+                raise yaml.constructor.ConstructorError(None, None, "a YAML merge key (<<) is not taken: give each "
+                                                        "key once", node.start_mark)
+            twice = _given_twice([key.value for key, _ in node.value if isinstance(key, yaml.ScalarNode)])
             if twice is not None:
                 raise yaml.constructor.ConstructorError(None, None, f"key {twice!r} is given twice", node.start_mark)
         children = ([v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode)

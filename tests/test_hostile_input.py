@@ -35,6 +35,17 @@ def test_a_key_given_twice_is_refused_not_silently_the_last(name, text, capsys, 
     check_refused_in_process(["train", "--config", str(config)], "is given twice", capsys, tmp_path, monkeypatch)
 
 
+@pytest.mark.parametrize("argv", [["search", "--space", "FILE"], ["train", "--config", "FILE"]])
+@pytest.mark.parametrize("text", ["epochs: [5, 10]\n<<: {epochs: [5, 20]}\n",
+                                  "base: &b {lr: 0.1}\nrun:\n  <<: *b\n  lr: 0.2\n"])
+def test_a_yaml_merge_key_is_refused_not_silently_one_of_two_values(argv, text, capsys, tmp_path, monkeypatch):
+    """A key given beside a merge (<<) of the same key kept one of the two silently (third probe)."""
+    file = tmp_path.parent / f"{tmp_path.name}-merge.yaml"
+    file.write_text(text)
+    check_refused_in_process([str(file) if a == "FILE" else a for a in argv], "a YAML merge key (<<) is not taken",
+                             capsys, tmp_path, monkeypatch)
+
+
 def test_a_small_yaml_with_aliases_is_read(tmp_path):
     from harness.config import parse_yaml
 
