@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, Subset
 from .errors import ExperimentCodeError, UsageError, described, did_you_mean
 from .loop import MetricsFn
 from .hyperparameter import TYPES, Hyperparameter  # noqa: F401 (experiments import it from here)
-from . import registry
+from . import registry, schema
 
 MAX_FILE_BYTES = 1 << 20  # an experiment is one small file; anything larger is not one
 
@@ -210,12 +210,15 @@ class Experiment:
         clash = sorted(set(self.schedulers) & set(registry.SCHEDULERS))
         if clash:
             raise ValueError(f"experiment {self.name!r}: its own scheduler {clash[0]!r} is one of the harness's")
-        taken = set(HARNESS_NAMES) | set(CONFIG_KEYS)
+        # A run logs its config and these params of its own under the same names: a hyperparameter
+        # of one of them would be overwritten in the run (torch_threads) or break the search's space
+        # (optimizer_loss).
+        taken = set(HARNESS_NAMES) | set(CONFIG_KEYS) | schema.names()["params"] | schema.names()["trial params"]
         seen = set()
         for hp in self.hyperparameters:
             if hp.name in taken or hp.name in seen:
                 raise ValueError(f"experiment {self.name!r}: hyperparameter {hp.name!r} is declared twice "
-                                 "or shadows a harness config key")
+                                 "or shadows a name the harness logs (a config key or a run's own param)")
             seen.add(hp.name)
 
     def load_data(self) -> Data | Datasets:

@@ -101,9 +101,14 @@ def test_bad_values_name_the_value_and_what_is_allowed(values, message):
 
 
 def test_experiment_declarations_are_checked_when_defined():
-    with pytest.raises(ValueError, match="shadows a harness config key"):
-        Experiment(name="x", make_data=toy_data, make_model=Width,
-                   hyperparameters=(Hyperparameter("batch_size", "int", 1),))
+    # A config key, or a param every run logs itself (third probe: optimizer_loss broke the search's
+    # space with a traceback; torch_threads was overwritten in the run, silently).
+    for name in ("batch_size", "optimizer_loss", "torch_threads", "torch_version", "trial_number",
+                 "experiment_sha256"):
+        with pytest.raises(ValueError, match=f"hyperparameter '{name}' is declared twice or shadows a name the "
+                                             "harness logs"):
+            Experiment(name="x", make_data=toy_data, make_model=Width,
+                       hyperparameters=(Hyperparameter(name, "int", 1),))
     with pytest.raises(ValueError, match="type 'number' is not one of"):
         Hyperparameter("width", "number", 1)
 
