@@ -23,6 +23,9 @@ from functools import lru_cache
 MLFLOW_TESTED = ("3.17.2",)
 # The revision MLflow 3.17 migrates a new store to: the tables the fast paths use are that revision's.
 MLFLOW_SCHEMA_REVISION = "dc11669786a5"
+# store_template.fingerprint of that release's empty store (a new store less its Default experiment):
+# the only template a new store is copied from.
+MLFLOW_EMPTY_STORE_SHA256 = "8c2548b09e3ebdddd31700311fb2f88dc37be27d66f823fa22ce31b8d5b8c264"
 OPTUNA_TESTED = ("5.0.0",)
 
 _said: set[str] = set()

@@ -9,10 +9,11 @@ experiment (MLflow makes that one on opening a store that lacks it, with the art
 gives any new store), and
 later new stores start as a copy of it: the same tables, indexes and rows MLflow's migrations give.
 
-Only on the MLflow release and schema revision of ``harness.compat`` (tests/test_store_template.py
-compares a copy with a store MLflow made, table for table). A template that is not a regular file
-of this user, is larger than ``MAX_BYTES``, is not a store at that revision or holds any experiment
-is not used: MLflow makes the store, and a good template is saved from it.
+Only on the MLflow release of ``harness.compat``, and only a template whose whole content (schema,
+triggers, indexes and rows) hashes to that release's empty store (``compat.MLFLOW_EMPTY_STORE_SHA256``;
+tests/test_store_template.py compares a copy with a store MLflow made, table for table). A template
+that is not a regular file of this user, in a folder only this user can write, or is larger than
+``MAX_BYTES``, or anything else, is not used: MLflow makes the store, and a good template is saved.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def start_from_template(store: str) -> bool:
         info = template.lstat()
     except OSError:
         return False
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size > MAX_BYTES:
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size > MAX_BYTES \
+            or info.st_mode & 0o022 or not _private(template.parent):
         return False
     if not _empty_at_tested_revision(template):
         return False
@@ -72,6 +74,15 @@ def start_from_template(store: str) -> bool:
         with suppress(OSError):
             os.unlink(scratch)
     return True
+
+
+def _private(folder: Path) -> bool:
+    """A folder of this user that no one else may write (so no one else can put a template there)."""
+    try:
+        info = folder.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def keep_as_template(store: str) -> None:
@@ -103,12 +114,29 @@ def keep_as_template(store: str) -> None:
             os.unlink(scratch)
 
 
-def _empty_at_tested_revision(file: Path) -> bool:
+def fingerprint(file: Path) -> str | None:
+    """The sha256 of everything in the store at ``file``: its schema (tables, indexes, triggers, views)
+    and every row of every table. None where it is not an SQLite database."""
+    import hashlib
+
+    digest = hashlib.sha256()
     try:
         with closing(sqlite3.connect(f"file:{quote(str(file.absolute()))}?mode=ro", uri=True)) as db:
-            revision = db.execute("SELECT version_num FROM alembic_version").fetchall()
-            experiments = db.execute("SELECT count(*) FROM experiments").fetchone()[0]
-            runs = db.execute("SELECT count(*) FROM runs").fetchone()[0]
+            # MLflow's migrations write a table's constraints in an order that differs run to run (a
+            # set's): each statement's lines are compared as a sorted list.
+            schema = sorted((kind, name, table, sorted(line.strip().rstrip(",") for line in sql.splitlines()))
+                            for kind, name, table, sql in
+                            db.execute("SELECT type, name, tbl_name, coalesce(sql, '') FROM sqlite_master"))
+            digest.update(repr(schema).encode())
+            for name in (row[1] for row in schema if row[0] == "table"):
+                rows = db.execute(f'SELECT * FROM "{name}"').fetchall()
+                digest.update(repr((name, sorted(map(repr, rows)))).encode())
     except sqlite3.Error:
-        return False
-    return len(revision) == 1 and compat.schema_tested(revision[0][0]) and experiments == runs == 0
+        return None
+    return digest.hexdigest()
+
+
+def _empty_at_tested_revision(file: Path) -> bool:
+    """The template is exactly the empty store of the tested release, byte for byte in what it holds:
+    a trigger, an index or a row anyone added (a poisoned cache) makes it another one."""
+    return fingerprint(file) == compat.MLFLOW_EMPTY_STORE_SHA256

@@ -77,7 +77,28 @@ def bad_templates(template, tmp_path):
         with open(template, "r+b") as handle:
             handle.truncate(store_template.MAX_BYTES + 1)  # sparse: costs nothing to make
 
+    def a_trigger_added():  # every metric of every later store would read 42 (third probe)
+        template.write_bytes(good)
+        with closing(sqlite3.connect(template)) as db:
+            db.execute("CREATE TRIGGER poison AFTER INSERT ON metrics BEGIN UPDATE metrics SET value = 42; END")
+            db.commit()
+
+    def a_row_added():
+        template.write_bytes(good)
+        with closing(sqlite3.connect(template)) as db:
+            db.execute("INSERT INTO workspaces (name, description) VALUES ('planted', 'x')")
+            db.commit()
+
+    def writable_by_others():
+        template.write_bytes(good)
+        template.chmod(0o666)
+
+    def in_a_folder_others_may_write():
+        template.write_bytes(good)
+        template.parent.chmod(0o777)
+
     def garbage():
+        template.parent.chmod(0o700)
         template.write_bytes(b"not a database" * 100)
 
     def link():
@@ -95,7 +116,8 @@ def bad_templates(template, tmp_path):
         template.write_bytes(good)
         os.chown(template, 65534, 65534)
 
-    cases = [other_revision, holds_an_experiment, too_large, garbage, link, fifo, folder]
+    cases = [other_revision, holds_an_experiment, a_trigger_added, a_row_added, writable_by_others,
+             in_a_folder_others_may_write, too_large, garbage, link, fifo, folder]
     if os.getuid() == 0:  # only root can give a file away
         cases.append(other_owner)
     for case in cases:
