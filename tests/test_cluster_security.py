@@ -393,3 +393,24 @@ def test_the_tracking_server_starts_no_job_runner_and_no_queue_in_shared_memory(
     assert len(group) >= 2  # the server and its workers
     assert not [env for env in group if b"_MLFLOW_HUEY_STORAGE_PATH" in env or b"HUEY_STORAGE_PATH" in env]
     assert not [c for c in command_lines().values() if "huey" in c.lower()]
+
+
+@pytest.mark.parametrize("extra, line", [
+    (["--max-trials", "3"], "--max-trials after --: harness cluster sets its workers' --max-trials itself"),
+    (["--max-tri", "3"], "--max-trials after --: harness cluster sets its workers' --max-trials itself"),
+    (["--n-trials=5"], "--n-trials after --: harness cluster sets its workers' --n-trials itself"),
+    (["--study-name", "other"], "--study-name after --: harness cluster sets its workers' --study-name itself"),
+    (["--storage", "postgresql://u:hunter22@10.255.255.1/db"], "--storage after --: harness cluster sets"),
+    (["--config", "/nonexistent"], "cannot read config file '/nonexistent'"),
+    (["--epochs-range", "9", "5"], "epochs"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_the_workers_search_arguments_are_checked_before_anything_starts(tmp_path, capsys, extra, line):
+    """Third probe: arguments after -- reached the workers unchecked, after the cluster's own: they
+    overrode the cap and the storage (its password then on every worker's command line), and a bad one
+    failed only once PostgreSQL and the tracking server were up."""
+    code = main(["cluster", "--dir", str(tmp_path / "c"), "--workers", "1", "--max-trials", "1",
+                 "--postgres", "postgresql://u@127.0.0.1:9/db", "--", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and line in err, err
+    assert "hunter22" not in err and not (tmp_path / "c").exists()

@@ -39,6 +39,7 @@ def run(args) -> int:
     # Refused now, in one line, before --dir exists.
     root = Path(args.dir).resolve()
     cluster.check_dir(root)
+    check_search_args(extra, args.study_name, max_trials)
     if args.postgres is not None:  # "" too: libpq would take its defaults (the local socket, this user)
         cluster.check_server(args.postgres)
     else:
@@ -85,3 +86,36 @@ def run(args) -> int:
             except KeyboardInterrupt:
                 pass
     return 0 if audit.returncode == 0 and not any(codes) else 1
+
+
+# What the cluster gives its workers itself, as argparse names the flags' values.
+OWNED = tuple(flag.replace("-", "_") for flag in ("storage", "study-name", "max-trials", "n-trials"))
+_UNSET = object()
+
+
+def check_search_args(extra: list[str], study_name: str, max_trials: int) -> None:
+    """The workers' `harness search` arguments, checked as the workers would check them, before
+    anything is started: a bad one is one line and exit 2 here, not N failing workers beside running
+    services; and none may take over what the cluster sets (the storage with a password on every
+    worker's command line, a cap the cluster would not hold)."""
+    import tempfile
+
+    from ..errors import UsageError
+    from ..search.options import SearchOptions
+    from . import Parser
+    from . import search as search_command
+
+    parser = Parser(prog="harness cluster ... --")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    search_command.add_parser(sub)
+    sub.choices["search"].set_defaults(**{name: _UNSET for name in OWNED})
+    checked = parser.parse_args(["search", *extra])
+    taken = [name for name in OWNED if getattr(checked, name) is not _UNSET]
+    if taken:
+        flag = "--" + taken[0].replace("_", "-")
+        raise UsageError(f"{flag} after --: harness cluster sets its workers' {flag} itself (its own --max-trials "
+                         "and --study-name; the storage it starts or --postgres)")
+    with tempfile.TemporaryDirectory(prefix="harness-cluster-check-") as scratch:
+        checked.storage, checked.study_name = f"journal:{scratch}/check.log", study_name
+        checked.max_trials = checked.n_trials = str(max_trials)
+        SearchOptions.from_args(checked)
