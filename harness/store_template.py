@@ -51,10 +51,10 @@ def start_from_template(store: str) -> bool:
         info = template.lstat()
     except OSError:
         return False
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size > MAX_BYTES \
-            or info.st_mode & 0o022 or not _private(template.parent):
+    if not stat.S_ISREG(info.st_mode) or not _mine_alone(info) or info.st_size > MAX_BYTES \
+            or not _private(template.parent):
         return False
-    if not _empty_at_tested_revision(template):
+    if not is_the_empty_store(template):
         return False
     target = Path(store).absolute()
     scratch = target.parent / f".{target.name}.{secrets.token_hex(8)}"
@@ -82,7 +82,12 @@ def _private(folder: Path) -> bool:
         info = folder.lstat()
     except OSError:
         return False
-    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+    return stat.S_ISDIR(info.st_mode) and _mine_alone(info)
+
+
+def _mine_alone(info: os.stat_result) -> bool:
+    """Owned by this user, and writable by no one else."""
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def keep_as_template(store: str) -> None:
@@ -105,7 +110,7 @@ def keep_as_template(store: str) -> None:
             copy.commit()
             copy.execute("PRAGMA journal_mode=DELETE")  # one file, no -wal beside it; a new store is put in WAL again
             copy.execute("VACUUM")
-        if _empty_at_tested_revision(Path(scratch)):
+        if is_the_empty_store(Path(scratch)):
             os.replace(scratch, template)
     except (OSError, sqlite3.Error):
         pass
@@ -136,7 +141,7 @@ def fingerprint(file: Path) -> str | None:
     return digest.hexdigest()
 
 
-def _empty_at_tested_revision(file: Path) -> bool:
+def is_the_empty_store(file: Path) -> bool:
     """The template is exactly the empty store of the tested release, byte for byte in what it holds:
     a trigger, an index or a row anyone added (a poisoned cache) makes it another one."""
     return fingerprint(file) == compat.MLFLOW_EMPTY_STORE_SHA256

@@ -59,35 +59,29 @@ def bad_templates(template, tmp_path):
     """The template replaced by each thing that is not a good one (and a note of what it is)."""
     good = template.read_bytes()
 
-    def other_revision():
-        template.write_bytes(good)
-        with closing(sqlite3.connect(template)) as db:
-            db.execute("UPDATE alembic_version SET version_num = 'ffffffffffff'")
-            db.commit()
+    def edited(name: str, sql: str):
+        """A good template changed by one SQL statement."""
+        def case():
+            template.write_bytes(good)
+            with closing(sqlite3.connect(template)) as db:
+                db.execute(sql)
+                db.commit()
+        case.__name__ = name
+        return case
 
-    def holds_an_experiment():
-        template.write_bytes(good)
-        with closing(sqlite3.connect(template)) as db:
-            db.execute("INSERT INTO experiments (experiment_id, name, artifact_location, lifecycle_stage, workspace) "
-                       "VALUES (7, 'planted', '/somewhere/else', 'active', 'default')")
-            db.commit()
+    other_revision = edited("other_revision", "UPDATE alembic_version SET version_num = 'ffffffffffff'")
+    holds_an_experiment = edited("holds_an_experiment",
+                                 "INSERT INTO experiments (experiment_id, name, artifact_location, lifecycle_stage, "
+                                 "workspace) VALUES (7, 'planted', '/somewhere/else', 'active', 'default')")
+    # every metric of every later store would read 42 (third probe)
+    a_trigger_added = edited("a_trigger_added",
+                             "CREATE TRIGGER poison AFTER INSERT ON metrics BEGIN UPDATE metrics SET value = 42; END")
+    a_row_added = edited("a_row_added", "INSERT INTO workspaces (name, description) VALUES ('planted', 'x')")
 
     def too_large():
         template.write_bytes(good)
         with open(template, "r+b") as handle:
             handle.truncate(store_template.MAX_BYTES + 1)  # sparse: costs nothing to make
-
-    def a_trigger_added():  # every metric of every later store would read 42 (third probe)
-        template.write_bytes(good)
-        with closing(sqlite3.connect(template)) as db:
-            db.execute("CREATE TRIGGER poison AFTER INSERT ON metrics BEGIN UPDATE metrics SET value = 42; END")
-            db.commit()
-
-    def a_row_added():
-        template.write_bytes(good)
-        with closing(sqlite3.connect(template)) as db:
-            db.execute("INSERT INTO workspaces (name, description) VALUES ('planted', 'x')")
-            db.commit()
 
     def writable_by_others():
         template.write_bytes(good)
@@ -143,7 +137,7 @@ def test_a_template_that_is_not_a_good_one_is_never_used(tmp_path, cache, monkey
     client = tracking.open_client(f"sqlite:///{tmp_path / 'store.db'}")
     assert [e.name for e in client.search_experiments()] == ["Default"]
     assert dump(tmp_path / "store.db")["experiments"][0][2] == os.path.join("mlruns", "0")
-    assert template.is_file() and store_template._empty_at_tested_revision(template)
+    assert template.is_file() and store_template.is_the_empty_store(template)
 
 
 def test_no_template_is_used_or_kept_on_an_mlflow_release_the_harness_was_not_checked_on(tmp_path, cache,
