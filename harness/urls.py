@@ -131,10 +131,11 @@ def scrub(text: str, url: str) -> str:
     """``text`` (a library's error message, say) with every secret of ``url`` replaced by ***, and
     every run of ``FRAGMENT`` or more of its characters too: a parser that stops inside a password
     (at an '=', a space, a '#') prints a piece of it as a port, a host or a query parameter."""
-    for secret in secrets(url):
+    found = secrets(url)
+    for secret in found:
         if len(secret) >= 3:  # a shorter one would blank out ordinary words; it is never shown whole anyway
             text = text.replace(secret, HIDDEN)
-    for secret in secrets(url):
+    for secret in found:
         text = _hide_fragments(text, secret)
     return text
 
