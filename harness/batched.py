@@ -33,7 +33,8 @@ from torch import nn
 from . import stacked_optim
 from .config import TrainConfig
 from .experiment import Data, Experiment
-from .loop import History, Observer, own_values, record_epochs, sample_mean
+from .errors import shown
+from .loop import History, Observer, own_values, record_epochs, same_names, sample_mean
 from .registry import build_loss, build_optimizer
 from .training import RNG_LOCK, TrainResult, batches, build_model, evaluate_batches, with_validation
 
@@ -187,6 +188,7 @@ def train_stack(cfgs: Sequence[TrainConfig], experiment: Experiment, data: Data,
         train_batches, test_batches, valid_batches = batches(data, cfg0)  # the same for every member: one seed
         stepper = _stepper(active)
         pending: list[tuple[list[_Member], dict[str, torch.Tensor]]] = []  # per epoch: its members, their values
+        names = None
         for epoch in range(epochs):
             stacked_loss.module.train()
             train = _epoch(stepper, active, select, stacked_loss, train_batches, metrics_fn, step=True)
@@ -197,6 +199,7 @@ def train_stack(cfgs: Sequence[TrainConfig], experiment: Experiment, data: Data,
                     if batches_ is not None:
                         evaluated = _epoch(stepper, active, select, stacked_loss, batches_, metrics_fn, step=False)
                         values.update({f"{split}_{k}": v for k, v in evaluated.items()})
+            names = same_names(names, values, epoch)
             pending.append((list(active), values))
             # A member syncs where fit alone would: every sync_every epochs from 0, and at its last.
             due = [m for m in active if (epoch + 1) % sync_every == 0 or epoch + 1 >= m.cfg.epochs]
@@ -356,13 +359,23 @@ def _epoch(stepper, active: list[_Member], select: torch.Tensor, stacked_loss, b
         losses, preds, y = per_batch[0]
         values = {"loss": losses.float()}
         if metrics_fn is not None:
-            rows = [own_values(metrics_fn(preds[i], y)) for i in range(len(active))]
+            rows = _alike([own_values(metrics_fn(preds[i], y)) for i in range(len(active))])
             values.update({k: torch.stack([row[k].float() for row in rows]) for k in rows[0]})
         return values
-    per_batch = [[{"loss": losses[i], **(own_values(metrics_fn(preds[i], y)) if metrics_fn is not None else {})}
-                  for i in range(len(active))] for losses, preds, y in per_batch]
+    per_batch = [_alike([{"loss": losses[i], **(own_values(metrics_fn(preds[i], y)) if metrics_fn is not None else {})}
+                         for i in range(len(active))]) for losses, preds, y in per_batch]
+    _alike([batch[0] for batch in per_batch])
     return {k: torch.stack([sample_mean([batch[i][k] for batch in per_batch], sizes).float()
                             for i in range(len(active))]) for k in per_batch[0][0]}
+
+
+def _alike(rows: list[dict]) -> list[dict]:
+    """Values of members or batches, which one stacked value per name holds: the same names in each."""
+    odd = next((row for row in rows if row.keys() != rows[0].keys()), None)
+    if odd is not None:
+        raise TypeError(f"the experiment's values must have the same names every epoch, for every batch; one gave "
+                        f"{shown(odd)} beside {shown(rows[0])}")
+    return rows
 
 
 def _record(m: _Member) -> None:

@@ -41,3 +41,9 @@ class HarnessError(RuntimeError):
 class ExperimentCodeError(RuntimeError):
     """The experiment's own code (its model, loss, metrics, step) raised while a run trained: that run
     fails with this one line as its reason, and a search goes on with its next trial."""
+
+
+def shown(names, most: int = 8, width: int = 40) -> str:
+    """Names for a message, each and the list cut short: a name may be anything an experiment made."""
+    cut = [repr(n if len(n) <= width else n[:width] + "...") for n in map(str, list(names)[:most])]
+    return ", ".join(cut) + (f" and {len(names) - most} more" if len(names) > most else "") if cut else "none"

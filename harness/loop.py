@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 from torch import nn
 
+from .errors import shown
 from .schema import LEARNING_RATE, TEST_LOSS, TRAIN_LOSS, VALID_LOSS
 
 MetricsFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
@@ -176,7 +177,7 @@ def _over_batches(batches: Batches, device: torch.device, run, keep_predictions:
             names = set(own_values(extra))
         elif extra.keys() != names:
             raise TypeError(f"the step must return the same values for every batch; it returned "
-                            f"{sorted(extra) or 'none'} after {sorted(names) or 'none'}")
+                            f"{shown(sorted(extra))} after {shown(sorted(names))}")
         values["loss"].append(loss)
         for name, value in extra.items():
             values.setdefault(name, []).append(value)
@@ -294,6 +295,7 @@ def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn
     scheduled = scheduler is not None or recipe.batch_scheduler is not None
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     start = 0
+    names = list(history.values) or None  # a continued history's curves go on under the same names
     for epoch in range(epochs):
         lr = optimizer.param_groups[0]["lr"] if scheduled else None
         values = run_epoch()
@@ -301,12 +303,23 @@ def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn
             scheduler.step(values[monitor]) if plateau else scheduler.step()
         if lr is not None:
             values[LEARNING_RATE] = lr
+        names = same_names(names, values, epoch)
         pending.add(epoch, values)
         if epoch + 1 - start >= sync_every or epoch + 1 == epochs:
             if not record_epochs(pending.take(start, epoch + 1), start, history, observers):
                 break
             start = epoch + 1
     return history
+
+
+def same_names(names: list[str] | None, values: dict, epoch: int) -> list[str]:
+    """The names of a run's curves, fixed by its first epoch: a curve that starts late has no value
+    for the epochs before it, one that stops has none after, and either would be recorded as garbage
+    or lost."""
+    if names is not None and values.keys() != set(names):
+        raise TypeError(f"the experiment's values must have the same names every epoch; epoch {epoch} gave "
+                        f"{shown(values)} after {shown(names)}")
+    return names if names is not None else list(values)
 
 
 def _epoch_runner(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn: nn.Module,
@@ -317,8 +330,6 @@ def _epoch_runner(model: nn.Module, train_batches: Batches, test_batches: Batche
     """``run() -> {name: value}`` for one epoch: train_loss, train_<metric>..., valid_..., test_loss, test_<metric>..."""
     train_only, test_only = _only_batch(train_batches), _only_batch(test_batches)
     if step is not None or train_only is None or test_only is None or valid_batches is not None:
-        first: list[str] = []  # an own step's first epoch's names: every epoch's curves are the same ones
-
         def run() -> dict[str, torch.Tensor]:
             train = train_epoch(model, train_batches, loss_fn, optimizer, device, metrics_fn, recipe, step)
             out = {f"train_{k}": v for k, v in train.items()}
@@ -327,12 +338,6 @@ def _epoch_runner(model: nn.Module, train_batches: Batches, test_batches: Batche
                     evaluated, _ = evaluate_batches(model, batches, loss_fn, device, metrics_fn,
                                                     step=eval_step or step)
                     out.update({f"{split}_{k}": v for k, v in evaluated.items()})
-            if step is not None:
-                if not first:
-                    first.extend(out)
-                elif list(out) != first:
-                    raise TypeError(f"the step must return the same values for every batch; this epoch it "
-                                    f"returned {', '.join(out)} after {', '.join(first)}")
             return out
         return run
 

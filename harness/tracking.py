@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import store_template
-from .errors import first_line
+from .errors import ExperimentCodeError, first_line, shown
+from .mlflow_sql import accepted_name, refused_name
 from .schema import (CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, STATE_DICT, TORCH_THREADS_PARAM,
-                     TORCH_VERSION_PARAM)
+                     TORCH_VERSION_PARAM, final)
 from .urls import engine_url, is_http, redact, scrub, sqlite_path
 
 
@@ -31,6 +32,46 @@ class RunRecord:
     finals: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     artifacts: dict[str, bytes] = field(default_factory=dict)
+
+
+def refused_metric(curves, finals) -> str | None:
+    """Why MLflow would refuse the metrics of a run that logs the curves ``curves`` and the final
+    values ``finals`` (its scalars), or None: a name MLflow refuses would fail the run's record
+    after its training, and every later summary of its study."""
+    curves, finals = list(curves), list(finals)
+    taken = set(curves) | set(map(final, curves))
+    clash = next((name for name in finals if name in taken), None)
+    if clash is not None:  # logged twice under one name: the curve's points and the scalar would mix
+        return (f"has a scalar named {shown([clash])}, a name the run logs itself ({shown(sorted(taken))}); "
+                "rename the scalar")
+    for name in [*curves, *map(final, curves), *finals]:
+        refused = refused_name(name)
+        if refused:
+            reason = first_line(refused.replace(name, "the name"), 200)  # the name itself may be of any length
+            return f"logs a metric named {shown([name])}, which MLflow refuses: {reason}"
+    return None
+
+
+def check_logged(experiment, curves, finals=()) -> None:
+    """A run's curves and final values as it logs them, against MLflow's rule: a name it refuses is
+    the experiment's error, which fails that run alone."""
+    refused = refused_metric(curves, finals)
+    if refused:
+        raise ExperimentCodeError(f"experiment {experiment.name!r} {refused}")
+
+
+class LoggedNames:
+    """Loop observer, first of a tracked run's: the names of its first epoch against MLflow's rule
+    (the loop keeps them for every later epoch). The pre-flight saw a small batch's; an experiment
+    may name its values after what it sees."""
+
+    def __init__(self, experiment):
+        self.experiment, self.checked = experiment, False
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        if not self.checked:
+            self.checked = True
+            check_logged(self.experiment, logs)
 
 
 def default_tracking_uri() -> str:
@@ -74,8 +115,10 @@ def record(result, extra_params: dict | None = None, tags: dict | None = None) -
 
 def partial_record(config, history, reason: str, extra_params: dict | None = None,
                    tags: dict | None = None) -> RunRecord:
-    """What a run that raised or was interrupted keeps: its params and the curves recorded so far."""
-    return RunRecord(params=params_of(config, extra_params), history=history.values,
+    """What a run that raised or was interrupted keeps: its params and the curves recorded so far
+    (those MLflow takes: a name it refuses may be why the run failed)."""
+    curves = {name: values for name, values in history.values.items() if accepted_name(name)}
+    return RunRecord(params=params_of(config, extra_params), history=curves,
                      tags={**(tags or {}), FAIL_REASON_TAG: reason})
 
 
@@ -83,6 +126,7 @@ def log_result(client, run_id: str, experiment, result, skip_params: set[str] = 
     """Everything a finished training run logs, figures included; returns the status it ends with."""
     from . import plots
 
+    check_logged(experiment, result.history.values, result.scalars)
     write(client, run_id, record(result, source_params(experiment)), skip_params=skip_params)
     log_figures(client, run_id, plots.render(experiment, result.history.values, result.data, result.predictions))
     return "FAILED" if result.diverged else "FINISHED"

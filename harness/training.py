@@ -14,7 +14,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 from .config import TrainConfig, per_epoch
 from .errors import ExperimentCodeError, UsageError, described
 from .experiment import Data, Datasets, Experiment
-from . import registry
+from . import registry, tracking
 from .loop import (Batches, EarlyStopping, History, Observer, Recipe, StepFn, StopTraining, evaluate,
                    evaluate_batches, fit, map_tensors, train_epoch, train_step)
 from .schema import BEST_EPOCH, TRAIN_LOSS, VALID_LOSS, final
@@ -117,25 +117,6 @@ def steps(cfg: TrainConfig, experiment: Experiment) -> tuple[StepFn | None, Step
             lambda model, batch, loss_fn: own_eval(model, batch, loss_fn, cfg))
 
 
-def _check_metric_names(experiment: Experiment, curves: list[tuple[str, set[str]]], finals: list) -> None:
-    """Every metric name a run of ``experiment`` logs, against MLflow's rule: a name it refuses
-    would fail the run after its training, and every later summary of its study."""
-    from .mlflow_sql import refused_name
-
-    logged = [f"{split}_{name}" for split, names in curves for name in sorted(names)]
-    taken = set(logged) | set(map(final, logged))
-    clash = next((name for name in finals if name in taken), None)
-    if clash is not None:  # logged twice under one name: the curve's points and the scalar would mix
-        raise UsageError(f"experiment {experiment.name!r} has a scalar named {clash!r}, a name the run logs "
-                         f"itself ({', '.join(sorted(taken))}); rename the scalar")
-    for name in [*logged, *map(final, logged), *finals]:
-        refused = refused_name(name)
-        if refused:
-            reason = (refused.strip().splitlines() or [""])[0][:300]
-            raise UsageError(f"experiment {experiment.name!r} logs a metric named {name!r}, which MLflow refuses: "
-                             f"{reason}")
-
-
 def selection_metric(cfg: TrainConfig, data: Data | Datasets) -> str:
     return cfg.objective or (VALID_LOSS if data.has_valid else TRAIN_LOSS)
 
@@ -169,7 +150,10 @@ def preflight(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets) -
             recorded = {"valid": set(evaluate_batches(model, [batch], loss_fn, device, step=eval_step)[0]),
                         "train": set(train_epoch(model, [batch], loss_fn, optimizer, device, step=step))}
         finals = list(experiment.final_values(model))
-        _check_metric_names(experiment, [*{**recorded, "test": recorded["valid"]}.items()], finals)
+        refused = tracking.refused_metric([f"{split}_{name}" for split, names in {**recorded, "test": recorded["valid"]}.items()
+                                  for name in sorted(names)], finals)
+        if refused:
+            raise UsageError(f"experiment {experiment.name!r} {refused}")
         if valid_batches is None:
             del recorded["valid"]
         metric = selection_metric(cfg, run_data)

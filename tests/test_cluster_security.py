@@ -255,6 +255,18 @@ def test_another_local_user_reads_and_changes_nothing_on_the_tracking_server_wit
     assert http_as_another_user(server, f"/api/2.0/mlflow-artifacts/artifacts/{artifact}", login=login) == (
         200, "private-notes")
     assert http_as_another_user(server, "/health") == (200, "OK")  # what start() waits for stays open
+    # MLflow answers server-info without a login by design (a client reads it before logging in):
+    # the store's kind and which features are on, nothing of any run.
+    for path in ("/api/3.0/mlflow/server-info", "/ajax-api/3.0/mlflow/server-info"):
+        status, text = http_as_another_user(server, path)
+        assert status in (200, 404) and run_id not in text and "private" not in text and server.password not in text
+        assert status == 404 or set(json.loads(text)) <= SERVER_INFO_KEYS, text
+
+
+# What server-info may say (MLflow 3.17's build_server_info_payload): a new key is read before it is allowed.
+SERVER_INFO_KEYS = {"store_type", "workspaces_enabled", "trace_archival_enabled", "multipart_uploads_enabled",
+                    "multipart_downloads_enabled", "presigned_upload_run_id_supported",
+                    "presigned_upload_model_id_supported", "features_enabled"}
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from harness import compat, mlflow_sql, tracking
+from harness.schema import FAIL_REASON_TAG
 from harness.sink import MlflowSink
 from harness.tracking import RunRecord
 
@@ -332,7 +333,7 @@ EXPERIMENT = Experiment(name="named", make_data=make_data, make_model=lambda: nn
 @pytest.mark.parametrize("field, name", [
     ('scalars=lambda model: {"w/": 1.0}', "w/"),
     ('scalars=lambda model: {"w": 1.0}, truth={"w": 0.5}, metrics=lambda p, y: {"a" * 240: (p - y).abs().mean()}',
-     "final_train_" + "a" * 240),
+     "final_train_" + "a" * 28 + "..."),  # a name in a message is cut short: it may be of any length
     ('metrics=lambda p, y: {"a\\u0301": (p - y).abs().mean()}', "train_a\u0301"),
 ])
 @pytest.mark.parametrize("command", ["train", "search"])
@@ -373,6 +374,57 @@ def test_a_scalar_or_metric_that_would_clash_or_not_store_is_refused_before_trai
     for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(variable, raising=False)
     check_refused_in_process([command, "--experiment", str(code / "named.py")], line, capsys, folder, monkeypatch)
+
+
+# Names the pre-flight's model and 8-sample batch do not show: an experiment may name its values
+# after what it sees (a batch's size, the epoch, the trained weights).
+LATE = {
+    "a long name on a bigger batch": ('metrics=lambda p, y: {("a" * 300 if len(p) > 8 else "err"): (p - y).abs().mean()}',
+                                      "logs a metric named 'train_" + "a" * 34 + "...', which MLflow refuses"),
+    "a scalar named as a curve after training": (
+        'scalars=lambda model, calls=[]: calls.append(1) or ({"w": 1.0} if len(calls) == 1 else {"final_train_loss": 1.0})',
+        "has a scalar named 'final_train_loss', a name the run logs itself"),
+    "a curve that starts late": (
+        'metrics=lambda p, y, calls=[]: calls.append(1) or {("e" if len(calls) < 20 else "f"): (p - y).abs().mean()}',
+        "the experiment's values must have the same names every epoch"),
+}
+
+
+@pytest.mark.parametrize("case", LATE)
+@pytest.mark.parametrize("command", ["train", "search", "search --batch"])
+def test_a_name_mlflow_refuses_that_shows_only_after_the_pre_flight_fails_that_run_alone(tmp_path, capsys, monkeypatch,
+                                                                                          command, case):
+    """The run is FAILED with the reason in one line (the name cut short), keeps the curves MLflow
+    takes, and holds no value under a name MLflow refuses; a search goes on and ends with its
+    parent closed. Before: the run's record failed to write and the search stopped as if tracking
+    had failed, telling the user to check the store."""
+    from harness.cli import main
+
+    field, line = LATE[case]
+    # its own module (a process keeps one per file content): the counters below start at 0
+    (tmp_path / "named.py").write_text(NAMED.format(field=field) + f"# {command} {case}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    argv = (["train", "--epochs", "30"] if command == "train" else
+            ["search", "--n-trials", "4", "--epochs-range", "30", "31", "--pairs", "sgd+mse"]
+            + (["--batch", "4"] if command.endswith("--batch") else [])) + ["--experiment", str(tmp_path / "named.py")]
+    assert main(argv) == (1 if command == "train" else 0)
+    err = capsys.readouterr().err
+    assert line in err and "a" * 60 not in err and "Traceback" not in err, err
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    trials = [r for r in runs if command == "train" or "mlflow.parentRunId" in r.data.tags]
+    assert len(trials) == (1 if command == "train" else 4) and len(runs) == len(trials) + (command != "train")
+    for run in runs:
+        assert run.info.status in (("FINISHED",) if run not in trials else ("FAILED", "FINISHED")), run.data.tags
+        assert all(mlflow_sql.accepted_name(name) for name in run.data.metrics)
+    failed = [run for run in trials if run.info.status == "FAILED"]
+    assert failed == trials or (case == "a curve that starts late" and failed)  # its later trials start with "f"
+    for run in failed:
+        assert line in run.data.tags[FAIL_REASON_TAG] and "a" * 60 not in run.data.tags[FAIL_REASON_TAG]
+    # The curves so far are kept (a stack stops at the first member that fails: those after it have none yet).
+    kept = [bool(client.get_metric_history(run.info.run_id, "train_loss")) for run in failed]
+    assert all(kept) or (command.endswith("--batch") and any(kept)), kept
 
 
 def test_a_metric_named_loss_never_replaces_the_runs_own_loss_outside_the_pre_flight_either():

@@ -86,6 +86,13 @@ def test_predict_compare_audit_and_reproduce_read_a_store_nobody_may_write(archi
     out = as_reader("compare", "--study", "s", "--out", cwd / "s.png", cwd=store, env=cli_env())
     assert out.returncode == 0 and all(run in out.stdout for run in trials), out.stderr
 
+    # What writes it says so in one line, with what still works, and writes nothing (not a bare
+    # OSError from Optuna's lock).
+    for writer in (["audit", "--study", "s", "--fix"], ["search", "--n-trials", 1, "--study-name", "s"]):
+        out = as_reader(*writer, cwd=store, env=cli_env())
+        assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+        assert "the Optuna journal 'optuna_journal.log' cannot be written here ('.' is not writable by" in out.stderr
+
     assert digest(store) == before and not list(store.glob("mlflow.db-*"))
     # Reading made nothing where it ran but the figures asked for (MLflow made a folder 'file:' there).
     assert sorted(p.name for p in cwd.iterdir()) == ["compare-s.png", "s.png"]

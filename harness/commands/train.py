@@ -79,7 +79,8 @@ def run(args) -> int:
     status, started = "FAILED", time.time()
     history = History()  # filled as training goes: what an interrupt leaves is still logged
     try:
-        result = training.train(cfg, experiment, data, observers=[Progress(cfg.epochs)], history=history)
+        result = training.train(cfg, experiment, data, observers=[tracking.LoggedNames(experiment), Progress(cfg.epochs)],
+                                history=history)
         with signals.deferred(on_signal=lambda: None):  # trained in full: the run is logged in full
             status = tracking.log_result(client, run_id, experiment, result, skip_params=skip)
     except ExperimentCodeError as exc:  # the run is FAILED with the reason and its curves so far

@@ -161,6 +161,25 @@ def max_journal_bytes() -> int:
     return max(MIN_JOURNAL_LIMIT, memory_bytes() // JOURNAL_REPLAY_FACTOR)
 
 
+def _check_writable(path: str) -> None:
+    """A journal this process must write, and the folder its lock files go in, writable by it: said
+    in one line with what still works, before Optuna's lock fails with a bare OSError."""
+    from ..errors import HarnessError
+
+    folder = Path(path).parent
+    for place in (folder, Path(path)):
+        if place.exists() and not os.access(place, os.W_OK):
+            try:  # the reason: a read-only file system, or the permissions
+                readonly = bool(os.statvfs(place).f_flag & os.ST_RDONLY)
+            except OSError:
+                readonly = False
+            why = "on a read-only file system" if readonly else "not writable by this user"
+            raise HarnessError(f"the Optuna journal {path!r} cannot be written here ({str(place)!r} is {why}): a "
+                               "search and `audit --fix` append to it and lock it; `harness audit` without --fix, "
+                               "`compare`, `predict` and `reproduce` read it as it is, or copy the folder somewhere "
+                               "writable")
+
+
 def _open_journal(path: str, repair: bool, notify):
     from ..errors import HarnessError
     from .journal import Journal, JournalDamaged, full_damage
@@ -169,6 +188,8 @@ def _open_journal(path: str, repair: bool, notify):
     def journal():
         return Journal(path, **({"notify": notify} if notify else {}))
 
+    if repair:  # a writer: it appends, and locks a file beside the journal
+        _check_writable(path)
     opened = journal()
     if repair:
         opened.repair()  # a torn last line: cut before anything is appended after it

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import optuna
 
-from .. import batched, config, signals, training
+from .. import batched, config, signals, tracking, training
 from ..config import TrainConfig
 from ..errors import ExperimentCodeError, UsageError, described
 from ..loop import History, StopTraining
@@ -101,6 +101,12 @@ class TrialRunner:
 
     def train(self, run: TrialRun) -> None:
         run.result = training.train(run.cfg, self.experiment, self.data, run.observers, history=run.history)
+        self._check_finals(run)
+
+    def _check_finals(self, run: TrialRun) -> None:
+        """A tracked run's final values beside its curves, as its record will log them."""
+        if run.recorder:
+            tracking.check_logged(self.experiment, run.result.history.values, run.result.scalars)
 
     def said(self, reason: str) -> None:
         """One line on stderr for each new reason a trial failed in the experiment's code."""
@@ -149,9 +155,9 @@ class TrialRunner:
                     pending = tracked[0].recorder.start_trials([TrialStart(run.trial, run.cfg) for run in tracked])
                     for run, future in zip(tracked, pending):
                         run.pending = future
-        for run in runs:
-            run.observers = self._observers(run.trial) + (
-                [_Linking(run.trial, run.recorder, run.pending)] if run.recorder else [])
+        for run in runs:  # a tracked run's names checked first: no observer may end its epoch before
+            run.observers = ([tracking.LoggedNames(self.experiment)] if run.recorder else []) + self._observers(
+                run.trial) + ([_Linking(run.trial, run.recorder, run.pending)] if run.recorder else [])
 
     def finish(self, runs: list[TrialRun]) -> list[str]:
         """Trained trials' states, their reasons or final selection-data values, and their runs'
@@ -233,6 +239,10 @@ class TrialRunner:
                                       observers=[r.observers for r in group], histories=[r.history for r in group])
         for run, result in zip(group, stacked):
             run.result = result
+            try:
+                self._check_finals(run)
+            except ExperimentCodeError as exc:  # this member's values: the others go on
+                run.error = exc
 
     def _stacks(self, runs: list[TrialRun]) -> list[list[TrialRun]]:
         """The runs grouped into stacks; a configuration that cannot be stacked is a group of its
