@@ -267,8 +267,9 @@ def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn
         observers: Iterable[Observer] = (), sync_every: int | None = None,
         history: History | None = None, valid_batches: Batches | None = None, recipe: Recipe = PLAIN,
         scheduler=None, monitor: str | None = None, step: StepFn | None = None,
-        eval_step: StepFn | None = None) -> History:
-    """Train for ``epochs`` epochs and return the history.
+        eval_step: StepFn | None = None, start_epoch: int = 0) -> History:
+    """Train for ``epochs`` epochs and return the history (from ``start_epoch`` on, where a run is
+    continued: ``history`` holds the epochs before it).
 
     ``train_batches``, ``valid_batches`` and ``test_batches`` are iterated once per epoch: a list
     holding one (inputs, targets) pair is full-batch training, a DataLoader is mini-batch training.
@@ -294,9 +295,9 @@ def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn
     pending = _HostValues() if on_host else _DeviceValues(epochs, device)
     scheduled = scheduler is not None or recipe.batch_scheduler is not None
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    start = 0
+    start = start_epoch
     names = list(history.values) or None  # a continued history's curves go on under the same names
-    for epoch in range(epochs):
+    for epoch in range(start_epoch, epochs):
         lr = optimizer.param_groups[0]["lr"] if scheduled else None
         values = run_epoch()
         if scheduler is not None:

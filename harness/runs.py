@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import posixpath
 import shlex
 import stat
 import struct
@@ -123,7 +124,7 @@ def fetch_artifact(client, run_id: str, name: str, limit: int, tmp: str) -> Path
     other store's listed size is checked before the download, and the copy after it."""
     path = _in_place(client, run_id, name)
     if path is None:
-        listed = {info.path: info for info in client.list_artifacts(run_id)}.get(name)
+        listed = {info.path: info for info in client.list_artifacts(run_id, posixpath.dirname(name) or None)}.get(name)
         if listed is None:  # never downloaded unchecked: MLflow may still find what it did not list
             raise FileNotFoundError(f"{name} is not among the artifacts the store lists")
         if listed.is_dir:
@@ -199,6 +200,10 @@ def _directory(handle) -> list[tuple[int, int]]:
 
 
 def _not_a_plain_archive(handle) -> str | None:
+    return archive_refusal(handle, MAX_STATE_DICT_BYTES)
+
+
+def archive_refusal(handle, limit: int) -> str | None:
     """Why the file is not read by torch.load, or None. torch.save has written zip archives since
     torch 1.6, its tensors stored uncompressed; the legacy format (and a bare pickle) allocates
     storages at the sizes it declares, and a compressed entry is inflated whole, so only an archive
@@ -208,7 +213,7 @@ def _not_a_plain_archive(handle) -> str | None:
 
     if isinstance(handle, (str, Path)):
         with open(handle, "rb") as opened:
-            return _not_a_plain_archive(opened)
+            return archive_refusal(opened, limit)
     try:
         declared = _directory(handle)
     except (OSError, ValueError) as exc:
@@ -227,8 +232,8 @@ def _not_a_plain_archive(handle) -> str | None:
     pickled = max((e.file_size for e in entries if e.filename.endswith(".pkl")), default=0)
     if pickled > MAX_PICKLE_BYTES:
         return f"its pickle declares {pickled} bytes, at most {MAX_PICKLE_BYTES} allowed"
-    if declared > MAX_STATE_DICT_BYTES:
-        return f"its entries declare {declared} bytes, at most {MAX_STATE_DICT_BYTES} allowed"
+    if declared > limit:
+        return f"its entries declare {declared} bytes, at most {limit} allowed"
     return None
 
 

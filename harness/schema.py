@@ -28,6 +28,7 @@ BEST_PARAM_TAG = "best.{param}"
 NOTE_TAG = "mlflow.note.content"  # MLflow's own: the run's description, Markdown on its page
 RUN_NAME_TAG = "mlflow.runName"  # MLflow's own: setting it renames the run
 STUDY_RUN_TAG = "harness.study_run"  # on an `mlflow run` that resumed a study: the study's parent run
+RESUMED_TAG = "harness.resumed_at_epoch"  # a run continued from its checkpoint: the epoch it went on from
 
 # ---- MLflow run params (besides every field of the resolved config) ------------------------------
 TRIAL_NUMBER_PARAM = "trial_number"
@@ -64,6 +65,8 @@ OBJECTIVE = "objective_{name}"  # a trial's value for each objective of a study 
 # ---- MLflow artifacts --------------------------------------------------------------------------
 STATE_DICT = "state_dict.pt"
 CONFIG = "config.json"
+# A run's checkpoints while it trains: two slots, written in turn, so a write cut short leaves the other.
+CHECKPOINT = "checkpoints/checkpoint-{slot}.pt"
 LOSS_CURVES = "loss_curves.png"
 PREDICTIONS = "predictions.png"
 TRIALS_CSV = "trials.csv"
@@ -149,3 +152,7 @@ def names() -> dict[str, set[str]]:
             kind = "artifacts" if "." in value else "metrics"
         out[kind].add(value)
     return out
+
+
+def checkpoint_name(slot: int) -> str:
+    return CHECKPOINT.format(slot=slot)

@@ -122,12 +122,14 @@ def partial_record(config, history, reason: str, extra_params: dict | None = Non
                      tags={**(tags or {}), FAIL_REASON_TAG: reason})
 
 
-def log_result(client, run_id: str, experiment, result, skip_params: set[str] = frozenset()) -> str:
-    """Everything a finished training run logs, figures included; returns the status it ends with."""
+def log_result(client, run_id: str, experiment, result, skip_params: set[str] = frozenset(),
+               from_step: int = 0) -> str:
+    """Everything a finished training run logs, figures included; returns the status it ends with.
+    ``from_step``: the epochs before it are on the run already (a run continued from its checkpoint)."""
     from . import plots
 
     check_logged(experiment, result.history.values, result.scalars)
-    write(client, run_id, record(result, source_params(experiment)), skip_params=skip_params)
+    write(client, run_id, record(result, source_params(experiment)), skip_params=skip_params, from_step=from_step)
     log_figures(client, run_id, plots.render(experiment, result.history.values, result.data, result.predictions))
     return "FAILED" if result.diverged else "FINISHED"
 
@@ -164,13 +166,14 @@ def tag_list(tags: dict[str, str]) -> list:
     return [RunTag(k, str(v)) for k, v in tags.items()]
 
 
-def write(client, run_id: str, rec: RunRecord, skip_params: set[str] = frozenset()) -> None:
-    """Log a record into an existing run (params already on the run are left as they are)."""
+def write(client, run_id: str, rec: RunRecord, skip_params: set[str] = frozenset(), from_step: int = 0) -> None:
+    """Log a record into an existing run (params already on the run are left as they are; so are
+    the curves' steps before ``from_step``: no step is written twice)."""
     from mlflow.entities import Metric, Param
 
     now = int(time.time() * 1000)  # one timestamp for the record: a value logged twice is stored once
     metrics = [Metric(name, value, now, step) for name, values in rec.history.items()
-               for step, value in enumerate(values)]
+               for step, value in enumerate(values) if step >= from_step]
     metrics += [Metric(name, value, now, 0) for name, value in rec.finals.items()]
     params = [Param(k, v) for k, v in rec.params.items() if k not in skip_params]
     tags = tag_list(rec.tags)

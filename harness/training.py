@@ -14,7 +14,8 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 from .config import TrainConfig, per_epoch
 from .errors import ExperimentCodeError, UsageError, described
 from .experiment import Data, Datasets, Experiment
-from . import registry, tracking
+from . import checkpoint, registry, tracking
+from .checkpoint import Checkpoints
 from .loop import (Batches, EarlyStopping, History, Observer, Recipe, StepFn, StopTraining, evaluate,
                    evaluate_batches, fit, map_tensors, train_epoch, train_step)
 from .schema import BEST_EPOCH, TRAIN_LOSS, VALID_LOSS, final
@@ -233,7 +234,11 @@ def batches(data: Data | Datasets, cfg: TrainConfig) -> tuple[Batches, Batches, 
 
 def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None = None,
           observers: Iterable[Observer] = (), sync_every: int | None = None,
-          history: History | None = None) -> TrainResult:
+          history: History | None = None, checkpoints: Checkpoints | None = None,
+          resume: dict | None = None) -> TrainResult:
+    """Train a run of ``cfg``. ``checkpoints``: when and where its state is written (see
+    checkpoint.py); ``resume``: a checkpoint of a run of this config to continue from (checked by
+    the caller with ``checkpoint.matches``): the result is bit for bit that of a run never stopped."""
     if torch.device(cfg.device).type == "cuda":
         # Bit-for-bit re-runs on a GPU need deterministic kernels (cuBLAS needs its workspace set
         # before its first use); a kernel that has no deterministic version raises instead of drifting.
@@ -257,13 +262,24 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
             stopper = EarlyStopping(model, history, metric, cfg.patience, cfg.min_delta, cfg.direction == "maximize")
             observers.append(stopper)
             sync_every = 1
+        loader_generator = getattr(train_batches, "generator", None)  # a DataLoader's: the shuffles to come
+        parts = dict(model=model, optimizer=optimizer, epoch_scheduler=epoch_schedule, batch_scheduler=batch_schedule,
+                     stopper=stopper, loader_generator=loader_generator)
+        start_epoch = 0
+        if resume is not None:
+            start_epoch = checkpoint.restore(resume, history=history, **parts)
+        if checkpoints is not None:
+            # After every other observer (early stopping included): the state is the epoch's whole end.
+            # The state is read where the epoch ends, so every epoch is synced (one copy an epoch on a device).
+            observers.append(_Checkpointing(checkpoints, cfg, experiment, history, parts))
+            sync_every = 1
         started = time.perf_counter()  # inside the lock: a thread waiting for it is not training
         try:
             history = fit(model, train_batches, test_batches, loss_fn, optimizer, cfg.epochs,
                           metrics_fn=experiment.metrics, observers=observers, sync_every=sync_every, history=history,
                           valid_batches=valid_batches, scheduler=epoch_schedule, monitor=metric,
                           recipe=Recipe(cfg.grad_clip_norm, cfg.grad_clip_value, batch_schedule),
-                          step=step, eval_step=eval_step)
+                          step=step, eval_step=eval_step, start_epoch=start_epoch)
         except Exception as exc:
             error = experiment_code_error(exc, history.epochs_run)
             if error is None or error is exc:
@@ -278,6 +294,20 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
                                               keep_predictions=True)
             predictions = predictions.cpu()
     return TrainResult(cfg, model, data, history, predictions, experiment.final_values(model), seconds)
+
+
+class _Checkpointing:
+    """Loop observer: the run's state written at the end of each epoch ``checkpoints`` finds due."""
+
+    def __init__(self, checkpoints: Checkpoints, cfg: TrainConfig, experiment: Experiment, history: History,
+                 parts: dict):
+        self.checkpoints, self.cfg, self.experiment, self.history, self.parts = checkpoints, cfg, experiment, history, parts
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        if self.checkpoints.due(epoch + 1, self.cfg.epochs):
+            self.checkpoints.write(checkpoint.capture(config=self.cfg.to_dict(), experiment_sha256=self.experiment.sha256,
+                                                      epochs_done=epoch + 1, history=self.history.values, **self.parts))
+            self.checkpoints.written()
 
 
 def experiment_code_error(exc: BaseException, epoch: int) -> ExperimentCodeError | None:

@@ -4,8 +4,12 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 
-from ..schema import TEST_LOSS, TRAIN_LOSS
+from ..schema import RESUMED_TAG, TEST_LOSS, TRAIN_LOSS
+
+# A long run loses at most this much to a crash; a run shorter than it writes no checkpoint at all.
+DEFAULT_SECONDS = 300.0
 
 
 def add_config_arguments(parser) -> None:
@@ -29,12 +33,25 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", help="learning rate, a positive number (default: the experiment's)")
     p.add_argument("--epochs", help="a positive integer (default: the experiment's)")
     p.add_argument("--seed", help="torch seed for the initial weights (default: 42)")
+    p.add_argument("--checkpoint-every", metavar="N", help="write a checkpoint every N epochs (default: by time only)")
+    p.add_argument("--checkpoint-seconds", metavar="S",
+                   help="write a checkpoint at the first epoch's end S seconds after the last one (default: "
+                        f"{int(DEFAULT_SECONDS)}; 0: only --checkpoint-every's)")
+    p.add_argument("--resume", metavar="RUN_ID",
+                   help="continue run RUN_ID (stopped, killed or preempted) from its latest checkpoint, with the "
+                        "flags that started it: the result is bit for bit that of a run never stopped")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
     from .. import config, signals, training
+    from .. import resume as resume_module
     from ..errors import ExperimentCodeError, UsageError
+
+    every = None if args.checkpoint_every in (None, "") else config.positive_int("--checkpoint-every",
+                                                                              args.checkpoint_every)
+    seconds = DEFAULT_SECONDS if args.checkpoint_seconds in (None, "") else \
+        config.float_in("--checkpoint-seconds", args.checkpoint_seconds, 0.0, 10.0 ** 9) or None
 
     cfg, experiment = config.resolve(config.with_flags(config.parse_sets(args.set), {
         "experiment": args.experiment, "optimizer": args.optimizer, "loss": args.loss, "lr": args.lr,
@@ -58,10 +75,16 @@ def run(args) -> int:
     from ..loop import History
 
     run_id = os.environ.get("MLFLOW_RUN_ID")
+    if args.resume and run_id and args.resume != run_id:
+        raise UsageError(f"--resume {args.resume} under `mlflow run`, which made run {run_id}: resume outside it")
     started = time.time()
+    resumed = None
     try:
         client = tracking.open_client()
-        if run_id:  # under `mlflow run`: log into the run MLflow created
+        if args.resume:
+            resumed = _resumable(client, args.resume, cfg, experiment)
+            run_id, experiment_id, skip = args.resume, resumed.experiment_id, resumed.params
+        elif run_id:  # under `mlflow run`: log into the run MLflow created
             existing = client.get_run(run_id)
             experiment_id, skip = existing.info.experiment_id, set(existing.data.params)
         else:
@@ -78,16 +101,23 @@ def run(args) -> int:
                                    exc) from None
     status, started = "FAILED", time.time()
     history = History()  # filled as training goes: what an interrupt leaves is still logged
+    logged = resumed.logged_epochs if resumed else 0  # steps already on the run: not written twice
+    checkpoints = resume_module.run_checkpoints(client, run_id, every, seconds,
+                                                after_slot=resumed.slot if resumed else None) \
+        if every or seconds else None
     try:
+        if resumed is not None:
+            client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, RESUMED_TAG, str(resumed.state["epochs_done"] if resumed.state else 0))
         result = training.train(cfg, experiment, data, observers=[tracking.LoggedNames(experiment), Progress(cfg.epochs)],
-                                history=history)
+                                history=history, checkpoints=checkpoints, resume=resumed.state if resumed else None)
         with signals.deferred(on_signal=lambda: None):  # trained in full: the run is logged in full
-            status = tracking.log_result(client, run_id, experiment, result, skip_params=skip)
+            status = tracking.log_result(client, run_id, experiment, result, skip_params=skip, from_step=logged)
     except ExperimentCodeError as exc:  # the run is FAILED with the reason and its curves so far
         with signals.deferred():
             tracking.write(client, run_id, tracking.partial_record(cfg, history, str(exc),
                                                                    tracking.source_params(experiment)),
-                           skip_params=skip)
+                           skip_params=skip, from_step=logged)
         print(f"harness: error: run {run_id} FAILED: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -95,7 +125,10 @@ def run(args) -> int:
             status = "KILLED"
             tracking.write(client, run_id, tracking.partial_record(cfg, history, "interrupted",
                                                                    tracking.source_params(experiment)),
-                           skip_params=skip)
+                           skip_params=skip, from_step=logged)
+        if checkpoints is not None:
+            print(f"harness: run {run_id} can be continued from its last checkpoint: "
+                  f"harness train ... --resume {run_id}", file=sys.stderr)
         raise
     finally:
         with signals.deferred(on_signal=lambda: None):
@@ -112,6 +145,45 @@ def run(args) -> int:
 
 
 PROGRESS_SECONDS = 5
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A run to continue: its MLflow experiment, the params already on it, the epochs its curves
+    hold, and its latest usable checkpoint (None: it trains again from epoch 0) and that one's slot."""
+    experiment_id: str
+    params: set
+    logged_epochs: int
+    state: dict | None
+    slot: int | None
+
+
+def _resumable(client, run_id: str, cfg, experiment) -> Resumed:
+    """Run ``run_id`` checked as one this command may continue with ``cfg``: made by `harness train`,
+    not finished, and logged (if at all) with this config; refused in one line before anything is written."""
+    from ..errors import UsageError
+    from ..runs import get_run
+    from ..schema import COMMAND_TAG
+
+    from .. import resume as resume_module
+
+    existing = get_run(client, run_id)
+    if existing.data.tags.get(COMMAND_TAG) != "train":
+        raise UsageError(f"run {run_id} was not made by `harness train`; --resume continues those only")
+    if existing.info.status == "FINISHED":
+        raise UsageError(f"run {run_id} is FINISHED: there is nothing left to train")
+    if existing.info.lifecycle_stage != "active":
+        raise UsageError(f"run {run_id} is deleted; restore it in MLflow first")
+    given = {k: str(v) for k, v in cfg.to_dict().items()}
+    differs = sorted(k for k, v in existing.data.params.items() if k in given and given[k] != v)
+    if differs:
+        raise UsageError(f"run {run_id} was logged with another config ({', '.join(differs[:5])} differ); "
+                         "resume it with the flags that started it")
+    state, slot = resume_module.latest(client, run_id, cfg.to_dict(), experiment.sha256)
+    if state is None:
+        print(f"harness: run {run_id} has no usable checkpoint: it trains again from epoch 0", file=sys.stderr)
+    logged = len(client.get_metric_history(run_id, TRAIN_LOSS))
+    return Resumed(existing.info.experiment_id, set(existing.data.params), logged, state, slot)
 
 
 class Progress:

@@ -1,0 +1,151 @@
+"""A run's state at the end of an epoch: all it takes to continue it bit for bit.
+
+What a run draws on besides its config is captured: the model, the optimizer, both kinds of schedule,
+early stopping's best epoch and weights, the curves so far (as float64 tensors: exact, and outside
+the pickle, whose size a reader bounds), and every random generator in play: torch's (CPU and every
+CUDA device), the DataLoader's (where the next epoch's shuffle comes from), Python's and NumPy's (an
+experiment's augmentation may draw from them). Neither mlflow nor optuna: where a checkpoint is kept is
+the caller's business (``Checkpoints.write``).
+
+A checkpoint is taken at an epoch's end, after every observer has seen the epoch (early stopping
+included), so resuming at ``epochs_done`` replays nothing and skips nothing.
+"""
+from __future__ import annotations
+
+import io
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+FORMAT = 1
+
+
+@dataclass
+class Checkpoints:
+    """When a run writes its checkpoints, and where (``write(state)``, the caller's). Due at the end of
+    every ``every``-th epoch, and of the first epoch ``seconds`` after the last checkpoint (or the
+    start); never after the last epoch (the run's own record follows)."""
+
+    write: Callable[[dict], None]
+    every: int | None = None
+    seconds: float | None = None
+    clock: Callable[[], float] = time.monotonic
+    last: float = field(default=0.0)
+
+    def __post_init__(self):
+        self.last = self.clock()
+
+    def due(self, epochs_done: int, epochs: int) -> bool:
+        if epochs_done >= epochs:
+            return False
+        if self.every and epochs_done % self.every == 0:
+            return True
+        return bool(self.seconds) and self.clock() - self.last >= self.seconds
+
+    def written(self) -> None:
+        self.last = self.clock()
+
+
+def capture(*, config: dict, experiment_sha256: str | None, epochs_done: int, model, optimizer,
+            epoch_scheduler=None, batch_scheduler=None, stopper=None, loader_generator=None,
+            history: dict[str, list[float]]) -> dict:
+    """The state (plain containers and tensors: ``torch.load(weights_only=True)`` reads it back)."""
+    state = {
+        "format": FORMAT, "config": config, "experiment_sha256": experiment_sha256, "epochs_done": epochs_done,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "epoch_scheduler": epoch_scheduler.state_dict() if epoch_scheduler is not None else None,
+        "batch_scheduler": batch_scheduler.state_dict() if batch_scheduler is not None else None,
+        "stopper": None if stopper is None else {"best": stopper.best, "best_state": stopper.best_state,
+                                                 "epoch": stopper.history.best_epoch},
+        "history": {name: torch.tensor(values, dtype=torch.float64) for name, values in history.items()},
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+                "loader": loader_generator.get_state() if loader_generator is not None else None,
+                "python": _python_state(), "numpy": _numpy_state()},
+    }
+    return state
+
+
+def restore(state: dict, *, model, optimizer, epoch_scheduler=None, batch_scheduler=None, stopper=None,
+            loader_generator=None, history) -> int:
+    """Put ``state`` back into a run built from the same config; returns the epochs it had done."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    for scheduler, saved in ((epoch_scheduler, state["epoch_scheduler"]), (batch_scheduler, state["batch_scheduler"])):
+        if (scheduler is None) != (saved is None):
+            raise ValueError("the checkpoint's schedule is not this run's")
+        if scheduler is not None:
+            scheduler.load_state_dict(saved)
+    if (stopper is None) != (state["stopper"] is None):
+        raise ValueError("the checkpoint's early stopping is not this run's")
+    if stopper is not None:
+        stopper.best, stopper.best_state = state["stopper"]["best"], state["stopper"]["best_state"]
+    history.values = {name: values.tolist() for name, values in state["history"].items()}
+    if stopper is not None:
+        history.best_epoch = state["stopper"]["epoch"]
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if (loader_generator is None) != (rng["loader"] is None):
+        raise ValueError("the checkpoint's data loader is not this run's")
+    if loader_generator is not None:
+        loader_generator.set_state(rng["loader"])
+    _set_python_state(rng["python"])
+    _set_numpy_state(rng["numpy"])
+    return state["epochs_done"]
+
+
+def to_bytes(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def _python_state():
+    version, internal, gauss = random.getstate()
+    return [version, torch.tensor(internal, dtype=torch.int64), gauss]
+
+
+def _set_python_state(saved) -> None:
+    version, internal, gauss = saved
+    random.setstate((version, tuple(internal.tolist()), gauss))
+
+
+def _numpy_state():
+    try:
+        import numpy
+    except ImportError:
+        return None
+    kind, keys, pos, has_gauss, cached = numpy.random.get_state()
+    return [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+
+
+def _set_numpy_state(saved) -> None:
+    if saved is None:
+        return
+    import numpy
+
+    kind, keys, pos, has_gauss, cached = saved
+    numpy.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+def matches(state: Any, config: dict, experiment_sha256: str | None) -> str | None:
+    """Why ``state`` cannot continue a run of ``config`` (the config as ``TrainConfig.to_dict`` gives
+    it) and this experiment file, or None."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        return "not a checkpoint of this harness's format"
+    if state.get("experiment_sha256") != experiment_sha256:
+        return "written by another version of the experiment file (its sha256 differs)"
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        return "it holds no config"
+    differs = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    if differs:
+        return f"written by a run of another config ({', '.join(differs[:5])} differ)"
+    if not isinstance(state.get("epochs_done"), int) or not 0 < state["epochs_done"] < config.get("epochs", 0):
+        return f"its epoch count {state.get('epochs_done')!r} is not within this run's {config.get('epochs')} epochs"
+    return None

@@ -1,0 +1,108 @@
+"""A run's checkpoints in MLflow: written among its artifacts as it trains, found and checked to resume it.
+
+Two slots, written in turn: a write cut short (a crash, a full disk) tears one, and the other still
+holds the checkpoint before it. A checkpoint is untrusted input when read back: its size is checked
+before it is read, it must be a plain ``torch.save`` archive, it is loaded with ``weights_only=True``
+(nothing in it chooses code), and it must be of this run's config and experiment file.
+"""
+from __future__ import annotations
+
+import posixpath
+import sys
+import tempfile
+from pathlib import Path
+
+from . import checkpoint
+from .checkpoint import Checkpoints
+from .errors import described, first_line
+from .runs import MAX_STATE_DICT_BYTES, ArtifactRefused, archive_refusal, fetch_artifact
+from .schema import checkpoint_name
+
+SLOTS = (0, 1)
+# The model, the optimizer's state (Adam: two tensors a parameter) and early stopping's best weights.
+MAX_CHECKPOINT_BYTES = 4 * MAX_STATE_DICT_BYTES
+
+
+def say(line: str) -> None:
+    print(f"harness: {line}", file=sys.stderr)
+
+
+def run_checkpoints(client, run_id: str, every: int | None, seconds: float | None, after_slot: int | None = None,
+                    notify=say) -> Checkpoints:
+    """Checkpoints written into the run's artifacts, the first into the slot after ``after_slot``
+    (the one a resumed run was read from stays whole until the next is written)."""
+    slots = {"next": SLOTS[0] if after_slot is None else SLOTS[(after_slot + 1) % len(SLOTS)], "failed": False}
+
+    def write(state: dict) -> None:
+        slot = slots["next"]
+        folder, name = posixpath.split(checkpoint_name(slot))
+        try:
+            with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
+                path = Path(tmp, name)
+                path.write_bytes(checkpoint.to_bytes(state))
+                client.log_artifact(run_id, str(path), folder)
+        except Exception as exc:  # a full disk, a store gone: training goes on, the other slot stays whole
+            if not slots["failed"]:
+                notify(f"a checkpoint of run {run_id} could not be written ({described(exc)}); training goes on, "
+                       "and the previous checkpoint stays usable")
+            slots["failed"] = True
+            return
+        slots["next"] = SLOTS[(slot + 1) % len(SLOTS)]
+
+    return Checkpoints(write=write, every=every, seconds=seconds)
+
+
+def latest(client, run_id: str, config: dict, experiment_sha256: str | None,
+           notify=say) -> tuple[dict | None, int | None]:
+    """The run's latest usable checkpoint and its slot, or (None, None). Each one refused (torn,
+    tampered with, too large, of another config or experiment file) is said in one line."""
+    found: list[tuple[int, int, dict]] = []
+    for slot in SLOTS:
+        name = checkpoint_name(slot)
+        state = _read(client, run_id, name, notify)
+        if state is None:
+            continue
+        why = checkpoint.matches(state, config, experiment_sha256)
+        if why:
+            notify(f"checkpoint {name} of run {run_id} refused: {why}")
+            continue
+        found.append((state["epochs_done"], slot, state))
+    if not found:
+        return None, None
+    _, slot, state = max(found, key=lambda f: f[0])
+    return state, slot
+
+
+def _read(client, run_id: str, name: str, notify) -> dict | None:
+    import pickle
+
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
+        try:
+            path = fetch_artifact(client, run_id, name, MAX_CHECKPOINT_BYTES, tmp)
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # never written
+        except ArtifactRefused as exc:
+            notify(f"checkpoint {name} of run {run_id} refused: {exc}")
+            return None
+        except Exception as exc:  # a link out of the run's folder, a store that refuses
+            notify(f"checkpoint {name} of run {run_id} unreadable: {described(exc)}")
+            return None
+        try:
+            handle = open(path, "rb")
+        except OSError as exc:
+            notify(f"checkpoint {name} of run {run_id} unreadable: {described(exc)}")
+            return None
+        with handle:  # the checks and the load read one open file
+            refused = archive_refusal(handle, MAX_CHECKPOINT_BYTES)
+            if refused:
+                notify(f"checkpoint {name} of run {run_id} refused: {refused}")
+                return None
+            try:
+                handle.seek(0)
+                return torch.load(handle, weights_only=True, map_location="cpu")
+            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError) as exc:
+                notify(f"checkpoint {name} of run {run_id} refused: not a plain tensor file "
+                       f"(torch.load weights_only=True: {first_line(exc)})")
+                return None

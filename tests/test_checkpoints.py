@@ -1,0 +1,184 @@
+"""Checkpoints inside a run, and `harness train --resume`: a run stopped at any epoch and continued
+from its last checkpoint ends bit for bit as one never stopped (weights, every curve point, early
+stopping's epoch, the scalars), with no step written twice; a checkpoint that is torn, tampered with
+or of another config is never used."""
+import io
+import os
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from harness import checkpoint, config, training
+from harness.experiment import load
+from harness.schema import RESUMED_TAG, STATE_DICT, TRAIN_LOSS, checkpoint_name
+
+CASES = {
+    "full batch": ("linear_regression", {"epochs": 12}),
+    "mini-batch": ("linear_regression", {"epochs": 12, "batch_size": 10}),
+    "epoch schedule": ("linear_regression", {"epochs": 12, "batch_size": 10, "scheduler": "step"}),
+    "batch schedule": ("linear_regression", {"epochs": 12, "batch_size": 10, "scheduler": "onecycle"}),
+    "early stopping, adam": ("linear_regression", {"epochs": 40, "batch_size": 10, "patience": 3, "optimizer": "adam",
+                                                   "lr": 0.05, "valid_fraction": 0.2}),
+    "dropout": ("digits", {"epochs": 5, "batch_size": 128}),
+}
+
+
+def resolved(name: str, overrides: dict):
+    experiment = load(name)
+    data = experiment.load_data()
+    cfg, _ = config.resolve({"experiment": name, "device": "cpu", **overrides}, experiment=experiment,
+                            n_train=data.n_train)
+    return config.validate(cfg, experiment, data.n_train), experiment, data
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_run_continued_from_any_checkpoint_ends_bit_for_bit_as_one_never_stopped(case):
+    cfg, experiment, data = resolved(*CASES[case])
+    written = []
+    whole = training.train(cfg, experiment, data, checkpoints=checkpoint.Checkpoints(
+        write=lambda state: written.append(checkpoint.to_bytes(state)), every=2))
+    assert len(written) >= 2, len(written)
+    for blob in written:
+        state = torch.load(io.BytesIO(blob), weights_only=True)  # plain containers and tensors only
+        assert checkpoint.matches(state, cfg.to_dict(), experiment.sha256) is None
+        again = training.train(cfg, experiment, data, resume=state)
+        assert again.history.values == whole.history.values, state["epochs_done"]
+        assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(),
+                                                     again.model.state_dict().values())), state["epochs_done"]
+        assert (again.history.best_epoch, again.history.early_stop, again.scalars) == \
+            (whole.history.best_epoch, whole.history.early_stop, whole.scalars)
+
+
+def test_a_checkpoint_of_another_config_or_experiment_file_is_not_one_to_continue():
+    cfg, experiment, data = resolved("linear_regression", {"epochs": 6})
+    written = []
+    training.train(cfg, experiment, data, checkpoints=checkpoint.Checkpoints(write=written.append, every=3))
+    state = torch.load(io.BytesIO(checkpoint.to_bytes(written[0])), weights_only=True)
+    other = {**cfg.to_dict(), "lr": 0.02}
+    assert "lr differ" in checkpoint.matches(state, other, experiment.sha256)
+    assert "sha256 differs" in checkpoint.matches(state, cfg.to_dict(), "0" * 64)
+    assert "not a checkpoint" in checkpoint.matches({"format": 99}, cfg.to_dict(), experiment.sha256)
+    assert "epoch count" in checkpoint.matches({**state, "epochs_done": 10 ** 9}, cfg.to_dict(), experiment.sha256)
+
+
+# An experiment that stops the run the way Ctrl-C does, once, at epoch 7 of its first run in a process.
+STOPPING = """
+from experiments.digits import EXPERIMENT as DIGITS
+from dataclasses import replace
+
+CALLS = [0]
+
+def metrics(pred, y):
+    CALLS[0] += 1
+    if CALLS[0] == STOP_AT:
+        raise KeyboardInterrupt
+    return DIGITS.metrics(pred, y)
+
+STOP_AT = {stop_at}
+EXPERIMENT = replace(DIGITS, name="stopping", metrics=metrics)
+"""
+FLAGS = ["--epochs", "6", "--set", "batch_size=128", "--checkpoint-every", "2", "--checkpoint-seconds", "0"]
+
+
+def runs_of(workdir):
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    return client, {r.info.run_id: r for r in client.search_runs(["0"])}
+
+
+def curves(client, run_id, names):
+    return {name: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]
+            for name in names}
+
+
+@pytest.mark.slow  # four in-process trainings of digits, each with its record
+def test_train_stopped_then_resumed_logs_the_run_of_a_train_never_stopped(in_workdir, cli_in_process, tmp_path):
+    """Ctrl-C inside epoch 5 of 6 (checkpoints after epochs 2 and 4), then `--resume RUN_ID` with the same
+    flags: the same run goes on from epoch 4 and ends FINISHED, its weights and every curve point those of
+    a run never stopped, each step once."""
+    never = tmp_path / "never.py"
+    never.write_text(STOPPING.format(stop_at=-1))
+    out = cli_in_process("train", "--experiment", never, *FLAGS, cwd=in_workdir)
+    assert out.returncode == 0, out.stderr
+    client, found = runs_of(in_workdir)
+    (reference,) = found
+    calls = load(str(never)).metrics.__globals__["CALLS"][0]  # the pre-flight's one, then 6 epochs'
+    per_epoch = (calls - 1) // 6
+    stops = tmp_path / "stops.py"
+    stops.write_text(STOPPING.format(stop_at=1 + 4 * per_epoch + 1))  # the first batch of the fifth epoch
+    out = cli_in_process("train", "--experiment", stops, *FLAGS, cwd=in_workdir)
+    assert out.returncode == 130 and "--resume" in out.stderr, out.stderr
+    _, found = runs_of(in_workdir)
+    stopped = next(run_id for run_id in found if run_id != reference)
+    assert found[stopped].info.status == "KILLED"
+    out = cli_in_process("train", "--experiment", stops, *FLAGS, "--resume", stopped, cwd=in_workdir)
+    assert out.returncode == 0, out.stderr
+    _, found = runs_of(in_workdir)
+    assert len(found) == 2 and found[stopped].info.status == "FINISHED"
+    assert found[stopped].data.tags[RESUMED_TAG] == "4"
+    names = [n for n in found[reference].data.metrics if not n.startswith("final_")]
+    assert curves(client, stopped, names) == curves(client, reference, names)  # every step once, the same values
+    assert found[stopped].data.metrics == found[reference].data.metrics
+    weights = [torch.load(in_workdir / "mlruns" / "0" / run / "artifacts" / STATE_DICT, weights_only=True)
+               for run in (reference, stopped)]
+    assert all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values()))
+
+
+class Planted:
+    """A pickle that would run code when loaded."""
+
+    def __reduce__(self):
+        return (os.system, ("touch planted",))
+
+
+@pytest.mark.slow  # eight in-process trainings of digits
+def test_a_torn_or_planted_checkpoint_is_refused_in_one_line_and_the_other_slot_is_used(in_workdir, cli_in_process,
+                                                                                          tmp_path):
+    """The latest slot torn (a crash, a full disk) and, in another store, the latest slot holding a
+    pickle that runs code: each is refused in one line, nothing in it runs, and the run goes on from
+    the other slot's epoch, still ending as a run never stopped. Bad --resume input is refused before
+    anything is written."""
+    never = tmp_path / "never.py"
+    never.write_text(STOPPING.format(stop_at=-1))
+    assert cli_in_process("train", "--experiment", never, *FLAGS, cwd=in_workdir).returncode == 0
+    client, found = runs_of(in_workdir)
+    (reference,) = found
+    per_epoch = (load(str(never)).metrics.__globals__["CALLS"][0] - 1) // 6
+    stops = tmp_path / "stops.py"
+    stops.write_text(STOPPING.format(stop_at=1 + 4 * per_epoch + 1))
+    assert cli_in_process("train", "--experiment", stops, *FLAGS, cwd=in_workdir).returncode == 130
+    stopped = next(run_id for run_id in runs_of(in_workdir)[1] if run_id != reference)
+    folder = in_workdir / "mlruns" / "0" / stopped / "artifacts"
+    latest = folder / checkpoint_name(1)  # epoch 4's: slots 0, 1 written in turn
+    assert torch.load(latest, weights_only=True)["epochs_done"] == 4
+
+    before = {r: (run.info.status, run.data.tags.get(RESUMED_TAG)) for r, run in runs_of(in_workdir)[1].items()}
+    for flags, line in ((["--resume", reference], f"run {reference} is FINISHED"),
+                        (["--resume", "0" * 32], "does not exist"),
+                        (["--resume", stopped, "--lr", "0.5"], "was logged with another config (lr differ)"),
+                        (["--resume", stopped, "--checkpoint-every", "0"], "--checkpoint-every")):
+        out = cli_in_process("train", "--experiment", stops, *FLAGS, *flags, cwd=in_workdir)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and line in out.stderr, (flags, out.stderr)
+    assert {r: (run.info.status, run.data.tags.get(RESUMED_TAG)) for r, run in runs_of(in_workdir)[1].items()} == before
+
+    planted = torch.load(latest, weights_only=True)
+    planted["history"] = Planted()
+    torch.save(planted, tmp_path / "planted.pt")
+    latest.write_bytes(latest.read_bytes()[:-100])  # torn
+    out = cli_in_process("train", "--experiment", stops, *FLAGS, "--resume", stopped, cwd=in_workdir)
+    assert out.returncode == 0 and f"checkpoint {checkpoint_name(1)} of run {stopped} refused" in out.stderr, out.stderr
+    found = runs_of(in_workdir)[1]
+    assert found[stopped].data.tags[RESUMED_TAG] == "2" and found[stopped].info.status == "FINISHED"
+    names = [n for n in found[reference].data.metrics if not n.startswith("final_")]
+    assert curves(client, stopped, names) == curves(client, reference, names)
+
+    # A pickle that runs code, in the latest slot of a run stopped again: refused, never run.
+    assert cli_in_process("train", "--experiment", stops, *FLAGS, cwd=in_workdir).returncode == 0  # CALLS went past
+    stops.write_text(STOPPING.format(stop_at=1 + 4 * per_epoch + 1) + "# again\n")
+    assert cli_in_process("train", "--experiment", stops, *FLAGS, cwd=in_workdir).returncode == 130
+    again = max(runs_of(in_workdir)[1].values(), key=lambda r: r.info.start_time).info.run_id
+    target = in_workdir / "mlruns" / "0" / again / "artifacts" / checkpoint_name(1)
+    target.write_bytes((tmp_path / "planted.pt").read_bytes())
+    out = cli_in_process("train", "--experiment", stops, *FLAGS, "--resume", again, cwd=in_workdir)
+    assert out.returncode == 0 and "weights_only" in out.stderr and not (in_workdir / "planted").exists(), out.stderr
+    assert runs_of(in_workdir)[1][again].data.tags[RESUMED_TAG] == "2"
