@@ -458,6 +458,14 @@ def epochs_value(name: str, value: Any) -> int:
     return _int(name, value, minimum=1, maximum=MAX_EPOCHS)
 
 
+def checkpoint_policy(every: Any, seconds: Any, default_seconds: float) -> tuple[int | None, float | None]:
+    """(every N epochs, every S seconds) from --checkpoint-every and --checkpoint-seconds, checked;
+    None: off (a --checkpoint-seconds of 0 too)."""
+    every = None if every in (None, "") else positive_int("--checkpoint-every", every)
+    seconds = default_seconds if seconds in (None, "") else float_in("--checkpoint-seconds", seconds, 0.0, 1e9)
+    return every, seconds or None
+
+
 def int_in(name: str, value: Any, low: int, high: int) -> int:
     """An integer in [low, high] (e.g. a sampler seed, which numpy takes below 2**32)."""
     return _int(name, value, minimum=low, maximum=high)

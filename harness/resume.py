@@ -27,23 +27,25 @@ def say(line: str) -> None:
     print(f"harness: {line}", file=sys.stderr)
 
 
-def run_checkpoints(client, run_id: str, every: int | None, seconds: float | None, after_slot: int | None = None,
+def run_checkpoints(client, run_id, every: int | None, seconds: float | None, after_slot: int | None = None,
                     notify=say) -> Checkpoints:
     """Checkpoints written into the run's artifacts, the first into the slot after ``after_slot``
-    (the one a resumed run was read from stays whole until the next is written)."""
+    (the one a resumed run was read from stays whole until the next is written). ``run_id``: the
+    run's id, or a function giving it (a trial's run is created in the background)."""
     slots = {"next": SLOTS[0] if after_slot is None else SLOTS[(after_slot + 1) % len(SLOTS)], "failed": False}
 
     def write(state: dict) -> None:
         slot = slots["next"]
         folder, name = posixpath.split(checkpoint_name(slot))
+        run = run_id() if callable(run_id) else run_id
         try:
             with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
                 path = Path(tmp, name)
                 path.write_bytes(checkpoint.to_bytes(state))
-                client.log_artifact(run_id, str(path), folder)
+                client.log_artifact(run, str(path), folder)
         except Exception as exc:  # a full disk, a store gone: training goes on, the other slot stays whole
             if not slots["failed"]:
-                notify(f"a checkpoint of run {run_id} could not be written ({described(exc)}); training goes on, "
+                notify(f"a checkpoint of run {run} could not be written ({described(exc)}); training goes on, "
                        "and the previous checkpoint stays usable")
             slots["failed"] = True
             return

@@ -29,6 +29,7 @@ NOTE_TAG = "mlflow.note.content"  # MLflow's own: the run's description, Markdow
 RUN_NAME_TAG = "mlflow.runName"  # MLflow's own: setting it renames the run
 STUDY_RUN_TAG = "harness.study_run"  # on an `mlflow run` that resumed a study: the study's parent run
 RESUMED_TAG = "harness.resumed_at_epoch"  # a run continued from its checkpoint: the epoch it went on from
+RESUMED_FROM_TAG = "harness.resumed_from"  # a retried trial's run that went on from an earlier attempt's: that run
 
 # ---- MLflow run params (besides every field of the resolved config) ------------------------------
 TRIAL_NUMBER_PARAM = "trial_number"

@@ -182,3 +182,49 @@ def test_a_torn_or_planted_checkpoint_is_refused_in_one_line_and_the_other_slot_
     out = cli_in_process("train", "--experiment", stops, *FLAGS, "--resume", again, cwd=in_workdir)
     assert out.returncode == 0 and "weights_only" in out.stderr and not (in_workdir / "planted").exists(), out.stderr
     assert runs_of(in_workdir)[1][again].data.tags[RESUMED_TAG] == "2"
+
+
+SEARCH = ["search", "--n-trials", "1", "--epochs-range", "6", "7", "--pairs", "adam+cross_entropy", "--seed", "0",
+          "--set", "batch_size=128", "--checkpoint-every", "2", "--checkpoint-seconds", "0", "--pruner", "none",
+          "--no-progress"]
+
+
+@pytest.mark.slow  # three in-process searches of digits
+def test_a_trial_cut_short_is_retried_from_its_checkpoint_and_ends_as_one_never_cut(tmp_path, migrated_db,
+                                                                                     cli_in_process):
+    """Ctrl-C inside a trial's fifth epoch queues its configuration again; the next invocation's retry goes
+    on from the checkpoint after epoch 4, in a new run linked to the first, and ends with the weights,
+    curves and value of the same trial never cut short."""
+    from conftest import new_store
+
+    for name in ("never", "cut", "code"):
+        (tmp_path / name).mkdir()
+    never, cut = new_store(tmp_path / "never", migrated_db), new_store(tmp_path / "cut", migrated_db)
+    code = tmp_path / "code"
+    (code / "never.py").write_text(STOPPING.format(stop_at=-1))
+    out = cli_in_process(*SEARCH, "--experiment", code / "never.py", cwd=never)
+    assert out.returncode == 0, out.stderr
+    calls = load(str(code / "never.py")).metrics.__globals__["CALLS"][0]
+    client, found = runs_of(never)
+    (reference,) = [r for r in found.values() if "mlflow.parentRunId" in r.data.tags]
+    epochs = int(reference.data.params["epochs"])
+    per_epoch = (calls - 1) // epochs  # the pre-flight's one call, then each epoch's
+    (code / "cut.py").write_text(STOPPING.format(stop_at=1 + 4 * per_epoch + 1))
+    out = cli_in_process(*SEARCH, "--experiment", code / "cut.py", cwd=cut)
+    assert out.returncode == 130, out.stderr
+    out = cli_in_process(*SEARCH, "--experiment", code / "cut.py", cwd=cut)
+    assert out.returncode == 0, out.stderr
+    cut_client, found = runs_of(cut)
+    trials = sorted((r for r in found.values() if "mlflow.parentRunId" in r.data.tags),
+                    key=lambda r: int(r.data.tags["optuna.trial_number"]))
+    first, retry = trials
+    assert first.info.status == "KILLED" and retry.info.status == "FINISHED"
+    assert retry.data.tags[RESUMED_TAG] == "4" and retry.data.tags["harness.resumed_from"] == first.info.run_id
+    names = [n for n in reference.data.metrics if not n.startswith(("final_", "best_"))]
+    assert curves(cut_client, retry.info.run_id, names) == curves(client, reference.info.run_id, names)
+    assert retry.data.metrics == reference.data.metrics
+    weights = [torch.load(folder / "mlruns" / "0" / run.info.run_id / "artifacts" / STATE_DICT, weights_only=True)
+               for folder, run in ((never, reference), (cut, retry))]
+    assert all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values()))
+    out = cli_in_process("audit", "--study", "stopping-search", cwd=cut)
+    assert out.returncode == 0 and "clean" in out.stdout, out.stdout + out.stderr

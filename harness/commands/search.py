@@ -7,7 +7,7 @@ import sys
 from .. import signals
 from ..search.limits import MAX_N_JOBS
 from ..urls import redact
-from .train import add_config_arguments
+from .train import add_checkpoint_arguments, add_config_arguments
 
 
 def add_parser(sub) -> None:
@@ -69,6 +69,7 @@ def add_parser(sub) -> None:
                                           "twentieth of the space's largest epochs, at least 1: 20 for the "
                                           "default 50-400; at least 10 on a database server)")
     p.add_argument("--trial-figures", action="store_true", help="render both PNG figures for every trial")
+    add_checkpoint_arguments(p)  # a trial cut short and queued again goes on from its last checkpoint
     p.add_argument("--importance", action="store_true",
                    help="also render the params' importances (Optuna's PED-ANOVA) in the study's summary; off by "
                         "default: Optuna's importance module imports scikit-learn, ~1.8 s of every search")

@@ -7,9 +7,7 @@ import time
 from dataclasses import dataclass
 
 from ..schema import RESUMED_TAG, TEST_LOSS, TRAIN_LOSS
-
-# A long run loses at most this much to a crash; a run shorter than it writes no checkpoint at all.
-DEFAULT_SECONDS = 300.0
+from ..search.limits import CHECKPOINT_SECONDS
 
 
 def add_config_arguments(parser) -> None:
@@ -25,6 +23,13 @@ def add_config_arguments(parser) -> None:
                         help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else MLflow's default)")
 
 
+def add_checkpoint_arguments(parser) -> None:
+    parser.add_argument("--checkpoint-every", metavar="N", help="write a checkpoint every N epochs (default: by time only)")
+    parser.add_argument("--checkpoint-seconds", metavar="S",
+                        help="write a checkpoint at the first epoch's end S seconds after the last one (default: "
+                             f"{int(CHECKPOINT_SECONDS)}; 0: only --checkpoint-every's)")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train once with a given config and track the run in MLflow")
     add_config_arguments(p)
@@ -33,10 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", help="learning rate, a positive number (default: the experiment's)")
     p.add_argument("--epochs", help="a positive integer (default: the experiment's)")
     p.add_argument("--seed", help="torch seed for the initial weights (default: 42)")
-    p.add_argument("--checkpoint-every", metavar="N", help="write a checkpoint every N epochs (default: by time only)")
-    p.add_argument("--checkpoint-seconds", metavar="S",
-                   help="write a checkpoint at the first epoch's end S seconds after the last one (default: "
-                        f"{int(DEFAULT_SECONDS)}; 0: only --checkpoint-every's)")
+    add_checkpoint_arguments(p)
     p.add_argument("--resume", metavar="RUN_ID",
                    help="continue run RUN_ID (stopped, killed or preempted) from its latest checkpoint, with the "
                         "flags that started it: the result is bit for bit that of a run never stopped")
@@ -48,11 +50,7 @@ def run(args) -> int:
     from .. import resume as resume_module
     from ..errors import ExperimentCodeError, UsageError
 
-    every = None if args.checkpoint_every in (None, "") else config.positive_int("--checkpoint-every",
-                                                                              args.checkpoint_every)
-    seconds = DEFAULT_SECONDS if args.checkpoint_seconds in (None, "") else \
-        config.float_in("--checkpoint-seconds", args.checkpoint_seconds, 0.0, 10.0 ** 9) or None
-
+    every, seconds = config.checkpoint_policy(args.checkpoint_every, args.checkpoint_seconds, CHECKPOINT_SECONDS)
     cfg, experiment = config.resolve(config.with_flags(config.parse_sets(args.set), {
         "experiment": args.experiment, "optimizer": args.optimizer, "loss": args.loss, "lr": args.lr,
         "epochs": args.epochs, "seed": args.seed, "device": args.device}), file=args.config)

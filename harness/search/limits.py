@@ -11,3 +11,5 @@ MAX_N_JOBS = 64
 # a single trial is created.
 MAX_BATCH = 256
 MAX_STUDY_NAME = 250  # characters
+# A long run (or trial) loses at most this much training to a crash; one shorter writes no checkpoint.
+CHECKPOINT_SECONDS = 300.0

@@ -40,7 +40,8 @@ class Objective:
                  trial_figures: bool = False, seed: int = 42, device: str = "auto", base: dict | None = None,
                  data=None, study_tags: dict[str, str] | None = None, batch: int = 1,
                  study_params: dict[str, str] | None = None, objectives=objectives_module.DEFAULT,
-                 importance: bool = False):
+                 importance: bool = False, checkpoint_every: int | None = None,
+                 checkpoint_seconds: float | None = None):
         """``base``: fixed config values for every trial (e.g. ``{"batch_size": 64}``); the space's
         samples override them. ``data``: the experiment's data, if the caller already loaded it.
         ``study_tags``: tags added to the study's parent run (say, ``{"team": "vision"}``);
@@ -48,11 +49,14 @@ class Objective:
         ``batch``: trials trained together by ``run_batch`` (recorded on the parent run).
         ``objectives``: what each trial returns (see harness/search/objectives.py).
         ``importance``: the study's summary renders the params' importances too (~1.8 s: it imports
-        scikit-learn)."""
+        scikit-learn). ``checkpoint_every``/``checkpoint_seconds``: a tracked trial's checkpoints (off by
+        default here; `harness search` writes one every 5 minutes of a trial), from which a retry of it
+        goes on (see docs/operations.md, "Checkpoints and resume")."""
         self._setup(TrialOptions.of(experiment, space, mlflow_experiment=mlflow_experiment, report_every=report_every,
                                     trial_figures=trial_figures, seed=seed, device=device, base=base, data=data,
                                     study_tags=study_tags, batch=batch, study_params=study_params,
-                                    objectives=objectives, importance=importance), track=track)
+                                    objectives=objectives, importance=importance, checkpoint_every=checkpoint_every,
+                                    checkpoint_seconds=checkpoint_seconds), track=track)
 
     @classmethod
     def from_options(cls, options: TrialOptions, *, track: bool = True, client=None) -> "Objective":

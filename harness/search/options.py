@@ -14,7 +14,7 @@ from ..urls import check_credentials, redact
 from . import objectives as objectives_module
 from . import space as space_module
 from . import study as study_module
-from .limits import MAX_BATCH, MAX_N_JOBS, MAX_STUDY_NAME
+from .limits import CHECKPOINT_SECONDS, MAX_BATCH, MAX_N_JOBS, MAX_STUDY_NAME
 from .space import SearchSpace
 
 @dataclass(frozen=True)
@@ -32,13 +32,16 @@ class TrialOptions:
     study_tags: dict[str, str] = field(default_factory=dict)
     study_params: dict[str, str] = field(default_factory=dict)
     importance: bool = False  # the params' importances in the study's summary too (see summary._plots)
+    checkpoint_every: int | None = None  # a trial's checkpoints (see checkpoint.Checkpoints); None: off
+    checkpoint_seconds: float | None = None
 
     @classmethod
     def of(cls, experiment: str | Experiment = "linear_regression", space: SearchSpace | None = None, *,
            mlflow_experiment: str | None = None, report_every: int | None = None, trial_figures: bool = False,
            seed: int = 42, device: str = "auto", base: dict | None = None, data=None,
            study_tags: dict[str, str] | None = None, batch: int = 1, study_params: dict[str, str] | None = None,
-           objectives=objectives_module.DEFAULT, importance: bool = False) -> "TrialOptions":
+           objectives=objectives_module.DEFAULT, importance: bool = False, checkpoint_every: int | None = None,
+           checkpoint_seconds: float | None = None) -> "TrialOptions":
         """``Objective``'s keyword arguments, checked (see Objective.__init__)."""
         objectives = objectives_module.parse(objectives, flag="objectives")
         batch = config.positive_int("batch", batch)
@@ -53,8 +56,10 @@ class TrialOptions:
         # None: the space's cadence (space.report_cadence), which the CLI uses on embedded storages too.
         every = (space_module.report_cadence(space) if report_every is None
                  else config.positive_int("report_every", report_every))
+        checkpoint_every, checkpoint_seconds = config.checkpoint_policy(checkpoint_every, checkpoint_seconds, 0.0)
         return cls(experiment, data, space, resolved, objectives, every, batch, mlflow_experiment, trial_figures,
-                   dict(study_tags or {}), dict(study_params or {}), importance=importance)
+                   dict(study_tags or {}), dict(study_params or {}), importance=importance,
+                   checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds)
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,8 @@ class SearchOptions:
         trials = TrialOptions(
             experiment, data, space, cfg, objectives, batch=batch, mlflow_experiment=args.mlflow_experiment,
             trial_figures=args.trial_figures, importance=args.importance,
+            **dict(zip(("checkpoint_every", "checkpoint_seconds"), config.checkpoint_policy(
+                args.checkpoint_every, args.checkpoint_seconds, CHECKPOINT_SECONDS))),
             # Each report is a storage write and each pruning check a read of the study: every epoch
             # cost 1.9x (journal) and 17x (SQLite) an in-memory search (benchmarks/pruning_cadence.py),
             # and on a database server each is a round trip as well.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .. import plots, schema, tracking
@@ -21,9 +21,10 @@ from ..errors import HarnessError, first_line
 from ..schema import FAIL_REASON_ATTR, RUN_ATTR, RUN_STATUS
 from ..sink import RunSink, WriteFailed, close_incomplete
 from . import objectives as objectives_module
-from .workers import WORKER_DIED, abandoned, retry
+from .workers import WORKER_DIED, abandoned, earlier_attempts, retry
 
 if TYPE_CHECKING:  # `harness audit` closes runs with fail_run, and needs no torch for it
+    from ..checkpoint import Checkpoints
     from ..config import TrainConfig
     from ..training import TrainResult
 
@@ -36,9 +37,10 @@ class TrackingFailed(HarnessError):
 
 @dataclass(frozen=True)
 class TrialStart:
-    """A trial whose run is to be created, with the config it trains."""
+    """A trial whose run is to be created, with the config it trains (and tags its run starts with)."""
     trial: object
     cfg: TrainConfig
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ class TrialRecorder:
         self.check()
         specs = [(schema.trial_run_name(start.trial.number),
                   {schema.PARENT_TAG: self.parent_run_id, schema.TRIAL_NUMBER_TAG: str(start.trial.number),
-                   schema.STUDY_TAG: self.study.study_name},
+                   schema.STUDY_TAG: self.study.study_name, **start.tags},
                   tracking.params_of(start.cfg, {schema.TRIAL_NUMBER_PARAM: start.trial.number, **self._extra}))
                  for start in starts]
         if len(specs) == 1 or not self.sink.direct:
@@ -138,6 +140,26 @@ class TrialRecorder:
         if self._wait:
             wait(futures)
         return futures
+
+    def checkpoints(self, trial, pending: Future, every: int | None, seconds: float | None) -> Checkpoints:
+        """The checkpoints of a trial's run, written among its artifacts (its id waited for at the first)."""
+        from .. import resume
+
+        return resume.run_checkpoints(self.sink.client, lambda: self._link(trial, pending), every, seconds)
+
+    def resumable(self, frozen, cfg: TrainConfig) -> tuple[dict | None, str | None]:
+        """The latest usable checkpoint an earlier attempt at this trial's configuration left (Optuna's
+        retry of a trial cut short), and that attempt's run; (None, None) without one."""
+        from .. import resume
+
+        by_number = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        for number in reversed(earlier_attempts(frozen)):
+            run_id = by_number[number].user_attrs.get(RUN_ATTR) if number in by_number else None
+            if isinstance(run_id, str) and run_id:
+                state, _ = resume.latest(self.sink.client, run_id, cfg.to_dict(), self.experiment.sha256)
+                if state is not None:
+                    return state, run_id
+        return None, None
 
     def record_refused(self, trial, params: dict[str, str], reason: str) -> None:
         """A queued trial refused before it had a config: a FAILED run with its queued ``params`` and

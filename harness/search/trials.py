@@ -14,7 +14,8 @@ from .. import batched, config, signals, tracking, training
 from ..config import TrainConfig
 from ..errors import ExperimentCodeError, UsageError, described
 from ..loop import History, StopTraining
-from ..schema import FAIL_REASON_ATTR, METRICS_ATTR, PAIR_TRIAL_PARAM, RUN_ATTR, WORKER_ATTR
+from ..schema import (FAIL_REASON_ATTR, METRICS_ATTR, PAIR_TRIAL_PARAM, RESUMED_FROM_TAG, RESUMED_TAG, RUN_ATTR,
+                      WORKER_ATTR)
 from . import objectives as objectives_module
 from . import space as space_module
 from .journal import JournalWriteError
@@ -48,6 +49,7 @@ class TrialRun:
     history: History = field(default_factory=History)  # kept if training is cut short
     result: training.TrainResult | None = None  # once trained
     error: ExperimentCodeError | None = None  # why the experiment's code failed it, if it did
+    resume: dict | None = None  # the checkpoint an earlier attempt at its configuration left, to go on from
 
 
 class Told(NamedTuple):
@@ -100,7 +102,11 @@ class TrialRunner:
         self._reasons: set[str] = set()  # why trials failed in the experiment's code, said once each
 
     def train(self, run: TrialRun) -> None:
-        run.result = training.train(run.cfg, self.experiment, self.data, run.observers, history=run.history)
+        every, seconds = self.options.checkpoint_every, self.options.checkpoint_seconds
+        checkpoints = run.recorder.checkpoints(run.trial, run.pending, every, seconds) \
+            if run.recorder and run.pending is not None and (every or seconds) else None
+        run.result = training.train(run.cfg, self.experiment, self.data, run.observers, history=run.history,
+                                    checkpoints=checkpoints, resume=run.resume)
         self._check_finals(run)
 
     def _check_finals(self, run: TrialRun) -> None:
@@ -148,11 +154,13 @@ class TrialRunner:
                         run.recorder.record_refused(trial, params, str(run.error))
         finally:
             tracked = [run for run in runs if run.recorder and run.cfg is not None]
+            tags = {id(run): self._resumed(run) for run in tracked}
             if tracked:
                 # Held: a signal between submitting the runs and keeping their futures would leave
                 # runs their trials never point at; one that came is acted on once they are kept.
                 with signals.deferred():
-                    pending = tracked[0].recorder.start_trials([TrialStart(run.trial, run.cfg) for run in tracked])
+                    pending = tracked[0].recorder.start_trials([TrialStart(run.trial, run.cfg, tags[id(run)])
+                                                                for run in tracked])
                     for run, future in zip(tracked, pending):
                         run.pending = future
         for run in runs:  # a tracked run's names checked first: no observer may end its epoch before
@@ -178,6 +186,23 @@ class TrialRunner:
             if tracked:
                 runs[0].recorder.end_trials(tracked)
         return states
+
+    def _resumed(self, run: TrialRun) -> dict[str, str]:
+        """A retried trial goes on from the last checkpoint an earlier attempt left, where one is usable:
+        kept in ``run.resume``; the tags that link its new run to that attempt's."""
+        study = getattr(run.trial, "study", None)
+        if study is None or not (self.options.checkpoint_every or self.options.checkpoint_seconds):
+            return {}
+        try:
+            state, source = run.recorder.resumable(_frozen(study, run.trial), run.cfg)
+        except Exception as exc:  # a store that cannot be read now: the trial trains from epoch 0
+            print(f"harness: trial {run.trial.number}: its earlier attempt's checkpoint could not be read "
+                  f"({described(exc)}); it trains from epoch 0", file=sys.stderr)
+            return {}
+        if state is None:
+            return {}
+        run.resume = state
+        return {RESUMED_TAG: str(state["epochs_done"]), RESUMED_FROM_TAG: source}
 
     def end_unfinished(self, run: TrialRun, exc: BaseException) -> None:
         """A trial cut short: record why, close its run with the curves so far, and queue its
@@ -255,7 +280,9 @@ class TrialRunner:
                 reason = self._refusals[checked] = batched.refusal(run.cfg, self.experiment, self.data)
                 if reason and list(self._refusals.values()).count(reason) == 1:  # said once per reason
                     print(f"harness: trials trained one at a time, not stacked: {reason}", file=sys.stderr)
-            groups.setdefault(key if self._refusals[checked] is None else ("alone", run.trial.number), []).append(run)
+            # A trial going on from a checkpoint trains alone: a stack starts every member at epoch 0.
+            alone = self._refusals[checked] is not None or run.resume is not None
+            groups.setdefault(("alone", run.trial.number) if alone else key, []).append(run)
         # A stacked epoch costs about what 3 epochs alone cost on a small model (vmap's own
         # overhead, benchmarks/batched_search.py): fewer members train faster one at a time.
         return [part for group in groups.values()

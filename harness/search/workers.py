@@ -98,6 +98,16 @@ def unfinished(trials) -> list:
             and unfinished_reason(t.user_attrs.get(FAIL_REASON_ATTR))]
 
 
+def earlier_attempts(trial) -> list[int]:
+    """The numbers of the trials whose configuration ``trial`` (a FrozenTrial) runs again, oldest
+    first: Optuna's retry history of it (an int list; the journal is a file anyone may have edited)."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
+
+    with experimental_ok():
+        history = Retry.retry_history(trial)
+    return [n for n in history if type(n) is int] if isinstance(history, list) else []
+
+
 def retried_numbers(trials) -> set[int]:
     """Every trial whose configuration was queued again. Optuna's retry of a retry keeps the first
     trial's number as ``failed_trial``; each trial retried along the way is in ``retry_history``."""
