@@ -88,7 +88,8 @@ class MlflowSink:
         for run_id, record, _ in records:
             self._write_artifacts(run_id, record)
         rows = [(run_id, [(name, value, step) for name, values in record.history.items()
-                          for step, value in enumerate(values)] + [(name, value, 0) for name, value in record.finals.items()],
+                          for step, value in enumerate(values) if step >= record.first_step]
+                 + [(name, value, 0) for name, value in record.finals.items()],
                  record.tags, record.params, status) for run_id, record, status in records]
         if self._direct is not None:
             public = self._write_direct(rows)
@@ -97,7 +98,8 @@ class MlflowSink:
         for run_id, record, status in records:
             try:
                 tracking.write(self.client, run_id, RunRecord(params=record.params, history=record.history,
-                                                              finals=record.finals, tags=record.tags))
+                                                              finals=record.finals, tags=record.tags,
+                                                              first_step=record.first_step))
                 if status is not None:
                     self.client.set_terminated(run_id, status)
             except Exception as exc:  # the others are still written: only these runs lack their record

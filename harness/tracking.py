@@ -12,7 +12,8 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import wait
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import store_template
@@ -21,6 +22,9 @@ from .mlflow_sql import accepted_name, refused_name
 from .schema import (CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, STATE_DICT, TORCH_THREADS_PARAM,
                      TORCH_VERSION_PARAM, final)
 from .urls import engine_url, is_http, redact, scrub, sqlite_path
+
+
+LIVE_SECONDS = 10.0  # a running run's curves reach MLflow at least this often, once it has trained this long
 
 
 @dataclass
@@ -32,6 +36,9 @@ class RunRecord:
     finals: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     artifacts: dict[str, bytes] = field(default_factory=dict)
+    # The curves' steps before it are on the run already (sent while it trained, or by an earlier
+    # attempt of a resumed run): written from this step on, so that no step is written twice.
+    first_step: int = 0
 
 
 def refused_metric(curves, finals) -> str | None:
@@ -58,6 +65,57 @@ def check_logged(experiment, curves, finals=()) -> None:
     refused = refused_metric(curves, finals)
     if refused:
         raise ExperimentCodeError(f"experiment {experiment.name!r} {refused}")
+
+
+class LiveCurves:
+    """Loop observer: the curves a run has recorded so far, sent to its MLflow run at most every
+    ``seconds`` from a thread of its own, so that `mlflow ui` shows a long run's curves growing.
+    Training never waits for a write: an epoch that ends while one is in flight sends nothing, and
+    a write that fails is left to the final record. ``close()`` waits for the write in flight and
+    returns the step the final record starts at (the steps before it are on the run)."""
+
+    def __init__(self, client, run_id, history, seconds: float | None = None, sent: int = 0, clock=time.monotonic):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.client, self.run_id, self.history, self.clock = client, run_id, history, clock
+        self.seconds = LIVE_SECONDS if seconds is None else seconds
+        self.sent = sent  # epochs on the run
+        self.last = clock()
+        self._future = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="harness-live-curves")
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        if self.clock() - self.last < self.seconds or (self._future is not None and not self._future.done()):
+            return
+        self.last, upto = self.clock(), epoch + 1
+        if upto <= self.sent:
+            return
+        rows = {name: values[self.sent:upto] for name, values in self.history.values.items()}  # copied here
+        self._future = self._pool.submit(self._send, rows, self.sent, upto)
+
+    def _send(self, rows: dict[str, list[float]], start: int, upto: int) -> None:
+        from mlflow.entities import Metric
+
+        from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+
+        run_id = self.run_id() if callable(self.run_id) else self.run_id
+        now = int(time.time() * 1000)
+        chunk: list = []
+        for step in range(start, upto):  # whole epochs a call: ``sent`` never counts an epoch half on the run
+            epoch = [Metric(name, values[step - start], now, step) for name, values in rows.items()]
+            if chunk and len(chunk) + len(epoch) > MAX_METRICS_PER_BATCH:
+                self.client.log_batch(run_id, metrics=chunk)
+                self.sent, chunk = step, []
+            chunk += epoch
+        if chunk:
+            self.client.log_batch(run_id, metrics=chunk)
+        self.sent = upto
+
+    def close(self) -> int:
+        if self._future is not None:
+            wait([self._future])  # a write that failed: the final record writes its steps
+        self._pool.shutdown()
+        return self.sent
 
 
 class LoggedNames:
@@ -114,22 +172,23 @@ def record(result, extra_params: dict | None = None, tags: dict | None = None) -
 
 
 def partial_record(config, history, reason: str, extra_params: dict | None = None,
-                   tags: dict | None = None) -> RunRecord:
+                   tags: dict | None = None, first_step: int = 0) -> RunRecord:
     """What a run that raised or was interrupted keeps: its params and the curves recorded so far
     (those MLflow takes: a name it refuses may be why the run failed)."""
     curves = {name: values for name, values in history.values.items() if accepted_name(name)}
-    return RunRecord(params=params_of(config, extra_params), history=curves,
+    return RunRecord(params=params_of(config, extra_params), history=curves, first_step=first_step,
                      tags={**(tags or {}), FAIL_REASON_TAG: reason})
 
 
 def log_result(client, run_id: str, experiment, result, skip_params: set[str] = frozenset(),
-               from_step: int = 0) -> str:
+               first_step: int = 0) -> str:
     """Everything a finished training run logs, figures included; returns the status it ends with.
-    ``from_step``: the epochs before it are on the run already (a run continued from its checkpoint)."""
+    ``first_step``: the epochs before it are on the run already (see RunRecord.first_step)."""
     from . import plots
 
     check_logged(experiment, result.history.values, result.scalars)
-    write(client, run_id, record(result, source_params(experiment)), skip_params=skip_params, from_step=from_step)
+    write(client, run_id, replace(record(result, source_params(experiment)), first_step=first_step),
+          skip_params=skip_params)
     log_figures(client, run_id, plots.render(experiment, result.history.values, result.data, result.predictions))
     return "FAILED" if result.diverged else "FINISHED"
 
@@ -166,14 +225,14 @@ def tag_list(tags: dict[str, str]) -> list:
     return [RunTag(k, str(v)) for k, v in tags.items()]
 
 
-def write(client, run_id: str, rec: RunRecord, skip_params: set[str] = frozenset(), from_step: int = 0) -> None:
+def write(client, run_id: str, rec: RunRecord, skip_params: set[str] = frozenset()) -> None:
     """Log a record into an existing run (params already on the run are left as they are; so are
-    the curves' steps before ``from_step``: no step is written twice)."""
+    the curves' steps before ``rec.first_step``)."""
     from mlflow.entities import Metric, Param
 
     now = int(time.time() * 1000)  # one timestamp for the record: a value logged twice is stored once
     metrics = [Metric(name, value, now, step) for name, values in rec.history.items()
-               for step, value in enumerate(values) if step >= from_step]
+               for step, value in enumerate(values) if step >= rec.first_step]
     metrics += [Metric(name, value, now, 0) for name, value in rec.finals.items()]
     params = [Param(k, v) for k, v in rec.params.items() if k not in skip_params]
     tags = tag_list(rec.tags)

@@ -228,3 +228,104 @@ def test_a_trial_cut_short_is_retried_from_its_checkpoint_and_ends_as_one_never_
     assert all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values()))
     out = cli_in_process("audit", "--study", "stopping-search", cwd=cut)
     assert out.returncode == 0 and "clean" in out.stdout, out.stdout + out.stderr
+
+
+# An experiment that looks into its own MLflow store while it trains: how many train_loss points its
+# RUNNING run holds at each epoch's metrics.
+WATCHING = """
+import sqlite3
+from contextlib import closing
+from dataclasses import replace
+from experiments.digits import EXPERIMENT as DIGITS
+
+SEEN = []
+
+def metrics(pred, y):
+    with closing(sqlite3.connect({store!r})) as db:
+        SEEN.append(db.execute("SELECT count(*) FROM metrics m JOIN runs r ON m.run_uuid = r.run_uuid "
+                               "WHERE r.status = 'RUNNING' AND m.key = 'train_loss'").fetchone()[0])
+    return DIGITS.metrics(pred, y)
+
+EXPERIMENT = replace(DIGITS, name="watching", metrics=metrics)
+"""
+
+
+@pytest.mark.slow  # two trainings (a search's: four) that read their store every batch
+@pytest.mark.parametrize("command", [["train", "--epochs", "6"],
+                                     ["search", "--n-trials", "2", "--epochs-range", "6", "7", "--seed", "0",
+                                      "--pairs", "adam+cross_entropy", "--no-progress"]], ids=["train", "search"])
+def test_a_running_run_shows_its_curves_as_it_trains_and_each_step_once(in_workdir, cli_in_process, tmp_path,
+                                                                        monkeypatch, command):
+    """With the live interval at 0 (a write every epoch while none is in flight), the running run's
+    train_loss grows in the store while it trains; at the end each curve holds every epoch once, with
+    the values of a run that sent nothing while it trained."""
+    from harness import tracking
+
+    def trained(interval: float, name: str) -> dict:
+        code = tmp_path / f"{name}.py"
+        code.write_text(WATCHING.format(store=str(in_workdir / "mlflow.db")) + f"# {name}\n")
+        monkeypatch.setattr(tracking, "LIVE_SECONDS", interval)
+        before = set(runs_of(in_workdir)[1])
+        study = ["--study-name", name] if command[0] == "search" else []
+        out = cli_in_process(*command, *study, "--experiment", code, "--set", "batch_size=256", cwd=in_workdir)
+        assert out.returncode == 0, out.stderr
+        client, found = runs_of(in_workdir)
+        new = sorted((r for run_id, r in found.items() if run_id not in before and "train_loss" in r.data.metrics),
+                     key=lambda r: r.info.run_name)
+        names = [n for n in new[0].data.metrics if not n.startswith(("final_", "best_"))]
+        return load(str(code)).metrics.__globals__["SEEN"], [curves(client, r.info.run_id, names) for r in new]
+
+    seen, live = trained(0.0, "live")
+    assert max(seen) >= 2, seen  # points of a RUNNING run, seen by the run itself as it trains
+    quiet_seen, quiet = trained(10.0 ** 9, "quiet")
+    assert max(quiet_seen) == 0 and live == quiet  # the same values, and each step once: 0, 1, ... in order
+    assert all([step for step, _ in points] == list(range(len(points))) for run in live for points in run.values())
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """PostgreSQL ($HARNESS_TEST_POSTGRES, or one started here) and `mlflow server` with served artifacts."""
+    from harness import cluster
+    from harness.errors import UsageError
+
+    postgres = os.environ.get("HARNESS_TEST_POSTGRES")
+    if not postgres:
+        try:
+            cluster.postgres_bin()
+        except UsageError as exc:
+            pytest.skip(str(exc))
+    with cluster.services(tmp_path_factory.mktemp("served"), postgres) as (_, tracking_uri):
+        yield tracking_uri, {k: os.environ[k] for k in cluster.LOGIN_VARS}
+
+
+@pytest.mark.slow  # PostgreSQL and a tracking server
+def test_train_resumes_from_a_checkpoint_on_the_tracking_server(served, tmp_path, cli_in_process):
+    """The checkpoints go to the server's artifact store and come back from it: a run stopped there
+    and resumed ends as the run never stopped."""
+    from harness.runs import load_state_dict
+
+    uri, login = served
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "served-resume", **login}
+    never = tmp_path / "never.py"
+    never.write_text(STOPPING.format(stop_at=-1))
+    assert cli_in_process("train", "--experiment", never, *FLAGS, cwd=tmp_path, env=env).returncode == 0
+    per_epoch = (load(str(never)).metrics.__globals__["CALLS"][0] - 1) // 6
+    stops = tmp_path / "stops.py"
+    stops.write_text(STOPPING.format(stop_at=1 + 4 * per_epoch + 1))
+    assert cli_in_process("train", "--experiment", stops, *FLAGS, cwd=tmp_path, env=env).returncode == 130
+    client = MlflowClient(uri)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in login.items():
+            patch.setenv(name, value)
+        experiment = client.get_experiment_by_name("served-resume").experiment_id
+        runs = {r.info.status: r for r in client.search_runs([experiment])}
+        stopped, reference = runs["KILLED"].info.run_id, runs["FINISHED"].info.run_id
+        assert runs["KILLED"].info.artifact_uri.startswith("mlflow-artifacts:")
+        out = cli_in_process("train", "--experiment", stops, *FLAGS, "--resume", stopped, cwd=tmp_path, env=env)
+        assert out.returncode == 0, out.stderr
+        resumed = client.get_run(stopped)
+        assert resumed.info.status == "FINISHED" and resumed.data.tags[RESUMED_TAG] == "4"
+        names = [n for n in resumed.data.metrics if not n.startswith("final_")]
+        assert curves(client, stopped, names) == curves(client, reference, names)
+        weights = [load_state_dict(client, run) for run in (reference, stopped)]
+    assert all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values()))

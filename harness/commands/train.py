@@ -100,6 +100,7 @@ def run(args) -> int:
     status, started = "FAILED", time.time()
     history = History()  # filled as training goes: what an interrupt leaves is still logged
     logged = resumed.logged_epochs if resumed else 0  # steps already on the run: not written twice
+    live = tracking.LiveCurves(client, run_id, history, sent=logged)
     checkpoints = resume_module.run_checkpoints(client, run_id, every, seconds,
                                                 after_slot=resumed.slot if resumed else None) \
         if every or seconds else None
@@ -107,28 +108,31 @@ def run(args) -> int:
         if resumed is not None:
             client.update_run(run_id, status="RUNNING")
             client.set_tag(run_id, RESUMED_TAG, str(resumed.state["epochs_done"] if resumed.state else 0))
-        result = training.train(cfg, experiment, data, observers=[tracking.LoggedNames(experiment), Progress(cfg.epochs)],
+        result = training.train(cfg, experiment, data, observers=[tracking.LoggedNames(experiment), Progress(cfg.epochs), live],
                                 history=history, checkpoints=checkpoints, resume=resumed.state if resumed else None)
         with signals.deferred(on_signal=lambda: None):  # trained in full: the run is logged in full
-            status = tracking.log_result(client, run_id, experiment, result, skip_params=skip, from_step=logged)
+            status = tracking.log_result(client, run_id, experiment, result, skip_params=skip, first_step=live.close())
     except ExperimentCodeError as exc:  # the run is FAILED with the reason and its curves so far
         with signals.deferred():
             tracking.write(client, run_id, tracking.partial_record(cfg, history, str(exc),
-                                                                   tracking.source_params(experiment)),
-                           skip_params=skip, from_step=logged)
+                                                                   tracking.source_params(experiment),
+                                                                   first_step=live.close()),
+                           skip_params=skip)
         print(f"harness: error: run {run_id} FAILED: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         with signals.deferred():  # a second Ctrl-C must not cut the record short
             status = "KILLED"
             tracking.write(client, run_id, tracking.partial_record(cfg, history, "interrupted",
-                                                                   tracking.source_params(experiment)),
-                           skip_params=skip, from_step=logged)
+                                                                   tracking.source_params(experiment),
+                                                                   first_step=live.close()),
+                           skip_params=skip)
         if checkpoints is not None:
             print(f"harness: run {run_id} can be continued from its last checkpoint: "
                   f"harness train ... --resume {run_id}", file=sys.stderr)
         raise
     finally:
+        live.close()  # its thread ends with the run
         with signals.deferred(on_signal=lambda: None):
             client.set_terminated(run_id, status)
     print(summary(cfg, result, run_id, status, time.time() - started))

@@ -91,6 +91,7 @@ class TrialRecorder:
         self.failure: BaseException | None = None
         self.best: BestTrial | None = None
         self._unwritten: dict[str, TrialWrite] = {}  # by run id: the final writes that failed
+        self._live: dict[int, tracking.LiveCurves] = {}  # by trial number, while it trains
         self._lock = threading.Lock()
         self._create = ThreadPoolExecutor(1, thread_name_prefix="harness-mlflow-create")
         self._writes = ThreadPoolExecutor(SERVER_THREADS if server else 1, thread_name_prefix="harness-mlflow-write")
@@ -161,6 +162,19 @@ class TrialRecorder:
                     return state, run_id
         return None, None
 
+    def live(self, trial, pending: Future, history) -> tracking.LiveCurves:
+        """A loop observer sending the trial's curves to its run while it trains."""
+        live = tracking.LiveCurves(self.sink.client, lambda: self._link(trial, pending), history)
+        with self._lock:
+            self._live[trial.number] = live
+        return live
+
+    def _sent(self, trial) -> int:
+        """The step the trial's final record starts at: the curves before it are on its run."""
+        with self._lock:
+            live = self._live.pop(trial.number, None)
+        return live.close() if live is not None else 0
+
     def record_refused(self, trial, params: dict[str, str], reason: str) -> None:
         """A queued trial refused before it had a config: a FAILED run with its queued ``params`` and
         the reason, so that this trial too has its run (as `audit --fix` gives one that failed early)."""
@@ -179,7 +193,7 @@ class TrialRecorder:
             run_id = self._link(trial, end.pending)
             rec = tracking.record(result, extra_params={schema.TRIAL_NUMBER_PARAM: trial.number, **self._extra},
                                   tags={schema.TRIAL_STATE_TAG: state})
-            rec = replace(rec, params={})  # logged with the run's creation
+            rec = replace(rec, params={}, first_step=self._sent(trial))  # params: logged with the run's creation
             if state == "PRUNED":
                 rec.finals = {}
                 # KILLED is MLflow's nearest status, drawn like a failure: the name and description say pruned.
@@ -198,7 +212,8 @@ class TrialRecorder:
         if pending is None or (pending.done() and pending.exception() is not None):
             return None  # its run was never created
         run_id = self._link(trial, pending)
-        rec = tracking.partial_record(cfg, history, reason, tags={schema.TRIAL_STATE_TAG: "FAIL"})
+        rec = tracking.partial_record(cfg, history, reason, tags={schema.TRIAL_STATE_TAG: "FAIL"},
+                                      first_step=self._sent(trial))
         self._write([TrialWrite(run_id, trial.number, "FAIL", replace(rec, params={}), run_status)])
         return run_id
 
@@ -269,6 +284,10 @@ class TrialRecorder:
         self.shutdown()
 
     def shutdown(self) -> None:
+        with self._lock:
+            lives, self._live = list(self._live.values()), {}
+        for live in lives:  # trials whose run never came to be
+            live.close()
         self._create.shutdown(wait=True)
         self._writes.shutdown(wait=True)
 

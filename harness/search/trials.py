@@ -164,8 +164,10 @@ class TrialRunner:
                     for run, future in zip(tracked, pending):
                         run.pending = future
         for run in runs:  # a tracked run's names checked first: no observer may end its epoch before
-            run.observers = ([tracking.LoggedNames(self.experiment)] if run.recorder else []) + self._observers(
-                run.trial) + ([_Linking(run.trial, run.recorder, run.pending)] if run.recorder else [])
+            tracked = run.recorder is not None and run.pending is not None
+            run.observers = ([tracking.LoggedNames(self.experiment)] if tracked else []) + self._observers(
+                run.trial) + ([_Linking(run.trial, run.recorder, run.pending),
+                               run.recorder.live(run.trial, run.pending, run.history)] if tracked else [])
 
     def finish(self, runs: list[TrialRun]) -> list[str]:
         """Trained trials' states, their reasons or final selection-data values, and their runs'
