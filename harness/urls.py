@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 from .errors import UsageError
 
@@ -75,7 +75,9 @@ def secrets(url: str) -> list[str]:
     for secret in found:
         for piece in _pieces(secret):
             # urllib drops every tab and newline of a URL before it parses it
-            every |= {piece, unquote(piece), unquote_plus(piece), piece.translate(_TAB_NEWLINE)}
+            plain = unquote(piece)
+            every |= {piece, plain, unquote_plus(piece), piece.translate(_TAB_NEWLINE),
+                      quote(plain, safe=""), quote_plus(plain), quote(piece, safe="")}  # as another part of a URL may encode it
     every.discard("")
     return sorted(every, key=len, reverse=True)
 
@@ -132,8 +134,11 @@ def scrub(text: str, url: str) -> str:
     every run of ``FRAGMENT`` or more of its characters too: a parser that stops inside a password
     (at an '=', a space, a '#') prints a piece of it as a port, a host or a query parameter."""
     found = secrets(url)
+    text = text.replace(url, redact(url))
     for secret in found:
-        if len(secret) >= 3:  # a shorter one would blank out ordinary words; it is never shown whole anyway
+        # Where a URL holds it, a secret of any length: after the user's ':' or as the token before '@'.
+        text = text.replace(f":{secret}@", f":{HIDDEN}@").replace(f"//{secret}@", f"//{HIDDEN}@")
+        if len(secret) >= 3:  # elsewhere a shorter one would blank out ordinary words
             text = text.replace(secret, HIDDEN)
     for secret in found:
         text = _hide_fragments(text, secret)

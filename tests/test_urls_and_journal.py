@@ -284,3 +284,24 @@ def test_a_libpq_key_value_string_shows_no_password_where_a_url_was_expected(con
         for line in shown:
             assert "Secret" not in line and "Passw0rd" not in line, (text, line)
     assert not (tmp_path / "c").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("password", ["a", "ab", "\u00e9", "x9", "abc"])
+@pytest.mark.parametrize("form", ["http://admin:{}@127.0.0.1:1", "https://{}@tracking",
+                                  "postgresql://user:{}@db/optuna"])
+def test_a_password_of_one_or_two_characters_is_not_shown_where_its_url_is(form, password):
+    """Too short to hide everywhere (it would blank out ordinary words), but never beside its user in
+    the URL a library prints back: the URL, and any URL-like 'user:password@' holding it."""
+    url = form.format(password)
+    printed = [f"API request to {url}/api/2.0/mlflow/runs/create failed with exception",
+               f"connection to {url.split('://')[1]} refused", f"bad URL {url.replace('127.0.0.1:1', 'other')}"]
+    for text in printed:
+        shown = scrub(text, url)
+        assert f":{password}@" not in shown and f"//{password}@" not in shown, shown
+
+
+def test_a_password_encoded_again_elsewhere_in_its_url_is_not_shown_in_either_form():
+    """A password that also sits percent-encoded (once or twice) in a query option of the same URL."""
+    url = "postgresql://u:Pa%40ssw0rd!@db/optuna?options=-c%20app%3DPa%2540ssw0rd!"
+    shown = scrub(f"error near 'Pa@ssw0rd!', 'Pa%40ssw0rd!', 'Pa%2540ssw0rd!' in {url}", url)
+    assert "ssw0rd" not in shown and "Pa%" not in shown, shown
