@@ -135,9 +135,21 @@ def _set_numpy_state(saved) -> None:
 
 def matches(state: Any, config: dict, experiment_sha256: str | None) -> str | None:
     """Why ``state`` cannot continue a run of ``config`` (the config as ``TrainConfig.to_dict`` gives
-    it) and this experiment file, or None."""
+    it) and this experiment file, or None: ``damage``'s reason, or ``another_run``'s."""
+    return damage(state, config) or another_run(state, config, experiment_sha256)
+
+
+def damage(state: Any, config: dict) -> str | None:
+    """Why ``state`` is no checkpoint a run of ``config``'s epochs can read, or None."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         return "not a checkpoint of this harness's format"
+    if not isinstance(state.get("epochs_done"), int) or not 0 < state["epochs_done"] < config.get("epochs", 0):
+        return f"its epoch count {str(state.get('epochs_done'))[:40]!r} is not within this run's {config.get('epochs')} epochs"
+    return None
+
+
+def another_run(state: dict, config: dict, experiment_sha256: str | None) -> str | None:
+    """Why a readable checkpoint is of another run than one of ``config`` and this experiment file, or None."""
     if state.get("experiment_sha256") != experiment_sha256:
         return "written by another version of the experiment file (its sha256 differs)"
     saved = state.get("config")
@@ -146,6 +158,4 @@ def matches(state: Any, config: dict, experiment_sha256: str | None) -> str | No
     differs = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
     if differs:
         return f"written by a run of another config ({', '.join(differs[:5])} differ)"
-    if not isinstance(state.get("epochs_done"), int) or not 0 < state["epochs_done"] < config.get("epochs", 0):
-        return f"its epoch count {state.get('epochs_done')!r} is not within this run's {config.get('epochs')} epochs"
     return None

@@ -299,7 +299,12 @@ class Experiment:
             except (TypeError, ValueError, OverflowError, RuntimeError):  # RuntimeError: a tensor of many values
                 raise ExperimentCodeError(f"scalars() gave {name!r} = {repr(value)[:60]}, not a number a float "
                                           "holds") from None
-        return {**numbers, **self.errors(numbers)}
+        errors = self.errors(numbers)
+        clash = next((name for name in errors if name in numbers), None)
+        if clash is not None:  # one value would silently replace the other
+            raise ExperimentCodeError(f"scalars() gave {clash[:60]!r}, the name of the error the run computes "
+                                      f"from the experiment's truth for {clash[:-len('_error')][:60]!r}; rename it")
+        return {**numbers, **errors}
 
     def errors(self, scalars: Mapping[str, float]) -> dict[str, float]:
         """``<name>_error`` for each scalar whose true value the experiment declares."""
@@ -393,7 +398,7 @@ def _load_file(reference: str) -> Experiment:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             raise UsageError(f"experiment file {reference!r} raised on import: {described(exc)}") from None
-    return _found(module, str(path), str(path), digest)
+    return _found(module, str(path), str(path), _with_local_imports(digest, module, path.parent))
 
 
 def _found(module, where: str, reference: str, digest: str) -> Experiment:
@@ -410,6 +415,45 @@ def _found(module, where: str, reference: str, digest: str) -> Experiment:
     if reference.startswith(f"{PACKAGE}.") and is_builtin(reference[len(PACKAGE) + 1:]):
         reference = reference[len(PACKAGE) + 1:]  # the plain name finds it again
     return replace(experiment, reference=reference, sha256=digest)
+
+
+MAX_LOCAL_MODULES = 100  # files of the user's own code an experiment's identity covers
+
+
+def _with_local_imports(digest: str, module, folder: Path) -> str:
+    """The experiment's identity: the sha256 of its file, and, where it imports modules of its own
+    folder (a helper with the data or the model), of those files too, followed import by import. An
+    edited helper is another experiment (a study resumed with it is refused) as an edited file is;
+    a file that imports none keeps the sha256 of the file alone."""
+    import ast
+
+    seen: dict[str, str] = {}
+    todo = [module]
+    while todo and len(seen) < MAX_LOCAL_MODULES:
+        current = todo.pop()
+        try:
+            tree = ast.parse(Path(current.__file__).read_bytes())
+        except (OSError, SyntaxError, ValueError, TypeError, AttributeError):
+            continue
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            for name in names:
+                found = sys.modules.get(name)
+                where = getattr(found, "__file__", None)
+                if not where or name in seen:
+                    continue
+                try:
+                    path = Path(where).resolve()
+                    if not path.is_relative_to(folder.resolve()) or path.suffix != ".py":
+                        continue
+                    seen[name] = f"{path.relative_to(folder.resolve())}:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+                except OSError:
+                    continue
+                todo.append(found)
+    if not seen:
+        return digest
+    return hashlib.sha256("\n".join([digest, *sorted(seen.values())]).encode()).hexdigest()
 
 
 def file_sha256(reference: str) -> str | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .checkpoint import Checkpoints
-from .errors import described, first_line
+from .errors import UsageError, described, first_line
 from .runs import MAX_STATE_DICT_BYTES, ArtifactRefused, archive_refusal, fetch_artifact
 from .schema import checkpoint_name
 
@@ -57,17 +57,22 @@ def run_checkpoints(client, run_id, every: int | None, seconds: float | None, af
 def latest(client, run_id: str, config: dict, experiment_sha256: str | None,
            notify=say) -> tuple[dict | None, int | None]:
     """The run's latest usable checkpoint and its slot, or (None, None). Each one refused (torn,
-    tampered with, too large, of another config or experiment file) is said in one line."""
+    tampered with, too large) is said in one line; one of another config or experiment file is the
+    caller's input: a UsageError, before anything is written."""
     found: list[tuple[int, int, dict]] = []
     for slot in SLOTS:
         name = checkpoint_name(slot)
         state = _read(client, run_id, name, notify)
         if state is None:
             continue
-        why = checkpoint.matches(state, config, experiment_sha256)
+        why = checkpoint.damage(state, config)
         if why:
             notify(f"checkpoint {name} of run {run_id} refused: {why}")
             continue
+        other = checkpoint.another_run(state, config, experiment_sha256)
+        if other:
+            raise UsageError(f"run {run_id}'s checkpoint {name} was {other}; resume it with the experiment file and "
+                             "flags that started it")
         found.append((state["epochs_done"], slot, state))
     if not found:
         return None, None

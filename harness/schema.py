@@ -10,6 +10,7 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: a trial's run under its study
 ROLE_TAG = "harness.role"  # "study" on a study's parent run
 ROLE_STUDY = "study"
 COMMAND_TAG = "harness.command"  # the command line that made a `harness train` run
+PROCESS_TAG = "harness.process"  # a `harness train` run's process (host, pid, start time): RUNNING only while it lives
 REPRODUCES_TAG = "harness.reproduces"  # on a `harness reproduce` run: the run it re-ran
 EXPERIMENT_TAG = "harness.experiment"  # on a study's parent run
 FAIL_REASON_TAG = "harness.fail_reason"  # why a run FAILED (or was KILLED)

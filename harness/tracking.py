@@ -41,12 +41,13 @@ class RunRecord:
     first_step: int = 0
 
 
-def refused_metric(curves, finals) -> str | None:
+def refused_metric(curves, finals, reserved=()) -> str | None:
     """Why MLflow would refuse the metrics of a run that logs the curves ``curves`` and the final
     values ``finals`` (its scalars), or None: a name MLflow refuses would fail the run's record
-    after its training, and every later summary of its study."""
+    after its training, and every later summary of its study. ``reserved``: other names the run
+    logs itself (a search's objectives)."""
     curves, finals = list(curves), list(finals)
-    taken = set(curves) | set(map(final, curves))
+    taken = set(curves) | set(map(final, curves)) | set(reserved)
     clash = next((name for name in finals if name in taken), None)
     if clash is not None:  # logged twice under one name: the curve's points and the scalar would mix
         return (f"has a scalar named {shown([clash])}, a name the run logs itself ({shown(sorted(taken))}); "
@@ -59,10 +60,10 @@ def refused_metric(curves, finals) -> str | None:
     return None
 
 
-def check_logged(experiment, curves, finals=()) -> None:
+def check_logged(experiment, curves, finals=(), reserved=()) -> None:
     """A run's curves and final values as it logs them, against MLflow's rule: a name it refuses is
     the experiment's error, which fails that run alone."""
-    refused = refused_metric(curves, finals)
+    refused = refused_metric(curves, finals, reserved)
     if refused:
         raise ExperimentCodeError(f"experiment {experiment.name!r} {refused}")
 
@@ -246,8 +247,15 @@ def write(client, run_id: str, rec: RunRecord, skip_params: set[str] = frozenset
 
 
 def log_figures(client, run_id: str, figures: dict) -> None:
+    """The figures as PNG artifacts of the run; one that matplotlib cannot draw (a log axis over values
+    it cannot scale, say) is left out with one line, and is never taken for the store failing."""
+    import sys
+
     for name, fig in figures.items():
-        client.log_figure(run_id, fig, name)
+        try:  # matplotlib's own errors: MLflow's are its MlflowException, or an OSError
+            client.log_figure(run_id, fig, name)
+        except (ValueError, OverflowError, ArithmeticError) as exc:
+            print(f"harness: figure {name} of run {run_id} not drawn: {first_line(exc)}", file=sys.stderr)
 
 
 def experiment_id(client, name: str | None) -> str:
@@ -337,10 +345,19 @@ def filter_value(value: str) -> str:
 
 
 def unreachable(what: str, url: str, seconds: float, exc: BaseException):
-    """The one-line error (exit 2: the URL is the user's input) for a store that did not answer."""
-    from .errors import UsageError
+    """The one-line error for a store that did not answer: exit 2 (the URL is the user's input), or
+    exit 1 for a local store this process may not write (a read-only place: the store fails, the
+    URL is right)."""
+    import errno
+
+    from .errors import HarnessError, UsageError
 
     first = first_line(exc)
+    cause, hops = exc, 0
+    while cause is not None and not isinstance(cause, OSError) and hops < 20:  # a chain may loop
+        cause, hops = cause.__cause__ or cause.__context__, hops + 1
+    if isinstance(cause, OSError) and cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return HarnessError(f"cannot write {what} {redact(url)}: {scrub(first, url)}")
     return UsageError(f"cannot reach {what} {redact(url)} (gave up after {seconds:.0f}s): "
                         f"{scrub(first, url)}")
 

@@ -122,7 +122,7 @@ def selection_metric(cfg: TrainConfig, data: Data | Datasets) -> str:
     return cfg.objective or (VALID_LOSS if data.has_valid else TRAIN_LOSS)
 
 
-def preflight(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets) -> None:
+def preflight(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets, reserved=()) -> None:
     """Build the model, its optimizer, loss and schedule, and put one small batch through a training
     step and an evaluation, on a model that is then dropped: an experiment whose code cannot train
     with this config (a model with no parameters, inputs of the wrong shape, a loss that does not
@@ -152,7 +152,7 @@ def preflight(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets) -
                         "train": set(train_epoch(model, [batch], loss_fn, optimizer, device, step=step))}
         finals = list(experiment.final_values(model))
         refused = tracking.refused_metric([f"{split}_{name}" for split, names in {**recorded, "test": recorded["valid"]}.items()
-                                  for name in sorted(names)], finals)
+                                  for name in sorted(names)], finals, reserved)
         if refused:
             raise UsageError(f"experiment {experiment.name!r} {refused}")
         if valid_batches is None:

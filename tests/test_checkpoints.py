@@ -62,8 +62,9 @@ def test_a_checkpoint_of_another_config_or_experiment_file_is_not_one_to_continu
     assert "epoch count" in checkpoint.matches({**state, "epochs_done": 10 ** 9}, cfg.to_dict(), experiment.sha256)
 
 
-# An experiment that stops the run the way Ctrl-C does, once, at epoch 7 of its first run in a process.
-STOPPING = """
+# An experiment that stops the run the way Ctrl-C does, at its STOP_AT-th metrics() call in a process (each
+# test writes its own file: a process keeps one module, and its counter, per file content).
+STOPPING = """# {where}
 from experiments.digits import EXPERIMENT as DIGITS
 from dataclasses import replace
 
@@ -97,7 +98,7 @@ def test_train_stopped_then_resumed_logs_the_run_of_a_train_never_stopped(in_wor
     flags: the same run goes on from epoch 4 and ends FINISHED, its weights and every curve point those of
     a run never stopped, each step once."""
     never = tmp_path / "never.py"
-    never.write_text(STOPPING.format(stop_at=-1))
+    never.write_text(STOPPING.format(stop_at=-1, where=tmp_path))
     out = cli_in_process("train", "--experiment", never, *FLAGS, cwd=in_workdir)
     assert out.returncode == 0, out.stderr
     client, found = runs_of(in_workdir)
@@ -105,7 +106,7 @@ def test_train_stopped_then_resumed_logs_the_run_of_a_train_never_stopped(in_wor
     calls = load(str(never)).metrics.__globals__["CALLS"][0]  # the pre-flight's one, then 6 epochs'
     per_epoch = (calls - 1) // 6
     stops = tmp_path / "stops.py"
-    stops.write_text(STOPPING.format(stop_at=1 + 4 * per_epoch + 1))  # the first batch of the fifth epoch
+    stops.write_text(STOPPING.format(stop_at=1 + 4 * per_epoch + 1, where=tmp_path))  # the first batch of the fifth epoch
     out = cli_in_process("train", "--experiment", stops, *FLAGS, cwd=in_workdir)
     assert out.returncode == 130 and "--resume" in out.stderr, out.stderr
     _, found = runs_of(in_workdir)
@@ -139,13 +140,13 @@ def test_a_torn_or_planted_checkpoint_is_refused_in_one_line_and_the_other_slot_
     the other slot's epoch, still ending as a run never stopped. Bad --resume input is refused before
     anything is written."""
     never = tmp_path / "never.py"
-    never.write_text(STOPPING.format(stop_at=-1))
+    never.write_text(STOPPING.format(stop_at=-1, where=tmp_path))
     assert cli_in_process("train", "--experiment", never, *FLAGS, cwd=in_workdir).returncode == 0
     client, found = runs_of(in_workdir)
     (reference,) = found
     per_epoch = (load(str(never)).metrics.__globals__["CALLS"][0] - 1) // 6
     stops = tmp_path / "stops.py"
-    stops.write_text(STOPPING.format(stop_at=1 + 4 * per_epoch + 1))
+    stops.write_text(STOPPING.format(stop_at=1 + 4 * per_epoch + 1, where=tmp_path))
     assert cli_in_process("train", "--experiment", stops, *FLAGS, cwd=in_workdir).returncode == 130
     stopped = next(run_id for run_id in runs_of(in_workdir)[1] if run_id != reference)
     folder = in_workdir / "mlruns" / "0" / stopped / "artifacts"
@@ -174,7 +175,7 @@ def test_a_torn_or_planted_checkpoint_is_refused_in_one_line_and_the_other_slot_
 
     # A pickle that runs code, in the latest slot of a run stopped again: refused, never run.
     assert cli_in_process("train", "--experiment", stops, *FLAGS, cwd=in_workdir).returncode == 0  # CALLS went past
-    stops.write_text(STOPPING.format(stop_at=1 + 4 * per_epoch + 1) + "# again\n")
+    stops.write_text(STOPPING.format(stop_at=1 + 4 * per_epoch + 1, where=tmp_path) + "# again\n")
     assert cli_in_process("train", "--experiment", stops, *FLAGS, cwd=in_workdir).returncode == 130
     again = max(runs_of(in_workdir)[1].values(), key=lambda r: r.info.start_time).info.run_id
     target = in_workdir / "mlruns" / "0" / again / "artifacts" / checkpoint_name(1)
@@ -201,7 +202,7 @@ def test_a_trial_cut_short_is_retried_from_its_checkpoint_and_ends_as_one_never_
         (tmp_path / name).mkdir()
     never, cut = new_store(tmp_path / "never", migrated_db), new_store(tmp_path / "cut", migrated_db)
     code = tmp_path / "code"
-    (code / "never.py").write_text(STOPPING.format(stop_at=-1))
+    (code / "never.py").write_text(STOPPING.format(stop_at=-1, where=tmp_path))
     out = cli_in_process(*SEARCH, "--experiment", code / "never.py", cwd=never)
     assert out.returncode == 0, out.stderr
     calls = load(str(code / "never.py")).metrics.__globals__["CALLS"][0]
@@ -209,7 +210,7 @@ def test_a_trial_cut_short_is_retried_from_its_checkpoint_and_ends_as_one_never_
     (reference,) = [r for r in found.values() if "mlflow.parentRunId" in r.data.tags]
     epochs = int(reference.data.params["epochs"])
     per_epoch = (calls - 1) // epochs  # the pre-flight's one call, then each epoch's
-    (code / "cut.py").write_text(STOPPING.format(stop_at=1 + 4 * per_epoch + 1))
+    (code / "cut.py").write_text(STOPPING.format(stop_at=1 + 4 * per_epoch + 1, where=tmp_path))
     out = cli_in_process(*SEARCH, "--experiment", code / "cut.py", cwd=cut)
     assert out.returncode == 130, out.stderr
     out = cli_in_process(*SEARCH, "--experiment", code / "cut.py", cwd=cut)
@@ -228,6 +229,8 @@ def test_a_trial_cut_short_is_retried_from_its_checkpoint_and_ends_as_one_never_
     assert all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values()))
     out = cli_in_process("audit", "--study", "stopping-search", cwd=cut)
     assert out.returncode == 0 and "clean" in out.stdout, out.stdout + out.stderr
+    out = cli_in_process("reproduce", retry.info.run_id, "--experiment", code / "cut.py", cwd=cut)
+    assert out.returncode == 0 and "exactly" in out.stdout, out.stdout + out.stderr  # the resumed trial re-runs bit for bit
 
 
 # An experiment that looks into its own MLflow store while it trains: how many train_loss points its
@@ -307,11 +310,11 @@ def test_train_resumes_from_a_checkpoint_on_the_tracking_server(served, tmp_path
     uri, login = served
     env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "served-resume", **login}
     never = tmp_path / "never.py"
-    never.write_text(STOPPING.format(stop_at=-1))
+    never.write_text(STOPPING.format(stop_at=-1, where=tmp_path))
     assert cli_in_process("train", "--experiment", never, *FLAGS, cwd=tmp_path, env=env).returncode == 0
     per_epoch = (load(str(never)).metrics.__globals__["CALLS"][0] - 1) // 6
     stops = tmp_path / "stops.py"
-    stops.write_text(STOPPING.format(stop_at=1 + 4 * per_epoch + 1))
+    stops.write_text(STOPPING.format(stop_at=1 + 4 * per_epoch + 1, where=tmp_path))
     assert cli_in_process("train", "--experiment", stops, *FLAGS, cwd=tmp_path, env=env).returncode == 130
     client = MlflowClient(uri)
     with pytest.MonkeyPatch.context() as patch:

@@ -1,12 +1,14 @@
 """`harness train`: one tracked training run."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from dataclasses import dataclass
 
-from ..schema import RESUMED_TAG, TEST_LOSS, TRAIN_LOSS
+from ..schema import COMMAND_TAG, FAIL_REASON_TAG, PROCESS_TAG, RESUMED_TAG, TEST_LOSS, TRAIN_LOSS
+from ..search.workers import WORKER_DIED, alive, identity
 from ..search.limits import CHECKPOINT_SECONDS
 
 
@@ -60,7 +62,6 @@ def run(args) -> int:
     from ..urls import check_credentials
 
     check_credentials(os.environ.get("MLFLOW_TRACKING_URI", ""), "MLFLOW_TRACKING_URI")
-    from ..schema import COMMAND_TAG
     from ..tracking import check_experiment_offline, default_tracking_uri
 
     refused = check_experiment_offline(args.mlflow_experiment, default_tracking_uri())
@@ -92,6 +93,12 @@ def run(args) -> int:
             experiment_id, skip = tracking.experiment_id(client, args.mlflow_experiment), set()
             run_id = client.create_run(experiment_id, run_name=f"{experiment.name}-{cfg.optimizer}-{cfg.loss}",
                                        tags={COMMAND_TAG: "train"}).info.run_id
+        client.set_tag(run_id, PROCESS_TAG, json.dumps(identity()))
+        if not args.resume:  # the config from the start: shown while it trains, checked by a --resume
+            params = tracking.params_of(cfg, tracking.source_params(experiment))
+            tracking.write(client, run_id, tracking.RunRecord(params=params, history={}), skip_params=skip)
+            skip = skip | set(params)
+        _close_dead_runs(client, experiment_id, run_id)
     except UsageError:
         raise
     except Exception as exc:
@@ -149,6 +156,29 @@ def run(args) -> int:
 PROGRESS_SECONDS = 5
 
 
+def _process(run) -> dict | None:
+    """The process a run's record says trains it (a run's tags are untrusted: a mapping, or None)."""
+    try:
+        found = json.loads(run.data.tags.get(PROCESS_TAG, "null"))
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _close_dead_runs(client, experiment_id: str, own: str) -> None:
+    """`harness train` runs of this MLflow experiment left RUNNING by a process that is gone (`kill -9`,
+    a lost machine on this host): closed as KILLED with the reason, and said, with how to go on."""
+    left = client.search_runs([experiment_id], max_results=100, filter_string=(
+        f"tags.`{COMMAND_TAG}` = 'train' and attributes.status = 'RUNNING'"))
+    for run in left:
+        if run.info.run_id != own and alive(_process(run)) is False:
+            client.set_tag(run.info.run_id, FAIL_REASON_TAG, WORKER_DIED)
+            client.set_terminated(run.info.run_id, "KILLED")
+            print(f"harness: run {run.info.run_id} was left RUNNING by a `harness train` that is gone: closed as "
+                  f"KILLED; `harness train ... --resume {run.info.run_id}` goes on from its last checkpoint",
+                  file=sys.stderr)
+
+
 @dataclass(frozen=True)
 class Resumed:
     """A run to continue: its MLflow experiment, the params already on it, the epochs its curves
@@ -165,13 +195,17 @@ def _resumable(client, run_id: str, cfg, experiment) -> Resumed:
     not finished, and logged (if at all) with this config; refused in one line before anything is written."""
     from ..errors import UsageError
     from ..runs import get_run
-    from ..schema import COMMAND_TAG
 
     from .. import resume as resume_module
 
     existing = get_run(client, run_id)
     if existing.data.tags.get(COMMAND_TAG) != "train":
         raise UsageError(f"run {run_id} was not made by `harness train`; --resume continues those only")
+    if existing.info.status == "RUNNING":
+        process = _process(existing)
+        if alive(process) is not False:
+            where = f"process {process.get('pid')} on {process.get('host')}" if process else "a process unknown"
+            raise UsageError(f"run {run_id} is RUNNING, trained by {where}; resume it once that process is gone")
     if existing.info.status == "FINISHED":
         raise UsageError(f"run {run_id} is FINISHED: there is nothing left to train")
     if existing.info.lifecycle_stage != "active":

@@ -144,6 +144,11 @@ def failed(objectives: tuple[str, ...]):
     return math.nan if len(objectives) == 1 else (math.nan,) * len(objectives)
 
 
+def logged_names(objectives: tuple[str, ...]) -> list[str]:
+    """The names ``metrics`` logs for these objectives."""
+    return [schema.objective(name) for name in objectives] if len(objectives) > 1 else []
+
+
 def metrics(objectives: tuple[str, ...], result) -> dict[str, float]:
     """The metrics a completed trial's run adds with two objectives: each value (none with one)."""
     if len(objectives) < 2:

@@ -109,8 +109,8 @@ class SearchOptions:
         cfgs = [cfg] + [config.validate(config.with_values(cfg, {**given, "optimizer": optimizer, "loss": loss},
                                                            experiment), experiment, data.n_train)
                         for optimizer, loss in pairs[1:]]
-        for checked in cfgs:
-            training.preflight(checked, experiment, data)
+        for checked in cfgs:  # a scalar named as an objective's value would be replaced by it
+            training.preflight(checked, experiment, data, reserved=objectives_module.logged_names(objectives))
         searched = {p.name for p in space.params}
         for param in space.params:  # a schedule's setting searched where no trial has that schedule
             if param.schedulers is not None and "scheduler" not in searched and cfg.scheduler not in param.schedulers:

@@ -250,8 +250,7 @@ def write(client, run_id: str, summary: dict[str, Any], best_finals: dict | None
     client.log_dict(run_id, summary, schema.BEST_PARAMS_JSON)
     if front_csv is not None:
         client.log_text(run_id, front_csv.decode(), schema.PARETO_FRONT_CSV)
-    for name, figure in _plots(trials, directions, objectives, importance).items():
-        client.log_figure(run_id, figure, name)
+    tracking.log_figures(client, run_id, _plots(trials, directions, objectives, importance))
     client.set_terminated(run_id, "FINISHED")
 
 

@@ -112,7 +112,8 @@ class TrialRunner:
     def _check_finals(self, run: TrialRun) -> None:
         """A tracked run's final values beside its curves, as its record will log them."""
         if run.recorder:
-            tracking.check_logged(self.experiment, run.result.history.values, run.result.scalars)
+            tracking.check_logged(self.experiment, run.result.history.values, run.result.scalars,
+                                  objectives_module.logged_names(self.objectives))
 
     def said(self, reason: str) -> None:
         """One line on stderr for each new reason a trial failed in the experiment's code."""
