@@ -269,3 +269,130 @@ def test_the_file_torch_reads_is_the_file_checked_even_if_swapped_meanwhile(stor
         monkeypatch.setattr(runs, "_not_a_plain_archive", check_then_swap)
         assert torch.equal(runs.predict(run_id, VALUES, client=make(run_id, uri))[1], expected)
         monkeypatch.undo()
+
+
+def _unicode(text: str) -> bytes:
+    return b"X" + len(text.encode()).to_bytes(4, "little") + text.encode()
+
+
+DEEP = 300_000  # the outside probe's: torch.load died of SIGSEGV (exit 139) hashing the key
+# Each pickle torch's weights-only unpickler reads, nesting past the bound in another way.
+NESTED = {
+    "tuple as a key": b"\x80\x02})" + b"\x85" * DEEP + b"Ns.",
+    "lists as a value": b"\x80\x02}" + _unicode("weights") + b"]" * DEEP + b"a" * (DEEP - 1) + b"s.",
+    "dicts as values": b"\x80\x02}" + b"K\x00}" * DEEP + b"s" * DEEP + b".",
+    "tuples through memo gets": b"\x80\x02}(Nq\x00" + b"h\x00\x85q\x00" * DEEP + b"Nu.",
+    "a list filled after it is nested": b"\x80\x02}K\x00]q\x00\x85h\x00]a.",
+    "a list put into itself": b"\x80\x02}K\x00]q\x00h\x00as.",
+}
+
+
+@pytest.mark.parametrize("kind", NESTED)
+def test_a_pickle_nested_past_the_bound_is_refused_before_torch_reads_it(store, monkeypatch, kind):
+    """Nesting that would overflow the C stack while torch's unpickler builds or hashes it is refused
+    in one line by predict, load_model and reproduce: torch.load never sees the pickle."""
+    from harness.reproduce import reproduce
+
+    path, run_id, uri = store
+    _with_pickle(_artifact(store, "state_dict.pt"), NESTED[kind])
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load read it"))
+    refused = f"refused state_dict.pt of run {run_id}: its pickle (nests objects more than 100 deep|fills an object)"
+    calls = [lambda: runs.predict(run_id, VALUES, client=make(run_id, uri)) for make in CLIENTS.values()]
+    calls += [lambda: runs.load_model(run_id, client=MlflowClient(uri)), lambda: reproduce(MlflowClient(uri), run_id)]
+    for call in calls:
+        with pytest.raises(HarnessError, match=refused) as error:
+            call()
+        assert "\n" not in str(error.value)
+
+
+def test_an_audit_refuses_a_deeply_nested_state_dict(searched, monkeypatch):
+    from harness.search.audit import audit
+    from test_audit import _reopened, _run_of
+
+    url, client = searched
+    run_id = _run_of(url, 0)
+    target = local_folder(client.get_run(run_id).info.artifact_uri) / "state_dict.pt"
+    _with_pickle(target, NESTED["tuple as a key"])
+    load = torch.load  # the other trial's state_dict is read as before
+    monkeypatch.setattr(torch, "load", lambda handle, **k: pytest.fail("torch.load read it")
+                        if os.path.samefile(handle.name, target) else load(handle, **k))
+    report = audit(*_reopened(url), MlflowClient(client.tracking_uri))
+    assert f"trial 0: refused state_dict.pt of run {run_id}: its pickle nests objects more than 100 deep" in \
+        " ".join(report.violations)
+
+
+def test_a_deeply_nested_checkpoint_is_refused_and_training_starts_over(store, monkeypatch):
+    """The checkpoints a run resumes from are read through the same checks as its state_dict."""
+    from harness import resume
+    from harness.schema import checkpoint_name
+
+    path, run_id, uri = store
+    for slot in resume.SLOTS:
+        target = _artifact(store, checkpoint_name(slot))
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(_artifact(store, "state_dict.pt").read_bytes())
+        _with_pickle(target, NESTED["dicts as values"])
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load read it"))
+    said = []
+    assert resume.latest(MlflowClient(uri), run_id, {}, None, notify=said.append) == (None, None)
+    assert said == [f"checkpoint {checkpoint_name(slot)} of run {run_id} refused: its pickle nests objects more "
+                    "than 100 deep" for slot in resume.SLOTS]
+
+
+def test_nesting_up_to_the_bound_is_read_as_torch_save_writes_it(tmp_path):
+    """The bound is far above what torch.save writes: a checkpoint of a model, its optimizer's state
+    and a nested config passes the checks, as a tuple nested exactly 100 deep does; 101 is refused."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.zeros(1, 2)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "config": {"layers": [[1, [2, (3,)]]], "lr": 0.1}, "rng": torch.get_rng_state()}, path)
+    assert runs.archive_refusal(path, runs.MAX_STATE_DICT_BYTES) is None
+    for depth, refused in ((100, None), (101, "its pickle nests objects more than 100 deep")):
+        _with_pickle(path, b"\x80\x02)" + b"\x85" * depth + b".")
+        assert runs.archive_refusal(path, runs.MAX_STATE_DICT_BYTES) == refused
+
+
+def test_the_nested_pickle_that_crashed_predict_is_one_line_in_a_real_process(store):
+    """Without the check the process died of SIGSEGV (exit 139), printing nothing."""
+    from conftest import cli_env, run_cli
+    from test_bad_input import one_line_error
+
+    path, run_id, uri = store
+    _with_pickle(_artifact(store, "state_dict.pt"), NESTED["tuple as a key"])
+    out = run_cli("predict", run_id, "--x", 1, cwd=path, env=cli_env(MLFLOW_TRACKING_URI=uri))
+    line = one_line_error(out, 1)
+    assert f"refused state_dict.pt of run {run_id}: its pickle nests objects more than 100 deep" in line
+
+
+def test_torch_s_warnings_while_loading_a_state_dict_never_reach_the_user(store, capfd):
+    """A state_dict of quantized tensors made torch print two multi-line UserWarnings before the refusal."""
+    path, run_id, uri = store
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the same deprecation, here for making one
+        weight = torch.quantize_per_tensor(torch.zeros(1, 1), 0.1, 0, torch.qint8)
+    torch.save({"linear.weight": weight, "linear.bias": torch.zeros(1)}, _artifact(store, "state_dict.pt"))
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with pytest.raises(HarnessError, match=f"state_dict.pt of run {run_id} does not fit") as error:
+            runs.predict(run_id, VALUES, client=fast_read_client(run_id, uri))
+    assert "\n" not in str(error.value)
+    assert [str(w.message) for w in shown] == [] and capfd.readouterr().err == ""
+
+
+def test_a_pickle_torch_finds_under_an_upper_case_name_is_checked_as_any(tmp_path):
+    """torch's zip reader finds archive/data.pkl whatever the case of its letters: an archive/DATA.PKL
+    escaped the pickle's bound (torch.load read it)."""
+    path = tmp_path / "state_dict.pt"
+    torch.save({"weights": torch.zeros(1)}, path)
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    for pickled, refused in ((b"\x80\x02]" + b"N" * (runs.MAX_PICKLE_BYTES - 3) + b".", "its pickle declares"),
+                             (NESTED["tuple as a key"], "its pickle nests objects more than 100 deep")):
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, data in entries:
+                archive.writestr(name.replace("data.pkl", "DATA.PKL"), pickled if name.endswith(".pkl") else data)
+        assert runs.archive_refusal(path, runs.MAX_STATE_DICT_BYTES).startswith(refused)
