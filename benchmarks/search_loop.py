@@ -47,6 +47,7 @@ def main() -> None:
             for name, command in sides.items():
                 times[name, "old"].append(timed(Path(old), command))
                 times[name, "new"].append(timed(ROOT, command))
+                print(f"{name}: old {times[name, 'old'][-1]:.2f}s, new {times[name, 'new'][-1]:.2f}s", flush=True)
     print(f"trials: {args.trials}, repeats: {args.repeats}, old: {args.old} (medians of whole-command wall times)")
     for name in sides:
         o, w = statistics.median(times[name, "old"]), statistics.median(times[name, "new"])

@@ -71,7 +71,7 @@ def optimize(study, objective, n_trials: int, batch: int = 1, *, n_jobs: int = 1
     with _progress_bar(progress, n_trials, study) as told:
         def work() -> None:
             try:
-                _work(study, objective, batch, budget, max_trials, told)
+                _work(study, objective, batch, budget, max_trials, told, reseed=n_jobs > 1)
             except BaseException:
                 budget.stop()  # the other threads end after their current trials
                 raise
@@ -88,8 +88,10 @@ def optimize(study, objective, n_trials: int, batch: int = 1, *, n_jobs: int = 1
             future.result()  # the first thread's error, as optimize raises it
 
 
-def _work(study, objective, batch: int, budget: "_Budget", max_trials: int | None, told) -> None:
+def _work(study, objective, batch: int, budget: "_Budget", max_trials: int | None, told, reseed: bool) -> None:
     while (size := budget.take(batch)):
+        if reseed:  # as optimize does in each of its threads, before each trial
+            study.sampler.reseed_rng()
         with experimental_ok():  # what optimize does before each trial (heartbeat storages only)
             optuna.storages.fail_stale_trials(study)
         trials, full = [], False
