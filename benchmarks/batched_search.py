@@ -2,7 +2,7 @@
 
 Every side runs the same N trials of the reference space (a RandomSampler with one seed proposes the
 same configurations whatever the batch; no pruner, so every side trains the same epochs), through
-the harness's ``Objective``: ``study.optimize`` one at a time, ``harness.search.batch.optimize`` for
+the harness's ``Objective``: ``study.optimize`` one at a time, ``harness.search.loop.optimize`` for
 K > 1. Tracking on writes every trial's run to a fresh MLflow SQLite store with a journal storage,
 the embedded stores a user starts with. Sides interleaved, each in a fresh temporary folder,
 medians of ``--repeats``.
@@ -26,7 +26,7 @@ import optuna  # noqa: E402
 
 from harness import Objective  # noqa: E402
 from harness.experiment import load  # noqa: E402
-from harness.search import batch  # noqa: E402
+from harness.search import loop  # noqa: E402
 from harness.search import study as study_module  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def run(trials: int, size: int, track: bool, seed: int) -> float:
             if size == 1:
                 study.optimize(objective, n_trials=trials)
             else:
-                batch.optimize(study, objective, trials, size)
+                loop.optimize(study, objective, trials, size)
         elapsed = time.perf_counter() - started
         assert len(study.trials) == trials
         return elapsed

@@ -4,9 +4,9 @@ Starts both services on 127.0.0.1 (harness/cluster.py) in a temporary folder, th
 --clients, runs N client processes that each do, trial after trial, what one `harness search`
 worker does against the services, with a precomputed record in place of training:
 
-- Optuna, on the RDB storage opened as the harness opens it (``study.open_storage``: the cap on the
-  study's trials and the heartbeat are the real ones), through ``study.optimize`` as the worker
-  calls it: stale-trial check, ``ask`` (under the cap's advisory lock), heartbeat, the worker's
+- Optuna, on the RDB storage opened as the harness opens it (``study.open_storage``: its heartbeat
+  is the real one), through the search loop as the worker runs it (``loop.optimize``: the cap on
+  the study's trials is the real one): stale-trial check, ``ask`` (under the cap's advisory lock), heartbeat, the worker's
   user attrs, ``space.sample`` over the reference space, ``report`` + ``should_prune`` every
   --report-every epochs, ``tell``.
 - MLflow, through the tracking server, as ``TrialRecorder`` does per trial: ``MlflowSink.create_run``
@@ -61,7 +61,7 @@ from harness.cluster import Postgres, TrackingServer, create_database, environme
 from harness.experiment import load  # noqa: E402
 from harness.search import space as space_module  # noqa: E402
 from harness.search import study as study_module  # noqa: E402
-from harness.search.storages import StudyFull  # noqa: E402
+from harness.search import loop  # noqa: E402
 from harness.search.workers import identity  # noqa: E402
 from harness.sink import MlflowSink  # noqa: E402
 from harness.urls import engine_url  # noqa: E402
@@ -166,8 +166,7 @@ class Client:
 
     def __init__(self, setup: Setup, stop):
         self.setup, self.stop = setup, stop
-        storage = study_module.open_storage(setup.storage_url, heartbeat=study_module.HEARTBEAT_S,
-                                            max_trials=setup.max_trials)
+        storage = study_module.open_storage(setup.storage_url, heartbeat=study_module.HEARTBEAT_S)
         self.study = optuna.load_study(study_name=setup.study_name, storage=storage,
                                        sampler=study_module.make_sampler(setup.sampler, None, setup.space),
                                        pruner=study_module.make_pruner("median"))
@@ -201,14 +200,15 @@ class Client:
             raise
         return self.setup.value
 
-    def finished(self, study, trial) -> None:
-        """Optuna's callback, after ``tell``: the trial's cycle since the previous one ended."""
-        now = time.perf_counter()
-        if time.time() > self.deadline or self.stop.is_set():
-            study.stop()
-        elif self.counting and trial.state == optuna.trial.TrialState.COMPLETE:
-            self.samples.append((now - self.last - self.mlflow_s, self.mlflow_s))
-        self.last = now
+    def trial(self, trial) -> float:
+        """The objective as the search loop runs it; one that raised is told FAIL (NaN) and the next starts."""
+        self.asked = True
+        try:
+            value = self.objective(trial)
+        except Exception:
+            return float("nan")
+        self.completed = True
+        return value
 
     def error(self, exc: BaseException) -> None:
         self.errors += self.counting
@@ -217,17 +217,19 @@ class Client:
 
     def run(self, deadline: float) -> bool:
         """Trials until ``deadline`` (Unix time); False once the study is full."""
-        self.deadline = deadline
         while time.time() < deadline and not self.stop.is_set():
-            self.last = time.perf_counter()
+            started, self.asked, self.completed = time.perf_counter(), False, False
             try:
-                # As `harness search` calls it; a trial that raises is told FAIL and the next starts.
-                self.study.optimize(self.objective, callbacks=[self.finished], catch=(Exception,))
-            except StudyFull:
-                return False
+                # As `harness search` runs it: stale-trial check, ask under the cap's lock, heartbeat, tell.
+                loop.optimize(self.study, self.trial, 1, max_trials=self.setup.max_trials)
             except Exception as exc:  # ask or tell failed: the store is what is measured, so go on
                 self.error(exc)
                 time.sleep(0.1)
+                continue
+            if not self.asked:
+                return False  # the study is full
+            if self.counting and self.completed:
+                self.samples.append((time.perf_counter() - started - self.mlflow_s, self.mlflow_s))
         return True
 
 

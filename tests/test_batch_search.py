@@ -6,7 +6,7 @@ from optuna.trial import TrialState
 
 from harness import Objective, batched
 from harness.experiment import load
-from harness.search import batch
+from harness.search import loop
 from harness.search import space as space_module
 
 CONFIGS = [{"lr": lr, "epochs": epochs, "optimizer_loss": pair} for pair, lr, epochs in (
@@ -31,7 +31,7 @@ def test_a_batched_study_holds_what_one_at_a_time_gives_trial_for_trial(monkeypa
     with Objective(experiment, space, track=False) as objective:
         one.optimize(objective, n_trials=len(CONFIGS))
     with Objective(experiment, space, track=False) as objective:
-        batch.optimize(stacked, objective, len(CONFIGS), batch=9)
+        loop.optimize(stacked, objective, len(CONFIGS), batch=9)
     assert stacks == [9]  # every pair in one stack
     assert [t.state for t in stacked.trials] == [t.state for t in one.trials]
     assert one.trials[1].state == TrialState.FAIL  # lr 9 diverges, alone and in its stack
@@ -51,7 +51,7 @@ def test_pruned_members_stop_alone_and_are_told_pruned():
     l1 = [c for c in CONFIGS if c["optimizer_loss"] == "sgd+l1"]
     stacked = study_of(l1, PruneTrialOneAtStepFive())
     with Objective(experiment, space, track=False, report_every=1) as objective:
-        batch.optimize(stacked, objective, 4, batch=4)
+        loop.optimize(stacked, objective, 4, batch=4)
     assert [t.state for t in stacked.trials] == [TrialState.COMPLETE, TrialState.PRUNED] + [TrialState.COMPLETE] * 2
     assert max(stacked.trials[1].intermediate_values) == 5
     assert len(stacked.trials[0].intermediate_values) == 40  # its stack-mate went on to its own epochs
@@ -62,7 +62,7 @@ def test_a_model_that_cannot_be_stacked_runs_one_at_a_time_with_a_notice(capsys)
     space = space_module.resolve(experiment, overrides={"epochs": [3, 5]})
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(0))
     with Objective(experiment, space, track=False) as objective:
-        batch.optimize(study, objective, 4, batch=4)
+        loop.optimize(study, objective, 4, batch=4)
     assert len(study.trials) == 4 and all(t.state == TrialState.COMPLETE for t in study.trials)
     err = capsys.readouterr().err
     assert err.count("trained one at a time, not stacked") == 1 and "matrix products" in err  # once, not per pair
@@ -99,7 +99,7 @@ def test_every_member_of_a_batch_beats_its_heartbeat_on_an_rdb_storage(tmp_path,
     study = optuna.create_study(storage=storage, sampler=optuna.samplers.RandomSampler(0),
                                 pruner=optuna.pruners.NopPruner())
     with Objective(experiment, space, track=False) as objective:
-        batch.optimize(study, objective, 4, batch=4)
+        loop.optimize(study, objective, 4, batch=4)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
     with sqlite3.connect(tmp_path / "optuna.db") as db:
         beats = db.execute("SELECT COUNT(DISTINCT trial_id) FROM trial_heartbeats").fetchone()[0]
@@ -134,7 +134,7 @@ def test_a_tracked_batch_writes_its_runs_together_and_keeps_the_contract(workdir
     for params in CONFIGS:
         study.enqueue_trial(params)
     with Objective(experiment, space, report_every=1) as objective:
-        batch.optimize(study, objective, len(CONFIGS), batch=len(CONFIGS))
+        loop.optimize(study, objective, len(CONFIGS), batch=len(CONFIGS))
     assert calls["create_runs"] == [9] and calls["write_many"][0] == 9  # one transaction each for the batch
     assert [t.state for t in study.trials][:3] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED]
     _, runs = check_contract(workdir, study, figures_for={study.best_trial.number})
@@ -170,7 +170,7 @@ def full_disk_batch(workdir, monkeypatch, journal_full: bool = False):
     for params in CONFIGS[:4]:
         study.enqueue_trial(params)
     objective = Objective(experiment, space)
-    batch.optimize(study, objective, 4, batch=4)
+    loop.optimize(study, objective, 4, batch=4)
     with monkeypatch.context() as disk:
         if journal_full:
             disk.setattr(storage, "create_new_trial", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
@@ -223,17 +223,17 @@ def test_a_trial_left_running_with_no_worker_is_failed_and_retried_once_it_is_ol
 
     from harness.search import audit
     from harness.search import study as study_module
-    from harness.search.storages import StudyFull
+    from harness.search.loop import StudyFull
     from harness.search.workers import OWNERLESS_S
 
-    storage = study_module.open_storage(f"journal:{tmp_path / 'optuna_journal.log'}", max_trials=2)
+    storage = study_module.open_storage(f"journal:{tmp_path / 'optuna_journal.log'}")
     study = optuna.create_study(study_name="s", storage=storage)
     for age in (OWNERLESS_S + 60, 0):  # as Optuna creates a trial, RUNNING with no user attrs, that long ago
         template = optuna.trial.create_trial(state=TrialState.RUNNING)
         template.datetime_start = datetime.now() - timedelta(seconds=age)
         storage.create_new_trial(study._study_id, template)
-    with pytest.raises(StudyFull):  # both count: the study is full
-        study.ask()
+    with pytest.raises(StudyFull):  # both count: the study is full (--max-trials 2)
+        loop.ask(study, 2)
     assert [t.number for t in audit.stale_trials(study)] == [0]  # what audit reports and --fix fails
     assert audit.recover_stale(study, storage) == ([0], [])
     old, young, retried = study.get_trials()
@@ -279,7 +279,7 @@ def test_a_batch_whose_trial_another_machine_failed_as_stale_tells_the_rest(tmp_
             return outcomes
 
     with FailedElsewhere("linear_regression", track=False) as objective:
-        batch.optimize(study, objective, 4, batch=4)
+        loop.optimize(study, objective, 4, batch=4)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL,
                                                TrialState.COMPLETE]
 

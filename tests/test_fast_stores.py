@@ -28,7 +28,8 @@ from harness.search import space as space_module
 from harness.search.audit import audit
 from harness.search.objective import Objective
 from harness.search.optuna_private import storage_of
-from harness.search.storages import StudyFull, describe, lock_file, study_lock
+from harness.search.loop import StudyFull, ask
+from harness.search.storages import describe, lock_file, study_lock
 from harness.search.study import create_study, existing_study, make_pruner, open_storage
 from harness.sink import MlflowSink, close_incomplete
 from harness.tracking import RunRecord
@@ -84,31 +85,32 @@ def own_tags(run) -> dict[str, str]:
 # ---- 1. the trial cap ---------------------------------------------------------------------------
 
 def test_the_cap_counts_running_and_finished_trials_but_not_failed_or_enqueued_ones(storage_url):
-    study = optuna.create_study(study_name="capped", storage=open_storage(storage_url, max_trials=3))
-    first, second, third = study.ask(), study.ask(), study.ask()  # RUNNING trials count (a worker has them)
+    """The cap as the search loop asks (loop.ask); on a plain study.ask() there is none."""
+    study = optuna.create_study(study_name="capped", storage=open_storage(storage_url))
+    first, second, third = (ask(study, 3) for _ in range(3))  # RUNNING trials count (a worker has them)
     with pytest.raises(StudyFull):
-        study.ask()
+        ask(study, 3)
     assert states(stored_trials(storage_url, "capped")) == ["RUNNING"] * 3  # the refused ask created nothing
 
     study.tell(first, state=TrialState.FAIL)  # a failed trial is not a result: its place is free again
-    fourth = study.ask()
+    fourth = ask(study, 3)
     with pytest.raises(StudyFull):
-        study.ask()
+        ask(study, 3)
     for trial in (second, third, fourth):
         study.tell(trial, trial.suggest_float("x", 0, 1))
 
     # Another worker, with its own storage object, sees the same full study.
-    other = optuna.load_study(study_name="capped", storage=open_storage(storage_url, max_trials=3))
+    other = optuna.load_study(study_name="capped", storage=open_storage(storage_url))
     with pytest.raises(StudyFull):
-        other.ask()
+        ask(other, 3)
 
     # A trial that arrives with a template (enqueued by the user, or a heartbeat retry) gets through.
     other.enqueue_trial({"x": 0.5})
-    queued = other.ask()
+    queued = ask(other, 3)
     assert queued.suggest_float("x", 0, 1) == 0.5
     other.tell(queued, 0.5)
     with pytest.raises(StudyFull):
-        other.ask()
+        ask(other, 3)
 
     trials = stored_trials(storage_url, "capped")
     assert states(trials) == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE", "COMPLETE"]
@@ -122,12 +124,12 @@ def test_workers_racing_for_the_last_places_never_exceed_the_cap(storage_url):
 
     def worker(_) -> int:
         # Each thread is a worker of its own: its own storage object, its own study.
-        study = optuna.load_study(study_name="race", storage=open_storage(storage_url, max_trials=cap))
+        study = optuna.load_study(study_name="race", storage=open_storage(storage_url))
         start.wait(timeout=30)
         made = 0
         while True:
             try:
-                study.ask()  # left RUNNING: counted, as a worker's trial in training is
+                ask(study, cap)  # left RUNNING: counted, as a worker's trial in training is
             except StudyFull:
                 return made
             made += 1

@@ -11,7 +11,6 @@ from packaging.specifiers import SpecifierSet
 
 from conftest import ROOT
 from harness.search import optuna_private, study as study_module
-from harness.search.storages import StudyFull
 
 
 def test_the_installed_optuna_is_a_tested_release_inside_the_pin():
@@ -24,48 +23,43 @@ def test_the_installed_optuna_is_a_tested_release_inside_the_pin():
         f"Optuna {optuna.__version__} is not in compat.OPTUNA_TESTED: if this file passes on it, add it there")
 
 
-def test_an_optuna_without_the_creation_hook_refuses_the_cap_instead_of_ignoring_it(tmp_path, monkeypatch):
-    from harness.errors import UsageError
+def test_the_worker_is_named_where_optunas_cache_creates_trials(tmp_path):
+    # The cache wrapper must call the RDB backend's private creation method, where the trial gets its
+    # worker in the same write (a sampler's before_trial runs after it, inside study.ask()).
+    from harness.schema import WORKER_ATTR
+    from harness.search.workers import identity
 
-    monkeypatch.setattr(optuna_private, "has_hook", lambda cls, name: name != optuna_private.CREATE_TRIAL_HOOK)
-    with pytest.raises(UsageError, match=r"^--max-trials 2 on a database storage needs Optuna's "
-                                         r"RDBStorage\._create_new_trial, which Optuna .* does not have"):
-        study_module.open_storage(f"sqlite:///{tmp_path / 'o.db'}", max_trials=2)
-    assert study_module.open_storage(f"sqlite:///{tmp_path / 'o.db'}").max_trials is None  # no cap: nothing needed
-    journal = study_module.open_storage(f"journal:{tmp_path / 'j.log'}", max_trials=2)  # the journal's is public
-    study = optuna.create_study(storage=journal)
-    study.ask(), study.ask()
-    with pytest.raises(StudyFull):
+    storage = study_module.open_storage(f"sqlite:///{tmp_path / 'o.db'}")
+    seen = []
+
+    class Sampler(optuna.samplers.RandomSampler):
+        def before_trial(self, study, trial):
+            seen.append(trial.user_attrs.get(WORKER_ATTR))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study = optuna.create_study(storage=storage, sampler=Sampler())
+        assert type(optuna_private.storage_of(study)).__name__ == "_CachedStorage"
+        assert optuna_private.backend(optuna_private.storage_of(study)) is storage
         study.ask()
+    assert seen == [identity()]
 
 
-def test_the_trial_cap_sits_where_optunas_cache_creates_trials(tmp_path):
-    # The cache wrapper must call the RDB backend's private creation method, where the cap is.
-    storage = study_module.open_storage(f"sqlite:///{tmp_path / 'o.db'}", max_trials=2)
+def test_the_stale_check_sits_where_optunas_heartbeat_asks_for_stale_trials(tmp_path, monkeypatch):
+    # fail_stale_trials, through Optuna's cache wrapper, must ask the RDB backend's private method
+    # (storages.py keeps a live worker's trial out of its answer there).
+    from optuna.storages import fail_stale_trials
+
+    storage = study_module.open_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat=1)
+    asked = []
+    monkeypatch.setattr(type(storage), optuna_private.STALE_TRIALS_HOOK, lambda self, study_id: asked.append(study_id) or [])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         study = optuna.create_study(storage=storage)
         assert type(optuna_private.storage_of(study)).__name__ == "_CachedStorage"
         assert optuna_private.backend(optuna_private.storage_of(study)) is storage
-        study.ask(), study.ask()
-        with pytest.raises(StudyFull):
-            study.ask()
-
-
-def test_the_trial_model_counts_a_studys_trials(tmp_path):
-    from sqlalchemy import func, select
-
-    storage = study_module.open_storage(f"sqlite:///{tmp_path / 'o.db'}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        study = optuna.create_study(storage=storage)
-        study.ask()
-        study.tell(study.ask(), 1.0)
-    trials = optuna_private.trial_model()
-    with storage.engine.connect() as connection:
-        count = connection.execute(select(func.count()).select_from(trials).where(
-            trials.study_id == study._study_id, trials.state.in_([optuna.trial.TrialState.COMPLETE]))).scalar_one()
-    assert count == 1
+        fail_stale_trials(study)
+    assert asked == [study._study_id]
 
 
 def test_journal_file_lock_and_trial_ids(tmp_path):

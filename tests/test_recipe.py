@@ -300,13 +300,13 @@ def test_an_exception_in_the_experiment_s_code_fails_those_trials_of_a_batch_and
 
     from search_helpers import BREAKS
 
-    from harness.search import Objective, batch
+    from harness.search import Objective, loop
 
     (tmp_path / "breaks.py").write_text(BREAKS)
     experiment = load(str(tmp_path / "breaks.py"))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(0))
     with Objective(experiment, track=False, batch=size) as objective:
-        batch.optimize(study, objective, 2 * size, size)  # does not raise
+        loop.optimize(study, objective, 2 * size, size)  # does not raise
     assert [t.state.name for t in study.trials] == ["FAIL"] * 2 * size
     assert {t.user_attrs["fail_reason"] for t in study.trials} == {
         "the experiment's code raised at epoch 10: RuntimeError: user code broke at call 31"}

@@ -235,16 +235,17 @@ def test_storage_connections_survive_being_dropped_by_the_server(services):
 
 
 def test_a_capped_study_refuses_trials_beyond_the_cap_but_not_retries(services):
-    storage = open_storage(services["storage"], max_trials=2)
-    study = optuna.create_study(study_name="cap-unit", storage=storage)
-    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
-    from harness.search.storages import StudyFull
+    from harness.search.loop import StudyFull, ask, optimize
 
+    storage = open_storage(services["storage"])
+    study = optuna.create_study(study_name="cap-unit", storage=storage)
+    optimize(study, lambda t: t.suggest_float("x", 0, 1), n_trials=3, max_trials=2)  # stops at the cap
     with pytest.raises(StudyFull):
-        study.ask()
+        ask(study, 2)
     assert len(study.trials) == 2
     study.enqueue_trial({"x": 0.5})  # a retry or an enqueued trial comes with a template: always let in
     assert len(study.trials) == 3
+    assert ask(study, 2).suggest_float("x", 0, 1) == 0.5  # and is asked in the full study
 
 
 def test_harness_cluster_runs_workers_on_its_own_services_then_stops_them(tmp_path):

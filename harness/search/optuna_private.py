@@ -1,13 +1,12 @@
 """Every use of Optuna's private API, in one place. tests/test_optuna_private.py fails loudly when one
 of them changes; constraints.txt pins Optuna to a release it passed on (pyproject.toml admits any
-Optuna 5: a hook this Optuna lacks is not installed, and what needs it says so, see storages.py).
+Optuna 5: a hook this Optuna lacks is not installed, see storages.py).
 
 Why each is needed (Optuna has no public way to do these):
-- ``RDBStorage._create_new_trial``: what Optuna's cache wrapper calls to create a trial; the cap on
-  a study's trials (storages.py) must sit there to hold.
+- ``RDBStorage._create_new_trial``: what Optuna's cache wrapper calls to create a trial; a trial
+  names its worker in that very write (storages.py says why), so the harness's must sit there.
 - ``RDBStorage._get_stale_trial_ids``: what ``fail_stale_trials`` asks for the trials whose heartbeat
   is late; a live worker's trial on this machine is taken out of it there (storages.py).
-- ``optuna.storages._rdb.models.TrialModel``: one COUNT query for that cap, instead of loading every trial.
 - the journal file backend's lock and ``get_lock_file``: a repair (journal.py) must hold the very
   lock Optuna's own appends take.
 - the journal's ``JournalOperation`` codes and ``JournalStorageReplayResult``: a line is checked against
@@ -25,12 +24,6 @@ def has_hook(cls, name: str) -> bool:
     """Whether Optuna's ``cls`` has the private method ``name`` that the harness replaces (it is
     replaced only then: see storages.py)."""
     return callable(getattr(cls, name, None))
-
-
-def trial_model():
-    from optuna.storages._rdb import models
-
-    return models.TrialModel
 
 
 def journal_lock(file_backend):

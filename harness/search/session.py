@@ -12,14 +12,13 @@ from optuna.trial import TrialState
 from .. import signals
 from ..errors import UsageError
 from ..tracking import check_experiment, default_tracking_uri, open_client, unreachable
-from . import batch as batch_module
+from . import loop
 from . import study as study_module
 from .audit import recover_stale, recover_unfinished
 from .journal import JournalWriteError
 from .objective import Objective
 from .options import SearchOptions
 from .recorder import TrackingFailed
-from .storages import COUNTED, StudyFull
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ def _open_study(options: SearchOptions):
                       sampler=options.sampler, pruner=options.pruner, objectives=trials.objectives,
                       experiment_sha256=trials.experiment.sha256,
                       allow_changed_experiment=options.allow_changed_experiment)
-    storage_args = dict(heartbeat=options.heartbeat, max_trials=options.max_trials)
+    storage_args = dict(heartbeat=options.heartbeat)
     # Opening a journal creates its file: a missing one already says there is no study yet.
     storage = None if study_module.missing_journal(url) else study_module.open_storage(url, **storage_args)
     study = storage and study_module.existing_study(options.study_name, storage, **study_args)
@@ -107,7 +106,7 @@ def _trials_to_run(study, options: SearchOptions) -> int:
     """--n-trials, within what --max-trials leaves (queued trials run without being created)."""
     if not options.max_trials:
         return options.n_trials
-    counted = study.get_trials(deepcopy=False, states=COUNTED)
+    counted = study.get_trials(deepcopy=False, states=loop.COUNTED)
     waiting = sum(t.state == TrialState.WAITING for t in counted)
     left = max(options.max_trials - len(counted), 0) + waiting
     if left <= 0:
@@ -121,16 +120,10 @@ def _optimize(study, objective, n_trials: int, options: SearchOptions) -> tuple[
     try:
         # Signals are held while Optuna records a trial (one landing inside its tell would leave the
         # trial half-told); the objective lets them interrupt training, and a held one stops the
-        # study once the trial is recorded.
+        # search once the trials in hand are recorded.
         with signals.deferred(on_signal=lambda: None):
-            if options.trials.batch > 1:
-                batch_module.optimize(study, objective, n_trials, options.trials.batch, timeout=options.timeout)
-            else:
-                study.optimize(objective, n_trials=n_trials, timeout=options.timeout, n_jobs=options.n_jobs,
-                               show_progress_bar=options.progress,
-                               callbacks=[lambda study, trial: study.stop() if signals.pending() else None])
-    except StudyFull:
-        pass  # other workers filled the study first: this one is done
+            loop.optimize(study, objective, n_trials, options.trials.batch, n_jobs=options.n_jobs,
+                          timeout=options.timeout, max_trials=options.max_trials, progress=options.progress)
     except KeyboardInterrupt:
         return True, None
     except Exception as exc:

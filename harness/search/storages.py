@@ -1,14 +1,13 @@
-"""Optuna's own storages, with one addition: a cap on a study's trials that holds across workers.
+"""Optuna's own storages, each trial naming its worker from its first write; and the lock every
+worker of a study takes (held while --max-trials is checked and a trial asked, see loop.py, and while
+the study's parent run is found or created): PostgreSQL's advisory lock (MySQL's GET_LOCK) on the
+storage's own database, or a lock file beside a SQLite database or a journal file.
 
-``--max-trials M`` means M trials that count, in total, however many workers on however many
-machines share the study. Optuna's MaxTrialsCallback checks the count *after* a trial, so N
-workers may overshoot by N - 1. Here the check and the creation of a trial happen under one lock
-that every worker takes: PostgreSQL's advisory lock (MySQL's GET_LOCK) on the storage's own
-database, or a lock file beside a SQLite database or a journal file.
-
-Counted: every trial that is not FAIL. A failed trial is not a result, and a trial that Optuna's
-heartbeat retries (or one the user enqueues) arrives with a template and always gets through, so a
-crashed worker's trial is replaced, never lost, and never pushes the study past its cap.
+A trial names its worker (WORKER_ATTR) in the very write that creates it, or takes it from the queue:
+``study.ask()`` runs the sampler's ``before_trial`` after that write, and a worker killed there (a
+slow sampler; a batch asks K trials before any trains) must leave a trial the next search and
+`audit --fix` know to be dead (workers.gone), not one with no owner, left alone for an hour.
+tests/test_reliability.py's kill -9 while a batch is asked fails without it (docs/design.md).
 """
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ from pathlib import Path
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import TrialState
 
-from ..errors import UsageError
 from ..filelock import LOCK_SUFFIX, file_lock
 from ..urls import redact
 from ..schema import WORKER_ATTR
@@ -27,26 +25,11 @@ from . import optuna_private
 from .optuna_private import backend
 from .workers import alive, identity
 
-COUNTED = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
 
-
-class StudyFull(Exception):
-    """The study already holds its --max-trials trials; no trial was created."""
-
-
-class _Capped:
-    max_trials: int | None = None
-
-    def _create_capped(self, create, study_id: int, template_trial):
-        if template_trial is not None:
-            return create(study_id, template_trial)
-        if self.max_trials is None:
-            return create(study_id, _owned())
-        with study_lock(self, f"study-{study_id}"):
-            counted = self._count(study_id)
-            if counted >= self.max_trials:
-                raise StudyFull(f"{counted} trials of at most {self.max_trials}")
-            return create(study_id, _owned())
+class _Owned:
+    def _create_owned(self, create, study_id: int, template_trial):
+        # A template is someone's trial already (enqueued by the user, a retry): it stays as it is.
+        return create(study_id, _owned() if template_trial is None else template_trial)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
         taken = super().set_trial_state_values(trial_id, state, values)
@@ -56,65 +39,42 @@ class _Capped:
 
 
 def _owned():
-    """A new trial that names its worker from its first write: one killed before it trains (a batch
-    asks K first, its sampler may be slow) is known dead by the next search and `audit --fix`."""
     from optuna.trial import create_trial
 
     return create_trial(state=TrialState.RUNNING, user_attrs={WORKER_ATTR: identity()})
 
 
-class CappedRDBStorage(_Capped, RDBStorage):
-    def _count(self, study_id: int) -> int:
-        """One COUNT query, so the check costs the same at trial 10 and trial 10,000."""
-        from sqlalchemy import func, select
-
-        trials = optuna_private.trial_model()
-        query = select(func.count()).select_from(trials).where(trials.study_id == study_id, trials.state.in_(COUNTED))
-        with self.engine.connect() as connection:
-            return connection.execute(query).scalar_one()
+class HarnessRDBStorage(_Owned, RDBStorage):
+    """RDBStorage whose trials name their worker, and whose heartbeat check spares a live one's."""
 
 
 def _create_new_trial(self, study_id, template_trial=None):
     # Optuna's cache (_CachedStorage) calls the backend's private creation method; the public one does too.
-    return self._create_capped(getattr(super(CappedRDBStorage, self), optuna_private.CREATE_TRIAL_HOOK),
-                               study_id, template_trial)
+    return self._create_owned(getattr(super(HarnessRDBStorage, self), optuna_private.CREATE_TRIAL_HOOK),
+                              study_id, template_trial)
 
 
 def _get_stale_trial_ids(self, study_id: int) -> list[int]:
     # A heartbeat late by more than the grace (a worker starved of CPU, a slow database) is not a
     # dead worker: a trial whose worker runs on this machine and lives is never failed as stale,
-    # whichever worker checks (Optuna's optimize checks before every trial it starts).
-    stale = getattr(super(CappedRDBStorage, self), optuna_private.STALE_TRIALS_HOOK)(study_id)
+    # whichever worker checks (the search loop checks before every trial it asks).
+    stale = getattr(super(HarnessRDBStorage, self), optuna_private.STALE_TRIALS_HOOK)(study_id)
     return [i for i in stale if alive(self.get_trial_user_attrs(i).get(WORKER_ATTR)) is not True]
 
 
-# Only where this Optuna has them: a method of that name that Optuna no longer calls would leave
-# the cap silently not holding. Without the creation hook, --max-trials on an RDB storage is refused.
+# Only where this Optuna has them: a method of that name that Optuna no longer calls would do
+# nothing. Without the creation hook, loop.ask names the worker right after Optuna's ask returns.
 for _name, _method in ((optuna_private.CREATE_TRIAL_HOOK, _create_new_trial),
                        (optuna_private.STALE_TRIALS_HOOK, _get_stale_trial_ids)):
     if optuna_private.has_hook(RDBStorage, _name):
-        setattr(CappedRDBStorage, _name, _method)
+        setattr(HarnessRDBStorage, _name, _method)
 
 
-def _set_max_trials(self, value: int | None) -> None:
-    if value is not None and not optuna_private.has_hook(RDBStorage, optuna_private.CREATE_TRIAL_HOOK):
-        import optuna
+class HarnessJournalStorage(_Owned, JournalStorage):
+    """JournalStorage whose trials name their worker (through its public creation method)."""
 
-        raise UsageError(f"--max-trials {value} on a database storage needs Optuna's "
-                         f"RDBStorage.{optuna_private.CREATE_TRIAL_HOOK}, which Optuna {optuna.__version__} does "
-                         "not have: use a journal storage (journal:PATH), or an Optuna release in constraints.txt")
-    self._max_trials = value
-
-
-CappedRDBStorage.max_trials = property(lambda self: getattr(self, "_max_trials", None), _set_max_trials)
-
-
-class CappedJournalStorage(_Capped, JournalStorage):
     def create_new_trial(self, study_id, template_trial=None):
-        return self._create_capped(super().create_new_trial, study_id, template_trial)
-
-    def _count(self, study_id: int) -> int:
-        return len(self.get_all_trials(study_id, deepcopy=False, states=COUNTED))
+        return self._create_owned(super().create_new_trial, study_id, template_trial)
 
 
 def file_path(storage) -> str | None:
@@ -144,8 +104,8 @@ def study_lock(storage, name: str):
     """A lock every worker of the storage takes, wherever it runs. On a database server ``name``
     picks one of many; a file storage has one lock file for every name, so never nest two.
 
-    Held while a worker creates a capped trial, and while it finds or creates the study's parent
-    MLflow run, so that exactly one is created. A storage with no shared lock (in-memory, gRPC)
+    Held while a worker checks --max-trials and asks a trial (loop.ask), and while it finds or
+    creates the study's parent MLflow run, so that exactly one is created. A storage with no shared lock (in-memory, gRPC)
     gets none: its workers live in one process anyway.
     """
     storage = backend(storage)

@@ -89,7 +89,7 @@ def missing_journal(url: str) -> bool:
     return storage_scheme(url) == "journal" and not Path(url.split(":", 1)[1]).exists()
 
 
-def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_S, max_trials: int | None = None,
+def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_S,
                  repair: bool = True, notify=None):
     """An Optuna storage. ``journal:PATH`` is Optuna's journal file, safe for several processes;
     damage a crash left in it is repaired first (see journal.py), unless ``repair`` is False, when
@@ -97,25 +97,22 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
 
     RDB storages get Optuna's heartbeat: a trial whose worker stops beating for ``3 * heartbeat``
     seconds is failed and its configuration retried by the next worker that starts a trial.
-    ``max_trials`` caps the study's trials across every worker (see storages.py).
     """
-    from .storages import CappedRDBStorage, schema_lock
+    from .storages import HarnessRDBStorage, schema_lock
 
     scheme = storage_scheme(url)
     path = journal_path(url) if scheme == "journal" else sqlite_path(url) if scheme == "sqlite" else None
     if must_exist and path is not None and not Path(path).exists():
         raise UsageError(f"no Optuna storage at {redact(url)}")
     if scheme == "journal":
-        storage = _open_journal(path, repair, notify)
-        storage.max_trials = max_trials
-        return storage
+        return _open_journal(path, repair, notify)
     engine_kwargs: dict = {"pool_pre_ping": True}  # connections that idled out are replaced, not failed
     if scheme == "postgresql":
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     started = time.time()
     try:
         with experimental_ok(), schema_lock(engine_url(url), engine_kwargs):  # heartbeats: experimental since 2.x
-            storage = CappedRDBStorage(
+            storage = HarnessRDBStorage(
                 engine_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
     except ImportError as exc:
@@ -125,7 +122,6 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
         from ..tracking import unreachable
 
         raise unreachable("the Optuna storage", url, time.time() - started, exc) from None
-    storage.max_trials = max_trials
     return storage
 
 
@@ -183,7 +179,7 @@ def _check_writable(path: str) -> None:
 def _open_journal(path: str, repair: bool, notify):
     from ..errors import HarnessError
     from .journal import Journal, JournalDamaged, full_damage
-    from .storages import CappedJournalStorage
+    from .storages import HarnessJournalStorage
 
     def journal():
         return Journal(path, **({"notify": notify} if notify else {}))
@@ -194,7 +190,7 @@ def _open_journal(path: str, repair: bool, notify):
     if repair:
         opened.repair()  # a torn last line: cut before anything is appended after it
     try:
-        return CappedJournalStorage(opened)
+        return HarnessJournalStorage(opened)
     except (OSError, MemoryError, HarnessError):  # not the file's content: reading it again would not help
         raise
     except Exception:  # a line Optuna's replay stops at: damage in the middle, or no operation it knows
@@ -205,7 +201,7 @@ def _open_journal(path: str, repair: bool, notify):
             raise JournalDamaged(f"{damage.describe(path)}: Optuna cannot read past it; "
                                  "`harness audit --fix` repairs it (keeping a copy of what it removes)") from None
         opened.repair(whole=True)
-        return CappedJournalStorage(journal())  # a fresh backend: the old one's offsets predate the repair
+        return HarnessJournalStorage(journal())  # a fresh backend: the old one's offsets predate the repair
 
 
 def make_sampler(name: str, seed: int | None, space: SearchSpace) -> optuna.samplers.BaseSampler:
