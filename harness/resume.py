@@ -10,6 +10,7 @@ from __future__ import annotations
 import posixpath
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from . import checkpoint
@@ -108,7 +109,9 @@ def _read(client, run_id: str, name: str, notify) -> dict | None:
                 return None
             try:
                 handle.seek(0)
-                return torch.load(handle, weights_only=True, map_location="cpu")
+                with warnings.catch_warnings():  # torch's run to several lines before the one of its refusal
+                    warnings.simplefilter("ignore")
+                    return torch.load(handle, weights_only=True, map_location="cpu")
             except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError) as exc:
                 notify(f"checkpoint {name} of run {run_id} refused: not a plain tensor file "
                        f"(torch.load weights_only=True: {first_line(exc)})")

@@ -258,6 +258,12 @@ def archive_refusal(handle, limit: int) -> str | None:
 # any exception can be caught; comparing, printing or copying what it built recurses too, into a
 # RecursionError past ~950 levels. A state_dict nests 6 deep, a checkpoint (optimizer state, config) 9.
 MAX_PICKLE_NESTING = 100
+# An object reached twice through the memo is one object, but hashing, comparing or copying what
+# holds it visits it each time: 40 levels of (x, x) pairs cost 2**40 visits (a hang, not a crash).
+# Counted as if every shared reference were copied out, a state_dict or a checkpoint holds a few
+# objects per tensor (~100 thousand for a large model); the pickle's own bound allows ~5 million
+# without sharing. Past this many, the pickle is refused.
+MAX_PICKLE_OBJECTS = 20_000_000
 _REFUSED_FILL = ("fills an object after putting it into another, or puts one into itself: "
                  "torch.save never writes that")
 
@@ -301,7 +307,7 @@ def _nesting_refusal(pickled: bytes) -> str | None:
     from array import array
 
     kinds = _opcode_kinds()
-    depth, inside = array("i", [0]), bytearray(1)
+    depth, inside, size = array("i", [0]), bytearray(1), array("q", [1])  # size: objects, shared ones copied out
     stack, marks, memo = array("i"), array("i"), {}
     try:
         for op, arg, _ in pickletools.genops(io.BytesIO(pickled)):
@@ -319,17 +325,22 @@ def _nesting_refusal(pickled: bytes) -> str | None:
                 nested = 1 + max(map(depth.__getitem__, items), default=0)
                 if nested > MAX_PICKLE_NESTING:
                     return f"nests objects more than {MAX_PICKLE_NESTING} deep"
+                held = sum(map(size.__getitem__, items))
+                if held > MAX_PICKLE_OBJECTS:
+                    return f"holds more than {MAX_PICKLE_OBJECTS} objects once its shared ones are counted where used"
                 if kind == "fill" and stack[-1]:  # index 0 holds nothing: torch refuses to fill it
                     target = stack[-1]
                     if inside[target] or target in items:
                         return _REFUSED_FILL
                     depth[target] = max(depth[target], nested)
+                    size[target] = min(size[target] + held, MAX_PICKLE_OBJECTS + 1)
                 for item in items:
                     inside[item] = 1
                 if kind == "made":
                     stack.append(len(depth))
                     depth.append(nested)
                     inside.append(0)
+                    size.append(1 + held)
             elif kind == "MARK":
                 marks.append(len(stack))
             elif kind == "GET":
@@ -340,6 +351,7 @@ def _nesting_refusal(pickled: bytes) -> str | None:
                 stack.append(len(depth))
                 depth.append(1)
                 inside.append(0)
+                size.append(1)
             elif kind == "DUP":
                 stack.append(stack[-1])
             elif kind == "POP":

@@ -396,3 +396,16 @@ def test_a_pickle_torch_finds_under_an_upper_case_name_is_checked_as_any(tmp_pat
             for name, data in entries:
                 archive.writestr(name.replace("data.pkl", "DATA.PKL"), pickled if name.endswith(".pkl") else data)
         assert runs.archive_refusal(path, runs.MAX_STATE_DICT_BYTES).startswith(refused)
+
+
+def test_a_pickle_that_shares_one_object_into_an_exponential_one_is_refused(store, monkeypatch):
+    """40 levels of (x, x) through memo gets: shallow and 400 bytes, but hashing or comparing it visits
+    2**40 objects (a hang). Counted with its shared objects copied out, it is refused in one line."""
+    path, run_id, uri = store
+    doubling = b"\x80\x02}K\x01q\x00" + b"".join(b"h" + bytes([i]) + b"h" + bytes([i]) + b"\x86q" + bytes([i + 1])
+                                                 for i in range(40)) + b"Ns."
+    _with_pickle(_artifact(store, "state_dict.pt"), doubling)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load read it"))
+    with pytest.raises(HarnessError, match=f"refused state_dict.pt of run {run_id}: its pickle holds more than "
+                                           f"{runs.MAX_PICKLE_OBJECTS} objects"):
+        runs.load_model(run_id, client=MlflowClient(uri))
