@@ -61,6 +61,73 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening_socket(port: int | None = None) -> socket.socket:
+    """A socket listening on 127.0.0.1:``port`` (one the kernel picks when None), for a server to
+    inherit: the port is this process's from the moment it is chosen, never free for another user's
+    process to bind first and answer in the server's place."""
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", port or 0))
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        raise HarnessError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
+    return sock
+
+
+def _listeners(port: int) -> dict[int, int]:
+    """The sockets listening on TCP ``port``, any address, IPv4 or IPv6: inode -> owner's uid."""
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as rows:
+            for row in list(rows)[1:]:
+                # sl local rem st queues tr retrnsmt uid timeout inode
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    found[int(fields[9])] = int(fields[7])
+    return found
+
+
+def _group(pid: int) -> list[int]:
+    """``pid`` and the processes of its process group (a server started in a session of its own)."""
+    found = [pid]
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses.
+                if int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[2]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def _sockets_of(pids: list[int]) -> set[int]:
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.scandir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd.path)
+                    if target.startswith("socket:["):
+                        found.add(int(target[8:-1]))
+    return found
+
+
+def check_listener(port: int, pid: int, what: str) -> None:
+    """Refuse, before anything is sent to it, a port of 127.0.0.1 that some process other than the
+    one started here (``pid`` and its process group) listens on, or that no process listens on: a
+    squatter that bound it first would read every login sent to it."""
+    if not os.path.exists("/proc/net/tcp"):
+        return  # not Linux: no way to ask who listens (the tracking server's port is bound here anyway)
+    listening = _listeners(port)
+    alive = os.path.exists(f"/proc/{pid}")
+    strangers = sorted({uid for inode, uid in listening.items()
+                        if not alive or inode not in _sockets_of(_group(pid))})
+    if strangers or not listening or not alive:
+        holder = f"a process of uid {', '.join(map(str, strangers))}" if strangers else "no process"
+        raise HarnessError(f"{what}: 127.0.0.1:{port} is listened on by {holder}, not the {what} started here "
+                           "(another user's process took the port?); stopped before sending it anything")
+
+
 def _wait(ready, what: str, seconds: float, log: Path) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -160,11 +227,25 @@ class Postgres:
             write_private(self.passfile, passfile_line("127.0.0.1", str(self.port), DB_USER, password))
             # Loopback only, and the socket in the data folder (the system's socket folder may not exist).
             options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.data} -c max_connections=200"
-            self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
+            try:
+                self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60",
+                          "start")
+            except HarnessError:
+                # PostgreSQL binds its port itself, after free_port let it go: say who took it meanwhile.
+                taken = sorted(set(_listeners(self.port).values()))
+                if taken:
+                    raise HarnessError(f"pg_ctl start failed: 127.0.0.1:{self.port} is listened on by a process of "
+                                       f"uid {', '.join(map(str, taken))}, not the PostgreSQL started here") from None
+                raise
+            check_listener(self.port, self._postmaster(), "PostgreSQL")
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _postmaster(self) -> int:
+        """The server's process id, the first line of the postmaster.pid it wrote."""
+        return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
 
     def _initdb(self, password: str) -> None:
         # SCRAM on TCP and on the socket alike: DB_USER is the superuser, who may run programs as
@@ -263,7 +344,10 @@ class TrackingServer:
         self.backend_uri, self.root = backend_uri, Path(root)
         self.artifacts, self.log = self.root / "artifacts", self.root / "mlflow-server.log"
         self.credentials = self.root / CREDENTIALS
-        self.port = port or free_port()
+        # Held from the start until stop: bound here and inherited by the server, so no one else
+        # binds the port first, nor after a server that died (its clients would hand them the login).
+        self.listener = listening_socket(port)
+        self.port = self.listener.getsockname()[1]
         self.workers = workers
         self.password = secrets.token_urlsafe(32)
         self.process: subprocess.Popen | None = None
@@ -315,11 +399,16 @@ class TrackingServer:
         write_private(self.credentials, "".join(f"export {k}={v}\n" for k, v in exports.items()))
         command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
                    "--backend-store-uri", self.backend_uri, "--artifacts-destination", str(self.artifacts),
-                   "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)]
+                   "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
+                   # The socket bound here, as the server's stdin: the one descriptor `mlflow server`
+                   # hands on to its uvicorn (it starts it with close_fds). --host and --port then
+                   # only name it; uvicorn binds nothing.
+                   "--uvicorn-opts", "--fd 0"]
         with open_private(self.log, os.O_APPEND) as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, umask=0o077,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(command, stdin=self.listener, stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, umask=0o077, start_new_session=True)
         _wait(self._healthy, f"mlflow server on {self.url}", 180, self.log)
+        check_listener(self.port, self.process.pid, "mlflow server")
         return self
 
     def stop(self) -> None:
@@ -331,6 +420,7 @@ class TrackingServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, 9)
                 self.process.wait()
+        self.listener.close()
 
 
 def check_dir(root: Path) -> None:
