@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -218,7 +219,8 @@ class Postgres:
         """Started, or (a failed initdb or start, Ctrl-C meanwhile) stopped again, with the temp
         folder made for root removed: callers register ``stop`` only once this returns."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            if not self.as_root:  # root's is the temp folder made for the postgres user
+                private_dir(self.root)
             if (self.data / "PG_VERSION").exists():
                 password = self._password()
             else:
@@ -389,9 +391,8 @@ class TrackingServer:
                 "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(32)}
 
     def start(self) -> "TrackingServer":
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.artifacts.mkdir(exist_ok=True)
-        self.artifacts.chmod(0o700)  # also what an earlier start left there
+        private_dir(self.root)
+        private_dir(self.artifacts)  # also what an earlier start left there
         # MLflow's job runner (GenAI jobs) would start a process of its own and leave a queue folder in
         # /dev/shm after every stop: the harness's runs need neither.
         env = {**os.environ, **self._auth_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -424,26 +425,53 @@ class TrackingServer:
 
 
 def check_dir(root: Path) -> None:
-    """Refuse a folder for the services' files that another user could write: whoever can write it
-    can put a link or a FIFO where a log goes (files this process opens, as root too)."""
+    """Refuse a folder for the services' files that another user could write, or swap for one of
+    theirs: whoever can write it can put a link or a FIFO where a log goes (files this process opens,
+    as root too), and whoever can write a folder above it can rename it away and put theirs in its
+    place (as ssh's StrictModes, a sticky folder such as /tmp is no way in: there only an entry's owner
+    renames it). ``root`` is absolute and without links (resolved)."""
+    for folder in reversed(root.parents):
+        try:
+            found = folder.lstat()
+        except FileNotFoundError:
+            break  # made here, as everything below it
+        if found.st_uid not in (0, os.geteuid()) or (found.st_mode & 0o022 and not found.st_mode & stat.S_ISVTX):
+            raise UsageError(f"--dir {str(root)!r}: the folder above it {str(folder)!r} (owner uid {found.st_uid}, "
+                             f"mode {stat.S_IMODE(found.st_mode):o}) can be written by another user, who could put "
+                             "a folder of theirs in --dir's place: every folder above --dir must be writable by "
+                             "you or root only, or sticky (like /tmp)")
     try:
         found = root.lstat()
     except FileNotFoundError:
         return  # made here, for this user only
-    import stat
-
-    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid() or found.st_mode & 0o022:
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid() or found.st_mode & 0o077:
         kind = "a folder" if stat.S_ISDIR(found.st_mode) else "not a folder (a link or a file)"
         raise UsageError(f"--dir {str(root)!r} is {kind} of owner uid {found.st_uid} and mode "
                          f"{stat.S_IMODE(found.st_mode):o}: it must be a folder of yours that no other user can "
-                         "write, or one that does not exist yet")
+                         "write or read (mode 700), or one that does not exist yet")
+
+
+def private_dir(path: Path) -> None:
+    """``path`` a folder of this user's only (0700): made here (with any missing parent), or one that
+    is already theirs, never through a link; checked once it exists, as it is."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=True)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:  # a link (ELOOP), a file (ENOTDIR)
+        raise UsageError(f"{path} is not a folder of yours ({exc.strerror}): remove it, or use another --dir") from None
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            raise UsageError(f"{path} is a folder of owner uid {os.fstat(fd).st_uid}, not yours: remove it, or use "
+                             "another --dir")
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
 
 
 def open_private(path: Path, flag: int = os.O_TRUNC):
     """``path`` opened for writing (``flag``: O_TRUNC or O_APPEND) as a regular file of mode 0600, never
     through a link and never blocking on a FIFO someone put there."""
-    import stat
-
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | flag, 0o600)
     except OSError as exc:  # a link (ELOOP), a FIFO nobody reads (ENXIO)
@@ -462,9 +490,10 @@ def services(root: Path, postgres_url: str | None = None, server_workers: int = 
     Yields (optuna_url, tracking_uri), neither with a password: meanwhile PGPASSFILE names the
     passfile of the cluster started here, or of the password ``postgres_url`` carried (in ``root``),
     and LOGIN_VARS hold the tracking server's login."""
-    root = Path(root)
+    root = Path(root).resolve()
     check_dir(root)
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(root)
+    check_dir(root)  # as it is now that it exists: ours, 0700, and no folder above it swapped meanwhile
     stack = contextlib.ExitStack()
     with stack:
         if postgres_url is None:

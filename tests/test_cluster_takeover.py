@@ -5,8 +5,10 @@ to it) and for `--dir` (a folder of theirs swapped in for it through a folder ab
 The fourth outside probe's findings F1 and F3 (issue 26); each test acts as user ``nobody``.
 """
 import os
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import textwrap
 from pathlib import Path
@@ -15,7 +17,8 @@ import pytest
 
 from conftest import cli_env
 from harness import cluster
-from harness.errors import HarnessError
+from harness.cli import main
+from harness.errors import HarnessError, UsageError
 from test_cluster_security import as_another_user as runs_as_another_user, require_postgres_programs
 
 NOBODY = 65534
@@ -177,3 +180,83 @@ def test_postgres_refuses_a_port_another_user_took_and_never_talks_to_it(tmp_pat
     assert str(refused.value) == (f"pg_ctl start failed: 127.0.0.1:{port} is listened on by a process of uid "
                                   f"{NOBODY}, not the PostgreSQL started here")
     assert "REQUEST" not in seen, seen
+
+
+@pytest.fixture
+def reachable():
+    """A folder of ours that ``nobody`` can enter (pytest's own are their owner's only)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="harness-takeover-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def nobodys(folder: Path) -> Path:
+    folder.mkdir()
+    os.chown(folder, NOBODY, NOBODY)
+    return folder
+
+
+@pytest.mark.parametrize("above", ["writable by all, not sticky", "another user's", "two levels up"])
+def test_a_dir_another_user_could_swap_through_a_folder_above_it_is_refused(above, reachable, capsys):
+    """The probe: in a folder of mode 777, another user renamed `--dir` away once made and put their own
+    in its place, an `artifacts` link in it: harness cluster, as root, wrote everything there."""
+    if above == "another user's":
+        parent = nobodys(reachable / "pub")
+    else:
+        parent = reachable / "pub"
+        parent.mkdir()
+        parent.chmod(0o777)
+    if above == "two levels up":
+        parent = parent / "mine"
+        parent.mkdir(mode=0o700)
+    # They can, indeed, put a folder of theirs in --dir's place.
+    planted = as_another_user("mkdir", parent.parent / "planted" if above == "two levels up" else parent / "cl")
+    assert planted.wait(timeout=60) == 0, stop(planted)
+    shutil.rmtree(parent / "cl", ignore_errors=True)
+    code = main(["cluster", "--dir", str(parent / "cl"), "--postgres", "postgresql://h@127.0.0.1:9/postgres"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "can be written by another user" in err and "every folder above --dir must be writable by you" in err
+    assert not (parent / "cl").exists()
+
+
+def test_a_sticky_folder_above_dir_is_no_way_in_but_a_dir_squatted_there_is_refused(reachable):
+    shared = reachable / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    cluster.check_dir(shared / "cl")  # like /tmp: only an entry's owner may rename it
+    squatted = as_another_user("mkdir", "-m", "700", shared / "cl")
+    assert squatted.wait(timeout=60) == 0, stop(squatted)
+    with pytest.raises(UsageError, match=f"owner uid {NOBODY} and mode 700: it must be a folder of yours"):
+        cluster.check_dir(shared / "cl")
+
+
+def test_an_existing_dir_others_may_read_is_refused(tmp_path):
+    (tmp_path / "cl").mkdir(mode=0o755)
+    with pytest.raises(UsageError, match="no other user can write or read"):
+        cluster.check_dir(tmp_path / "cl")
+    (tmp_path / "cl").chmod(0o700)
+    cluster.check_dir(tmp_path / "cl")
+
+
+def test_a_link_inside_dir_is_never_followed_nor_its_target_chmodded(tmp_path):
+    """The probe's `artifacts` link, to a folder elsewhere: the server would write the artifacts there
+    and the harness chmodded it to 0700 (as root, another user's folder)."""
+    elsewhere = nobodys(tmp_path / "elsewhere")
+    elsewhere.chmod(0o755)
+    root = tmp_path / "cl"
+    root.mkdir(mode=0o700)
+    (root / "artifacts").symlink_to(elsewhere)
+    server = cluster.TrackingServer(f"sqlite:///{tmp_path / 'mlflow.db'}", root, workers=1)
+    try:
+        with pytest.raises(UsageError, match="artifacts is not a folder of yours"):
+            server.start()
+        assert server.process is None  # nothing started
+    finally:
+        server.stop()
+    found = elsewhere.stat()
+    assert (stat.S_IMODE(found.st_mode), found.st_uid) == (0o755, NOBODY)
+    assert not any(elsewhere.iterdir())
