@@ -67,6 +67,9 @@ def listening_socket(port: int | None = None) -> socket.socket:
     inherit: the port is this process's from the moment it is chosen, never free for another user's
     process to bind first and answer in the server's place."""
     sock = socket.socket()
+    # uvicorn takes an inherited socket for a Unix one and so leaves Nagle on for the connections it
+    # accepts (each request then waits ~40 ms for a delayed ACK); Linux's accepted sockets inherit this.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind(("127.0.0.1", port or 0))
         sock.listen(socket.SOMAXCONN)
