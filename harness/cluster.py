@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -59,6 +60,76 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listening_socket(port: int | None = None) -> socket.socket:
+    """A socket listening on 127.0.0.1:``port`` (one the kernel picks when None), for a server to
+    inherit: the port is this process's from the moment it is chosen, never free for another user's
+    process to bind first and answer in the server's place."""
+    sock = socket.socket()
+    # uvicorn takes an inherited socket for a Unix one and so leaves Nagle on for the connections it
+    # accepts (each request then waits ~40 ms for a delayed ACK); Linux's accepted sockets inherit this.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind(("127.0.0.1", port or 0))
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        raise HarnessError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
+    return sock
+
+
+def _listeners(port: int) -> dict[int, int]:
+    """The sockets listening on TCP ``port``, any address, IPv4 or IPv6: inode -> owner's uid."""
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as rows:
+            for row in list(rows)[1:]:
+                # sl local rem st queues tr retrnsmt uid timeout inode
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    found[int(fields[9])] = int(fields[7])
+    return found
+
+
+def _group(pid: int) -> list[int]:
+    """``pid`` and the processes of its process group (a server started in a session of its own)."""
+    found = [pid]
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses.
+                if int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[2]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def _sockets_of(pids: list[int]) -> set[int]:
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.scandir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd.path)
+                    if target.startswith("socket:["):
+                        found.add(int(target[8:-1]))
+    return found
+
+
+def check_listener(port: int, pid: int, what: str) -> None:
+    """Refuse, before anything is sent to it, a port of 127.0.0.1 that some process other than the
+    one started here (``pid`` and its process group) listens on, or that no process listens on: a
+    squatter that bound it first would read every login sent to it."""
+    if not os.path.exists("/proc/net/tcp"):
+        return  # not Linux: no way to ask who listens (the tracking server's port is bound here anyway)
+    listening = _listeners(port)
+    alive = os.path.exists(f"/proc/{pid}")
+    strangers = sorted({uid for inode, uid in listening.items()
+                        if not alive or inode not in _sockets_of(_group(pid))})
+    if strangers or not listening or not alive:
+        holder = f"a process of uid {', '.join(map(str, strangers))}" if strangers else "no process"
+        raise HarnessError(f"{what}: 127.0.0.1:{port} is listened on by {holder}, not the {what} started here "
+                           "(another user's process took the port?); stopped before sending it anything")
 
 
 def _wait(ready, what: str, seconds: float, log: Path) -> None:
@@ -151,7 +222,8 @@ class Postgres:
         """Started, or (a failed initdb or start, Ctrl-C meanwhile) stopped again, with the temp
         folder made for root removed: callers register ``stop`` only once this returns."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            if not self.as_root:  # root's is the temp folder made for the postgres user
+                private_dir(self.root)
             if (self.data / "PG_VERSION").exists():
                 password = self._password()
             else:
@@ -160,11 +232,25 @@ class Postgres:
             write_private(self.passfile, passfile_line("127.0.0.1", str(self.port), DB_USER, password))
             # Loopback only, and the socket in the data folder (the system's socket folder may not exist).
             options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.data} -c max_connections=200"
-            self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
+            try:
+                self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60",
+                          "start")
+            except HarnessError:
+                # PostgreSQL binds its port itself, after free_port let it go: say who took it meanwhile.
+                taken = sorted(set(_listeners(self.port).values()))
+                if taken:
+                    raise HarnessError(f"pg_ctl start failed: 127.0.0.1:{self.port} is listened on by a process of "
+                                       f"uid {', '.join(map(str, taken))}, not the PostgreSQL started here") from None
+                raise
+            check_listener(self.port, self._postmaster(), "PostgreSQL")
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _postmaster(self) -> int:
+        """The server's process id, the first line of the postmaster.pid it wrote."""
+        return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
 
     def _initdb(self, password: str) -> None:
         # SCRAM on TCP and on the socket alike: DB_USER is the superuser, who may run programs as
@@ -263,7 +349,10 @@ class TrackingServer:
         self.backend_uri, self.root = backend_uri, Path(root)
         self.artifacts, self.log = self.root / "artifacts", self.root / "mlflow-server.log"
         self.credentials = self.root / CREDENTIALS
-        self.port = port or free_port()
+        # Held from the start until stop: bound here and inherited by the server, so no one else
+        # binds the port first, nor after a server that died (its clients would hand them the login).
+        self.listener = listening_socket(port)
+        self.port = self.listener.getsockname()[1]
         self.workers = workers
         self.password = secrets.token_urlsafe(32)
         self.process: subprocess.Popen | None = None
@@ -305,9 +394,8 @@ class TrackingServer:
                 "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(32)}
 
     def start(self) -> "TrackingServer":
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.artifacts.mkdir(exist_ok=True)
-        self.artifacts.chmod(0o700)  # also what an earlier start left there
+        private_dir(self.root)
+        private_dir(self.artifacts)  # also what an earlier start left there
         # MLflow's job runner (GenAI jobs) would start a process of its own and leave a queue folder in
         # /dev/shm after every stop: the harness's runs need neither.
         env = {**os.environ, **self._auth_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -315,11 +403,16 @@ class TrackingServer:
         write_private(self.credentials, "".join(f"export {k}={v}\n" for k, v in exports.items()))
         command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
                    "--backend-store-uri", self.backend_uri, "--artifacts-destination", str(self.artifacts),
-                   "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)]
+                   "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
+                   # The socket bound here, as the server's stdin: the one descriptor `mlflow server`
+                   # hands on to its uvicorn (it starts it with close_fds). --host and --port then
+                   # only name it; uvicorn binds nothing.
+                   "--uvicorn-opts", "--fd 0"]
         with open_private(self.log, os.O_APPEND) as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, umask=0o077,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(command, stdin=self.listener, stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, umask=0o077, start_new_session=True)
         _wait(self._healthy, f"mlflow server on {self.url}", 180, self.log)
+        check_listener(self.port, self.process.pid, "mlflow server")
         return self
 
     def stop(self) -> None:
@@ -331,29 +424,57 @@ class TrackingServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, 9)
                 self.process.wait()
+        self.listener.close()
 
 
 def check_dir(root: Path) -> None:
-    """Refuse a folder for the services' files that another user could write: whoever can write it
-    can put a link or a FIFO where a log goes (files this process opens, as root too)."""
+    """Refuse a folder for the services' files that another user could write, or swap for one of
+    theirs: whoever can write it can put a link or a FIFO where a log goes (files this process opens,
+    as root too), and whoever can write a folder above it can rename it away and put theirs in its
+    place (as ssh's StrictModes, a sticky folder such as /tmp is no way in: there only an entry's owner
+    renames it). ``root`` is absolute and without links (resolved)."""
+    for folder in reversed(root.parents):
+        try:
+            found = folder.lstat()
+        except FileNotFoundError:
+            break  # made here, as everything below it
+        if found.st_uid not in (0, os.geteuid()) or (found.st_mode & 0o022 and not found.st_mode & stat.S_ISVTX):
+            raise UsageError(f"--dir {str(root)!r}: the folder above it {str(folder)!r} (owner uid {found.st_uid}, "
+                             f"mode {stat.S_IMODE(found.st_mode):o}) can be written by another user, who could put "
+                             "a folder of theirs in --dir's place: every folder above --dir must be writable by "
+                             "you or root only, or sticky (like /tmp)")
     try:
         found = root.lstat()
     except FileNotFoundError:
         return  # made here, for this user only
-    import stat
-
-    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid() or found.st_mode & 0o022:
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid() or found.st_mode & 0o077:
         kind = "a folder" if stat.S_ISDIR(found.st_mode) else "not a folder (a link or a file)"
         raise UsageError(f"--dir {str(root)!r} is {kind} of owner uid {found.st_uid} and mode "
                          f"{stat.S_IMODE(found.st_mode):o}: it must be a folder of yours that no other user can "
-                         "write, or one that does not exist yet")
+                         "write or read (mode 700), or one that does not exist yet")
+
+
+def private_dir(path: Path) -> None:
+    """``path`` a folder of this user's only (0700): made here (with any missing parent), or one that
+    is already theirs, never through a link; checked once it exists, as it is."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=True)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:  # a link (ELOOP), a file (ENOTDIR)
+        raise UsageError(f"{path} is not a folder of yours ({exc.strerror}): remove it, or use another --dir") from None
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            raise UsageError(f"{path} is a folder of owner uid {os.fstat(fd).st_uid}, not yours: remove it, or use "
+                             "another --dir")
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
 
 
 def open_private(path: Path, flag: int = os.O_TRUNC):
     """``path`` opened for writing (``flag``: O_TRUNC or O_APPEND) as a regular file of mode 0600, never
     through a link and never blocking on a FIFO someone put there."""
-    import stat
-
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | flag, 0o600)
     except OSError as exc:  # a link (ELOOP), a FIFO nobody reads (ENXIO)
@@ -372,9 +493,10 @@ def services(root: Path, postgres_url: str | None = None, server_workers: int = 
     Yields (optuna_url, tracking_uri), neither with a password: meanwhile PGPASSFILE names the
     passfile of the cluster started here, or of the password ``postgres_url`` carried (in ``root``),
     and LOGIN_VARS hold the tracking server's login."""
-    root = Path(root)
+    root = Path(root).resolve()
     check_dir(root)
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(root)
+    check_dir(root)  # as it is now that it exists: ours, 0700, and no folder above it swapped meanwhile
     stack = contextlib.ExitStack()
     with stack:
         if postgres_url is None:
