@@ -145,3 +145,42 @@ def test_a_store_in_a_place_this_process_may_not_write_is_a_store_failure_not_ba
         assert type(error) is HarnessError and "cannot write the MLflow tracking store" in str(error)
     error = tracking.unreachable("the MLflow tracking store", "http://u:pw@host:1", 3.0, ConnectionError("refused"))
     assert type(error) is UsageError and "pw" not in str(error)
+
+
+def test_a_study_another_worker_is_creating_is_read_once_it_is_whole(in_workdir, monkeypatch):
+    """Two workers starting together on a new study: the one that creates it writes its objectives,
+    space and experiment after Optuna makes it; the other read it in between and refused it as a study
+    of other objectives ('has objectives test_loss, not valid_loss'), exiting 2."""
+    import threading
+
+    from harness.cli import build_parser
+    from harness.search import objectives as objectives_module
+    from harness.search import session
+    from harness.search.options import SearchOptions
+
+    options = SearchOptions.from_args(build_parser().parse_args(["search", "--study-name", "together", "--n-trials", "1"]))
+    created, read = threading.Event(), threading.Event()
+    name_study = objectives_module.name_study
+
+    def slowly(study, objectives):  # the creating worker, paused between Optuna's create and its own attrs
+        created.set()
+        read.wait(3)
+        name_study(study, objectives)
+
+    monkeypatch.setattr(objectives_module, "name_study", slowly)
+    errors = []
+
+    def other_worker():
+        created.wait(30)
+        try:
+            session._open_study(options)
+        except Exception as exc:  # noqa: BLE001 - what the worker would have exited with
+            errors.append(exc)
+        read.set()
+
+    thread = threading.Thread(target=other_worker)
+    thread.start()
+    study, _, _ = session._open_study(options)
+    thread.join(60)
+    assert not errors, errors
+    assert objectives_module.of_study(study) == options.trials.objectives

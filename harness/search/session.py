@@ -19,6 +19,7 @@ from .journal import JournalWriteError
 from .objective import Objective
 from .options import SearchOptions
 from .recorder import TrackingFailed
+from .storages import study_lock
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,21 @@ def _open_study(options: SearchOptions):
     storage_args = dict(heartbeat=options.heartbeat)
     # Opening a journal creates its file: a missing one already says there is no study yet.
     storage = None if study_module.missing_journal(url) else study_module.open_storage(url, **storage_args)
-    study = storage and study_module.existing_study(options.study_name, storage, **study_args)
+    # A worker creating the study writes what resuming checks (its objectives, space, experiment) after
+    # Optuna makes it, holding the study's lock: a study caught in between is read once it is whole.
+    study = None
+    if storage is not None and study_module.being_created(options.study_name, storage):
+        with study_lock(storage, options.study_name):
+            study = study_module.existing_study(options.study_name, storage, **study_args)
+    elif storage is not None:  # read as it is: a refused resume writes nothing, not even a lock file
+        study = study_module.existing_study(options.study_name, storage, **study_args)
     client = _open_client(trials.mlflow_experiment)
     if study is None:
         storage = storage or study_module.open_storage(url, **storage_args)
-        study = study_module.create_study(options.study_name, storage, **study_args)
-    else:
-        study_module.record_source(study, trials.experiment.sha256)
+        with study_lock(storage, options.study_name):  # another worker's may have come meanwhile: checked
+            study = study_module.existing_study(options.study_name, storage, **study_args) or \
+                study_module.create_study(options.study_name, storage, **study_args)
+    study_module.record_source(study, trials.experiment.sha256)  # nothing to do for a study just made
     return study, storage, client
 
 

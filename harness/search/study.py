@@ -48,8 +48,8 @@ PERCENTILE = 25.0  # PercentilePruner's percentile when none is given (Optuna re
 _PRUNERS = {"median": "MedianPruner", "percentile": "PercentilePruner", "hyperband": "HyperbandPruner",
             "sha": "SuccessiveHalvingPruner", "wilcoxon": "WilcoxonPruner", "none": "NopPruner"}
 DIRECTIONS = ("minimize", "maximize")
-from ..schema import (EXPERIMENT_CHANGES_ATTR, EXPERIMENT_SHA_PARAM, PAIR_TRIAL_PARAM, SPACE_ATTR, STUDY_EXPERIMENT_ATTR as EXPERIMENT_ATTR,
-                      STUDY_EXPERIMENT_SHA_ATTR as SOURCE_ATTR)
+from ..schema import (EXPERIMENT_CHANGES_ATTR, EXPERIMENT_SHA_PARAM, OBJECTIVES_ATTR, PAIR_TRIAL_PARAM, SPACE_ATTR,
+                      STUDY_EXPERIMENT_ATTR as EXPERIMENT_ATTR, STUDY_EXPERIMENT_SHA_ATTR as SOURCE_ATTR)
 from . import objectives as objectives_module
 
 
@@ -337,6 +337,17 @@ def existing_study(name: str, storage, *, direction: str, sampler, pruner, space
         raise UsageError(f"study {name!r} was created with search space {json.dumps(stored)}, "
                          f"incompatible with {json.dumps(space.to_dict())}; use another --study-name")
     return existing
+
+
+def being_created(name: str, storage) -> bool:
+    """Whether the study exists as Optuna makes it, without the harness's own attrs or any trial yet:
+    a worker creating it has not written them yet (or a script made it empty)."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return False
+    written = (EXPERIMENT_ATTR, SPACE_ATTR, OBJECTIVES_ATTR)  # what create_study writes
+    return not set(written) <= set(study.user_attrs) and not study.get_trials(deepcopy=False)
 
 
 def create_study(name: str, storage, *, direction: str, sampler, pruner, space: SearchSpace,
