@@ -332,3 +332,13 @@ def test_train_resumes_from_a_checkpoint_on_the_tracking_server(served, tmp_path
         assert curves(client, stopped, names) == curves(client, reference, names)
         weights = [load_state_dict(client, run) for run in (reference, stopped)]
     assert all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values()))
+
+
+def test_a_stack_says_it_writes_no_checkpoints_and_writes_none(in_workdir, cli_in_process):
+    """Under --batch K a stack's members start at epoch 0 together: no checkpoint is written for them,
+    and the search says so once instead of leaving the user to find out after a preemption."""
+    out = cli_in_process("search", "--batch", 4, "--n-trials", 4, "--epochs-range", 5, 6, "--pairs", "sgd+l1",
+                         "--checkpoint-every", 1, "--no-progress", cwd=in_workdir)
+    assert out.returncode == 0, out.stderr
+    assert "--batch 4: trials trained in a stack write no checkpoints" in out.stderr
+    assert not list((in_workdir / "mlruns").rglob("checkpoint-*.pt"))

@@ -86,6 +86,10 @@ def run(args) -> int:
     if options.independent:  # Optuna's own warning would come once per trial and axis
         print(f"harness: --sampler {options.sampler_name} models numeric axes only; "
               f"{', '.join(options.independent)} drawn at random", file=sys.stderr)
+    trials = options.trials
+    if trials.batch > 1 and (trials.checkpoint_every or trials.checkpoint_seconds):
+        print(f"harness: --batch {trials.batch}: trials trained in a stack write no checkpoints (each starts at "
+              "epoch 0 with the stack); one trained alone does", file=sys.stderr)
     outcome = run_search(options)
     if not outcome.ran:
         return 0
