@@ -51,6 +51,19 @@ def _redirects_stay_in_their_test():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_stay_in_their_test():
+    """A command run in-process ends by ignoring SIGINT and SIGTERM (its process is about to exit):
+    the suite's own are back after each test, so that Ctrl-C or `timeout` still stop pytest instead
+    of turning into 'interrupted' inside a later test's command."""
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in before.items():
+        signal.signal(s, handler)
+
+
 def readme_blocks(heading: str, doc: str = "README.md") -> tuple[str, list[str]]:
     """The first python block and the command lines of the first bash block after ``heading`` in the
     README or in ``doc``, a file of docs/ (what a reader copies)."""

@@ -7,6 +7,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState, create_trial
 
+from conftest import copy_store, new_store, redirects_restored
 from harness.experiment import load
 from harness.search import space as space_module
 from harness.search.audit import audit
@@ -29,19 +30,35 @@ def mlflow_uri(workdir, monkeypatch) -> str:
     return uri
 
 
+@pytest.fixture(scope="module")
+def searched_once(tmp_path_factory, migrated_db):
+    """A tracked two-trial search, in-process, made once for the module: its folder."""
+    workdir = new_store(tmp_path_factory.mktemp("searched"), migrated_db)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    with redirects_restored(), pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        experiment = load("linear_regression")
+        space = space_module.resolve(experiment, overrides={"epochs": [3, 4]})
+        url = f"journal:{workdir / 'j.log'}"
+        study = create_study(STUDY, open_storage(url), direction="minimize",
+                             sampler=optuna.samplers.RandomSampler(seed=0), pruner=make_pruner("none"), space=space,
+                             experiment="linear_regression")
+        with Objective("linear_regression", space, track=True, device="cpu", seed=0) as objective:
+            study.optimize(objective, n_trials=2)
+        assert audit(*_reopened(url), MlflowClient(uri)).clean
+    return workdir
+
+
 @pytest.fixture
-def searched(mlflow_uri, workdir):
-    """A tracked two-trial search, in-process: (journal URL, MLflow client)."""
-    experiment = load("linear_regression")
-    space = space_module.resolve(experiment, overrides={"epochs": [3, 4]})
-    url = f"journal:{workdir / 'j.log'}"
-    study = create_study(STUDY, open_storage(url), direction="minimize", sampler=optuna.samplers.RandomSampler(seed=0),
-                         pruner=make_pruner("none"), space=space, experiment="linear_regression")
-    with Objective("linear_regression", space, track=True, device="cpu", seed=0) as objective:
-        study.optimize(objective, n_trials=2)
-    client = MlflowClient(mlflow_uri)
-    assert audit(*_reopened(url), client).clean
-    return url, client
+def searched(searched_once, tmp_path, monkeypatch):
+    """A copy of the module's search to tamper with (was a search of its own per test): (journal URL,
+    MLflow client)."""
+    workdir = copy_store(searched_once, tmp_path / "copy")
+    monkeypatch.chdir(workdir)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return f"journal:{workdir / 'j.log'}", MlflowClient(uri)
 
 
 def _reopened(url: str):

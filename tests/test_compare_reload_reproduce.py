@@ -95,12 +95,13 @@ def test_predict_refuses_bad_input(in_study, cli_in_process):
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
-def test_reproduce_matches_an_untouched_run_and_catches_an_altered_config(workdir):
+def test_reproduce_matches_an_untouched_run_and_catches_an_altered_config(workdir, cli_in_process):
+    """The search as a real process; the re-runs in-process (were real processes)."""
     assert run_cli("search", "--n-trials", 4, "--n-jobs", 2, "--sampler", "random", "--seed", 5, *SMALL,
                    cwd=workdir).returncode == 0
     study = journal_study(workdir)
     trial_run = study.trials[1].user_attrs["mlflow_run_id"]
-    out = run_cli("reproduce", trial_run, cwd=workdir)
+    out = cli_in_process("reproduce", trial_run, cwd=workdir)
     assert out.returncode == 0, out.stderr
     assert "bitwise identical" in out.stdout
     client = client_for(workdir)
@@ -113,14 +114,15 @@ def test_reproduce_matches_an_untouched_run_and_catches_an_altered_config(workdi
     logged = json.loads(open(config_path).read())
     logged["lr"] = logged["lr"] * 1.5
     open(config_path, "w").write(json.dumps(logged))
-    out = run_cli("reproduce", trial_run, cwd=workdir)
+    out = cli_in_process("reproduce", trial_run, cwd=workdir)
     assert out.returncode == 1
     assert "NOT reproduced" in out.stderr and "state_dict['weights']" in out.stderr
     assert "train_loss:" in out.stderr
 
 
-def test_reproduce_a_single_training_run(workdir):
-    assert run_cli("train", "--epochs", 30, cwd=workdir).returncode == 0
+def test_reproduce_a_single_training_run(workdir, cli_in_process):
+    """In-process (was two real processes): test_own_experiment's README example reproduces from one."""
+    assert cli_in_process("train", "--epochs", 30, cwd=workdir).returncode == 0
     [run] = all_runs(workdir)
-    out = run_cli("reproduce", run.info.run_id, cwd=workdir)
+    out = cli_in_process("reproduce", run.info.run_id, cwd=workdir)
     assert out.returncode == 0 and "curves equal over 30 epochs" in out.stdout, out.stderr

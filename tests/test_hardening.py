@@ -108,14 +108,17 @@ def test_a_torn_journal_is_repaired_before_anything_is_appended(searched, tmp_pa
     assert not no_running_runs(workdir)
 
 
-def test_audit_fix_repairs_the_journal_without_searching(workdir):
-    assert run_cli("search", "--n-trials", 2, *SHORT, cwd=workdir).returncode == 0
+def test_audit_fix_repairs_the_journal_without_searching(searched, tmp_path, cli_in_process):
+    """On a copy of the module's search, in-process (was a search and an audit of its own, as real
+    processes): the test above shows both from a real process."""
+    workdir = copy_store(searched, tmp_path / "copy")
     journal = workdir / "optuna_journal.log"
+    trials = len(plain_optuna_trials(journal))
     _garbage_line(journal)
-    out = run_cli("audit", "--study", STUDY, "--fix", cwd=workdir)
+    out = cli_in_process("audit", "--study", STUDY, "--fix", cwd=workdir)
     assert out.returncode == 0 and "fixed: the journal" in out.stdout, out.stdout + out.stderr
     assert not journal.read_bytes().endswith(b"garbage\n")
-    assert len(plain_optuna_trials(journal)) == 2
+    assert len(plain_optuna_trials(journal)) == trials
 
 
 # ---- full disks ----------------------------------------------------------------------------------
@@ -220,7 +223,7 @@ cp -a mlflow.db optuna_journal.log mlruns "$OUT/"
 
 # ---- signals and killed processes during clean-up -----------------------------------------------
 
-def _finish_checks(workdir, proc, stderr):
+def _finish_checks(workdir, proc, stderr, cli_in_process):
     assert "Traceback" not in stderr, stderr
     assert "resume with: harness search" in stderr, stderr
     assert not no_running_runs(workdir)
@@ -228,13 +231,13 @@ def _finish_checks(workdir, proc, stderr):
     assert not [t.number for t in study.trials if t.state == TrialState.RUNNING]
     parent = client_for(workdir).get_run(study.user_attrs["mlflow_parent_run_id"])
     assert parent.info.status == "FINISHED" and "best_value" in parent.data.metrics
-    out = run_cli("audit", "--study", STUDY, cwd=workdir)
+    out = cli_in_process("audit", "--study", STUDY, cwd=workdir)  # in-process (was a real process)
     assert out.returncode == 0, out.stdout
     return study
 
 
 @pytest.mark.parametrize("gap", [0.05, 0.4])
-def test_a_second_ctrl_c_during_the_wrap_up_cuts_nothing_short(workdir, gap):
+def test_a_second_ctrl_c_during_the_wrap_up_cuts_nothing_short(workdir, gap, cli_in_process):
     proc = start_search(workdir, "--n-trials", 30, "--seed", 0, *LONG)
     wait_for_running_trial(workdir, proc, completed=1)
     proc.send_signal(signal.SIGINT)
@@ -242,7 +245,7 @@ def test_a_second_ctrl_c_during_the_wrap_up_cuts_nothing_short(workdir, gap):
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    study = _finish_checks(workdir, proc, stderr)
+    study = _finish_checks(workdir, proc, stderr, cli_in_process)
     stopped = [t for t in study.trials if t.state == TrialState.FAIL]
     if not stopped:  # the first signal landed while a finished trial was recorded: held, then the study stopped
         assert all(t.state == TrialState.COMPLETE for t in study.trials)
@@ -254,7 +257,7 @@ def test_a_second_ctrl_c_during_the_wrap_up_cuts_nothing_short(workdir, gap):
     assert [t.params for t in study.trials if t.system_attrs.get("failed_trial") == stopped.number] == [stopped.params]
 
 
-def test_signals_after_the_last_trial_still_close_the_study_and_print_the_resume_hint(workdir):
+def test_signals_after_the_last_trial_still_close_the_study_and_print_the_resume_hint(workdir, cli_in_process):
     proc = start_search(workdir, "--n-trials", 2, "--seed", 0, *SHORT)
     deadline = time.time() + 120
     while time.time() < deadline:  # until both trials are told to Optuna, then signal every 50 ms
@@ -268,7 +271,7 @@ def test_signals_after_the_last_trial_still_close_the_study_and_print_the_resume
     if proc.returncode == 0:
         pytest.skip("the search ended before the first signal")  # a machine faster than the poll
     assert proc.returncode == 130, stderr
-    _finish_checks(workdir, proc, stderr)
+    _finish_checks(workdir, proc, stderr, cli_in_process)
 
 
 # ---- studies with no parent run ------------------------------------------------------------------
@@ -302,17 +305,18 @@ def test_a_search_into_an_unusable_mlflow_experiment_writes_nothing(workdir, cas
     assert len(all_runs(workdir)) == runs_before
 
 
-def test_audit_fix_closes_out_a_study_whose_parent_run_was_never_created(workdir):
+def test_audit_fix_closes_out_a_study_whose_parent_run_was_never_created(workdir, cli_in_process):
+    """In-process (was three real processes)."""
     # What an older harness left when it crashed after creating the study: a FAIL trial, no runs.
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(workdir / "optuna_journal.log")))
     study = optuna.create_study(study_name=STUDY, storage=storage)
     trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
     study.tell(trial, state=TrialState.FAIL)
-    assert run_cli("audit", "--study", STUDY, cwd=workdir).returncode == 1
-    out = run_cli("audit", "--study", STUDY, "--fix", cwd=workdir)
+    assert cli_in_process("audit", "--study", STUDY, cwd=workdir).returncode == 1
+    out = cli_in_process("audit", "--study", STUDY, "--fix", cwd=workdir)
     assert "created" in out.stdout and "configuration retried" in out.stdout, out.stdout
-    out = run_cli("audit", "--study", STUDY, cwd=workdir)
+    out = cli_in_process("audit", "--study", STUDY, cwd=workdir)
     assert out.returncode == 0, out.stdout
     [run] = [r for r in all_runs(workdir) if r.data.tags.get("optuna.trial_number") == "0"]
     assert run.info.status == "FAILED" and float(run.data.params["lr"]) == trial.params["lr"]

@@ -240,7 +240,7 @@ def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(
         assert f"/runs/{trial.user_attrs['mlflow_run_id']})" in note
     assert "Pareto front:" in out.stdout and front[0].user_attrs["mlflow_run_id"] in out.stdout
 
-    audit = run_cli("audit", "--study", study.study_name, cwd=workdir)
+    audit = cli_in_process("audit", "--study", study.study_name, cwd=workdir)  # in-process (was a process)
     assert audit.returncode == 0 and "clean" in audit.stdout, audit.stdout
 
     # Resuming with other objectives, or a pruner with two: refused, one line, nothing written.
@@ -258,14 +258,14 @@ def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(
         assert refused.returncode == 2 and len(lines) == 1 and message in lines[0], refused.stderr
     assert _stores(workdir) == before
 
-    # compare: ranked by one objective, and along the front.
-    by = run_cli("compare", "--study", study.study_name, "--by", "epochs", "--top", 3, "--csv", "by.csv",
-                 cwd=workdir)
+    # compare: ranked by one objective, and along the front (in-process: they were processes).
+    by = cli_in_process("compare", "--study", study.study_name, "--by", "epochs", "--top", 3, "--csv", "by.csv",
+                        cwd=workdir)
     assert by.returncode == 0, by.stderr
     ranked = [r["run_id"] for r in csv.DictReader(open(workdir / "by.csv"))]
     by_epochs = sorted(study.trials, key=lambda t: (t.values[1], t.values[0]))  # equal epochs: the test loss
     assert ranked == [t.user_attrs["mlflow_run_id"] for t in by_epochs[:3]]
-    shown = run_cli("compare", "--study", study.study_name, "--front", "--csv", "front.csv", cwd=workdir)
+    shown = cli_in_process("compare", "--study", study.study_name, "--front", "--csv", "front.csv", cwd=workdir)
     assert shown.returncode == 0, shown.stderr
     listed = [r["run_id"] for r in csv.DictReader(open(workdir / "front.csv"))]
     assert listed == [t.user_attrs["mlflow_run_id"] for t in front]
@@ -287,7 +287,7 @@ def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(
 
 
 @pytest.mark.slow
-def test_train_seconds_is_each_trial_s_measured_training_time(workdir):
+def test_train_seconds_is_each_trial_s_measured_training_time(workdir, cli_in_process):
     out = run_cli("search", "--objectives", "valid_loss", "train_seconds", "--n-trials", 4, "--seed", 1,
                   "--study-name", "timed", *SMALL, cwd=workdir)
     assert out.returncode == 0, out.stderr
@@ -298,4 +298,4 @@ def test_train_seconds_is_each_trial_s_measured_training_time(workdir):
     for trial in study.trials:
         assert 0 < trial.values[1] < 60
         assert runs[trial.number].data.metrics["objective_train_seconds"] == trial.values[1]
-    assert run_cli("audit", "--study", "timed", cwd=workdir).returncode == 0
+    assert cli_in_process("audit", "--study", "timed", cwd=workdir).returncode == 0  # was a process

@@ -2,6 +2,7 @@
 and modules of your own, the digits experiment, and bad experiment files; checked by opening both stores."""
 import hashlib
 import shlex
+import sys
 import textwrap
 
 import optuna
@@ -12,22 +13,21 @@ from optuna.trial import TrialState
 from conftest import ROOT, all_runs, cli_env, client_for, readme_blocks, run_cli
 from search_helpers import BREAKS, check_contract, journal_study
 
-pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
-
-
 
 def readme_example() -> tuple[str, list[str]]:
     """The python block and the command lines of the README's 'Bring your own experiment' section."""
     return readme_blocks("## Bring your own experiment")
 
 
-def harness(command: str, *extra, cwd, **kw):
+def harness(command: str, *extra, cwd, run=run_cli, **kw):
+    """A ``harness ...`` line as printed, run as a process, or through ``run`` (cli_in_process)."""
     argv = shlex.split(command)
     assert argv[0] == "harness"
-    return run_cli(*argv[1:], *extra, cwd=cwd, **kw)
+    return run(*argv[1:], *extra, cwd=cwd, **kw)
 
 
-def test_readme_example_runs_as_printed_end_to_end(workdir):
+@pytest.mark.slow
+def test_readme_example_runs_as_printed_end_to_end(workdir, cli_in_process):
     code, commands = readme_example()
     assert len(code.splitlines()) <= 40
     (workdir / "my_experiment.py").write_text(code)
@@ -65,20 +65,22 @@ def test_readme_example_runs_as_printed_end_to_end(workdir):
     out = harness(predict.replace("RUN_ID", best), cwd=workdir)
     assert out.returncode == 0 and len(out.stdout.splitlines()) == 2, out.stderr
 
+    # In-process from here (were real processes): what follows the README's commands.
     # A run's record never chooses code to import: without --experiment the user is told what to name.
-    out = run_cli("reproduce", best, cwd=workdir)
+    out = cli_in_process("reproduce", best, cwd=workdir)
     assert out.returncode == 2 and f"--experiment {workdir / 'my_experiment.py'}" in out.stderr
     # A changed file: said, and the re-run still compared; a missing one: refused.
     with open(workdir / "my_experiment.py", "a") as f:
         f.write("# edited\n")
-    out = harness(reproduce.replace("RUN_ID", best), cwd=workdir)
+    out = harness(reproduce.replace("RUN_ID", best), cwd=workdir, run=cli_in_process)
     assert out.returncode == 0 and "has changed since run" in out.stderr, out.stderr
     (workdir / "my_experiment.py").unlink()
-    out = harness(predict.replace("RUN_ID", best), cwd=workdir)
+    out = harness(predict.replace("RUN_ID", best), cwd=workdir, run=cli_in_process)
     assert out.returncode == 2 and "experiment file 'my_experiment.py' does not exist" in out.stderr
 
 
-def test_readme_own_step_example_runs_as_printed(workdir):
+@pytest.mark.slow
+def test_readme_own_step_example_runs_as_printed(workdir, cli_in_process):
     code, (train, search, reproduce) = readme_blocks("**Your own step.**", doc="docs/experiments.md")
     (workdir / "two_inputs.py").write_text(code)
     out = harness(train, cwd=workdir)
@@ -101,7 +103,7 @@ def test_readme_own_step_example_runs_as_printed(workdir):
     best = study.best_trial.user_attrs["mlflow_run_id"]
     out = harness(reproduce.replace("RUN_ID", best), cwd=workdir)
     assert out.returncode == 0 and "bitwise identical" in out.stdout, out.stderr
-    out = run_cli("predict", best, "--experiment", "two_inputs.py", "--x", "1", "2", cwd=workdir)
+    out = cli_in_process("predict", best, "--experiment", "two_inputs.py", "--x", "1", "2", cwd=workdir)  # was a process
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "each sample of this experiment is a dict of several inputs" in out.stderr, out.stderr
 
 
@@ -144,28 +146,53 @@ BAD_FILES = {
 }
 
 
-@pytest.mark.parametrize("command", ["train", "search"])
-def test_bad_experiment_files_are_one_line_exit_2_and_write_nothing(tmp_path, command):
+def bad_experiment_files(folder) -> list[tuple[str, str]]:
+    """Every kind of bad experiment file or module written in ``folder``: (reference, what its line says)."""
     for name, (content, message) in BAD_FILES.items():
-        (tmp_path / name).write_text(content)
-    (tmp_path / "folder.py").mkdir()
-    (tmp_path / "loop.py").symlink_to("loop.py")
-    (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "__init__.py").write_text("")
-    (tmp_path / "pkg" / "quits.py").write_text("raise SystemExit('bye')\n")
+        (folder / name).write_text(content)
+    (folder / "folder.py").mkdir()
+    (folder / "loop.py").symlink_to("loop.py")
+    (folder / "pkg").mkdir()
+    (folder / "pkg" / "__init__.py").write_text("")
+    (folder / "pkg" / "quits.py").write_text("raise SystemExit('bye')\n")
     cases = [(name, message) for name, (_, message) in BAD_FILES.items()]
-    cases += [("missing.py", "experiment file 'missing.py' does not exist"),
-              ("folder.py", "experiment file 'folder.py' is not a regular file"),
-              ("loop.py", "experiment file 'loop.py' cannot be resolved"),
-              ("pkg.quits", "experiment module 'pkg.quits' raised on import: SystemExit: bye"),
-              ("no_such.module", "unknown experiment 'no_such.module'")]
-    before = sorted(p.name for p in tmp_path.iterdir())
-    for reference, message in cases:
-        out = run_cli(command, "--experiment", reference, cwd=tmp_path, env=cli_env(PYTHONPATH=str(tmp_path)))
-        lines = out.stderr.strip().splitlines()
-        assert out.returncode == 2 and len(lines) == 1 and message in lines[0], (reference, out.stderr)
-    after = sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__")
-    assert after == [n for n in before if n != "__pycache__"]  # no store, no journal
+    return cases + [("missing.py", "experiment file 'missing.py' does not exist"),
+                    ("folder.py", "experiment file 'folder.py' is not a regular file"),
+                    ("loop.py", "experiment file 'loop.py' cannot be resolved"),
+                    ("pkg.quits", "experiment module 'pkg.quits' raised on import: SystemExit: bye"),
+                    ("no_such.module", "unknown experiment 'no_such.module'")]
+
+
+def names_in(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name != "__pycache__")
+
+
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_bad_experiment_files_are_one_line_exit_2_and_write_nothing(tmp_path, command, cli_in_process, monkeypatch):
+    """In-process (was a real process per case); the test below shows one as a user's process does."""
+    cases = bad_experiment_files(tmp_path)
+    before = names_in(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # what PYTHONPATH=tmp_path gives a process
+    try:
+        for reference, message in cases:
+            out = cli_in_process(command, "--experiment", reference, cwd=tmp_path)
+            lines = out.stderr.strip().splitlines()
+            assert out.returncode == 2 and len(lines) == 1 and message in lines[0], (reference, out.stderr)
+    finally:
+        sys.modules.pop("pkg", None)  # the next test's pkg/ is another folder's
+    assert names_in(tmp_path) == before  # no store, no journal
+
+
+@pytest.mark.slow
+def test_an_experiment_file_that_exits_on_import_is_one_line_exit_2_from_a_real_process(tmp_path):
+    """The matrix above as a user's process shows it: a module's sys.exit() ends not the harness."""
+    reference, message = "exits.py", BAD_FILES["exits.py"][1]
+    bad_experiment_files(tmp_path)
+    before = names_in(tmp_path)
+    out = run_cli("search", "--experiment", reference, cwd=tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
+    assert names_in(tmp_path) == before
 
 
 EXPERIMENT_MODULE = textwrap.dedent('''
@@ -185,7 +212,8 @@ EXPERIMENT_MODULE = textwrap.dedent('''
 ''')
 
 
-def test_a_dotted_module_of_your_own_trains_reproduces_and_refuses_bad_input(workdir):
+@pytest.mark.slow
+def test_a_dotted_module_of_your_own_trains_reproduces_and_refuses_bad_input(workdir, cli_in_process, monkeypatch):
     package = workdir / "mypkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -198,12 +226,18 @@ def test_a_dotted_module_of_your_own_trains_reproduces_and_refuses_bad_input(wor
     assert run.data.params["experiment"] == "mypkg.slope" and run.data.params["scale"] == "two"
     out = run_cli("reproduce", run.info.run_id, "--experiment", "mypkg.slope", cwd=workdir, env=env)
     assert out.returncode == 0, out.stderr
-    for args, message in ((["--set", "scale=three"], "unknown scale 'three'; allowed: one, two"),
-                          (["--set", "scael=two"], "did you mean 'scale'?"),
-                          (["--set", "batch_size=31"], "at most the training set's size 30"),
-                          (["--set", "momentum=0.5", "--optimizer", "adam"], "momentum applies to optimizers muon, rmsprop, sgd only")):
-        out = run_cli("train", "--experiment", "mypkg.slope", *args, cwd=workdir, env=env)
-        assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, args
+    monkeypatch.syspath_prepend(str(workdir))  # the refusals in-process (were real processes)
+    try:
+        for args, message in ((["--set", "scale=three"], "unknown scale 'three'; allowed: one, two"),
+                              (["--set", "scael=two"], "did you mean 'scale'?"),
+                              (["--set", "batch_size=31"], "at most the training set's size 30"),
+                              (["--set", "momentum=0.5", "--optimizer", "adam"],
+                               "momentum applies to optimizers muon, rmsprop, sgd only")):
+            out = cli_in_process("train", "--experiment", "mypkg.slope", *args, cwd=workdir)
+            assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, args
+    finally:
+        for name in ("mypkg.slope", "mypkg"):
+            sys.modules.pop(name, None)
     assert len(all_runs(workdir)) == 2  # the run and its reproduction; nothing from the refused ones
 
 
@@ -220,7 +254,8 @@ def test_objective_takes_a_file_of_your_own(tmp_path, monkeypatch):
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
 
 
-def test_digits_search_with_two_threads_reproduces_every_trial_and_audits_clean(workdir):
+@pytest.mark.slow
+def test_digits_search_with_two_threads_reproduces_every_trial_and_audits_clean(workdir, cli_in_process):
     out = run_cli("search", "--experiment", "digits", "--n-trials", 3, "--n-jobs", 2, "--seed", 1,
                   "--epochs-range", 2, 4, "--pruner", "none", "--no-progress", cwd=workdir)
     assert out.returncode == 0, out.stderr
@@ -231,13 +266,14 @@ def test_digits_search_with_two_threads_reproduces_every_trial_and_audits_clean(
     for trial in study.trials:
         assert {"hidden", "dropout", "batch_size"} <= set(trial.params)
         assert ("momentum" in trial.params) == trial.params["optimizer_loss"].startswith("sgd")
-        # dropout draws from torch's global generator: two threads must not share it mid-training
-        out = run_cli("reproduce", trial.user_attrs["mlflow_run_id"], cwd=workdir)
+        # dropout draws from torch's global generator: two threads must not share it mid-training.
+        # Re-run in-process (was a process each): alone either way, with the thread count it trained with.
+        out = cli_in_process("reproduce", trial.user_attrs["mlflow_run_id"], cwd=workdir)
         assert out.returncode == 0, out.stderr
-    out = run_cli("audit", "--study", "digits-search", cwd=workdir)
+    out = cli_in_process("audit", "--study", "digits-search", cwd=workdir)
     assert out.returncode == 0 and "clean" in out.stdout, out.stdout
-    out = run_cli("compare", "--study", "digits-search", "--metric", "final_test_accuracy", "--descending",
-                  "--csv", "top.csv", cwd=workdir)
+    out = cli_in_process("compare", "--study", "digits-search", "--metric", "final_test_accuracy", "--descending",
+                         "--csv", "top.csv", cwd=workdir)
     assert out.returncode == 0, out.stderr
     import csv
 
@@ -252,7 +288,8 @@ def test_digits_search_with_two_threads_reproduces_every_trial_and_audits_clean(
     assert model.layers[0].out_features == study.best_trial.params["hidden"]
 
 
-def test_reference_run_logs_parameter_recovery_and_compare_ranks_by_it(workdir):
+@pytest.mark.slow
+def test_reference_run_logs_parameter_recovery_and_compare_ranks_by_it(workdir, cli_in_process):
     out = run_cli("search", "--n-trials", 4, "--seed", 0, "--pruner", "none", "--epochs-range", 20, 60,
                   "--no-progress", cwd=workdir)
     assert out.returncode == 0, out.stderr
@@ -265,8 +302,8 @@ def test_reference_run_logs_parameter_recovery_and_compare_ranks_by_it(workdir):
     best = runs[study.best_trial.number].data.metrics
     assert parent.data.metrics["best_weight_error"] == best["weight_error"]
     assert parent.data.metrics["best_bias"] == best["bias"]
-    out = run_cli("compare", "--study", "linear_regression-search", "--metric", "weight_error", "--csv", "w.csv",
-                  cwd=workdir)
+    out = cli_in_process("compare", "--study", "linear_regression-search", "--metric", "weight_error", "--csv",
+                         "w.csv", cwd=workdir)  # in-process (was a real process)
     assert out.returncode == 0, out.stderr
     import csv
 
@@ -275,6 +312,7 @@ def test_reference_run_logs_parameter_recovery_and_compare_ranks_by_it(workdir):
     assert errors == sorted(errors) and len(rows) == 4
 
 
+@pytest.mark.slow
 def test_mlflow_run_takes_a_file_experiment_and_a_config_file(workdir):
     (workdir / "slope.py").write_text(EXPERIMENT_MODULE)
     (workdir / "run.yaml").write_text("scale: two\n")  # MLproject's own params always come as flags
@@ -311,14 +349,17 @@ def test_mlflow_run_takes_a_file_experiment_and_a_config_file(workdir):
     (["search", "--sampler", "grid", "--experiment", "digits", "--tune", "weight_decay=[1e-6, 1e-2]",
       "--tune", "momentum=[0.0, 0.9]", "--space", "grid.yaml"], "at most 1000000 allowed"),
 ])
-def test_bad_values_through_every_door_are_one_line_exit_2_and_write_nothing(tmp_path, args, message):
+def test_bad_values_through_every_door_are_one_line_exit_2_and_write_nothing(tmp_path, args, message, cli_in_process):
+    """In-process (was a real process per case): test_bad_input's real-process test shows a refusal as
+    a user's process does."""
     (tmp_path / "grid.yaml").write_text("grid_points: 100\n")
-    out = run_cli(*args, cwd=tmp_path)
+    out = cli_in_process(*args, cwd=tmp_path)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
 
 
+@pytest.mark.slow
 def test_set_and_search_fixed_values_that_suit_every_pair_are_used(workdir):
     out = run_cli("train", "--experiment", "digits", "--set", "optimizer=sgd", "--set", "momentum=0.5",
                   "--set", "epochs=1", "--set", "lr=0.05", cwd=workdir)
@@ -335,7 +376,10 @@ def test_set_and_search_fixed_values_that_suit_every_pair_are_used(workdir):
 
 
 
-def test_user_code_that_raises_mid_training_fails_the_run_in_one_line_and_leaves_nothing_running(workdir):
+@pytest.mark.slow
+def test_user_code_that_raises_mid_training_fails_the_run_in_one_line_and_leaves_nothing_running(workdir,
+                                                                                                 cli_in_process):
+    """The searches as real processes; train and audit in-process (were real processes)."""
     (workdir / "breaks.py").write_text(BREAKS)
     out = run_cli("search", "--experiment", "breaks.py", "--n-trials", 2, "--no-progress", cwd=workdir)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
@@ -344,17 +388,17 @@ def test_user_code_that_raises_mid_training_fails_the_run_in_one_line_and_leaves
         "user code broke at call 31"]
     study = journal_study(workdir, "breaks-search")
     assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
-    out = run_cli("train", "--experiment", "breaks.py", cwd=workdir)
+    out = cli_in_process("train", "--experiment", "breaks.py", cwd=workdir)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].endswith("FAILED: the experiment's code raised at epoch 15: "
                                                         "RuntimeError: user code broke at call 31")
     runs = all_runs(workdir)
     assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED", "FAILED", "FINISHED"]  # the parent: FINISHED
     assert all("user code broke" in r.data.tags["harness.fail_reason"] for r in runs if r.info.status == "FAILED")
-    assert run_cli("audit", "--study", "breaks-search", cwd=workdir).returncode == 0
+    assert cli_in_process("audit", "--study", "breaks-search", cwd=workdir).returncode == 0
     # Trials trained in batches (--batch): the same, for each trial of the batch.
     out = run_cli("search", "--experiment", "breaks.py", "--n-trials", 4, "--batch", 2, "--study-name", "batched",
                   "--no-progress", cwd=workdir)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert [t.state.name for t in journal_study(workdir, "batched").trials] == ["FAIL"] * 4
-    assert run_cli("audit", "--study", "batched", cwd=workdir).returncode == 0
+    assert cli_in_process("audit", "--study", "batched", cwd=workdir).returncode == 0

@@ -12,7 +12,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import all_runs, cli_env, run_cli
+from conftest import all_runs, cli_env, copy_store, run_cli
 from search_helpers import check_contract, journal_study, journal_trials
 
 pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
@@ -41,12 +41,18 @@ def wait_for_running_trial(workdir, proc, completed: int, timeout: float = 120):
     raise AssertionError("no trial started in time")
 
 
-def audit(workdir, *extra):
-    return run_cli("audit", "--study", "linear_regression-search", *extra, cwd=workdir)
+@pytest.fixture
+def audit(cli_in_process):
+    """`harness audit` of the study in ``workdir``, in-process (was a real process each time): what the
+    stores hold after a real process was stopped is what it reads."""
+    def run(workdir, *extra):
+        return cli_in_process("audit", "--study", "linear_regression-search", *extra, cwd=workdir)
+
+    return run
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_ends_the_running_trial_cleanly_and_says_how_to_resume(workdir, signum):
+def test_interrupt_ends_the_running_trial_cleanly_and_says_how_to_resume(workdir, signum, audit):
     proc = start_search(workdir, "--n-trials", 30, "--seed", 0, *LONG)
     wait_for_running_trial(workdir, proc, completed=2)
     proc.send_signal(signum)
@@ -102,7 +108,7 @@ def test_sigterm_during_train_keeps_the_curves_so_far(workdir):
     assert run.data.params["epochs"] == "200000"
 
 
-def test_kill_9_mid_trial_is_repaired_by_the_next_search(workdir):
+def test_kill_9_mid_trial_is_repaired_by_the_next_search(workdir, audit):
     proc = start_search(workdir, "--n-trials", 30, "--seed", 0, *LONG)
     wait_for_running_trial(workdir, proc, completed=1)
     proc.kill()
@@ -127,7 +133,7 @@ def test_kill_9_mid_trial_is_repaired_by_the_next_search(workdir):
     assert audit(workdir).returncode == 0
 
 
-def test_audit_fix_repairs_a_crash_without_searching(workdir):
+def test_audit_fix_repairs_a_crash_without_searching(workdir, audit):
     proc = start_search(workdir, "--n-trials", 30, "--seed", 1, *LONG)
     wait_for_running_trial(workdir, proc, completed=1)
     proc.kill()
@@ -143,7 +149,7 @@ def test_audit_fix_repairs_a_crash_without_searching(workdir):
 
 
 @pytest.mark.parametrize("workers", [3])
-def test_concurrent_workers_on_the_embedded_stores(tmp_path, workers):
+def test_concurrent_workers_on_the_embedded_stores(tmp_path, workers, audit):
     """Started at the same moment on a fresh directory: no store exists yet, all race to create it."""
     procs = [start_search(tmp_path, "--n-trials", 3, "--epochs-range", "20", "80", "--no-progress",
                           "--pruner", "none") for _ in range(workers)]
@@ -178,8 +184,8 @@ def test_the_study_lock_never_blocks_optuna_s_own_journal_lock(tmp_path):
         assert written.wait(timeout=10), "a journal write waited on the harness's lock"
 
 
-def test_a_malicious_state_dict_is_refused(workdir):
-    assert run_cli("train", "--epochs", 3, cwd=workdir).returncode == 0
+def test_a_malicious_state_dict_is_refused(trained, tmp_path):
+    workdir = copy_store(trained[0], tmp_path / "copy")  # was a run trained for this test
     [run] = all_runs(workdir)
     marker = workdir / "pwned"
 
@@ -218,7 +224,7 @@ def test_unreachable_stores_fail_fast_and_never_show_a_password(tmp_path, cli_in
     assert list(tmp_path.iterdir()) == []  # neither store was created
 
 
-def test_an_interrupted_batch_ends_every_member_s_trial_and_run_and_resumes(workdir):
+def test_an_interrupted_batch_ends_every_member_s_trial_and_run_and_resumes(workdir, audit):
     proc = start_search(workdir, "--n-trials", 8, "--batch", 4, "--seed", 0, "--pairs", "sgd+l1", *LONG)
     deadline = time.time() + 120
     while time.time() < deadline:  # the first batch asked and training
@@ -283,7 +289,7 @@ def start_gated_search(workdir, *args) -> subprocess.Popen:
     return proc
 
 
-def test_kill_9_while_a_batch_is_asked_leaves_no_trial_running_or_counted(workdir):
+def test_kill_9_while_a_batch_is_asked_leaves_no_trial_running_or_counted(workdir, audit):
     proc = start_gated_search(workdir, "--n-trials", 6, *LONG)
     proc.kill()
     proc.communicate()
@@ -318,7 +324,7 @@ def test_a_signal_while_a_batch_is_asked_stops_the_asking_and_leaves_nothing_run
     assert sorted(t.system_attrs["failed_trial"] for t in queued) == [3, 4]
 
 
-def test_a_worker_paused_past_its_heartbeat_s_grace_keeps_its_trial(workdir):
+def test_a_worker_paused_past_its_heartbeat_s_grace_keeps_its_trial(workdir, cli_in_process):
     """A starved worker's heartbeat comes late; it is not dead. Paused (SIGSTOP) for longer than the
     grace of a 1 s heartbeat while another worker starts trials, it then finishes its own."""
     storage = f"sqlite:///{workdir / 'optuna.db'}"
@@ -343,5 +349,5 @@ def test_a_worker_paused_past_its_heartbeat_s_grace_keeps_its_trial(workdir):
     assert paused.returncode == 0, err
     study = optuna.load_study(study_name="linear_regression-search", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
-    assert run_cli("audit", "--study", "linear_regression-search", "--storage", storage,
-                   cwd=workdir).returncode == 0
+    assert cli_in_process("audit", "--study", "linear_regression-search", "--storage", storage,
+                          cwd=workdir).returncode == 0  # in-process (was a real process)

@@ -70,11 +70,17 @@ def load(services, study):
     return optuna.load_study(study_name=study, storage=open_storage(services["storage"]))
 
 
-def audit(services, study, cwd):
-    return run_cli("audit", "--study", study, "--storage", services["storage"], cwd=cwd, env=env_for(services))
+def in_process_env(services) -> dict:
+    """What env_for adds, for cli_in_process (the rest of our environment is the services')."""
+    return {"MLFLOW_TRACKING_URI": services["tracking_uri"], **services["login"]}
 
 
-def check_cluster_study(services, study_name, cwd, *, failed: int):
+def audit(services, study, cwd, cli):
+    """`harness audit` through ``cli`` (cli_in_process: the audits were real processes)."""
+    return cli("audit", "--study", study, "--storage", services["storage"], cwd=cwd, env=in_process_env(services))
+
+
+def check_cluster_study(services, study_name, cwd, cli, *, failed: int):
     """Exactly CAP trials that count, all finished, one run each, artifacts served, audit clean."""
     study = load(services, study_name)
     numbers = [t.number for t in study.trials]
@@ -91,7 +97,7 @@ def check_cluster_study(services, study_name, cwd, *, failed: int):
     _, runs = check_contract(cwd, study, client=client)
     for run in runs.values():  # served artifacts: uploaded through the server, not written by the worker
         assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
-    result = audit(services, study_name, cwd)
+    result = audit(services, study_name, cwd, cli)
     assert result.returncode == 0 and "clean" in result.stdout, result.stdout + result.stderr
     return study
 
@@ -108,29 +114,31 @@ def capped_study(services, tmp_path_factory):
     return cwd, outputs
 
 
-def test_three_workers_share_one_study_and_stop_at_exactly_the_cap(services, capped_study):
+def test_three_workers_share_one_study_and_stop_at_exactly_the_cap(services, capped_study, cli_in_process):
     cwd, outputs = capped_study
-    study = check_cluster_study(services, "capped", cwd, failed=0)
+    study = check_cluster_study(services, "capped", cwd, cli_in_process, failed=0)
     # Every worker took part: the cap is shared, not reached by one of them alone.
     assert len({t.user_attrs["harness.worker"]["pid"] for t in study.trials}) == 3
 
 
-def test_compare_predict_reproduce_and_audit_work_against_the_server(services, capped_study):
+def test_compare_predict_reproduce_and_audit_work_against_the_server(services, capped_study, cli_in_process):
+    """compare and predict in-process (were real processes); reproduce as a user's process runs it."""
     cwd, _ = capped_study
     env = env_for(services)
     study = load(services, "capped")
-    compared = run_cli("compare", "--study", "capped", "--top", 3, "--out", cwd / "top.png", cwd=cwd, env=env)
+    compared = cli_in_process("compare", "--study", "capped", "--top", 3, "--out", cwd / "top.png", cwd=cwd,
+                              env=in_process_env(services))
     assert compared.returncode == 0, compared.stderr
     assert (cwd / "top.png").stat().st_size > 0
     best = study.best_trial.user_attrs["mlflow_run_id"]
     assert best in compared.stdout
-    predicted = run_cli("predict", best, "--x", 0.5, cwd=cwd, env=env)
+    predicted = cli_in_process("predict", best, "--x", 0.5, cwd=cwd, env=in_process_env(services))
     assert predicted.returncode == 0, predicted.stderr
     reproduced = run_cli("reproduce", best, cwd=cwd, env=env)
     assert reproduced.returncode == 0, reproduced.stdout + reproduced.stderr
 
 
-def test_a_worker_killed_mid_trial_is_replaced_and_the_study_ends_clean(services, tmp_path):
+def test_a_worker_killed_mid_trial_is_replaced_and_the_study_ends_clean(services, tmp_path, cli_in_process):
     workers = [worker(services, "killed", tmp_path) for _ in range(3)]
     victim = workers[0]
     storage = open_storage(services["storage"])
@@ -155,17 +163,18 @@ def test_a_worker_killed_mid_trial_is_replaced_and_the_study_ends_clean(services
     late = worker(services, "killed", tmp_path)
     late.communicate(timeout=600)
     assert late.returncode == 0
-    study = check_cluster_study(services, "killed", tmp_path, failed=1)
+    study = check_cluster_study(services, "killed", tmp_path, cli_in_process, failed=1)
     [failed] = [t for t in study.trials if t.state == TrialState.FAIL]
     assert failed.number == doomed
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == doomed]
     assert len(retries) == 1 and retries[0].params == failed.params
 
 
-def silent_trial(services, study_name: str, cwd):
-    """A study with one trial RUNNING on 'another machine' that beat once and went silent, and its run."""
-    first = run_cli("search", "--storage", services["storage"], "--study-name", study_name, "--n-trials", 1,
-                    "--mlflow-experiment", study_name, "--no-progress", cwd=cwd, env=env_for(services))
+def silent_trial(services, study_name: str, cwd, cli):
+    """A study with one trial RUNNING on 'another machine' that beat once and went silent, and its run.
+    Its first trial searched through ``cli`` (cli_in_process: it was a real process)."""
+    first = cli("search", "--storage", services["storage"], "--study-name", study_name, "--n-trials", 1,
+                "--mlflow-experiment", study_name, "--no-progress", cwd=cwd, env=in_process_env(services))
     assert first.returncode == 0, first.stderr
     storage = open_storage(services["storage"], heartbeat=1)
     study = optuna.load_study(study_name=study_name, storage=storage)
@@ -186,9 +195,9 @@ def silent_trial(services, study_name: str, cwd):
     return storage, trial, run.info.run_id
 
 
-def test_the_heartbeat_fails_a_silent_worker_s_trial_from_another_machine(services, tmp_path):
+def test_the_heartbeat_fails_a_silent_worker_s_trial_from_another_machine(services, tmp_path, cli_in_process):
     """A worker elsewhere cannot be checked by pid: its trial is failed when its heartbeat stops."""
-    storage, trial, run_id = silent_trial(services, "silent", tmp_path)
+    storage, trial, run_id = silent_trial(services, "silent", tmp_path, cli_in_process)
     resumed = run_cli("search", "--storage", services["storage"], "--study-name", "silent", "--n-trials", 1,
                       "--mlflow-experiment", "silent", "--no-progress", "--heartbeat", 1,
                       cwd=tmp_path, env=env_for(services))
@@ -199,14 +208,15 @@ def test_the_heartbeat_fails_a_silent_worker_s_trial_from_another_machine(servic
     [retry] = [t for t in study.trials if t.system_attrs.get("failed_trial") == trial.number]
     assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED) and retry.params == trial.params
     assert client_of(services).get_run(run_id).info.status == "FAILED"
-    result = audit(services, "silent", tmp_path)
+    result = audit(services, "silent", tmp_path, cli_in_process)
     assert result.returncode == 0, result.stdout
 
 
-def test_audit_fix_applies_the_heartbeat_to_a_silent_worker_s_trial(services, tmp_path):
-    storage, trial, run_id = silent_trial(services, "silent-audit", tmp_path)
-    fixed = run_cli("audit", "--study", "silent-audit", "--storage", services["storage"], "--fix",
-                    "--heartbeat", 1, cwd=tmp_path, env=env_for(services))
+def test_audit_fix_applies_the_heartbeat_to_a_silent_worker_s_trial(services, tmp_path, cli_in_process):
+    """In-process (the search and the audits were real processes)."""
+    storage, trial, run_id = silent_trial(services, "silent-audit", tmp_path, cli_in_process)
+    fixed = cli_in_process("audit", "--study", "silent-audit", "--storage", services["storage"], "--fix",
+                           "--heartbeat", 1, cwd=tmp_path, env=in_process_env(services))
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert f"fixed: trial {trial.number}: RUNNING with its heartbeat silent -> FAIL" in fixed.stdout
     assert f"fixed: run {run_id} of trial {trial.number}: RUNNING with its trial FAIL -> FAILED" in fixed.stdout
@@ -215,7 +225,7 @@ def test_audit_fix_applies_the_heartbeat_to_a_silent_worker_s_trial(services, tm
     [retry] = [t for t in study.trials if t.system_attrs.get("failed_trial") == trial.number]
     assert retry.state == TrialState.WAITING and retry.params == trial.params  # the next worker runs it
     assert client_of(services).get_run(run_id).info.status == "FAILED"
-    assert audit(services, "silent-audit", tmp_path).returncode == 0
+    assert audit(services, "silent-audit", tmp_path, cli_in_process).returncode == 0
 
 
 def test_storage_connections_survive_being_dropped_by_the_server(services):
@@ -266,8 +276,10 @@ def test_harness_cluster_runs_workers_on_its_own_services_then_stops_them(tmp_pa
 
 
 @pytest.mark.parametrize("flag, value", [("--workers", "0"), ("--server-workers", "0"), ("--server-workers", "two")])
-def test_harness_cluster_refuses_bad_input_in_one_line(tmp_path, flag, value):
-    result = run_cli("cluster", flag, value, cwd=tmp_path)
+def test_harness_cluster_refuses_bad_input_in_one_line(tmp_path, flag, value, cli_in_process):
+    """In-process (was a real process per case): test_bad_input's real-process test shows a refusal as
+    a user's process does."""
+    result = cli_in_process("cluster", flag, value, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"harness: error: {flag} must be a positive integer, got {value!r}"]
     assert not any(tmp_path.iterdir())

@@ -16,11 +16,11 @@ from harness.search import space as space_module
 from conftest import ROOT, all_runs, cli_env, client_for, run_cli
 from search_helpers import check_contract, journal_study
 
-pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
 
 SMALL = ["--epochs-range", "5", "30", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_search_tracks_every_trial_and_resume_continues_the_study(workdir):
     out = run_cli("search", "--n-trials", 6, "--seed", 0, "--pruner", "none", "--importance", *SMALL, cwd=workdir)
     assert out.returncode == 0, out.stderr
@@ -63,6 +63,7 @@ def test_search_tracks_every_trial_and_resume_continues_the_study(workdir):
     assert len(all_runs(workdir)) == 1 + 9
 
 
+@pytest.mark.slow
 def test_pruned_and_diverging_trials_are_recorded_as_such(workdir, monkeypatch):
     """A plain Optuna script: the objective maps PRUNED -> KILLED and FAIL -> FAILED, and goes on."""
     monkeypatch.chdir(workdir)
@@ -102,6 +103,7 @@ def test_pruned_and_diverging_trials_are_recorded_as_such(workdir, monkeypatch):
     assert list(study.trials[2].intermediate_values) == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_parallel_trials_never_share_a_run(workdir):
     out = run_cli("search", "--n-trials", 8, "--n-jobs", 2, "--sampler", "random", "--seed", 3,
                   "--pruner", "none", *SMALL, cwd=workdir)
@@ -112,10 +114,11 @@ def test_parallel_trials_never_share_a_run(workdir):
     assert len({r.info.run_id for r in runs.values()}) == 8
 
 
-def test_max_trials_caps_the_study_across_invocations(workdir):
+@pytest.mark.slow
+def test_max_trials_caps_the_study_across_invocations(workdir, cli_in_process):
     assert run_cli("search", "--n-trials", 5, "--max-trials", 3, "--pruner", "none", *SMALL,
                    cwd=workdir).returncode == 0
-    out = run_cli("search", "--n-trials", 5, "--max-trials", 3, *SMALL, cwd=workdir)
+    out = cli_in_process("search", "--n-trials", 5, "--max-trials", 3, *SMALL, cwd=workdir)  # was a process
     assert out.returncode == 0 and "already has 3 trials" in out.stdout
     study = journal_study(workdir)
     assert len(study.trials) == 3
@@ -130,24 +133,28 @@ def test_max_trials_caps_the_study_across_invocations(workdir):
     (["--pairs", "lbfgs+l1"], "'lbfgs'"), (["--experiment", "nope"], "'nope'"),
     (["--space", "missing.yaml"], "missing.yaml"), (["--n-jobs", "0"], "'0'"),
 ])
-def test_bad_search_input_is_refused_before_any_trial(tmp_path, args, bad):
-    out = run_cli("search", *args, cwd=tmp_path)
+def test_bad_search_input_is_refused_before_any_trial(tmp_path, args, bad, cli_in_process):
+    """In-process (was a real process per case): test_bad_input's real-process test shows a refusal as
+    a user's process does."""
+    out = cli_in_process("search", *args, cwd=tmp_path)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("harness: error: ") and bad in lines[0], out.stderr
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_study_with_another_direction_or_space_is_refused(workdir):
+@pytest.mark.slow
+def test_existing_study_with_another_direction_or_space_is_refused(workdir, cli_in_process):
     assert run_cli("search", "--n-trials", 1, *SMALL, cwd=workdir).returncode == 0
     for args, message in ((["--direction", "maximize"], "exists with direction minimize, not maximize"),
                           (["--epochs-range", "5", "31"], "incompatible with")):
-        out = run_cli("search", "--n-trials", 1, "--no-progress", *args, cwd=workdir)
+        out = cli_in_process("search", "--n-trials", 1, "--no-progress", *args, cwd=workdir)
         assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert len(journal_study(workdir).trials) == 1
     assert len(all_runs(workdir)) == 2
 
 
+@pytest.mark.slow
 def test_mlflow_run_main_entry_makes_mlflow_s_run_the_study_parent(workdir):
     env = cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")
     out = run_cli("mlflow", "run", str(ROOT), "--env-manager", "local", "-P", "n_trials=3", "-P", "seed=1",
@@ -175,6 +182,7 @@ def test_mlflow_run_main_entry_makes_mlflow_s_run_the_study_parent(workdir):
     assert f"/runs/{parent.info.run_id})" in pointer.data.tags["mlflow.note.content"]
 
 
+@pytest.mark.slow
 def test_study_script_in_experiments_runs_as_documented(workdir):
     script = ROOT / "experiments" / "search_linear_regression.py"
     assert len(script.read_text().splitlines()) < 30
@@ -188,7 +196,9 @@ def test_study_script_in_experiments_runs_as_documented(workdir):
     assert study.best_trial.user_attrs["mlflow_run_id"] in out.stdout
 
 
-def test_a_batched_search_keeps_the_whole_contract_and_its_trials_reproduce_alone(workdir):
+@pytest.mark.slow
+def test_a_batched_search_keeps_the_whole_contract_and_its_trials_reproduce_alone(workdir, cli_in_process):
+    """The search as a real process; audit and reproduce in-process (were real processes)."""
     out = run_cli("search", "--n-trials", 10, "--batch", 4, "--seed", 5, "--pairs", "sgd+l1", *SMALL,
                   cwd=workdir)
     assert out.returncode == 0, out.stderr
@@ -196,9 +206,9 @@ def test_a_batched_search_keeps_the_whole_contract_and_its_trials_reproduce_alon
     assert len(study.trials) == 10  # batches of 4, 4 (stacked) and 2 (one at a time)
     parent, runs = check_contract(workdir, study, figures_for={study.best_trial.number})
     assert parent.data.params["study.batch"] == "4"
-    audit = run_cli("audit", "--study", study.study_name, cwd=workdir)
+    audit = cli_in_process("audit", "--study", study.study_name, cwd=workdir)
     assert audit.returncode == 0 and "clean" in audit.stdout, audit.stdout
     # A member's numbers are those of training it alone: reproduce re-runs it alone, bit for bit.
     for trial in [study.best_trial, *(t for t in study.trials if t.state == TrialState.COMPLETE)][:2]:
-        again = run_cli("reproduce", trial.user_attrs["mlflow_run_id"], cwd=workdir)
+        again = cli_in_process("reproduce", trial.user_attrs["mlflow_run_id"], cwd=workdir)
         assert again.returncode == 0 and "exactly" in again.stdout, again.stdout + again.stderr

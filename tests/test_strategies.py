@@ -89,7 +89,7 @@ def test_bad_strategy_input_is_one_line_and_writes_nothing(argv, line, capsys, t
 
 
 @pytest.mark.slow
-def test_cmaes_with_successive_halving_from_the_cli_is_tracked_audited_and_resumable(workdir):
+def test_cmaes_with_successive_halving_from_the_cli_is_tracked_audited_and_resumable(workdir, cli_in_process):
     out = run_cli("search", "--n-trials", 10, "--sampler", "cmaes", "--seed", 4, "--pruner", "sha",
                   "--pruner-args", "reduction_factor=2", "min_early_stopping_rate=0", "--epochs-range", 20, 60,
                   "--report-every", 5, cwd=workdir)
@@ -106,7 +106,7 @@ def test_cmaes_with_successive_halving_from_the_cli_is_tracked_audited_and_resum
     assert parent.data.params["study.pruner"] == "SuccessiveHalvingPruner"
     assert json.loads(parent.data.params["study.pruner_args"]) == {
         "min_resource": "auto", "reduction_factor": 2, "min_early_stopping_rate": 0, "bootstrap_count": 0}
-    audit = run_cli("audit", "--study", study.study_name, cwd=workdir)
+    audit = cli_in_process("audit", "--study", study.study_name, cwd=workdir)  # in-process (was a process)
     assert audit.returncode == 0 and "clean" in audit.stdout, audit.stdout
     again = run_cli("search", "--n-trials", 2, "--sampler", "gp", "--pruner", "percentile", "--epochs-range", 20, 60,
                     cwd=workdir)
@@ -134,7 +134,7 @@ def test_wilcoxon_from_the_cli_prunes_without_a_warning_per_check(workdir):
 
 
 @pytest.mark.slow
-def test_every_sampler_and_pruner_from_the_cli_leaves_a_study_that_audits_clean(workdir):
+def test_every_sampler_and_pruner_from_the_cli_leaves_a_study_that_audits_clean(workdir, cli_in_process):
     """One study resumed with each remaining sampler and pruner in turn (a study may change them):
     every trial tracked by the contract, and `harness audit` clean at the end."""
     from search_helpers import check_contract, journal_study
@@ -150,5 +150,5 @@ def test_every_sampler_and_pruner_from_the_cli_leaves_a_study_that_audits_clean(
     assert len(study.trials) == 4 * len(strategies)
     parent, _ = check_contract(workdir, study)
     assert parent.data.tags["optuna.sampler"] == "nsga2"
-    audit = run_cli("audit", "--study", study.study_name, cwd=workdir)
+    audit = cli_in_process("audit", "--study", study.study_name, cwd=workdir)  # in-process (was a process)
     assert audit.returncode == 0 and "clean" in audit.stdout, audit.stdout
