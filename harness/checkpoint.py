@@ -71,7 +71,19 @@ def capture(*, config: dict, experiment_sha256: str | None, epochs_done: int, mo
 
 def restore(state: dict, *, model, optimizer, epoch_scheduler=None, batch_scheduler=None, stopper=None,
             loader_generator=None, history) -> int:
-    """Put ``state`` back into a run built from the same config; returns the epochs it had done."""
+    """Put ``state`` back into a run built from the same config; returns the epochs it had done.
+    Content that does not restore (a tampered checkpoint that passed ``damage``) raises Unusable: the
+    parts set so far are of no use, and the caller trains the run again from its start."""
+    try:
+        return _restore(state, model=model, optimizer=optimizer, epoch_scheduler=epoch_scheduler,
+                        batch_scheduler=batch_scheduler, stopper=stopper, loader_generator=loader_generator,
+                        history=history)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise Unusable(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}") from None
+
+
+def _restore(state: dict, *, model, optimizer, epoch_scheduler, batch_scheduler, stopper, loader_generator,
+             history) -> int:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     for scheduler, saved in ((epoch_scheduler, state["epoch_scheduler"]), (batch_scheduler, state["batch_scheduler"])):
@@ -139,12 +151,32 @@ def matches(state: Any, config: dict, experiment_sha256: str | None) -> str | No
     return damage(state, config) or another_run(state, config, experiment_sha256)
 
 
+class Unusable(Exception):
+    """A checkpoint whose content does not restore into this run (tampered with, or damaged inside)."""
+
+
 def damage(state: Any, config: dict) -> str | None:
-    """Why ``state`` is no checkpoint a run of ``config``'s epochs can read, or None."""
+    """Why ``state`` is no checkpoint a run of ``config``'s epochs can read, or None: its shape is
+    checked whole (a checkpoint is untrusted input), so that what it holds is bounded by the run's
+    own epochs before anything is restored or written from it."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         return "not a checkpoint of this harness's format"
-    if not isinstance(state.get("epochs_done"), int) or not 0 < state["epochs_done"] < config.get("epochs", 0):
-        return f"its epoch count {str(state.get('epochs_done'))[:40]!r} is not within this run's {config.get('epochs')} epochs"
+    done = state.get("epochs_done")
+    if type(done) is not int or not 0 < done < config.get("epochs", 0):
+        return f"its epoch count {str(done)[:40]!r} is not within this run's {config.get('epochs')} epochs"
+    history = state.get("history")
+    if not isinstance(history, dict) or not history:
+        return "it holds no curves"
+    for name, values in history.items():
+        if not (isinstance(name, str) and 0 < len(name) <= 250 and isinstance(values, torch.Tensor)
+                and values.dtype == torch.float64 and values.dim() == 1 and values.numel() == done
+                and values.stride() == (1,)):
+            return f"its curve {str(name)[:40]!r} is not {done} values, one an epoch"
+    for key, kind in (("model", dict), ("optimizer", dict), ("rng", dict)):
+        if not isinstance(state.get(key), kind):
+            return f"it holds no {key} state"
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
+        return "its model state is not a mapping of names to tensors"
     return None
 
 

@@ -61,6 +61,7 @@ def latest(client, run_id: str, config: dict, experiment_sha256: str | None,
     tampered with, too large) is said in one line; one of another config or experiment file is the
     caller's input: a UsageError, before anything is written."""
     found: list[tuple[int, int, dict]] = []
+    others: list[str] = []
     for slot in SLOTS:
         name = checkpoint_name(slot)
         state = _read(client, run_id, name, notify)
@@ -72,9 +73,13 @@ def latest(client, run_id: str, config: dict, experiment_sha256: str | None,
             continue
         other = checkpoint.another_run(state, config, experiment_sha256)
         if other:
-            raise UsageError(f"run {run_id}'s checkpoint {name} was {other}; resume it with the experiment file and "
-                             "flags that started it")
+            others.append(f"run {run_id}'s checkpoint {name} was {other}")
+            continue
         found.append((state["epochs_done"], slot, state))
+    if not found and others:  # none of this run's: the flags or the file given are not the ones that started it
+        raise UsageError(f"{others[0]}; resume it with the experiment file and flags that started it")
+    for other in others:  # one slot another run's, the other this one's: that one is used
+        notify(f"{other}: refused, the other slot is used")
     if not found:
         return None, None
     _, slot, state = max(found, key=lambda f: f[0])

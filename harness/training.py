@@ -281,6 +281,9 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
                           recipe=Recipe(cfg.grad_clip_norm, cfg.grad_clip_value, batch_schedule),
                           step=step, eval_step=eval_step, start_epoch=start_epoch)
         except Exception as exc:
+            if resume is not None and history.epochs_run == start_epoch and isinstance(exc, TypeError) \
+                    and "same names every epoch" in str(exc):  # the checkpoint's curves, not the experiment's
+                raise checkpoint.Unusable("its curves are not the ones this run records") from None
             error = experiment_code_error(exc, history.epochs_run)
             if error is None or error is exc:
                 raise

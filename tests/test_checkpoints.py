@@ -342,3 +342,68 @@ def test_a_stack_says_it_writes_no_checkpoints_and_writes_none(in_workdir, cli_i
     assert out.returncode == 0, out.stderr
     assert "--batch 4: trials trained in a stack write no checkpoints" in out.stderr
     assert not list((in_workdir / "mlruns").rglob("checkpoint-*.pt"))
+
+
+def _tampered(case):
+    def edit(state):
+        if case == "a curve of 10 million zero-stride values":
+            state["history"]["test_loss"] = torch.zeros(1, dtype=torch.float64).expand(10_000_000)
+        elif case == "no model":
+            del state["model"]
+        elif case == "a torch generator state of 3 bytes":
+            state["rng"]["torch"] = torch.zeros(3, dtype=torch.uint8)
+        elif case == "a python generator state of the wrong size":
+            state["rng"]["python"][1] = torch.zeros(5, dtype=torch.int64)
+        elif case == "model tensors of other shapes":
+            state["model"] = {k: torch.zeros(50, 50) for k in state["model"]}
+        elif case == "curves this run does not record":
+            state["history"]["../evil//x"] = state["history"]["train_loss"].clone()
+        elif case == "an epoch count that is a bool":
+            state["epochs_done"] = True
+        elif case == "an epoch count without its curves":
+            state["epochs_done"], state["history"] = 2, {}
+        return state
+    return edit
+
+
+@pytest.mark.parametrize("case", ["a curve of 10 million zero-stride values", "no model",
+                                  "a torch generator state of 3 bytes", "a python generator state of the wrong size",
+                                  "model tensors of other shapes", "curves this run does not record",
+                                  "an epoch count that is a bool", "an epoch count without its curves"])
+def test_a_checkpoint_tampered_inside_is_refused_in_one_line_and_the_run_trains_again(in_workdir, cli_in_process,
+                                                                                       case):
+    """Its format, config and experiment sha256 right, its inside not: refused in one line (not a
+    traceback, not blamed on the experiment's code, no write that grows without bound), and the run
+    trains again from epoch 0, ending FINISHED with each epoch once."""
+    flags = ["train", "--epochs", 12, "--checkpoint-every", 3, "--checkpoint-seconds", 0]
+    assert cli_in_process(*flags, cwd=in_workdir).returncode == 0
+    client, found = runs_of(in_workdir)
+    (run_id,) = found
+    client.set_terminated(run_id, "KILLED")  # as a run stopped early leaves it
+    for slot in (0, 1):
+        path = in_workdir / "mlruns" / "0" / run_id / "artifacts" / checkpoint_name(slot)
+        torch.save(_tampered(case)(torch.load(path, weights_only=True)), path)
+    out = cli_in_process(*flags, "--resume", run_id, cwd=in_workdir)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "refused" in out.stderr and "experiment's code" not in out.stderr, out.stderr
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "test_loss")] == list(range(12))
+
+
+def test_one_slot_of_another_config_is_refused_and_the_other_used_and_an_empty_resume_is_refused(in_workdir,
+                                                                                                   cli_in_process):
+    flags = ["train", "--epochs", 12, "--checkpoint-every", 3, "--checkpoint-seconds", 0]
+    assert cli_in_process(*flags, cwd=in_workdir).returncode == 0
+    client, found = runs_of(in_workdir)
+    (run_id,) = found
+    out = cli_in_process(*flags, "--resume", "", cwd=in_workdir)
+    assert out.returncode == 2 and "--resume needs the id" in out.stderr and len(runs_of(in_workdir)[1]) == 1
+    client.set_terminated(run_id, "KILLED")
+    path = in_workdir / "mlruns" / "0" / run_id / "artifacts" / checkpoint_name(0)
+    state = torch.load(path, weights_only=True)
+    state["config"]["seed"] = 7
+    torch.save(state, path)
+    out = cli_in_process(*flags, "--resume", run_id, cwd=in_workdir)
+    assert out.returncode == 0 and "the other slot is used" in out.stderr, out.stderr
+    assert client.get_run(run_id).data.tags[RESUMED_TAG] == "6"  # slot 1 (after epochs 3, 6, 9: slots 0, 1, 0)

@@ -48,11 +48,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from .. import config, signals, training
+    from .. import checkpoint, config, signals, training
     from .. import resume as resume_module
     from ..errors import ExperimentCodeError, UsageError
 
     every, seconds = config.checkpoint_policy(args.checkpoint_every, args.checkpoint_seconds, CHECKPOINT_SECONDS)
+    if args.resume is not None and not args.resume.strip():
+        raise UsageError("--resume needs the id of the run to continue (the 32 hex digits `harness train` printed)")
     cfg, experiment = config.resolve(config.with_flags(config.parse_sets(args.set), {
         "experiment": args.experiment, "optimizer": args.optimizer, "loss": args.loss, "lr": args.lr,
         "epochs": args.epochs, "seed": args.seed, "device": args.device}), file=args.config)
@@ -115,8 +117,17 @@ def run(args) -> int:
         if resumed is not None:
             client.update_run(run_id, status="RUNNING")
             client.set_tag(run_id, RESUMED_TAG, str(resumed.state["epochs_done"] if resumed.state else 0))
-        result = training.train(cfg, experiment, data, observers=[tracking.LoggedNames(experiment), Progress(cfg.epochs), live],
-                                history=history, checkpoints=checkpoints, resume=resumed.state if resumed else None)
+        observers = [tracking.LoggedNames(experiment), Progress(cfg.epochs), live]
+        try:
+            result = training.train(cfg, experiment, data, observers=observers, history=history,
+                                    checkpoints=checkpoints, resume=resumed.state if resumed else None)
+        except checkpoint.Unusable as exc:  # tampered inside: what it set is of no use, the run starts over
+            print(f"harness: the checkpoint of run {run_id} refused: {exc}; it trains again from epoch 0",
+                  file=sys.stderr)
+            history.__init__()
+            observers = [tracking.LoggedNames(experiment), Progress(cfg.epochs), live]
+            result = training.train(cfg, experiment, data, observers=observers, history=history,
+                                     checkpoints=checkpoints)
         with signals.deferred(on_signal=lambda: None):  # trained in full: the run is logged in full
             status = tracking.log_result(client, run_id, experiment, result, skip_params=skip, first_step=live.close())
     except ExperimentCodeError as exc:  # the run is FAILED with the reason and its curves so far
