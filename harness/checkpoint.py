@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import described
+
 FORMAT = 1
 
 
@@ -79,7 +81,7 @@ def restore(state: dict, *, model, optimizer, epoch_scheduler=None, batch_schedu
                         batch_scheduler=batch_scheduler, stopper=stopper, loader_generator=loader_generator,
                         history=history)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
-        raise Unusable(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}") from None
+        raise Unusable(described(exc, 200)) from None
 
 
 def _restore(state: dict, *, model, optimizer, epoch_scheduler, batch_scheduler, stopper, loader_generator,

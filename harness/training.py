@@ -5,7 +5,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -311,6 +311,21 @@ class _Checkpointing:
             self.checkpoints.write(checkpoint.capture(config=self.cfg.to_dict(), experiment_sha256=self.experiment.sha256,
                                                       epochs_done=epoch + 1, history=self.history.values, **self.parts))
             self.checkpoints.written()
+
+
+def train_from(cfg: TrainConfig, experiment: Experiment, data, observers: list, history: History,
+               checkpoints: Checkpoints | None, resume: dict | None, refused: Callable[[str], None]) -> TrainResult:
+    """``train`` going on from ``resume``; a checkpoint whose content does not restore into the run
+    (checkpoint.Unusable: what it set is of no use) is told to ``refused`` and the run trains again
+    from epoch 0."""
+    try:
+        return train(cfg, experiment, data, observers, history=history, checkpoints=checkpoints, resume=resume)
+    except checkpoint.Unusable as exc:
+        if resume is None:
+            raise
+        refused(str(exc))
+        history.__init__()
+        return train(cfg, experiment, data, observers, history=history, checkpoints=checkpoints)
 
 
 def experiment_code_error(exc: BaseException, epoch: int) -> ExperimentCodeError | None:

@@ -48,7 +48,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from .. import checkpoint, config, signals, training
+    from .. import config, signals, training
     from .. import resume as resume_module
     from ..errors import ExperimentCodeError, UsageError
 
@@ -117,17 +117,11 @@ def run(args) -> int:
         if resumed is not None:
             client.update_run(run_id, status="RUNNING")
             client.set_tag(run_id, RESUMED_TAG, str(resumed.state["epochs_done"] if resumed.state else 0))
-        observers = [tracking.LoggedNames(experiment), Progress(cfg.epochs), live]
-        try:
-            result = training.train(cfg, experiment, data, observers=observers, history=history,
-                                    checkpoints=checkpoints, resume=resumed.state if resumed else None)
-        except checkpoint.Unusable as exc:  # tampered inside: what it set is of no use, the run starts over
-            print(f"harness: the checkpoint of run {run_id} refused: {exc}; it trains again from epoch 0",
-                  file=sys.stderr)
-            history.__init__()
-            observers = [tracking.LoggedNames(experiment), Progress(cfg.epochs), live]
-            result = training.train(cfg, experiment, data, observers=observers, history=history,
-                                     checkpoints=checkpoints)
+        result = training.train_from(
+            cfg, experiment, data, [tracking.LoggedNames(experiment), Progress(cfg.epochs), live], history,
+            checkpoints, resumed.state if resumed else None,
+            refused=lambda why: print(f"harness: the checkpoint of run {run_id} refused: {why}; it trains again "
+                                      "from epoch 0", file=sys.stderr))
         with signals.deferred(on_signal=lambda: None):  # trained in full: the run is logged in full
             status = tracking.log_result(client, run_id, experiment, result, skip_params=skip, first_step=live.close())
     except ExperimentCodeError as exc:  # the run is FAILED with the reason and its curves so far

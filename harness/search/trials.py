@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import optuna
 
-from .. import batched, checkpoint, config, signals, tracking, training
+from .. import batched, config, signals, tracking, training
 from ..config import TrainConfig
 from ..errors import ExperimentCodeError, UsageError, described
 from ..loop import History, StopTraining
@@ -105,16 +105,10 @@ class TrialRunner:
         every, seconds = self.options.checkpoint_every, self.options.checkpoint_seconds
         checkpoints = run.recorder.checkpoints(run.trial, run.pending, every, seconds) \
             if run.recorder and run.pending is not None and (every or seconds) else None
-        try:
-            run.result = training.train(run.cfg, self.experiment, self.data, run.observers, history=run.history,
-                                        checkpoints=checkpoints, resume=run.resume)
-        except checkpoint.Unusable as exc:  # tampered inside: what it set is of no use, the trial starts over
-            self._said_once(f"harness: trial {run.trial.number}: its earlier attempt's checkpoint refused: {exc}; it "
-                            "trains from epoch 0")
-            run.resume = None
-            run.history.__init__()
-            run.result = training.train(run.cfg, self.experiment, self.data, run.observers, history=run.history,
-                                        checkpoints=checkpoints)
+        run.result = training.train_from(
+            run.cfg, self.experiment, self.data, run.observers, run.history, checkpoints, run.resume,
+            refused=lambda why: self._said_once(f"harness: trial {run.trial.number}: its earlier attempt's "
+                                                f"checkpoint refused: {why}; it trains from epoch 0"))
         self._check_finals(run)
 
     def _check_finals(self, run: TrialRun) -> None:
