@@ -257,8 +257,8 @@ def test_the_file_torch_reads_is_the_file_checked_even_if_swapped_meanwhile(stor
     expected = runs.predict(run_id, VALUES, client=MlflowClient(uri))[1]
     checked = runs._not_a_plain_archive
 
-    def check_then_swap(handle):
-        refused = checked(handle)
+    def check_then_swap(handle, *limit):
+        refused = checked(handle, *limit)
         swapped = target.with_name("swapped")
         _protocol_4(swapped)  # a bare pickle: what the checks exist to keep from torch.load
         os.replace(swapped, target)
