@@ -103,6 +103,9 @@ class LiveStatus:
         parent = self.parent
         storage = optuna_private.storage_of(parent.study)
         for number, (trial_id, value) in moved.items():
+            with self._cond:
+                if number not in self._trials:  # it ended meanwhile: its trial is (about to be) finished
+                    continue
             try:
                 storage.set_trial_user_attr(trial_id, PROGRESS_ATTR, value)
             except Exception:  # noqa: BLE001 - e.g. the trial just finished: the others' progress still goes
