@@ -19,8 +19,8 @@ from pathlib import Path
 from . import store_template
 from .errors import ExperimentCodeError, first_line, shown
 from .mlflow_sql import accepted_name, refused_name
-from .schema import (CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, STATE_DICT, TORCH_THREADS_PARAM,
-                     TORCH_VERSION_PARAM, final)
+from .schema import (CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, GIT_COMMIT_TAG, SOURCE_NAME_TAG,
+                     SOURCE_TYPE_TAG, STATE_DICT, TORCH_THREADS_PARAM, TORCH_VERSION_PARAM, final)
 from .urls import engine_url, is_http, redact, scrub, sqlite_path
 
 
@@ -143,6 +143,26 @@ def source_params(experiment) -> dict[str, str]:
     return {EXPERIMENT_SHA_PARAM: experiment.sha256} if experiment.sha256 else {}
 
 
+def provenance_record(experiment, data, device: str, valid_fraction: float | None = None,
+                      keep: dict[str, str] | None = None) -> RunRecord:
+    """A run's provenance (harness.provenance) as a record: tags, and the big parts as artifacts.
+    ``keep``: the tags the run has already; MLflow's own source tags there (`mlflow run`'s) stay."""
+    from . import devices, provenance
+
+    device = devices.resolve(device) or device if device == "auto" else device
+    tags = provenance.run_tags(experiment, data, device, valid_fraction)
+    kept = {k for k in (keep or {}) if k in (SOURCE_NAME_TAG, SOURCE_TYPE_TAG, GIT_COMMIT_TAG)}
+    return RunRecord(params={}, history={}, tags={k: v for k, v in tags.items() if k not in kept},
+                     artifacts=provenance.artifacts(experiment))
+
+
+def log_provenance(client, run_id: str, experiment, data, device: str, valid_fraction: float | None = None) -> None:
+    """provenance_record() logged to the run (a search's parent, a re-run): `mlflow run`'s own run
+    keeps the source tags MLflow gave it."""
+    keep = client.get_run(run_id).data.tags if run_id == os.environ.get("MLFLOW_RUN_ID") else None
+    write(client, run_id, provenance_record(experiment, data, device, valid_fraction, keep=keep))
+
+
 def params_of(config, extra_params: dict | None = None) -> dict[str, str]:
     """A run's params: the whole resolved config (hyperparameters included), the torch version and
     intra-op threads (the run trains in this thread, with this count: a CPU run's bits depend on it), extras."""
@@ -242,6 +262,7 @@ def write(client, run_id: str, rec: RunRecord, skip_params: set[str] = frozenset
     if rec.artifacts:
         with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
             for name, content in rec.artifacts.items():
+                Path(tmp, name).parent.mkdir(parents=True, exist_ok=True)  # provenance/...
                 Path(tmp, name).write_bytes(content)
             client.log_artifacts(run_id, tmp)
 
