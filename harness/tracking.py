@@ -279,11 +279,22 @@ def log_figures(client, run_id: str, figures: dict) -> None:
             print(f"harness: figure {name} of run {run_id} not drawn: {first_line(exc)}", file=sys.stderr)
 
 
-def experiment_id(client, name: str | None) -> str:
-    """The MLflow experiment to log to: by name (created if missing), else MLflow's own choice."""
+def experiment_name(name: str | None, default: str | None = None) -> str | None:
+    """The name of the MLflow experiment runs go to: ``name`` (--mlflow-experiment), else
+    $MLFLOW_EXPERIMENT_NAME, else ``default`` (the harness experiment's name: each in an MLflow
+    experiment of its own in `mlflow ui`) unless $MLFLOW_EXPERIMENT_ID names one. None: by that id."""
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if name or os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return name or None
+    return default
+
+
+def experiment_id(client, name: str | None, default: str | None = None) -> str:
+    """The MLflow experiment to log to: by name (experiment_name(); created if missing), else
+    $MLFLOW_EXPERIMENT_ID, else MLflow's Default."""
     from mlflow.exceptions import MlflowException
 
-    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    name = experiment_name(name, default)
     if not name:
         return os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"
     found = client.get_experiment_by_name(name)
@@ -295,15 +306,15 @@ def experiment_id(client, name: str | None) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def check_experiment(client, name: str | None) -> str | None:
-    """Why runs cannot go to the MLflow experiment ``name`` (else $MLFLOW_EXPERIMENT_NAME, else
+def check_experiment(client, name: str | None, default: str | None = None) -> str | None:
+    """Why runs cannot go to the MLflow experiment experiment_name() names (else the one of
     $MLFLOW_EXPERIMENT_ID), or None when they can. Reads only: a refused command writes nothing."""
     from mlflow.exceptions import MlflowException
 
-    refused = check_experiment_offline(name, client.tracking_uri)
+    refused = check_experiment_offline(name, client.tracking_uri, default)
     if refused:
         return refused
-    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    name = experiment_name(name, default)
     if name:
         found = client.get_experiment_by_name(name)
         shown = f"MLflow experiment {name!r}"
@@ -329,10 +340,10 @@ def missing(exc: BaseException) -> bool:
     return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
 
 
-def check_experiment_offline(name: str | None, tracking_uri: str) -> str | None:
+def check_experiment_offline(name: str | None, tracking_uri: str, default: str | None = None) -> str | None:
     """What check_experiment can tell without opening the store, so that a refused search on a new
     SQLite store does not create it."""
-    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    name = experiment_name(name, default)
     if name:
         from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH  # mlflow only when a name is given
     if name and len(name) > MAX_EXPERIMENT_NAME_LENGTH:

@@ -23,7 +23,8 @@ def add_config_arguments(parser) -> None:
                              "(repeatable; named flags win)")
     parser.add_argument("--device", help="auto|cpu|cuda|mps (default: auto)")
     parser.add_argument("--mlflow-experiment", metavar="NAME",
-                        help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else MLflow's default)")
+                        help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else the one of $MLFLOW_EXPERIMENT_ID, "
+                             "else one named after the harness experiment)")
 
 
 def add_checkpoint_arguments(parser) -> None:
@@ -67,7 +68,7 @@ def run(args) -> int:
     check_credentials(os.environ.get("MLFLOW_TRACKING_URI", ""), "MLFLOW_TRACKING_URI")
     from ..tracking import check_experiment_offline, default_tracking_uri
 
-    refused = check_experiment_offline(args.mlflow_experiment, default_tracking_uri())
+    refused = check_experiment_offline(args.mlflow_experiment, default_tracking_uri(), experiment.name)
     if refused:
         raise UsageError(refused)
     # mlflow is imported only once the input is known good: bad input never touches a store.
@@ -91,10 +92,10 @@ def run(args) -> int:
             experiment_id, skip = existing.info.experiment_id, set(existing.data.params)
             adopted = existing.data.tags
         else:
-            refused = tracking.check_experiment(client, args.mlflow_experiment)
+            refused = tracking.check_experiment(client, args.mlflow_experiment, experiment.name)
             if refused:
                 raise UsageError(refused)
-            experiment_id, skip = tracking.experiment_id(client, args.mlflow_experiment), set()
+            experiment_id, skip = tracking.experiment_id(client, args.mlflow_experiment, experiment.name), set()
             run_id = client.create_run(experiment_id, run_name=f"{experiment.name}-{cfg.optimizer}-{cfg.loss}",
                                        tags={COMMAND_TAG: "train"}).info.run_id
         client.set_tag(run_id, PROCESS_TAG, json.dumps(identity()))
