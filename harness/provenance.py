@@ -66,20 +66,9 @@ def _checkout(folder: str) -> Code:
     return Code(commit.decode().strip(), "true", diff)
 
 
-def experiment_folder(experiment) -> Path:
-    """The folder of the experiment's code: its file's, or its module's; the working folder else."""
-    reference = experiment.reference
-    if reference.endswith(".py"):
-        return Path(reference).parent
-    try:
-        spec = importlib.util.find_spec(reference if "." in reference else f"experiments.{reference}")
-    except (ImportError, ValueError):
-        spec = None
-    return Path(spec.origin).parent if spec is not None and spec.origin else Path.cwd()
-
-
 def experiment_source(experiment) -> str:
-    """What MLflow's source name shows: the experiment's file, else its reference."""
+    """The experiment's file (what MLflow's source name shows): a file of the user's, or its module's;
+    its reference where neither is found."""
     reference = experiment.reference
     if reference.endswith(".py"):
         return reference
@@ -88,6 +77,12 @@ def experiment_source(experiment) -> str:
     except (ImportError, ValueError):
         spec = None
     return spec.origin if spec is not None and spec.origin else reference
+
+
+def experiment_folder(experiment) -> Path:
+    """The folder of the experiment's code; the working folder where its file is not found."""
+    source = experiment_source(experiment)
+    return Path(source).parent if source.endswith(".py") else Path.cwd()
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,9 +126,12 @@ def cpu_model() -> str:
     return found.group(1).strip() if found else (platform.processor() or platform.machine() or "unknown")
 
 
+NVIDIA_VERSION = Path("/proc/driver/nvidia/version")  # the loaded driver's own words: no nvidia-smi process
+
+
 def nvidia_driver() -> str:
     try:
-        text = Path("/proc/driver/nvidia/version").read_text(errors="replace")
+        text = NVIDIA_VERSION.read_text(errors="replace")
     except OSError:
         return "unknown"
     found = re.search(r"Kernel Module\s+(\S+)", text)
@@ -168,7 +166,9 @@ def digest(value, sha=None):
     return sha
 
 
-_data: dict[int, tuple[object, dict[str, str]]] = {}  # id(data) -> (data, its tags): kept alive, never reused
+# id(data) -> (data, its tags): the data kept alive, so that its id is not another's; the latest few only.
+_data: dict[int, tuple[object, dict[str, str]]] = {}
+KEPT_DATA = 4
 
 
 def data_tags(data) -> dict[str, str]:
@@ -183,6 +183,8 @@ def data_tags(data) -> dict[str, str]:
         splits = {"train": data.train, "test": data.test, "valid": data.valid}
     tags = {schema.data_tag(split): _hashed(value) for split, value in splits.items() if value is not None}
     _data[id(data)] = (data, tags)
+    while len(_data) > KEPT_DATA:
+        del _data[next(iter(_data))]
     return tags
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from browser import Browser, chromium
-from conftest import run_cli
+from conftest import client_for, run_cli
 from harness.cluster import ADMIN, TrackingServer
 from search_helpers import journal_study
 
@@ -27,6 +27,11 @@ def _shots(tmp_path) -> Path:
     return folder
 
 
+def experiment_of(workdir, run_id: str) -> str:
+    """The MLflow experiment a run is in (a search's: the one named after its harness experiment)."""
+    return client_for(workdir).get_run(run_id).info.experiment_id
+
+
 @contextlib.contextmanager
 def parent_page(workdir, tmp_path, parent: str, *needles: str):
     """A browser on the study's parent run in `mlflow ui`, once ``needles`` show, its description expanded."""
@@ -37,7 +42,7 @@ def parent_page(workdir, tmp_path, parent: str, *needles: str):
             login = base64.b64encode(f"{ADMIN}:{server.password}".encode()).decode()
             browser.send("Network.enable")
             browser.send("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {login}"}})
-            browser.open(f"{server.url}/#/experiments/0/runs/{parent}")
+            browser.open(f"{server.url}/#/experiments/{experiment_of(workdir, parent)}/runs/{parent}")
             browser.wait_for_text("Optuna study linear_regression-search", *needles, timeout=90)
             browser.evaluate("[...document.querySelectorAll('button, a, span')]"
                              ".find(e => e.innerText === 'Show more')?.click()")
@@ -70,7 +75,7 @@ def test_the_parent_run_tells_the_story_and_pruned_trials_say_so(workdir, tmp_pa
 
         # The runs table, filtered as the UI guide (docs/ui.md) says, and the study expanded.
         where = urllib.parse.quote("tags.optuna.trial_state = 'PRUNED'")
-        browser.open(f"{url}/#/experiments/0/runs?searchFilter={where}")
+        browser.open(f"{url}/#/experiments/{experiment_of(workdir, parent)}/runs?searchFilter={where}")
         browser.wait_for_text(f"{len(pruned) + 1} matching runs", timeout=60)
         deadline = time.time() + 30
         while "(pruned at epoch" not in browser.text() and time.time() < deadline:
@@ -93,7 +98,7 @@ def test_a_two_objective_study_shows_its_pareto_front_on_the_parent_run(workdir,
     with parent_page(workdir, tmp_path, parent, "Pareto front:") as (browser, url):
         browser.wait_for_text(*(f"trial-{t.number}" for t in front), "study.objectives", "valid_loss epochs")
         browser.screenshot(shots / "pareto_parent_run.png")
-        browser.open(f"{url}/#/experiments/0/runs/{parent}/artifacts/pareto_front.png")
+        browser.open(f"{url}/#/experiments/{experiment_of(workdir, parent)}/runs/{parent}/artifacts/pareto_front.png")
         browser.wait_for_text("pareto_front.png", "pareto_front.csv", timeout=60)
         # The figure itself is shown: the artifact's bytes, fetched into an <img> (a blob: URL), loaded.
         shown = "[...document.images].some(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 300)"

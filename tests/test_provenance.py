@@ -149,16 +149,16 @@ def test_a_dataset_is_hashed_sample_by_sample_with_dtype_and_shape():
     assert provenance.digest(X).hexdigest() != provenance.digest(X.reshape(3, 4)).hexdigest()
 
 
-def recorded_otherwise(client: MlflowClient, run_id: str, tmp_path) -> str:
-    """The run's record as another machine would have left it: other data, packages, commit, host.
-    The torch version it names in its packages."""
+def recorded_otherwise(client: MlflowClient, run_id: str, tmp_path, holder: str | None = None) -> str:
+    """The run's record as another machine would have left it: other data, packages, commit, host;
+    its packages' list among the artifacts of ``holder`` (a trial's parent run), else its own."""
     changed = provenance.requirements().decode().replace(f"torch=={torch.__version__}", "torch==1.0.0")
     changed += "zz-gone-package==0.1\n"
     sha = hashlib.sha256(changed.encode()).hexdigest()
     name = provenance.requirements_artifact(sha)
     (tmp_path / "provenance").mkdir()
     (tmp_path / name).write_text(changed)
-    client.log_artifact(run_id, str(tmp_path / name), "provenance")
+    client.log_artifact(holder or run_id, str(tmp_path / name), "provenance")
     for tag, value in {schema.PACKAGES_TAG: sha, schema.data_tag("train"): "0" * 64,
                        schema.HARNESS_COMMIT_TAG: "1" * 40, schema.HOST_TAG: "elsewhere"}.items():
         client.set_tag(run_id, tag, value)
@@ -185,6 +185,15 @@ def test_reproduce_names_every_difference_of_provenance_before_its_verdict(in_wo
         f"{_changes(run.data.tags)} here",
         f"harness: other host: 'elsewhere' in the run, {run.data.tags[schema.HOST_TAG]!r} here",
     ], out.stderr
+
+
+def test_reproducing_a_trial_finds_its_packages_on_the_study_s_parent_run(in_workdir, tmp_path, cli_in_process):
+    assert main(["search", "--n-trials", "1", "--no-progress", "--epochs-range", "5", "10"]) == 0
+    [trial] = [r for r in all_runs(in_workdir) if schema.PARENT_TAG in r.data.tags]
+    recorded_otherwise(client_for(in_workdir), trial.info.run_id, tmp_path, holder=trial.data.tags[schema.PARENT_TAG])
+    out = cli_in_process("reproduce", trial.info.run_id, cwd=in_workdir)
+    assert out.returncode == 0 and "bitwise identical" in out.stdout, out.stderr
+    assert f"harness: other packages: torch 1.0.0 -> {torch.__version__}; zz-gone-package 0.1 removed\n" in out.stderr
 
 
 def _changes(tags) -> str:
@@ -222,3 +231,19 @@ def test_a_run_mlflow_run_made_keeps_mlflow_s_source_tags(in_workdir, monkeypatc
 @pytest.mark.parametrize("tag", ["../../../etc/passwd", "x" * 64, ""])
 def test_a_packages_tag_that_is_no_sha256_names_no_artifact(tag):
     assert provenance.requirements_artifact(tag) is None
+
+
+def test_a_cuda_run_names_its_gpu_and_driver_and_a_cpu_run_never_starts_cuda(tmp_path, monkeypatch):
+    forget()
+    started = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: started.append(device) or "NVIDIA H200")
+    assert provenance.machine("cpu")[schema.GPU_TAG] == "none used (device cpu)" and started == []
+    driver = tmp_path / "version"
+    driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\n")
+    monkeypatch.setattr(provenance, "NVIDIA_VERSION", driver)
+    tags = provenance.machine("cuda")
+    assert (tags[schema.GPU_TAG], tags[schema.GPU_DRIVER_TAG]) == ("NVIDIA H200", "550.54.15")
+    forget()
+    monkeypatch.setattr(provenance, "NVIDIA_VERSION", tmp_path / "absent")
+    assert provenance.machine("cuda")[schema.GPU_DRIVER_TAG] == "unknown"
+    forget()
