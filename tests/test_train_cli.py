@@ -45,7 +45,8 @@ def test_train_logs_the_whole_contract(workdir):
     assert metrics["weight"] == expected.scalars["weight"] and metrics["bias"] == expected.scalars["bias"]
 
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert names == {"state_dict.pt", "config.json", "loss_curves.png", "predictions.png"}
+    # provenance/: the installed packages' list (and the uncommitted diff, where there is one): tests/test_provenance.py
+    assert names == {"state_dict.pt", "config.json", "loss_curves.png", "predictions.png", "provenance"}
     state = torch.load(download(client, run.info.run_id, "state_dict.pt", workdir), weights_only=True)
     assert list(state) == ["weights", "bias"]
     assert torch.equal(state["weights"], expected.model.state_dict()["weights"])
