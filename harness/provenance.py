@@ -13,6 +13,7 @@ import platform
 import re
 import socket
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +170,7 @@ def digest(value, sha=None):
 # id(data) -> (data, its tags): the data kept alive, so that its id is not another's; the latest few only.
 _data: dict[int, tuple[object, dict[str, str]]] = {}
 KEPT_DATA = 4
+_data_lock = threading.Lock()
 
 
 def data_tags(data) -> dict[str, str]:
@@ -182,9 +184,10 @@ def data_tags(data) -> dict[str, str]:
     else:
         splits = {"train": data.train, "test": data.test, "valid": data.valid}
     tags = {schema.data_tag(split): _hashed(value) for split, value in splits.items() if value is not None}
-    _data[id(data)] = (data, tags)
-    while len(_data) > KEPT_DATA:
-        del _data[next(iter(_data))]
+    with _data_lock:  # a search's --n-jobs threads start their trials together
+        _data[id(data)] = (data, tags)
+        while len(_data) > KEPT_DATA:
+            del _data[next(iter(_data))]
     return tags
 
 
