@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 from . import compat
-from .schema import RUN_NAME_TAG
+from .schema import RUN_NAME_TAG, USER_TAG
 
 _RUN_ID = re.compile(r"^[a-zA-Z0-9][\w\-]{0,255}$")  # mlflow.utils.validation's run id rule
 
@@ -104,7 +104,7 @@ class DirectWriter:
                                                                      self.store.ARTIFACTS_FOLDER_NAME),
                          run_uuid=run_id, experiment_id=experiment_id,
                          source_type=SourceType.to_string(SourceType.UNKNOWN), source_name="", entry_point_name="",
-                         user_id=tags.get("mlflow.user", "unknown"), status=RunStatus.to_string(RunStatus.RUNNING),
+                         user_id=tags.get(USER_TAG, "unknown"), status=RunStatus.to_string(RunStatus.RUNNING),
                          start_time=now, end_time=None, deleted_time=None, source_version="",
                          lifecycle_stage=LifecycleStage.ACTIVE)
             run.tags = [SqlTag(key=k, value=v) for k, v in {**tags, RUN_NAME_TAG: name}.items()]

@@ -7,15 +7,18 @@ import sys
 
 import torch
 
-from . import tracking, training
-from .schema import COMMAND_TAG, REPRODUCES_TAG, TORCH_THREADS_PARAM
+from . import provenance, tracking, training
+from .schema import (COMMAND_TAG, PACKAGES_TAG, PARENT_TAG, REPRODUCES_TAG, TORCH_THREADS_PARAM,
+                     TORCH_VERSION_PARAM)
 from .errors import UsageError
-from .runs import curves, fitted_model, get_run, load_state_dict, logged_config
+from .runs import curves, fetch_artifact, fitted_model, get_run, load_state_dict, logged_config
 
 
-def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str | None, list[str], int]:
-    """Returns (new run id, differences, epochs compared); no differences means reproduced exactly.
-    The re-run is compared but not logged (new run id None) on a store opened read-only.
+def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str | None, list[str], int, list[str]]:
+    """Returns (new run id, differences, epochs compared, provenance); no differences means reproduced
+    exactly. Provenance: one line per way the re-run's code, packages, data or machine differ from
+    the run's (or one saying the run recorded none). The re-run is compared but not logged (new run
+    id None) on a store opened read-only.
 
     ``experiment``: the run's experiment module or file, when it is not one of the ``experiments`` package.
     """
@@ -31,9 +34,10 @@ def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str |
     old_state = load_state_dict(client, run_id)
     fitted_model(client, run_id, cfg, found, old_state)
     threads = recorded_threads(source.data.params)
+    origin = tracking.provenance_record(found, data, cfg.device, cfg.valid_fraction)
     with intra_op_threads(threads, run_id):  # the re-run's record says the count it trained with
         result = training.train(cfg, found, data)
-        new_run = None if tracking.read_only(client) else _log(client, source, found, result)
+        new_run = None if tracking.read_only(client) else _log(client, source, found, result, origin)
     logged = curves(client, run_id, result.history.values.keys())
     diffs = differences(old_state, result.model.state_dict(), logged, result.history.values)
     if diffs and threads is None:
@@ -42,14 +46,51 @@ def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str |
             f"thread count {str(given)[:40]!r}, not a count from 1 to {MAX_THREADS}"
         diffs.append(f"run {run_id} recorded {what}; it was re-run with {torch.get_num_threads()} "
                      "intra-op threads, and a CPU run's bits depend on that count")
-    return new_run, diffs, result.history.epochs_run
+    return new_run, diffs, result.history.epochs_run, provenance_lines(client, source, origin.tags)
 
 
-def _log(client, source, found, result) -> str:
+def provenance_lines(client, source, now: dict[str, str]) -> list[str]:
+    """How the re-run's provenance ``now`` differs from what ``source`` recorded, one line each."""
+    then = source.data.tags
+    if not provenance.recorded(then):
+        return [f"run {source.info.run_id} recorded no provenance (logged before the harness recorded it): "
+                "its code, packages, data and machine are not compared"]
+    import torch
+
+    packages = provenance.requirements()
+    then_packages = None
+    if then[PACKAGES_TAG] != now[PACKAGES_TAG]:
+        then_packages = recorded_requirements(client, source)
+    return provenance.differences({**then, TORCH_VERSION_PARAM: source.data.params.get(TORCH_VERSION_PARAM)},
+                                  {**now, TORCH_VERSION_PARAM: str(torch.__version__)}, then_packages,
+                                  packages.decode())
+
+
+MAX_REQUIREMENTS_BYTES = 1 << 22  # a run's artifact is untrusted
+
+
+def recorded_requirements(client, source) -> str | None:
+    """The requirements list a run recorded: among its artifacts, or its study's parent run's."""
+    import tempfile
+
+    name = provenance.requirements_artifact(source.data.tags[PACKAGES_TAG])
+    for run_id in (source.info.run_id, source.data.tags.get(PARENT_TAG)):
+        if not run_id or not name:
+            continue
+        with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
+            try:
+                return fetch_artifact(client, run_id, name, MAX_REQUIREMENTS_BYTES, tmp).read_text(errors="replace")
+            except Exception:  # not there (an older run, another store): the next place, else unknown
+                continue
+    return None
+
+
+def _log(client, source, found, result, origin) -> str:
     new_run = client.create_run(source.info.experiment_id, run_name=f"reproduce-{source.info.run_name}",
                                 tags={REPRODUCES_TAG: source.info.run_id, COMMAND_TAG: "reproduce"})
     status = "FAILED"
     try:
+        tracking.write(client, new_run.info.run_id, origin)
         status = tracking.log_result(client, new_run.info.run_id, found, result)
     finally:
         client.set_terminated(new_run.info.run_id, status)

@@ -31,6 +31,24 @@ RUN_NAME_TAG = "mlflow.runName"  # MLflow's own: setting it renames the run
 STUDY_RUN_TAG = "harness.study_run"  # on an `mlflow run` that resumed a study: the study's parent run
 RESUMED_TAG = "harness.resumed_at_epoch"  # a run continued from its checkpoint: the epoch it went on from
 RESUMED_FROM_TAG = "harness.resumed_from"  # a retried trial's run that went on from an earlier attempt's: that run
+# Provenance, on every run (harness.provenance): MLflow's own names where it has them.
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own: the commit of the experiment's code ("not a git checkout")
+SOURCE_NAME_TAG = "mlflow.source.name"  # MLflow's own: the experiment's file
+SOURCE_TYPE_TAG = "mlflow.source.type"  # MLflow's own: LOCAL
+USER_TAG = "mlflow.user"  # MLflow's own
+SOURCE_DIRTY_TAG = "harness.source.git.dirty"  # the experiment's code has uncommitted changes: true, false
+SOURCE_DIFF_TAG = "harness.source.git.diff"  # where it has: the artifact holding them (DIFF_ARTIFACT)
+HARNESS_COMMIT_TAG = "harness.git.commit"  # the harness's own code
+HARNESS_DIRTY_TAG = "harness.git.dirty"
+HARNESS_DIFF_TAG = "harness.git.diff"
+PACKAGES_TAG = "harness.packages_sha256"  # of the installed packages' list (REQUIREMENTS_ARTIFACT)
+DATA_TAG = "harness.data_sha256.{split}"  # train, valid, test as the experiment returned them; held_out
+HOST_TAG = "harness.host"
+CPU_TAG = "harness.cpu"
+GPU_TAG = "harness.gpu"  # the GPU's name where the run used CUDA
+GPU_DRIVER_TAG = "harness.gpu_driver"
+CUDA_TAG = "harness.cuda"  # the CUDA version torch was built with
+PYTHON_TAG = "harness.python"
 
 # ---- MLflow run params (besides every field of the resolved config) ------------------------------
 TRIAL_NUMBER_PARAM = "trial_number"
@@ -78,6 +96,10 @@ PARALLEL_COORDINATE = "parallel_coordinate.png"
 PARAM_IMPORTANCES = "param_importances.png"
 PARETO_FRONT_CSV = "pareto_front.csv"  # a study with two objectives: its Pareto front, one row per trial
 PARETO_FRONT = "pareto_front.png"  # Optuna's plot_pareto_front
+# Provenance's big parts, named by their content's sha256 (16 hex digits): on a `harness train` run
+# itself; a search's on its parent run, once per process, which its trials' tags point to.
+REQUIREMENTS_ARTIFACT = "provenance/requirements-{sha}.txt"
+DIFF_ARTIFACT = "provenance/diff-{sha}.patch"
 
 # ---- Optuna trial params (besides the space's own names: lr, epochs, hyperparameters) -------------
 PAIR_TRIAL_PARAM = "optimizer_loss"  # "<optimizer>+<loss>", logged as the run's params optimizer and loss
@@ -157,6 +179,10 @@ def names() -> dict[str, set[str]]:
             kind = "artifacts" if "." in value else "metrics"
         out[kind].add(value)
     return out
+
+
+def data_tag(split: str) -> str:
+    return DATA_TAG.format(split=split)
 
 
 def checkpoint_name(slot: int) -> str:

@@ -19,8 +19,8 @@ from pathlib import Path
 from . import store_template
 from .errors import ExperimentCodeError, first_line, shown
 from .mlflow_sql import accepted_name, refused_name
-from .schema import (CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, STATE_DICT, TORCH_THREADS_PARAM,
-                     TORCH_VERSION_PARAM, final)
+from .schema import (CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, GIT_COMMIT_TAG, SOURCE_NAME_TAG,
+                     SOURCE_TYPE_TAG, STATE_DICT, TORCH_THREADS_PARAM, TORCH_VERSION_PARAM, final)
 from .urls import engine_url, is_http, redact, scrub, sqlite_path
 
 
@@ -143,6 +143,26 @@ def source_params(experiment) -> dict[str, str]:
     return {EXPERIMENT_SHA_PARAM: experiment.sha256} if experiment.sha256 else {}
 
 
+def provenance_record(experiment, data, device: str, valid_fraction: float | None = None,
+                      keep: dict[str, str] | None = None) -> RunRecord:
+    """A run's provenance (harness.provenance) as a record: tags, and the big parts as artifacts.
+    ``keep``: the tags the run has already; MLflow's own source tags there (`mlflow run`'s) stay."""
+    from . import devices, provenance
+
+    device = devices.resolve(device) or device if device == "auto" else device
+    tags = provenance.run_tags(experiment, data, device, valid_fraction)
+    kept = {k for k in (keep or {}) if k in (SOURCE_NAME_TAG, SOURCE_TYPE_TAG, GIT_COMMIT_TAG)}
+    return RunRecord(params={}, history={}, tags={k: v for k, v in tags.items() if k not in kept},
+                     artifacts=provenance.artifacts(experiment))
+
+
+def log_provenance(client, run_id: str, experiment, data, device: str, valid_fraction: float | None = None) -> None:
+    """provenance_record() logged to the run (a search's parent, a re-run): `mlflow run`'s own run
+    keeps the source tags MLflow gave it."""
+    keep = client.get_run(run_id).data.tags if run_id == os.environ.get("MLFLOW_RUN_ID") else None
+    write(client, run_id, provenance_record(experiment, data, device, valid_fraction, keep=keep))
+
+
 def params_of(config, extra_params: dict | None = None) -> dict[str, str]:
     """A run's params: the whole resolved config (hyperparameters included), the torch version and
     intra-op threads (the run trains in this thread, with this count: a CPU run's bits depend on it), extras."""
@@ -242,6 +262,7 @@ def write(client, run_id: str, rec: RunRecord, skip_params: set[str] = frozenset
     if rec.artifacts:
         with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
             for name, content in rec.artifacts.items():
+                Path(tmp, name).parent.mkdir(parents=True, exist_ok=True)  # provenance/...
                 Path(tmp, name).write_bytes(content)
             client.log_artifacts(run_id, tmp)
 
@@ -258,11 +279,22 @@ def log_figures(client, run_id: str, figures: dict) -> None:
             print(f"harness: figure {name} of run {run_id} not drawn: {first_line(exc)}", file=sys.stderr)
 
 
-def experiment_id(client, name: str | None) -> str:
-    """The MLflow experiment to log to: by name (created if missing), else MLflow's own choice."""
+def experiment_name(name: str | None, default: str | None = None) -> str | None:
+    """The name of the MLflow experiment runs go to: ``name`` (--mlflow-experiment), else
+    $MLFLOW_EXPERIMENT_NAME, else ``default`` (the harness experiment's name: each in an MLflow
+    experiment of its own in `mlflow ui`) unless $MLFLOW_EXPERIMENT_ID names one. None: by that id."""
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if name or os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return name or None
+    return default
+
+
+def experiment_id(client, name: str | None, default: str | None = None) -> str:
+    """The MLflow experiment to log to: by name (experiment_name(); created if missing), else
+    $MLFLOW_EXPERIMENT_ID, else MLflow's Default."""
     from mlflow.exceptions import MlflowException
 
-    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    name = experiment_name(name, default)
     if not name:
         return os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"
     found = client.get_experiment_by_name(name)
@@ -274,15 +306,15 @@ def experiment_id(client, name: str | None) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def check_experiment(client, name: str | None) -> str | None:
-    """Why runs cannot go to the MLflow experiment ``name`` (else $MLFLOW_EXPERIMENT_NAME, else
+def check_experiment(client, name: str | None, default: str | None = None) -> str | None:
+    """Why runs cannot go to the MLflow experiment experiment_name() names (else the one of
     $MLFLOW_EXPERIMENT_ID), or None when they can. Reads only: a refused command writes nothing."""
     from mlflow.exceptions import MlflowException
 
-    refused = check_experiment_offline(name, client.tracking_uri)
+    refused = check_experiment_offline(name, client.tracking_uri, default)
     if refused:
         return refused
-    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    name = experiment_name(name, default)
     if name:
         found = client.get_experiment_by_name(name)
         shown = f"MLflow experiment {name!r}"
@@ -308,10 +340,10 @@ def missing(exc: BaseException) -> bool:
     return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
 
 
-def check_experiment_offline(name: str | None, tracking_uri: str) -> str | None:
+def check_experiment_offline(name: str | None, tracking_uri: str, default: str | None = None) -> str | None:
     """What check_experiment can tell without opening the store, so that a refused search on a new
     SQLite store does not create it."""
-    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    name = experiment_name(name, default)
     if name:
         from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH  # mlflow only when a name is given
     if name and len(name) > MAX_EXPERIMENT_NAME_LENGTH:

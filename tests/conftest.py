@@ -177,6 +177,13 @@ def client_for(workdir: Path):
     return MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
 
 
+def artifact_folder(workdir: Path, run_id: str) -> Path:
+    """Where a run of ``workdir``'s store keeps its artifacts (its MLflow experiment's folder)."""
+    from harness.urls import local_folder
+
+    return local_folder(client_for(workdir).get_run(run_id).info.artifact_uri)
+
+
 def all_runs(workdir: Path):
     client = client_for(workdir)
     ids = [e.experiment_id for e in client.search_experiments()]

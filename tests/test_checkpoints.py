@@ -9,6 +9,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from conftest import artifact_folder
 from harness import checkpoint, config, training
 from harness.experiment import load
 from harness.schema import RESUMED_TAG, STATE_DICT, TRAIN_LOSS, checkpoint_name
@@ -84,7 +85,7 @@ FLAGS = ["--epochs", "6", "--set", "batch_size=128", "--checkpoint-every", "2", 
 
 def runs_of(workdir):
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    return client, {r.info.run_id: r for r in client.search_runs(["0"])}
+    return client, {r.info.run_id: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
 
 
 def curves(client, run_id, names):
@@ -120,7 +121,7 @@ def test_train_stopped_then_resumed_logs_the_run_of_a_train_never_stopped(in_wor
     names = [n for n in found[reference].data.metrics if not n.startswith("final_")]
     assert curves(client, stopped, names) == curves(client, reference, names)  # every step once, the same values
     assert found[stopped].data.metrics == found[reference].data.metrics
-    weights = [torch.load(in_workdir / "mlruns" / "0" / run / "artifacts" / STATE_DICT, weights_only=True)
+    weights = [torch.load(artifact_folder(in_workdir, run) / STATE_DICT, weights_only=True)
                for run in (reference, stopped)]
     assert all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values()))
 
@@ -149,7 +150,7 @@ def test_a_torn_or_planted_checkpoint_is_refused_in_one_line_and_the_other_slot_
     stops.write_text(STOPPING.format(stop_at=1 + 4 * per_epoch + 1, where=tmp_path))
     assert cli_in_process("train", "--experiment", stops, *FLAGS, cwd=in_workdir).returncode == 130
     stopped = next(run_id for run_id in runs_of(in_workdir)[1] if run_id != reference)
-    folder = in_workdir / "mlruns" / "0" / stopped / "artifacts"
+    folder = artifact_folder(in_workdir, stopped)
     latest = folder / checkpoint_name(1)  # epoch 4's: slots 0, 1 written in turn
     assert torch.load(latest, weights_only=True)["epochs_done"] == 4
 
@@ -178,7 +179,7 @@ def test_a_torn_or_planted_checkpoint_is_refused_in_one_line_and_the_other_slot_
     stops.write_text(STOPPING.format(stop_at=1 + 4 * per_epoch + 1, where=tmp_path) + "# again\n")
     assert cli_in_process("train", "--experiment", stops, *FLAGS, cwd=in_workdir).returncode == 130
     again = max(runs_of(in_workdir)[1].values(), key=lambda r: r.info.start_time).info.run_id
-    target = in_workdir / "mlruns" / "0" / again / "artifacts" / checkpoint_name(1)
+    target = artifact_folder(in_workdir, again) / checkpoint_name(1)
     target.write_bytes((tmp_path / "planted.pt").read_bytes())
     out = cli_in_process("train", "--experiment", stops, *FLAGS, "--resume", again, cwd=in_workdir)
     assert out.returncode == 0 and "weights_only" in out.stderr and not (in_workdir / "planted").exists(), out.stderr
@@ -224,7 +225,7 @@ def test_a_trial_cut_short_is_retried_from_its_checkpoint_and_ends_as_one_never_
     names = [n for n in reference.data.metrics if not n.startswith(("final_", "best_"))]
     assert curves(cut_client, retry.info.run_id, names) == curves(client, reference.info.run_id, names)
     assert retry.data.metrics == reference.data.metrics
-    weights = [torch.load(folder / "mlruns" / "0" / run.info.run_id / "artifacts" / STATE_DICT, weights_only=True)
+    weights = [torch.load(artifact_folder(folder, run.info.run_id) / STATE_DICT, weights_only=True)
                for folder, run in ((never, reference), (cut, retry))]
     assert all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values()))
     out = cli_in_process("audit", "--study", "stopping-search", cwd=cut)
@@ -381,7 +382,7 @@ def test_a_checkpoint_tampered_inside_is_refused_in_one_line_and_the_run_trains_
     (run_id,) = found
     client.set_terminated(run_id, "KILLED")  # as a run stopped early leaves it
     for slot in (0, 1):
-        path = in_workdir / "mlruns" / "0" / run_id / "artifacts" / checkpoint_name(slot)
+        path = artifact_folder(in_workdir, run_id) / checkpoint_name(slot)
         torch.save(_tampered(case)(torch.load(path, weights_only=True)), path)
     out = cli_in_process(*flags, "--resume", run_id, cwd=in_workdir)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
@@ -400,7 +401,7 @@ def test_one_slot_of_another_config_is_refused_and_the_other_used_and_an_empty_r
     out = cli_in_process(*flags, "--resume", "", cwd=in_workdir)
     assert out.returncode == 2 and "--resume needs the id" in out.stderr and len(runs_of(in_workdir)[1]) == 1
     client.set_terminated(run_id, "KILLED")
-    path = in_workdir / "mlruns" / "0" / run_id / "artifacts" / checkpoint_name(0)
+    path = artifact_folder(in_workdir, run_id) / checkpoint_name(0)
     state = torch.load(path, weights_only=True)
     state["config"]["seed"] = 7
     torch.save(state, path)

@@ -18,7 +18,7 @@ from harness.commands.predict import _fmt
 from harness.errors import HarnessError, UsageError
 from harness.local_store import LocalStore
 from harness.tracking import fast_read_client
-from conftest import cli_env, copy_store
+from conftest import artifact_folder, cli_env, copy_store
 
 VALUES = [0.1, 0.5, -2.0]
 
@@ -45,7 +45,7 @@ def _sql(store, statement: str, *args) -> None:
 
 def _artifact(store, name: str):
     path, run_id = store[:2]
-    return path / "mlruns" / "0" / run_id / "artifacts" / name
+    return artifact_folder(path, run_id) / name
 
 
 def test_predicts_exactly_what_mlflow_client_predicts_and_writes_nothing(store, monkeypatch):

@@ -62,7 +62,7 @@ def test_the_parent_run_shows_the_running_trial_while_it_trains_then_the_summary
     seen = load(str(code)).metrics.__globals__["SEEN"]
     assert seen and "**Running now:**" in seen[0], seen
     study = journal_study(in_workdir, "looking-search")
-    row = re.search(r"\| (\d+) \| (\d+) / (\d+) \| (\S+) \| (.*) \| (.*) \| \[trial-\1\]\(#/experiments/0/runs/(\w+)\) \|",
+    row = re.search(r"\| (\d+) \| (\d+) / (\d+) \| (\S+) \| (.*) \| (.*) \| \[trial-\1\]\(#/experiments/\d+/runs/(\w+)\) \|",
                     seen[0])
     assert row, seen[0]
     number, done, epochs, value, params, worker, run_id = row.groups()

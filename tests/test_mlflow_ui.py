@@ -30,6 +30,11 @@ def _shots(tmp_path) -> Path:
     return folder
 
 
+def experiment_of(workdir, run_id: str) -> str:
+    """The MLflow experiment a run is in (a search's: the one named after its harness experiment)."""
+    return client_for(workdir).get_run(run_id).info.experiment_id
+
+
 @contextlib.contextmanager
 def parent_page(workdir, tmp_path, parent: str, *needles: str):
     """A browser on the study's parent run in `mlflow ui`, once ``needles`` show, its description expanded."""
@@ -40,7 +45,7 @@ def parent_page(workdir, tmp_path, parent: str, *needles: str):
             login = base64.b64encode(f"{ADMIN}:{server.password}".encode()).decode()
             browser.send("Network.enable")
             browser.send("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {login}"}})
-            browser.open(f"{server.url}/#/experiments/0/runs/{parent}")
+            browser.open(f"{server.url}/#/experiments/{experiment_of(workdir, parent)}/runs/{parent}")
             browser.wait_for_text("Optuna study linear_regression-search", *needles, timeout=90)
             browser.evaluate("[...document.querySelectorAll('button, a, span')]"
                              ".find(e => e.innerText === 'Show more')?.click()")
@@ -73,7 +78,7 @@ def test_the_parent_run_tells_the_story_and_pruned_trials_say_so(workdir, tmp_pa
 
         # The runs table, filtered as the UI guide (docs/ui.md) says, and the study expanded.
         where = urllib.parse.quote("tags.optuna.trial_state = 'PRUNED'")
-        browser.open(f"{url}/#/experiments/0/runs?searchFilter={where}")
+        browser.open(f"{url}/#/experiments/{experiment_of(workdir, parent)}/runs?searchFilter={where}")
         browser.wait_for_text(f"{len(pruned) + 1} matching runs", timeout=60)
         deadline = time.time() + 30
         while "(pruned at epoch" not in browser.text() and time.time() < deadline:
@@ -96,7 +101,7 @@ def test_a_two_objective_study_shows_its_pareto_front_on_the_parent_run(workdir,
     with parent_page(workdir, tmp_path, parent, "Pareto front:") as (browser, url):
         browser.wait_for_text(*(f"trial-{t.number}" for t in front), "study.objectives", "valid_loss epochs")
         browser.screenshot(shots / "pareto_parent_run.png")
-        browser.open(f"{url}/#/experiments/0/runs/{parent}/artifacts/pareto_front.png")
+        browser.open(f"{url}/#/experiments/{experiment_of(workdir, parent)}/runs/{parent}/artifacts/pareto_front.png")
         browser.wait_for_text("pareto_front.png", "pareto_front.csv", timeout=60)
         # The figure itself is shown: the artifact's bytes, fetched into an <img> (a blob: URL), loaded.
         shown = "[...document.images].some(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 300)"
@@ -142,12 +147,12 @@ def test_a_running_trials_curves_and_the_running_trial_show_in_mlflow_ui_before_
         try:
             running = _running_trial_shown(client, search)  # in the store first: what the pages are to show
             run_id, parent = running.info.run_id, running.data.tags["mlflow.parentRunId"]
-            number = running.data.tags["optuna.trial_number"]
+            number, experiment_id = running.data.tags["optuna.trial_number"], running.info.experiment_id
             with Browser() as browser:
                 login = base64.b64encode(f"{ADMIN}:{server.password}".encode()).decode()
                 browser.send("Network.enable")
                 browser.send("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {login}"}})
-                browser.open(f"{server.url}/#/experiments/0/runs/{parent}")
+                browser.open(f"{server.url}/#/experiments/{experiment_id}/runs/{parent}")
                 browser.wait_for_text("Running now:", "epochs done", f"trial-{number}", timeout=90)
                 browser.evaluate("[...document.querySelectorAll('button, a, span')]"
                                  ".find(e => e.innerText === 'Show more')?.click()")
@@ -155,11 +160,11 @@ def test_a_running_trials_curves_and_the_running_trial_show_in_mlflow_ui_before_
                                  ".find(e => e.innerText.startsWith('Running now'))?.scrollIntoView()")
                 browser.screenshot(shots / "live_parent_run.png")
 
-                browser.open(f"{server.url}/#/experiments/0/runs/{run_id}")
+                browser.open(f"{server.url}/#/experiments/{experiment_id}/runs/{run_id}")
                 text = browser.wait_for_text("Metrics (", "train_loss\n", "valid_loss\n", timeout=60)
                 shown = float(text.split("train_loss\n", 1)[1].split("\n", 1)[0])
                 browser.screenshot(shots / "live_trial_overview.png")
-                browser.open(f"{server.url}/#/experiments/0/runs/{run_id}/model-metrics")
+                browser.open(f"{server.url}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics")
                 browser.wait_for_text("train_loss", "valid_loss", timeout=60)
                 # A chart's line: Plotly's path through two points or more ("M x,y L x,y ...").
                 drawn = "[...document.querySelectorAll('.js-plotly-plot path.js-line')].some(p => " \
@@ -186,7 +191,8 @@ def _running_trial_shown(client, search):
     """The running trial's run, once it holds curve points and the parent's description shows it with
     its epochs (bounded by the trial's own five minutes)."""
     while search.poll() is None:
-        for run in client.search_runs(["0"], "attributes.status = 'RUNNING'"):
+        everywhere = [e.experiment_id for e in client.search_experiments()]
+        for run in client.search_runs(everywhere, "attributes.status = 'RUNNING'"):
             parent = run.data.tags.get("mlflow.parentRunId")
             if not parent or not client.get_metric_history(run.info.run_id, "train_loss"):
                 continue

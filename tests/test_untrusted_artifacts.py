@@ -111,9 +111,9 @@ def _moved(store, monkeypatch, relative: str):
 
 
 def _symlinked(store):
-    path, run_id = store[:2]
+    path = store[0]
     (path / "linked").symlink_to(path / "mlruns")
-    return str(path / "linked" / "0" / run_id / "artifacts")
+    return str(path / "linked" / _artifact(store, "").relative_to(path / "mlruns"))
 
 
 # Each form of a local artifact URI MLflow accepts: (the run's artifact URI, the folder MLflow reads).

@@ -17,7 +17,9 @@ def run(args) -> int:
     from ..reproduce import reproduce
     from ..tracking import read_client
 
-    new_run, diffs, epochs = reproduce(read_client(), args.run_id, experiment=args.experiment)
+    new_run, diffs, epochs, provenance = reproduce(read_client(), args.run_id, experiment=args.experiment)
+    for line in provenance:  # before the verdict: what may explain it
+        print(f"harness: {line}", file=sys.stderr)
     logged = f"re-run logged as {new_run}" if new_run else "re-run not logged: the MLflow store is read-only"
     if not diffs:
         print(f"reproduced run {args.run_id} exactly: state_dict bitwise identical, curves equal over "

@@ -1,6 +1,7 @@
 """`harness train`: one tracked training run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -22,7 +23,8 @@ def add_config_arguments(parser) -> None:
                              "(repeatable; named flags win)")
     parser.add_argument("--device", help="auto|cpu|cuda|mps (default: auto)")
     parser.add_argument("--mlflow-experiment", metavar="NAME",
-                        help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else MLflow's default)")
+                        help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else the one of $MLFLOW_EXPERIMENT_ID, "
+                             "else one named after the harness experiment)")
 
 
 def add_checkpoint_arguments(parser) -> None:
@@ -66,7 +68,7 @@ def run(args) -> int:
     check_credentials(os.environ.get("MLFLOW_TRACKING_URI", ""), "MLFLOW_TRACKING_URI")
     from ..tracking import check_experiment_offline, default_tracking_uri
 
-    refused = check_experiment_offline(args.mlflow_experiment, default_tracking_uri())
+    refused = check_experiment_offline(args.mlflow_experiment, default_tracking_uri(), experiment.name)
     if refused:
         raise UsageError(refused)
     # mlflow is imported only once the input is known good: bad input never touches a store.
@@ -79,7 +81,7 @@ def run(args) -> int:
     if args.resume and run_id and args.resume != run_id:
         raise UsageError(f"--resume {args.resume} under `mlflow run`, which made run {run_id}: resume outside it")
     started = time.time()
-    resumed = None
+    resumed, adopted = None, None
     try:
         client = tracking.open_client()
         if args.resume:
@@ -88,18 +90,22 @@ def run(args) -> int:
         elif run_id:  # under `mlflow run`: log into the run MLflow created
             existing = client.get_run(run_id)
             experiment_id, skip = existing.info.experiment_id, set(existing.data.params)
+            adopted = existing.data.tags
         else:
-            refused = tracking.check_experiment(client, args.mlflow_experiment)
+            refused = tracking.check_experiment(client, args.mlflow_experiment, experiment.name)
             if refused:
                 raise UsageError(refused)
-            experiment_id, skip = tracking.experiment_id(client, args.mlflow_experiment), set()
+            experiment_id, skip = tracking.experiment_id(client, args.mlflow_experiment, experiment.name), set()
             run_id = client.create_run(experiment_id, run_name=f"{experiment.name}-{cfg.optimizer}-{cfg.loss}",
                                        tags={COMMAND_TAG: "train"}).info.run_id
         client.set_tag(run_id, PROCESS_TAG, json.dumps(identity()))
+        # Provenance from the start too; a resumed run's says the process that finishes it.
+        record = tracking.provenance_record(experiment, data, cfg.device, cfg.valid_fraction, keep=adopted)
         if not args.resume:  # the config from the start: shown while it trains, checked by a --resume
             params = tracking.params_of(cfg, tracking.source_params(experiment))
-            tracking.write(client, run_id, tracking.RunRecord(params=params, history={}), skip_params=skip)
-            skip = skip | set(params)
+            record = dataclasses.replace(record, params=params)
+        tracking.write(client, run_id, record, skip_params=skip)
+        skip = skip | set(record.params)
         _close_dead_runs(client, experiment_id, run_id)
     except UsageError:
         raise

@@ -157,7 +157,8 @@ def _create_parent(client, study) -> str:
     from ..tracking import experiment_id
 
     sink = MlflowSink(client)
-    run_id = sink.create_run(experiment_id(client, None), study.study_name,
+    name = study.user_attrs.get(schema.STUDY_EXPERIMENT_ATTR)
+    run_id = sink.create_run(experiment_id(client, None, name if isinstance(name, str) else None), study.study_name,
                              {schema.ROLE_TAG: schema.ROLE_STUDY, schema.STUDY_TAG: study.study_name}, {})
     sink.close(run_id, "FINISHED")
     study.set_user_attr(PARENT_ATTR, run_id)

@@ -134,7 +134,7 @@ class SearchOptions:
             raise UsageError(f"--batch {batch} with --n-jobs {n_jobs}: choose one (a batch already trains {batch} "
                              "trials at once)")
         check_credentials(default_tracking_uri(), "MLFLOW_TRACKING_URI")
-        refused = check_experiment_offline(args.mlflow_experiment, default_tracking_uri())
+        refused = check_experiment_offline(args.mlflow_experiment, default_tracking_uri(), experiment.name)
         if refused:
             raise UsageError(refused)
         storage_url = args.storage or study_module.DEFAULT_STORAGE

@@ -93,7 +93,8 @@ def _find_or_create(sink: RunSink, study, mlflow_experiment: str | None, known: 
         if launched and launched != run_id:
             _point_to_parent(sink, study.study_name, launched, run.info.experiment_id, run_id)
         return run.info.experiment_id, run_id
-    experiment_id = tracking.experiment_id(client, mlflow_experiment)
+    # By default, in the MLflow experiment named after the harness experiment (the parent's tag).
+    experiment_id = tracking.experiment_id(client, mlflow_experiment, tags[schema.EXPERIMENT_TAG])
     return experiment_id, sink.create_run(experiment_id, study.study_name, tags, params)
 
 

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from .. import plots, schema, tracking
+from .. import plots, provenance, schema, tracking
 from ..errors import HarnessError, first_line
 from ..schema import FAIL_REASON_ATTR, RUN_ATTR, RUN_STATUS
 from ..sink import RunSink, WriteFailed, close_incomplete
@@ -132,7 +132,8 @@ class TrialRecorder:
         in one transaction where the store allows (a batch's trials)."""
         self.check()
         specs = [(schema.trial_run_name(start.trial.number),
-                  {schema.PARENT_TAG: self.parent_run_id, schema.TRIAL_NUMBER_TAG: str(start.trial.number),
+                  {**provenance.run_tags(self.experiment, self._data, start.cfg.device, start.cfg.valid_fraction),
+                   schema.PARENT_TAG: self.parent_run_id, schema.TRIAL_NUMBER_TAG: str(start.trial.number),
                    schema.STUDY_TAG: self.study.study_name, **start.tags},
                   tracking.params_of(start.cfg, {schema.TRIAL_NUMBER_PARAM: start.trial.number, **self._extra}))
                  for start in starts]

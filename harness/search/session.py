@@ -74,7 +74,7 @@ def _open_study(options: SearchOptions):
             study = study_module.existing_study(options.study_name, storage, **study_args)
     elif storage is not None:  # read as it is: a refused resume writes nothing, not even a lock file
         study = study_module.existing_study(options.study_name, storage, **study_args)
-    client = _open_client(trials.mlflow_experiment)
+    client = _open_client(trials.mlflow_experiment, trials.experiment.name)
     if study is None:
         storage = storage or study_module.open_storage(url, **storage_args)
         with study_lock(storage, options.study_name):  # another worker's may have come meanwhile: checked
@@ -84,13 +84,13 @@ def _open_study(options: SearchOptions):
     return study, storage, client
 
 
-def _open_client(mlflow_experiment: str | None):
+def _open_client(mlflow_experiment: str | None, default: str):
     """The MLflow store opened (created or migrated) in bounded time, once runs can go to their
     MLflow experiment; else a one-line UsageError."""
     uri, started = default_tracking_uri(), time.time()
     try:
         client = open_client(uri)
-        refused = check_experiment(client, mlflow_experiment)
+        refused = check_experiment(client, mlflow_experiment, default)
     except Exception as exc:
         raise unreachable("the MLflow tracking store", uri, time.time() - started, exc) from None
     if refused:

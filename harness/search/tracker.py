@@ -27,6 +27,11 @@ class StudyTracker:
         sink = MlflowSink(client)
         self.objectives = options.objectives
         self.parent = ParentRun.open(sink, study, options)
+        try:  # once per process: the trials' runs carry the same tags, and point here for the artifacts
+            tracking.log_provenance(client, self.parent.run_id, options.experiment, options.data, options.base.device,
+                                    options.base.valid_fraction)
+        except Exception as exc:
+            raise TrackingFailed(f"cannot log the study's provenance: {first_line(exc)}") from None
         self.status = LiveStatus(self.parent, options.objectives)  # the running trials, while they train
         self.recorder = TrialRecorder(sink, study, self.parent.experiment_id, self.parent.run_id,
                                       experiment=options.experiment, data=options.data, objectives=options.objectives,
