@@ -11,6 +11,7 @@ import threading
 HELD = (signal.SIGINT, signal.SIGTERM)
 _received: list[int] = []
 _acted = [0]  # how many of _received an interruptible block has already raised for
+_held_from: list[int | None] = [None]  # len(_received) when the outermost deferred block began, while it runs
 
 
 def interrupted() -> bool:
@@ -30,12 +31,13 @@ def deferred(on_signal=None):
     if any(handler is _hold for handler in previous.values()):  # inside another deferred block
         yield
         return
-    seen_before = len(_received)
+    seen_before = _held_from[0] = len(_received)
     for s in HELD:
         signal.signal(s, _hold)
     try:
         yield
     finally:
+        _held_from[0] = None
         for s, handler in previous.items():
             signal.signal(s, handler)
     if len(_received) > seen_before:
@@ -76,12 +78,15 @@ GRACE_SECONDS = 20.0
 
 
 class Preemption:
-    """Whether a SIGINT or SIGTERM arrived in this process since this object was made (from any
-    thread: a trial on a worker thread sees the one the main thread held), for training to stop
-    at its next batch boundary. ``reached()`` says the boundary came: the grace stops counting."""
+    """Whether a SIGINT or SIGTERM arrived in this process since this object was made, for training
+    to stop at its next batch boundary; on a worker thread, since the main thread began holding
+    signals (a search's trial that waited for its turn to train, while another stopped, stops too).
+    ``reached()`` says the boundary came: the grace stops counting."""
 
     def __init__(self):
-        self.seen = len(_received)
+        held_from = _held_from[0]
+        on_worker = threading.current_thread() is not threading.main_thread()
+        self.seen = held_from if on_worker and held_from is not None else len(_received)
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         self._over = False
