@@ -13,13 +13,40 @@ from dataclasses import replace
 import optuna
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import Dataset
 from conftest import all_runs, cli_env, client_for, copy_store, new_store, run_cli
 from test_checkpoints import FLAGS, curves, resolved, runs_of
 
-from harness import checkpoint, signals, training
-from harness.experiment import load
+from harness import checkpoint, config, signals, training
+from harness.experiment import Datasets, Experiment, load
 from harness.runs import load_state_dict
 from harness.schema import RESUMED_FROM_TAG, RESUMED_TAG
+
+class Augmented(Dataset):
+    """(x, y) samples whose input gets noise drawn from torch's generator (the one a run seeds) each
+    time it is read: an augmentation, which reading the batches an epoch has done again draws anew."""
+
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, generator=g)
+        self.y = self.x.sum(1, keepdim=True)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.01 * torch.randn(3), self.y[i]
+
+
+def augmented_step(model, batch, loss_fn, cfg):
+    x, y = batch
+    return loss_fn(model(x), y)
+
+
+AUGMENTED = Experiment("augmented", lambda: Datasets(Augmented(96, 0), Augmented(30, 1), Augmented(30, 2)),
+                       lambda: nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.2), nn.Linear(8, 1)), step=augmented_step,
+                       defaults={"optimizer": "adam", "loss": "mse", "lr": 0.05, "epochs": 5, "batch_size": 16})
 
 CASES = {
     "full batch": ("linear_regression", {"epochs": 8}),
@@ -28,6 +55,7 @@ CASES = {
     "early stopping, adam": ("linear_regression", {"epochs": 20, "batch_size": 10, "patience": 3, "optimizer": "adam",
                                                    "lr": 0.05, "valid_fraction": 0.2}),
     "dropout": ("digits", {"epochs": 3, "batch_size": 128}),
+    "Datasets, own step, augmentation": (AUGMENTED, {}),
 }
 
 
@@ -38,18 +66,36 @@ def fresh_signals(monkeypatch):
     monkeypatch.setattr(signals, "_acted", [0])
 
 
+def case(name):
+    experiment, overrides = CASES[name]
+    if isinstance(experiment, str):
+        return resolved(experiment, overrides)
+    return config.resolve({"device": "cpu", **overrides}, experiment=experiment)[0], experiment, None
+
+
 def signalling(experiment, at: dict, then=None):
     """The experiment, sending this process the signals ``at[call]`` at its ``call``-th metrics call
-    (each batch, trained or evaluated, has one), then running ``then()``; and its count of calls."""
+    (or own step's: each batch, trained or evaluated, has one), then running ``then()``; and its
+    count of calls."""
     calls = [0]
-    own = experiment.metrics
 
-    def metrics(pred, y):
+    def counted():
         calls[0] += 1
         for signum in at.get(calls[0], ()):
             os.kill(os.getpid(), signum)
         if calls[0] in at and then is not None:
             then()
+    if experiment.step is not None:
+        own_step = experiment.step
+
+        def step(model, batch, loss_fn, cfg):
+            counted()
+            return own_step(model, batch, loss_fn, cfg)
+        return replace(experiment, step=step), calls
+    own = experiment.metrics
+
+    def metrics(pred, y):
+        counted()
         return {} if own is None else own(pred, y)
     return replace(experiment, metrics=metrics), calls
 
@@ -59,13 +105,13 @@ def kept():
     return written, checkpoint.Checkpoints(write=lambda state: written.append(checkpoint.to_bytes(state)), every=3)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_a_run_stopped_by_a_signal_goes_on_from_the_next_batch_bit_for_bit(case, fresh_signals):
+@pytest.mark.parametrize("name", CASES)
+def test_a_run_stopped_by_a_signal_goes_on_from_the_next_batch_bit_for_bit(name, fresh_signals):
     """SIGTERM or SIGINT at seeded-random batches: training raises KeyboardInterrupt (the run is then
     closed as interrupted) after writing the state at the next batch boundary; that checkpoint reads
     back with weights_only, and the run continued from it ends with the weights, every curve point
     and early stopping's epoch of the run never stopped."""
-    cfg, experiment, data = resolved(*CASES[case])
+    cfg, experiment, data = case(name)
     at: dict = {}
     signalled, calls = signalling(experiment, at)
     whole = training.train(cfg, signalled, data, checkpoints=kept()[1])
@@ -215,9 +261,9 @@ def started(folder, migrated_db):
     return folder
 
 
-def searched(folder, kills: list[str]) -> list:
+def searched(folder, kills: list[str], *flags) -> list:
     """The study in ``folder`` trained by one invocation per entry of ``kills`` (its PREEMPT_AT)."""
-    return [run_cli(*SEARCH, cwd=folder, env=cli_env(PREEMPT_AT=kill)) for kill in kills]
+    return [run_cli(*SEARCH, *flags, cwd=folder, env=cli_env(PREEMPT_AT=kill)) for kill in kills]
 
 
 def study_in(folder):
@@ -246,35 +292,44 @@ def finished_trials(folder) -> dict:
     return out
 
 
-@pytest.mark.slow  # five searches of digits, each its own process (about 60 s)
+@pytest.mark.slow  # seven searches of digits, each its own process (about 60 s alone, minutes on a busy machine)
 def test_a_search_killed_with_sigterm_and_kill_9_then_resumed_ends_as_one_never_interrupted(tmp_path, migrated_db):
     """SIGTERM, then `kill -9`, each at a seeded-random batch of a search (checkpoints every epoch),
-    then a last invocation: the study ends with the same four trials as a search never interrupted,
-    each with the same params, value, every curve point and state_dict; the trials cut short are
-    retried from their checkpoints; `harness audit` finds the study clean."""
+    then a last invocation; and, in another copy of the store, SIGTERM to a search of two threads
+    (--n-jobs 2), then another: each study ends with the same four trials as a search never
+    interrupted, each with the same params, value, every curve point and state_dict; the trials cut
+    short are retried from their checkpoints; `harness audit` finds the studies clean."""
     rng = random.Random(28)
-    term, kill = rng.randrange(2, 60), rng.randrange(2, 40)
+    # The threads' signal lands in a trial's first two epochs: the main thread sets the stop when it
+    # next holds the GIL, some batches later on a busy machine, and the trial must not end before.
+    term, kill, threaded = rng.randrange(2, 60), rng.randrange(2, 40), rng.randrange(2, 20)
     never = started(tmp_path / "never", migrated_db)
-    cut = copy_store(never, tmp_path / "cut")
+    cut, jobs = copy_store(never, tmp_path / "cut"), copy_store(never, tmp_path / "jobs")
     (reference,) = searched(never, [""])
     assert reference.returncode == 0, reference.stderr
     sigterm, killed, last = searched(cut, [f"SIGTERM:{term}", f"SIGKILL:{kill}", ""])
     assert sigterm.returncode == 130 and "interrupted" in sigterm.stderr, sigterm.stderr
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert last.returncode == 0 and "left RUNNING by a worker that is gone" in last.stderr, last.stderr
+    sigterm, last = searched(jobs, [f"SIGTERM:{threaded}", ""], "--n-jobs", "2")
+    assert sigterm.returncode == 130 and "checkpoint written" in sigterm.stderr, sigterm.stderr
+    assert last.returncode == 0, last.stderr
 
-    ended, trained = finished_trials(never), finished_trials(cut)
-    assert len(ended) == 4 and set(trained) == set(ended)
-    for key, (params, metrics, curves, weights, _) in ended.items():
-        got_params, got_metrics, got_curves, got_weights, _ = trained[key]
-        assert got_params == params and got_metrics == metrics and got_curves == curves, key
-        assert weights.keys() == got_weights.keys() and all(torch.equal(weights[k], got_weights[k]) for k in weights)
-    resumed = [tags for *_, tags in trained.values() if RESUMED_TAG in tags]
-    assert resumed and all(tags[RESUMED_FROM_TAG] for tags in resumed)  # went on from a checkpoint, not from 0
-
-    assert complete_values(cut) == complete_values(never)
-    audit = run_cli("audit", "--study", "preempted-search", cwd=cut)
-    assert audit.returncode == 0 and "clean" in audit.stdout, audit.stdout + audit.stderr
+    ended = finished_trials(never)
+    assert len(ended) == 4
+    for store in (cut, jobs):
+        trained = finished_trials(store)
+        assert set(trained) == set(ended), store
+        for key, (params, metrics, curves, weights, _) in ended.items():
+            got_params, got_metrics, got_curves, got_weights, _ = trained[key]
+            assert got_params == params and got_metrics == metrics and got_curves == curves, (store, key)
+            assert weights.keys() == got_weights.keys() and all(torch.equal(weights[k], got_weights[k])
+                                                                for k in weights), (store, key)
+        resumed = [tags for *_, tags in trained.values() if RESUMED_TAG in tags]
+        assert resumed and all(tags[RESUMED_FROM_TAG] for tags in resumed), store  # from a checkpoint, not from 0
+        assert complete_values(store) == complete_values(never)
+        audit = run_cli("audit", "--study", "preempted-search", cwd=store)
+        assert audit.returncode == 0 and "clean" in audit.stdout, audit.stdout + audit.stderr
 
 
 @pytest.mark.slow  # three in-process trainings of digits, each with its record
