@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import described
+from .loop import Partial
 
 FORMAT = 1  # at an epoch's end
 MID_EPOCH = 2  # at a batch boundary inside an epoch; a reader of format 1 only refuses it
@@ -60,9 +61,9 @@ class Checkpoints:
 
 def capture(*, config: dict, experiment_sha256: str | None, epochs_done: int, model, optimizer,
             epoch_scheduler=None, batch_scheduler=None, stopper=None, loader_generator=None,
-            history: dict[str, list[float]], partial=None, epoch_loader_state=None) -> dict:
+            history: dict[str, list[float]], partial: Partial | None = None, epoch_loader_state=None) -> dict:
     """The state (plain containers and tensors: ``torch.load(weights_only=True)`` reads it back).
-    ``partial``: a loop.Partial with batches done (a MID_EPOCH checkpoint), whose epoch began with
+    ``partial``: a Partial with batches done (a MID_EPOCH checkpoint), whose epoch began with
     the loader's generator at ``epoch_loader_state``."""
     mid_epoch = partial is not None and partial.batches_done > 0
     state = {
@@ -91,10 +92,8 @@ def batches_done(state: dict) -> int:
     return state["partial"]["batches_done"] if state.get("format") == MID_EPOCH else 0
 
 
-def partial_of(state: dict):
-    """Where in its epoch a checkpoint was taken (a loop.Partial), or None at an epoch's end."""
-    from .loop import Partial
-
+def partial_of(state: dict) -> Partial | None:
+    """Where in its epoch a checkpoint was taken, or None at an epoch's end."""
     saved = state.get("partial")
     if state.get("format") != MID_EPOCH:
         return None

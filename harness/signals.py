@@ -99,7 +99,8 @@ class Preemption:
             self._over = True
             if self._timer is not None:
                 self._timer.cancel()
-        _acted[0] = len(_received)
+        if threading.current_thread() is threading.main_thread():  # acted on, as an interrupt raised is
+            _acted[0] = len(_received)
 
     def _start_grace(self, seconds: float) -> None:
         with self._lock:
