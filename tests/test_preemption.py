@@ -169,6 +169,7 @@ def test_a_boundary_that_does_not_come_within_the_grace_stops_the_run_at_once(fr
 
 
 def test_without_checkpoints_a_signal_interrupts_at_once_as_before(fresh_signals):
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before (put back after)
     cfg, experiment, data = resolved("linear_regression", {"epochs": 6, "batch_size": 10})
     signalled, calls = signalling(experiment, {7: [signal.SIGINT]})
     with pytest.raises(KeyboardInterrupt):
