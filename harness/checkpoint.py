@@ -8,7 +8,11 @@ experiment's augmentation may draw from them). Neither mlflow nor optuna: where 
 the caller's business (``Checkpoints.write``).
 
 A checkpoint is taken at an epoch's end, after every observer has seen the epoch (early stopping
-included), so resuming at ``epochs_done`` replays nothing and skips nothing.
+included), so resuming at ``epochs_done`` replays nothing and skips nothing. A run asked to stop
+(SIGTERM, Ctrl-C) takes one at its next batch boundary instead: format MID_EPOCH, which adds where
+in epoch ``epochs_done`` it was (``partial``: the batches done, their values and sizes, the epoch's
+learning rate) and keeps the DataLoader's generator as it was when that epoch began, so that the
+epoch's batches come again in the same order and the ones done are skipped.
 """
 from __future__ import annotations
 
@@ -21,8 +25,12 @@ from typing import Any, Callable
 import torch
 
 from .errors import described
+from .loop import Partial
 
-FORMAT = 1
+FORMAT = 1  # at an epoch's end
+MID_EPOCH = 2  # at a batch boundary inside an epoch; a reader of format 1 only refuses it
+# A bound on the batches of an epoch a checkpoint may say it has done (each is a few values in it).
+MAX_BATCHES = 10_000_000
 
 
 @dataclass
@@ -53,10 +61,13 @@ class Checkpoints:
 
 def capture(*, config: dict, experiment_sha256: str | None, epochs_done: int, model, optimizer,
             epoch_scheduler=None, batch_scheduler=None, stopper=None, loader_generator=None,
-            history: dict[str, list[float]]) -> dict:
-    """The state (plain containers and tensors: ``torch.load(weights_only=True)`` reads it back)."""
+            history: dict[str, list[float]], partial: Partial | None = None, epoch_loader_state=None) -> dict:
+    """The state (plain containers and tensors: ``torch.load(weights_only=True)`` reads it back).
+    ``partial``: a Partial with batches done (a MID_EPOCH checkpoint), whose epoch began with
+    the loader's generator at ``epoch_loader_state``."""
+    mid_epoch = partial is not None and partial.batches_done > 0
     state = {
-        "format": FORMAT, "config": config, "experiment_sha256": experiment_sha256, "epochs_done": epochs_done,
+        "format": MID_EPOCH if mid_epoch else FORMAT, "config": config, "experiment_sha256": experiment_sha256, "epochs_done": epochs_done,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "epoch_scheduler": epoch_scheduler.state_dict() if epoch_scheduler is not None else None,
         "batch_scheduler": batch_scheduler.state_dict() if batch_scheduler is not None else None,
@@ -68,7 +79,27 @@ def capture(*, config: dict, experiment_sha256: str | None, epochs_done: int, mo
                 "loader": loader_generator.get_state() if loader_generator is not None else None,
                 "python": _python_state(), "numpy": _numpy_state()},
     }
+    if mid_epoch:
+        state["rng"]["loader"] = epoch_loader_state
+        state["partial"] = {"batches_done": partial.batches_done, "lr": partial.lr,
+                            "sizes": torch.tensor(partial.sizes, dtype=torch.int64),
+                            "values": {name: torch.stack(values).cpu() for name, values in partial.values.items()}}
     return state
+
+
+def batches_done(state: dict) -> int:
+    """The batches of epoch ``epochs_done`` a checkpoint had trained (0 at an epoch's end)."""
+    return state["partial"]["batches_done"] if state.get("format") == MID_EPOCH else 0
+
+
+def partial_of(state: dict) -> Partial | None:
+    """Where in its epoch a checkpoint was taken, or None at an epoch's end."""
+    saved = state.get("partial")
+    if state.get("format") != MID_EPOCH:
+        return None
+    return Partial(state["epochs_done"], saved["batches_done"],
+                   {name: list(values.unbind(0)) for name, values in saved["values"].items()},
+                   saved["sizes"].tolist(), saved["lr"])
 
 
 def restore(state: dict, *, model, optimizer, epoch_scheduler=None, batch_scheduler=None, stopper=None,
@@ -101,16 +132,24 @@ def _restore(state: dict, *, model, optimizer, epoch_scheduler, batch_scheduler,
     if stopper is not None:
         history.best_epoch = state["stopper"]["epoch"]
     rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
     if (loader_generator is None) != (rng["loader"] is None):
         raise ValueError("the checkpoint's data loader is not this run's")
     if loader_generator is not None:
         loader_generator.set_state(rng["loader"])
-    _set_python_state(rng["python"])
-    _set_numpy_state(rng["numpy"])
+    set_generators(rng)
     return state["epochs_done"]
+
+
+def set_generators(rng: dict) -> None:
+    """Every generator but the DataLoader's back to a checkpoint's (``state["rng"]``)."""
+    try:
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        _set_python_state(rng["python"])
+        _set_numpy_state(rng["numpy"])
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise Unusable(described(exc, 200)) from None
 
 
 def to_bytes(state: dict) -> bytes:
@@ -161,13 +200,14 @@ def damage(state: Any, config: dict) -> str | None:
     """Why ``state`` is no checkpoint a run of ``config``'s epochs can read, or None: its shape is
     checked whole (a checkpoint is untrusted input), so that what it holds is bounded by the run's
     own epochs before anything is restored or written from it."""
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, MID_EPOCH):
         return "not a checkpoint of this harness's format"
+    mid_epoch = state["format"] == MID_EPOCH
     done = state.get("epochs_done")
-    if type(done) is not int or not 0 < done < config.get("epochs", 0):
+    if type(done) is not int or not (0 if mid_epoch else 1) <= done < config.get("epochs", 0):
         return f"its epoch count {str(done)[:40]!r} is not within this run's {config.get('epochs')} epochs"
     history = state.get("history")
-    if not isinstance(history, dict) or not history:
+    if not isinstance(history, dict) or not (history or mid_epoch and done == 0):
         return "it holds no curves"
     for name, values in history.items():
         if not (isinstance(name, str) and 0 < len(name) <= 250 and isinstance(values, torch.Tensor)
@@ -179,6 +219,28 @@ def damage(state: Any, config: dict) -> str | None:
             return f"it holds no {key} state"
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
         return "its model state is not a mapping of names to tensors"
+    return _partial_damage(state.get("partial")) if mid_epoch else None
+
+
+def _partial_damage(partial: Any) -> str | None:
+    """Why a MID_EPOCH checkpoint's place in its epoch is unreadable, or None."""
+    if not isinstance(partial, dict):
+        return "it says it was taken inside an epoch and holds no place in it"
+    done, sizes, values = partial.get("batches_done"), partial.get("sizes"), partial.get("values")
+    if type(done) is not int or not 0 < done <= MAX_BATCHES:
+        return f"its batch count {str(done)[:40]!r} is not a count of batches"
+    if not (isinstance(sizes, torch.Tensor) and sizes.dtype == torch.int64 and sizes.shape == (done,)
+            and sizes.is_contiguous() and bool((sizes > 0).all())):
+        return f"its batch sizes are not {done} counts"
+    if not isinstance(values, dict) or "loss" not in values:
+        return "it holds no per-batch losses"
+    for name, kept in values.items():
+        if not (isinstance(name, str) and 0 < len(name) <= 250 and isinstance(kept, torch.Tensor)
+                and kept.dim() >= 1 and len(kept) == done
+                and kept.numel() <= done * 16 and kept.is_contiguous()):
+            return f"its per-batch values {str(name)[:40]!r} are not {done} values, one a batch"
+    if partial.get("lr") is not None and type(partial["lr"]) is not float:
+        return "its learning rate is not a number"
     return None
 
 

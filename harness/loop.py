@@ -26,6 +26,28 @@ class EarlyStop(StopTraining):
     """StopTraining by the run's own recipe (early stopping), not from outside (a pruner)."""
 
 
+class Preempted(Exception):
+    """Raised by ``fit`` where its ``stop_requested`` said so, at a batch boundary: ``partial`` says
+    where (nothing of the batch after it has run)."""
+
+    def __init__(self, partial: "Partial"):
+        super().__init__(f"stopped at epoch {partial.epoch}, batch {partial.batches_done}")
+        self.partial = partial
+
+
+@dataclass
+class Partial:
+    """An epoch cut at a batch boundary: the batches of it trained, each one's values (the loss, the
+    metrics) and size, and the learning rate of its first step (None unscheduled). ``batches_done``
+    0 is the boundary before the epoch: the end of the one before."""
+
+    epoch: int
+    batches_done: int = 0
+    values: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    sizes: list[int] = field(default_factory=list)
+    lr: float | None = None
+
+
 class Observer(Protocol):
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None: ...
 
@@ -110,9 +132,12 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
 
 def train_epoch(model: nn.Module, batches: Batches, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                 device: torch.device, metrics_fn: MetricsFn | None = None,
-                recipe: Recipe = PLAIN, step: StepFn | None = None) -> dict[str, torch.Tensor]:
+                recipe: Recipe = PLAIN, step: StepFn | None = None, stop_requested: Callable[[], bool] | None = None,
+                partial: Partial | None = None) -> dict[str, torch.Tensor]:
     """One pass over the training batches: the loss (and metrics, or the values of the experiment's
-    own ``step``) of each batch before its update, averaged over the epoch's samples, on the device."""
+    own ``step``) of each batch before its update, averaged over the epoch's samples, on the device.
+    ``stop_requested`` is asked before each batch after the first: True raises Preempted there.
+    ``partial``: the batches of this epoch trained already (``batches`` then yields the rest)."""
     model.train()
     if step is None:
         run = _plain(lambda X, y: train_step(model, X, y, loss_fn, optimizer, recipe), metrics_fn)
@@ -121,7 +146,7 @@ def train_epoch(model: nn.Module, batches: Batches, loss_fn: nn.Module, optimize
             loss, values = step_output(step(model, batch, loss_fn))
             update(model, loss, optimizer, recipe)
             return loss.detach(), {name: value.detach() for name, value in values.items()}, None
-    means, _ = _over_batches(batches, device, run)
+    means, _ = _over_batches(batches, device, run, stop_requested=stop_requested, partial=partial)
     return means
 
 
@@ -160,16 +185,29 @@ def _plain(step, metrics_fn: MetricsFn | None):
     return run
 
 
-def _over_batches(batches: Batches, device: torch.device, run, keep_predictions: bool = False):
+def _over_batches(batches: Batches, device: torch.device, run, keep_predictions: bool = False,
+                  stop_requested: Callable[[], bool] | None = None, partial: Partial | None = None):
     """``run(batch) -> (loss, {name: value}, predictions)`` on every batch; sample-weighted means of
     the loss and the values (the same names every batch), and the predictions concatenated when
-    asked for."""
+    asked for. ``stop_requested`` and ``partial``: see ``train_epoch``."""
     values: dict[str, list[torch.Tensor]] = {"loss": []}
     names = None  # the first batch's: every batch gives the same
     sizes: list[int] = []
+    if partial is not None:
+        values = {name: [v.to(device) for v in kept] for name, kept in partial.values.items()}
+        names, sizes = set(values) - {"loss"}, list(partial.sizes)
     predictions = []
     move = device.type != "cpu"  # batches on the CPU already are where a CPU model wants them
-    for batch in batches:
+    iterator = iter(batches)
+    total = len(batches) if stop_requested is not None and hasattr(batches, "__len__") else None
+    while True:
+        # Asked before the next batch is drawn (a checkpoint here holds every generator as the batch
+        # after it will find them), between two batches: after the last one the epoch's end comes.
+        if stop_requested is not None and sizes and (total is None or len(sizes) < total) and stop_requested():
+            raise Preempted(Partial(-1, len(sizes), values, sizes))
+        batch = next(iterator, _END)
+        if batch is _END:
+            break
         if move:
             batch = to_device(batch, device)
         loss, extra, pred = run(batch)
@@ -188,6 +226,9 @@ def _over_batches(batches: Batches, device: torch.device, run, keep_predictions:
     if not keep_predictions:
         return means, None
     return means, predictions[0] if len(predictions) == 1 else torch.cat(predictions)
+
+
+_END = object()
 
 
 def sample_mean(values: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
@@ -267,7 +308,8 @@ def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn
         observers: Iterable[Observer] = (), sync_every: int | None = None,
         history: History | None = None, valid_batches: Batches | None = None, recipe: Recipe = PLAIN,
         scheduler=None, monitor: str | None = None, step: StepFn | None = None,
-        eval_step: StepFn | None = None, start_epoch: int = 0) -> History:
+        eval_step: StepFn | None = None, start_epoch: int = 0,
+        stop_requested: Callable[[], bool] | None = None, partial: Partial | None = None) -> History:
     """Train for ``epochs`` epochs and return the history (from ``start_epoch`` on, where a run is
     continued: ``history`` holds the epochs before it).
 
@@ -283,6 +325,10 @@ def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn
     values stay on the device until then, so an accelerator is never made to wait).
     A non-finite loss ends training: the history keeps the epochs before it and ``diverged_at``
     names the epoch. Pass ``history`` to keep what was recorded when training is interrupted.
+    ``stop_requested`` is asked at every batch boundary (before each epoch, between its training
+    batches); True raises Preempted with the state of the epoch there (every epoch before it
+    recorded: give it with ``sync_every`` 1). ``partial``: the epoch ``start_epoch`` is continued
+    from that boundary (``train_batches`` then yields that epoch's remaining batches first).
     """
     device = next(model.parameters()).device
     on_host = device.type == "cpu"
@@ -291,15 +337,24 @@ def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, loss_fn
     observers = list(observers)
     history = history if history is not None else History()
     run_epoch = _epoch_runner(model, train_batches, test_batches, loss_fn, optimizer, device, metrics_fn,
-                              valid_batches, recipe, step, eval_step)
+                              valid_batches, recipe, step, eval_step, stop_requested)
     pending = _HostValues() if on_host else _DeviceValues(epochs, device)
     scheduled = scheduler is not None or recipe.batch_scheduler is not None
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     start = start_epoch
     names = list(history.values) or None  # a continued history's curves go on under the same names
     for epoch in range(start_epoch, epochs):
+        if stop_requested is not None and partial is None and start == epoch and stop_requested():
+            raise Preempted(Partial(epoch))
         lr = optimizer.param_groups[0]["lr"] if scheduled else None
-        values = run_epoch()
+        if partial is not None:
+            lr = partial.lr
+        try:
+            values = run_epoch(partial)
+        except Preempted as cut:
+            cut.partial.epoch, cut.partial.lr = epoch, lr
+            raise
+        partial = None
         if scheduler is not None:
             scheduler.step(values[monitor]) if plateau else scheduler.step()
         if lr is not None:
@@ -327,12 +382,15 @@ def _epoch_runner(model: nn.Module, train_batches: Batches, test_batches: Batche
                   optimizer: torch.optim.Optimizer, device: torch.device,
                   metrics_fn: MetricsFn | None, valid_batches: Batches | None = None,
                   recipe: Recipe = PLAIN, step: StepFn | None = None,
-                  eval_step: StepFn | None = None) -> Callable[[], dict[str, Any]]:
-    """``run() -> {name: value}`` for one epoch: train_loss, train_<metric>..., valid_..., test_loss, test_<metric>..."""
+                  eval_step: StepFn | None = None,
+                  stop_requested: Callable[[], bool] | None = None) -> Callable[[Partial | None], dict[str, Any]]:
+    """``run(partial) -> {name: value}`` for one epoch (continued from ``partial``, when given):
+    train_loss, train_<metric>..., valid_..., test_loss, test_<metric>..."""
     train_only, test_only = _only_batch(train_batches), _only_batch(test_batches)
     if step is not None or train_only is None or test_only is None or valid_batches is not None:
-        def run() -> dict[str, torch.Tensor]:
-            train = train_epoch(model, train_batches, loss_fn, optimizer, device, metrics_fn, recipe, step)
+        def run(partial: Partial | None = None) -> dict[str, torch.Tensor]:
+            train = train_epoch(model, train_batches, loss_fn, optimizer, device, metrics_fn, recipe, step,
+                                stop_requested, partial)
             out = {f"train_{k}": v for k, v in train.items()}
             for split, batches in (("valid", valid_batches), ("test", test_batches)):
                 if batches is not None:
@@ -348,7 +406,7 @@ def _epoch_runner(model: nn.Module, train_batches: Batches, test_batches: Batche
     X_test, y_test = (t.to(device) for t in test_only)
     set_mode = _mode_setter(model)
 
-    def run() -> dict[str, torch.Tensor]:
+    def run(partial: Partial | None = None) -> dict[str, torch.Tensor]:  # one batch: no boundary inside
         set_mode(True)
         loss, pred = train_step(model, X, y, loss_fn, optimizer, recipe)
         set_mode(False)

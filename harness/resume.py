@@ -59,7 +59,7 @@ def latest(client, run_id: str, config: dict, experiment_sha256: str | None,
     """The run's latest usable checkpoint and its slot, or (None, None). Each one refused (torn,
     tampered with, too large) is said in one line; one of another config or experiment file is the
     caller's input: a UsageError, before anything is written."""
-    found: list[tuple[int, int, dict]] = []
+    found: list[tuple[tuple[int, int], int, dict]] = []
     others: list[str] = []
     for slot in SLOTS:
         name = checkpoint_name(slot)
@@ -74,7 +74,7 @@ def latest(client, run_id: str, config: dict, experiment_sha256: str | None,
         if other:
             others.append(f"run {run_id}'s checkpoint {name} was {other}")
             continue
-        found.append((state["epochs_done"], slot, state))
+        found.append(((state["epochs_done"], checkpoint.batches_done(state)), slot, state))
     if not found and others:  # none of this run's: the flags or the file given are not the ones that started it
         raise UsageError(f"{others[0]}; resume it with the experiment file and flags that started it")
     for other in others:  # one slot another run's, the other this one's: that one is used

@@ -1,7 +1,9 @@
 """One training run of an experiment from a resolved config: model, optimizer, loss, batches, loop."""
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -14,9 +16,9 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 from .config import TrainConfig, per_epoch
 from .errors import ExperimentCodeError, UsageError, described
 from .experiment import Data, Datasets, Experiment
-from . import checkpoint, registry, tracking
+from . import checkpoint, registry, signals, tracking
 from .checkpoint import Checkpoints
-from .loop import (Batches, EarlyStopping, History, Observer, Recipe, StepFn, StopTraining, evaluate,
+from .loop import (Batches, EarlyStopping, History, Observer, Preempted, Recipe, StepFn, StopTraining, evaluate,
                    evaluate_batches, fit, map_tensors, train_epoch, train_step)
 from .schema import BEST_EPOCH, TRAIN_LOSS, VALID_LOSS, final
 
@@ -265,29 +267,42 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
         loader_generator = getattr(train_batches, "generator", None)  # a DataLoader's: the shuffles to come
         parts = dict(model=model, optimizer=optimizer, epoch_scheduler=epoch_schedule, batch_scheduler=batch_schedule,
                      stopper=stopper, loader_generator=loader_generator)
-        start_epoch = 0
+        start_epoch, partial = 0, None
         if resume is not None:
             start_epoch = checkpoint.restore(resume, history=history, **parts)
+            partial = checkpoint.partial_of(resume)
+            if partial is not None and (loader_generator is None or partial.batches_done >= len(train_batches)):
+                raise checkpoint.Unusable(f"it was taken after batch {partial.batches_done} of an epoch of "
+                                          f"{len(train_batches)}")
+        if loader_generator is not None and (checkpoints is not None or partial is not None):
+            train_batches = _Positioned(train_batches, loader_generator,
+                                        partial.batches_done if partial else 0, resume["rng"] if partial else None)
         if checkpoints is not None:
             # After every other observer (early stopping included): the state is the epoch's whole end.
             # The state is read where the epoch ends, so every epoch is synced (one copy an epoch on a device).
             observers.append(_Checkpointing(checkpoints, cfg, experiment, history, parts))
             sync_every = 1
         started = time.perf_counter()  # inside the lock: a thread waiting for it is not training
-        try:
-            history = fit(model, train_batches, test_batches, loss_fn, optimizer, cfg.epochs,
-                          metrics_fn=experiment.metrics, observers=observers, sync_every=sync_every, history=history,
-                          valid_batches=valid_batches, scheduler=epoch_schedule, monitor=metric,
-                          recipe=Recipe(cfg.grad_clip_norm, cfg.grad_clip_value, batch_schedule),
-                          step=step, eval_step=eval_step, start_epoch=start_epoch)
-        except Exception as exc:
-            if resume is not None and history.epochs_run == start_epoch and isinstance(exc, TypeError) \
-                    and "same names every epoch" in str(exc):  # the checkpoint's curves, not the experiment's
-                raise checkpoint.Unusable("its curves are not the ones this run records") from None
-            error = experiment_code_error(exc, history.epochs_run)
-            if error is None or error is exc:
-                raise
-            raise error from exc
+        # With checkpoints, an interrupt first asks for one at the next batch boundary (signals.preemptible).
+        with signals.preemptible() if checkpoints is not None else contextlib.nullcontext() as preemption:
+            try:
+                history = fit(model, train_batches, test_batches, loss_fn, optimizer, cfg.epochs,
+                              metrics_fn=experiment.metrics, observers=observers, sync_every=sync_every,
+                              history=history, valid_batches=valid_batches, scheduler=epoch_schedule, monitor=metric,
+                              recipe=Recipe(cfg.grad_clip_norm, cfg.grad_clip_value, batch_schedule),
+                              step=step, eval_step=eval_step, start_epoch=start_epoch, partial=partial,
+                              stop_requested=preemption.requested if preemption is not None else None)
+            except Preempted as cut:
+                preemption.reached()
+                _stopped_at(cut.partial, checkpoints, cfg, experiment, history, parts, train_batches,
+                            resumed_at=(start_epoch, partial.batches_done if partial else 0) if resume else None)
+                raise KeyboardInterrupt(str(cut)) from None
+            except Exception as exc:
+                _raise_refused(exc, resume, history.epochs_run == start_epoch)
+                error = experiment_code_error(exc, history.epochs_run)
+                if error is None or error is exc:
+                    raise
+                raise error from exc
         seconds = time.perf_counter() - started  # fit ends with its values on the host: the device is done
         if stopper is not None:
             stopper.restore()
@@ -297,6 +312,54 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
                                               keep_predictions=True)
             predictions = predictions.cpu()
     return TrainResult(cfg, model, data, history, predictions, experiment.final_values(model), seconds)
+
+
+def _raise_refused(exc: Exception, resume: dict | None, at_start: bool) -> None:
+    """Unusable where a continued run's first epoch refuses what its checkpoint held (its curves, or
+    its batches' values, are not the ones this run records): the checkpoint's fault, not the experiment's."""
+    if resume is not None and at_start and isinstance(exc, TypeError) \
+            and ("same names every epoch" in str(exc) or "same values for every batch" in str(exc)):
+        raise checkpoint.Unusable("its curves are not the ones this run records") from None
+
+
+def _stopped_at(partial, checkpoints: Checkpoints, cfg: TrainConfig, experiment: Experiment, history: History,
+                parts: dict, train_batches, resumed_at: tuple[int, int] | None) -> None:
+    """The checkpoint of a run stopped at a batch boundary (none where it has trained nothing yet, or
+    nothing since the checkpoint it went on from), and one line on stderr saying where it stopped."""
+    where = (partial.epoch, partial.batches_done)
+    if where == (0, 0) or where == resumed_at:
+        return
+    epoch_start = getattr(train_batches, "epoch_start", None)
+    checkpoints.write(checkpoint.capture(config=cfg.to_dict(), experiment_sha256=experiment.sha256,
+                                         epochs_done=partial.epoch, history=history.values, partial=partial,
+                                         epoch_loader_state=epoch_start, **parts))
+    checkpoints.written()
+    inside = f", batch {partial.batches_done} of {len(train_batches)}" if partial.batches_done else ""
+    print(f"harness: stopped at epoch {partial.epoch}{inside}: checkpoint written", file=sys.stderr, flush=True)
+
+
+class _Positioned:
+    """A DataLoader whose generator's state at the start of each pass is kept (a checkpoint inside an
+    epoch holds it, to draw that epoch's order again). For a run continued inside an epoch, its first
+    pass skips the batches done, then puts every other generator back as the checkpoint had them
+    (drawing those batches again may have moved them: an augmentation's random draws)."""
+
+    def __init__(self, loader, generator: torch.Generator, skip: int = 0, rng: dict | None = None):
+        self.loader, self.generator, self.skip, self.rng = loader, generator, skip, rng
+        self.epoch_start = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.epoch_start = self.generator.get_state()
+        batches = iter(self.loader)
+        if self.skip:
+            for _ in range(self.skip):
+                next(batches)
+            self.skip = 0
+            checkpoint.set_generators(self.rng)
+        return batches
 
 
 class _Checkpointing:
