@@ -110,3 +110,17 @@ def test_a_trial_of_a_plain_storage_names_its_worker_as_it_is_asked():
     from loop.ask, before the trial trains."""
     study = optuna.create_study()  # in memory
     assert loop.ask(study).user_attrs["harness.worker"]["pid"] == os.getpid()
+
+
+def test_a_grid_used_up_ends_the_search_with_every_trial_told(storage_url):
+    """GridSampler calls study.stop() in after_trial once its grid is used up; outside Study.optimize
+    Optuna refuses it mid-tell (a RuntimeError, the trial left RUNNING). The loop takes it as
+    optimize does: the last grid point is told COMPLETE and no trial runs past the grid."""
+    sampler = optuna.samplers.GridSampler({"x": [1.0, 2.0, 3.0]}, seed=0)
+    study = optuna.create_study(study_name="s", storage=open_storage(storage_url), sampler=sampler)
+    loop.optimize(study, lambda trial: trial.suggest_float("x", 0, 5), 10)
+    trials = stored(storage_url)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert sorted(t.params["x"] for t in trials) == [1.0, 2.0, 3.0]
+    loop.optimize(study, lambda trial: trial.suggest_float("x", 0, 5), 1)  # a later invocation: as optimize
+    assert len(stored(storage_url)) == 4

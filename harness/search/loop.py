@@ -68,10 +68,12 @@ def optimize(study, objective, n_trials: int, batch: int = 1, *, n_jobs: int = 1
     batch = config.int_in("batch", batch, 1, MAX_BATCH)
     n_jobs = config.int_in("n_jobs", n_jobs, 1, MAX_N_JOBS)
     budget = _Budget(n_trials, timeout)
+    optuna_private.clear_stop(study)
     with _progress_bar(progress, n_trials, study) as told:
         def work() -> None:
             try:
-                _work(study, objective, batch, budget, max_trials, told, reseed=n_jobs > 1)
+                with optuna_private.optimize_loop(study):
+                    _work(study, objective, batch, budget, max_trials, told, reseed=n_jobs > 1)
             except BaseException:
                 budget.stop()  # the other threads end after their current trials
                 raise
@@ -118,7 +120,7 @@ def _work(study, objective, batch: int, budget: "_Budget", max_trials: int | Non
             else:
                 study.tell(trial, state=state, skip_if_finished=True)
             told()
-        if full:
+        if full or optuna_private.stop_asked(study):  # stop(): GridSampler once its grid is used up
             budget.stop()
             return
 

@@ -11,10 +11,16 @@ Why each is needed (Optuna has no public way to do these):
   lock Optuna's own appends take.
 - the journal's ``JournalOperation`` codes and ``JournalStorageReplayResult``: a line is checked against
   the operations this Optuna replays, and replayed as it would be, before it is trusted (journal.py).
+- ``Study._thread_local.in_optimize_loop`` and ``Study._stop_flag``: ``study.stop()`` (GridSampler's
+  ``after_trial`` calls it once its grid is used up) raises outside ``Study.optimize``'s loop, in the
+  middle of ``tell``, before the trial's state is written; the harness's loop runs trials as that loop
+  does, and stops when asked as it does.
 - ``_CachedStorage._backend``, ``JournalStorage._backend._file_path``, ``study._storage``, ``FrozenTrial._trial_id``: to reach the storage
   a study or trial lives in, and to set a finished trial's state (audit --fix).
 """
 from __future__ import annotations
+
+import contextlib
 
 CREATE_TRIAL_HOOK = "_create_new_trial"
 STALE_TRIALS_HOOK = "_get_stale_trial_ids"
@@ -66,3 +72,25 @@ def journal_file(storage) -> str | None:
 
 def trial_id(trial) -> int:
     return trial._trial_id
+
+
+@contextlib.contextmanager
+def optimize_loop(study):
+    """This thread runs the study's trials as ``Study.optimize``'s loop does (the flag is per thread):
+    a ``study.stop()`` from a sampler or callback is taken, not refused mid-``tell``."""
+    local = study._thread_local
+    before, local.in_optimize_loop = local.in_optimize_loop, True
+    try:
+        yield
+    finally:
+        local.in_optimize_loop = before
+
+
+def stop_asked(study) -> bool:
+    """Whether ``study.stop()`` was called since ``clear_stop``."""
+    return bool(study._stop_flag)
+
+
+def clear_stop(study) -> None:
+    """What ``Study.optimize`` does when it starts: a stop asked of an earlier loop is not this one's."""
+    study._stop_flag = False
