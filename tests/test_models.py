@@ -1,6 +1,7 @@
 """Issue 29: a run's model beyond `harness predict`'s own reader: inputs of any shape from files,
 the best trial as an MLflow Model (torch.export), the Model Registry and `mlflow models serve`."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,3 +84,129 @@ def test_predict_refuses_input_files_that_are_not_inputs_of_the_experiment(digit
         out = cli_in_process("predict", run_id, "--input", tmp_path / name, cwd=folder)
         assert out.returncode == 2 and message in out.stderr, (name, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1 and out.stdout == "", (name, out.stderr)
+
+
+# ---- the best trial as an MLflow Model, and the Model Registry -----------------------------------
+
+SMALL_DIGITS = ["--experiment", "digits_cnn", "--epochs-range", "1", "2", "--no-progress", "--seed", "3"]
+
+
+def in_process(folder, *args, env=None) -> int:
+    from harness.cli import main
+
+    with redirects_restored(), pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
+        return main(list(map(str, args)))
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, migrated_db):
+    """A digits_cnn search of 3 trials that registered its best as 'digits': (folder, study)."""
+    from search_helpers import journal_study
+
+    folder = new_store(tmp_path_factory.mktemp("registered"), migrated_db)
+    assert in_process(folder, "search", "--n-trials", 3, *SMALL_DIGITS, "--register", "digits") == 0
+    return folder, journal_study(folder, "digits_cnn-search")
+
+
+def test_a_search_logs_its_best_trial_as_an_mlflow_model_of_its_run(registered):
+    import mlflow
+    from importlib.metadata import version
+    from mlflow.models import Model
+
+    from conftest import client_for
+
+    folder, study = registered
+    client = client_for(folder)
+    best_run = study.best_trial.user_attrs["mlflow_run_id"]
+    [model] = client.search_logged_models([client.get_experiment_by_name("Default").experiment_id])
+    assert model.source_run_id == best_run and model.status.to_proto() == 2  # READY
+    assert model.name == "digits_cnn"
+    run = client.get_run(best_run)
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+    # The logged model's view shows the run's params and its final metrics, equal to the run's.
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked["final_valid_loss"] == run.data.metrics["final_valid_loss"] == study.best_value
+    assert model.params["lr"] == run.data.params["lr"]
+    # torch.export's format, a signature of images, an input example, the installed versions pinned.
+    local = mlflow.artifacts.download_artifacts(f"models:/{model.model_id}", tracking_uri=client.tracking_uri)
+    meta = Model.load(local)
+    assert (Path(local) / "data" / "model.pt2").is_file() and not (Path(local) / "data" / "model.pth").exists()
+    assert meta.signature.inputs.inputs[0].shape == (-1, 1, 8, 8) and meta.signature.outputs.inputs[0].shape == (-1, 10)
+    assert np.array_equal(np.array(json.loads((Path(local) / "input_example.json").read_text())), images(5))
+    assert (Path(local) / "requirements.txt").read_text().split() == [
+        f"{p}=={version(p)}" for p in ("torch", "mlflow", "numpy")]
+    # It predicts what `harness predict` prints for the same inputs.
+    with mlflow_tracking(client.tracking_uri):
+        served = mlflow.pyfunc.load_model(f"models:/{model.model_id}").predict(images())
+    assert np.array_equal(served, runs.predict(best_run, images(), client=client)[1].numpy())
+    others = [t.user_attrs["mlflow_run_id"] for t in study.trials if t.number != study.best_trial.number]
+    assert all(not client.get_run(r).outputs.model_outputs for r in others)  # only the best, by default
+
+
+def mlflow_tracking(uri):
+    from harness.models import _tracking_uri
+
+    return _tracking_uri(uri)
+
+
+def test_the_best_trial_is_registered_with_the_champion_alias_and_its_study_s_tags(registered):
+    from conftest import client_for
+
+    folder, study = registered
+    client = client_for(folder)
+    best = study.best_trial
+    [version] = client.search_model_versions("name = 'digits'")
+    assert client.get_registered_model("digits").aliases == {"champion": version.version}
+    assert version.run_id == best.user_attrs["mlflow_run_id"]
+    assert version.tags == {"optuna.study_name": "digits_cnn-search", "optuna.trial_number": str(best.number),
+                            "harness.objective": "valid_loss", "harness.objective_value": str(best.value)}
+    assert version.source == f"models:/{models_of(client, version.run_id)[0]}"
+
+
+def models_of(client, run_id) -> list[str]:
+    return [o.model_id for o in client.get_run(run_id).outputs.model_outputs]
+
+
+def test_register_moves_the_champion_to_another_trial_and_refuses_in_one_line(registered, cli_in_process, tmp_path):
+    import shutil
+
+    from conftest import client_for, copy_store
+
+    source, study = registered
+    folder = copy_store(source, tmp_path / "copy")
+    shutil.copy(source / "optuna_journal.log", folder)
+    client = client_for(folder)
+    other = next(t for t in study.trials if t.number != study.best_trial.number)
+    run_id = other.user_attrs["mlflow_run_id"]
+    out = cli_in_process("register", run_id, "--name", "digits", cwd=folder)
+    assert out.returncode == 0, out.stderr
+    assert "version 2" in out.stdout and "models:/digits@champion" in out.stdout
+    assert client.get_registered_model("digits").aliases == {"champion": 2}
+    version = client.get_model_version("digits", "2")
+    assert version.run_id == run_id and version.tags["optuna.trial_number"] == str(other.number)
+    assert float(version.tags["harness.objective_value"]) == other.value
+    assert len(models_of(client, run_id)) == 1  # the trial had no model: register logged it
+    again = cli_in_process("register", run_id, "--name", "digits", cwd=folder)  # the same model: no new version
+    assert again.returncode == 0 and len(client.search_model_versions("name = 'digits'")) == 2
+
+    # Bad input: one line, exit 2, the registry as it was.
+    (folder / "state_dict.missing").touch()
+    bare = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+    client.set_terminated(bare)
+    for args, message in (([run_id, "--name", "a/b"], "Names cannot contain '/' or ':'"),
+                          ([run_id, "--name", ""], "registered model name ''"),
+                          ([run_id, "--name", "x" * 300], "at most 256 printable characters"),
+                          (["0" * 32, "--name", "digits"], "does not exist"),
+                          ([bare, "--name", "digits"], "has no model to register"),
+                          ([run_id, "--name", "digits"], "has no Model Registry")):
+        env = {"MLFLOW_REGISTRY_URI": "nowhere://registry"} if "Registry" in message else None
+        out = cli_in_process("register", *args, cwd=folder, env=env)
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert [m.name for m in client.search_registered_models()] == ["digits"]
+    assert len(client.search_model_versions("name = 'digits'")) == 2
+    assert client.get_registered_model("digits").aliases == {"champion": 2}
