@@ -81,7 +81,8 @@ def _exported_output(model, example, name: str):
     try:
         with torch.inference_mode():
             expected = model(inputs)
-        program = torch.export.export(model, (inputs,), dynamic_shapes=({0: Dim.AUTO},))
+        with _quiet_torch():
+            program = torch.export.export(model, (inputs,), dynamic_shapes=({0: Dim.AUTO},))
         with torch.inference_mode():
             traced = program.module()(inputs)
     except Exception as exc:  # torch.export raises many kinds (its own, the model's code's)
@@ -94,6 +95,23 @@ def _exported_output(model, example, name: str):
         raise NotExportable(f"experiment {name!r}: the model torch.export traces predicts other values than the "
                             "model itself")
     return expected.numpy()
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """torch.export prints the graph it could not trace to stderr, and logs warnings beside it: the
+    harness says why in one line instead."""
+    import io
+    import logging
+
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def pinned_requirements() -> list[str]:

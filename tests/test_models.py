@@ -210,3 +210,98 @@ def test_register_moves_the_champion_to_another_trial_and_refuses_in_one_line(re
     assert [m.name for m in client.search_registered_models()] == ["digits"]
     assert len(client.search_model_versions("name = 'digits'")) == 2
     assert client.get_registered_model("digits").aliases == {"champion": 2}
+
+
+OWN_EXPERIMENT = '''
+import torch
+from torch import nn
+from harness.experiment import Data, Experiment
+
+def make_data():
+    X = torch.linspace(-1, 1, 40).unsqueeze(1)
+    return Data(X[:30], 2 * X[:30] + 1, X[30:], 2 * X[30:] + 1)
+
+class {name}(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.line = nn.Linear(1, 1)
+
+    def forward(self, x):
+        {forward}
+
+EXPERIMENT = Experiment(name="{name}", make_data=make_data, make_model={name}, optimizers=("sgd",), losses=("mse",),
+                        defaults={{"lr": 0.1, "epochs": 3, "valid_fraction": 0.2}})
+'''
+# torch.export traces one path through the code: a branch on the data's values has none.
+BRANCHES = "return self.line(x) if x.sum() > 0 else -self.line(x)"
+
+
+def own_experiment(folder, name: str, forward: str = "return self.line(x)") -> str:
+    (folder / f"{name}.py").write_text(OWN_EXPERIMENT.format(name=name, forward=forward))
+    return f"{name}.py"
+
+
+SMALL_OWN = ["--n-trials", 2, "--no-progress", "--epochs-range", 2, 3, "--pruner", "none"]
+
+
+def test_an_experiment_whose_model_does_not_export_is_told_in_one_line_and_keeps_its_artifacts(workdir, cli_in_process):
+    from conftest import client_for
+
+    experiment = own_experiment(workdir, "branchy", BRANCHES)
+    out = cli_in_process("search", "--experiment", experiment, *SMALL_OWN, cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    [line] = [line for line in out.stderr.splitlines() if "MLflow Model" in line]
+    assert "no MLflow Model logged: experiment 'branchy': torch.export cannot trace its model" in line
+    assert "keep state_dict.pt and config.json" in line and "models:/" not in out.stdout
+    client = client_for(workdir)
+    assert client.search_logged_models(["0"]) == []  # nothing half-written, not even a FAILED model
+    runs_ = all_runs(workdir)
+    trial_runs = [r for r in runs_ if "optuna.trial_number" in r.data.tags]
+    for run in trial_runs:  # today's artifacts, and `harness predict` still answers
+        assert {"state_dict.pt", "config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert cli_in_process("predict", trial_runs[0].info.run_id, "--experiment", experiment, "--x", 0.5,
+                          cwd=workdir).returncode == 0
+    # With --register the search still runs and records its trials; nothing is registered, and it says so.
+    out = cli_in_process("search", "--experiment", experiment, *SMALL_OWN, "--register", "branchy", cwd=workdir)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "torch.export cannot trace its model" in out.stderr and "nothing registered as 'branchy'" in out.stderr
+    assert client.search_registered_models() == [] and client.search_logged_models(["0"]) == []
+    out = cli_in_process("register", trial_runs[0].info.run_id, "--name", "branchy", "--experiment", experiment,
+                         cwd=workdir)
+    assert out.returncode == 2 and "has no model to register" in out.stderr and "torch.export" in out.stderr
+    assert client.search_registered_models() == [] and client.search_logged_models(["0"]) == []
+
+
+@pytest.mark.slow
+def test_every_completed_trial_on_request_and_loading_imports_no_code_of_the_record(workdir, cli_in_process):
+    """The load in a process of its own: only a fresh interpreter shows which modules loading imports."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env, client_for
+    from search_helpers import journal_study
+
+    experiment = own_experiment(workdir, "own_line")
+    out = cli_in_process("search", "--experiment", experiment, *SMALL_OWN, "--all-models", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    client = client_for(workdir)
+    study = journal_study(workdir, "own_line-search")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 2
+    ids = {t.number: models_of(client, t.user_attrs["mlflow_run_id"]) for t in complete}
+    assert all(len(found) == 1 for found in ids.values()) and out.stdout.count("MLflow Model models:/") == 2
+    # The experiment's file is gone, and the model loads and predicts all the same, importing none of it.
+    (workdir / experiment).unlink()
+    best = ids[study.best_trial.number][0]
+    code = ("import sys, mlflow, numpy as np; "
+            f"m = mlflow.pyfunc.load_model('models:/{best}'); "
+            "print(m.predict(np.array([[0.25], [0.5]], dtype=np.float32)).tolist()); "
+            "print(sorted(k for k in sys.modules if k.startswith(('own_line', 'harness', 'experiments'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=300,
+                            env=cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}"))
+    assert loaded.returncode == 0, loaded.stderr
+    predicted, imported = loaded.stdout.strip().splitlines()[-2:]
+    assert imported == "[]"
+    state = runs.load_state_dict(client, study.best_trial.user_attrs["mlflow_run_id"])
+    expected = (torch.tensor([[0.25], [0.5]]) * state["line.weight"] + state["line.bias"]).tolist()
+    assert np.allclose(json.loads(predicted), expected, rtol=1e-6)
