@@ -305,3 +305,63 @@ def test_every_completed_trial_on_request_and_loading_imports_no_code_of_the_rec
     state = runs.load_state_dict(client, study.best_trial.user_attrs["mlflow_run_id"])
     expected = (torch.tensor([[0.25], [0.5]]) * state["line.weight"] + state["line.bias"]).tolist()
     assert np.allclose(json.loads(predicted), expected, rtol=1e-6)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_what_harness_predict_and_pyfunc_answer(registered, cli_in_process, tmp_path):
+    """`mlflow models serve -m models:/NAME@champion` as a user starts it: a real server on loopback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import mlflow
+
+    from conftest import cli_env, client_for
+
+    folder, study = registered
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    port, x = free_port(), images(4)
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve", "-m", "models:/digits@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=folder, env=cli_env(MLFLOW_TRACKING_URI=uri), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240  # a bound on the wait, not a timing: it starts in ~20 s on a busy machine
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
+                    break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()
+                assert time.monotonic() < deadline, "mlflow models serve did not answer /ping"
+                time.sleep(0.5)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": x.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            served = np.array(json.loads(answer.read())["predictions"], dtype=np.float32)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    best_run = study.best_trial.user_attrs["mlflow_run_id"]
+    with mlflow_tracking(uri):
+        loaded = mlflow.pyfunc.load_model("models:/digits@champion").predict(x)
+    assert served.shape == (4, 10)
+    assert np.array_equal(served, loaded)
+    assert np.array_equal(served, runs.predict(best_run, x, client=client_for(folder))[1].numpy())
+    np.save(tmp_path / "x.npy", x)  # and what `harness predict` prints for them, to its 6 digits
+    out = cli_in_process("predict", best_run, "--input", tmp_path / "x.npy", cwd=folder)
+    printed = [[float(v) for v in line.split(" -> ")[1].split()] for line in out.stdout.splitlines()]
+    assert np.allclose(printed, served, rtol=1e-5, atol=1e-6)
