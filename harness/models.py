@@ -229,6 +229,7 @@ def _register(client, name: str, run_id: str, source: str, model_id: str, tags: 
             client.set_registered_model_alias(name, schema.CHAMPION_ALIAS, same[0].version)
             return same[0]
         version = client.create_model_version(name, source=source, run_id=run_id, tags=tags, model_id=model_id)
+        _list_version(client, model_id, name, version.version)
         client.set_registered_model_alias(name, schema.CHAMPION_ALIAS, version.version)
         return version
     except BaseException:
@@ -238,6 +239,18 @@ def _register(client, name: str, run_id: str, source: str, model_id: str, tags: 
             if created:
                 client.delete_registered_model(name)
         raise
+
+
+def _list_version(client, model_id: str, name: str, version) -> None:
+    """The version among the logged model's own (its page in `mlflow ui` shows them), as
+    mlflow.register_model records it; that function would also print to stderr."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+        listed + [{"name": name, "version": version}])})
 
 
 def version_tags(study: str | None, trial: int | str | None, objective: str | None, value) -> dict[str, str]:

@@ -365,3 +365,36 @@ def test_mlflow_models_serve_answers_what_harness_predict_and_pyfunc_answer(regi
     out = cli_in_process("predict", best_run, "--input", tmp_path / "x.npy", cwd=folder)
     printed = [[float(v) for v in line.split(" -> ")[1].split()] for line in out.stdout.splitlines()]
     assert np.allclose(printed, served, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_the_model_on_its_run_and_links_it_to_the_run_s_metrics(registered, tmp_path):
+    """What a person sees, in headless Chromium (skipped without it)."""
+    import os
+
+    from browser import Browser, chromium, sign_in
+    from harness.cluster import ADMIN, TrackingServer
+
+    if chromium() is None:
+        pytest.skip("needs Chromium (Debian: apt-get install chromium)")
+    folder, study = registered
+    best = study.best_trial
+    run_id = best.user_attrs["mlflow_run_id"]
+    from conftest import client_for
+
+    [model_id] = models_of(client_for(folder), run_id)
+    shots = Path(os.environ.get("HARNESS_UI_SCREENSHOTS") or tmp_path)
+    server = TrackingServer(f"sqlite:///{folder / 'mlflow.db'}", tmp_path / "served", workers=1).start()
+    try:
+        with Browser() as browser:
+            sign_in(browser, ADMIN, server.password).open(f"{server.url}/#/experiments/0/runs/{run_id}")
+            text = browser.wait_for_text("Logged models (1)", "Registered models", "final_valid_loss", timeout=90)
+            assert "digits_cnn" in text and "digits" in text
+            browser.screenshot(shots / "run_with_model.png")
+            browser.open(f"{server.url}/#/experiments/0/models/{model_id}")
+            text = browser.wait_for_text("Source run", f"trial-{best.number}", "Model versions", "final_valid_loss",
+                                         timeout=90)
+            browser.screenshot(shots / "logged_model.png")
+            assert "Not registered" not in text  # its version is listed on it
+    finally:
+        server.stop()
