@@ -1,8 +1,9 @@
 """What the MLflow Model at the end of a search costs, and why it is torch.export's format.
 
 cost: a default 20-trial `harness search` (in-process, a fresh store and journal each time), its
-wall time from start to the record closed, and the part of it spent logging the best trial as an
-MLflow Model (search.publish, timed where the session calls it). Medians of ``--repeats``.
+wall time from start to the record closed, with the model and without (search.publish replaced by
+nothing), interleaved, and the part spent logging the best trial as an MLflow Model (search.publish,
+timed where the session calls it). Medians of ``--repeats``.
 
 format: one trained model of ``--experiment`` saved as an MLflow Model both ways MLflow 3.17 offers,
 ``pt2`` (torch.export) and ``pickle`` (torch.save of the module): save seconds, size on disk, and,
@@ -57,27 +58,34 @@ def cost(experiment: str, repeats: int) -> None:
         finally:
             spent.append(time.perf_counter() - started)
 
-    session.publish = timed
-    walls, logs = [], []
+    walls: dict[str, list[float]] = {"without": [], "with": []}
+    logs = []
     for _ in range(repeats):
-        folder = Path(tempfile.mkdtemp(prefix="harness-bench-"))
-        before = os.getcwd()
-        try:
-            os.chdir(folder)
-            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
-            args = build_parser().parse_args(["search", "--experiment", experiment, "--no-progress"])
-            started = time.perf_counter()
-            outcome = session.run_search(SearchOptions.from_args(args))
-            walls.append(time.perf_counter() - started)
-            logs.append(spent[-1])
-            assert outcome.published, "no model was logged"
-        finally:
-            os.chdir(before)
-            shutil.rmtree(folder, ignore_errors=True)
-    wall, logged = statistics.median(walls), statistics.median(logs)
-    print(f"cost: 20-trial default search of {experiment}, {repeats} repeats: wall {wall:.2f} s (runs: "
-          f"{', '.join(f'{w:.1f}' for w in walls)}), MLflow Model of the best trial {logged:.3f} s (runs: "
-          f"{', '.join(f'{s:.3f}' for s in logs)}) = {100 * logged / wall:.2f}% of the wall time")
+        for way in walls:  # interleaved: the machine's load drifts
+            session.publish = timed if way == "with" else (lambda *args, **kwargs: [])
+            folder = Path(tempfile.mkdtemp(prefix="harness-bench-"))
+            before = os.getcwd()
+            try:
+                os.chdir(folder)
+                os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+                args = build_parser().parse_args(["search", "--experiment", experiment, "--no-progress"])
+                started = time.perf_counter()
+                outcome = session.run_search(SearchOptions.from_args(args))
+                walls[way].append(time.perf_counter() - started)
+                assert outcome.failure is None and not outcome.interrupted, outcome
+                if way == "with":
+                    assert outcome.published, "no model was logged"
+                    logs.append(spent[-1])
+            finally:
+                os.chdir(before)
+                shutil.rmtree(folder, ignore_errors=True)
+    session.publish = original
+    wall, logged = statistics.median(walls["with"]), statistics.median(logs)
+    print(f"cost: 20-trial default search of {experiment}, {repeats} repeats, interleaved: wall with the model "
+          f"{wall:.2f} s (runs: {', '.join(f'{w:.1f}' for w in walls['with'])}), without "
+          f"{statistics.median(walls['without']):.2f} s (runs: {', '.join(f'{w:.1f}' for w in walls['without'])}); "
+          f"logging the best trial's MLflow Model {logged:.3f} s (runs: {', '.join(f'{s:.3f}' for s in logs)}) "
+          f"= {100 * logged / wall:.2f}% of the wall time")
 
 
 def fmt(experiment: str, repeats: int) -> None:

@@ -44,7 +44,7 @@ def log_run_model(client, run_id: str, experiment: Experiment | str | None = Non
     example = input_example(found, data if data is not None else found.load_data())
     output = _exported_output(model, example, found.name)
     signature = infer_signature(example, output)
-    step = _weights_step(client, run_id)
+    step = _weights_step(client, run_id, cfg.epochs)
     with _tracking_uri(client.tracking_uri):
         info = mlflow.pytorch.log_model(
             model, name=found.name, run_id=run_id, input_example=example, signature=signature,
@@ -120,13 +120,11 @@ def pinned_requirements() -> list[str]:
     return [f"{package}=={version(package)}" for package in PINNED]
 
 
-def _weights_step(client, run_id: str) -> int:
-    """The epoch the run's weights are from: its best epoch with early stopping, else its last."""
-    run = client.get_run(run_id)
-    if schema.BEST_EPOCH in run.data.metrics:
-        return int(run.data.metrics[schema.BEST_EPOCH])
-    steps = [m.step for m in client.get_metric_history(run_id, schema.TRAIN_LOSS)]
-    return max(steps, default=0)
+def _weights_step(client, run_id: str, epochs: int) -> int:
+    """The epoch the run's weights are from: its best epoch with early stopping, else its last (a
+    finished run trained all its epochs; its curves are not read: a long run's are thousands of points)."""
+    best_epoch = client.get_run(run_id).data.metrics.get(schema.BEST_EPOCH)
+    return int(best_epoch) if best_epoch is not None else epochs - 1
 
 
 def _link_final_metrics(client, run_id: str, model_id: str) -> None:
@@ -143,15 +141,23 @@ def _link_final_metrics(client, run_id: str, model_id: str) -> None:
 
 @contextlib.contextmanager
 def _tracking_uri(uri: str):
-    """MLflow's log_model writes to the global tracking URI: the client's, for the call, and back."""
-    import mlflow
+    """MLflow's log_model, and its registry's lookup of a models:/ source, use the global tracking URI:
+    the client's for the call. MLflow's own context puts its global back (set_tracking_uri would leave
+    it set, ahead of MLFLOW_TRACKING_URI, for the rest of the process), and MLFLOW_TRACKING_URI, which
+    it unsets on the way out, is put back here."""
+    import os
 
-    before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    mlflow.set_tracking_uri(uri)
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        yield
+        with _use_tracking_uri(uri):
+            yield
     finally:
-        mlflow.set_tracking_uri(before)
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def run_model(client, run_id: str) -> str | None:

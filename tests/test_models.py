@@ -132,7 +132,8 @@ def test_a_search_logs_its_best_trial_as_an_mlflow_model_of_its_run(registered):
     assert linked["final_valid_loss"] == run.data.metrics["final_valid_loss"] == study.best_value
     assert model.params["lr"] == run.data.params["lr"]
     # torch.export's format, a signature of images, an input example, the installed versions pinned.
-    local = mlflow.artifacts.download_artifacts(f"models:/{model.model_id}", tracking_uri=client.tracking_uri)
+    with mlflow_tracking(client.tracking_uri):  # MLflow finds a models:/ URI through its global tracking URI
+        local = mlflow.artifacts.download_artifacts(f"models:/{model.model_id}")
     meta = Model.load(local)
     assert (Path(local) / "data" / "model.pt2").is_file() and not (Path(local) / "data" / "model.pth").exists()
     assert meta.signature.inputs.inputs[0].shape == (-1, 1, 8, 8) and meta.signature.outputs.inputs[0].shape == (-1, 10)
@@ -398,3 +399,43 @@ def test_mlflow_ui_shows_the_model_on_its_run_and_links_it_to_the_run_s_metrics(
             assert "Not registered" not in text  # its version is listed on it
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_search_register_and_register_on_mlflow_server_with_postgresql(tmp_path):
+    """The engines users scale out on, real: PostgreSQL and `mlflow server` with served artifacts
+    (as tests/test_scale_out.py starts them; skipped where PostgreSQL is not installed)."""
+    import os
+
+    from conftest import cli_env, run_cli
+    from harness import cluster
+    from test_scale_out import require_postgres_programs
+
+    postgres = os.environ.get("HARNESS_TEST_POSTGRES") or require_postgres_programs()  # None: start one here
+    with cluster.services(tmp_path / "services", postgres) as (storage, tracking_uri):
+        env = cli_env(MLFLOW_TRACKING_URI=tracking_uri, **{k: os.environ[k] for k in cluster.LOGIN_VARS})
+        work = tmp_path / "work"
+        work.mkdir()
+        out = run_cli("search", "--storage", storage, "--n-trials", 2, *SMALL_DIGITS, "--register", "served",
+                      cwd=work, env=env)
+        assert out.returncode == 0, out.stderr
+        assert "registered trial" in out.stdout and "models:/served@champion" in out.stdout
+        import optuna
+        from mlflow import MlflowClient
+
+        from harness.search.study import open_storage
+
+        study = optuna.load_study(study_name="digits_cnn-search", storage=open_storage(storage))
+        client = MlflowClient(tracking_uri)
+        [version] = client.search_model_versions("name = 'served'")
+        assert version.run_id == study.best_trial.user_attrs["mlflow_run_id"]
+        assert version.tags["optuna.trial_number"] == str(study.best_trial.number)
+        other = next(t for t in study.trials if t.number != study.best_trial.number)
+        out = run_cli("register", other.user_attrs["mlflow_run_id"], "--name", "served", cwd=work, env=env)
+        assert out.returncode == 0, out.stderr
+        aliases = client.get_registered_model("served").aliases  # the server's REST answer holds strings
+        assert {k: str(v) for k, v in aliases.items()} == {"champion": "2"}
+        assert client.get_model_version("served", "2").run_id == other.user_attrs["mlflow_run_id"]
+        out = run_cli("register", other.user_attrs["mlflow_run_id"], "--name", "a:b", cwd=work, env=env)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+        assert [m.name for m in client.search_registered_models()] == ["served"]
