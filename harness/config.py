@@ -105,7 +105,8 @@ def parse_yaml(text: str, shown: str, json_only: bool = False) -> Any:
     try:
         if json_only:
             return json.loads(text, object_pairs_hook=_unique_keys)
-        loader = yaml.SafeLoader(text)
+        # libyaml's parser where PyYAML was built with it: a 50,000-key file in a third of the time.
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
         try:
             node = loader.get_single_node()
             if node is None:
@@ -393,10 +394,7 @@ def hyperparameter_value(hp: Hyperparameter, value: Any) -> Any:
             raise UsageError(f"unknown {hp.name} {value!r}; allowed: {', '.join(map(str, hp.choices))}")
         return text
     if hp.type == "bool":
-        lowered = str(value).strip().lower()
-        if isinstance(value, bool) or lowered in ("true", "false", "1", "0", "yes", "no"):
-            return value if isinstance(value, bool) else lowered in ("true", "1", "yes")
-        raise UsageError(f"{hp.name} must be true or false, got {value!r}")
+        return boolean(hp.name, value)
     if hp.type == "categorical":
         for choice in hp.choices or ():
             if value == choice or (isinstance(value, str) and value == str(choice)):
@@ -464,6 +462,20 @@ def checkpoint_policy(every: Any, seconds: Any, default_seconds: float) -> tuple
     every = None if every in (None, "") else positive_int("--checkpoint-every", every)
     seconds = default_seconds if seconds in (None, "") else float_in("--checkpoint-seconds", seconds, 0.0, 1e9)
     return every, seconds or None
+
+
+def boolean(name: str, value: Any) -> bool:
+    """True or false, as YAML, a flag's value or MLproject's text gives it."""
+    lowered = str(value).strip().lower()
+    if isinstance(value, bool) or lowered in ("true", "false", "1", "0", "yes", "no"):
+        return value if isinstance(value, bool) else lowered in ("true", "1", "yes")
+    raise UsageError(f"{name} must be true or false, got {value!r}")
+
+
+def switch(name: str, value: Any) -> bool:
+    """A switch given as a bare flag (``--importance``: True), with a value (``--importance false``),
+    or as MLproject passes one not set: ""."""
+    return False if value in (None, "", False) else boolean(name, value)
 
 
 def int_in(name: str, value: Any, low: int, high: int) -> int:

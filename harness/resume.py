@@ -10,13 +10,12 @@ from __future__ import annotations
 import posixpath
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 from . import checkpoint
 from .checkpoint import Checkpoints
-from .errors import UsageError, described, first_line
-from .runs import MAX_STATE_DICT_BYTES, ArtifactRefused, archive_refusal, fetch_artifact
+from .errors import UsageError, described
+from .runs import MAX_STATE_DICT_BYTES, ArtifactRefused, read_archive
 from .schema import checkpoint_name
 
 SLOTS = (0, 1)
@@ -87,37 +86,12 @@ def latest(client, run_id: str, config: dict, experiment_sha256: str | None,
 
 
 def _read(client, run_id: str, name: str, notify) -> dict | None:
-    import pickle
-
-    import torch
-
-    with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
-        try:
-            path = fetch_artifact(client, run_id, name, MAX_CHECKPOINT_BYTES, tmp)
-        except (FileNotFoundError, NotADirectoryError):
-            return None  # never written
-        except ArtifactRefused as exc:
-            notify(f"checkpoint {name} of run {run_id} refused: {exc}")
-            return None
-        except Exception as exc:  # a link out of the run's folder, a store that refuses
-            notify(f"checkpoint {name} of run {run_id} unreadable: {described(exc)}")
-            return None
-        try:
-            handle = open(path, "rb")
-        except OSError as exc:
-            notify(f"checkpoint {name} of run {run_id} unreadable: {described(exc)}")
-            return None
-        with handle:  # the checks and the load read one open file
-            refused = archive_refusal(handle, MAX_CHECKPOINT_BYTES)
-            if refused:
-                notify(f"checkpoint {name} of run {run_id} refused: {refused}")
-                return None
-            try:
-                handle.seek(0)
-                with warnings.catch_warnings():  # torch's run to several lines before the one of its refusal
-                    warnings.simplefilter("ignore")
-                    return torch.load(handle, weights_only=True, map_location="cpu")
-            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError) as exc:
-                notify(f"checkpoint {name} of run {run_id} refused: not a plain tensor file "
-                       f"(torch.load weights_only=True: {first_line(exc)})")
-                return None
+    try:
+        return read_archive(client, run_id, name, MAX_CHECKPOINT_BYTES)
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # never written
+    except ArtifactRefused as exc:
+        notify(f"checkpoint {name} of run {run_id} refused: {exc}")
+    except Exception as exc:  # a link out of the run's folder, a store that refuses, a file it cannot open
+        notify(f"checkpoint {name} of run {run_id} unreadable: {described(exc)}")
+    return None

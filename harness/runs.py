@@ -78,41 +78,45 @@ def logged_config(client, run_id: str, device: str | None = None, experiment: st
 
 def load_state_dict(client, run_id: str) -> dict:
     """The run's state_dict.pt, loaded with weights_only=True: a pickle that is not plain tensors is refused."""
-    import pickle
-
     import torch
 
-    with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
-        try:
-            path = fetch_artifact(client, run_id, STATE_DICT, MAX_STATE_DICT_BYTES, tmp)
-        except ArtifactRefused as exc:
-            raise HarnessError(f"refused {STATE_DICT} of run {run_id}: {exc}") from None
-        except Exception as exc:  # MLflow raises several kinds for an absent artifact
-            raise HarnessError(f"run {run_id} has no readable {STATE_DICT} ({described(exc)})") from None
-        # One open file for the checks and the load: a file swapped under its name after the checks
-        # (the store is writable by others) is not what torch reads.
-        try:
-            handle = open(path, "rb")
-        except OSError as exc:
-            raise HarnessError(f"run {run_id} has no readable {STATE_DICT} ({described(exc)})") from None
-        with handle:
-            refused = _not_a_plain_archive(handle)
-            if refused:
-                raise HarnessError(f"refused {STATE_DICT} of run {run_id}: {refused}")
-            try:
-                handle.seek(0)
-                with warnings.catch_warnings():  # torch's (deprecations, a pickle protocol) run to several lines
-                    warnings.simplefilter("ignore")
-                    state = torch.load(handle, weights_only=True, map_location="cpu")
-            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-                first = first_line(exc)
-                raise HarnessError(f"refused {STATE_DICT} of run {run_id}: not a plain tensor file "
-                                   f"(torch.load weights_only=True: {first})") from None
+    try:
+        state = read_archive(client, run_id, STATE_DICT, MAX_STATE_DICT_BYTES)
+    except ArtifactRefused as exc:
+        raise HarnessError(f"refused {STATE_DICT} of run {run_id}: {exc}") from None
+    except Exception as exc:  # MLflow raises several kinds for an absent artifact
+        raise HarnessError(f"run {run_id} has no readable {STATE_DICT} ({described(exc)})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise HarnessError(f"refused {STATE_DICT} of run {run_id}: a {type(state).__name__}, not a state_dict "
                            "(a mapping of names to tensors)")
     return state
+
+
+def read_archive(client, run_id: str, name: str, limit: int):
+    """The run's ``torch.save`` archive ``name``, checked (``archive_refusal``) and then loaded with
+    weights_only=True. Raises ArtifactRefused saying why it is not read; FileNotFoundError (among
+    others: MLflow's) when the run has no such artifact, OSError when it cannot be opened."""
+    import pickle
+
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
+        path = fetch_artifact(client, run_id, name, limit, tmp)
+        # One open file for the checks and the load: a file swapped under its name after the checks
+        # (the store is writable by others) is not what torch reads.
+        with open(path, "rb") as handle:
+            refused = _not_a_plain_archive(handle, limit)
+            if refused:
+                raise ArtifactRefused(refused)
+            try:
+                handle.seek(0)
+                with warnings.catch_warnings():  # torch's (deprecations, a pickle protocol) run to several lines
+                    warnings.simplefilter("ignore")
+                    return torch.load(handle, weights_only=True, map_location="cpu")
+            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError) as exc:
+                raise ArtifactRefused("not a plain tensor file (torch.load weights_only=True: "
+                                      f"{first_line(exc)})") from None
 
 
 class ArtifactRefused(Exception):
@@ -202,8 +206,8 @@ def _directory(handle) -> list[tuple[int, int]]:
     return declared
 
 
-def _not_a_plain_archive(handle) -> str | None:
-    return archive_refusal(handle, MAX_STATE_DICT_BYTES)
+def _not_a_plain_archive(handle, limit: int = MAX_STATE_DICT_BYTES) -> str | None:
+    return archive_refusal(handle, limit)
 
 
 def archive_refusal(handle, limit: int) -> str | None:

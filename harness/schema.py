@@ -91,6 +91,9 @@ PAIR_TRIAL_PARAM = "optimizer_loss"  # "<optimizer>+<loss>", logged as the run's
 RUN_ATTR = "mlflow_run_id"  # a trial's run
 PARENT_ATTR = "mlflow_parent_run_id"  # a study's parent run
 WORKER_ATTR = "harness.worker"  # host:pid:start-time of the process running a trial
+# A running trial's epochs done and latest selection value, written by its worker every ~10 s for the
+# parent run's live description: {"trial": number, "done": .., "epochs": .., "value": ..}.
+PROGRESS_ATTR = "harness.progress"
 FAIL_REASON_ATTR = "fail_reason"  # why a trial failed
 SPACE_ATTR = "harness.space"  # a study's search space, as JSON
 STUDY_EXPERIMENT_ATTR = "harness.experiment"  # a study's experiment

@@ -86,6 +86,7 @@ def test_bad_batch_input_is_one_line_and_writes_nothing(argv, line, capsys, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_every_member_of_a_batch_beats_its_heartbeat_on_an_rdb_storage(tmp_path, recwarn):
     """Optuna's optimize beats a trial's heartbeat; a batch does it for all its trials, or another
     worker would fail them as stale while they train."""

@@ -361,6 +361,7 @@ def test_a_link_or_fifo_where_a_log_goes_is_never_opened_through(tmp_path):
     assert stat.S_IMODE((tmp_path / "fresh").stat().st_mode) == 0o600
 
 
+@pytest.mark.slow
 def test_no_piece_of_a_password_is_shown_whatever_libpq_or_the_port_check_reads_out_of_it(tmp_path, capsys):
     """libpq's parser stops inside a password at an '=', a space, a '#' or a '/' and prints what it read
     as a port, a query parameter or a host: no run of the password's characters may reach the line."""

@@ -99,6 +99,7 @@ def predicted(trained, tmp_path_factory):
     return good, json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_predict_on_the_default_store_never_imports_mlflow(predicted):
     (path, run_id, uri), calls = predicted
     inputs, outputs = runs.predict(run_id, VALUES, client=MlflowClient(uri))
@@ -211,6 +212,7 @@ def test_another_schema_revision_or_mlflow_version_goes_through_mlflow_client(st
     assert LocalStore.open(uri, run_id) is None
 
 
+@pytest.mark.slow
 def test_a_store_at_another_revision_is_read_by_mlflow_and_refused_as_before(predicted):
     (rc, stdout, stderr, _), (reproduce_rc, _, reproduce_err, imported) = predicted[1][2:]
     assert imported

@@ -155,6 +155,7 @@ def ui_views(tmp_path_factory, migrated_db):
     return {kind: (public, direct, got) for kind, (public, direct) in made.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_ui_endpoints_show_the_same(ui_views, kind):
     public, direct, got = ui_views[kind]

@@ -1,11 +1,14 @@
-"""What a person sees in `mlflow ui` after a search, checked in headless Chromium (skipped without it).
+"""What a person sees in `mlflow ui` while a search runs and after it, checked in headless Chromium (skipped without it).
 
 Screenshots go to $HARNESS_UI_SCREENSHOTS when set (else the test's tmp folder), to look at.
 """
 import base64
 import contextlib
 import os
+import re
 import shutil
+import subprocess
+import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -13,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from browser import Browser, chromium
-from conftest import run_cli
+from conftest import cli_env, client_for, run_cli
 from harness.cluster import ADMIN, TrackingServer
 from search_helpers import journal_study
 
@@ -102,3 +105,94 @@ def test_a_two_objective_study_shows_its_pareto_front_on_the_parent_run(workdir,
             time.sleep(1)
         browser.screenshot(shots / "pareto_front_artifact.png")
         assert browser.evaluate(shown)
+
+
+# A trial that trains until the test lets it finish: each epoch waits a little, so that it runs past
+# the live interval, until the file named `release` exists (at most five minutes).
+SLOW = """
+import os
+import time
+from dataclasses import replace
+from experiments.linear_regression import EXPERIMENT as BASE
+
+STARTED = time.time()
+
+def metrics(pred, y):
+    if not os.path.exists({release!r}) and time.time() - STARTED < 300:
+        time.sleep(0.05)
+    return {{}}
+
+EXPERIMENT = replace(BASE, name="slow", metrics=metrics)
+"""
+
+
+def test_a_running_trials_curves_and_the_running_trial_show_in_mlflow_ui_before_it_ends(workdir, tmp_path):
+    """Issue 28: while a trial trains, its run page shows the curves logged so far (the metrics table
+    a value the run logged, the charts drawn lines), and the parent run's page shows it among the
+    running trials with its epochs; the trial is still RUNNING when all of it has shown."""
+    release = tmp_path / "release"
+    code = tmp_path / "slow.py"
+    code.write_text(SLOW.format(release=str(release)))
+    search = subprocess.Popen([sys.executable, "-m", "harness", "search", "--experiment", str(code), "--n-trials", "1",
+                               "--epochs-range", "2000", "2001", "--seed", "0", "--no-progress"],
+                              cwd=workdir, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    shots, client = _shots(tmp_path), client_for(workdir)
+    try:
+        server = TrackingServer(f"sqlite:///{workdir / 'mlflow.db'}", tmp_path / "served", workers=1).start()
+        try:
+            running = _running_trial_shown(client, search)  # in the store first: what the pages are to show
+            run_id, parent = running.info.run_id, running.data.tags["mlflow.parentRunId"]
+            number = running.data.tags["optuna.trial_number"]
+            with Browser() as browser:
+                login = base64.b64encode(f"{ADMIN}:{server.password}".encode()).decode()
+                browser.send("Network.enable")
+                browser.send("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {login}"}})
+                browser.open(f"{server.url}/#/experiments/0/runs/{parent}")
+                browser.wait_for_text("Running now:", "epochs done", f"trial-{number}", timeout=90)
+                browser.evaluate("[...document.querySelectorAll('button, a, span')]"
+                                 ".find(e => e.innerText === 'Show more')?.click()")
+                browser.evaluate("[...document.querySelectorAll('strong')]"
+                                 ".find(e => e.innerText.startsWith('Running now'))?.scrollIntoView()")
+                browser.screenshot(shots / "live_parent_run.png")
+
+                browser.open(f"{server.url}/#/experiments/0/runs/{run_id}")
+                text = browser.wait_for_text("Metrics (", "train_loss\n", "valid_loss\n", timeout=60)
+                shown = float(text.split("train_loss\n", 1)[1].split("\n", 1)[0])
+                browser.screenshot(shots / "live_trial_overview.png")
+                browser.open(f"{server.url}/#/experiments/0/runs/{run_id}/model-metrics")
+                browser.wait_for_text("train_loss", "valid_loss", timeout=60)
+                # A chart's line: Plotly's path through two points or more ("M x,y L x,y ...").
+                drawn = "[...document.querySelectorAll('.js-plotly-plot path.js-line')].some(p => " \
+                        "(p.getAttribute('d') || '').includes('L'))"
+                deadline = time.time() + 60
+                while not browser.evaluate(drawn) and time.time() < deadline:
+                    time.sleep(0.5)
+                browser.screenshot(shots / "live_trial_curves.png")
+                assert browser.evaluate(drawn)
+        finally:
+            server.stop()
+        assert client.get_run(run_id).info.status == "RUNNING"  # all of it shown before the trial ended
+        assert shown in [m.value for m in client.get_metric_history(run_id, "train_loss")]
+    finally:
+        release.touch()
+        out, err = search.communicate(timeout=180)
+    assert search.returncode == 0, err
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert "**Trials:** 1 (1 complete)" in note and "Running now" not in note  # the summary replaced it
+    assert (shots / "live_trial_curves.png").stat().st_size > 10_000
+
+
+def _running_trial_shown(client, search):
+    """The running trial's run, once it holds curve points and the parent's description shows it with
+    its epochs (bounded by the trial's own five minutes)."""
+    while search.poll() is None:
+        for run in client.search_runs(["0"], "attributes.status = 'RUNNING'"):
+            parent = run.data.tags.get("mlflow.parentRunId")
+            if not parent or not client.get_metric_history(run.info.run_id, "train_loss"):
+                continue
+            note = client.get_run(parent).data.tags.get("mlflow.note.content", "")
+            number = run.data.tags["optuna.trial_number"]
+            if re.search(rf"\| {number} \| [1-9]\d* / 200[01] \|.*\[trial-{number}\]\(", note):
+                return run
+        time.sleep(0.5)
+    raise AssertionError(f"the search ended first: {search.communicate()}")

@@ -220,6 +220,7 @@ def test_the_reference_is_unchanged_with_every_new_option_off():
     assert list(result.history.values) == ["train_loss", "test_loss"]
 
 
+@pytest.mark.slow
 def test_digits_cnn_is_the_mnist_recipe_and_a_search_selects_it_on_validation_accuracy():
     import optuna
 

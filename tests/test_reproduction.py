@@ -87,6 +87,7 @@ def test_divergence_stops_at_first_non_finite_epoch():
     assert result.final_metrics() == {}
 
 
+@pytest.mark.slow
 def test_loop_runs_without_importing_mlflow_or_optuna():
     code = (
         "import sys\n"

@@ -28,6 +28,7 @@ def dump(path) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_a_store_made_from_the_template_is_the_store_mlflow_makes(tmp_path, cache, monkeypatch):
     monkeypatch.chdir(tmp_path)
     made = []
@@ -123,6 +124,7 @@ def bad_templates(template, tmp_path):
         yield case.__name__
 
 
+@pytest.mark.slow
 def test_a_template_that_is_not_a_good_one_is_never_used(tmp_path, cache, monkeypatch):
     monkeypatch.chdir(tmp_path)
     template = good_template(tmp_path, cache)
@@ -140,6 +142,7 @@ def test_a_template_that_is_not_a_good_one_is_never_used(tmp_path, cache, monkey
     assert template.is_file() and store_template.is_the_empty_store(template)
 
 
+@pytest.mark.slow
 def test_no_template_is_used_or_kept_on_an_mlflow_release_the_harness_was_not_checked_on(tmp_path, cache,
                                                                                           monkeypatch):
     good_template(tmp_path, cache)

@@ -206,6 +206,7 @@ def test_an_archive_of_many_entries_is_refused_before_zipfile_reads_its_director
             runs.predict(run_id, VALUES, client=make(run_id, uri))
 
 
+@pytest.mark.slow
 def test_torch_s_archives_of_as_many_tensors_as_the_bound_allows_are_read(tmp_path):
     path = tmp_path / "state_dict.pt"
     torch.save({f"layer{i}.weight": torch.zeros(1) for i in range(runs.MAX_ARCHIVE_ENTRIES - 6)}, path)
@@ -257,8 +258,8 @@ def test_the_file_torch_reads_is_the_file_checked_even_if_swapped_meanwhile(stor
     expected = runs.predict(run_id, VALUES, client=MlflowClient(uri))[1]
     checked = runs._not_a_plain_archive
 
-    def check_then_swap(handle):
-        refused = checked(handle)
+    def check_then_swap(handle, *limit):
+        refused = checked(handle, *limit)
         swapped = target.with_name("swapped")
         _protocol_4(swapped)  # a bare pickle: what the checks exist to keep from torch.load
         os.replace(swapped, target)
@@ -355,6 +356,7 @@ def test_nesting_up_to_the_bound_is_read_as_torch_save_writes_it(tmp_path):
         assert runs.archive_refusal(path, runs.MAX_STATE_DICT_BYTES) == refused
 
 
+@pytest.mark.slow
 def test_the_nested_pickle_that_crashed_predict_is_one_line_in_a_real_process(store):
     """Without the check the process died of SIGSEGV (exit 139), printing nothing."""
     from conftest import cli_env, run_cli

@@ -15,9 +15,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("search", help="search lr, epochs and optimizer/loss pairs with Optuna")
     add_config_arguments(p)
     p.add_argument("--study-name", help="Optuna study; an existing one is resumed (default: <experiment>-search)")
-    p.add_argument("--allow-changed-experiment", action="store_true",
+    p.add_argument("--allow-changed-experiment", nargs="?", const=True, metavar="BOOL",
                    help="resume a study whose experiment file changed since it was created (its sha256 differs); "
-                        "the study records the change and the trial it starts at")
+                        "the study records the change and the trial it starts at (a switch: alone, or true|false "
+                        "as MLproject passes it)")
     p.add_argument("--n-trials", default="20", help="trials this invocation runs (default: 20)")
     p.add_argument("--max-trials", help="cap on the study's total trials, across invocations and workers")
     p.add_argument("--timeout", help="stop starting trials after this many seconds")
@@ -69,13 +70,15 @@ def add_parser(sub) -> None:
     p.add_argument("--report-every", help="report the objective metric to the pruner every N epochs (default: a "
                                           "twentieth of the space's largest epochs, at least 1: 20 for the "
                                           "default 50-400; at least 10 on a database server)")
-    p.add_argument("--trial-figures", action="store_true", help="render both PNG figures for every trial")
+    p.add_argument("--trial-figures", nargs="?", const=True, metavar="BOOL",
+                   help="render both PNG figures for every trial")
     add_checkpoint_arguments(p)  # a trial cut short and queued again goes on from its last checkpoint
-    p.add_argument("--importance", action="store_true",
+    p.add_argument("--importance", nargs="?", const=True, metavar="BOOL",
                    help="also render the params' importances (Optuna's PED-ANOVA) in the study's summary; off by "
                         "default: Optuna's importance module imports scikit-learn, ~1.8 s of every search")
-    p.add_argument("--all-models", action="store_true",
-                   help="log every completed trial as an MLflow Model at the end of the invocation, not only the best")
+    p.add_argument("--all-models", nargs="?", const=True, metavar="BOOL",
+                   help="log every completed trial as an MLflow Model at the end of the invocation, not only the "
+                        "best (a switch: alone, or true|false as MLproject passes it)")
     p.add_argument("--register", metavar="NAME",
                    help="register the best trial's MLflow Model as a new version of NAME in the Model Registry "
                         f"and move its alias {CHAMPION_ALIAS!r} to it (models:/NAME@{CHAMPION_ALIAS})")

@@ -143,7 +143,8 @@ class SearchOptions:
         study_module.check_storage(storage_url)
         trials = TrialOptions(
             experiment, data, space, cfg, objectives, batch=batch, mlflow_experiment=args.mlflow_experiment,
-            trial_figures=args.trial_figures, importance=args.importance,
+            trial_figures=config.switch("--trial-figures", args.trial_figures),
+            importance=config.switch("--importance", args.importance),
             **dict(zip(("checkpoint_every", "checkpoint_seconds"), config.checkpoint_policy(
                 args.checkpoint_every, args.checkpoint_seconds, CHECKPOINT_SECONDS))),
             # Each report is a storage write and each pruning check a read of the study: every epoch
@@ -164,8 +165,9 @@ class SearchOptions:
             direction=args.direction, sampler_name=args.sampler,
             sampler=study_module.make_sampler(args.sampler, sampler_seed, space), pruner=pruner,
             independent=tuple(study_module.independent_axes(args.sampler, space)),
-            allow_changed_experiment=args.allow_changed_experiment, progress=not args.no_progress,
-            all_models=args.all_models, register=registered_name(args.register))
+            allow_changed_experiment=config.switch("--allow-changed-experiment", args.allow_changed_experiment),
+            progress=not args.no_progress, all_models=config.switch("--all-models", args.all_models),
+            register=registered_name(args.register))
 
 
 def registered_name(name: str | None) -> str | None:

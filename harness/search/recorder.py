@@ -83,8 +83,10 @@ class TrialRecorder:
     """
 
     def __init__(self, sink: RunSink, study, experiment_id: str, parent_run_id: str, *, experiment, data,
-                 objectives: tuple[str, ...], trial_figures: bool, server: bool):
+                 objectives: tuple[str, ...], trial_figures: bool, server: bool, status=None):
+        """``status``: the study's live description (search.status.LiveStatus), told of each trial's start and end."""
         self.sink, self.study, self.experiment_id, self.parent_run_id = sink, study, experiment_id, parent_run_id
+        self.status = status
         self.experiment, self._data = experiment, data
         self.objectives, self.trial_figures = objectives, trial_figures
         self._extra = tracking.source_params(experiment)
@@ -134,6 +136,9 @@ class TrialRecorder:
                    schema.STUDY_TAG: self.study.study_name, **start.tags},
                   tracking.params_of(start.cfg, {schema.TRIAL_NUMBER_PARAM: start.trial.number, **self._extra}))
                  for start in starts]
+        if self.status is not None:
+            for start in starts:
+                self.status.started(start.trial, start.cfg.epochs)
         if len(specs) == 1 or not self.sink.direct:
             futures = [self._submit(self._create, self.sink.create_run, self.experiment_id, *spec) for spec in specs]
         else:
@@ -165,12 +170,17 @@ class TrialRecorder:
     def live(self, trial, pending: Future, history) -> tracking.LiveCurves:
         """A loop observer sending the trial's curves to its run while it trains."""
         live = tracking.LiveCurves(self.sink.client, lambda: self._link(trial, pending), history)
+        if self.status is not None:
+            self.status.watch(trial.number, history)
         with self._lock:
             self._live[trial.number] = live
         return live
 
     def _sent(self, trial) -> int:
-        """The step the trial's final record starts at: the curves before it are on its run."""
+        """The step the trial's final record starts at: the curves before it are on its run.
+        The trial no longer trains: the live description is told so."""
+        if self.status is not None:
+            self.status.ended(trial.number)
         with self._lock:
             live = self._live.pop(trial.number, None)
         return live.close() if live is not None else 0
@@ -210,6 +220,8 @@ class TrialRecorder:
                               run_status: str) -> str | None:
         """A trial that raised (or was interrupted): its params and the curves recorded so far."""
         if pending is None or (pending.done() and pending.exception() is not None):
+            if self.status is not None:
+                self.status.ended(trial.number)
             return None  # its run was never created
         run_id = self._link(trial, pending)
         rec = tracking.partial_record(cfg, history, reason, tags={schema.TRIAL_STATE_TAG: "FAIL"},

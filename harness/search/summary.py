@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import schema, tracking
 from ..experiment import is_builtin
-from ..schema import METRICS_ATTR, RUN_ATTR
+from ..schema import METRICS_ATTR, PROGRESS_ATTR, RUN_ATTR
 from .objectives import DEFAULT
 from .experimental import experimental_ok
 
@@ -32,7 +32,8 @@ def trials_frame(study):
     frame = study.trials_dataframe()
     column = f"user_attrs_{RUN_ATTR}"
     frame[RUN_ATTR] = frame.pop(column) if column in frame else None
-    return frame
+    # How far a trial had got while it ran (search.status): the live description's, not a result.
+    return frame.drop(columns=f"user_attrs_{PROGRESS_ATTR}", errors="ignore")
 
 
 def trials_csv(study) -> bytes:
@@ -62,10 +63,11 @@ def _csv(frame) -> bytes:
 
 
 def describe(study, experiment, experiment_id: str, params: dict[str, str], top: int = 5,
-             objectives: tuple[str, ...] = DEFAULT) -> str:
+             objectives: tuple[str, ...] = DEFAULT, running: list[str] = ()) -> str:
     """The parent run's description (Markdown on its page in `mlflow ui`): what the study searches, how
     far it got, its best trials with links to their runs, and the commands to compare, reload and
-    reproduce the best (with two objectives, its Pareto front). Rewritten at the end of each invocation."""
+    reproduce the best (with two objectives, its Pareto front). Rewritten at the end of each invocation;
+    while trials train, with ``running`` (search.status: the running trials) after how far it got."""
     from datetime import datetime, timezone
 
     from optuna.trial import TrialState
@@ -81,7 +83,7 @@ def describe(study, experiment, experiment_id: str, params: dict[str, str], top:
              f"Experiment **{experiment.name}** · {settings}", "",
              f"**Search space:** {space}", "",
              f"**Trials:** {len(trials)} ({', '.join(counts) or 'none yet'}), as of "
-             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", *running, "",
              selected_on(objectives[0], study.directions[0].name.lower())]
     if len(study.directions) > 1:
         lines += _front_lines(study, objectives, experiment_id)
@@ -116,7 +118,7 @@ def top_frame(study, trials: list, top: int, objectives: tuple[str, ...] = DEFAU
              **{f"params_{k}": v for k, v in t.params.items()}, RUN_ATTR: t.user_attrs.get(RUN_ATTR)} for t in done]
     frame = pd.DataFrame(rows, columns=None if rows else ["trial", metric, RUN_ATTR])
     params = sorted((c for c in frame.columns if c.startswith("params_")),
-                    key=lambda c: _param_order(c.removeprefix("params_")))
+                    key=lambda c: param_order(c.removeprefix("params_")))
     measured = [c for c in frame.columns if c not in ("trial", metric, RUN_ATTR) and c not in params]
     return frame[["trial", metric, *measured, *params, RUN_ATTR]]
 
@@ -153,7 +155,7 @@ def _top_lines(study, trials: list, experiment, experiment_id: str, top: int,
             run = row[RUN_ATTR]
             link = f"[{schema.trial_run_name(row['trial'])}](#/experiments/{experiment_id}/runs/{run})" if isinstance(run, str) else "-"
             cells = [f"{row[c]:.6g}" if not pd.isna(row[c]) else "-" for c in values]
-            cells += ["-" if pd.isna(row[c]) else _cell(row[c]) for c in params]  # "-": not sampled
+            cells += ["-" if pd.isna(row[c]) else cell(row[c]) for c in params]  # "-": not sampled
             lines.append(f"| {rank} | {row['trial']} | " + " | ".join(cells) + f" | {link} |")
         best = frame[RUN_ATTR].iloc[0]
         best = best if isinstance(best, str) else None
@@ -176,11 +178,11 @@ def front_shown(study, objectives: tuple[str, ...]):
     epochs lead the params as in the best-trials table."""
     front = front_frame(study, objectives)
     shown = front.head(FRONT_SHOWN).drop(columns=[f"params_{name}" for name in objectives], errors="ignore")
-    params = sorted((c for c in shown.columns if c.startswith("params_")), key=lambda c: _param_order(c.removeprefix("params_")))
+    params = sorted((c for c in shown.columns if c.startswith("params_")), key=lambda c: param_order(c.removeprefix("params_")))
     return len(front), shown[["number", RUN_ATTR, *objectives, *params]]
 
 
-def _param_order(key: str):
+def param_order(key: str):
     return key != "lr", key != "epochs", key
 
 
@@ -202,7 +204,7 @@ def _front_lines(study, objectives: tuple[str, ...], experiment_id: str) -> list
         run = row[RUN_ATTR]
         link = f"[{schema.trial_run_name(row['number'])}](#/experiments/{experiment_id}/runs/{run})" if isinstance(run, str) else "-"
         values = " | ".join(f"{row[name]:.6g}" for name in objectives)
-        cells = " | ".join("-" if pd.isna(row[c]) else _cell(row[c]) for c in params)  # "-": not sampled
+        cells = " | ".join("-" if pd.isna(row[c]) else cell(row[c]) for c in params)  # "-": not sampled
         lines.append(f"| {row['number']} | {values} | {cells} | {link} |")
     if total > FRONT_SHOWN:
         lines.append(f"\n(and {total - FRONT_SHOWN} more)")
@@ -212,7 +214,7 @@ def _front_lines(study, objectives: tuple[str, ...], experiment_id: str) -> list
     return lines
 
 
-def _cell(value) -> str:
+def cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "\\|")
 
 

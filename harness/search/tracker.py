@@ -8,6 +8,7 @@ from .options import TrialOptions
 from .parent import ParentRun
 from ..errors import first_line
 from .recorder import TrackingFailed, TrialRecorder
+from .status import LiveStatus
 
 
 class StudyTracker:
@@ -26,10 +27,11 @@ class StudyTracker:
         sink = MlflowSink(client)
         self.objectives = options.objectives
         self.parent = ParentRun.open(sink, study, options)
+        self.status = LiveStatus(self.parent, options.objectives)  # the running trials, while they train
         self.recorder = TrialRecorder(sink, study, self.parent.experiment_id, self.parent.run_id,
                                       experiment=options.experiment, data=options.data, objectives=options.objectives,
                                       trial_figures=options.trial_figures,
-                                      server=is_http(uri))
+                                      server=is_http(uri), status=self.status)
 
     def close(self) -> list[BaseException]:
         """Close abandoned trials' runs, wait for every write to land, and write the study's summary
@@ -38,6 +40,7 @@ class StudyTracker:
         Runs whose final write failed are closed as incomplete, and a completed trial among them is
         queued again, so that its configuration gets a full record."""
         recorder = self.recorder
+        self.status.close()  # before the summary, which replaces the live description
         recorder.drain()
         try:  # also after a failed write: the store may take this one, and the parent is then closed
             self.parent.write_summary(recorder.best, self.objectives)
