@@ -9,7 +9,7 @@ import sys
 from .commands import Parser
 from .errors import HarnessError, UsageError, first_line
 
-COMMANDS = ("train", "search", "compare", "predict", "reproduce", "audit", "cluster")
+COMMANDS = ("train", "search", "compare", "predict", "register", "reproduce", "audit", "cluster")
 
 
 NETWORK_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -21,9 +21,9 @@ NETWORK_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MA
 def build_parser() -> Parser:
     parser = Parser(prog="harness", description="Tracked, searchable PyTorch training runs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    from .commands import audit, cluster, compare, predict, reproduce, search, train
+    from .commands import audit, cluster, compare, predict, register, reproduce, search, train
 
-    for command in (train, search, compare, predict, reproduce, audit, cluster):
+    for command in (train, search, compare, predict, register, reproduce, audit, cluster):
         command.add_parser(sub)
     parser.commands = sub.choices
     return parser

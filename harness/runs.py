@@ -394,8 +394,10 @@ def _model_and_experiment(client, run_id: str, experiment: str | None):
     return fitted_model(client, run_id, cfg, found).eval(), found
 
 
-def predict(run_id: str, values: list[float], client=None, experiment: str | None = None):
-    """Inputs shaped like the experiment's data and the model's outputs for them."""
+def predict(run_id: str, values, client=None, experiment: str | None = None, source: str = "--x"):
+    """Inputs shaped like the experiment's data and the model's outputs for them. ``values``: flat
+    numbers (a multiple of one input's size), one input of the experiment's shape, or several
+    (an array whose first axis counts them); ``source`` names where they came from in a refusal."""
     import torch
 
     from .tracking import fast_read_client
@@ -405,20 +407,36 @@ def predict(run_id: str, values: list[float], client=None, experiment: str | Non
     data = found.load_data()
     shape = data.input_shape
     if shape is None:
-        raise UsageError(f"--x gives one input tensor per sample, and each sample of this experiment is a "
+        raise UsageError(f"{source} gives one input tensor per sample, and each sample of this experiment is a "
                          f"{type(data.test[0]).__name__} of several inputs; load the model with "
                          "harness.runs.load_model and call it yourself")
-    width = int(torch.Size(shape).numel())
-    if not values or len(values) % width:
-        raise UsageError(f"--x needs a multiple of {width} numbers for inputs of shape {list(shape)}, "
-                         f"got {len(values)}")
-    inputs = torch.tensor(values, dtype=torch.float32).reshape(-1, *shape)
+    inputs = shaped(values, tuple(shape), source)
     with torch.inference_mode():
         try:
             return inputs, model(inputs)
         except Exception as exc:  # the experiment's model code
             raise HarnessError(f"the model of run {run_id} failed on inputs of shape {list(inputs.shape)}: "
                                f"{described(exc)}") from None
+
+
+def shaped(values, shape: tuple[int, ...], source: str = "--x"):
+    """``values`` as a batch of inputs of ``shape``: already one (N x shape), one input alone
+    (shape), or their numbers flattened, in order."""
+    import torch
+
+    array = torch.as_tensor(values, dtype=torch.float32)
+    if not array.numel():
+        raise UsageError(f"{source} holds no numbers; inputs of shape {list(shape)} are expected")
+    if array.dim() == len(shape) + 1 and tuple(array.shape[1:]) == shape:
+        return array
+    if tuple(array.shape) == shape:
+        return array.unsqueeze(0)
+    width = int(torch.Size(shape).numel())
+    if array.numel() % width:
+        given = f" (an array of shape {list(array.shape)})" if array.dim() > 1 else ""
+        raise UsageError(f"{source} needs a multiple of {width} numbers for inputs of shape {list(shape)}, "
+                         f"got {array.numel()}{given}")
+    return array.reshape(-1, *shape)
 
 
 def curves(client, run_id: str, keys) -> dict[str, list[float]]:

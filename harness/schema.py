@@ -50,6 +50,11 @@ GPU_DRIVER_TAG = "harness.gpu_driver"
 CUDA_TAG = "harness.cuda"  # the CUDA version torch was built with
 PYTHON_TAG = "harness.python"
 
+# ---- MLflow Model Registry: a registered model version's tags (beside STUDY_TAG, TRIAL_NUMBER_TAG) and alias -----
+OBJECTIVE_NAME_TAG = "harness.objective"  # the metric the study selected its trials on
+OBJECTIVE_VALUE_TAG = "harness.objective_value"  # the trial's value of it
+CHAMPION_ALIAS = "champion"  # moved to each version `harness register` / `search --register` makes
+
 # ---- MLflow run params (besides every field of the resolved config) ------------------------------
 TRIAL_NUMBER_PARAM = "trial_number"
 TORCH_VERSION_PARAM = "torch_version"
@@ -168,9 +173,10 @@ def tag_filter(tag: str) -> str:
 
 def names() -> dict[str, set[str]]:
     """Every name above by kind, for the check of docs/schema.md."""
-    kinds = {"TAG": "tags", "TRIAL_PARAM": "trial params", "PARAM": "params", "ATTR": "attrs", "JSON": "artifacts"}
+    kinds = {"TAG": "tags", "TRIAL_PARAM": "trial params", "PARAM": "params", "ATTR": "attrs", "JSON": "artifacts",
+             "ALIAS": "aliases"}
     out: dict[str, set[str]] = {kind: set() for kind in ("tags", "params", "metrics", "artifacts", "attrs",
-                                                         "trial params")}
+                                                         "trial params", "aliases")}
     for key, value in globals().items():
         if not key.isupper() or not isinstance(value, str) or key == "ROLE_STUDY":
             continue

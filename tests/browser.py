@@ -132,3 +132,11 @@ class Browser:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def sign_in(browser: Browser, user: str, password: str) -> Browser:
+    """The login a person types into the browser's prompt, sent from now on with every request."""
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    browser.send("Network.enable")
+    browser.send("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
+    return browser

@@ -6,7 +6,7 @@ from conftest import ROOT
 from harness import schema
 
 KINDS = {"param": "params", "metric": "metrics", "artifact": "artifacts", "tag": "tags", "attr": "attrs",
-         "trial param": "trial params"}
+         "trial param": "trial params", "alias": "aliases"}
 
 
 def documented_table() -> dict[str, set[str]]:

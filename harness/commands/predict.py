@@ -1,5 +1,13 @@
-"""`harness predict RUN_ID --x ...`: a logged run's model on new inputs."""
+"""`harness predict RUN_ID --x ... | --input FILE`: a logged run's model on new inputs."""
 from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+MAX_INPUT_BYTES = 64 << 20  # a file of inputs is read whole into memory: its size is bounded
+INPUT_SUFFIXES = (".npy", ".csv", ".json")
 
 
 def add_parser(sub) -> None:
@@ -8,26 +16,71 @@ def add_parser(sub) -> None:
     p.add_argument("--experiment", metavar="MODULE_OR_FILE",
                    help="the run's experiment, when it is a module or .py file of your own (a run's record never "
                         "chooses code to import)")
-    p.add_argument("--x", nargs="+", required=True, metavar="X",
-                   help="input values, flattened (a multiple of the experiment's input size)")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--x", nargs="+", metavar="X",
+                       help="input values, flattened (a multiple of the experiment's input size)")
+    given.add_argument("--input", metavar="FILE",
+                       help="inputs from a file: .npy (one input of the experiment's shape, or an array of them), "
+                            ".csv (one input per row, its numbers flattened) or .json (nested lists, or MLflow "
+                            f"serving's {{\"inputs\": ...}}); at most {MAX_INPUT_BYTES >> 20} MiB")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
     from ..errors import UsageError
 
-    values = []
-    for raw in args.x:
-        try:
-            values.append(float(raw))
-        except ValueError:
-            raise UsageError(f"--x values must be numbers, got {raw!r}") from None
+    if args.input is not None:
+        values, source = read_inputs(args.input), f"--input {args.input}"
+    else:
+        values, source = [], "--x"
+        for raw in args.x:
+            try:
+                values.append(float(raw))
+            except ValueError:
+                raise UsageError(f"--x values must be numbers, got {raw!r}") from None
     from ..runs import predict
     from ..tracking import fast_read_client
 
-    inputs, outputs = predict(args.run_id, values, client=fast_read_client(args.run_id), experiment=args.experiment)
+    inputs, outputs = predict(args.run_id, values, client=fast_read_client(args.run_id), experiment=args.experiment,
+                              source=source)
     print("\n".join(lines(inputs, outputs)))
     return 0
+
+
+def read_inputs(name: str):
+    """The numbers of an --input file as a float32 array; a file that is not one is a one-line UsageError."""
+    import numpy as np
+
+    from ..errors import UsageError, described
+
+    path = Path(name)
+    if path.suffix.lower() not in INPUT_SUFFIXES:
+        raise UsageError(f"--input {name!r}: a {', '.join(INPUT_SUFFIXES)} file is allowed")
+    try:
+        found = os.stat(path)  # not opened: a FIFO would block
+    except OSError as exc:
+        raise UsageError(f"--input {name!r}: {described(exc)}") from None
+    if not stat.S_ISREG(found.st_mode):
+        raise UsageError(f"--input {name!r} is not a regular file")
+    if found.st_size > MAX_INPUT_BYTES:
+        raise UsageError(f"--input {name!r} is {found.st_size} bytes, at most {MAX_INPUT_BYTES} allowed")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            # Memory-mapped: a header declaring more numbers than the file holds is refused, not allocated.
+            array = np.array(np.load(path, mmap_mode="r", allow_pickle=False))
+        elif suffix == ".csv":
+            array = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+        else:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(loaded, dict) and len(loaded) == 1 and {"inputs", "instances"} & loaded.keys():
+                loaded = next(iter(loaded.values()))
+            array = np.asarray(loaded, dtype=np.float64)
+    except (ValueError, TypeError, OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--input {name!r} is not an array of numbers ({described(exc)})") from None
+    if array.dtype.kind not in "biuf":
+        raise UsageError(f"--input {name!r} holds {array.dtype} values, not numbers")
+    return array.astype(np.float32)
 
 
 SHOWN = 8  # an input of more numbers than this is shown by its shape (an image), not its values

@@ -5,6 +5,7 @@ import shlex
 import sys
 
 from .. import signals
+from ..schema import CHAMPION_ALIAS
 from ..search.limits import MAX_N_JOBS
 from ..urls import redact
 from .train import add_checkpoint_arguments, add_config_arguments
@@ -75,6 +76,12 @@ def add_parser(sub) -> None:
     p.add_argument("--importance", nargs="?", const=True, metavar="BOOL",
                    help="also render the params' importances (Optuna's PED-ANOVA) in the study's summary; off by "
                         "default: Optuna's importance module imports scikit-learn, ~1.8 s of every search")
+    p.add_argument("--all-models", nargs="?", const=True, metavar="BOOL",
+                   help="log every completed trial as an MLflow Model at the end of the invocation, not only the "
+                        "best (a switch: alone, or true|false as MLproject passes it)")
+    p.add_argument("--register", metavar="NAME",
+                   help="register the best trial's MLflow Model as a new version of NAME in the Model Registry "
+                        f"and move its alias {CHAMPION_ALIAS!r} to it (models:/NAME@{CHAMPION_ALIAS})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 
@@ -99,6 +106,8 @@ def run(args) -> int:
     with signals.deferred(on_signal=lambda: None):
         print(report(outcome.study, outcome.parent_run_id, outcome.seconds, options.storage_url,
                      options.trials.experiment))
+        if outcome.published:
+            print("\n".join(outcome.published))
         return _exit_status(args, outcome, options.storage_url)
 
 

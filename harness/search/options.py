@@ -80,6 +80,8 @@ class SearchOptions:
     independent: tuple[str, ...]  # categorical axes the sampler draws at random
     allow_changed_experiment: bool
     progress: bool
+    all_models: bool = False  # every completed trial as an MLflow Model, not only the best (see search.publish)
+    register: str | None = None  # the registered model the best trial becomes a version of
 
     @classmethod
     def from_args(cls, args) -> "SearchOptions":
@@ -164,7 +166,18 @@ class SearchOptions:
             sampler=study_module.make_sampler(args.sampler, sampler_seed, space), pruner=pruner,
             independent=tuple(study_module.independent_axes(args.sampler, space)),
             allow_changed_experiment=config.switch("--allow-changed-experiment", args.allow_changed_experiment),
-            progress=not args.no_progress)
+            progress=not args.no_progress, all_models=config.switch("--all-models", args.all_models),
+            register=registered_name(args.register))
+
+
+def registered_name(name: str | None) -> str | None:
+    """--register's name, checked by MLflow's rule; "" (MLproject's default) is none."""
+    if not name:
+        return None
+    from ..models import check_name
+
+    check_name(name)
+    return name
 
 
 def study_name(name: str) -> str:

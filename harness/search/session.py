@@ -18,6 +18,7 @@ from .audit import recover_stale, recover_unfinished
 from .journal import JournalWriteError
 from .objective import Objective
 from .options import SearchOptions
+from .publish import publish
 from .recorder import TrackingFailed
 from .storages import study_lock
 
@@ -31,6 +32,7 @@ class Outcome:
     seconds: float = 0.0
     failure: BaseException | None = None  # the store failure that stopped the search
     interrupted: bool = False
+    published: tuple[str, ...] = ()  # the MLflow Models logged and registered at its end (search.publish)
 
 
 def run_search(options: SearchOptions) -> Outcome:
@@ -50,9 +52,13 @@ def run_search(options: SearchOptions) -> Outcome:
     with signals.deferred(on_signal=lambda: None):
         parent_run_id = objective.tracker.parent.run_id if objective.tracker is not None else None
         errors = objective.close()
+        interrupted = interrupted or signals.interrupted()
+        failure = stopped_by or (errors[0] if errors else None)
+        published = ()
+        if parent_run_id is not None and failure is None and not interrupted:
+            published = tuple(publish(study, client, options.trials, options.all_models, options.register))
         return Outcome(study, ran=True, parent_run_id=parent_run_id, seconds=time.time() - started,
-                       failure=stopped_by or (errors[0] if errors else None),
-                       interrupted=interrupted or signals.interrupted())
+                       failure=failure, interrupted=interrupted, published=published)
 
 
 def _open_study(options: SearchOptions):
@@ -75,6 +81,7 @@ def _open_study(options: SearchOptions):
     elif storage is not None:  # read as it is: a refused resume writes nothing, not even a lock file
         study = study_module.existing_study(options.study_name, storage, **study_args)
     client = _open_client(trials.mlflow_experiment, trials.experiment.name)
+    _check_registry(client, options)
     if study is None:
         storage = storage or study_module.open_storage(url, **storage_args)
         with study_lock(storage, options.study_name):  # another worker's may have come meanwhile: checked
@@ -96,6 +103,13 @@ def _open_client(mlflow_experiment: str | None, default: str):
     if refused:
         raise UsageError(refused)
     return client
+
+
+def _check_registry(client, options: SearchOptions) -> None:
+    if options.register:  # before the study is written: a search whose end cannot register does not start
+        from ..models import check_registry
+
+        check_registry(client)
 
 
 def recover_stale_trials(study, storage) -> None:

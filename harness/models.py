@@ -1,0 +1,266 @@
+"""A logged run's model as an MLflow Model (MLflow's PyTorch flavor), and in the Model Registry.
+
+The model is serialized with torch.export (MLflow's ``pt2`` format): loading it reads a graph and
+tensors and imports no module, where ``pickle`` would import the experiment's class by the name the
+stored file holds (and MLflow 3.17 refuses to unpickle without MLFLOW_ALLOW_PICKLE_DESERIALIZATION).
+The model is rebuilt from the run's own ``config.json`` and ``state_dict.pt``, as `harness predict`
+rebuilds it, so the MLflow Model predicts what `harness predict` prints. mlflow and torch are
+imported inside the functions: the core's commands that need neither start without them.
+"""
+from __future__ import annotations
+
+import contextlib
+
+from . import runs, schema
+from .errors import HarnessError, UsageError, first_line
+from .experiment import Data, Experiment, is_builtin
+
+CHAMPION = schema.CHAMPION_ALIAS
+FORMAT = "pt2"  # torch.export: see docs/design.md, "The MLflow Model of a run"
+EXAMPLE_ROWS = 5  # the input example: the first test inputs (more than 1, so the batch axis stays dynamic)
+# The versions this process runs, pinned: `mlflow models serve` with a virtualenv installs these.
+PINNED = ("torch", "mlflow", "numpy")
+
+
+class NotExportable(HarnessError):
+    """The experiment's model cannot be logged as an MLflow Model; the message says why, in one line."""
+
+
+def log_run_model(client, run_id: str, experiment: Experiment | str | None = None,
+                  data=None) -> str:
+    """Log run ``run_id``'s model as an MLflow Model linked to the run (its params, and the metrics
+    of the epoch its weights are from) and return the logged model's id. ``experiment``: the run's,
+    when it is not one of the ``experiments`` package; ``data``: its data, when already loaded.
+    A model torch.export cannot trace exactly is a NotExportable, raised before anything is written."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    reference = experiment.reference if isinstance(experiment, Experiment) else experiment
+    runs.get_run(client, run_id)
+    cfg, found = runs.logged_config(client, run_id, device="cpu",
+                                    experiment=None if reference is None or is_builtin(reference) else reference)
+    model = runs.fitted_model(client, run_id, cfg, found).eval()
+    example = input_example(found, data if data is not None else found.load_data())
+    output = _exported_output(model, example, found.name)
+    signature = infer_signature(example, output)
+    step = _weights_step(client, run_id, cfg.epochs)
+    with _tracking_uri(client.tracking_uri):
+        info = mlflow.pytorch.log_model(
+            model, name=found.name, run_id=run_id, input_example=example, signature=signature,
+            serialization_format=FORMAT, pip_requirements=pinned_requirements(), step=step,
+            # The input example is checked above on the exported program itself; MLflow's own check
+            # loads the saved model once more (0.9 s of the 1.1 s a digits_cnn model takes).
+            validate_serving_input=False)
+    _link_final_metrics(client, run_id, info.model_id)
+    return info.model_id
+
+
+def input_example(experiment: Experiment, data) -> "numpy.ndarray":  # noqa: F821
+    """The first EXAMPLE_ROWS test inputs, as the model takes them; NotExportable for an experiment
+    whose samples are not one input tensor."""
+    import torch
+
+    if isinstance(data, Data):
+        inputs = data.X_test[:EXAMPLE_ROWS]
+    else:
+        if data.input_shape is None:
+            raise NotExportable(f"experiment {experiment.name!r}: each sample is a {type(data.test[0]).__name__} of "
+                                "several inputs, and an MLflow Model of the PyTorch flavor takes one input tensor")
+        inputs = torch.stack([torch.as_tensor(data.test[i][0]) for i in range(min(EXAMPLE_ROWS, len(data.test)))])
+    return inputs.detach().to("cpu", torch.float32).numpy()
+
+
+def _exported_output(model, example, name: str):
+    """The model's output on ``example``, once torch.export has traced it with a dynamic batch axis
+    and the traced program gives the same output; else NotExportable."""
+    import torch
+    from torch.export import Dim
+
+    inputs = torch.from_numpy(example)
+    try:
+        with torch.inference_mode():
+            expected = model(inputs)
+        with _quiet_torch():
+            program = torch.export.export(model, (inputs,), dynamic_shapes=({0: Dim.AUTO},))
+        with torch.inference_mode():
+            traced = program.module()(inputs)
+    except Exception as exc:  # torch.export raises many kinds (its own, the model's code's)
+        raise NotExportable(f"experiment {name!r}: torch.export cannot trace its model ({first_line(exc)[:300]})") \
+            from None
+    if not isinstance(expected, torch.Tensor):
+        raise NotExportable(f"experiment {name!r}: its model returns a {type(expected).__name__}, and an MLflow "
+                            "Model of the PyTorch flavor returns one tensor")
+    if not torch.equal(traced, expected):
+        raise NotExportable(f"experiment {name!r}: the model torch.export traces predicts other values than the "
+                            "model itself")
+    return expected.numpy()
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """torch.export prints the graph it could not trace to stderr, and logs warnings beside it: the
+    harness says why in one line instead."""
+    import io
+    import logging
+
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def pinned_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{package}=={version(package)}" for package in PINNED]
+
+
+def _weights_step(client, run_id: str, epochs: int) -> int:
+    """The epoch the run's weights are from: its best epoch with early stopping, else its last (a
+    finished run trained all its epochs; its curves are not read: a long run's are thousands of points)."""
+    best_epoch = client.get_run(run_id).data.metrics.get(schema.BEST_EPOCH)
+    return int(best_epoch) if best_epoch is not None else epochs - 1
+
+
+def _link_final_metrics(client, run_id: str, model_id: str) -> None:
+    """The run's final values as the logged model's metrics (MLflow links only those of its step)."""
+    from mlflow.entities import Metric
+
+    run = client.get_run(run_id)
+    finals = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id)
+              for key in run.data.metrics if key.startswith(schema.FINAL.split("{")[0])
+              for m in client.get_metric_history(run_id, key)]
+    if finals:
+        client.log_batch(run_id, metrics=finals)
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str):
+    """MLflow's log_model, and its registry's lookup of a models:/ source, use the global tracking URI:
+    the client's for the call. MLflow's own context puts its global back (set_tracking_uri would leave
+    it set, ahead of MLFLOW_TRACKING_URI, for the rest of the process), and MLFLOW_TRACKING_URI, which
+    it unsets on the way out, is put back here."""
+    import os
+
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def run_model(client, run_id: str) -> str | None:
+    """The id of the run's latest READY logged model, or None."""
+    from mlflow.entities import LoggedModelStatus
+
+    run = client.get_run(run_id)
+    ready = [m for m in (client.get_logged_model(o.model_id) for o in (run.outputs.model_outputs if run.outputs else ()))
+             if m.status == LoggedModelStatus.READY]
+    return max(ready, key=lambda m: m.creation_timestamp).model_id if ready else None
+
+
+# ---- the Model Registry --------------------------------------------------------------------------
+MAX_NAME = 256  # the registry's tables hold names of at most this many characters (MLflow's schema)
+
+
+def check_name(name: str) -> None:
+    """A registered model name MLflow takes (its own rule, then its tables' width); else a UsageError."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    shown = repr(name) if len(name) <= 80 else f"{name[:60]!r}... ({len(name)} characters)"
+    try:
+        _validate_model_name(name)
+    except MlflowException as exc:
+        raise UsageError(f"registered model name {shown}: {first_line(exc.message, 200)}") from None
+    if len(name) > MAX_NAME or not name.isprintable() or name != name.strip() or ("'" in name and '"' in name):
+        raise UsageError(f"registered model name {shown}: at most {MAX_NAME} printable characters, without "
+                         "leading or trailing spaces, no '/' or ':', and not both ' and \"")
+
+
+def check_registry(client) -> None:
+    """The store has a Model Registry that answers; else a one-line UsageError, before anything is written."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+
+    from .urls import redact
+
+    try:
+        client.search_registered_models(max_results=1)
+    except (MlflowException, UnsupportedModelRegistryStoreURIException) as exc:
+        raise UsageError(f"the MLflow store {redact(client.tracking_uri)} has no Model Registry that answers "
+                         f"({first_line(getattr(exc, 'message', exc), 200)}); register on a database store "
+                         "(sqlite:///..., postgresql://...) or an mlflow server") from None
+
+
+def register(client, name: str, run_id: str, model_id: str, tags: dict[str, str]):
+    """A new version of registered model ``name`` (created if need be) from the logged model
+    ``model_id``, with ``tags``, and the CHAMPION_ALIAS moved to it. Returns the version. A failure
+    part way takes back what it made: nothing is left half-registered."""
+    source = f"models:/{model_id}"
+    # MLflow's registry finds the logged model of a models:/ source through the global tracking URI.
+    with _tracking_uri(client.tracking_uri):
+        return _register(client, name, run_id, source, model_id, tags)
+
+
+def _register(client, name: str, run_id: str, source: str, model_id: str, tags: dict[str, str]):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    from .tracking import filter_value
+
+    created, version = False, None
+    try:
+        try:
+            client.create_registered_model(name)
+            created = True
+        except MlflowException as exc:
+            if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        # The same logged model again (a search whose best trial did not change): its version gets the alias.
+        same = [] if created else [v for v in client.search_model_versions(f"name = {filter_value(name)}")
+                                   if v.source == source]
+        if same:
+            client.set_registered_model_alias(name, schema.CHAMPION_ALIAS, same[0].version)
+            return same[0]
+        version = client.create_model_version(name, source=source, run_id=run_id, tags=tags, model_id=model_id)
+        _list_version(client, model_id, name, version.version)
+        client.set_registered_model_alias(name, schema.CHAMPION_ALIAS, version.version)
+        return version
+    except BaseException:
+        with contextlib.suppress(Exception):  # the store that failed may refuse these too: the error says why
+            if version is not None:
+                client.delete_model_version(name, version.version)
+            if created:
+                client.delete_registered_model(name)
+        raise
+
+
+def _list_version(client, model_id: str, name: str, version) -> None:
+    """The version among the logged model's own (its page in `mlflow ui` shows them), as
+    mlflow.register_model records it; that function would also print to stderr."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+        listed + [{"name": name, "version": version}])})
+
+
+def version_tags(study: str | None, trial: int | str | None, objective: str | None, value) -> dict[str, str]:
+    """A version's tags: the study and trial it comes from, and the trial's value of the study's objective."""
+    tags = {schema.STUDY_TAG: study, schema.TRIAL_NUMBER_TAG: trial, schema.OBJECTIVE_NAME_TAG: objective,
+            schema.OBJECTIVE_VALUE_TAG: value}
+    return {k: str(v) for k, v in tags.items() if v is not None}

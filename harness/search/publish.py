@@ -1,0 +1,55 @@
+"""The end of a search invocation: its best trial (or every completed one, opt-in) logged as an
+MLflow Model, and with ``--register`` the best one registered in the Model Registry."""
+from __future__ import annotations
+
+import sys
+
+from optuna.trial import TrialState
+
+from .. import models
+from ..errors import UsageError
+from ..schema import RUN_ATTR
+
+
+def publish(study, client, trials, every: bool = False, register: str | None = None) -> list[str]:
+    """Log the study's best trials' models (``every``: each completed trial's) that are not logged
+    yet, and register the best with ``register``. Returns the lines to print. A model that does not
+    export is said on stderr, once, and its runs keep what `harness predict` reads; with
+    ``register`` that is a UsageError (nothing is registered)."""
+    best = _best(study)
+    chosen = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if every else best
+    logged: dict[int, str] = {}
+    lines = []
+    for trial in chosen:
+        run_id = trial.user_attrs.get(RUN_ATTR)
+        if run_id is None:
+            continue
+        model_id = models.run_model(client, run_id)
+        if model_id is None:
+            try:
+                model_id = models.log_run_model(client, run_id, trials.experiment, trials.data)
+            except models.NotExportable as exc:
+                if register:
+                    raise UsageError(f"{exc}; nothing registered as {register!r}") from None
+                print(f"harness: no MLflow Model logged: {exc}; the runs keep state_dict.pt and config.json "
+                      "for harness predict", file=sys.stderr)
+                return lines  # every trial has the same experiment: the others would fail alike
+            lines.append(f"trial {trial.number}: MLflow Model models:/{model_id} (run {run_id})")
+        logged[trial.number] = model_id
+    if register and best:
+        trial = best[0]
+        if trial.number not in logged:
+            raise UsageError(f"trial {trial.number}, the best, has no MLflow run: nothing registered as {register!r}")
+        version = models.register(client, register, trial.user_attrs[RUN_ATTR], logged[trial.number],
+                                  models.version_tags(study.study_name, trial.number, trials.objectives[0],
+                                                      trial.values[0]))
+        lines.append(f"registered trial {trial.number} as {register!r} version {version.version}: "
+                     f"models:/{register}@{models.CHAMPION}")
+    return lines
+
+
+def _best(study) -> list:
+    """The best trial of a study of one objective, the Pareto front of one of two; [] before any completed."""
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        return []
+    return [study.best_trial] if len(study.directions) == 1 else list(study.best_trials)
