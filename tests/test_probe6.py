@@ -56,3 +56,57 @@ def test_a_helper_a_file_experiment_loads_with_import_module_is_part_of_its_iden
     monkeypatch.setattr("sys.path", list(__import__("sys").path))  # what exp.py adds goes with the test
     out = search_twice_then_edit(code, f"{name}.py", in_workdir, cli_in_process, code / "exp.py", "dyn")
     assert out.returncode == 2 and "study 'dyn' was created with experiment" in out.stderr, out.stderr
+
+
+def checkpointed(overrides: dict):
+    """A linear_regression run's config, experiment and data, and its checkpoint after epoch 2 of 4."""
+    import io
+
+    import torch
+
+    from harness import checkpoint, config, training
+    from harness.experiment import load
+
+    experiment = load("linear_regression")
+    data = experiment.load_data()
+    cfg, _ = config.resolve({"experiment": "linear_regression", "device": "cpu", "epochs": 4, "batch_size": 10,
+                             **overrides}, experiment=experiment, n_train=data.n_train)
+    cfg = config.validate(cfg, experiment, data.n_train)
+    written = []
+    training.train(cfg, experiment, data, checkpoints=checkpoint.Checkpoints(
+        write=lambda state: written.append(checkpoint.to_bytes(state)), every=2))
+    return cfg, experiment, data, torch.load(io.BytesIO(written[0]), weights_only=True)
+
+
+RUNS = {
+    "sgd": {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.001},
+    "adam": {"optimizer": "adam"},
+    "step": {"scheduler": "step"},
+    "cosine": {"scheduler": "cosine"},
+    "warmup_cosine": {"scheduler": "warmup_cosine"},
+    "plateau": {"scheduler": "plateau"},
+    "onecycle": {"scheduler": "onecycle", "optimizer": "sgd", "momentum": 0.9},
+}
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_a_checkpoint_whose_optimizer_settings_are_not_the_run_s_is_refused(run):
+    """Probe 6, smaller 1: a checkpoint with its config untouched but lr=0.5 in its optimizer state
+    trained on at 0.5 under param lr=0.01. Any setting a param group holds (lr, its initial_lr under a
+    schedule, momentum, betas, weight_decay, eps...) must be the one the run's config builds; only what
+    the schedule moves may differ, and then it must be what the schedule's state last set."""
+    from harness import checkpoint, training
+
+    cfg, experiment, data, state = checkpointed(RUNS[run])
+    assert training.train(cfg, experiment, data, resume=state).history.epochs_run == 4  # untouched: continues
+    group = state["optimizer"]["param_groups"][0]
+    tampered = [key for key in ("lr", "initial_lr", "momentum", "betas", "weight_decay", "eps") if key in group]
+    assert "lr" in tampered and ("momentum" in tampered or "betas" in tampered)
+    for key in tampered:
+        was = group[key]
+        group[key] = tuple(v * 3 + 0.01 for v in was) if isinstance(was, tuple) else was * 3 + 0.01
+        try:
+            with pytest.raises(checkpoint.Unusable):
+                training.train(cfg, experiment, data, resume=state)
+        finally:
+            group[key] = was
