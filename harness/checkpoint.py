@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -118,12 +119,14 @@ def restore(state: dict, *, model, optimizer, epoch_scheduler=None, batch_schedu
 def _restore(state: dict, *, model, optimizer, epoch_scheduler, batch_scheduler, stopper, loader_generator,
              history) -> int:
     model.load_state_dict(state["model"])
+    built = _settings(optimizer, epoch_scheduler, batch_scheduler)
     optimizer.load_state_dict(state["optimizer"])
     for scheduler, saved in ((epoch_scheduler, state["epoch_scheduler"]), (batch_scheduler, state["batch_scheduler"])):
         if (scheduler is None) != (saved is None):
             raise ValueError("the checkpoint's schedule is not this run's")
         if scheduler is not None:
             scheduler.load_state_dict(saved)
+    _check_settings(built, optimizer, epoch_scheduler, batch_scheduler)
     if (stopper is None) != (state["stopper"] is None):
         raise ValueError("the checkpoint's early stopping is not this run's")
     if stopper is not None:
@@ -150,6 +153,55 @@ def set_generators(rng: dict) -> None:
         _set_numpy_state(rng["numpy"])
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         raise Unusable(described(exc, 200)) from None
+
+
+# The optimizer's settings (probe 6): those the run's config builds, not whatever a checkpoint says.
+# load_state_dict takes every setting of a param group from the checkpoint (an lr of 0.5 for a run
+# of 0.01 trains on with it, under the run's params); only what a schedule moves may differ.
+
+def _settings(optimizer, *schedulers) -> tuple[list[dict], list]:
+    """Each param group's settings (lr, momentum, betas, weight_decay, ...) and each schedule's base_lrs."""
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    return groups, [list(getattr(s, "base_lrs", [])) for s in schedulers if s is not None]
+
+
+def _check_settings(built: tuple[list[dict], list], optimizer, *schedulers) -> None:
+    """ValueError where the restored optimizer's settings are not those of the freshly built one: with
+    a schedule the lr is the one the schedule's restored state last set (its base_lrs and each
+    group's initial_lr the built ones), a cycled momentum the schedule's too."""
+    schedulers = [s for s in schedulers if s is not None]
+    groups, base_lrs = _settings(optimizer, *schedulers)
+    moved = {"lr"} if schedulers else set()
+    if any(getattr(s, "cycle_momentum", False) for s in schedulers):
+        moved |= {"momentum", "betas"}
+    if base_lrs != built[1]:
+        raise ValueError("the checkpoint's schedule starts from another learning rate than this run's")
+    for number, (restored, fresh) in enumerate(zip(groups, built[0])):
+        for key in sorted(set(restored) | set(fresh)):
+            if key not in moved and not _same(restored.get(key), fresh.get(key)):
+                raise ValueError(f"the checkpoint's optimizer has {key}={str(restored.get(key))[:40]} in param "
+                                 f"group {number}, this run's config builds {str(fresh.get(key))[:40]}")
+    for scheduler in schedulers:
+        if not _same([g["lr"] for g in optimizer.param_groups], list(scheduler.get_last_lr())):
+            raise ValueError("the checkpoint's optimizer lr is not the one its schedule last set")
+        if getattr(scheduler, "cycle_momentum", False):
+            # OneCycleLR and CyclicLR keep no last momentum: get_lr computes it afresh from the step
+            # count, and sets it in the groups (the same value for an untouched checkpoint).
+            restored = [(g.get("momentum"), g.get("betas")) for g in optimizer.param_groups]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "use get_last_lr()": the side effect is what is wanted
+                scheduler.get_lr()
+            if not _same(restored, [(g.get("momentum"), g.get("betas")) for g in optimizer.param_groups]):
+                raise ValueError("the checkpoint's optimizer momentum is not the one its schedule sets")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a.cpu(), b.cpu())
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+# (end of the optimizer's settings)
 
 
 def to_bytes(state: dict) -> bytes:

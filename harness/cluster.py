@@ -25,10 +25,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from .errors import HarnessError, UsageError
-from .urls import check_credentials, engine_url, redact, scrub
+from .urls import check_credentials, engine_url, quoted_value, redact, scrub
 
 DB_USER = "harness"
 PASSFILE = "pgpass"
@@ -289,15 +289,76 @@ def create_database(server_url: str, name: str) -> None:
         connection.execute(f'CREATE DATABASE "{name}"')
 
 
+def drop_database(server_url: str, name: str) -> None:
+    """``DROP DATABASE name`` (connections to it closed first), or nothing when the server is gone."""
+    import psycopg
+
+    with contextlib.suppress(psycopg.Error), psycopg.connect(server_url, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def with_database(url: str, name: str) -> str:
     """``url`` naming database ``name`` instead of its own (its query, if any, kept)."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
+def secret_options() -> frozenset[str]:
+    """The connection options libpq itself flags as secrets (password, sslpassword, oauth_client_secret...)."""
+    from psycopg import pq
+
+    return frozenset(o.keyword.decode() for o in pq.Conninfo.get_defaults() if o.dispchar == b"*")
+
+
+def split_password(url: str) -> tuple[str, str | None]:
+    """``url`` as libpq reads it, rebuilt percent-encoded without its password, and that password.
+
+    Every part is libpq's reading (the authority on what the URL means, for it is what connects),
+    not urllib's: an unencoded '#' or '?' in a password ends it for urllib only. A secret other than
+    the password is refused: the rebuilt URL goes on command lines (`mlflow server`, the workers),
+    and libpq reads such a secret from no file or variable a child could be handed instead."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = {k: str(v) for k, v in conninfo_to_dict(url).items()}
+    except psycopg.Error as exc:  # libpq's own parser: what a driver would refuse, refused now
+        raise UsageError(f"--postgres {redact(url)}: {' '.join(scrub(str(exc), url).split())}") from None
+    password = params.pop("password", None)
+    other = sorted(secret_options() & params.keys())
+    if other:
+        raise UsageError(f"--postgres {redact(url)}: {other[0]} is a secret that would be on the command lines of "
+                         "the workers and the tracking server (libpq reads it from no file or variable); leave it "
+                         "out (for sslpassword: a key file without a passphrase, readable by you only, as sslkey)")
+    return server_url(params), password
+
+
+def server_url(params: dict[str, str]) -> str:
+    """The ``postgresql://`` URL of libpq's connection ``params``, every part percent-encoded."""
+    params = dict(params)
+    user = quote(params.pop("user", ""), safe="")
+    dbname = quote(params.pop("dbname", ""), safe="")
+    hosts, ports = params.get("host", ""), params.get("port", "")
+    netloc = ""
+    if not any(h.startswith(("/", "@")) for h in hosts.split(",")):  # socket folders stay in the query
+        params.pop("host", None), params.pop("port", None)
+        host_list, port_list = hosts.split(","), ports.split(",")
+        if len(port_list) == 1:
+            port_list *= len(host_list)
+        netloc = ",".join((f"[{h}]" if ":" in h else quote(h, safe="")) + (f":{p}" if p else "")
+                          for h, p in zip(host_list, port_list))
+        if netloc in ("", ":"):
+            netloc = ""
+    netloc = f"{user}@{netloc}" if user else netloc
+    query = urlencode(params, quote_via=quote)
+    return f"postgresql://{netloc}/{dbname}" + (f"?{query}" if query else "")
+
+
 def check_server(url: str) -> None:
     """``harness cluster --postgres URL``, refused in one line before anything is made: exit 2 for a
-    URL that is not a PostgreSQL one, exit 1 for a server that does not answer or let us in."""
+    URL that is not a PostgreSQL one, exit 1 for a server that does not answer, let us in, or let us
+    create databases. It connects with the URL services() hands on (split_password's), so that
+    what goes on is what was checked."""
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
@@ -315,24 +376,17 @@ def check_server(url: str) -> None:
     except psycopg.Error as exc:  # libpq's own parser: what a driver would refuse, refused now
         raise UsageError(f"{shown}: {' '.join(scrub(str(exc), url).split())}") from None
     if not all(p.isdigit() and 0 < int(p) < 65536 for p in str(ports).split(",")):
-        raise UsageError(f"{shown}: the port must be a number from 1 to 65535, got {scrub(repr(ports), url)}")
+        raise UsageError(f"{shown}: the port must be a number from 1 to 65535, got {quoted_value(str(ports), url)}")
+    plain, password = split_password(url)
     try:
-        psycopg.connect(url, connect_timeout=10).close()
+        with psycopg.connect(plain, connect_timeout=10, **({"password": password} if password else {})) as c:
+            may_create = c.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user"
+                                   ).fetchone()[0]
     except psycopg.Error as exc:
         raise HarnessError(f"{shown}: cannot connect: {' '.join(scrub(str(exc), url).split())}") from None
-
-
-def split_password(url: str) -> tuple[str, str | None]:
-    """``url`` without its password (``user:PASSWORD@`` or ``?password=``), and that password."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    password = dict(query).get("password") or (unquote(parts.password) if parts.password is not None else None)
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, _, hosts = netloc.rpartition("@")
-        netloc = f"{userinfo.split(':', 1)[0]}@{hosts}"
-    query = urlencode([(k, v) for k, v in query if k != "password"])
-    return urlunsplit(parts._replace(netloc=netloc, query=query)), password
+    if not may_create:
+        raise HarnessError(f"{shown}: its user may not create databases (the cluster makes two); "
+                           "ALTER ROLE ... CREATEDB, or use another user")
 
 
 class TrackingServer:
@@ -508,19 +562,35 @@ def services(root: Path, postgres_url: str | None = None, server_workers: int = 
             passfile = root / PASSFILE if password is not None else None
             if passfile:
                 # Only this process and its children, which connect to nothing else, read it.
-                user = unquote(urlsplit(postgres_url).username or "") or "*"
+                from psycopg.conninfo import conninfo_to_dict
+
+                user = conninfo_to_dict(postgres_url).get("user") or "*"
                 write_private(passfile, passfile_line("*", "*", user, password))
         if passfile:
             stack.enter_context(libpq_passfile(passfile))
         suffix = f"{os.getpid()}_{int(time.time() * 1000)}"
+        started = False
+
+        def drop_unused(name: str) -> None:
+            # Until the caller has the services nothing can have logged in them: a failed start leaves none.
+            if not started:
+                drop_database(postgres_url, name)
+
         for name in (f"optuna_{suffix}", f"mlflow_{suffix}"):
             create_database(postgres_url, name)
+            stack.callback(drop_unused, name)
         server = TrackingServer(engine_url(with_database(postgres_url, f"mlflow_{suffix}")), root,
                                 workers=server_workers)
         stack.callback(server.stop)
         server.start()
         stack.enter_context(environment(server.login))
+        started = True
         yield with_database(postgres_url, f"optuna_{suffix}"), server.url
+
+
+def mlflow_database(storage: str) -> str:
+    """The tracking server's database of the run whose Optuna storage services() yielded."""
+    return "mlflow_" + urlsplit(storage).path.rsplit("/optuna_", 1)[1]
 
 
 def _serve_postgres() -> None:

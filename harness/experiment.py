@@ -349,7 +349,7 @@ def load(reference: str) -> Experiment:
         raise UsageError(f"unknown experiment {reference!r}; allowed: {', '.join(names())} "
                          f"(or a module path or a .py file defining EXPERIMENT){did_you_mean(reference, names())}")
     try:
-        module = importlib.import_module(module_name)
+        module = _importing(module_name, lambda: importlib.import_module(module_name))
     except ModuleNotFoundError as exc:
         if exc.name is not None and not module_name.startswith(exc.name):
             raise UsageError(f"experiment module {module_name!r} failed to import: {described(exc)}") from None
@@ -359,7 +359,19 @@ def load(reference: str) -> Experiment:
         raise
     except BaseException as exc:  # SystemExit too: the user's module does not end the harness
         raise UsageError(f"experiment module {module_name!r} raised on import: {described(exc)}") from None
-    return _found(module, module_name, reference, "")
+    digest = ""
+    if not is_builtin(reference.removeprefix(f"{PACKAGE}.")) and getattr(module, "__file__", None):
+        # A user's module: its own package (or, for a top-level module, its folder) is its code.
+        try:
+            file = Path(module.__file__).resolve()
+            digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        except OSError:
+            pass
+        else:
+            depth = module_name.count(".") + (file.name == "__init__.py")
+            folder = file.parents[depth - 1] if depth else file.parent
+            digest = _with_local_imports(digest, module, folder, folder.parent if depth else folder)
+    return _found(module, module_name, reference, digest)
 
 
 def _load_file(reference: str) -> Experiment:
@@ -392,13 +404,13 @@ def _load_file(reference: str) -> Experiment:
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module  # dataclasses and pickling look the module up there
         try:
-            spec.loader.exec_module(module)
+            _importing(module_name, lambda: spec.loader.exec_module(module))
         except BaseException as exc:
             del sys.modules[module_name]
             if isinstance(exc, KeyboardInterrupt):
                 raise
             raise UsageError(f"experiment file {reference!r} raised on import: {described(exc)}") from None
-    return _found(module, str(path), str(path), _with_local_imports(digest, module, path.parent))
+    return _found(module, str(path), str(path), _with_local_imports(digest, module, path.parent, path.parent))
 
 
 def _found(module, where: str, reference: str, digest: str) -> Experiment:
@@ -418,42 +430,101 @@ def _found(module, where: str, reference: str, digest: str) -> Experiment:
 
 
 MAX_LOCAL_MODULES = 100  # files of the user's own code an experiment's identity covers
+# Module name -> the names of the modules that importing it first loaded (see _importing).
+_LOADED_WITH: dict[str, tuple[str, ...]] = {}
 
 
-def _with_local_imports(digest: str, module, folder: Path) -> str:
-    """The experiment's identity: the sha256 of its file, and, where it imports modules of its own
-    folder (a helper with the data or the model), of those files too, followed import by import. An
+def _importing(name: str, load: Callable[[], Any]):
+    """``load()`` (which imports module ``name``), remembering which modules it loaded: a helper the
+    experiment imports under a computed name is found there, and only there."""
+    before = set(sys.modules)
+    try:
+        return load()
+    finally:
+        if name in sys.modules and name not in _LOADED_WITH:
+            _LOADED_WITH[name] = tuple(sorted(set(sys.modules) - before - {name}))
+
+
+def _with_local_imports(digest: str, module, folder: Path, root: Path) -> str:
+    """The experiment's identity: the sha256 of its file, and, where it loads modules of its own
+    ``folder`` (a helper with the data or the model), of those files too: followed import by import,
+    absolute (found under ``root``, where its imports start) and relative, ``import_module("name")``
+    with a literal name, and whatever its import loaded from the folder under a computed name. An
     edited helper is another experiment (a study resumed with it is refused) as an edited file is;
-    a file that imports none keeps the sha256 of the file alone."""
+    a file that loads none keeps the sha256 of the file alone."""
     import ast
 
-    seen: dict[str, str] = {}
-    todo = [module]
+    folder, root = folder.resolve(), root.resolve()
+    own = Path(__file__).resolve().parent  # the harness's own modules are not the experiment's
+    top = Path(module.__file__).resolve()
+    seen: dict[Path, str] = {}
+    todo = [top]
+    loaded = [getattr(sys.modules.get(n), "__file__", None) for n in _LOADED_WITH.get(module.__name__, ())]
+    todo += [Path(f).resolve() for f in loaded if f]
     while todo and len(seen) < MAX_LOCAL_MODULES:
-        current = todo.pop()
-        try:
-            tree = ast.parse(Path(current.__file__).read_bytes())
-        except (OSError, SyntaxError, ValueError, TypeError, AttributeError):
+        path = todo.pop()
+        if path in seen or path.suffix != ".py" or not path.is_relative_to(folder) or path.is_relative_to(own):
             continue
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
-            for name in names:
-                found = sys.modules.get(name)
-                where = getattr(found, "__file__", None)
-                if not where or name in seen:
-                    continue
-                try:
-                    path = Path(where).resolve()
-                    if not path.is_relative_to(folder.resolve()) or path.suffix != ".py":
-                        continue
-                    seen[name] = f"{path.relative_to(folder.resolve())}:{hashlib.sha256(path.read_bytes()).hexdigest()}"
-                except OSError:
-                    continue
-                todo.append(found)
+        try:
+            content = path.read_bytes()
+            tree = ast.parse(content)
+        except (OSError, SyntaxError, ValueError):
+            continue
+        seen[path] = f"{path.relative_to(folder)}:{hashlib.sha256(content).hexdigest()}"
+        package = _package_of(path, root)
+        for name in _imported_names(tree, package):
+            todo += _module_files(name, root)
+            where = getattr(sys.modules.get(name), "__file__", None)  # found through sys.path, elsewhere
+            if where:
+                todo.append(Path(where).resolve())
+    seen.pop(top, None)
     if not seen:
         return digest
     return hashlib.sha256("\n".join([digest, *sorted(seen.values())]).encode()).hexdigest()
+
+
+def _package_of(path: Path, root: Path) -> str:
+    """The package a file under ``root`` belongs to, as its relative imports resolve ('' at the top)."""
+    try:
+        parts = list(path.relative_to(root).with_suffix("").parts)
+    except ValueError:
+        return ""
+    return ".".join(parts[:-1])
+
+
+def _imported_names(tree, package: str) -> list[str]:
+    """Every module a file's code names to import: import statements anywhere (in a function too),
+    relative ones resolved against ``package``, and calls of import_module or __import__ with a literal."""
+    import ast
+
+    def resolved(name: str) -> str | None:
+        try:
+            return importlib.util.resolve_name(name, package) if name.startswith(".") else name
+        except (ImportError, ValueError):
+            return None
+
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = resolved("." * node.level + (node.module or ""))
+            if base:  # `from a import b` imports a, and b too when b is a module of a
+                names += [base, *(f"{base}.{a.name}" for a in node.names if a.name != "*")]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str) \
+                and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__"):
+            names.append(resolved(node.args[0].value))
+    return [n for n in names if n]
+
+
+def _module_files(name: str, root: Path) -> list[Path]:
+    """The files under ``root`` that importing ``name`` runs: each package's __init__.py and the module's."""
+    parts, found = name.split("."), []
+    for i in range(1, len(parts) + 1):
+        base = root.joinpath(*parts[:i])
+        found += [f for f in (base / "__init__.py", base.with_suffix(".py")) if f.is_file()]
+    return found
 
 
 def file_sha256(reference: str) -> str | None:

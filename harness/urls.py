@@ -142,7 +142,24 @@ def scrub(text: str, url: str) -> str:
             text = text.replace(secret, HIDDEN)
     for secret in found:
         text = _hide_fragments(text, secret)
-    return text
+    # A value a library quotes ("Ab" of "user:Ab/CdEf9@h", read as a port) is hidden whatever its
+    # length when it may be a piece of a secret: the runs above leave pieces under FRAGMENT alone.
+    return _QUOTED.sub(lambda m: f"{m.group(1)}{HIDDEN}{m.group(1)}" if overlaps(m.group(2), found) else m.group(0),
+                       text)
+
+
+_QUOTED = re.compile(r"""(["'])([^"'\n]+)\1""")
+
+
+def overlaps(value: str, found: list[str]) -> bool:
+    """Whether ``value`` (a piece of a URL a parser read out) may be all or part of one of ``found``."""
+    return any(value in secret or secret in value for secret in found)
+
+
+def quoted_value(value: str, url: str) -> str:
+    """``value``, read out of ``url``, as a message may quote it: its repr, or the field alone
+    (``HIDDEN``) where it may be a piece of the URL's password however short."""
+    return HIDDEN if overlaps(value, secrets(url)) else repr(value)
 
 
 def _hide_fragments(text: str, secret: str) -> str:

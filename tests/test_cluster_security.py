@@ -20,7 +20,7 @@ import pytest
 from conftest import cli_env
 from harness import cluster
 from harness.cli import main
-from harness.errors import UsageError
+from harness.errors import HarnessError, UsageError
 
 
 def require_postgres_programs():
@@ -427,3 +427,83 @@ def test_the_workers_search_arguments_are_checked_before_anything_starts(tmp_pat
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and line in err, err
     assert "hunter22" not in err and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("password", ["Qz#Wm1xK", "Qz?Wm1xK", "Qz#W?m&1=xK"])
+def test_a_password_is_split_off_where_libpq_ends_it_not_where_urllib_does(password):
+    """Probe 6, F1/F2: urllib ends a password at an unencoded '#' or '?', libpq (which connects) does not;
+    the URL handed on is rebuilt from libpq's reading, so no piece of the password stays in it."""
+    url = f"postgresql://harness:{password}@127.0.0.1:55432/postgres?sslmode=disable"
+    plain, found = cluster.split_password(url)
+    assert (plain, found) == ("postgresql://harness@127.0.0.1:55432/postgres?sslmode=disable", password)
+
+
+@pytest.mark.parametrize("key", ["sslpassword", "oauth_client_secret"])
+def test_a_secret_libpq_reads_only_from_the_url_is_refused_naming_the_key(key, tmp_path, capsys):
+    """Probe 6, F3: such a secret would be on the workers' and the tracking server's command lines."""
+    url = f"postgresql://harness:PW@127.0.0.1:55432/postgres?{key}=SSLSECRET9&sslmode=disable"
+    assert main(["cluster", "--postgres", url, "--dir", str(tmp_path / "c")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f": {key} is a secret that would be on the command lines" in line and "SSLSECRET9" not in line, line
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("password", ["Ab/CdEf9", "x/Hunter2Secret", "Qz/a", "Hunter2Secret/Ab"])
+def test_no_short_piece_of_a_password_is_quoted_as_a_port_or_host(password, tmp_path, capsys):
+    """Probe 6, smaller 2: libpq reads 'Ab' of 'harness:Ab/CdEf9@h' as the port; a piece that short
+    passed the scrubbing of runs of 4 characters."""
+    url = f"postgresql://harness:{password}@127.0.0.1:5/db"
+    code = main(["cluster", "--postgres", url, "--dir", str(tmp_path / "c")])
+    [line] = capsys.readouterr().err.strip().splitlines()
+    pieces = [p for p in password.split("/") if p]
+    assert code == 2 and not [p for p in pieces if f"'{p}'" in line or f'"{p}"' in line], line
+    assert not (tmp_path / "c").exists()
+
+
+def databases(url: str, password: str) -> set[str]:
+    import psycopg
+
+    with psycopg.connect(url, password=password) as connection:
+        return {name for (name,) in connection.execute("SELECT datname FROM pg_database")}
+
+
+@pytest.mark.slow
+def test_a_password_with_hash_and_question_mark_works_off_command_lines_and_a_failed_start_drops_its_databases(
+        postgres, tmp_path, monkeypatch):
+    """Probe 6, F1/F2: `Qz#Wm1xK` went on `mlflow server`'s command line split around the inserted
+    database name, and the server could not log in; every run, failed or not, left two databases."""
+    import psycopg
+
+    started, _ = postgres
+    admin = secret_of(started.passfile)
+    password = "Qz#Wm1?xK"
+    with psycopg.connect(started.url(), password=admin, autocommit=True) as connection:
+        connection.execute("DROP ROLE IF EXISTS probe6")
+        connection.execute(f"CREATE ROLE probe6 LOGIN CREATEDB PASSWORD '{password}'")
+    url = f"postgresql://probe6:{password}@127.0.0.1:{started.port}/postgres"
+    launched = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(command, *args, **kwargs):
+        launched.append(" ".join(map(str, command)))
+        return real_popen(command, *args, **kwargs)
+
+    monkeypatch.setattr(cluster.subprocess, "Popen", recording_popen)
+    monkeypatch.delenv("PGPASSFILE", raising=False)
+    before = databases(started.url(), admin)
+    cluster.check_server(url)
+    with cluster.services(tmp_path / "c", url, 1) as (storage, _):
+        psycopg.connect(storage).close()  # the passfile services() names lets the workers in
+        made = databases(started.url(), admin) - before
+        assert made == {storage.rsplit("/", 1)[1], cluster.mlflow_database(storage)}
+    assert launched and not [c for c in launched for piece in ("Qz", "Wm1", "xK") if piece in c], launched
+    assert made <= databases(started.url(), admin)  # the services ran: what they hold stays
+
+    def failing_start(self):
+        raise HarnessError("the tracking server did not start")
+
+    monkeypatch.setattr(cluster.TrackingServer, "start", failing_start)
+    kept = databases(started.url(), admin)
+    with pytest.raises(HarnessError), cluster.services(tmp_path / "d", url, 1):
+        pass
+    assert databases(started.url(), admin) == kept

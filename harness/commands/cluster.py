@@ -49,7 +49,9 @@ def run(args) -> int:
         # login through the environment services() set, never on their command lines.
         env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
         credentials = root / cluster.CREDENTIALS
-        print(f"PostgreSQL storage: {redact(storage)}\n"
+        # From here on the workers may log: the databases stay (a failed start dropped them).
+        print(f"PostgreSQL storage: {redact(storage)} (the runs in database {cluster.mlflow_database(storage)}; "
+              "both kept after the run)\n"
               f"MLflow tracking server: {tracking_uri} (artifacts in {root / 'artifacts'}; login "
               f"{cluster.ADMIN}, its password in {credentials}, readable by you only)")
         command = [sys.executable, "-m", "harness", "search", "--storage", storage, "--study-name", args.study_name,
