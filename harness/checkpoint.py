@@ -287,10 +287,13 @@ def _partial_damage(partial: Any) -> str | None:
     if not isinstance(values, dict) or "loss" not in values:
         return "it holds no per-batch losses"
     for name, kept in values.items():
+        # One finite real number a batch, on the CPU, as capture stores them: anything else would fail
+        # the user's run at the epoch's end (a stack, a meta tensor, a NaN read as divergence).
         if not (isinstance(name, str) and 0 < len(name) <= 250 and isinstance(kept, torch.Tensor)
-                and kept.dim() >= 1 and len(kept) == done
-                and kept.numel() <= done * 16 and kept.is_contiguous()):
-            return f"its per-batch values {str(name)[:40]!r} are not {done} values, one a batch"
+                and kept.dim() >= 1 and len(kept) == done and kept.numel() == done and kept.is_contiguous()
+                and kept.device.type == "cpu" and kept.is_floating_point()
+                and bool(torch.isfinite(kept).all())):
+            return f"its per-batch values {str(name)[:40]!r} are not {done} finite numbers, one a batch"
     if partial.get("lr") is not None and type(partial["lr"]) is not float:
         return "its learning rate is not a number"
     return None

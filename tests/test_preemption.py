@@ -195,7 +195,14 @@ def _stopped_inside_an_epoch():
     lambda s: s["partial"]["values"].pop("loss"),
     lambda s: s.pop("partial"),
     lambda s: s["partial"].update(lr="fast"),
-], ids=["a billion batches", "zero-stride sizes", "ten million losses", "no losses", "no place", "a text lr"])
+    # The seventh probe's: each failed the user's run at the epoch's end instead of being refused.
+    lambda s: s["partial"]["values"].update(loss=torch.zeros(len(s["partial"]["values"]["loss"]), 16)),
+    lambda s: s["partial"]["values"].update(loss=s["partial"]["values"]["loss"].to("meta")),
+    lambda s: s["partial"]["values"].update(loss=torch.full_like(s["partial"]["values"]["loss"], float("nan"))),
+    lambda s: s["partial"]["values"].update(loss=s["partial"]["values"]["loss"].to(torch.complex64)),
+    lambda s: s["partial"]["values"].update(loss=s["partial"]["values"]["loss"].to(torch.int64)),
+], ids=["a billion batches", "zero-stride sizes", "ten million losses", "no losses", "no place", "a text lr",
+        "sixteen values a batch", "meta tensors", "NaN losses", "complex losses", "integer losses"])
 def test_a_mid_epoch_checkpoint_whose_place_is_tampered_with_is_refused_in_one_line(edit, fresh_signals):
     cfg, experiment, _, state = _stopped_inside_an_epoch()
     edit(state)
