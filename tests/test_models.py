@@ -9,7 +9,7 @@ import torch
 
 from conftest import all_runs, new_store, redirects_restored
 from harness import runs
-from harness.commands.predict import MAX_INPUT_BYTES
+from harness.commands.predict import MAX_INPUT_BYTES, MAX_INPUTS
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,10 @@ def test_predict_refuses_input_files_that_are_not_inputs_of_the_experiment(digit
     (tmp_path / "folder.json").mkdir()
     with open(tmp_path / "huge.npy", "wb") as sparse:  # costs no disk: refused by its size alone
         sparse.truncate(MAX_INPUT_BYTES + 1)
+    # The seventh probe's: a traceback each, and 3.2 GB of memory for a 6 MB file of 3 million inputs.
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "nothing.npy").write_bytes(b"")
+    (tmp_path / "many.csv").write_text("1\n" * (MAX_INPUTS + 1))
     for name, message in (("objects.npy", "is not an array of numbers"), ("short.npy", "is not an array of numbers"),
                           ("wrong.npy", "needs a multiple of 64 numbers for inputs of shape [1, 8, 8], got 10 "
                                         "(an array of shape [2, 5])"),
@@ -80,7 +84,9 @@ def test_predict_refuses_input_files_that_are_not_inputs_of_the_experiment(digit
                           ("header.csv", "is not an array of numbers"), ("ragged.json", "is not an array of numbers"),
                           ("notes.txt", "a .npy, .csv, .json file is allowed"), ("folder.json", "not a regular file"),
                           ("missing.npy", "No such file"),
-                          ("huge.npy", f"at most {MAX_INPUT_BYTES} allowed")):
+                          ("huge.npy", f"at most {MAX_INPUT_BYTES} allowed"), ("deep.json", "nested too deep"),
+                          ("nothing.npy", "is not an array of numbers"),
+                          ("many.csv", f"holds {MAX_INPUTS + 1} inputs, at most {MAX_INPUTS} allowed")):
         out = cli_in_process("predict", run_id, "--input", tmp_path / name, cwd=folder)
         assert out.returncode == 2 and message in out.stderr, (name, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1 and out.stdout == "", (name, out.stderr)

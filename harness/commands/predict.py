@@ -7,6 +7,9 @@ import stat
 from pathlib import Path
 
 MAX_INPUT_BYTES = 64 << 20  # a file of inputs is read whole into memory: its size is bounded
+# Each input is predicted and printed on a line of its own (about 1 KB of memory each on the way):
+# their count is bounded too. More at once is what `mlflow models serve` or pyfunc is for.
+MAX_INPUTS = 100_000
 INPUT_SUFFIXES = (".npy", ".csv", ".json")
 
 
@@ -76,10 +79,15 @@ def read_inputs(name: str):
             if isinstance(loaded, dict) and len(loaded) == 1 and {"inputs", "instances"} & loaded.keys():
                 loaded = next(iter(loaded.values()))
             array = np.asarray(loaded, dtype=np.float64)
-    except (ValueError, TypeError, OSError, UnicodeDecodeError) as exc:
+    except (ValueError, TypeError, OSError, UnicodeDecodeError, EOFError) as exc:
         raise UsageError(f"--input {name!r} is not an array of numbers ({described(exc)})") from None
+    except RecursionError:  # JSON nested past what Python's parser follows
+        raise UsageError(f"--input {name!r} is nested too deep to be an array of numbers") from None
     if array.dtype.kind not in "biuf":
         raise UsageError(f"--input {name!r} holds {array.dtype} values, not numbers")
+    if array.ndim and len(array) > MAX_INPUTS:
+        raise UsageError(f"--input {name!r} holds {len(array)} inputs, at most {MAX_INPUTS} allowed: for more, "
+                         "serve the model (mlflow models serve) or load it with mlflow.pyfunc")
     return array.astype(np.float32)
 
 
