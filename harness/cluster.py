@@ -325,6 +325,11 @@ def split_password(url: str) -> tuple[str, str | None]:
     except psycopg.Error as exc:  # libpq's own parser: what a driver would refuse, refused now
         raise UsageError(f"--postgres {redact(url)}: {' '.join(scrub(str(exc), url).split())}") from None
     password = params.pop("password", None)
+    if password is not None:
+        if "\n" in password or "\r" in password:  # a passfile entry is one line: libpq would read another password
+            raise UsageError(f"--postgres {redact(url)}: the password holds a line break, which no libpq passfile "
+                             "can hand on to the workers and the tracking server; give the role another password")
+        params.pop("passfile", None)  # the password is handed on in the harness's own passfile, which this would override
     other = sorted(secret_options() & params.keys())
     if other:
         raise UsageError(f"--postgres {redact(url)}: {other[0]} is a secret that would be on the command lines of "
@@ -378,12 +383,18 @@ def check_server(url: str) -> None:
     if not all(p.isdigit() and 0 < int(p) < 65536 for p in str(ports).split(",")):
         raise UsageError(f"{shown}: the port must be a number from 1 to 65535, got {quoted_value(str(ports), url)}")
     plain, password = split_password(url)
-    try:
-        with psycopg.connect(plain, connect_timeout=10, **({"password": password} if password else {})) as c:
-            may_create = c.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user"
-                                   ).fetchone()[0]
-    except psycopg.Error as exc:
-        raise HarnessError(f"{shown}: cannot connect: {' '.join(scrub(str(exc), url).split())}") from None
+    # Connected as the workers and the server will be: the rebuilt URL, the password from a passfile.
+    with tempfile.TemporaryDirectory(prefix="harness-check-") as tmp, contextlib.ExitStack() as stack:
+        if password is not None:
+            passfile = Path(tmp) / PASSFILE
+            write_private(passfile, passfile_line("*", "*", conninfo_to_dict(plain).get("user") or "*", password))
+            stack.enter_context(libpq_passfile(passfile))
+        try:
+            with psycopg.connect(plain, connect_timeout=10) as c:
+                may_create = c.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user"
+                                       ).fetchone()[0]
+        except psycopg.Error as exc:
+            raise HarnessError(f"{shown}: cannot connect: {' '.join(scrub(str(exc), url).split())}") from None
     if not may_create:
         raise HarnessError(f"{shown}: its user may not create databases (the cluster makes two); "
                            "ALTER ROLE ... CREATEDB, or use another user")
@@ -552,6 +563,7 @@ def services(root: Path, postgres_url: str | None = None, server_workers: int = 
     private_dir(root)
     check_dir(root)  # as it is now that it exists: ours, 0700, and no folder above it swapped meanwhile
     stack = contextlib.ExitStack()
+    started = False  # once the caller has the services: before, nothing made is of use to anyone
     with stack:
         if postgres_url is None:
             postgres = Postgres(root / "postgres").start()
@@ -566,10 +578,10 @@ def services(root: Path, postgres_url: str | None = None, server_workers: int = 
 
                 user = conninfo_to_dict(postgres_url).get("user") or "*"
                 write_private(passfile, passfile_line("*", "*", user, password))
+                stack.callback(lambda: None if started else passfile.unlink(missing_ok=True))
         if passfile:
             stack.enter_context(libpq_passfile(passfile))
         suffix = f"{os.getpid()}_{int(time.time() * 1000)}"
-        started = False
 
         def drop_unused(name: str) -> None:
             # Until the caller has the services nothing can have logged in them: a failed start leaves none.
@@ -577,7 +589,13 @@ def services(root: Path, postgres_url: str | None = None, server_workers: int = 
                 drop_database(postgres_url, name)
 
         for name in (f"optuna_{suffix}", f"mlflow_{suffix}"):
-            create_database(postgres_url, name)
+            import psycopg
+
+            try:
+                create_database(postgres_url, name)
+            except psycopg.Error as exc:  # a server that let the check in and refuses this (a timeout, a quota)
+                raise HarnessError(f"cannot create database {name} on {redact(postgres_url)}: "
+                                   f"{' '.join(scrub(str(exc), postgres_url).split())}") from None
             stack.callback(drop_unused, name)
         server = TrackingServer(engine_url(with_database(postgres_url, f"mlflow_{suffix}")), root,
                                 workers=server_workers)

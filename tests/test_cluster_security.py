@@ -448,6 +448,25 @@ def test_a_secret_libpq_reads_only_from_the_url_is_refused_naming_the_key(key, t
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("password", ["Line1Secret%0ALine2Secret", "Line1Secret%0DLine2Secret"])
+def test_a_password_no_passfile_can_hold_is_refused_before_anything_is_made(password, tmp_path, capsys):
+    """Probe 7: a line break splits the passfile's entry, so the workers would log in with another
+    password than the check's: a traceback after --dir and its passfile were made."""
+    url = f"postgresql://u1:{password}@127.0.0.1:55432/postgres"
+    assert main(["cluster", "--postgres", url, "--dir", str(tmp_path / "c")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "holds a line break" in line and "Secret" not in line, line
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_urls_own_passfile_gives_way_to_the_one_the_password_is_handed_on_in():
+    """Probe 7: libpq takes a URL's passfile over PGPASSFILE, so the password handed on was never read."""
+    plain, found = cluster.split_password("postgresql://u:PW@127.0.0.1:55432/db?passfile=/nonexistent&sslmode=disable")
+    assert (plain, found) == ("postgresql://u@127.0.0.1:55432/db?sslmode=disable", "PW")
+    plain, found = cluster.split_password("postgresql://u@127.0.0.1:55432/db?passfile=/mine")  # no password: theirs
+    assert (plain, found) == ("postgresql://u@127.0.0.1:55432/db?passfile=%2Fmine", None)
+
+
 @pytest.mark.parametrize("password", ["Ab/CdEf9", "x/Hunter2Secret", "Qz/a", "Hunter2Secret/Ab"])
 def test_no_short_piece_of_a_password_is_quoted_as_a_port_or_host(password, tmp_path, capsys):
     """Probe 6, smaller 2: libpq reads 'Ab' of 'harness:Ab/CdEf9@h' as the port; a piece that short
