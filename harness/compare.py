@@ -2,14 +2,12 @@
 of two objectives, also its Pareto front, from the runs' objective metrics."""
 from __future__ import annotations
 
-import contextlib
-import os
-
 from matplotlib.figure import Figure
 
 from . import schema
 from .errors import UsageError, did_you_mean
 from .runs import curves
+from .tracking import scoped_tracking_uri
 
 ROLE_COLUMN = f"tags.{schema.ROLE_TAG}"  # as mlflow.search_runs names the column
 # Params that say how a run was made, not what it tried.
@@ -36,7 +34,7 @@ def top_runs(client, *, study: str | None = None, mlflow_experiment: str | None 
         if found is None:
             raise UsageError(f"unknown MLflow experiment {mlflow_experiment!r}")
         scope, experiment_ids = f"MLflow experiment {mlflow_experiment!r}", [found.experiment_id]
-    with _fluent_store(client.tracking_uri):  # the fluent search reads the client's store (read-only or not)
+    with scoped_tracking_uri(client.tracking_uri):  # the fluent search reads the client's store (read-only or not)
         frame = mlflow.search_runs(experiment_ids=experiment_ids or [e.experiment_id for e in client.search_experiments()],
                                    filter_string=" and ".join(where), output_format="pandas",
                                    order_by=[f"metrics.{metric} {'DESC' if descending else 'ASC'}"])
@@ -55,25 +53,6 @@ def top_runs(client, *, study: str | None = None, mlflow_experiment: str | None 
     if front:
         frame = pareto_front(frame, front, scope)
     return frame if top is None else frame.head(top)
-
-
-@contextlib.contextmanager
-def _fluent_store(uri: str):
-    """MLflow's fluent API on ``uri`` for the block, and the caller's tracking URI as it was
-    afterwards (set or not, and the MLFLOW_TRACKING_URI that set_tracking_uri also writes): a compare
-    from a script must not move the script's own runs to another store. MLflow's own scoping helper
-    is private (``_use_tracking_uri``); public calls cannot tell a set URI from the variable's."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        with _use_tracking_uri(uri):
-            yield
-    finally:
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def pareto_front(frame, front: dict[str, str], scope: str):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 
-from . import runs, schema
+from . import runs, schema, tracking
 from .errors import HarnessError, UsageError, first_line
 from .experiment import Data, Experiment, is_builtin
 
@@ -45,7 +45,7 @@ def log_run_model(client, run_id: str, experiment: Experiment | str | None = Non
     output = _exported_output(model, example, found.name)
     signature = infer_signature(example, output)
     step = _weights_step(client, run_id, cfg.epochs)
-    with _tracking_uri(client.tracking_uri):
+    with tracking.scoped_tracking_uri(client.tracking_uri):
         info = mlflow.pytorch.log_model(
             model, name=found.name, run_id=run_id, input_example=example, signature=signature,
             serialization_format=FORMAT, pip_requirements=pinned_requirements(), step=step,
@@ -139,27 +139,6 @@ def _link_final_metrics(client, run_id: str, model_id: str) -> None:
         client.log_batch(run_id, metrics=finals)
 
 
-@contextlib.contextmanager
-def _tracking_uri(uri: str):
-    """MLflow's log_model, and its registry's lookup of a models:/ source, use the global tracking URI:
-    the client's for the call. MLflow's own context puts its global back (set_tracking_uri would leave
-    it set, ahead of MLFLOW_TRACKING_URI, for the rest of the process), and MLFLOW_TRACKING_URI, which
-    it unsets on the way out, is put back here."""
-    import os
-
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        with _use_tracking_uri(uri):
-            yield
-    finally:
-        if before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before
-
-
 def run_model(client, run_id: str) -> str | None:
     """The id of the run's latest READY logged model, or None."""
     from mlflow.entities import LoggedModelStatus
@@ -210,7 +189,7 @@ def register(client, name: str, run_id: str, model_id: str, tags: dict[str, str]
     part way takes back what it made: nothing is left half-registered."""
     source = f"models:/{model_id}"
     # MLflow's registry finds the logged model of a models:/ source through the global tracking URI.
-    with _tracking_uri(client.tracking_uri):
+    with tracking.scoped_tracking_uri(client.tracking_uri):
         return _register(client, name, run_id, source, model_id, tags)
 
 

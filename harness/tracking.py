@@ -7,6 +7,7 @@ active run), metrics in ``log_batch`` calls of at most 1000 entries.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -131,6 +132,26 @@ class LoggedNames:
         if not self.checked:
             self.checked = True
             check_logged(self.experiment, logs)
+
+
+@contextlib.contextmanager
+def scoped_tracking_uri(uri: str):
+    """MLflow's fluent API (and what reads its global tracking URI: log_model, the registry's lookup
+    of a models:/ source) on ``uri`` for the block, and the caller's tracking URI as it was afterwards,
+    set or not: set_tracking_uri would leave it set, ahead of MLFLOW_TRACKING_URI, for the rest of the
+    process, and MLflow's own scoping helper (private: public calls cannot tell a set URI from the
+    variable's) unsets MLFLOW_TRACKING_URI on the way out, which is put back here."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def default_tracking_uri() -> str:

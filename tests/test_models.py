@@ -155,9 +155,9 @@ def test_a_search_logs_its_best_trial_as_an_mlflow_model_of_its_run(registered):
 
 
 def mlflow_tracking(uri):
-    from harness.models import _tracking_uri
+    from harness.tracking import scoped_tracking_uri
 
-    return _tracking_uri(uri)
+    return scoped_tracking_uri(uri)
 
 
 def test_the_best_trial_is_registered_with_the_champion_alias_and_its_study_s_tags(registered):
