@@ -161,6 +161,14 @@ def passfile_line(host: str, port: str, user: str, password: str) -> str:
     return ":".join([*fields, escape(password)]) + "\n"
 
 
+def url_passfile(path: Path, url: str, password: str) -> None:
+    """A 0600 passfile at ``path`` giving ``password`` to the user of ``url`` (split_password's URL) on
+    any host, port and database: how the check, the workers and the tracking server all log in."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    write_private(path, passfile_line("*", "*", conninfo_to_dict(url).get("user") or "*", password))
+
+
 @contextlib.contextmanager
 def environment(values: dict[str, str], unset: tuple[str, ...] = ()):
     """``values`` set and ``unset`` removed in os.environ, for this process and the children it
@@ -387,7 +395,7 @@ def check_server(url: str) -> None:
     with tempfile.TemporaryDirectory(prefix="harness-check-") as tmp, contextlib.ExitStack() as stack:
         if password is not None:
             passfile = Path(tmp) / PASSFILE
-            write_private(passfile, passfile_line("*", "*", conninfo_to_dict(plain).get("user") or "*", password))
+            url_passfile(passfile, plain, password)
             stack.enter_context(libpq_passfile(passfile))
         try:
             with psycopg.connect(plain, connect_timeout=10) as c:
@@ -574,10 +582,7 @@ def services(root: Path, postgres_url: str | None = None, server_workers: int = 
             passfile = root / PASSFILE if password is not None else None
             if passfile:
                 # Only this process and its children, which connect to nothing else, read it.
-                from psycopg.conninfo import conninfo_to_dict
-
-                user = conninfo_to_dict(postgres_url).get("user") or "*"
-                write_private(passfile, passfile_line("*", "*", user, password))
+                url_passfile(passfile, postgres_url, password)
                 stack.callback(lambda: None if started else passfile.unlink(missing_ok=True))
         if passfile:
             stack.enter_context(libpq_passfile(passfile))
