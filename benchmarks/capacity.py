@@ -62,7 +62,7 @@ from harness.experiment import load  # noqa: E402
 from harness.search import space as space_module  # noqa: E402
 from harness.search import study as study_module  # noqa: E402
 from harness.search import loop  # noqa: E402
-from harness.search.workers import identity  # noqa: E402
+from harness.search.durable.workers import identity  # noqa: E402
 from harness.sink import MlflowSink  # noqa: E402
 from harness.urls import engine_url  # noqa: E402
 

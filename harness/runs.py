@@ -22,7 +22,7 @@ from .urls import redact
 
 
 def get_run(client, run_id: str):
-    from .local_store import ERRORS, RUN_ID, LocalStore
+    from .fast.local_store import ERRORS, RUN_ID, LocalStore
     from .tracking import missing
 
     if not RUN_ID.match(run_id):  # MLflow's own rule: its refusal would read as a store failure
@@ -150,7 +150,7 @@ def fetch_artifact(client, run_id: str, name: str, limit: int, tmp: str) -> Path
 def _in_place(client, run_id: str, name: str) -> Path | None:
     """The artifact's own file where the run's artifacts are in a local folder (refused if it is
     not a regular file in that folder), else None."""
-    from .local_store import LocalStore, artifact_file
+    from .fast.local_store import LocalStore, artifact_file
 
     if isinstance(client, LocalStore):
         return Path(client.download_artifacts(run_id, name))

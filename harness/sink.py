@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from . import mlflow_sql, tracking
+from . import tracking
+from .fast import mlflow_sql
 from .schema import FAIL_REASON_TAG, INCOMPLETE_TAG, PARENT_TAG
 from .tracking import RunRecord
 from .urls import local_folder

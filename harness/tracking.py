@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import store_template
 from .errors import ExperimentCodeError, first_line, shown
-from .mlflow_sql import accepted_name, refused_name
+from .fast.mlflow_sql import accepted_name, refused_name
 from .schema import (CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, GIT_COMMIT_TAG, SOURCE_NAME_TAG,
                      SOURCE_TYPE_TAG, STATE_DICT, TORCH_THREADS_PARAM, TORCH_VERSION_PARAM, final)
 from .urls import engine_url, is_http, redact, scrub, sqlite_path
@@ -429,7 +429,7 @@ def read_client(tracking_uri: str | None = None):
         if not Path(sqlite_path(uri)).is_file():
             raise UsageError(f"no MLflow store at {redact(uri)}: nothing to read there "
                              "(run a search or train first, or set MLFLOW_TRACKING_URI)")
-        from .local_store import stranded_wal
+        from .fast.local_store import stranded_wal
 
         stranded = stranded_wal(Path(sqlite_path(uri)))
         if stranded:
@@ -458,7 +458,7 @@ def read_only_uri(uri: str) -> str | None:
         return None
     from urllib.parse import quote
 
-    from .local_store import read_only_flags
+    from .fast.local_store import read_only_flags
 
     path = Path(sqlite_path(uri))
     flags = read_only_flags(path) if path.is_file() else None
@@ -494,7 +494,7 @@ def fast_read_client(run_id: str, tracking_uri: str | None = None):
     """read_client() for loading one run's model (predict): on an SQLite store where it is known to
     read MLflow's tables right, a read-only reader that imports neither mlflow nor SQLAlchemy,
     seconds of a predict's start-up."""
-    from .local_store import LocalStore
+    from .fast.local_store import LocalStore
 
     uri = tracking_uri or default_tracking_uri()
     return LocalStore.open(uri, run_id) or read_client(uri)

@@ -10,7 +10,7 @@ from optuna.trial import TrialState, create_trial
 from conftest import copy_store, new_store, redirects_restored
 from harness.experiment import load
 from harness.search import space as space_module
-from harness.search.audit import audit
+from harness.search.durable.audit import audit
 from harness.search.objective import Objective
 from harness.search.study import create_study, make_pruner, open_storage
 from harness.sink import MlflowSink

@@ -25,11 +25,11 @@ from harness.errors import UsageError
 from harness.experiment import load
 from harness.filelock import LOCK_SUFFIX
 from harness.search import space as space_module
-from harness.search.audit import audit
+from harness.search.durable.audit import audit
 from harness.search.objective import Objective
-from harness.search.optuna_private import storage_of
+from harness.search.durable.optuna_private import storage_of
 from harness.search.loop import StudyFull, ask
-from harness.search.storages import describe, lock_file, study_lock
+from harness.search.durable.storages import describe, lock_file, study_lock
 from harness.search.study import create_study, existing_study, make_pruner, open_storage
 from harness.sink import MlflowSink, close_incomplete
 from harness.tracking import RunRecord
@@ -381,7 +381,7 @@ def test_batch_writers_sharing_one_sqlite_store_outwait_a_lock_held_past_their_b
     other holder's) instead of dying with "database is locked" and leaving its runs RUNNING."""
     import sqlite3
 
-    from harness import mlflow_sql
+    from harness.fast import mlflow_sql
 
     import mlflow.store.db.utils as mlflow_db
     import sqlalchemy

@@ -16,7 +16,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from harness import compat, mlflow_sql, tracking
+from harness import compat, tracking
+from harness.fast import mlflow_sql
 from harness.schema import FAIL_REASON_TAG
 from harness.sink import MlflowSink
 from harness.tracking import RunRecord
@@ -433,7 +434,8 @@ def test_a_metric_named_loss_never_replaces_the_runs_own_loss_outside_the_pre_fl
     themselves (the trial fails with the reason) instead of logging the metric as the loss."""
     import torch
 
-    from harness import batched, config, training
+    from harness import config, training
+    from harness.fast import batched
     from harness.errors import ExperimentCodeError
     from harness.experiment import Experiment, load
 

@@ -26,11 +26,11 @@ def run(args) -> int:
     import optuna
     from ..tracking import read_client
 
-    from ..search.audit import audit
+    from ..search.durable.audit import audit
 
     journal_fixed, journal_violations, journal_notes = [], [], []
     if study_module.storage_scheme(url) == "journal":
-        from ..search import journal
+        from ..search.durable import journal
 
         path = study_module.journal_path(url)
         damage = None if args.fix or not Path(path).is_file() else journal.tail_damage(path)

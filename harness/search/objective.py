@@ -99,7 +99,7 @@ class Objective:
 
     def run_batch(self, trials: list) -> list[Told]:
         """Train ``trials`` (asked from one study) together: those whose configurations stack
-        (harness.batched: same shapes, batch size and seed) as one stacked model, each still its own trial and
+        (harness.fast.batched: same shapes, batch size and seed) as one stacked model, each still its own trial and
         run, reported, pruned and tracked as ``__call__`` does; the others one at a time. Returns
         a ``Told(state, value)`` per trial, for ``study.tell``. A member's numbers are those of training it
         alone, bit for bit, so each trial reproduces alone."""

@@ -10,7 +10,8 @@ from typing import NamedTuple
 
 import optuna
 
-from .. import batched, config, signals, tracking, training
+from .. import config, signals, tracking, training
+from ..fast import batched
 from ..config import TrainConfig
 from ..errors import ExperimentCodeError, UsageError, described
 from ..loop import History, StopTraining
@@ -18,10 +19,10 @@ from ..schema import (FAIL_REASON_ATTR, METRICS_ATTR, PAIR_TRIAL_PARAM, RESUMED_
                       WORKER_ATTR)
 from . import objectives as objectives_module
 from . import space as space_module
-from .journal import JournalWriteError
+from .durable.journal import JournalWriteError
 from .options import TrialOptions
 from .recorder import TrackingFailed, TrialEnd, TrialRecorder, TrialStart
-from .workers import INTERRUPTED, identity, retry, unfinished_reason
+from .durable.workers import INTERRUPTED, identity, retry, unfinished_reason
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -11,19 +11,19 @@ from dataclasses import dataclass, field
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
-from ..errors import HarnessError, first_line
-from .. import schema, tracking
-from ..schema import FAIL_REASON_ATTR, INCOMPLETE_TAG, PAIR_TRIAL_PARAM as PAIR, PARENT_ATTR, RUN_ATTR, WORKER_ATTR
-from ..sink import MlflowSink, close_incomplete
-from ..config import per_epoch
-from .objectives import LEGACY, of_study
-from .experimental import experimental_ok
-from .space import logged_params
-from .recorder import fail_run
+from ...errors import HarnessError, first_line
+from ... import schema, tracking
+from ...schema import FAIL_REASON_ATTR, INCOMPLETE_TAG, PAIR_TRIAL_PARAM as PAIR, PARENT_ATTR, RUN_ATTR, WORKER_ATTR
+from ...sink import MlflowSink, close_incomplete
+from ...config import per_epoch
+from ..objectives import LEGACY, of_study
+from ..experimental import experimental_ok
+from ..space import logged_params
+from ..recorder import fail_run
 from .optuna_private import trial_id
 from .workers import WORKER_DIED, abandoned, alive, gone, retried_numbers, retry, unfinished
-from ..tracking import missing
-from ..urls import redact
+from ...tracking import missing
+from ...urls import redact
 
 EXPECTED_STATUS = {TrialState.COMPLETE: ("FINISHED",), TrialState.PRUNED: ("KILLED",),
                    TrialState.FAIL: ("FAILED", "KILLED")}  # KILLED: interrupted by the user
@@ -154,7 +154,7 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
 
 def _create_parent(client, study) -> str:
     """The parent run a crashed first search never created, where the search would have put it."""
-    from ..tracking import experiment_id
+    from ...tracking import experiment_id
 
     sink = MlflowSink(client)
     name = study.user_attrs.get(schema.STUDY_EXPERIMENT_ATTR)
@@ -329,9 +329,9 @@ def _each_step_once(steps: list[int], count: int) -> bool:
 
 
 def _check_complete(n: int, run, epochs: int, client, report: Report) -> None:
-    from ..errors import UsageError
-    from ..experiment import is_builtin
-    from ..runs import fitted_model, load_state_dict, logged_config
+    from ...errors import UsageError
+    from ...experiment import is_builtin
+    from ...runs import fitted_model, load_state_dict, logged_config
 
     run_id = run.info.run_id
     for key in (schema.TRAIN_LOSS, schema.TEST_LOSS):

@@ -15,8 +15,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import quote
 
-from . import compat
-from .urls import local_folder, sqlite_path
+from .. import compat
+from ..urls import local_folder, sqlite_path
 
 # MLflow's own check: an id it refuses goes through MLflow, so that its message stays the same.
 RUN_ID = re.compile(r"^[a-zA-Z0-9][\w\-]{0,255}$")

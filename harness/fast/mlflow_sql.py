@@ -27,8 +27,8 @@ import time
 from contextlib import contextmanager
 from functools import lru_cache
 
-from . import compat
-from .schema import RUN_NAME_TAG, USER_TAG
+from .. import compat
+from ..schema import RUN_NAME_TAG, USER_TAG
 
 _RUN_ID = re.compile(r"^[a-zA-Z0-9][\w\-]{0,255}$")  # mlflow.utils.validation's run id rule
 
