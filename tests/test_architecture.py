@@ -100,11 +100,9 @@ def test_the_checks_see_imports_inside_functions():
 # Who else imports a wing, and why it cannot be handed in by a command instead.
 WING_IMPORTERS = {
     "harness.fast": {
-        # (step 1 of issue 27's wings: these go once the command hands the fast paths in)
-        "harness.sink": "the one-transaction SQL writer",
-        "harness.tracking": "MLflow's name rule and the SQLite reader",
-        "harness.runs": "the SQLite reader's errors",
-        "harness.search.trials": "stacked training",
+        # A Python caller's Objective, or load_model without a client, has no command to hand the
+        # fast paths in: this one module takes them where the wing is installed, else None.
+        "harness.accelerated": "the fast paths for Objective and runs.load_model/predict",
     },
     "harness.search.durable": {
         # A trial is owned by its worker from the write that creates it, and a study's workers

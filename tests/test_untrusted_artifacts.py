@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from harness import runs
 from harness.errors import HarnessError
-from harness.tracking import fast_read_client
+from harness.fast.local_store import read_client as fast_read_client
 from harness.urls import local_folder
 from test_audit import mlflow_uri, searched, searched_once  # noqa: F401 - fixtures
 from test_fast_read import VALUES, _artifact, _sql, _within, store  # noqa: F401 - a fixture

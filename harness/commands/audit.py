@@ -47,7 +47,10 @@ def run(args) -> int:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise UsageError(f"no study {args.study!r} in {study_module.redact(url)}; "
                          f"studies there: {', '.join(names) or 'none'}") from None
-    report = audit(study, storage, read_client(), fix=args.fix)
+    from ..fast.mlflow_sql import DirectWriter
+
+    client = read_client()
+    report = audit(study, storage, client, fix=args.fix, direct=DirectWriter.for_client(client))
     report.fixed[:0], report.violations[:0] = journal_fixed, journal_violations
     for line in journal_notes:
         print(f"note: {line}")
