@@ -1,4 +1,4 @@
-"""Training throughput of stacked configurations (harness.batched) against one at a time, side by side.
+"""Training throughput of stacked configurations (harness.fast.batched) against one at a time, side by side.
 
 Configurations are drawn from the reference search space (lr log-uniform 1e-4..1e-1, epochs 50..400,
 the six optimizer/loss pairs) with one seed, grouped by ``batched.stack_key`` as a search groups them
@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import batched, config, training  # noqa: E402
+from harness import config, training  # noqa: E402
+from harness.fast import batched  # noqa: E402
 from harness.experiment import load  # noqa: E402
 from harness.search.space import DEFAULT  # noqa: E402
 

@@ -62,8 +62,8 @@ from harness.experiment import load  # noqa: E402
 from harness.search import space as space_module  # noqa: E402
 from harness.search import study as study_module  # noqa: E402
 from harness.search import loop  # noqa: E402
-from harness.search.workers import identity  # noqa: E402
-from harness.sink import MlflowSink  # noqa: E402
+from harness.search.durable.workers import identity  # noqa: E402
+from harness.fast.mlflow_sql import sink_for  # noqa: E402
 from harness.urls import engine_url  # noqa: E402
 
 # The environment `harness search` runs its workers in (timeouts, retries, no run URL printed per
@@ -170,7 +170,7 @@ class Client:
         self.study = optuna.load_study(study_name=setup.study_name, storage=storage,
                                        sampler=study_module.make_sampler(setup.sampler, None, setup.space),
                                        pruner=study_module.make_pruner("median"))
-        self.sink = MlflowSink(tracking.open_client(setup.tracking_uri))
+        self.sink = sink_for(tracking.open_client(setup.tracking_uri))
         self.worker = identity()
         self.samples: list[tuple[float, float]] = []  # (optuna s, mlflow s) per completed trial
         self.errors, self.first_error = 0, None
@@ -324,7 +324,7 @@ def new_study(n: int, storage_url: str, tracking_uri: str, sampler: str, space) 
     study_module.create_study(name, storage, direction="minimize", space=space, experiment=EXPERIMENT,
                               sampler=study_module.make_sampler(sampler, None, space),
                               pruner=study_module.make_pruner("median"))
-    sink = MlflowSink(tracking.open_client(tracking_uri))
+    sink = sink_for(tracking.open_client(tracking_uri))
     experiment_id = tracking.experiment_id(sink.client, "capacity")
     parent = sink.create_run(experiment_id, name, {schema.ROLE_TAG: schema.ROLE_STUDY, schema.STUDY_TAG: name}, {})
     return name, experiment_id, parent

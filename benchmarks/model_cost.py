@@ -45,6 +45,8 @@ print(json.dumps({"import_s": imported - started, "load_s": loaded - imported, "
 
 def cost(experiment: str, repeats: int) -> None:
     from harness.cli import build_parser
+    from harness.fast import batched
+    from harness.fast.mlflow_sql import DirectWriter
     from harness.search import session
     from harness.search.options import SearchOptions
 
@@ -70,7 +72,8 @@ def cost(experiment: str, repeats: int) -> None:
                 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
                 args = build_parser().parse_args(["search", "--experiment", experiment, "--no-progress"])
                 started = time.perf_counter()
-                outcome = session.run_search(SearchOptions.from_args(args))
+                outcome = session.run_search(SearchOptions.from_args(  # as `harness search` hands them in
+                    args, sql_writer=DirectWriter.for_client, stacker=batched))
                 walls[way].append(time.perf_counter() - started)
                 assert outcome.failure is None and not outcome.interrupted, outcome
                 if way == "with":

@@ -3,7 +3,7 @@
 1. CPU milliseconds per trial by kind of store write (run creation and params, artifacts, metrics,
    tags and status), on MLflow's public path (create_run, log_batch, log_artifacts, set_terminated)
    and on the harness's path (harness/sink.py: artifacts written into the run's local folder, the
-   rest in one SQL transaction, harness/mlflow_sql.py), beside the CPU of training the trial itself.
+   rest in one SQL transaction, harness/fast/mlflow_sql.py), beside the CPU of training the trial itself.
 2. Wall time of the same trials trained and written four ways, interleaved, side by side: untracked;
    inline (the sink called in the training thread); a thread executor (what `harness search` does);
    MLflow's own asynchronous logging (``log_batch(..., synchronous=False)``); and a writer process
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import compat, config, schema, tracking, training  # noqa: E402
 from harness.experiment import load  # noqa: E402
+from harness.fast.mlflow_sql import sink_for  # noqa: E402
 from harness.sink import MlflowSink  # noqa: E402
 
 PAIRS = ["sgd+l1", "sgd+mse", "adam+l1", "adam+mse", "adamw+smooth_l1", "rmsprop+huber"]
@@ -50,7 +51,7 @@ def configs(n: int, experiment, data) -> list:
 def store(tmp: str) -> MlflowSink:
     client = tracking.open_client(f"sqlite:///{tmp}/mlflow.db")
     client.create_experiment("bench")
-    return MlflowSink(client)
+    return sink_for(client)
 
 
 def record_of(cfg, result, number: int):
@@ -124,7 +125,7 @@ _SINK = None
 
 def _init(uri: str) -> None:
     global _SINK
-    _SINK = MlflowSink(tracking.open_client(uri))
+    _SINK = sink_for(tracking.open_client(uri))
 
 
 def _create(name: str, tags: dict, params: dict) -> str:

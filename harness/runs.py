@@ -22,16 +22,15 @@ from .urls import redact
 
 
 def get_run(client, run_id: str):
-    from .local_store import ERRORS, RUN_ID, LocalStore
+    from .store_files import RUN_ID
     from .tracking import missing
 
     if not RUN_ID.match(run_id):  # MLflow's own rule: its refusal would read as a store failure
         shown = repr(run_id) if len(run_id) <= 80 else f"{run_id[:60]!r}... ({len(run_id)} characters)"
         raise UsageError(f"{shown} is not a run id: MLflow's run ids are a letter or digit, then up to 255 "
                          "letters, digits, '_' or '-' (the 32 hex digits MLflow prints)")
-    if isinstance(client, LocalStore):
-        errors = ERRORS  # the fast reader's: mlflow stays unimported
-    else:
+    errors = getattr(client, "ERRORS", None)  # a fast reader's own (harness.fast): mlflow stays unimported
+    if errors is None:
         from mlflow.exceptions import MlflowException as errors
     try:
         return client.get_run(run_id)
@@ -150,10 +149,10 @@ def fetch_artifact(client, run_id: str, name: str, limit: int, tmp: str) -> Path
 def _in_place(client, run_id: str, name: str) -> Path | None:
     """The artifact's own file where the run's artifacts are in a local folder (refused if it is
     not a regular file in that folder), else None."""
-    from .local_store import LocalStore, artifact_file
+    from .store_files import artifact_file
 
-    if isinstance(client, LocalStore):
-        return Path(client.download_artifacts(run_id, name))
+    if hasattr(client, "artifact_in_place"):  # a fast reader (harness.fast) reads nothing but local files
+        return client.artifact_in_place(run_id, name)
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
@@ -382,9 +381,9 @@ def load_model(run_id: str, client=None, experiment: str | None = None):
     """The run's model, rebuilt from its config (hyperparameters included) and loaded from its
     state_dict.pt, in eval mode. ``experiment``: the run's experiment module or file, when it is
     not one of the ``experiments`` package."""
-    from .tracking import fast_read_client
+    from . import accelerated
 
-    client = client or fast_read_client(run_id)
+    client = client or accelerated.read_client(run_id)
     return _model_and_experiment(client, run_id, experiment)[0]
 
 
@@ -400,9 +399,9 @@ def predict(run_id: str, values, client=None, experiment: str | None = None, sou
     (an array whose first axis counts them); ``source`` names where they came from in a refusal."""
     import torch
 
-    from .tracking import fast_read_client
+    from . import accelerated
 
-    client = client or fast_read_client(run_id)
+    client = client or accelerated.read_client(run_id)
     model, found = _model_and_experiment(client, run_id, experiment)
     data = found.load_data()
     shape = data.input_shape

@@ -15,11 +15,11 @@ import tempfile
 import time
 from concurrent.futures import wait
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 
 from . import store_template
 from .errors import ExperimentCodeError, first_line, shown
-from .mlflow_sql import accepted_name, refused_name
 from .schema import (CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, GIT_COMMIT_TAG, SOURCE_NAME_TAG,
                      SOURCE_TYPE_TAG, STATE_DICT, TORCH_THREADS_PARAM, TORCH_VERSION_PARAM, final)
 from .urls import engine_url, is_http, redact, scrub, sqlite_path
@@ -40,6 +40,31 @@ class RunRecord:
     # The curves' steps before it are on the run already (sent while it trained, or by an earlier
     # attempt of a resumed run): written from this step on, so that no step is written twice.
     first_step: int = 0
+
+
+@lru_cache(maxsize=4096)
+def accepted_name(name) -> bool:
+    """Whether MLflow takes ``name`` as a metric, param or tag name (one rule for the three)."""
+    return refused_name(name) is None
+
+
+def refused_name(name) -> str | None:
+    """MLflow's reason for refusing ``name`` as a metric, param or tag name, or None: its own
+    validators (characters, names that resolve to another path, length)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, _validate_length_limit, _validate_metric_name
+    except ImportError:  # an MLflow without them: its log_batch refuses such a name when the run is written
+        return None
+    if not isinstance(name, str):
+        return f"{name!r} is not a string"
+    try:
+        _validate_metric_name(name)
+        _validate_length_limit("Metric name", MAX_ENTITY_KEY_LENGTH, name)
+    except MlflowException as exc:
+        return exc.message
+    return None
 
 
 def refused_metric(curves, finals, reserved=()) -> str | None:
@@ -429,7 +454,7 @@ def read_client(tracking_uri: str | None = None):
         if not Path(sqlite_path(uri)).is_file():
             raise UsageError(f"no MLflow store at {redact(uri)}: nothing to read there "
                              "(run a search or train first, or set MLFLOW_TRACKING_URI)")
-        from .local_store import stranded_wal
+        from .store_files import stranded_wal
 
         stranded = stranded_wal(Path(sqlite_path(uri)))
         if stranded:
@@ -458,7 +483,7 @@ def read_only_uri(uri: str) -> str | None:
         return None
     from urllib.parse import quote
 
-    from .local_store import read_only_flags
+    from .store_files import read_only_flags
 
     path = Path(sqlite_path(uri))
     flags = read_only_flags(path) if path.is_file() else None
@@ -488,16 +513,6 @@ def _no_folder_for_uri_filenames() -> None:
 def read_only(client) -> bool:
     """Whether ``client`` was opened on a store it cannot write (``read_only_uri``)."""
     return client.tracking_uri.startswith("sqlite:///file:") and "mode=ro" in client.tracking_uri
-
-
-def fast_read_client(run_id: str, tracking_uri: str | None = None):
-    """read_client() for loading one run's model (predict): on an SQLite store where it is known to
-    read MLflow's tables right, a read-only reader that imports neither mlflow nor SQLAlchemy,
-    seconds of a predict's start-up."""
-    from .local_store import LocalStore
-
-    uri = tracking_uri or default_tracking_uri()
-    return LocalStore.open(uri, run_id) or read_client(uri)
 
 
 def _probe_database(uri: str) -> None:

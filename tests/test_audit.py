@@ -10,10 +10,10 @@ from optuna.trial import TrialState, create_trial
 from conftest import copy_store, new_store, redirects_restored
 from harness.experiment import load
 from harness.search import space as space_module
-from harness.search.audit import audit
+from harness.search.durable.audit import audit
 from harness.search.objective import Objective
 from harness.search.study import create_study, make_pruner, open_storage
-from harness.sink import MlflowSink
+from harness.fast.mlflow_sql import sink_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -118,7 +118,7 @@ def test_an_interrupted_retry_of_a_retry_is_queued_once(mlflow_uri, workdir):
 
     url = f"journal:{workdir / 'j.log'}"
     study, storage = optuna.create_study(study_name=STUDY, storage=open_storage(url)), None
-    sink = MlflowSink(MlflowClient(mlflow_uri))
+    sink = sink_for(MlflowClient(mlflow_uri))
     parent = sink.create_run("0", STUDY, {"harness.role": "study", "optuna.study_name": STUDY}, {})
     sink.close(parent, "FINISHED")
     study.set_user_attr("mlflow_parent_run_id", parent)
@@ -147,7 +147,7 @@ def test_what_the_audit_says_fix_queues_fix_queues_once(searched):
 
     url, client = searched
     run_id = _run_of(url, 0)
-    close_incomplete(MlflowSink(client), run_id, "state_dict.pt missing")
+    close_incomplete(sink_for(client), run_id, "state_dict.pt missing")
 
     [line] = audit(*_reopened(url), client).violations
     assert line.startswith(f"trial 0: run {run_id} is incomplete") and line.endswith("--fix queues it")

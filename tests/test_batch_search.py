@@ -4,7 +4,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from harness import Objective, batched
+from harness import Objective
+from harness.fast import batched
 from harness.experiment import load
 from harness.search import loop
 from harness.search import space as space_module
@@ -111,7 +112,7 @@ def test_every_member_of_a_batch_beats_its_heartbeat_on_an_rdb_storage(tmp_path,
 def test_a_tracked_batch_writes_its_runs_together_and_keeps_the_contract(workdir, monkeypatch):
     """Tracked, a batch's runs are created in one transaction and its records written in another,
     and the store holds what one trial at a time leaves: one complete run per trial, audit clean."""
-    from harness.search import audit
+    from harness.search.durable import audit
     from harness.search import study as study_module
     from harness.sink import MlflowSink
     from search_helpers import check_contract
@@ -150,7 +151,7 @@ def full_disk_batch(workdir, monkeypatch, journal_full: bool = False):
     """A tracked batch of 4 (3 complete, 1 diverges) whose records cannot be written: the MLflow
     store refuses them (a full disk), and with ``journal_full`` the Optuna journal then refuses
     writes too, as when both live on that disk. Returns the study, its storage and close()'s errors."""
-    from harness import mlflow_sql
+    from harness.fast import mlflow_sql
     from harness.search import study as study_module
 
     real = mlflow_sql.DirectWriter.write_many
@@ -200,7 +201,7 @@ def test_a_batch_whose_records_fail_to_write_closes_every_run_incomplete_and_que
 def test_when_the_journal_cannot_queue_them_either_audit_says_so_and_fix_queues_them(workdir, monkeypatch):
     """The journal on the same full disk: the worker's own retry fails. Audit's advice is then
     true: it names each configuration not queued, and --fix queues each once."""
-    from harness.search import audit
+    from harness.search.durable import audit
     from harness.tracking import read_client
 
     study, storage = full_disk_batch(workdir, monkeypatch, journal_full=True)
@@ -222,10 +223,10 @@ def test_a_trial_left_running_with_no_worker_is_failed_and_retried_once_it_is_ol
     audit, and it stops counting toward --max-trials; a young one is left alone."""
     from datetime import datetime, timedelta
 
-    from harness.search import audit
+    from harness.search.durable import audit
     from harness.search import study as study_module
     from harness.search.loop import StudyFull
-    from harness.search.workers import OWNERLESS_S
+    from harness.search.durable.workers import OWNERLESS_S
 
     storage = study_module.open_storage(f"journal:{tmp_path / 'optuna_journal.log'}")
     study = optuna.create_study(study_name="s", storage=storage)
@@ -291,9 +292,9 @@ def test_a_worker_killed_and_not_yet_reaped_is_gone(tmp_path):
     import subprocess
     import time
 
-    from harness.search import audit
+    from harness.search.durable import audit
     from harness.search import study as study_module
-    from harness.search.workers import identity
+    from harness.search.durable.workers import identity
 
     proc = subprocess.Popen(["sleep", "600"])
     try:

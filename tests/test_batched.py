@@ -1,10 +1,11 @@
-"""Configurations trained as one stack (harness.batched) give each member exactly what training it
+"""Configurations trained as one stack (harness.fast.batched) give each member exactly what training it
 alone gives: curves, final state_dict, stop reasons (fast tier: small data, in-process)."""
 
 import pytest
 import torch
 
-from harness import batched, config, stacked_optim, training
+from harness import config, training
+from harness.fast import batched, stacked_optim
 from harness.experiment import load
 from harness.loop import History, StopTraining
 

@@ -16,8 +16,8 @@ from mlflow import MlflowClient
 from harness import compat, runs
 from harness.commands.predict import _fmt
 from harness.errors import HarnessError, UsageError
-from harness.local_store import LocalStore
-from harness.tracking import fast_read_client
+from harness.fast.local_store import LocalStore
+from harness.fast.local_store import read_client as fast_read_client
 from conftest import artifact_folder, cli_env, copy_store
 
 VALUES = [0.1, 0.5, -2.0]

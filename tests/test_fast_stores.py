@@ -25,13 +25,14 @@ from harness.errors import UsageError
 from harness.experiment import load
 from harness.filelock import LOCK_SUFFIX
 from harness.search import space as space_module
-from harness.search.audit import audit
+from harness.search.durable.audit import audit
 from harness.search.objective import Objective
-from harness.search.optuna_private import storage_of
+from harness.search.durable.optuna_private import storage_of
 from harness.search.loop import StudyFull, ask
-from harness.search.storages import describe, lock_file, study_lock
+from harness.search.durable.storages import describe, lock_file, study_lock
 from harness.search.study import create_study, existing_study, make_pruner, open_storage
-from harness.sink import MlflowSink, close_incomplete
+from harness.fast.mlflow_sql import sink_for
+from harness.sink import close_incomplete
 from harness.tracking import RunRecord
 from search_helpers import check_contract
 
@@ -231,7 +232,7 @@ def test_an_in_process_search_records_every_trial_in_mlflow(mlflow_uri, workdir,
     monkeypatch.setattr(compat, "_said", set())
     if path == "public":
         monkeypatch.setattr(compat, "MLFLOW_TESTED", ("0.0.0",))
-    assert (MlflowSink(MlflowClient(mlflow_uri)).direct) == (path == "direct")
+    assert (sink_for(MlflowClient(mlflow_uri)).direct) == (path == "direct")
     experiment = load("linear_regression")
     space = space_module.resolve(experiment, overrides={"epochs": [5, 20]})
     journal = workdir / "j.log"
@@ -302,7 +303,7 @@ RUN_PARAMS = {"lr": "0.01", "epochs": "5", "optimizer": "sgd", "loss": "mse"}
 
 def test_the_audit_names_a_missing_run_and_a_run_left_open_and_fixes_the_open_one(mlflow_uri, workdir):
     client = MlflowClient(mlflow_uri)
-    sink = MlflowSink(client)
+    sink = sink_for(client)
     storage = open_storage(f"journal:{workdir / 'j.log'}")
     study = optuna.create_study(study_name="hand-made", storage=storage)
     parent = sink.create_run("0", "hand-made", {"harness.role": "study", "optuna.study_name": "hand-made"}, {})
@@ -339,7 +340,7 @@ def test_the_audit_names_a_missing_run_and_a_run_left_open_and_fixes_the_open_on
 
 def test_a_partial_record_leaves_the_run_open_until_it_is_closed_as_incomplete(mlflow_uri):
     client = tracking.open_client(mlflow_uri)
-    sink = MlflowSink(client)
+    sink = sink_for(client)
     params = {"lr": "0.01", "epochs": "3"}
     run_id = sink.create_run("0", "partial", {"optuna.trial_number": "7"}, params)
     curves = {"train_loss": [0.9, 0.5, 0.25], "test_loss": [1.0, 0.75]}
@@ -381,7 +382,7 @@ def test_batch_writers_sharing_one_sqlite_store_outwait_a_lock_held_past_their_b
     other holder's) instead of dying with "database is locked" and leaving its runs RUNNING."""
     import sqlite3
 
-    from harness import mlflow_sql
+    from harness.fast import mlflow_sql
 
     import mlflow.store.db.utils as mlflow_db
     import sqlalchemy
@@ -394,7 +395,7 @@ def test_batch_writers_sharing_one_sqlite_store_outwait_a_lock_held_past_their_b
     monkeypatch.setattr(mlflow_sql, "TRANSACTION_ROWS", 100, raising=False)
     client = tracking.open_client(mlflow_uri)
     experiment = client.create_experiment("locks")
-    sinks = [MlflowSink(tracking.open_client(mlflow_uri)) for _ in range(2)]
+    sinks = [sink_for(tracking.open_client(mlflow_uri)) for _ in range(2)]
     runs = [sink.create_runs(experiment, [(f"trial-{w}-{i}", {}, {"lr": "0.1"}) for i in range(6)])
             for w, sink in enumerate(sinks)]
     curve = [1.0 / (e + 1) for e in range(60)]

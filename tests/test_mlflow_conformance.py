@@ -1,4 +1,4 @@
-"""The one-transaction SQL write (harness/mlflow_sql.py) against MLflow's public path, value for value.
+"""The one-transaction SQL write (harness/fast/mlflow_sql.py) against MLflow's public path, value for value.
 
 Both write the same record into two runs of one store; everything MLflow's public API reads back
 must be equal: run data (latest metrics, params, tags), status, metric histories, search_runs
@@ -16,9 +16,10 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from harness import compat, mlflow_sql, tracking
+from harness import compat, tracking
+from harness.fast import mlflow_sql
+from harness.fast.mlflow_sql import sink_for
 from harness.schema import FAIL_REASON_TAG
-from harness.sink import MlflowSink
 from harness.tracking import RunRecord
 
 EPOCHS = 600  # 1200 curve values: more than one public log_batch call
@@ -48,7 +49,7 @@ def _records(client, kind: str, name: str = "conformance") -> tuple[str, str, st
     tracking.write(client, public, RunRecord(params=params, history={}))
     tracking.write(client, public, record())
     client.set_terminated(public, "FINISHED")
-    sink = MlflowSink(client)
+    sink = sink_for(client)
     if kind == "one run":
         direct = sink.create_run(experiment, "direct", {"optuna.trial_number": "1"}, params)
         sink.write(direct, record(), "FINISHED")
@@ -165,7 +166,7 @@ def test_the_ui_endpoints_show_the_same(ui_views, kind):
 
 def test_a_record_the_direct_path_does_not_take_goes_the_public_way(store):
     uri, client, experiment, public, direct = store
-    sink = MlflowSink(client)
+    sink = sink_for(client)
     run = sink.create_run(experiment, "odd", {}, {"lr": "1"})
     odd = RunRecord(params={}, history={"loss with (parens)": [1.0, 2.0]}, tags={"t": "v"})
     assert not sink._direct.write(run, [("loss with (parens)", 1.0, 0)], {}, {}, None)
@@ -196,7 +197,7 @@ def test_a_rename_in_the_record_renames_the_run_as_mlflow_does(store):
     """A pruned trial's run is renamed in its final write: the name the runs table shows, the tag
     and search by run name must agree with MLflow's own rename."""
     uri, client, experiment, public, direct = store
-    sink = MlflowSink(client)
+    sink = sink_for(client)
     names = {}
     for way in ("public", "direct"):
         run = sink.create_run(experiment, f"trial-{way}", {"optuna.trial_number": "7"}, {"lr": "1"})
@@ -228,7 +229,7 @@ def fresh(tmp_path, migrated_db):
 
     shutil.copy(migrated_db, tmp_path / "mlflow.db")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return client, MlflowSink(client), client.create_experiment("names", artifact_location=str(tmp_path / "a"))
+    return client, sink_for(client), client.create_experiment("names", artifact_location=str(tmp_path / "a"))
 
 
 @pytest.mark.parametrize("kind", ["metric", "param", "tag"])
@@ -418,7 +419,7 @@ def test_a_name_mlflow_refuses_that_shows_only_after_the_pre_flight_fails_that_r
     assert len(trials) == (1 if command == "train" else 4) and len(runs) == len(trials) + (command != "train")
     for run in runs:
         assert run.info.status in (("FINISHED",) if run not in trials else ("FAILED", "FINISHED")), run.data.tags
-        assert all(mlflow_sql.accepted_name(name) for name in run.data.metrics)
+        assert all(tracking.accepted_name(name) for name in run.data.metrics)
     failed = [run for run in trials if run.info.status == "FAILED"]
     assert failed == trials or (case == "a curve that starts late" and failed)  # its later trials start with "f"
     for run in failed:
@@ -433,7 +434,8 @@ def test_a_metric_named_loss_never_replaces_the_runs_own_loss_outside_the_pre_fl
     themselves (the trial fails with the reason) instead of logging the metric as the loss."""
     import torch
 
-    from harness import batched, config, training
+    from harness import config, training
+    from harness.fast import batched
     from harness.errors import ExperimentCodeError
     from harness.experiment import Experiment, load
 

@@ -15,7 +15,7 @@ from harness import Objective, schema
 from harness.errors import UsageError
 from harness.experiment import load
 from harness.search import objectives as objectives_module
-from harness.search import optuna_private
+from harness.search.durable import optuna_private
 from harness.search import space as space_module
 from harness.search import study as study_module
 

@@ -10,7 +10,8 @@ import pytest
 from packaging.specifiers import SpecifierSet
 
 from conftest import ROOT
-from harness.search import optuna_private, study as study_module
+from harness.search import study as study_module
+from harness.search.durable import optuna_private
 
 
 def test_the_installed_optuna_is_a_tested_release_inside_the_pin():
@@ -27,7 +28,7 @@ def test_the_worker_is_named_where_optunas_cache_creates_trials(tmp_path):
     # The cache wrapper must call the RDB backend's private creation method, where the trial gets its
     # worker in the same write (a sampler's before_trial runs after it, inside study.ask()).
     from harness.schema import WORKER_ATTR
-    from harness.search.workers import identity
+    from harness.search.durable.workers import identity
 
     storage = study_module.open_storage(f"sqlite:///{tmp_path / 'o.db'}")
     seen = []

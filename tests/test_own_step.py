@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from conftest import readme_blocks
-from harness import batched, config, training
+from harness import config, training
+from harness.fast import batched
 from harness.errors import ExperimentCodeError, UsageError
 from harness.experiment import Datasets, Experiment, load
 from harness.search import Objective

@@ -173,7 +173,7 @@ def test_the_study_lock_never_blocks_optuna_s_own_journal_lock(tmp_path):
     import optuna
 
     from harness.search.study import open_storage
-    from harness.search.storages import study_lock
+    from harness.search.durable.storages import study_lock
 
     url = f"journal:{tmp_path / 'optuna_journal.log'}"
     storage = open_storage(url)

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from harness import runs
 from harness.errors import HarnessError
-from harness.tracking import fast_read_client
+from harness.fast.local_store import read_client as fast_read_client
 from harness.urls import local_folder
 from test_audit import mlflow_uri, searched, searched_once  # noqa: F401 - fixtures
 from test_fast_read import VALUES, _artifact, _sql, _within, store  # noqa: F401 - a fixture
@@ -165,7 +165,7 @@ def test_each_local_artifact_uri_form_is_checked_where_mlflow_reads_it_and_never
 
 
 def test_an_audit_refuses_a_sparse_state_dict_behind_a_percent_uri_without_copying_it(searched, monkeypatch):
-    from harness.search.audit import audit
+    from harness.search.durable.audit import audit
     from test_audit import _reopened, _run_of
 
     url, client = searched
@@ -307,7 +307,7 @@ def test_a_pickle_nested_past_the_bound_is_refused_before_torch_reads_it(store, 
 
 
 def test_an_audit_refuses_a_deeply_nested_state_dict(searched, monkeypatch):
-    from harness.search.audit import audit
+    from harness.search.durable.audit import audit
     from test_audit import _reopened, _run_of
 
     url, client = searched

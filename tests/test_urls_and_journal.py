@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from harness.errors import UsageError
-from harness.search.journal import Journal, JournalWriteError, full_damage, tail_damage
+from harness.search.durable.journal import Journal, JournalWriteError, full_damage, tail_damage
 from harness.urls import check_credentials, redact, scrub
 
 SECRET = "S3cr3tPw"

@@ -26,11 +26,11 @@ def run(args) -> int:
     import optuna
     from ..tracking import read_client
 
-    from ..search.audit import audit
+    from ..search.durable.audit import audit
 
     journal_fixed, journal_violations, journal_notes = [], [], []
     if study_module.storage_scheme(url) == "journal":
-        from ..search import journal
+        from ..search.durable import journal
 
         path = study_module.journal_path(url)
         damage = None if args.fix or not Path(path).is_file() else journal.tail_damage(path)
@@ -47,7 +47,10 @@ def run(args) -> int:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise UsageError(f"no study {args.study!r} in {study_module.redact(url)}; "
                          f"studies there: {', '.join(names) or 'none'}") from None
-    report = audit(study, storage, read_client(), fix=args.fix)
+    from ..fast.mlflow_sql import DirectWriter
+
+    client = read_client()
+    report = audit(study, storage, client, fix=args.fix, direct=DirectWriter.for_client(client))
     report.fixed[:0], report.violations[:0] = journal_fixed, journal_violations
     for line in journal_notes:
         print(f"note: {line}")

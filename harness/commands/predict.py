@@ -42,9 +42,9 @@ def run(args) -> int:
             except ValueError:
                 raise UsageError(f"--x values must be numbers, got {raw!r}") from None
     from ..runs import predict
-    from ..tracking import fast_read_client
+    from ..fast.local_store import read_client
 
-    inputs, outputs = predict(args.run_id, values, client=fast_read_client(args.run_id), experiment=args.experiment,
+    inputs, outputs = predict(args.run_id, values, client=read_client(args.run_id), experiment=args.experiment,
                               source=source)
     print("\n".join(lines(inputs, outputs)))
     return 0

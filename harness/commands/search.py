@@ -90,8 +90,11 @@ def run(args) -> int:
     from ..search.options import SearchOptions
     from ..search.report import report
     from ..search.session import run_search
+    from ..fast import batched
+    from ..fast.mlflow_sql import DirectWriter
 
-    options = SearchOptions.from_args(args)  # every input checked: a refused search writes nothing
+    # Every input checked (a refused search writes nothing); the fast paths handed in.
+    options = SearchOptions.from_args(args, sql_writer=DirectWriter.for_client, stacker=batched)
     if options.independent:  # Optuna's own warning would come once per trial and axis
         print(f"harness: --sampler {options.sampler_name} models numeric axes only; "
               f"{', '.join(options.independent)} drawn at random", file=sys.stderr)

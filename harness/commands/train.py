@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from ..schema import COMMAND_TAG, FAIL_REASON_TAG, PROCESS_TAG, RESUMED_TAG, TEST_LOSS, TRAIN_LOSS
-from ..search.workers import WORKER_DIED, alive, identity
+from ..search.durable.workers import WORKER_DIED, alive, identity
 from ..search.limits import CHECKPOINT_SECONDS
 
 

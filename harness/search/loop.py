@@ -20,11 +20,11 @@ from optuna.trial import TrialState
 
 from .. import signals
 from ..schema import FAIL_REASON_ATTR, WORKER_ATTR
-from . import optuna_private
+from .durable import optuna_private
 from .experimental import experimental_ok
 from .limits import MAX_BATCH, MAX_N_JOBS
-from .storages import study_lock
-from .workers import INTERRUPTED, identity, retry
+from .durable.storages import study_lock
+from .durable.workers import INTERRUPTED, identity, retry
 
 # Toward --max-trials counts every trial that is not FAIL: a failed trial is not a result, and its
 # retry (queued, WAITING) is asked even in a full study, so a crash never costs the study a result.

@@ -5,7 +5,7 @@ import threading
 
 import optuna
 
-from .. import signals
+from .. import accelerated, signals
 from ..errors import ExperimentCodeError
 from ..experiment import Experiment
 from . import objectives as objectives_module
@@ -41,7 +41,7 @@ class Objective:
                  data=None, study_tags: dict[str, str] | None = None, batch: int = 1,
                  study_params: dict[str, str] | None = None, objectives=objectives_module.DEFAULT,
                  importance: bool = False, checkpoint_every: int | None = None,
-                 checkpoint_seconds: float | None = None):
+                 checkpoint_seconds: float | None = None, fast: bool = True):
         """``base``: fixed config values for every trial (e.g. ``{"batch_size": 64}``); the space's
         samples override them. ``data``: the experiment's data, if the caller already loaded it.
         ``study_tags``: tags added to the study's parent run (say, ``{"team": "vision"}``);
@@ -51,12 +51,17 @@ class Objective:
         ``importance``: the study's summary renders the params' importances too (~1.8 s: it imports
         scikit-learn). ``checkpoint_every``/``checkpoint_seconds``: a tracked trial's checkpoints (off by
         default here; `harness search` writes one every 5 minutes of a trial), from which a retry of it
-        goes on (see docs/operations.md, "Checkpoints and resume")."""
+        goes on (see docs/operations.md, "Checkpoints and resume"). ``fast``: the acceleration wing's
+        paths where it is installed (harness/fast/: one SQL transaction a record on an SQLite store,
+        ``run_batch``'s stacks); False: MLflow's public path and every trial trained alone, the same
+        records."""
         self._setup(TrialOptions.of(experiment, space, mlflow_experiment=mlflow_experiment, report_every=report_every,
                                     trial_figures=trial_figures, seed=seed, device=device, base=base, data=data,
                                     study_tags=study_tags, batch=batch, study_params=study_params,
                                     objectives=objectives, importance=importance, checkpoint_every=checkpoint_every,
-                                    checkpoint_seconds=checkpoint_seconds), track=track)
+                                    checkpoint_seconds=checkpoint_seconds,
+                                    sql_writer=accelerated.sql_writer() if fast else None,
+                                    stacker=accelerated.stacker() if fast else None), track=track)
 
     @classmethod
     def from_options(cls, options: TrialOptions, *, track: bool = True, client=None) -> "Objective":
@@ -98,9 +103,10 @@ class Objective:
             objectives_module.values(self.objectives, run.result)
 
     def run_batch(self, trials: list) -> list[Told]:
-        """Train ``trials`` (asked from one study) together: those whose configurations stack
-        (harness.batched: same shapes, batch size and seed) as one stacked model, each still its own trial and
-        run, reported, pruned and tracked as ``__call__`` does; the others one at a time. Returns
+        """Train ``trials`` (asked from one study) together: those whose configurations stack (the
+        options' stacker, harness.fast.batched: same shapes, batch size and seed) as one stacked
+        model, each still its own trial and run, reported, pruned and tracked as ``__call__`` does;
+        the others one at a time. Returns
         a ``Told(state, value)`` per trial, for ``study.tell``. A member's numbers are those of training it
         alone, bit for bit, so each trial reproduces alone."""
         return self._runner.run_batch(trials)

@@ -4,6 +4,7 @@ store is touched, so a refused search writes nothing."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .. import config, schema, training
 from ..config import TrainConfig
@@ -34,6 +35,11 @@ class TrialOptions:
     importance: bool = False  # the params' importances in the study's summary too (see summary._plots)
     checkpoint_every: int | None = None  # a trial's checkpoints (see checkpoint.Checkpoints); None: off
     checkpoint_seconds: float | None = None
+    # The fast paths a command or Objective hands in (harness/fast/), None: the public ones, the same
+    # records. ``sql_writer(client)``: a sink.DirectWriter for that store, or None where it does not
+    # apply; ``stacker``: trains stackable trials of a batch as one model (see trials.Stacker).
+    sql_writer: Callable | None = None
+    stacker: object | None = None
 
     @classmethod
     def of(cls, experiment: str | Experiment = "linear_regression", space: SearchSpace | None = None, *,
@@ -41,7 +47,8 @@ class TrialOptions:
            seed: int = 42, device: str = "auto", base: dict | None = None, data=None,
            study_tags: dict[str, str] | None = None, batch: int = 1, study_params: dict[str, str] | None = None,
            objectives=objectives_module.DEFAULT, importance: bool = False, checkpoint_every: int | None = None,
-           checkpoint_seconds: float | None = None) -> "TrialOptions":
+           checkpoint_seconds: float | None = None, sql_writer: Callable | None = None,
+           stacker: object | None = None) -> "TrialOptions":
         """``Objective``'s keyword arguments, checked (see Objective.__init__)."""
         objectives = objectives_module.parse(objectives, flag="objectives")
         batch = config.positive_int("batch", batch)
@@ -59,7 +66,8 @@ class TrialOptions:
         checkpoint_every, checkpoint_seconds = config.checkpoint_policy(checkpoint_every, checkpoint_seconds, 0.0)
         return cls(experiment, data, space, resolved, objectives, every, batch, mlflow_experiment, trial_figures,
                    dict(study_tags or {}), dict(study_params or {}), importance=importance,
-                   checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds)
+                   checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds,
+                   sql_writer=sql_writer, stacker=stacker)
 
 
 @dataclass(frozen=True)
@@ -84,8 +92,8 @@ class SearchOptions:
     register: str | None = None  # the registered model the best trial becomes a version of
 
     @classmethod
-    def from_args(cls, args) -> "SearchOptions":
-        """Every input checked before any store is touched."""
+    def from_args(cls, args, *, sql_writer: Callable | None = None, stacker: object | None = None) -> "SearchOptions":
+        """Every input checked before any store is touched; the fast paths as the command hands them in."""
         experiment = load(args.experiment or "linear_regression")
         data = experiment.load_data()
         space = space_module.resolve(experiment, args.space, {"lr": args.lr_range, "epochs": args.epochs_range,
@@ -155,7 +163,8 @@ class SearchOptions:
             else max(10, space_module.report_cadence(space)),
             study_tags={schema.STORAGE_TAG: redact(storage_url), schema.SAMPLER_TAG: args.sampler,
                         schema.PRUNER_TAG: pruner_name},
-            study_params={schema.PRUNER_ARGS_PARAM: study_module.pruner_description(pruner_name, pruner_args)})
+            study_params={schema.PRUNER_ARGS_PARAM: study_module.pruner_description(pruner_name, pruner_args)},
+            sql_writer=sql_writer, stacker=stacker)
         return cls(
             trials, study_name=study_name(args.study_name or f"{experiment.name}-search"),  # "" from MLproject
             storage_url=storage_url, n_trials=config.positive_int("--n-trials", args.n_trials),

@@ -10,10 +10,11 @@ from ..experiment import Experiment
 from ..schema import PARENT_ATTR, ROLE_STUDY, ROLE_TAG
 from ..sink import RunSink
 from . import objectives as objectives_module
-from . import optuna_private, summary
+from . import summary
+from .durable import optuna_private
 from .options import TrialOptions
 from .recorder import BestTrial, TrackingFailed
-from .storages import describe, study_lock
+from .durable.storages import describe, study_lock
 
 MAX_SHOWN = 500  # characters of a parent run's param
 

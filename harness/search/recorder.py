@@ -21,7 +21,7 @@ from ..errors import HarnessError, first_line
 from ..schema import FAIL_REASON_ATTR, RUN_ATTR, RUN_STATUS
 from ..sink import RunSink, WriteFailed, close_incomplete
 from . import objectives as objectives_module
-from .workers import WORKER_DIED, abandoned, earlier_attempts, retry
+from .durable.workers import WORKER_DIED, abandoned, earlier_attempts, retry
 
 if TYPE_CHECKING:  # `harness audit` closes runs with fail_run, and needs no torch for it
     from ..checkpoint import Checkpoints

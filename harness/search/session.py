@@ -14,13 +14,13 @@ from ..errors import UsageError
 from ..tracking import check_experiment, default_tracking_uri, open_client, unreachable
 from . import loop
 from . import study as study_module
-from .audit import recover_stale, recover_unfinished
-from .journal import JournalWriteError
+from .durable.audit import recover_stale, recover_unfinished
+from .durable.journal import JournalWriteError
 from .objective import Objective
 from .options import SearchOptions
 from .publish import publish
 from .recorder import TrackingFailed
-from .storages import study_lock
+from .durable.storages import study_lock
 
 
 @dataclass(frozen=True)

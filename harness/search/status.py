@@ -16,7 +16,8 @@ import time
 
 from .. import tracking
 from ..schema import NOTE_TAG, PROGRESS_ATTR, RUN_ATTR, TRAIN_LOSS, WORKER_ATTR, trial_run_name
-from . import optuna_private, summary
+from . import summary
+from .durable import optuna_private
 
 RUNNING_SHOWN = 20  # rows of the running trials' table
 IDLE_CHECK_S = 1.0  # how often an idle writer looks whether a trial's epochs moved on

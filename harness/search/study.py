@@ -98,7 +98,7 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
     RDB storages get Optuna's heartbeat: a trial whose worker stops beating for ``3 * heartbeat``
     seconds is failed and its configuration retried by the next worker that starts a trial.
     """
-    from .storages import HarnessRDBStorage, schema_lock
+    from .durable.storages import HarnessRDBStorage, schema_lock
 
     scheme = storage_scheme(url)
     path = journal_path(url) if scheme == "journal" else sqlite_path(url) if scheme == "sqlite" else None
@@ -178,8 +178,8 @@ def _check_writable(path: str) -> None:
 
 def _open_journal(path: str, repair: bool, notify):
     from ..errors import HarnessError
-    from .journal import Journal, JournalDamaged, full_damage
-    from .storages import HarnessJournalStorage
+    from .durable.journal import Journal, JournalDamaged, full_damage
+    from .durable.storages import HarnessJournalStorage
 
     def journal():
         return Journal(path, **({"notify": notify} if notify else {}))

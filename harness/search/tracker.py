@@ -24,7 +24,7 @@ class StudyTracker:
                 client = tracking.open_client(uri)
             except Exception as exc:
                 raise TrackingFailed(f"cannot open the MLflow store: {first_line(exc)}") from None
-        sink = MlflowSink(client)
+        sink = MlflowSink(client, options.sql_writer(client) if options.sql_writer else None)
         self.objectives = options.objectives
         self.parent = ParentRun.open(sink, study, options)
         try:  # once per process: the trials' runs carry the same tags, and point here for the artifacts

@@ -6,11 +6,11 @@ import contextlib
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import optuna
 
-from .. import batched, config, signals, tracking, training
+from .. import config, signals, tracking, training
 from ..config import TrainConfig
 from ..errors import ExperimentCodeError, UsageError, described
 from ..loop import History, StopTraining
@@ -18,10 +18,10 @@ from ..schema import (FAIL_REASON_ATTR, METRICS_ATTR, PAIR_TRIAL_PARAM, RESUMED_
                       WORKER_ATTR)
 from . import objectives as objectives_module
 from . import space as space_module
-from .journal import JournalWriteError
+from .durable.journal import JournalWriteError
 from .options import TrialOptions
 from .recorder import TrackingFailed, TrialEnd, TrialRecorder, TrialStart
-from .workers import INTERRUPTED, identity, retry, unfinished_reason
+from .durable.workers import INTERRUPTED, identity, retry, unfinished_reason
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -87,9 +87,21 @@ class _Linking:
             self.pending = None
 
 
+class Stacker(Protocol):
+    """Trains several configs as one stacked model, each member as it trains alone (harness.fast.batched)."""
+    MIN_STACK: int
+
+    def stack_key(self, cfg) -> tuple: ...
+
+    def refusal(self, cfg, experiment, data) -> str | None: ...
+
+    def train_stack(self, cfgs, experiment, data, *, observers, histories) -> list: ...
+
+
 class TrialRunner:
     """Trains the trials of one ``Objective``: ``recorder_for(trial)`` gives the recorder of a
-    trial's run (None: the trial is not tracked)."""
+    trial's run (None: the trial is not tracked). Without ``options.stacker`` a batch's trials
+    train one at a time."""
 
     def __init__(self, options: TrialOptions, recorder_for):
         self.options, self.objectives, self.experiment = options, options.objectives, options.experiment
@@ -265,7 +277,7 @@ class TrialRunner:
         if len(group) == 1:
             self.train(group[0])
             return
-        stacked = batched.train_stack([r.cfg for r in group], self.experiment, self.data,
+        stacked = self.options.stacker.train_stack([r.cfg for r in group], self.experiment, self.data,
                                       observers=[r.observers for r in group], histories=[r.history for r in group])
         for run, result in zip(group, stacked):
             run.result = result
@@ -277,12 +289,15 @@ class TrialRunner:
     def _stacks(self, runs: list[TrialRun]) -> list[list[TrialRun]]:
         """The runs grouped into stacks; a configuration that cannot be stacked is a group of its
         own (said once per kind, on stderr)."""
+        stacker = self.options.stacker
+        if stacker is None:
+            return [[run] for run in runs]
         groups: dict[tuple, list] = {}
         for run in runs:
-            key = batched.stack_key(run.cfg)
+            key = stacker.stack_key(run.cfg)
             checked = (key, run.cfg.loss)  # a loss may change the last bits a stack gives
             if checked not in self._refusals:
-                reason = self._refusals[checked] = batched.refusal(run.cfg, self.experiment, self.data)
+                reason = self._refusals[checked] = stacker.refusal(run.cfg, self.experiment, self.data)
                 if reason and list(self._refusals.values()).count(reason) == 1:  # said once per reason
                     print(f"harness: trials trained one at a time, not stacked: {reason}", file=sys.stderr)
             # A trial going on from a checkpoint trains alone: a stack starts every member at epoch 0.
@@ -291,7 +306,7 @@ class TrialRunner:
         # A stacked epoch costs about what 3 epochs alone cost on a small model (vmap's own
         # overhead, benchmarks/batched_search.py): fewer members train faster one at a time.
         return [part for group in groups.values()
-                for part in ([group] if len(group) >= batched.MIN_STACK else [[r] for r in group])]
+                for part in ([group] if len(group) >= stacker.MIN_STACK else [[r] for r in group])]
 
     def _observers(self, trial) -> list:
         study = getattr(trial, "study", None)

@@ -18,9 +18,9 @@ from pathlib import Path
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import TrialState
 
-from ..filelock import LOCK_SUFFIX, file_lock
-from ..urls import redact
-from ..schema import WORKER_ATTR
+from ...filelock import LOCK_SUFFIX, file_lock
+from ...urls import redact
+from ...schema import WORKER_ATTR
 from . import optuna_private
 from .optuna_private import backend
 from .workers import alive, identity

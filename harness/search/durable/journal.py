@@ -30,7 +30,7 @@ from pathlib import Path
 
 from optuna.storages.journal import JournalFileBackend
 
-from ..errors import HarnessError
+from ...errors import HarnessError
 from . import optuna_private
 
 TORN_SUFFIX = ".torn-"

@@ -25,12 +25,11 @@ import re
 import sqlite3
 import time
 from contextlib import contextmanager
-from functools import lru_cache
 
-from . import compat
-from .schema import RUN_NAME_TAG, USER_TAG
-
-_RUN_ID = re.compile(r"^[a-zA-Z0-9][\w\-]{0,255}$")  # mlflow.utils.validation's run id rule
+from .. import compat
+from ..schema import RUN_NAME_TAG, USER_TAG
+from ..store_files import RUN_ID
+from ..tracking import accepted_name
 
 # Run names: a plain subset of what MLflow takes (anything else is created by MLflow's create_run).
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_\-. /]{1,250}$")
@@ -75,6 +74,10 @@ class DirectWriter:
 
     def log_params(self, run_id: str, params: dict[str, str]) -> bool:
         return self.write(run_id, [], {}, params, None)
+
+    @staticmethod
+    def groups(records: list):
+        return groups(records)
 
     def create_runs(self, experiment_id: str,
                     runs: list[tuple[str, dict[str, str], dict[str, str]]]) -> list[tuple[str, str]] | None:
@@ -132,7 +135,7 @@ class DirectWriter:
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
         ids = [record[0] for record in records]
-        if len(set(ids)) != len(ids) or not all(_RUN_ID.match(run_id) and _plain(m, t, p, MAX_TAG_VAL_LENGTH,
+        if len(set(ids)) != len(ids) or not all(RUN_ID.match(run_id) and _plain(m, t, p, MAX_TAG_VAL_LENGTH,
                                                                                   MAX_PARAM_VAL_LENGTH)
                                                 for run_id, m, t, p, _ in records):
             return False
@@ -277,26 +280,8 @@ def _plain(metrics, tags, params, max_tag: int, max_param: int) -> bool:
             and all(accepted_name(k) and isinstance(v, str) and len(v) <= max_param for k, v in params.items()))
 
 
-@lru_cache(maxsize=4096)
-def accepted_name(name) -> bool:
-    """Whether MLflow takes ``name`` as a metric, param or tag name (one rule for the three)."""
-    return refused_name(name) is None
+def sink_for(client):
+    """An MlflowSink over ``client`` with this writer handed in where it applies (benchmarks, tests)."""
+    from ..sink import MlflowSink
 
-
-def refused_name(name) -> str | None:
-    """MLflow's reason for refusing ``name`` as a metric, param or tag name, or None: its own
-    validators (characters, names that resolve to another path, length)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, _validate_length_limit, _validate_metric_name
-    except ImportError:  # an MLflow without them: its log_batch refuses such a name when the run is written
-        return None
-    if not isinstance(name, str):
-        return f"{name!r} is not a string"
-    try:
-        _validate_metric_name(name)
-        _validate_length_limit("Metric name", MAX_ENTITY_KEY_LENGTH, name)
-    except MlflowException as exc:
-        return exc.message
-    return None
+    return MlflowSink(client, DirectWriter.for_client(client))

@@ -5,8 +5,8 @@ import os
 import socket
 from pathlib import Path
 
-from ..schema import FAIL_REASON_ATTR, WORKER_ATTR
-from .experimental import experimental_ok
+from ...schema import FAIL_REASON_ATTR, WORKER_ATTR
+from ..experimental import experimental_ok
 
 
 def _stat(pid: int) -> list[str] | None:

@@ -11,19 +11,19 @@ from dataclasses import dataclass, field
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
-from ..errors import HarnessError, first_line
-from .. import schema, tracking
-from ..schema import FAIL_REASON_ATTR, INCOMPLETE_TAG, PAIR_TRIAL_PARAM as PAIR, PARENT_ATTR, RUN_ATTR, WORKER_ATTR
-from ..sink import MlflowSink, close_incomplete
-from ..config import per_epoch
-from .objectives import LEGACY, of_study
-from .experimental import experimental_ok
-from .space import logged_params
-from .recorder import fail_run
+from ...errors import HarnessError, first_line
+from ... import schema, tracking
+from ...schema import FAIL_REASON_ATTR, INCOMPLETE_TAG, PAIR_TRIAL_PARAM as PAIR, PARENT_ATTR, RUN_ATTR, WORKER_ATTR
+from ...sink import DirectWriter, MlflowSink, close_incomplete
+from ...config import per_epoch
+from ..objectives import LEGACY, of_study
+from ..experimental import experimental_ok
+from ..space import logged_params
+from ..recorder import fail_run
 from .optuna_private import trial_id
 from .workers import WORKER_DIED, abandoned, alive, gone, retried_numbers, retry, unfinished
-from ..tracking import missing
-from ..urls import redact
+from ...tracking import missing
+from ...urls import redact
 
 EXPECTED_STATUS = {TrialState.COMPLETE: ("FINISHED",), TrialState.PRUNED: ("KILLED",),
                    TrialState.FAIL: ("FAILED", "KILLED")}  # KILLED: interrupted by the user
@@ -87,7 +87,9 @@ class _Fix:
     experiment_id: str
 
 
-def audit(study, storage, client, *, fix: bool = False) -> Report:
+def audit(study, storage, client, *, fix: bool = False, direct: DirectWriter | None = None) -> Report:
+    """The study against its runs in ``client``'s store; ``fix`` repairs what it can (``direct``: the
+    sink's faster writer, as a command hands it in)."""
     report = Report()
     if fix:
         by_pid, by_heartbeat = recover_stale(study, storage)
@@ -115,7 +117,7 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
             report.violations.append("the study has no MLflow parent run (user attr mlflow_parent_run_id); "
                                      "--fix creates one")
             return report
-        parent_id = _create_parent(client, study)
+        parent_id = _create_parent(client, study, direct)
         report.fixed.append(f"the study had no MLflow parent run -> created {parent_id}")
     try:
         parent = client.get_run(parent_id)
@@ -125,7 +127,7 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
                                f"{first_line(exc)}") from None
         report.violations.append(f"parent run {parent_id} does not exist in {redact(client.tracking_uri)}")
         return report
-    sink = MlflowSink(client)
+    sink = MlflowSink(client, direct)
     runs = sink.child_runs(parent_id, parent.info.experiment_id)
     report.checked_runs = len(runs)
     by_number: dict[int, list] = {}
@@ -152,11 +154,11 @@ def audit(study, storage, client, *, fix: bool = False) -> Report:
     return report
 
 
-def _create_parent(client, study) -> str:
+def _create_parent(client, study, direct: DirectWriter | None) -> str:
     """The parent run a crashed first search never created, where the search would have put it."""
-    from ..tracking import experiment_id
+    from ...tracking import experiment_id
 
-    sink = MlflowSink(client)
+    sink = MlflowSink(client, direct)
     name = study.user_attrs.get(schema.STUDY_EXPERIMENT_ATTR)
     run_id = sink.create_run(experiment_id(client, None, name if isinstance(name, str) else None), study.study_name,
                              {schema.ROLE_TAG: schema.ROLE_STUDY, schema.STUDY_TAG: study.study_name}, {})
@@ -329,9 +331,9 @@ def _each_step_once(steps: list[int], count: int) -> bool:
 
 
 def _check_complete(n: int, run, epochs: int, client, report: Report) -> None:
-    from ..errors import UsageError
-    from ..experiment import is_builtin
-    from ..runs import fitted_model, load_state_dict, logged_config
+    from ...errors import UsageError
+    from ...experiment import is_builtin
+    from ...runs import fitted_model, load_state_dict, logged_config
 
     run_id = run.info.run_id
     for key in (schema.TRAIN_LOSS, schema.TEST_LOSS):

@@ -7,32 +7,27 @@ caller takes an MlflowClient.
 """
 from __future__ import annotations
 
-import os
-import re
 import sqlite3
-import stat
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import quote
 
-from . import compat
-from .urls import local_folder, sqlite_path
+from .. import compat, tracking
+from ..store_files import RUN_ID, StoreError, artifact_file, read_only_flags
+from ..urls import local_folder, sqlite_path
 
-# MLflow's own check: an id it refuses goes through MLflow, so that its message stays the same.
-RUN_ID = re.compile(r"^[a-zA-Z0-9][\w\-]{0,255}$")
-
-
-class StoreError(Exception):
-    def __init__(self, message: str, error_code: str = "INTERNAL_ERROR"):
-        super().__init__(message)
-        self.error_code = error_code  # as on MlflowException, so that tracking.missing reads both
-
-
-ERRORS = (StoreError, sqlite3.Error)  # what get_run raises for a missing run or a failing store
+def read_client(run_id: str, tracking_uri: str | None = None):
+    """tracking.read_client() for loading one run's model (predict): on an SQLite store where it is
+    known to read MLflow's tables right, a read-only reader that imports neither mlflow nor
+    SQLAlchemy, seconds of a predict's start-up."""
+    uri = tracking_uri or tracking.default_tracking_uri()
+    return LocalStore.open(uri, run_id) or tracking.read_client(uri)
 
 
 class LocalStore:
     """The part of MlflowClient's interface that harness.runs uses to load a model."""
+
+    ERRORS = (StoreError, sqlite3.Error)  # what get_run raises for a missing run or a failing store
 
     def __init__(self, tracking_uri: str, connection: sqlite3.Connection):
         self.tracking_uri = tracking_uri
@@ -89,16 +84,9 @@ class LocalStore:
             raise StoreError(f"run {run_id} has no local artifact folder")
         return str(artifact_file(folder, path, run_id))
 
-
-def artifact_file(folder: Path, path: str, run_id: str) -> Path:
-    """The artifact's own file in the run's artifact folder, read in place; a path or link out of
-    the folder, a FIFO, device or folder is refused before anything opens it."""
-    target = (folder / path).resolve()
-    if not target.is_relative_to(folder.resolve()):  # MLflow refuses a path or link out of it too
-        raise StoreError(f"artifact {path!r} of run {run_id} is outside the run's artifact folder")
-    if not stat.S_ISREG(target.stat().st_mode):
-        raise StoreError(f"artifact {path!r} of run {run_id} is not a regular file")
-    return target
+    def artifact_in_place(self, run_id: str, path: str) -> Path:
+        """The artifact's own file, as ``download_artifacts`` gives it (harness.runs reads it in place)."""
+        return Path(self.download_artifacts(run_id, path))
 
 
 def _local_folder(uri: str) -> Path | None:
@@ -106,31 +94,3 @@ def _local_folder(uri: str) -> Path | None:
     exists, else None. With a '%' MLflow would unquote the path first: that case stays with MLflow."""
     folder = local_folder(uri) if uri.startswith(("file:///", "/")) and "%" not in uri else None
     return folder if folder is not None and folder.is_dir() else None
-
-
-def stranded_wal(path: Path) -> str | None:
-    """Why SQLite cannot read the store at ``path`` from this process, or None: its last commits wait
-    in its -wal file with no -shm beside it (a copy taken while a writer ran), and its folder cannot
-    be written to make one. SQLite reads a -wal only through a -shm; opened without it, the store
-    would lack those commits."""
-    wal, shm = Path(f"{path}-wal"), Path(f"{path}-shm")
-    if os.access(path.parent, os.W_OK) or shm.exists() or not (wal.is_file() and wal.stat().st_size):
-        return None
-    return (f"its last commits are in {wal.name}, which SQLite reads only through a {shm.name} beside it, and "
-            f"{str(path.absolute().parent)!r} cannot be written to make one: copy {path.name} and {wal.name} together to a "
-            "folder you can write, and read the copy")
-
-
-def read_only_flags(path: Path) -> str | None:
-    """The SQLite URI parameters that open the store at ``path`` for reading where this process
-    cannot write beside it (a read-only mount, an archive, another user's folder), else None.
-
-    Every store the harness makes is in WAL mode, and SQLite reads a WAL file only through its -shm
-    file, which it cannot create there: without a -wal holding commits, the file alone is the whole
-    store and opens as immutable; with one, read-only (which works where the -shm is there too)."""
-    if os.access(path.parent, os.W_OK) and os.access(path, os.W_OK):
-        return None
-    wal = Path(f"{path}-wal")
-    if os.access(path.parent, os.W_OK) or (wal.is_file() and wal.stat().st_size):
-        return "mode=ro"
-    return "mode=ro&immutable=1"

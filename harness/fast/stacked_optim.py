@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import build_optimizer
+from ..registry import build_optimizer
 
 KINDS = ("sgd", "adam", "adamw", "rmsprop")
 # torch's options this code follows; any other value (amsgrad, nesterov, ...) is not stacked.

@@ -31,12 +31,12 @@ import torch
 from torch import nn
 
 from . import stacked_optim
-from .config import TrainConfig
-from .experiment import Data, Experiment
-from .errors import shown
-from .loop import History, Observer, own_values, record_epochs, same_names, sample_mean
-from .registry import build_loss, build_optimizer
-from .training import RNG_LOCK, TrainResult, batches, build_model, evaluate_batches, with_validation
+from ..config import TrainConfig
+from ..experiment import Data, Experiment
+from ..errors import shown
+from ..loop import History, Observer, own_values, record_epochs, same_names, sample_mean
+from ..registry import build_loss, build_optimizer
+from ..training import RNG_LOCK, TrainResult, batches, build_model, evaluate_batches, with_validation
 
 # What changes a model's parameters' shapes is a hyperparameter the model is built with; the rest
 # of a config (lr, epochs, weight_decay, momentum) is the member's own.
