@@ -574,5 +574,12 @@ def ui_hint(client, experiment: str, run_id: str) -> str:
     uri = redact(client.tracking_uri)
     if is_http(uri):
         return f"open {uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
-    return (f"mlflow ui --backend-store-uri {uri}   then open "
-            f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}")
+    return f"{ui_command(uri)}   then open http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}"
+
+
+def ui_command(uri: str) -> str:
+    """How to look at the (redacted) store ``uri`` in MLflow's UI, as a line a shell takes as it is
+    (``sqlite:///mlflow.db?timeout=30`` holds a glob character)."""
+    import shlex
+
+    return f"open {uri}" if is_http(uri) else f"mlflow ui --backend-store-uri {shlex.quote(uri)}"

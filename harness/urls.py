@@ -102,8 +102,22 @@ SQLITE = "sqlite:///"
 
 def sqlite_path(url: str) -> str | None:
     """The file of an SQLite URL (``sqlite:///PATH``: relative; ``sqlite:////abs``: absolute), as
-    SQLAlchemy and MLflow open it; None for any other URL."""
-    return url[len(SQLITE):] if url.startswith(SQLITE) else None
+    SQLAlchemy and MLflow open it; None for any other URL.
+
+    Read as SQLAlchemy reads it: the path ends at the first ``?`` (``?timeout=30`` is the driver's
+    setting, not part of the file name) and is percent-decoded; with ``uri=true`` it is an SQLite
+    ``file:`` URI, whose own path is the file."""
+    if not url.startswith(SQLITE):
+        return None
+    path, _, query = url[len(SQLITE):].partition("?")
+    path = unquote(path)
+    uri = any(part.partition("=")[::2] == ("uri", "true") for part in query.lower().split("&"))
+    if uri and path.startswith("file:"):
+        path = path[len("file:"):]
+        if path.startswith("//"):  # file://HOST/abs: SQLite takes only "" or "localhost" as the host
+            path = "/" + path[2:].partition("/")[2]
+        path = unquote(path.partition("?")[0].partition("#")[0])
+    return path
 
 
 def redact(url: str) -> str:

@@ -305,3 +305,53 @@ def test_a_password_encoded_again_elsewhere_in_its_url_is_not_shown_in_either_fo
     url = "postgresql://u:Pa%40ssw0rd!@db/optuna?options=-c%20app%3DPa%2540ssw0rd!"
     shown = scrub(f"error near 'Pa@ssw0rd!', 'Pa%40ssw0rd!', 'Pa%2540ssw0rd!' in {url}", url)
     assert "ssw0rd" not in shown and "Pa%" not in shown, shown
+
+
+@pytest.mark.parametrize("url", [
+    "sqlite:///mlflow.db", "sqlite:////abs/store/mlflow.db", "sqlite:///mlflow.db?timeout=30",
+    "sqlite:///mlf.db?mode=rwc&password=Hunter2secretA", "sqlite:///my%20store.db", "sqlite:///a%3Fb.db?timeout=5",
+    "sqlite:///sub/dir/x.db#frag", "sqlite:///x.db?check_same_thread=false&timeout=1",
+])
+def test_an_sqlite_url_names_the_file_sqlalchemy_opens(url):
+    """Probe 8: the harness's file of an SQLite URL kept its query (``mlflow.db?timeout=30``), so its
+    lock, template copy and reads went to a second file beside the one MLflow wrote, and a password in
+    the query became a file name. Every form is read as SQLAlchemy reads it."""
+    from sqlalchemy.engine import make_url
+
+    from harness.urls import sqlite_path
+
+    assert sqlite_path(url) == make_url(url).database
+
+
+@pytest.mark.parametrize("url,path", [
+    ("sqlite:///file:/abs/p%20q.db?mode=ro&uri=true", "/abs/p q.db"),
+    ("sqlite:///file:///abs/x.db?uri=true", "/abs/x.db"),
+    ("sqlite:///file://localhost/abs/x.db?uri=true", "/abs/x.db"),
+    ("sqlite:///file:rel.db?uri=true&mode=ro", "rel.db"),
+])
+def test_an_sqlite_uri_filename_names_its_own_path(url, path):
+    from harness.urls import sqlite_path
+
+    assert sqlite_path(url) == path
+
+
+@pytest.mark.parametrize("query", ["?timeout=30", "?mode=rwc&password=Hunter2secretA"])
+def test_a_store_url_with_a_query_is_one_store(tmp_path, query, cli_in_process):
+    """Probe 8: `train` with MLFLOW_TRACKING_URI='sqlite:///mlflow.db?timeout=30' left a second store
+    named 'mlflow.db?timeout=30' beside the run's, and predict and compare then found nothing."""
+    import sqlite3
+    from contextlib import closing
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}{query}"}
+    trained = cli_in_process("train", "--epochs", "2", cwd=tmp_path, env=env)
+    assert trained.returncode == 0, trained.stderr
+    store_files = {"mlflow.db", "mlflow.db-shm", "mlflow.db-wal", "mlflow.db.harness-lock"}
+    assert {p.name for p in tmp_path.iterdir() if p.name.startswith("mlflow.db")} <= store_files
+    assert not [p for p in tmp_path.iterdir() if "?" in p.name or "Hunter2" in p.name]
+    with closing(sqlite3.connect(tmp_path / "mlflow.db")) as db:
+        (run_id,), = db.execute("SELECT run_uuid FROM runs").fetchall()
+    predicted = cli_in_process("predict", run_id, "--x", "1", cwd=tmp_path, env=env)
+    assert predicted.returncode == 0 and predicted.stdout.startswith("1 -> "), predicted.stderr
+    compared = cli_in_process("compare", "--mlflow-experiment", "linear_regression", cwd=tmp_path, env=env)
+    assert compared.returncode == 0 and run_id in compared.stdout, compared.stderr
+    assert "Hunter2" not in trained.stdout + trained.stderr + predicted.stdout + compared.stdout

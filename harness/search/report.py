@@ -8,8 +8,8 @@ from optuna.trial import TrialState
 
 from ..experiment import is_builtin
 from ..schema import PAIR_TRIAL_PARAM, PARETO_FRONT_CSV, RUN_ATTR
-from ..tracking import default_tracking_uri, filter_value
-from ..urls import is_http, redact
+from ..tracking import default_tracking_uri, filter_value, ui_command
+from ..urls import redact
 from .objectives import of_study
 from .summary import FRONT_SHOWN, front_shown, selected_on, top_frame
 
@@ -33,7 +33,7 @@ def report(study, parent_run_id: str | None, seconds: float, url: str, experimen
     best_run = study.best_trial.user_attrs.get(RUN_ATTR)
     if parent_run_id is not None:
         uri = redact(default_tracking_uri())
-        where = f"open {uri}" if is_http(uri) else f"mlflow ui --backend-store-uri {uri}"
+        where = ui_command(uri)
         lines.append(f"compare in MLflow: {where}  "
                      f"(parent run {parent_run_id}, filter: tags.optuna.study_name = "
                      f"{filter_value(study.study_name)})")
