@@ -386,3 +386,33 @@ def test_a_signal_while_a_batch_is_asked_leaves_every_asked_trial_with_its_run(w
     assert sum(t.state == TrialState.WAITING for t in trials) == 2  # both queued again
     capsys.readouterr()
     assert main(["audit", "--study", "linear_regression-search"]) == 0, capsys.readouterr()
+
+
+@pytest.mark.parametrize("forged", [
+    {"pid": 1}, {"pid": 0}, {"pid": -1}, {"pid": True}, {"pid": 2 ** 70}, {"pid": "1"}, {"pid": None},
+    {"pid": 1, "started": None}, {"pid": 1, "started": "0"}, {"started": "0"}, {"pid": "own"},
+    {"pid": "own", "started": None}, {"pid": "own", "started": 12},
+])
+def test_a_worker_record_that_names_no_live_worker_leaves_its_trial_stale(tmp_path, forged):
+    """Probe 8: a trial whose journal record names this host's pid 1 (or 0: the process group) with no
+    start time stayed RUNNING forever: audit said clean, --fix did nothing, and it counted toward
+    --max-trials. A record names a live worker only with a pid and start time of a running process."""
+    import os
+
+    from harness.search import study as study_module
+    from harness.search.durable import audit
+    from harness.search.durable.workers import identity
+
+    storage = study_module.open_storage(f"journal:{tmp_path / 'optuna_journal.log'}")
+    study = optuna.create_study(storage=storage)
+    owner = {**identity(), **forged}
+    if owner.get("pid") == "own":
+        owner["pid"] = os.getpid()
+    if "started" not in forged:
+        owner.pop("started")
+    storage.create_new_trial(study._study_id, optuna.trial.create_trial(
+        state=TrialState.RUNNING, user_attrs={"harness.worker": owner}))
+    storage.create_new_trial(study._study_id, optuna.trial.create_trial(  # this process, as it records itself
+        state=TrialState.RUNNING, user_attrs={"harness.worker": identity()}))
+    assert [t.number for t in audit.stale_trials(study)] == [0]
+    assert audit.recover_stale(study, storage)[0] == [0]

@@ -29,20 +29,32 @@ def identity() -> dict:
 
 
 def alive(worker: dict | None) -> bool | None:
-    """True or False for a worker on this host; None when it runs elsewhere (or is unknown)."""
+    """True or False for a worker on this host; None when it runs elsewhere (or is unknown).
+
+    A worker record is the journal's, which anyone who can write the study can forge: on this host it
+    names a live worker only when its pid is a process's (0 and negative pids name process groups,
+    which signal 0 always reaches) started at the time the record says (init, or a reused pid, is
+    always there to be signalled)."""
     if not isinstance(worker, dict) or worker.get("host") != socket.gethostname():
         return None
     pid = worker.get("pid")
+    if type(pid) is not int or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, TypeError):
-        return None if not isinstance(pid, int) else True
-    fields = _stat(pid)
-    if fields and fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent: signal 0 still reaches it
+    except PermissionError:
+        pass  # another user's process: its start time says whether it is the worker
+    except OverflowError:  # a pid past what the system takes
         return False
-    return worker.get("started") in (None, fields[19] if fields else None)
+    fields = _stat(pid)
+    if fields is None:
+        # No /proc here (not Linux): the signal is all there is to go by; with one, the process is gone.
+        return _stat(os.getpid()) is None
+    if fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent: signal 0 still reaches it
+        return False
+    return worker.get("started") == fields[19]
 
 
 # A harness storage writes the owner in the same write that creates a trial (storages.py), and right
