@@ -285,6 +285,17 @@ def test_harness_cluster_refuses_bad_input_in_one_line(tmp_path, flag, value, cl
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("flag, value, limit", [("--workers", "100000", 64), ("--workers", "65", 64),
+                                                ("--server-workers", "17", 16), ("--workers", "9" * 40, 64)])
+def test_harness_cluster_refuses_more_processes_than_one_machine_runs(tmp_path, flag, value, limit, cli_in_process):
+    """Probe 8: --workers 100000 passed, and with a reachable server it would start 100,000 searches."""
+    result = cli_in_process("cluster", flag, value, cwd=tmp_path)
+    assert result.returncode == 2
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith(f"harness: error: {flag} must be at most {limit}, got ") and "Traceback" not in line
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_postgres_that_fails_to_start_leaves_no_temp_folder_behind(tmp_path):
     """As root the cluster lives in a temp folder made for the postgres user: a start that fails
     (here, its port taken) removes it, since no caller holds a stop() to call yet."""

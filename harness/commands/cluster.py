@@ -13,15 +13,19 @@ import sys
 import time
 from pathlib import Path
 
+from ..search.limits import MAX_CLUSTER_WORKERS, MAX_SERVER_WORKERS
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("cluster", help="try scale-out locally: PostgreSQL + MLflow server + N search workers")
-    p.add_argument("--workers", default="3", help="search processes sharing the study (default: 3)")
+    p.add_argument("--workers", default="3",
+                   help=f"search processes sharing the study, at most {MAX_CLUSTER_WORKERS} (default: 3)")
     p.add_argument("--max-trials", default="30", help="the study's cap on trials, across workers (default: 30)")
     p.add_argument("--study-name", default="cluster-search", help="Optuna study (default: cluster-search)")
     p.add_argument("--dir", default="harness-cluster", help="folder for logs and artifacts (default: harness-cluster)")
     p.add_argument("--server-workers", metavar="N",
-                   help="mlflow server --workers: processes serving the tracking API (default: 2)")
+                   help=f"mlflow server --workers: processes serving the tracking API, at most {MAX_SERVER_WORKERS} "
+                        "(default: 2)")
     p.add_argument("--postgres", metavar="URL", help="use this running PostgreSQL server instead of starting one")
     p.add_argument("--keep-running", action="store_true", help="leave the services up until Ctrl-C")
     p.add_argument("search_args", nargs=argparse.REMAINDER, help="after --: more `harness search` arguments")
@@ -32,9 +36,10 @@ def run(args) -> int:
     from .. import cluster, config
     from ..urls import redact
 
-    workers = config.positive_int("--workers", args.workers)
+    workers = config.int_in("--workers", args.workers, 1, MAX_CLUSTER_WORKERS)
     max_trials = config.positive_int("--max-trials", args.max_trials)
-    server_workers = config.positive_int("--server-workers", args.server_workers or cluster.SERVER_WORKERS)
+    server_workers = config.int_in("--server-workers", args.server_workers or cluster.SERVER_WORKERS, 1,
+                                   MAX_SERVER_WORKERS)
     extra = args.search_args[1:] if args.search_args[:1] == ["--"] else args.search_args
     # Refused now, in one line, before --dir exists.
     root = Path(args.dir).resolve()

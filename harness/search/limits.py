@@ -13,3 +13,9 @@ MAX_BATCH = 256
 MAX_STUDY_NAME = 250  # characters
 # A long run (or trial) loses at most this much training to a crash; one shorter writes no checkpoint.
 CHECKPOINT_SECONDS = 300.0
+# `harness cluster` runs every worker and the tracking server's processes on this one machine, all
+# on its PostgreSQL (max_connections=200, cluster.py): each search worker holds its storage's and
+# its tracking connections, so past 64 the database refuses the next, and past a few per core they
+# only wait on each other. Many more workers is many machines (docs/operations.md, Scaling out).
+MAX_CLUSTER_WORKERS = 64
+MAX_SERVER_WORKERS = 16
