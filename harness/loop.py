@@ -35,6 +35,11 @@ class Preempted(Exception):
         self.partial = partial
 
 
+class NotKept(Exception):
+    """A continued epoch's kept values (a checkpoint's, of the batches done) are not of the kind its
+    batches give: they could not be averaged with them."""
+
+
 @dataclass
 class Partial:
     """An epoch cut at a batch boundary: the batches of it trained, each one's values (the loss, the
@@ -193,9 +198,11 @@ def _over_batches(batches: Batches, device: torch.device, run, keep_predictions:
     values: dict[str, list[torch.Tensor]] = {"loss": []}
     names = None  # the first batch's: every batch gives the same
     sizes: list[int] = []
+    first_kept = None  # the first kept batch's values, until the first new batch is compared with them
     if partial is not None:
         values = {name: [v.to(device) for v in kept] for name, kept in partial.values.items()}
         names, sizes = set(values) - {"loss"}, list(partial.sizes)
+        first_kept = {name: v[0] for name, v in values.items() if v}
     predictions = []
     move = device.type != "cpu"  # batches on the CPU already are where a CPU model wants them
     iterator = iter(batches)
@@ -216,6 +223,9 @@ def _over_batches(batches: Batches, device: torch.device, run, keep_predictions:
         elif extra.keys() != names:
             raise TypeError(f"the step must return the same values for every batch; it returned "
                             f"{shown(sorted(extra))} after {shown(sorted(names))}")
+        if first_kept is not None:
+            _like_kept(first_kept, {"loss": loss, **extra})
+            first_kept = None
         values["loss"].append(loss)
         for name, value in extra.items():
             values.setdefault(name, []).append(value)
@@ -229,6 +239,16 @@ def _over_batches(batches: Batches, device: torch.device, run, keep_predictions:
 
 
 _END = object()
+
+
+def _like_kept(kept: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]) -> None:
+    """NotKept where a kept value is not what this run's batches give (its shape, dtype, device): the
+    epoch's mean stacks them together."""
+    for name, value in fresh.items():
+        old = kept.get(name)
+        if old is not None and (old.shape, old.dtype, old.device) != (value.shape, value.dtype, value.device):
+            raise NotKept(f"its per-batch values {name[:40]!r} are {old.dtype} of shape {list(old.shape)}, this run's "
+                          f"batches give {value.dtype} of shape {list(value.shape)}")
 
 
 def sample_mean(values: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:

@@ -393,10 +393,12 @@ def _model_and_experiment(client, run_id: str, experiment: str | None):
     return fitted_model(client, run_id, cfg, found).eval(), found
 
 
-def predict(run_id: str, values, client=None, experiment: str | None = None, source: str = "--x"):
+def predict(run_id: str, values, client=None, experiment: str | None = None, source: str = "--x",
+            max_inputs: int | None = None):
     """Inputs shaped like the experiment's data and the model's outputs for them. ``values``: flat
     numbers (a multiple of one input's size), one input of the experiment's shape, or several
-    (an array whose first axis counts them); ``source`` names where they came from in a refusal."""
+    (an array whose first axis counts them); ``source`` names where they came from in a refusal.
+    ``max_inputs``: more inputs than this, once shaped, are refused before the model sees them."""
     import torch
 
     from . import accelerated
@@ -410,12 +412,19 @@ def predict(run_id: str, values, client=None, experiment: str | None = None, sou
                          f"{type(data.test[0]).__name__} of several inputs; load the model with "
                          "harness.runs.load_model and call it yourself")
     inputs = shaped(values, tuple(shape), source)
+    if max_inputs is not None and len(inputs) > max_inputs:
+        raise too_many_inputs(source, len(inputs), max_inputs)
     with torch.inference_mode():
         try:
             return inputs, model(inputs)
         except Exception as exc:  # the experiment's model code
             raise HarnessError(f"the model of run {run_id} failed on inputs of shape {list(inputs.shape)}: "
                                f"{described(exc)}") from None
+
+
+def too_many_inputs(source: str, count: int, most: int) -> UsageError:
+    return UsageError(f"{source} holds {count} inputs, at most {most} allowed: for more, serve the model "
+                      "(mlflow models serve) or load it with mlflow.pyfunc")
 
 
 def shaped(values, shape: tuple[int, ...], source: str = "--x"):

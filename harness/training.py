@@ -18,8 +18,8 @@ from .errors import ExperimentCodeError, UsageError, described
 from .experiment import Data, Datasets, Experiment
 from . import checkpoint, registry, signals, tracking
 from .checkpoint import Checkpoints
-from .loop import (Batches, EarlyStopping, History, Observer, Preempted, Recipe, StepFn, StopTraining, evaluate,
-                   evaluate_batches, fit, map_tensors, train_epoch, train_step)
+from .loop import (Batches, EarlyStopping, History, NotKept, Observer, Preempted, Recipe, StepFn, StopTraining,
+                   evaluate, evaluate_batches, fit, map_tensors, train_epoch, train_step)
 from .schema import BEST_EPOCH, TRAIN_LOSS, VALID_LOSS, final
 
 # torch's default generator is process-wide: seeding and drawing the initial weights must happen
@@ -317,6 +317,8 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
 def _raise_refused(exc: Exception, resume: dict | None, at_start: bool) -> None:
     """Unusable where a continued run's first epoch refuses what its checkpoint held (its curves, or
     its batches' values, are not the ones this run records): the checkpoint's fault, not the experiment's."""
+    if resume is not None and isinstance(exc, NotKept):
+        raise checkpoint.Unusable(str(exc)) from None
     if resume is not None and at_start and isinstance(exc, TypeError) \
             and ("same names every epoch" in str(exc) or "same values for every batch" in str(exc)):
         raise checkpoint.Unusable("its curves are not the ones this run records") from None

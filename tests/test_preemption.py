@@ -224,6 +224,39 @@ def test_a_mid_epoch_checkpoint_past_the_epochs_end_trains_the_run_again(fresh_s
     assert again.history.values == training.train(cfg, experiment, data).history.values
 
 
+def _losses(state):
+    return state["partial"]["values"]["loss"]
+
+
+# The eighth probe's: each passed the checks, then failed the user's run (a stack of unequal sizes, or
+# a divergence read into an average that overflows float32), blaming the experiment's code.
+@pytest.mark.parametrize("edit", [
+    lambda s: s["partial"]["values"].update(loss=torch.full_like(_losses(s), 1e300, dtype=torch.float64)),
+    lambda s: s["partial"]["values"].update(loss=torch.full_like(_losses(s), 3e38)),  # its weighted sum overflows
+], ids=["beyond float32", "an overflowing average"])
+def test_a_mid_epoch_checkpoint_whose_values_cannot_be_averaged_is_refused_in_one_line(edit, fresh_signals):
+    cfg, experiment, _, state = _stopped_inside_an_epoch()
+    edit(state)
+    why = checkpoint.matches(state, cfg.to_dict(), experiment.sha256)
+    assert why and "\n" not in why and "loss" in why
+
+
+@pytest.mark.parametrize("edit, given", [
+    (lambda s: s["partial"]["values"].update(loss=_losses(s).reshape(-1, 1)), "of shape [1]"),
+    (lambda s: s["partial"]["values"].update(loss=_losses(s).to(torch.float64)), "torch.float64"),
+], ids=["one-element rows", "float64 losses"])
+def test_a_mid_epoch_checkpoint_whose_values_are_not_the_runs_kind_trains_the_run_again(edit, given, fresh_signals):
+    """Readable, but not what this run's batches give (as its shape and dtype show only once a batch
+    has run): refused as Unusable, and the run trains from its start, ending as one never stopped."""
+    cfg, experiment, data, state = _stopped_inside_an_epoch()
+    edit(state)
+    assert checkpoint.matches(state, cfg.to_dict(), experiment.sha256) is None
+    refused = []
+    again = training.train_from(cfg, experiment, data, [], training.History(), None, state, refused.append)
+    assert len(refused) == 1 and "\n" not in refused[0] and given in refused[0], refused
+    assert again.history.values == training.train(cfg, experiment, data).history.values
+
+
 # An experiment that sends its own process the signals PREEMPT_AT names ("SIGTERM:50,SIGKILL:90": the
 # signal at that metrics call, counted from the process's start; default {at}). One file for every
 # invocation of a store: a run goes on only from a checkpoint of the same experiment file.

@@ -4,12 +4,16 @@ from __future__ import annotations
 import json
 import os
 import stat
+import warnings
 from pathlib import Path
 
 MAX_INPUT_BYTES = 64 << 20  # a file of inputs is read whole into memory: its size is bounded
 # Each input is predicted and printed on a line of its own (about 1 KB of memory each on the way):
 # their count is bounded too. More at once is what `mlflow models serve` or pyfunc is for.
 MAX_INPUTS = 100_000
+# The numbers given, counted before they are shaped into inputs (the experiment, which knows the shape,
+# is loaded after): as many as a 64 MiB .npy of float32 holds, 64 MiB of memory once read.
+MAX_VALUES = MAX_INPUT_BYTES // 4
 INPUT_SUFFIXES = (".npy", ".csv", ".json")
 
 
@@ -25,7 +29,8 @@ def add_parser(sub) -> None:
     given.add_argument("--input", metavar="FILE",
                        help="inputs from a file: .npy (one input of the experiment's shape, or an array of them), "
                             ".csv (one input per row, its numbers flattened) or .json (nested lists, or MLflow "
-                            f"serving's {{\"inputs\": ...}}); at most {MAX_INPUT_BYTES >> 20} MiB")
+                            f"serving's {{\"inputs\": ...}}); at most {MAX_INPUT_BYTES >> 20} MiB. Either form: at most "
+                            f"{MAX_INPUTS} inputs, as the experiment shapes them")
     p.set_defaults(handler=run)
 
 
@@ -35,17 +40,19 @@ def run(args) -> int:
     if args.input is not None:
         values, source = read_inputs(args.input), f"--input {args.input}"
     else:
-        values, source = [], "--x"
+        numbers, source = [], "--x"
+        _check_count(source, len(args.x))
         for raw in args.x:
             try:
-                values.append(float(raw))
+                numbers.append(float(raw))
             except ValueError:
                 raise UsageError(f"--x values must be numbers, got {raw!r}") from None
+        values = _float32(source, numbers)
     from ..runs import predict
     from ..fast.local_store import read_client
 
     inputs, outputs = predict(args.run_id, values, client=read_client(args.run_id), experiment=args.experiment,
-                              source=source)
+                              source=source, max_inputs=MAX_INPUTS)
     print("\n".join(lines(inputs, outputs)))
     return 0
 
@@ -55,6 +62,7 @@ def read_inputs(name: str):
     import numpy as np
 
     from ..errors import UsageError, described
+    from ..runs import too_many_inputs
 
     path = Path(name)
     if path.suffix.lower() not in INPUT_SUFFIXES:
@@ -67,28 +75,57 @@ def read_inputs(name: str):
         raise UsageError(f"--input {name!r} is not a regular file")
     if found.st_size > MAX_INPUT_BYTES:
         raise UsageError(f"--input {name!r} is {found.st_size} bytes, at most {MAX_INPUT_BYTES} allowed")
-    suffix = path.suffix.lower()
+    suffix, source = path.suffix.lower(), f"--input {name!r}"
     try:
-        if suffix == ".npy":
-            # Memory-mapped: a header declaring more numbers than the file holds is refused, not allocated.
-            array = np.array(np.load(path, mmap_mode="r", allow_pickle=False))
-        elif suffix == ".csv":
-            array = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
-        else:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(loaded, dict) and len(loaded) == 1 and {"inputs", "instances"} & loaded.keys():
-                loaded = next(iter(loaded.values()))
-            array = np.asarray(loaded, dtype=np.float64)
+        # The refusal below says what is wrong: numpy's warnings (an empty file's) would come before it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if suffix == ".npy":
+                # Memory-mapped: a header declaring more numbers than the file holds is refused, not
+                # allocated; one declaring more than are allowed is refused before they are read.
+                mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+                _check_count(source, mapped.size)
+                array = np.array(mapped)
+            elif suffix == ".csv":
+                array = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+            else:
+                loaded = json.loads(path.read_text(encoding="utf-8"))
+                if isinstance(loaded, dict) and len(loaded) == 1 and {"inputs", "instances"} & loaded.keys():
+                    loaded = next(iter(loaded.values()))
+                array = np.asarray(loaded, dtype=np.float64)
     except (ValueError, TypeError, OSError, UnicodeDecodeError, EOFError) as exc:
-        raise UsageError(f"--input {name!r} is not an array of numbers ({described(exc)})") from None
+        raise UsageError(f"{source} is not an array of numbers ({described(exc)})") from None
     except RecursionError:  # JSON nested past what Python's parser follows
-        raise UsageError(f"--input {name!r} is nested too deep to be an array of numbers") from None
+        raise UsageError(f"{source} is nested too deep to be an array of numbers") from None
     if array.dtype.kind not in "biuf":
-        raise UsageError(f"--input {name!r} holds {array.dtype} values, not numbers")
-    if array.ndim and len(array) > MAX_INPUTS:
-        raise UsageError(f"--input {name!r} holds {len(array)} inputs, at most {MAX_INPUTS} allowed: for more, "
-                         "serve the model (mlflow models serve) or load it with mlflow.pyfunc")
-    return array.astype(np.float32)
+        raise UsageError(f"{source} holds {array.dtype} values, not numbers")
+    _check_count(source, array.size)
+    if array.ndim and len(array) > MAX_INPUTS:  # rows are inputs; a flat row is counted once shaped
+        raise too_many_inputs(source, len(array), MAX_INPUTS)
+    return _float32(source, array)
+
+
+def _float32(source: str, numbers):
+    """``numbers`` as the float32 array a model takes, refused where one is beyond float32's range
+    (it would be predicted as an infinity)."""
+    import numpy as np
+
+    from ..errors import UsageError
+
+    given = np.asarray(numbers, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        cast = given.astype(np.float32)
+    if np.isinf(cast).sum() != np.isinf(given).sum():
+        raise UsageError(f"{source} holds numbers beyond float32's range (±{np.finfo(np.float32).max:.4g}), "
+                         "the models' input type")
+    return cast
+
+
+def _check_count(source: str, count: int) -> None:
+    from ..errors import UsageError
+
+    if count > MAX_VALUES:
+        raise UsageError(f"{source} holds {count} numbers, at most {MAX_VALUES} allowed")
 
 
 SHOWN = 8  # an input of more numbers than this is shown by its shape (an image), not its values
