@@ -81,7 +81,8 @@ def add_parser(sub) -> None:
                         "best (a switch: alone, or true|false as MLproject passes it)")
     p.add_argument("--register", metavar="NAME",
                    help="register the best trial's MLflow Model as a new version of NAME in the Model Registry "
-                        f"and move its alias {CHAMPION_ALIAS!r} to it (models:/NAME@{CHAMPION_ALIAS})")
+                        f"and move its alias {CHAMPION_ALIAS!r} to it (models:/NAME@{CHAMPION_ALIAS}); \"\" registers "
+                        "nothing, as MLproject passes it when unset")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 
