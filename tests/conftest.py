@@ -190,6 +190,39 @@ def all_runs(workdir: Path):
     return client.search_runs(ids, max_results=10000)
 
 
+AUDITED = "audited"  # searched_once's study
+
+
+@pytest.fixture(scope="session")
+def searched_once(tmp_path_factory, migrated_db) -> Path:
+    """A tracked two-trial search, in-process, made once for the session (test_audit's and
+    test_untrusted_artifacts' each made their own): its folder, its study AUDITED in ``j.log``.
+    Tests tamper with copies of it (copy_store), never with it."""
+    import optuna
+    from mlflow import MlflowClient
+
+    from harness.experiment import load
+    from harness.search import space as space_module
+    from harness.search.durable.audit import audit
+    from harness.search.objective import Objective
+    from harness.search.study import create_study, make_pruner, open_storage
+
+    workdir = new_store(tmp_path_factory.mktemp("searched"), migrated_db)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    with redirects_restored(), pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        space = space_module.resolve(load("linear_regression"), overrides={"epochs": [3, 4]})
+        url = f"journal:{workdir / 'j.log'}"
+        study = create_study(AUDITED, open_storage(url), direction="minimize", sampler=optuna.samplers.RandomSampler(seed=0),
+                             pruner=make_pruner("none"), space=space, experiment="linear_regression")
+        with Objective("linear_regression", space, track=True, device="cpu", seed=0) as objective:
+            study.optimize(objective, n_trials=2)
+        reopened = open_storage(url)
+        assert audit(optuna.load_study(study_name=AUDITED, storage=reopened), reopened, MlflowClient(uri)).clean
+    return workdir
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, migrated_db):
     """A store holding one trained run (5 epochs of the default experiment): (folder, run id).

@@ -7,17 +7,14 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState, create_trial
 
-from conftest import copy_store, new_store, redirects_restored
-from harness.experiment import load
-from harness.search import space as space_module
-from harness.search.durable.audit import audit
-from harness.search.objective import Objective
-from harness.search.study import create_study, make_pruner, open_storage
+from conftest import AUDITED, copy_store
 from harness.fast.mlflow_sql import sink_for
+from harness.search.durable.audit import audit
+from harness.search.study import open_storage
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-STUDY = "audited"
+STUDY = AUDITED  # the study of conftest's searched_once
 
 
 @pytest.fixture
@@ -28,26 +25,6 @@ def mlflow_uri(workdir, monkeypatch) -> str:
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
-
-
-@pytest.fixture(scope="module")
-def searched_once(tmp_path_factory, migrated_db):
-    """A tracked two-trial search, in-process, made once for the module: its folder."""
-    workdir = new_store(tmp_path_factory.mktemp("searched"), migrated_db)
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    with redirects_restored(), pytest.MonkeyPatch.context() as patch:
-        patch.chdir(workdir)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        experiment = load("linear_regression")
-        space = space_module.resolve(experiment, overrides={"epochs": [3, 4]})
-        url = f"journal:{workdir / 'j.log'}"
-        study = create_study(STUDY, open_storage(url), direction="minimize",
-                             sampler=optuna.samplers.RandomSampler(seed=0), pruner=make_pruner("none"), space=space,
-                             experiment="linear_regression")
-        with Objective("linear_regression", space, track=True, device="cpu", seed=0) as objective:
-            study.optimize(objective, n_trials=2)
-        assert audit(*_reopened(url), MlflowClient(uri)).clean
-    return workdir
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ def test_the_data_do_not_depend_on_the_model_seed():
     assert 0.4 < first.y_train.mean().item() < 0.6
 
 
-def test_train_search_and_predict_end_to_end(workdir):
+def test_train_search_and_predict_end_to_end(workdir, cli_in_process):
     out = run_cli("train", "--experiment", "binary_classification", "--epochs", 40, cwd=workdir)
     assert out.returncode == 0, out.stderr
     [run] = all_runs(workdir)
@@ -42,10 +42,11 @@ def test_train_search_and_predict_end_to_end(workdir):
     out = run_cli("predict", run.info.run_id, "--x", 0.0, 0.0, 1.0, 0.0, cwd=workdir)
     assert out.returncode == 0, out.stderr
     assert [line.split(" -> ")[0] for line in out.stdout.splitlines()] == ["0 0", "1 0"]
-    out = run_cli("predict", run.info.run_id, "--x", 0.0, 0.0, 1.0, cwd=workdir)
+    # In-process from here (were real processes): train and predict above are the experiment's processes.
+    out = cli_in_process("predict", run.info.run_id, "--x", 0.0, 0.0, 1.0, cwd=workdir)
     assert out.returncode == 2 and "multiple of 2" in out.stderr
 
-    out = run_cli("search", "--experiment", "binary_classification", "--n-trials", 3, "--seed", 0,
+    out = cli_in_process("search", "--experiment", "binary_classification", "--n-trials", 3, "--seed", 0,
                   "--epochs-range", "20", "60", "--no-progress", cwd=workdir)
     assert out.returncode == 0, out.stderr
     study = journal_study(workdir, "binary_classification-search")

@@ -26,7 +26,11 @@ def test_train_and_search_go_to_the_mlflow_experiment_named_after_the_harness_ex
     assert client_for(in_workdir).search_runs(["0"]) == []  # nothing left in Default
 
 
-def test_the_flag_and_mlflow_s_variables_still_choose(in_workdir, monkeypatch):
+def test_the_flag_and_mlflow_s_variables_still_choose_and_a_study_begun_in_default_stays_there(in_workdir,
+                                                                                             monkeypatch):
+    """A study made before runs had an experiment of their own: its parent run is in Default. (Was two
+    tests, test_the_flag_and_mlflow_s_variables_still_choose and
+    test_a_study_begun_in_default_keeps_its_trials_there_when_resumed, each with a search in Default.)"""
     assert main(["train", "--epochs", "3", "--mlflow-experiment", "flagged"]) == 0
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "named")
     assert main(["train", "--epochs", "3"]) == 0
@@ -36,18 +40,15 @@ def test_the_flag_and_mlflow_s_variables_still_choose(in_workdir, monkeypatch):
     found = sorted(experiment_of(in_workdir, run) for run in all_runs(in_workdir))
     assert found == ["Default", "Default", "Default", "flagged", "named"]
 
-
-def test_a_study_begun_in_default_keeps_its_trials_there_when_resumed(in_workdir, monkeypatch):
-    """A study made before runs had an experiment of their own: its parent run is in Default."""
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "0")
-    assert main(SEARCH) == 0
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
     assert main(SEARCH) == 0  # resumed, without the variable
     runs = all_runs(in_workdir)
     [parent] = [r for r in runs if r.data.tags.get(schema.ROLE_TAG) == schema.ROLE_STUDY]
     trials = [r for r in runs if r.data.tags.get(schema.PARENT_TAG) == parent.info.run_id]
-    assert len(trials) == 4 and len(runs) == 5
-    assert {r.info.experiment_id for r in runs} == {"0"}
+    assert len(trials) == 4 and len(runs) == 5 + 2  # and the two train runs above
+    assert {r.info.experiment_id for r in [parent, *trials]} == {"0"}
+    found = sorted(experiment_of(in_workdir, run) for run in runs)
+    assert found == ["Default"] * 5 + ["flagged", "named"]
 
 
 def test_under_mlflow_run_the_trials_stay_with_the_run_mlflow_made(in_workdir, monkeypatch):

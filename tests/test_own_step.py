@@ -18,6 +18,9 @@ from harness.search import Objective
 from harness.search import space as space_module
 
 REFERENCE = load("linear_regression")
+# The example's 800 training samples in batches of 200, not its 32: still several dict batches an
+# epoch (collated, mixed up), at a sixth of the steps, each of which the example builds sample by sample.
+FEWER_BATCHES = 200
 
 
 @pytest.fixture
@@ -45,13 +48,13 @@ class Seen:
 
 
 def test_dict_batches_with_mixup_and_an_aux_loss_train_rerun_bit_for_bit_and_observers_see_every_epoch(two_inputs):
-    cfg = resolve(two_inputs, epochs=4, mixup=0.4, width=8)
+    cfg = resolve(two_inputs, epochs=6, mixup=0.4, width=8, batch_size=FEWER_BATCHES)
     seen = Seen()
     result = training.train(cfg, two_inputs, observers=[seen])
     values = result.history.values
     assert list(values) == [f"{split}_{name}" for split in ("train", "valid", "test")
                             for name in ("loss", "aux_loss", "accuracy")]
-    assert [epoch for epoch, _ in seen.epochs] == [0, 1, 2, 3]
+    assert [epoch for epoch, _ in seen.epochs] == [0, 1, 2, 3, 4, 5]
     assert all(logs[k] == values[k][epoch] for epoch, logs in seen.epochs for k in values)
     assert result.model.a.out_features == 8  # make_model got width; the step read mixup from cfg.hparams
     assert result.predictions is None and result.final_metrics()["final_valid_accuracy"] == values["valid_accuracy"][-1]
@@ -177,7 +180,8 @@ def test_a_step_that_breaks_mid_training_fails_that_trial_with_its_reason_and_th
 def test_a_search_selects_on_the_step_s_validation_values_and_stacks_refuse_it(two_inputs):
     space = space_module.resolve(two_inputs, overrides={"epochs": [2, 3]})
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
-    with Objective(two_inputs, space, track=False, objectives=("valid_accuracy",)) as objective:
+    with Objective(two_inputs, space, track=False, objectives=("valid_accuracy",),
+                   base={"batch_size": FEWER_BATCHES}) as objective:
         study.optimize(objective, n_trials=1)  # one trial re-trained shows it; each more is two trainings
     for trial in study.trials:
         values = {**trial.params, "direction": "maximize"}
@@ -241,7 +245,8 @@ def test_an_own_eval_step_evaluates_validation_and_test_batches():
 def test_an_experiment_s_own_value_can_be_the_first_of_two_objectives(two_inputs):
     space = space_module.resolve(two_inputs, overrides={"epochs": [2, 4]})
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(1))
-    with Objective(two_inputs, space, track=False, objectives=("valid_accuracy", "epochs")) as objective:
+    with Objective(two_inputs, space, track=False, objectives=("valid_accuracy", "epochs"),
+                   base={"batch_size": FEWER_BATCHES}) as objective:
         study.optimize(objective, n_trials=3)
     assert study.metric_names == ["valid_accuracy", "epochs"]
     for trial in study.trials:

@@ -334,7 +334,8 @@ def finished_trials(folder) -> dict:
 
 
 @pytest.mark.slow  # seven searches of digits, each its own process (about 60 s alone, minutes on a busy machine)
-def test_a_search_killed_with_sigterm_and_kill_9_then_resumed_ends_as_one_never_interrupted(tmp_path, migrated_db):
+def test_a_search_killed_with_sigterm_and_kill_9_then_resumed_ends_as_one_never_interrupted(tmp_path, migrated_db,
+                                                                                            cli_in_process):
     """SIGTERM, then `kill -9`, each at a seeded-random batch of a search (checkpoints every epoch),
     then a last invocation; and, in another copy of the store, SIGTERM to a search of two threads
     (--n-jobs 2), then another: each study ends with the same four trials as a search never
@@ -369,7 +370,7 @@ def test_a_search_killed_with_sigterm_and_kill_9_then_resumed_ends_as_one_never_
         resumed = [tags for *_, tags in trained.values() if RESUMED_TAG in tags]
         assert resumed and all(tags[RESUMED_FROM_TAG] for tags in resumed), store  # from a checkpoint, not from 0
         assert complete_values(store) == complete_values(never)
-        audit = run_cli("audit", "--study", "preempted-search", cwd=store)
+        audit = cli_in_process("audit", "--study", "preempted-search", cwd=store)  # in-process (was a process)
         assert audit.returncode == 0 and "clean" in audit.stdout, audit.stdout + audit.stderr
 
 

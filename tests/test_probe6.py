@@ -8,16 +8,20 @@ WRAPPED = ("from dataclasses import replace\nfrom experiments.linear_regression 
 
 
 def search_twice_then_edit(code, edited, in_workdir, cli_in_process, experiment, study):
-    """Search, resume unchanged (exit 0), append to ``edited`` and resume again: the CompletedProcess."""
+    """Search, resume unchanged (exit 0), then for each file of ``edited`` in turn append to it and
+    resume again: the CompletedProcess of each of those resumes."""
     search = ["search", "--experiment", experiment, "--study-name", study, "--n-trials", 1,
               "--epochs-range", 5, 10, "--no-progress"]
     first = cli_in_process(*search, cwd=in_workdir)
     assert first.returncode == 0, first.stderr
     again = cli_in_process(*search, cwd=in_workdir)
     assert again.returncode == 0, again.stderr  # unchanged: resumed
-    with (code / edited).open("a") as file:
-        file.write("WEIGHT = 5.0\n")
-    return cli_in_process(*search, cwd=in_workdir)
+    resumed = []
+    for name in edited:
+        with (code / name).open("a") as file:
+            file.write("WEIGHT = 5.0\n")
+        resumed.append(cli_in_process(*search, cwd=in_workdir))
+    return resumed
 
 
 @pytest.mark.parametrize("package, import_line", [
@@ -35,10 +39,11 @@ def test_a_package_experiment_s_relative_import_is_part_of_its_identity(tmp_path
     (code / "exp.py").write_text(import_line + "\n")
     (code / "unrelated.py").write_text("")
     monkeypatch.syspath_prepend(str(code.parent))
-    out = search_twice_then_edit(code, "unrelated.py", in_workdir, cli_in_process, f"{package}.exp", "rel")
-    assert out.returncode == 0, out.stderr
-    out = search_twice_then_edit(code, "helper.py", in_workdir, cli_in_process, f"{package}.exp", "rel")
-    assert out.returncode == 2 and "study 'rel' was created with experiment" in out.stderr, out.stderr
+    # One study for both edits (was a search of its own per edit): the unrelated edit resumes it.
+    unrelated, helper = search_twice_then_edit(code, ["unrelated.py", "helper.py"], in_workdir, cli_in_process,
+                                               f"{package}.exp", "rel")
+    assert unrelated.returncode == 0, unrelated.stderr
+    assert helper.returncode == 2 and "study 'rel' was created with experiment" in helper.stderr, helper.stderr
 
 
 @pytest.mark.parametrize("name_expression", ["'p6dyn_literal'", "'p6dyn_' + 'computed'"])
@@ -54,7 +59,7 @@ def test_a_helper_a_file_experiment_loads_with_import_module_is_part_of_its_iden
         "import importlib, os, sys\nsys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))\n"
         f"EXPERIMENT = importlib.import_module({name_expression}).EXPERIMENT\n")
     monkeypatch.setattr("sys.path", list(__import__("sys").path))  # what exp.py adds goes with the test
-    out = search_twice_then_edit(code, f"{name}.py", in_workdir, cli_in_process, code / "exp.py", "dyn")
+    [out] = search_twice_then_edit(code, [f"{name}.py"], in_workdir, cli_in_process, code / "exp.py", "dyn")
     assert out.returncode == 2 and "study 'dyn' was created with experiment" in out.stderr, out.stderr
 
 

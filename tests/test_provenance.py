@@ -9,8 +9,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import ROOT, all_runs, client_for
+from conftest import ROOT, all_runs, client_for, copy_store, new_store, redirects_restored
 from harness import provenance, schema
+from harness.urls import local_folder
 from harness.cli import main
 
 TRAIN = ["train", "--epochs", "3"]
@@ -66,13 +67,39 @@ def test_a_train_run_records_its_code_packages_data_and_machine(in_workdir, tmp_
     assert tags[schema.CUDA_TAG] == (torch.version.cuda or "none")
 
 
-def test_a_search_s_trials_carry_the_parent_s_provenance_and_point_to_its_artifacts(in_workdir, tmp_path):
-    assert main(["search", "--n-trials", "3", "--no-progress", "--epochs-range", "5", "10"]) == 0
-    runs = all_runs(in_workdir)
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, migrated_db):
+    """One study searched twice in-process, as a new process would (4 trials, then 2 more), made once
+    for the module (three tests each ran a search of their own), and what working out provenance
+    cost it: (folder, {"checkouts": ..., "requirements": ..., "hashed": ...})."""
+    import signal
+
+    folder = new_store(tmp_path_factory.mktemp("searched"), migrated_db)
+    forget()
+    hashed = []
+    real = provenance._hashed
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # main() ends ignoring them
+    with redirects_restored(), pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        patch.setattr(provenance, "_hashed", lambda value: hashed.append(1) or real(value))
+        try:
+            assert main(["search", "--n-trials", "4", "--no-progress", "--epochs-range", "5", "10"]) == 0
+            assert main(["search", "--n-trials", "2", "--no-progress", "--epochs-range", "5", "10"]) == 0
+        finally:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
+    return folder, {"checkouts": provenance._checkout.cache_info().misses,
+                    "requirements": provenance.requirements.cache_info().misses, "hashed": len(hashed)}
+
+
+def test_a_search_s_trials_carry_the_parent_s_provenance_and_point_to_its_artifacts(searched, tmp_path):
+    folder, _ = searched
+    runs = all_runs(folder)
     [parent] = [r for r in runs if r.data.tags.get(schema.ROLE_TAG) == schema.ROLE_STUDY]
     trials = [r for r in runs if r.data.tags.get(schema.PARENT_TAG) == parent.info.run_id]
-    assert len(trials) == 3
-    client = client_for(in_workdir)
+    assert len(trials) == 4 + 2
+    client = client_for(folder)
     for run in [parent, *trials]:
         assert EVERY_RUN <= set(run.data.tags), run.info.run_name
         # The search holds out valid_fraction of the training data: which samples, recorded.
@@ -85,18 +112,13 @@ def test_a_search_s_trials_carry_the_parent_s_provenance_and_point_to_its_artifa
     assert hashlib.sha256(listed).hexdigest() == parent.data.tags[schema.PACKAGES_TAG]
 
 
-def test_provenance_is_worked_out_once_per_process(in_workdir, monkeypatch):
-    forget()
-    hashed = []
-    real = provenance._hashed
-    monkeypatch.setattr(provenance, "_hashed", lambda value: hashed.append(1) or real(value))
-    assert main(["search", "--n-trials", "4", "--no-progress", "--epochs-range", "5", "10"]) == 0
-    assert main(["search", "--n-trials", "2", "--no-progress", "--epochs-range", "5", "10"]) == 0
-    assert len(all_runs(in_workdir)) == 4 + 2 + 1
-    assert provenance._checkout.cache_info().misses == 1  # the experiment and the harness share a checkout
-    assert provenance.requirements.cache_info().misses == 1
+def test_provenance_is_worked_out_once_per_process(searched):
+    folder, worked_out = searched
+    assert len(all_runs(folder)) == 4 + 2 + 1
+    assert worked_out["checkouts"] == 1  # the experiment and the harness share a checkout
+    assert worked_out["requirements"] == 1
     # Each search loads its experiment's data once: each split hashed once per search, never per trial.
-    assert len(hashed) == 2 * 2
+    assert worked_out["hashed"] == 2 * 2
 
 
 def test_uncommitted_changes_are_kept_as_a_diff_and_a_big_one_is_cut(tmp_path, monkeypatch):
@@ -149,30 +171,31 @@ def test_a_dataset_is_hashed_sample_by_sample_with_dtype_and_shape():
     assert provenance.digest(X).hexdigest() != provenance.digest(X.reshape(3, 4)).hexdigest()
 
 
-def recorded_otherwise(client: MlflowClient, run_id: str, tmp_path, holder: str | None = None) -> str:
+def recorded_otherwise(client: MlflowClient, run_id: str, holder: str | None = None) -> str:
     """The run's record as another machine would have left it: other data, packages, commit, host;
     its packages' list among the artifacts of ``holder`` (a trial's parent run), else its own."""
     changed = provenance.requirements().decode().replace(f"torch=={torch.__version__}", "torch==1.0.0")
     changed += "zz-gone-package==0.1\n"
     sha = hashlib.sha256(changed.encode()).hexdigest()
-    name = provenance.requirements_artifact(sha)
-    (tmp_path / "provenance").mkdir()
-    (tmp_path / name).write_text(changed)
-    client.log_artifact(holder or run_id, str(tmp_path / name), "provenance")
+    # Into the run's folder itself: MLflow keeps one artifact store per run id for the whole process,
+    # so log_artifact would write to the first store that run id was seen in, not to a copy of it.
+    listed = local_folder(client.get_run(holder or run_id).info.artifact_uri) / provenance.requirements_artifact(sha)
+    listed.parent.mkdir(parents=True, exist_ok=True)
+    listed.write_text(changed)
     for tag, value in {schema.PACKAGES_TAG: sha, schema.data_tag("train"): "0" * 64,
                        schema.HARNESS_COMMIT_TAG: "1" * 40, schema.HOST_TAG: "elsewhere"}.items():
         client.set_tag(run_id, tag, value)
     return sha
 
 
-def test_reproduce_names_every_difference_of_provenance_before_its_verdict(in_workdir, tmp_path, cli_in_process):
+def test_reproduce_names_every_difference_of_provenance_before_its_verdict(in_workdir, cli_in_process):
     assert main(TRAIN) == 0
     [run] = all_runs(in_workdir)
     run_id = run.info.run_id
     same = cli_in_process("reproduce", run_id, cwd=in_workdir)
     assert same.returncode == 0 and "bitwise identical" in same.stdout
     assert "harness: other" not in same.stderr  # the same process: nothing differs
-    recorded_otherwise(client_for(in_workdir), run_id, tmp_path)
+    recorded_otherwise(client_for(in_workdir), run_id)
     out = cli_in_process("reproduce", run_id, cwd=in_workdir)
     assert out.returncode == 0 and "bitwise identical" in out.stdout, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.startswith("harness: other")]
@@ -187,11 +210,11 @@ def test_reproduce_names_every_difference_of_provenance_before_its_verdict(in_wo
     ], out.stderr
 
 
-def test_reproducing_a_trial_finds_its_packages_on_the_study_s_parent_run(in_workdir, tmp_path, cli_in_process):
-    assert main(["search", "--n-trials", "1", "--no-progress", "--epochs-range", "5", "10"]) == 0
-    [trial] = [r for r in all_runs(in_workdir) if schema.PARENT_TAG in r.data.tags]
-    recorded_otherwise(client_for(in_workdir), trial.info.run_id, tmp_path, holder=trial.data.tags[schema.PARENT_TAG])
-    out = cli_in_process("reproduce", trial.info.run_id, cwd=in_workdir)
+def test_reproducing_a_trial_finds_its_packages_on_the_study_s_parent_run(searched, tmp_path, cli_in_process):
+    workdir = copy_store(searched[0], tmp_path / "copy")  # the module's search, to write to
+    trial = next(r for r in all_runs(workdir) if schema.PARENT_TAG in r.data.tags and r.info.status == "FINISHED")
+    recorded_otherwise(client_for(workdir), trial.info.run_id, holder=trial.data.tags[schema.PARENT_TAG])
+    out = cli_in_process("reproduce", trial.info.run_id, cwd=workdir)
     assert out.returncode == 0 and "bitwise identical" in out.stdout, out.stderr
     assert f"harness: other packages: torch 1.0.0 -> {torch.__version__}; zz-gone-package 0.1 removed\n" in out.stderr
 

@@ -1,8 +1,10 @@
 """A new MLflow store made from the template (harness/store_template.py) is the store MLflow makes,
 and a template that is anything but a good one is never used."""
 import os
+import shutil
 import sqlite3
 from contextlib import closing
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -50,9 +52,22 @@ def test_a_store_made_from_the_template_is_the_store_mlflow_makes(tmp_path, cach
     assert dump(cache / os.listdir(cache)[0])["runs"] == []  # the template itself stays empty
 
 
-def good_template(tmp_path, cache):
-    tracking.open_client(f"sqlite:///{tmp_path / 'first.db'}")
-    [template] = cache.iterdir()
+@pytest.fixture(scope="module")
+def suite_template(tmp_path_factory) -> Path:
+    """The template of the suite's own cache (conftest), made by MLflow's migrations at most once."""
+    tracking.open_client(f"sqlite:///{tmp_path_factory.mktemp('first') / 'first.db'}")
+    assert store_template.path().is_file()
+    return store_template.path()
+
+
+@pytest.fixture
+def good_template(suite_template, cache) -> Path:
+    """A good template in the test's own cache: a copy of the suite's (each test making its own ran
+    MLflow's migrations, seconds; test_a_store_made_from_the_template_is_the_store_mlflow_makes
+    checks that a first store saves one)."""
+    cache.mkdir(mode=0o700, parents=True)
+    template = cache / suite_template.name
+    shutil.copy2(suite_template, template)
     return template
 
 
@@ -125,9 +140,9 @@ def bad_templates(template, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_template_that_is_not_a_good_one_is_never_used(tmp_path, cache, monkeypatch):
+def test_a_template_that_is_not_a_good_one_is_never_used(tmp_path, good_template, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    template = good_template(tmp_path, cache)
+    template = good_template
     for n, case in enumerate(bad_templates(template, tmp_path)):
         store = tmp_path / f"store-{n}.db"
         assert store_template.start_from_template(str(store)) is False, case
@@ -143,9 +158,8 @@ def test_a_template_that_is_not_a_good_one_is_never_used(tmp_path, cache, monkey
 
 
 @pytest.mark.slow
-def test_no_template_is_used_or_kept_on_an_mlflow_release_the_harness_was_not_checked_on(tmp_path, cache,
-                                                                                          monkeypatch):
-    good_template(tmp_path, cache)
+def test_no_template_is_used_or_kept_on_an_mlflow_release_the_harness_was_not_checked_on(
+        tmp_path, cache, good_template, monkeypatch):
     monkeypatch.setattr(compat, "MLFLOW_TESTED", ("0.0.0",))
     monkeypatch.setattr(compat, "_said", {"mlflow"})
     assert not store_template.usable(str(tmp_path / "new.db"))
@@ -163,8 +177,7 @@ def test_a_cache_folder_that_cannot_be_written_changes_nothing(tmp_path, monkeyp
     assert [e.name for e in client.search_experiments()] == ["Default"]
 
 
-def test_a_store_that_exists_or_is_not_a_plain_file_is_never_touched(tmp_path, cache):
-    good_template(tmp_path, cache)
+def test_a_store_that_exists_or_is_not_a_plain_file_is_never_touched(tmp_path, good_template):
     (tmp_path / "there.db").write_bytes(b"")
     for store in ("there.db", ":memory:", "file:x.db?mode=ro", "no-such-folder/x.db"):
         assert not store_template.usable(store if store.startswith((":", "file:")) else str(tmp_path / store)), store

@@ -1,6 +1,7 @@
 """Every sampler and pruner `harness search` offers, from ``Objective`` in a plain script (fast,
 untracked) and from the CLI (tracked, audited); their settings' bad input."""
 import json
+import warnings
 
 import optuna
 import pytest
@@ -133,6 +134,19 @@ def test_wilcoxon_from_the_cli_prunes_without_a_warning_per_check(workdir):
     assert any(t.state == TrialState.PRUNED for t in journal_study(workdir).trials)
 
 
+def with_warnings_printed(cli_in_process, *args, cwd):
+    """``cli_in_process``'s result with the warnings a process of its own would have printed on its
+    stderr (Python's default filters, not pytest's, which keeps them to itself) added to its stderr."""
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", hidden)
+        out = cli_in_process(*args, cwd=cwd)
+    out.stderr += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in shown)
+    return out
+
+
 @pytest.mark.slow
 def test_every_sampler_and_pruner_from_the_cli_leaves_a_study_that_audits_clean(workdir, cli_in_process):
     """One study resumed with each remaining sampler and pruner in turn (a study may change them):
@@ -141,9 +155,13 @@ def test_every_sampler_and_pruner_from_the_cli_leaves_a_study_that_audits_clean(
 
     strategies = [("qmc", "hyperband"), ("random", "percentile"), ("grid", "none"), ("tpe", "wilcoxon"),
                   ("nsga2", "median")]
-    for sampler, pruner in strategies:
-        out = run_cli("search", "--n-trials", 4, "--sampler", sampler, "--seed", 5, "--pruner", pruner,
-                      "--epochs-range", 20, 60, "--report-every", 5, "--no-progress", cwd=workdir)
+    for number, (sampler, pruner) in enumerate(strategies):
+        args = ["search", "--n-trials", 4, "--sampler", sampler, "--seed", 5, "--pruner", pruner,
+                "--epochs-range", 20, 60, "--report-every", 5, "--no-progress"]
+        if number == 0:  # a real process: what a user's terminal shows
+            out = run_cli(*args, cwd=workdir)
+        else:  # in-process (were processes too), with the warnings a process would print
+            out = with_warnings_printed(cli_in_process, *args, cwd=workdir)
         assert out.returncode == 0, (sampler, pruner, out.stderr)
         assert "Warning" not in out.stderr, (sampler, pruner, out.stderr)
     study = journal_study(workdir)

@@ -16,7 +16,7 @@ from harness import runs
 from harness.errors import HarnessError
 from harness.fast.local_store import read_client as fast_read_client
 from harness.urls import local_folder
-from test_audit import mlflow_uri, searched, searched_once  # noqa: F401 - fixtures
+from test_audit import mlflow_uri, searched  # noqa: F401 - fixtures
 from test_fast_read import VALUES, _artifact, _sql, _within, store  # noqa: F401 - a fixture
 
 LIMIT = 1 << 16  # the tests lower the bound so that no case costs more than a few KB of real disk

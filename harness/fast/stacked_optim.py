@@ -6,7 +6,7 @@ per-member vector. Where torch multiplies by a scalar learning rate inside one k
 uses the op that rounds the same way (``addcmul`` for ``add(alpha=-lr)``, ``add((v * a) / d)`` for
 ``addcdiv(value=v)``). That equivalence is a property of the kernels, not a promise of torch's: so
 ``agrees`` checks it against torch's own optimizer on this machine before a stack relies on it, and
-``harness.batched`` steps each member's torch optimizer instead where it does not hold.
+``harness.fast.batched`` steps each member's torch optimizer instead where it does not hold.
 """
 from __future__ import annotations
 
