@@ -318,9 +318,11 @@ def log_figures(client, run_id: str, figures: dict) -> None:
     it cannot scale, say) is left out with one line, and is never taken for the store failing."""
     import sys
 
+    from .plots import SAVE_KWARGS  # matplotlib is loaded already: these are its figures
+
     for name, fig in figures.items():
         try:  # matplotlib's own errors: MLflow's are its MlflowException, or an OSError
-            client.log_figure(run_id, fig, name)
+            client.log_figure(run_id, fig, name, save_kwargs=SAVE_KWARGS)
         except (ValueError, OverflowError, ArithmeticError) as exc:
             print(f"harness: figure {name} of run {run_id} not drawn: {first_line(exc)}", file=sys.stderr)
 
