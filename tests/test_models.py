@@ -219,6 +219,73 @@ def test_register_moves_the_champion_to_another_trial_and_refuses_in_one_line(re
     assert client.get_registered_model("digits").aliases == {"champion": 2}
 
 
+# In a fresh process (only there is torch.export's machinery not imported yet, so only there does
+# the warm-up import it beside the training), a search with the warm-up or with it replaced by nothing.
+WARM_OR_COLD = """
+import sys, threading
+from harness.cli import main
+from harness.search import session
+
+if sys.argv[1] == "cold":
+    session.warm_up = lambda: (idle := threading.Thread(target=lambda: None), idle.start(), idle)[2]
+optimize, seen = session._optimize, []
+
+def watched(*args, **kwargs):
+    result = optimize(*args, **kwargs)
+    seen.append("torch.export._trace" in sys.modules)  # after the trials, before the warm-up is joined
+    return result
+
+session._optimize = watched
+status = main(["search", *sys.argv[2:]])
+print(f"export machinery imported beside the trials: {seen[0]}")
+sys.exit(status)
+"""
+
+
+def trials_as_recorded(folder) -> dict:
+    """Each trial of the digits_cnn study of ``folder``: its state, params and values in the journal,
+    and its run's params, curves (every metric's history) and state_dict.pt."""
+    from conftest import client_for
+    from search_helpers import journal_study
+
+    client = client_for(folder)
+    recorded = {}
+    for trial in journal_study(folder, "digits_cnn-search").trials:
+        run_id = trial.user_attrs["mlflow_run_id"]
+        run = client.get_run(run_id)
+        curves = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in run.data.metrics}
+        state = {k: v.numpy().tobytes() for k, v in runs.load_state_dict(client, run_id).items()}
+        recorded[trial.number] = (trial.state, trial.params, trial.values, run.data.params, curves, state)
+    return recorded
+
+
+@pytest.mark.slow
+def test_the_warm_up_beside_the_trials_leaves_every_trial_s_bits_alone(tmp_path, migrated_db):
+    """The import of torch.export's machinery that runs in a thread while the trials train (so that
+    logging the MLflow Model at the end does not wait for it) changes nothing the trials record."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    recorded, imported, logged = {}, {}, {}
+    for way in ("warm", "cold"):
+        folder = tmp_path / way
+        folder.mkdir()
+        new_store(folder, migrated_db)
+        out = subprocess.run([sys.executable, "-c", WARM_OR_COLD, way, "--n-trials", "3", *SMALL_DIGITS],
+                             cwd=folder, env=cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}"),
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        imported[way] = out.stdout.splitlines()[-1]
+        logged[way] = [line.split(":")[0] for line in out.stdout.splitlines() if "MLflow Model models:/" in line]
+        recorded[way] = trials_as_recorded(folder)
+    assert imported == {"warm": "export machinery imported beside the trials: True",  # the warm-up ran, or not
+                        "cold": "export machinery imported beside the trials: False"}
+    assert len(logged["warm"]) == 1 and logged["warm"] == logged["cold"]  # the same best trial's model
+    assert len(recorded["warm"]) == 3 and recorded["warm"] == recorded["cold"]
+
+
 OWN_EXPERIMENT = '''
 import torch
 from torch import nn
