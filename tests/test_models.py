@@ -219,6 +219,85 @@ def test_register_moves_the_champion_to_another_trial_and_refuses_in_one_line(re
     assert client.get_registered_model("digits").aliases == {"champion": 2}
 
 
+def untouched_trial(source, study, folder):
+    """A copy of the ``registered`` store in ``folder``, and the run of a trial that has no MLflow Model."""
+    import shutil
+
+    from conftest import copy_store
+
+    copy_store(source, folder)
+    shutil.copy(source / "optuna_journal.log", folder)
+    trial = next(t for t in study.trials if t.number != study.best_trial.number)
+    return trial.user_attrs["mlflow_run_id"]
+
+
+def logged_models(client, run_id) -> list:
+    """The run's logged models that are not deleted, in any MLflow experiment (MLflow logs a run's
+    model in its fluent experiment, here Default, not in the run's)."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return list(client.search_logged_models(experiments, filter_string=f"source_run_id = '{run_id}'"))
+
+
+def test_a_run_whose_model_another_process_is_logging_keeps_that_one_model(registered, cli_in_process, tmp_path):
+    """Issue 26: two invocations that log the same run's model (workers of one study ending on the same
+    best trial) each logged their own. One that finds another's model made first, still being logged,
+    waits for it and uses it: the run keeps one model, registered once."""
+    import threading
+
+    import mlflow
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    from conftest import client_for
+
+    source, study = registered
+    folder = tmp_path / "copy"
+    run_id = untouched_trial(source, study, folder)
+    client = client_for(folder)
+    with mlflow_tracking(client.tracking_uri):  # the other process's model, made first and still PENDING
+        other = mlflow.initialize_logged_model(name="digits_cnn", source_run_id=run_id).model_id
+
+    def other_finishes():
+        client.log_outputs(run_id, [LoggedModelOutput(other, 1)])
+        client.finalize_logged_model(other, LoggedModelStatus.READY)
+
+    finishing = threading.Timer(1, other_finishes)
+    finishing.start()
+    try:
+        out = cli_in_process("register", run_id, "--name", "digits", cwd=folder)
+    finally:
+        finishing.join()
+    assert out.returncode == 0, out.stderr
+    assert [m.model_id for m in logged_models(client, run_id)] == [other] == models_of(client, run_id)
+    [version] = [v for v in client.search_model_versions("name = 'digits'") if v.run_id == run_id]
+    assert version.source == f"models:/{other}"
+
+
+@pytest.mark.slow
+def test_two_invocations_at_once_on_one_run_log_and_register_one_model(registered, tmp_path):
+    """Issue 26: two processes logging and registering the same run's model at the same time (as
+    `harness cluster` workers ending on the same best trial do) leave one model and one version of it."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env, client_for
+
+    source, study = registered
+    folder = tmp_path / "copy"
+    run_id = untouched_trial(source, study, folder)
+    env = cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}")
+    both = [subprocess.Popen([sys.executable, "-m", "harness", "register", run_id, "--name", "digits"], cwd=folder,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [process.communicate(timeout=600) for process in both]
+    assert [process.returncode for process in both] == [0, 0], outs
+    client = client_for(folder)
+    [model] = logged_models(client, run_id)
+    assert models_of(client, run_id) == [model.model_id]
+    [version] = [v for v in client.search_model_versions("name = 'digits'") if v.run_id == run_id]
+    assert version.source == f"models:/{model.model_id}"
+    assert client.get_registered_model("digits").aliases == {"champion": int(version.version)}
+    assert outs[0][0] == outs[1][0]  # both say they registered that version
+
+
 # In a fresh process (only there is torch.export's machinery not imported yet, so only there does
 # the warm-up import it beside the training), a search with the warm-up or with it replaced by nothing.
 WARM_OR_COLD = """
