@@ -94,8 +94,8 @@ def cost(experiment: str, repeats: int, ways: list[str]) -> None:
         for way in ways:  # interleaved: the machine's load drifts
             folder = Path(tempfile.mkdtemp(prefix="harness-bench-"))
             try:
-                env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
-                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+                env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                       "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
                 out = subprocess.run([sys.executable, "-c", SEARCH, experiment, way], env=env, cwd=folder,
                                      capture_output=True, text=True, check=True)
                 measured[way].append(json.loads(out.stdout.strip().splitlines()[-1]))
