@@ -243,6 +243,7 @@ def test_a_run_whose_model_another_process_is_logging_keeps_that_one_model(regis
     best trial) each logged their own. One that finds another's model made first, still being logged,
     waits for it and uses it: the run keeps one model, registered once."""
     import threading
+    import time
 
     import mlflow
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
@@ -256,11 +257,14 @@ def test_a_run_whose_model_another_process_is_logging_keeps_that_one_model(regis
     with mlflow_tracking(client.tracking_uri):  # the other process's model, made first and still PENDING
         other = mlflow.initialize_logged_model(name="digits_cnn", source_run_id=run_id).model_id
 
-    def other_finishes():
+    def other_finishes():  # once the command has made its own, so that it finds the other PENDING
+        deadline = time.monotonic() + 300
+        while len(logged_models(client, run_id)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
         client.log_outputs(run_id, [LoggedModelOutput(other, 1)])
         client.finalize_logged_model(other, LoggedModelStatus.READY)
 
-    finishing = threading.Timer(1, other_finishes)
+    finishing = threading.Thread(target=other_finishes)
     finishing.start()
     try:
         out = cli_in_process("register", run_id, "--name", "digits", cwd=folder)
