@@ -46,14 +46,15 @@ print(json.dumps({"import_s": imported - started, "load_s": loaded - imported, "
 
 
 # One search in a fresh process (what `harness search` pays: the first MLflow Model of a process),
-# timed from run_search's start to its return; argv: experiment, way.
+# timed from run_search's start to its return; argv: experiment, way, the sampler's seed (the same
+# trials each way: unseeded, digits_cnn's default search took 14 s to 250 s here by what it drew).
 SEARCH = """
 import json, os, sys, threading, time
 from harness.cli import build_parser
 from harness.search import session
 from harness.search.options import SearchOptions
 
-experiment, way = sys.argv[1:3]
+experiment, way, seed = sys.argv[1:4]
 spent = {"publish_s": 0.0, "join_s": 0.0, "warm_cpu_s": 0.0}
 publish, warm_up = session.publish, session.warm_up
 
@@ -87,7 +88,7 @@ idle = threading.Thread(target=lambda: None)
 idle.start()
 session.publish = timed_publish if way != "without" else (lambda *args, **kwargs: [])
 session.warm_up = (lambda: Timed(warm_up())) if way == "with" else (lambda: idle)
-args = build_parser().parse_args(["search", "--experiment", experiment, "--no-progress"])
+args = build_parser().parse_args(["search", "--experiment", experiment, "--no-progress", "--seed", seed])
 started = time.perf_counter()
 outcome = session.run_search(SearchOptions.from_args(args))
 wall = time.perf_counter() - started
@@ -99,7 +100,7 @@ WAYS = {"without": "without the model", "with": "with the model, as shipped (war
         "cold": "with the model, no warm-up"}
 
 
-def cost(experiment: str, repeats: int, ways: list[str]) -> None:
+def cost(experiment: str, repeats: int, ways: list[str], seed: int) -> None:
     measured: dict[str, list[dict]] = {way: [] for way in ways}
     for _ in range(repeats):
         for way in ways:  # interleaved: the machine's load drifts
@@ -107,15 +108,15 @@ def cost(experiment: str, repeats: int, ways: list[str]) -> None:
             try:
                 env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
                        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
-                out = subprocess.run([sys.executable, "-c", SEARCH, experiment, way], env=env, cwd=folder,
-                                     capture_output=True, text=True, check=True)
+                out = subprocess.run([sys.executable, "-c", SEARCH, experiment, way, str(seed)], env=env,
+                                     cwd=folder, capture_output=True, text=True, check=True)
                 measured[way].append(json.loads(out.stdout.strip().splitlines()[-1]))
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
-    print(f"cost: 20-trial default search of {experiment}, each in a fresh process, {repeats} repeat(s) "
-          f"interleaved, load average at the end {load}")
+    print(f"cost: 20-trial default search of {experiment} (sampler seed {seed}), each in a fresh process, "
+          f"{repeats} repeat(s) interleaved, load average at the end {load}")
     for way, rows in measured.items():
         walls, logs, joins, warms = ([r[k] for r in rows] for k in ("wall_s", "publish_s", "join_s", "warm_cpu_s"))
         wall = statistics.median(walls)
@@ -182,6 +183,7 @@ def main() -> None:
     parser.add_argument("what", nargs="?", default="both", choices=("cost", "format", "both"))
     parser.add_argument("--experiment", default="linear_regression")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0, help="cost: the searches' sampler seed")
     parser.add_argument("--ways", default="without,with,cold",
                         help=f"cost: which searches to run, of {', '.join(WAYS)} (comma-separated)")
     args = parser.parse_args()
@@ -192,7 +194,7 @@ def main() -> None:
         ways = args.ways.split(",")
         if not set(ways) <= set(WAYS):
             parser.error(f"--ways {args.ways!r}: a comma-separated list of {', '.join(WAYS)}")
-        cost(args.experiment, args.repeats, ways)
+        cost(args.experiment, args.repeats, ways, args.seed)
 
 
 if __name__ == "__main__":
