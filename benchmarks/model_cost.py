@@ -1,9 +1,10 @@
 """What the MLflow Model at the end of a search costs, and why it is torch.export's format.
 
-cost: a default 20-trial `harness search` (in-process, a fresh store and journal each time), its
-wall time from start to the record closed, with the model and without (search.publish replaced by
-nothing), interleaved, and the part spent logging the best trial as an MLflow Model (search.publish,
-timed where the session calls it). Medians of ``--repeats``.
+cost: a default 20-trial `harness search`, each in a fresh process with a fresh store and journal
+(a `harness search` always logs the first MLflow Model of its process), its wall time from start to
+the record closed: without the model (search.publish and the warm-up replaced by nothing), with it
+as shipped, and with it but no warm-up ("cold"), interleaved; and the part spent logging the best
+trial as an MLflow Model (search.publish, timed where the session calls it). Medians of ``--repeats``.
 
 format: one trained model of ``--experiment`` saved as an MLflow Model both ways MLflow 3.17 offers,
 ``pt2`` (torch.export) and ``pickle`` (torch.save of the module): save seconds, size on disk, and,
@@ -13,6 +14,7 @@ experiment's code loading imported (pickle must import the class its file names;
 unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true, which the benchmark sets for that load only).
 
     python benchmarks/model_cost.py [cost|format|both] [--experiment linear_regression] [--repeats 3]
+                                    [--ways without,with,cold]
 """
 from __future__ import annotations
 
@@ -43,52 +45,93 @@ print(json.dumps({"import_s": imported - started, "load_s": loaded - imported, "
 """
 
 
-def cost(experiment: str, repeats: int) -> None:
-    from harness.cli import build_parser
-    from harness.fast import batched
-    from harness.fast.mlflow_sql import DirectWriter
-    from harness.search import session
-    from harness.search.options import SearchOptions
+# One search in a fresh process (what `harness search` pays: the first MLflow Model of a process),
+# timed from run_search's start to its return; argv: experiment, way, the sampler's seed (the same
+# trials each way: unseeded, digits_cnn's default search took 14 s to 250 s here by what it drew).
+SEARCH = """
+import json, os, sys, threading, time
+from harness.cli import build_parser
+from harness.search import session
+from harness.search.options import SearchOptions
+from harness.fast import batched
+from harness.fast.mlflow_sql import DirectWriter
 
-    spent: list[float] = []
-    original = session.publish
+experiment, way, seed = sys.argv[1:4]
+spent = {"publish_s": 0.0, "join_s": 0.0, "warm_cpu_s": 0.0}
+publish, warm_up = session.publish, session.warm_up
 
-    def timed(*args, **kwargs):
+def timed_publish(*args, **kwargs):
+    started = time.perf_counter()
+    try:
+        return publish(*args, **kwargs)
+    finally:
+        spent["publish_s"] = time.perf_counter() - started
+
+class Timed:  # the warm-up thread, its join timed: what the search waited for it at its end
+    def __init__(self, thread):
+        self.thread = thread
+    def join(self):
         started = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spent.append(time.perf_counter() - started)
+        self.thread.join()
+        spent["join_s"] = time.perf_counter() - started
 
-    walls: dict[str, list[float]] = {"without": [], "with": []}
-    logs = []
+from harness import models
+warm = models._warm
+
+def timed_warm():  # its CPU time: at most what it takes from the trials (they share the GIL with it)
+    started = time.thread_time()
+    try:
+        warm()
+    finally:
+        spent["warm_cpu_s"] = time.thread_time() - started
+
+models._warm = timed_warm
+idle = threading.Thread(target=lambda: None)
+idle.start()
+session.publish = timed_publish if way != "without" else (lambda *args, **kwargs: [])
+session.warm_up = (lambda: Timed(warm_up())) if way == "with" else (lambda: idle)
+args = build_parser().parse_args(["search", "--experiment", experiment, "--no-progress", "--seed", seed])
+started = time.perf_counter()
+outcome = session.run_search(SearchOptions.from_args(  # the fast paths handed in, as `harness search` does
+    args, sql_writer=DirectWriter.for_client, stacker=batched))
+wall = time.perf_counter() - started
+assert outcome.failure is None and not outcome.interrupted, outcome
+assert (way == "without") != bool(outcome.published), outcome.published
+print(json.dumps({"wall_s": wall, **spent}))
+"""
+WAYS = {"without": "without the model", "with": "with the model, as shipped (warm-up while the trials run)",
+        "cold": "with the model, no warm-up"}
+
+
+def cost(experiment: str, repeats: int, ways: list[str], seed: int) -> None:
+    measured: dict[str, list[dict]] = {way: [] for way in ways}
     for _ in range(repeats):
-        for way in walls:  # interleaved: the machine's load drifts
-            session.publish = timed if way == "with" else (lambda *args, **kwargs: [])
+        for way in ways:  # interleaved: the machine's load drifts
             folder = Path(tempfile.mkdtemp(prefix="harness-bench-"))
-            before = os.getcwd()
             try:
-                os.chdir(folder)
-                os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
-                args = build_parser().parse_args(["search", "--experiment", experiment, "--no-progress"])
-                started = time.perf_counter()
-                outcome = session.run_search(SearchOptions.from_args(  # as `harness search` hands them in
-                    args, sql_writer=DirectWriter.for_client, stacker=batched))
-                walls[way].append(time.perf_counter() - started)
-                assert outcome.failure is None and not outcome.interrupted, outcome
-                if way == "with":
-                    assert outcome.published, "no model was logged"
-                    logs.append(spent[-1])
+                env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                       "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+                out = subprocess.run([sys.executable, "-c", SEARCH, experiment, way, str(seed)], env=env,
+                                     cwd=folder, capture_output=True, text=True, check=True)
+                measured[way].append(json.loads(out.stdout.strip().splitlines()[-1]))
             finally:
-                os.chdir(before)
                 shutil.rmtree(folder, ignore_errors=True)
-    session.publish = original
-    wall, logged = statistics.median(walls["with"]), statistics.median(logs)
-    print(f"cost: 20-trial default search of {experiment}, {repeats} repeats, interleaved: wall with the model "
-          f"{wall:.2f} s (runs: {', '.join(f'{w:.1f}' for w in walls['with'])}), without "
-          f"{statistics.median(walls['without']):.2f} s (runs: {', '.join(f'{w:.1f}' for w in walls['without'])}); "
-          f"logging the best trial's MLflow Model {logged:.3f} s (runs: {', '.join(f'{s:.3f}' for s in logs)}) "
-          f"= {100 * logged / wall:.2f}% of the wall time")
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    print(f"cost: 20-trial default search of {experiment} (sampler seed {seed}), each in a fresh process, "
+          f"{repeats} repeat(s) interleaved, load average at the end {load}")
+    for way, rows in measured.items():
+        walls, logs, joins, warms = ([r[k] for r in rows] for k in ("wall_s", "publish_s", "join_s", "warm_cpu_s"))
+        wall = statistics.median(walls)
+        line = f"  {WAYS[way]}: wall {wall:.2f} s (runs: {', '.join(f'{w:.1f}' for w in walls)})"
+        if way != "without":
+            logged = statistics.median(logs)
+            line += (f"; logging the best trial's MLflow Model {logged:.3f} s (runs: "
+                     f"{', '.join(f'{s:.3f}' for s in logs)}) = {100 * logged / wall:.2f}% of the wall")
+        if way == "with":
+            line += (f"; the warm-up's CPU time {statistics.median(warms):.3f} s (runs: "
+                     f"{', '.join(f'{s:.3f}' for s in warms)}), waited for at the end {statistics.median(joins):.3f} s")
+        print(line)
 
 
 def fmt(experiment: str, repeats: int) -> None:
@@ -143,12 +186,18 @@ def main() -> None:
     parser.add_argument("what", nargs="?", default="both", choices=("cost", "format", "both"))
     parser.add_argument("--experiment", default="linear_regression")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0, help="cost: the searches' sampler seed")
+    parser.add_argument("--ways", default="without,with,cold",
+                        help=f"cost: which searches to run, of {', '.join(WAYS)} (comma-separated)")
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.what in ("format", "both"):
         fmt(args.experiment, args.repeats)
     if args.what in ("cost", "both"):
-        cost(args.experiment, args.repeats)
+        ways = args.ways.split(",")
+        if not set(ways) <= set(WAYS):
+            parser.error(f"--ways {args.ways!r}: a comma-separated list of {', '.join(WAYS)}")
+        cost(args.experiment, args.repeats, ways, args.seed)
 
 
 if __name__ == "__main__":

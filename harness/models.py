@@ -10,6 +10,7 @@ imported inside the functions: the core's commands that need neither start witho
 from __future__ import annotations
 
 import contextlib
+import threading
 
 from . import runs, schema, tracking
 from .errors import HarnessError, UsageError, first_line
@@ -17,9 +18,20 @@ from .experiment import Data, Experiment, is_builtin
 
 CHAMPION = schema.CHAMPION_ALIAS
 FORMAT = "pt2"  # torch.export: see docs/design.md, "The MLflow Model of a run"
+WAIT_FOR_OTHER = 120  # seconds: another process's logging of the same run's model, at most (_first_model)
 EXAMPLE_ROWS = 5  # the input example: the first test inputs (more than 1, so the batch axis stays dynamic)
 # The versions this process runs, pinned: `mlflow models serve` with a virtualenv installs these.
 PINNED = ("torch", "mlflow", "numpy")
+# What a process's first log_run_model imports (torch.export's tracing machinery, which torch loads
+# on first use, and what MLflow's log_model pulls in), as measured with torch 2.13 and MLflow 3.17:
+# warm_up imports them while the trials run. A name another version lacks costs nothing but time.
+WARM_UP_MODULES = (
+    "torch.export._trace", "torch.export._unlift", "torch.export.pt2_archive", "torch._functorch.aot_autograd",
+    "torch._functorch.partitioners", "torch._export.passes.replace_set_grad_with_hop_pass",
+    "torch._export.passes.replace_autocast_with_hop_pass", "torch._inductor.ir", "torch._inductor.sizevars",
+    "torch.fx.experimental.validator", "torch._subclasses.schema_check_mode", "sympy.combinatorics",
+    "sympy.tensor.tensor", "networkx", "git", "mlflow.pytorch", "mlflow.pyfunc", "mlflow.models.display_utils",
+    "mlflow.tracing.export", "mlflow.tracing.processor", "opentelemetry.sdk.metrics")
 
 
 class NotExportable(HarnessError):
@@ -29,7 +41,8 @@ class NotExportable(HarnessError):
 def log_run_model(client, run_id: str, experiment: Experiment | str | None = None,
                   data=None) -> str:
     """Log run ``run_id``'s model as an MLflow Model linked to the run (its params, and the metrics
-    of the epoch its weights are from) and return the logged model's id. ``experiment``: the run's,
+    of the epoch its weights are from) and return the logged model's id (the one another process
+    logged of the same run meanwhile, if it made its first). ``experiment``: the run's,
     when it is not one of the ``experiments`` package; ``data``: its data, when already loaded.
     A model torch.export cannot trace exactly is a NotExportable, raised before anything is written."""
     import mlflow
@@ -37,7 +50,7 @@ def log_run_model(client, run_id: str, experiment: Experiment | str | None = Non
     from mlflow.models import infer_signature
 
     reference = experiment.reference if isinstance(experiment, Experiment) else experiment
-    runs.get_run(client, run_id)
+    run = runs.get_run(client, run_id)
     cfg, found = runs.logged_config(client, run_id, device="cpu",
                                     experiment=None if reference is None or is_builtin(reference) else reference)
     model = runs.fitted_model(client, run_id, cfg, found).eval()
@@ -46,14 +59,74 @@ def log_run_model(client, run_id: str, experiment: Experiment | str | None = Non
     signature = infer_signature(example, output)
     step = _weights_step(client, run_id, cfg.epochs)
     with tracking.scoped_tracking_uri(client.tracking_uri):
-        info = mlflow.pytorch.log_model(
-            model, name=found.name, run_id=run_id, input_example=example, signature=signature,
+        # Another process may be logging this run's model too (workers of one study ending on the same
+        # best trial): each makes its logged model before it writes anything into it, and the first made
+        # is the run's; the others are deleted unlinked (see _first_model).
+        # (In the MLflow experiment log_model would choose: MLflow's fluent one, not the run's.)
+        mine = mlflow.initialize_logged_model(name=found.name, source_run_id=run_id, params=run.data.params)
+        first = _first_model(client, mine)
+        if first != mine.model_id:
+            client.delete_logged_model(mine.model_id)
+            return first
+        mlflow.pytorch.log_model(
+            model, name=found.name, run_id=run_id, model_id=mine.model_id, input_example=example, signature=signature,
             serialization_format=FORMAT, pip_requirements=pinned_requirements(), step=step,
             # The input example is checked above on the exported program itself; MLflow's own check
             # loads the saved model once more (0.9 s of the 1.1 s a digits_cnn model takes).
             validate_serving_input=False)
-    _link_final_metrics(client, run_id, info.model_id)
-    return info.model_id
+    _link_final_metrics(client, run_id, mine.model_id)
+    return mine.model_id
+
+
+def _first_model(client, mine) -> str:
+    """The id of the first-made logged model of ``mine``'s run and name that is READY, or ``mine``'s.
+    One made before ``mine`` that another process is still logging is waited for, up to WAIT_FOR_OTHER
+    seconds: then it is passed over (a process killed while logging leaves its model PENDING for good).
+    MLflow has no compare-and-set: ordered by (creation time, id), every process that sees the
+    others' models chooses the same one, and one made after another process looked sees that one's."""
+    import time
+
+    from mlflow.entities import LoggedModelStatus
+
+    from .tracking import filter_value
+
+    query = f"source_run_id = {filter_value(mine.source_run_id)} AND name = {filter_value(mine.name)}"
+    deadline = time.monotonic() + WAIT_FOR_OTHER
+    while True:
+        made = sorted((m for m in client.search_logged_models([mine.experiment_id], filter_string=query)
+                       if m.status != LoggedModelStatus.FAILED), key=lambda m: (m.creation_timestamp, m.model_id))
+        for model in made:
+            if model.model_id == mine.model_id or model.status == LoggedModelStatus.READY:
+                return model.model_id
+            if time.monotonic() < deadline:
+                break  # an earlier one is being logged: its outcome decides
+        else:
+            return mine.model_id
+        time.sleep(0.5)
+
+
+def warm_up() -> threading.Thread:
+    """Start paying, in a thread of its own, what the first log_run_model of a process pays before
+    it writes anything: importing WARM_UP_MODULES, and MLflow's check of the pinned requirements
+    against the installed distributions (it maps every one once per process, and no argument of
+    log_model skips it). Nothing is traced and no model is touched: the trials running meanwhile
+    keep their bits (tests/test_models.py). Join the thread before logging."""
+    thread = threading.Thread(target=_warm, name="harness-model-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def _warm() -> None:
+    import importlib
+
+    # A failure here only loses time: log_run_model imports, and checks, what it uses itself.
+    for name in WARM_UP_MODULES:
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
+    with contextlib.suppress(Exception):
+        from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
+
+        warn_dependency_requirement_mismatches(pinned_requirements())
 
 
 def input_example(experiment: Experiment, data) -> "numpy.ndarray":  # noqa: F821
@@ -115,6 +188,8 @@ def _quiet_torch():
 
 
 def pinned_requirements() -> list[str]:
+    """PINNED as ``name==version``: three distributions read, where provenance.requirements reads
+    them all (and MLflow's check maps modules to distributions, which neither list holds)."""
     from importlib.metadata import version
 
     return [f"{package}=={version(package)}" for package in PINNED]
@@ -197,8 +272,6 @@ def _register(client, name: str, run_id: str, source: str, model_id: str, tags: 
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-    from .tracking import filter_value
-
     created, version = False, None
     try:
         try:
@@ -208,12 +281,19 @@ def _register(client, name: str, run_id: str, source: str, model_id: str, tags: 
             if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
         # The same logged model again (a search whose best trial did not change): its version gets the alias.
-        same = [] if created else [v for v in client.search_model_versions(f"name = {filter_value(name)}")
-                                   if v.source == source]
-        if same:
-            client.set_registered_model_alias(name, schema.CHAMPION_ALIAS, same[0].version)
-            return same[0]
+        same = None if created else _first_version(client, name, source)
+        if same is not None:
+            client.set_registered_model_alias(name, schema.CHAMPION_ALIAS, same.version)
+            return same
         version = client.create_model_version(name, source=source, run_id=run_id, tags=tags, model_id=model_id)
+        # Another process may have registered the same model meanwhile (workers of one study ending on
+        # the same best trial): the lowest version of it stays, whichever process looks.
+        first = _first_version(client, name, source)
+        if int(first.version) != int(version.version):
+            client.delete_model_version(name, version.version)
+            version = None
+            client.set_registered_model_alias(name, schema.CHAMPION_ALIAS, first.version)
+            return first
         _list_version(client, model_id, name, version.version)
         client.set_registered_model_alias(name, schema.CHAMPION_ALIAS, version.version)
         return version
@@ -224,6 +304,14 @@ def _register(client, name: str, run_id: str, source: str, model_id: str, tags: 
             if created:
                 client.delete_registered_model(name)
         raise
+
+
+def _first_version(client, name: str, source: str):
+    """The lowest version of registered model ``name`` made from ``source``, or None."""
+    from .tracking import filter_value
+
+    same = [v for v in client.search_model_versions(f"name = {filter_value(name)}") if v.source == source]
+    return min(same, key=lambda v: int(v.version), default=None)
 
 
 def _list_version(client, model_id: str, name: str, version) -> None:

@@ -219,6 +219,156 @@ def test_register_moves_the_champion_to_another_trial_and_refuses_in_one_line(re
     assert client.get_registered_model("digits").aliases == {"champion": 2}
 
 
+def untouched_trial(source, study, folder):
+    """A copy of the ``registered`` store in ``folder``, and the run of a trial that has no MLflow Model."""
+    import shutil
+
+    from conftest import copy_store
+
+    copy_store(source, folder)
+    shutil.copy(source / "optuna_journal.log", folder)
+    trial = next(t for t in study.trials if t.number != study.best_trial.number)
+    return trial.user_attrs["mlflow_run_id"]
+
+
+def logged_models(client, run_id) -> list:
+    """The run's logged models that are not deleted, in any MLflow experiment (MLflow logs a run's
+    model in its fluent experiment, here Default, not in the run's)."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return list(client.search_logged_models(experiments, filter_string=f"source_run_id = '{run_id}'"))
+
+
+def test_a_run_whose_model_another_process_is_logging_keeps_that_one_model(registered, cli_in_process, tmp_path):
+    """Issue 26: two invocations that log the same run's model (workers of one study ending on the same
+    best trial) each logged their own. One that finds another's model made first, still being logged,
+    waits for it and uses it: the run keeps one model, registered once."""
+    import threading
+    import time
+
+    import mlflow
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    from conftest import client_for
+
+    source, study = registered
+    folder = tmp_path / "copy"
+    run_id = untouched_trial(source, study, folder)
+    client = client_for(folder)
+    with mlflow_tracking(client.tracking_uri):  # the other process's model, made first and still PENDING
+        other = mlflow.initialize_logged_model(name="digits_cnn", source_run_id=run_id).model_id
+
+    def other_finishes():  # once the command has made its own, so that it finds the other PENDING
+        deadline = time.monotonic() + 300
+        while len(logged_models(client, run_id)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        client.log_outputs(run_id, [LoggedModelOutput(other, 1)])
+        client.finalize_logged_model(other, LoggedModelStatus.READY)
+
+    finishing = threading.Thread(target=other_finishes)
+    finishing.start()
+    try:
+        out = cli_in_process("register", run_id, "--name", "digits", cwd=folder)
+    finally:
+        finishing.join()
+    assert out.returncode == 0, out.stderr
+    assert [m.model_id for m in logged_models(client, run_id)] == [other] == models_of(client, run_id)
+    [version] = [v for v in client.search_model_versions("name = 'digits'") if v.run_id == run_id]
+    assert version.source == f"models:/{other}"
+
+
+@pytest.mark.slow
+def test_two_invocations_at_once_on_one_run_log_and_register_one_model(registered, tmp_path):
+    """Issue 26: two processes logging and registering the same run's model at the same time (as
+    `harness cluster` workers ending on the same best trial do) leave one model and one version of it."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env, client_for
+
+    source, study = registered
+    folder = tmp_path / "copy"
+    run_id = untouched_trial(source, study, folder)
+    env = cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}")
+    both = [subprocess.Popen([sys.executable, "-m", "harness", "register", run_id, "--name", "digits"], cwd=folder,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [process.communicate(timeout=600) for process in both]
+    assert [process.returncode for process in both] == [0, 0], outs
+    client = client_for(folder)
+    [model] = logged_models(client, run_id)
+    assert models_of(client, run_id) == [model.model_id]
+    [version] = [v for v in client.search_model_versions("name = 'digits'") if v.run_id == run_id]
+    assert version.source == f"models:/{model.model_id}"
+    assert client.get_registered_model("digits").aliases == {"champion": int(version.version)}
+    assert outs[0][0] == outs[1][0]  # both say they registered that version
+
+
+# In a fresh process (only there is torch.export's machinery not imported yet, so only there does
+# the warm-up import it beside the training), a search with the warm-up or with it replaced by nothing.
+WARM_OR_COLD = """
+import sys, threading
+from harness.cli import main
+from harness.search import session
+
+if sys.argv[1] == "cold":
+    session.warm_up = lambda: (idle := threading.Thread(target=lambda: None), idle.start(), idle)[2]
+optimize, seen = session._optimize, []
+
+def watched(*args, **kwargs):
+    result = optimize(*args, **kwargs)
+    seen.append("torch.export._trace" in sys.modules)  # after the trials, before the warm-up is joined
+    return result
+
+session._optimize = watched
+status = main(["search", *sys.argv[2:]])
+print(f"export machinery imported beside the trials: {seen[0]}")
+sys.exit(status)
+"""
+
+
+def trials_as_recorded(folder) -> dict:
+    """Each trial of the digits_cnn study of ``folder``: its state, params and values in the journal,
+    and its run's params, curves (every metric's history) and state_dict.pt."""
+    from conftest import client_for
+    from search_helpers import journal_study
+
+    client = client_for(folder)
+    recorded = {}
+    for trial in journal_study(folder, "digits_cnn-search").trials:
+        run_id = trial.user_attrs["mlflow_run_id"]
+        run = client.get_run(run_id)
+        curves = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in run.data.metrics}
+        state = {k: v.numpy().tobytes() for k, v in runs.load_state_dict(client, run_id).items()}
+        recorded[trial.number] = (trial.state, trial.params, trial.values, run.data.params, curves, state)
+    return recorded
+
+
+@pytest.mark.slow
+def test_the_warm_up_beside_the_trials_leaves_every_trial_s_bits_alone(tmp_path, migrated_db):
+    """The import of torch.export's machinery that runs in a thread while the trials train (so that
+    logging the MLflow Model at the end does not wait for it) changes nothing the trials record."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    recorded, imported, logged = {}, {}, {}
+    for way in ("warm", "cold"):
+        folder = tmp_path / way
+        folder.mkdir()
+        new_store(folder, migrated_db)
+        out = subprocess.run([sys.executable, "-c", WARM_OR_COLD, way, "--n-trials", "3", *SMALL_DIGITS],
+                             cwd=folder, env=cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}"),
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        imported[way] = out.stdout.splitlines()[-1]
+        logged[way] = [line.split(":")[0] for line in out.stdout.splitlines() if "MLflow Model models:/" in line]
+        recorded[way] = trials_as_recorded(folder)
+    assert imported == {"warm": "export machinery imported beside the trials: True",  # the warm-up ran, or not
+                        "cold": "export machinery imported beside the trials: False"}
+    assert len(logged["warm"]) == 1 and logged["warm"] == logged["cold"]  # the same best trial's model
+    assert len(recorded["warm"]) == 3 and recorded["warm"] == recorded["cold"]
+
+
 OWN_EXPERIMENT = '''
 import torch
 from torch import nn

@@ -92,6 +92,11 @@ def test_predict_compare_audit_and_reproduce_read_a_store_nobody_may_write(archi
         out = as_reader(*writer, cwd=store, env=cli_env())
         assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
         assert "the Optuna journal 'optuna_journal.log' cannot be written here ('.' is not writable by" in out.stderr
+    # Registering writes to the MLflow store (issue 26: a bare "PermissionError: [Errno 13]", or 30 on
+    # a read-only mount): one line naming it, exit 1 (a store failure), before anything is written.
+    out = as_reader("register", trials[0], "--name", "m", cwd=store, env=cli_env())
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert f"the MLflow store '{store.resolve() / 'mlflow.db'}' is read-only here, and registering writes" in out.stderr
 
     assert digest(store) == before and not list(store.glob("mlflow.db-*"))
     # Reading made nothing where it ran but the figures asked for (MLflow made a folder 'file:' there).

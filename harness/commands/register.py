@@ -19,7 +19,9 @@ def run(args) -> int:
     from ..tracking import default_tracking_uri, open_client
 
     models.check_name(args.name)
-    client = open_client(default_tracking_uri())
+    uri = default_tracking_uri()
+    _check_writable(uri)
+    client = open_client(uri)
     run = runs.get_run(client, args.run_id)
     models.check_registry(client)
     model_id = models.run_model(client, args.run_id)
@@ -39,3 +41,18 @@ def run(args) -> int:
     print(f"registered run {args.run_id} as {args.name!r} version {version.version}: "
           f"models:/{args.name}@{models.CHAMPION}")
     return 0
+
+
+def _check_writable(uri: str) -> None:
+    """A local store this process cannot write is a one-line HarnessError (a store failure, exit 1)
+    before anything is written: opening the store for writing makes a lock file beside it."""
+    from pathlib import Path
+
+    from ..errors import HarnessError
+    from ..tracking import read_only_uri
+    from ..urls import sqlite_path
+
+    if read_only_uri(uri):
+        raise HarnessError(f"the MLflow store {str(Path(sqlite_path(uri)).absolute())!r} is read-only here, and "
+                           "registering writes to it (a model version, and the run's MLflow Model if it has none "
+                           "yet): register in a copy you can write")
