@@ -62,8 +62,10 @@ def log_run_model(client, run_id: str, experiment: Experiment | str | None = Non
         # Another process may be logging this run's model too (workers of one study ending on the same
         # best trial): each makes its logged model before it writes anything into it, and the first made
         # is the run's; the others are deleted unlinked (see _first_model).
-        # (In the MLflow experiment log_model would choose: MLflow's fluent one, not the run's.)
-        mine = mlflow.initialize_logged_model(name=found.name, source_run_id=run_id, params=run.data.params)
+        # In the run's MLflow experiment (log_model alone would choose MLflow's fluent one, Default):
+        # `mlflow ui` lists it under the experiment's Models beside the run.
+        mine = mlflow.initialize_logged_model(name=found.name, source_run_id=run_id, params=run.data.params,
+                                              experiment_id=run.info.experiment_id)
         first = _first_model(client, mine)
         if first != mine.model_id:
             client.delete_logged_model(mine.model_id)

@@ -128,7 +128,11 @@ def test_a_search_logs_its_best_trial_as_an_mlflow_model_of_its_run(registered):
     folder, study = registered
     client = client_for(folder)
     best_run = study.best_trial.user_attrs["mlflow_run_id"]
-    [model] = client.search_logged_models([client.get_experiment_by_name("Default").experiment_id])
+    run = client.get_run(best_run)
+    # In the run's own MLflow experiment (digits_cnn), listed there beside it; none in Default.
+    assert client.get_experiment(run.info.experiment_id).name == "digits_cnn"
+    assert not client.search_logged_models([client.get_experiment_by_name("Default").experiment_id])
+    [model] = client.search_logged_models([run.info.experiment_id])
     assert model.source_run_id == best_run and model.status.to_proto() == 2  # READY
     assert model.name == "digits_cnn"
     run = client.get_run(best_run)
@@ -232,8 +236,8 @@ def untouched_trial(source, study, folder):
 
 
 def logged_models(client, run_id) -> list:
-    """The run's logged models that are not deleted, in any MLflow experiment (MLflow logs a run's
-    model in its fluent experiment, here Default, not in the run's)."""
+    """The run's logged models that are not deleted, in any MLflow experiment (the harness logs a run's
+    model in the run's experiment; one logged elsewhere would show here too)."""
     experiments = [e.experiment_id for e in client.search_experiments()]
     return list(client.search_logged_models(experiments, filter_string=f"source_run_id = '{run_id}'"))
 
@@ -255,7 +259,8 @@ def test_a_run_whose_model_another_process_is_logging_keeps_that_one_model(regis
     run_id = untouched_trial(source, study, folder)
     client = client_for(folder)
     with mlflow_tracking(client.tracking_uri):  # the other process's model, made first and still PENDING
-        other = mlflow.initialize_logged_model(name="digits_cnn", source_run_id=run_id).model_id
+        other = mlflow.initialize_logged_model(name="digits_cnn", source_run_id=run_id,
+                                               experiment_id=client.get_run(run_id).info.experiment_id).model_id
 
     def other_finishes():  # once the command has made its own, so that it finds the other PENDING
         deadline = time.monotonic() + 300
@@ -539,16 +544,18 @@ def test_mlflow_ui_shows_the_model_on_its_run_and_links_it_to_the_run_s_metrics(
     run_id = best.user_attrs["mlflow_run_id"]
     from conftest import client_for
 
-    [model_id] = models_of(client_for(folder), run_id)
+    client = client_for(folder)
+    [model_id] = models_of(client, run_id)
+    experiment_id = client.get_run(run_id).info.experiment_id  # digits_cnn's: the run and its model are there
     shots = Path(os.environ.get("HARNESS_UI_SCREENSHOTS") or tmp_path)
     server = TrackingServer(f"sqlite:///{folder / 'mlflow.db'}", tmp_path / "served", workers=1).start()
     try:
         with Browser() as browser:
-            sign_in(browser, ADMIN, server.password).open(f"{server.url}/#/experiments/0/runs/{run_id}")
+            sign_in(browser, ADMIN, server.password).open(f"{server.url}/#/experiments/{experiment_id}/runs/{run_id}")
             text = browser.wait_for_text("Logged models (1)", "Registered models", "final_valid_loss", timeout=90)
             assert "digits_cnn" in text and "digits" in text
             browser.screenshot(shots / "run_with_model.png")
-            browser.open(f"{server.url}/#/experiments/0/models/{model_id}")
+            browser.open(f"{server.url}/#/experiments/{experiment_id}/models/{model_id}")
             text = browser.wait_for_text("Source run", f"trial-{best.number}", "Model versions", "final_valid_loss",
                                          timeout=90)
             browser.screenshot(shots / "logged_model.png")
