@@ -416,3 +416,19 @@ def test_a_worker_record_that_names_no_live_worker_leaves_its_trial_stale(tmp_pa
         state=TrialState.RUNNING, user_attrs={"harness.worker": identity()}))
     assert [t.number for t in audit.stale_trials(study)] == [0]
     assert audit.recover_stale(study, storage)[0] == [0]
+
+
+@pytest.mark.parametrize("record", ["junk", {}, [], 7, {"host": "", "pid": 5, "started": "1"},
+                                    {"host": 5, "pid": 5}, {"pid": 5, "started": "1"}])
+def test_a_worker_record_of_no_shape_a_worker_writes_leaves_its_trial_stale(tmp_path, record):
+    """Probe 9: a record that is not a dict of this host ("junk", {}) made `alive` say "elsewhere", so the
+    trial was never stale: audit clean, --fix idle, RUNNING for good. Only identity()'s shape names a worker."""
+    from harness.search import study as study_module
+    from harness.search.durable import audit
+
+    storage = study_module.open_storage(f"journal:{tmp_path / 'optuna_journal.log'}")
+    study = optuna.create_study(storage=storage)
+    storage.create_new_trial(study._study_id, optuna.trial.create_trial(
+        state=TrialState.RUNNING, user_attrs={"harness.worker": record}))
+    assert [t.number for t in audit.stale_trials(study)] == [0]
+    assert audit.recover_stale(study, storage)[0] == [0]

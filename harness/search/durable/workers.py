@@ -28,6 +28,14 @@ def identity() -> dict:
     return {"host": socket.gethostname(), "pid": pid, "started": _start_time(pid)}
 
 
+def is_identity(worker) -> bool:
+    """Whether ``worker`` is a record identity() writes: a host, a positive pid and a start time (None
+    where the system keeps none)."""
+    return (isinstance(worker, dict) and isinstance(worker.get("host"), str) and bool(worker["host"])
+            and type(worker.get("pid")) is int and worker["pid"] > 0
+            and isinstance(worker.get("started"), (str, type(None))))
+
+
 def alive(worker: dict | None) -> bool | None:
     """True or False for a worker on this host; None when it runs elsewhere (or is unknown).
 
@@ -72,7 +80,8 @@ def gone(trial) -> bool:
 
     worker = trial.user_attrs.get(WORKER_ATTR)
     if worker is not None:
-        return alive(worker) is False
+        # A record no worker writes ("junk", {}, another shape) names no worker that could be alive.
+        return not is_identity(worker) or alive(worker) is False
     started = trial.datetime_start
     if started is None:
         return False
