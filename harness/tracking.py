@@ -22,7 +22,7 @@ from . import store_template
 from .errors import ExperimentCodeError, first_line, shown
 from .schema import (CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, GIT_COMMIT_TAG, SOURCE_NAME_TAG,
                      SOURCE_TYPE_TAG, STATE_DICT, TORCH_THREADS_PARAM, TORCH_VERSION_PARAM, final)
-from .urls import engine_url, is_http, redact, scrub, sqlite_path
+from .urls import engine_url, is_http, redact, scrub, sqlite_in_memory, sqlite_path, sqlite_unwritable
 
 
 LIVE_SECONDS = 10.0  # a running run's curves reach MLflow at least this often, once it has trained this long
@@ -390,7 +390,10 @@ def missing(exc: BaseException) -> bool:
 
 def check_experiment_offline(name: str | None, tracking_uri: str, default: str | None = None) -> str | None:
     """What check_experiment can tell without opening the store, so that a refused search on a new
-    SQLite store does not create it."""
+    SQLite store does not create it; and a store URL a search or train cannot write a record to."""
+    unkept = sqlite_unwritable(tracking_uri)
+    if unkept:
+        return f"MLflow store {redact(tracking_uri)} is {unkept}; use sqlite:///PATH (a file) or a server"
     name = experiment_name(name, default)
     if name:
         from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH  # mlflow only when a name is given
@@ -452,6 +455,8 @@ def read_client(tracking_uri: str | None = None):
     from .errors import HarnessError, UsageError
 
     uri = tracking_uri or default_tracking_uri()
+    if sqlite_in_memory(uri):
+        raise UsageError(f"no MLflow store at {redact(uri)}: an in-memory SQLite database holds nothing to read")
     if sqlite_path(uri) is not None:
         if not Path(sqlite_path(uri)).is_file():
             raise UsageError(f"no MLflow store at {redact(uri)}: nothing to read there "

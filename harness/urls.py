@@ -120,6 +120,25 @@ def sqlite_path(url: str) -> str | None:
     return path
 
 
+def sqlite_in_memory(url: str) -> bool:
+    """Whether an SQLite URL is one of SQLAlchemy's in-memory forms (``sqlite://``, an empty path,
+    ``:memory:``, ``mode=memory``): a database that keeps nothing past the process."""
+    if not url.lower().startswith("sqlite:"):
+        return False
+    query = [part.lower() for part in url.partition("?")[2].split("&")]
+    return not url.startswith(SQLITE) or sqlite_path(url) in ("", ":memory:") or "mode=memory" in query
+
+
+def sqlite_unwritable(url: str) -> str | None:
+    """Why a command cannot keep a record in the SQLite store ``url``, or None."""
+    if sqlite_in_memory(url):
+        return "an in-memory SQLite database, which keeps nothing past this process"
+    query = [part.lower() for part in url.partition("?")[2].split("&")] if url.lower().startswith("sqlite:") else []
+    if "mode=ro" in query or "immutable=1" in query:
+        return "opened read-only (mode=ro, immutable=1), and this command writes"
+    return None
+
+
 def redact(url: str) -> str:
     """The URL with any password removed (user and host kept), fit for tags, params and output."""
     scheme, credentials, rest, query = _split(url)

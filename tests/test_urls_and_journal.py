@@ -355,3 +355,31 @@ def test_a_store_url_with_a_query_is_one_store(tmp_path, query, cli_in_process):
     compared = cli_in_process("compare", "--mlflow-experiment", "linear_regression", cwd=tmp_path, env=env)
     assert compared.returncode == 0 and run_id in compared.stdout, compared.stderr
     assert "Hunter2" not in trained.stdout + trained.stderr + predicted.stdout + compared.stdout
+
+
+UNKEPT = ["sqlite://", "sqlite:///", "sqlite:///?x=1", "sqlite:///:memory:", "sqlite:///file:x.db?mode=memory&uri=true",
+          "sqlite:///file::memory:?uri=true", "sqlite:///file:mlflow.db?mode=ro&uri=true",
+          "sqlite:///file:mlflow.db?immutable=1&uri=true"]
+
+
+@pytest.mark.parametrize("url", UNKEPT)
+@pytest.mark.parametrize("command", [["search", "--n-trials", "1", "--epochs-range", "2", "3", "--study-name", "s"],
+                                     ["train", "--epochs", "2"]])
+def test_a_store_url_that_keeps_no_record_is_refused_before_anything_is_written(tmp_path, url, command, cli_in_process):
+    """Probe 9: in-memory SQLite URLs (and read-only ones) let a search start: its trial failed with
+    "no such table", the journal kept the study and a queued retry, mlruns/ a parent's artifacts, and
+    `mode=memory` or `mode=ro` left a migrated store file. Each is one line, exit 2, nothing written."""
+    result = cli_in_process(*command, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": url})
+    assert result.returncode == 2
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith("harness: error: MLflow store sqlite:") and "use sqlite:///PATH" in line
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("url", [u for u in UNKEPT if "mode=ro" not in u and "immutable" not in u])
+def test_reading_an_in_memory_store_says_there_is_nothing(tmp_path, url, cli_in_process):
+    result = cli_in_process("compare", "--study", "s", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": url})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"harness: error: no MLflow store at {url}: an in-memory SQLite database holds nothing to read"]
+    assert not list(tmp_path.iterdir())
