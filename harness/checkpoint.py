@@ -296,7 +296,8 @@ def _partial_damage(partial: Any) -> str | None:
         if not (isinstance(name, str) and 0 < len(name) <= 250 and isinstance(kept, torch.Tensor)
                 and kept.dim() >= 1 and len(kept) == done and kept.numel() == done and kept.is_contiguous()
                 and kept.device.type == "cpu" and kept.is_floating_point() and not overflowing(kept, sizes)):
-            return f"its per-batch values {str(name)[:40]!r} are not {done} finite numbers, one a batch"
+            return (f"its per-batch values {str(name)[:40]!r} are not {done} finite numbers, one a batch, "
+                    "small enough for the epoch's float32 mean")
     if partial.get("lr") is not None and type(partial["lr"]) is not float:
         return "its learning rate is not a number"
     return None
