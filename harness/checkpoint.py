@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import described
-from .loop import Partial
+from .loop import Partial, overflowing
 
 FORMAT = 1  # at an epoch's end
 MID_EPOCH = 2  # at a batch boundary inside an epoch; a reader of format 1 only refuses it
@@ -287,15 +287,17 @@ def _partial_damage(partial: Any) -> str | None:
     if not isinstance(values, dict) or "loss" not in values:
         return "it holds no per-batch losses"
     for name, kept in values.items():
-        # One real number a batch, on the CPU, as capture stores them, whose sample-weighted sum the
-        # epoch's mean (loop.sample_mean, in float32) computes finite: anything else would fail the
-        # user's run at the epoch's end (a stack, a meta tensor, a NaN or an overflow read as
-        # divergence). Their shape and dtype are compared with the first new batch's (loop.NotKept).
+        # One real number a batch, on the CPU, as capture stores them, none so large that the epoch's
+        # mean (loop.sample_mean, in float32) could overflow in any order of its sum, even in the
+        # shortest epoch that goes on after them (loop.overflowing; the loop checks again with the
+        # epoch's real batch count): anything else would fail the user's run at the epoch's end (a
+        # stack, a meta tensor, a NaN or an overflow read as divergence). Their shape and dtype are
+        # compared with the first new batch's, their sizes with the batches skipped (loop.NotKept).
         if not (isinstance(name, str) and 0 < len(name) <= 250 and isinstance(kept, torch.Tensor)
                 and kept.dim() >= 1 and len(kept) == done and kept.numel() == done and kept.is_contiguous()
-                and kept.device.type == "cpu" and kept.is_floating_point()
-                and bool(torch.isfinite((kept.reshape(done).float() * sizes.float()).sum()))):
-            return f"its per-batch values {str(name)[:40]!r} are not {done} finite numbers, one a batch"
+                and kept.device.type == "cpu" and kept.is_floating_point() and not overflowing(kept, sizes)):
+            return (f"its per-batch values {str(name)[:40]!r} are not {done} finite numbers, one a batch, "
+                    "small enough for the epoch's float32 mean")
     if partial.get("lr") is not None and type(partial["lr"]) is not float:
         return "its learning rate is not a number"
     return None

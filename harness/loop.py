@@ -200,6 +200,11 @@ def _over_batches(batches: Batches, device: torch.device, run, keep_predictions:
     sizes: list[int] = []
     first_kept = None  # the first kept batch's values, until the first new batch is compared with them
     if partial is not None:
+        count = len(batches) if hasattr(batches, "__len__") else None
+        for name, kept in partial.values.items():
+            if overflowing(torch.stack(kept), partial.sizes, count):
+                raise NotKept(f"its per-batch values {name[:40]!r} are too large for an epoch of {count or 'its'} "
+                              "batches: their mean could overflow float32")
         values = {name: [v.to(device) for v in kept] for name, kept in partial.values.items()}
         names, sizes = set(values) - {"loss"}, list(partial.sizes)
         first_kept = {name: v[0] for name, v in values.items() if v}
@@ -249,6 +254,20 @@ def _like_kept(kept: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]) ->
         if old is not None and (old.shape, old.dtype, old.device) != (value.shape, value.dtype, value.device):
             raise NotKept(f"its per-batch values {name[:40]!r} are {old.dtype} of shape {list(old.shape)}, this run's "
                           f"batches give {value.dtype} of shape {list(value.shape)}")
+
+
+def overflowing(kept: torch.Tensor, sizes, batches: int | None = None) -> bool:
+    """Whether a continued epoch's kept per-batch values (with their batch sizes) could make its mean
+    (``sample_mean``) overflow float32, in whatever order the sum adds its terms, with the epoch's
+    other batches no larger. Exactly: true where some |value * size|, times the epoch's batch count,
+    is past half float32's max (the half covers float32's rounding over up to 10^7 additions), or is
+    not finite. ``batches`` unknown: the fewest an epoch continued after the kept ones has."""
+    terms = kept.detach().reshape(-1).double().abs() * torch.as_tensor(sizes, dtype=torch.float64)
+    count = batches if batches is not None else len(terms) + 1
+    return not bool(terms.max() * (2 * count) <= _FLOAT32_MAX)
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def sample_mean(values: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:

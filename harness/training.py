@@ -19,7 +19,7 @@ from .experiment import Data, Datasets, Experiment
 from . import checkpoint, registry, signals, tracking
 from .checkpoint import Checkpoints
 from .loop import (Batches, EarlyStopping, History, NotKept, Observer, Preempted, Recipe, StepFn, StopTraining,
-                   evaluate, evaluate_batches, fit, map_tensors, train_epoch, train_step)
+                   batch_length, evaluate, evaluate_batches, fit, map_tensors, train_epoch, train_step)
 from .schema import BEST_EPOCH, TRAIN_LOSS, VALID_LOSS, final
 
 # torch's default generator is process-wide: seeding and drawing the initial weights must happen
@@ -276,7 +276,7 @@ def train(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets | None
                                           f"{len(train_batches)}")
         if loader_generator is not None and (checkpoints is not None or partial is not None):
             train_batches = _Positioned(train_batches, loader_generator,
-                                        partial.batches_done if partial else 0, resume["rng"] if partial else None)
+                                        partial.sizes if partial else [], resume["rng"] if partial else None)
         if checkpoints is not None:
             # After every other observer (early stopping included): the state is the epoch's whole end.
             # The state is read where the epoch ends, so every epoch is synced (one copy an epoch on a device).
@@ -343,11 +343,12 @@ def _stopped_at(partial, checkpoints: Checkpoints, cfg: TrainConfig, experiment:
 class _Positioned:
     """A DataLoader whose generator's state at the start of each pass is kept (a checkpoint inside an
     epoch holds it, to draw that epoch's order again). For a run continued inside an epoch, its first
-    pass skips the batches done, then puts every other generator back as the checkpoint had them
-    (drawing those batches again may have moved them: an augmentation's random draws)."""
+    pass skips the batches done (NotKept where one's size is not the one the checkpoint kept for it:
+    the kept values would be weighed wrong), then puts every other generator back as the checkpoint
+    had them (drawing those batches again may have moved them: an augmentation's random draws)."""
 
-    def __init__(self, loader, generator: torch.Generator, skip: int = 0, rng: dict | None = None):
-        self.loader, self.generator, self.skip, self.rng = loader, generator, skip, rng
+    def __init__(self, loader, generator: torch.Generator, skip: tuple[int, ...] | list[int] = (), rng: dict | None = None):
+        self.loader, self.generator, self.skip, self.rng = loader, generator, list(skip), rng
         self.epoch_start = None
 
     def __len__(self) -> int:
@@ -357,9 +358,11 @@ class _Positioned:
         self.epoch_start = self.generator.get_state()
         batches = iter(self.loader)
         if self.skip:
-            for _ in range(self.skip):
-                next(batches)
-            self.skip = 0
+            for number, kept in enumerate(self.skip):
+                size = batch_length(next(batches))
+                if size != kept:
+                    raise NotKept(f"its batch {number} holds {kept} samples, this run's holds {size}")
+            self.skip = []
             checkpoint.set_generators(self.rng)
         return batches
 

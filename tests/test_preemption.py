@@ -228,12 +228,22 @@ def _losses(state):
     return state["partial"]["values"]["loss"]
 
 
+def _cancelling(state, magnitude):
+    """Per-batch losses +magnitude, -magnitude, ... (0 for an odd last one): their sum is 0."""
+    done = state["partial"]["batches_done"]
+    return torch.tensor([magnitude, -magnitude] * (done // 2) + [0.0] * (done % 2))
+
+
 # The eighth probe's: each passed the checks, then failed the user's run (a stack of unequal sizes, or
 # a divergence read into an average that overflows float32), blaming the experiment's code.
 @pytest.mark.parametrize("edit", [
     lambda s: s["partial"]["values"].update(loss=torch.full_like(_losses(s), 1e300, dtype=torch.float64)),
     lambda s: s["partial"]["values"].update(loss=torch.full_like(_losses(s), 3e38)),  # its weighted sum overflows
-], ids=["beyond float32", "an overflowing average"])
+    # The ninth probe's: a weighted sum that cancels to 0 in the check, and overflows in the loop once
+    # the next batches are added (batch sizes of 1, as the probe wrote them, or the real ones).
+    lambda s: s["partial"].update(sizes=torch.ones_like(s["partial"]["sizes"]), values={"loss": _cancelling(s, 3e38)}),
+    lambda s: s["partial"]["values"].update(loss=_cancelling(s, 3e37)),
+], ids=["beyond float32", "an overflowing average", "a cancelling sum, sizes 1", "a cancelling sum"])
 def test_a_mid_epoch_checkpoint_whose_values_cannot_be_averaged_is_refused_in_one_line(edit, fresh_signals):
     cfg, experiment, _, state = _stopped_inside_an_epoch()
     edit(state)
@@ -241,13 +251,26 @@ def test_a_mid_epoch_checkpoint_whose_values_cannot_be_averaged_is_refused_in_on
     assert why and "\n" not in why and "loss" in why
 
 
+def _within_one_more_batch(state):
+    """Losses whose mean stays within float32 over the batches kept and one more, and could overflow
+    over the whole epoch's (each |loss * size| past float32's max / 2 / the epoch's batch count)."""
+    done, size = state["partial"]["batches_done"], float(state["partial"]["sizes"][0])
+    return torch.full_like(_losses(state), torch.finfo(torch.float32).max / (2 * (done + 1) + 1) / size)
+
+
 @pytest.mark.parametrize("edit, given", [
     (lambda s: s["partial"]["values"].update(loss=_losses(s).reshape(-1, 1)), "of shape [1]"),
     (lambda s: s["partial"]["values"].update(loss=_losses(s).to(torch.float64)), "torch.float64"),
-], ids=["one-element rows", "float64 losses"])
+    # The ninth probe's class: what the kept values are weighed with shows only in the continued
+    # epoch (the skipped batches' sizes, the epoch's batch count).
+    (lambda s: s["partial"].update(sizes=torch.ones_like(s["partial"]["sizes"])), "holds 1 samples"),
+    (lambda s: s["partial"].update(sizes=s["partial"]["sizes"] + 1), "samples"),
+    (lambda s: s["partial"]["values"].update(loss=_within_one_more_batch(s)), "overflow"),
+], ids=["one-element rows", "float64 losses", "sizes 1", "sizes one more", "losses too large for the epoch"])
 def test_a_mid_epoch_checkpoint_whose_values_are_not_the_runs_kind_trains_the_run_again(edit, given, fresh_signals):
     """Readable, but not what this run's batches give (as its shape and dtype show only once a batch
-    has run): refused as Unusable, and the run trains from its start, ending as one never stopped."""
+    has run, its sizes and magnitudes only once the batches done are skipped): refused as Unusable,
+    and the run trains from its start, ending as one never stopped."""
     cfg, experiment, data, state = _stopped_inside_an_epoch()
     edit(state)
     assert checkpoint.matches(state, cfg.to_dict(), experiment.sha256) is None
