@@ -1,6 +1,7 @@
 """`harness predict RUN_ID --x ... | --input FILE`: a logged run's model on new inputs."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import stat
@@ -83,41 +84,101 @@ def read_inputs(name: str):
             if suffix == ".npy":
                 # Memory-mapped: a header declaring more numbers than the file holds is refused, not
                 # allocated; one declaring more than are allowed is refused before they are read.
+                _check_npy_shape(source, path)
                 mapped = np.load(path, mmap_mode="r", allow_pickle=False)
                 _check_count(source, mapped.size)
                 array = np.array(mapped)
             elif suffix == ".csv":
                 array = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
             else:
-                loaded = json.loads(path.read_text(encoding="utf-8"))
-                if isinstance(loaded, dict) and len(loaded) == 1 and {"inputs", "instances"} & loaded.keys():
-                    loaded = next(iter(loaded.values()))
-                array = np.asarray(loaded, dtype=np.float64)
-    except (ValueError, TypeError, OSError, UnicodeDecodeError, EOFError) as exc:
+                array = np.asarray(_json_numbers(source, path.read_text(encoding="utf-8")), dtype=np.float64)
+    except UsageError:  # already says what is wrong (it is a ValueError too)
+        raise
+    # OverflowError: a length or number past what numpy's C types hold, whatever the reader.
+    except (ValueError, TypeError, OSError, UnicodeDecodeError, EOFError, OverflowError) as exc:
         raise UsageError(f"{source} is not an array of numbers ({described(exc)})") from None
     except RecursionError:  # JSON nested past what Python's parser follows
         raise UsageError(f"{source} is nested too deep to be an array of numbers") from None
     if array.dtype.kind not in "biuf":
         raise UsageError(f"{source} holds {array.dtype} values, not numbers")
     _check_count(source, array.size)
-    if array.ndim and len(array) > MAX_INPUTS:  # rows are inputs; a flat row is counted once shaped
+    # A .csv holds an input a row; a .npy's or .json's rows need not be inputs (a flat array holds several
+    # an input): those are counted once the experiment has shaped them (harness.runs.predict).
+    if suffix == ".csv" and len(array) > MAX_INPUTS:
         raise too_many_inputs(source, len(array), MAX_INPUTS)
     return _float32(source, array)
 
 
+def _check_npy_shape(source: str, path: Path) -> None:
+    """Refuses a .npy whose header declares a negative length or more numbers than allowed, before numpy
+    maps it (it would raise OverflowError on lengths past a C long)."""
+    import math
+
+    import numpy as np
+
+    from ..errors import UsageError
+
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        reader = {(1, 0): np.lib.format.read_array_header_1_0,
+                  (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if reader is None:  # version 3 (a utf-8 header): numpy reads it, bounded by the count after mapping
+            return
+        shape = reader(handle)[0]
+    if min(shape, default=0) >= 0:
+        _check_count(source, math.prod(shape))
+    if not all(0 <= length <= MAX_VALUES for length in shape):  # a length past the count: beside a 0
+        raise UsageError(f"{source} declares shape {shape}: lengths from 0 to {MAX_VALUES} allowed")
+
+
+JSON_KINDS = {str: "a string", bool: "a boolean", type(None): "null", dict: "an object"}
+
+
+def _json_numbers(source: str, text: str):
+    """The nested lists of numbers a .json holds (bare, or as MLflow serving's {"inputs": ...}); anything
+    else in them (a string, a boolean, NaN or Infinity) is a one-line UsageError naming it and where."""
+    from ..errors import UsageError
+
+    def constant(name: str):
+        raise UsageError(f"{source} holds {name}: only finite JSON numbers are allowed")
+
+    # Integers as floats: one past a float's range is an infinity, refused as one, not an OverflowError.
+    # Cached: a file of repeated integers (zeros) holds one float object each, as it held one small int.
+    loaded = json.loads(text, parse_int=functools.lru_cache(maxsize=1024)(float), parse_constant=constant)
+    where = ""
+    if isinstance(loaded, dict) and len(loaded) == 1 and {"inputs", "instances"} & loaded.keys():
+        where, loaded = json.dumps(next(iter(loaded))), next(iter(loaded.values()))
+    pending = [(loaded, where)]
+    while pending:
+        value, at = pending.pop()
+        if type(value) is float:
+            continue
+        if type(value) is list:
+            if not all(type(v) is float for v in value):
+                pending.extend((v, f"{at}[{i}]") for i, v in reversed(list(enumerate(value))))
+            continue
+        raise UsageError(f"{source} holds {JSON_KINDS.get(type(value), type(value).__name__)} at "
+                         f"{at or 'its top'}: only JSON numbers, in nested lists, are allowed")
+    return loaded
+
+
 def _float32(source: str, numbers):
-    """``numbers`` as the float32 array a model takes, refused where one is beyond float32's range
-    (it would be predicted as an infinity)."""
+    """``numbers`` as the float32 array a model takes, refused where one is not a finite float32: an
+    infinity or nan given, or a number past float32's range (read as an infinity, it predicts nan)."""
     import numpy as np
 
     from ..errors import UsageError
 
     given = np.asarray(numbers, dtype=np.float64)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         cast = given.astype(np.float32)
-    if np.isinf(cast).sum() != np.isinf(given).sum():
-        raise UsageError(f"{source} holds numbers beyond float32's range (±{np.finfo(np.float32).max:.4g}), "
-                         "the models' input type")
+    bad = np.flatnonzero(~np.isfinite(cast))
+    if bad.size:
+        value = given.flat[bad[0]]
+        what = ("nan" if np.isnan(value) else f"{value:g}, beyond float32's range" if np.isfinite(value)
+                else f"{value:g} (an infinity, or a number beyond float32's range)")
+        raise UsageError(f"{source} holds {what}, its number {bad[0] + 1}: finite numbers within "
+                         f"±{np.finfo(np.float32).max:.4g} (float32, the models' input type) are allowed")
     return cast
 
 
