@@ -109,10 +109,8 @@ def sqlite_path(url: str) -> str | None:
     ``file:`` URI, whose own path is the file."""
     if not url.startswith(SQLITE):
         return None
-    path, _, query = url[len(SQLITE):].partition("?")
-    path = unquote(path)
-    uri = any(part.partition("=")[::2] == ("uri", "true") for part in query.lower().split("&"))
-    if uri and path.startswith("file:"):
+    path = unquote(url[len(SQLITE):].partition("?")[0])
+    if "uri=true" in _sqlite_query(url) and path.startswith("file:"):
         path = path[len("file:"):]
         if path.startswith("//"):  # file://HOST/abs: SQLite takes only "" or "localhost" as the host
             path = "/" + path[2:].partition("/")[2]
@@ -125,18 +123,22 @@ def sqlite_in_memory(url: str) -> bool:
     ``:memory:``, ``mode=memory``): a database that keeps nothing past the process."""
     if not url.lower().startswith("sqlite:"):
         return False
-    query = [part.lower() for part in url.partition("?")[2].split("&")]
-    return not url.startswith(SQLITE) or sqlite_path(url) in ("", ":memory:") or "mode=memory" in query
+    return not url.startswith(SQLITE) or sqlite_path(url) in ("", ":memory:") or "mode=memory" in _sqlite_query(url)
 
 
 def sqlite_unwritable(url: str) -> str | None:
     """Why a command cannot keep a record in the SQLite store ``url``, or None."""
     if sqlite_in_memory(url):
         return "an in-memory SQLite database, which keeps nothing past this process"
-    query = [part.lower() for part in url.partition("?")[2].split("&")] if url.lower().startswith("sqlite:") else []
+    query = _sqlite_query(url)
     if "mode=ro" in query or "immutable=1" in query:
         return "opened read-only (mode=ro, immutable=1), and this command writes"
     return None
+
+
+def _sqlite_query(url: str) -> list[str]:
+    """An SQLite URL's query as its ``key=value`` parts, lowercased; [] for any other URL."""
+    return [part.lower() for part in url.partition("?")[2].split("&")] if url.lower().startswith("sqlite:") else []
 
 
 def redact(url: str) -> str:

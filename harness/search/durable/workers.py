@@ -45,9 +45,9 @@ def alive(worker: dict | None) -> bool | None:
     always there to be signalled)."""
     if not isinstance(worker, dict) or worker.get("host") != socket.gethostname():
         return None
-    pid = worker.get("pid")
-    if type(pid) is not int or pid <= 0:
+    if not is_identity(worker):
         return False
+    pid = worker["pid"]
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
