@@ -106,6 +106,33 @@ def test_a_train_killed_with_minus_9_is_closed_by_the_next_and_can_be_resumed(in
     assert out.returncode == 2 and "another config (epochs differ)" in out.stderr, out.stderr
 
 
+def test_a_train_run_names_its_process_only_in_the_write_that_holds_its_config(in_workdir, cli_in_process,
+                                                                              monkeypatch):
+    """A run found naming its process (what a user, or the next `harness train`, sees of a run that may
+    be killed) already holds the config a --resume is checked against: the two land in one write.
+    Before: the process tag came first, and a run killed in between took a --resume of any config."""
+    from mlflow import MlflowClient
+
+    from harness.schema import PROCESS_TAG
+
+    writes = []
+    real_batch, real_tag = MlflowClient.log_batch, MlflowClient.set_tag
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), **kw):
+        writes.append(({p.key for p in params}, {t.key for t in tags}))
+        return real_batch(self, run_id, metrics=metrics, params=params, tags=tags, **kw)
+
+    def set_tag(self, run_id, key, value, **kw):
+        writes.append((set(), {key}))
+        return real_tag(self, run_id, key, value, **kw)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    monkeypatch.setattr(MlflowClient, "set_tag", set_tag)
+    assert cli_in_process("train", "--epochs", 3, cwd=in_workdir).returncode == 0
+    first = next(params for params, tags in writes if PROCESS_TAG in tags)
+    assert {"epochs", "lr", "optimizer", "loss", "seed"} <= first, first
+
+
 def test_a_study_resumed_after_a_helper_its_experiment_imports_changed_is_refused(tmp_path, in_workdir,
                                                                                   cli_in_process, monkeypatch):
     """The experiment file only imports its EXPERIMENT from a helper of its folder: an edit to the

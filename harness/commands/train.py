@@ -1,7 +1,6 @@
 """`harness train`: one tracked training run."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -98,14 +97,16 @@ def run(args) -> int:
             experiment_id, skip = tracking.experiment_id(client, args.mlflow_experiment, experiment.name), set()
             run_id = client.create_run(experiment_id, run_name=f"{experiment.name}-{cfg.optimizer}-{cfg.loss}",
                                        tags={COMMAND_TAG: "train"}).info.run_id
-        client.set_tag(run_id, PROCESS_TAG, json.dumps(identity()))
+        # The config from the start (shown while it trains, checked by a --resume), in the same write
+        # as the process: a run that names a process someone can kill holds the config to check against.
+        params = {} if args.resume else tracking.params_of(cfg, tracking.source_params(experiment))
+        tracking.write(client, run_id, tracking.RunRecord(params=params, history={},
+                                                          tags={PROCESS_TAG: json.dumps(identity())}),
+                       skip_params=skip)
+        skip = skip | set(params)
         # Provenance from the start too; a resumed run's says the process that finishes it.
-        record = tracking.provenance_record(experiment, data, cfg.device, cfg.valid_fraction, keep=adopted)
-        if not args.resume:  # the config from the start: shown while it trains, checked by a --resume
-            params = tracking.params_of(cfg, tracking.source_params(experiment))
-            record = dataclasses.replace(record, params=params)
-        tracking.write(client, run_id, record, skip_params=skip)
-        skip = skip | set(record.params)
+        tracking.write(client, run_id, tracking.provenance_record(experiment, data, cfg.device, cfg.valid_fraction,
+                                                                  keep=adopted), skip_params=skip)
         _close_dead_runs(client, experiment_id, run_id)
     except UsageError:
         raise
