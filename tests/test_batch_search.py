@@ -314,7 +314,7 @@ def test_a_worker_killed_and_not_yet_reaped_is_gone(tmp_path):
         proc.wait()
 
 
-def test_a_signal_while_a_trial_s_run_is_created_leaves_the_trial_pointing_at_it(workdir, monkeypatch, capsys):
+def test_a_signal_while_a_trial_s_run_is_created_leaves_the_trial_pointing_at_it(in_workdir, monkeypatch, capsys):
     """Ctrl-C landing as a trial's run is being created (its creation submitted, its future not yet
     kept): the trial still ends interrupted, linked to its run, which is KILLED."""
     import os
@@ -337,7 +337,7 @@ def test_a_signal_while_a_trial_s_run_is_created_leaves_the_trial_pointing_at_it
 
     monkeypatch.setattr(signals, "_received", [])  # this process's signals: none before, none kept after
     monkeypatch.setattr(signals, "_acted", [0])
-    monkeypatch.chdir(workdir)
+    workdir = in_workdir  # its store named absolutely: MLflow keeps the relative default of the first folder
     assert main(["search", "--n-trials", "3", "--no-progress", "--epochs-range", "5", "10"]) == 130
     [trial] = journal_study(workdir).trials[:1]
     assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted"
@@ -345,7 +345,7 @@ def test_a_signal_while_a_trial_s_run_is_created_leaves_the_trial_pointing_at_it
     assert trial.user_attrs.get("mlflow_run_id") == run.info.run_id and run.info.status == "KILLED"
 
 
-def test_a_signal_while_a_batch_is_asked_leaves_every_asked_trial_with_its_run(workdir, monkeypatch, capsys):
+def test_a_signal_while_a_batch_is_asked_leaves_every_asked_trial_with_its_run(in_workdir, monkeypatch, capsys):
     """Ctrl-C (or SIGTERM) between two asks of a batch: the trials asked so far are FAIL, interrupted,
     queued again, and each has its FAILED run, so the audit finds the stores in step (an outside probe
     found asked trials with no run after repeated signals)."""
@@ -369,7 +369,7 @@ def test_a_signal_while_a_batch_is_asked_leaves_every_asked_trial_with_its_run(w
     monkeypatch.setattr(optuna.Study, "ask", ask_then_signal)
     monkeypatch.setattr(signals, "_received", [])  # this process's signals: none before, none kept after
     monkeypatch.setattr(signals, "_acted", [0])
-    monkeypatch.chdir(workdir)
+    workdir = in_workdir  # its store named absolutely: MLflow keeps the relative default of the first folder
     # Named absolutely: MLflow keeps one store object per URI, and the relative default may be bound
     # to another test's folder in this process.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
