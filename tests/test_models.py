@@ -178,6 +178,29 @@ def test_the_best_trial_is_registered_with_the_champion_alias_and_its_study_s_ta
     assert version.source == f"models:/{models_of(client, version.run_id)[0]}"
 
 
+def test_a_study_of_two_objectives_registers_the_front_member_best_on_the_first(workdir, cli_in_process):
+    """Every member of the Pareto front is logged; `--register` makes the champion the one best on the
+    first objective (then the second), tagged with both objectives and both values, not whichever
+    member Optuna lists first."""
+    from conftest import client_for
+    from search_helpers import journal_study
+
+    out = cli_in_process("search", "--objectives", "valid_loss", "epochs", "--n-trials", 5, "--epochs-range", 2, 30,
+                         "--sampler", "random", "--seed", 3, "--no-progress", "--register", "line", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    study = journal_study(workdir)
+    front = sorted(study.best_trials, key=lambda t: (t.values, t.number))
+    # The seed draws a front whose first-listed member (the earliest) is not the one best on valid_loss.
+    assert study.best_trials[0].number != front[0].number, [t.values for t in study.trials]
+    client = client_for(workdir)
+    assert all(len(models_of(client, t.user_attrs["mlflow_run_id"])) == 1 for t in front)
+    [version] = client.search_model_versions("name = 'line'")
+    assert version.run_id == front[0].user_attrs["mlflow_run_id"]
+    assert version.tags["optuna.trial_number"] == str(front[0].number)
+    assert version.tags["harness.objective"] == "valid_loss, epochs"
+    assert version.tags["harness.objective_value"] == ", ".join(map(str, front[0].values))
+
+
 def models_of(client, run_id) -> list[str]:
     return [o.model_id for o in client.get_run(run_id).outputs.model_outputs]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from .. import models
@@ -37,12 +38,12 @@ def publish(study, client, trials, every: bool = False, register: str | None = N
             lines.append(f"trial {trial.number}: MLflow Model models:/{model_id} (run {run_id})")
         logged[trial.number] = model_id
     if register and best:
-        trial = best[0]
+        trial = _champion(study, best)
         if trial.number not in logged:
             raise UsageError(f"trial {trial.number}, the best, has no MLflow run: nothing registered as {register!r}")
         version = models.register(client, register, trial.user_attrs[RUN_ATTR], logged[trial.number],
-                                  models.version_tags(study.study_name, trial.number, trials.objectives[0],
-                                                      trial.values[0]))
+                                  models.version_tags(study.study_name, trial.number, ", ".join(trials.objectives),
+                                                      ", ".join(map(str, trial.values))))
         lines.append(f"registered trial {trial.number} as {register!r} version {version.version}: "
                      f"models:/{register}@{models.CHAMPION}")
     return lines
@@ -53,3 +54,10 @@ def _best(study) -> list:
     if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         return []
     return [study.best_trial] if len(study.directions) == 1 else list(study.best_trials)
+
+
+def _champion(study, best: list):
+    """The trial ``--register`` makes the champion: the best; of a Pareto front, the member best on the
+    first objective, then on the second (the order the summary lists the front in)."""
+    signs = [1 if d == StudyDirection.MINIMIZE else -1 for d in study.directions]
+    return min(best, key=lambda t: ([sign * value for sign, value in zip(signs, t.values)], t.number))
