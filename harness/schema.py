@@ -117,6 +117,9 @@ WORKER_ATTR = "harness.worker"  # host:pid:start-time of the process running a t
 # parent run's live description: {"trial": number, "done": .., "epochs": .., "value": ..}.
 PROGRESS_ATTR = "harness.progress"
 FAIL_REASON_ATTR = "fail_reason"  # why a trial failed
+# One attempt's own attrs: a retry of a trial (Optuna's retry callbacks copy every user attr) starts
+# without them, so that until it has its own run it names none, not the run of the attempt it retries.
+ATTEMPT_ATTRS = (RUN_ATTR, WORKER_ATTR, PROGRESS_ATTR, FAIL_REASON_ATTR)
 SPACE_ATTR = "harness.space"  # a study's search space, as JSON
 STUDY_EXPERIMENT_ATTR = "harness.experiment"  # a study's experiment
 # The sha256 of the file that defines a study's experiment: a study resumes only with the same file.

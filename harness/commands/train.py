@@ -127,8 +127,7 @@ def run(args) -> int:
         result = training.train_from(
             cfg, experiment, data, [tracking.LoggedNames(experiment), Progress(cfg.epochs), live], history,
             checkpoints, resumed.state if resumed else None,
-            refused=lambda why: print(f"harness: the checkpoint of run {run_id} refused: {why}; it trains again "
-                                      "from epoch 0", file=sys.stderr))
+            refused=lambda why: _restarted(client, run_id, why))
         with signals.deferred(on_signal=lambda: None):  # trained in full: the run is logged in full
             status = tracking.log_result(client, run_id, experiment, result, skip_params=skip, first_step=live.close())
     except ExperimentCodeError as exc:  # the run is FAILED with the reason and its curves so far
@@ -189,6 +188,13 @@ def _close_dead_runs(client, experiment_id: str, own: str) -> None:
             print(f"harness: run {run.info.run_id} was left RUNNING by a `harness train` that is gone: closed as "
                   f"KILLED; `harness train ... --resume {run.info.run_id}` goes on from its last checkpoint",
                   file=sys.stderr)
+
+
+def _restarted(client, run_id: str, why: str) -> None:
+    """The checkpoint a --resume found is refused: the run trains from epoch 0, and its tag, set to
+    where it would resume, says so."""
+    print(f"harness: the checkpoint of run {run_id} refused: {why}; it trains again from epoch 0", file=sys.stderr)
+    client.set_tag(run_id, RESUMED_TAG, "0")
 
 
 @dataclass(frozen=True)

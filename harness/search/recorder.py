@@ -186,6 +186,13 @@ class TrialRecorder:
             live = self._live.pop(trial.number, None)
         return live.close() if live is not None else 0
 
+    def restarted(self, trial, pending: Future) -> None:
+        """A retried trial whose earlier attempt's checkpoint was refused trains from epoch 0: its run,
+        created saying where it would resume, says so (as a `harness train` run that did)."""
+        self._submit(self._writes, lambda: self.sink.write(
+            self._link(trial, pending), tracking.RunRecord(params={}, history={}, tags={schema.RESUMED_TAG: "0"}),
+            None))
+
     def record_refused(self, trial, params: dict[str, str], reason: str) -> None:
         """A queued trial refused before it had a config: a FAILED run with its queued ``params`` and
         the reason, so that this trial too has its run (as `audit --fix` gives one that failed early)."""

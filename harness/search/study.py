@@ -98,6 +98,7 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
     RDB storages get Optuna's heartbeat: a trial whose worker stops beating for ``3 * heartbeat``
     seconds is failed and its configuration retried by the next worker that starts a trial.
     """
+    from .durable.retries import Retry
     from .durable.storages import HarnessRDBStorage, schema_lock
 
     scheme = storage_scheme(url)
@@ -114,7 +115,7 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
         with experimental_ok(), schema_lock(engine_url(url), engine_kwargs):  # heartbeats: experimental since 2.x
             storage = HarnessRDBStorage(
                 engine_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+                heartbeat_stale_trial_callback=Retry(max_retry=3))
     except ImportError as exc:
         raise UsageError(f"storage {redact(url)} needs a database driver that is not installed "
                          f"({scrub(str(exc), url)}); for PostgreSQL: pip install 'psycopg[binary]'") from None

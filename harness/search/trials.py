@@ -117,10 +117,14 @@ class TrialRunner:
         every, seconds = self.options.checkpoint_every, self.options.checkpoint_seconds
         checkpoints = run.recorder.checkpoints(run.trial, run.pending, every, seconds) \
             if run.recorder and run.pending is not None and (every or seconds) else None
-        run.result = training.train_from(
-            run.cfg, self.experiment, self.data, run.observers, run.history, checkpoints, run.resume,
-            refused=lambda why: self._said_once(f"harness: trial {run.trial.number}: its earlier attempt's "
-                                                f"checkpoint refused: {why}; it trains from epoch 0"))
+        def refused(why: str) -> None:
+            self._said_once(f"harness: trial {run.trial.number}: its earlier attempt's checkpoint refused: {why}; "
+                            "it trains from epoch 0")
+            if run.recorder and run.pending is not None:
+                run.recorder.restarted(run.trial, run.pending)
+
+        run.result = training.train_from(run.cfg, self.experiment, self.data, run.observers, run.history,
+                                          checkpoints, run.resume, refused=refused)
         self._check_finals(run)
 
     def _check_finals(self, run: TrialRun) -> None:

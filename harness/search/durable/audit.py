@@ -1,14 +1,14 @@
 """The invariants between a study's Optuna storage and its MLflow runs; ``fix`` repairs what it can.
 
 Stale work (a trial or run left RUNNING by a worker that is gone) is what a crash leaves; repairing
-it fails the trial, retries its configuration through Optuna's RetryHeartbeatStaleTrialCallback and
+it fails the trial, retries its configuration through Optuna's retry callback (retries.Retry) and
 closes the run as FAILED.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
 from ...errors import HarnessError, first_line
@@ -21,7 +21,8 @@ from ..experimental import experimental_ok
 from ..space import logged_params
 from ..recorder import fail_run
 from .optuna_private import trial_id
-from .workers import WORKER_DIED, abandoned, alive, gone, retried_numbers, retry, unfinished
+from .retries import Retry
+from .workers import WORKER_DIED, abandoned, alive, earlier_attempts, gone, retried_numbers, retry, unfinished
 from ...tracking import missing
 from ...urls import redact
 
@@ -46,12 +47,24 @@ def stale_trials(study) -> list:
 
 
 def fail_and_retry(study, storage, trial) -> int:
-    """What Optuna's heartbeat does to a stale trial: FAIL it and enqueue its params again."""
+    """What Optuna's heartbeat does to a stale trial: FAIL it and enqueue its params again. A link to
+    an earlier attempt's run that it inherited (retries of older versions copied it) is dropped while
+    it can be: the trial gets a run of its own from the audit."""
+    if inherited_run(trial, {t.number: t for t in study.get_trials(deepcopy=False)}):
+        storage.set_trial_user_attr(trial_id(trial), RUN_ATTR, None)
     storage.set_trial_user_attr(trial_id(trial), FAIL_REASON_ATTR, WORKER_DIED)
     storage.set_trial_state_values(trial_id(trial), TrialState.FAIL)
     with experimental_ok():
-        RetryHeartbeatStaleTrialCallback()(study, storage.get_trial(trial_id(trial)))
+        Retry()(study, storage.get_trial(trial_id(trial)))
     return trial.number
+
+
+def inherited_run(trial, by_number: dict) -> bool:
+    """Whether ``trial``'s run attr names the run of one of its earlier attempts: copied by a retry
+    of a harness before retries.Retry, not a run of its own."""
+    linked = trial.user_attrs.get(RUN_ATTR)
+    return linked is not None and any(by_number[n].user_attrs.get(RUN_ATTR) == linked
+                                      for n in earlier_attempts(trial) if n in by_number)
 
 
 def recover_stale(study, storage) -> tuple[list[int], list[int]]:
@@ -138,9 +151,10 @@ def audit(study, storage, client, *, fix: bool = False, direct: DirectWriter | N
     live_workers = False
     objectives = of_study(study)
     deleted = _Deleted(client, parent_id, parent.info.experiment_id)
+    trials_by_number = {t.number: t for t in trials}
     for trial in trials:
         _check_trial(trial, by_number.pop(trial.number, []), client, report, fixer, trial.number in retried,
-                     objectives, deleted)
+                     objectives, deleted, inherited_run(trial, trials_by_number))
         live_workers |= trial.state == TrialState.RUNNING and not gone(trial)
     for number, orphans in sorted(by_number.items()):
         for run in orphans:
@@ -185,7 +199,8 @@ class _Deleted:
 
 
 def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, retried: bool,
-                 objectives: tuple[str, ...] | None = None, deleted: _Deleted | None = None) -> None:
+                 objectives: tuple[str, ...] | None = None, deleted: _Deleted | None = None,
+                 inherited: bool = False) -> None:
     n, state = trial.number, trial.state
     if state == TrialState.WAITING:
         return
@@ -212,6 +227,8 @@ def _check_trial(trial, runs: list, client, report: Report, fix: _Fix | None, re
     run = runs[0]
     run_id = run.info.run_id
     linked = trial.user_attrs.get(RUN_ATTR)
+    if state == TrialState.FAIL and inherited:
+        linked = None  # its earlier attempt's, copied before it had a run: its own run is the one tagged with it
     if linked != run_id and (linked is not None or state != TrialState.FAIL):
         report.violations.append(f"trial {n}: user attr {RUN_ATTR}={linked!r} but its run is {run_id}")
     status = run.info.status

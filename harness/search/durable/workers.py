@@ -147,10 +147,10 @@ def retried_numbers(trials) -> set[int]:
 def retry(study, trial) -> bool:
     """Queue ``trial``'s configuration again the way Optuna's retry callbacks do (so Optuna's
     ``retried_trial_number`` finds it), unless it already is; returns whether one was queued."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from .retries import Retry
 
     if trial.number in retried_numbers(study.get_trials(deepcopy=False)):
         return False
     with experimental_ok():
-        RetryHeartbeatStaleTrialCallback()(study, trial)
+        Retry()(study, trial)
     return True
