@@ -221,13 +221,27 @@ def _link_final_metrics(client, run_id: str, model_id: str) -> None:
 
 
 def run_model(client, run_id: str) -> str | None:
-    """The id of the run's latest READY logged model, or None."""
+    """The id of the run's latest READY logged model, or None. The run's outputs may name a deleted
+    one (log_model links its model to the run before it traces: one it could not trace, or another
+    process's that lost to an earlier one, is deleted): passed over."""
     from mlflow.entities import LoggedModelStatus
 
     run = client.get_run(run_id)
-    ready = [m for m in (client.get_logged_model(o.model_id) for o in (run.outputs.model_outputs if run.outputs else ()))
-             if m.status == LoggedModelStatus.READY]
+    ready = [m for m in (_logged_model(client, o.model_id) for o in (run.outputs.model_outputs if run.outputs else ()))
+             if m is not None and m.status == LoggedModelStatus.READY]
     return max(ready, key=lambda m: m.creation_timestamp).model_id if ready else None
+
+
+def _logged_model(client, model_id: str):
+    """The logged model, or None where it is deleted (MLflow answers a deleted one as not found)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_logged_model(model_id)
+    except MlflowException as exc:
+        if tracking.missing(exc):
+            return None
+        raise
 
 
 # ---- the Model Registry --------------------------------------------------------------------------
