@@ -147,16 +147,17 @@ def in_workdir(workdir, monkeypatch) -> Path:
     return workdir
 
 
-def copy_store(source: Path, target: Path) -> Path:
-    """A copy of the folder ``source`` whose runs keep their artifacts in the copy, to damage at will."""
+def copy_store(source: Path, target: Path, made_in: Path | None = None) -> Path:
+    """A copy of the folder ``source`` whose runs keep their artifacts in the copy, to damage at will;
+    ``made_in``: the folder the store was made in, where not ``source`` (a copy of a disk's folder)."""
     import sqlite3
     from contextlib import closing
 
     shutil.copytree(source, target)
     with closing(sqlite3.connect(target / "mlflow.db")) as db, db:
-        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(source), str(target)))
+        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(made_in or source), str(target)))
         db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
-                   (str(source), str(target)))
+                   (str(made_in or source), str(target)))
     return target
 
 
