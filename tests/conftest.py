@@ -106,6 +106,17 @@ def run_cli(*args, cwd, timeout=300, env=None, module=True) -> subprocess.Comple
     return subprocess.run(cmd, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def main_in(folder: Path, *args) -> int:
+    """``harness ARGS`` in-process in ``folder``, its store named absolutely: for fixtures of a module
+    or the session, which cannot use cli_in_process."""
+    from harness.cli import main
+
+    with redirects_restored(), pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        return main(list(map(str, args)))
+
+
 @pytest.fixture(scope="session")
 def migrated_db(tmp_path_factory) -> Path:
     """An empty MLflow SQLite store, created once: building MLflow's schema takes seconds."""
@@ -251,12 +262,7 @@ def trained(tmp_path_factory, migrated_db):
     # The template's Default experiment keeps artifacts where pytest started: keep these here, to damage copies.
     with closing(sqlite3.connect(path / "mlflow.db")) as db, db:
         db.execute("UPDATE experiments SET artifact_location = ?", (str(path / "mlruns" / "0"),))
-    from harness.cli import main
-
     # In-process: a process of its own would cost more than the training (its readers need no more).
-    with redirects_restored(), pytest.MonkeyPatch.context() as patch:
-        patch.chdir(path)
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
-        assert main(["train", "--epochs", "5"]) == 0
+    assert main_in(path, "train", "--epochs", "5") == 0
     [run] = all_runs(path)
     return path, run.info.run_id

@@ -374,14 +374,10 @@ TAMPER_FLAGS = ["train", "--epochs", 12, "--checkpoint-every", 3, "--checkpoint-
 def checkpointed(tmp_path_factory, migrated_db):
     """A store holding one run of TAMPER_FLAGS (checkpoints after epochs 3, 6, 9: slots 0, 1, 0), trained
     once for the module: each test resumes a copy of it (each trained its own)."""
-    from conftest import new_store, redirects_restored
-    from harness.cli import main
+    from conftest import main_in, new_store
 
     folder = new_store(tmp_path_factory.mktemp("checkpointed"), migrated_db)
-    with redirects_restored(), pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
-        assert main(list(map(str, TAMPER_FLAGS))) == 0
+    assert main_in(folder, *TAMPER_FLAGS) == 0
     return folder
 
 

@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import all_runs, cli_env, client_for, copy_store, new_store, run_cli
+from conftest import all_runs, cli_env, client_for, copy_store, main_in, new_store, run_cli
 from conftest import run_cli as real_run_cli
 from search_helpers import journal_study, journal_trials
 from test_reliability import LONG, start_search, wait_for_running_trial
@@ -62,9 +62,10 @@ def _appended_after_a_tear(journal: Path) -> None:
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, migrated_db):
-    """A finished three-trial search to damage copies of."""
+    """A finished three-trial search to damage copies of: in-process (was a process; the torn journal's
+    tests run theirs on copies)."""
     path = new_store(tmp_path_factory.mktemp("searched"), migrated_db)
-    assert run_cli("search", "--n-trials", 3, "--seed", 0, *SHORT, cwd=path).returncode == 0
+    assert main_in(path, "search", "--n-trials", 3, "--seed", 0, *SHORT) == 0
     return path
 
 
