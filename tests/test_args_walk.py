@@ -38,7 +38,7 @@ def walk(argv: list[str]) -> list[tuple[str, list[str]]]:
 
     def trace(frame, event, arg):
         # A global trace function is called at each Python call only (a profile function at every
-        # return and C call too, which made this test's search ~2x slower); returning None traces no lines.
+        # return and C call too, which made this test's search ~1.5x slower); returning None traces no lines.
         if event != "call" or not frame.f_globals.get("__name__", "").startswith("harness"):
             return
         # At a call, a frame's locals are its arguments: the function was handed the options.
