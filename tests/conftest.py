@@ -31,6 +31,21 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="harness-test-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 
+def _schema_head_once() -> None:
+    """MLflow checks each SQL store it opens against its newest schema revision, which it finds by
+    loading every one of its migration scripts (~0.1 s a store; the suite opens hundreds). For an
+    installed MLflow that answer is one: this process asks once. A store's own revision is still read
+    and compared each time, and processes the suite starts are untouched."""
+    import functools
+
+    from mlflow.store.db import utils
+
+    utils._get_latest_schema_revision = functools.cache(utils._get_latest_schema_revision)
+
+
+_schema_head_once()
+
+
 @contextlib.contextmanager
 def redirects_restored():
     """What a command run in-process put in os.environ (main() sets MLflow's network defaults) is
@@ -91,6 +106,17 @@ def run_cli(*args, cwd, timeout=300, env=None, module=True) -> subprocess.Comple
     return subprocess.run(cmd, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def main_in(folder: Path, *args) -> int:
+    """``harness ARGS`` in-process in ``folder``, its store named absolutely: for fixtures of a module
+    or the session, which cannot use cli_in_process."""
+    from harness.cli import main
+
+    with redirects_restored(), pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        return main(list(map(str, args)))
+
+
 @pytest.fixture(scope="session")
 def migrated_db(tmp_path_factory) -> Path:
     """An empty MLflow SQLite store, created once: building MLflow's schema takes seconds."""
@@ -132,16 +158,17 @@ def in_workdir(workdir, monkeypatch) -> Path:
     return workdir
 
 
-def copy_store(source: Path, target: Path) -> Path:
-    """A copy of the folder ``source`` whose runs keep their artifacts in the copy, to damage at will."""
+def copy_store(source: Path, target: Path, made_in: Path | None = None) -> Path:
+    """A copy of the folder ``source`` whose runs keep their artifacts in the copy, to damage at will;
+    ``made_in``: the folder the store was made in, where not ``source`` (a copy of a disk's folder)."""
     import sqlite3
     from contextlib import closing
 
     shutil.copytree(source, target)
     with closing(sqlite3.connect(target / "mlflow.db")) as db, db:
-        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(source), str(target)))
+        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(made_in or source), str(target)))
         db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
-                   (str(source), str(target)))
+                   (str(made_in or source), str(target)))
     return target
 
 
@@ -235,12 +262,7 @@ def trained(tmp_path_factory, migrated_db):
     # The template's Default experiment keeps artifacts where pytest started: keep these here, to damage copies.
     with closing(sqlite3.connect(path / "mlflow.db")) as db, db:
         db.execute("UPDATE experiments SET artifact_location = ?", (str(path / "mlruns" / "0"),))
-    from harness.cli import main
-
     # In-process: a process of its own would cost more than the training (its readers need no more).
-    with redirects_restored(), pytest.MonkeyPatch.context() as patch:
-        patch.chdir(path)
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
-        assert main(["train", "--epochs", "5"]) == 0
+    assert main_in(path, "train", "--epochs", "5") == 0
     [run] = all_runs(path)
     return path, run.info.run_id

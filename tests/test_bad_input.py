@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import all_runs, cli_env, client_for, copy_store, new_store, run_cli
+from conftest import all_runs, cli_env, client_for, copy_store, main_in, new_store, run_cli
 
 
 SECRET = "S3cr3tPw"
@@ -141,11 +141,11 @@ def test_a_read_command_never_creates_a_store_from_a_real_process(tmp_path):
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, migrated_db):
-    """A finished small search to damage copies of."""
+    """A finished small search to damage copies of: in-process (was a process; the tests read it with
+    processes of their own)."""
     path = tmp_path_factory.mktemp("searched")
     new_store(path, migrated_db)
-    out = run_cli("search", "--n-trials", 2, "--study-name", "it's", *SHORT, cwd=path)
-    assert out.returncode == 0, out.stderr
+    assert main_in(path, "search", "--n-trials", 2, "--study-name", "it's", *SHORT) == 0
     return path
 
 

@@ -367,19 +367,42 @@ def _tampered(case):
     return edit
 
 
+TAMPER_FLAGS = ["train", "--epochs", 12, "--checkpoint-every", 3, "--checkpoint-seconds", 0]
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory, migrated_db):
+    """A store holding one run of TAMPER_FLAGS (checkpoints after epochs 3, 6, 9: slots 0, 1, 0), trained
+    once for the module: each test resumes a copy of it (each trained its own)."""
+    from conftest import main_in, new_store
+
+    folder = new_store(tmp_path_factory.mktemp("checkpointed"), migrated_db)
+    assert main_in(folder, *TAMPER_FLAGS) == 0
+    return folder
+
+
+def checkpointed_copy(checkpointed, tmp_path):
+    """A copy of ``checkpointed`` to resume and damage, and its one run's id."""
+    from conftest import copy_store
+
+    workdir = copy_store(checkpointed, tmp_path / "store")
+    _, found = runs_of(workdir)
+    (run_id,) = found
+    return workdir, run_id
+
+
 @pytest.mark.parametrize("case", ["a curve of 10 million zero-stride values", "no model",
                                   "a torch generator state of 3 bytes", "a python generator state of the wrong size",
                                   "model tensors of other shapes", "curves this run does not record",
                                   "an epoch count that is a bool", "an epoch count without its curves"])
-def test_a_checkpoint_tampered_inside_is_refused_in_one_line_and_the_run_trains_again(in_workdir, cli_in_process,
-                                                                                       case):
+def test_a_checkpoint_tampered_inside_is_refused_in_one_line_and_the_run_trains_again(checkpointed, tmp_path,
+                                                                                       cli_in_process, case):
     """Its format, config and experiment sha256 right, its inside not: refused in one line (not a
     traceback, not blamed on the experiment's code, no write that grows without bound), and the run
     trains again from epoch 0, ending FINISHED with each epoch once."""
-    flags = ["train", "--epochs", 12, "--checkpoint-every", 3, "--checkpoint-seconds", 0]
-    assert cli_in_process(*flags, cwd=in_workdir).returncode == 0
-    client, found = runs_of(in_workdir)
-    (run_id,) = found
+    flags = TAMPER_FLAGS
+    in_workdir, run_id = checkpointed_copy(checkpointed, tmp_path)
+    client = runs_of(in_workdir)[0]
     client.set_terminated(run_id, "KILLED")  # as a run stopped early leaves it
     for slot in (0, 1):
         path = artifact_folder(in_workdir, run_id) / checkpoint_name(slot)
@@ -392,12 +415,11 @@ def test_a_checkpoint_tampered_inside_is_refused_in_one_line_and_the_run_trains_
     assert [m.step for m in client.get_metric_history(run_id, "test_loss")] == list(range(12))
 
 
-def test_one_slot_of_another_config_is_refused_and_the_other_used_and_an_empty_resume_is_refused(in_workdir,
+def test_one_slot_of_another_config_is_refused_and_the_other_used_and_an_empty_resume_is_refused(checkpointed, tmp_path,
                                                                                                    cli_in_process):
-    flags = ["train", "--epochs", 12, "--checkpoint-every", 3, "--checkpoint-seconds", 0]
-    assert cli_in_process(*flags, cwd=in_workdir).returncode == 0
-    client, found = runs_of(in_workdir)
-    (run_id,) = found
+    flags = TAMPER_FLAGS
+    in_workdir, run_id = checkpointed_copy(checkpointed, tmp_path)
+    client = runs_of(in_workdir)[0]
     out = cli_in_process(*flags, "--resume", "", cwd=in_workdir)
     assert out.returncode == 2 and "--resume needs the id" in out.stderr and len(runs_of(in_workdir)[1]) == 1
     client.set_terminated(run_id, "KILLED")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from harness import config, training
 from harness.runs import load_model, predict
-from conftest import all_runs, client_for, new_store, run_cli
+from conftest import all_runs, client_for, main_in, new_store, run_cli
 from search_helpers import journal_study
 
 pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
@@ -19,11 +19,11 @@ SMALL = ["--epochs-range", "5", "40", "--no-progress", "--pruner", "none"]
 
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory, migrated_db):
-    """One small study, shared by the read-only tests below."""
+    """One small study, shared by the read-only tests below: searched in-process (was a process; the
+    tests read it with processes of their own)."""
     workdir = tmp_path_factory.mktemp("study")
     new_store(workdir, migrated_db)
-    out = run_cli("search", "--n-trials", 7, "--seed", 2, *SMALL, cwd=workdir)
-    assert out.returncode == 0, out.stderr
+    assert main_in(workdir, "search", "--n-trials", 7, "--seed", 2, *SMALL) == 0
     return workdir
 
 

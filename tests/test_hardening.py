@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import all_runs, cli_env, client_for, copy_store, new_store, run_cli
+from conftest import all_runs, cli_env, client_for, copy_store, main_in, new_store, run_cli
 from conftest import run_cli as real_run_cli
 from search_helpers import journal_study, journal_trials
 from test_reliability import LONG, start_search, wait_for_running_trial
@@ -62,9 +62,10 @@ def _appended_after_a_tear(journal: Path) -> None:
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, migrated_db):
-    """A finished three-trial search to damage copies of."""
+    """A finished three-trial search to damage copies of: in-process (was a process; the torn journal's
+    tests run theirs on copies)."""
     path = new_store(tmp_path_factory.mktemp("searched"), migrated_db)
-    assert run_cli("search", "--n-trials", 3, "--seed", 0, *SHORT, cwd=path).returncode == 0
+    assert main_in(path, "search", "--n-trials", 3, "--seed", 0, *SHORT) == 0
     return path
 
 
@@ -138,7 +139,10 @@ def tiny_disk_script(script: str, tmp_path: Path, timeout: float = 600) -> subpr
     return subprocess.run([*prefix, "bash", "-c", body], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_a_full_journal_disk_ends_the_search_cleanly_and_the_study_survives(tmp_path):
+def test_a_full_journal_disk_ends_the_search_cleanly_and_the_study_survives(tmp_path, cli_in_process):
+    """The searches on the tiny disk are real processes; what follows, on a copy of the journal (and
+    its lock files) as the full disk left it, is in-process (was three more processes, on the disk
+    grown again)."""
     # The MLflow store stays on a disk with room; the journal's disk fills up mid-search.
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     journal = "journal:$DISK/j.log"
@@ -150,12 +154,7 @@ head -c 10000000 /dev/zero > "$DISK/fill" 2>/dev/null; truncate -s -40k "$DISK/f
 "$PY" -m harness search --n-trials 60 --storage {journal} {" ".join(SHORT)} > "$OUT/full.out" 2> "$OUT/full.err"
 echo $? > "$OUT/full.rc"
 cp "$DISK/j.log" "$OUT/j-full.log"
-mount -o remount,size=50M "$DISK"
-"$PY" -m harness audit --study {STUDY} --storage {journal} --fix > "$OUT/fix.out" 2>&1
-"$PY" -m harness search --n-trials 2 --storage {journal} {" ".join(SHORT)} > "$OUT/after.out" 2> "$OUT/after.err"
-echo $? > "$OUT/after.rc"
-"$PY" -m harness audit --study {STUDY} --storage {journal} > "$OUT/audit.out" 2>&1
-echo $? > "$OUT/audit.rc"
+mkdir "$OUT/journal"; cp -a "$DISK"/j.log* "$OUT/journal/"
 '''
     proc = tiny_disk_script(script, tmp_path)
     out = tmp_path / "out"
@@ -167,8 +166,12 @@ echo $? > "$OUT/audit.rc"
     # What the full disk left is readable by plain Optuna, with no half-written operation in it.
     assert (out / "j-full.log").read_bytes().endswith(b"\n")
     assert len(plain_optuna_trials(out / "j-full.log")) > 2
-    assert (out / "after.rc").read_text().strip() == "0", (out / "after.err").read_text()
-    assert (out / "audit.rc").read_text().strip() == "0", (out / "fix.out").read_text() + (out / "audit.out").read_text()
+    storage = f"journal:{out / 'journal' / 'j.log'}"
+    fix = cli_in_process("audit", "--study", STUDY, "--storage", storage, "--fix", cwd=tmp_path)
+    after = cli_in_process("search", "--n-trials", 2, "--storage", storage, *SHORT, cwd=tmp_path)
+    assert after.returncode == 0, after.stderr
+    audit = cli_in_process("audit", "--study", STUDY, "--storage", storage, cwd=tmp_path)
+    assert audit.returncode == 0, fix.stdout + fix.stderr + audit.stdout + audit.stderr
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_uri)
@@ -176,20 +179,17 @@ echo $? > "$OUT/audit.rc"
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
 
 
-def test_a_full_mlflow_disk_stops_the_search_at_the_first_failed_write_and_audit_fix_restores_it(tmp_path):
+def test_a_full_mlflow_disk_stops_the_search_at_the_first_failed_write_and_audit_fix_restores_it(tmp_path,
+                                                                                                 cli_in_process):
+    """The search that fills the disk is a real process; the audits and the search after it, on a copy
+    of both stores as the full disk left them, are in-process (were four more processes, on the disk
+    grown again)."""
     # As the outside probe did it: both stores on a 3 MB disk, a 30-trial search.
     script = f'''
 cp "{tmp_path / 'template.db'}" mlflow.db
 "$PY" -m harness search --n-trials 30 --seed 3 --no-progress > "$OUT/full.out" 2> "$OUT/full.err"
 echo $? > "$OUT/full.rc"
-mount -o remount,size=100M "$DISK"
-"$PY" -m harness audit --study {STUDY} > "$OUT/before.out" 2>&1
-"$PY" -m harness audit --study {STUDY} --fix > "$OUT/fix.out" 2>&1
-"$PY" -m harness audit --study {STUDY} > "$OUT/audit.out" 2>&1
-echo $? > "$OUT/audit.rc"
-"$PY" -m harness search --n-trials 3 --seed 4 --no-progress > "$OUT/after.out" 2> "$OUT/after.err"
-echo $? > "$OUT/after.rc"
-cp -a mlflow.db optuna_journal.log mlruns "$OUT/"
+mkdir "$OUT/disk"; cp -a . "$OUT/disk/"
 '''
     from mlflow import MlflowClient
 
@@ -203,13 +203,18 @@ cp -a mlflow.db optuna_journal.log mlruns "$OUT/"
     # Whichever store's write fails first (both live on the full disk) stops the search.
     assert len(lines) == 1 and "audit --study" in lines[0] and "resume with:" in lines[0], full_err
     assert "tracking failed" in lines[0] or "cannot write the Optuna journal" in lines[0], full_err
-    trials = plain_optuna_trials(out / "optuna_journal.log")
+    # The disk's folder as it was, its runs' artifacts in the copy: $DISK named the folder the disk was on.
+    workdir = copy_store(out / "disk", tmp_path / "grown", made_in=tmp_path / "disk")
+    before = cli_in_process("audit", "--study", STUDY, cwd=workdir)
+    fix = cli_in_process("audit", "--study", STUDY, "--fix", cwd=workdir)
+    audit = cli_in_process("audit", "--study", STUDY, cwd=workdir)
+    after = cli_in_process("search", "--n-trials", 3, "--seed", 4, "--no-progress", cwd=workdir)
+    trials = plain_optuna_trials(workdir / "optuna_journal.log")
     # It stopped at the first failure instead of training the other trials into a failing store.
     assert len([t for t in trials if t.state != TrialState.WAITING]) < 30
-    assert "violation" in (out / "before.out").read_text()
-    assert (out / "audit.rc").read_text().strip() == "0", (out / "fix.out").read_text() + (out / "audit.out").read_text()
-    assert (out / "after.rc").read_text().strip() == "0", (out / "after.err").read_text()
-    workdir = out
+    assert "violation" in before.stdout + before.stderr
+    assert audit.returncode == 0, fix.stdout + fix.stderr + audit.stdout + audit.stderr
+    assert after.returncode == 0, after.stderr
     assert not no_running_runs(workdir)
     # Every configuration that did not get a whole record was queued again and has run since.
     study = journal_study(workdir)

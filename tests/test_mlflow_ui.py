@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from browser import Browser, chromium
-from conftest import cli_env, client_for, run_cli
+from conftest import cli_env, client_for
 from harness.cluster import ADMIN, TrackingServer
 from search_helpers import journal_study
 
@@ -55,8 +55,9 @@ def parent_page(workdir, tmp_path, parent: str, *needles: str):
     shutil.rmtree(tmp_path / "served", ignore_errors=True)
 
 
-def test_the_parent_run_tells_the_story_and_pruned_trials_say_so(workdir, tmp_path):
-    out = run_cli("search", "--n-trials", 10, "--seed", 1, "--no-progress", cwd=workdir)
+def test_the_parent_run_tells_the_story_and_pruned_trials_say_so(workdir, tmp_path, cli_in_process):
+    """The search in-process (was a process): the UI's server reads what it wrote."""
+    out = cli_in_process("search", "--n-trials", 10, "--seed", 1, "--no-progress", cwd=workdir)
     assert out.returncode == 0, out.stderr
     study = journal_study(workdir)
     parent = study.user_attrs["mlflow_parent_run_id"]
@@ -89,9 +90,10 @@ def test_the_parent_run_tells_the_story_and_pruned_trials_say_so(workdir, tmp_pa
     assert (shots / "parent_run.png").stat().st_size > 10_000
 
 
-def test_a_two_objective_study_shows_its_pareto_front_on_the_parent_run(workdir, tmp_path):
-    out = run_cli("search", "--objectives", "valid_loss", "epochs", "--sampler", "nsga2", "--n-trials", 6,
-                  "--seed", 1, "--no-progress", cwd=workdir)
+def test_a_two_objective_study_shows_its_pareto_front_on_the_parent_run(workdir, tmp_path, cli_in_process):
+    """The search in-process (was a process): the UI's server reads what it wrote."""
+    out = cli_in_process("search", "--objectives", "valid_loss", "epochs", "--sampler", "nsga2", "--n-trials", 6,
+                         "--seed", 1, "--no-progress", cwd=workdir)
     assert out.returncode == 0, out.stderr
     study = journal_study(workdir)
     parent = study.user_attrs["mlflow_parent_run_id"]

@@ -275,8 +275,8 @@ def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(
         assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
     # Resumed with the same objectives: the same study and parent run, and its front rewritten.
-    again = run_cli("search", "--objectives", "valid_loss", "epochs", "--sampler", "nsga2", "--n-trials", 2, *SMALL,
-                    cwd=workdir)
+    again = cli_in_process("search", "--objectives", "valid_loss", "epochs", "--sampler", "nsga2", "--n-trials", 2,
+                           *SMALL, cwd=workdir)  # in-process (was a process): the first shows what a user's does
     assert again.returncode == 0, again.stderr
     study = journal_study(workdir)
     assert len(study.trials) == 10
@@ -288,8 +288,9 @@ def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(
 
 @pytest.mark.slow
 def test_train_seconds_is_each_trial_s_measured_training_time(workdir, cli_in_process):
-    out = run_cli("search", "--objectives", "valid_loss", "train_seconds", "--n-trials", 4, "--seed", 1,
-                  "--study-name", "timed", *SMALL, cwd=workdir)
+    """In-process (was a process): test_nsga2_on_two_objectives_from_the_cli shows a user's process."""
+    out = cli_in_process("search", "--objectives", "valid_loss", "train_seconds", "--n-trials", 4, "--seed", 1,
+                         "--study-name", "timed", *SMALL, cwd=workdir)
     assert out.returncode == 0, out.stderr
     from search_helpers import check_contract, journal_study
 

@@ -311,13 +311,15 @@ SEARCH = ["search", "--experiment", "preempted.py", "--n-trials", "10", "--max-t
 QUEUED = [(0.002, 3), (0.005, 4), (0.01, 3)]  # after the sampler's first trial: the same trials in every store
 
 
-def started(folder, migrated_db):
+def started(folder, migrated_db, cli_in_process):
     """A new store in ``folder`` holding a study of four trials: the sampler's first, trained, and
-    three queued (the same four in every copy of the store, whatever its invocations' order)."""
+    three queued (the same four in every copy of the store, whatever its invocations' order). The
+    first trial is trained in-process (was a process of its own): no signal is sent to it."""
     folder.mkdir()
     new_store(folder, migrated_db)
-    (folder / "preempted.py").write_text(PREEMPTED.replace("{at}", ""))
-    first = run_cli(*SEARCH, "--max-trials", "1", cwd=folder)
+    # Its own content (this process keeps one module per file content, and its CALLS with it).
+    (folder / "preempted.py").write_text(PREEMPTED.replace("{at}", "") + "# the searches' experiment\n")
+    first = cli_in_process(*SEARCH, "--max-trials", "1", cwd=folder)
     assert first.returncode == 0, first.stderr
     study = study_in(folder)
     for lr, epochs in QUEUED:
@@ -356,7 +358,7 @@ def finished_trials(folder) -> dict:
     return out
 
 
-@pytest.mark.slow  # seven searches of digits, each its own process (about 60 s alone, minutes on a busy machine)
+@pytest.mark.slow  # seven searches of digits, five of them processes (about 60 s alone, minutes on a busy machine)
 def test_a_search_killed_with_sigterm_and_kill_9_then_resumed_ends_as_one_never_interrupted(tmp_path, migrated_db,
                                                                                             cli_in_process):
     """SIGTERM, then `kill -9`, each at a seeded-random batch of a search (checkpoints every epoch),
@@ -368,9 +370,9 @@ def test_a_search_killed_with_sigterm_and_kill_9_then_resumed_ends_as_one_never_
     # The threads' signal lands in a trial's first two epochs: the main thread sets the stop when it
     # next holds the GIL, some batches later on a busy machine, and the trial must not end before.
     term, kill, threaded = rng.randrange(2, 60), rng.randrange(2, 40), rng.randrange(2, 20)
-    never = started(tmp_path / "never", migrated_db)
+    never = started(tmp_path / "never", migrated_db, cli_in_process)
     cut, jobs = copy_store(never, tmp_path / "cut"), copy_store(never, tmp_path / "jobs")
-    (reference,) = searched(never, [""])
+    reference = cli_in_process(*SEARCH, cwd=never)  # never interrupted: in-process (was a process)
     assert reference.returncode == 0, reference.stderr
     sigterm, killed, last = searched(cut, [f"SIGTERM:{term}", f"SIGKILL:{kill}", ""])
     assert sigterm.returncode == 130 and "interrupted" in sigterm.stderr, sigterm.stderr

@@ -14,7 +14,7 @@ from contextlib import closing
 
 import pytest
 
-from conftest import cli_env, new_store, run_cli
+from conftest import cli_env, copy_store, new_store, run_cli
 
 pytestmark = pytest.mark.slow  # a search and four commands as subprocesses
 
@@ -44,14 +44,16 @@ def digest(folder) -> dict:
 
 
 @pytest.fixture
-def archived(tmp_path, migrated_db):
-    store = tmp_path / "store"
-    store.mkdir()
-    new_store(store, migrated_db)
-    with closing(sqlite3.connect(store / "mlflow.db")) as db, db:
-        db.execute("UPDATE experiments SET artifact_location = ?", (str(store / "mlruns" / "0"),))
-    out = run_cli("search", "--n-trials", 2, "--epochs-range", 3, 4, "--study-name", "s", cwd=store)
+def archived(tmp_path, migrated_db, cli_in_process):
+    """A search's folder, archived: the search in-process (was a process of its own), in a folder
+    copied afterwards, since this process keeps its connections to the store open."""
+    searched = tmp_path / "searched"
+    searched.mkdir()
+    new_store(searched, migrated_db)
+    out = cli_in_process("search", "--n-trials", 2, "--epochs-range", 3, 4, "--study-name", "s",
+                         cwd=searched)
     assert out.returncode == 0, out.stderr
+    store = copy_store(searched, tmp_path / "store")
     with closing(sqlite3.connect(store / "mlflow.db")) as db:  # closed: SQLite folds the -wal into the file
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # what the harness leaves
         trials = sorted(run for (run,) in db.execute("SELECT run_uuid FROM runs WHERE name LIKE 'trial-%'"))

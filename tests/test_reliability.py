@@ -108,7 +108,8 @@ def test_sigterm_during_train_keeps_the_curves_so_far(workdir):
     assert run.data.params["epochs"] == "200000"
 
 
-def test_kill_9_mid_trial_is_repaired_by_the_next_search(workdir, audit):
+def test_kill_9_mid_trial_is_repaired_by_the_next_search(workdir, audit, cli_in_process):
+    """The next search in-process (was a process): test_preemption's last invocation shows a user's."""
     proc = start_search(workdir, "--n-trials", 30, "--seed", 0, *LONG)
     wait_for_running_trial(workdir, proc, completed=1)
     proc.kill()
@@ -119,7 +120,7 @@ def test_kill_9_mid_trial_is_repaired_by_the_next_search(workdir, audit):
     out = audit(workdir)
     assert out.returncode == 1 and f"trial {stale.number} is RUNNING but its worker" in out.stdout
 
-    out = run_cli("search", "--n-trials", 2, *LONG, cwd=workdir)
+    out = cli_in_process("search", "--n-trials", 2, *LONG, cwd=workdir)
     assert out.returncode == 0, out.stderr
     assert f"trial(s) {stale.number} were left RUNNING" in out.stderr
     study = journal_study(workdir)
@@ -289,7 +290,8 @@ def start_gated_search(workdir, *args) -> subprocess.Popen:
     return proc
 
 
-def test_kill_9_while_a_batch_is_asked_leaves_no_trial_running_or_counted(workdir, audit):
+def test_kill_9_while_a_batch_is_asked_leaves_no_trial_running_or_counted(workdir, audit, cli_in_process):
+    """The next search in-process (was a process): test_preemption's last invocation shows a user's."""
     proc = start_gated_search(workdir, "--n-trials", 6, *LONG)
     proc.kill()
     proc.communicate()
@@ -298,7 +300,7 @@ def test_kill_9_while_a_batch_is_asked_leaves_no_trial_running_or_counted(workdi
     assert out.returncode == 1 and all(f"trial {n} is RUNNING but its worker" in out.stdout for n in (3, 4))
 
     # The next search fails and retries them, so they count toward --max-trials no more.
-    out = run_cli("search", "--n-trials", 3, "--max-trials", 6, *LONG, cwd=workdir)
+    out = cli_in_process("search", "--n-trials", 3, "--max-trials", 6, *LONG, cwd=workdir)
     assert out.returncode == 0, out.stderr
     assert "trial(s) 3, 4 were left RUNNING" in out.stderr
     study = journal_study(workdir)
