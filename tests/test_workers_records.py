@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import AUDITED, cli_env, client_for, copy_store
+from conftest import AUDITED, all_runs, cli_env, client_for, copy_store
 from harness.schema import COMMAND_TAG, FAIL_REASON_TAG, PROCESS_TAG, WORKER_ATTR
 from harness.search.durable.workers import OWNERLESS_S, identity
 from harness.search.study import open_storage
@@ -67,7 +67,8 @@ def _add_running(folder, **template) -> int:
 
 
 def _state(folder, number: int) -> TrialState:
-    return optuna.load_study(study_name=AUDITED, storage=open_storage(f"journal:{folder / 'j.log'}")).trials[number].state
+    study = optuna.load_study(study_name=AUDITED, storage=open_storage(f"journal:{folder / 'j.log'}"))
+    return study.trials[number].state
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -170,3 +171,22 @@ def test_a_live_search_s_running_trial_is_not_closed_by_audit_fix(workdir, cli_i
         proc.wait()
     out = cli_in_process(*audit, cwd=workdir)
     assert out.returncode == 1 and "trial 0 is RUNNING but its worker" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("command, mode", [("train", 0o755), ("train", 0o770), ("search", 0o755)])
+def test_a_lease_folder_others_may_enter_is_refused_before_anything_is_written(in_workdir, cli_in_process,
+                                                                              monkeypatch, tmp_path, command, mode):
+    """Another user who could write the lease folder could hold any lease: it is refused in one line."""
+    from harness.search.durable import workers
+
+    folder = tmp_path / "leases"
+    folder.mkdir()
+    folder.chmod(mode)
+    monkeypatch.setattr(workers, "LEASES", folder)
+    monkeypatch.setattr(workers, "_leases", {})  # this process's own lease is in the real folder
+    args = ["--epochs", 3] if command == "train" else ["--n-trials", 1, "--epochs-range", 3, 4, "--no-progress"]
+    out = cli_in_process(command, *args, cwd=in_workdir)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert f"{folder} must be a folder of yours" in out.stderr
+    assert all_runs(in_workdir) == [] and list(folder.iterdir()) == []
+    assert not (in_workdir / "optuna_journal.log").exists()
