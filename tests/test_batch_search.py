@@ -289,15 +289,22 @@ def test_a_batch_whose_trial_another_machine_failed_as_stale_tells_the_rest(tmp_
 def test_a_worker_killed_and_not_yet_reaped_is_gone(tmp_path):
     """A killed worker whose parent has not waited for it yet (a zombie) still answers signal 0
     and keeps its start time: its trial is stale all the same, by pid and by heartbeat alike."""
+    import os
     import subprocess
+    import sys
     import time
 
+    from conftest import ROOT
     from harness.search.durable import audit
     from harness.search import study as study_module
     from harness.search.durable.workers import identity
 
-    proc = subprocess.Popen(["sleep", "600"])
+    # A worker holds its lease from its first identity() on (a bare `sleep` was one before leases).
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom harness.search.durable.workers import "
+                             "identity\nidentity()\nprint(flush=True)\ntime.sleep(600)"],
+                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
+        proc.stdout.readline()  # its lease is held
         storage = study_module.open_storage(f"journal:{tmp_path / 'optuna_journal.log'}")
         study = optuna.create_study(storage=storage)
         owner = {**identity(), "pid": proc.pid}

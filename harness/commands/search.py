@@ -88,6 +88,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..search.durable.workers import identity
     from ..search.options import SearchOptions
     from ..search.report import report
     from ..search.session import run_search
@@ -103,6 +104,7 @@ def run(args) -> int:
     if trials.batch > 1 and (trials.checkpoint_every or trials.checkpoint_seconds):
         print(f"harness: --batch {trials.batch}: trials trained in a stack write no checkpoints (each starts at "
               "epoch 0 with the stack); one trained alone does", file=sys.stderr)
+    identity()  # this process's lease (workers.py): a folder that cannot keep it is refused before any store is opened
     outcome = run_search(options)
     if not outcome.ran:
         return 0

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from ..schema import COMMAND_TAG, FAIL_REASON_TAG, PROCESS_TAG, RESUMED_TAG, TEST_LOSS, TRAIN_LOSS
-from ..search.durable.workers import WORKER_DIED, alive, identity
+from ..search.durable.workers import NO_RECORD, WORKER_DIED, identity, is_identity, owner_gone
 from ..search.limits import CHECKPOINT_SECONDS
 
 
@@ -81,6 +81,7 @@ def run(args) -> int:
         raise UsageError(f"--resume {args.resume} under `mlflow run`, which made run {run_id}: resume outside it")
     started = time.time()
     resumed, adopted = None, None
+    process = identity()  # its lease taken before anything is written
     try:
         client = tracking.open_client()
         if args.resume:
@@ -101,7 +102,7 @@ def run(args) -> int:
         # as the process: a run that names a process someone can kill holds the config to check against.
         params = {} if args.resume else tracking.params_of(cfg, tracking.source_params(experiment))
         tracking.write(client, run_id, tracking.RunRecord(params=params, history={},
-                                                          tags={PROCESS_TAG: json.dumps(identity())}),
+                                                          tags={PROCESS_TAG: json.dumps(process)}),
                        skip_params=skip)
         skip = skip | set(params)
         # Provenance from the start too; a resumed run's says the process that finishes it.
@@ -167,13 +168,24 @@ def run(args) -> int:
 PROGRESS_SECONDS = 5
 
 
-def _process(run) -> dict | None:
-    """The process a run's record says trains it (a run's tags are untrusted: a mapping, or None)."""
+def _process(run):
+    """The record of the process that trains a run (a run's tags are untrusted): its tag's JSON, the
+    tag's text where that is none, NO_RECORD without the tag."""
+    text = run.data.tags.get(PROCESS_TAG)
+    if text is None:
+        return NO_RECORD
     try:
-        found = json.loads(run.data.tags.get(PROCESS_TAG, "null"))
-    except ValueError:
-        return None
-    return found if isinstance(found, dict) else None
+        return json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: brackets nested past what json reads
+        return text
+
+
+def _process_gone(run) -> bool:
+    """Whether the process that trains a RUNNING run is known to be dead, by the rule of a trial's worker."""
+    from datetime import datetime, timezone
+
+    return owner_gone(_process(run), datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc)
+                      if run.info.start_time is not None else None)
 
 
 def _close_dead_runs(client, experiment_id: str, own: str) -> None:
@@ -182,7 +194,7 @@ def _close_dead_runs(client, experiment_id: str, own: str) -> None:
     left = client.search_runs([experiment_id], max_results=100, filter_string=(
         f"tags.`{COMMAND_TAG}` = 'train' and attributes.status = 'RUNNING'"))
     for run in left:
-        if run.info.run_id != own and alive(_process(run)) is False:
+        if run.info.run_id != own and _process_gone(run):
             client.set_tag(run.info.run_id, FAIL_REASON_TAG, WORKER_DIED)
             client.set_terminated(run.info.run_id, "KILLED")
             print(f"harness: run {run.info.run_id} was left RUNNING by a `harness train` that is gone: closed as "
@@ -221,8 +233,9 @@ def _resumable(client, run_id: str, cfg, experiment) -> Resumed:
         raise UsageError(f"run {run_id} was not made by `harness train`; --resume continues those only")
     if existing.info.status == "RUNNING":
         process = _process(existing)
-        if alive(process) is not False:
-            where = f"process {process.get('pid')} on {process.get('host')}" if process else "a process unknown"
+        if not _process_gone(existing):
+            where = f"process {process['pid']} on {process['host']}" if is_identity(process) else \
+                "a process that has not named itself yet"
             raise UsageError(f"run {run_id} is RUNNING, trained by {where}; resume it once that process is gone")
     if existing.info.status == "FINISHED":
         raise UsageError(f"run {run_id} is FINISHED: there is nothing left to train")

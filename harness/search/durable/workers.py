@@ -1,10 +1,15 @@
 """Who runs a trial, and whether that process still lives."""
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import stat
+import threading
+from datetime import datetime
 from pathlib import Path
 
+from ...errors import HarnessError, first_line
 from ...schema import FAIL_REASON_ATTR, WORKER_ATTR
 from ..experimental import experimental_ok
 
@@ -23,70 +28,142 @@ def _start_time(pid: int) -> str | None:
     return fields[19] if fields else None
 
 
+# A worker proves it is the process its record names by holding, for its whole life, an exclusive
+# lock on a file named by its pid and start time: the kernel drops the lock when the process ends
+# (kill -9 included), and a record anyone wrote (the journal and a run's tags are writable by whoever
+# runs the study) names a live worker only when a process holds its lease. One folder for every
+# process of a user, whatever its environment (a session's $XDG_RUNTIME_DIR is removed at logout while
+# a nohup'd search still runs), that no other user may write.
+LEASES = Path("/tmp") / f"harness-{os.getuid()}"
+_leases: dict[int, int] = {}  # pid -> the open lease of this process (a forked child takes its own)
+_leases_lock = threading.Lock()
+
+
+def _lease_folder() -> Path:
+    try:
+        LEASES.mkdir(mode=0o700, exist_ok=True)
+        found = os.stat(LEASES, follow_symlinks=False)
+    except OSError as exc:
+        raise HarnessError(f"cannot make {LEASES}, where the harness's processes prove they live: "
+                           f"{first_line(exc)}") from None
+    if not _private(found):
+        raise HarnessError(f"{LEASES} must be a folder of yours that only you can enter (mode 0700), where "
+                           "the harness's processes prove they live: it is not; remove it")
+    return LEASES
+
+
+def _private(found: os.stat_result) -> bool:
+    return stat.S_ISDIR(found.st_mode) and found.st_uid == os.getuid() and not stat.S_IMODE(found.st_mode) & 0o077
+
+
+def _lease_name(pid, started) -> str:
+    return f"{pid}-{started}"
+
+
+def _hold_lease(pid: int, started: str | None) -> None:
+    with _leases_lock:
+        if pid in _leases:
+            return
+        folder = _lease_folder()
+        for old in folder.iterdir():  # leases of processes gone: their pid and start time never come back
+            owner, _, when = old.name.partition("-")
+            if owner.isdigit() and when != str(_start_time(int(owner))):
+                old.unlink(missing_ok=True)
+        fd = os.open(folder / _lease_name(pid, started), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks only while a checker tries it
+        _leases[pid] = fd
+
+
+def _leased(pid: int, started: str | None) -> bool:
+    """Whether a process holds the lease of (pid, started): a lease this process can take is nobody's,
+    and one in a folder not as _lease_folder keeps it none of this user's processes took."""
+    try:
+        if not _private(os.stat(LEASES, follow_symlinks=False)):
+            return False
+        fd = os.open(LEASES / _lease_name(pid, started), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def identity() -> dict:
+    """This process's worker record; from the first one on, this process holds its lease."""
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "started": _start_time(pid)}
+    started = _start_time(pid)
+    _hold_lease(pid, started)
+    return {"host": socket.gethostname(), "pid": pid, "started": started}
 
 
 def is_identity(worker) -> bool:
-    """Whether ``worker`` is a record identity() writes: a host, a positive pid and a start time (None
-    where the system keeps none)."""
-    return (isinstance(worker, dict) and isinstance(worker.get("host"), str) and bool(worker["host"])
-            and type(worker.get("pid")) is int and worker["pid"] > 0
-            and isinstance(worker.get("started"), (str, type(None))))
+    """Whether ``worker`` is a record identity() writes: exactly a host, a positive pid and a start
+    time (None where the system keeps none)."""
+    return (isinstance(worker, dict) and worker.keys() == {"host", "pid", "started"}
+            and isinstance(worker["host"], str) and bool(worker["host"])
+            and type(worker["pid"]) is int and worker["pid"] > 0
+            and isinstance(worker["started"], (str, type(None))))
 
 
-def alive(worker: dict | None) -> bool | None:
-    """True or False for a worker on this host; None when it runs elsewhere (or is unknown).
+def alive(worker) -> bool | None:
+    """True or False for a worker on this host; None for a record of a worker on another host.
 
-    A worker record is the journal's, which anyone who can write the study can forge: on this host it
-    names a live worker only when its pid is a process's (0 and negative pids name process groups,
-    which signal 0 always reaches) started at the time the record says (init, or a reused pid, is
-    always there to be signalled)."""
-    if not isinstance(worker, dict) or worker.get("host") != socket.gethostname():
-        return None
+    A worker record is the journal's (or a run's tag), which anyone who can write the study can forge:
+    a record of no shape identity() writes names no worker; on this host one names a live worker only
+    when its process, started at the time the record says (init, or a reused pid, is always there),
+    holds its lease."""
     if not is_identity(worker):
         return False
+    if worker["host"] != socket.gethostname():
+        return None
     pid = worker["pid"]
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass  # another user's process: its start time says whether it is the worker
+        pass  # another user's process: only a lease of this user's folder proves it a worker
     except OverflowError:  # a pid past what the system takes
         return False
     fields = _stat(pid)
     if fields is None:
-        # No /proc here (not Linux): the signal is all there is to go by; with one, the process is gone.
-        return _stat(os.getpid()) is None
-    if fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent: signal 0 still reaches it
-        return False
-    return worker.get("started") == fields[19]
+        # No /proc here (not Linux), where identity() knows no start time; with one, the process is gone.
+        if _stat(os.getpid()) is not None or worker["started"] is not None:
+            return False
+    elif fields[0] in ("Z", "X") or worker["started"] != fields[19]:
+        return False  # killed, not yet reaped (signal 0 still reaches it), or another process on that pid
+    return _leased(pid, worker["started"])
 
 
 # A harness storage writes the owner in the same write that creates a trial (storages.py), and right
 # after it takes a queued one; a RUNNING trial without one is from a process killed between those two
 # writes, or from a harness before that (whose batch asked K trials before writing any owner). Such
 # a trial is dead once it is older than any of those windows could be; an hour also leaves a
-# trial of a plain Optuna script sharing the storage, which never writes an owner, that long.
+# trial of a plain Optuna script sharing the storage, which never writes an owner, that long. A
+# `harness train` run gets its process's record in the write after the one that creates it.
 OWNERLESS_S = 3600
+NO_RECORD = object()  # the attr or tag that names an owner is not there at all
+
+
+def owner_gone(record, started: datetime | None) -> bool:
+    """Whether the worker a RUNNING trial's or run's ``record`` names is known to be dead: its record
+    names no live worker of this host, or it has none (NO_RECORD) and is older than OWNERLESS_S (or
+    of no known age). A record of another host's worker is left to that host (RDB heartbeats)."""
+    if record is not NO_RECORD:
+        return alive(record) is False
+    if started is None:
+        return True
+    now = datetime.now(started.tzinfo)  # journal storages give UTC, RDB ones local time without a zone
+    return (now - started).total_seconds() > OWNERLESS_S
 
 
 def gone(trial) -> bool:
-    """Whether a RUNNING trial's worker is known to be dead: its process on this host is gone, or it
-    has had no owner for longer than OWNERLESS_S."""
-    from datetime import datetime
-
-    worker = trial.user_attrs.get(WORKER_ATTR)
-    if worker is not None:
-        # A record no worker writes ("junk", {}, another shape) names no worker that could be alive.
-        return not is_identity(worker) or alive(worker) is False
-    started = trial.datetime_start
-    if started is None:
-        return False
-    now = datetime.now(started.tzinfo)  # journal storages give UTC, RDB ones local time without a zone
-    return (now - started).total_seconds() > OWNERLESS_S
+    """Whether a RUNNING trial's worker is known to be dead (owner_gone)."""
+    return owner_gone(trial.user_attrs.get(WORKER_ATTR, NO_RECORD), trial.datetime_start)
 
 
 def abandoned(trials) -> set[int]:
