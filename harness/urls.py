@@ -225,9 +225,17 @@ def sqlite_unwritable(url: str) -> str | None:
     if sqlite_in_memory(url):
         return "an in-memory SQLite database, which keeps nothing past this process"
     options = sqlite_options(url)
+    for key, allowed in _SQLITE_CHOICES.items():
+        value = _uri_parameter(options, key, last=True)
+        if value is not None and value not in allowed:  # SQLite refuses to open it (MLflow retries for minutes)
+            return f"opened with {key}={value!r}, which SQLite does not know (allowed: {', '.join(allowed)})"
     if _uri_parameter(options, "mode", last=True) == "ro" or uri_boolean(_uri_parameter(options, "immutable")):
         return "opened read-only (mode=ro, immutable=1), and this command writes"
     return None
+
+
+# The values SQLite takes for the URI options it reads as words, case as written; any other is an error.
+_SQLITE_CHOICES = {"mode": ("ro", "rw", "rwc", "memory"), "cache": ("shared", "private")}
 
 
 def redact(url: str) -> str:

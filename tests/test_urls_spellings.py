@@ -91,7 +91,21 @@ UNKEPT = ["sqlite+pysqlite:///:memory:", "sqlite+pysqlite://", "sqlite:///file:m
                                                          for v in ("yes", "true", "on", "2")]]
 
 
-@pytest.mark.parametrize("url", UNKEPT)
+@pytest.mark.parametrize("url", ["sqlite:///file:m.db?uri=true&mode=RO", "sqlite:///file:m.db?uri=true&cache=Shared"])
+def test_an_option_value_sqlite_does_not_know_is_refused_and_sqlite_refuses_it_too(url, tmp_path, monkeypatch):
+    """A mode SQLite does not know (its values are case-sensitive): MLflow retried it for 100 s, then
+    exit 2 "no such access mode", with the store copied in meanwhile. Refused before anything, as SQLite would."""
+    from sqlalchemy.engine import make_url
+
+    monkeypatch.chdir(tmp_path)
+    parsed = make_url(url)
+    (filename,), kwargs = parsed.get_dialect()().create_connect_args(parsed)
+    with pytest.raises(sqlite3.OperationalError, match="no such"):
+        sqlite3.connect(filename, uri=kwargs["uri"])
+    assert "which SQLite does not know" in sqlite_unwritable(url)
+
+
+@pytest.mark.parametrize("url", [*UNKEPT, "sqlite+pysqlite:///file:m.db?uri=true&mode=RO"])
 @pytest.mark.parametrize("command", [["search", "--n-trials", "1", "--epochs-range", "5", "6", "--study-name", "s"],
                                      ["train", "--epochs", "2"]])
 def test_a_spelling_of_a_store_that_keeps_no_record_is_refused_before_anything_is_written(
