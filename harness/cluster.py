@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -367,6 +368,34 @@ def server_url(params: dict[str, str]) -> str:
     return f"postgresql://{netloc}/{dbname}" + (f"?{query}" if query else "")
 
 
+# libpq's words for a connection option it refuses before any server has a say (an sslmode it does
+# not know, a keepalives that is no number, a hostaddr that is no address): the URL is wrong.
+_REFUSED_OPTION = re.compile(r'invalid "?(\w+)"? (?:value|method)|could not parse network address|could not match \d+ ')
+# The values libpq takes for the options it names in such a message, for the one line that refuses one.
+OPTION_VALUES = {
+    "sslmode": "disable, allow, prefer, require, verify-ca, verify-full",
+    "gssencmode": "disable, prefer, require",
+    "channel_binding": "disable, prefer, require",
+    "target_session_attrs": "any, read-write, read-only, primary, standby, prefer-standby",
+    "load_balance_hosts": "disable, random",
+    "sslnegotiation": "postgres, direct",
+    "ssl_min_protocol_version": "TLSv1, TLSv1.1, TLSv1.2, TLSv1.3",
+    "ssl_max_protocol_version": "TLSv1, TLSv1.1, TLSv1.2, TLSv1.3",
+    "integer": "a whole number",
+}
+
+
+def refused_option(message: str) -> str | None:
+    """libpq's refusal of a connection option in ``message`` (psycopg's error, scrubbed), with the
+    values allowed where known; None for a failure to reach or enter the server."""
+    found = _REFUSED_OPTION.search(message)
+    if found is None:
+        return None
+    refusal = message[found.start():]
+    allowed = OPTION_VALUES.get(found[1] or "")
+    return f"{refusal}; allowed: {allowed}" if allowed else refusal
+
+
 def check_server(url: str) -> None:
     """``harness cluster --postgres URL``, refused in one line before anything is made: exit 2 for a
     URL that is not a PostgreSQL one, exit 1 for a server that does not answer, let us in, or let us
@@ -402,7 +431,11 @@ def check_server(url: str) -> None:
                 may_create = c.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user"
                                        ).fetchone()[0]
         except psycopg.Error as exc:
-            raise HarnessError(f"{shown}: cannot connect: {' '.join(scrub(str(exc), url).split())}") from None
+            message = " ".join(scrub(str(exc), url).split())
+            refused = refused_option(message)
+            if refused:
+                raise UsageError(f"{shown}: {refused}") from None
+            raise HarnessError(f"{shown}: cannot connect: {message}") from None
     if not may_create:
         raise HarnessError(f"{shown}: its user may not create databases (the cluster makes two); "
                            "ALTER ROLE ... CREATEDB, or use another user")

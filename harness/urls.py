@@ -97,48 +97,145 @@ def is_http(url: str) -> bool:
     return url.lower().startswith(("http://", "https://"))
 
 
-SQLITE = "sqlite:///"
+# An SQLite URL as SQLAlchemy reads it: the dialect, a driver or none (sqlite+pysqlite, which MLflow
+# takes too), '://', a host (SQLAlchemy refuses any), the database up to '?', the query. The name's
+# case is as written: SQLAlchemy finds no dialect "SQLite".
+_SQLITE_URL = re.compile(r"sqlite(?:\+[\w+]+)?://(?P<host>[^/?]*)(?:/(?P<database>[^?]*))?(?:\?(?P<query>.*))?")
+# The query keys SQLAlchemy's pysqlite dialect hands to sqlite3.connect, not to SQLite's URI.
+_DRIVER_KEYS = ("uri", "timeout", "isolation_level", "detect_types", "check_same_thread", "cached_statements")
+
+
+def is_sqlite(url: str) -> bool:
+    """Whether SQLAlchemy (and so MLflow and Optuna) opens ``url`` with its SQLite dialect."""
+    return _SQLITE_URL.match(url) is not None
+
+
+def _sqlite_open(url: str) -> tuple[str, bool] | None:
+    """(filename, uri) as SQLAlchemy's pysqlite dialect hands them to ``sqlite3.connect``; None for
+    a URL that is not SQLite's or names a host (which SQLAlchemy refuses)."""
+    from urllib.parse import parse_qsl
+
+    match = _SQLITE_URL.match(url)
+    if match is None or match["host"]:
+        return None
+    database = unquote(match["database"] or "")
+    query: dict = {}
+    for key, value in parse_qsl(match["query"] or ""):
+        if key in query:  # a repeated key: SQLAlchemy keeps its values as a tuple
+            query[key] = (*query[key], value) if isinstance(query[key], tuple) else (query[key], value)
+        else:
+            query[key] = value
+    if not _as_bool(query.get("uri", False)):
+        return database, False
+    options = {key: value for key, value in query.items() if key not in _DRIVER_KEYS}
+    if options:
+        database += "?" + "&".join(f"{key}={options[key]}" for key in sorted(options))
+    return database, True
+
+
+def _as_bool(value) -> bool:
+    """SQLAlchemy's asbool, which reads the ``uri`` option (a repeated one is a tuple, and true)."""
+    if not isinstance(value, str):
+        return bool(value)
+    return value.strip().lower() in ("true", "yes", "on", "y", "t", "1")  # any other word: it refuses the URL
+
+
+def _sqlite_uri(filename: str) -> tuple[str, list[tuple[str, str]]] | None:
+    """An SQLite ``file:`` URI's path and its query's (key, value) pairs as SQLite reads them: keys
+    as written (SQLite compares them case-sensitively), %xx decoded; None for a plain file name."""
+    if not filename.startswith("file:"):
+        return None
+    rest = filename[len("file:"):].partition("#")[0]
+    if rest.startswith("//"):  # file://HOST/abs: SQLite takes only "" or "localhost" as the host
+        rest = "/" + rest[2:].partition("/")[2]
+    path, _, query = rest.partition("?")
+    pairs = []
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if key:
+            pairs.append((unquote(key), unquote(value)))
+    return unquote(path), pairs
 
 
 def sqlite_path(url: str) -> str | None:
-    """The file of an SQLite URL (``sqlite:///PATH``: relative; ``sqlite:////abs``: absolute), as
-    SQLAlchemy and MLflow open it; None for any other URL.
+    """The file of an SQLite URL (``sqlite:///PATH``: relative; ``sqlite:////abs``: absolute; any
+    ``sqlite+DRIVER://`` alike), as SQLAlchemy and MLflow open it; None for any other URL.
 
     Read as SQLAlchemy reads it: the path ends at the first ``?`` (``?timeout=30`` is the driver's
-    setting, not part of the file name) and is percent-decoded; with ``uri=true`` it is an SQLite
-    ``file:`` URI, whose own path is the file."""
-    if not url.startswith(SQLITE):
+    setting, not part of the file name) and is percent-decoded; with ``uri=true`` (or another of
+    its true words) it is an SQLite ``file:`` URI, whose own path is the file."""
+    opened = _sqlite_open(url)
+    if opened is None:
         return None
-    path = unquote(url[len(SQLITE):].partition("?")[0])
-    if "uri=true" in _sqlite_query(url) and path.startswith("file:"):
-        path = path[len("file:"):]
-        if path.startswith("//"):  # file://HOST/abs: SQLite takes only "" or "localhost" as the host
-            path = "/" + path[2:].partition("/")[2]
-        path = unquote(path.partition("?")[0].partition("#")[0])
-    return path
+    filename, uri = opened
+    parsed = _sqlite_uri(filename) if uri else None
+    return parsed[0] if parsed else filename
+
+
+def sqlite_options(url: str) -> list[tuple[str, str]]:
+    """The (key, value) options SQLite itself reads from an SQLite URL (its ``file:`` URI's query,
+    with ``uri=true``); [] for any other URL, and where SQLAlchemy hands SQLite none."""
+    opened = _sqlite_open(url)
+    parsed = _sqlite_uri(opened[0]) if opened and opened[1] else None
+    return parsed[1] if parsed else []
+
+
+def _uri_parameter(options: list[tuple[str, str]], key: str, last: bool = False) -> str | None:
+    """The value SQLite takes for ``key``: the first (sqlite3_uri_parameter), or the last for the keys
+    it reads while parsing (mode, vfs)."""
+    values = [value for name, value in options if name == key]
+    return (values[-1] if last else values[0]) if values else None
+
+
+def uri_boolean(value: str | None) -> bool:
+    """SQLite's sqlite3_uri_boolean of an option's value (false when absent): an integer (its low
+    byte, 0x hex too) or on/yes/true (off/no/false) in any case; any other word is false."""
+    if not value:
+        return False
+    if value[0].isdigit():
+        return _sqlite_atoi(value) & 0xFF != 0
+    return value.lower() in ("on", "yes", "true")
+
+
+def _sqlite_atoi(text: str) -> int:
+    """SQLite's sqlite3Atoi of a text that starts with a digit: 0 where it overflows 32 bits."""
+    hexa = re.match(r"0[xX]0*([0-9a-fA-F]*)", text)
+    if hexa and len(text) > 2 and text[2] in "0123456789abcdefABCDEF":
+        digits = hexa[1]
+        number = int(digits[:8] or "0", 16)
+        return 0 if number & 0x80000000 or len(digits) > 8 else number
+    digits = re.match(r"0*(\d*)", text)[1][:11]
+    return int(digits or "0") if len(digits) <= 10 and int(digits or "0") <= 2147483647 else 0
 
 
 def sqlite_in_memory(url: str) -> bool:
-    """Whether an SQLite URL is one of SQLAlchemy's in-memory forms (``sqlite://``, an empty path,
-    ``:memory:``, ``mode=memory``): a database that keeps nothing past the process."""
-    if not url.lower().startswith("sqlite:"):
+    """Whether an SQLite URL names a database that keeps nothing past the process: one of
+    SQLAlchemy's in-memory forms (``sqlite://``, an empty path, ``:memory:``) or SQLite's
+    (``mode=memory``, ``vfs=memdb``); and a URL whose scheme reads ``sqlite`` in another case or with
+    a host, which SQLAlchemy opens as no file."""
+    if not re.match(r"sqlite(\+|:)", url, re.IGNORECASE):
         return False
-    return not url.startswith(SQLITE) or sqlite_path(url) in ("", ":memory:") or "mode=memory" in _sqlite_query(url)
+    options = sqlite_options(url)
+    return (sqlite_path(url) in (None, "", ":memory:") or _uri_parameter(options, "mode", last=True) == "memory"
+            or _uri_parameter(options, "vfs", last=True) == "memdb")
 
 
 def sqlite_unwritable(url: str) -> str | None:
     """Why a command cannot keep a record in the SQLite store ``url``, or None."""
     if sqlite_in_memory(url):
         return "an in-memory SQLite database, which keeps nothing past this process"
-    query = _sqlite_query(url)
-    if "mode=ro" in query or "immutable=1" in query:
+    options = sqlite_options(url)
+    for key, allowed in _SQLITE_CHOICES.items():
+        value = _uri_parameter(options, key, last=True)
+        if value is not None and value not in allowed:  # SQLite refuses to open it (MLflow retries for minutes)
+            return f"opened with {key}={value!r}, which SQLite does not know (allowed: {', '.join(allowed)})"
+    if _uri_parameter(options, "mode", last=True) == "ro" or uri_boolean(_uri_parameter(options, "immutable")):
         return "opened read-only (mode=ro, immutable=1), and this command writes"
     return None
 
 
-def _sqlite_query(url: str) -> list[str]:
-    """An SQLite URL's query as its ``key=value`` parts, lowercased; [] for any other URL."""
-    return [part.lower() for part in url.partition("?")[2].split("&")] if url.lower().startswith("sqlite:") else []
+# The values SQLite takes for the URI options it reads as words, case as written; any other is an error.
+_SQLITE_CHOICES = {"mode": ("ro", "rw", "rwc", "memory"), "cache": ("shared", "private")}
 
 
 def redact(url: str) -> str:

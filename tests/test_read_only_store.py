@@ -103,3 +103,20 @@ def test_predict_compare_audit_and_reproduce_read_a_store_nobody_may_write(archi
     assert digest(store) == before and not list(store.glob("mlflow.db-*"))
     # Reading made nothing where it ran but the figures asked for (MLflow made a folder 'file:' there).
     assert sorted(p.name for p in cwd.iterdir()) == ["compare-s.png", "s.png"]
+
+
+def test_the_reading_commands_read_it_in_the_dialect_form_too(archived, tmp_path):
+    """Issue 26, a tenth probe (F2): with `sqlite+pysqlite:///mlflow.db` (SQLAlchemy's dialect+driver
+    form, which MLflow takes) predict, audit and reproduce exited 1 "unable to open database file"
+    where `sqlite:///mlflow.db` read the same store."""
+    store, trials = archived
+    before = digest(store)
+    env = cli_env(MLFLOW_TRACKING_URI=f"sqlite+pysqlite:///{store / 'mlflow.db'}")
+    out = as_reader("predict", trials[0], "--x", 1, cwd=tmp_path, env=env)
+    assert out.returncode == 0 and out.stdout.startswith("1 -> "), out.stderr
+    out = as_reader("audit", "--study", "s", "--storage", f"journal:{store / 'optuna_journal.log'}", cwd=tmp_path,
+                    env=env)
+    assert out.returncode == 0 and "2 trials, 2 child runs: clean" in out.stdout, out.stdout + out.stderr
+    out = as_reader("reproduce", trials[0], cwd=tmp_path, env=env)
+    assert out.returncode == 0 and f"reproduced run {trials[0]} exactly" in out.stdout, out.stderr
+    assert digest(store) == before and not list(store.glob("mlflow.db-*"))

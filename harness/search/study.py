@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 
 from ..errors import UsageError
-from ..urls import check_credentials, engine_url, redact, scrub, sqlite_path
+from ..urls import check_credentials, engine_url, redact, scrub, sqlite_in_memory, sqlite_path
 from .space import SearchSpace
 from .experimental import experimental_ok
 
@@ -68,14 +68,10 @@ def check_storage(url: str) -> str:
     if scheme == "journal":
         journal_path(url)
     elif scheme == "sqlite":
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-
-        try:
-            database = make_url(url).database or ""
-        except ArgumentError:
-            raise UsageError(f"malformed storage URL {redact(url)!r}; a SQLite storage is sqlite:///PATH") from None
-        if database in ("", ":memory:") or database.startswith("file::memory:") or "mode=memory" in url:
+        database = sqlite_path(url)
+        if database is None:
+            raise UsageError(f"malformed storage URL {redact(url)!r}; a SQLite storage is sqlite:///PATH")
+        if sqlite_in_memory(url):
             raise UsageError(f"storage {url!r} is an in-memory SQLite database, gone when this process ends "
                              "(and not shared with the trials' threads); use sqlite:///PATH or journal:PATH")
         if Path(database).exists() and not Path(database).is_file():

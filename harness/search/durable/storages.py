@@ -19,7 +19,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import TrialState
 
 from ...filelock import LOCK_SUFFIX, file_lock
-from ...urls import redact
+from ...urls import redact, sqlite_in_memory, sqlite_path
 from ...schema import WORKER_ATTR
 from . import optuna_private
 from .optuna_private import backend
@@ -83,12 +83,12 @@ def file_path(storage) -> str | None:
     if isinstance(storage, JournalStorage):
         return optuna_private.journal_file(storage)
     if isinstance(storage, RDBStorage) and storage.engine.dialect.name == "sqlite":
-        return _sqlite_file(storage.engine.url.database)
+        return _sqlite_file(storage.url)
     return None
 
 
-def _sqlite_file(database: str | None) -> str | None:
-    return database if database and database != ":memory:" else None
+def _sqlite_file(url: str) -> str | None:
+    return None if sqlite_in_memory(url) else sqlite_path(url)
 
 
 def _lock_beside(path: str | None) -> Path | None:
@@ -148,9 +148,8 @@ def schema_lock(url: str, engine_kwargs: dict):
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
 
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        with file_lock(_lock_beside(_sqlite_file(parsed.database))):
+    if make_url(url).get_backend_name() == "sqlite":
+        with file_lock(_lock_beside(_sqlite_file(url))):
             yield
         return
     engine = create_engine(url, **engine_kwargs)
