@@ -2,9 +2,10 @@
 
 cost: a default 20-trial `harness search`, each in a fresh process with a fresh store and journal
 (a `harness search` always logs the first MLflow Model of its process), its wall time from start to
-the record closed: without the model (search.publish and the warm-up replaced by nothing), with it
-as shipped, and with it but no warm-up ("cold"), interleaved; and the part spent logging the best
-trial as an MLflow Model (search.publish, timed where the session calls it). Medians of ``--repeats``.
+the record closed: without the model (search.publish replaced by nothing) and with it, interleaved;
+the part spent logging the best trial as an MLflow Model (search.publish, timed where the session
+calls it), and the difference of the walls (what the model costs a search in all, up to the walls'
+noise). Medians of ``--repeats``.
 
 format: one trained model of ``--experiment`` saved as an MLflow Model both ways MLflow 3.17 offers,
 ``pt2`` (torch.export) and ``pickle`` (torch.save of the module): save seconds, size on disk, and,
@@ -14,7 +15,7 @@ experiment's code loading imported (pickle must import the class its file names;
 unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true, which the benchmark sets for that load only).
 
     python benchmarks/model_cost.py [cost|format|both] [--experiment linear_regression] [--repeats 3]
-                                    [--ways without,with,cold]
+                                    [--ways without,with]
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ print(json.dumps({"import_s": imported - started, "load_s": loaded - imported, "
 # timed from run_search's start to its return; argv: experiment, way, the sampler's seed (the same
 # trials each way: unseeded, digits_cnn's default search took 14 s to 250 s here by what it drew).
 SEARCH = """
-import json, os, sys, threading, time
+import json, os, sys, time
 from harness.cli import build_parser
 from harness.search import session
 from harness.search.options import SearchOptions
@@ -57,8 +58,8 @@ from harness.fast import batched
 from harness.fast.mlflow_sql import DirectWriter
 
 experiment, way, seed = sys.argv[1:4]
-spent = {"publish_s": 0.0, "join_s": 0.0, "warm_cpu_s": 0.0}
-publish, warm_up = session.publish, session.warm_up
+spent = {"publish_s": 0.0}
+publish = session.publish
 
 def timed_publish(*args, **kwargs):
     started = time.perf_counter()
@@ -67,29 +68,7 @@ def timed_publish(*args, **kwargs):
     finally:
         spent["publish_s"] = time.perf_counter() - started
 
-class Timed:  # the warm-up thread, its join timed: what the search waited for it at its end
-    def __init__(self, thread):
-        self.thread = thread
-    def join(self):
-        started = time.perf_counter()
-        self.thread.join()
-        spent["join_s"] = time.perf_counter() - started
-
-from harness import models
-warm = models._warm
-
-def timed_warm():  # its CPU time: at most what it takes from the trials (they share the GIL with it)
-    started = time.thread_time()
-    try:
-        warm()
-    finally:
-        spent["warm_cpu_s"] = time.thread_time() - started
-
-models._warm = timed_warm
-idle = threading.Thread(target=lambda: None)
-idle.start()
 session.publish = timed_publish if way != "without" else (lambda *args, **kwargs: [])
-session.warm_up = (lambda: Timed(warm_up())) if way == "with" else (lambda: idle)
 args = build_parser().parse_args(["search", "--experiment", experiment, "--no-progress", "--seed", seed])
 started = time.perf_counter()
 outcome = session.run_search(SearchOptions.from_args(  # the fast paths handed in, as `harness search` does
@@ -99,8 +78,7 @@ assert outcome.failure is None and not outcome.interrupted, outcome
 assert (way == "without") != bool(outcome.published), outcome.published
 print(json.dumps({"wall_s": wall, **spent}))
 """
-WAYS = {"without": "without the model", "with": "with the model, as shipped (warm-up while the trials run)",
-        "cold": "with the model, no warm-up"}
+WAYS = {"without": "without the model", "with": "with the model"}
 
 
 def cost(experiment: str, repeats: int, ways: list[str], seed: int) -> None:
@@ -120,17 +98,18 @@ def cost(experiment: str, repeats: int, ways: list[str], seed: int) -> None:
         load = " ".join(f.read().split()[:3])
     print(f"cost: 20-trial default search of {experiment} (sampler seed {seed}), each in a fresh process, "
           f"{repeats} repeat(s) interleaved, load average at the end {load}")
+    walls = {way: statistics.median(r["wall_s"] for r in rows) for way, rows in measured.items()}
     for way, rows in measured.items():
-        walls, logs, joins, warms = ([r[k] for r in rows] for k in ("wall_s", "publish_s", "join_s", "warm_cpu_s"))
-        wall = statistics.median(walls)
-        line = f"  {WAYS[way]}: wall {wall:.2f} s (runs: {', '.join(f'{w:.1f}' for w in walls)})"
+        runs = ", ".join(f"{r['wall_s']:.1f}" for r in rows)
+        line = f"  {WAYS[way]}: wall {walls[way]:.2f} s (runs: {runs})"
         if way != "without":
+            logs = [r["publish_s"] for r in rows]
             logged = statistics.median(logs)
             line += (f"; logging the best trial's MLflow Model {logged:.3f} s (runs: "
-                     f"{', '.join(f'{s:.3f}' for s in logs)}) = {100 * logged / wall:.2f}% of the wall")
-        if way == "with":
-            line += (f"; the warm-up's CPU time {statistics.median(warms):.3f} s (runs: "
-                     f"{', '.join(f'{s:.3f}' for s in warms)}), waited for at the end {statistics.median(joins):.3f} s")
+                     f"{', '.join(f'{s:.3f}' for s in logs)}) = {100 * logged / walls[way]:.2f}% of the wall")
+            if "without" in walls:
+                more = walls[way] - walls["without"]
+                line += f"; the walls differ by {more:+.2f} s ({100 * more / walls['without']:+.1f}%)"
         print(line)
 
 
@@ -187,7 +166,7 @@ def main() -> None:
     parser.add_argument("--experiment", default="linear_regression")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0, help="cost: the searches' sampler seed")
-    parser.add_argument("--ways", default="without,with,cold",
+    parser.add_argument("--ways", default="without,with",
                         help=f"cost: which searches to run, of {', '.join(WAYS)} (comma-separated)")
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -10,7 +10,6 @@ imported inside the functions: the core's commands that need neither start witho
 from __future__ import annotations
 
 import contextlib
-import threading
 
 from . import runs, schema, tracking
 from .errors import HarnessError, UsageError, first_line
@@ -22,16 +21,6 @@ WAIT_FOR_OTHER = 120  # seconds: another process's logging of the same run's mod
 EXAMPLE_ROWS = 5  # the input example: the first test inputs (more than 1, so the batch axis stays dynamic)
 # The versions this process runs, pinned: `mlflow models serve` with a virtualenv installs these.
 PINNED = ("torch", "mlflow", "numpy")
-# What a process's first log_run_model imports (torch.export's tracing machinery, which torch loads
-# on first use, and what MLflow's log_model pulls in), as measured with torch 2.13 and MLflow 3.17:
-# warm_up imports them while the trials run. A name another version lacks costs nothing but time.
-WARM_UP_MODULES = (
-    "torch.export._trace", "torch.export._unlift", "torch.export.pt2_archive", "torch._functorch.aot_autograd",
-    "torch._functorch.partitioners", "torch._export.passes.replace_set_grad_with_hop_pass",
-    "torch._export.passes.replace_autocast_with_hop_pass", "torch._inductor.ir", "torch._inductor.sizevars",
-    "torch.fx.experimental.validator", "torch._subclasses.schema_check_mode", "sympy.combinatorics",
-    "sympy.tensor.tensor", "networkx", "git", "mlflow.pytorch", "mlflow.pyfunc", "mlflow.models.display_utils",
-    "mlflow.tracing.export", "mlflow.tracing.processor", "opentelemetry.sdk.metrics")
 
 
 class NotExportable(HarnessError):
@@ -118,30 +107,6 @@ def _first_model(client, mine) -> str:
         else:
             return mine.model_id
         time.sleep(0.5)
-
-
-def warm_up() -> threading.Thread:
-    """Start paying, in a thread of its own, what the first log_run_model of a process pays before
-    it writes anything: importing WARM_UP_MODULES, and MLflow's check of the pinned requirements
-    against the installed distributions (it maps every one once per process, and no argument of
-    log_model skips it). Nothing is traced and no model is touched: the trials running meanwhile
-    keep their bits (tests/test_models.py). Join the thread before logging."""
-    thread = threading.Thread(target=_warm, name="harness-model-warm-up", daemon=True)
-    thread.start()
-    return thread
-
-
-def _warm() -> None:
-    import importlib
-
-    # A failure here only loses time: log_run_model imports, and checks, what it uses itself.
-    for name in WARM_UP_MODULES:
-        with contextlib.suppress(Exception):
-            importlib.import_module(name)
-    with contextlib.suppress(Exception):
-        from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
-
-        warn_dependency_requirement_mismatches(pinned_requirements())
 
 
 def input_example(experiment: Experiment, data) -> "numpy.ndarray":  # noqa: F821

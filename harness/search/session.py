@@ -11,7 +11,6 @@ from optuna.trial import TrialState
 
 from .. import signals
 from ..errors import UsageError
-from ..models import warm_up
 from ..tracking import check_experiment, default_tracking_uri, open_client, unreachable
 from . import loop
 from . import study as study_module
@@ -47,7 +46,6 @@ def run_search(options: SearchOptions) -> Outcome:
         return Outcome(study, ran=False)
     objective = Objective.from_options(options.trials, client=client)
     started = time.time()
-    warming = warm_up()  # the MLflow Model at the end: its first-use imports, while the trials run
     interrupted, stopped_by = _optimize(study, objective, n_trials, options)
     # Closing the study's record is held against a second Ctrl-C or a SIGTERM (they are acted on
     # once it is written): the parent run is never left RUNNING.
@@ -58,7 +56,6 @@ def run_search(options: SearchOptions) -> Outcome:
         failure = stopped_by or (errors[0] if errors else None)
         published = ()
         if parent_run_id is not None and failure is None and not interrupted:
-            warming.join()
             published = tuple(publish(study, client, options.trials, options.all_models, options.register))
         return Outcome(study, ran=True, parent_run_id=parent_run_id, seconds=time.time() - started,
                        failure=failure, interrupted=interrupted, published=published)
