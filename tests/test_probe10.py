@@ -143,3 +143,19 @@ def test_a_retried_trial_whose_earlier_checkpoint_is_refused_inside_says_it_resu
     trials = [r for r in runs_of(cut)[1].values() if "mlflow.parentRunId" in r.data.tags]
     (retry,) = [r for r in trials if r.info.run_id != first.info.run_id]
     assert retry.info.status == "FINISHED" and retry.data.tags[RESUMED_TAG] == "0"
+
+
+def test_audit_names_a_forged_worker_record_in_a_bounded_line_and_a_null_one_as_no_worker(in_workdir, cli_in_process):
+    """The journal is anyone's to write: a worker record of a megabyte is shown cut to 200 characters,
+    and a null one as no worker (it said "its worker None")."""
+    from search_helpers import journal_study
+
+    assert cli_in_process("search", *SMALL, cwd=in_workdir).returncode == 0
+    study = journal_study(in_workdir)
+    storage = study._storage
+    for record in ({"host": socket.gethostname(), "pid": 1, "started": "1", "pad": "x" * 1_000_000}, None):
+        trial = storage.create_new_trial(study._study_id)
+        storage.set_trial_user_attr(trial, schema.WORKER_ATTR, record)
+    out = cli_in_process("audit", "--study", "linear_regression-search", cwd=in_workdir)
+    assert out.returncode == 1 and len(out.stdout) < 2000, len(out.stdout)
+    assert "... (1000" in out.stdout and "with no worker recorded since" in out.stdout, out.stdout

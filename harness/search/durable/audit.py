@@ -42,6 +42,12 @@ class Report:
         return not self.violations
 
 
+def _shown(worker, at_most: int = 200) -> str:
+    """A worker record as the audit prints it: the journal is anyone's to write, so at most ``at_most`` characters."""
+    text = repr(worker)
+    return text if len(text) <= at_most else f"{text[:at_most]}... ({len(text)} characters)"
+
+
 def stale_trials(study) -> list:
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if gone(t)]
 
@@ -116,8 +122,8 @@ def audit(study, storage, client, *, fix: bool = False, direct: DirectWriter | N
     report.violations += [f"trial {t.number}: FAIL ({t.user_attrs.get(FAIL_REASON_ATTR) or 'no reason recorded'}) "
                           "was stopped from outside and its configuration is not queued again; --fix queues it"
                           for t in unfinished(trials)]
-    report.violations += [f"trial {t.number} is RUNNING but its worker {t.user_attrs[WORKER_ATTR]} is gone"
-                          if WORKER_ATTR in t.user_attrs else
+    report.violations += [f"trial {t.number} is RUNNING but its worker {_shown(t.user_attrs[WORKER_ATTR])} is gone"
+                          if t.user_attrs.get(WORKER_ATTR) is not None else
                           f"trial {t.number} is RUNNING with no worker recorded since {t.datetime_start}"
                           for t in trials if t.state == TrialState.RUNNING and gone(t)]
     from mlflow.exceptions import MlflowException
