@@ -1,6 +1,7 @@
 """Who runs a trial, and whether that process still lives."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -32,15 +33,19 @@ def _start_time(pid: int) -> str | None:
 # lock on a file named by its pid and start time: the kernel drops the lock when the process ends
 # (kill -9 included), and a record anyone wrote (the journal and a run's tags are writable by whoever
 # runs the study) names a live worker only when a process holds its lease. One folder for every
-# process of a user, whatever its environment (a session's $XDG_RUNTIME_DIR is removed at logout while
-# a nohup'd search still runs), that no other user may write.
-LEASES = Path("/tmp") / f"harness-{os.getuid()}"
+# process of a user on this host, whatever its environment, that no other user can take first or
+# clean away: under the user's cache (a folder named in /tmp can be made first by another user, who
+# then blocks every search; /tmp cleaners remove what a long search holds; a session's
+# $XDG_RUNTIME_DIR is removed at logout while a nohup'd search still runs); one per host, as a home
+# may be shared by several machines.
+LEASES = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "harness" / "leases" / socket.gethostname()
 _leases: dict[int, int] = {}  # pid -> the open lease of this process (a forked child takes its own)
 _leases_lock = threading.Lock()
 
 
 def _lease_folder() -> Path:
     try:
+        LEASES.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         LEASES.mkdir(mode=0o700, exist_ok=True)
         found = os.stat(LEASES, follow_symlinks=False)
     except OSError as exc:
@@ -68,8 +73,18 @@ def _hold_lease(pid: int, started: str | None) -> None:
         for old in folder.iterdir():  # leases of processes gone: their pid and start time never come back
             owner, _, when = old.name.partition("-")
             if owner.isdigit() and when != str(_start_time(int(owner))):
-                old.unlink(missing_ok=True)
-        fd = os.open(folder / _lease_name(pid, started), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                with contextlib.suppress(OSError):  # not a file (a folder made there): not a lease, left
+                    old.unlink(missing_ok=True)
+        lease = folder / _lease_name(pid, started)
+        try:
+            fd = os.open(lease, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+        except OSError as exc:
+            raise HarnessError(f"cannot hold {lease}, where this process proves it lives: {first_line(exc)}; "
+                               "it must be a plain file or nothing") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise HarnessError(f"cannot hold {lease}, where this process proves it lives: it is not a plain "
+                               "file; remove it")
         fcntl.flock(fd, fcntl.LOCK_EX)  # blocks only while a checker tries it
         _leases[pid] = fd
 
@@ -80,10 +95,13 @@ def _leased(pid: int, started: str | None) -> bool:
     try:
         if not _private(os.stat(LEASES, follow_symlinks=False)):
             return False
-        fd = os.open(LEASES / _lease_name(pid, started), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        # Never blocking on what is there: a FIFO would hold the open until someone writes to it.
+        fd = os.open(LEASES / _lease_name(pid, started), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
@@ -126,7 +144,7 @@ def alive(worker) -> bool | None:
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass  # another user's process: only a lease of this user's folder proves it a worker
+        pass  # another user's process: its start time says whether it is the one recorded
     except OverflowError:  # a pid past what the system takes
         return False
     fields = _stat(pid)
@@ -136,7 +154,19 @@ def alive(worker) -> bool | None:
             return False
     elif fields[0] in ("Z", "X") or worker["started"] != fields[19]:
         return False  # killed, not yet reaped (signal 0 still reaches it), or another process on that pid
+    if _owner(pid) not in (None, os.getuid()):
+        # Another user's process (a study shared by several users): its lease is in that user's folder,
+        # which only that user may enter; its pid and start time are what this user can check.
+        return True
     return _leased(pid, worker["started"])
+
+
+def _owner(pid: int) -> int | None:
+    """The uid a process runs as (None where /proc does not say)."""
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
 
 
 # A harness storage writes the owner in the same write that creates a trial (storages.py), and right
