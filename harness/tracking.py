@@ -458,7 +458,8 @@ def read_client(tracking_uri: str | None = None):
     if sqlite_in_memory(uri):
         raise UsageError(f"no MLflow store at {redact(uri)}: an in-memory SQLite database holds nothing to read")
     if sqlite_path(uri) is not None:
-        if not Path(sqlite_path(uri)).is_file():
+        # An empty file is no store yet: MLflow would write its whole schema into it to read it.
+        if not Path(sqlite_path(uri)).is_file() or Path(sqlite_path(uri)).stat().st_size == 0:
             raise UsageError(f"no MLflow store at {redact(uri)}: nothing to read there "
                              "(run a search or train first, or set MLFLOW_TRACKING_URI)")
         from .store_files import stranded_wal

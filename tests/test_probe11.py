@@ -79,3 +79,17 @@ def test_what_is_not_a_plain_file_in_the_lease_folder_is_left_or_refused_in_one_
     own.mkdir()
     with pytest.raises(HarnessError, match="it must be a plain file or nothing|not a plain file"):
         workers.identity()
+
+
+@pytest.mark.parametrize("command, store", [
+    (["compare", "--study", "z"], "mlflow.db"),
+    (["predict", "0" * 32, "--x", "1"], "mlflow.db"),
+    (["audit", "--study", "z", "--storage", "sqlite:///o.db"], "o.db"),
+])
+def test_reading_commands_do_not_build_a_store_in_an_empty_file(tmp_path, cli_in_process, command, store):
+    """`touch mlflow.db` then a reading command: MLflow (or Optuna) wrote its whole schema into the
+    empty file (954 KB) to read nothing. Reading never writes: one line, exit 2, the file still empty."""
+    (tmp_path / store).touch()
+    out = cli_in_process(*command, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no " in out.stderr, out.stderr
+    assert (tmp_path / store).stat().st_size == 0
