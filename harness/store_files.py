@@ -17,6 +17,15 @@ class StoreError(Exception):
         self.error_code = error_code  # as on MlflowException, so that tracking.missing reads both
 
 
+def empty_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file of no bytes: no SQLite database yet, which SQLAlchemy opens as a new
+    one (MLflow or Optuna then writes its whole schema into it, so a reader must not open it)."""
+    try:
+        return Path(path).stat().st_size == 0 and Path(path).is_file()
+    except OSError:
+        return False
+
+
 def artifact_file(folder: Path, path: str, run_id: str) -> Path:
     """The artifact's own file in the run's artifact folder, read in place; a path or link out of
     the folder, a FIFO, device or folder is refused before anything opens it."""

@@ -457,14 +457,14 @@ def read_client(tracking_uri: str | None = None):
     uri = tracking_uri or default_tracking_uri()
     if sqlite_in_memory(uri):
         raise UsageError(f"no MLflow store at {redact(uri)}: an in-memory SQLite database holds nothing to read")
-    if sqlite_path(uri) is not None:
-        # An empty file is no store yet: MLflow would write its whole schema into it to read it.
-        if not Path(sqlite_path(uri)).is_file() or Path(sqlite_path(uri)).stat().st_size == 0:
+    store = sqlite_path(uri)
+    if store is not None:
+        from .store_files import empty_file, stranded_wal
+
+        if not Path(store).is_file() or empty_file(store):
             raise UsageError(f"no MLflow store at {redact(uri)}: nothing to read there "
                              "(run a search or train first, or set MLFLOW_TRACKING_URI)")
-        from .store_files import stranded_wal
-
-        stranded = stranded_wal(Path(sqlite_path(uri)))
+        stranded = stranded_wal(Path(store))
         if stranded:
             raise HarnessError(f"cannot read the MLflow store {redact(uri)}: {stranded}")
     started = time.time()

@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 
 from ..errors import UsageError
+from ..store_files import empty_file
 from ..urls import check_credentials, engine_url, redact, scrub, sqlite_in_memory, sqlite_path
 from .space import SearchSpace
 from .experimental import experimental_ok
@@ -85,13 +86,6 @@ def missing_journal(url: str) -> bool:
     return storage_scheme(url) == "journal" and not Path(url.split(":", 1)[1]).exists()
 
 
-def _empty(path: str) -> bool:
-    try:
-        return Path(path).stat().st_size == 0
-    except OSError:
-        return False
-
-
 def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_S,
                  repair: bool = True, notify=None):
     """An Optuna storage. ``journal:PATH`` is Optuna's journal file, safe for several processes;
@@ -106,8 +100,7 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
 
     scheme = storage_scheme(url)
     path = journal_path(url) if scheme == "journal" else sqlite_path(url) if scheme == "sqlite" else None
-    # An empty file is no SQLite database yet: reading it would write Optuna's schema into it.
-    if must_exist and path is not None and (not Path(path).exists() or (scheme != "journal" and _empty(path))):
+    if must_exist and path is not None and (not Path(path).exists() or (scheme != "journal" and empty_file(path))):
         raise UsageError(f"no Optuna storage at {redact(url)}")
     if scheme == "journal":
         return _open_journal(path, repair, notify)
