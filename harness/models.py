@@ -71,13 +71,13 @@ def log_run_model(client, run_id: str, experiment: Experiment | str | None = Non
                     # MLflow's own check loads the saved model once more (0.9 s of the 1.1 s a digits_cnn
                     # model took): the trace's refusals are what fails here, and they are caught below.
                     validate_serving_input=False)
-        except (MlflowException, OSError):  # the store's, or the disk's: not the model's
+        except Exception as exc:
             client.delete_logged_model(mine.model_id)
-            raise
-        except Exception as exc:  # torch.export raises many kinds (its own, the model's code's)
-            client.delete_logged_model(mine.model_id)
+            if isinstance(exc, (MlflowException, OSError)):  # the store's, or the disk's: not the model's
+                raise
+            # torch.export raises many kinds (its own, the model's code's)
             raise NotExportable(f"experiment {found.name!r}: torch.export cannot trace its model "
-                                f"({first_line(exc)[:300]})") from None
+                                f"({first_line(exc)})") from None
     _link_final_metrics(client, run_id, mine.model_id)
     return mine.model_id
 
@@ -133,7 +133,7 @@ def _output(model, example, name: str):
         with torch.inference_mode():
             output = model(torch.from_numpy(example))
     except Exception as exc:  # the experiment's own code
-        raise NotExportable(f"experiment {name!r}: its model fails on the first test inputs ({first_line(exc)[:300]})") \
+        raise NotExportable(f"experiment {name!r}: its model fails on the first test inputs ({first_line(exc)})") \
             from None
     if not isinstance(output, torch.Tensor):
         raise NotExportable(f"experiment {name!r}: its model returns a {type(output).__name__}, and an MLflow "
