@@ -93,3 +93,20 @@ def test_reading_commands_do_not_build_a_store_in_an_empty_file(tmp_path, cli_in
     out = cli_in_process(*command, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no " in out.stderr, out.stderr
     assert (tmp_path / store).stat().st_size == 0
+
+
+def test_a_user_with_no_home_folder_gets_one_line_not_a_failed_import(monkeypatch):
+    """Path.home() raises for a container's user with no home and no $HOME: the lease folder is then
+    unknown, and taking a lease says so in one line (importing the harness failed with a traceback)."""
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(workers.Path, "home", staticmethod(no_home))
+    assert workers._lease_root() is None
+    monkeypatch.setattr(workers, "LEASES", None)
+    monkeypatch.setattr(workers, "_leases", {})
+    with pytest.raises(HarnessError, match="set XDG_CACHE_HOME"):
+        workers.identity()
+    assert workers.alive(record_of(os.getpid())) is False

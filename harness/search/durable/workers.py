@@ -38,12 +38,27 @@ def _start_time(pid: int) -> str | None:
 # then blocks every search; /tmp cleaners remove what a long search holds; a session's
 # $XDG_RUNTIME_DIR is removed at logout while a nohup'd search still runs); one per host, as a home
 # may be shared by several machines.
-LEASES = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "harness" / "leases" / socket.gethostname()
+def _lease_root() -> Path | None:
+    """The folder of this host's leases; None where neither $XDG_CACHE_HOME nor a home folder is known
+    (a container's user with no home: Path.home() raises, which must not stop every import)."""
+    cache = os.environ.get("XDG_CACHE_HOME")
+    if not cache:
+        try:
+            cache = Path.home() / ".cache"
+        except RuntimeError:
+            return None
+    return Path(cache) / "harness" / "leases" / socket.gethostname()
+
+
+LEASES = _lease_root()
 _leases: dict[int, int] = {}  # pid -> the open lease of this process (a forked child takes its own)
 _leases_lock = threading.Lock()
 
 
 def _lease_folder() -> Path:
+    if LEASES is None:
+        raise HarnessError("no folder to keep this process's lease in (where the harness's processes prove they "
+                           "live): this user has no home folder; set XDG_CACHE_HOME to a folder of yours")
     try:
         LEASES.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         LEASES.mkdir(mode=0o700, exist_ok=True)
@@ -92,6 +107,8 @@ def _hold_lease(pid: int, started: str | None) -> None:
 def _leased(pid: int, started: str | None) -> bool:
     """Whether a process holds the lease of (pid, started): a lease this process can take is nobody's,
     and one in a folder not as _lease_folder keeps it none of this user's processes took."""
+    if LEASES is None:
+        return False
     try:
         if not _private(os.stat(LEASES, follow_symlinks=False)):
             return False
