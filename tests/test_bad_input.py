@@ -97,6 +97,8 @@ def test_a_password_in_a_storage_url_is_never_stored(workdir):
     (["search", "--storage", "journal:/missing/dir/j.log"], "is not a directory"),
     (["search", "--study-name", "x" * 5000], "at most 250 printable characters"),
     (["search", "--study-name", "a'b\"c"], "holds both"),
+    (["search", "--models", "every"], "--models 'every': one of best, all, none"),
+    (["search", "--models", "none", "--register", "champ"], "not with --models none"),
     (["audit", "--study", "x", "--storage", "journal:/dev/zero"], "is not a regular file"),
     (["train", "--config", "/dev/zero"], "is not a regular file"),
     (["search", "--space", "/dev/zero"], "is not a regular file"),

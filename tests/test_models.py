@@ -397,6 +397,25 @@ def test_an_experiment_whose_model_does_not_export_is_told_in_one_line_and_keeps
     assert client.search_registered_models() == [] and live_models(client) == []
 
 
+def test_models_none_logs_no_model_and_the_next_invocation_logs_the_best(workdir, cli_in_process):
+    """--models none leaves the end's MLflow Model out (a short search's second); the study's best still
+    gets one from the next invocation that logs models, whichever invocation trained it."""
+    from conftest import client_for
+    from search_helpers import journal_study
+
+    experiment = own_experiment(workdir, "own_line")
+    out = cli_in_process("search", "--experiment", experiment, *SMALL_OWN, "--models", "none", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    assert "MLflow Model" not in out.stdout + out.stderr
+    client = client_for(workdir)
+    assert live_models(client) == []
+    out = cli_in_process("search", "--experiment", experiment, *SMALL_OWN, "--n-trials", 1, cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    best = journal_study(workdir, "own_line-search").best_trial
+    [model] = live_models(client)
+    assert model.source_run_id == best.user_attrs["mlflow_run_id"]
+
+
 @pytest.mark.slow
 def test_every_completed_trial_on_request_and_loading_imports_no_code_of_the_record(workdir, cli_in_process):
     """The load in a process of its own: only a fresh interpreter shows which modules loading imports."""
@@ -407,7 +426,7 @@ def test_every_completed_trial_on_request_and_loading_imports_no_code_of_the_rec
     from search_helpers import journal_study
 
     experiment = own_experiment(workdir, "own_line")
-    out = cli_in_process("search", "--experiment", experiment, *SMALL_OWN, "--all-models", cwd=workdir)
+    out = cli_in_process("search", "--experiment", experiment, *SMALL_OWN, "--models", "all", cwd=workdir)
     assert out.returncode == 0, out.stderr
     client = client_for(workdir)
     study = journal_study(workdir, "own_line-search")

@@ -76,9 +76,11 @@ def add_parser(sub) -> None:
     p.add_argument("--importance", nargs="?", const=True, metavar="BOOL",
                    help="also render the params' importances (Optuna's PED-ANOVA) in the study's summary; off by "
                         "default: Optuna's importance module imports scikit-learn, ~1.8 s of every search")
-    p.add_argument("--all-models", nargs="?", const=True, metavar="BOOL",
-                   help="log every completed trial as an MLflow Model at the end of the invocation, not only the "
-                        "best (a switch: alone, or true|false as MLproject passes it)")
+    p.add_argument("--models", default="best", metavar="WHICH",
+                   help="which trials are logged as MLflow Models at the end of the invocation: best (default; "
+                        "of two objectives, the Pareto front), all (every completed trial) or none (no MLflow "
+                        "Model: saves its ~1 s of torch.export and MLflow at the end, which short searches feel; "
+                        "the runs keep state_dict.pt and config.json for harness predict)")
     p.add_argument("--register", metavar="NAME",
                    help="register the best trial's MLflow Model as a new version of NAME in the Model Registry "
                         f"and move its alias {CHAMPION_ALIAS!r} to it (models:/NAME@{CHAMPION_ALIAS}); \"\" registers "

@@ -16,6 +16,7 @@ from . import objectives as objectives_module
 from . import space as space_module
 from . import study as study_module
 from .limits import CHECKPOINT_SECONDS, MAX_BATCH, MAX_N_JOBS, MAX_STUDY_NAME
+from .publish import MODELS
 from .space import SearchSpace
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class SearchOptions:
     independent: tuple[str, ...]  # categorical axes the sampler draws at random
     allow_changed_experiment: bool
     progress: bool
-    all_models: bool = False  # every completed trial as an MLflow Model, not only the best (see search.publish)
+    models: str = "best"  # which trials become MLflow Models at the end: one of MODELS (see search.publish)
     register: str | None = None  # the registered model the best trial becomes a version of
 
     @classmethod
@@ -175,18 +176,22 @@ class SearchOptions:
             sampler=study_module.make_sampler(args.sampler, sampler_seed, space), pruner=pruner,
             independent=tuple(study_module.independent_axes(args.sampler, space)),
             allow_changed_experiment=config.switch("--allow-changed-experiment", args.allow_changed_experiment),
-            progress=not args.no_progress, all_models=config.switch("--all-models", args.all_models),
-            register=registered_name(args.register))
+            progress=not args.no_progress, **published(args.models, args.register))
 
 
-def registered_name(name: str | None) -> str | None:
-    """--register's name, checked by MLflow's rule; "" (MLproject's default) is none."""
-    if not name:
-        return None
+def published(models: str, register: str | None) -> dict:
+    """--models and --register's name, checked (MLflow's rule for the name); "" (MLproject's default
+    for --register) registers nothing."""
+    if models not in MODELS:
+        raise UsageError(f"--models {models[:80]!r}: one of {', '.join(MODELS)}")
+    if not register:
+        return {"models": models, "register": None}
+    if models == "none":
+        raise UsageError(f"--register {register[:80]!r} registers the best trial's MLflow Model: not with --models none")
     from ..models import check_name
 
-    check_name(name)
-    return name
+    check_name(register)
+    return {"models": models, "register": register}
 
 
 def study_name(name: str) -> str:

@@ -1,5 +1,5 @@
-"""The end of a search invocation: its best trial (or every completed one, opt-in) logged as an
-MLflow Model, and with ``--register`` the best one registered in the Model Registry."""
+"""The end of a search invocation: its best trial (or every completed one, or none: ``--models``)
+logged as an MLflow Model, and with ``--register`` the best one registered in the Model Registry."""
 from __future__ import annotations
 
 import sys
@@ -11,14 +11,21 @@ from .. import models
 from ..errors import UsageError
 from ..schema import RUN_ATTR
 
+# --models: the best trial (of two objectives, the Pareto front), every completed one, or none. The
+# first MLflow Model of a process costs ~1 s whatever the model (torch.export's first use, MLflow's
+# requirements check): what a search of seconds may rather not pay (docs/benchmarks.md).
+MODELS = ("best", "all", "none")
 
-def publish(study, client, trials, every: bool = False, register: str | None = None) -> list[str]:
-    """Log the study's best trials' models (``every``: each completed trial's) that are not logged
-    yet, and register the best with ``register``. Returns the lines to print. A model that does not
-    export is said on stderr, once, and its runs keep what `harness predict` reads; with
-    ``register`` that is a UsageError (nothing is registered)."""
+
+def publish(study, client, trials, which: str = "best", register: str | None = None) -> list[str]:
+    """Log the models of the trials ``which`` names (one of MODELS) that are not logged yet, and
+    register the best with ``register``. Returns the lines to print. A model that does not export is
+    said on stderr, once, and its runs keep what `harness predict` reads; with ``register`` that is a
+    UsageError (nothing is registered)."""
+    if which == "none":
+        return []
     best = _best(study)
-    chosen = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if every else best
+    chosen = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if which == "all" else best
     logged: dict[int, str] = {}
     lines = []
     for trial in chosen:

@@ -56,7 +56,7 @@ def run_search(options: SearchOptions) -> Outcome:
         failure = stopped_by or (errors[0] if errors else None)
         published = ()
         if parent_run_id is not None and failure is None and not interrupted:
-            published = tuple(publish(study, client, options.trials, options.all_models, options.register))
+            published = tuple(publish(study, client, options.trials, options.models, options.register))
         return Outcome(study, ran=True, parent_run_id=parent_run_id, seconds=time.time() - started,
                        failure=failure, interrupted=interrupted, published=published)
 
