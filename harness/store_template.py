@@ -31,9 +31,25 @@ from . import compat
 MAX_BYTES = 16 * 2 ** 20  # an empty store of MLflow 3.17 is ~1 MB
 
 
-def path() -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "harness" / f"mlflow-{compat.installed('mlflow')}-{compat.MLFLOW_SCHEMA_REVISION}.db"
+def user_cache() -> Path | None:
+    """The user's cache folder: $XDG_CACHE_HOME where it is an absolute path (the XDG spec: a relative
+    one is ignored: it would name another folder in each working directory), else ~/.cache; None
+    where the user has no home (a container's user: Path.home() raises) or only a relative one."""
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(cache):
+        return Path(cache)
+    try:
+        home = Path.home()
+    except RuntimeError:
+        return None
+    return home / ".cache" if home.is_absolute() else None
+
+
+def path() -> Path | None:
+    cache = user_cache()
+    if cache is None:
+        return None
+    return cache / "harness" / f"mlflow-{compat.installed('mlflow')}-{compat.MLFLOW_SCHEMA_REVISION}.db"
 
 
 def usable(store: str) -> bool:
@@ -47,6 +63,8 @@ def start_from_template(store: str) -> bool:
     """Put a copy of the template at ``store`` (which must not exist: ``usable``). False, with
     nothing written, where there is no good template."""
     template = path()
+    if template is None:
+        return False
     try:
         info = template.lstat()
     except OSError:
@@ -94,6 +112,8 @@ def keep_as_template(store: str) -> None:
     """Save the store MLflow just made at ``store`` (nothing logged to it yet) as the template,
     without its Default experiment. Best effort: a cache folder that cannot be written changes nothing."""
     template = path()
+    if template is None:
+        return
     try:
         template.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, scratch = tempfile.mkstemp(prefix=".template.", dir=template.parent)

@@ -195,15 +195,26 @@ class TrialRunner:
         for run in runs:
             history = run.result.history
             states.append("FAIL" if run.result.diverged else "PRUNED" if history.stopped else "COMPLETE")
+        taken = set()
         with signals.deferred(on_signal=lambda: _stop(runs[0].trial)):
-            for run, state in zip(runs, states):
-                if state == "FAIL":
-                    run.trial.set_user_attr(FAIL_REASON_ATTR, run.result.history.stopped)
-                elif state == "COMPLETE":
-                    run.trial.set_user_attr(METRICS_ATTR, objectives_module.selection_split(self.objectives,
-                                                                                          run.result))
+            for number, (run, state) in enumerate(zip(runs, states)):
+                try:
+                    if state == "FAIL":
+                        run.trial.set_user_attr(FAIL_REASON_ATTR, run.result.history.stopped)
+                    elif state == "COMPLETE":
+                        run.trial.set_user_attr(METRICS_ATTR, objectives_module.selection_split(self.objectives,
+                                                                                              run.result))
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    # Another process closed it while this one trained (audit --fix, or a search that
+                    # took this worker for dead) and queued its configuration again: its record stays
+                    # as that process left it, and the search goes on (the loop's tell skips it).
+                    taken.add(number)
+                    states[number] = "FAIL"
+                    self._said_once(f"harness: trial {run.trial.number} was closed by another process while this "
+                                    "one trained it: its result is not recorded, its configuration is queued again")
             tracked = [TrialEnd(run.trial, run.pending, run.result, state)
-                       for run, state in zip(runs, states) if run.recorder]
+                       for number, (run, state) in enumerate(zip(runs, states))
+                       if run.recorder and number not in taken]
             if tracked:
                 runs[0].recorder.end_trials(tracked)
         return states

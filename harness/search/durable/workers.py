@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ...errors import HarnessError, first_line
+from ...store_template import user_cache
 from ...schema import FAIL_REASON_ATTR, WORKER_ATTR
 from ..experimental import experimental_ok
 
@@ -32,22 +33,17 @@ def _start_time(pid: int) -> str | None:
 # A worker proves it is the process its record names by holding, for its whole life, an exclusive
 # lock on a file named by its pid and start time: the kernel drops the lock when the process ends
 # (kill -9 included), and a record anyone wrote (the journal and a run's tags are writable by whoever
-# runs the study) names a live worker only when a process holds its lease. One folder for every
-# process of a user on this host, whatever its environment, that no other user can take first or
-# clean away: under the user's cache (a folder named in /tmp can be made first by another user, who
-# then blocks every search; /tmp cleaners remove what a long search holds; a session's
+# runs the study) names a live worker only when a process holds its lease. A folder that no other
+# user can take first or clean away: under the user's cache (a folder named in /tmp can be made first
+# by another user, who then blocks every search; /tmp cleaners remove what a long search holds; a session's
 # $XDG_RUNTIME_DIR is removed at logout while a nohup'd search still runs); one per host, as a home
-# may be shared by several machines.
+# may be shared by several machines. The cache is found from the environment ($XDG_CACHE_HOME), which
+# two shells of one user may set apart: a record names the folder its lease is in, and a checker
+# looks there.
 def _lease_root() -> Path | None:
-    """The folder of this host's leases; None where neither $XDG_CACHE_HOME nor a home folder is known
-    (a container's user with no home: Path.home() raises, which must not stop every import)."""
-    cache = os.environ.get("XDG_CACHE_HOME")
-    if not cache:
-        try:
-            cache = Path.home() / ".cache"
-        except RuntimeError:
-            return None
-    return Path(cache) / "harness" / "leases" / socket.gethostname()
+    """The folder of this host's leases; None where no cache folder is known (store_template.user_cache)."""
+    cache = user_cache()
+    return None if cache is None else cache / "harness" / "leases" / socket.gethostname()
 
 
 LEASES = _lease_root()
@@ -104,17 +100,18 @@ def _hold_lease(pid: int, started: str | None) -> None:
         _leases[pid] = fd
 
 
-def _leased(pid: int, started: str | None) -> bool:
-    """Whether a process holds the lease of (pid, started): a lease this process can take is nobody's,
-    and one in a folder not as _lease_folder keeps it none of this user's processes took."""
-    if LEASES is None:
+def _leased(pid: int, started: str | None, folder: Path | None) -> bool:
+    """Whether a process holds the lease of (pid, started) in ``folder``: a lease this process can
+    take is nobody's, and one in a folder not as _lease_folder keeps it (this user's, 0700) none of
+    this user's processes took."""
+    if folder is None:
         return False
     try:
-        if not _private(os.stat(LEASES, follow_symlinks=False)):
+        if not _private(os.stat(folder, follow_symlinks=False)):
             return False
         # Never blocking on what is there: a FIFO would hold the open until someone writes to it.
-        fd = os.open(LEASES / _lease_name(pid, started), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+        fd = os.open(folder / _lease_name(pid, started), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except (OSError, ValueError):  # ValueError: a NUL in a recorded folder
         return False
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -132,16 +129,30 @@ def identity() -> dict:
     pid = os.getpid()
     started = _start_time(pid)
     _hold_lease(pid, started)
-    return {"host": socket.gethostname(), "pid": pid, "started": started}
+    return {"host": socket.gethostname(), "pid": pid, "started": started, "leases": str(LEASES)}
+
+
+MAX_FOLDER = 4096  # characters: PATH_MAX
 
 
 def is_identity(worker) -> bool:
-    """Whether ``worker`` is a record identity() writes: exactly a host, a positive pid and a start
-    time (None where the system keeps none)."""
-    return (isinstance(worker, dict) and worker.keys() == {"host", "pid", "started"}
+    """Whether ``worker`` is a record identity() writes: exactly a host, a positive pid, a start
+    time (None where the system keeps none) and, from 2026-12-07 on, its lease folder (an absolute
+    path; before, the checker's own)."""
+    return (isinstance(worker, dict) and worker.keys() in ({"host", "pid", "started"},
+                                                            {"host", "pid", "started", "leases"})
             and isinstance(worker["host"], str) and bool(worker["host"])
             and type(worker["pid"]) is int and worker["pid"] > 0
-            and isinstance(worker["started"], (str, type(None))))
+            and isinstance(worker["started"], (str, type(None)))
+            and ("leases" not in worker or _folder(worker["leases"]) is not None))
+
+
+def _folder(recorded) -> Path | None:
+    """A recorded lease folder: an absolute path of at most MAX_FOLDER characters, else None."""
+    if isinstance(recorded, str) and 0 < len(recorded) <= MAX_FOLDER and os.path.isabs(recorded) \
+            and "\0" not in recorded:
+        return Path(recorded)
+    return None
 
 
 def alive(worker) -> bool | None:
@@ -175,7 +186,7 @@ def alive(worker) -> bool | None:
         # Another user's process (a study shared by several users): its lease is in that user's folder,
         # which only that user may enter; its pid and start time are what this user can check.
         return True
-    return _leased(pid, worker["started"])
+    return _leased(pid, worker["started"], _folder(worker["leases"]) if "leases" in worker else LEASES)
 
 
 def _owner(pid: int) -> int | None:
