@@ -8,6 +8,7 @@ hidden here is the widest any of them could read as the password.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from urllib.parse import quote, quote_plus, unquote, unquote_plus
@@ -155,6 +156,21 @@ def _sqlite_uri(filename: str) -> tuple[str, list[tuple[str, str]]] | None:
         if key:
             pairs.append((unquote(key), unquote(value)))
     return unquote(path), pairs
+
+
+def sqlite_file_uri(path: str | Path, query: str = "") -> str:
+    """SQLite's ``file:`` URI of the file ``path`` with ``query``, naming the file SQLAlchemy opens for
+    ``sqlite:///PATH`` in every spelling: made absolute as SQLAlchemy makes it (os.path.abspath), after
+    an empty authority, since SQLite reads ``file://NAME/...`` as a host (a path that starts with
+    '//', which POSIX takes for '/', was "invalid uri authority"), and with every character SQLite
+    decodes or stops at ('%', '?', '#') percent-encoded."""
+    return f"file://{quote(os.path.abspath(path))}" + (f"?{query}" if query else "")
+
+
+def sqlite_uri_url(path: str | Path, query: str) -> str:
+    """The SQLAlchemy URL whose pysqlite dialect opens ``sqlite_file_uri(path, query)``: SQLAlchemy
+    percent-decodes the database part once, so the URI is encoded once more."""
+    return f"sqlite:///{quote(sqlite_file_uri(path), safe='/:')}?{query}&uri=true"
 
 
 def sqlite_path(url: str) -> str | None:
