@@ -236,8 +236,8 @@ def sqlite_in_memory(url: str) -> bool:
             or _uri_parameter(options, "vfs", last=True) == "memdb")
 
 
-def sqlite_unwritable(url: str) -> str | None:
-    """Why a command cannot keep a record in the SQLite store ``url``, or None."""
+def sqlite_unreadable(url: str) -> str | None:
+    """Why no command can read a record from the SQLite store ``url``, or None."""
     if sqlite_in_memory(url):
         return "an in-memory SQLite database, which keeps nothing past this process"
     options = sqlite_options(url)
@@ -245,6 +245,15 @@ def sqlite_unwritable(url: str) -> str | None:
         value = _uri_parameter(options, key, last=True)
         if value is not None and value not in allowed:  # SQLite refuses to open it (MLflow retries for minutes)
             return f"opened with {key}={value!r}, which SQLite does not know (allowed: {', '.join(allowed)})"
+    return None
+
+
+def sqlite_unwritable(url: str) -> str | None:
+    """Why a command cannot keep a record in the SQLite store ``url``, or None."""
+    unreadable = sqlite_unreadable(url)
+    if unreadable:
+        return unreadable
+    options = sqlite_options(url)
     if _uri_parameter(options, "mode", last=True) == "ro" or uri_boolean(_uri_parameter(options, "immutable")):
         return "opened read-only (mode=ro, immutable=1), and this command writes"
     return None

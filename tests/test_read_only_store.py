@@ -105,7 +105,7 @@ def test_predict_compare_audit_and_reproduce_read_a_store_nobody_may_write(archi
     assert sorted(p.name for p in cwd.iterdir()) == ["compare-s.png", "s.png"]
 
 
-@pytest.mark.parametrize("spelling", ["sqlite+pysqlite:///{}", "sqlite://///{}"])
+@pytest.mark.parametrize("spelling", ["sqlite+pysqlite:///{}", "sqlite:////{}"])  # the store is /abs: //abs
 def test_the_reading_commands_read_it_in_other_spellings_of_its_url(archived, tmp_path, spelling):
     """Issue 26, a tenth probe (F2): with `sqlite+pysqlite:///mlflow.db` (SQLAlchemy's dialect+driver
     form, which MLflow takes) predict, audit and reproduce exited 1 "unable to open database file"

@@ -12,7 +12,7 @@ import optuna
 
 from ..errors import UsageError
 from ..store_files import empty_file
-from ..urls import check_credentials, engine_url, redact, scrub, sqlite_in_memory, sqlite_path
+from ..urls import check_credentials, engine_url, redact, scrub, sqlite_path, sqlite_unreadable, sqlite_unwritable
 from .space import SearchSpace
 from .experimental import experimental_ok
 
@@ -62,8 +62,11 @@ def storage_scheme(url: str) -> str:
     return scheme
 
 
-def check_storage(url: str) -> str:
-    """The URL's scheme, once the URL is known to name a storage that can hold a study; else UsageError."""
+def check_storage(url: str, writes: bool = True) -> str:
+    """The URL's scheme, once the URL is known to name a storage that can hold a study (and, where
+    ``writes``, be written to); else UsageError, before anything is made: SQLAlchemy creates an SQLite
+    file on connecting, and the harness a lock file beside it, even where SQLite then opens the
+    database read-only or not at all."""
     scheme = storage_scheme(url)
     check_credentials(url, "storage")
     if scheme == "journal":
@@ -72,9 +75,9 @@ def check_storage(url: str) -> str:
         database = sqlite_path(url)
         if database is None:
             raise UsageError(f"malformed storage URL {redact(url)!r}; a SQLite storage is sqlite:///PATH")
-        if sqlite_in_memory(url):
-            raise UsageError(f"storage {url!r} is an in-memory SQLite database, gone when this process ends "
-                             "(and not shared with the trials' threads); use sqlite:///PATH or journal:PATH")
+        unkept = sqlite_unwritable(url) if writes else sqlite_unreadable(url)
+        if unkept:
+            raise UsageError(f"storage {redact(url)} is {unkept}; use sqlite:///PATH (a file) or journal:PATH")
         if Path(database).exists() and not Path(database).is_file():
             raise UsageError(f"SQLite storage {database!r} is not a regular file")
         if not Path(database).parent.is_dir():
@@ -98,7 +101,7 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
     from .durable.retries import Retry
     from .durable.storages import HarnessRDBStorage, schema_lock
 
-    scheme = storage_scheme(url)
+    scheme = check_storage(url, writes=repair)
     path = journal_path(url) if scheme == "journal" else sqlite_path(url) if scheme == "sqlite" else None
     if must_exist and path is not None and (not Path(path).exists() or (scheme != "journal" and empty_file(path))):
         raise UsageError(f"no Optuna storage at {redact(url)}")
