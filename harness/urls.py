@@ -66,7 +66,7 @@ def secrets(url: str) -> list[str]:
         found.append(credentials)
     for part in query.lstrip("?").split("&"):
         key, _, value = part.partition("=")
-        if SECRET_KEYS.search(unquote(key)):
+        if secret_key(url, key):
             found.append(value)
     if "://" not in url:
         for key, value in _CONNINFO.findall(url):
@@ -75,12 +75,17 @@ def secrets(url: str) -> list[str]:
     every = set()
     for secret in found:
         for piece in _pieces(secret):
-            # urllib drops every tab and newline of a URL before it parses it
-            plain = unquote(piece)
-            every |= {piece, plain, unquote_plus(piece), piece.translate(_TAB_NEWLINE),
-                      quote(plain, safe=""), quote_plus(plain), quote(piece, safe="")}  # as another part of a URL may encode it
+            every |= _forms(piece)
     every.discard("")
     return sorted(every, key=len, reverse=True)
+
+
+def _forms(piece: str) -> set[str]:
+    """``piece`` of a URL as written, decoded, and as another part of a URL may encode it (urllib
+    drops every tab and newline of a URL before it parses it)."""
+    plain = unquote(piece)
+    return {piece, plain, unquote_plus(piece), piece.translate(_TAB_NEWLINE), quote(plain, safe=""), quote_plus(plain),
+            quote(piece, safe="")}
 
 
 def _pieces(secret: str) -> list[str]:
@@ -91,6 +96,41 @@ def _pieces(secret: str) -> list[str]:
         if char in "/?#@":
             pieces += [secret[:i], secret[i + 1:]]
     return pieces
+
+
+def secret_key(url: str, key: str) -> bool:
+    """Whether the query key ``key`` of ``url`` carries a secret. For libpq's URLs, libpq says which of
+    its options are secrets (password, sslpassword...): the others (require_auth, sslkey, sslmode) are
+    settings a message must show, to say what was wrong; any other key, what looks like a secret."""
+    name = unquote(key)
+    shown = libpq_options() if re.match(r"postgres(?:ql)?(?:\+\w+)?://", url) else {}
+    if shown.get(name) == "":  # one libpq displays in the clear
+        return False
+    return shown.get(name) == "*" or bool(SECRET_KEYS.search(name))
+
+
+def libpq_options() -> dict[str, str]:
+    """libpq's connection options and how it displays each ('*' a secret, 'D' for debugging, '' in
+    the clear); {} where psycopg is not installed."""
+    global _LIBPQ_OPTIONS
+    if _LIBPQ_OPTIONS is None:
+        try:
+            from psycopg import pq
+
+            _LIBPQ_OPTIONS = {o.keyword.decode(): o.dispchar.decode() for o in pq.Conninfo.get_defaults()}
+        except ImportError:
+            _LIBPQ_OPTIONS = {}
+    return _LIBPQ_OPTIONS
+
+
+_LIBPQ_OPTIONS: dict[str, str] | None = None
+
+
+def _holds_secret(value: str, found: list[str]) -> bool:
+    """Whether ``value`` (as written or %xx-decoded) is a secret of ``found`` or holds one: a password
+    that is also an option's value would be printed with it."""
+    return any(secret in written if len(secret) >= 3 else secret == written
+               for secret in found for written in (value, unquote(value)))
 
 
 def is_http(url: str) -> bool:
@@ -272,10 +312,11 @@ def redact(url: str) -> str:
             user = HIDDEN  # https://TOKEN@host: the user name is the secret
         rest = f"{user}@{rest}" if user else rest
     if query:
+        found = secrets(url)
         parts = []
         for part in query.lstrip("?").split("&"):
             key, eq, value = part.partition("=")
-            parts.append(f"{key}={HIDDEN}" if eq and SECRET_KEYS.search(unquote(key)) else part)
+            parts.append(f"{key}={HIDDEN}" if eq and (secret_key(url, key) or _holds_secret(value, found)) else part)
         query = "?" + "&".join(parts)
     if not scheme:  # "host=h password=secret", or anything else without a scheme
         rest = _CONNINFO.sub(lambda m: f"{m.group(1)}={HIDDEN}" if SECRET_KEYS.search(m.group(1)) else m.group(0),
@@ -311,6 +352,27 @@ _QUOTED = re.compile(r"""(["'])([^"'\n]+)\1""")
 def overlaps(value: str, found: list[str]) -> bool:
     """Whether ``value`` (a piece of a URL a parser read out) may be all or part of one of ``found``."""
     return any(value in secret or secret in value for secret in found)
+
+
+def hide_password(text: str, url: str, password: str | None) -> str:
+    """``text`` from a library that was never handed the password of ``url``, which its driver read
+    as ``password`` (None: none), and took out of the URL it was given (the password in a passfile).
+
+    Where every parser reads that same password out of ``url``, it can be in ``text`` only as a value
+    that holds it: that alone is hidden, as written and as a URL encodes it (a short one only as a
+    whole quoted value), and the rest (an option's value, the values allowed) stays readable. Where
+    another parser reads more or other secrets, every piece of them is hidden (``scrub``)."""
+    written = set().union(*(_forms(form) for form in (password, quote(password, safe="")))) if password else set()
+    if not set(secrets(url)) <= written:
+        return scrub(text, url)
+    if not password:
+        return text
+    for form in sorted({password, quote(password, safe=""), quote_plus(password)}, key=len, reverse=True):
+        if len(form) >= 3:
+            text = text.replace(form, HIDDEN)
+        else:
+            text = re.sub(rf"""(["']){re.escape(form)}\1""", rf"\g<1>{HIDDEN}\g<1>", text)
+    return text
 
 
 def quoted_value(value: str, url: str) -> str:
