@@ -142,18 +142,22 @@ def test_an_optuna_storage_that_keeps_no_record_is_refused_before_anything_is_wr
 
 
 @pytest.mark.parametrize("url", READ_ONLY)
-def test_an_optuna_storage_opened_read_only_is_refused_to_any_writer_and_left_to_readers(tmp_path, url, monkeypatch):
+def test_an_optuna_storage_opened_read_only_is_refused_to_any_writer_and_read_by_readers(tmp_path, url, monkeypatch):
     """A writer's open_storage (the Python API's path too) refuses it; a reader's (audit without
-    --fix) is let through to the storage it names."""
+    --fix) reads the study there, and makes no lock file beside it."""
+    import optuna
+
     from harness.errors import UsageError
     from harness.search import study
 
     url = url.replace("/ABS", str(tmp_path))
     monkeypatch.chdir(tmp_path)
+    optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}").enqueue_trial({"x": 1})
     with pytest.raises(UsageError, match="opened read-only"):
         study.open_storage(url)
-    assert study.check_storage(url, writes=False) == "sqlite"
-    assert not list(tmp_path.iterdir())
+    storage = study.open_storage(url, repair=False)
+    assert [t.state.name for t in optuna.load_study(study_name="s", storage=storage).trials] == ["WAITING"]
+    assert [p.name for p in tmp_path.iterdir()] == ["o.db"]
 
 
 @pytest.mark.parametrize("url", ["sqlite+pysqlite:///nothere.db", "sqlite:///file:nothere.db?uri=true",

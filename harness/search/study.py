@@ -6,6 +6,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import optuna
@@ -110,9 +111,12 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
     engine_kwargs: dict = {"pool_pre_ping": True}  # connections that idled out are replaced, not failed
     if scheme == "postgresql":
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    # A storage opened read-only (only a reader gets here with one) has its tables, or is refused by
+    # SQLite: nothing is created, so no lock file is made beside it either.
+    locked = nullcontext() if scheme == "sqlite" and sqlite_unwritable(url) else schema_lock(engine_url(url), engine_kwargs)
     started = time.time()
     try:
-        with experimental_ok(), schema_lock(engine_url(url), engine_kwargs):  # heartbeats: experimental since 2.x
+        with experimental_ok(), locked:  # heartbeats: experimental since 2.x
             storage = HarnessRDBStorage(
                 engine_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
                 heartbeat_stale_trial_callback=Retry(max_retry=3))
