@@ -29,7 +29,7 @@ from pathlib import Path
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from .errors import HarnessError, UsageError
-from .urls import check_credentials, engine_url, hide_password, libpq_options, quoted_value, redact, scrub
+from .urls import check_credentials, engine_url, libpq_options, quoted_value, redact, scrub
 
 DB_USER = "harness"
 PASSFILE = "pgpass"
@@ -452,10 +452,9 @@ def check_server(url: str) -> None:
     if not all(p.isdigit() and 0 < int(p) < 65536 for p in str(ports).split(",")):
         raise UsageError(f"{shown}: the port must be a number from 1 to 65535, got {quoted_value(str(ports), url)}")
     plain, password = split_password(url)
-    # From here on no library is handed the password.
     refused = refused_offline(plain)
     if refused:
-        refused = hide_password(refused, url, password)
+        refused = scrub(refused, url)
         raise UsageError(f"{shown}: {refused_option(refused) or refused}")
     # Connected as the workers and the server will be: the rebuilt URL, the password from a passfile.
     with tempfile.TemporaryDirectory(prefix="harness-check-") as tmp, contextlib.ExitStack() as stack:
@@ -468,7 +467,7 @@ def check_server(url: str) -> None:
                 may_create = c.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user"
                                        ).fetchone()[0]
         except psycopg.Error as exc:
-            message = hide_password(" ".join(str(exc).split()), url, password)
+            message = " ".join(scrub(str(exc), url).split())
             refused = refused_option(message)
             if refused:
                 raise UsageError(f"{shown}: {refused}") from None

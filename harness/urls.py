@@ -330,14 +330,23 @@ FRAGMENT = 4  # characters of a secret that a message may not show in a row
 def scrub(text: str, url: str) -> str:
     """``text`` (a library's error message, say) with every secret of ``url`` replaced by ***, and
     every run of ``FRAGMENT`` or more of its characters too: a parser that stops inside a password
-    (at an '=', a space, a '#') prints a piece of it as a port, a host or a query parameter."""
+    (at an '=', a space, a '#') prints a piece of it as a port, a host or a query parameter.
+
+    Where libpq reads ``url`` (a PostgreSQL URL it parses) and finds the one password every parser
+    finds, none of them stopped inside it: the password is hidden whole (as written, decoded and
+    encoded; a short one only beside its user or as a whole quoted value), and the rest of the
+    message (an option's value, the values allowed, that share a few characters with it) stays readable."""
     found = secrets(url)
+    password = _libpq_password(url)
+    whole = password is not None and set(found) <= _forms(password) | _forms(quote(password, safe=""))
     text = text.replace(url, redact(url))
     for secret in found:
         # Where a URL holds it, a secret of any length: after the user's ':' or as the token before '@'.
         text = text.replace(f":{secret}@", f":{HIDDEN}@").replace(f"//{secret}@", f"//{HIDDEN}@")
         if len(secret) >= 3:  # elsewhere a shorter one would blank out ordinary words
             text = text.replace(secret, HIDDEN)
+    if whole:
+        return _QUOTED.sub(lambda m: f"{m.group(1)}{HIDDEN}{m.group(1)}" if m.group(2) in found else m.group(0), text)
     for secret in found:
         text = _hide_fragments(text, secret)
     # A value a library quotes ("Ab" of "user:Ab/CdEf9@h", read as a port) is hidden whatever its
@@ -349,30 +358,23 @@ def scrub(text: str, url: str) -> str:
 _QUOTED = re.compile(r"""(["'])([^"'\n]+)\1""")
 
 
+def _libpq_password(url: str) -> str | None:
+    """The password libpq reads out of a PostgreSQL ``url`` ("" for none); None where libpq does not
+    read the URL (another scheme, one it cannot parse, no psycopg)."""
+    libpq = re.match(r"postgres(?:ql)?(?:\+\w+)?://", url)
+    if libpq is None:
+        return None
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        return str(conninfo_to_dict("postgresql://" + url[libpq.end():]).get("password") or "")
+    except Exception:  # ImportError, or libpq's refusal of the URL: its pieces may be anywhere
+        return None
+
+
 def overlaps(value: str, found: list[str]) -> bool:
     """Whether ``value`` (a piece of a URL a parser read out) may be all or part of one of ``found``."""
     return any(value in secret or secret in value for secret in found)
-
-
-def hide_password(text: str, url: str, password: str | None) -> str:
-    """``text`` from a library that was never handed the password of ``url``, which its driver read
-    as ``password`` (None: none), and took out of the URL it was given (the password in a passfile).
-
-    Where every parser reads that same password out of ``url``, it can be in ``text`` only as a value
-    that holds it: that alone is hidden, as written and as a URL encodes it (a short one only as a
-    whole quoted value), and the rest (an option's value, the values allowed) stays readable. Where
-    another parser reads more or other secrets, every piece of them is hidden (``scrub``)."""
-    written = set().union(*(_forms(form) for form in (password, quote(password, safe="")))) if password else set()
-    if not set(secrets(url)) <= written:
-        return scrub(text, url)
-    if not password:
-        return text
-    for form in sorted({password, quote(password, safe=""), quote_plus(password)}, key=len, reverse=True):
-        if len(form) >= 3:
-            text = text.replace(form, HIDDEN)
-        else:
-            text = re.sub(rf"""(["']){re.escape(form)}\1""", rf"\g<1>{HIDDEN}\g<1>", text)
-    return text
 
 
 def quoted_value(value: str, url: str) -> str:

@@ -89,3 +89,14 @@ def test_a_password_written_unencoded_is_never_shown_in_any_piece(url, password,
     line = refused_line(url, tmp_path, capsys)
     assert not [piece for piece in {password, *password.replace("?", "#").replace("/", "#").split("#")}
                 if len(piece) > 2 and piece in line], line
+
+
+@pytest.mark.parametrize("command", [["search", "--n-trials", "1", "--epochs-range", "2", "3"], ["audit", "--study", "s"]])
+def test_a_storage_the_driver_refuses_names_the_value_and_hides_only_the_password(command, tmp_path, cli_in_process):
+    """The same mask on every command that reaches a PostgreSQL URL: a search's or an audit's Optuna
+    storage showed `invalid require_auth value: "***"` for a password sharing 'bogus' with the value."""
+    url = "postgresql://u:hunter2bogus@127.0.0.1:9/db?require_auth=bogus"
+    result = cli_in_process(*command, "--storage", url, cwd=tmp_path)
+    line, = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and 'invalid require_auth value: "bogus"' in line and "hunter2" not in line, line
+    assert not list(tmp_path.iterdir())
