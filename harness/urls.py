@@ -98,12 +98,16 @@ def _pieces(secret: str) -> list[str]:
     return pieces
 
 
+# A URL whose options are libpq's: its own schemes, and SQLAlchemy's with a driver named.
+_LIBPQ_URL = re.compile(r"postgres(?:ql)?(?:\+\w+)?://")
+
+
 def secret_key(url: str, key: str) -> bool:
     """Whether the query key ``key`` of ``url`` carries a secret. For libpq's URLs, libpq says which of
     its options are secrets (password, sslpassword...): the others (require_auth, sslkey, sslmode) are
     settings a message must show, to say what was wrong; any other key, what looks like a secret."""
     name = unquote(key)
-    shown = libpq_options() if re.match(r"postgres(?:ql)?(?:\+\w+)?://", url) else {}
+    shown = libpq_options() if _LIBPQ_URL.match(url) else {}
     if shown.get(name) == "":  # one libpq displays in the clear
         return False
     return shown.get(name) == "*" or bool(SECRET_KEYS.search(name))
@@ -361,7 +365,7 @@ _QUOTED = re.compile(r"""(["'])([^"'\n]+)\1""")
 def _libpq_password(url: str) -> str | None:
     """The password libpq reads out of a PostgreSQL ``url`` ("" for none); None where libpq does not
     read the URL (another scheme, one it cannot parse, no psycopg)."""
-    libpq = re.match(r"postgres(?:ql)?(?:\+\w+)?://", url)
+    libpq = _LIBPQ_URL.match(url)
     if libpq is None:
         return None
     try:
