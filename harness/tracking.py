@@ -532,6 +532,10 @@ def _probe_database(uri: str) -> None:
     args = {"connect_timeout": 10} if uri.startswith("postgresql") else {}
     engine = create_engine(engine_url(uri), connect_args=args)
     try:
+        if args:  # the URL's own timeout, which this replaces, read as psycopg reads it for MLflow's connections
+            from psycopg.conninfo import timeout_from_conninfo
+
+            timeout_from_conninfo(engine.dialect.create_connect_args(engine.url)[1])
         with engine.connect():
             pass
     finally:

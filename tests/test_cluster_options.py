@@ -100,3 +100,14 @@ def test_a_storage_the_driver_refuses_names_the_value_and_hides_only_the_passwor
     line, = result.stderr.strip().splitlines()
     assert result.returncode == 2 and 'invalid require_auth value: "bogus"' in line and "hunter2" not in line, line
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", [["compare", "--study", "s"], ["train", "--epochs", "2"]])
+def test_a_tracking_store_url_with_a_timeout_psycopg_cannot_read_is_refused_at_once(command, tmp_path, cli_in_process):
+    """The MLflow side of F3: the store's probe connected with a timeout of its own, then MLflow's
+    connections failed on the URL's `connect_timeout=abc` and retried for 104 s before the line."""
+    url = "postgresql://u:hunter2pw@127.0.0.1:9/db?connect_timeout=abc"
+    result = cli_in_process(*command, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": url})
+    line, = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "bad value for connect_timeout: 'abc'" in line and "hunter2" not in line, line
+    assert not list(tmp_path.iterdir())
