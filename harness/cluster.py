@@ -29,7 +29,7 @@ from pathlib import Path
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from .errors import HarnessError, UsageError
-from .urls import check_credentials, engine_url, quoted_value, redact, scrub
+from .urls import check_credentials, engine_url, libpq_options, quoted_value, redact, scrub
 
 DB_USER = "harness"
 PASSFILE = "pgpass"
@@ -314,9 +314,7 @@ def with_database(url: str, name: str) -> str:
 
 def secret_options() -> frozenset[str]:
     """The connection options libpq itself flags as secrets (password, sslpassword, oauth_client_secret...)."""
-    from psycopg import pq
-
-    return frozenset(o.keyword.decode() for o in pq.Conninfo.get_defaults() if o.dispchar == b"*")
+    return frozenset(key for key, shown in libpq_options().items() if shown == "*")
 
 
 def split_password(url: str) -> tuple[str, str | None]:
@@ -369,11 +367,20 @@ def server_url(params: dict[str, str]) -> str:
 
 
 # libpq's words for a connection option it refuses before any server has a say (an sslmode it does
-# not know, a keepalives that is no number, a hostaddr that is no address): the URL is wrong.
-_REFUSED_OPTION = re.compile(r'invalid "?(\w+)"? (?:value|method)|could not parse network address|could not match \d+ ')
-# The values libpq takes for the options it names in such a message, for the one line that refuses one.
+# not know, a keepalives that is no number, a hostaddr that is no address), psycopg's for a timeout,
+# and the server's for an option it reads at the start (replication): the URL is wrong.
+_REFUSED_OPTION = re.compile(r'invalid "?(\w+)"? (?:value|method)|bad value for (\w+)|invalid value for parameter '
+                             r'"(\w+)"|could not parse network address|could not match \d+ ')
+# The values libpq takes for the options it names in such a message without them, for the one line
+# that refuses one (the server lists its own: replication).
 OPTION_VALUES = {
     "sslmode": "disable, allow, prefer, require, verify-ca, verify-full",
+    "sslcertmode": "disable, allow, require",
+    "require_auth": "password, md5, gss, sspi, scram-sha-256, oauth, none, several joined by ',', each or all "
+                    "negated by a leading '!'",
+    "min_protocol_version": "3.0, 3.2, latest",
+    "max_protocol_version": "3.0, 3.2, latest",
+    "connect_timeout": "a number of seconds",
     "gssencmode": "disable, prefer, require",
     "channel_binding": "disable, prefer, require",
     "target_session_attrs": "any, read-write, read-only, primary, standby, prefer-standby",
@@ -392,8 +399,33 @@ def refused_option(message: str) -> str | None:
     if found is None:
         return None
     refusal = message[found.start():]
-    allowed = OPTION_VALUES.get(found[1] or "")
+    allowed = OPTION_VALUES.get(next((name for name in found.groups() if name), ""))
     return f"{refusal}; allowed: {allowed}" if allowed else refusal
+
+
+def refused_offline(plain: str) -> str | None:
+    """What libpq and psycopg refuse in the connection options of ``plain`` (no password in it)
+    before they connect to anything, in their words; None where they take every value.
+
+    They are asked to connect to a port of this machine that this process holds without listening:
+    a value they do not take is refused first (a connect_timeout psycopg cannot read, a require_auth
+    libpq does not know), and otherwise the port refuses the connection. Nothing is sent anywhere."""
+    import errno
+
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        # hostaddr too: a PGHOSTADDR in the environment would take its place.
+        params = {**conninfo_to_dict(plain), "host": "127.0.0.1", "hostaddr": "127.0.0.1",
+                  "port": str(held.getsockname()[1])}
+        try:
+            psycopg.connect(make_conninfo("", **params)).close()
+        except psycopg.Error as exc:
+            message = " ".join(str(exc).split())
+            return None if os.strerror(errno.ECONNREFUSED) in message else message
+    return None
 
 
 def check_server(url: str) -> None:
@@ -420,6 +452,10 @@ def check_server(url: str) -> None:
     if not all(p.isdigit() and 0 < int(p) < 65536 for p in str(ports).split(",")):
         raise UsageError(f"{shown}: the port must be a number from 1 to 65535, got {quoted_value(str(ports), url)}")
     plain, password = split_password(url)
+    refused = refused_offline(plain)
+    if refused:
+        refused = scrub(refused, url)
+        raise UsageError(f"{shown}: {refused_option(refused) or refused}")
     # Connected as the workers and the server will be: the rebuilt URL, the password from a passfile.
     with tempfile.TemporaryDirectory(prefix="harness-check-") as tmp, contextlib.ExitStack() as stack:
         if password is not None:

@@ -24,9 +24,9 @@ import stat
 import tempfile
 from contextlib import closing, suppress
 from pathlib import Path
-from urllib.parse import quote
 
 from . import compat
+from .urls import sqlite_file_uri
 
 MAX_BYTES = 16 * 2 ** 20  # an empty store of MLflow 3.17 is ~1 MB
 
@@ -122,7 +122,7 @@ def keep_as_template(store: str) -> None:
         return
     try:
         # SQLite's backup: a consistent copy of a store in WAL mode, whatever its -wal file holds.
-        with closing(sqlite3.connect(f"file:{quote(str(Path(store).absolute()))}?mode=ro", uri=True)) as source, \
+        with closing(sqlite3.connect(sqlite_file_uri(store, "mode=ro"), uri=True)) as source, \
                 closing(sqlite3.connect(scratch)) as copy:
             source.backup(copy)
             copy.execute("DELETE FROM experiment_tags")
@@ -146,7 +146,7 @@ def fingerprint(file: Path) -> str | None:
 
     digest = hashlib.sha256()
     try:
-        with closing(sqlite3.connect(f"file:{quote(str(file.absolute()))}?mode=ro", uri=True)) as db:
+        with closing(sqlite3.connect(sqlite_file_uri(file, "mode=ro"), uri=True)) as db:
             # MLflow's migrations write a table's constraints in an order that differs run to run (a
             # set's): each statement's lines are compared as a sorted list.
             schema = sorted((kind, name, table, sorted(line.strip().rstrip(",") for line in sql.splitlines()))

@@ -22,7 +22,8 @@ from . import store_template
 from .errors import ExperimentCodeError, first_line, shown
 from .schema import (CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, GIT_COMMIT_TAG, SOURCE_NAME_TAG,
                      SOURCE_TYPE_TAG, STATE_DICT, TORCH_THREADS_PARAM, TORCH_VERSION_PARAM, final)
-from .urls import engine_url, is_http, redact, scrub, sqlite_in_memory, sqlite_path, sqlite_unwritable
+from .urls import (engine_url, is_http, redact, scrub, sqlite_in_memory, sqlite_path, sqlite_unwritable,
+                   sqlite_uri_url)
 
 
 LIVE_SECONDS = 10.0  # a running run's curves reach MLflow at least this often, once it has trained this long
@@ -489,13 +490,11 @@ def read_only_uri(uri: str) -> str | None:
     """``uri`` as SQLAlchemy opens a store that ``read_only_flags`` says to open read-only, else None."""
     if sqlite_path(uri) is None:
         return None
-    from urllib.parse import quote
-
     from .store_files import read_only_flags
 
     path = Path(sqlite_path(uri))
     flags = read_only_flags(path) if path.is_file() else None
-    return f"sqlite:///file:{quote(str(path.absolute()))}?{flags}&uri=true" if flags else None
+    return sqlite_uri_url(path, flags) if flags else None
 
 
 def _no_folder_for_uri_filenames() -> None:
@@ -533,6 +532,10 @@ def _probe_database(uri: str) -> None:
     args = {"connect_timeout": 10} if uri.startswith("postgresql") else {}
     engine = create_engine(engine_url(uri), connect_args=args)
     try:
+        if args:  # the URL's own timeout, which this replaces, read as psycopg reads it for MLflow's connections
+            from psycopg.conninfo import timeout_from_conninfo
+
+            timeout_from_conninfo(engine.dialect.create_connect_args(engine.url)[1])
         with engine.connect():
             pass
     finally:

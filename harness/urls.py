@@ -8,6 +8,7 @@ hidden here is the widest any of them could read as the password.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from urllib.parse import quote, quote_plus, unquote, unquote_plus
@@ -65,7 +66,7 @@ def secrets(url: str) -> list[str]:
         found.append(credentials)
     for part in query.lstrip("?").split("&"):
         key, _, value = part.partition("=")
-        if SECRET_KEYS.search(unquote(key)):
+        if secret_key(url, key):
             found.append(value)
     if "://" not in url:
         for key, value in _CONNINFO.findall(url):
@@ -74,12 +75,17 @@ def secrets(url: str) -> list[str]:
     every = set()
     for secret in found:
         for piece in _pieces(secret):
-            # urllib drops every tab and newline of a URL before it parses it
-            plain = unquote(piece)
-            every |= {piece, plain, unquote_plus(piece), piece.translate(_TAB_NEWLINE),
-                      quote(plain, safe=""), quote_plus(plain), quote(piece, safe="")}  # as another part of a URL may encode it
+            every |= _forms(piece)
     every.discard("")
     return sorted(every, key=len, reverse=True)
+
+
+def _forms(piece: str) -> set[str]:
+    """``piece`` of a URL as written, decoded, and as another part of a URL may encode it (urllib
+    drops every tab and newline of a URL before it parses it)."""
+    plain = unquote(piece)
+    return {piece, plain, unquote_plus(piece), piece.translate(_TAB_NEWLINE), quote(plain, safe=""), quote_plus(plain),
+            quote(piece, safe="")}
 
 
 def _pieces(secret: str) -> list[str]:
@@ -90,6 +96,45 @@ def _pieces(secret: str) -> list[str]:
         if char in "/?#@":
             pieces += [secret[:i], secret[i + 1:]]
     return pieces
+
+
+# A URL whose options are libpq's: its own schemes, and SQLAlchemy's with a driver named.
+_LIBPQ_URL = re.compile(r"postgres(?:ql)?(?:\+\w+)?://")
+
+
+def secret_key(url: str, key: str) -> bool:
+    """Whether the query key ``key`` of ``url`` carries a secret. For libpq's URLs, libpq says which of
+    its options are secrets (password, sslpassword...): the others (require_auth, sslkey, sslmode) are
+    settings a message must show, to say what was wrong; any other key, what looks like a secret."""
+    name = unquote(key)
+    shown = libpq_options() if _LIBPQ_URL.match(url) else {}
+    if shown.get(name) == "":  # one libpq displays in the clear
+        return False
+    return shown.get(name) == "*" or bool(SECRET_KEYS.search(name))
+
+
+def libpq_options() -> dict[str, str]:
+    """libpq's connection options and how it displays each ('*' a secret, 'D' for debugging, '' in
+    the clear); {} where psycopg is not installed."""
+    global _LIBPQ_OPTIONS
+    if _LIBPQ_OPTIONS is None:
+        try:
+            from psycopg import pq
+
+            _LIBPQ_OPTIONS = {o.keyword.decode(): o.dispchar.decode() for o in pq.Conninfo.get_defaults()}
+        except ImportError:
+            _LIBPQ_OPTIONS = {}
+    return _LIBPQ_OPTIONS
+
+
+_LIBPQ_OPTIONS: dict[str, str] | None = None
+
+
+def _holds_secret(value: str, found: list[str]) -> bool:
+    """Whether ``value`` (as written or %xx-decoded) is a secret of ``found`` or holds one: a password
+    that is also an option's value would be printed with it."""
+    return any(secret in written if len(secret) >= 3 else secret == written
+               for secret in found for written in (value, unquote(value)))
 
 
 def is_http(url: str) -> bool:
@@ -157,6 +202,21 @@ def _sqlite_uri(filename: str) -> tuple[str, list[tuple[str, str]]] | None:
     return unquote(path), pairs
 
 
+def sqlite_file_uri(path: str | Path, query: str = "") -> str:
+    """SQLite's ``file:`` URI of the file ``path`` with ``query``, naming the file SQLAlchemy opens for
+    ``sqlite:///PATH`` in every spelling: made absolute as SQLAlchemy makes it (os.path.abspath), after
+    an empty authority, since SQLite reads ``file://NAME/...`` as a host (a path that starts with
+    '//', which POSIX takes for '/', was "invalid uri authority"), and with every character SQLite
+    decodes or stops at ('%', '?', '#') percent-encoded."""
+    return f"file://{quote(os.path.abspath(path))}" + (f"?{query}" if query else "")
+
+
+def sqlite_uri_url(path: str | Path, query: str) -> str:
+    """The SQLAlchemy URL whose pysqlite dialect opens ``sqlite_file_uri(path, query)``: SQLAlchemy
+    percent-decodes the database part once, so the URI is encoded once more."""
+    return f"sqlite:///{quote(sqlite_file_uri(path), safe='/:')}?{query}&uri=true"
+
+
 def sqlite_path(url: str) -> str | None:
     """The file of an SQLite URL (``sqlite:///PATH``: relative; ``sqlite:////abs``: absolute; any
     ``sqlite+DRIVER://`` alike), as SQLAlchemy and MLflow open it; None for any other URL.
@@ -220,8 +280,8 @@ def sqlite_in_memory(url: str) -> bool:
             or _uri_parameter(options, "vfs", last=True) == "memdb")
 
 
-def sqlite_unwritable(url: str) -> str | None:
-    """Why a command cannot keep a record in the SQLite store ``url``, or None."""
+def sqlite_unreadable(url: str) -> str | None:
+    """Why no command can read a record from the SQLite store ``url``, or None."""
     if sqlite_in_memory(url):
         return "an in-memory SQLite database, which keeps nothing past this process"
     options = sqlite_options(url)
@@ -229,6 +289,15 @@ def sqlite_unwritable(url: str) -> str | None:
         value = _uri_parameter(options, key, last=True)
         if value is not None and value not in allowed:  # SQLite refuses to open it (MLflow retries for minutes)
             return f"opened with {key}={value!r}, which SQLite does not know (allowed: {', '.join(allowed)})"
+    return None
+
+
+def sqlite_unwritable(url: str) -> str | None:
+    """Why a command cannot keep a record in the SQLite store ``url``, or None."""
+    unreadable = sqlite_unreadable(url)
+    if unreadable:
+        return unreadable
+    options = sqlite_options(url)
     if _uri_parameter(options, "mode", last=True) == "ro" or uri_boolean(_uri_parameter(options, "immutable")):
         return "opened read-only (mode=ro, immutable=1), and this command writes"
     return None
@@ -247,10 +316,11 @@ def redact(url: str) -> str:
             user = HIDDEN  # https://TOKEN@host: the user name is the secret
         rest = f"{user}@{rest}" if user else rest
     if query:
+        found = secrets(url)
         parts = []
         for part in query.lstrip("?").split("&"):
             key, eq, value = part.partition("=")
-            parts.append(f"{key}={HIDDEN}" if eq and SECRET_KEYS.search(unquote(key)) else part)
+            parts.append(f"{key}={HIDDEN}" if eq and (secret_key(url, key) or _holds_secret(value, found)) else part)
         query = "?" + "&".join(parts)
     if not scheme:  # "host=h password=secret", or anything else without a scheme
         rest = _CONNINFO.sub(lambda m: f"{m.group(1)}={HIDDEN}" if SECRET_KEYS.search(m.group(1)) else m.group(0),
@@ -264,14 +334,23 @@ FRAGMENT = 4  # characters of a secret that a message may not show in a row
 def scrub(text: str, url: str) -> str:
     """``text`` (a library's error message, say) with every secret of ``url`` replaced by ***, and
     every run of ``FRAGMENT`` or more of its characters too: a parser that stops inside a password
-    (at an '=', a space, a '#') prints a piece of it as a port, a host or a query parameter."""
+    (at an '=', a space, a '#') prints a piece of it as a port, a host or a query parameter.
+
+    Where libpq reads ``url`` (a PostgreSQL URL it parses) and finds the one password every parser
+    finds, none of them stopped inside it: the password is hidden whole (as written, decoded and
+    encoded; a short one only beside its user or as a whole quoted value), and the rest of the
+    message (an option's value, the values allowed, that share a few characters with it) stays readable."""
     found = secrets(url)
+    password = _libpq_password(url)
+    whole = password is not None and set(found) <= _forms(password) | _forms(quote(password, safe=""))
     text = text.replace(url, redact(url))
     for secret in found:
         # Where a URL holds it, a secret of any length: after the user's ':' or as the token before '@'.
         text = text.replace(f":{secret}@", f":{HIDDEN}@").replace(f"//{secret}@", f"//{HIDDEN}@")
         if len(secret) >= 3:  # elsewhere a shorter one would blank out ordinary words
             text = text.replace(secret, HIDDEN)
+    if whole:
+        return _QUOTED.sub(lambda m: f"{m.group(1)}{HIDDEN}{m.group(1)}" if m.group(2) in found else m.group(0), text)
     for secret in found:
         text = _hide_fragments(text, secret)
     # A value a library quotes ("Ab" of "user:Ab/CdEf9@h", read as a port) is hidden whatever its
@@ -281,6 +360,20 @@ def scrub(text: str, url: str) -> str:
 
 
 _QUOTED = re.compile(r"""(["'])([^"'\n]+)\1""")
+
+
+def _libpq_password(url: str) -> str | None:
+    """The password libpq reads out of a PostgreSQL ``url`` ("" for none); None where libpq does not
+    read the URL (another scheme, one it cannot parse, no psycopg)."""
+    libpq = _LIBPQ_URL.match(url)
+    if libpq is None:
+        return None
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        return str(conninfo_to_dict("postgresql://" + url[libpq.end():]).get("password") or "")
+    except Exception:  # ImportError, or libpq's refusal of the URL: its pieces may be anywhere
+        return None
 
 
 def overlaps(value: str, found: list[str]) -> bool:

@@ -526,3 +526,21 @@ def test_a_password_with_hash_and_question_mark_works_off_command_lines_and_a_fa
     with pytest.raises(HarnessError), cluster.services(tmp_path / "d", url, 1):
         pass
     assert databases(started.url(), admin) == kept
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option, said", [
+    ("connect_timeout=abc", "bad value for connect_timeout: 'abc'; allowed: a number of seconds"),
+    ("replication=bogus", 'invalid value for parameter "replication": "bogus" HINT: Valid values are: "false", 0,'),
+])
+def test_an_option_refused_by_a_server_that_answers_is_bad_input_too(postgres, option, said, tmp_path, capsys):
+    """Issue 26, an eleventh probe (F3): with a server that answers, `connect_timeout=abc` passed the
+    check (which connected with a timeout of its own) and exit 1 "bad value for connect_timeout" came
+    after it; a value only the server reads (replication) was "cannot connect", exit 1."""
+    started, _ = postgres
+    password = secret_of(started.passfile)
+    url = started.url().replace("@", f":{password}@") + f"?{option}"
+    assert main(["cluster", "--postgres", url, "--dir", str(tmp_path / "c")]) == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("harness: error: --postgres postgresql://") and said in line, line
+    assert password not in line and not (tmp_path / "c").exists()

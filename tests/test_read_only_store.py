@@ -105,15 +105,21 @@ def test_predict_compare_audit_and_reproduce_read_a_store_nobody_may_write(archi
     assert sorted(p.name for p in cwd.iterdir()) == ["compare-s.png", "s.png"]
 
 
-def test_the_reading_commands_read_it_in_the_dialect_form_too(archived, tmp_path):
+@pytest.mark.parametrize("spelling", ["sqlite+pysqlite:///{}", "sqlite:////{}"])  # the store is /abs: //abs
+def test_the_reading_commands_read_it_in_other_spellings_of_its_url(archived, tmp_path, spelling):
     """Issue 26, a tenth probe (F2): with `sqlite+pysqlite:///mlflow.db` (SQLAlchemy's dialect+driver
     form, which MLflow takes) predict, audit and reproduce exited 1 "unable to open database file"
-    where `sqlite:///mlflow.db` read the same store."""
+    where `sqlite:///mlflow.db` read the same store. An eleventh (F1): `sqlite://///abs/mlflow.db`
+    (SQLAlchemy's database `//abs/...`, which POSIX takes for `/abs/...`) became the file URI
+    `file://abs/...`, and all four exited 1 "invalid uri authority" (every other spelling of a path:
+    tests/test_urls_paths.py)."""
     store, trials = archived
     before = digest(store)
-    env = cli_env(MLFLOW_TRACKING_URI=f"sqlite+pysqlite:///{store / 'mlflow.db'}")
+    env = cli_env(MLFLOW_TRACKING_URI=spelling.format(store / "mlflow.db"))
     out = as_reader("predict", trials[0], "--x", 1, cwd=tmp_path, env=env)
     assert out.returncode == 0 and out.stdout.startswith("1 -> "), out.stderr
+    out = as_reader("compare", "--study", "s", "--out", tmp_path / "s.png", cwd=tmp_path, env=env)
+    assert out.returncode == 0 and all(run in out.stdout for run in trials), out.stderr
     out = as_reader("audit", "--study", "s", "--storage", f"journal:{store / 'optuna_journal.log'}", cwd=tmp_path,
                     env=env)
     assert out.returncode == 0 and "2 trials, 2 child runs: clean" in out.stdout, out.stdout + out.stderr

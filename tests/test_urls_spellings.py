@@ -119,6 +119,47 @@ def test_a_spelling_of_a_store_that_keeps_no_record_is_refused_before_anything_i
     assert not list(tmp_path.iterdir())
 
 
+READ_ONLY = ["sqlite:///file:o.db?uri=true&immutable=1", "sqlite:///file:o.db?mode=ro&uri=true",
+             "sqlite+pysqlite:///file:o.db?mode=ro&uri=1&timeout=5", "sqlite:///file:o.db?uri=on&Immutable=1&immutable=yes",
+             "sqlite:///file:///ABS/o.db?uri=true&immutable=0x1"]
+
+
+@pytest.mark.parametrize("url", [*UNKEPT, *READ_ONLY, "sqlite+pysqlite:///file:m.db?uri=true&mode=RO",
+                                 "sqlite:///file:m.db?uri=true&cache=Shared"])
+@pytest.mark.parametrize("command", [["search", "--n-trials", "1", "--epochs-range", "5", "6", "--study-name", "s"],
+                                     ["audit", "--study", "s", "--fix"]])
+def test_an_optuna_storage_that_keeps_no_record_is_refused_before_anything_is_written(
+        tmp_path, url, command, cli_in_process):
+    """Issue 26, an eleventh probe (F2): `search --storage 'sqlite:///file:o.db?uri=true&immutable=1'`
+    exited 2 leaving an empty o.db and its lock file (mode=ro: the lock file), where the MLflow side
+    refuses the same spellings first: SQLAlchemy and the schema lock made them before SQLite said no."""
+    url = url.replace("/ABS", str(tmp_path))
+    result = cli_in_process(*command, "--storage", url, cwd=tmp_path)
+    assert result.returncode == 2
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith(f"harness: error: storage {url} is ") and "use sqlite:///PATH" in line, line
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("url", READ_ONLY)
+def test_an_optuna_storage_opened_read_only_is_refused_to_any_writer_and_read_by_readers(tmp_path, url, monkeypatch):
+    """A writer's open_storage (the Python API's path too) refuses it; a reader's (audit without
+    --fix) reads the study there, and makes no lock file beside it."""
+    import optuna
+
+    from harness.errors import UsageError
+    from harness.search import study
+
+    url = url.replace("/ABS", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}").enqueue_trial({"x": 1})
+    with pytest.raises(UsageError, match="opened read-only"):
+        study.open_storage(url)
+    storage = study.open_storage(url, repair=False)
+    assert [t.state.name for t in optuna.load_study(study_name="s", storage=storage).trials] == ["WAITING"]
+    assert [p.name for p in tmp_path.iterdir()] == ["o.db"]
+
+
 @pytest.mark.parametrize("url", ["sqlite+pysqlite:///nothere.db", "sqlite:///file:nothere.db?uri=true",
                                  "sqlite+pysqlite:///file:nothere.db?uri=yes&mode=rw"])
 @pytest.mark.parametrize("command", [["compare", "--study", "x"], ["predict", "0" * 32, "--x", "1"],

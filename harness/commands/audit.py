@@ -19,7 +19,7 @@ def run(args) -> int:
     from ..search import study as study_module
 
     url = args.storage or study_module.DEFAULT_STORAGE
-    study_module.check_storage(url)
+    study_module.check_storage(url, writes=args.fix)
     from ..config import int_in
 
     heartbeat = int_in("--heartbeat", args.heartbeat, 1, study_module.MAX_HEARTBEAT_S)

@@ -10,11 +10,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
-from urllib.parse import quote
 
 from .. import compat, tracking
 from ..store_files import RUN_ID, StoreError, artifact_file, read_only_flags
-from ..urls import local_folder, sqlite_path
+from ..urls import local_folder, sqlite_file_uri, sqlite_path
 
 def read_client(run_id: str, tracking_uri: str | None = None):
     """tracking.read_client() for loading one run's model (predict): on an SQLite store where it is
@@ -47,7 +46,7 @@ class LocalStore:
         try:
             # mode=ro: never creates, migrates or writes the store.
             flags = read_only_flags(path) or "mode=ro"
-            db = sqlite3.connect(f"file:{quote(str(path))}?{flags}", uri=True, timeout=30)
+            db = sqlite3.connect(sqlite_file_uri(path, flags), uri=True, timeout=30)
         except sqlite3.Error:
             return None
         try:

@@ -6,13 +6,14 @@ import os
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import optuna
 
 from ..errors import UsageError
 from ..store_files import empty_file
-from ..urls import check_credentials, engine_url, redact, scrub, sqlite_in_memory, sqlite_path
+from ..urls import check_credentials, engine_url, redact, scrub, sqlite_path, sqlite_unreadable, sqlite_unwritable
 from .space import SearchSpace
 from .experimental import experimental_ok
 
@@ -62,8 +63,11 @@ def storage_scheme(url: str) -> str:
     return scheme
 
 
-def check_storage(url: str) -> str:
-    """The URL's scheme, once the URL is known to name a storage that can hold a study; else UsageError."""
+def check_storage(url: str, writes: bool = True) -> str:
+    """The URL's scheme, once the URL is known to name a storage that can hold a study (and, where
+    ``writes``, be written to); else UsageError, before anything is made: SQLAlchemy creates an SQLite
+    file on connecting, and the harness a lock file beside it, even where SQLite then opens the
+    database read-only or not at all."""
     scheme = storage_scheme(url)
     check_credentials(url, "storage")
     if scheme == "journal":
@@ -72,9 +76,9 @@ def check_storage(url: str) -> str:
         database = sqlite_path(url)
         if database is None:
             raise UsageError(f"malformed storage URL {redact(url)!r}; a SQLite storage is sqlite:///PATH")
-        if sqlite_in_memory(url):
-            raise UsageError(f"storage {url!r} is an in-memory SQLite database, gone when this process ends "
-                             "(and not shared with the trials' threads); use sqlite:///PATH or journal:PATH")
+        unkept = sqlite_unwritable(url) if writes else sqlite_unreadable(url)
+        if unkept:
+            raise UsageError(f"storage {redact(url)} is {unkept}; use sqlite:///PATH (a file) or journal:PATH")
         if Path(database).exists() and not Path(database).is_file():
             raise UsageError(f"SQLite storage {database!r} is not a regular file")
         if not Path(database).parent.is_dir():
@@ -98,7 +102,7 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
     from .durable.retries import Retry
     from .durable.storages import HarnessRDBStorage, schema_lock
 
-    scheme = storage_scheme(url)
+    scheme = check_storage(url, writes=repair)
     path = journal_path(url) if scheme == "journal" else sqlite_path(url) if scheme == "sqlite" else None
     if must_exist and path is not None and (not Path(path).exists() or (scheme != "journal" and empty_file(path))):
         raise UsageError(f"no Optuna storage at {redact(url)}")
@@ -107,9 +111,12 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
     engine_kwargs: dict = {"pool_pre_ping": True}  # connections that idled out are replaced, not failed
     if scheme == "postgresql":
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    # A storage opened read-only (only a reader gets here with one) has its tables, or is refused by
+    # SQLite: nothing is created, so no lock file is made beside it either.
+    locked = nullcontext() if scheme == "sqlite" and sqlite_unwritable(url) else schema_lock(engine_url(url), engine_kwargs)
     started = time.time()
     try:
-        with experimental_ok(), schema_lock(engine_url(url), engine_kwargs):  # heartbeats: experimental since 2.x
+        with experimental_ok(), locked:  # heartbeats: experimental since 2.x
             storage = HarnessRDBStorage(
                 engine_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
                 heartbeat_stale_trial_callback=Retry(max_retry=3))
