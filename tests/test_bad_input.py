@@ -154,17 +154,20 @@ def _copy(searched, tmp_path) -> Path:
 
 
 @pytest.mark.slow
-def test_a_study_name_with_a_quote_is_found_and_its_printed_filter_parses(searched):
-    out = run_cli("compare", "--study", "it's", "--out", "c.png", cwd=searched)
+def test_a_study_name_with_a_quote_is_found_and_its_printed_filter_parses(searched, tmp_path, cli_in_process):
+    """On a copy (compare and the search wrote into the shared store that other tests copy)."""
+    workdir = _copy(searched, tmp_path)
+    out = run_cli("compare", "--study", "it's", "--out", "c.png", cwd=workdir)
     assert out.returncode == 0 and len(out.stdout.splitlines()) >= 3, out.stderr
     from harness.tracking import filter_value
 
-    client = client_for(searched)
+    client = client_for(workdir)
     quoted = filter_value("it's")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string=f"tags.optuna.study_name = {quoted}")
     assert len(runs) == 3 and {r.data.tags["optuna.study_name"] for r in runs} == {"it's"}
-    hint = next(line for line in run_cli("search", "--n-trials", 1, "--study-name", "it's", *SHORT, cwd=searched)
+    # The resume in-process (was a process).
+    hint = next(line for line in cli_in_process("search", "--n-trials", 1, "--study-name", "it's", *SHORT, cwd=workdir)
                 .stdout.splitlines() if "filter: " in line)
     printed = hint.split("filter: ", 1)[1].rstrip(")")
     assert len(client.search_runs([runs[0].info.experiment_id], filter_string=printed)) == 4
