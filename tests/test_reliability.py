@@ -52,7 +52,7 @@ def audit(cli_in_process):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_ends_the_running_trial_cleanly_and_says_how_to_resume(workdir, signum, audit):
+def test_interrupt_ends_the_running_trial_cleanly_and_says_how_to_resume(workdir, signum, audit, cli_in_process):
     proc = start_search(workdir, "--n-trials", 30, "--seed", 0, *LONG)
     wait_for_running_trial(workdir, proc, completed=2)
     proc.send_signal(signum)
@@ -81,11 +81,11 @@ def test_interrupt_ends_the_running_trial_cleanly_and_says_how_to_resume(workdir
     out = audit(workdir)
     assert out.returncode == 0 and "clean" in out.stdout, out.stdout
     # The printed command resumes the same study (same space, so it is not refused) and runs the
-    # queued configuration first.
+    # queued configuration first (in-process, was a process: the printed words are the command line).
     before = len(study.trials)
     resume = shlex.split(stderr.split("resume with: ", 1)[1].strip())
     assert resume[:2] == ["harness", "search"]
-    out = run_cli(*resume[1:], "--n-trials", 1, "--no-progress", cwd=workdir)
+    out = cli_in_process(*resume[1:], "--n-trials", 1, "--no-progress", cwd=workdir)
     assert out.returncode == 0, out.stderr
     study = journal_study(workdir)
     assert len(study.trials) == before and study.trials[retry.number].state == TrialState.COMPLETE, out.stdout
@@ -228,7 +228,7 @@ def test_unreachable_stores_fail_fast_and_never_show_a_password(tmp_path, cli_in
     assert list(tmp_path.iterdir()) == []  # neither store was created
 
 
-def test_an_interrupted_batch_ends_every_member_s_trial_and_run_and_resumes(workdir, audit):
+def test_an_interrupted_batch_ends_every_member_s_trial_and_run_and_resumes(workdir, audit, cli_in_process):
     proc = start_search(workdir, "--n-trials", 8, "--batch", 4, "--seed", 0, "--pairs", "sgd+l1", *LONG)
     deadline = time.time() + 120
     while time.time() < deadline:  # the first batch asked and training
@@ -252,10 +252,10 @@ def test_an_interrupted_batch_ends_every_member_s_trial_and_run_and_resumes(work
     assert not [r for r in all_runs(workdir) if r.info.status == "RUNNING"]
     out = audit(workdir)
     assert out.returncode == 0 and "clean" in out.stdout, out.stdout
-    # The printed resume goes on the same way: batched, same sampler and pruner.
+    # The printed resume goes on the same way: batched, same sampler and pruner (in-process, was a process).
     resume = shlex.split(stderr.split("resume with: ", 1)[1].strip())
     assert resume[:2] == ["harness", "search"] and "--batch" in resume and "none" in resume and "random" in resume
-    out = run_cli(*resume[1:], "--n-trials", 4, cwd=workdir)
+    out = cli_in_process(*resume[1:], "--n-trials", 4, cwd=workdir)
     assert out.returncode == 0, out.stderr
     study = journal_study(workdir)
     assert all(study.trials[t.number].state == TrialState.COMPLETE for t in waiting)
