@@ -68,9 +68,10 @@ def test_no_password_is_ever_printed(tmp_path, cli_in_process):
 
 
 @pytest.mark.slow
-def test_a_password_in_a_storage_url_is_never_stored(workdir):
-    out = run_cli("search", "--storage", f"sqlite:///optuna.db?password={SECRET}", "--n-trials", 1, *SHORT,
-                  cwd=workdir)
+def test_a_password_in_a_storage_url_is_never_stored(workdir, cli_in_process):
+    """In-process (was a process): test_no_password_is_ever_printed shows a storage URL's refusal from one."""
+    out = cli_in_process("search", "--storage", f"sqlite:///optuna.db?password={SECRET}", "--n-trials", 1, *SHORT,
+                         cwd=workdir)
     assert out.returncode == 0, out.stderr
     assert not leaked(out)
     [parent] = [r for r in all_runs(workdir) if r.data.tags.get("harness.role") == "study"]

@@ -10,7 +10,7 @@ import pytest
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
-from conftest import all_runs, client_for, run_cli
+from conftest import all_runs, client_for
 from harness import Objective, schema
 from harness.errors import UsageError
 from harness.experiment import load

@@ -346,7 +346,8 @@ def test_a_worker_paused_past_its_heartbeat_s_grace_keeps_its_trial(workdir, cli
     paused.send_signal(signal.SIGSTOP)
     try:
         time.sleep(3 * 1 + 2)  # silent for longer than the grace
-        other = run_cli("search", "--n-trials", 1, "--seed", 1, *args, cwd=workdir)
+        # In-process (was a process): another worker, whose pid is not the paused one's either way.
+        other = cli_in_process("search", "--n-trials", 1, "--seed", 1, *args, cwd=workdir)
         assert other.returncode == 0, other.stderr
     finally:
         paused.send_signal(signal.SIGCONT)
