@@ -1,4 +1,6 @@
 """Opening what a search wrote, and checking the tracking contract between the two stores."""
+import warnings
+
 import optuna
 import torch
 from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -142,3 +144,16 @@ def data():
 
 EXPERIMENT = Experiment("breaks", data, Breaks, search_space={"epochs": [20, 30], "pairs": ["sgd+l1"]})
 '''
+
+
+def with_warnings_printed(cli_in_process, *args, cwd):
+    """``cli_in_process``'s result with the warnings a process of its own would have printed on its
+    stderr (Python's default filters, not pytest's, which keeps them to itself) added to its stderr."""
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", hidden)
+        out = cli_in_process(*args, cwd=cwd)
+    out.stderr += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in shown)
+    return out

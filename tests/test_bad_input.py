@@ -68,9 +68,10 @@ def test_no_password_is_ever_printed(tmp_path, cli_in_process):
 
 
 @pytest.mark.slow
-def test_a_password_in_a_storage_url_is_never_stored(workdir):
-    out = run_cli("search", "--storage", f"sqlite:///optuna.db?password={SECRET}", "--n-trials", 1, *SHORT,
-                  cwd=workdir)
+def test_a_password_in_a_storage_url_is_never_stored(workdir, cli_in_process):
+    """In-process (was a process): test_no_password_is_ever_printed shows a storage URL's refusal from one."""
+    out = cli_in_process("search", "--storage", f"sqlite:///optuna.db?password={SECRET}", "--n-trials", 1, *SHORT,
+                         cwd=workdir)
     assert out.returncode == 0, out.stderr
     assert not leaked(out)
     [parent] = [r for r in all_runs(workdir) if r.data.tags.get("harness.role") == "study"]
@@ -156,17 +157,20 @@ def _copy(searched, tmp_path) -> Path:
 
 
 @pytest.mark.slow
-def test_a_study_name_with_a_quote_is_found_and_its_printed_filter_parses(searched):
-    out = run_cli("compare", "--study", "it's", "--out", "c.png", cwd=searched)
+def test_a_study_name_with_a_quote_is_found_and_its_printed_filter_parses(searched, tmp_path, cli_in_process):
+    """On a copy (compare and the search wrote into the shared store that other tests copy), in-process
+    (were processes): a quote is the command line's either way."""
+    workdir = _copy(searched, tmp_path)
+    out = cli_in_process("compare", "--study", "it's", "--out", "c.png", cwd=workdir)
     assert out.returncode == 0 and len(out.stdout.splitlines()) >= 3, out.stderr
     from harness.tracking import filter_value
 
-    client = client_for(searched)
+    client = client_for(workdir)
     quoted = filter_value("it's")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string=f"tags.optuna.study_name = {quoted}")
     assert len(runs) == 3 and {r.data.tags["optuna.study_name"] for r in runs} == {"it's"}
-    hint = next(line for line in run_cli("search", "--n-trials", 1, "--study-name", "it's", *SHORT, cwd=searched)
+    hint = next(line for line in cli_in_process("search", "--n-trials", 1, "--study-name", "it's", *SHORT, cwd=workdir)
                 .stdout.splitlines() if "filter: " in line)
     printed = hint.split("filter: ", 1)[1].rstrip(")")
     assert len(client.search_runs([runs[0].info.experiment_id], filter_string=printed)) == 4
@@ -241,7 +245,7 @@ def test_a_store_that_cannot_be_read_gets_one_line(searched, tmp_path, cli_in_pr
 
 
 @pytest.mark.slow
-def test_an_experiment_module_on_the_python_path_runs_under_its_own_name(workdir):
+def test_an_experiment_module_on_the_python_path_runs_under_its_own_name(workdir, cli_in_process, monkeypatch):
     source = (Path(__file__).resolve().parents[1] / "experiments" / "linear_regression.py").read_text()
     (workdir / "myexp.py").write_text(source.replace('name="linear_regression"', 'name="other_name"')
                                       + "\nopen('imported', 'w').close()\n")
@@ -254,7 +258,10 @@ def test_an_experiment_module_on_the_python_path_runs_under_its_own_name(workdir
     # imported unless the user names it, even with the module right there on the path.
     best = parent.data.tags["best_run_id"]
     (workdir / "imported").unlink()
-    out = run_cli("predict", best, "--x", 1, cwd=workdir, env=cli_env(PYTHONPATH=str(workdir)))
+    # The predictions in-process (were processes), the module as importable as PYTHONPATH made it.
+    monkeypatch.syspath_prepend(str(workdir))
+    monkeypatch.delitem(sys.modules, "myexp", raising=False)  # what predict imports goes with the test
+    out = cli_in_process("predict", best, "--x", 1, cwd=workdir)
     assert "never chooses code" in one_line_error(out) and not (workdir / "imported").exists()
-    out = run_cli("predict", best, "--x", 1, "--experiment", "myexp", cwd=workdir, env=cli_env(PYTHONPATH=str(workdir)))
+    out = cli_in_process("predict", best, "--x", 1, "--experiment", "myexp", cwd=workdir)
     assert out.returncode == 0 and (workdir / "imported").exists(), out.stderr

@@ -39,10 +39,10 @@ def test_train_search_and_predict_end_to_end(workdir, cli_in_process):
     assert {"predictions.png", "loss_curves.png", "state_dict.pt"} <= {
         a.path for a in client.list_artifacts(run.info.run_id)}
 
-    out = run_cli("predict", run.info.run_id, "--x", 0.0, 0.0, 1.0, 0.0, cwd=workdir)
+    # In-process from here (were real processes): train above is the experiment's process.
+    out = cli_in_process("predict", run.info.run_id, "--x", 0.0, 0.0, 1.0, 0.0, cwd=workdir)
     assert out.returncode == 0, out.stderr
     assert [line.split(" -> ")[0] for line in out.stdout.splitlines()] == ["0 0", "1 0"]
-    # In-process from here (were real processes): train and predict above are the experiment's processes.
     out = cli_in_process("predict", run.info.run_id, "--x", 0.0, 0.0, 1.0, cwd=workdir)
     assert out.returncode == 2 and "multiple of 2" in out.stderr
 

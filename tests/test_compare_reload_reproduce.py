@@ -96,9 +96,9 @@ def test_predict_refuses_bad_input(in_study, cli_in_process):
 
 
 def test_reproduce_matches_an_untouched_run_and_catches_an_altered_config(workdir, cli_in_process):
-    """The search as a real process; the re-runs in-process (were real processes)."""
-    assert run_cli("search", "--n-trials", 4, "--n-jobs", 2, "--sampler", "random", "--seed", 5, *SMALL,
-                   cwd=workdir).returncode == 0
+    """In-process (the search and the re-runs were real processes): what is read is the stores."""
+    assert cli_in_process("search", "--n-trials", 4, "--n-jobs", 2, "--sampler", "random", "--seed", 5, *SMALL,
+                          cwd=workdir).returncode == 0
     study = journal_study(workdir)
     trial_run = study.trials[1].user_attrs["mlflow_run_id"]
     out = cli_in_process("reproduce", trial_run, cwd=workdir)

@@ -72,7 +72,8 @@ def searched(tmp_path_factory, migrated_db):
 @pytest.mark.parametrize("damage", [_truncate, _garbage_line, _garbage_without_newline, _appended_after_a_tear])
 def test_a_torn_journal_is_repaired_before_anything_is_appended(searched, tmp_path, cli_in_process, damage):
     workdir = copy_store(searched, tmp_path / "copy")
-    run_cli = real_run_cli if damage is _garbage_line else cli_in_process  # one damage as a user's processes show it
+    # One damage's search as a user's process shows it; the audits in-process (were processes): they read.
+    run_cli = real_run_cli if damage is _garbage_line else cli_in_process
     journal = workdir / "optuna_journal.log"
     intact = journal.read_bytes()
     damage(journal)
@@ -81,7 +82,7 @@ def test_a_torn_journal_is_repaired_before_anything_is_appended(searched, tmp_pa
         if damage is not _appended_after_a_tear else None
 
     # audit reads without writing: the damage is reported, the file untouched.
-    out = run_cli("audit", "--study", STUDY, cwd=workdir)
+    out = cli_in_process("audit", "--study", STUDY, cwd=workdir)
     if damage is _appended_after_a_tear:  # Optuna cannot read past it at all
         assert out.returncode == 1 and "audit --fix" in out.stderr and "Traceback" not in out.stderr
     else:
@@ -103,7 +104,7 @@ def test_a_torn_journal_is_repaired_before_anything_is_appended(searched, tmp_pa
     assert journal.read_bytes().startswith(undamaged[: undamaged.rfind(b"\n") + 1])
     assert sum(t.state == TrialState.COMPLETE for t in trials) >= 3
     # The search alone leaves the stores agreeing (a trial whose end was cut is failed and retried).
-    out = run_cli("audit", "--study", STUDY, cwd=workdir)
+    out = cli_in_process("audit", "--study", STUDY, cwd=workdir)
     assert out.returncode == 0, out.stdout
     assert f"note: the journal was repaired before; what was removed is kept in {copy.name}" in out.stdout
     assert not no_running_runs(workdir)

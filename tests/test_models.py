@@ -547,7 +547,7 @@ def test_mlflow_ui_shows_the_model_on_its_run_and_links_it_to_the_run_s_metrics(
 
 
 @pytest.mark.slow
-def test_search_register_and_register_on_mlflow_server_with_postgresql(tmp_path):
+def test_search_register_and_register_on_mlflow_server_with_postgresql(tmp_path, cli_in_process):
     """The engines users scale out on, real: PostgreSQL and `mlflow server` with served artifacts
     (as tests/test_scale_out.py starts them; skipped where PostgreSQL is not installed)."""
     import os
@@ -576,11 +576,13 @@ def test_search_register_and_register_on_mlflow_server_with_postgresql(tmp_path)
         assert version.run_id == study.best_trial.user_attrs["mlflow_run_id"]
         assert version.tags["optuna.trial_number"] == str(study.best_trial.number)
         other = next(t for t in study.trials if t.number != study.best_trial.number)
-        out = run_cli("register", other.user_attrs["mlflow_run_id"], "--name", "served", cwd=work, env=env)
+        # register in-process (was two processes): the search above is the real one on these engines.
+        login = {"MLFLOW_TRACKING_URI": tracking_uri, **{k: os.environ[k] for k in cluster.LOGIN_VARS}}
+        out = cli_in_process("register", other.user_attrs["mlflow_run_id"], "--name", "served", cwd=work, env=login)
         assert out.returncode == 0, out.stderr
         aliases = client.get_registered_model("served").aliases  # the server's REST answer holds strings
         assert {k: str(v) for k, v in aliases.items()} == {"champion": "2"}
         assert client.get_model_version("served", "2").run_id == other.user_attrs["mlflow_run_id"]
-        out = run_cli("register", other.user_attrs["mlflow_run_id"], "--name", "a:b", cwd=work, env=env)
+        out = cli_in_process("register", other.user_attrs["mlflow_run_id"], "--name", "a:b", cwd=work, env=login)
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
         assert [m.name for m in client.search_registered_models()] == ["served"]

@@ -10,7 +10,7 @@ import pytest
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
-from conftest import all_runs, client_for, run_cli
+from conftest import all_runs, client_for
 from harness import Objective, schema
 from harness.errors import UsageError
 from harness.experiment import load
@@ -200,10 +200,11 @@ def _stores(workdir):
 
 @pytest.mark.slow
 def test_nsga2_on_two_objectives_from_the_cli_keeps_the_front_on_the_parent_run(workdir, cli_in_process):
-    from search_helpers import check_contract, journal_study
+    from search_helpers import check_contract, journal_study, with_warnings_printed
 
-    out = run_cli("search", "--objectives", "valid_loss", "epochs", "--sampler", "nsga2", "--seed", 0,
-                  "--n-trials", 8, *SMALL, cwd=workdir)
+    # In-process (was a process), with the warnings a process would print.
+    out = with_warnings_printed(cli_in_process, "search", "--objectives", "valid_loss", "epochs", "--sampler", "nsga2",
+                                "--seed", 0, "--n-trials", 8, *SMALL, cwd=workdir)
     assert out.returncode == 0, out.stderr
     assert "Warning" not in out.stderr, out.stderr
     study = journal_study(workdir)

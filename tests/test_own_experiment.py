@@ -225,10 +225,10 @@ def test_a_dotted_module_of_your_own_trains_reproduces_and_refuses_bad_input(wor
     assert out.returncode == 0, out.stderr
     [run] = all_runs(workdir)
     assert run.data.params["experiment"] == "mypkg.slope" and run.data.params["scale"] == "two"
-    out = run_cli("reproduce", run.info.run_id, "--experiment", "mypkg.slope", cwd=workdir, env=env)
-    assert out.returncode == 0, out.stderr
-    monkeypatch.syspath_prepend(str(workdir))  # the refusals in-process (were real processes)
+    monkeypatch.syspath_prepend(str(workdir))  # reproduce and the refusals in-process (were real processes)
     try:
+        out = cli_in_process("reproduce", run.info.run_id, "--experiment", "mypkg.slope", cwd=workdir)
+        assert out.returncode == 0, out.stderr
         for args, message in ((["--set", "scale=three"], "unknown scale 'three'; allowed: one, two"),
                               (["--set", "scael=two"], "did you mean 'scale'?"),
                               (["--set", "batch_size=31"], "at most the training set's size 30"),
@@ -257,8 +257,9 @@ def test_objective_takes_a_file_of_your_own(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_digits_search_with_two_threads_reproduces_every_trial_and_audits_clean(workdir, cli_in_process):
-    out = run_cli("search", "--experiment", "digits", "--n-trials", 3, "--n-jobs", 2, "--seed", 1,
-                  "--epochs-range", 2, 4, "--pruner", "none", "--no-progress", cwd=workdir)
+    # In-process (was a process): the two threads share this process's generator as they would a worker's.
+    out = cli_in_process("search", "--experiment", "digits", "--n-trials", 3, "--n-jobs", 2, "--seed", 1,
+                         "--epochs-range", 2, 4, "--pruner", "none", "--no-progress", cwd=workdir)
     assert out.returncode == 0, out.stderr
     study = journal_study(workdir, "digits-search")
     parent, runs = check_contract(workdir, study, figures_for={study.best_trial.number})
@@ -291,8 +292,8 @@ def test_digits_search_with_two_threads_reproduces_every_trial_and_audits_clean(
 
 @pytest.mark.slow
 def test_reference_run_logs_parameter_recovery_and_compare_ranks_by_it(workdir, cli_in_process):
-    out = run_cli("search", "--n-trials", 4, "--seed", 0, "--pruner", "none", "--epochs-range", 20, 60,
-                  "--no-progress", cwd=workdir)
+    out = cli_in_process("search", "--n-trials", 4, "--seed", 0, "--pruner", "none", "--epochs-range", 20, 60,
+                         "--no-progress", cwd=workdir)  # in-process (was a real process)
     assert out.returncode == 0, out.stderr
     study = journal_study(workdir)
     parent, runs = check_contract(workdir, study)
@@ -361,14 +362,15 @@ def test_bad_values_through_every_door_are_one_line_exit_2_and_write_nothing(tmp
 
 
 @pytest.mark.slow
-def test_set_and_search_fixed_values_that_suit_every_pair_are_used(workdir):
-    out = run_cli("train", "--experiment", "digits", "--set", "optimizer=sgd", "--set", "momentum=0.5",
+def test_set_and_search_fixed_values_that_suit_every_pair_are_used(workdir, cli_in_process):
+    """In-process (were two processes): test_a_dotted_module_of_your_own... hands --set to a real one."""
+    out = cli_in_process("train", "--experiment", "digits", "--set", "optimizer=sgd", "--set", "momentum=0.5",
                   "--set", "epochs=1", "--set", "lr=0.05", cwd=workdir)
     assert out.returncode == 0, out.stderr
     [run] = all_runs(workdir)
     params = run.data.params
     assert (params["optimizer"], params["momentum"], params["epochs"], params["lr"]) == ("sgd", "0.5", "1", "0.05")
-    out = run_cli("search", "--experiment", "digits", "--set", "momentum=0.5", "--pairs", "sgd+cross_entropy",
+    out = cli_in_process("search", "--experiment", "digits", "--set", "momentum=0.5", "--pairs", "sgd+cross_entropy",
                   "--tune", "momentum=false", "--epochs-range", 1, 2, "--n-trials", 1, "--no-progress", cwd=workdir)
     assert out.returncode == 0, out.stderr
     [trial] = journal_study(workdir, "digits-search").trials
@@ -380,7 +382,7 @@ def test_set_and_search_fixed_values_that_suit_every_pair_are_used(workdir):
 @pytest.mark.slow
 def test_user_code_that_raises_mid_training_fails_the_run_in_one_line_and_leaves_nothing_running(workdir,
                                                                                                  cli_in_process):
-    """The searches as real processes; train and audit in-process (were real processes)."""
+    """The first search as a real process; the rest in-process (were real processes)."""
     (workdir / "breaks.py").write_text(BREAKS)
     out = run_cli("search", "--experiment", "breaks.py", "--n-trials", 2, "--no-progress", cwd=workdir)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
@@ -398,8 +400,8 @@ def test_user_code_that_raises_mid_training_fails_the_run_in_one_line_and_leaves
     assert all("user code broke" in r.data.tags["harness.fail_reason"] for r in runs if r.info.status == "FAILED")
     assert cli_in_process("audit", "--study", "breaks-search", cwd=workdir).returncode == 0
     # Trials trained in batches (--batch): the same, for each trial of the batch.
-    out = run_cli("search", "--experiment", "breaks.py", "--n-trials", 4, "--batch", 2, "--study-name", "batched",
-                  "--no-progress", cwd=workdir)
+    out = cli_in_process("search", "--experiment", "breaks.py", "--n-trials", 4, "--batch", 2, "--study-name",
+                         "batched", "--no-progress", cwd=workdir)  # in-process (was a process)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert [t.state.name for t in journal_study(workdir, "batched").trials] == ["FAIL"] * 4
     assert cli_in_process("audit", "--study", "batched", cwd=workdir).returncode == 0

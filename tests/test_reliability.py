@@ -52,7 +52,7 @@ def audit(cli_in_process):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_ends_the_running_trial_cleanly_and_says_how_to_resume(workdir, signum, audit):
+def test_interrupt_ends_the_running_trial_cleanly_and_says_how_to_resume(workdir, signum, audit, cli_in_process):
     proc = start_search(workdir, "--n-trials", 30, "--seed", 0, *LONG)
     wait_for_running_trial(workdir, proc, completed=2)
     proc.send_signal(signum)
@@ -81,11 +81,11 @@ def test_interrupt_ends_the_running_trial_cleanly_and_says_how_to_resume(workdir
     out = audit(workdir)
     assert out.returncode == 0 and "clean" in out.stdout, out.stdout
     # The printed command resumes the same study (same space, so it is not refused) and runs the
-    # queued configuration first.
+    # queued configuration first (in-process, was a process: the printed words are the command line).
     before = len(study.trials)
     resume = shlex.split(stderr.split("resume with: ", 1)[1].strip())
     assert resume[:2] == ["harness", "search"]
-    out = run_cli(*resume[1:], "--n-trials", 1, "--no-progress", cwd=workdir)
+    out = cli_in_process(*resume[1:], "--n-trials", 1, "--no-progress", cwd=workdir)
     assert out.returncode == 0, out.stderr
     study = journal_study(workdir)
     assert len(study.trials) == before and study.trials[retry.number].state == TrialState.COMPLETE, out.stdout
@@ -185,7 +185,7 @@ def test_the_study_lock_never_blocks_optuna_s_own_journal_lock(tmp_path):
         assert written.wait(timeout=10), "a journal write waited on the harness's lock"
 
 
-def test_a_malicious_state_dict_is_refused(trained, tmp_path):
+def test_a_malicious_state_dict_is_refused(trained, tmp_path, cli_in_process):
     workdir = copy_store(trained[0], tmp_path / "copy")  # was a run trained for this test
     [run] = all_runs(workdir)
     marker = workdir / "pwned"
@@ -197,8 +197,11 @@ def test_a_malicious_state_dict_is_refused(trained, tmp_path):
     path = os.path.join(run.info.artifact_uri.removeprefix("file://"), "state_dict.pt")
     with open(path, "wb") as handle:
         pickle.dump({"weights": Exploit()}, handle)
-    for command in (["predict", run.info.run_id, "--x", "1"], ["reproduce", run.info.run_id]):
-        out = run_cli(*command, cwd=workdir)
+    # predict as a user's process shows it; reproduce in-process (was a process): a pickle run here
+    # would touch the marker all the same.
+    for run_command, command in ((run_cli, ["predict", run.info.run_id, "--x", "1"]),
+                                 (cli_in_process, ["reproduce", run.info.run_id])):
+        out = run_command(*command, cwd=workdir)
         assert out.returncode == 1, out.stderr
         # A bare pickle is not even handed to torch.load (weights_only=True would refuse it too).
         assert "refused state_dict.pt" in out.stderr and "not a zip archive of torch.save" in out.stderr
@@ -225,7 +228,7 @@ def test_unreachable_stores_fail_fast_and_never_show_a_password(tmp_path, cli_in
     assert list(tmp_path.iterdir()) == []  # neither store was created
 
 
-def test_an_interrupted_batch_ends_every_member_s_trial_and_run_and_resumes(workdir, audit):
+def test_an_interrupted_batch_ends_every_member_s_trial_and_run_and_resumes(workdir, audit, cli_in_process):
     proc = start_search(workdir, "--n-trials", 8, "--batch", 4, "--seed", 0, "--pairs", "sgd+l1", *LONG)
     deadline = time.time() + 120
     while time.time() < deadline:  # the first batch asked and training
@@ -249,10 +252,10 @@ def test_an_interrupted_batch_ends_every_member_s_trial_and_run_and_resumes(work
     assert not [r for r in all_runs(workdir) if r.info.status == "RUNNING"]
     out = audit(workdir)
     assert out.returncode == 0 and "clean" in out.stdout, out.stdout
-    # The printed resume goes on the same way: batched, same sampler and pruner.
+    # The printed resume goes on the same way: batched, same sampler and pruner (in-process, was a process).
     resume = shlex.split(stderr.split("resume with: ", 1)[1].strip())
     assert resume[:2] == ["harness", "search"] and "--batch" in resume and "none" in resume and "random" in resume
-    out = run_cli(*resume[1:], "--n-trials", 4, cwd=workdir)
+    out = cli_in_process(*resume[1:], "--n-trials", 4, cwd=workdir)
     assert out.returncode == 0, out.stderr
     study = journal_study(workdir)
     assert all(study.trials[t.number].state == TrialState.COMPLETE for t in waiting)
@@ -343,7 +346,8 @@ def test_a_worker_paused_past_its_heartbeat_s_grace_keeps_its_trial(workdir, cli
     paused.send_signal(signal.SIGSTOP)
     try:
         time.sleep(3 * 1 + 2)  # silent for longer than the grace
-        other = run_cli("search", "--n-trials", 1, "--seed", 1, *args, cwd=workdir)
+        # In-process (was a process): another worker, whose pid is not the paused one's either way.
+        other = cli_in_process("search", "--n-trials", 1, "--seed", 1, *args, cwd=workdir)
         assert other.returncode == 0, other.stderr
     finally:
         paused.send_signal(signal.SIGCONT)

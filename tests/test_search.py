@@ -21,7 +21,7 @@ SMALL = ["--epochs-range", "5", "30", "--no-progress"]
 
 
 @pytest.mark.slow
-def test_search_tracks_every_trial_and_resume_continues_the_study(workdir):
+def test_search_tracks_every_trial_and_resume_continues_the_study(workdir, cli_in_process):
     out = run_cli("search", "--n-trials", 6, "--seed", 0, "--pruner", "none", "--importance", *SMALL, cwd=workdir)
     assert out.returncode == 0, out.stderr
     study = journal_study(workdir)
@@ -52,8 +52,8 @@ def test_search_tracks_every_trial_and_resume_continues_the_study(workdir):
     assert [r["mlflow_run_id"] for r in rows] == [runs[n].info.run_id for n in range(6)]
     assert "user_attrs_mlflow_run_id" not in rows[0]  # one run-id column
 
-    # Resume: the same study, the same parent run, trials added.
-    out = run_cli("search", "--n-trials", 3, "--pruner", "none", *SMALL, cwd=workdir)
+    # Resume: the same study, the same parent run, trials added (in-process; was a process).
+    out = cli_in_process("search", "--n-trials", 3, "--pruner", "none", *SMALL, cwd=workdir)
     assert out.returncode == 0, out.stderr
     study = journal_study(workdir)
     assert len(study.trials) == 9
@@ -104,9 +104,10 @@ def test_pruned_and_diverging_trials_are_recorded_as_such(workdir, monkeypatch):
 
 
 @pytest.mark.slow
-def test_parallel_trials_never_share_a_run(workdir):
-    out = run_cli("search", "--n-trials", 8, "--n-jobs", 2, "--sampler", "random", "--seed", 3,
-                  "--pruner", "none", *SMALL, cwd=workdir)
+def test_parallel_trials_never_share_a_run(workdir, cli_in_process):
+    """In-process (was a process): the threads are this process's either way."""
+    out = cli_in_process("search", "--n-trials", 8, "--n-jobs", 2, "--sampler", "random", "--seed", 3,
+                         "--pruner", "none", *SMALL, cwd=workdir)
     assert out.returncode == 0, out.stderr
     study = journal_study(workdir)
     assert len(study.trials) == 8

@@ -169,6 +169,7 @@ def test_no_template_is_used_or_kept_on_an_mlflow_release_the_harness_was_not_ch
     assert list(cache.iterdir()) == []
 
 
+@pytest.mark.slow  # MLflow's own migrations build the store: ~5 s of the fast tier's 60
 def test_a_cache_folder_that_cannot_be_written_changes_nothing(tmp_path, monkeypatch):
     blocked = tmp_path / "cache"
     blocked.write_text("a file where the cache folder would be")

@@ -1,13 +1,13 @@
 """Every sampler and pruner `harness search` offers, from ``Objective`` in a plain script (fast,
 untracked) and from the CLI (tracked, audited); their settings' bad input."""
 import json
-import warnings
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 from conftest import client_for, run_cli
+from search_helpers import with_warnings_printed
 from harness import Objective
 from harness.experiment import load
 from harness.search import space as space_module
@@ -109,8 +109,9 @@ def test_cmaes_with_successive_halving_from_the_cli_is_tracked_audited_and_resum
         "min_resource": "auto", "reduction_factor": 2, "min_early_stopping_rate": 0, "bootstrap_count": 0}
     audit = cli_in_process("audit", "--study", study.study_name, cwd=workdir)  # in-process (was a process)
     assert audit.returncode == 0 and "clean" in audit.stdout, audit.stdout
-    again = run_cli("search", "--n-trials", 2, "--sampler", "gp", "--pruner", "percentile", "--epochs-range", 20, 60,
-                    cwd=workdir)
+    # In-process (was a process): the search above is this test's process.
+    again = cli_in_process("search", "--n-trials", 2, "--sampler", "gp", "--pruner", "percentile", "--epochs-range", 20,
+                           60, cwd=workdir)
     assert again.returncode == 0, again.stderr
     assert len(journal_study(workdir).trials) == 12
     assert client_for(workdir).get_run(parent.info.run_id).data.tags["optuna.sampler"] == "gp"
@@ -124,27 +125,16 @@ def test_settings_may_come_in_one_string_as_mlproject_passes_them():
 
 
 @pytest.mark.slow
-def test_wilcoxon_from_the_cli_prunes_without_a_warning_per_check(workdir):
-    out = run_cli("search", "--n-trials", 10, "--pruner", "wilcoxon", "--seed", 3, "--epochs-range", 40, 80,
-                  "--no-progress", cwd=workdir)
+def test_wilcoxon_from_the_cli_prunes_without_a_warning_per_check(workdir, cli_in_process):
+    """In-process (was a process), with the warnings a process would print: a warning per check
+    shows there as it would on a terminal."""
+    out = with_warnings_printed(cli_in_process, "search", "--n-trials", 10, "--pruner", "wilcoxon", "--seed", 3,
+                                "--epochs-range", 40, 80, "--no-progress", cwd=workdir)
     assert out.returncode == 0, out.stderr
     assert "Warning" not in out.stderr and "warn" not in out.stderr.lower(), out.stderr
     from search_helpers import journal_study
 
     assert any(t.state == TrialState.PRUNED for t in journal_study(workdir).trials)
-
-
-def with_warnings_printed(cli_in_process, *args, cwd):
-    """``cli_in_process``'s result with the warnings a process of its own would have printed on its
-    stderr (Python's default filters, not pytest's, which keeps them to itself) added to its stderr."""
-    with warnings.catch_warnings(record=True) as shown:
-        warnings.resetwarnings()
-        warnings.simplefilter("default")
-        for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
-            warnings.simplefilter("ignore", hidden)
-        out = cli_in_process(*args, cwd=cwd)
-    out.stderr += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in shown)
-    return out
 
 
 @pytest.mark.slow

@@ -93,10 +93,12 @@ def test_mlflow_experiment_name_from_flag_or_environment(workdir, cli_in_process
         assert len(client.search_runs([exp.experiment_id])) == 1
 
 
-@pytest.mark.slow  # the CLI as a subprocess
-def test_tracking_uri_from_environment(tmp_path):
+@pytest.mark.slow  # a tracked training (in-process)
+def test_tracking_uri_from_environment(tmp_path, cli_in_process):
+    """In-process (was a process): MLflow reads the variable from os.environ at each command either
+    way; test_mlflow_experiment_name_from_flag_or_environment hands a variable to a real process."""
     uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
-    out = run_cli("train", "--epochs", 2, cwd=tmp_path, env=cli_env(MLFLOW_TRACKING_URI=uri))
+    out = cli_in_process("train", "--epochs", 2, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
     assert out.returncode == 0, out.stderr
     assert not (tmp_path / "mlflow.db").exists()
     from mlflow import MlflowClient
@@ -134,9 +136,10 @@ def _one_line_exit_2_and_nothing_written(out, bad, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no store created, let alone a run
 
 
-@pytest.mark.slow  # the CLI as a subprocess
-def test_divergence_fails_the_run_with_curves_up_to_that_epoch(workdir):
-    out = run_cli("train", "--loss", "mse", "--lr", 5, "--epochs", 100, cwd=workdir)
+@pytest.mark.slow  # a tracked training (in-process)
+def test_divergence_fails_the_run_with_curves_up_to_that_epoch(workdir, cli_in_process):
+    """In-process (was a process): an exception main() let out would fail this test itself."""
+    out = cli_in_process("train", "--loss", "mse", "--lr", 5, "--epochs", 100, cwd=workdir)
     assert out.returncode == 1
     assert "diverged at epoch" in out.stderr and "Traceback" not in out.stderr
     [run] = all_runs(workdir)
