@@ -23,6 +23,7 @@ PRUNER_TAG = "optuna.pruner"
 DIRECTION_TAG = "optuna.direction"
 TRIAL_NUMBER_TAG = "optuna.trial_number"
 TRIAL_STATE_TAG = "optuna.trial_state"
+HARNESS_TAG_PREFIXES = ("harness.", "optuna.")  # a run holding one of these is a record of the harness
 BEST_RUN_TAG = "best_run_id"
 BEST_PARAMS_TAG = "best_params"
 BEST_PARAM_TAG = "best.{param}"

@@ -206,7 +206,9 @@ def provenance_record(experiment, data, device: str, valid_fraction: float | Non
 def log_provenance(client, run_id: str, experiment, data, device: str, valid_fraction: float | None = None) -> None:
     """provenance_record() logged to the run (a search's parent, a re-run): `mlflow run`'s own run
     keeps the source tags MLflow gave it."""
-    keep = client.get_run(run_id).data.tags if run_id == os.environ.get("MLFLOW_RUN_ID") else None
+    from .launched import launched_id
+
+    keep = client.get_run(run_id).data.tags if run_id == launched_id() else None
     write(client, run_id, provenance_record(experiment, data, device, valid_fraction, keep=keep))
 
 
@@ -391,10 +393,16 @@ def missing(exc: BaseException) -> bool:
 
 def check_experiment_offline(name: str | None, tracking_uri: str, default: str | None = None) -> str | None:
     """What check_experiment can tell without opening the store, so that a refused search on a new
-    SQLite store does not create it; and a store URL a search or train cannot write a record to."""
+    SQLite store does not create it; a store URL a search or train cannot write a record to; and an
+    $MLFLOW_RUN_ID no store there holds yet."""
+    from .launched import refused_offline
+
     unkept = sqlite_unwritable(tracking_uri)
     if unkept:
         return f"MLflow store {redact(tracking_uri)} is {unkept}; use sqlite:///PATH (a file) or a server"
+    refused = refused_offline(tracking_uri)
+    if refused:
+        return refused
     name = experiment_name(name, default)
     if name:
         from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH  # mlflow only when a name is given

@@ -54,7 +54,7 @@ def test_the_flag_and_mlflow_s_variables_still_choose_and_a_study_begun_in_defau
 def test_under_mlflow_run_the_trials_stay_with_the_run_mlflow_made(in_workdir, monkeypatch):
     """`mlflow run` makes its run first, in --experiment-name's experiment (else Default)."""
     client = client_for(in_workdir)
-    made = client.create_run(client.create_experiment("project")).info
+    made = client.create_run(client.create_experiment("project"), tags={schema.SOURCE_TYPE_TAG: "PROJECT"}).info
     monkeypatch.setenv("MLFLOW_RUN_ID", made.run_id)
     assert main(SEARCH) == 0
     runs = all_runs(in_workdir)

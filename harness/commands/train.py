@@ -74,11 +74,12 @@ def run(args) -> int:
     import mlflow
 
     from .. import tracking
+    from ..launched import VARIABLE, launched_id, launched_run
     from ..loop import History
 
-    run_id = os.environ.get("MLFLOW_RUN_ID")
+    run_id = launched_id()
     if args.resume and run_id and args.resume != run_id:
-        raise UsageError(f"--resume {args.resume} under `mlflow run`, which made run {run_id}: resume outside it")
+        raise UsageError(f"--resume {args.resume} with {VARIABLE}={run_id} (`mlflow run`'s run): resume outside it")
     started = time.time()
     resumed, adopted = None, None
     process = identity()  # its lease taken before anything is written
@@ -88,7 +89,7 @@ def run(args) -> int:
             resumed = _resumable(client, args.resume, cfg, experiment)
             run_id, experiment_id, skip = args.resume, resumed.experiment_id, resumed.params
         elif run_id:  # under `mlflow run`: log into the run MLflow created
-            existing = client.get_run(run_id)
+            existing = launched_run(client)
             experiment_id, skip = existing.info.experiment_id, set(existing.data.params)
             adopted = existing.data.tags
         else:

@@ -1,11 +1,11 @@
 """A study's parent run in MLflow: found or created once for all workers, and its summary."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from .. import schema, tracking
-from ..errors import first_line
+from ..errors import UsageError, first_line
+from ..launched import launched_run
 from ..experiment import Experiment
 from ..schema import PARENT_ATTR, ROLE_STUDY, ROLE_TAG
 from ..sink import RunSink
@@ -46,6 +46,8 @@ class ParentRun:
             known = study.user_attrs.get(PARENT_ATTR)
             try:
                 experiment_id, run_id = _find_or_create(sink, study, options.mlflow_experiment, known, tags, params)
+            except UsageError:  # $MLFLOW_RUN_ID names a run that is not this invocation's
+                raise
             except Exception as exc:
                 raise TrackingFailed(f"cannot open the study's parent run: {first_line(exc)}") from None
             if known != run_id:
@@ -72,7 +74,8 @@ def _find_or_create(sink: RunSink, study, mlflow_experiment: str | None, known: 
     from mlflow.exceptions import MlflowException
 
     client = sink.client
-    launched = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run` made this run for the invocation
+    made = launched_run(client, own=known)  # `mlflow run` made this run for the invocation
+    launched = made.info.run_id if made is not None else None
     for candidate in (known, launched):
         if not candidate:
             continue

@@ -11,6 +11,8 @@ from optuna.trial import TrialState
 
 from .. import signals
 from ..errors import UsageError
+from ..launched import launched_run
+from ..schema import PARENT_ATTR
 from ..tracking import check_experiment, default_tracking_uri, open_client, unreachable
 from . import loop
 from . import study as study_module
@@ -82,6 +84,7 @@ def _open_study(options: SearchOptions):
         study = study_module.existing_study(options.study_name, storage, **study_args)
     client = _open_client(trials.mlflow_experiment, trials.experiment.name)
     _check_registry(client, options)
+    _check_launched(client, study)
     if study is None:
         storage = storage or study_module.open_storage(url, **storage_args)
         with study_lock(storage, options.study_name):  # another worker's may have come meanwhile: checked
@@ -103,6 +106,17 @@ def _open_client(mlflow_experiment: str | None, default: str):
     if refused:
         raise UsageError(refused)
     return client
+
+
+def _check_launched(client, study) -> None:
+    """Before the study is written: $MLFLOW_RUN_ID names `mlflow run`'s fresh run, or this study's parent."""
+    uri, started = default_tracking_uri(), time.time()
+    try:
+        launched_run(client, own=study.user_attrs.get(PARENT_ATTR) if study is not None else None)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise unreachable("the MLflow tracking store", uri, time.time() - started, exc) from None
 
 
 def _check_registry(client, options: SearchOptions) -> None:
