@@ -19,7 +19,7 @@ def run(args) -> int:
     from ..search import study as study_module
 
     url = args.storage or study_module.DEFAULT_STORAGE
-    study_module.check_storage(url)
+    study_module.check_storage(url, write=args.fix)
     from ..config import int_in
 
     heartbeat = int_in("--heartbeat", args.heartbeat, 1, study_module.MAX_HEARTBEAT_S)
@@ -50,6 +50,8 @@ def run(args) -> int:
     from ..fast.mlflow_sql import DirectWriter
 
     client = read_client()
+    if args.fix:  # every check passed: what damage the journal has is repaired before the audit writes
+        study_module.repair_journal(storage)
     report = audit(study, storage, client, fix=args.fix, direct=DirectWriter.for_client(client))
     report.fixed[:0], report.violations[:0] = journal_fixed, journal_violations
     for line in journal_notes:
