@@ -30,7 +30,7 @@ from harness.search.objective import Objective
 from harness.search.durable.optuna_private import storage_of
 from harness.search.loop import StudyFull, ask
 from harness.search.durable.storages import describe, lock_file, study_lock
-from harness.search.study import create_study, existing_study, make_pruner, open_storage
+from harness.search.study import create_study, existing_study, make_pruner, open_storage, repair_journal
 from harness.fast.mlflow_sql import sink_for
 from harness.sink import close_incomplete
 from harness.tracking import RunRecord
@@ -188,7 +188,7 @@ def test_an_in_memory_storage_gets_a_lock_that_excludes_nobody():
 
 # ---- 3. a torn journal ----------------------------------------------------------------------------
 
-def test_a_torn_journal_is_repaired_on_open_and_every_complete_trial_survives(tmp_path, monkeypatch):
+def test_a_torn_journal_is_repaired_once_checks_passed_and_every_complete_trial_survives(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "j.log"
     url = f"journal:{path}"
@@ -204,6 +204,8 @@ def test_a_torn_journal_is_repaired_on_open_and_every_complete_trial_survives(tm
 
     said = []
     storage = open_storage(url, notify=said.append)
+    assert path.read_bytes() == intact[:-7] and not said  # opening writes nothing: a command may yet refuse
+    repair_journal(storage)  # what a command does once its checks passed
     assert path.read_bytes() == intact[:last_line]  # cut back to the last complete line
     [copy] = tmp_path.glob("j.log.torn-*")
     assert copy.read_bytes() == intact[last_line:-7]  # what was cut is kept

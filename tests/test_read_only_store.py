@@ -92,7 +92,7 @@ def test_predict_compare_audit_and_reproduce_read_a_store_nobody_may_write(archi
     # OSError from Optuna's lock).
     for writer in (["audit", "--study", "s", "--fix"], ["search", "--n-trials", 1, "--study-name", "s"]):
         out = as_reader(*writer, cwd=store, env=cli_env())
-        assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr  # bad input: checked first
         assert "the Optuna journal 'optuna_journal.log' cannot be written here ('.' is not writable by" in out.stderr
     # Registering writes to the MLflow store (issue 26: a bare "PermissionError: [Errno 13]", or 30 on
     # a read-only mount): one line naming it, exit 1 (a store failure), before anything is written.

@@ -256,6 +256,7 @@ def test_the_journal_s_bound_is_the_memory_its_replay_needs_not_a_fixed_size(tmp
 
     path = tmp_path / "j.log"
     with open(path, "wb") as f:
+        f.write(b'{"op_code":0,"worker_id":"w","study_name":"s","directions":[1]}\n')  # a journal's first line
         f.truncate(3 << 30)  # sparse: no disk is used
     monkeypatch.setattr(study, "memory_bytes", lambda: 32 << 30)
     assert study.journal_path(f"journal:{path}") == str(path)

@@ -50,6 +50,8 @@ def run(args) -> int:
     from ..fast.mlflow_sql import DirectWriter
 
     client = read_client()
+    if args.fix:  # every check passed: what damage the journal has is repaired before the audit writes
+        study_module.repair_journal(storage)
     report = audit(study, storage, client, fix=args.fix, direct=DirectWriter.for_client(client))
     report.fixed[:0], report.violations[:0] = journal_fixed, journal_violations
     for line in journal_notes:

@@ -85,6 +85,8 @@ def _open_study(options: SearchOptions):
     client = _open_client(trials.mlflow_experiment, trials.experiment.name)
     _check_registry(client, options)
     _check_launched(client, study)
+    if storage is not None:  # every check passed: damage a crash left in the journal is cut now
+        study_module.repair_journal(storage)
     if study is None:
         storage = storage or study_module.open_storage(url, **storage_args)
         with study_lock(storage, options.study_name):  # another worker's may have come meanwhile: checked

@@ -71,7 +71,9 @@ def check_storage(url: str, writes: bool = True) -> str:
     scheme = storage_scheme(url)
     check_credentials(url, "storage")
     if scheme == "journal":
-        journal_path(url)
+        path = journal_path(url)
+        if writes:
+            check_journal_writable(path)
     elif scheme == "sqlite":
         database = sqlite_path(url)
         if database is None:
@@ -93,8 +95,8 @@ def missing_journal(url: str) -> bool:
 def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_S,
                  repair: bool = True, notify=None):
     """An Optuna storage. ``journal:PATH`` is Optuna's journal file, safe for several processes;
-    damage a crash left in it is repaired first (see journal.py), unless ``repair`` is False, when
-    a journal that Optuna cannot read raises JournalDamaged.
+    damage a crash left in it is repaired before the first append or ``repair_journal`` (see
+    journal.py), unless ``repair`` is False, when a journal that Optuna cannot read raises JournalDamaged.
 
     RDB storages get Optuna's heartbeat: a trial whose worker stops beating for ``3 * heartbeat``
     seconds is failed and its configuration retried by the next worker that starts a trial.
@@ -131,21 +133,62 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
 
 
 def journal_path(url: str) -> str:
-    """The file of a ``journal:PATH`` URL, refused unless it is (or can become) a regular file."""
+    """The file of a ``journal:PATH`` URL, refused unless it is an Optuna journal or a path where a
+    regular file can be made (see _journal_file_error and journal.not_a_journal)."""
+    from .durable.journal import not_a_journal
+
     path = url.split(":", 1)[1]
     if not path:
         raise UsageError("--storage journal: needs a file path, e.g. journal:optuna_journal.log")
+    why = _journal_file_error(path)
+    if why:
+        raise UsageError(f"Optuna journal {path!r} {why}; a journal is a regular file, or a path in an existing "
+                         "folder where one can be made, e.g. journal:optuna_journal.log")
     target = Path(path)
-    if target.exists() and not target.is_file():
-        raise UsageError(f"Optuna journal {path!r} is not a regular file")
-    if target.exists() and target.stat().st_size > max_journal_bytes():
+    if not target.exists():
+        return path
+    if target.stat().st_size > max_journal_bytes():
         raise UsageError(f"Optuna journal {path!r} is {target.stat().st_size} bytes, more than this machine's "
                          f"{memory_bytes()} bytes of memory can replay (Optuna reads it whole, up to "
                          f"{JOURNAL_REPLAY_FACTOR}x its size); studies that large belong in an RDB storage "
                          "(postgresql://...)")
-    if not target.exists() and not target.parent.is_dir():
-        raise UsageError(f"cannot create Optuna journal {path!r}: {str(target.parent)!r} is not a directory")
+    try:
+        why = not_a_journal(path)
+    except OSError as exc:
+        raise UsageError(f"Optuna journal {path!r} cannot be read ({exc.strerror or exc})") from None
+    if why:
+        raise UsageError(f"{path!r} is not an Optuna journal: {why}; give journal:PATH a journal file, "
+                         "or a new path for a new one (nothing was written)")
     return path
+
+
+def _journal_file_error(path: str) -> str | None:
+    """What makes ``path`` no place for a journal file, whatever its form: a folder (a trailing slash
+    too), a device, FIFO or socket, a link to one or to nothing, a link loop; None where it is a
+    regular file or can become one."""
+    import stat
+
+    if os.path.basename(path) in ("", ".", ".."):
+        return "names a folder"
+    try:
+        linked = stat.S_ISLNK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        linked = None
+    except OSError as exc:  # a component that is a file, a name too long, no right to look
+        return f"cannot be looked up ({exc.strerror or exc})"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if linked:  # Optuna would create the file the link points to, wherever that is
+            return f"is a symbolic link to nothing ({os.readlink(path)!r})"
+        folder = os.path.dirname(path) or "."
+        return None if os.path.isdir(folder) else f"cannot be created: {folder!r} is not a directory"
+    except OSError as exc:  # a link loop
+        return f"cannot be opened ({exc.strerror or exc})"
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a device, FIFO or socket"
+        return f"is not a regular file ({kind}{', through a symbolic link' if linked else ''})"
+    return None
 
 
 def memory_bytes() -> int:
@@ -162,12 +205,15 @@ def max_journal_bytes() -> int:
     return max(MIN_JOURNAL_LIMIT, memory_bytes() // JOURNAL_REPLAY_FACTOR)
 
 
-def _check_writable(path: str) -> None:
+def check_journal_writable(path: str) -> None:
     """A journal this process must write, and the folder its lock files go in, writable by it: said
-    in one line with what still works, before Optuna's lock fails with a bare OSError."""
-    from ..errors import HarnessError
+    in one line with what still works, before anything (the MLflow store included) is made, and
+    before Optuna's lock fails with a bare OSError or waits forever on something in its place."""
+    from ..filelock import LOCK_SUFFIX
+    from .durable.journal import TORN_SUFFIX
+    from .durable.optuna_private import journal_lock_names
 
-    folder = Path(path).parent
+    folder = Path(os.path.dirname(path) or ".")
     for place in (folder, Path(path)):
         if place.exists() and not os.access(place, os.W_OK):
             try:  # the reason: a read-only file system, or the permissions
@@ -175,26 +221,40 @@ def _check_writable(path: str) -> None:
             except OSError:
                 readonly = False
             why = "on a read-only file system" if readonly else "not writable by this user"
-            raise HarnessError(f"the Optuna journal {path!r} cannot be written here ({str(place)!r} is {why}): a "
-                               "search and `audit --fix` append to it and lock it; `harness audit` without --fix, "
-                               "`compare`, `predict` and `reproduce` read it as it is, or copy the folder somewhere "
-                               "writable")
+            raise UsageError(f"the Optuna journal {path!r} cannot be written here ({str(place)!r} is {why}): a "
+                             "search and `audit --fix` append to it and lock it; `harness audit` without --fix, "
+                             "`compare`, `predict` and `reproduce` read it as it is, or copy the folder somewhere "
+                             "writable")
+    optuna_lock, longest = journal_lock_names(path)
+    name_max = os.pathconf(folder, "PC_NAME_MAX")
+    made = max(len(os.path.basename(name)) for name in (longest, path + LOCK_SUFFIX, path + TORN_SUFFIX + "x" * 24))
+    if made > name_max:
+        raise UsageError(f"Optuna journal {path!r}: its name is too long for the lock files made beside it "
+                         f"({made} characters, this file system takes {name_max}); use a shorter name")
+    # Optuna's lock is a symbolic link (one held, or left by a dead worker, which Optuna breaks after
+    # 30 s); anything else there it waits on forever. The harness's is a plain file it opens to append.
+    in_the_way = [(optuna_lock, "Optuna's lock, a symbolic link")] if os.path.lexists(optuna_lock) and \
+        not os.path.islink(optuna_lock) else []
+    harness_lock = Path(path + LOCK_SUFFIX)
+    if os.path.lexists(harness_lock) and (harness_lock.is_symlink() or not harness_lock.is_file()):
+        in_the_way.append((str(harness_lock), "the harness's lock file"))
+    if in_the_way:
+        lock, kind = in_the_way[0]
+        raise UsageError(f"Optuna journal {path!r}: {lock!r} is in the way of {kind}: remove it")
 
 
 def _open_journal(path: str, repair: bool, notify):
-    from ..errors import HarnessError
+    from ..errors import HarnessError, described
     from .durable.journal import Journal, JournalDamaged, full_damage
     from .durable.storages import HarnessJournalStorage
 
     def journal():
         return Journal(path, **({"notify": notify} if notify else {}))
 
-    if repair:  # a writer: it appends, and locks a file beside the journal
-        _check_writable(path)
+    if repair:  # a writer: it appends, and locks files beside the journal
+        check_journal_writable(path)
     opened = journal()
-    if repair:
-        opened.repair()  # a torn last line: cut before anything is appended after it
-    try:
+    try:  # a torn last line is no obstacle: Optuna skips it, and the first append cuts it
         return HarnessJournalStorage(opened)
     except (OSError, MemoryError, HarnessError):  # not the file's content: reading it again would not help
         raise
@@ -205,8 +265,24 @@ def _open_journal(path: str, repair: bool, notify):
         if not repair:
             raise JournalDamaged(f"{damage.describe(path)}: Optuna cannot read past it; "
                                  "`harness audit --fix` repairs it (keeping a copy of what it removes)") from None
-        opened.repair(whole=True)
-        return HarnessJournalStorage(journal())  # a fresh backend: the old one's offsets predate the repair
+    owing = journal()  # a fresh backend: the old one's offsets are the damaged file's
+    owing.owe_repair(damage)
+    try:
+        return HarnessJournalStorage(owing)
+    except Exception as exc:  # noqa: BLE001 - whatever the replay raises, said in one line; nothing written
+        raise HarnessError(f"{damage.describe(path)}, and Optuna cannot read it even without those lines "
+                           f"({described(exc)}); nothing was changed") from None
+
+
+def repair_journal(storage) -> None:
+    """Repair now what damage a journal storage was opened with (see journal.Journal.owe_repair): a
+    command calls it once every check of its input passed, before it writes; other storages: nothing."""
+    from .durable.journal import Journal
+    from .durable.optuna_private import journal_log
+
+    log = journal_log(storage)
+    if isinstance(log, Journal):  # a plain Optuna backend (a script's own) repairs nothing
+        log.repair()
 
 
 def make_sampler(name: str, seed: int | None, space: SearchSpace) -> optuna.samplers.BaseSampler:

@@ -16,6 +16,12 @@ A line that is JSON but not an operation this Optuna replays (an unknown op code
 or of the wrong type, a value the replay cannot apply) stops Optuna's replay as surely as a torn
 one, with a traceback instead of a message: it is damage too, found and removed the same way.
 
+Repair touches only a file that is recognisably an Optuna journal (``not_a_journal``): empty (a
+new one), or its first line an operation (or the start of one, cut short), and no bytes that are not
+UTF-8 outside a torn tail. Anything else given as a journal (an MLflow store, someone's notes) is
+refused as bad input before a byte of it is written. A search or ``audit --fix`` owes the repair
+until every check of the command passed: meanwhile Optuna reads what the repair will leave.
+
 A write that fails (no space left, say) is taken back (the file is truncated to where it was)
 and raised as ``JournalWriteError``: the journal never holds half an operation of this process.
 """
@@ -30,7 +36,7 @@ from pathlib import Path
 
 from optuna.storages.journal import JournalFileBackend
 
-from ...errors import HarnessError
+from ...errors import HarnessError, UsageError
 from . import optuna_private
 
 TORN_SUFFIX = ".torn-"
@@ -45,6 +51,39 @@ class JournalWriteError(HarnessError):
 
 class JournalDamaged(HarnessError):
     """The journal has damaged lines that a read-only command does not repair."""
+
+
+class NotAJournal(UsageError):
+    """A file given as a journal that no Optuna wrote: it is never repaired, nor written."""
+
+
+_SQLITE = b"SQLite format 3\x00"
+
+
+def not_a_journal(path: str) -> str | None:
+    """Why the file at ``path`` is not recognisably an Optuna journal; None when it is one (or empty:
+    a new one). Reads its first line only; ``full_damage`` checks the rest is text."""
+    # O_NONBLOCK: a /proc file that would block (kmsg) answers at once
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        first = bytearray(f.read(_TAIL_CHUNK))
+        while first[:1] == b"{" and b"\n" not in first:  # a long first line is read to its end
+            more = f.read(1 << 20)
+            if not more:
+                break
+            first += more
+    if not first:
+        return None
+    if os.stat(path).st_size == 0:
+        return "its size is 0 while it reads as text: a /proc or /sys file, not one on disk"
+    if first.startswith(_SQLITE):
+        return "it is a SQLite database (an MLflow store?); an SQLite storage is sqlite:///PATH"
+    line, newline, _ = bytes(first).partition(b"\n")
+    if not newline:  # the file is one write cut short: the start of an operation, or not a journal
+        return None if line[:len(_OP)] == _OP[:len(line)] else "its first line is no Optuna operation"
+    why = operation_error(_parse(line))
+    if why is None or (line.startswith(_OP) and _salvage(line) is not None):
+        return None  # an operation, or one appended after a first write cut short
+    return f"its first line is no Optuna operation ({why})"
 
 
 @dataclass
@@ -123,8 +162,8 @@ def operation_error(log) -> str | None:
 
 
 def _parse(line: bytes):
-    try:
-        return json.loads(line)
+    try:  # UTF-8 only: what Optuna writes, and what json.loads would read as UTF-16 is no journal line
+        return json.loads(line.decode("utf-8"))
     except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, digits past int's limit
         return None
 
@@ -170,6 +209,11 @@ def full_damage(path: str) -> Damage | None:
     data = Path(path).read_bytes()
     lines = data.split(b"\n")
     torn_tail = lines.pop()  # b"" when the file ends in a newline
+    try:  # a crash cuts text short; it never writes bytes that are not text before the last newline
+        data[:len(data) - len(torn_tail)].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise NotAJournal(f"{path!r} is not an Optuna journal: byte {exc.start} is not UTF-8 text, which Optuna "
+                          "never writes; nothing was changed") from None
     replay = optuna_private.replay_result()
     offset, keep, cut, kept, salvaged, bad, first = 0, None, [], [], 0, 0, ""
     for number, raw in enumerate(lines, start=1):
@@ -278,11 +322,22 @@ class Journal(JournalFileBackend):
         self.path = file_path
         self._notify = notify
         self._clean_size: int | None = None  # the size this process left the file at, known clean
+        self._owed: list[dict] | None = None  # damage found, not yet repaired: the logs the repair leaves
 
     def lock(self):
         return optuna_private.journal_lock(self)
 
+    def owe_repair(self, damage: Damage) -> None:
+        """Read the journal as ``damage``'s repair will leave it, and repair it before the first
+        append (or ``repair()``): a command refused meanwhile has changed nothing."""
+        with open(self.path, "rb") as f:
+            kept = f.read(damage.keep) + damage.rewrite
+        self._owed = [json.loads(line) for line in kept.splitlines()]
+
     def read_logs(self, log_number_from: int):
+        if self._owed is not None:
+            yield from self._owed[log_number_from:]
+            return
         for log in super().read_logs(log_number_from):
             why = operation_error(log)
             if why is not None:  # Optuna's replay would stop at it with a traceback: damage
@@ -290,11 +345,13 @@ class Journal(JournalFileBackend):
             yield log
 
     def repair(self, whole: bool = False) -> str | None:
-        """Repair the damage now (the tail only, unless ``whole``); returns what was done, or None."""
+        """Repair the damage now (the tail only, unless ``whole`` or a repair is owed); returns what
+        was done, or None."""
         with self.lock():
             return self._repair_locked(whole)
 
     def _repair_locked(self, whole: bool) -> str | None:
+        whole, self._owed = whole or self._owed is not None, None  # the file holds what the view showed
         damage = full_damage(self.path) if whole else tail_damage(self.path)
         if damage is None:
             return None
@@ -309,7 +366,8 @@ class Journal(JournalFileBackend):
     def append_logs(self, logs: list[dict]) -> None:
         data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode()
         with self.lock():
-            if os.path.getsize(self.path) != self._clean_size:  # another process wrote since
+            # Owed damage, or another process wrote since: a tear it left is cut before this append.
+            if self._owed is not None or os.path.getsize(self.path) != self._clean_size:
                 self._repair_locked(whole=False)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             try:

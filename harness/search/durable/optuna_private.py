@@ -15,7 +15,8 @@ Why each is needed (Optuna has no public way to do these):
   ``after_trial`` calls it once its grid is used up) raises outside ``Study.optimize``'s loop, in the
   middle of ``tell``, before the trial's state is written; the harness's loop runs trials as that loop
   does, and stops when asked as it does.
-- ``_CachedStorage._backend``, ``JournalStorage._backend._file_path``, ``study._storage``, ``FrozenTrial._trial_id``: to reach the storage
+- the journal file lock's suffixes: a journal's name must leave room for them (study.py).
+- ``_CachedStorage._backend``, ``JournalStorage._backend`` and its ``_file_path``, ``study._storage``, ``FrozenTrial._trial_id``: to reach the storage
   a study or trial lives in, and to set a finished trial's state (audit --fix).
 """
 from __future__ import annotations
@@ -37,6 +38,15 @@ def journal_lock(file_backend):
     from optuna.storages.journal._file import get_lock_file
 
     return get_lock_file(file_backend._lock)
+
+
+def journal_lock_names(path: str) -> tuple[str, str]:
+    """The lock Optuna's journal file backend makes beside ``path`` (a symbolic link), and the
+    longest name it makes there (the lock renamed on release)."""
+    from optuna.storages.journal._file import LOCK_FILE_SUFFIX, RENAME_FILE_SUFFIX
+
+    lock = path + LOCK_FILE_SUFFIX
+    return lock, lock + "x" * 36 + RENAME_FILE_SUFFIX  # a uuid4's 36 characters
 
 
 def journal_operations():
@@ -63,6 +73,14 @@ def backend(storage):
     from optuna.storages._cached_storage import _CachedStorage
 
     return storage._backend if isinstance(storage, _CachedStorage) else storage
+
+
+def journal_log(storage):
+    """The log backend of a JournalStorage (None for another storage)."""
+    from optuna.storages import JournalStorage
+
+    storage = backend(storage)
+    return storage._backend if isinstance(storage, JournalStorage) else None
 
 
 def journal_file(storage) -> str | None:
