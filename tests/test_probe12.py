@@ -46,7 +46,7 @@ HOOKED = (ROOT / "experiments" / "linear_regression.py").read_text().replace(
 
 def hooked(workdir, monkeypatch, hook: str, start: int = 1, kind: str = "error") -> str:
     """The experiment file; its error's message is the test's own (each distinct line is said once a process)."""
-    monkeypatch.setenv("TAG", f" ({os.environ['PYTEST_CURRENT_TEST'].split('::')[-1].split(' ')[0]})")
+    monkeypatch.setenv("TAG", f" ({os.environ['PYTEST_CURRENT_TEST'].split('::')[-1].rsplit(' (', 1)[0]})")
     (workdir / "lr2.py").write_text(HOOKED.replace('name="linear_regression"', 'name="lr2"'))
     monkeypatch.setenv("HOOK", hook)
     monkeypatch.setenv("FROM", str(start))
@@ -106,3 +106,46 @@ def test_scalars_that_raise_after_training_fail_the_trial_and_the_search_goes_on
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert [t.state.name for t in journal_study(workdir, "lr2-search").trials] == ["FAIL", "FAIL"]
     assert "RUNNING" not in statuses(workdir)
+
+
+@pytest.mark.parametrize("kind,named,batch", [("exit", "SystemExit: 3", 1), ("base", "Custom: user base exception", 1),
+                                              ("exit", "SystemExit: 3", 2)])
+def test_sys_exit_in_the_experiment_s_code_stops_a_search_in_one_line_with_nothing_left_running(
+        workdir, cli_in_process, monkeypatch, kind, named, batch):
+    """Was: exit 3 with no message (or exit 1 with a traceback), the parent run left RUNNING. The trial
+    fails with the reason, the search stops (the code asked to), exit 1, and the parent is closed."""
+    experiment = hooked(workdir, monkeypatch, "forward", start=30, kind=kind)
+    out = cli_in_process("search", "--experiment", experiment, "--n-trials", 2, "--epochs-range", 20, 30,
+                         "--pruner", "none", "--pairs", "sgd+l1", "--no-progress", "--batch", batch, cwd=workdir)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    lines = [l for l in out.stderr.strip().splitlines() if not l.startswith("harness: --batch")]  # its note
+    line = lines[-1]
+    assert len(lines) == 1, lines
+    assert line.startswith("harness: error: the search stopped: the experiment's code raised at epoch") and \
+        named in line and "resume with: harness search" in line, line
+    assert [t.state.name for t in journal_study(workdir, "lr2-search").trials] == ["FAIL"] * batch
+    assert statuses(workdir) == ["FAILED"] * batch + ["FINISHED"]  # the trials' runs, the parent
+    for trial_run in [r for r in all_runs(workdir) if r.info.status == "FAILED"]:
+        assert named in trial_run.data.tags["harness.fail_reason"]
+
+
+@pytest.mark.parametrize("kind,named", [("exit", "SystemExit: 3"), ("base", "Custom: user base exception")])
+def test_sys_exit_in_the_experiment_s_code_fails_a_train_run_in_one_line(workdir, cli_in_process, monkeypatch,
+                                                                         kind, named):
+    experiment = hooked(workdir, monkeypatch, "forward", start=30, kind=kind)
+    out = cli_in_process("train", "--epochs", 20, "--experiment", experiment, cwd=workdir)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith(named), out.stderr
+    [run] = all_runs(workdir)
+    assert run.info.status == "FAILED" and named in run.data.tags["harness.fail_reason"]
+
+
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_sys_exit_in_the_pre_flight_check_is_refused_in_one_line_before_anything_is_written(
+        workdir, cli_in_process, monkeypatch, command):
+    experiment = hooked(workdir, monkeypatch, "forward", kind="exit")
+    out = cli_in_process(command, "--experiment", experiment, "--epochs", 2, cwd=workdir) if command == "train" \
+        else cli_in_process(command, "--experiment", experiment, "--n-trials", 1, "--no-progress", cwd=workdir)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "harness: error: experiment 'lr2' cannot train with sgd+l1, no hyperparameters: SystemExit: 3"], out.stderr
+    assert all_runs(workdir) == [] and not (workdir / "optuna_journal.log").exists()

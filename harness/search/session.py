@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import signals
-from ..errors import UsageError
+from ..errors import ExperimentExit, UsageError
 from ..tracking import check_experiment, default_tracking_uri, open_client, unreachable
 from . import loop
 from . import study as study_module
@@ -30,7 +30,7 @@ class Outcome:
     ran: bool  # False: --max-trials left nothing to run (said on stdout)
     parent_run_id: str | None = None
     seconds: float = 0.0
-    failure: BaseException | None = None  # the store failure that stopped the search
+    failure: BaseException | None = None  # the store failure (or the ExperimentExit) that stopped the search
     interrupted: bool = False
     published: tuple[str, ...] = ()  # the MLflow Models logged and registered at its end (search.publish)
 
@@ -160,11 +160,12 @@ def _optimize(study, objective, n_trials: int, options: SearchOptions) -> tuple[
 
 
 def _store_failure(exc: BaseException):
-    """The journal or tracking failure behind ``exc`` (following Optuna's wrapping), or None."""
+    """The journal or tracking failure, or the experiment's sys.exit(), behind ``exc`` (following
+    Optuna's wrapping), or None."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (JournalWriteError, TrackingFailed)):
+        if isinstance(exc, (JournalWriteError, TrackingFailed, ExperimentExit)):
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
