@@ -41,6 +41,7 @@ HOOKED = (ROOT / "experiments" / "linear_regression.py").read_text().replace(
     '    raises("plot")').replace(
     '    return {"weight": model.weights.item(), "bias": model.bias.item()}',
     '    raises("scalars")\n    return {"weight": model.weights.item(), "bias": model.bias.item()}').replace(
+    "        super().__init__()\n", "        super().__init__()\n        raises('model')\n").replace(
     "        return self.weights * x + self.bias", "        raises('forward')\n        return self.weights * x + self.bias")
 
 
@@ -149,3 +150,53 @@ def test_sys_exit_in_the_pre_flight_check_is_refused_in_one_line_before_anything
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "harness: error: experiment 'lr2' cannot train with sgd+l1, no hyperparameters: SystemExit: 3"], out.stderr
     assert all_runs(workdir) == [] and not (workdir / "optuna_journal.log").exists()
+
+
+@pytest.mark.parametrize("register", [False, True])
+def test_the_experiment_s_model_failing_at_the_end_keeps_the_search_s_report(workdir, cli_in_process, monkeypatch,
+                                                                              register):
+    """make_model raising from its 4th call: the pre-flight check and both trials build it, the MLflow Model
+    at the end does not. Was: exit 2 'cannot build its model' after both trials were written, no summary."""
+    experiment = hooked(workdir, monkeypatch, "model", start=4)
+    out = cli_in_process("search", "--experiment", experiment, "--n-trials", 2, "--epochs-range", 2, 5,
+                         "--pruner", "none", "--pairs", "sgd+l1", "--models", "all", "--no-progress",
+                         *(["--register", "lr2-model"] if register else []), cwd=workdir)
+    assert out.returncode == (1 if register else 0) and "Traceback" not in out.stderr, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert "no MLflow Model logged: experiment 'lr2' cannot build its model" in line, line
+    assert ("nothing registered as 'lr2-model'" in line) == register
+    assert "top trials:" in out.stdout and "2 trials (2 complete)" in out.stdout, out.stdout
+    assert [t.state.name for t in journal_study(workdir, "lr2-search").trials] == ["COMPLETE", "COMPLETE"]
+    assert statuses(workdir) == ["FINISHED"] * 3
+    client = client_for(workdir)
+    assert client.search_logged_models([r.info.experiment_id for r in all_runs(workdir)][:1]) == []
+    assert client.search_registered_models() == []
+
+
+def test_a_signal_while_the_models_are_logged_stops_after_the_one_in_hand(workdir, cli_in_process, monkeypatch):
+    """Was: 'interrupt received; finishing the record first, then stopping', then every model logged, exit 0.
+    The model in hand is logged whole (signals are held), no other is started, exit 130."""
+    import os
+    import signal
+
+    from harness import models
+
+    real, calls = models.log_run_model, []
+
+    def interrupted_while_logging(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "log_run_model", interrupted_while_logging)
+    out = cli_in_process("search", "--n-trials", 3, "--epochs-range", 2, 5, "--pruner", "none", "--models", "all",
+                         "--no-progress", cwd=workdir)
+    assert out.returncode == 130 and "Traceback" not in out.stderr, out.stderr
+    assert len(calls) == 1 and "harness: interrupted" in out.stderr, out.stderr
+    client = client_for(workdir)
+    [model] = client.search_logged_models([all_runs(workdir)[0].info.experiment_id])
+    assert model.status.name == "READY" and model.source_run_id == calls[0]
+    assert "RUNNING" not in statuses(workdir)
+    assert [t.state.name for t in journal_study(workdir).trials] == ["COMPLETE"] * 3

@@ -131,6 +131,9 @@ def _exit_status(args, outcome, url: str) -> int:
               f"`harness audit --study {shlex.quote(study.study_name)} --fix` closes what was left open, "
               f"then resume with: {resume}", file=sys.stderr)
         return 1
+    if outcome.not_published is not None:
+        print(f"harness: error: {outcome.not_published}", file=sys.stderr)
+        return 1
     if outcome.interrupted:
         print(f"harness: interrupted; resume with: {resume}", file=sys.stderr)
         return 130

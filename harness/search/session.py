@@ -18,7 +18,7 @@ from .durable.audit import recover_stale, recover_unfinished
 from .durable.journal import JournalWriteError
 from .objective import Objective
 from .options import SearchOptions
-from .publish import publish
+from .publish import NotPublished, publish
 from .recorder import TrackingFailed
 from .durable.storages import study_lock
 
@@ -33,6 +33,7 @@ class Outcome:
     failure: BaseException | None = None  # the store failure (or the ExperimentExit) that stopped the search
     interrupted: bool = False
     published: tuple[str, ...] = ()  # the MLflow Models logged and registered at its end (search.publish)
+    not_published: NotPublished | None = None  # why --register registered nothing at the end
 
 
 def run_search(options: SearchOptions) -> Outcome:
@@ -54,11 +55,15 @@ def run_search(options: SearchOptions) -> Outcome:
         errors = objective.close()
         interrupted = interrupted or signals.interrupted()
         failure = stopped_by or (errors[0] if errors else None)
-        published = ()
+        published, not_published = [], None
         if parent_run_id is not None and failure is None and not interrupted:
-            published = tuple(publish(study, client, options.trials, options.models, options.register))
+            try:
+                published = publish(study, client, options.trials, options.models, options.register)
+            except NotPublished as exc:  # the trials stand: the report is printed, then this line
+                not_published = exc
         return Outcome(study, ran=True, parent_run_id=parent_run_id, seconds=time.time() - started,
-                       failure=failure, interrupted=interrupted, published=published)
+                       failure=failure, interrupted=interrupted or signals.interrupted(), published=tuple(published),
+                       not_published=not_published)
 
 
 def _open_study(options: SearchOptions):
