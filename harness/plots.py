@@ -36,7 +36,7 @@ def predictions(experiment: Experiment, data: Data, predicted) -> Figure | None:
     try:
         experiment.plot_predictions(fig.add_subplot(), data, predicted)
     except Exception as exc:  # the experiment's own code: the figure is left out, the run keeps the rest
-        _said_once(f"harness: the predictions figure is left out: experiment {experiment.name!r}'s "
+        _said_once(f"harness: the predictions figure is left out: experiment {experiment.name!r}: its "
                    f"plot_predictions raised {described(exc)}")
         return None
     return fig

@@ -200,3 +200,25 @@ def test_a_signal_while_the_models_are_logged_stops_after_the_one_in_hand(workdi
     assert model.status.name == "READY" and model.source_run_id == calls[0]
     assert "RUNNING" not in statuses(workdir)
     assert [t.state.name for t in journal_study(workdir).trials] == ["COMPLETE"] * 3
+
+
+@pytest.mark.parametrize("hook,start,named", [("forward", 3, "the experiment's code raised at epoch 0"),
+                                              ("scalars", 2, "scalars() raised"), ("plot", 1, None)])
+def test_reproduce_of_an_experiment_whose_code_raises_says_it_in_one_line(workdir, cli_in_process, monkeypatch,
+                                                                          hook, start, named):
+    """Was: a traceback (reproduce trains before it logs: nothing is written). A plot that raises leaves
+    out its figure, and the run is still reproduced."""
+    experiment = hooked(workdir, monkeypatch, "none")
+    assert cli_in_process("train", "--epochs", 3, "--experiment", experiment, cwd=workdir).returncode == 0
+    [run] = all_runs(workdir)
+    monkeypatch.setenv("HOOK", hook)
+    monkeypatch.setenv("FROM", str(start))
+    monkeypatch.setenv("TAG", os.environ["TAG"] + hook)  # counted anew
+    out = cli_in_process("reproduce", run.info.run_id, "--experiment", experiment, cwd=workdir)
+    assert "Traceback" not in out.stderr, out.stderr
+    if named is None:
+        assert out.returncode == 0 and "reproduced run" in out.stdout, out.stderr
+        return
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        f"harness: error: {named}" + out.stderr.strip().split(named, 1)[1]], out.stderr
+    assert f"user {hook} failed" in out.stderr and len(all_runs(workdir)) == 1
