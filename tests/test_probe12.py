@@ -179,8 +179,10 @@ def test_a_signal_while_the_models_are_logged_stops_after_the_one_in_hand(workdi
     import os
     import signal
 
-    from harness import models
+    from harness import models, signals
 
+    monkeypatch.setattr(signals, "_received", [])  # this process's signals: none before, none kept after
+    monkeypatch.setattr(signals, "_acted", [0])
     real, calls = models.log_run_model, []
 
     def interrupted_while_logging(*args, **kwargs):
