@@ -7,7 +7,7 @@ import signal
 import sys
 
 from .commands import Parser
-from .errors import HarnessError, UsageError, first_line
+from .errors import ExperimentCodeError, HarnessError, UsageError, first_line
 
 COMMANDS = ("train", "search", "compare", "predict", "register", "reproduce", "audit", "cluster")
 
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except HarnessError as exc:
         print(f"harness: {exc}", file=sys.stderr)
+        return 1
+    except ExperimentCodeError as exc:  # where no command closes a run with it (reproduce trains before it logs)
+        print(f"harness: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr)

@@ -43,6 +43,12 @@ class ExperimentCodeError(RuntimeError):
     fails with this one line as its reason, and a search goes on with its next trial."""
 
 
+class ExperimentExit(ExperimentCodeError):
+    """The experiment's own code raised a BaseException that is neither an error nor an interrupt
+    (``sys.exit()``, its own class): the run fails with it as any, and the command ends there (exit
+    1): a search does not go on, since the code asked to stop."""
+
+
 def shown(names, most: int = 8, width: int = 40) -> str:
     """Names for a message, each and the list cut short: a name may be anything an experiment made."""
     cut = [repr(n if len(n) <= width else n[:width] + "...") for n in map(str, list(names)[:most])]

@@ -289,7 +289,10 @@ class Experiment:
 
     def final_values(self, model: nn.Module) -> dict[str, float]:
         """What a run reads off its trained model: the experiment's scalars and their errors."""
-        scalars = self.scalars(model)
+        try:
+            scalars = self.scalars(model)
+        except Exception as exc:  # after the training loop, whose handling made the others one line
+            raise ExperimentCodeError(f"scalars() raised {described(exc)}") from None
         if not isinstance(scalars, Mapping):
             raise ExperimentCodeError(f"scalars() must return a dict of names to numbers, got {type(scalars).__name__}")
         numbers = {}

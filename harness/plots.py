@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import io
+import sys
+import threading
 
 from matplotlib.figure import Figure
 
+from .errors import described
 from .experiment import Data, Experiment
 from .schema import LOSS_CURVES, PREDICTIONS, TEST_LOSS, TRAIN_LOSS
 
@@ -30,8 +33,26 @@ def predictions(experiment: Experiment, data: Data, predicted) -> Figure | None:
     if experiment.plot_predictions is None or predicted is None:
         return None
     fig = Figure(figsize=(10, 7))
-    experiment.plot_predictions(fig.add_subplot(), data, predicted)
+    try:
+        experiment.plot_predictions(fig.add_subplot(), data, predicted)
+    except Exception as exc:  # the experiment's own code: the figure is left out, the run keeps the rest
+        _said_once(f"harness: the predictions figure is left out: experiment {experiment.name!r}: its "
+                   f"plot_predictions raised {described(exc)}")
+        return None
     return fig
+
+
+_said: set[str] = set()
+_said_lock = threading.Lock()  # trials' figures are drawn on the recorder's threads
+
+
+def _said_once(line: str) -> None:
+    """Each distinct line once a process: a search draws the same failing figure for every trial."""
+    with _said_lock:
+        if line in _said:
+            return
+        _said.add(line)
+    print(line, file=sys.stderr, flush=True)
 
 
 def render(experiment: Experiment, values: dict[str, list[float]], data: Data, predicted) -> dict[str, Figure]:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from .config import TrainConfig, per_epoch
-from .errors import ExperimentCodeError, UsageError, described
+from .errors import ExperimentCodeError, ExperimentExit, UsageError, described
 from .experiment import Data, Datasets, Experiment
 from . import checkpoint, registry, signals, tracking
 from .checkpoint import Checkpoints
@@ -166,9 +166,9 @@ def preflight(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets, r
             also = f", and the final values {', '.join(finals)}" if finals else ""
             raise UsageError(f"the run is selected on {metric!r}, which it does not record; it records "
                              f"{', '.join(names)}{also}")
-    except UsageError:
+    except (UsageError, KeyboardInterrupt):
         raise
-    except Exception as exc:
+    except BaseException as exc:  # sys.exit() too: nothing is written yet, the input is refused
         raise UsageError(f"experiment {experiment.name!r} cannot train with {cfg.optimizer}+{cfg.loss}, "
                          f"{_hparams(cfg)}: {described(exc)}") from None
     finally:
@@ -406,6 +406,15 @@ def experiment_code_error(exc: BaseException, epoch: int) -> ExperimentCodeError
             or type(exc).__module__.startswith(("harness.", "optuna", "mlflow")):
         return None
     return ExperimentCodeError(f"the experiment's code raised at epoch {epoch}: {described(exc)}")
+
+
+def experiment_exit(exc: BaseException, epoch: int) -> ExperimentExit | None:
+    """A BaseException out of the experiment's code that is no error and no interrupt, as the run's
+    failure that ends the command (ExperimentExit); None for an error or an interrupt, which keep
+    their handling."""
+    if isinstance(exc, (Exception, KeyboardInterrupt)):
+        return None
+    return ExperimentExit(f"the experiment's code raised at epoch {epoch}: {described(exc)}")
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -1,116 +1,226 @@
-"""What a twelfth outside probe broke (issue 26), each as its class: a live worker's lease looked for in
-the checker's cache folder, which each process finds from its own environment."""
+"""What a twelfth outside probe broke (issue 26), each as its class: the experiment's own code raising
+where the harness draws, reads or logs (not where it trains), a BaseException out of the user's code,
+and a signal while a search logs its models at the end."""
 import os
-import socket
-import subprocess
-import sys
+import textwrap
 
 import pytest
 
-from conftest import ROOT
-from harness import store_template
-from harness.search.durable import workers
+from conftest import ROOT, all_runs, client_for
+from search_helpers import journal_study
 
-HOLD = ("import json, time\nfrom harness.search.durable.workers import identity\n"
-        "print(json.dumps(identity()), flush=True)\ntime.sleep(600)")
+# The reference experiment whose hooks raise as the environment asks: HOOK names the one, FROM the
+# call from which it raises (make_model's first calls build the trials, later ones the MLflow Model).
+HOOKED = (ROOT / "experiments" / "linear_regression.py").read_text().replace(
+    "from harness.experiment import Data, Experiment",
+    textwrap.dedent("""\
+        import os
+        import sys
+        from harness.experiment import Data, Experiment
 
-
-@pytest.fixture
-def worker_in(tmp_path):
-    """A live harness process holding its lease, started with the environment given (HOME and
-    XDG_CACHE_HOME as a user's other shell may set them); yields its worker record."""
-    procs = []
-
-    def start(**env):
-        import json
-
-        full = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-        proc = subprocess.Popen([sys.executable, "-c", HOLD], stdout=subprocess.PIPE, env=full, text=True,
-                                cwd=tmp_path)
-        procs.append(proc)
-        return json.loads(proc.stdout.readline())
-
-    yield start
-    for proc in procs:
-        proc.kill()
-        proc.wait()
+        CALLS = {}
 
 
-@pytest.mark.parametrize("cache", ["absolute", "relative", "unset"])
-def test_a_live_worker_whose_cache_folder_is_not_the_checker_s_is_alive(worker_in, tmp_path, cache):
-    """A worker started with another XDG_CACHE_HOME (a relative one, which the XDG spec says to ignore,
-    or none) than the process checking it: audit --fix failed its trial while it trained, and the
-    worker died on its own finished trial with a traceback, its training lost."""
-    home = tmp_path / "home"
-    env = {"HOME": str(home), "XDG_CACHE_HOME": {"absolute": str(tmp_path / "other"), "relative": "cache",
-                                                 "unset": ""}[cache]}
-    record = worker_in(**env)
-    expected = (tmp_path / "other") if cache == "absolute" else home / ".cache"
-    assert record["leases"] == str(expected / "harness" / "leases" / socket.gethostname())
-    assert not (tmp_path / "cache").exists()  # a relative cache is not made in the working directory
-    assert workers.LEASES != workers.Path(record["leases"])
-    assert workers.alive(record) is True
-    assert workers.alive({k: v for k, v in record.items() if k != "leases"}) is False  # where it is not
+        def raises(hook):
+            key = hook, os.environ.get("TAG")  # the module is loaded once a process: counted a test apiece
+            CALLS[key] = CALLS.get(key, 0) + 1
+            if os.environ.get("HOOK") == hook and CALLS[key] >= int(os.environ.get("FROM", "1")):
+                kind = os.environ.get("KIND", "error")
+                if kind == "exit":
+                    sys.exit(3)
+                if kind == "base":
+                    raise Custom("user base exception")
+                raise RuntimeError(f"user {hook} failed{os.environ.get('TAG', '')}")
 
 
-@pytest.mark.parametrize("leases", [None, 3, "", "relative/leases", "/a\0b", "/" + "x" * 5000, ["/tmp"]])
-def test_a_record_naming_no_absolute_lease_folder_names_no_worker(leases):
-    record = {"host": socket.gethostname(), "pid": os.getpid(), "started": workers._start_time(os.getpid()),
-              "leases": leases}
-    assert not workers.is_identity(record)
-    assert workers.alive(record) is False
+        class Custom(BaseException):
+            pass
+        """)).replace(
+    '    """The reference\'s plot_predictions: training data, test data and the model\'s test predictions."""',
+    '    """The reference\'s plot_predictions: training data, test data and the model\'s test predictions."""\n'
+    '    raises("plot")').replace(
+    '    return {"weight": model.weights.item(), "bias": model.bias.item()}',
+    '    raises("scalars")\n    return {"weight": model.weights.item(), "bias": model.bias.item()}').replace(
+    "        super().__init__()\n", "        super().__init__()\n        raises('model')\n").replace(
+    "        return self.weights * x + self.bias", "        raises('forward')\n        return self.weights * x + self.bias")
 
 
-def test_a_recorded_lease_folder_anyone_else_may_enter_holds_no_lease(worker_in, tmp_path):
-    """A forged record may name any folder: a lease counts only in one of this user's that only this
-    user can enter (as the checker's own)."""
-    record = worker_in(XDG_CACHE_HOME=str(tmp_path / "other"))
-    os.chmod(record["leases"], 0o755)
-    assert workers.alive(record) is False
-    os.chmod(record["leases"], 0o700)
-    assert workers.alive(record) is True
+def hooked(workdir, monkeypatch, hook: str, start: int = 1, kind: str = "error") -> str:
+    """The experiment file; its error's message is the test's own (each distinct line is said once a process)."""
+    monkeypatch.setenv("TAG", f" ({os.environ['PYTEST_CURRENT_TEST'].split('::')[-1].rsplit(' (', 1)[0]})")
+    (workdir / "lr2.py").write_text(HOOKED.replace('name="linear_regression"', 'name="lr2"'))
+    monkeypatch.setenv("HOOK", hook)
+    monkeypatch.setenv("FROM", str(start))
+    monkeypatch.setenv("KIND", kind)
+    return "lr2.py"
 
 
-def test_the_user_s_cache_ignores_a_relative_xdg_cache_home(monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    for value in ("cache", "./cache", ""):
-        monkeypatch.setenv("XDG_CACHE_HOME", value)
-        assert store_template.user_cache() == tmp_path / ".cache"
-    monkeypatch.setenv("HOME", "relative-home")
-    assert store_template.user_cache() is None
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert store_template.user_cache() == tmp_path / "x"
+def statuses(workdir) -> list[str]:
+    return sorted(run.info.status for run in all_runs(workdir))
 
 
-def test_a_trial_another_process_closed_while_it_trained_is_one_line_and_the_search_goes_on(
-        workdir, cli_in_process, monkeypatch):
-    """Trial 0 is closed as FAIL by another process (audit --fix) while it trains: the worker died on
-    Optuna's UpdateFinishedTrialError with a traceback, and the trials after it never ran."""
-    import optuna
-    from optuna.trial import TrialState
+def test_a_plot_that_raises_leaves_the_figure_out_of_a_train_run_in_one_line(workdir, cli_in_process, monkeypatch):
+    """Was: exit 1, a traceback at plots.py, the fully trained run FAILED with no reason."""
+    experiment = hooked(workdir, monkeypatch, "plot")
+    out = cli_in_process("train", "--epochs", 3, "--experiment", experiment, cwd=workdir)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    [line] = [l for l in out.stderr.splitlines() if "plot_predictions" in l]
+    assert "RuntimeError: user plot failed (" in line and "left out" in line
+    [run] = all_runs(workdir)
+    assert run.info.status == "FINISHED" and "final_test_loss" in run.data.metrics
+    names = {a.path for a in client_for(workdir).list_artifacts(run.info.run_id)}
+    assert "state_dict.pt" in names and "loss_curves.png" in names and "predictions.png" not in names
 
-    from conftest import all_runs
-    from harness.search import trials as trials_module
 
-    train = trials_module.TrialRunner.train
+def test_a_plot_that_raises_in_a_search_leaves_the_figures_out_and_the_search_goes_on(workdir, cli_in_process,
+                                                                                     monkeypatch):
+    """Was: exit 1 'tracking failed: a write to the MLflow store failed', the search stopped, trial 0 FAILED.
+    The best trial's figures for the parent at the end go through the same drawing."""
+    experiment = hooked(workdir, monkeypatch, "plot")
+    out = cli_in_process("search", "--experiment", experiment, "--n-trials", 2, "--epochs-range", 2, 5,
+                         "--pruner", "none", "--trial-figures", "--no-progress", cwd=workdir)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert len([l for l in out.stderr.splitlines() if "plot_predictions" in l]) == 1, out.stderr
+    assert [t.state.name for t in journal_study(workdir, "lr2-search").trials] == ["COMPLETE", "COMPLETE"]
+    assert statuses(workdir) == ["FINISHED"] * 3
 
-    def closed_elsewhere(self, run):
-        train(self, run)
-        if run.trial.number == 0:  # as audit --fix does, in the storage, behind this worker's back
-            run.trial.storage.set_trial_state_values(run.trial._trial_id, TrialState.FAIL)
 
-    monkeypatch.setattr(trials_module.TrialRunner, "train", closed_elsewhere)
-    out = cli_in_process("search", "--n-trials", 3, "--epochs-range", 2, 3, "--pruner", "none", "--models", "none",
+def test_scalars_that_raise_after_training_fail_the_run_with_the_experiment_s_reason(workdir, cli_in_process,
+                                                                                   monkeypatch):
+    """scalars() is read off the trained model, after the training loop: it raised past the loop's
+    handling (a traceback, the run FAILED with no reason). Now it is the experiment's error as any other:
+    train exits 1 with one line, a search fails the trial and goes on."""
+    experiment = hooked(workdir, monkeypatch, "scalars", start=2)  # the first: the pre-flight check
+    out = cli_in_process("train", "--epochs", 3, "--experiment", experiment, cwd=workdir)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith("scalars() raised RuntimeError: user scalars failed "
+                                                       f"{os.environ['TAG'].strip()}"), out.stderr
+    [run] = all_runs(workdir)
+    assert run.info.status == "FAILED" and "scalars() raised" in run.data.tags["harness.fail_reason"]
+
+
+def test_scalars_that_raise_after_training_fail_the_trial_and_the_search_goes_on(workdir, cli_in_process,
+                                                                                monkeypatch):
+    experiment = hooked(workdir, monkeypatch, "scalars", start=2)
+    out = cli_in_process("search", "--experiment", experiment, "--n-trials", 2, "--epochs-range", 2, 5,
+                         "--pruner", "none", "--pairs", "sgd+l1", "--no-progress", cwd=workdir)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert [t.state.name for t in journal_study(workdir, "lr2-search").trials] == ["FAIL", "FAIL"]
+    assert "RUNNING" not in statuses(workdir)
+
+
+@pytest.mark.parametrize("kind,named,batch", [("exit", "SystemExit: 3", 1), ("base", "Custom: user base exception", 1),
+                                              ("exit", "SystemExit: 3", 2)])
+def test_sys_exit_in_the_experiment_s_code_stops_a_search_in_one_line_with_nothing_left_running(
+        workdir, cli_in_process, monkeypatch, kind, named, batch):
+    """Was: exit 3 with no message (or exit 1 with a traceback), the parent run left RUNNING. The trial
+    fails with the reason, the search stops (the code asked to), exit 1, and the parent is closed."""
+    experiment = hooked(workdir, monkeypatch, "forward", start=30, kind=kind)
+    out = cli_in_process("search", "--experiment", experiment, "--n-trials", 2, "--epochs-range", 20, 30,
+                         "--pruner", "none", "--pairs", "sgd+l1", "--no-progress", "--batch", batch, cwd=workdir)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    lines = [l for l in out.stderr.strip().splitlines() if not l.startswith("harness: --batch")]  # its note
+    line = lines[-1]
+    assert len(lines) == 1, lines
+    assert line.startswith("harness: error: the search stopped: the experiment's code raised at epoch") and \
+        named in line and "resume with: harness search" in line, line
+    assert [t.state.name for t in journal_study(workdir, "lr2-search").trials] == ["FAIL"] * batch
+    assert statuses(workdir) == ["FAILED"] * batch + ["FINISHED"]  # the trials' runs, the parent
+    for trial_run in [r for r in all_runs(workdir) if r.info.status == "FAILED"]:
+        assert named in trial_run.data.tags["harness.fail_reason"]
+
+
+@pytest.mark.parametrize("kind,named", [("exit", "SystemExit: 3"), ("base", "Custom: user base exception")])
+def test_sys_exit_in_the_experiment_s_code_fails_a_train_run_in_one_line(workdir, cli_in_process, monkeypatch,
+                                                                         kind, named):
+    experiment = hooked(workdir, monkeypatch, "forward", start=30, kind=kind)
+    out = cli_in_process("train", "--epochs", 20, "--experiment", experiment, cwd=workdir)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith(named), out.stderr
+    [run] = all_runs(workdir)
+    assert run.info.status == "FAILED" and named in run.data.tags["harness.fail_reason"]
+
+
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_sys_exit_in_the_pre_flight_check_is_refused_in_one_line_before_anything_is_written(
+        workdir, cli_in_process, monkeypatch, command):
+    experiment = hooked(workdir, monkeypatch, "forward", kind="exit")
+    out = cli_in_process(command, "--experiment", experiment, "--epochs", 2, cwd=workdir) if command == "train" \
+        else cli_in_process(command, "--experiment", experiment, "--n-trials", 1, "--no-progress", cwd=workdir)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "harness: error: experiment 'lr2' cannot train with sgd+l1, no hyperparameters: SystemExit: 3"], out.stderr
+    assert all_runs(workdir) == [] and not (workdir / "optuna_journal.log").exists()
+
+
+@pytest.mark.parametrize("register", [False, True])
+def test_the_experiment_s_model_failing_at_the_end_keeps_the_search_s_report(workdir, cli_in_process, monkeypatch,
+                                                                              register):
+    """make_model raising from its 4th call: the pre-flight check and both trials build it, the MLflow Model
+    at the end does not. Was: exit 2 'cannot build its model' after both trials were written, no summary."""
+    experiment = hooked(workdir, monkeypatch, "model", start=4)
+    out = cli_in_process("search", "--experiment", experiment, "--n-trials", 2, "--epochs-range", 2, 5,
+                         "--pruner", "none", "--pairs", "sgd+l1", "--models", "all", "--no-progress",
+                         *(["--register", "lr2-model"] if register else []), cwd=workdir)
+    assert out.returncode == (1 if register else 0) and "Traceback" not in out.stderr, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert "no MLflow Model logged: experiment 'lr2' cannot build its model" in line, line
+    assert ("nothing registered as 'lr2-model'" in line) == register
+    assert "top trials:" in out.stdout and "2 trials (2 complete)" in out.stdout, out.stdout
+    assert [t.state.name for t in journal_study(workdir, "lr2-search").trials] == ["COMPLETE", "COMPLETE"]
+    assert statuses(workdir) == ["FINISHED"] * 3
+    client = client_for(workdir)
+    assert client.search_logged_models([r.info.experiment_id for r in all_runs(workdir)][:1]) == []
+    assert client.search_registered_models() == []
+
+
+def test_a_signal_while_the_models_are_logged_stops_after_the_one_in_hand(workdir, cli_in_process, monkeypatch):
+    """Was: 'interrupt received; finishing the record first, then stopping', then every model logged, exit 0.
+    The model in hand is logged whole (signals are held), no other is started, exit 130."""
+    import os
+    import signal
+
+    from harness import models, signals
+
+    monkeypatch.setattr(signals, "_received", [])  # this process's signals: none before, none kept after
+    monkeypatch.setattr(signals, "_acted", [0])
+    real, calls = models.log_run_model, []
+
+    def interrupted_while_logging(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "log_run_model", interrupted_while_logging)
+    out = cli_in_process("search", "--n-trials", 3, "--epochs-range", 2, 5, "--pruner", "none", "--models", "all",
                          "--no-progress", cwd=workdir)
-    assert out.returncode == 0, out.stderr
-    assert "Traceback" not in out.stderr
-    assert [line for line in out.stderr.splitlines() if "closed by another process" in line] == [
-        "harness: trial 0 was closed by another process while this one trained it: its result is not recorded, "
-        "its configuration is queued again"]
-    study = optuna.load_study(study_name="linear_regression-search",
-                              storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
-                                  str(workdir / "optuna_journal.log"))))
-    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
-    trial_runs = {r.data.tags["optuna.trial_number"]: r.info.status for r in all_runs(workdir)
-                  if "optuna.trial_number" in r.data.tags}
-    assert trial_runs["1"] == trial_runs["2"] == "FINISHED" and trial_runs["0"] != "FINISHED"
+    assert out.returncode == 130 and "Traceback" not in out.stderr, out.stderr
+    assert len(calls) == 1 and "harness: interrupted" in out.stderr, out.stderr
+    client = client_for(workdir)
+    [model] = client.search_logged_models([all_runs(workdir)[0].info.experiment_id])
+    assert model.status.name == "READY" and model.source_run_id == calls[0]
+    assert "RUNNING" not in statuses(workdir)
+    assert [t.state.name for t in journal_study(workdir).trials] == ["COMPLETE"] * 3
+
+
+@pytest.mark.parametrize("hook,start,named", [("forward", 3, "the experiment's code raised at epoch 0"),
+                                              ("scalars", 2, "scalars() raised"), ("plot", 1, None)])
+def test_reproduce_of_an_experiment_whose_code_raises_says_it_in_one_line(workdir, cli_in_process, monkeypatch,
+                                                                          hook, start, named):
+    """Was: a traceback (reproduce trains before it logs: nothing is written). A plot that raises leaves
+    out its figure, and the run is still reproduced."""
+    experiment = hooked(workdir, monkeypatch, "none")
+    assert cli_in_process("train", "--epochs", 3, "--experiment", experiment, cwd=workdir).returncode == 0
+    [run] = all_runs(workdir)
+    monkeypatch.setenv("HOOK", hook)
+    monkeypatch.setenv("FROM", str(start))
+    monkeypatch.setenv("TAG", os.environ["TAG"] + hook)  # counted anew
+    out = cli_in_process("reproduce", run.info.run_id, "--experiment", experiment, cwd=workdir)
+    assert "Traceback" not in out.stderr, out.stderr
+    if named is None:
+        assert out.returncode == 0 and "reproduced run" in out.stdout, out.stderr
+        return
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        f"harness: error: {named}" + out.stderr.strip().split(named, 1)[1]], out.stderr
+    assert f"user {hook} failed" in out.stderr and len(all_runs(workdir)) == 1

@@ -5,6 +5,7 @@ import shlex
 import sys
 
 from .. import signals
+from ..errors import ExperimentExit
 from ..schema import CHAMPION_ALIAS
 from ..search.limits import MAX_N_JOBS
 from ..urls import redact
@@ -122,10 +123,16 @@ def run(args) -> int:
 def _exit_status(args, outcome, url: str) -> int:
     study, failure = outcome.study, outcome.failure
     resume = resume_command(args, study.study_name, url)
+    if isinstance(failure, ExperimentExit):
+        print(f"harness: error: the search stopped: {failure}; resume with: {resume}", file=sys.stderr)
+        return 1
     if failure is not None:
         print(f"harness: {_failure_line(failure)}; the search stopped; once the store takes writes again, "
               f"`harness audit --study {shlex.quote(study.study_name)} --fix` closes what was left open, "
               f"then resume with: {resume}", file=sys.stderr)
+        return 1
+    if outcome.not_published is not None:
+        print(f"harness: error: {outcome.not_published}", file=sys.stderr)
         return 1
     if outcome.interrupted:
         print(f"harness: interrupted; resume with: {resume}", file=sys.stderr)

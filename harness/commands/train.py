@@ -133,13 +133,8 @@ def run(args) -> int:
         with signals.deferred(on_signal=lambda: None):  # trained in full: the run is logged in full
             status = tracking.log_result(client, run_id, experiment, result, skip_params=skip, first_step=live.close())
     except ExperimentCodeError as exc:  # the run is FAILED with the reason and its curves so far
-        with signals.deferred():
-            tracking.write(client, run_id, tracking.partial_record(cfg, history, str(exc),
-                                                                   tracking.source_params(experiment),
-                                                                   first_step=live.close()),
-                           skip_params=skip)
-        print(f"harness: error: run {run_id} FAILED: {exc}", file=sys.stderr)
-        return 1
+        return _failed(client, run_id, tracking.partial_record(cfg, history, str(exc), tracking.source_params(experiment),
+                                                               first_step=live.close()), skip)
     except KeyboardInterrupt:
         with signals.deferred():  # a second Ctrl-C must not cut the record short
             status = "KILLED"
@@ -151,6 +146,13 @@ def run(args) -> int:
             print(f"harness: run {run_id} can be continued from its last checkpoint: "
                   f"harness train ... --resume {run_id}", file=sys.stderr)
         raise
+    except BaseException as exc:  # sys.exit() in the experiment's code: failed as any of its errors
+        error = training.experiment_exit(exc, history.epochs_run)
+        if error is None:
+            raise
+        return _failed(client, run_id, tracking.partial_record(cfg, history, str(error),
+                                                               tracking.source_params(experiment),
+                                                               first_step=live.close()), skip)
     finally:
         live.close()  # its thread ends with the run
         with signals.deferred(on_signal=lambda: None):
@@ -167,6 +169,16 @@ def run(args) -> int:
 
 
 PROGRESS_SECONDS = 5
+
+
+def _failed(client, run_id: str, record, skip: set[str]) -> int:
+    """The run FAILED with the record of what it did, and its reason said in one line."""
+    from .. import signals, tracking
+
+    with signals.deferred():
+        tracking.write(client, run_id, record, skip_params=skip)
+    print(f"harness: error: run {run_id} FAILED: {record.tags[FAIL_REASON_TAG]}", file=sys.stderr)
+    return 1
 
 
 def _process(run):

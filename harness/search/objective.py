@@ -6,8 +6,9 @@ import threading
 import optuna
 
 from .. import accelerated, signals
-from ..errors import ExperimentCodeError
+from ..errors import ExperimentCodeError, ExperimentExit
 from ..experiment import Experiment
+from ..training import experiment_exit
 from . import objectives as objectives_module
 from . import space as space_module
 from .options import TrialOptions
@@ -90,12 +91,17 @@ class Objective:
                     raise run.error
                 runner.train(run)
         except BaseException as exc:
+            # sys.exit() in the experiment's code: the trial fails, and the search stops as an Exception
+            # (Optuna closes only those, and the parent run is then closed too).
+            error = experiment_exit(exc, run.history.epochs_run) or exc
             with signals.deferred():  # a second Ctrl-C must not cut the wrap-up short
-                runner.end_unfinished(run, exc)
-            if isinstance(exc, ExperimentCodeError):  # this trial fails, the search goes on
-                runner.said(str(exc))
+                runner.end_unfinished(run, error)
+            if isinstance(error, ExperimentCodeError) and not isinstance(error, ExperimentExit):
+                runner.said(str(error))  # this trial fails, the search goes on
                 return objectives_module.failed(self.objectives)
-            raise
+            if error is exc:
+                raise
+            raise error from None
         state, = runner.finish([run])
         if state == "PRUNED":
             raise optuna.TrialPruned(run.result.history.stopped)

@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import signals
-from ..errors import UsageError
+from ..errors import ExperimentExit, UsageError
 from ..launched import launched_run
 from ..schema import PARENT_ATTR
 from ..tracking import check_experiment, default_tracking_uri, open_client, unreachable
@@ -20,7 +20,7 @@ from .durable.audit import recover_stale, recover_unfinished
 from .durable.journal import JournalWriteError
 from .objective import Objective
 from .options import SearchOptions
-from .publish import publish
+from .publish import NotPublished, publish
 from .recorder import TrackingFailed
 from .durable.storages import study_lock
 
@@ -32,9 +32,10 @@ class Outcome:
     ran: bool  # False: --max-trials left nothing to run (said on stdout)
     parent_run_id: str | None = None
     seconds: float = 0.0
-    failure: BaseException | None = None  # the store failure that stopped the search
+    failure: BaseException | None = None  # the store failure (or the ExperimentExit) that stopped the search
     interrupted: bool = False
     published: tuple[str, ...] = ()  # the MLflow Models logged and registered at its end (search.publish)
+    not_published: NotPublished | None = None  # why --register registered nothing at the end
 
 
 def run_search(options: SearchOptions) -> Outcome:
@@ -56,11 +57,15 @@ def run_search(options: SearchOptions) -> Outcome:
         errors = objective.close()
         interrupted = interrupted or signals.interrupted()
         failure = stopped_by or (errors[0] if errors else None)
-        published = ()
+        published, not_published = [], None
         if parent_run_id is not None and failure is None and not interrupted:
-            published = tuple(publish(study, client, options.trials, options.models, options.register))
+            try:
+                published = publish(study, client, options.trials, options.models, options.register)
+            except NotPublished as exc:  # the trials stand: the report is printed, then this line
+                not_published = exc
         return Outcome(study, ran=True, parent_run_id=parent_run_id, seconds=time.time() - started,
-                       failure=failure, interrupted=interrupted, published=published)
+                       failure=failure, interrupted=interrupted or signals.interrupted(), published=tuple(published),
+                       not_published=not_published)
 
 
 def _open_study(options: SearchOptions):
@@ -176,11 +181,12 @@ def _optimize(study, objective, n_trials: int, options: SearchOptions) -> tuple[
 
 
 def _store_failure(exc: BaseException):
-    """The journal or tracking failure behind ``exc`` (following Optuna's wrapping), or None."""
+    """The journal or tracking failure, or the experiment's sys.exit(), behind ``exc`` (following
+    Optuna's wrapping), or None."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (JournalWriteError, TrackingFailed)):
+        if isinstance(exc, (JournalWriteError, TrackingFailed, ExperimentExit)):
             return exc
         exc = exc.__cause__ or exc.__context__
     return None

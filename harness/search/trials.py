@@ -272,10 +272,13 @@ class TrialRunner:
                         for run in group:
                             run.error = error
         except BaseException as exc:
+            error = training.experiment_exit(exc, max((r.history.epochs_run for r in runs), default=0)) or exc
             with signals.deferred():  # a second Ctrl-C must not cut the wrap-up short
                 for run in runs:
-                    self.end_unfinished(run, exc)
-            raise
+                    self.end_unfinished(run, error)
+            if error is exc:
+                raise
+            raise error from None  # an Exception: Optuna closes the trials, the search stops (Objective.__call__)
         for run in runs:
             if run.error is not None:
                 with signals.deferred():
