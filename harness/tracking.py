@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import store_template
 from .errors import ExperimentCodeError, first_line, shown
+from .launched import launched_id, refused_offline
 from .schema import (CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, GIT_COMMIT_TAG, SOURCE_NAME_TAG,
                      SOURCE_TYPE_TAG, STATE_DICT, TORCH_THREADS_PARAM, TORCH_VERSION_PARAM, final)
 from .urls import (engine_url, is_http, redact, scrub, sqlite_in_memory, sqlite_path, sqlite_unwritable,
@@ -206,8 +207,6 @@ def provenance_record(experiment, data, device: str, valid_fraction: float | Non
 def log_provenance(client, run_id: str, experiment, data, device: str, valid_fraction: float | None = None) -> None:
     """provenance_record() logged to the run (a search's parent, a re-run): `mlflow run`'s own run
     keeps the source tags MLflow gave it."""
-    from .launched import launched_id
-
     keep = client.get_run(run_id).data.tags if run_id == launched_id() else None
     write(client, run_id, provenance_record(experiment, data, device, valid_fraction, keep=keep))
 
@@ -395,8 +394,6 @@ def check_experiment_offline(name: str | None, tracking_uri: str, default: str |
     """What check_experiment can tell without opening the store, so that a refused search on a new
     SQLite store does not create it; a store URL a search or train cannot write a record to; and an
     $MLFLOW_RUN_ID no store there holds yet."""
-    from .launched import refused_offline
-
     unkept = sqlite_unwritable(tracking_uri)
     if unkept:
         return f"MLflow store {redact(tracking_uri)} is {unkept}; use sqlite:///PATH (a file) or a server"
