@@ -13,6 +13,7 @@ import optuna
 
 from ..errors import UsageError
 from ..store_files import empty_file
+from ..tracking import default_tracking_uri
 from ..urls import check_credentials, engine_url, redact, scrub, sqlite_path, sqlite_unreadable, sqlite_unwritable
 from .space import SearchSpace
 from .experimental import experimental_ok
@@ -63,13 +64,17 @@ def storage_scheme(url: str) -> str:
     return scheme
 
 
-def check_storage(url: str, writes: bool = True) -> str:
+def check_storage(url: str, writes: bool = True, tracking_uri: str | None = None) -> str:
     """The URL's scheme, once the URL is known to name a storage that can hold a study (and, where
-    ``writes``, be written to); else UsageError, before anything is made: SQLAlchemy creates an SQLite
-    file on connecting, and the harness a lock file beside it, even where SQLite then opens the
-    database read-only or not at all."""
+    ``writes``, be written to) apart from the MLflow store at ``tracking_uri`` (default: the one
+    commands and ``Objective`` use); else UsageError, before anything is made: SQLAlchemy creates an
+    SQLite file on connecting, and the harness a lock file beside it, even where SQLite then opens
+    the database read-only or not at all."""
+    from .durable.own_files import check_apart
+
     scheme = storage_scheme(url)
     check_credentials(url, "storage")
+    check_apart(url, default_tracking_uri() if tracking_uri is None else tracking_uri)
     if scheme == "journal":
         path = journal_path(url)
         if writes:

@@ -39,7 +39,8 @@ from optuna.storages.journal import JournalFileBackend
 from ...errors import HarnessError, UsageError
 from . import optuna_private
 
-TORN_SUFFIX = ".torn-"
+TORN_SUFFIX = ".torn-"  # a repair's copy of what it cut: JOURNAL.torn-TIMESTAMP
+REPAIR_SUFFIX = ".repair-tmp"  # a repaired journal, written whole before it replaces the damaged one
 _OP = b'{"op_code":'  # how Optuna starts every operation it writes
 _TAIL_CHUNK = 4096  # most operations are a few hundred bytes; longer ones take more reads
 Op = optuna_private.journal_operations()
@@ -267,7 +268,7 @@ def repair(path: str, damage: Damage) -> str:
     _write_durably(copy, damage.cut)
     if damage.rewrite or damage.salvaged:
         # The clean prefix is kept byte for byte (other processes' offsets into it stay valid).
-        tmp = Path(path + ".repair-tmp")
+        tmp = Path(path + REPAIR_SUFFIX)
         with open(path, "rb") as f:
             prefix = f.read(damage.keep)
         _write_durably(tmp, prefix + damage.rewrite)

@@ -40,13 +40,20 @@ def journal_lock(file_backend):
     return get_lock_file(file_backend._lock)
 
 
+def journal_lock_suffixes() -> tuple[str, str]:
+    """What Optuna's journal file backend appends to a journal's name for its lock (a symbolic
+    link), and to the lock's name after a uuid4 when it renames it on release."""
+    from optuna.storages.journal._file import LOCK_FILE_SUFFIX, RENAME_FILE_SUFFIX
+
+    return LOCK_FILE_SUFFIX, RENAME_FILE_SUFFIX
+
+
 def journal_lock_names(path: str) -> tuple[str, str]:
     """The lock Optuna's journal file backend makes beside ``path`` (a symbolic link), and the
     longest name it makes there (the lock renamed on release)."""
-    from optuna.storages.journal._file import LOCK_FILE_SUFFIX, RENAME_FILE_SUFFIX
-
-    lock = path + LOCK_FILE_SUFFIX
-    return lock, lock + "x" * 36 + RENAME_FILE_SUFFIX  # a uuid4's 36 characters
+    lock_suffix, rename_suffix = journal_lock_suffixes()
+    lock = path + lock_suffix
+    return lock, lock + "x" * 36 + rename_suffix  # a uuid4's 36 characters
 
 
 def journal_operations():

@@ -1,0 +1,137 @@
+"""The files of a store, and the Optuna storage and the MLflow store kept apart.
+
+A store is more than its file: SQLite keeps -wal, -shm and -journal files beside a database, the
+harness its lock beside every store it opens (filelock.LOCK_SUFFIX), Optuna's journal backend its
+lock (a symbolic link) and that lock renamed on release, and a journal's repair its copies and its
+rewrite (journal.TORN_SUFFIX, journal.REPAIR_SUFFIX). Two stores sharing any of these files destroy
+each other: MLflow's and Optuna's tables in one database share alembic's version table (the second
+to migrate finds a revision it cannot locate, and the MLflow store is unusable afterwards), and a
+journal that is a lock file appends to what another process flocks.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from ...errors import UsageError
+from ...filelock import LOCK_SUFFIX
+from ...urls import engine_url, is_sqlite, redact, sqlite_in_memory, sqlite_path
+from .journal import REPAIR_SUFFIX, TORN_SUFFIX
+from .optuna_private import journal_lock_suffixes
+
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")  # SQLite's own, beside a database
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306}
+
+
+def beside(path: str, journal: bool) -> list[str]:
+    """The files a store at ``path`` keeps beside it: a journal's (``journal``) or an SQLite database's.
+    SQLite names its files after the database's real path (symbolic links followed), the harness and
+    Optuna theirs after the path as given: both."""
+    lock_suffix, _ = journal_lock_suffixes()
+    suffixes = (LOCK_SUFFIX, lock_suffix) if journal else (LOCK_SUFFIX, *SQLITE_COMPANIONS)
+    return [stem + suffix for stem in dict.fromkeys((path, os.path.realpath(path))) for suffix in suffixes]
+
+
+def made_name(path: str) -> str | None:
+    """What ``path`` is where its name is one that a store writes beside another file (so no store
+    of its own): the harness's lock file, a journal repair's copy or rewrite and Optuna's renamed lock
+    whatever is there; Optuna's lock and SQLite's files where the file they belong to exists."""
+    folder, name = os.path.split(path)
+    lock_suffix, rename_suffix = journal_lock_suffixes()
+    own = [(LOCK_SUFFIX + "$", "the harness's lock file"), (re.escape(TORN_SUFFIX), "a copy a journal's repair kept"),
+           (REPAIR_SUFFIX + "$", "a journal's repair, written before it replaces the journal"),
+           (f"{re.escape(lock_suffix)}[0-9a-f-]{{36}}{re.escape(rename_suffix)}$", "Optuna's journal lock, renamed")]
+    for pattern, what in own:
+        found = re.search(pattern, name)
+        if found and found.start() > 0:
+            return f"{what} of {os.path.join(folder, name[:found.start()])!r}"
+    for suffix, what in ((lock_suffix, "Optuna's journal lock"), *((s, f"SQLite's {s} file") for s in SQLITE_COMPANIONS)):
+        stem = path[:-len(suffix)]
+        if name.endswith(suffix) and len(name) > len(suffix) and os.path.isfile(stem):
+            return f"{what} of {stem!r}"
+    return None
+
+
+def store_file(url: str) -> str | None:
+    """The file of a store URL as written: a journal's path, an SQLite database's; None for a
+    server's database and an in-memory one."""
+    if url.startswith("journal:"):
+        return url.split(":", 1)[1] or None
+    if not is_sqlite(url) or sqlite_in_memory(url):
+        return None
+    return sqlite_path(url)
+
+
+def _opened(url: str, path: str) -> str:
+    """``path`` of ``url`` as its library opens it: SQLAlchemy makes an SQLite path absolute first
+    (os.path.abspath: './x/..' goes before any link is followed); Optuna opens a journal's as given."""
+    return path if url.startswith("journal:") else os.path.abspath(path)
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one file: the same inode where both exist (a hard link, any
+    spelling), else the same path once made absolute with every symbolic link followed."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not there (yet)
+        return _real(a) == _real(b)
+
+
+def _real(path: str) -> str:
+    # POSIX leaves a leading '//' to the system (os.path keeps it); Linux reads it as '/'.
+    return re.sub("^/+", "/", os.path.realpath(path))
+
+
+def shared_file(a: str, a_journal: bool, b: str, b_journal: bool) -> str | None:
+    """The file that stores at ``a`` and ``b`` would both write, or None."""
+    for one, other, other_journal in ((a, b, b_journal), (b, a, a_journal)):
+        for name in (other, *beside(other, other_journal)):
+            if same_file(one, name):
+                return name
+    return None
+
+
+def check_own(url: str, path: str, what: str) -> None:
+    """Refuse a store whose file is one another store writes beside its own (see made_name)."""
+    made = made_name(path)
+    if made:
+        raise UsageError(f"{what} {redact(url)}: {path!r} is the name of {made}, not a store; "
+                         "give the store a file of its own")
+
+
+def check_apart(storage_url: str, tracking_uri: str) -> None:
+    """Refuse an Optuna storage and an MLflow store that would share a file (in any spelling of its
+    path: relative, absolute, through a link, a hard link, a ``file:`` URI) or a server's database,
+    and either in a file that a store keeps beside its own, before either is made."""
+    storage, tracking = store_file(storage_url), store_file(tracking_uri)
+    if storage is not None and tracking is not None:
+        shared = shared_file(_opened(storage_url, storage), storage_url.startswith("journal:"),
+                             _opened(tracking_uri, tracking), False)
+    else:
+        shared = _same_database(storage_url, tracking_uri)
+    if shared:
+        raise UsageError(f"the Optuna storage {redact(storage_url)} and the MLflow store {redact(tracking_uri)} "
+                         f"would share {shared!r}: each overwrites the other's records there; give each its own "
+                         "file or database")
+    for url, path, what in ((storage_url, storage, "Optuna storage"), (tracking_uri, tracking, "MLflow store")):
+        if path is not None:
+            check_own(url, path, what)
+
+
+def _same_database(a: str, b: str) -> str | None:
+    """The database that two server URLs both name (host, port and name alike), or None."""
+    found = [_database(url) for url in (a, b)]
+    return found[0][-1] if found[0] is not None and found[0] == found[1] else None
+
+
+def _database(url: str) -> tuple | None:
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(engine_url(url))
+        backend = parsed.get_backend_name()
+    except Exception:  # noqa: BLE001 - not a database URL SQLAlchemy reads: nothing to compare
+        return None
+    if backend not in DEFAULT_PORTS or not parsed.database:
+        return None
+    return backend, (parsed.host or "").lower(), parsed.port or DEFAULT_PORTS[backend], parsed.database
