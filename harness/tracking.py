@@ -23,7 +23,7 @@ from .errors import ExperimentCodeError, first_line, shown
 from .launched import launched_id, refused_offline
 from .schema import (CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, GIT_COMMIT_TAG, SOURCE_NAME_TAG,
                      SOURCE_TYPE_TAG, STATE_DICT, TORCH_THREADS_PARAM, TORCH_VERSION_PARAM, final)
-from .urls import (engine_url, is_http, redact, scrub, sqlite_in_memory, sqlite_path, sqlite_unwritable,
+from .urls import (engine_url, is_http, redact, scrub, sqlite_in_memory, sqlite_path, sqlite_unreadable, sqlite_unwritable,
                    sqlite_uri_url)
 
 
@@ -461,8 +461,7 @@ def read_client(tracking_uri: str | None = None):
     from .errors import HarnessError, UsageError
 
     uri = tracking_uri or default_tracking_uri()
-    if sqlite_in_memory(uri):
-        raise UsageError(f"no MLflow store at {redact(uri)}: an in-memory SQLite database holds nothing to read")
+    check_readable_uri(uri)
     store = sqlite_path(uri)
     if store is not None:
         from .store_files import empty_file, stranded_wal
@@ -489,6 +488,18 @@ def read_client(tracking_uri: str | None = None):
         first = first_line(exc)
         raise HarnessError(f"cannot read the MLflow store {redact(uri)}: {scrub(first, uri)}") from None
     return client
+
+
+def check_readable_uri(uri: str) -> None:
+    """Refuse an MLflow store URL that no store could be read from, whatever is there: for a command
+    to say so before it reads or writes anything else (read_client says it too)."""
+    from .errors import UsageError
+
+    if sqlite_in_memory(uri):
+        raise UsageError(f"no MLflow store at {redact(uri)}: an in-memory SQLite database holds nothing to read")
+    unreadable = sqlite_unreadable(uri)
+    if unreadable:
+        raise UsageError(f"MLflow store {redact(uri)} is {unreadable}")
 
 
 def read_only_uri(uri: str) -> str | None:

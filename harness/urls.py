@@ -178,6 +178,35 @@ def _sqlite_open(url: str) -> tuple[str, bool] | None:
     return database, True
 
 
+def _options_sqlite_never_reads(url: str) -> str | None:
+    """Why SQLite would not read the options in the query of ``url`` as asked, or None. SQLAlchemy
+    hands them to SQLite only with ``uri=true``, appended to the path, which SQLite reads as a URI
+    only after ``file:``: otherwise they are part of the file's name (``m.db?mode=ro``, a new store).
+    Without ``uri=true`` it drops them with a warning: a read-only request (mode=ro, immutable) is
+    refused, since the store would be opened for writing; others change nothing the harness keeps."""
+    match = _SQLITE_URL.match(url)
+    opened = _sqlite_open(url)
+    if match is None or opened is None:
+        return None
+    from urllib.parse import parse_qsl
+
+    options = [(key, value) for key, value in parse_qsl(match["query"] or "") if key not in _DRIVER_KEYS]
+    if opened[1]:
+        if opened[0].startswith("file:"):
+            return None
+        given, how = options, "takes them for part of the file's name"
+    else:
+        given = [(key, value) for key, value in options
+                 if (key, value) == ("mode", "ro") or (key == "immutable" and uri_boolean(value))]
+        how = "never sees them (SQLAlchemy drops them without uri=true) and opens the store for writing"
+    if not given:
+        return None
+    keys = ", ".join(f"{key}={value}" if not secret_key(url, key) else key for key, value in given)
+    path = (match["database"] or "").removeprefix("file:")
+    spelt = redact(f"sqlite:///file:{path}?{'&'.join(f'{k}={v}' for k, v in options)}&uri=true")
+    return f"given SQLite options ({keys}) in a spelling where SQLite {how}: write {spelt}"
+
+
 def _as_bool(value) -> bool:
     """SQLAlchemy's asbool, which reads the ``uri`` option (a repeated one is a tuple, and true)."""
     if not isinstance(value, str):
@@ -284,6 +313,9 @@ def sqlite_unreadable(url: str) -> str | None:
     """Why no command can read a record from the SQLite store ``url``, or None."""
     if sqlite_in_memory(url):
         return "an in-memory SQLite database, which keeps nothing past this process"
+    dropped = _options_sqlite_never_reads(url)
+    if dropped:
+        return dropped
     options = sqlite_options(url)
     for key, allowed in _SQLITE_CHOICES.items():
         value = _uri_parameter(options, key, last=True)

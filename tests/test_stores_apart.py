@@ -1,10 +1,12 @@
-"""Issue 26, a thirteenth probe (T1-T3): the Optuna storage and the MLflow store are two stores, in
+"""Issue 26, a thirteenth probe (T1-T4): the Optuna storage and the MLflow store are two stores, in
 two files. `--storage journal:mlflow.db` in an empty folder made the MLflow store, then refused the
 file it had just made; `--storage sqlite:///mlflow.db` wrote Optuna's tables into the MLflow store
 ("Can't locate revision", and the store unusable afterwards); an empty `mlflow.db.harness-lock` was
-taken for a journal. Each spelling of one file (relative, absolute, `./x/..`, `sqlite:////abs`, `sqlite://///abs`, a `file:` URI, a
-symbolic or hard link), a file a store keeps beside its own, and a server's database are refused
-before either store is made: exit 2, one line naming both URLs (passwords hidden), nothing written."""
+taken for a journal; a `?mode=ro` SQLite never saw made a new, writable store. Each spelling of one
+file (relative, absolute, `./x/..`, `sqlite:////abs`, `sqlite://///abs`, a `file:` URI, a symbolic
+or hard link), a file a store keeps beside its own, a server's database, and an option SQLite would
+not read are refused before either store is made: exit 2, one line (both URLs, passwords hidden),
+nothing written."""
 import os
 import shutil
 import uuid
@@ -162,3 +164,34 @@ def test_an_mlflow_store_in_a_file_a_store_keeps_beside_its_own_is_refused(tmp_p
     env = {"MLFLOW_TRACKING_URI": "sqlite:///j.log.harness-lock"}
     _refused(cli_in_process, tmp_path, COMMANDS["search"], env, "journal:other.log",
              "MLflow store sqlite:///j.log.harness-lock: 'j.log.harness-lock' is the name of the harness's lock file")
+
+
+# T4: options SQLite never reads as asked. SQLAlchemy drops a query without uri=true (mode=ro
+# ignored: the store opened for writing), and with it appends the query to a path that is no
+# file: URI, where SQLite takes it for part of the name (a new store "m.db?mode=ro").
+DROPPED = ["sqlite:///m.db?mode=ro", "sqlite:///m.db?immutable=1", "sqlite+pysqlite:///m.db?timeout=5&mode=ro",
+           "sqlite:///m.db?mode=ro&uri=true", "sqlite:///m.db?immutable=1&uri=1", "sqlite:///m.db?cache=shared&uri=true",
+           "sqlite:////ABS/m.db?mode=ro&uri=yes", "sqlite:///file:m.db?mode=ro", "sqlite:///file:m.db?uri=false&mode=ro"]
+READERS = {"compare": ["compare", "--mlflow-experiment", "linear_regression"], "predict": ["predict", "0" * 32, "--x", "1"]}
+
+
+@pytest.mark.filterwarnings("ignore:Query string argument")
+@pytest.mark.parametrize("url", DROPPED)
+@pytest.mark.parametrize("side", ["storage", "tracking"])
+@pytest.mark.parametrize("command", [*COMMANDS, *READERS])
+def test_an_sqlite_option_sqlite_never_reads_is_refused_with_the_spelling_it_reads(
+        tmp_path, cli_in_process, migrated_db, url, side, command):
+    url = url.replace("/ABS", str(tmp_path))
+    shutil.copy(migrated_db, tmp_path / "m.db")
+    if command in READERS and side == "storage":
+        pytest.skip("compare and predict take no Optuna storage")
+    argv = COMMANDS.get(command) or READERS[command]
+    if side == "storage":
+        env, storage = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}, url
+    else:
+        env, storage = {"MLFLOW_TRACKING_URI": url}, "journal:j.log"
+    before = _listing(tmp_path)
+    out = cli_in_process(*argv, *(["--storage", storage] if command in COMMANDS else []), cwd=tmp_path, env=env)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert f"{url} is given SQLite options (" in out.stderr and "write sqlite:///file:" in out.stderr, out.stderr
+    assert _listing(tmp_path) == before and "Traceback" not in out.stderr

@@ -69,8 +69,30 @@ def test_every_spelling_of_an_sqlite_url_is_read_as_sqlite_reads_it(url, tmp_pat
         assert not sqlite_in_memory(url) and "read-only" in sqlite_unwritable(url)
         assert (tmp_path / sqlite_path(url)).resolve() == tmp_path / "m.db"
     else:
-        assert not sqlite_in_memory(url) and sqlite_unwritable(url) is None
+        assert not sqlite_in_memory(url)
         assert str((tmp_path / sqlite_path(url)).resolve()) == opened
+        # Issue 26, a thirteenth probe (T4): options SQLite never read (m.db?mode=ro wrote m.db, or a
+        # new file "m.db?mode=ro") are refused, with the spelling that hands them to SQLite.
+        dropped = options_sqlite_never_reads(url)
+        assert sqlite_unwritable(url) is None if not dropped else \
+            f"given SQLite options ({', '.join(dropped)})" in sqlite_unwritable(url) and "sqlite:///file:" in sqlite_unwritable(url)
+
+
+def options_sqlite_never_reads(url: str) -> list[str]:
+    """The query options of ``url`` that SQLite does not read as asked: SQLAlchemy's pysqlite dialect
+    hands what it does not take for itself to SQLite only with uri=True, and SQLite reads a URI only
+    from a filename that starts with "file:"; without uri=True, a read-only request is dropped."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    (filename,), kwargs = parsed.get_dialect()().create_connect_args(parsed)
+    if kwargs.get("uri") and filename.startswith("file:"):
+        return []
+    taken = set(kwargs) | {"uri"}
+    given = [f"{k}={v}" for k, v in parse_qsl(urlsplit(url).query) if k not in taken]
+    return given if kwargs.get("uri") else [o for o in given if o in ("mode=ro", "immutable=1")]
 
 
 @pytest.mark.parametrize("url", ["SQLite:///m.db", "SQLITE+pysqlite:///m.db", "postgresql://h/db", "sqlite:m.db",

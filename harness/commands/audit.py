@@ -18,7 +18,10 @@ def run(args) -> int:
     from ..errors import UsageError
     from ..search import study as study_module
 
+    from ..tracking import check_readable_uri, default_tracking_uri
+
     url = args.storage or study_module.DEFAULT_STORAGE
+    check_readable_uri(default_tracking_uri())  # the two stores' URLs, before either is opened
     study_module.check_storage(url, writes=args.fix)
     from ..config import int_in
 

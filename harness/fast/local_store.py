@@ -20,6 +20,7 @@ def read_client(run_id: str, tracking_uri: str | None = None):
     known to read MLflow's tables right, a read-only reader that imports neither mlflow nor
     SQLAlchemy, seconds of a predict's start-up."""
     uri = tracking_uri or tracking.default_tracking_uri()
+    tracking.check_readable_uri(uri)  # refused alike, whichever reader would read it
     return LocalStore.open(uri, run_id) or tracking.read_client(uri)
 
 
