@@ -94,7 +94,8 @@ def test_one_server_database_for_both_stores_is_refused_with_its_password_hidden
     """MLflow's and Optuna's tables in one database share alembic's version table; refused before
     any connection is tried (no server is needed to see it)."""
     env = {"MLFLOW_TRACKING_URI": "postgresql://harness:Hunter2secret@db-host/runs"}
-    for storage in ("postgresql+psycopg://harness:Hunter2secret@DB-host:5432/runs", env["MLFLOW_TRACKING_URI"]):
+    for storage in ("postgresql+psycopg://harness:Hunter2secret@DB-host:5432/runs", env["MLFLOW_TRACKING_URI"],
+                    "postgresql://harness:Hunter2secret@/runs?host=db-host&port=5432"):
         for command in COMMANDS.values():
             line = _refused(cli_in_process, tmp_path, command, env, storage, "would share 'runs'")
             assert "Hunter2" not in line and "postgresql://harness@db-host/runs" in line
@@ -124,7 +125,9 @@ def test_stores_in_different_files_beside_each_other_are_both_kept(tmp_path, mon
                               ("sqlite:///mlflow.db", "journal:study-journal"),
                               ("sqlite:///mlflow.db", "journal:mlflow.db2"), ("sqlite:///a.db", "sqlite:///b.db"),
                               ("sqlite:///mlflow.db", "journal:notes.lock"),
-                              ("postgresql://h/runs", "postgresql://h/optuna")]:
+                              ("postgresql://h/runs", "postgresql://h/optuna"),
+                              ("postgresql://h/runs", "postgresql://h:5433/runs"),
+                              ("postgresql:///runs?host=/run/a", "postgresql:///runs?host=/run/b")]:
         check_storage(storage, tracking_uri=tracking)
     assert not list(tmp_path.iterdir())
 

@@ -134,4 +134,7 @@ def _database(url: str) -> tuple | None:
         return None
     if backend not in DEFAULT_PORTS or not parsed.database:
         return None
-    return backend, (parsed.host or "").lower(), parsed.port or DEFAULT_PORTS[backend], parsed.database
+    # libpq also takes the host and port from the query (?host=/run/postgresql: a socket's folder).
+    host = parsed.host or parsed.query.get("host") or ""
+    port = parsed.port or parsed.query.get("port") or DEFAULT_PORTS[backend]
+    return backend, str(host).lower(), str(port), parsed.database
