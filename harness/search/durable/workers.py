@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ...errors import HarnessError, first_line
+from ...numbers import natural
 from ...store_template import user_cache
 from ...schema import FAIL_REASON_ATTR, WORKER_ATTR
 from ..experimental import experimental_ok
@@ -76,14 +77,23 @@ def _lease_name(pid, started) -> str:
     return f"{pid}-{started}"
 
 
+def _lease_owner(name: str) -> int | None:
+    """The pid of the lease ``name`` (as _lease_name writes it); None for any other name: left alone."""
+    owner, _, when = name.partition("-")
+    pid = natural(owner)
+    if pid is None or name != _lease_name(pid, when) or (when != "None" and natural(when) is None):
+        return None
+    return pid
+
+
 def _hold_lease(pid: int, started: str | None) -> None:
     with _leases_lock:
         if pid in _leases:
             return
         folder = _lease_folder()
         for old in folder.iterdir():  # leases of processes gone: their pid and start time never come back
-            owner, _, when = old.name.partition("-")
-            if owner.isdigit() and when != str(_start_time(int(owner))):
+            owner = _lease_owner(old.name)
+            if owner is not None and old.name != _lease_name(owner, _start_time(owner)):
                 with contextlib.suppress(OSError):  # not a file (a folder made there): not a lease, left
                     old.unlink(missing_ok=True)
         lease = folder / _lease_name(pid, started)
