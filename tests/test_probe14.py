@@ -79,3 +79,36 @@ def test_sqlite_uri_booleans_take_ascii_digits_as_sqlite_does(value, expected):
     from harness.urls import uri_boolean
 
     assert uri_boolean(value) is expected
+
+
+ENVIRONMENT = ["XDG_CACHE_HOME", "HOME", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",
+               "MLFLOW_RUN_ID", "PGPASSFILE"]
+
+
+@pytest.mark.parametrize("command", ["search", "train"])
+@pytest.mark.parametrize("name", ENVIRONMENT)
+def test_an_environment_variable_that_is_not_utf8_is_one_line_before_anything_is_made(tmp_path, cli_in_process,
+                                                                                      monkeypatch, name, command):
+    """The probe: XDG_CACHE_HOME=$'/tmp/y/\\xffcache' made the MLflow store, its lock and the cache's lease
+    folders, then blamed the store ("cannot reach the MLflow tracking store ... 'utf-8' codec can't
+    encode"). Every variable the harness reads as a path or a stored name is UTF-8 text or refused."""
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    value = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/\udcffstore.db", "MLFLOW_EXPERIMENT_ID": "1\udcff",
+             "MLFLOW_RUN_ID": "ab\udcff"}.get(name, f"{tmp_path}/\udcffplace")
+    if name == "HOME":
+        monkeypatch.delenv("XDG_CACHE_HOME")
+    args = ["--epochs", 2] if command == "train" else ["--n-trials", 1, "--epochs-range", 2, 3, "--no-progress"]
+    out = cli_in_process(command, *args, cwd=fresh, env={name: value})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert f"environment variable {name}=" in out.stderr and "not UTF-8" in out.stderr, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh"] and list(fresh.iterdir()) == []
+
+
+def test_a_relative_xdg_cache_home_leaves_home_checked_and_a_good_one_does_not(tmp_path, cli_in_process, monkeypatch):
+    """$HOME is read only where it names the cache folder (~/.cache)."""
+    monkeypatch.setenv("HOME", f"{tmp_path}/\udcffhome")
+    out = cli_in_process("compare", cwd=tmp_path, env={"XDG_CACHE_HOME": "relative"})
+    assert out.returncode == 2 and "environment variable HOME=" in out.stderr, out.stderr
+    out = cli_in_process("compare", "--top", 0, cwd=tmp_path, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert "environment variable" not in out.stderr, out.stderr
