@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import socket
 import stat
 import threading
@@ -171,7 +172,8 @@ def alive(worker) -> bool | None:
     A worker record is the journal's (or a run's tag), which anyone who can write the study can forge:
     a record of no shape identity() writes names no worker; on this host one names a live worker only
     when its process, started at the time the record says (init, or a reused pid, is always there),
-    holds its lease."""
+    holds its lease; another user's, whose lease this user cannot open, when it is a harness process
+    (_harness_process)."""
     if not is_identity(worker):
         return False
     if worker["host"] != socket.gethostname():
@@ -194,9 +196,40 @@ def alive(worker) -> bool | None:
         return False  # killed, not yet reaped (signal 0 still reaches it), or another process on that pid
     if _owner(pid) not in (None, os.getuid()):
         # Another user's process (a study shared by several users): its lease is in that user's folder,
-        # which only that user may enter; its pid and start time are what this user can check.
-        return True
+        # which only that user may enter. What this user can see of it proves it a harness process.
+        return _harness_process(pid)
     return _leased(pid, worker["started"], _folder(worker["leases"]) if "leases" in worker else LEASES)
+
+
+# How a harness process is started: the `harness` console script (the kernel runs its interpreter
+# with the script's path next) or `python -m harness`.
+_INTERPRETER = re.compile(rb"(python|pypy)[0-9.]*")
+_MODULE = re.compile(rb"harness(\..+)?")
+
+
+def _harness_process(pid: int) -> bool:
+    """Whether another user's process is provably a harness process: its command line is the harness's
+    (/proc/PID/cmdline, which any user may read, where /proc/PID/exe is its owner's only) and it holds
+    an exclusive flock, as every harness process holds its lease from its first record on (/proc/locks
+    names the holder's pid). Init, a shell, sshd or cron of another user is neither."""
+    try:
+        if not harness_command(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")):
+            return False
+        locks = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    # "ID: FLOCK  ADVISORY  WRITE PID DEVICE:INODE START END"; a waiter's line has "->" after the ID.
+    return any(line.split()[1:5] == ["FLOCK", "ADVISORY", "WRITE", str(pid)] for line in locks)
+
+
+def harness_command(argv: list[bytes]) -> bool:
+    """Whether a command line is the harness's: an interpreter running the `harness` script or
+    ``-m harness`` (a module of it)."""
+    if len(argv) < 2 or not _INTERPRETER.fullmatch(os.path.basename(argv[0])):
+        return False
+    return os.path.basename(argv[1]) == b"harness" or any(
+        (arg == b"-m" and _MODULE.fullmatch(after)) or (arg.startswith(b"-m") and _MODULE.fullmatch(arg[2:]))
+        for arg, after in zip(argv[1:], argv[2:] + [b""]))
 
 
 def _owner(pid: int) -> int | None:
