@@ -50,17 +50,46 @@ def _store_error(exc: BaseException) -> str | None:
     return f"{type(exc).__name__}: {scrub(first, uri) if uri else first}"
 
 
+def _utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a name that is not UTF-8: Python hands it over with lone surrogates
+        return False
+    return True
+
+
+def _shown(value: str) -> str:
+    return ascii(value) if len(value) <= 80 else f"{ascii(value[:60])}... ({len(value)} characters)"
+
+
 def _check_text(argv: list[str]) -> None:
     """Every argument is text that can be stored: MLflow and Optuna keep names, paths and values as
-    UTF-8, and a file name that is not (Python hands it over with lone surrogates) would be accepted
-    here and then fail every write."""
+    UTF-8, and a file name that is not would be accepted here and then fail every write."""
     for arg in argv:
-        try:
-            str(arg).encode("utf-8")
-        except UnicodeEncodeError:
-            shown = ascii(arg) if len(arg) <= 80 else f"{ascii(arg[:60])}... ({len(arg)} characters)"
-            raise UsageError(f"argument {shown} is not UTF-8 text; MLflow and Optuna store every name, path "
-                             "and value as UTF-8: rename the file or folder") from None
+        if not _utf8(str(arg)):
+            raise UsageError(f"argument {_shown(arg)} is not UTF-8 text; MLflow and Optuna store every name, path "
+                             "and value as UTF-8: rename the file or folder")
+
+
+# What the harness reads from the environment as a path or a name that ends up in a store (the
+# tracking store's path, an experiment, a run, the lease folder a worker record names).
+ENVIRONMENT = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
+               "XDG_CACHE_HOME", "PGPASSFILE")
+
+
+def _check_environment() -> None:
+    """The environment's paths and names are UTF-8 text, checked before anything is made: one that
+    is not was used to make the store and the cache folders, and then failed the first write."""
+    from .store_template import user_cache
+
+    named = [(name, os.environ[name]) for name in ENVIRONMENT if name in os.environ]
+    cache = user_cache()
+    if cache is not None and not os.path.isabs(os.environ.get("XDG_CACHE_HOME", "")):
+        named.append(("HOME", str(cache.parent)))  # the cache folder is ~/.cache
+    for name, value in named:
+        if not _utf8(value):
+            raise UsageError(f"environment variable {name}={_shown(value)} is not UTF-8 text; MLflow and Optuna "
+                             f"store every name and path as UTF-8: set {name} to a UTF-8 value or unset it")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         _check_text(sys.argv[1:] if argv is None else argv)
+        _check_environment()
         parser = build_parser()
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # said by the command's own parser, which knows its flags

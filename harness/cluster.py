@@ -29,6 +29,7 @@ from pathlib import Path
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from .errors import HarnessError, UsageError
+from .numbers import natural
 from .urls import check_credentials, engine_url, libpq_options, quoted_value, redact, scrub
 
 DB_USER = "harness"
@@ -50,7 +51,7 @@ def postgres_bin() -> Path:
     if found:
         return Path(found).resolve().parent
     versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
-                      key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+                      key=lambda p: natural(p.parts[-3]) or 0)
     if versions:
         return versions[-1].parent
     raise UsageError("PostgreSQL is not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin); "
@@ -97,11 +98,11 @@ def _group(pid: int) -> list[int]:
     """``pid`` and the processes of its process group (a server started in a session of its own)."""
     found = [pid]
     for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
+        if natural(entry.name) is not None:
             with contextlib.suppress(OSError, IndexError, ValueError):
                 # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses.
                 if int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[2]) == pid:
-                    found.append(int(entry.name))
+                    found.append(natural(entry.name))
     return found
 
 
@@ -449,7 +450,7 @@ def check_server(url: str) -> None:
         ports = conninfo_to_dict(url).get("port", "5432")
     except psycopg.Error as exc:  # libpq's own parser: what a driver would refuse, refused now
         raise UsageError(f"{shown}: {' '.join(scrub(str(exc), url).split())}") from None
-    if not all(p.isdigit() and 0 < int(p) < 65536 for p in str(ports).split(",")):
+    if not all(0 < (natural(p) or 0) < 65536 for p in str(ports).split(",")):
         raise UsageError(f"{shown}: the port must be a number from 1 to 65535, got {quoted_value(str(ports), url)}")
     plain, password = split_password(url)
     refused = refused_offline(plain)

@@ -281,7 +281,7 @@ def uri_boolean(value: str | None) -> bool:
     byte, 0x hex too) or on/yes/true (off/no/false) in any case; any other word is false."""
     if not value:
         return False
-    if value[0].isdigit():
+    if value[0] in "0123456789":  # SQLite's digits are ASCII ones (sqlite3Isdigit)
         return _sqlite_atoi(value) & 0xFF != 0
     return value.lower() in ("on", "yes", "true")
 
@@ -293,7 +293,7 @@ def _sqlite_atoi(text: str) -> int:
         digits = hexa[1]
         number = int(digits[:8] or "0", 16)
         return 0 if number & 0x80000000 or len(digits) > 8 else number
-    digits = re.match(r"0*(\d*)", text)[1][:11]
+    digits = re.match(r"0*([0-9]*)", text)[1][:11]
     return int(digits or "0") if len(digits) <= 10 and int(digits or "0") <= 2147483647 else 0
 
 

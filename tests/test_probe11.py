@@ -28,18 +28,6 @@ def stranger():
         proc.wait()
 
 
-def test_a_live_worker_of_another_user_is_judged_by_its_pid_and_start_time(stranger, monkeypatch):
-    """Its lease is in that user's folder, which this user cannot enter: a live process of another uid
-    started when its record says is alive (before: every other user's running trial was "gone", and
-    audit --fix failed it under a worker that went on training). This user's own processes still need
-    their lease, and another user's process of another start time is still dead."""
-    record = record_of(stranger)
-    assert workers.alive(record) is False  # this user's process without a lease
-    monkeypatch.setattr(workers, "_owner", lambda pid: os.getuid() + 1)
-    assert workers.alive(record) is True
-    assert workers.alive({**record, "started": "1"}) is False
-
-
 def test_the_lease_folder_is_in_the_user_s_cache_where_no_other_user_can_make_it_first():
     """A folder named in /tmp could be made first by anyone, who then blocked every search and train
     of its user (/tmp is sticky: the user cannot remove it). The leases live under the user's cache

@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 
 from ..errors import UsageError
+from ..numbers import natural
 from ..store_files import empty_file
 from ..tracking import default_tracking_uri
 from ..urls import check_credentials, engine_url, redact, scrub, sqlite_path, sqlite_unreadable, sqlite_unwritable
@@ -203,7 +204,7 @@ def memory_bytes() -> int:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
     except OSError:
         return total
-    return min(total, int(limit)) if limit.isdigit() else total
+    return total if natural(limit) is None else min(total, natural(limit))
 
 
 def max_journal_bytes() -> int:

@@ -12,6 +12,7 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
 from ...errors import HarnessError, first_line
+from ...numbers import natural
 from ... import schema, tracking
 from ...schema import FAIL_REASON_ATTR, INCOMPLETE_TAG, PAIR_TRIAL_PARAM as PAIR, PARENT_ATTR, RUN_ATTR, WORKER_ATTR
 from ...sink import DirectWriter, MlflowSink, close_incomplete
@@ -151,8 +152,8 @@ def audit(study, storage, client, *, fix: bool = False, direct: DirectWriter | N
     report.checked_runs = len(runs)
     by_number: dict[int, list] = {}
     for run in runs:
-        number = run.data.tags.get(schema.TRIAL_NUMBER_TAG)
-        by_number.setdefault(int(number) if number and number.isdigit() else -1, []).append(run)
+        number = natural(run.data.tags.get(schema.TRIAL_NUMBER_TAG))
+        by_number.setdefault(-1 if number is None else number, []).append(run)
     fixer = _Fix(client, sink, study, parent_id, parent.info.experiment_id) if fix else None
     live_workers = False
     objectives = of_study(study)
@@ -304,8 +305,8 @@ def _check_values(trial, run, objectives: tuple[str, ...], report: Report) -> No
 
 
 def _epochs(trial, run) -> int:
-    epochs = trial.params.get("epochs", run.data.params.get("epochs"))
-    return int(epochs) if str(epochs).isdigit() else 0
+    epochs = natural(str(trial.params.get("epochs", run.data.params.get("epochs"))))
+    return epochs or 0
 
 
 def _placeholder_run(fix: _Fix, trial):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import socket
 import stat
 import threading
@@ -11,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ...errors import HarnessError, first_line
+from ...numbers import natural
 from ...store_template import user_cache
 from ...schema import FAIL_REASON_ATTR, WORKER_ATTR
 from ..experimental import experimental_ok
@@ -76,14 +78,23 @@ def _lease_name(pid, started) -> str:
     return f"{pid}-{started}"
 
 
+def _lease_owner(name: str) -> int | None:
+    """The pid of the lease ``name`` (as _lease_name writes it); None for any other name: left alone."""
+    owner, _, when = name.partition("-")
+    pid = natural(owner)
+    if pid is None or name != _lease_name(pid, when) or (when != "None" and natural(when) is None):
+        return None
+    return pid
+
+
 def _hold_lease(pid: int, started: str | None) -> None:
     with _leases_lock:
         if pid in _leases:
             return
         folder = _lease_folder()
         for old in folder.iterdir():  # leases of processes gone: their pid and start time never come back
-            owner, _, when = old.name.partition("-")
-            if owner.isdigit() and when != str(_start_time(int(owner))):
+            owner = _lease_owner(old.name)
+            if owner is not None and old.name != _lease_name(owner, _start_time(owner)):
                 with contextlib.suppress(OSError):  # not a file (a folder made there): not a lease, left
                     old.unlink(missing_ok=True)
         lease = folder / _lease_name(pid, started)
@@ -161,7 +172,8 @@ def alive(worker) -> bool | None:
     A worker record is the journal's (or a run's tag), which anyone who can write the study can forge:
     a record of no shape identity() writes names no worker; on this host one names a live worker only
     when its process, started at the time the record says (init, or a reused pid, is always there),
-    holds its lease."""
+    holds its lease; another user's, whose lease this user cannot open, when it is a harness process
+    (_harness_process)."""
     if not is_identity(worker):
         return False
     if worker["host"] != socket.gethostname():
@@ -184,9 +196,40 @@ def alive(worker) -> bool | None:
         return False  # killed, not yet reaped (signal 0 still reaches it), or another process on that pid
     if _owner(pid) not in (None, os.getuid()):
         # Another user's process (a study shared by several users): its lease is in that user's folder,
-        # which only that user may enter; its pid and start time are what this user can check.
-        return True
+        # which only that user may enter. What this user can see of it proves it a harness process.
+        return _harness_process(pid)
     return _leased(pid, worker["started"], _folder(worker["leases"]) if "leases" in worker else LEASES)
+
+
+# How a harness process is started: the `harness` console script (the kernel runs its interpreter
+# with the script's path next) or `python -m harness`.
+_INTERPRETER = re.compile(rb"(python|pypy)[0-9.]*")
+_MODULE = re.compile(rb"harness(\..+)?")
+
+
+def _harness_process(pid: int) -> bool:
+    """Whether another user's process is provably a harness process: its command line is the harness's
+    (/proc/PID/cmdline, which any user may read, where /proc/PID/exe is its owner's only) and it holds
+    an exclusive flock, as every harness process holds its lease from its first record on (/proc/locks
+    names the holder's pid). Init, a shell, sshd or cron of another user is neither."""
+    try:
+        if not harness_command(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")):
+            return False
+        locks = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    # "ID: FLOCK  ADVISORY  WRITE PID DEVICE:INODE START END"; a waiter's line has "->" after the ID.
+    return any(line.split()[1:5] == ["FLOCK", "ADVISORY", "WRITE", str(pid)] for line in locks)
+
+
+def harness_command(argv: list[bytes]) -> bool:
+    """Whether a command line is the harness's: an interpreter running the `harness` script or
+    ``-m harness`` (a module of it)."""
+    if len(argv) < 2 or not _INTERPRETER.fullmatch(os.path.basename(argv[0])):
+        return False
+    return os.path.basename(argv[1]) == b"harness" or any(
+        (arg == b"-m" and _MODULE.fullmatch(after)) or (arg.startswith(b"-m") and _MODULE.fullmatch(arg[2:]))
+        for arg, after in zip(argv[1:], argv[2:] + [b""]))
 
 
 def _owner(pid: int) -> int | None:
