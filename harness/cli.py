@@ -7,7 +7,7 @@ import signal
 import sys
 
 from .commands import Parser
-from .errors import ExperimentCodeError, HarnessError, UsageError, first_line
+from .errors import ExperimentCodeError, HarnessError, UsageError, asked_to_stop, first_line
 
 COMMANDS = ("train", "search", "compare", "predict", "register", "reproduce", "audit", "cluster")
 
@@ -50,6 +50,20 @@ def _store_error(exc: BaseException) -> str | None:
     return f"{type(exc).__name__}: {scrub(first, uri) if uri else first}"
 
 
+def _handled(args) -> int:
+    """The command run. The harness calls no ``sys.exit()``: a BaseException out of a command that is
+    no error and no interrupt is the experiment's code asking to stop, wherever a command called it
+    (predict's model, register's trace, reproduce's data): one line, exit 1, as train and search
+    say it once they have failed their run."""
+    try:
+        return args.handler(args)
+    except BaseException as exc:
+        stop = asked_to_stop(exc, f"{args.command} stopped: the experiment's code raised")
+        if stop is None:
+            raise
+        raise stop from None
+
+
 def _check_text(argv: list[str]) -> None:
     """Every argument is text that can be stored: MLflow and Optuna keep names, paths and values as
     UTF-8, and a file name that is not (Python hands it over with lone surrogates) would be accepted
@@ -83,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # said by the command's own parser, which knows its flags
             parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-        return args.handler(args)
+        return _handled(args)
     except UsageError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2
