@@ -115,13 +115,21 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     # A storage opened read-only (only a reader gets here with one) has its tables, or is refused by
     # SQLite: nothing is created, so no lock file is made beside it either.
-    locked = nullcontext() if scheme == "sqlite" and sqlite_unwritable(url) else schema_lock(engine_url(url), engine_kwargs)
+    # A reader makes nothing either: Optuna creates its tables in any database it opens, under that
+    # lock; a database that holds none is no storage to read.
+    reader = scheme == "sqlite" and not repair
+    locked = nullcontext() if reader or (scheme == "sqlite" and sqlite_unwritable(url)) \
+        else schema_lock(engine_url(url), engine_kwargs)
     started = time.time()
     try:
+        if reader:
+            _check_tables(url)
         with experimental_ok(), locked:  # heartbeats: experimental since 2.x
             storage = HarnessRDBStorage(
                 engine_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
                 heartbeat_stale_trial_callback=Retry(max_retry=3))
+    except UsageError:
+        raise
     except ImportError as exc:
         raise UsageError(f"storage {redact(url)} needs a database driver that is not installed "
                          f"({scrub(str(exc), url)}); for PostgreSQL: pip install 'psycopg[binary]'") from None
@@ -130,6 +138,19 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
 
         raise unreachable("the Optuna storage", url, time.time() - started, exc) from None
     return storage
+
+
+def _check_tables(url: str) -> None:
+    """An SQLite storage holds Optuna's tables; else a one-line UsageError, with nothing created."""
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(engine_url(url))
+    try:
+        found = inspect(engine).has_table("studies")
+    finally:
+        engine.dispose()
+    if not found:
+        raise UsageError(f"no Optuna storage at {redact(url)}: its database holds no Optuna tables")
 
 
 def journal_path(url: str) -> str:
