@@ -554,11 +554,15 @@ def open_client(tracking_uri: str | None = None):
     from mlflow import MlflowClient
 
     from .filelock import LOCK_SUFFIX, file_lock
+    from .store_files import empty_file
 
     uri = tracking_uri or mlflow.get_tracking_uri()
     path = sqlite_path(uri)
     _probe_database(uri)
-    with file_lock(path + LOCK_SUFFIX if path else None):
+    # A store that is there was made under the lock (its maker created the lock file first): where no
+    # lock file is beside it, no one is making it, and a command that may yet be refused makes none.
+    made = path is not None and Path(path).is_file() and not empty_file(path)
+    with file_lock(path + LOCK_SUFFIX if path else None, create=not made):
         new = path is not None and store_template.usable(path)
         copied = new and store_template.start_from_template(path)
         client = MlflowClient(uri)

@@ -77,13 +77,15 @@ def _open_study(options: SearchOptions):
                       experiment_sha256=trials.experiment.sha256,
                       allow_changed_experiment=options.allow_changed_experiment)
     storage_args = dict(heartbeat=options.heartbeat)
-    # Opening a journal creates its file: a missing one already says there is no study yet.
-    storage = None if study_module.missing_journal(url) else study_module.open_storage(url, **storage_args)
+    # Opening a journal creates its file, and an SQLite storage its database and tables: one that holds
+    # none yet already says there is no study, and is made once every check passed.
+    storage = None if study_module.holds_no_study(url) else study_module.open_storage(url, **storage_args)
     # A worker creating the study writes what resuming checks (its objectives, space, experiment) after
-    # Optuna makes it, holding the study's lock: a study caught in between is read once it is whole.
+    # Optuna makes it, holding the study's lock: a study caught in between is read once it is whole. A
+    # lock file that is not there is held by no worker (a plain Optuna script made the study): not made.
     study = None
     if storage is not None and study_module.being_created(options.study_name, storage):
-        with study_lock(storage, options.study_name):
+        with study_lock(storage, options.study_name, create=False):
             study = study_module.existing_study(options.study_name, storage, **study_args)
     elif storage is not None:  # read as it is: a refused resume writes nothing, not even a lock file
         study = study_module.existing_study(options.study_name, storage, **study_args)

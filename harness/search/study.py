@@ -88,8 +88,13 @@ def check_storage(url: str, writes: bool = True) -> str:
     return scheme
 
 
-def missing_journal(url: str) -> bool:
-    return storage_scheme(url) == "journal" and not Path(url.split(":", 1)[1]).exists()
+def holds_no_study(url: str) -> bool:
+    """Whether a file storage holds nothing yet: a journal that is not there, an SQLite database
+    that is not there, empty, or without Optuna's tables. Opening one makes them."""
+    scheme = storage_scheme(url)
+    if scheme == "journal":
+        return not Path(url.split(":", 1)[1]).exists()
+    return scheme == "sqlite" and not _optuna_tables(url)
 
 
 def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_S,
@@ -113,17 +118,17 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
     engine_kwargs: dict = {"pool_pre_ping": True}  # connections that idled out are replaced, not failed
     if scheme == "postgresql":
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
-    # A storage opened read-only (only a reader gets here with one) has its tables, or is refused by
-    # SQLite: nothing is created, so no lock file is made beside it either.
-    # A reader makes nothing either: Optuna creates its tables in any database it opens, under that
-    # lock; a database that holds none is no storage to read.
+    # Optuna creates its tables in any database it opens, holding a lock that is a file beside an
+    # SQLite one: taken only where they are yet to be made. A reader makes nothing (no table, no lock
+    # file), and a database that holds none is no storage to read; one opened read-only (only a
+    # reader gets here with one) has its tables, or is refused by SQLite.
     reader = scheme == "sqlite" and not repair
-    locked = nullcontext() if reader or (scheme == "sqlite" and sqlite_unwritable(url)) \
-        else schema_lock(engine_url(url), engine_kwargs)
     started = time.time()
     try:
-        if reader:
-            _check_tables(url)
+        made = scheme == "sqlite" and _optuna_tables(url)
+        if reader and not made:
+            raise UsageError(f"no Optuna storage at {redact(url)}: its database holds no Optuna tables")
+        locked = nullcontext() if made else schema_lock(engine_url(url), engine_kwargs)
         with experimental_ok(), locked:  # heartbeats: experimental since 2.x
             storage = HarnessRDBStorage(
                 engine_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
@@ -140,17 +145,19 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
     return storage
 
 
-def _check_tables(url: str) -> None:
-    """An SQLite storage holds Optuna's tables; else a one-line UsageError, with nothing created."""
+def _optuna_tables(url: str) -> bool:
+    """Whether the SQLite database of ``url`` holds Optuna's tables; a file that is not there (or is
+    empty) is not opened, which would make it."""
     from sqlalchemy import create_engine, inspect
 
+    path = sqlite_path(url)
+    if path is None or not Path(path).exists() or empty_file(path):
+        return False
     engine = create_engine(engine_url(url))
     try:
-        found = inspect(engine).has_table("studies")
+        return inspect(engine).has_table("studies")
     finally:
         engine.dispose()
-    if not found:
-        raise UsageError(f"no Optuna storage at {redact(url)}: its database holds no Optuna tables")
 
 
 def journal_path(url: str) -> str:
