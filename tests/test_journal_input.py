@@ -191,3 +191,20 @@ def test_a_reading_audit_makes_no_file_in_any_storage_spelling(tmp_path, migrate
                          env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     assert out.returncode in (1, 2) and "Traceback" not in out.stderr, out.stderr
     assert _listing(tmp_path) == before, out.stdout + out.stderr
+
+
+def test_a_search_checks_its_journal_once(workdir, cli_in_process, monkeypatch):
+    """The options check the journal (what it is, that it can be written) before anything else; opening
+    it did both again, and the journal's opening a third time (issue 27: one check)."""
+    from harness.search import study
+    from harness.search.durable import journal
+
+    calls = []
+    for module, name in ((journal, "not_a_journal"), (study, "check_journal_writable")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    assert cli_in_process(*SEARCH, "--no-progress", cwd=workdir).returncode == 0  # a new journal: nothing to read
+    assert calls == ["check_journal_writable"]
+    calls.clear()
+    assert cli_in_process(*SEARCH, "--no-progress", cwd=workdir).returncode == 0  # resumed
+    assert calls == ["not_a_journal", "check_journal_writable"]

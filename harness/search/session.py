@@ -76,7 +76,7 @@ def _open_study(options: SearchOptions):
                       sampler=options.sampler, pruner=options.pruner, objectives=trials.objectives,
                       experiment_sha256=trials.experiment.sha256,
                       allow_changed_experiment=options.allow_changed_experiment)
-    storage_args = dict(heartbeat=options.heartbeat)
+    storage_args = dict(heartbeat=options.heartbeat, checked=True)  # the options checked the URL
     # Opening a journal creates its file, and an SQLite storage its database and tables: one that holds
     # none yet already says there is no study, and is made once every check passed.
     storage = None if study_module.holds_no_study(url) else study_module.open_storage(url, **storage_args)

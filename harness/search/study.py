@@ -93,24 +93,27 @@ def holds_no_study(url: str) -> bool:
     that is not there, empty, or without Optuna's tables. Opening one makes them."""
     scheme = storage_scheme(url)
     if scheme == "journal":
-        return not Path(url.split(":", 1)[1]).exists()
+        return not Path(_journal_file(url)).exists()
     return scheme == "sqlite" and not _optuna_tables(url)
 
 
 def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_S,
-                 repair: bool = True, notify=None):
+                 repair: bool = True, notify=None, checked: bool = False):
     """An Optuna storage. ``journal:PATH`` is Optuna's journal file, safe for several processes;
     damage a crash left in it is repaired before the first append or ``repair_journal`` (see
     journal.py), unless ``repair`` is False, when a journal that Optuna cannot read raises JournalDamaged.
 
     RDB storages get Optuna's heartbeat: a trial whose worker stops beating for ``3 * heartbeat``
     seconds is failed and its configuration retried by the next worker that starts a trial.
+
+    ``checked``: ``check_storage(url, writes=repair)`` passed already (a search's options check it
+    before anything else), and is not repeated.
     """
     from .durable.retries import Retry
     from .durable.storages import HarnessRDBStorage, schema_lock
 
-    scheme = check_storage(url, writes=repair)
-    path = journal_path(url) if scheme == "journal" else sqlite_path(url) if scheme == "sqlite" else None
+    scheme = storage_scheme(url) if checked else check_storage(url, writes=repair)
+    path = _journal_file(url) if scheme == "journal" else sqlite_path(url) if scheme == "sqlite" else None
     if must_exist and path is not None and (not Path(path).exists() or (scheme != "journal" and empty_file(path))):
         raise UsageError(f"no Optuna storage at {redact(url)}")
     if scheme == "journal":
@@ -160,12 +163,17 @@ def _optuna_tables(url: str) -> bool:
         engine.dispose()
 
 
+def _journal_file(url: str) -> str:
+    """The file a ``journal:PATH`` URL names, unchecked (``journal_path`` checks it)."""
+    return url.split(":", 1)[1]
+
+
 def journal_path(url: str) -> str:
     """The file of a ``journal:PATH`` URL, refused unless it is an Optuna journal or a path where a
     regular file can be made (see _journal_file_error and journal.not_a_journal)."""
     from .durable.journal import not_a_journal
 
-    path = url.split(":", 1)[1]
+    path = _journal_file(url)
     if not path:
         raise UsageError("--storage journal: needs a file path, e.g. journal:optuna_journal.log")
     why = _journal_file_error(path)
@@ -279,9 +287,7 @@ def _open_journal(path: str, repair: bool, notify):
     def journal():
         return Journal(path, **({"notify": notify} if notify else {}))
 
-    if repair:  # a writer: it appends, and locks files beside the journal
-        check_journal_writable(path)
-    opened = journal()
+    opened = journal()  # a writer's journal was checked writable with the URL (check_storage)
     try:  # a torn last line is no obstacle: Optuna skips it, and the first append cuts it
         return HarnessJournalStorage(opened)
     except (OSError, MemoryError, HarnessError):  # not the file's content: reading it again would not help
