@@ -451,6 +451,22 @@ def unreachable(what: str, url: str, seconds: float, exc: BaseException):
                         f"{scrub(first, url)}")
 
 
+@contextlib.contextmanager
+def store_failures(error):
+    """The one rule for an MLflow store failing under a check or an open (a search's store, its
+    $MLFLOW_RUN_ID check, its parent run): a UsageError (the user's input) passes as it is; anything
+    else is raised as ``error(exc, seconds since the block began)`` makes it, one line, no traceback."""
+    from .errors import UsageError
+
+    started = time.time()
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise error(exc, time.time() - started) from None
+
+
 DB_SCHEMES = ("postgresql", "mysql", "mssql", "oracle")
 
 

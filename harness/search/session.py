@@ -13,7 +13,7 @@ from .. import signals
 from ..errors import ExperimentExit, UsageError
 from ..launched import launched_run
 from ..schema import PARENT_ATTR
-from ..tracking import check_experiment, default_tracking_uri, open_client, unreachable
+from ..tracking import check_experiment, default_tracking_uri, open_client, store_failures, unreachable
 from . import loop
 from . import study as study_module
 from .durable.audit import recover_stale, recover_unfinished
@@ -106,12 +106,10 @@ def _open_study(options: SearchOptions):
 def _open_client(mlflow_experiment: str | None, default: str):
     """The MLflow store opened (created or migrated) in bounded time, once runs can go to their
     MLflow experiment; else a one-line UsageError."""
-    uri, started = default_tracking_uri(), time.time()
-    try:
+    uri = default_tracking_uri()
+    with store_failures(_unreachable(uri)):
         client = open_client(uri)
         refused = check_experiment(client, mlflow_experiment, default)
-    except Exception as exc:
-        raise unreachable("the MLflow tracking store", uri, time.time() - started, exc) from None
     if refused:
         raise UsageError(refused)
     return client
@@ -119,13 +117,12 @@ def _open_client(mlflow_experiment: str | None, default: str):
 
 def _check_launched(client, study) -> None:
     """Before the study is written: $MLFLOW_RUN_ID names `mlflow run`'s fresh run, or this study's parent."""
-    uri, started = default_tracking_uri(), time.time()
-    try:
+    with store_failures(_unreachable(default_tracking_uri())):
         launched_run(client, own=study.user_attrs.get(PARENT_ATTR) if study is not None else None)
-    except UsageError:
-        raise
-    except Exception as exc:
-        raise unreachable("the MLflow tracking store", uri, time.time() - started, exc) from None
+
+
+def _unreachable(uri: str):
+    return lambda exc, seconds: unreachable("the MLflow tracking store", uri, seconds, exc)
 
 
 def _check_registry(client, options: SearchOptions) -> None:
