@@ -94,7 +94,10 @@ def holds_no_study(url: str) -> bool:
     scheme = storage_scheme(url)
     if scheme == "journal":
         return not Path(_journal_file(url)).exists()
-    return scheme == "sqlite" and not _optuna_tables(url)
+    try:
+        return scheme == "sqlite" and not _optuna_tables(url)
+    except Exception:  # a file that is no database: opening it says why, as it did
+        return False
 
 
 def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_S,
