@@ -1,6 +1,7 @@
 """`harness <command>`: argument parsing and the one place where errors become exit statuses."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -50,15 +51,16 @@ def _store_error(exc: BaseException) -> str | None:
     return f"{type(exc).__name__}: {scrub(first, uri) if uri else first}"
 
 
-def _handled(args) -> int:
-    """The command run. The harness calls no ``sys.exit()``: a BaseException out of a command that is
-    no error and no interrupt is the experiment's code asking to stop, wherever a command called it
-    (predict's model, register's trace, reproduce's data): one line, exit 1, as train and search
-    say it once they have failed their run."""
+@contextlib.contextmanager
+def _asked_to_stop(command: str):
+    """The harness calls no ``sys.exit()``: a BaseException out of a command that is no error and no
+    interrupt is the experiment's code asking to stop, wherever the command called it (predict's
+    model, register's trace, reproduce's data): one line, exit 1, as train and search say it once
+    they have failed their run."""
     try:
-        return args.handler(args)
+        yield
     except BaseException as exc:
-        stop = asked_to_stop(exc, f"{args.command} stopped: the experiment's code raised")
+        stop = asked_to_stop(exc, f"{command} stopped: the experiment's code raised")
         if stop is None:
             raise
         raise stop from None
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # said by the command's own parser, which knows its flags
             parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-        return _handled(args)
+        with _asked_to_stop(args.command):
+            return args.handler(args)
     except UsageError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2
