@@ -170,8 +170,8 @@ READ_STORAGES = {"sqlite:///o.db": _sqlite_study, "sqlite:////ABS/o.db": _sqlite
                  "journal:o.db (none)": None}
 
 
-@pytest.mark.parametrize("store", ["present", "missing", "unreadable"])
-@pytest.mark.parametrize("storage", READ_STORAGES)
+@pytest.mark.parametrize("storage,store", [(storage, store) for storage in READ_STORAGES for store in ("present", "missing")]
+                         + [("sqlite:///o.db", "unreadable"), ("journal:o.db", "unreadable")])
 def test_a_reading_audit_makes_no_file_in_any_storage_spelling(tmp_path, migrated_db, cli_in_process, storage, store):
     """Was: `audit` without --fix on a writable sqlite:///o.db made o.db.harness-lock (Optuna's table
     lock) before it read anything, and Optuna's tables in a database that held none. A reader makes

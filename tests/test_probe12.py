@@ -244,8 +244,12 @@ STOPS = [("predict", "data", 1, "predict stopped: the experiment's code raised")
          ("reproduce", "plot", 1, "the experiment's code raised at epoch 3:")]  # the re-run's record
 
 
-@pytest.mark.parametrize("kind,named", [("exit", "SystemExit: 3"), ("base", "Custom: user base exception")])
-@pytest.mark.parametrize("command,hook,start,said", STOPS)
+# sys.exit() at every place; a BaseException of the code's own at one place of each command.
+KINDS = [(*stop, "exit", "SystemExit: 3") for stop in STOPS] + \
+    [(*STOPS[i], "base", "Custom: user base exception") for i in (2, 6, 10)]
+
+
+@pytest.mark.parametrize("command,hook,start,said,kind,named", KINDS)
 def test_sys_exit_in_the_experiment_s_code_ends_every_command_in_one_line(workdir, cli_in_process, monkeypatch,
                                                                           command, hook, start, said, kind, named):
     """Was: predict, register and reproduce ended with the code's own exit status (3) and not a word, or
