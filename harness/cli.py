@@ -1,13 +1,15 @@
 """`harness <command>`: argument parsing and the one place where errors become exit statuses."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
 
 from .commands import Parser
-from .errors import ExperimentCodeError, HarnessError, UsageError, first_line
+from .errors import ExperimentCodeError, HarnessError, UsageError, asked_to_stop, first_line
+from .user_cache import user_cache
 
 COMMANDS = ("train", "search", "compare", "predict", "register", "reproduce", "audit", "cluster")
 
@@ -62,6 +64,21 @@ def _shown(value: str) -> str:
     return ascii(value) if len(value) <= 80 else f"{ascii(value[:60])}... ({len(value)} characters)"
 
 
+@contextlib.contextmanager
+def _asked_to_stop(command: str):
+    """The harness calls no ``sys.exit()``: a BaseException out of a command that is no error and no
+    interrupt is the experiment's code asking to stop, wherever the command called it (predict's
+    model, register's trace, reproduce's data): one line, exit 1, as train and search say it once
+    they have failed their run."""
+    try:
+        yield
+    except BaseException as exc:
+        stop = asked_to_stop(exc, f"{command} stopped: the experiment's code raised")
+        if stop is None:
+            raise
+        raise stop from None
+
+
 def _check_text(argv: list[str]) -> None:
     """Every argument is text that can be stored: MLflow and Optuna keep names, paths and values as
     UTF-8, and a file name that is not would be accepted here and then fail every write."""
@@ -80,8 +97,6 @@ ENVIRONMENT = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIME
 def _check_environment() -> None:
     """The environment's paths and names are UTF-8 text, checked before anything is made: one that
     is not was used to make the store and the cache folders, and then failed the first write."""
-    from .store_template import user_cache
-
     named = [(name, os.environ[name]) for name in ENVIRONMENT if name in os.environ]
     cache = user_cache()
     if cache is not None and not os.path.isabs(os.environ.get("XDG_CACHE_HOME", "")):
@@ -113,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # said by the command's own parser, which knows its flags
             parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-        return args.handler(args)
+        with _asked_to_stop(args.command):
+            return args.handler(args)
     except UsageError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return 2

@@ -49,6 +49,15 @@ class ExperimentExit(ExperimentCodeError):
     1): a search does not go on, since the code asked to stop."""
 
 
+def asked_to_stop(exc: BaseException, what: str) -> ExperimentExit | None:
+    """A BaseException out of the experiment's code that is no error and no interrupt (``sys.exit()``,
+    a class of its own) as the one line ``what Type: message`` that ends the command (ExperimentExit);
+    None for an error or an interrupt, which keep their handling."""
+    if isinstance(exc, (Exception, KeyboardInterrupt)):
+        return None
+    return ExperimentExit(f"{what} {described(exc)}")
+
+
 def shown(names, most: int = 8, width: int = 40) -> str:
     """Names for a message, each and the list cut short: a name may be anything an experiment made."""
     cut = [repr(n if len(n) <= width else n[:width] + "...") for n in map(str, list(names)[:most])]

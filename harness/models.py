@@ -71,10 +71,10 @@ def log_run_model(client, run_id: str, experiment: Experiment | str | None = Non
                     # MLflow's own check loads the saved model once more (0.9 s of the 1.1 s a digits_cnn
                     # model took): the trace's refusals are what fails here, and they are caught below.
                     validate_serving_input=False)
-        except Exception as exc:
+        except BaseException as exc:  # sys.exit() in the model's code too: no logged model is left PENDING
             client.delete_logged_model(mine.model_id)
-            if isinstance(exc, (MlflowException, OSError)):  # the store's, or the disk's: not the model's
-                raise
+            if isinstance(exc, (MlflowException, OSError)) or not isinstance(exc, Exception):
+                raise  # the store's or the disk's, not the model's; an interrupt; the code asking to stop
             # torch.export raises many kinds (its own, the model's code's)
             raise NotExportable(f"experiment {found.name!r}: torch.export cannot trace its model "
                                 f"({first_line(exc)})") from None

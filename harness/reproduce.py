@@ -8,8 +8,9 @@ import sys
 import torch
 
 from . import provenance, tracking, training
-from .schema import (COMMAND_TAG, PACKAGES_TAG, PARENT_TAG, REPRODUCES_TAG, TORCH_THREADS_PARAM,
-                     TORCH_VERSION_PARAM)
+from .loop import History
+from .schema import (COMMAND_TAG, FAIL_REASON_TAG, PACKAGES_TAG, PARENT_TAG, REPRODUCES_TAG,
+                     TORCH_THREADS_PARAM, TORCH_VERSION_PARAM)
 from .errors import UsageError
 from .runs import curves, fetch_artifact, fitted_model, get_run, load_state_dict, logged_config
 
@@ -35,9 +36,16 @@ def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str |
     fitted_model(client, run_id, cfg, found, old_state)
     threads = recorded_threads(source.data.params)
     origin = tracking.provenance_record(found, data, cfg.device, cfg.valid_fraction)
-    with intra_op_threads(threads, run_id):  # the re-run's record says the count it trained with
-        result = training.train(cfg, found, data)
-        new_run = None if tracking.read_only(client) else _log(client, source, found, result, origin)
+    history = History()
+    try:
+        with intra_op_threads(threads, run_id):  # the re-run's record says the count it trained with
+            result = training.train(cfg, found, data, history=history)
+            new_run = None if tracking.read_only(client) else _log(client, source, found, result, origin)
+    except BaseException as exc:  # sys.exit() in the experiment's code: said as train says it
+        stop = training.experiment_exit(exc, history.epochs_run)
+        if stop is None:
+            raise
+        raise stop from None
     logged = curves(client, run_id, result.history.values.keys())
     diffs = differences(old_state, result.model.state_dict(), logged, result.history.values)
     if diffs and threads is None:
@@ -92,6 +100,11 @@ def _log(client, source, found, result, origin) -> str:
     try:
         tracking.write(client, new_run.info.run_id, origin)
         status = tracking.log_result(client, new_run.info.run_id, found, result)
+    except BaseException as exc:  # its plot_predictions' sys.exit(): the re-run FAILED says why
+        stop = training.experiment_exit(exc, result.history.epochs_run)
+        if stop is not None:
+            client.set_tag(new_run.info.run_id, FAIL_REASON_TAG, str(stop))
+        raise
     finally:
         client.set_terminated(new_run.info.run_id, status)
     return new_run.info.run_id

@@ -26,23 +26,10 @@ from contextlib import closing, suppress
 from pathlib import Path
 
 from . import compat
+from .user_cache import user_cache
 from .urls import sqlite_file_uri
 
 MAX_BYTES = 16 * 2 ** 20  # an empty store of MLflow 3.17 is ~1 MB
-
-
-def user_cache() -> Path | None:
-    """The user's cache folder: $XDG_CACHE_HOME where it is an absolute path (the XDG spec: a relative
-    one is ignored: it would name another folder in each working directory), else ~/.cache; None
-    where the user has no home (a container's user: Path.home() raises) or only a relative one."""
-    cache = os.environ.get("XDG_CACHE_HOME", "")
-    if os.path.isabs(cache):
-        return Path(cache)
-    try:
-        home = Path.home()
-    except RuntimeError:
-        return None
-    return home / ".cache" if home.is_absolute() else None
 
 
 def path() -> Path | None:

@@ -451,6 +451,22 @@ def unreachable(what: str, url: str, seconds: float, exc: BaseException):
                         f"{scrub(first, url)}")
 
 
+@contextlib.contextmanager
+def store_failures(error):
+    """The one rule for an MLflow store failing under a check or an open (a search's store, its
+    $MLFLOW_RUN_ID check, its parent run): a UsageError (the user's input) passes as it is; anything
+    else is raised as ``error(exc, seconds since the block began)`` makes it, one line, no traceback."""
+    from .errors import UsageError
+
+    started = time.time()
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise error(exc, time.time() - started) from None
+
+
 DB_SCHEMES = ("postgresql", "mysql", "mssql", "oracle")
 
 
@@ -565,11 +581,15 @@ def open_client(tracking_uri: str | None = None):
     from mlflow import MlflowClient
 
     from .filelock import LOCK_SUFFIX, file_lock
+    from .store_files import empty_file
 
     uri = tracking_uri or mlflow.get_tracking_uri()
     path = sqlite_path(uri)
     _probe_database(uri)
-    with file_lock(path + LOCK_SUFFIX if path else None):
+    # A store that is there was made under the lock (its maker created the lock file first): where no
+    # lock file is beside it, no one is making it, and a command that may yet be refused makes none.
+    made = path is not None and Path(path).is_file() and not empty_file(path)
+    with file_lock(path + LOCK_SUFFIX if path else None, create=not made):
         new = path is not None and store_template.usable(path)
         copied = new and store_template.start_from_template(path)
         client = MlflowClient(uri)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from .config import TrainConfig, per_epoch
-from .errors import ExperimentCodeError, ExperimentExit, UsageError, described
+from .errors import ExperimentCodeError, ExperimentExit, UsageError, asked_to_stop, described
 from .experiment import Data, Datasets, Experiment
 from . import checkpoint, registry, signals, tracking
 from .checkpoint import Checkpoints
@@ -409,12 +409,8 @@ def experiment_code_error(exc: BaseException, epoch: int) -> ExperimentCodeError
 
 
 def experiment_exit(exc: BaseException, epoch: int) -> ExperimentExit | None:
-    """A BaseException out of the experiment's code that is no error and no interrupt, as the run's
-    failure that ends the command (ExperimentExit); None for an error or an interrupt, which keep
-    their handling."""
-    if isinstance(exc, (Exception, KeyboardInterrupt)):
-        return None
-    return ExperimentExit(f"the experiment's code raised at epoch {epoch}: {described(exc)}")
+    """``errors.asked_to_stop`` for a run that trained ``epoch`` epochs."""
+    return asked_to_stop(exc, f"the experiment's code raised at epoch {epoch}:")
 
 
 def model_device(model: nn.Module) -> torch.device:

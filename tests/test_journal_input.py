@@ -156,3 +156,55 @@ def test_a_journal_in_a_folder_this_user_cannot_write_is_refused_before_the_mlfl
         out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["locked"]  # no MLflow store made
     assert sorted(p.name for p in locked.iterdir()) == ["j.log"]
+
+
+def _sqlite_study(path: Path) -> None:
+    optuna.create_study(study_name="s", storage=f"sqlite:///{path}", direction="maximize").optimize(
+        lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+
+
+# Every spelling of a storage a reading audit may be given, and what is in its place.
+READ_STORAGES = {"sqlite:///o.db": _sqlite_study, "sqlite:////ABS/o.db": _sqlite_study,
+                 "sqlite:///o.db?timeout=5": _sqlite_study, "sqlite+pysqlite:///o.db": _sqlite_study,
+                 "journal:o.db": _journal, "sqlite:///o.db (an MLflow store)": None, "sqlite:///o.db (none)": None,
+                 "journal:o.db (none)": None}
+
+
+@pytest.mark.parametrize("storage,store", [(storage, store) for storage in READ_STORAGES for store in ("present", "missing")]
+                         + [("sqlite:///o.db", "unreadable"), ("journal:o.db", "unreadable")])
+def test_a_reading_audit_makes_no_file_in_any_storage_spelling(tmp_path, migrated_db, cli_in_process, storage, store):
+    """Was: `audit` without --fix on a writable sqlite:///o.db made o.db.harness-lock (Optuna's table
+    lock) before it read anything, and Optuna's tables in a database that held none. A reader makes
+    nothing: no lock file, no database, no journal, no table, whatever the MLflow store is."""
+    make = READ_STORAGES[storage]
+    if make is not None:
+        make(tmp_path / "o.db")
+    elif "MLflow" in storage:
+        shutil.copy(migrated_db, tmp_path / "o.db")
+    if store == "present":
+        shutil.copy(migrated_db, tmp_path / "mlflow.db")
+    elif store == "unreadable":
+        (tmp_path / "mlflow.db").write_text("not a database\n")
+    before = _listing(tmp_path)
+    url = storage.split(" (")[0].replace("/ABS", str(tmp_path))
+    out = cli_in_process("audit", "--study", "s", "--storage", url, cwd=tmp_path,
+                         env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert out.returncode in (1, 2) and "Traceback" not in out.stderr, out.stderr
+    assert _listing(tmp_path) == before, out.stdout + out.stderr
+
+
+def test_a_search_checks_its_journal_once(workdir, cli_in_process, monkeypatch):
+    """The options check the journal (what it is, that it can be written) before anything else; opening
+    it did both again, and the journal's opening a third time (issue 27: one check)."""
+    from harness.search import study
+    from harness.search.durable import journal
+
+    calls = []
+    for module, name in ((journal, "not_a_journal"), (study, "check_journal_writable")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    assert cli_in_process(*SEARCH, "--no-progress", cwd=workdir).returncode == 0  # a new journal: nothing to read
+    assert calls == ["check_journal_writable"]
+    calls.clear()
+    assert cli_in_process(*SEARCH, "--no-progress", cwd=workdir).returncode == 0  # resumed
+    assert calls == ["not_a_journal", "check_journal_writable"]

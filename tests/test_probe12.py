@@ -42,6 +42,7 @@ HOOKED = (ROOT / "experiments" / "linear_regression.py").read_text().replace(
     '    return {"weight": model.weights.item(), "bias": model.bias.item()}',
     '    raises("scalars")\n    return {"weight": model.weights.item(), "bias": model.bias.item()}').replace(
     "        super().__init__()\n", "        super().__init__()\n        raises('model')\n").replace(
+    "def make_data() -> Data:\n", "def make_data() -> Data:\n    raises('data')\n").replace(
     "        return self.weights * x + self.bias", "        raises('forward')\n        return self.weights * x + self.bias")
 
 
@@ -224,3 +225,55 @@ def test_reproduce_of_an_experiment_whose_code_raises_says_it_in_one_line(workdi
     assert out.returncode == 1 and out.stderr.strip().splitlines() == [
         f"harness: error: {named}" + out.stderr.strip().split(named, 1)[1]], out.stderr
     assert f"user {hook} failed" in out.stderr and len(all_runs(workdir)) == 1
+
+
+# Each command that calls the experiment's code outside training, at each place it calls it: (command,
+# hook, the call that raises, the line's start). reproduce's pre-flight step builds the model and runs it
+# first (refused there, exit 2, as train's): its calls after that are the ones here.
+STOPS = [("predict", "data", 1, "predict stopped: the experiment's code raised"),
+         ("predict", "model", 1, "predict stopped: the experiment's code raised"),
+         ("predict", "forward", 1, "predict stopped: the experiment's code raised"),
+         ("register", "data", 1, "register stopped: the experiment's code raised"),
+         ("register", "model", 1, "register stopped: the experiment's code raised"),
+         ("register", "forward", 1, "register stopped: the experiment's code raised"),  # its signature
+         ("register", "forward", 2, "register stopped: the experiment's code raised"),  # torch.export's trace
+         ("reproduce", "data", 1, "reproduce stopped: the experiment's code raised"),
+         ("reproduce", "model", 2, "reproduce stopped: the experiment's code raised"),  # the logged weights' fit
+         ("reproduce", "model", 3, "the experiment's code raised at epoch 0:"),  # the re-run's
+         ("reproduce", "forward", 3, "the experiment's code raised at epoch 0:"),
+         ("reproduce", "plot", 1, "the experiment's code raised at epoch 3:")]  # the re-run's record
+
+
+# sys.exit() at every place; a BaseException of the code's own at one place of each command.
+KINDS = [(*stop, "exit", "SystemExit: 3") for stop in STOPS] + \
+    [(*STOPS[i], "base", "Custom: user base exception") for i in (2, 6, 10)]
+
+
+@pytest.mark.parametrize("command,hook,start,said,kind,named", KINDS)
+def test_sys_exit_in_the_experiment_s_code_ends_every_command_in_one_line(workdir, cli_in_process, monkeypatch,
+                                                                          command, hook, start, said, kind, named):
+    """Was: predict, register and reproduce ended with the code's own exit status (3) and not a word, or
+    a traceback for a BaseException of its own; register could leave its logged model PENDING. Now one
+    line, exit 1, nothing half-written: no logged or registered model, no re-run but one that trained in
+    full, FAILED with the reason."""
+    experiment = hooked(workdir, monkeypatch, "none")
+    (workdir / "in.json").write_text("[[0.5]]")
+    assert cli_in_process("train", "--epochs", 3, "--experiment", experiment, cwd=workdir).returncode == 0
+    [run] = all_runs(workdir)
+    monkeypatch.setenv("HOOK", hook)
+    monkeypatch.setenv("FROM", str(start))
+    monkeypatch.setenv("KIND", kind)
+    monkeypatch.setenv("TAG", os.environ["TAG"] + f"{command}-{hook}-{start}-{kind}")  # counted anew
+    extra = {"predict": ["--input", "in.json"], "register": ["--name", "m"], "reproduce": []}[command]
+    out = cli_in_process(command, run.info.run_id, *extra, "--experiment", experiment, cwd=workdir)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [f"harness: error: {said} {named}"], \
+        out.stderr
+    assert not out.stdout
+    client = client_for(workdir)
+    runs = all_runs(workdir)
+    assert client.search_logged_models([run.info.experiment_id]) == [] and client.search_registered_models() == []
+    if hook != "plot":
+        assert [r.info.run_id for r in runs] == [run.info.run_id]
+        return
+    [again] = [r for r in runs if r.info.run_id != run.info.run_id]
+    assert again.info.status == "FAILED" and again.data.tags["harness.fail_reason"] == f"{said} {named}"

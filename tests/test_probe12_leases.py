@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from harness import store_template
+from harness import user_cache
 from harness.search.durable import workers
 
 HOLD = ("import json, time\nfrom harness.search.durable.workers import identity\n"
@@ -75,11 +75,11 @@ def test_the_user_s_cache_ignores_a_relative_xdg_cache_home(monkeypatch, tmp_pat
     monkeypatch.setenv("HOME", str(tmp_path))
     for value in ("cache", "./cache", ""):
         monkeypatch.setenv("XDG_CACHE_HOME", value)
-        assert store_template.user_cache() == tmp_path / ".cache"
+        assert user_cache.user_cache() == tmp_path / ".cache"
     monkeypatch.setenv("HOME", "relative-home")
-    assert store_template.user_cache() is None
+    assert user_cache.user_cache() is None
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert store_template.user_cache() == tmp_path / "x"
+    assert user_cache.user_cache() == tmp_path / "x"
 
 
 def test_a_trial_another_process_closed_while_it_trained_is_one_line_and_the_search_goes_on(

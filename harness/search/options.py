@@ -76,7 +76,7 @@ class SearchOptions:
     """`harness search`'s flags, checked: the study, how it samples and prunes, and its trials."""
     trials: TrialOptions
     study_name: str
-    storage_url: str
+    storage_url: str  # checked (study.check_storage): opening it does not check again
     n_trials: int
     max_trials: int | None
     timeout: float | None

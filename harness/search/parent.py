@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import schema, tracking
-from ..errors import UsageError, first_line
+from ..errors import first_line
 from ..launched import launched_run
 from ..experiment import Experiment
 from ..schema import PARENT_ATTR, ROLE_STUDY, ROLE_TAG
@@ -44,12 +44,10 @@ class ParentRun:
                   **options.study_params}
         with study_lock(optuna_private.storage_of(study), f"parent-{study.study_name}"):
             known = study.user_attrs.get(PARENT_ATTR)
-            try:
+            # $MLFLOW_RUN_ID naming a run that is not this invocation's is the user's input: it passes.
+            with tracking.store_failures(lambda exc, _: TrackingFailed(f"cannot open the study's parent run: "
+                                                                       f"{first_line(exc)}")):
                 experiment_id, run_id = _find_or_create(sink, study, options.mlflow_experiment, known, tags, params)
-            except UsageError:  # $MLFLOW_RUN_ID names a run that is not this invocation's
-                raise
-            except Exception as exc:
-                raise TrackingFailed(f"cannot open the study's parent run: {first_line(exc)}") from None
             if known != run_id:
                 study.set_user_attr(PARENT_ATTR, run_id)
         return cls(sink, study, options.experiment, experiment_id, run_id, params, options.importance)

@@ -13,7 +13,7 @@ from .. import signals
 from ..errors import ExperimentExit, UsageError
 from ..launched import launched_run
 from ..schema import PARENT_ATTR
-from ..tracking import check_experiment, default_tracking_uri, open_client, unreachable
+from ..tracking import check_experiment, default_tracking_uri, open_client, store_failures, unreachable
 from . import loop
 from . import study as study_module
 from .durable.audit import recover_stale, recover_unfinished
@@ -76,14 +76,16 @@ def _open_study(options: SearchOptions):
                       sampler=options.sampler, pruner=options.pruner, objectives=trials.objectives,
                       experiment_sha256=trials.experiment.sha256,
                       allow_changed_experiment=options.allow_changed_experiment)
-    storage_args = dict(heartbeat=options.heartbeat)
-    # Opening a journal creates its file: a missing one already says there is no study yet.
-    storage = None if study_module.missing_journal(url) else study_module.open_storage(url, **storage_args)
+    storage_args = dict(heartbeat=options.heartbeat, checked=True)  # the options checked the URL
+    # Opening a journal creates its file, and an SQLite storage its database and tables: one that holds
+    # none yet already says there is no study, and is made once every check passed.
+    storage = None if study_module.holds_no_study(url) else study_module.open_storage(url, **storage_args)
     # A worker creating the study writes what resuming checks (its objectives, space, experiment) after
-    # Optuna makes it, holding the study's lock: a study caught in between is read once it is whole.
+    # Optuna makes it, holding the study's lock: a study caught in between is read once it is whole. A
+    # lock file that is not there is held by no worker (a plain Optuna script made the study): not made.
     study = None
     if storage is not None and study_module.being_created(options.study_name, storage):
-        with study_lock(storage, options.study_name):
+        with study_lock(storage, options.study_name, create=False):
             study = study_module.existing_study(options.study_name, storage, **study_args)
     elif storage is not None:  # read as it is: a refused resume writes nothing, not even a lock file
         study = study_module.existing_study(options.study_name, storage, **study_args)
@@ -104,12 +106,10 @@ def _open_study(options: SearchOptions):
 def _open_client(mlflow_experiment: str | None, default: str):
     """The MLflow store opened (created or migrated) in bounded time, once runs can go to their
     MLflow experiment; else a one-line UsageError."""
-    uri, started = default_tracking_uri(), time.time()
-    try:
+    uri = default_tracking_uri()
+    with store_failures(_unreachable(uri)):
         client = open_client(uri)
         refused = check_experiment(client, mlflow_experiment, default)
-    except Exception as exc:
-        raise unreachable("the MLflow tracking store", uri, time.time() - started, exc) from None
     if refused:
         raise UsageError(refused)
     return client
@@ -117,13 +117,12 @@ def _open_client(mlflow_experiment: str | None, default: str):
 
 def _check_launched(client, study) -> None:
     """Before the study is written: $MLFLOW_RUN_ID names `mlflow run`'s fresh run, or this study's parent."""
-    uri, started = default_tracking_uri(), time.time()
-    try:
+    with store_failures(_unreachable(default_tracking_uri())):
         launched_run(client, own=study.user_attrs.get(PARENT_ATTR) if study is not None else None)
-    except UsageError:
-        raise
-    except Exception as exc:
-        raise unreachable("the MLflow tracking store", uri, time.time() - started, exc) from None
+
+
+def _unreachable(uri: str):
+    return lambda exc, seconds: unreachable("the MLflow tracking store", uri, seconds, exc)
 
 
 def _check_registry(client, options: SearchOptions) -> None:

@@ -94,24 +94,35 @@ def check_storage(url: str, writes: bool = True, tracking_uri: str | None = None
     return scheme
 
 
-def missing_journal(url: str) -> bool:
-    return storage_scheme(url) == "journal" and not Path(url.split(":", 1)[1]).exists()
+def holds_no_study(url: str) -> bool:
+    """Whether a file storage holds nothing yet: a journal that is not there, an SQLite database
+    that is not there, empty, or without Optuna's tables. Opening one makes them."""
+    scheme = storage_scheme(url)
+    if scheme == "journal":
+        return not Path(_journal_file(url)).exists()
+    try:
+        return scheme == "sqlite" and not _optuna_tables(url)
+    except Exception:  # a file that is no database: opening it says why, as it did
+        return False
 
 
 def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_S,
-                 repair: bool = True, notify=None):
+                 repair: bool = True, notify=None, checked: bool = False):
     """An Optuna storage. ``journal:PATH`` is Optuna's journal file, safe for several processes;
     damage a crash left in it is repaired before the first append or ``repair_journal`` (see
     journal.py), unless ``repair`` is False, when a journal that Optuna cannot read raises JournalDamaged.
 
     RDB storages get Optuna's heartbeat: a trial whose worker stops beating for ``3 * heartbeat``
     seconds is failed and its configuration retried by the next worker that starts a trial.
+
+    ``checked``: ``check_storage(url, writes=repair)`` passed already (a search's options check it
+    before anything else), and is not repeated.
     """
     from .durable.retries import Retry
     from .durable.storages import HarnessRDBStorage, schema_lock
 
-    scheme = check_storage(url, writes=repair)
-    path = journal_path(url) if scheme == "journal" else sqlite_path(url) if scheme == "sqlite" else None
+    scheme = storage_scheme(url) if checked else check_storage(url, writes=repair)
+    path = _journal_file(url) if scheme == "journal" else sqlite_path(url) if scheme == "sqlite" else None
     if must_exist and path is not None and (not Path(path).exists() or (scheme != "journal" and empty_file(path))):
         raise UsageError(f"no Optuna storage at {redact(url)}")
     if scheme == "journal":
@@ -119,15 +130,23 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
     engine_kwargs: dict = {"pool_pre_ping": True}  # connections that idled out are replaced, not failed
     if scheme == "postgresql":
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
-    # A storage opened read-only (only a reader gets here with one) has its tables, or is refused by
-    # SQLite: nothing is created, so no lock file is made beside it either.
-    locked = nullcontext() if scheme == "sqlite" and sqlite_unwritable(url) else schema_lock(engine_url(url), engine_kwargs)
+    # Optuna creates its tables in any database it opens, holding a lock that is a file beside an
+    # SQLite one: taken only where they are yet to be made. A reader makes nothing (no table, no lock
+    # file), and a database that holds none is no storage to read; one opened read-only (only a
+    # reader gets here with one) has its tables, or is refused by SQLite.
+    reader = scheme == "sqlite" and not repair
     started = time.time()
     try:
+        made = scheme == "sqlite" and _optuna_tables(url)
+        if reader and not made:
+            raise UsageError(f"no Optuna storage at {redact(url)}: its database holds no Optuna tables")
+        locked = nullcontext() if made else schema_lock(engine_url(url), engine_kwargs)
         with experimental_ok(), locked:  # heartbeats: experimental since 2.x
             storage = HarnessRDBStorage(
                 engine_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
                 heartbeat_stale_trial_callback=Retry(max_retry=3))
+    except UsageError:
+        raise
     except ImportError as exc:
         raise UsageError(f"storage {redact(url)} needs a database driver that is not installed "
                          f"({scrub(str(exc), url)}); for PostgreSQL: pip install 'psycopg[binary]'") from None
@@ -138,12 +157,32 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
     return storage
 
 
+def _optuna_tables(url: str) -> bool:
+    """Whether the SQLite database of ``url`` holds Optuna's tables; a file that is not there (or is
+    empty) is not opened, which would make it."""
+    from sqlalchemy import create_engine, inspect
+
+    path = sqlite_path(url)
+    if path is None or not Path(path).exists() or empty_file(path):
+        return False
+    engine = create_engine(engine_url(url))
+    try:
+        return inspect(engine).has_table("studies")
+    finally:
+        engine.dispose()
+
+
+def _journal_file(url: str) -> str:
+    """The file a ``journal:PATH`` URL names, unchecked (``journal_path`` checks it)."""
+    return url.split(":", 1)[1]
+
+
 def journal_path(url: str) -> str:
     """The file of a ``journal:PATH`` URL, refused unless it is an Optuna journal or a path where a
     regular file can be made (see _journal_file_error and journal.not_a_journal)."""
     from .durable.journal import not_a_journal
 
-    path = url.split(":", 1)[1]
+    path = _journal_file(url)
     if not path:
         raise UsageError("--storage journal: needs a file path, e.g. journal:optuna_journal.log")
     why = _journal_file_error(path)
@@ -257,9 +296,7 @@ def _open_journal(path: str, repair: bool, notify):
     def journal():
         return Journal(path, **({"notify": notify} if notify else {}))
 
-    if repair:  # a writer: it appends, and locks files beside the journal
-        check_journal_writable(path)
-    opened = journal()
+    opened = journal()  # a writer's journal was checked writable with the URL (check_storage)
     try:  # a torn last line is no obstacle: Optuna skips it, and the first append cuts it
         return HarnessJournalStorage(opened)
     except (OSError, MemoryError, HarnessError):  # not the file's content: reading it again would not help

@@ -100,18 +100,19 @@ def lock_file(storage) -> Path | None:
     return _lock_beside(file_path(storage))
 
 
-def study_lock(storage, name: str):
+def study_lock(storage, name: str, create: bool = True):
     """A lock every worker of the storage takes, wherever it runs. On a database server ``name``
     picks one of many; a file storage has one lock file for every name, so never nest two.
 
     Held while a worker checks --max-trials and asks a trial (loop.ask), and while it finds or
     creates the study's parent MLflow run, so that exactly one is created. A storage with no shared lock (in-memory, gRPC)
-    gets none: its workers live in one process anyway.
+    gets none: its workers live in one process anyway. ``create`` False: a lock file that is not
+    there is not made (filelock.file_lock).
     """
     storage = backend(storage)
     path = lock_file(storage)
     if path is not None:
-        return file_lock(path)
+        return file_lock(path, create)
     if isinstance(storage, RDBStorage) and storage.engine.dialect.name in ("postgresql", "mysql"):
         return _database_lock(storage.engine, name)
     return nullcontext()

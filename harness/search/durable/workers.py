@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ...errors import HarnessError, first_line
 from ...numbers import natural
-from ...store_template import user_cache
+from ...user_cache import user_cache
 from ...schema import FAIL_REASON_ATTR, WORKER_ATTR
 from ..experimental import experimental_ok
 
@@ -43,7 +43,7 @@ def _start_time(pid: int) -> str | None:
 # two shells of one user may set apart: a record names the folder its lease is in, and a checker
 # looks there.
 def _lease_root() -> Path | None:
-    """The folder of this host's leases; None where no cache folder is known (store_template.user_cache)."""
+    """The folder of this host's leases; None where no cache folder is known (harness.user_cache)."""
     cache = user_cache()
     return None if cache is None else cache / "harness" / "leases" / socket.gethostname()
 
