@@ -129,11 +129,16 @@ def main_in(folder: Path, *args) -> int:
 
 @pytest.fixture(scope="session")
 def migrated_db(tmp_path_factory) -> Path:
-    """An empty MLflow SQLite store, created once: building MLflow's schema takes seconds."""
+    """An empty MLflow SQLite store, created once: building MLflow's schema takes seconds. It is also
+    the suite's template (harness/store_template.py), so the first store the harness makes is a copy
+    too, not a second build of the schema."""
     from mlflow import MlflowClient
+
+    from harness import store_template
 
     path = tmp_path_factory.mktemp("template") / "mlflow.db"
     MlflowClient(f"sqlite:///{path}").search_experiments()
+    store_template.keep_as_template(str(path))
     return path
 
 
