@@ -113,6 +113,7 @@ def test_a_search_s_trials_carry_the_parent_s_provenance_and_point_to_its_artifa
     assert hashlib.sha256(listed).hexdigest() == parent.data.tags[schema.PACKAGES_TAG]
 
 
+@pytest.mark.slow  # the module's two searches (~4 s idle)
 def test_provenance_is_worked_out_once_per_process(searched):
     folder, worked_out = searched
     assert len(all_runs(folder)) == 4 + 2 + 1
