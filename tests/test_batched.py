@@ -52,6 +52,9 @@ def same(a, b) -> None:
                                             torch.tensor(list(fb.values()), dtype=torch.float64))
 
 
+# Every pair trained stacked and alone (~1.5 s idle): in the whole suite. The fast tier keeps a stacked
+# search storing what an unstacked one does (test_fast_paths_optional).
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PAIRS))
 def test_each_member_equals_its_training_alone_bit_for_bit(name):
     experiment = load(name)
