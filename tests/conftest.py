@@ -91,6 +91,16 @@ def readme_blocks(heading: str, doc: str = "README.md") -> tuple[str, list[str]]
     return code, [c for c in commands if c]
 
 
+def slow_cases(cases, slow=None) -> list:
+    """The cases of a parametrize matrix with those in ``slow`` (by default all but the first) marked
+    slow: the fast tier runs one case of a matrix whose every case trains, searches or starts a
+    process, the whole suite every case. A case of several arguments is a tuple."""
+    cases = list(cases)
+    slow = cases[1:] if slow is None else slow
+    return [pytest.param(*(case if isinstance(case, tuple) else (case,)), marks=pytest.mark.slow) if case in slow
+            else case for case in cases]
+
+
 def cli_env(**extra) -> dict:
     """The user's environment without anything that would redirect MLflow or Optuna."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(REDIRECTS)}
@@ -119,11 +129,16 @@ def main_in(folder: Path, *args) -> int:
 
 @pytest.fixture(scope="session")
 def migrated_db(tmp_path_factory) -> Path:
-    """An empty MLflow SQLite store, created once: building MLflow's schema takes seconds."""
+    """An empty MLflow SQLite store, created once: building MLflow's schema takes seconds. It is also
+    the suite's template (harness/store_template.py), so the first store the harness makes is a copy
+    too, not a second build of the schema."""
     from mlflow import MlflowClient
+
+    from harness import store_template
 
     path = tmp_path_factory.mktemp("template") / "mlflow.db"
     MlflowClient(f"sqlite:///{path}").search_experiments()
+    store_template.keep_as_template(str(path))
     return path
 
 

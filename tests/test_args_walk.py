@@ -76,6 +76,7 @@ def returns(stays) -> int:
 
 
 @pytest.mark.usefixtures("in_workdir")
+@pytest.mark.slow  # a whole search under a trace function (~10 s)
 def test_the_search_args_walk_is_short():
     stays = walk(["search", "--n-trials", "1", "--epochs-range", "5", "6", "--no-progress"])
     shown = "\n".join(f"{module}: {', '.join(dict.fromkeys(functions))}" for module, functions in stays)

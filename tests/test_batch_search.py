@@ -58,6 +58,7 @@ def test_pruned_members_stop_alone_and_are_told_pruned():
     assert len(stacked.trials[0].intermediate_values) == 40  # its stack-mate went on to its own epochs
 
 
+@pytest.mark.slow  # a whole batched search in-process
 def test_a_model_that_cannot_be_stacked_runs_one_at_a_time_with_a_notice(capsys):
     experiment = load("binary_classification")
     space = space_module.resolve(experiment, overrides={"epochs": [3, 5]})
@@ -109,6 +110,7 @@ def test_every_member_of_a_batch_beats_its_heartbeat_on_an_rdb_storage(tmp_path,
     assert not [w for w in recwarn if "Heartbeat of storage" in str(w.message)]  # beaten here, as optimize would
 
 
+@pytest.mark.slow  # a whole batched search in-process
 def test_a_tracked_batch_writes_its_runs_together_and_keeps_the_contract(workdir, monkeypatch):
     """Tracked, a batch's runs are created in one transaction and its records written in another,
     and the store holds what one trial at a time leaves: one complete run per trial, audit clean."""
@@ -181,6 +183,7 @@ def full_disk_batch(workdir, monkeypatch, journal_full: bool = False):
     return study, storage
 
 
+@pytest.mark.slow  # a whole batched search in-process
 def test_a_batch_whose_records_fail_to_write_closes_every_run_incomplete_and_queues_them_again(workdir, monkeypatch):
     """One transaction for a batch's records: when it fails (a full disk), none of them is in, so
     every run is closed FAILED as incomplete and each completed configuration is queued again."""
@@ -198,6 +201,7 @@ def test_a_batch_whose_records_fail_to_write_closes_every_run_incomplete_and_que
     assert set(trials) >= {r.data.tags["optuna.trial_number"] for r in children}
 
 
+@pytest.mark.slow  # a whole batched search in-process
 def test_when_the_journal_cannot_queue_them_either_audit_says_so_and_fix_queues_them(workdir, monkeypatch):
     """The journal on the same full disk: the worker's own retry fails. Audit's advice is then
     true: it names each configuration not queued, and --fix queues each once."""
@@ -243,6 +247,7 @@ def test_a_trial_left_running_with_no_worker_is_failed_and_retried_once_it_is_ol
     assert retried.system_attrs["failed_trial"] == 0 and old.user_attrs["fail_reason"] == "worker died"
 
 
+@pytest.mark.slow  # a whole batched search in-process
 def test_a_late_heartbeat_fails_a_trial_only_when_its_worker_on_this_machine_is_gone(tmp_path, recwarn):
     """Optuna's stale check, as every worker runs it before a trial: a heartbeat far past the grace
     fails the trial of a dead worker, never that of one that lives (a starved one: its beat is late)."""
@@ -264,6 +269,7 @@ def test_a_late_heartbeat_fails_a_trial_only_when_its_worker_on_this_machine_is_
     assert [t.state for t in study.get_trials()[:2]] == [TrialState.RUNNING, TrialState.FAIL]
 
 
+@pytest.mark.slow  # a whole batched search in-process
 def test_a_batch_whose_trial_another_machine_failed_as_stale_tells_the_rest(tmp_path, recwarn):
     """A worker elsewhere cannot be checked by pid: starved past the grace, its trial is failed
     (and retried) there. When the batch ends, the others are told and the failed one is left as is."""
@@ -321,6 +327,7 @@ def test_a_worker_killed_and_not_yet_reaped_is_gone(tmp_path):
         proc.wait()
 
 
+@pytest.mark.slow  # a whole batched search in-process
 def test_a_signal_while_a_trial_s_run_is_created_leaves_the_trial_pointing_at_it(in_workdir, monkeypatch, capsys):
     """Ctrl-C landing as a trial's run is being created (its creation submitted, its future not yet
     kept): the trial still ends interrupted, linked to its run, which is KILLED."""
@@ -352,6 +359,7 @@ def test_a_signal_while_a_trial_s_run_is_created_leaves_the_trial_pointing_at_it
     assert trial.user_attrs.get("mlflow_run_id") == run.info.run_id and run.info.status == "KILLED"
 
 
+@pytest.mark.slow  # a whole batched search in-process
 def test_a_signal_while_a_batch_is_asked_leaves_every_asked_trial_with_its_run(in_workdir, monkeypatch, capsys):
     """Ctrl-C (or SIGTERM) between two asks of a batch: the trials asked so far are FAIL, interrupted,
     queued again, and each has its FAILED run, so the audit finds the stores in step (an outside probe

@@ -52,6 +52,9 @@ def same(a, b) -> None:
                                             torch.tensor(list(fb.values()), dtype=torch.float64))
 
 
+# Every pair trained stacked and alone (~1.5 s idle): in the whole suite. The fast tier keeps a stacked
+# search storing what an unstacked one does (test_fast_paths_optional).
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PAIRS))
 def test_each_member_equals_its_training_alone_bit_for_bit(name):
     experiment = load(name)
@@ -67,6 +70,7 @@ def test_each_member_equals_its_training_alone_bit_for_bit(name):
             same(member, alone(cfg, experiment, data))
 
 
+@pytest.mark.slow  # trains every pair stacked and alone
 def test_one_stack_of_every_pair_gives_each_member_its_own_numbers():
     """Optimizers and losses mixed in one stack (sorted by optimizer inside it), with a member of
     each loss diverging: each member is still bit for bit what it is alone."""
@@ -149,6 +153,7 @@ def test_mini_batches_come_in_the_same_order_as_alone():
         same(member, alone(cfg, experiment, data))
 
 
+@pytest.mark.slow  # refusals checked on three experiments' data, digits' too (~1.3 s idle)
 def test_what_cannot_be_stacked_is_said_in_one_line():
     reference = load("linear_regression")
     data = reference.load_data()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import artifact_folder
+from conftest import artifact_folder, slow_cases
 from harness import checkpoint, config, training
 from harness.experiment import load
 from harness.schema import RESUMED_TAG, STATE_DICT, TRAIN_LOSS, checkpoint_name
@@ -33,7 +33,7 @@ def resolved(name: str, overrides: dict):
     return config.validate(cfg, experiment, data.n_train), experiment, data
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", slow_cases(CASES, slow=["dropout"]))  # digits trains ~3 s
 def test_a_run_continued_from_any_checkpoint_ends_bit_for_bit_as_one_never_stopped(case):
     cfg, experiment, data = resolved(*CASES[case])
     written = []
@@ -335,6 +335,7 @@ def test_train_resumes_from_a_checkpoint_on_the_tracking_server(served, tmp_path
     assert all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values()))
 
 
+@pytest.mark.slow  # a whole batched search in-process
 def test_a_stack_says_it_writes_no_checkpoints_and_writes_none(in_workdir, cli_in_process):
     """Under --batch K a stack's members start at epoch 0 together: no checkpoint is written for them,
     and the search says so once instead of leaving the user to find out after a preemption."""
@@ -391,10 +392,11 @@ def checkpointed_copy(checkpointed, tmp_path):
     return workdir, run_id
 
 
-@pytest.mark.parametrize("case", ["a curve of 10 million zero-stride values", "no model",
-                                  "a torch generator state of 3 bytes", "a python generator state of the wrong size",
-                                  "model tensors of other shapes", "curves this run does not record",
-                                  "an epoch count that is a bool", "an epoch count without its curves"])
+# Each case trains again from epoch 0: the fast tier tampers in one way, the whole suite in every one.
+@pytest.mark.parametrize("case", slow_cases([
+    "a curve of 10 million zero-stride values", "no model", "a torch generator state of 3 bytes",
+    "a python generator state of the wrong size", "model tensors of other shapes", "curves this run does not record",
+    "an epoch count that is a bool", "an epoch count without its curves"]))
 def test_a_checkpoint_tampered_inside_is_refused_in_one_line_and_the_run_trains_again(checkpointed, tmp_path,
                                                                                        cli_in_process, case):
     """Its format, config and experiment sha256 right, its inside not: refused in one line (not a
@@ -415,6 +417,7 @@ def test_a_checkpoint_tampered_inside_is_refused_in_one_line_and_the_run_trains_
     assert [m.step for m in client.get_metric_history(run_id, "test_loss")] == list(range(12))
 
 
+@pytest.mark.slow  # whole trainings in-process
 def test_one_slot_of_another_config_is_refused_and_the_other_used_and_an_empty_resume_is_refused(checkpointed, tmp_path,
                                                                                                    cli_in_process):
     flags = TAMPER_FLAGS

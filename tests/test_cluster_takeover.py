@@ -131,6 +131,7 @@ def test_a_squatter_watching_for_the_tracking_server_never_gets_its_login(tmp_pa
     assert [e.name for e in experiments] == ["Default"]  # the answer was the server's
 
 
+@pytest.mark.slow  # a squatter process run as another user
 def test_a_port_another_user_listens_on_is_refused_before_anything_is_sent(tmp_path):
     port = a_port()
     theirs = squatter(port, "now")

@@ -3,7 +3,7 @@ Optuna storage and MLflow store afterwards and reading what is in them.
 
 Covers the trial cap (journal and SQLite, threads racing), the study lock, the repair of a torn
 journal, an in-process tracked search, the audit on hand-built stores and the run sink's partial
-writes. `pytest -m 'not slow'` runs this file with the rest of the fast tier.
+writes. `pytest -m 'not slow'` runs this file on journals, the whole suite on SQLite storages too.
 """
 import json
 import threading
@@ -20,6 +20,7 @@ from optuna.storages import InMemoryStorage, JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState, create_trial
 
+from conftest import slow_cases
 from harness import tracking
 from harness.errors import UsageError
 from harness.experiment import load
@@ -46,7 +47,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # ---- helpers ------------------------------------------------------------------------------------
 
-@pytest.fixture(params=["journal", "sqlite"])
+# An Optuna SQLite storage builds its schema (~0.5 s a test): the fast tier runs each test on a journal.
+@pytest.fixture(params=slow_cases(["journal", "sqlite"]))
 def storage_url(request, tmp_path, monkeypatch) -> str:
     """A file-based Optuna storage URL in a fresh folder (the working directory during the test)."""
     monkeypatch.chdir(tmp_path)
@@ -225,7 +227,7 @@ def test_a_torn_journal_is_repaired_once_checks_passed_and_every_complete_trial_
 
 # ---- 4. an in-process tracked search --------------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["direct", "public"])
+@pytest.mark.parametrize("path", slow_cases(["direct", "public"]))  # public: test_fast_paths_optional
 def test_an_in_process_search_records_every_trial_in_mlflow(mlflow_uri, workdir, path, monkeypatch, capsys):
     """``public``: an MLflow release the direct SQL path was not checked on (harness.compat) writes
     the same records through MLflow's client, and says so once."""
@@ -379,6 +381,7 @@ def test_a_partial_record_leaves_the_run_open_until_it_is_closed_as_incomplete(m
     assert [a.path for a in client.list_artifacts(done)] == ["config.json"]
 
 
+@pytest.mark.slow  # workers racing on one SQLite store
 def test_batch_writers_sharing_one_sqlite_store_outwait_a_lock_held_past_their_busy_timeout(mlflow_uri, monkeypatch):
     """Two `--batch` workers on one embedded store: each waits out the other's write lock (and any
     other holder's) instead of dying with "database is locked" and leaving its runs RUNNING."""

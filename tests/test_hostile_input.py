@@ -46,6 +46,7 @@ def test_a_yaml_merge_key_is_refused_not_silently_one_of_two_values(argv, text, 
                              capsys, tmp_path, monkeypatch)
 
 
+@pytest.mark.slow  # parses 51,000 lines (~1.5 s)
 def test_a_small_yaml_with_aliases_is_read(tmp_path):
     from harness.config import parse_yaml
 
@@ -100,6 +101,7 @@ def test_a_run_id_mlflow_refuses_is_bad_input_not_a_store_failure(workdir, comma
     assert sorted(p.name for p in workdir.iterdir()) == before and all_runs(workdir) == []
 
 
+@pytest.mark.slow  # a whole search in-process
 def test_queued_params_the_space_does_not_hold_fail_that_trial_and_the_search_goes_on(workdir, capsys,
                                                                                       monkeypatch):
     _in_store(workdir, monkeypatch)

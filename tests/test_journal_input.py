@@ -140,6 +140,7 @@ NO_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner
 
 
 @pytest.mark.parametrize("command", ["search", "audit --fix"])
+@pytest.mark.slow  # real processes under setpriv
 def test_a_journal_in_a_folder_this_user_cannot_write_is_refused_before_the_mlflow_store_is_made(tmp_path, command):
     if os.geteuid() == 0 and shutil.which("setpriv") is None:
         pytest.skip("as root, setpriv is needed to drop the right to write a read-only folder")

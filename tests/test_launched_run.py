@@ -83,6 +83,7 @@ def test_a_run_id_where_no_store_is_yet_is_refused_without_making_one(tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # two whole searches in-process
 def test_the_run_mlflow_run_made_is_adopted_by_a_new_study_and_the_study_s_own_parent_by_a_resume(
         searched_once, tmp_path, cli_in_process):
     workdir = copy_store(searched_once, tmp_path / "s")

@@ -45,6 +45,7 @@ EXPERIMENT = replace(BASE, name="looking", metrics=metrics)
 """
 
 
+@pytest.mark.slow  # a whole search in-process
 def test_the_parent_run_shows_the_running_trial_while_it_trains_then_the_summary(in_workdir, cli_in_process,
                                                                                   tmp_path, monkeypatch):
     import os
@@ -82,6 +83,7 @@ def test_the_parent_run_shows_the_running_trial_while_it_trains_then_the_summary
     assert PROGRESS_ATTR not in open(trials_csv).read()  # how far a trial got while it ran: not a result
 
 
+@pytest.mark.slow  # a whole search in-process
 def test_a_failing_description_write_fails_no_trial(in_workdir, cli_in_process, monkeypatch):
     def failing(*args, **kwargs):
         raise RuntimeError("the description cannot be written")

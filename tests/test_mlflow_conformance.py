@@ -16,6 +16,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from conftest import slow_cases
 from harness import compat, tracking
 from harness.fast import mlflow_sql
 from harness.fast.mlflow_sql import sink_for
@@ -63,7 +64,7 @@ def _records(client, kind: str, name: str = "conformance") -> tuple[str, str, st
     return experiment, public, direct
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=slow_cases(KINDS))  # a batch: in the whole suite
 def store(request, workdir, monkeypatch):
     """A store holding the records of one kind (see _records)."""
     monkeypatch.chdir(workdir)
@@ -73,8 +74,8 @@ def store(request, workdir, monkeypatch):
     return uri, client, *_records(client, request.param)
 
 
-def test_the_direct_path_is_on_for_this_mlflow():
-    client = MlflowClient("sqlite:///:memory:")
+def test_the_direct_path_is_on_for_this_mlflow(workdir):
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")  # a copy of the suite's migrated store: no schema built
     assert mlflow_sql.DirectWriter.for_client(client) is not None, (
         f"MLflow {mlflow.__version__} is not in compat.MLFLOW_TESTED {compat.MLFLOW_TESTED}: the harness writes "
         "through MLflow's slower public path. Run this file on it, then add it there and to constraints.txt.")
@@ -232,7 +233,7 @@ def fresh(tmp_path, migrated_db):
     return client, sink_for(client), client.create_experiment("names", artifact_location=str(tmp_path / "a"))
 
 
-@pytest.mark.parametrize("kind", ["metric", "param", "tag"])
+@pytest.mark.parametrize("kind", slow_cases(["metric", "param", "tag"]))
 def test_the_direct_path_takes_a_name_exactly_when_log_batch_does(fresh, kind):
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.exceptions import MlflowException
@@ -392,8 +393,9 @@ LATE = {
 }
 
 
+# A search per case (~1 s): the fast tier fails each case in a training, the whole suite in searches too.
 @pytest.mark.parametrize("case", LATE)
-@pytest.mark.parametrize("command", ["train", "search", "search --batch"])
+@pytest.mark.parametrize("command", slow_cases(["train", "search", "search --batch"]))
 def test_a_name_mlflow_refuses_that_shows_only_after_the_pre_flight_fails_that_run_alone(tmp_path, capsys, monkeypatch,
                                                                                           command, case):
     """The run is FAILED with the reason in one line (the name cut short), keeps the curves MLflow

@@ -2,9 +2,13 @@
 `mlflow ui` lists each experiment's runs on their own; --mlflow-experiment, $MLFLOW_EXPERIMENT_NAME
 and $MLFLOW_EXPERIMENT_ID still say otherwise, and a study keeps its trials with its parent run
 wherever that is."""
+import pytest
+
 from conftest import all_runs, client_for
 from harness import schema
 from harness.cli import main
+
+pytestmark = pytest.mark.slow  # whole trainings and searches in-process
 
 SEARCH = ["search", "--n-trials", "2", "--no-progress", "--epochs-range", "5", "10"]
 

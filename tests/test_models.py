@@ -14,14 +14,15 @@ from harness.commands.predict import MAX_INPUT_BYTES, MAX_INPUTS
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory, migrated_db):
-    """A store holding one digits_cnn run (1x8x8 images, 10 classes), trained 2 epochs: (folder, run id)."""
+    """A store holding one digits_cnn run (1x8x8 images, 10 classes), trained 1 epoch (its readers need
+    a model, not a good one): (folder, run id)."""
     from harness.cli import main
 
     path = new_store(tmp_path_factory.mktemp("digits"), migrated_db)
     with redirects_restored(), pytest.MonkeyPatch.context() as patch:
         patch.chdir(path)
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
-        assert main(["train", "--experiment", "digits_cnn", "--epochs", "2"]) == 0
+        assert main(["train", "--experiment", "digits_cnn", "--epochs", "1"]) == 0
     [run] = all_runs(path)
     return path, run.info.run_id
 
@@ -118,6 +119,7 @@ def registered(tmp_path_factory, migrated_db):
     return folder, journal_study(folder, "digits_cnn-search")
 
 
+@pytest.mark.slow  # whole searches that log MLflow Models
 def test_a_search_logs_its_best_trial_as_an_mlflow_model_of_its_run(registered):
     import mlflow
     from importlib.metadata import version
@@ -164,6 +166,7 @@ def mlflow_tracking(uri):
     return scoped_tracking_uri(uri)
 
 
+@pytest.mark.slow  # whole searches that log MLflow Models
 def test_the_best_trial_is_registered_with_the_champion_alias_and_its_study_s_tags(registered):
     from conftest import client_for
 
@@ -178,6 +181,7 @@ def test_the_best_trial_is_registered_with_the_champion_alias_and_its_study_s_ta
     assert version.source == f"models:/{models_of(client, version.run_id)[0]}"
 
 
+@pytest.mark.slow  # whole searches that log MLflow Models
 def test_a_study_of_two_objectives_registers_the_front_member_best_on_the_first(workdir, cli_in_process):
     """Every member of the Pareto front is logged; `--register` makes the champion the one best on the
     first objective (then the second), tagged with both objectives and both values, not whichever
@@ -205,6 +209,7 @@ def models_of(client, run_id) -> list[str]:
     return [o.model_id for o in client.get_run(run_id).outputs.model_outputs]
 
 
+@pytest.mark.slow  # whole searches that log MLflow Models
 def test_register_moves_the_champion_to_another_trial_and_refuses_in_one_line(registered, cli_in_process, tmp_path):
     import shutil
 
@@ -265,6 +270,7 @@ def logged_models(client, run_id) -> list:
     return list(client.search_logged_models(experiments, filter_string=f"source_run_id = '{run_id}'"))
 
 
+@pytest.mark.slow  # whole searches that log MLflow Models
 def test_a_run_whose_model_another_process_is_logging_keeps_that_one_model(registered, cli_in_process, tmp_path):
     """Issue 26: two invocations that log the same run's model (workers of one study ending on the same
     best trial) each logged their own. One that finds another's model made first, still being logged,
@@ -367,6 +373,7 @@ def own_experiment(folder, name: str, forward: str = "return self.line(x)") -> s
 SMALL_OWN = ["--n-trials", 2, "--no-progress", "--epochs-range", 2, 3, "--pruner", "none"]
 
 
+@pytest.mark.slow  # whole searches that log MLflow Models
 def test_an_experiment_whose_model_does_not_export_is_told_in_one_line_and_keeps_its_artifacts(workdir, cli_in_process):
     from conftest import client_for
 
@@ -399,6 +406,7 @@ def test_an_experiment_whose_model_does_not_export_is_told_in_one_line_and_keeps
     assert client.search_registered_models() == [] and live_models(client) == []
 
 
+@pytest.mark.slow  # whole searches that log MLflow Models
 def test_models_none_logs_no_model_and_the_next_invocation_logs_the_best(workdir, cli_in_process):
     """--models none leaves the end's MLflow Model out (a short search's second); the study's best still
     gets one from the next invocation that logs models, whichever invocation trained it."""

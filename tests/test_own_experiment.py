@@ -242,6 +242,7 @@ def test_a_dotted_module_of_your_own_trains_reproduces_and_refuses_bad_input(wor
     assert len(all_runs(workdir)) == 2  # the run and its reproduction; nothing from the refused ones
 
 
+@pytest.mark.slow  # a whole search in-process
 def test_objective_takes_a_file_of_your_own(tmp_path, monkeypatch):
     from harness import Objective
 

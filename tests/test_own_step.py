@@ -47,6 +47,7 @@ class Seen:
         self.epochs.append((epoch, dict(logs)))
 
 
+@pytest.mark.slow  # whole trainings and searches
 def test_dict_batches_with_mixup_and_an_aux_loss_train_rerun_bit_for_bit_and_observers_see_every_epoch(two_inputs):
     cfg = resolve(two_inputs, epochs=6, mixup=0.4, width=8, batch_size=FEWER_BATCHES)
     seen = Seen()
@@ -74,8 +75,9 @@ def plain_step(model, batch, loss_fn, cfg):
 @pytest.mark.parametrize("overrides", [
     {},  # full batch: the reference's one step an epoch
     {"batch_size": 8, "scheduler": "onecycle", "grad_clip_norm": 0.05, "epochs": 12},
-    {"batch_size": 4, "scheduler": "step", "step_size": 5, "gamma": 0.5, "grad_clip_value": 0.02,
-     "patience": 4, "valid_fraction": 0.2, "lr": 0.05, "epochs": 200},
+    pytest.param({"batch_size": 4, "scheduler": "step", "step_size": 5, "gamma": 0.5, "grad_clip_value": 0.02,
+                  "patience": 4, "valid_fraction": 0.2, "lr": 0.05, "epochs": 200},
+                 marks=pytest.mark.slow),  # two trainings of up to 200 epochs of 4 samples (~2 s)
 ])
 def test_a_step_doing_the_plain_thing_is_the_plain_path_bit_for_bit_with_the_recipe_on(overrides):
     own = replace(REFERENCE, step=plain_step)
@@ -122,6 +124,7 @@ TRIPLES = Experiment("triples", lambda: Datasets(Triples(96, 0), Triples(30, 1),
                                                  "batch_size": 16})
 
 
+@pytest.mark.slow  # whole trainings and searches
 def test_a_tuple_of_inputs_trains_and_its_values_are_sample_weighted_means_of_the_batches():
     result = training.train(resolve(TRIPLES), TRIPLES)
     values = result.history.values
@@ -177,6 +180,7 @@ def test_a_step_that_breaks_mid_training_fails_that_trial_with_its_reason_and_th
                for t in study.trials)
 
 
+@pytest.mark.slow  # whole trainings and searches
 def test_a_search_selects_on_the_step_s_validation_values_and_stacks_refuse_it(two_inputs):
     space = space_module.resolve(two_inputs, overrides={"epochs": [2, 3]})
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
@@ -242,6 +246,7 @@ def test_an_own_eval_step_evaluates_validation_and_test_batches():
     assert mine["valid_loss"] == [2 * v for v in theirs["valid_loss"]]
 
 
+@pytest.mark.slow  # whole trainings and searches
 def test_an_experiment_s_own_value_can_be_the_first_of_two_objectives(two_inputs):
     space = space_module.resolve(two_inputs, overrides={"epochs": [2, 4]})
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(1))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from conftest import all_runs, cli_env, client_for, copy_store, new_store, run_cli
+from conftest import all_runs, cli_env, client_for, copy_store, new_store, run_cli, slow_cases
 from test_checkpoints import FLAGS, curves, resolved, runs_of
 
 from harness import checkpoint, config, signals, training
@@ -107,8 +107,7 @@ def kept():
 
 # digits' nine trainings are the fast tier's costliest test (~9 s idle, 17 s under load): the whole suite
 # runs them; the fast tier keeps dropout's draws through the own-step case's model.
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name == "dropout" else name
-                                  for name in CASES])
+@pytest.mark.parametrize("name", slow_cases(CASES, slow=["dropout"]))
 def test_a_run_stopped_by_a_signal_goes_on_from_the_next_batch_bit_for_bit(name, fresh_signals):
     """SIGTERM or SIGINT at seeded-random batches: training raises KeyboardInterrupt (the run is then
     closed as interrupted) after writing the state at the next batch boundary; that checkpoint reads

@@ -42,6 +42,7 @@ def test_a_retry_starts_without_the_attrs_of_the_attempt_it_retries():
     assert study.trials[0].user_attrs == attempt  # the attempt keeps its own
 
 
+@pytest.mark.slow  # whole searches and trainings in-process
 def test_links_an_older_harness_s_retries_inherited_are_fixed_or_not_held_against_the_study(in_workdir,
                                                                                              cli_in_process):
     """A study written by a harness whose retries copied the run attr: a retry killed before its run
@@ -88,6 +89,7 @@ def test_links_an_older_harness_s_retries_inherited_are_fixed_or_not_held_agains
     assert queued and all(schema.RUN_ATTR not in t.user_attrs for t in queued)
 
 
+@pytest.mark.slow  # whole searches and trainings in-process
 def test_a_train_resume_whose_checkpoint_is_refused_inside_says_it_resumed_at_epoch_0(in_workdir, cli_in_process):
     """The tag a --resume sets to where the run goes on from is set back to 0 when the checkpoint's
     inside is refused and the run trains again from epoch 0 (before: it kept saying epoch 9)."""
@@ -145,6 +147,7 @@ def test_a_retried_trial_whose_earlier_checkpoint_is_refused_inside_says_it_resu
     assert retry.info.status == "FINISHED" and retry.data.tags[RESUMED_TAG] == "0"
 
 
+@pytest.mark.slow  # whole searches and trainings in-process
 def test_audit_names_a_forged_worker_record_in_a_bounded_line_and_a_null_one_as_no_worker(in_workdir, cli_in_process):
     """The journal is anyone's to write: a worker record of a megabyte is shown cut to 200 characters,
     and a null one as no worker (it said "its worker None")."""

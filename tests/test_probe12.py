@@ -60,6 +60,7 @@ def statuses(workdir) -> list[str]:
     return sorted(run.info.status for run in all_runs(workdir))
 
 
+@pytest.mark.slow  # whole searches and trainings in-process
 def test_a_plot_that_raises_leaves_the_figure_out_of_a_train_run_in_one_line(workdir, cli_in_process, monkeypatch):
     """Was: exit 1, a traceback at plots.py, the fully trained run FAILED with no reason."""
     experiment = hooked(workdir, monkeypatch, "plot")
@@ -73,6 +74,7 @@ def test_a_plot_that_raises_leaves_the_figure_out_of_a_train_run_in_one_line(wor
     assert "state_dict.pt" in names and "loss_curves.png" in names and "predictions.png" not in names
 
 
+@pytest.mark.slow  # whole searches and trainings in-process
 def test_a_plot_that_raises_in_a_search_leaves_the_figures_out_and_the_search_goes_on(workdir, cli_in_process,
                                                                                      monkeypatch):
     """Was: exit 1 'tracking failed: a write to the MLflow store failed', the search stopped, trial 0 FAILED.
@@ -100,6 +102,7 @@ def test_scalars_that_raise_after_training_fail_the_run_with_the_experiment_s_re
     assert run.info.status == "FAILED" and "scalars() raised" in run.data.tags["harness.fail_reason"]
 
 
+@pytest.mark.slow  # whole searches and trainings in-process
 def test_scalars_that_raise_after_training_fail_the_trial_and_the_search_goes_on(workdir, cli_in_process,
                                                                                 monkeypatch):
     experiment = hooked(workdir, monkeypatch, "scalars", start=2)
@@ -112,6 +115,7 @@ def test_scalars_that_raise_after_training_fail_the_trial_and_the_search_goes_on
 
 @pytest.mark.parametrize("kind,named,batch", [("exit", "SystemExit: 3", 1), ("base", "Custom: user base exception", 1),
                                               ("exit", "SystemExit: 3", 2)])
+@pytest.mark.slow  # whole searches and trainings in-process
 def test_sys_exit_in_the_experiment_s_code_stops_a_search_in_one_line_with_nothing_left_running(
         workdir, cli_in_process, monkeypatch, kind, named, batch):
     """Was: exit 3 with no message (or exit 1 with a traceback), the parent run left RUNNING. The trial
@@ -154,6 +158,7 @@ def test_sys_exit_in_the_pre_flight_check_is_refused_in_one_line_before_anything
 
 
 @pytest.mark.parametrize("register", [False, True])
+@pytest.mark.slow  # whole searches and trainings in-process
 def test_the_experiment_s_model_failing_at_the_end_keeps_the_search_s_report(workdir, cli_in_process, monkeypatch,
                                                                               register):
     """make_model raising from its 4th call: the pre-flight check and both trials build it, the MLflow Model
@@ -174,6 +179,7 @@ def test_the_experiment_s_model_failing_at_the_end_keeps_the_search_s_report(wor
     assert client.search_registered_models() == []
 
 
+@pytest.mark.slow  # whole searches and trainings in-process
 def test_a_signal_while_the_models_are_logged_stops_after_the_one_in_hand(workdir, cli_in_process, monkeypatch):
     """Was: 'interrupt received; finishing the record first, then stopping', then every model logged, exit 0.
     The model in hand is logged whole (signals are held), no other is started, exit 130."""
@@ -207,6 +213,7 @@ def test_a_signal_while_the_models_are_logged_stops_after_the_one_in_hand(workdi
 
 @pytest.mark.parametrize("hook,start,named", [("forward", 3, "the experiment's code raised at epoch 0"),
                                               ("scalars", 2, "scalars() raised"), ("plot", 1, None)])
+@pytest.mark.slow  # whole searches and trainings in-process
 def test_reproduce_of_an_experiment_whose_code_raises_says_it_in_one_line(workdir, cli_in_process, monkeypatch,
                                                                           hook, start, named):
     """Was: a traceback (reproduce trains before it logs: nothing is written). A plot that raises leaves

@@ -82,6 +82,7 @@ def test_the_user_s_cache_ignores_a_relative_xdg_cache_home(monkeypatch, tmp_pat
     assert user_cache.user_cache() == tmp_path / "x"
 
 
+@pytest.mark.slow  # a whole search in-process
 def test_a_trial_another_process_closed_while_it_trained_is_one_line_and_the_search_goes_on(
         workdir, cli_in_process, monkeypatch):
     """Trial 0 is closed as FAIL by another process (audit --fix) while it trains: the worker died on

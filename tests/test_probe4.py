@@ -11,6 +11,7 @@ def runs(workdir):
 
 
 @pytest.mark.parametrize("low, high", [("1e-300", "1e-290"), ("1e-320", "1e-310")])
+@pytest.mark.slow  # whole searches in-process
 def test_a_valid_range_no_figure_can_draw_is_searched_and_the_figure_left_out(in_workdir, cli_in_process, low, high):
     """A learning rate Optuna and torch take, over which matplotlib cannot put a log axis: the search
     ends as usual (exit 0, parent FINISHED, audit clean), the figure left out in one line. Before: a
@@ -133,6 +134,7 @@ def test_a_train_run_names_its_process_only_in_the_write_that_holds_its_config(i
     assert {"epochs", "lr", "optimizer", "loss", "seed"} <= first, first
 
 
+@pytest.mark.slow  # whole searches in-process
 def test_a_study_resumed_after_a_helper_its_experiment_imports_changed_is_refused(tmp_path, in_workdir,
                                                                                   cli_in_process, monkeypatch):
     """The experiment file only imports its EXPERIMENT from a helper of its folder: an edit to the
@@ -174,6 +176,7 @@ def test_a_store_in_a_place_this_process_may_not_write_is_a_store_failure_not_ba
     assert type(error) is UsageError and "pw" not in str(error)
 
 
+@pytest.mark.slow  # whole searches in-process
 def test_a_study_another_worker_is_creating_is_read_once_it_is_whole(in_workdir, monkeypatch):
     """Two workers starting together on a new study: the one that creates it writes its objectives,
     space and experiment after Optuna makes it; the other read it in between and refused it as a study

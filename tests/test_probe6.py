@@ -28,6 +28,7 @@ def search_twice_then_edit(code, edited, in_workdir, cli_in_process, experiment,
     ("p6pkg", "from .helper import EXPERIMENT"),
     ("p6pkg_module", "from . import helper\nEXPERIMENT = helper.EXPERIMENT"),
 ])
+@pytest.mark.slow  # whole searches of a file's experiment in-process
 def test_a_package_experiment_s_relative_import_is_part_of_its_identity(tmp_path, in_workdir, cli_in_process,
                                                                        monkeypatch, package, import_line):
     """`p6pkg/exp.py` takes its data from `.helper`: an edited helper is refused as an edited exp.py is,
@@ -47,6 +48,7 @@ def test_a_package_experiment_s_relative_import_is_part_of_its_identity(tmp_path
 
 
 @pytest.mark.parametrize("name_expression", ["'p6dyn_literal'", "'p6dyn_' + 'computed'"])
+@pytest.mark.slow  # whole searches of a file's experiment in-process
 def test_a_helper_a_file_experiment_loads_with_import_module_is_part_of_its_identity(
         tmp_path, in_workdir, cli_in_process, monkeypatch, name_expression):
     """`a/exp.py` puts its folder on sys.path and loads its helper with importlib.import_module, by a

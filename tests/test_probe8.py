@@ -64,6 +64,7 @@ def test_numbers_beyond_float32_are_refused_not_predicted_as_infinities(name, tr
     assert "beyond float32's range" in refused(cli_in_process, trained, *given)
 
 
+@pytest.mark.slow  # a training and predictions up to the bound
 def test_as_many_inputs_as_allowed_are_predicted(trained, cli_in_process, tmp_path):
     folder, run_id = trained
     path = write(tmp_path, "row.npy", np.arange(MAX_INPUTS, dtype=np.float32).reshape(1, -1))

@@ -93,6 +93,7 @@ def searched(tmp_path_factory, migrated_db):
                     "requirements": provenance.requirements.cache_info().misses, "hashed": len(hashed)}
 
 
+@pytest.mark.slow  # whole trainings, searches and reproductions in-process
 def test_a_search_s_trials_carry_the_parent_s_provenance_and_point_to_its_artifacts(searched, tmp_path):
     folder, _ = searched
     runs = all_runs(folder)
@@ -112,6 +113,7 @@ def test_a_search_s_trials_carry_the_parent_s_provenance_and_point_to_its_artifa
     assert hashlib.sha256(listed).hexdigest() == parent.data.tags[schema.PACKAGES_TAG]
 
 
+@pytest.mark.slow  # the module's two searches (~4 s idle)
 def test_provenance_is_worked_out_once_per_process(searched):
     folder, worked_out = searched
     assert len(all_runs(folder)) == 4 + 2 + 1
@@ -142,6 +144,7 @@ def test_uncommitted_changes_are_kept_as_a_diff_and_a_big_one_is_cut(tmp_path, m
     assert cut.startswith(changed.diff[:20]) and f"# diff cut here: {len(changed.diff)} bytes in all".encode() in cut
 
 
+@pytest.mark.slow  # whole trainings, searches and reproductions in-process
 def test_no_git_or_no_checkout_says_so_and_the_run_goes_on(in_workdir, tmp_path, monkeypatch):
     forget()
     mine = tmp_path / "mine"  # not a git checkout
@@ -188,6 +191,7 @@ def recorded_otherwise(client: MlflowClient, run_id: str, holder: str | None = N
     return sha
 
 
+@pytest.mark.slow  # whole trainings, searches and reproductions in-process
 def test_reproduce_names_every_difference_of_provenance_before_its_verdict(in_workdir, cli_in_process):
     assert main(TRAIN) == 0
     [run] = all_runs(in_workdir)
@@ -210,6 +214,7 @@ def test_reproduce_names_every_difference_of_provenance_before_its_verdict(in_wo
     ], out.stderr
 
 
+@pytest.mark.slow  # whole trainings, searches and reproductions in-process
 def test_reproducing_a_trial_finds_its_packages_on_the_study_s_parent_run(searched, tmp_path, cli_in_process):
     workdir = copy_store(searched[0], tmp_path / "copy")  # the module's search, to write to
     trial = next(r for r in all_runs(workdir) if schema.PARENT_TAG in r.data.tags and r.info.status == "FINISHED")
@@ -225,6 +230,7 @@ def _changes(tags) -> str:
     return f"uncommitted changes ({tags[schema.HARNESS_DIFF_TAG]!r})"
 
 
+@pytest.mark.slow  # whole trainings, searches and reproductions in-process
 def test_a_run_recorded_before_provenance_says_so_in_one_line(in_workdir, cli_in_process):
     assert main(TRAIN) == 0
     [run] = all_runs(in_workdir)

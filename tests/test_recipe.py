@@ -271,6 +271,7 @@ def test_a_search_refuses_a_schedule_setting_no_trial_would_use(capsys, tmp_path
                              "every trial's scheduler is 'none'", capsys, tmp_path, monkeypatch)
 
 
+@pytest.mark.slow  # a whole search in-process
 def test_a_final_value_the_experiment_logs_can_be_the_objective_and_prunes_nothing(capsys):
     import optuna
 

@@ -38,6 +38,7 @@ def rerun_of(workdir, run_id: str):
     return rerun
 
 
+@pytest.mark.slow  # trainings and reproductions in-process
 def test_reproduce_re_runs_with_the_thread_count_the_run_trained_with(in_workdir, threads, capsys):
     run_id = trained_with(in_workdir, 1, threads)
     threads(2)
@@ -59,6 +60,7 @@ def test_a_worker_under_omp_num_threads_1_reproduces_a_run_of_two_threads(in_wor
     assert rerun_of(in_workdir, run_id).data.params[schema.TORCH_THREADS_PARAM] == "2"
 
 
+@pytest.mark.slow  # trainings and reproductions in-process
 def test_a_run_that_recorded_no_usable_count_is_re_run_with_the_process_s_own(in_workdir, threads, capsys):
     run_id = trained_with(in_workdir, 1, threads)
     client = MlflowClient(f"sqlite:///{in_workdir / 'mlflow.db'}")

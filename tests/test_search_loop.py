@@ -11,6 +11,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
+from conftest import slow_cases
 from harness.search import loop
 from harness.search.study import open_storage
 
@@ -21,7 +22,8 @@ pytestmark = [
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@pytest.fixture(params=["journal", "sqlite"])
+# An Optuna SQLite storage builds its schema (~0.5 s a test): the fast tier runs each test on a journal.
+@pytest.fixture(params=slow_cases(["journal", "sqlite"]))
 def storage_url(request, tmp_path) -> str:
     return f"journal:{tmp_path / 'j.log'}" if request.param == "journal" else f"sqlite:///{tmp_path / 'o.db'}"
 

@@ -23,6 +23,7 @@ def sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # whole searches in-process
 def test_another_file_of_the_same_experiment_is_refused_unless_allowed(in_workdir, capsys):
     assert main(SEARCH) == 0  # the bundled linear_regression, study linear_regression-search
     bundled = sha(ROOT / "experiments" / "linear_regression.py")

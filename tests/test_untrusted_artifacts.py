@@ -12,6 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from conftest import slow_cases
 from harness import runs
 from harness.errors import HarnessError
 from harness.fast.local_store import read_client as fast_read_client
@@ -289,8 +290,7 @@ NESTED = {
 
 
 # Reading "dicts as values" to its refusal takes ~1 s a call (~5 s of the fast tier's 60): the whole suite runs it.
-@pytest.mark.parametrize("kind", [pytest.param(kind, marks=pytest.mark.slow) if kind == "dicts as values" else kind
-                                  for kind in NESTED])
+@pytest.mark.parametrize("kind", slow_cases(NESTED, slow=["dicts as values"]))
 def test_a_pickle_nested_past_the_bound_is_refused_before_torch_reads_it(store, monkeypatch, kind):
     """Nesting that would overflow the C stack while torch's unpickler builds or hashes it is refused
     in one line by predict, load_model and reproduce: torch.load never sees the pickle."""
@@ -324,6 +324,7 @@ def test_an_audit_refuses_a_deeply_nested_state_dict(searched, monkeypatch):
         " ".join(report.violations)
 
 
+@pytest.mark.slow  # whole trainings in-process
 def test_a_deeply_nested_checkpoint_is_refused_and_training_starts_over(store, monkeypatch):
     """The checkpoints a run resumes from are read through the same checks as its state_dict."""
     from harness import resume

@@ -7,6 +7,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from conftest import slow_cases
 from harness.errors import UsageError
 from harness.search.durable.journal import Journal, JournalWriteError, full_damage, tail_damage
 from harness.urls import check_credentials, redact, scrub
@@ -267,9 +268,10 @@ def test_the_journal_s_bound_is_the_memory_its_replay_needs_not_a_fixed_size(tmp
     assert study.journal_path(f"journal:{path}") == str(path)
 
 
-@pytest.mark.parametrize("conninfo", ["host=127.0.0.1 port=1 password=Secret{}Passw0rd",
-                                      "host=h password = 'Secret{} Passw0rd' user=u",
-                                      "dbname=x sslpassword=Secret{}Passw0rd"])
+# Each form is 56 refusals (~1 s): the fast tier refuses one, the whole suite all three.
+@pytest.mark.parametrize("conninfo", slow_cases(["host=127.0.0.1 port=1 password=Secret{}Passw0rd",
+                                                 "host=h password = 'Secret{} Passw0rd' user=u",
+                                                 "dbname=x sslpassword=Secret{}Passw0rd"]))
 def test_a_libpq_key_value_string_shows_no_password_where_a_url_was_expected(conninfo, capsys, tmp_path, monkeypatch):
     """libpq's other form of a connection string has no scheme: given where a URL is expected, it was
     echoed in the refusal with its password."""
@@ -336,7 +338,7 @@ def test_an_sqlite_uri_filename_names_its_own_path(url, path):
     assert sqlite_path(url) == path
 
 
-@pytest.mark.parametrize("query", ["?timeout=30", "?mode=rwc&password=Hunter2secretA"])
+@pytest.mark.parametrize("query", slow_cases(["?timeout=30", "?mode=rwc&password=Hunter2secretA"]))  # each trains
 def test_a_store_url_with_a_query_is_one_store(tmp_path, query, cli_in_process):
     """Probe 8: `train` with MLFLOW_TRACKING_URI='sqlite:///mlflow.db?timeout=30' left a second store
     named 'mlflow.db?timeout=30' beside the run's, and predict and compare then found nothing."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import slow_cases
 from harness.urls import is_sqlite, sqlite_in_memory, sqlite_path, sqlite_unwritable
 
 BOOLEANS = ["1", "2", "yes", "YES", "true", "True", "on", "0x1", "01", "1abc",
@@ -163,7 +164,7 @@ def test_an_optuna_storage_that_keeps_no_record_is_refused_before_anything_is_wr
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("url", READ_ONLY)
+@pytest.mark.parametrize("url", slow_cases(READ_ONLY))  # each builds an Optuna SQLite schema
 def test_an_optuna_storage_opened_read_only_is_refused_to_any_writer_and_read_by_readers(tmp_path, url, monkeypatch):
     """A writer's open_storage (the Python API's path too) refuses it; a reader's (audit without
     --fix) reads the study there, and makes no lock file beside it."""

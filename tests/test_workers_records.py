@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import AUDITED, all_runs, cli_env, client_for, copy_store
+from conftest import AUDITED, all_runs, cli_env, client_for, copy_store, slow_cases
 from harness.schema import COMMAND_TAG, FAIL_REASON_TAG, PROCESS_TAG, WORKER_ATTR
 from harness.search.durable.workers import OWNERLESS_S, identity
 from harness.search.study import open_storage
@@ -71,7 +71,7 @@ def _state(folder, number: int) -> TrialState:
     return study.trials[number].state
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", slow_cases(FORMS))  # each an audit --fix
 def test_a_trial_whose_worker_record_names_no_live_worker_is_closed_by_audit_fix(study_folder, cli_in_process,
                                                                               stranger, form):
     """F1: `null` waited an hour; init's pid with its real start time, or it with one more key, counted
@@ -111,7 +111,7 @@ def _running_train_run(folder, tags: dict, age_s: float = 0) -> str:
     return client.create_run(experiment, start_time=start, tags={COMMAND_TAG: "train", **tags}).info.run_id
 
 
-@pytest.mark.parametrize("form", [*FORMS, "not json"])
+@pytest.mark.parametrize("form", slow_cases([*FORMS, "not json"]))  # each two trainings
 def test_a_train_run_whose_process_record_names_no_live_process_is_closed_and_resumes(in_workdir, cli_in_process,
                                                                                     stranger, form):
     """F5: junk, {}, null, init's real record (with or without one more key): the next `harness train`
