@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from conftest import cli_env
+from conftest import cli_env, slow_cases
 
 SEARCH = ["search", "--n-trials", 1, "--epochs-range", 2, 3, "--pruner", "none", "--models", "none"]
 COMMANDS = {"search": SEARCH, "audit": ["audit", "--study", "s"], "audit --fix": ["audit", "--study", "s", "--fix"]}
@@ -171,8 +171,13 @@ READ_STORAGES = {"sqlite:///o.db": _sqlite_study, "sqlite:////ABS/o.db": _sqlite
                  "journal:o.db (none)": None}
 
 
-@pytest.mark.parametrize("storage,store", [(storage, store) for storage in READ_STORAGES for store in ("present", "missing")]
-                         + [("sqlite:///o.db", "unreadable"), ("journal:o.db", "unreadable")])
+READS = [(storage, store) for storage in READ_STORAGES for store in ("present", "missing")] + [
+    ("sqlite:///o.db", "unreadable"), ("journal:o.db", "unreadable")]
+# SQLite's other spellings of o.db reach the same reader: the whole suite reads them, the fast tier not.
+OTHER_SPELLINGS = ("sqlite:////ABS/o.db", "sqlite:///o.db?timeout=5", "sqlite+pysqlite:///o.db")
+
+
+@pytest.mark.parametrize("storage,store", slow_cases(READS, slow=[r for r in READS if r[0] in OTHER_SPELLINGS]))
 def test_a_reading_audit_makes_no_file_in_any_storage_spelling(tmp_path, migrated_db, cli_in_process, storage, store):
     """Was: `audit` without --fix on a writable sqlite:///o.db made o.db.harness-lock (Optuna's table
     lock) before it read anything, and Optuna's tables in a database that held none. A reader makes
@@ -194,6 +199,7 @@ def test_a_reading_audit_makes_no_file_in_any_storage_spelling(tmp_path, migrate
     assert _listing(tmp_path) == before, out.stdout + out.stderr
 
 
+@pytest.mark.slow  # whole searches in-process
 def test_a_search_checks_its_journal_once(workdir, cli_in_process, monkeypatch):
     """The options check the journal (what it is, that it can be written) before anything else; opening
     it did both again, and the journal's opening a third time (issue 27: one check)."""

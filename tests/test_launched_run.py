@@ -4,7 +4,7 @@ study's parent, a finished run got new curves beside its old params. Only `mlflo
 is adopted; any other id is one line naming the variable, exit 2, and nothing written anywhere."""
 import pytest
 
-from conftest import AUDITED, all_runs, client_for, copy_store
+from conftest import AUDITED, all_runs, client_for, copy_store, slow_cases
 
 from harness import schema
 
@@ -59,8 +59,12 @@ KINDS = ["a finished trial's run", "the study's parent run", "a running trial's 
 
 
 # The study's own parent run is where a resume of it logs anyway (the test below).
-@pytest.mark.parametrize("command, kind", [(c, k) for c in COMMANDS for k in KINDS
-                                           if (c, k) != ("search resuming the study", "the study's parent run")])
+REFUSED = [(c, k) for c in COMMANDS for k in KINDS if (c, k) != ("search resuming the study", "the study's parent run")]
+
+
+# The fast tier: every kind of run for a new study's search, one for each other command (the same check).
+@pytest.mark.parametrize("command, kind", slow_cases(REFUSED, slow=[
+    (c, k) for c, k in REFUSED if c != "search of a new study" and k != KINDS[0]]))
 def test_a_run_id_that_is_not_mlflow_run_s_fresh_run_is_refused_and_nothing_is_written(
         searched_once, tmp_path, cli_in_process, command, kind):
     workdir = copy_store(searched_once, tmp_path / "s")

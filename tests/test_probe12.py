@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT, all_runs, client_for
+from conftest import ROOT, all_runs, client_for, slow_cases
 from search_helpers import journal_study
 
 # The reference experiment whose hooks raise as the environment asks: HOOK names the one, FROM the
@@ -256,7 +256,13 @@ KINDS = [(*stop, "exit", "SystemExit: 3") for stop in STOPS] + \
     [(*STOPS[i], "base", "Custom: user base exception") for i in (2, 6, 10)]
 
 
-@pytest.mark.parametrize("command,hook,start,said,kind,named", KINDS)
+# The fast tier: one place a command for sys.exit() (reproduce's at the re-run's record, the one that
+# leaves a FAILED run), and one BaseException of the code's own; the whole suite every place.
+FAST = [KINDS[0], KINDS[3], KINDS[11], KINDS[12]]
+
+
+@pytest.mark.parametrize("command,hook,start,said,kind,named",
+                         slow_cases(KINDS, slow=[k for k in KINDS if k not in FAST]))
 def test_sys_exit_in_the_experiment_s_code_ends_every_command_in_one_line(workdir, cli_in_process, monkeypatch,
                                                                           command, hook, start, said, kind, named):
     """Was: predict, register and reproduce ended with the code's own exit status (3) and not a word, or

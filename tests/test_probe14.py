@@ -41,6 +41,7 @@ def test_a_name_in_the_lease_folder_that_is_no_lease_is_left_and_a_dead_lease_is
     assert workers.alive(record) is True
 
 
+@pytest.mark.slow  # a whole search in-process
 def test_a_stray_name_in_the_lease_folder_leaves_search_working(lease_folder, workdir, cli_in_process):
     """The probe: a file `²-5` there ended every command in a ValueError traceback."""
     (lease_folder / "²-5").touch()

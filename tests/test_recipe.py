@@ -173,6 +173,7 @@ def test_a_schedule_and_clipping_give_what_a_plain_pytorch_loop_gives_bit_for_bi
     assert len(set(rates)) > 2  # the schedule did change the rate
 
 
+@pytest.mark.slow  # eight trainings
 def test_every_named_schedule_trains_and_logs_its_rate():
     for name in registry.SCHEDULERS:
         result = training.train(resolve(epochs=12, scheduler=name, valid_fraction=0.2), REFERENCE)

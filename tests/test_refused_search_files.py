@@ -2,10 +2,12 @@
 (by a plain Optuna script, or a worker killed while it created the study), not an SQLite storage's
 database, tables or schema lock, not the MLflow store's lock. Each refusal in-process, each storage
 spelling."""
+import itertools
+
 import optuna
 import pytest
 
-from conftest import new_store
+from conftest import new_store, slow_cases
 
 STORAGES = ["journal:o.db", "sqlite:///o.db", "sqlite:////ABS/o.db?timeout=5"]
 
@@ -35,9 +37,13 @@ def _half_made(url: str, by: str) -> None:
         study.set_user_attr(STUDY_EXPERIMENT_SHA_ATTR, "0" * 64)
 
 
-@pytest.mark.parametrize("refusal", ["the study's own", "MLFLOW_EXPERIMENT_ID"])
-@pytest.mark.parametrize("by", ["a plain Optuna script", "a killed worker", None])
-@pytest.mark.parametrize("storage", STORAGES)
+CASES = list(itertools.product(STORAGES, ["a plain Optuna script", "a killed worker", None],
+                               ["the study's own", "MLFLOW_EXPERIMENT_ID"]))
+
+
+# The fast tier: a journal and an SQLite storage; the whole suite the SQLite storage's other spelling too.
+@pytest.mark.parametrize("storage,by,refusal", slow_cases(CASES, slow=[c for c in CASES if c[0] == STORAGES[2]]),
+                         ids=["-".join(map(str, case)) for case in CASES])
 def test_a_refused_search_leaves_no_file_it_made(tmp_path, migrated_db, cli_in_process, monkeypatch, storage, by,
                                                  refusal):
     """Was: a search that found the study half made took the study's lock (made o.db.harness-lock) and was

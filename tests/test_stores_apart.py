@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import slow_cases
 from test_journal_input import COMMANDS, _listing
 
 # (MLFLOW_TRACKING_URI, --storage) naming one file; ABS is the test's folder, made absolute.
@@ -77,9 +78,15 @@ def _refused(cli_in_process, folder: Path, argv, env: dict, storage: str, said: 
     return out.stderr
 
 
-@pytest.mark.parametrize("present", [False, True], ids=["new", "existing"])
-@pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("tracking, storage", SAME_FILE)
+SAME_FILE_CASES = [(*pair, command, present) for pair in SAME_FILE for command in COMMANDS for present in (False, True)]
+# The fast tier: every spelling with one command and a new file, every command with one spelling and a file
+# new or existing; the whole suite every spelling with every command, new and existing.
+FIRST = (*SAME_FILE[0], next(iter(COMMANDS)))
+
+
+@pytest.mark.parametrize("tracking, storage, command, present", slow_cases(SAME_FILE_CASES, slow=[
+    case for case in SAME_FILE_CASES if tuple(case[:2]) != FIRST[:2] and (case[2] != FIRST[2] or case[3])]),
+    ids=[f"{t}-{s}-{c}-{'existing' if p else 'new'}" for t, s, c, p in SAME_FILE_CASES])
 def test_one_file_for_both_stores_is_refused_in_every_spelling_before_either_is_made(
         tmp_path, cli_in_process, migrated_db, tracking, storage, command, present, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -140,7 +140,8 @@ def _no_download(monkeypatch):
     monkeypatch.setattr(MlflowClient, "download_artifacts", copy)
 
 
-@pytest.mark.parametrize("form", FORMS)
+# The fast tier: one form a way MLflow resolves it (a URI, a relative path, a link, FILE: as a path).
+@pytest.mark.parametrize("form", slow_cases(FORMS, slow=["path with %xx", "file: without //", "file://localhost"]))
 def test_each_local_artifact_uri_form_is_checked_where_mlflow_reads_it_and_never_copied(store, monkeypatch, form):
     from harness.reproduce import reproduce
 

@@ -128,6 +128,7 @@ def test_a_train_run_whose_process_record_names_no_live_process_is_closed_and_re
     assert client_for(in_workdir).get_run(left).info.status == "FINISHED"
 
 
+@pytest.mark.slow  # two trainings in-process
 def test_a_train_run_with_no_process_record_is_closed_only_once_old(in_workdir, cli_in_process):
     """A run another `harness train` just created names its process in its next write: left alone
     while young; one older than OWNERLESS_S is from a process that died before it."""
@@ -141,6 +142,7 @@ def test_a_train_run_with_no_process_record_is_closed_only_once_old(in_workdir, 
     assert out.returncode == 2 and "trained by a process that has not named itself yet" in out.stderr, out.stderr
 
 
+@pytest.mark.slow  # two trainings in-process
 def test_a_train_run_of_a_live_process_is_neither_closed_nor_resumed(in_workdir, cli_in_process):
     live = _running_train_run(in_workdir, {PROCESS_TAG: json.dumps(identity())})
     assert cli_in_process("train", "--epochs", 3, cwd=in_workdir).returncode == 0
