@@ -7,6 +7,7 @@ file (relative, absolute, `./x/..`, `sqlite:////abs`, `sqlite://///abs`, a `file
 or hard link), a file a store keeps beside its own, a server's database, and an option SQLite would
 not read are refused before either store is made: exit 2, one line (both URLs, passwords hidden),
 nothing written."""
+import itertools
 import os
 import shutil
 import uuid
@@ -153,9 +154,13 @@ MADE = ["mlflow.db.harness-lock", "j.log.harness-lock", "new.log.harness-lock", 
         "o.db-wal", "o.db-shm", "o.db-journal"]
 
 
-@pytest.mark.parametrize("scheme", ["journal:", "sqlite:///"])
-@pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("name", MADE)
+BESIDE = list(itertools.product(MADE, COMMANDS, ["journal:", "sqlite:///"]))
+
+
+# The fast tier: every name with one command, every command with one name; the whole suite each with each.
+@pytest.mark.parametrize("name, command, scheme", slow_cases(BESIDE, slow=[
+    case for case in BESIDE if case[0] != MADE[0] and case[1] != next(iter(COMMANDS))]),
+    ids=["-".join(case) for case in BESIDE])
 def test_a_file_a_store_keeps_beside_its_own_is_no_store(tmp_path, cli_in_process, migrated_db, name, command,
                                                          scheme):
     """T3: the empty mlflow.db.harness-lock that every command leaves was taken for a new journal;
@@ -185,10 +190,14 @@ DROPPED = ["sqlite:///m.db?mode=ro", "sqlite:///m.db?immutable=1", "sqlite+pysql
 READERS = {"compare": ["compare", "--mlflow-experiment", "linear_regression"], "predict": ["predict", "0" * 32, "--x", "1"]}
 
 
+OPTIONS = list(itertools.product([*COMMANDS, *READERS], ["storage", "tracking"], DROPPED))
+
+
+# The fast tier: every spelling with one command, every command with one spelling; the whole suite each with each.
+@pytest.mark.parametrize("command, side, url", slow_cases(OPTIONS, slow=[
+    case for case in OPTIONS if case[0] != next(iter(COMMANDS)) and case[2] != DROPPED[0]]),
+    ids=["-".join(case) for case in OPTIONS])
 @pytest.mark.filterwarnings("ignore:Query string argument")
-@pytest.mark.parametrize("url", DROPPED)
-@pytest.mark.parametrize("side", ["storage", "tracking"])
-@pytest.mark.parametrize("command", [*COMMANDS, *READERS])
 def test_an_sqlite_option_sqlite_never_reads_is_refused_with_the_spelling_it_reads(
         tmp_path, cli_in_process, migrated_db, url, side, command):
     url = url.replace("/ABS", str(tmp_path))
