@@ -14,7 +14,7 @@ from contextlib import closing
 
 import pytest
 
-from conftest import cli_env, copy_store, new_store, run_cli
+from conftest import cli_env, copy_store, main_in, new_store, run_cli
 
 pytestmark = pytest.mark.slow  # a search and four commands as subprocesses
 
@@ -43,16 +43,16 @@ def digest(folder) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def archived(tmp_path, migrated_db, cli_in_process):
-    """A search's folder, archived: the search in-process (was a process of its own), in a folder
-    copied afterwards, since this process keeps its connections to the store open."""
+@pytest.fixture(scope="module")
+def archived(tmp_path_factory, migrated_db):
+    """A search's folder, archived, once for the module (every test checks it is left unchanged):
+    the search in-process (was a process of its own), in a folder copied afterwards, since this
+    process keeps its connections to the store open."""
+    tmp_path = tmp_path_factory.mktemp("archived")
     searched = tmp_path / "searched"
     searched.mkdir()
     new_store(searched, migrated_db)
-    out = cli_in_process("search", "--n-trials", 2, "--epochs-range", 3, 4, "--study-name", "s",
-                         cwd=searched)
-    assert out.returncode == 0, out.stderr
+    assert main_in(searched, "search", "--n-trials", 2, "--epochs-range", 3, 4, "--study-name", "s") == 0
     store = copy_store(searched, tmp_path / "store")
     with closing(sqlite3.connect(store / "mlflow.db")) as db:  # closed: SQLite folds the -wal into the file
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # what the harness leaves
