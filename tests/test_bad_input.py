@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import conftest
 from conftest import all_runs, cli_env, client_for, copy_store, main_in, new_store, run_cli
 
 
@@ -115,6 +116,28 @@ def test_bad_values_get_one_line_and_write_nothing(tmp_path, args, expected, cli
     out = cli_in_process(args[0], *(SHORT if args[0] == "search" else []), *args[1:], cwd=tmp_path)  # the case's flags win
     line = one_line_error(out)
     assert expected in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+# SQLite URLs whose driver options SQLAlchemy or sqlite3 refuse on connecting, or whose path decodes
+# to no UTF-8: refused whole before either store, or a lock file beside one, is made.
+BAD_SQLITE = ["sqlite:///s.db?uri=maybe", "sqlite:///s.db?timeout=abc", "sqlite:///file:s.db?uri=true#x",
+              "sqlite:///s%FF.db", "sqlite:///s.db?detect_types=x", "sqlite:///s.db?check_same_thread=perhaps"]
+SQLITE_PATHS = [("search", "storage"), ("search", "tracking"), ("train", "tracking")]
+
+
+@pytest.mark.parametrize("command, store, url", conftest.slow_cases(
+    [(command, store, url) for url in BAD_SQLITE for command, store in SQLITE_PATHS],
+    slow=[(c, s, u) for u in BAD_SQLITE[1:] for c, s in SQLITE_PATHS]))
+def test_an_sqlite_url_its_driver_refuses_gets_one_line_and_makes_nothing(tmp_path, command, store, url,
+                                                                         cli_in_process):
+    args = [command, *(SHORT + ["--n-trials", 1, "--pruner", "none"] if command == "search" else ["--epochs", 1])]
+    if store == "storage":
+        out = cli_in_process(*args, "--storage", url, cwd=tmp_path)
+    else:
+        out = cli_in_process(*args, *(["--storage", "journal:j.log"] if command == "search" else []), cwd=tmp_path,
+                             env={"MLFLOW_TRACKING_URI": url})
+    assert "SQLite can open" in one_line_error(out) or "no UTF-8" in one_line_error(out)
     assert list(tmp_path.iterdir()) == []
 
 
