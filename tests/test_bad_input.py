@@ -290,3 +290,30 @@ def test_an_experiment_module_on_the_python_path_runs_under_its_own_name(workdir
     assert "never chooses code" in one_line_error(out) and not (workdir / "imported").exists()
     out = cli_in_process("predict", best, "--x", 1, "--experiment", "myexp", cwd=workdir)
     assert out.returncode == 0 and (workdir / "imported").exists(), out.stderr
+
+
+# Ids int() reads but SQLite keeps as text (MLflow finds experiment 1 or 0, then fails the first run).
+BAD_EXPERIMENT_IDS = ["١", "٠", "1_0", "0١"]
+
+
+@pytest.mark.parametrize("command, wanted", conftest.slow_cases(
+    [("search", "١"), ("train", "٠")] + [(c, w) for w in BAD_EXPERIMENT_IDS[2:] for c in ("search", "train")],
+    slow=[(c, w) for w in BAD_EXPERIMENT_IDS[2:] for c in ("search", "train")]))
+def test_an_experiment_id_mlflow_would_fail_on_is_refused_before_anything_is_written(tmp_path, migrated_db, command,
+                                                                                   wanted, cli_in_process):
+    new_store(tmp_path, migrated_db)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["--n-trials", 1, *SHORT, "--pruner", "none", "--storage", "journal:j.log"] if command == "search" else ["--epochs", 1]
+    out = cli_in_process(command, *args, cwd=tmp_path, env={"MLFLOW_EXPERIMENT_ID": wanted})
+    assert "MLFLOW_EXPERIMENT_ID" in one_line_error(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert all_runs(tmp_path) == []
+
+
+@pytest.mark.parametrize("wanted", ["00", " 0", "+0"])
+@pytest.mark.slow
+def test_an_experiment_id_mlflow_reads_as_an_integer_still_logs(tmp_path, migrated_db, wanted, cli_in_process):
+    new_store(tmp_path, migrated_db)
+    out = cli_in_process("train", "--epochs", 1, cwd=tmp_path, env={"MLFLOW_EXPERIMENT_ID": wanted})
+    assert out.returncode == 0, out.stderr
+    assert [run.info.experiment_id for run in all_runs(tmp_path)] == ["0"]
