@@ -132,6 +132,33 @@ def test_stores_in_different_files_beside_each_other_are_both_kept(tmp_path, mon
     assert not list(tmp_path.iterdir())
 
 
+# Query options the driver reads over the URL's own (libpq's host, port and dbname; MySQL's database):
+# what it connects to decides, as SQLAlchemy's dialect hands it over.
+ONE_SERVER_DATABASE = [("postgresql://u@b/db", "postgresql://u@a/db?host=b"),
+                       ("postgresql://u@a/db", "postgresql://u@a/other?dbname=db"),
+                       ("postgresql://u@a:5432/db", "postgresql://u@a:5433/db?port=5432"),
+                       ("mysql://u@a/db", "mysql://u@a/other?database=db"),
+                       ("mysql://u@b/db", "mysql+pymysql://u@a/db?host=b")]
+TWO_SERVER_DATABASES = [("postgresql://u@a/x?dbname=mlflow", "postgresql://u@a/x?dbname=optuna"),
+                        ("postgresql://u@a/db", "postgresql://u@a/db?host=b"),
+                        ("mysql://u@a/db", "mysql://u@a/db?port=3307")]
+
+
+@pytest.mark.parametrize("tracking, storage, same", [(*pair, True) for pair in ONE_SERVER_DATABASE] +
+                         [(*pair, False) for pair in TWO_SERVER_DATABASES])
+def test_a_server_database_is_compared_as_the_driver_connects_to_it(tmp_path, monkeypatch, tracking, storage, same):
+    from harness.errors import UsageError
+    from harness.search.study import check_storage
+
+    monkeypatch.chdir(tmp_path)
+    if same:
+        with pytest.raises(UsageError, match="would share 'db'"):
+            check_storage(storage, tracking_uri=tracking)
+    else:
+        check_storage(storage, tracking_uri=tracking)
+    assert not list(tmp_path.iterdir())
+
+
 def _made(folder: Path, name: str) -> str:
     """A file the harness, Optuna or SQLite names beside a store, as they leave it (or not there)."""
     (folder / "j.log").write_bytes(b"")

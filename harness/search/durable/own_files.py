@@ -125,16 +125,22 @@ def _same_database(a: str, b: str) -> str | None:
 
 
 def _database(url: str) -> tuple | None:
+    """(backend, host, port, database) that the driver of ``url`` connects to, as SQLAlchemy's dialect
+    hands them to it (what MLflow and Optuna open): an option in the query takes the place of the
+    URL's own (``?host=``, ``?port=``, ``?dbname=``; MySQL's ``?database=``, ``?db=``)."""
     from sqlalchemy.engine import make_url
 
     try:
         parsed = make_url(engine_url(url))
         backend = parsed.get_backend_name()
+        _, options = parsed.get_dialect()().create_connect_args(parsed)
     except Exception:  # noqa: BLE001 - not a database URL SQLAlchemy reads: nothing to compare
         return None
-    if backend not in DEFAULT_PORTS or not parsed.database:
+    if backend not in DEFAULT_PORTS:
         return None
-    # libpq also takes the host and port from the query (?host=/run/postgresql: a socket's folder).
-    host = parsed.host or parsed.query.get("host") or ""
-    port = parsed.port or parsed.query.get("port") or DEFAULT_PORTS[backend]
-    return backend, str(host).lower(), str(port), parsed.database
+    # libpq's dbname; the MySQL drivers take database over its older alias db.
+    database = options.get("dbname") or options.get("database") or options.get("db")
+    if not database:
+        return None
+    port = options.get("port") or DEFAULT_PORTS[backend]
+    return backend, str(options.get("host") or "").lower(), str(port), str(database)
