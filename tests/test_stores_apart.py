@@ -127,7 +127,11 @@ def test_stores_in_different_files_beside_each_other_are_both_kept(tmp_path, mon
                               ("sqlite:///mlflow.db", "journal:notes.lock"),
                               ("postgresql://h/runs", "postgresql://h/optuna"),
                               ("postgresql://h/runs", "postgresql://h:5433/runs"),
-                              ("postgresql:///runs?host=/run/a", "postgresql:///runs?host=/run/b")]:
+                              ("postgresql:///runs?host=/run/a", "postgresql:///runs?host=/run/b"),
+                              # '.torn-' inside a name is no repair's copy: those end .torn-TIMESTAMP[.N]
+                              ("sqlite:///mlflow.db", "journal:study.torn-notes.log"),
+                              ("sqlite:///mlflow.db", "journal:j.log.torn-2026"),
+                              ("sqlite:///mlflow.db", "sqlite:///o.db.torn-20260101T000000Z.x")]:
         check_storage(storage, tracking_uri=tracking)
     assert not list(tmp_path.iterdir())
 

@@ -16,7 +16,7 @@ import re
 from ...errors import UsageError
 from ...filelock import LOCK_SUFFIX
 from ...urls import engine_url, is_sqlite, redact, sqlite_in_memory, sqlite_path
-from .journal import REPAIR_SUFFIX, TORN_SUFFIX
+from .journal import REPAIR_SUFFIX, TORN_NAME
 from .optuna_private import journal_lock_suffixes
 
 SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")  # SQLite's own, beside a database
@@ -38,7 +38,7 @@ def made_name(path: str) -> str | None:
     whatever is there; Optuna's lock and SQLite's files where the file they belong to exists."""
     folder, name = os.path.split(path)
     lock_suffix, rename_suffix = journal_lock_suffixes()
-    own = [(LOCK_SUFFIX + "$", "the harness's lock file"), (re.escape(TORN_SUFFIX), "a copy a journal's repair kept"),
+    own = [(LOCK_SUFFIX + "$", "the harness's lock file"), (TORN_NAME, "a copy a journal's repair kept"),
            (REPAIR_SUFFIX + "$", "a journal's repair, written before it replaces the journal"),
            (f"{re.escape(lock_suffix)}[0-9a-f-]{{36}}{re.escape(rename_suffix)}$", "Optuna's journal lock, renamed")]
     for pattern, what in own:
