@@ -347,7 +347,8 @@ def experiment_id(client, name: str | None, default: str | None = None) -> str:
 
     name = experiment_name(name, default)
     if not name:
-        return os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"
+        wanted = os.environ.get("MLFLOW_EXPERIMENT_ID")
+        return (read_experiment_id(wanted) or wanted) if wanted else "0"  # as the store keeps it, in links too
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
@@ -391,11 +392,13 @@ def missing(exc: BaseException) -> bool:
     return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
 
 
-def experiment_id_taken(value: str) -> bool:
-    """Whether MLflow's stores read ``value`` as the experiment id it is: ASCII digits, with the
-    blanks and '+' int() and SQLite's integer affinity both drop ('01', ' 1', '+1'). int() also reads
-    '١' and '1_0', which SQLite keeps as text: MLflow finds the experiment, then fails its first run."""
-    return natural(value.strip(" \t\n\r\f\v").removeprefix("+")) is not None
+def read_experiment_id(value: str) -> str | None:
+    """The experiment id MLflow's stores read ``value`` as (``' 01'`` is ``'1'``), or None where they
+    would fail on it: ASCII digits, with the blanks and '+' int() and SQLite's integer affinity both
+    drop. int() also reads '١' and '1_0', which SQLite keeps as text: MLflow finds the experiment,
+    then fails its first run."""
+    number = natural(value.strip(" \t\n\r\f\v").removeprefix("+"))
+    return None if number is None else str(number)
 
 
 def check_experiment_offline(name: str | None, tracking_uri: str, default: str | None = None) -> str | None:
@@ -410,7 +413,7 @@ def check_experiment_offline(name: str | None, tracking_uri: str, default: str |
         return refused
     name = experiment_name(name, default)
     wanted = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if not name and wanted and not experiment_id_taken(wanted):
+    if not name and wanted and read_experiment_id(wanted) is None:
         return (f"MLFLOW_EXPERIMENT_ID={wanted!r} is not an experiment id: MLflow's are integers of ASCII digits "
                 "(0 is Default); unset it or name one")
     if name:

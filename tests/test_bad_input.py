@@ -317,3 +317,4 @@ def test_an_experiment_id_mlflow_reads_as_an_integer_still_logs(tmp_path, migrat
     out = cli_in_process("train", "--epochs", 1, cwd=tmp_path, env={"MLFLOW_EXPERIMENT_ID": wanted})
     assert out.returncode == 0, out.stderr
     assert [run.info.experiment_id for run in all_runs(tmp_path)] == ["0"]
+    assert "#/experiments/0/runs/" in out.stdout + out.stderr  # the link names the id as the store keeps it
