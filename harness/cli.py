@@ -97,6 +97,12 @@ ENVIRONMENT = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIME
 def _check_environment() -> None:
     """The environment's paths and names are UTF-8 text, checked before anything is made: one that
     is not was used to make the store and the cache folders, and then failed the first write."""
+    home = os.environ.get("HOME")
+    if home is not None and not os.path.isabs(home):
+        # ~ would name another folder in each working directory: the cache (leases, the store
+        # template) and MLflow's ~/.config made there, and a worker's lease not found by the next.
+        raise UsageError(f"environment variable HOME={_shown(home)} is not an absolute path; the harness keeps "
+                         "what outlives a command under ~/.cache: set HOME to your home folder's absolute path")
     named = [(name, os.environ[name]) for name in ENVIRONMENT if name in os.environ]
     cache = user_cache()
     if cache is not None and not os.path.isabs(os.environ.get("XDG_CACHE_HOME", "")):

@@ -21,6 +21,7 @@ from pathlib import Path
 from . import store_template
 from .errors import ExperimentCodeError, first_line, shown
 from .launched import launched_id, refused_offline
+from .numbers import natural
 from .schema import (CONFIG, EARLY_STOP_TAG, EXPERIMENT_SHA_PARAM, FAIL_REASON_TAG, GIT_COMMIT_TAG, SOURCE_NAME_TAG,
                      SOURCE_TYPE_TAG, STATE_DICT, TORCH_THREADS_PARAM, TORCH_VERSION_PARAM, final)
 from .urls import (engine_url, is_http, redact, scrub, sqlite_in_memory, sqlite_path, sqlite_unreadable, sqlite_unwritable,
@@ -346,7 +347,8 @@ def experiment_id(client, name: str | None, default: str | None = None) -> str:
 
     name = experiment_name(name, default)
     if not name:
-        return os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"
+        wanted = os.environ.get("MLFLOW_EXPERIMENT_ID")
+        return (read_experiment_id(wanted) or wanted) if wanted else "0"  # as the store keeps it, in links too
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
@@ -390,6 +392,15 @@ def missing(exc: BaseException) -> bool:
     return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
 
 
+def read_experiment_id(value: str) -> str | None:
+    """The experiment id MLflow's stores read ``value`` as (``' 01'`` is ``'1'``), or None where they
+    would fail on it: ASCII digits, with the blanks and '+' int() and SQLite's integer affinity both
+    drop. int() also reads '١' and '1_0', which SQLite keeps as text: MLflow finds the experiment,
+    then fails its first run."""
+    number = natural(value.strip(" \t\n\r\f\v").removeprefix("+"))
+    return None if number is None else str(number)
+
+
 def check_experiment_offline(name: str | None, tracking_uri: str, default: str | None = None) -> str | None:
     """What check_experiment can tell without opening the store, so that a refused search on a new
     SQLite store does not create it; a store URL a search or train cannot write a record to; and an
@@ -401,6 +412,10 @@ def check_experiment_offline(name: str | None, tracking_uri: str, default: str |
     if refused:
         return refused
     name = experiment_name(name, default)
+    wanted = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if not name and wanted and read_experiment_id(wanted) is None:
+        return (f"MLFLOW_EXPERIMENT_ID={wanted!r} is not an experiment id: MLflow's are integers of ASCII digits "
+                "(0 is Default); unset it or name one")
     if name:
         from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH  # mlflow only when a name is given
     if name and len(name) > MAX_EXPERIMENT_NAME_LENGTH:

@@ -166,9 +166,10 @@ def preflight(cfg: TrainConfig, experiment: Experiment, data: Data | Datasets, r
             also = f", and the final values {', '.join(finals)}" if finals else ""
             raise UsageError(f"the run is selected on {metric!r}, which it does not record; it records "
                              f"{', '.join(names)}{also}")
-    except (UsageError, KeyboardInterrupt):
+    except UsageError:
         raise
-    except BaseException as exc:  # sys.exit() too: nothing is written yet, the input is refused
+    except Exception as exc:  # nothing is written yet: the input is refused. sys.exit() and the
+        # experiment's own BaseException are its asking to stop (errors.asked_to_stop), said by the command
         raise UsageError(f"experiment {experiment.name!r} cannot train with {cfg.optimizer}+{cfg.loss}, "
                          f"{_hparams(cfg)}: {described(exc)}") from None
     finally:

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 # Query keys that carry a secret (libpq's password, tokens of HTTP stores, cloud keys).
 SECRET_KEYS = re.compile(r"pass|pwd|secret|token|key|auth|credential|signature|sig$", re.IGNORECASE)
@@ -311,6 +311,9 @@ def sqlite_in_memory(url: str) -> bool:
 
 def sqlite_unreadable(url: str) -> str | None:
     """Why no command can read a record from the SQLite store ``url``, or None."""
+    refused = _driver_refuses(url)
+    if refused:
+        return refused
     if sqlite_in_memory(url):
         return "an in-memory SQLite database, which keeps nothing past this process"
     dropped = _options_sqlite_never_reads(url)
@@ -322,6 +325,38 @@ def sqlite_unreadable(url: str) -> str | None:
         if value is not None and value not in allowed:  # SQLite refuses to open it (MLflow retries for minutes)
             return f"opened with {key}={value!r}, which SQLite does not know (allowed: {', '.join(allowed)})"
     return None
+
+
+def _driver_refuses(url: str) -> str | None:
+    """Why SQLAlchemy's pysqlite dialect or sqlite3 would refuse the SQLite ``url`` on connecting (an
+    option's value they cannot read, ``uri=maybe``, ``timeout=abc``), or None. Asked of them here,
+    before anything is made: MLflow and Optuna meet the refusal only after the other store, and the
+    harness's lock files, exist. A path whose %xx decode to no UTF-8 names another file than written."""
+    import sqlite3
+
+    from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+    from sqlalchemy.engine import make_url
+
+    match = _SQLITE_URL.match(url)
+    if match is None:
+        return None
+    try:
+        _decoded(match["database"] or "")
+        args, kwargs = SQLiteDialect_pysqlite().create_connect_args(make_url(url))
+        if kwargs.get("uri"):
+            _decoded(args[0].partition("?")[0].partition("#")[0])  # SQLite decodes a file: URI's path once more
+        # sqlite3's own rules on the options, on a database that makes no file
+        sqlite3.connect(":memory:", **{key: value for key, value in kwargs.items() if key != "uri"}).close()
+    except UnicodeDecodeError as exc:
+        return f"a path whose %xx decode to bytes that are no UTF-8 ({exc.object[exc.start:exc.end]!r})"
+    except Exception as exc:  # ValueError, TypeError, sqlite3's: each names the value it refused
+        return f"not a URL SQLite can open: {scrub(first_line(exc), url)}"
+    return None
+
+
+def _decoded(path: str) -> str:
+    """``path`` %xx-decoded, refusing bytes that are no UTF-8 (where unquote would put U+FFFD)."""
+    return unquote(path, errors="strict")
 
 
 def sqlite_unwritable(url: str) -> str | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import conftest
 from conftest import all_runs, cli_env, client_for, copy_store, main_in, new_store, run_cli
 
 
@@ -121,6 +122,28 @@ def test_bad_values_get_one_line_and_write_nothing(tmp_path, args, expected, cli
     out = cli_in_process(args[0], *(SHORT if args[0] == "search" else []), *args[1:], cwd=tmp_path)  # the case's flags win
     line = one_line_error(out)
     assert expected in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+# SQLite URLs whose driver options SQLAlchemy or sqlite3 refuse on connecting, or whose path decodes
+# to no UTF-8: refused whole before either store, or a lock file beside one, is made.
+BAD_SQLITE = ["sqlite:///s.db?uri=maybe", "sqlite:///s.db?timeout=abc", "sqlite:///file:s.db?uri=true#x",
+              "sqlite:///s%FF.db", "sqlite:///s.db?detect_types=x", "sqlite:///s.db?check_same_thread=perhaps"]
+SQLITE_PATHS = [("search", "storage"), ("search", "tracking"), ("train", "tracking")]
+
+
+@pytest.mark.parametrize("command, store, url", conftest.slow_cases(
+    [(command, store, url) for url in BAD_SQLITE for command, store in SQLITE_PATHS],
+    slow=[(c, s, u) for u in BAD_SQLITE[1:] for c, s in SQLITE_PATHS]))
+def test_an_sqlite_url_its_driver_refuses_gets_one_line_and_makes_nothing(tmp_path, command, store, url,
+                                                                         cli_in_process):
+    args = [command, *(SHORT + ["--n-trials", 1, "--pruner", "none"] if command == "search" else ["--epochs", 1])]
+    if store == "storage":
+        out = cli_in_process(*args, "--storage", url, cwd=tmp_path)
+    else:
+        out = cli_in_process(*args, *(["--storage", "journal:j.log"] if command == "search" else []), cwd=tmp_path,
+                             env={"MLFLOW_TRACKING_URI": url})
+    assert "SQLite can open" in one_line_error(out) or "no UTF-8" in one_line_error(out)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -273,3 +296,31 @@ def test_an_experiment_module_on_the_python_path_runs_under_its_own_name(workdir
     assert "never chooses code" in one_line_error(out) and not (workdir / "imported").exists()
     out = cli_in_process("predict", best, "--x", 1, "--experiment", "myexp", cwd=workdir)
     assert out.returncode == 0 and (workdir / "imported").exists(), out.stderr
+
+
+# Ids int() reads but SQLite keeps as text (MLflow finds experiment 1 or 0, then fails the first run).
+BAD_EXPERIMENT_IDS = ["١", "٠", "1_0", "0١"]
+
+
+@pytest.mark.parametrize("command, wanted", conftest.slow_cases(
+    [("search", "١"), ("train", "٠")] + [(c, w) for w in BAD_EXPERIMENT_IDS[2:] for c in ("search", "train")],
+    slow=[(c, w) for w in BAD_EXPERIMENT_IDS[2:] for c in ("search", "train")]))
+def test_an_experiment_id_mlflow_would_fail_on_is_refused_before_anything_is_written(tmp_path, migrated_db, command,
+                                                                                   wanted, cli_in_process):
+    new_store(tmp_path, migrated_db)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["--n-trials", 1, *SHORT, "--pruner", "none", "--storage", "journal:j.log"] if command == "search" else ["--epochs", 1]
+    out = cli_in_process(command, *args, cwd=tmp_path, env={"MLFLOW_EXPERIMENT_ID": wanted})
+    assert "MLFLOW_EXPERIMENT_ID" in one_line_error(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert all_runs(tmp_path) == []
+
+
+@pytest.mark.parametrize("wanted", ["00", " 0", "+0"])
+@pytest.mark.slow
+def test_an_experiment_id_mlflow_reads_as_an_integer_still_logs(tmp_path, migrated_db, wanted, cli_in_process):
+    new_store(tmp_path, migrated_db)
+    out = cli_in_process("train", "--epochs", 1, cwd=tmp_path, env={"MLFLOW_EXPERIMENT_ID": wanted})
+    assert out.returncode == 0, out.stderr
+    assert [run.info.experiment_id for run in all_runs(tmp_path)] == ["0"]
+    assert "#/experiments/0/runs/" in out.stdout + out.stderr  # the link names the id as the store keeps it

@@ -68,6 +68,19 @@ def test_an_argument_that_is_not_utf8_text_is_refused_before_anything_is_written
     check_refused_in_process(argv, "is not UTF-8 text", capsys, tmp_path, monkeypatch)
 
 
+@pytest.mark.parametrize("home, xdg", [("relhome", None), ("", None), ("relhome", "/tmp")])
+@pytest.mark.parametrize("argv", [["train", "--epochs", "1"], ["search", "--n-trials", "1", "--no-progress"]])
+def test_a_relative_home_is_refused_naming_it_before_anything_is_made(argv, home, xdg, capsys, tmp_path, monkeypatch):
+    """Was: exit 1 "this user has no home folder" once the store was made (and MLflow's ~/.config in
+    the working directory): ~ would be another folder in each working directory."""
+    monkeypatch.setenv("HOME", home)
+    if xdg is None:
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    check_refused_in_process(argv, "environment variable HOME=", capsys, tmp_path, monkeypatch)
+
+
 def test_an_experiment_file_in_a_folder_whose_name_is_not_utf8_is_refused(capsys, tmp_path, monkeypatch):
     import os
     import shutil

@@ -146,15 +146,31 @@ def test_sys_exit_in_the_experiment_s_code_fails_a_train_run_in_one_line(workdir
     assert run.info.status == "FAILED" and named in run.data.tags["harness.fail_reason"]
 
 
-@pytest.mark.parametrize("command", ["train", "search"])
-def test_sys_exit_in_the_pre_flight_check_is_refused_in_one_line_before_anything_is_written(
-        workdir, cli_in_process, monkeypatch, command):
-    experiment = hooked(workdir, monkeypatch, "forward", kind="exit")
+@pytest.mark.parametrize("command, kind, named", [("train", "exit", "SystemExit: 3"),
+                                                   ("search", "base", "Custom: user base exception")])
+def test_sys_exit_in_the_pre_flight_check_stops_in_one_line_before_anything_is_written(
+        workdir, cli_in_process, monkeypatch, command, kind, named):
+    """Was: exit 2 "cannot train with ...: SystemExit: 3", the code's asking to stop taken for refused
+    input, where the same in make_model stopped with exit 1: errors.asked_to_stop's rule is one rule."""
+    experiment = hooked(workdir, monkeypatch, "forward", kind=kind)
     out = cli_in_process(command, "--experiment", experiment, "--epochs", 2, cwd=workdir) if command == "train" \
         else cli_in_process(command, "--experiment", experiment, "--n-trials", 1, "--no-progress", cwd=workdir)
-    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        "harness: error: experiment 'lr2' cannot train with sgd+l1, no hyperparameters: SystemExit: 3"], out.stderr
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        f"harness: error: {command} stopped: the experiment's code raised {named}"], out.stderr
     assert all_runs(workdir) == [] and not (workdir / "optuna_journal.log").exists()
+
+
+def test_sys_exit_in_reproduce_s_pre_flight_check_stops_in_one_line_with_no_re_run(workdir, cli_in_process,
+                                                                                     monkeypatch):
+    experiment = hooked(workdir, monkeypatch, "none")
+    assert cli_in_process("train", "--experiment", experiment, "--epochs", 2, cwd=workdir).returncode == 0
+    [run] = all_runs(workdir)
+    monkeypatch.setenv("HOOK", "scalars")
+    monkeypatch.setenv("KIND", "exit")
+    out = cli_in_process("reproduce", run.info.run_id, "--experiment", experiment, cwd=workdir)
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == \
+        "harness: error: reproduce stopped: the experiment's code raised SystemExit: 3", out.stderr
+    assert [r.info.run_id for r in all_runs(workdir)] == [run.info.run_id]
 
 
 @pytest.mark.parametrize("register", [False, True])

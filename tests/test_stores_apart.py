@@ -135,7 +135,38 @@ def test_stores_in_different_files_beside_each_other_are_both_kept(tmp_path, mon
                               ("sqlite:///mlflow.db", "journal:notes.lock"),
                               ("postgresql://h/runs", "postgresql://h/optuna"),
                               ("postgresql://h/runs", "postgresql://h:5433/runs"),
-                              ("postgresql:///runs?host=/run/a", "postgresql:///runs?host=/run/b")]:
+                              ("postgresql:///runs?host=/run/a", "postgresql:///runs?host=/run/b"),
+                              # '.torn-' inside a name is no repair's copy: those end .torn-TIMESTAMP[.N]
+                              ("sqlite:///mlflow.db", "journal:study.torn-notes.log"),
+                              ("sqlite:///mlflow.db", "journal:j.log.torn-2026"),
+                              ("sqlite:///mlflow.db", "sqlite:///o.db.torn-20260101T000000Z.x")]:
+        check_storage(storage, tracking_uri=tracking)
+    assert not list(tmp_path.iterdir())
+
+
+# Query options the driver reads over the URL's own (libpq's host, port and dbname; MySQL's database):
+# what it connects to decides, as SQLAlchemy's dialect hands it over.
+ONE_SERVER_DATABASE = [("postgresql://u@b/db", "postgresql://u@a/db?host=b"),
+                       ("postgresql://u@a/db", "postgresql://u@a/other?dbname=db"),
+                       ("postgresql://u@a:5432/db", "postgresql://u@a:5433/db?port=5432"),
+                       ("mysql://u@a/db", "mysql://u@a/other?database=db"),
+                       ("mysql://u@b/db", "mysql+pymysql://u@a/db?host=b")]
+TWO_SERVER_DATABASES = [("postgresql://u@a/x?dbname=mlflow", "postgresql://u@a/x?dbname=optuna"),
+                        ("postgresql://u@a/db", "postgresql://u@a/db?host=b"),
+                        ("mysql://u@a/db", "mysql://u@a/db?port=3307")]
+
+
+@pytest.mark.parametrize("tracking, storage, same", [(*pair, True) for pair in ONE_SERVER_DATABASE] +
+                         [(*pair, False) for pair in TWO_SERVER_DATABASES])
+def test_a_server_database_is_compared_as_the_driver_connects_to_it(tmp_path, monkeypatch, tracking, storage, same):
+    from harness.errors import UsageError
+    from harness.search.study import check_storage
+
+    monkeypatch.chdir(tmp_path)
+    if same:
+        with pytest.raises(UsageError, match="would share 'db'"):
+            check_storage(storage, tracking_uri=tracking)
+    else:
         check_storage(storage, tracking_uri=tracking)
     assert not list(tmp_path.iterdir())
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from ...errors import HarnessError, UsageError
 from . import optuna_private
 
 TORN_SUFFIX = ".torn-"  # a repair's copy of what it cut: JOURNAL.torn-TIMESTAMP
+# Its whole name's end, as repair_journal writes it (a second copy in one second gets .N):
+TORN_NAME = re.escape(TORN_SUFFIX) + r"[0-9]{8}T[0-9]{6}Z(\.[0-9]+)?$"
 REPAIR_SUFFIX = ".repair-tmp"  # a repaired journal, written whole before it replaces the damaged one
 _OP = b'{"op_code":'  # how Optuna starts every operation it writes
 _TAIL_CHUNK = 4096  # most operations are a few hundred bytes; longer ones take more reads
@@ -282,7 +285,8 @@ def repair(path: str, damage: Damage) -> str:
 def earlier_repairs(path: str) -> list[Path]:
     """The copies that earlier repairs kept."""
     journal = Path(path)
-    return sorted(journal.parent.glob(journal.name + TORN_SUFFIX + "*"))
+    return sorted(copy for copy in journal.parent.glob(journal.name + TORN_SUFFIX + "*")
+                  if re.fullmatch(re.escape(journal.name) + TORN_NAME, copy.name))
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -16,7 +16,7 @@ import re
 from ...errors import UsageError
 from ...filelock import LOCK_SUFFIX
 from ...urls import engine_url, is_sqlite, redact, sqlite_in_memory, sqlite_path
-from .journal import REPAIR_SUFFIX, TORN_SUFFIX
+from .journal import REPAIR_SUFFIX, TORN_NAME
 from .optuna_private import journal_lock_suffixes
 
 SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")  # SQLite's own, beside a database
@@ -38,7 +38,7 @@ def made_name(path: str) -> str | None:
     whatever is there; Optuna's lock and SQLite's files where the file they belong to exists."""
     folder, name = os.path.split(path)
     lock_suffix, rename_suffix = journal_lock_suffixes()
-    own = [(LOCK_SUFFIX + "$", "the harness's lock file"), (re.escape(TORN_SUFFIX), "a copy a journal's repair kept"),
+    own = [(LOCK_SUFFIX + "$", "the harness's lock file"), (TORN_NAME, "a copy a journal's repair kept"),
            (REPAIR_SUFFIX + "$", "a journal's repair, written before it replaces the journal"),
            (f"{re.escape(lock_suffix)}[0-9a-f-]{{36}}{re.escape(rename_suffix)}$", "Optuna's journal lock, renamed")]
     for pattern, what in own:
@@ -125,16 +125,22 @@ def _same_database(a: str, b: str) -> str | None:
 
 
 def _database(url: str) -> tuple | None:
+    """(backend, host, port, database) that the driver of ``url`` connects to, as SQLAlchemy's dialect
+    hands them to it (what MLflow and Optuna open): an option in the query takes the place of the
+    URL's own (``?host=``, ``?port=``, ``?dbname=``; MySQL's ``?database=``, ``?db=``)."""
     from sqlalchemy.engine import make_url
 
     try:
         parsed = make_url(engine_url(url))
         backend = parsed.get_backend_name()
+        _, options = parsed.get_dialect()().create_connect_args(parsed)
     except Exception:  # noqa: BLE001 - not a database URL SQLAlchemy reads: nothing to compare
         return None
-    if backend not in DEFAULT_PORTS or not parsed.database:
+    if backend not in DEFAULT_PORTS:
         return None
-    # libpq also takes the host and port from the query (?host=/run/postgresql: a socket's folder).
-    host = parsed.host or parsed.query.get("host") or ""
-    port = parsed.port or parsed.query.get("port") or DEFAULT_PORTS[backend]
-    return backend, str(host).lower(), str(port), parsed.database
+    # libpq's dbname; the MySQL drivers take database over its older alias db.
+    database = options.get("dbname") or options.get("database") or options.get("db")
+    if not database:
+        return None
+    port = options.get("port") or DEFAULT_PORTS[backend]
+    return backend, str(options.get("host") or "").lower(), str(port), str(database)
