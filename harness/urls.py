@@ -332,26 +332,35 @@ def _driver_refuses(url: str) -> str | None:
     option's value they cannot read, ``uri=maybe``, ``timeout=abc``), or None. Asked of them here,
     before anything is made: MLflow and Optuna meet the refusal only after the other store, and the
     harness's lock files, exist. A path whose %xx decode to no UTF-8 names another file than written."""
-    import sqlite3
-
-    from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
-    from sqlalchemy.engine import make_url
-
     match = _SQLITE_URL.match(url)
     if match is None:
         return None
     try:
         _decoded(match["database"] or "")
+    except UnicodeDecodeError as exc:
+        return _not_utf8(exc)
+    if match["query"] is None and not match["host"]:
+        return None  # a plain path: nothing for the driver to refuse, and predict's fast read imports no SQLAlchemy
+    import sqlite3
+
+    from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+    from sqlalchemy.engine import make_url
+
+    try:
         args, kwargs = SQLiteDialect_pysqlite().create_connect_args(make_url(url))
         if kwargs.get("uri"):
             _decoded(args[0].partition("?")[0].partition("#")[0])  # SQLite decodes a file: URI's path once more
         # sqlite3's own rules on the options, on a database that makes no file
         sqlite3.connect(":memory:", **{key: value for key, value in kwargs.items() if key != "uri"}).close()
     except UnicodeDecodeError as exc:
-        return f"a path whose %xx decode to bytes that are no UTF-8 ({exc.object[exc.start:exc.end]!r})"
+        return _not_utf8(exc)
     except Exception as exc:  # ValueError, TypeError, sqlite3's: each names the value it refused
         return f"not a URL SQLite can open: {scrub(first_line(exc), url)}"
     return None
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return f"a path whose %xx decode to bytes that are no UTF-8 ({exc.object[exc.start:exc.end]!r})"
 
 
 def _decoded(path: str) -> str:
