@@ -98,11 +98,12 @@ def _group(pid: int) -> list[int]:
     """``pid`` and the processes of its process group (a server started in a session of its own)."""
     found = [pid]
     for entry in os.scandir("/proc"):
-        if natural(entry.name) is not None:
+        other = natural(entry.name)
+        if other is not None:
             with contextlib.suppress(OSError, IndexError, ValueError):
                 # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses.
                 if int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[2]) == pid:
-                    found.append(natural(entry.name))
+                    found.append(other)
     return found
 
 

@@ -243,7 +243,8 @@ def memory_bytes() -> int:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
     except OSError:
         return total
-    return total if natural(limit) is None else min(total, natural(limit))
+    bound = natural(limit)  # 'max' where the cgroup sets none
+    return total if bound is None else min(total, bound)
 
 
 def max_journal_bytes() -> int:
