@@ -214,3 +214,20 @@ def test_a_batched_search_keeps_the_whole_contract_and_its_trials_reproduce_alon
     for trial in [study.best_trial, *(t for t in study.trials if t.state == TrialState.COMPLETE)][:2]:
         again = cli_in_process("reproduce", trial.user_attrs["mlflow_run_id"], cwd=workdir)
         assert again.returncode == 0 and "exactly" in again.stdout, again.stdout + again.stderr
+
+
+def test_resuming_on_sqlite_looks_for_optuna_s_tables_once(workdir, cli_in_process, monkeypatch):
+    """A search on an SQLite storage that holds its study made an engine and inspected the database
+    twice at its start (is there a study? then: are the tables there, to skip the schema lock): once
+    now, and the resumed study still goes on."""
+    from harness.search import study as study_module
+
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    args = ("search", "--n-trials", 1, "--storage", storage, "--models", "none", "--pruner", "none", *SMALL)
+    assert cli_in_process(*args, cwd=workdir).returncode == 0
+    looked, tables = [], study_module._optuna_tables
+    monkeypatch.setattr(study_module, "_optuna_tables", lambda url: looked.append(url) or tables(url))
+    out = cli_in_process(*args, cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    assert looked == [storage]
+    assert len(optuna.load_study(study_name="linear_regression-search", storage=storage).trials) == 2

@@ -79,7 +79,9 @@ def _open_study(options: SearchOptions):
     storage_args = dict(heartbeat=options.heartbeat, checked=True)  # the options checked the URL
     # Opening a journal creates its file, and an SQLite storage its database and tables: one that holds
     # none yet already says there is no study, and is made once every check passed.
-    storage = None if study_module.holds_no_study(url) else study_module.open_storage(url, **storage_args)
+    tables = study_module.tables_of(url)  # an SQLite database's engine made and inspected once, not twice
+    storage = None if study_module.holds_no_study(url, tables) else \
+        study_module.open_storage(url, tables=tables, **storage_args)
     # A worker creating the study writes what resuming checks (its objectives, space, experiment) after
     # Optuna makes it, holding the study's lock: a study caught in between is read once it is whole. A
     # lock file that is not there is held by no worker (a plain Optuna script made the study): not made.

@@ -94,20 +94,30 @@ def check_storage(url: str, writes: bool = True, tracking_uri: str | None = None
     return scheme
 
 
-def holds_no_study(url: str) -> bool:
+def holds_no_study(url: str, tables: bool | None = None) -> bool:
     """Whether a file storage holds nothing yet: a journal that is not there, an SQLite database
-    that is not there, empty, or without Optuna's tables. Opening one makes them."""
+    that is not there, empty, or without Optuna's tables. Opening one makes them. ``tables``:
+    ``tables_of(url)``, where the caller looked already."""
     scheme = storage_scheme(url)
     if scheme == "journal":
         return not Path(_journal_file(url)).exists()
+    return scheme == "sqlite" and (tables_of(url) if tables is None else tables) is False
+
+
+def tables_of(url: str) -> bool | None:
+    """Whether an SQLite storage's database holds Optuna's tables (False for a file that is not
+    there or is empty, which is not opened); None for another storage, or a file that is no
+    database (opening it says why)."""
+    if storage_scheme(url) != "sqlite":
+        return None
     try:
-        return scheme == "sqlite" and not _optuna_tables(url)
-    except Exception:  # a file that is no database: opening it says why, as it did
-        return False
+        return _optuna_tables(url)
+    except Exception:
+        return None
 
 
 def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_S,
-                 repair: bool = True, notify=None, checked: bool = False):
+                 repair: bool = True, notify=None, checked: bool = False, tables: bool | None = None):
     """An Optuna storage. ``journal:PATH`` is Optuna's journal file, safe for several processes;
     damage a crash left in it is repaired before the first append or ``repair_journal`` (see
     journal.py), unless ``repair`` is False, when a journal that Optuna cannot read raises JournalDamaged.
@@ -116,7 +126,8 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
     seconds is failed and its configuration retried by the next worker that starts a trial.
 
     ``checked``: ``check_storage(url, writes=repair)`` passed already (a search's options check it
-    before anything else), and is not repeated.
+    before anything else), and is not repeated. ``tables``: ``tables_of(url)`` where the caller
+    looked already: True is not looked up again (tables once made stay).
     """
     from .durable.retries import Retry
     from .durable.storages import HarnessRDBStorage, schema_lock
@@ -137,7 +148,7 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: int = HEARTBEAT_
     reader = scheme == "sqlite" and not repair
     started = time.time()
     try:
-        made = scheme == "sqlite" and _optuna_tables(url)
+        made = scheme == "sqlite" and (tables or _optuna_tables(url))
         if reader and not made:
             raise UsageError(f"no Optuna storage at {redact(url)}: its database holds no Optuna tables")
         locked = nullcontext() if made else schema_lock(engine_url(url), engine_kwargs)
