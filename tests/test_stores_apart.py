@@ -9,6 +9,7 @@ not read are refused before either store is made: exit 2, one line (both URLs, p
 nothing written."""
 import itertools
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -245,3 +246,168 @@ def test_an_sqlite_option_sqlite_never_reads_is_refused_with_the_spelling_it_rea
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert f"{url} is given SQLite options (" in out.stderr and "write sqlite:///file:" in out.stderr, out.stderr
     assert _listing(tmp_path) == before and "Traceback" not in out.stderr
+
+
+# Issue 26, the 17th probe (finding 1): spellings of one PostgreSQL database that were compared as
+# written, not as libpq connects to them; both stores then went into one database for good.
+LIBPQ_ENV = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE", "PGSERVICEFILE", "PGSYSCONFDIR")
+PROBE = [("postgresql://postgres@127.0.0.1:55417/shared", "postgresql://postgres@127.0.0.1/shared?port=055417"),
+         ("postgresql://postgres@/shared2?host=/srv/pg&port=55417",
+          "postgresql://postgres@/shared2?host=/srv/pg/&port=55417"),
+         ("postgresql://postgres@127.0.0.1:55417/", "postgresql://postgres@127.0.0.1:55417/postgres")]
+ONE_DATABASE_SPELLED_TWO_WAYS = [
+    *PROBE,
+    ("postgresql://u@h/db", "postgresql://u@h:05432/db"),  # libpq's default port, a port with leading zeros
+    ("postgresql://u@h:5432/db", "postgresql://u@h/db?port=+5432"),
+    ("postgresql://u@/db?host=/srv/pg", "postgresql://u@/db?host=/srv/./pg//"),  # a socket folder, normalised
+    ("postgresql://u@/db?host=/srv/pg", "postgresql://u@/db?host=/srv/linked"),  # ...through a symbolic link
+    ("postgresql://u@db-host/db", "postgresql://u@DB-Host./db"),  # a name: no letter case, the root's dot
+    ("postgresql://u@[::1]/db", "postgresql://u@[0:0::1]:5432/db"),  # an IP address in another spelling
+    ("postgresql://u@127.0.0.1/db", "postgresql://u@127.1/db"),
+    ("postgresql://u@127.0.0.1/db", "postgresql://u@[::ffff:127.0.0.1]/db"),
+    ("postgresql://u@name/db?hostaddr=10.0.0.5", "postgresql://u@10.0.0.5/db"),  # libpq connects to hostaddr
+    ("postgresql://u@b/db", "postgresql://u@/db?host=a,b&port=5432,5432"),  # a host list: any host in common
+    ("postgresql://u@b:5433/db", "postgresql://u@/db?host=a:5432&host=B:5433"),  # SQLAlchemy's host list
+    ("postgresql://u@a/db", "postgresql://u@/db?host=a&host=b"),
+    ("mysql://u@H./db", "mysql+pymysql://u@h:03306/db"),  # MySQL alike: its default port, no letter case
+    ("mysql://u@/db", "mysql://u@localhost:3306/db"),
+    ("mysql://u@[::1]/db", "mysql://u@[0::1]/db"),
+]
+DATABASES_APART = [
+    ("postgresql://u@h/db", "postgresql://u@h:5433/db"),
+    ("postgresql://u@h/runs", "postgresql://u@h/study"),
+    ("postgresql://u@h/db", "postgresql://u@g/db"),
+    ("postgresql://u@/db?host=/srv/a", "postgresql://u@/db?host=/srv/b"),
+    ("postgresql://u@/db?host=/srv/a", "postgresql://u@/db?host=/srv/a&port=5433"),
+    ("postgresql://u@[::1]/db", "postgresql://u@[::2]/db"),
+    ("postgresql://alice@h/", "postgresql://bob@h/"),  # each user's own database
+    ("postgresql://u@/db?host=a,b", "postgresql://u@/db?host=c,d"),
+    ("postgresql://u@/db?host=a,b&port=5432,5433", "postgresql://u@/db?host=b,a&port=5432,5433"),
+    ("postgresql://u@name/db?hostaddr=10.0.0.5", "postgresql://u@name/db?hostaddr=10.0.0.6"),
+    ("postgresql://u@h/Runs", "postgresql://u@h/runs"),  # database names are case-sensitive
+    ("mysql://u@h/db", "mysql://u@h:3307/db"),
+    ("mysql://u@h/db", "mysql://u@h/other"),
+]
+
+
+@pytest.fixture
+def libpq_env(monkeypatch, tmp_path):
+    """No libpq default from the environment, unless the test sets one; a socket folder and a link to it."""
+    for name in LIBPQ_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+def _spelled(url: str, folder: Path) -> str:
+    """``url`` with its socket folders made real ones in ``folder`` (/srv/linked a link to /srv/pg)."""
+    (folder / "srv" / "pg").mkdir(parents=True, exist_ok=True)
+    if not (folder / "srv" / "linked").is_symlink():
+        (folder / "srv" / "linked").symlink_to("pg")
+    return url.replace("host=/srv/", f"host={folder}/srv/")
+
+
+def _shares(storage: str, tracking: str) -> bool:
+    from harness.errors import UsageError
+    from harness.search.study import check_storage
+
+    try:
+        check_storage(storage, tracking_uri=tracking)
+    except UsageError as exc:
+        assert "would share" in str(exc), exc
+        return True
+    return False
+
+
+@pytest.mark.parametrize("tracking, storage", ONE_DATABASE_SPELLED_TWO_WAYS)
+def test_one_server_database_is_refused_in_every_spelling_the_driver_reads_alike(libpq_env, tmp_path, tracking,
+                                                                               storage):
+    tracking, storage = (_spelled(url, tmp_path / "s") for url in (tracking, storage))
+    assert _shares(storage, tracking) and _shares(tracking, storage)
+    assert not list(tmp_path.glob("*.db*")) and list(tmp_path.iterdir()) == [tmp_path / "s"]
+
+
+@pytest.mark.parametrize("tracking, storage", DATABASES_APART)
+def test_two_server_databases_are_kept_apart(libpq_env, tmp_path, tracking, storage):
+    tracking, storage = (_spelled(url, tmp_path / "s") for url in (tracking, storage))
+    assert not _shares(storage, tracking) and not _shares(tracking, storage)
+
+
+# What libpq reads from the environment fills in only what the URL leaves out.
+LIBPQ_DEFAULTS = [({"PGPORT": "5433"}, "postgresql://u@h/db", "postgresql://u@h:5433/db", True),
+                  ({"PGPORT": "5433"}, "postgresql://u@h/db", "postgresql://u@h:5432/db", False),
+                  ({"PGPORT": "5433"}, "postgresql://u@h:5432/db", "postgresql://u@h/db?port=5432", True),
+                  ({"PGUSER": "alice"}, "postgresql://h/", "postgresql://h/alice", True),
+                  ({"PGUSER": "alice"}, "postgresql://h/", "postgresql://bob@h/bob", False),
+                  ({"PGDATABASE": "runs"}, "postgresql://u@h/", "postgresql://u@h/runs", True),
+                  ({"PGDATABASE": "runs"}, "postgresql://u@h/", "postgresql://u@h/u", False),
+                  ({"PGHOST": "/srv/pg"}, "postgresql://u@/db", "postgresql://u@/db?host=/srv/pg/", True),
+                  ({"PGHOST": "h"}, "postgresql://u@/db", "postgresql://u@g/db", False)]
+
+
+@pytest.mark.parametrize("env, tracking, storage, same", LIBPQ_DEFAULTS)
+def test_libpqs_defaults_from_the_environment_fill_in_what_a_url_leaves_out(libpq_env, tmp_path, env, tracking,
+                                                                            storage, same):
+    for name, value in env.items():
+        libpq_env.setenv(name, _spelled(f"host={value}", tmp_path / "s")[len("host="):])
+    tracking, storage = (_spelled(url, tmp_path / "s") for url in (tracking, storage))
+    assert _shares(storage, tracking) == same
+
+
+def test_no_host_is_libpqs_compiled_in_socket_folder(libpq_env):
+    """Where a URL names no host, libpq connects to the socket folder it was built with: Debian's
+    (and psycopg's wheels') /var/run/postgresql, PostgreSQL's own /tmp."""
+    folders = ["/var/run/postgresql", "/tmp"]
+    named = [folder for folder in folders if _shares(f"postgresql://u@/db?host={folder}", "postgresql://u@/db")]
+    assert len(named) == 1, named
+    assert _shares(f"postgresql://u@/db?host={named[0]}/", "postgresql://u@:5432/db")
+    assert not _shares("postgresql://u@/db?host=/srv/elsewhere", "postgresql://u@/db")
+
+
+PROBE_CASES = [(*pair, command) for pair in PROBE for command in COMMANDS]
+
+
+@pytest.mark.parametrize("tracking, storage, command", slow_cases(PROBE_CASES),
+                         ids=[f"{t}-{s}-{c}" for t, s, c in PROBE_CASES])
+def test_every_command_refuses_one_server_database_spelled_two_ways_before_either_store_is_made(
+        libpq_env, tmp_path, cli_in_process, tracking, storage, command):
+    env = {"MLFLOW_TRACKING_URI": tracking}
+    line = _refused(cli_in_process, tmp_path, COMMANDS[command], env, storage, "would share")
+    assert f"the Optuna storage {storage} and the MLflow store {tracking} would share" in line
+
+
+def test_the_python_api_refuses_one_server_database_spelled_two_ways(libpq_env):
+    from harness.errors import UsageError
+    from harness.search.study import open_storage
+
+    libpq_env.setenv("MLFLOW_TRACKING_URI", PROBE[0][0])
+    with pytest.raises(UsageError, match="would share 'shared'"):
+        open_storage(PROBE[0][1])
+
+
+@pytest.mark.slow
+def test_spellings_refused_as_one_database_reach_one_database_of_a_real_server(libpq_env):
+    """On the PostgreSQL CI gives ($HARNESS_TEST_POSTGRES): what the check takes for one database is
+    one (the same database of the same running server), what it keeps apart is not."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    if not os.environ.get("HARNESS_TEST_POSTGRES"):
+        pytest.skip("no $HARNESS_TEST_POSTGRES")
+    given = make_url(os.environ["HARNESS_TEST_POSTGRES"]).set(drivername="postgresql")
+    if os.environ.get("PGPASSFILE"):  # libpq matches a passfile's port as written: not 0PORT
+        line = Path(os.environ["PGPASSFILE"]).read_text().splitlines()[0]
+        libpq_env.setenv("PGPASSWORD", re.split(r"(?<!\\):", line)[4].replace("\\:", ":").replace("\\\\", "\\"))
+    libpq_env.setenv("PGDATABASE", given.database)
+    url, bare = (u.render_as_string(hide_password=False) for u in (given, given.set(port=None)))
+    spellings = [f"{bare}?port=0{given.port}", f"{bare}?host=/nonexistent,{given.host}&port=1,{given.port}",
+                 given.set(database="").render_as_string(hide_password=False)]
+
+    def reached(spelling: str):
+        with psycopg.connect(spelling, connect_timeout=5) as connection:
+            return connection.execute("SELECT current_database(), pg_postmaster_start_time()").fetchone()
+
+    for spelling in spellings:
+        assert _shares(spelling, url) and reached(spelling) == reached(url), spelling
+    other = given.set(database="template1").render_as_string(hide_password=False)
+    assert not _shares(other, url) and reached(other) != reached(url)

@@ -10,8 +10,11 @@ journal that is a lock file appends to what another process flocks.
 """
 from __future__ import annotations
 
+import functools
+import ipaddress
 import os
 import re
+import socket
 
 from ...errors import UsageError
 from ...filelock import LOCK_SUFFIX
@@ -21,6 +24,9 @@ from .optuna_private import journal_lock_suffixes
 
 SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")  # SQLite's own, beside a database
 DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306}
+LIBPQ_DRIVERS = ("psycopg", "psycopg2")  # SQLAlchemy's drivers that connect through libpq
+# An sslmode no libpq accepts: PQconnectStart reads every other option, then refuses it, connecting nowhere.
+UNREAD_SSLMODE = "harness-reads-options-only"
 
 
 def beside(path: str, journal: bool) -> list[str]:
@@ -119,28 +125,113 @@ def check_apart(storage_url: str, tracking_uri: str) -> None:
 
 
 def _same_database(a: str, b: str) -> str | None:
-    """The database that two server URLs both name (host, port and name alike), or None."""
-    found = [_database(url) for url in (a, b)]
-    return found[0][-1] if found[0] is not None and found[0] == found[1] else None
+    """The database that two server URLs both reach (one name on one server: a host and port they
+    both connect to), or None."""
+    shared = _databases(a) & _databases(b)
+    return next(iter(shared))[-1] if shared else None
 
 
-def _database(url: str) -> tuple | None:
-    """(backend, host, port, database) that the driver of ``url`` connects to, as SQLAlchemy's dialect
-    hands them to it (what MLflow and Optuna open): an option in the query takes the place of the
-    URL's own (``?host=``, ``?port=``, ``?dbname=``; MySQL's ``?database=``, ``?db=``)."""
+def _databases(url: str) -> set[tuple]:
+    """{(backend, endpoint, port, database)}: each database on each server that the driver of
+    ``url`` may connect to, as SQLAlchemy's dialect hands its options to the driver (what MLflow and
+    Optuna open): an option in the query takes the place of the URL's own (``?host=``, ``?port=``,
+    ``?dbname=``; MySQL's ``?database=``, ``?db=``). Empty where the URL names no server's database."""
     from sqlalchemy.engine import make_url
 
     try:
         parsed = make_url(engine_url(url))
-        backend = parsed.get_backend_name()
+        backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
         _, options = parsed.get_dialect()().create_connect_args(parsed)
     except Exception:  # noqa: BLE001 - not a database URL SQLAlchemy reads: nothing to compare
-        return None
+        return set()
     if backend not in DEFAULT_PORTS:
-        return None
+        return set()
+    if driver in LIBPQ_DRIVERS:
+        found = _libpq_databases(options)
+        if found is not None:
+            return found
     # libpq's dbname; the MySQL drivers take database over its older alias db.
     database = options.get("dbname") or options.get("database") or options.get("db")
     if not database:
+        return set()
+    unix_socket = options.get("unix_socket") or options.get("unix_sock")
+    endpoint = (_endpoint(str(options.get("host") or "localhost")), _real(unix_socket) if unix_socket else None)
+    return {(backend, endpoint, _port(options.get("port"), DEFAULT_PORTS[backend]), str(database))}
+
+
+def _libpq_databases(options: dict) -> set[tuple] | None:
+    """What libpq connects to with ``options``, all its defaults applied (a service file's, PGHOST,
+    PGPORT, PGUSER, PGDATABASE, the compiled-in socket folder and port; a database named after the
+    user): one (host, port) per entry of a host list, as psycopg tries them one by one. None where
+    psycopg or libpq cannot tell (no libpq, options libpq itself refuses: its connection fails alike)."""
+    try:
+        from psycopg import pq
+        from psycopg.conninfo import make_conninfo
+
+        given = _libpq(make_conninfo("", **options))
+    except Exception:  # noqa: BLE001 - ImportError, or options libpq cannot parse
         return None
-    port = options.get("port") or DEFAULT_PORTS[backend]
-    return backend, str(options.get("host") or "").lower(), str(port), str(database)
+    if given is None:
+        return None
+    info, database, _ = given
+    hosts, addresses, ports = (info.get(key, "").split(",") for key in ("host", "hostaddr", "port"))
+    count = max(len(hosts), len(addresses))
+    ports = ports * count if len(ports) == 1 else ports
+    compiled_port = next(o.compiled for o in pq.Conninfo.get_defaults() if o.keyword == b"port")
+    found = set()
+    for i in range(count):
+        host, address, port = (values[i] if i < len(values) else "" for values in (hosts, addresses, ports))
+        # libpq connects to hostaddr where there is one (host then only names the server to TLS and
+        # the passfile); an empty entry is the compiled-in socket folder.
+        endpoint = _endpoint(address or host or _libpq_default_host())
+        found.add(("postgresql", endpoint, _port(port, int(compiled_port or 5432)), database))
+    return found
+
+
+def _libpq(conninfo: str) -> tuple[dict, str, str] | None:
+    """({option: value}, database, first host) as libpq fills them in for ``conninfo``, without
+    connecting: an sslmode libpq refuses ends PQconnectStart once the options are complete (defaults
+    applied, the database named after the user where none is given) and before any connection is tried."""
+    from psycopg import pq
+    from psycopg.conninfo import make_conninfo
+
+    connection = pq.PGconn.connect_start(make_conninfo(conninfo, sslmode=UNREAD_SSLMODE).encode())
+    try:
+        if UNREAD_SSLMODE.encode() not in connection.error_message:
+            return None  # libpq stopped before (an unknown service...) or read the options otherwise
+        info = {o.keyword.decode(): (o.val or b"").decode() for o in connection.info}
+        return info, connection.db.decode(), connection.host.decode()
+    finally:
+        connection.finish()
+
+
+@functools.cache
+def _libpq_default_host() -> str:
+    """The folder of the socket libpq connects to where no host is given: compiled in (Debian's
+    /var/run/postgresql, PostgreSQL's own /tmp), not among PQconndefaults, so asked of libpq."""
+    given = _libpq("host='' hostaddr=''")
+    return given[2] if given else ""
+
+
+def _endpoint(host: str) -> tuple[str, str]:
+    """A host as the system reaches it, without asking DNS: a socket folder with its path resolved
+    (``/s/`` is ``/s``); an IP address in any spelling the resolver reads as one (``[0:0::1]``,
+    ``127.1``, ``::ffff:127.0.0.1``) as one address; a name in lower case without its root's dot."""
+    if host.startswith("/"):
+        return "socket", _real(host)
+    if host.startswith("@"):  # Linux's abstract socket namespace
+        return "socket", host
+    try:
+        address = ipaddress.ip_address(socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)[0][4][0])
+    except (OSError, ValueError, UnicodeError):
+        return "name", host.lower().removesuffix(".")
+    return "address", str(getattr(address, "ipv4_mapped", None) or address)
+
+
+def _port(port, default: int) -> int | str:
+    """A port as a number, as the drivers read it (``05432`` is 5432); the default where none is
+    given; as written where it is no number (the driver refuses it)."""
+    text = str(port if port is not None else "").strip()
+    if not text:
+        return default
+    return int(text) if re.fullmatch(r"[+-]?[0-9]+", text) else text
