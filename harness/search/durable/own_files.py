@@ -127,7 +127,8 @@ def check_apart(storage_url: str, tracking_uri: str) -> None:
 def _same_database(a: str, b: str) -> str | None:
     """The database that two server URLs both reach (one name on one server: a host and port they
     both connect to), or None."""
-    shared = _databases(a) & _databases(b)
+    first = _databases(a)
+    shared = first & _databases(b) if first else set()  # an http:// tracking server has no database here
     return next(iter(shared))[-1] if shared else None
 
 
