@@ -213,6 +213,21 @@ def cli_in_process(monkeypatch, capfd):
     return run
 
 
+def snapshot(folder: Path, exclude=()) -> dict:
+    """Everything under ``folder`` by its path relative to it (a file: its SHA-256; a link: where it
+    points; a folder: None), less the relative paths in ``exclude``: what a refused or reading command
+    must leave as it was, no file or folder added, none changed."""
+    import hashlib
+
+    def what(path: Path):
+        if path.is_symlink():
+            return f"-> {os.readlink(path)}"
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+    return {str(p.relative_to(folder)): what(p) for p in sorted(Path(folder).rglob("*"))
+            if str(p.relative_to(folder)) not in exclude}
+
+
 def client_for(workdir: Path):
     from mlflow import MlflowClient
 

@@ -4,7 +4,6 @@ Every store the harness makes is in WAL mode, and SQLite reads a WAL database th
 it creates beside it: `predict`, `compare`, `audit` and `reproduce` must read such a store all the same.
 Root ignores permission bits, so as root the commands run without the capabilities that let it.
 """
-import hashlib
 import os
 import shutil
 import sqlite3
@@ -14,7 +13,7 @@ from contextlib import closing
 
 import pytest
 
-from conftest import cli_env, copy_store, main_in, new_store, run_cli
+from conftest import cli_env, copy_store, main_in, new_store, run_cli, snapshot
 
 pytestmark = pytest.mark.slow  # a search and four commands as subprocesses
 
@@ -36,11 +35,6 @@ def read_only(folder) -> None:
     for path in [folder, *folder.rglob("*")]:
         mode = path.stat().st_mode
         path.chmod(stat.S_IMODE(mode) & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-
-
-def digest(folder) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +60,7 @@ def archived(tmp_path_factory, migrated_db):
 
 def test_predict_compare_audit_and_reproduce_read_a_store_nobody_may_write(archived, tmp_path):
     store, trials = archived
-    before = digest(store)
+    before = snapshot(store)
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     env = cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{store / 'mlflow.db'}")
@@ -100,7 +94,7 @@ def test_predict_compare_audit_and_reproduce_read_a_store_nobody_may_write(archi
     assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
     assert f"the MLflow store '{store.resolve() / 'mlflow.db'}' is read-only here, and registering writes" in out.stderr
 
-    assert digest(store) == before and not list(store.glob("mlflow.db-*"))
+    assert snapshot(store) == before and not list(store.glob("mlflow.db-*"))
     # Reading made nothing where it ran but the figures asked for (MLflow made a folder 'file:' there).
     assert sorted(p.name for p in cwd.iterdir()) == ["compare-s.png", "s.png"]
 
@@ -114,7 +108,7 @@ def test_the_reading_commands_read_it_in_other_spellings_of_its_url(archived, tm
     `file://abs/...`, and all four exited 1 "invalid uri authority" (every other spelling of a path:
     tests/test_urls_paths.py)."""
     store, trials = archived
-    before = digest(store)
+    before = snapshot(store)
     env = cli_env(MLFLOW_TRACKING_URI=spelling.format(store / "mlflow.db"))
     out = as_reader("predict", trials[0], "--x", 1, cwd=tmp_path, env=env)
     assert out.returncode == 0 and out.stdout.startswith("1 -> "), out.stderr
@@ -125,4 +119,4 @@ def test_the_reading_commands_read_it_in_other_spellings_of_its_url(archived, tm
     assert out.returncode == 0 and "2 trials, 2 child runs: clean" in out.stdout, out.stdout + out.stderr
     out = as_reader("reproduce", trials[0], cwd=tmp_path, env=env)
     assert out.returncode == 0 and f"reproduced run {trials[0]} exactly" in out.stdout, out.stderr
-    assert digest(store) == before and not list(store.glob("mlflow.db-*"))
+    assert snapshot(store) == before and not list(store.glob("mlflow.db-*"))
