@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import cli_env, snapshot
+from conftest import snapshot
 from harness import tracking
 from test_read_only_store import as_reader, read_only
 
@@ -24,10 +24,10 @@ def test_a_store_with_a_stranded_wal_is_refused_in_one_line_that_says_how_to_rea
         shutil.copy(live / name, archive / name)
     read_only(archive)
     before = snapshot(archive)
-    env = {**cli_env(), "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}
-    for command in (["compare", "--mlflow-experiment", "Default", "--out", str(tmp_path / "c.png")],
-                    ["predict", run, "--x", "1"], ["reproduce", run]):
-        out = as_reader(*command, cwd=archive, env=env)
+    env = {"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}
+    commands = (["compare", "--mlflow-experiment", "Default", "--out", str(tmp_path / "c.png")],
+                ["predict", run, "--x", "1"], ["reproduce", run])
+    for command, out in zip(commands, as_reader(*((command, archive, env) for command in commands))):
         assert out.returncode == 1, (command, out.stderr)
         [line] = out.stderr.strip().splitlines()
         assert line == ("harness: cannot read the MLflow store sqlite:///mlflow.db: its last commits are in "
