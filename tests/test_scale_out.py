@@ -2,9 +2,9 @@
 
 The services are real: PostgreSQL from the system's packages and `mlflow server` with a PostgreSQL
 backend store and served artifacts. CI starts PostgreSQL and passes it in $HARNESS_TEST_POSTGRES;
-elsewhere the tests start their own when PostgreSQL is installed, and are skipped when it is not.
+elsewhere the tests start their own when PostgreSQL is installed, and are skipped when it is not. The
+services are the session's (conftest.cluster_services), shared with test_models and test_checkpoints.
 """
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli, served_login
 from harness import cluster
 from harness.errors import HarnessError, UsageError
 from harness.experiment import load as load_experiment
@@ -36,15 +36,10 @@ def require_postgres_programs():
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory):
-    postgres = os.environ.get("HARNESS_TEST_POSTGRES")
-    if not postgres:
-        require_postgres_programs()
-    root = tmp_path_factory.mktemp("scale-out")
-    with cluster.services(root, postgres) as (storage, tracking_uri):
-        # The tracking server's login, which services() put in our environment and cli_env leaves out.
-        login = {k: os.environ[k] for k in cluster.LOGIN_VARS}
-        yield {"storage": storage, "tracking_uri": tracking_uri, "root": root, "login": login}
+def services(cluster_services):
+    """The session's services, their login in our environment for this module (cli_env leaves it out)."""
+    with served_login(cluster_services):
+        yield cluster_services
 
 
 def env_for(services):
