@@ -191,11 +191,13 @@ def silent_trial(services, study_name: str, cwd, cli):
 
 
 def test_the_heartbeat_fails_a_silent_worker_s_trial_from_another_machine(services, tmp_path, cli_in_process):
-    """A worker elsewhere cannot be checked by pid: its trial is failed when its heartbeat stops."""
+    """A worker elsewhere cannot be checked by pid: its trial is failed when its heartbeat stops. The
+    resuming search in-process (was a real process): the silent trial's host is another machine's
+    either way, and a real worker on these services is test_three_workers_share_one_study_..."""
     storage, trial, run_id = silent_trial(services, "silent", tmp_path, cli_in_process)
-    resumed = run_cli("search", "--storage", services["storage"], "--study-name", "silent", "--n-trials", 1,
-                      "--mlflow-experiment", "silent", "--no-progress", "--heartbeat", 1,
-                      cwd=tmp_path, env=env_for(services))
+    resumed = cli_in_process("search", "--storage", services["storage"], "--study-name", "silent", "--n-trials", 1,
+                             "--mlflow-experiment", "silent", "--no-progress", "--heartbeat", 1,
+                             cwd=tmp_path, env=in_process_env(services))
     assert resumed.returncode == 0, resumed.stderr
     assert f"trial(s) {trial.number} were left RUNNING" in resumed.stderr
     study = optuna.load_study(study_name="silent", storage=storage)
