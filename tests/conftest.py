@@ -142,6 +142,38 @@ def migrated_db(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def cluster_services(tmp_path_factory) -> dict:
+    """PostgreSQL ($HARNESS_TEST_POSTGRES, or one started here) with an Optuna and an MLflow database,
+    and `mlflow server` on the latter with served artifacts: the engines users scale out on, started
+    once for the session (each start migrates MLflow's schema in a new database). Tests that share
+    it keep apart by their study, experiment and model names. The server's login is in ``login``,
+    not in the environment: a test that needs it in-process sets it (``served_login``)."""
+    from harness import cluster
+    from harness.errors import UsageError
+
+    postgres = os.environ.get("HARNESS_TEST_POSTGRES")
+    if not postgres:
+        try:
+            cluster.postgres_bin()
+        except UsageError as exc:
+            pytest.skip(str(exc))
+    root = tmp_path_factory.mktemp("services")
+    with cluster.services(root, postgres) as (storage, tracking_uri):
+        login = {k: os.environ[k] for k in cluster.LOGIN_VARS}
+        with cluster.environment({}, unset=cluster.LOGIN_VARS):
+            yield {"storage": storage, "tracking_uri": tracking_uri, "root": root, "login": login}
+
+
+@contextlib.contextmanager
+def served_login(services: dict):
+    """``cluster_services``' login in this process's environment meanwhile (an MlflowClient of it)."""
+    from harness import cluster
+
+    with cluster.environment(services["login"]):
+        yield
+
+
 def new_store(folder: Path, migrated_db: Path) -> Path:
     """``folder`` as a user's working directory after their first run there: an empty ``mlflow.db``
     whose Default experiment keeps its artifacts in ``folder/mlruns`` (the template's own folder
@@ -211,6 +243,21 @@ def cli_in_process(monkeypatch, capfd):
         return subprocess.CompletedProcess(args, status, out, err)
 
     return run
+
+
+def snapshot(folder: Path, exclude=()) -> dict:
+    """Everything under ``folder`` by its path relative to it (a file: its SHA-256; a link: where it
+    points; a folder: None), less the relative paths in ``exclude``: what a refused or reading command
+    must leave as it was, no file or folder added, none changed."""
+    import hashlib
+
+    def what(path: Path):
+        if path.is_symlink():
+            return f"-> {os.readlink(path)}"
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+    return {str(p.relative_to(folder)): what(p) for p in sorted(Path(folder).rglob("*"))
+            if str(p.relative_to(folder)) not in exclude}
 
 
 def client_for(workdir: Path):

@@ -286,20 +286,10 @@ def test_a_running_run_shows_its_curves_as_it_trains_and_each_step_once(in_workd
     assert all([step for step, _ in points] == list(range(len(points))) for run in live for points in run.values())
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """PostgreSQL ($HARNESS_TEST_POSTGRES, or one started here) and `mlflow server` with served artifacts."""
-    from harness import cluster
-    from harness.errors import UsageError
-
-    postgres = os.environ.get("HARNESS_TEST_POSTGRES")
-    if not postgres:
-        try:
-            cluster.postgres_bin()
-        except UsageError as exc:
-            pytest.skip(str(exc))
-    with cluster.services(tmp_path_factory.mktemp("served"), postgres) as (_, tracking_uri):
-        yield tracking_uri, {k: os.environ[k] for k in cluster.LOGIN_VARS}
+@pytest.fixture
+def served(cluster_services):
+    """The session's PostgreSQL and `mlflow server` with served artifacts: its URI and login."""
+    return cluster_services["tracking_uri"], cluster_services["login"]
 
 
 @pytest.mark.slow  # PostgreSQL and a tracking server

@@ -293,20 +293,18 @@ def test_a_search_into_an_unusable_mlflow_experiment_writes_nothing(workdir, cas
     args, env = {"deleted": lambda: _deleted_experiment(workdir),
                  "no such id": lambda: ([], {"MLFLOW_EXPERIMENT_ID": "999"}),
                  "name too long": lambda: (["--mlflow-experiment", "x" * 5000], {})}[case]()
-    if case != "no such id":  # that one as a user's processes show it
-        def run_cli(*args, cwd, env):
-            return cli_in_process(*args, cwd=cwd, env=env)
-    else:
-        def run_cli(*args, cwd, env):
-            return real_run_cli(*args, cwd=cwd, env=cli_env(**env))
     runs_before = len(all_runs(workdir))
-    out = run_cli("search", "--n-trials", 2, *SHORT, *args, cwd=workdir, env=env)
+    # One case's search as a user's process shows it; the rest in-process (that case's train was a process too).
+    if case == "no such id":
+        out = real_run_cli("search", "--n-trials", 2, *SHORT, *args, cwd=workdir, env=cli_env(**env))
+    else:
+        out = cli_in_process("search", "--n-trials", 2, *SHORT, *args, cwd=workdir, env=env)
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "MLflow experiment" in out.stderr or "MLFLOW_EXPERIMENT_ID" in out.stderr
     assert not (workdir / "optuna_journal.log").exists()  # no study, no trial
     assert len(all_runs(workdir)) == runs_before
-    out = run_cli("train", "--epochs", 2, *args, cwd=workdir, env=env)
+    out = cli_in_process("train", "--epochs", 2, *args, cwd=workdir, env=env)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert len(all_runs(workdir)) == runs_before
 

@@ -13,24 +13,19 @@ from pathlib import Path
 import optuna
 import pytest
 
-from conftest import cli_env, slow_cases
+from conftest import cli_env, slow_cases, snapshot
 
 SEARCH = ["search", "--n-trials", 1, "--epochs-range", 2, 3, "--pruner", "none", "--models", "none"]
 COMMANDS = {"search": SEARCH, "audit": ["audit", "--study", "s"], "audit --fix": ["audit", "--study", "s", "--fix"]}
 
 
-def _listing(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() and not p.is_symlink() else None)
-            for p in sorted(folder.rglob("*"))}
-
-
 def _refused(cli_in_process, folder: Path, argv, storage: str, said: str) -> None:
-    before = _listing(folder)
+    before = snapshot(folder)
     out = cli_in_process(*argv, "--storage", f"journal:{storage}", cwd=folder,
                          env={"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"})
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and said in out.stderr, out.stdout + out.stderr
     assert "Traceback" not in out.stderr and not out.stdout
-    assert _listing(folder) == before  # the file as it was; no store, no lock file, no .torn copy
+    assert snapshot(folder) == before  # the file as it was; no store, no lock file, no .torn copy
 
 
 def _journal(path: Path) -> bytes:
@@ -191,12 +186,12 @@ def test_a_reading_audit_makes_no_file_in_any_storage_spelling(tmp_path, migrate
         shutil.copy(migrated_db, tmp_path / "mlflow.db")
     elif store == "unreadable":
         (tmp_path / "mlflow.db").write_text("not a database\n")
-    before = _listing(tmp_path)
+    before = snapshot(tmp_path)
     url = storage.split(" (")[0].replace("/ABS", str(tmp_path))
     out = cli_in_process("audit", "--study", "s", "--storage", url, cwd=tmp_path,
                          env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     assert out.returncode in (1, 2) and "Traceback" not in out.stderr, out.stderr
-    assert _listing(tmp_path) == before, out.stdout + out.stderr
+    assert snapshot(tmp_path) == before, out.stdout + out.stderr
 
 
 @pytest.mark.slow  # whole searches in-process

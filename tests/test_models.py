@@ -557,18 +557,15 @@ def test_mlflow_ui_shows_the_model_on_its_run_and_links_it_to_the_run_s_metrics(
 
 
 @pytest.mark.slow
-def test_search_register_and_register_on_mlflow_server_with_postgresql(tmp_path, cli_in_process):
+def test_search_register_and_register_on_mlflow_server_with_postgresql(tmp_path, cli_in_process, cluster_services):
     """The engines users scale out on, real: PostgreSQL and `mlflow server` with served artifacts
-    (as tests/test_scale_out.py starts them; skipped where PostgreSQL is not installed)."""
-    import os
+    (the session's, which tests/test_scale_out.py uses too; skipped where PostgreSQL is not installed)."""
+    from conftest import cli_env, run_cli, served_login
 
-    from conftest import cli_env, run_cli
-    from harness import cluster
-    from test_scale_out import require_postgres_programs
-
-    postgres = os.environ.get("HARNESS_TEST_POSTGRES") or require_postgres_programs()  # None: start one here
-    with cluster.services(tmp_path / "services", postgres) as (storage, tracking_uri):
-        env = cli_env(MLFLOW_TRACKING_URI=tracking_uri, **{k: os.environ[k] for k in cluster.LOGIN_VARS})
+    storage, tracking_uri = cluster_services["storage"], cluster_services["tracking_uri"]
+    login = {"MLFLOW_TRACKING_URI": tracking_uri, **cluster_services["login"]}
+    with served_login(cluster_services):
+        env = cli_env(**login)
         work = tmp_path / "work"
         work.mkdir()
         out = run_cli("search", "--storage", storage, "--n-trials", 2, *SMALL_DIGITS, "--register", "served",
@@ -587,7 +584,6 @@ def test_search_register_and_register_on_mlflow_server_with_postgresql(tmp_path,
         assert version.tags["optuna.trial_number"] == str(study.best_trial.number)
         other = next(t for t in study.trials if t.number != study.best_trial.number)
         # register in-process (was two processes): the search above is the real one on these engines.
-        login = {"MLFLOW_TRACKING_URI": tracking_uri, **{k: os.environ[k] for k in cluster.LOGIN_VARS}}
         out = cli_in_process("register", other.user_attrs["mlflow_run_id"], "--name", "served", cwd=work, env=login)
         assert out.returncode == 0, out.stderr
         aliases = client.get_registered_model("served").aliases  # the server's REST answer holds strings

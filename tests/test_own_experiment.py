@@ -317,16 +317,23 @@ def test_reference_run_logs_parameter_recovery_and_compare_ranks_by_it(workdir, 
 
 @pytest.mark.slow
 def test_mlflow_run_takes_a_file_experiment_and_a_config_file(workdir):
+    """`mlflow run -e train` with a file experiment, a config file and MLproject's own params, logged
+    into the run MLflow created (test_train_cli's test_mlflow_run_logs_into_the_run_mlflow_created
+    merged here: one `mlflow run`, each start two interpreters, for both)."""
     (workdir / "slope.py").write_text(EXPERIMENT_MODULE)
     (workdir / "run.yaml").write_text("scale: two\n")  # MLproject's own params always come as flags
     out = run_cli("mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
                   "-P", f"experiment={workdir / 'slope.py'}", "-P", f"config={workdir / 'run.yaml'}",
-                  "-P", "batch_size=10", "-P", "loss=mse", "-P", "epochs=3", cwd=workdir, module=False,
-                  env=cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}"))
+                  "-P", "batch_size=10", "-P", "loss=mse", "-P", "epochs=3", "-P", "lr=0.05", cwd=workdir,
+                  module=False, env=cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}"))
     assert out.returncode == 0, out.stderr[-3000:]
-    [run] = all_runs(workdir)
+    [run] = all_runs(workdir)  # one run: the harness did not open a second
+    assert run.info.status == "FINISHED"
     assert run.data.params["scale"] == "two" and run.data.params["batch_size"] == "10"
+    assert run.data.params["lr"] == "0.05" and run.data.params["epochs"] == "3"
+    assert run.data.params["torch_version"] == torch.__version__
     assert len(client_for(workdir).get_metric_history(run.info.run_id, "test_loss")) == 3
+    assert "state_dict.pt" in {a.path for a in client_for(workdir).list_artifacts(run.info.run_id)}
     state = torch.load(client_for(workdir).download_artifacts(run.info.run_id, "state_dict.pt", str(workdir)),
                        weights_only=True)
     assert set(state) == {"0.weight", "0.bias"}

@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from conftest import cli_env
+from conftest import snapshot
 from harness import tracking
-from test_read_only_store import as_reader, digest, read_only
+from test_read_only_store import as_reader, read_only
 
 pytestmark = pytest.mark.slow  # the commands as a user who cannot write the folder: real processes
 
@@ -23,18 +23,18 @@ def test_a_store_with_a_stranded_wal_is_refused_in_one_line_that_says_how_to_rea
     for name in ("mlflow.db", "mlflow.db-wal"):  # the copy a backup taken meanwhile makes
         shutil.copy(live / name, archive / name)
     read_only(archive)
-    before = digest(archive)
-    env = {**cli_env(), "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}
-    for command in (["compare", "--mlflow-experiment", "Default", "--out", str(tmp_path / "c.png")],
-                    ["predict", run, "--x", "1"], ["reproduce", run]):
-        out = as_reader(*command, cwd=archive, env=env)
+    before = snapshot(archive)
+    env = {"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}
+    commands = (["compare", "--mlflow-experiment", "Default", "--out", str(tmp_path / "c.png")],
+                ["predict", run, "--x", "1"], ["reproduce", run])
+    for command, out in zip(commands, as_reader(*((command, archive, env) for command in commands))):
         assert out.returncode == 1, (command, out.stderr)
         [line] = out.stderr.strip().splitlines()
         assert line == ("harness: cannot read the MLflow store sqlite:///mlflow.db: its last commits are in "
                         "mlflow.db-wal, which SQLite reads only through a mlflow.db-shm beside it, and "
                         f"{str(archive)!r} cannot be written to make one: copy mlflow.db and mlflow.db-wal "
                         "together to a folder you can write, and read the copy"), (command, line)
-    assert digest(archive) == before and sorted(p.name for p in archive.iterdir()) == ["mlflow.db", "mlflow.db-wal"]
+    assert snapshot(archive) == before and sorted(p.name for p in archive.iterdir()) == ["mlflow.db", "mlflow.db-wal"]
     # What the line says works: the copy has the commits.
     copy = tmp_path / "copy"
     copy.mkdir()

@@ -7,17 +7,13 @@ import itertools
 import optuna
 import pytest
 
-from conftest import new_store, slow_cases
+from conftest import new_store, slow_cases, snapshot
 
 STORAGES = ["journal:o.db", "sqlite:///o.db", "sqlite:////ABS/o.db?timeout=5"]
 
 
 # The MLflow store is opened (put in WAL mode: its -wal and -shm) before its experiment is checked.
 OPENED_STORE = ("mlflow.db", "mlflow.db-wal", "mlflow.db-shm")
-
-
-def _listing(folder) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name not in OPENED_STORE}
 
 
 def _half_made(url: str, by: str) -> None:
@@ -57,8 +53,8 @@ def test_a_refused_search_leaves_no_file_it_made(tmp_path, migrated_db, cli_in_p
     if by is not None:
         _half_made(url, by)
     env = {"MLFLOW_EXPERIMENT_ID": "999"} if refusal == "MLFLOW_EXPERIMENT_ID" else {}
-    before = _listing(tmp_path)
+    before = snapshot(tmp_path, exclude=OPENED_STORE)
     out = cli_in_process("search", "--study-name", "s", "--storage", url, "--n-trials", 1, "--epochs-range", 2, 3,
                          "--pruner", "none", "--models", "none", "--no-progress", cwd=tmp_path, env=env)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
-    assert _listing(tmp_path) == before
+    assert snapshot(tmp_path, exclude=OPENED_STORE) == before

@@ -12,7 +12,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import all_runs, cli_env, copy_store, run_cli
+from conftest import all_runs, cli_env, copy_store, new_store, run_cli
 from search_helpers import check_contract, journal_study, journal_trials
 
 pytestmark = pytest.mark.slow  # the CLI as a subprocess: `pytest -m 'not slow'` skips it
@@ -108,12 +108,21 @@ def test_sigterm_during_train_keeps_the_curves_so_far(workdir):
     assert run.data.params["epochs"] == "200000"
 
 
-def test_kill_9_mid_trial_is_repaired_by_the_next_search(workdir, audit, cli_in_process):
-    """The next search in-process (was a process): test_preemption's last invocation shows a user's."""
-    proc = start_search(workdir, "--n-trials", 30, "--seed", 0, *LONG)
-    wait_for_running_trial(workdir, proc, completed=1)
+@pytest.fixture(scope="module")
+def killed_mid_trial(tmp_path_factory, migrated_db):
+    """A search killed (kill -9) in its second trial, once for the module: the tests repair copies
+    of its folder, each its own way (each killed a search of its own)."""
+    folder = new_store(tmp_path_factory.mktemp("killed"), migrated_db)
+    proc = start_search(folder, "--n-trials", 30, "--seed", 0, *LONG)
+    wait_for_running_trial(folder, proc, completed=1)
     proc.kill()
     proc.communicate()
+    return folder
+
+
+def test_kill_9_mid_trial_is_repaired_by_the_next_search(killed_mid_trial, tmp_path, audit, cli_in_process):
+    """The next search in-process (was a process): test_preemption's last invocation shows a user's."""
+    workdir = copy_store(killed_mid_trial, tmp_path / "copy")
     study = journal_study(workdir)
     stale = study.trials[-1]
     assert stale.state == TrialState.RUNNING
@@ -134,11 +143,8 @@ def test_kill_9_mid_trial_is_repaired_by_the_next_search(workdir, audit, cli_in_
     assert audit(workdir).returncode == 0
 
 
-def test_audit_fix_repairs_a_crash_without_searching(workdir, audit):
-    proc = start_search(workdir, "--n-trials", 30, "--seed", 1, *LONG)
-    wait_for_running_trial(workdir, proc, completed=1)
-    proc.kill()
-    proc.communicate()
+def test_audit_fix_repairs_a_crash_without_searching(killed_mid_trial, tmp_path, audit):
+    workdir = copy_store(killed_mid_trial, tmp_path / "copy")
     out = audit(workdir, "--fix")
     assert out.returncode == 0, out.stdout
     assert "RUNNING with its worker gone -> FAIL, configuration retried" in out.stdout

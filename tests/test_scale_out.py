@@ -2,9 +2,9 @@
 
 The services are real: PostgreSQL from the system's packages and `mlflow server` with a PostgreSQL
 backend store and served artifacts. CI starts PostgreSQL and passes it in $HARNESS_TEST_POSTGRES;
-elsewhere the tests start their own when PostgreSQL is installed, and are skipped when it is not.
+elsewhere the tests start their own when PostgreSQL is installed, and are skipped when it is not. The
+services are the session's (conftest.cluster_services), shared with test_models and test_checkpoints.
 """
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli, served_login
 from harness import cluster
 from harness.errors import HarnessError, UsageError
 from harness.experiment import load as load_experiment
@@ -36,15 +36,10 @@ def require_postgres_programs():
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory):
-    postgres = os.environ.get("HARNESS_TEST_POSTGRES")
-    if not postgres:
-        require_postgres_programs()
-    root = tmp_path_factory.mktemp("scale-out")
-    with cluster.services(root, postgres) as (storage, tracking_uri):
-        # The tracking server's login, which services() put in our environment and cli_env leaves out.
-        login = {k: os.environ[k] for k in cluster.LOGIN_VARS}
-        yield {"storage": storage, "tracking_uri": tracking_uri, "root": root, "login": login}
+def services(cluster_services):
+    """The session's services, their login in our environment for this module (cli_env leaves it out)."""
+    with served_login(cluster_services):
+        yield cluster_services
 
 
 def env_for(services):
@@ -196,11 +191,13 @@ def silent_trial(services, study_name: str, cwd, cli):
 
 
 def test_the_heartbeat_fails_a_silent_worker_s_trial_from_another_machine(services, tmp_path, cli_in_process):
-    """A worker elsewhere cannot be checked by pid: its trial is failed when its heartbeat stops."""
+    """A worker elsewhere cannot be checked by pid: its trial is failed when its heartbeat stops. The
+    resuming search in-process (was a real process): the silent trial's host is another machine's
+    either way, and a real worker on these services is test_three_workers_share_one_study_..."""
     storage, trial, run_id = silent_trial(services, "silent", tmp_path, cli_in_process)
-    resumed = run_cli("search", "--storage", services["storage"], "--study-name", "silent", "--n-trials", 1,
-                      "--mlflow-experiment", "silent", "--no-progress", "--heartbeat", 1,
-                      cwd=tmp_path, env=env_for(services))
+    resumed = cli_in_process("search", "--storage", services["storage"], "--study-name", "silent", "--n-trials", 1,
+                             "--mlflow-experiment", "silent", "--no-progress", "--heartbeat", 1,
+                             cwd=tmp_path, env=in_process_env(services))
     assert resumed.returncode == 0, resumed.stderr
     assert f"trial(s) {trial.number} were left RUNNING" in resumed.stderr
     study = optuna.load_study(study_name="silent", storage=storage)

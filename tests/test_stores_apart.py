@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import slow_cases
-from test_journal_input import COMMANDS, _listing
+from conftest import slow_cases, snapshot
+from test_journal_input import COMMANDS
 
 # (MLFLOW_TRACKING_URI, --storage) naming one file; ABS is the test's folder, made absolute.
 SAME_FILE = [
@@ -72,11 +72,11 @@ def _place(folder: Path, tracking: str, storage: str, store: Path | None) -> tup
 
 
 def _refused(cli_in_process, folder: Path, argv, env: dict, storage: str, said: str) -> str:
-    before = _listing(folder)
+    before = snapshot(folder)
     out = cli_in_process(*argv, "--storage", storage, cwd=folder, env=env)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and said in out.stderr, out.stdout + out.stderr
     assert "Traceback" not in out.stderr and not out.stdout
-    assert _listing(folder) == before  # no store made, none changed, no lock file
+    assert snapshot(folder) == before  # no store made, none changed, no lock file
     return out.stderr
 
 
@@ -182,7 +182,7 @@ def _made(folder: Path, name: str) -> str:
 
 
 MADE = ["mlflow.db.harness-lock", "j.log.harness-lock", "new.log.harness-lock", "j.log.torn-20260101T000000Z",
-        "j.log.torn-20260101T000000Z.1", "j.log.repair-tmp", "j.log.lock", f"j.log.lock{uuid.uuid4()}.rename",
+        "j.log.torn-20260101T000000Z.1", "j.log.repair-tmp", "j.log.lock", f"j.log.lock{uuid.UUID(int=0x5EED)}.rename",
         "o.db-wal", "o.db-shm", "o.db-journal"]
 
 
@@ -241,11 +241,11 @@ def test_an_sqlite_option_sqlite_never_reads_is_refused_with_the_spelling_it_rea
         env, storage = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}, url
     else:
         env, storage = {"MLFLOW_TRACKING_URI": url}, "journal:j.log"
-    before = _listing(tmp_path)
+    before = snapshot(tmp_path)
     out = cli_in_process(*argv, *(["--storage", storage] if command in COMMANDS else []), cwd=tmp_path, env=env)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert f"{url} is given SQLite options (" in out.stderr and "write sqlite:///file:" in out.stderr, out.stderr
-    assert _listing(tmp_path) == before and "Traceback" not in out.stderr
+    assert snapshot(tmp_path) == before and "Traceback" not in out.stderr
 
 
 # Issue 26, the 17th probe (finding 1): spellings of one PostgreSQL database that were compared as

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from harness import config, training
-from conftest import ROOT, all_runs, client_for, cli_env, run_cli
+from conftest import all_runs, client_for, cli_env, run_cli
 
 
 
@@ -149,17 +149,3 @@ def test_divergence_fails_the_run_with_curves_up_to_that_epoch(workdir, cli_in_p
     steps = sorted(m.step for m in client_for(workdir).get_metric_history(run.info.run_id, "train_loss"))
     assert steps == list(range(epoch))
     assert "final_test_loss" not in run.data.metrics
-
-
-@pytest.mark.slow  # the CLI as a subprocess
-def test_mlflow_run_logs_into_the_run_mlflow_created(workdir):
-    out = run_cli("mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local", "-P", "lr=0.05",
-                  "-P", "epochs=20", cwd=workdir, module=False,
-                  env=cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    [run] = all_runs(workdir)  # one run: the harness did not open a second
-    assert run.info.status == "FINISHED"
-    assert run.data.params["lr"] == "0.05" and run.data.params["epochs"] == "20"
-    assert run.data.params["torch_version"] == torch.__version__
-    assert len(client_for(workdir).get_metric_history(run.info.run_id, "test_loss")) == 20
-    assert "state_dict.pt" in {a.path for a in client_for(workdir).list_artifacts(run.info.run_id)}
