@@ -55,11 +55,11 @@ def log_run_model(client, run_id: str, experiment: Experiment | str | None = Non
         # `mlflow ui` lists it under the experiment's Models beside the run.
         mine = mlflow.initialize_logged_model(name=found.name, source_run_id=run_id, params=run.data.params,
                                               experiment_id=run.info.experiment_id)
-        first = _first_model(client, mine)
-        if first != mine.model_id:
-            client.delete_logged_model(mine.model_id)
-            return first
         try:
+            first = _first_model(client, mine)
+            if first != mine.model_id:
+                _discard(client, mine.model_id)
+                return first
             with _quiet_torch():
                 # log_model traces the model itself (it takes no exported program), before it writes
                 # anything into the logged model: its trace is the only one, and a model it cannot
@@ -71,8 +71,8 @@ def log_run_model(client, run_id: str, experiment: Experiment | str | None = Non
                     # MLflow's own check loads the saved model once more (0.9 s of the 1.1 s a digits_cnn
                     # model took): the trace's refusals are what fails here, and they are caught below.
                     validate_serving_input=False)
-        except BaseException as exc:  # sys.exit() in the model's code too: no logged model is left PENDING
-            client.delete_logged_model(mine.model_id)
+        except BaseException as exc:  # sys.exit() in the model's code, an interrupt: none is left PENDING either
+            _discard(client, mine.model_id)
             if isinstance(exc, (MlflowException, OSError)) or not isinstance(exc, Exception):
                 raise  # the store's or the disk's, not the model's; an interrupt; the code asking to stop
             # torch.export raises many kinds (its own, the model's code's)
@@ -80,6 +80,15 @@ def log_run_model(client, run_id: str, experiment: Experiment | str | None = Non
                                 f"({first_line(exc)})") from None
     _link_final_metrics(client, run_id, mine.model_id)
     return mine.model_id
+
+
+def _discard(client, model_id: str) -> None:
+    """A logged model this process made and will not fill: FAILED (MLflow's log_model ends one so on
+    an Exception, and leaves it PENDING on any other BaseException), then deleted."""
+    from mlflow.entities import LoggedModelStatus
+
+    client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+    client.delete_logged_model(model_id)
 
 
 def _first_model(client, mine) -> str:

@@ -51,7 +51,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from .. import config, signals, training
     from .. import resume as resume_module
-    from ..errors import ExperimentCodeError, UsageError
+    from ..errors import ExperimentCodeError, UsageError, experiment_exit
 
     every, seconds = config.checkpoint_policy(args.checkpoint_every, args.checkpoint_seconds, CHECKPOINT_SECONDS)
     if args.resume is not None and not args.resume.strip():
@@ -147,7 +147,7 @@ def run(args) -> int:
                   f"harness train ... --resume {run_id}", file=sys.stderr)
         raise
     except BaseException as exc:  # sys.exit() in the experiment's code: failed as any of its errors
-        error = training.experiment_exit(exc, history.epochs_run)
+        error = experiment_exit(exc, history.epochs_run)
         if error is None:
             raise
         return _failed(client, run_id, tracking.partial_record(cfg, history, str(error),
