@@ -28,12 +28,16 @@ class NotExportable(HarnessError):
 
 
 def log_run_model(client, run_id: str, experiment: Experiment | str | None = None,
-                  data=None) -> str:
+                  data=None, process: dict | None = None) -> str:
     """Log run ``run_id``'s model as an MLflow Model linked to the run (its params, and the metrics
     of the epoch its weights are from) and return the logged model's id (the one another process
     logged of the same run meanwhile, if it made its first). ``experiment``: the run's,
     when it is not one of the ``experiments`` package; ``data``: its data, when already loaded.
-    A model torch.export cannot trace is a NotExportable, with nothing left written."""
+    A model torch.export cannot trace is a NotExportable, with nothing left written. ``process``:
+    this process's record (workers.identity), kept on the logged model while it is PENDING, so that
+    `harness audit` tells one a killed process left from one being logged."""
+    import json
+
     import mlflow
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
@@ -54,7 +58,8 @@ def log_run_model(client, run_id: str, experiment: Experiment | str | None = Non
         # In the run's MLflow experiment (log_model alone would choose MLflow's fluent one, Default):
         # `mlflow ui` lists it under the experiment's Models beside the run.
         mine = mlflow.initialize_logged_model(name=found.name, source_run_id=run_id, params=run.data.params,
-                                              experiment_id=run.info.experiment_id)
+                                              experiment_id=run.info.experiment_id,
+                                              tags={schema.PROCESS_TAG: json.dumps(process)} if process else None)
         try:
             first = _first_model(client, mine)
             if first != mine.model_id:

@@ -1,12 +1,14 @@
 """What a twelfth outside probe broke (issue 26), each as its class: the experiment's own code raising
 where the harness draws, reads or logs (not where it trains), a BaseException out of the user's code,
 and a signal while a search logs its models at the end."""
+import json
 import os
 import textwrap
 
 import pytest
 
 from conftest import ROOT, all_runs, client_for, slow_cases
+from harness.schema import PROCESS_TAG
 from search_helpers import journal_study
 
 # The reference experiment whose hooks raise as the environment asks: HOOK names the one, FROM the
@@ -227,6 +229,7 @@ def test_a_signal_while_the_models_are_logged_stops_after_the_one_in_hand(workdi
     client = client_for(workdir)
     [model] = client.search_logged_models([all_runs(workdir)[0].info.experiment_id])
     assert model.status.name == "READY" and model.source_run_id == calls[0]
+    assert json.loads(model.tags[PROCESS_TAG])["pid"] == os.getpid()  # what `audit` tells a dead logger by
     assert "RUNNING" not in statuses(workdir)
     assert [t.state.name for t in journal_study(workdir).trials] == ["COMPLETE"] * 3
 

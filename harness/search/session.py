@@ -18,6 +18,7 @@ from . import loop
 from . import study as study_module
 from .durable.audit import recover_stale, recover_unfinished
 from .durable.journal import JournalWriteError
+from .durable.workers import identity
 from .objective import Objective
 from .options import SearchOptions
 from .publish import NotPublished, publish
@@ -61,7 +62,7 @@ def run_search(options: SearchOptions) -> Outcome:
         published, not_published = [], None
         if parent_run_id is not None and failure is None and not interrupted:
             try:
-                published = publish(study, client, options.trials, options.models, options.register)
+                published = publish(study, client, options.trials, options.models, options.register, identity())
             except NotPublished as exc:  # the trials stand: the report is printed, then this line
                 not_published = exc
             except BaseException as exc:  # the experiment's code (its model, its data, torch.export's trace)
