@@ -58,6 +58,12 @@ def asked_to_stop(exc: BaseException, what: str) -> ExperimentExit | None:
     return ExperimentExit(f"{what} {described(exc)}")
 
 
+def experiment_exit(exc: BaseException, epoch: int) -> ExperimentExit | None:
+    """``asked_to_stop`` for a run that trained ``epoch`` epochs: where its training stopped, or its
+    figures were drawn after the last epoch."""
+    return asked_to_stop(exc, f"the experiment's code raised at epoch {epoch}:")
+
+
 def shown(names, most: int = 8, width: int = 40) -> str:
     """Names for a message, each and the list cut short: a name may be anything an experiment made."""
     cut = [repr(n if len(n) <= width else n[:width] + "...") for n in map(str, list(names)[:most])]

@@ -28,12 +28,16 @@ class NotExportable(HarnessError):
 
 
 def log_run_model(client, run_id: str, experiment: Experiment | str | None = None,
-                  data=None) -> str:
+                  data=None, process: dict | None = None) -> str:
     """Log run ``run_id``'s model as an MLflow Model linked to the run (its params, and the metrics
     of the epoch its weights are from) and return the logged model's id (the one another process
     logged of the same run meanwhile, if it made its first). ``experiment``: the run's,
     when it is not one of the ``experiments`` package; ``data``: its data, when already loaded.
-    A model torch.export cannot trace is a NotExportable, with nothing left written."""
+    A model torch.export cannot trace is a NotExportable, with nothing left written. ``process``:
+    this process's record (workers.identity), kept on the logged model while it is PENDING, so that
+    `harness audit` tells one a killed process left from one being logged."""
+    import json
+
     import mlflow
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
@@ -54,12 +58,13 @@ def log_run_model(client, run_id: str, experiment: Experiment | str | None = Non
         # In the run's MLflow experiment (log_model alone would choose MLflow's fluent one, Default):
         # `mlflow ui` lists it under the experiment's Models beside the run.
         mine = mlflow.initialize_logged_model(name=found.name, source_run_id=run_id, params=run.data.params,
-                                              experiment_id=run.info.experiment_id)
-        first = _first_model(client, mine)
-        if first != mine.model_id:
-            client.delete_logged_model(mine.model_id)
-            return first
+                                              experiment_id=run.info.experiment_id,
+                                              tags={schema.PROCESS_TAG: json.dumps(process)} if process else None)
         try:
+            first = _first_model(client, mine)
+            if first != mine.model_id:
+                _discard(client, mine.model_id)
+                return first
             with _quiet_torch():
                 # log_model traces the model itself (it takes no exported program), before it writes
                 # anything into the logged model: its trace is the only one, and a model it cannot
@@ -71,8 +76,8 @@ def log_run_model(client, run_id: str, experiment: Experiment | str | None = Non
                     # MLflow's own check loads the saved model once more (0.9 s of the 1.1 s a digits_cnn
                     # model took): the trace's refusals are what fails here, and they are caught below.
                     validate_serving_input=False)
-        except BaseException as exc:  # sys.exit() in the model's code too: no logged model is left PENDING
-            client.delete_logged_model(mine.model_id)
+        except BaseException as exc:  # sys.exit() in the model's code, an interrupt: none is left PENDING either
+            _discard(client, mine.model_id)
             if isinstance(exc, (MlflowException, OSError)) or not isinstance(exc, Exception):
                 raise  # the store's or the disk's, not the model's; an interrupt; the code asking to stop
             # torch.export raises many kinds (its own, the model's code's)
@@ -80,6 +85,15 @@ def log_run_model(client, run_id: str, experiment: Experiment | str | None = Non
                                 f"({first_line(exc)})") from None
     _link_final_metrics(client, run_id, mine.model_id)
     return mine.model_id
+
+
+def _discard(client, model_id: str) -> None:
+    """A logged model this process made and will not fill: FAILED (MLflow's log_model ends one so on
+    an Exception, and leaves it PENDING on any other BaseException), then deleted."""
+    from mlflow.entities import LoggedModelStatus
+
+    client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+    client.delete_logged_model(model_id)
 
 
 def _first_model(client, mine) -> str:

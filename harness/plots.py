@@ -29,7 +29,10 @@ def loss_curves(values: dict[str, list[float]]) -> Figure:
     return fig
 
 
-def predictions(experiment: Experiment, data: Data, predicted) -> Figure | None:
+def predictions(experiment: Experiment, data: Data, predicted, on_stop=None) -> Figure | None:
+    """The experiment's figure of ``predicted``; None where it has none, or its code raised. ``on_stop``:
+    given what the code raised where it asks to stop (``sys.exit()``, a BaseException of its own, a
+    KeyboardInterrupt), the figure left out; without it, that passes on to the caller."""
     if experiment.plot_predictions is None or predicted is None:
         return None
     fig = Figure(figsize=(10, 7))
@@ -38,6 +41,11 @@ def predictions(experiment: Experiment, data: Data, predicted) -> Figure | None:
     except Exception as exc:  # the experiment's own code: the figure is left out, the run keeps the rest
         _said_once(f"harness: the predictions figure is left out: experiment {experiment.name!r}: its "
                    f"plot_predictions raised {described(exc)}")
+        return None
+    except BaseException as exc:
+        if on_stop is None:
+            raise
+        on_stop(exc)
         return None
     return fig
 
@@ -55,10 +63,12 @@ def _said_once(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def render(experiment: Experiment, values: dict[str, list[float]], data: Data, predicted) -> dict[str, Figure]:
-    """Both figures of a run from its curves, its data and its final test-set predictions."""
+def render(experiment: Experiment, values: dict[str, list[float]], data: Data, predicted,
+           on_stop=None) -> dict[str, Figure]:
+    """Both figures of a run from its curves, its data and its final test-set predictions
+    (``on_stop``: see ``predictions``)."""
     figures = {LOSS_CURVES: loss_curves(values)}
-    fig = predictions(experiment, data, predicted)
+    fig = predictions(experiment, data, predicted, on_stop)
     if fig is not None:
         figures[PREDICTIONS] = fig
     return figures

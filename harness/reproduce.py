@@ -11,7 +11,7 @@ from . import provenance, tracking, training
 from .loop import History
 from .schema import (COMMAND_TAG, FAIL_REASON_TAG, PACKAGES_TAG, PARENT_TAG, REPRODUCES_TAG,
                      TORCH_THREADS_PARAM, TORCH_VERSION_PARAM)
-from .errors import UsageError
+from .errors import UsageError, experiment_exit
 from .runs import curves, fetch_artifact, fitted_model, get_run, load_state_dict, logged_config
 
 
@@ -42,7 +42,7 @@ def reproduce(client, run_id: str, experiment: str | None = None) -> tuple[str |
             result = training.train(cfg, found, data, history=history)
             new_run = None if tracking.read_only(client) else _log(client, source, found, result, origin)
     except BaseException as exc:  # sys.exit() in the experiment's code: said as train says it
-        stop = training.experiment_exit(exc, history.epochs_run)
+        stop = experiment_exit(exc, history.epochs_run)
         if stop is None:
             raise
         raise stop from None
@@ -101,7 +101,7 @@ def _log(client, source, found, result, origin) -> str:
         tracking.write(client, new_run.info.run_id, origin)
         status = tracking.log_result(client, new_run.info.run_id, found, result)
     except BaseException as exc:  # its plot_predictions' sys.exit(): the re-run FAILED says why
-        stop = training.experiment_exit(exc, result.history.epochs_run)
+        stop = experiment_exit(exc, result.history.epochs_run)
         if stop is not None:
             client.set_tag(new_run.info.run_id, FAIL_REASON_TAG, str(stop))
         raise

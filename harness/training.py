@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from .config import TrainConfig, per_epoch
-from .errors import ExperimentCodeError, ExperimentExit, UsageError, asked_to_stop, described
+from .errors import ExperimentCodeError, UsageError, described
 from .experiment import Data, Datasets, Experiment
 from . import checkpoint, registry, signals, tracking
 from .checkpoint import Checkpoints
@@ -407,11 +407,6 @@ def experiment_code_error(exc: BaseException, epoch: int) -> ExperimentCodeError
             or type(exc).__module__.startswith(("harness.", "optuna", "mlflow")):
         return None
     return ExperimentCodeError(f"the experiment's code raised at epoch {epoch}: {described(exc)}")
-
-
-def experiment_exit(exc: BaseException, epoch: int) -> ExperimentExit | None:
-    """``errors.asked_to_stop`` for a run that trained ``epoch`` epochs."""
-    return asked_to_stop(exc, f"the experiment's code raised at epoch {epoch}:")
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -154,3 +154,33 @@ def test_a_trial_that_lost_a_param_its_run_has_is_reported(searched):
     assert not report.clean and any("trial 0 (COMPLETE) has no epochs" in v for v in report.violations), \
         report.violations
     assert audit(*_reopened(url), client, fix=True).violations  # nothing --fix can do: still said
+
+
+def test_a_logged_model_a_gone_process_left_pending_is_reported_and_failed(searched):
+    """Was: a process killed while it logged a trial's MLflow Model left it PENDING for good, and the
+    audit said clean. One whose process lives (being logged now), or without a record and younger
+    than workers.OWNERLESS_S, is left alone."""
+    import json
+    import subprocess
+    import sys
+
+    from harness.schema import PROCESS_TAG
+    from harness.search.durable.workers import identity
+
+    url, client = searched
+    run = client.get_run(_run_of(url, 0))
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    made = {who: client.create_logged_model(run.info.experiment_id, name="m", source_run_id=run.info.run_id,
+                                            tags=None if record is None else {PROCESS_TAG: json.dumps(record)}).model_id
+            for who, record in (("gone", {**identity(), "pid": dead.pid}), ("alive", identity()), ("none", None))}
+
+    report = audit(*_reopened(url), client)
+    assert report.violations == [f"logged model {made['gone']} of run {run.info.run_id} is PENDING but the process "
+                                 "logging it is gone; --fix fails it"]
+    report = audit(*_reopened(url), client, fix=True)
+    assert report.fixed == [f"logged model {made['gone']} of run {run.info.run_id}: PENDING with the process logging "
+                            "it gone -> FAILED"] and report.clean
+    assert {who: client.get_logged_model(m).status.name for who, m in made.items()} == \
+        {"gone": "FAILED", "alive": "PENDING", "none": "PENDING"}
+    assert audit(*_reopened(url), client).clean

@@ -1,12 +1,14 @@
 """What a twelfth outside probe broke (issue 26), each as its class: the experiment's own code raising
 where the harness draws, reads or logs (not where it trains), a BaseException out of the user's code,
 and a signal while a search logs its models at the end."""
+import json
 import os
 import textwrap
 
 import pytest
 
 from conftest import ROOT, all_runs, client_for, slow_cases
+from harness.schema import PROCESS_TAG
 from search_helpers import journal_study
 
 # The reference experiment whose hooks raise as the environment asks: HOOK names the one, FROM the
@@ -30,6 +32,8 @@ HOOKED = (ROOT / "experiments" / "linear_regression.py").read_text().replace(
                     sys.exit(3)
                 if kind == "base":
                     raise Custom("user base exception")
+                if kind == "interrupt":
+                    raise KeyboardInterrupt("user interrupt")
                 raise RuntimeError(f"user {hook} failed{os.environ.get('TAG', '')}")
 
 
@@ -43,7 +47,9 @@ HOOKED = (ROOT / "experiments" / "linear_regression.py").read_text().replace(
     '    raises("scalars")\n    return {"weight": model.weights.item(), "bias": model.bias.item()}').replace(
     "        super().__init__()\n", "        super().__init__()\n        raises('model')\n").replace(
     "def make_data() -> Data:\n", "def make_data() -> Data:\n    raises('data')\n").replace(
-    "        return self.weights * x + self.bias", "        raises('forward')\n        return self.weights * x + self.bias")
+    "        return self.weights * x + self.bias",
+    "        raises('forward')\n        if torch.compiler.is_exporting():\n            raises('export')\n"
+    "        return self.weights * x + self.bias")
 
 
 def hooked(workdir, monkeypatch, hook: str, start: int = 1, kind: str = "error") -> str:
@@ -223,6 +229,7 @@ def test_a_signal_while_the_models_are_logged_stops_after_the_one_in_hand(workdi
     client = client_for(workdir)
     [model] = client.search_logged_models([all_runs(workdir)[0].info.experiment_id])
     assert model.status.name == "READY" and model.source_run_id == calls[0]
+    assert json.loads(model.tags[PROCESS_TAG])["pid"] == os.getpid()  # what `audit` tells a dead logger by
     assert "RUNNING" not in statuses(workdir)
     assert [t.state.name for t in journal_study(workdir).trials] == ["COMPLETE"] * 3
 
@@ -306,3 +313,64 @@ def test_sys_exit_in_the_experiment_s_code_ends_every_command_in_one_line(workdi
         return
     [again] = [r for r in runs if r.info.run_id != run.info.run_id]
     assert again.info.status == "FAILED" and again.data.tags["harness.fail_reason"] == f"{said} {named}"
+
+
+def logged_model_statuses(workdir) -> list[str]:
+    """Every logged model's status, deleted ones too (the API lists none of those): MLflow's table."""
+    import sqlite3
+    from contextlib import closing
+
+    from mlflow.entities import LoggedModelStatus
+
+    with closing(sqlite3.connect(workdir / "mlflow.db")) as db:
+        return sorted(LoggedModelStatus.from_int(s).name for s, in db.execute("SELECT status FROM logged_models"))
+
+
+SEARCH = ("search", "--n-trials", 2, "--epochs-range", 2, 4, "--pruner", "none", "--pairs", "sgd+l1", "--no-progress")
+# Where the experiment's code runs after training, and the command line that gets there: a search's
+# best trial's figures for its parent (plain, in threads, batched), its trials' figures, its best
+# trial's MLflow Model (torch.export's trace), that and --register, register's own model, train's figures.
+AFTER_TRAINING = {"search plot": ("plot", SEARCH), "search plot n-jobs": ("plot", (*SEARCH, "--n-jobs", 2)),
+                  "search plot batch": ("plot", (*SEARCH, "--batch", 2)),
+                  "search trial figures": ("plot", (*SEARCH, "--trial-figures")),
+                  "search model": ("export", SEARCH), "search register": ("export", (*SEARCH, "--register", "m")),
+                  "register": ("export", ("register",)), "train plot": ("plot", ("train", "--epochs", 3))}
+STOPPED = [("exit", "SystemExit: 3"), ("interrupt", None), ("base", "Custom: user base exception")]
+
+
+@pytest.mark.parametrize("where,kind,named", slow_cases(
+    [(where, kind, named) for kind, named in STOPPED for where in AFTER_TRAINING]))
+def test_the_experiment_s_code_asking_to_stop_after_training_leaves_nothing_running_or_pending(
+        workdir, cli_in_process, monkeypatch, where, kind, named):
+    """Was: a plot's sys.exit() at a search's end left its parent run RUNNING (exit 1, no summary),
+    its trials' figures said 'tracking failed'; one in torch.export's trace left the logged model
+    PENDING. Now sys.exit() or a BaseException of its own ends the command in one line, exit 1; a
+    KeyboardInterrupt it raises as Ctrl-C does (exit 130, the resume hint); nothing is left RUNNING
+    or PENDING, and a search's trials stand."""
+    hook, args = AFTER_TRAINING[where]
+    experiment = hooked(workdir, monkeypatch, "none")
+    if args[0] == "register":
+        assert cli_in_process("train", "--epochs", 3, "--experiment", experiment, cwd=workdir).returncode == 0
+        args = ("register", all_runs(workdir)[0].info.run_id, "--name", "m")
+    monkeypatch.setenv("HOOK", hook)
+    monkeypatch.setenv("KIND", kind)
+    out = cli_in_process(*args, "--experiment", experiment, cwd=workdir)
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = [l for l in out.stderr.strip().splitlines() if not l.startswith("harness: --batch")]  # its note
+    command = args[0]
+    if named is None:
+        assert out.returncode == 130 and lines[-1].startswith("harness: interrupted"), out.stderr
+        assert ("resume with: harness search" in lines[-1]) == (command == "search"), lines
+    else:
+        assert out.returncode == 1 and len(lines) == 1 and named in lines[0], out.stderr
+        assert lines[0].startswith({"search": "harness: error: the search stopped: ",
+                                    "register": "harness: error: register stopped: ",
+                                    "train": "harness: error: run "}[command]), lines
+    assert "RUNNING" not in statuses(workdir)
+    assert "PENDING" not in logged_model_statuses(workdir) and client_for(workdir).search_registered_models() == []
+    if command == "search":
+        trials = journal_study(workdir, "lr2-search").trials
+        assert trials and all(t.state.name == "COMPLETE" for t in trials), trials
+        assert statuses(workdir) == ["FINISHED"] * (len(trials) + 1)
+    if command == "train":
+        assert statuses(workdir) == ["KILLED" if named is None else "FAILED"]

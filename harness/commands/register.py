@@ -16,6 +16,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from .. import models, runs, schema
     from ..errors import HarnessError, UsageError
+    from ..search.durable.workers import identity
     from ..tracking import default_tracking_uri, open_client
 
     models.check_name(args.name)
@@ -29,7 +30,7 @@ def run(args) -> int:
         if run.info.status != "FINISHED":
             raise UsageError(f"run {args.run_id} is {run.info.status}, not FINISHED: it has no model to register")
         try:
-            model_id = models.log_run_model(client, args.run_id, args.experiment)
+            model_id = models.log_run_model(client, args.run_id, args.experiment, process=identity())
         except HarnessError as exc:  # no readable state_dict.pt or config.json, or a model that does not export
             raise UsageError(f"run {args.run_id} has no model to register: {exc}") from None
     tags, params = run.data.tags, run.data.params

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from ..schema import COMMAND_TAG, FAIL_REASON_TAG, PROCESS_TAG, RESUMED_TAG, TEST_LOSS, TRAIN_LOSS
-from ..search.durable.workers import NO_RECORD, WORKER_DIED, identity, is_identity, owner_gone
+from ..search.durable.workers import WORKER_DIED, identity, is_identity, owner_gone, process_record
 from ..search.limits import CHECKPOINT_SECONDS
 
 
@@ -51,7 +51,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from .. import config, signals, training
     from .. import resume as resume_module
-    from ..errors import ExperimentCodeError, UsageError
+    from ..errors import ExperimentCodeError, UsageError, experiment_exit
 
     every, seconds = config.checkpoint_policy(args.checkpoint_every, args.checkpoint_seconds, CHECKPOINT_SECONDS)
     if args.resume is not None and not args.resume.strip():
@@ -147,7 +147,7 @@ def run(args) -> int:
                   f"harness train ... --resume {run_id}", file=sys.stderr)
         raise
     except BaseException as exc:  # sys.exit() in the experiment's code: failed as any of its errors
-        error = training.experiment_exit(exc, history.epochs_run)
+        error = experiment_exit(exc, history.epochs_run)
         if error is None:
             raise
         return _failed(client, run_id, tracking.partial_record(cfg, history, str(error),
@@ -181,23 +181,11 @@ def _failed(client, run_id: str, record, skip: set[str]) -> int:
     return 1
 
 
-def _process(run):
-    """The record of the process that trains a run (a run's tags are untrusted): its tag's JSON, the
-    tag's text where that is none, NO_RECORD without the tag."""
-    text = run.data.tags.get(PROCESS_TAG)
-    if text is None:
-        return NO_RECORD
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):  # RecursionError: brackets nested past what json reads
-        return text
-
-
 def _process_gone(run) -> bool:
     """Whether the process that trains a RUNNING run is known to be dead, by the rule of a trial's worker."""
     from datetime import datetime, timezone
 
-    return owner_gone(_process(run), datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc)
+    return owner_gone(process_record(run.data.tags), datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc)
                       if run.info.start_time is not None else None)
 
 
@@ -245,7 +233,7 @@ def _resumable(client, run_id: str, cfg, experiment) -> Resumed:
     if existing.data.tags.get(COMMAND_TAG) != "train":
         raise UsageError(f"run {run_id} was not made by `harness train`; --resume continues those only")
     if existing.info.status == "RUNNING":
-        process = _process(existing)
+        process = process_record(existing.data.tags)
         if not _process_gone(existing):
             where = f"process {process['pid']} on {process['host']}" if is_identity(process) else \
                 "a process that has not named itself yet"

@@ -6,9 +6,8 @@ import threading
 import optuna
 
 from .. import accelerated, signals
-from ..errors import ExperimentCodeError, ExperimentExit
+from ..errors import ExperimentCodeError, ExperimentExit, experiment_exit
 from ..experiment import Experiment
-from ..training import experiment_exit
 from . import objectives as objectives_module
 from . import space as space_module
 from .options import TrialOptions

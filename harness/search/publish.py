@@ -22,13 +22,14 @@ class NotPublished(HarnessError):
     the search's report still stands (exit 1, not 2: the stores were written)."""
 
 
-def publish(study, client, trials, which: str = "best", register: str | None = None) -> list[str]:
+def publish(study, client, trials, which: str = "best", register: str | None = None,
+            process: dict | None = None) -> list[str]:
     """Log the models of the trials ``which`` names (one of MODELS) that are not logged yet, and
     register the best with ``register``. Returns the lines to print. A model that does not export,
     or that the experiment's code fails to rebuild, is said on stderr, once, and its runs keep what
     `harness predict` reads; with ``register`` that is a NotPublished (nothing is registered).
     After a Ctrl-C or SIGTERM (held while a model is logged, so none is left half-logged) no other
-    model is started and nothing is registered."""
+    model is started and nothing is registered. ``process``: this worker's record (models.log_run_model)."""
     if which == "none":
         return []
     best = _best(study)
@@ -44,7 +45,7 @@ def publish(study, client, trials, which: str = "best", register: str | None = N
         model_id = models.run_model(client, run_id)
         if model_id is None:
             try:
-                model_id = models.log_run_model(client, run_id, trials.experiment, trials.data)
+                model_id = models.log_run_model(client, run_id, trials.experiment, trials.data, process)
             except (models.NotExportable, UsageError) as exc:  # UsageError: make_model or make_data raised now
                 if register:
                     raise NotPublished(f"no MLflow Model logged: {exc}; nothing registered as {register!r}") from None

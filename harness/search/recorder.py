@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .. import plots, provenance, schema, tracking
-from ..errors import HarnessError, first_line
+from ..errors import HarnessError, experiment_exit, first_line
 from ..schema import FAIL_REASON_ATTR, RUN_ATTR, RUN_STATUS
 from ..sink import RunSink, WriteFailed, close_incomplete
 from . import objectives as objectives_module
@@ -91,6 +91,10 @@ class TrialRecorder:
         self.objectives, self.trial_figures = objectives, trial_figures
         self._extra = tracking.source_params(experiment)
         self.failure: BaseException | None = None
+        # The experiment's plot_predictions asking to stop while a figure was drawn (an ExperimentExit,
+        # or a KeyboardInterrupt it raised): that figure is left out, and the search stops as it would
+        # have had the code raised in training (see TrialRunner.finish, StudyTracker.close).
+        self.stopped: BaseException | None = None
         self.best: BestTrial | None = None
         self._unwritten: dict[str, TrialWrite] = {}  # by run id: the final writes that failed
         self._live: dict[int, tracking.LiveCurves] = {}  # by trial number, while it trains
@@ -265,7 +269,12 @@ class TrialRecorder:
     def _render(self, values, predictions) -> dict[str, bytes]:
         if self._data is None:
             self._data = self.experiment.load_data()
-        return plots.png(plots.render(self.experiment, values, self._data, predictions))
+
+        def stop(exc: BaseException) -> None:
+            with self._lock:
+                self.stopped = self.stopped or experiment_exit(exc, len(values[schema.TRAIN_LOSS])) or exc
+
+        return plots.png(plots.render(self.experiment, values, self._data, predictions, on_stop=stop))
 
     def _link(self, trial, pending: Future) -> str:
         try:

@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import signals
-from ..errors import ExperimentExit, UsageError
+from ..errors import ExperimentExit, UsageError, asked_to_stop
 from ..launched import launched_run
 from ..schema import PARENT_ATTR
 from ..tracking import check_experiment, default_tracking_uri, open_client, store_failures, unreachable
@@ -18,6 +18,7 @@ from . import loop
 from . import study as study_module
 from .durable.audit import recover_stale, recover_unfinished
 from .durable.journal import JournalWriteError
+from .durable.workers import identity
 from .objective import Objective
 from .options import SearchOptions
 from .publish import NotPublished, publish
@@ -55,14 +56,17 @@ def run_search(options: SearchOptions) -> Outcome:
     with signals.deferred(on_signal=lambda: None):
         parent_run_id = objective.tracker.parent.run_id if objective.tracker is not None else None
         errors = objective.close()
-        interrupted = interrupted or signals.interrupted()
-        failure = stopped_by or (errors[0] if errors else None)
+        # A KeyboardInterrupt among them was raised by the experiment's plot: an interrupt, as Ctrl-C's.
+        interrupted = interrupted or signals.interrupted() or any(isinstance(e, KeyboardInterrupt) for e in errors)
+        failure = stopped_by or next((e for e in errors if not isinstance(e, KeyboardInterrupt)), None)
         published, not_published = [], None
         if parent_run_id is not None and failure is None and not interrupted:
             try:
-                published = publish(study, client, options.trials, options.models, options.register)
+                published = publish(study, client, options.trials, options.models, options.register, identity())
             except NotPublished as exc:  # the trials stand: the report is printed, then this line
                 not_published = exc
+            except BaseException as exc:  # the experiment's code (its model, its data, torch.export's trace)
+                failure, interrupted = _stopped_publishing(exc, options.register)  # asking to stop: the same
         return Outcome(study, ran=True, parent_run_id=parent_run_id, seconds=time.time() - started,
                        failure=failure, interrupted=interrupted or signals.interrupted(), published=tuple(published),
                        not_published=not_published)
@@ -179,6 +183,18 @@ def _optimize(study, objective, n_trials: int, options: SearchOptions) -> tuple[
             raise
         return signals.interrupted(), stopped_by
     return signals.interrupted(), None
+
+
+def _stopped_publishing(exc: BaseException, register: str | None) -> tuple[ExperimentExit | None, bool]:
+    """The experiment's code asking to stop while the models were logged (signals are held there:
+    a KeyboardInterrupt is its own) as (the ExperimentExit, interrupted); anything else raises on."""
+    if isinstance(exc, KeyboardInterrupt):
+        return None, True
+    also = f", nothing registered as {register!r}" if register else ""
+    stop = asked_to_stop(exc, f"no MLflow Model logged{also}: the experiment's code raised")
+    if stop is None:
+        raise exc
+    return stop, False
 
 
 def _store_failure(exc: BaseException):

@@ -40,17 +40,20 @@ class StudyTracker:
 
     def close(self) -> list[BaseException]:
         """Close abandoned trials' runs, wait for every write to land, and write the study's summary
-        to its parent run. Returns the errors of writes that failed.
+        to its parent run. Returns the errors of writes that failed, then the experiment's code's
+        asking to stop while its figures were drawn (TrialRecorder.stopped).
 
         Runs whose final write failed are closed as incomplete, and a completed trial among them is
         queued again, so that its configuration gets a full record."""
         recorder = self.recorder
         self.status.close()  # before the summary, which replaces the live description
-        recorder.drain()
-        try:  # also after a failed write: the store may take this one, and the parent is then closed
-            self.parent.write_summary(recorder.best, self.objectives)
-        except Exception as exc:  # what it could not write is left to `harness audit --fix`
-            recorder.failed(exc)
-        errors = [recorder.failure] if recorder.failure is not None else []
+        try:
+            recorder.drain()
+        finally:  # whatever drain raised: the parent run is closed all the same
+            try:  # also after a failed write: the store may take this one, and the parent is then closed
+                self.parent.write_summary(recorder.best, self.objectives)
+            except Exception as exc:  # what it could not write is left to `harness audit --fix`
+                recorder.failed(exc)
+        errors = [e for e in (recorder.failure, recorder.stopped) if e is not None]
         recorder.close_unwritten()
         return errors

@@ -12,7 +12,7 @@ import optuna
 
 from .. import config, signals, tracking, training
 from ..config import TrainConfig
-from ..errors import ExperimentCodeError, UsageError, described
+from ..errors import ExperimentCodeError, UsageError, described, experiment_exit
 from ..loop import History, StopTraining
 from ..schema import (FAIL_REASON_ATTR, METRICS_ATTR, PAIR_TRIAL_PARAM, RESUMED_FROM_TAG, RESUMED_TAG, RUN_ATTR,
                       WORKER_ATTR)
@@ -190,7 +190,8 @@ class TrialRunner:
 
     def finish(self, runs: list[TrialRun]) -> list[str]:
         """Trained trials' states, their reasons or final selection-data values, and their runs'
-        records (a batch's written together); held against signals."""
+        records (a batch's written together); held against signals. Where drawing a record's figure
+        asked to stop (TrialRecorder.stopped), the study stops once these trials are told."""
         states = []
         for run in runs:
             history = run.result.history
@@ -217,6 +218,8 @@ class TrialRunner:
                        if run.recorder and number not in taken]
             if tracked:
                 runs[0].recorder.end_trials(tracked)
+                if runs[0].recorder.stopped is not None:  # its figure's code asked to stop: these trials stand
+                    runs[0].trial.study.stop()
         return states
 
     def _resumed(self, run: TrialRun) -> dict[str, str]:
@@ -272,7 +275,7 @@ class TrialRunner:
                         for run in group:
                             run.error = error
         except BaseException as exc:
-            error = training.experiment_exit(exc, max((r.history.epochs_run for r in runs), default=0)) or exc
+            error = experiment_exit(exc, max((r.history.epochs_run for r in runs), default=0)) or exc
             with signals.deferred():  # a second Ctrl-C must not cut the wrap-up short
                 for run in runs:
                     self.end_unfinished(run, error)

@@ -23,7 +23,8 @@ from ..space import logged_params
 from ..recorder import fail_run
 from .optuna_private import trial_id
 from .retries import Retry
-from .workers import WORKER_DIED, abandoned, alive, earlier_attempts, gone, retried_numbers, retry, unfinished
+from .workers import (WORKER_DIED, abandoned, alive, earlier_attempts, gone, owner_gone, process_record,
+                      retried_numbers, retry, unfinished)
 from ...tracking import missing
 from ...urls import redact
 
@@ -166,6 +167,7 @@ def audit(study, storage, client, *, fix: bool = False, direct: DirectWriter | N
     for number, orphans in sorted(by_number.items()):
         for run in orphans:
             report.violations.append(f"run {run.info.run_id} claims trial {number}, which the study does not have")
+    _check_models(client, parent.info.experiment_id, {parent_id, *(r.info.run_id for r in runs)}, report, fix)
     if parent.info.status == "RUNNING" and not live_workers:
         if fix:
             client.set_terminated(parent_id, "FINISHED")
@@ -173,6 +175,32 @@ def audit(study, storage, client, *, fix: bool = False, direct: DirectWriter | N
         else:
             report.violations.append(f"parent run {parent_id} is RUNNING but no live worker owns the study")
     return report
+
+
+def _check_models(client, experiment_id: str, run_ids: set[str], report: Report, fix: bool) -> None:
+    """The study's runs' logged models left PENDING by a process that is gone (killed while it logged
+    one): MLflow lists them beside the run as being logged, for good. --fix fails them."""
+    from datetime import datetime, timezone
+
+    from mlflow.entities import LoggedModelStatus
+
+    pending, token = [], None
+    while True:
+        page = client.search_logged_models([experiment_id], page_token=token)  # its status filter matches none
+        pending += [m for m in page if m.status == LoggedModelStatus.PENDING and m.source_run_id in run_ids]
+        token = page.token
+        if not token:
+            break
+    for model in pending:
+        started = datetime.fromtimestamp(model.creation_timestamp / 1000, timezone.utc)
+        if not owner_gone(process_record(model.tags), started):
+            continue
+        what = f"logged model {model.model_id} of run {model.source_run_id}"
+        if fix:
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            report.fixed.append(f"{what}: PENDING with the process logging it gone -> FAILED")
+        else:
+            report.violations.append(f"{what} is PENDING but the process logging it is gone; --fix fails it")
 
 
 def _create_parent(client, study, direct: DirectWriter | None) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from ...errors import HarnessError, first_line
 from ...numbers import natural
 from ...user_cache import user_cache
-from ...schema import FAIL_REASON_ATTR, WORKER_ATTR
+from ...schema import FAIL_REASON_ATTR, PROCESS_TAG, WORKER_ATTR
 from ..experimental import experimental_ok
 
 
@@ -260,6 +260,20 @@ def owner_gone(record, started: datetime | None) -> bool:
         return True
     now = datetime.now(started.tzinfo)  # journal storages give UTC, RDB ones local time without a zone
     return (now - started).total_seconds() > OWNERLESS_S
+
+
+def process_record(tags: dict):
+    """The record of the process a run or logged model names in its PROCESS_TAG (tags are untrusted):
+    the tag's JSON, its text where that is none, NO_RECORD without the tag."""
+    import json
+
+    text = tags.get(PROCESS_TAG)
+    if text is None:
+        return NO_RECORD
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: brackets nested past what json reads
+        return text
 
 
 def gone(trial) -> bool:
