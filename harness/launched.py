@@ -6,11 +6,10 @@ record, so that a stray id never renames, retags or rewrites a run someone logge
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from .errors import UsageError, shown
 from .schema import HARNESS_TAG_PREFIXES, SOURCE_TYPE_TAG
-from .store_files import empty_file
+from .store_files import not_made
 from .urls import redact, sqlite_path
 
 VARIABLE = "MLFLOW_RUN_ID"
@@ -30,7 +29,7 @@ def refused_offline(tracking_uri: str) -> str | None:
     """What can be told without opening the store: a SQLite store not made yet holds no run (so that
     refusing the id does not create the store)."""
     value, path = launched_id(), sqlite_path(tracking_uri)
-    if value and path is not None and (not Path(path).exists() or empty_file(path)):
+    if value and path is not None and not_made(path):
         return str(_refusal(value, f"no such run: the MLflow store {redact(tracking_uri)} does not exist yet"))
     return None
 

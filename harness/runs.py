@@ -22,13 +22,12 @@ from .urls import redact
 
 
 def get_run(client, run_id: str):
-    from .store_files import RUN_ID
+    from .store_files import run_id_refused
     from .tracking import missing
 
-    if not RUN_ID.match(run_id):  # MLflow's own rule: its refusal would read as a store failure
-        shown = repr(run_id) if len(run_id) <= 80 else f"{run_id[:60]!r}... ({len(run_id)} characters)"
-        raise UsageError(f"{shown} is not a run id: MLflow's run ids are a letter or digit, then up to 255 "
-                         "letters, digits, '_' or '-' (the 32 hex digits MLflow prints)")
+    refused = run_id_refused(run_id)
+    if refused:
+        raise UsageError(refused)
     errors = getattr(client, "ERRORS", None)  # a fast reader's own (harness.fast): mlflow stays unimported
     if errors is None:
         from mlflow.exceptions import MlflowException as errors

@@ -17,6 +17,21 @@ class StoreError(Exception):
         self.error_code = error_code  # as on MlflowException, so that tracking.missing reads both
 
 
+def run_id_refused(run_id: str) -> str | None:
+    """Why MLflow refuses ``run_id`` as a run id, or None: said as the user's input (MLflow's own
+    refusal reads as a store failure)."""
+    if RUN_ID.match(run_id):
+        return None
+    shown = repr(run_id) if len(run_id) <= 80 else f"{run_id[:60]!r}... ({len(run_id)} characters)"
+    return (f"{shown} is not a run id: MLflow's run ids are a letter or digit, then up to 255 letters, digits, "
+            "'_' or '-' (the 32 hex digits MLflow prints)")
+
+
+def not_made(path: str | Path) -> bool:
+    """Whether no store is at ``path`` yet: no file, or one of no bytes. Opening it would make one."""
+    return not Path(path).exists() or empty_file(path)
+
+
 def empty_file(path: str | Path) -> bool:
     """Whether ``path`` is a file of no bytes: no SQLite database yet, which SQLAlchemy opens as a new
     one (MLflow or Optuna then writes its whole schema into it, so a reader must not open it)."""

@@ -405,10 +405,7 @@ def check_experiment_offline(name: str | None, tracking_uri: str, default: str |
     """What check_experiment can tell without opening the store, so that a refused search on a new
     SQLite store does not create it; a store URL a search or train cannot write a record to; and an
     $MLFLOW_RUN_ID no store there holds yet."""
-    unkept = sqlite_unwritable(tracking_uri)
-    if unkept:
-        return f"MLflow store {redact(tracking_uri)} is {unkept}; use sqlite:///PATH (a file) or a server"
-    refused = refused_offline(tracking_uri)
+    refused = unwritable_store(tracking_uri) or refused_offline(tracking_uri)
     if refused:
         return refused
     name = experiment_name(name, default)
@@ -433,6 +430,28 @@ def check_experiment_offline(name: str | None, tracking_uri: str, default: str |
     wanted = os.environ.get("MLFLOW_EXPERIMENT_ID")
     if not name and wanted and wanted != "0" and store is not None and not Path(store).exists():
         return f"MLFLOW_EXPERIMENT_ID={wanted!r}: no such experiment in {redact(tracking_uri)} (it does not exist yet)"
+    return None
+
+
+def unwritable_store(uri: str) -> str | None:
+    """Why no command can keep a record in the MLflow store at ``uri``, or None: the one check of a
+    store URL for every command that writes, before anything is made (opening a store for writing
+    makes it, and a lock file beside it)."""
+    unkept = sqlite_unwritable(uri)
+    return f"MLflow store {redact(uri)} is {unkept}; use sqlite:///PATH (a file) or a server" if unkept else None
+
+
+def missing_run_offline(run_id: str, uri: str) -> str | None:
+    """Why run ``run_id`` cannot be in the MLflow store at ``uri``, told without opening it: an id
+    MLflow refuses, or an SQLite store not made yet (which opening would make), or None."""
+    from .store_files import not_made, run_id_refused
+
+    refused = run_id_refused(run_id)
+    if refused:
+        return refused
+    path = sqlite_path(uri)
+    if path is not None and not_made(path):
+        return f"run {run_id!r} does not exist: there is no MLflow store at {redact(uri)} yet"
     return None
 
 

@@ -324,6 +324,48 @@ def sqlite_unreadable(url: str) -> str | None:
         value = _uri_parameter(options, key, last=True)
         if value is not None and value not in allowed:  # SQLite refuses to open it (MLflow retries for minutes)
             return f"opened with {key}={value!r}, which SQLite does not know (allowed: {', '.join(allowed)})"
+    return _unlocked(options) or _sqlite_refuses(url)
+
+
+# How SQLite opens a file without the locks other connections see and without shared memory
+# (https://www.sqlite.org/uri.html, https://www.sqlite.org/vfs.html). WAL needs shared memory: SQLite
+# opens no WAL database so ("unable to open database file") and leaves a new one out of WAL; every
+# MLflow store the harness makes is in WAL, and its stores are shared by workers and `mlflow ui`,
+# whose locks such a connection would not see. Only an immutable reader takes no locks safely.
+_UNLOCKED_VFS = ("unix-none", "unix-dotfile")
+
+
+def _unlocked(options: list[tuple[str, str]]) -> str | None:
+    """Why SQLite opens no store of the harness with ``options`` (nolock, a VFS without shared memory,
+    a ``modeof`` file that is not there), or None."""
+    vfs = _uri_parameter(options, "vfs", last=True)
+    given = [f"vfs={vfs}"] if vfs in _UNLOCKED_VFS else []
+    if uri_boolean(_uri_parameter(options, "nolock")):
+        given.insert(0, f"nolock={_uri_parameter(options, 'nolock')}")
+    if given and not uri_boolean(_uri_parameter(options, "immutable")):
+        return (f"opened with {', '.join(given)}: without locks its other users see or shared memory, with which "
+                "SQLite opens no WAL database (every MLflow store the harness makes is one); drop it (immutable=1 "
+                "reads a store nothing writes any more)")
+    mode_of = _uri_parameter(options, "modeof")
+    if mode_of is not None and not os.path.exists(mode_of):  # SQLite fails each file it makes ("disk I/O error")
+        return f"opened with modeof={mode_of!r}, a file that is not there: SQLite makes the store's files with its mode"
+    return None
+
+
+def _sqlite_refuses(url: str) -> str | None:
+    """Why SQLite itself refuses the ``file:`` URI of ``url`` (a VFS it does not have, a host in the
+    URI), or None: asked of it in memory, which makes no file, by the URI with ``mode=memory`` last
+    (SQLite takes the last mode)."""
+    opened = _sqlite_open(url)
+    if opened is None or not opened[1] or not opened[0].startswith("file:"):
+        return None  # a plain file name: SQLite reads no option out of it
+    import sqlite3
+
+    uri = opened[0].partition("#")[0]
+    try:
+        sqlite3.connect(uri + ("&" if "?" in uri else "?") + "mode=memory", uri=True).close()
+    except sqlite3.Error as exc:
+        return f"not a URL SQLite can open: {scrub(first_line(exc), url)}"
     return None
 
 

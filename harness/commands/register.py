@@ -17,10 +17,15 @@ def run(args) -> int:
     from .. import models, runs, schema
     from ..errors import HarnessError, UsageError
     from ..search.durable.workers import identity
-    from ..tracking import default_tracking_uri, open_client
+    from ..tracking import default_tracking_uri, missing_run_offline, open_client, unwritable_store
+    from ..urls import check_credentials
 
     models.check_name(args.name)
     uri = default_tracking_uri()
+    check_credentials(uri, "MLFLOW_TRACKING_URI")
+    refused = unwritable_store(uri) or missing_run_offline(args.run_id, uri)
+    if refused:
+        raise UsageError(refused)
     _check_writable(uri)
     client = open_client(uri)
     run = runs.get_run(client, args.run_id)

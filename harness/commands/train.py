@@ -65,9 +65,10 @@ def run(args) -> int:
     from ..urls import check_credentials
 
     check_credentials(os.environ.get("MLFLOW_TRACKING_URI", ""), "MLFLOW_TRACKING_URI")
-    from ..tracking import check_experiment_offline, default_tracking_uri
+    from ..tracking import check_experiment_offline, default_tracking_uri, missing_run_offline
 
-    refused = check_experiment_offline(args.mlflow_experiment, default_tracking_uri(), experiment.name)
+    refused = check_experiment_offline(args.mlflow_experiment, default_tracking_uri(), experiment.name) or \
+        (missing_run_offline(args.resume, default_tracking_uri()) if args.resume else None)
     if refused:
         raise UsageError(refused)
     # mlflow is imported only once the input is known good: bad input never touches a store.
