@@ -309,8 +309,20 @@ def sqlite_in_memory(url: str) -> bool:
             or _uri_parameter(options, "vfs", last=True) == "memdb")
 
 
+# No file name holds a NUL byte (Python refuses one in a path), and libpq ends its connection string at
+# one: the options after it (a port, sslmode) are dropped, and the driver connects elsewhere or in clear.
+_NUL = "a URL holding %00 (a NUL byte): no file name holds one, and libpq ends a connection string at one"
+
+
+def holds_nul(url: str) -> bool:
+    """Whether the database URL ``url`` decodes to a NUL byte anywhere (an http server's is its own)."""
+    return not is_http(url) and "\x00" in unquote(url)
+
+
 def sqlite_unreadable(url: str) -> str | None:
     """Why no command can read a record from the SQLite store ``url``, or None."""
+    if holds_nul(url):
+        return _NUL
     refused = _driver_refuses(url)
     if refused:
         return refused
@@ -524,7 +536,10 @@ def _hide_fragments(text: str, secret: str) -> str:
 
 def check_credentials(url: str, what: str) -> None:
     """Refuse a URL whose authority holds more than one ``@``: an unencoded ``@`` in a password makes
-    drivers take the rest of the password for the host name, and print it in their errors."""
+    drivers take the rest of the password for the host name, and print it in their errors; and a
+    database URL that decodes to a NUL byte (``_NUL``)."""
+    if holds_nul(url):
+        raise UsageError(f"{what} {redact(url)} is {_NUL}")
     _, credentials, _, _ = _split(url)
     if "@" in credentials:
         raise UsageError(f"{what} {redact(url)}: its user or password contains an unencoded '@'; "

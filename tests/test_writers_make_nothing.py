@@ -71,3 +71,28 @@ def test_a_reader_of_a_store_gets_the_same_refusal_and_an_immutable_one_reads(wo
                                      "modeof=/etc/hostname", "cache=private&mode=rwc"])
 def test_options_that_open_the_store_as_asked_are_taken(options):
     assert sqlite_unwritable(f"sqlite:///file:m.db?uri=true&{options}") is None
+
+
+# %00 anywhere in a database URL (the 18th probe): SQLite's path, a file: URI's option name or value,
+# a server's password. No file name holds a NUL (Python raised ValueError mid-way: a traceback, exit
+# 1), and libpq ends its connection string at one, dropping the options after it (port, sslmode).
+NUL_URLS = ["sqlite:///file:m.db?vfs=memdb%00x&uri=true", "sqlite:///m%00.db", "sqlite:///file:m%00x.db?uri=true",
+            "sqlite:///file:m.db?uri=true&immutable=1%00x", "postgresql+psycopg://u:Secret%00pw@127.0.0.1:1/db"]
+NUL_COMMANDS = {**WRITERS, "audit": ["audit", "--study", "s"], "compare": ["compare", "--study", "s"],
+                "predict": ["predict", RUN, "--x", 1], "reproduce": ["reproduce", RUN],
+                "search --storage": ["search", *SHORT, "--n-trials", 1], "audit --storage": ["audit", "--study", "s"]}
+
+
+@pytest.mark.parametrize("command, url", conftest.slow_cases(
+    [(command, url) for url in NUL_URLS[:2] for command in NUL_COMMANDS] +
+    [(command, url) for url in NUL_URLS[2:] for command in ("train", "search --storage")]))
+def test_a_store_url_holding_a_nul_is_refused_in_one_line_by_every_command(tmp_path, command, url, cli_in_process):
+    args = NUL_COMMANDS[command]
+    if command.endswith("--storage"):
+        out = cli_in_process(*args, "--storage", url.replace("m", "o", 1) if url.startswith("sqlite") else url,
+                             cwd=tmp_path)
+    else:
+        out = cli_in_process(*args, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": url})
+    line = one_line_error(out)
+    assert "%00 (a NUL byte)" in line and "Secret" not in out.stdout + out.stderr, line
+    assert list(tmp_path.iterdir()) == []
